@@ -1,0 +1,599 @@
+//! The plugin configuration: JSON read by serde for shape ([`RawConfig`], unknown fields refused), then
+//! compiled once for meaning into a [`Config`] that the hot path uses as is. Every error names its field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::jwks::KeySet;
+use crate::tenant::TenantMap;
+
+/// Default header the filter sets for Envoy's `cluster_header` route.
+pub const DEFAULT_ROUTE_HEADER: &str = "x-fhir-tenant-router-cluster";
+/// Default header that tells the upstream which tenant the request is for.
+pub const DEFAULT_TENANT_HEADER: &str = "x-fhir-tenant-id";
+
+/// The configuration as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub provider: RawProvider,
+    pub tenants: BTreeMap<String, RawTenant>,
+    #[serde(default)]
+    pub tenant_claim: Option<String>,
+    #[serde(default)]
+    pub tenant_scope_prefixes: Option<Vec<String>>,
+    pub metadata_cluster: String,
+    #[serde(default)]
+    pub route_header: Option<String>,
+    #[serde(default)]
+    pub tenant_header: Option<String>,
+    #[serde(default)]
+    pub forward_authorization: bool,
+    #[serde(default)]
+    pub signature_verifier: SignatureVerifier,
+}
+
+/// The token issuer, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    #[serde(default)]
+    pub jwks_cluster: Option<String>,
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    #[serde(default)]
+    pub jwks_refresh_s: Option<u64>,
+    #[serde(default)]
+    pub jwks_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub clock_skew_s: Option<u64>,
+    #[serde(default)]
+    pub max_token_bytes: Option<usize>,
+}
+
+/// One tenant, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub cluster: String,
+}
+
+/// Which signature implementation checks tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignatureVerifier {
+    /// Envoy's `verify_signature` (BoringSSL) where the host has it, pure Rust otherwise and for PS*.
+    #[default]
+    Auto,
+    /// Envoy's `verify_signature` only (PS* still needs pure Rust, since the host uses PKCS#1 v1.5 padding).
+    Host,
+    /// Pure Rust only: portable, about ten times slower for RSA inside V8.
+    PureRust,
+}
+
+/// The issuer's rules for a token, ready to apply.
+#[derive(Clone, Debug)]
+pub struct Provider {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Leeway for `exp`, `nbf` and `iat`, in seconds.
+    pub clock_skew_s: i64,
+    /// Tokens longer than this are refused unparsed.
+    pub max_token_bytes: usize,
+}
+
+/// Where the signing keys come from.
+#[derive(Clone, Debug)]
+pub enum JwksSource {
+    /// Keys given in the configuration.
+    Inline(KeySet),
+    /// Keys fetched from the IdP through an Envoy cluster, and refreshed.
+    Remote(RemoteJwks),
+}
+
+/// A JWKS fetched over HTTP through an Envoy cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteJwks {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub refresh_ms: u64,
+    pub timeout_ms: u64,
+}
+
+/// The compiled configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub provider: Provider,
+    pub jwks: JwksSource,
+    pub tenants: TenantMap,
+    pub metadata_cluster: String,
+    pub route_header: String,
+    pub tenant_header: String,
+    pub forward_authorization: bool,
+    pub signature_verifier: SignatureVerifier,
+}
+
+/// A configuration that cannot be used: which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the offending field, e.g. `provider.jwks_uri`; empty when the document itself is bad.
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "invalid plugin configuration: {}", self.message)
+        } else {
+            write!(
+                f,
+                "invalid plugin configuration: field `{}`: {}",
+                self.field, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const DEFAULT_REFRESH_S: u64 = 300;
+const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+const DEFAULT_SKEW_S: u64 = 60;
+const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+impl Config {
+    /// Parses and compiles the plugin configuration.
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            ConfigError::new(field, e.into_inner().to_string())
+        })?;
+        raw.compile()
+    }
+}
+
+impl RawConfig {
+    /// Validates and compiles.
+    pub fn compile(self) -> Result<Config, ConfigError> {
+        let p = self.provider;
+        if p.issuer.is_empty() {
+            return Err(ConfigError::new("provider.issuer", "must not be empty"));
+        }
+        if p.audiences.is_empty() || p.audiences.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                "provider.audiences",
+                "must list at least one non-empty audience",
+            ));
+        }
+        let clock_skew_s = p.clock_skew_s.unwrap_or(DEFAULT_SKEW_S);
+        if clock_skew_s > 3_600 {
+            return Err(ConfigError::new(
+                "provider.clock_skew_s",
+                "must be at most 3600",
+            ));
+        }
+        let max_token_bytes = p.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
+        if !(256..=65_536).contains(&max_token_bytes) {
+            return Err(ConfigError::new(
+                "provider.max_token_bytes",
+                "must be between 256 and 65536",
+            ));
+        }
+
+        let jwks = match (p.jwks, p.jwks_uri, p.jwks_cluster) {
+            (Some(inline), None, None) => {
+                if p.jwks_refresh_s.is_some() || p.jwks_timeout_ms.is_some() {
+                    return Err(ConfigError::new(
+                        "provider.jwks_refresh_s",
+                        "only applies to a remote JWKS (jwks_uri)",
+                    ));
+                }
+                JwksSource::Inline(
+                    KeySet::from_value(&inline)
+                        .map_err(|e| ConfigError::new("provider.jwks", e.to_string()))?,
+                )
+            }
+            (None, Some(uri), Some(cluster)) => {
+                let (authority, path) = split_http_url(&uri).ok_or_else(|| {
+                    ConfigError::new("provider.jwks_uri", "must be an absolute http(s) URL")
+                })?;
+                if !is_header_value(&cluster) || cluster.is_empty() {
+                    return Err(ConfigError::new(
+                        "provider.jwks_cluster",
+                        "must be an Envoy cluster name",
+                    ));
+                }
+                let refresh_s = p.jwks_refresh_s.unwrap_or(DEFAULT_REFRESH_S);
+                if !(10..=86_400).contains(&refresh_s) {
+                    return Err(ConfigError::new(
+                        "provider.jwks_refresh_s",
+                        "must be between 10 and 86400",
+                    ));
+                }
+                let timeout_ms = p.jwks_timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+                if !(100..=60_000).contains(&timeout_ms) {
+                    return Err(ConfigError::new(
+                        "provider.jwks_timeout_ms",
+                        "must be between 100 and 60000",
+                    ));
+                }
+                JwksSource::Remote(RemoteJwks {
+                    cluster,
+                    authority,
+                    path,
+                    refresh_ms: refresh_s * 1_000,
+                    timeout_ms,
+                })
+            }
+            (None, Some(_), None) => {
+                return Err(ConfigError::new(
+                    "provider.jwks_cluster",
+                    "is required with jwks_uri",
+                ));
+            }
+            (None, None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "provider.jwks_uri",
+                    "is required with jwks_cluster",
+                ));
+            }
+            (None, None, None) => {
+                return Err(ConfigError::new(
+                    "provider.jwks_uri",
+                    "give either jwks_uri with jwks_cluster, or jwks",
+                ));
+            }
+            (Some(_), _, _) => {
+                return Err(ConfigError::new(
+                    "provider.jwks",
+                    "give either jwks_uri with jwks_cluster, or jwks, not both",
+                ));
+            }
+        };
+
+        let claim = self.tenant_claim.unwrap_or_else(|| "scope".into());
+        if claim.is_empty() {
+            return Err(ConfigError::new("tenant_claim", "must not be empty"));
+        }
+        let prefixes = self
+            .tenant_scope_prefixes
+            .unwrap_or_else(|| vec![String::new(), "tenant/".into()]);
+        if prefixes.is_empty() {
+            return Err(ConfigError::new(
+                "tenant_scope_prefixes",
+                "must list at least one prefix (\"\" for bare ids)",
+            ));
+        }
+        if prefixes.iter().any(|p| p.contains(' ')) {
+            return Err(ConfigError::new(
+                "tenant_scope_prefixes",
+                "a prefix must not contain spaces",
+            ));
+        }
+        let mut tenants = TenantMap::new(claim, prefixes);
+        if self.tenants.is_empty() {
+            return Err(ConfigError::new("tenants", "must name at least one tenant"));
+        }
+        for (id, tenant) in self.tenants {
+            let field = format!("tenants.{id}");
+            if tenant.cluster.is_empty() || !is_header_value(&tenant.cluster) {
+                return Err(ConfigError::new(
+                    format!("{field}.cluster"),
+                    "must be an Envoy cluster name",
+                ));
+            }
+            tenants
+                .insert(&id, tenant.cluster)
+                .map_err(|why| ConfigError::new(field, why))?;
+        }
+
+        if self.metadata_cluster.is_empty() || !is_header_value(&self.metadata_cluster) {
+            return Err(ConfigError::new(
+                "metadata_cluster",
+                "must be an Envoy cluster name",
+            ));
+        }
+        let route_header = header_name("route_header", self.route_header, DEFAULT_ROUTE_HEADER)?;
+        let tenant_header =
+            header_name("tenant_header", self.tenant_header, DEFAULT_TENANT_HEADER)?;
+        if route_header == tenant_header {
+            return Err(ConfigError::new(
+                "tenant_header",
+                "must differ from route_header",
+            ));
+        }
+
+        Ok(Config {
+            provider: Provider {
+                issuer: p.issuer,
+                audiences: p.audiences,
+                clock_skew_s: clock_skew_s as i64,
+                max_token_bytes,
+            },
+            jwks,
+            tenants,
+            metadata_cluster: self.metadata_cluster,
+            route_header,
+            tenant_header,
+            forward_authorization: self.forward_authorization,
+            signature_verifier: self.signature_verifier,
+        })
+    }
+}
+
+/// A header name the filter may own: lowercase token characters, not a pseudo-header, not one Envoy or the
+/// token check relies on.
+fn header_name(field: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    let name = value.unwrap_or_else(|| default.into());
+    let token = !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        });
+    if !token {
+        return Err(ConfigError::new(
+            field,
+            "must be a lowercase HTTP header name",
+        ));
+    }
+    if matches!(
+        name.as_str(),
+        "authorization" | "host" | "content-length" | "transfer-encoding" | "cookie"
+    ) {
+        return Err(ConfigError::new(
+            field,
+            "must not be a standard request header",
+        ));
+    }
+    Ok(name)
+}
+
+/// Visible ASCII only, so that it can be sent as a header value.
+fn is_header_value(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Splits `http(s)://authority/path?query` into the `:authority` and `:path` of an HTTP/2-style request.
+fn split_http_url(url: &str) -> Option<(String, String)> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    if !url.bytes().all(|b| b.is_ascii_graphic()) || url.contains('#') {
+        return None;
+    }
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => (rest.get(..i)?, rest.get(i..)?),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let path = if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_string()
+    };
+    Some((authority.to_string(), path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    pub(crate) fn example() -> Value {
+        json!({
+            "provider": {
+                "issuer": "http://127.0.0.1:9000",
+                "audiences": ["http://127.0.0.1:10000"],
+                "jwks_uri": "http://127.0.0.1:9000/jwks",
+                "jwks_cluster": "idp"
+            },
+            "tenants": {
+                "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f": {"cluster": "tenant_a"},
+                "3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b": {"cluster": "tenant_b"}
+            },
+            "metadata_cluster": "fhir_metadata"
+        })
+    }
+
+    fn compile(v: &Value) -> Result<Config, ConfigError> {
+        Config::from_json(v.to_string().as_bytes())
+    }
+
+    fn field_of(v: &Value) -> String {
+        compile(v).unwrap_err().field
+    }
+
+    #[test]
+    fn example_compiles_with_defaults() {
+        let c = compile(&example()).unwrap();
+        assert_eq!(c.route_header, DEFAULT_ROUTE_HEADER);
+        assert_eq!(c.tenant_header, DEFAULT_TENANT_HEADER);
+        assert!(!c.forward_authorization);
+        assert_eq!(c.provider.clock_skew_s, 60);
+        assert_eq!(c.signature_verifier, SignatureVerifier::Auto);
+        match c.jwks {
+            JwksSource::Remote(r) => {
+                assert_eq!(r.authority, "127.0.0.1:9000");
+                assert_eq!(r.path, "/jwks");
+                assert_eq!(r.refresh_ms, 300_000);
+            }
+            JwksSource::Inline(_) => panic!("expected a remote JWKS"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path() {
+        let mut v = example();
+        v["provider"]["jwks_urii"] = json!("x");
+        let e = compile(&v).unwrap_err();
+        assert!(e.message.contains("jwks_urii"), "{e}");
+        assert_eq!(e.field, "provider.jwks_urii");
+        let mut v = example();
+        v["colour"] = json!("blue");
+        assert!(compile(&v).unwrap_err().to_string().contains("colour"));
+        let mut v = example();
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["clutser"] = json!("x");
+        assert!(field_of(&v).starts_with("tenants."));
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let mut v = example();
+        v["provider"].as_object_mut().unwrap().remove("issuer");
+        let e = compile(&v).unwrap_err();
+        assert!(e.to_string().contains("issuer"), "{e}");
+        let mut v = example();
+        v.as_object_mut().unwrap().remove("metadata_cluster");
+        assert!(compile(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("metadata_cluster"));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        type Mutation = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            (
+                "provider.issuer",
+                Box::new(|v| v["provider"]["issuer"] = json!("")),
+            ),
+            (
+                "provider.audiences",
+                Box::new(|v| v["provider"]["audiences"] = json!([])),
+            ),
+            (
+                "provider.jwks_uri",
+                Box::new(|v| v["provider"]["jwks_uri"] = json!("ftp://x/jwks")),
+            ),
+            (
+                "provider.jwks_uri",
+                Box::new(|v| v["provider"]["jwks_uri"] = json!("not a url")),
+            ),
+            (
+                "provider.jwks_uri",
+                Box::new(|v| v["provider"]["jwks_uri"] = json!("http:///jwks")),
+            ),
+            (
+                "provider.jwks_cluster",
+                Box::new(|v| {
+                    v["provider"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("jwks_cluster");
+                }),
+            ),
+            (
+                "provider.jwks_refresh_s",
+                Box::new(|v| v["provider"]["jwks_refresh_s"] = json!(1)),
+            ),
+            (
+                "provider.jwks",
+                Box::new(|v| v["provider"]["jwks"] = json!({"keys": []})),
+            ),
+            ("tenants", Box::new(|v| v["tenants"] = json!({}))),
+            (
+                "tenants.bad id",
+                Box::new(|v| v["tenants"] = json!({"bad id": {"cluster": "x"}})),
+            ),
+            (
+                "metadata_cluster",
+                Box::new(|v| v["metadata_cluster"] = json!("")),
+            ),
+            (
+                "route_header",
+                Box::new(|v| v["route_header"] = json!("Authorization")),
+            ),
+            (
+                "route_header",
+                Box::new(|v| v["route_header"] = json!("authorization")),
+            ),
+            (
+                "tenant_header",
+                Box::new(|v| v["tenant_header"] = json!(DEFAULT_ROUTE_HEADER)),
+            ),
+            (
+                "tenant_scope_prefixes",
+                Box::new(|v| v["tenant_scope_prefixes"] = json!([])),
+            ),
+            (
+                "signature_verifier",
+                Box::new(|v| v["signature_verifier"] = json!("fast")),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut v = example();
+            mutate(&mut v);
+            assert_eq!(field_of(&v), field, "{v}");
+        }
+    }
+
+    #[test]
+    fn inline_jwks_compiles_and_excludes_a_remote_one() {
+        let mut v = example();
+        let p = v["provider"].as_object_mut().unwrap();
+        p.remove("jwks_uri");
+        p.remove("jwks_cluster");
+        p.insert(
+            "jwks".into(),
+            serde_json::from_str(&crate::testkeys::public_jwks()).unwrap(),
+        );
+        let c = compile(&v).unwrap();
+        assert!(matches!(c.jwks, JwksSource::Inline(ref k) if k.keys().len() == 2));
+        v["provider"]["jwks_uri"] = json!("http://127.0.0.1:9000/jwks");
+        assert_eq!(field_of(&v), "provider.jwks");
+    }
+
+    #[test]
+    fn garbage_documents_are_errors() {
+        for doc in ["", "{", "[]", "null", "42", "{\"provider\": 1}"] {
+            assert!(Config::from_json(doc.as_bytes()).is_err(), "{doc}");
+        }
+    }
+
+    #[test]
+    fn jwks_url_splits_into_authority_and_path() {
+        assert_eq!(
+            split_http_url("https://idp.example/a/jwks?x=1"),
+            Some(("idp.example".into(), "/a/jwks?x=1".into()))
+        );
+        assert_eq!(
+            split_http_url("http://h:8080"),
+            Some(("h:8080".into(), "/".into()))
+        );
+        assert_eq!(
+            split_http_url("http://h?x"),
+            Some(("h".into(), "/?x".into()))
+        );
+        assert_eq!(split_http_url("http://u@h/"), None);
+        assert_eq!(split_http_url("http://h/a b"), None);
+        assert_eq!(split_http_url("http://h/#f"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_config_documents_never_panic(s in "\\PC{0,200}") {
+            let _ = Config::from_json(s.as_bytes());
+        }
+    }
+}

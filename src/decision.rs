@@ -1,0 +1,368 @@
+//! One request in, one decision out; and the only place a refusal becomes an HTTP answer.
+
+use std::fmt;
+
+use crate::bearer::{extract_bearer, Credentials};
+use crate::config::Config;
+use crate::crypto::SignatureCheck;
+use crate::jwks::KeySet;
+use crate::public::is_public;
+use crate::tenant::{Tenant, TenantError};
+use crate::verify::{verify, Claims};
+
+/// The parts of a request the decision needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<&'a str>,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Decision<'c> {
+    /// A discovery document: send it to the metadata cluster, no token needed.
+    Public { cluster: &'c str },
+    /// A verified request for `tenant`.
+    Route { tenant: &'c Tenant, claims: Claims },
+    /// Refuse it.
+    Reject(Rejection),
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// No `Authorization: Bearer` header.
+    MissingToken,
+    /// A `Bearer` header whose value is not a token.
+    MalformedCredentials,
+    /// Longer than the configured maximum.
+    TokenTooLarge,
+    /// Not a compact JWS with JSON header and claims.
+    Malformed,
+    /// `alg` is not one we accept (`none`, HMAC, unknown).
+    UnsupportedAlgorithm,
+    /// The header lists `crit` extensions.
+    CriticalHeader,
+    IssuerMismatch,
+    MissingExpiry,
+    Expired,
+    /// `nbf` or `iat` lies in the future beyond the clock skew.
+    NotYetValid,
+    AudienceMismatch,
+    /// No key in the JWKS has the token's `kid`.
+    UnknownKey,
+    /// The key named by `kid` does not allow the token's `alg`.
+    KeyAlgorithmMismatch,
+    BadSignature,
+    /// The JWKS has not been fetched yet.
+    KeysUnavailable,
+    /// The token's scope names no configured tenant.
+    NoTenant,
+    /// The token's scope names several tenants.
+    SeveralTenants,
+}
+
+/// The RFC 6750 realm in `WWW-Authenticate`.
+pub const REALM: &str = "fhir-tenant-router";
+
+impl Rejection {
+    /// The HTTP status.
+    pub fn status(self) -> u32 {
+        match self {
+            Self::NoTenant | Self::SeveralTenants => 403,
+            Self::KeysUnavailable => 503,
+            _ => 401,
+        }
+    }
+
+    /// A short stable name, for stats and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::MissingToken => "missing_token",
+            Self::MalformedCredentials => "malformed_credentials",
+            Self::TokenTooLarge => "token_too_large",
+            Self::Malformed => "malformed_token",
+            Self::UnsupportedAlgorithm => "unsupported_alg",
+            Self::CriticalHeader => "crit_header",
+            Self::IssuerMismatch => "issuer_mismatch",
+            Self::MissingExpiry => "missing_exp",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::AudienceMismatch => "audience_mismatch",
+            Self::UnknownKey => "unknown_kid",
+            Self::KeyAlgorithmMismatch => "key_alg_mismatch",
+            Self::BadSignature => "bad_signature",
+            Self::KeysUnavailable => "jwks_unavailable",
+            Self::NoTenant => "no_tenant",
+            Self::SeveralTenants => "several_tenants",
+        }
+    }
+
+    /// All variants, for defining one stat each.
+    pub const ALL: [Rejection; 17] = [
+        Self::MissingToken,
+        Self::MalformedCredentials,
+        Self::TokenTooLarge,
+        Self::Malformed,
+        Self::UnsupportedAlgorithm,
+        Self::CriticalHeader,
+        Self::IssuerMismatch,
+        Self::MissingExpiry,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::AudienceMismatch,
+        Self::UnknownKey,
+        Self::KeyAlgorithmMismatch,
+        Self::BadSignature,
+        Self::KeysUnavailable,
+        Self::NoTenant,
+        Self::SeveralTenants,
+    ];
+
+    /// The `WWW-Authenticate` value, when the answer carries one. A request without credentials gets no
+    /// error code (RFC 6750 §3.1); every other token problem is `invalid_token`.
+    pub fn www_authenticate(self) -> Option<String> {
+        let error = match self {
+            Self::MissingToken => return Some(format!("Bearer realm=\"{REALM}\"")),
+            Self::KeysUnavailable => return None,
+            Self::NoTenant | Self::SeveralTenants => "insufficient_scope",
+            _ => "invalid_token",
+        };
+        Some(format!("Bearer realm=\"{REALM}\", error=\"{error}\""))
+    }
+
+    /// The FHIR `OperationOutcome.issue.code`.
+    fn issue_code(self) -> &'static str {
+        match self {
+            Self::NoTenant | Self::SeveralTenants => "forbidden",
+            Self::KeysUnavailable => "transient",
+            _ => "login",
+        }
+    }
+
+    /// What the client is told. Deliberately generic: the precise reason is in the stats, not the answer.
+    fn diagnostics(self) -> &'static str {
+        match self {
+            Self::MissingToken => "This request needs an OAuth 2.0 bearer access token.",
+            Self::NoTenant => "The access token's scope does not name a tenant served here.",
+            Self::SeveralTenants => "The access token's scope names more than one tenant.",
+            Self::KeysUnavailable => {
+                "The token issuer's signing keys are not available yet; retry shortly."
+            }
+            _ => "The access token is invalid, expired or not meant for this server.",
+        }
+    }
+
+    /// The body: a FHIR `OperationOutcome`, as `application/fhir+json`.
+    pub fn operation_outcome(self) -> String {
+        operation_outcome(self.issue_code(), self.diagnostics())
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+/// A one-issue FHIR `OperationOutcome` with severity `error`.
+pub fn operation_outcome(code: &str, diagnostics: &str) -> String {
+    serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]
+    })
+    .to_string()
+}
+
+/// Decides what to do with `request` at time `now` (seconds since the epoch), given the keys known so far.
+pub fn decide<'c>(
+    config: &'c Config,
+    request: &Request<'_>,
+    keys: Option<&KeySet>,
+    now: i64,
+    signatures: &dyn SignatureCheck,
+) -> Decision<'c> {
+    if is_public(request.method, request.path) {
+        return Decision::Public {
+            cluster: &config.metadata_cluster,
+        };
+    }
+    let token = match extract_bearer(request.authorization) {
+        Credentials::Missing => return Decision::Reject(Rejection::MissingToken),
+        Credentials::Malformed => return Decision::Reject(Rejection::MalformedCredentials),
+        Credentials::Bearer(token) => token,
+    };
+    let claims = match verify(token, keys, &config.provider, now, signatures) {
+        Ok(claims) => claims,
+        Err(rejection) => return Decision::Reject(rejection),
+    };
+    match config
+        .tenants
+        .resolve(claims.payload.get(config.tenants.claim()))
+    {
+        Ok(tenant) => Decision::Route { tenant, claims },
+        Err(TenantError::None) => Decision::Reject(Rejection::NoTenant),
+        Err(TenantError::Several) => Decision::Reject(Rejection::SeveralTenants),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::PureRust;
+    use crate::testkeys::{self, NOW, TENANT_A, TENANT_B};
+    use serde_json::json;
+
+    fn config() -> Config {
+        let mut v = json!({
+            "provider": {
+                "issuer": testkeys::ISSUER,
+                "audiences": [testkeys::AUDIENCE],
+                "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()
+            },
+            "tenants": { TENANT_A: {"cluster": "tenant_a"}, TENANT_B: {"cluster": "tenant_b"} },
+            "metadata_cluster": "fhir_metadata"
+        });
+        v["provider"]["clock_skew_s"] = json!(60);
+        Config::from_json(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn keys() -> KeySet {
+        KeySet::from_jwks(testkeys::public_jwks().as_bytes()).unwrap()
+    }
+
+    fn run(method: &str, path: &str, auth: Option<&str>) -> Result<String, Rejection> {
+        let c = config();
+        let k = keys();
+        let req = Request {
+            method,
+            path,
+            authorization: auth,
+        };
+        match decide(&c, &req, Some(&k), NOW, &PureRust) {
+            Decision::Public { cluster } => Ok(cluster.to_string()),
+            Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
+            Decision::Reject(r) => Err(r),
+        }
+    }
+
+    fn bearer(claims: &serde_json::Value) -> String {
+        format!("Bearer {}", testkeys::sign_rs256(claims))
+    }
+
+    #[test]
+    fn metadata_passes_without_token_to_the_metadata_cluster() {
+        assert_eq!(
+            run("GET", "/metadata?_format=json", None),
+            Ok("fhir_metadata".into())
+        );
+    }
+
+    #[test]
+    fn tenant_a_token_routes_to_tenant_a_and_b_to_b() {
+        assert_eq!(
+            run("GET", "/Patient", Some(&bearer(&testkeys::claims_now()))),
+            Ok("tenant_a".into())
+        );
+        let mut b = testkeys::claims_now();
+        b["scope"] = json!(TENANT_B);
+        assert_eq!(
+            run("POST", "/Patient/_search", Some(&bearer(&b))),
+            Ok("tenant_b".into())
+        );
+    }
+
+    #[test]
+    fn protected_path_without_token_is_401_without_error_code() {
+        let r = run("GET", "/Patient", None).unwrap_err();
+        assert_eq!(r, Rejection::MissingToken);
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            r.www_authenticate().unwrap(),
+            "Bearer realm=\"fhir-tenant-router\""
+        );
+    }
+
+    #[test]
+    fn a_token_for_no_or_two_tenants_is_403_insufficient_scope() {
+        let mut c = testkeys::claims_now();
+        c["scope"] = json!("openid");
+        let r = run("GET", "/Patient", Some(&bearer(&c))).unwrap_err();
+        assert_eq!((r, r.status()), (Rejection::NoTenant, 403));
+        assert!(r
+            .www_authenticate()
+            .unwrap()
+            .contains("error=\"insufficient_scope\""));
+        c["scope"] = json!(format!("{TENANT_A} {TENANT_B}"));
+        assert_eq!(
+            run("GET", "/Patient", Some(&bearer(&c))),
+            Err(Rejection::SeveralTenants)
+        );
+    }
+
+    #[test]
+    fn the_tenant_claim_name_is_configurable() {
+        let mut c = config();
+        c.tenants = {
+            let mut m = crate::tenant::TenantMap::new("tid".into(), vec![String::new()]);
+            m.insert(TENANT_B, "tenant_b".into()).unwrap();
+            m
+        };
+        let mut claims = testkeys::claims_now();
+        claims["tid"] = json!(TENANT_B);
+        let auth = bearer(&claims);
+        let req = Request {
+            method: "GET",
+            path: "/Patient",
+            authorization: Some(&auth),
+        };
+        match decide(&c, &req, Some(&keys()), NOW, &PureRust) {
+            Decision::Route { tenant, .. } => assert_eq!(tenant.cluster, "tenant_b"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn token_problems_are_401_invalid_token_with_an_operation_outcome() {
+        let r = run("GET", "/Patient", Some("Bearer not.a.token")).unwrap_err();
+        assert_eq!(r.status(), 401);
+        assert!(r
+            .www_authenticate()
+            .unwrap()
+            .ends_with("error=\"invalid_token\""));
+        let body: serde_json::Value = serde_json::from_str(&r.operation_outcome()).unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert_eq!(body["issue"][0]["code"], "login");
+    }
+
+    #[test]
+    fn missing_keys_are_503_without_www_authenticate() {
+        let c = config();
+        let auth = bearer(&testkeys::claims_now());
+        let req = Request {
+            method: "GET",
+            path: "/Patient",
+            authorization: Some(&auth),
+        };
+        match decide(&c, &req, None, NOW, &PureRust) {
+            Decision::Reject(r) => {
+                assert_eq!(r.status(), 503);
+                assert!(r.www_authenticate().is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_never_echo_the_token() {
+        let token = testkeys::sign_rs256(&json!({"scope": "secret-scope"}));
+        for r in Rejection::ALL {
+            let body = r.operation_outcome();
+            assert!(!body.contains(&token[..20]));
+            assert!(!body.contains("secret-scope"));
+        }
+    }
+}

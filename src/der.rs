@@ -1,0 +1,159 @@
+//! The few DER encodings the host signature check needs: a SubjectPublicKeyInfo for RSA and EC keys, and the
+//! conversion of a JWS ECDSA signature (raw `r || s`, RFC 7518 §3.4) into the DER `Ecdsa-Sig-Value` that
+//! BoringSSL's `EVP_DigestVerify` expects.
+
+/// OID 1.2.840.113549.1.1.1 (rsaEncryption), DER-encoded with its tag.
+const OID_RSA_ENCRYPTION: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
+/// OID 1.2.840.10045.2.1 (id-ecPublicKey).
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+/// OID 1.2.840.10045.3.1.7 (prime256v1 / P-256).
+pub(crate) const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// OID 1.3.132.0.34 (secp384r1 / P-384).
+pub(crate) const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+
+const TAG_INTEGER: u8 = 0x02;
+const TAG_BIT_STRING: u8 = 0x03;
+const TAG_NULL: u8 = 0x05;
+const TAG_SEQUENCE: u8 = 0x30;
+
+fn push_len(out: &mut Vec<u8>, len: usize) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        let significant = bytes.get(skip..).unwrap_or_default();
+        out.push(0x80 | significant.len() as u8);
+        out.extend_from_slice(significant);
+    }
+}
+
+fn push_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
+    out.push(tag);
+    push_len(out, content.len());
+    out.extend_from_slice(content);
+}
+
+/// An unsigned big-endian integer as a DER INTEGER: leading zeros dropped, one zero added back when the high
+/// bit is set so that the value stays positive.
+fn push_unsigned_integer(out: &mut Vec<u8>, be: &[u8]) {
+    let skip = be.iter().take_while(|b| **b == 0).count();
+    let digits = be.get(skip..).unwrap_or_default();
+    let mut content = Vec::with_capacity(digits.len() + 1);
+    match digits.first() {
+        None => content.push(0),
+        Some(first) if *first >= 0x80 => {
+            content.push(0);
+            content.extend_from_slice(digits);
+        }
+        Some(_) => content.extend_from_slice(digits),
+    }
+    push_tlv(out, TAG_INTEGER, &content);
+}
+
+fn spki(algorithm: &[u8], subject_public_key: &[u8]) -> Vec<u8> {
+    let mut algorithm_seq = Vec::new();
+    push_tlv(&mut algorithm_seq, TAG_SEQUENCE, algorithm);
+    let mut bits = Vec::with_capacity(subject_public_key.len() + 1);
+    bits.push(0); // no unused bits
+    bits.extend_from_slice(subject_public_key);
+    let mut body = algorithm_seq;
+    push_tlv(&mut body, TAG_BIT_STRING, &bits);
+    let mut out = Vec::with_capacity(body.len() + 4);
+    push_tlv(&mut out, TAG_SEQUENCE, &body);
+    out
+}
+
+/// SubjectPublicKeyInfo for an RSA key given its big-endian modulus and exponent.
+pub fn rsa_spki(n: &[u8], e: &[u8]) -> Vec<u8> {
+    let mut ints = Vec::with_capacity(n.len() + e.len() + 8);
+    push_unsigned_integer(&mut ints, n);
+    push_unsigned_integer(&mut ints, e);
+    let mut rsa_public_key = Vec::with_capacity(ints.len() + 4);
+    push_tlv(&mut rsa_public_key, TAG_SEQUENCE, &ints);
+    let mut algorithm = OID_RSA_ENCRYPTION.to_vec();
+    algorithm.extend_from_slice(&[TAG_NULL, 0x00]);
+    spki(&algorithm, &rsa_public_key)
+}
+
+/// SubjectPublicKeyInfo for an EC key given the curve OID (with tag) and the uncompressed SEC1 point.
+pub fn ec_spki(curve_oid: &[u8], uncompressed_point: &[u8]) -> Vec<u8> {
+    let mut algorithm = OID_EC_PUBLIC_KEY.to_vec();
+    algorithm.extend_from_slice(curve_oid);
+    spki(&algorithm, uncompressed_point)
+}
+
+/// Converts a JWS ECDSA signature (`r || s`, each `scalar_len` bytes) into DER. `None` when the length is wrong.
+pub fn ecdsa_raw_to_der(raw: &[u8], scalar_len: usize) -> Option<Vec<u8>> {
+    if raw.len() != scalar_len.checked_mul(2)? {
+        return None;
+    }
+    let (r, s) = raw.split_at(scalar_len);
+    let mut ints = Vec::with_capacity(raw.len() + 6);
+    push_unsigned_integer(&mut ints, r);
+    push_unsigned_integer(&mut ints, s);
+    let mut out = Vec::with_capacity(ints.len() + 3);
+    push_tlv(&mut out, TAG_SEQUENCE, &ints);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::pkcs8::EncodePublicKey as _;
+
+    #[test]
+    fn rsa_spki_matches_the_rsa_crate() {
+        let mut rng = rand::thread_rng();
+        let private = rsa::RsaPrivateKey::new(&mut rng, 1024).unwrap();
+        let public = private.to_public_key();
+        use rsa::traits::PublicKeyParts;
+        let ours = rsa_spki(&public.n().to_bytes_be(), &public.e().to_bytes_be());
+        assert_eq!(ours, public.to_public_key_der().unwrap().as_bytes());
+    }
+
+    #[test]
+    fn ec_spki_matches_the_p256_crate() {
+        let secret = p256::SecretKey::random(&mut rand::thread_rng());
+        let public = secret.public_key();
+        let point = p256::EncodedPoint::from(public);
+        let ours = ec_spki(OID_P256, point.as_bytes());
+        assert_eq!(ours, public.to_public_key_der().unwrap().as_bytes());
+    }
+
+    #[test]
+    fn raw_ecdsa_signature_converts_to_the_same_der_as_p256() {
+        use p256::ecdsa::{signature::Signer, Signature, SigningKey};
+        let key = SigningKey::random(&mut rand::thread_rng());
+        for i in 0..64u8 {
+            let sig: Signature = key.sign(&[i; 10]);
+            let der = ecdsa_raw_to_der(&sig.to_bytes(), 32).unwrap();
+            assert_eq!(der, sig.to_der().as_bytes());
+        }
+    }
+
+    #[test]
+    fn raw_ecdsa_signature_with_leading_zeros_and_high_bits_is_minimal() {
+        let mut raw = [0u8; 64];
+        raw[31] = 1; // r = 1
+        raw[32] = 0x80; // s has its high bit set
+        let der = ecdsa_raw_to_der(&raw, 32).unwrap();
+        assert_eq!(&der[..5], &[0x30, 38, 0x02, 0x01, 0x01]);
+        assert_eq!(&der[5..8], &[0x02, 33, 0x00]);
+    }
+
+    #[test]
+    fn raw_ecdsa_signature_of_wrong_length_is_refused() {
+        assert!(ecdsa_raw_to_der(&[0u8; 63], 32).is_none());
+        assert!(ecdsa_raw_to_der(&[], 32).is_none());
+    }
+
+    #[test]
+    fn long_lengths_use_the_long_form() {
+        let mut out = Vec::new();
+        push_len(&mut out, 300);
+        assert_eq!(out, [0x82, 0x01, 0x2c]);
+    }
+}

@@ -1,0 +1,39 @@
+//! # fhir-tenant-router
+//!
+//! A proxy-wasm HTTP filter for Envoy that turns several FHIR servers into one secure multi-tenant FHIR
+//! endpoint: it verifies the OAuth 2.0 client-credentials access token an IdP issued, finds the tenant the
+//! client named in the token's `scope`, and routes the request to that tenant's Envoy cluster. The
+//! discovery documents (`/metadata`, `/.well-known/smart-configuration`) pass without a token.
+//!
+//! The crate is a host-independent core (every module but `shell`), compiled and tested natively, and a
+//! thin proxy-wasm shell compiled for `wasm32` only. The core never calls the host: time and signature
+//! checking are arguments.
+
+pub mod bearer;
+pub mod config;
+pub mod crypto;
+pub mod decision;
+pub mod der;
+pub mod host_proto;
+pub mod jwks;
+pub mod public;
+pub mod refresh;
+pub mod tenant;
+pub mod verify;
+
+#[cfg(test)]
+pub(crate) mod testkeys;
+
+#[cfg(target_arch = "wasm32")]
+mod shell;
+
+pub use config::{Config, ConfigError};
+pub use decision::{decide, Decision, Rejection, Request};
+
+#[cfg(target_arch = "wasm32")]
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(shell::root::Root::default())
+    });
+}}

@@ -1,0 +1,162 @@
+//! When to fetch the JWKS: a sans-I/O schedule. The shell asks [`Schedule::due`] on every tick and reports
+//! each fetch's outcome; time is always an argument (milliseconds since the epoch).
+//!
+//! The first fetch is due at once. After a success the next is due one refresh interval later; after a
+//! failure, after a backoff that doubles from [`FIRST_BACKOFF_MS`] up to [`MAX_BACKOFF_MS`] (never beyond
+//! the refresh interval). A failure streak is reported once when it starts and once when it ends, so that
+//! an IdP outage logs two lines, not one per attempt.
+
+/// Backoff after the first failure.
+pub const FIRST_BACKOFF_MS: u64 = 1_000;
+/// Longest backoff between retries.
+pub const MAX_BACKOFF_MS: u64 = 30_000;
+
+/// The fetch schedule of one VM.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    refresh_ms: u64,
+    next_at_ms: u64,
+    backoff_ms: u64,
+    in_flight: bool,
+    failures: u32,
+}
+
+/// What a finished fetch means for logging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streak {
+    /// Nothing to report.
+    Quiet,
+    /// The first failure after a success (or at start): warn once.
+    Started,
+    /// The first success after `failures` failures: say it recovered.
+    Ended { failures: u32 },
+}
+
+impl Schedule {
+    /// A schedule whose first fetch is due at `now_ms`.
+    pub fn new(refresh_ms: u64, now_ms: u64) -> Self {
+        Self {
+            refresh_ms,
+            next_at_ms: now_ms,
+            backoff_ms: FIRST_BACKOFF_MS,
+            in_flight: false,
+            failures: 0,
+        }
+    }
+
+    /// Whether a fetch should start now. Returns `true` at most once until the outcome is reported.
+    pub fn due(&mut self, now_ms: u64) -> bool {
+        if self.in_flight || now_ms < self.next_at_ms {
+            return false;
+        }
+        self.in_flight = true;
+        true
+    }
+
+    /// The fetch succeeded and its keys were installed.
+    pub fn succeeded(&mut self, now_ms: u64) -> Streak {
+        self.in_flight = false;
+        self.next_at_ms = now_ms.saturating_add(self.refresh_ms);
+        self.backoff_ms = FIRST_BACKOFF_MS;
+        let failures = std::mem::take(&mut self.failures);
+        if failures > 0 {
+            Streak::Ended { failures }
+        } else {
+            Streak::Quiet
+        }
+    }
+
+    /// The fetch failed (could not be sent, timed out, non-200, or not a usable JWKS).
+    pub fn failed(&mut self, now_ms: u64) -> Streak {
+        self.in_flight = false;
+        self.next_at_ms = now_ms.saturating_add(self.backoff_ms);
+        self.backoff_ms = self
+            .backoff_ms
+            .saturating_mul(2)
+            .min(MAX_BACKOFF_MS)
+            .min(self.refresh_ms.max(FIRST_BACKOFF_MS));
+        self.failures = self.failures.saturating_add(1);
+        if self.failures == 1 {
+            Streak::Started
+        } else {
+            Streak::Quiet
+        }
+    }
+
+    /// Seconds until the next attempt, at least 1: the `Retry-After` of a 503 while no keys are known.
+    pub fn retry_after_s(&self, now_ms: u64) -> u64 {
+        (self.next_at_ms.saturating_sub(now_ms).div_ceil(1_000)).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_767_225_600_000;
+
+    #[test]
+    fn first_fetch_is_due_at_once_and_only_once_in_flight() {
+        let mut s = Schedule::new(300_000, T0);
+        assert!(s.due(T0));
+        assert!(!s.due(T0 + 10_000));
+        s.succeeded(T0 + 50);
+        assert!(!s.due(T0 + 299_000));
+        assert!(s.due(T0 + 300_050));
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_up_to_the_cap() {
+        let mut s = Schedule::new(300_000, T0);
+        let mut now = T0;
+        let mut gaps = Vec::new();
+        for _ in 0..8 {
+            assert!(s.due(now));
+            s.failed(now);
+            let mut t = now;
+            while !s.due(t) {
+                t += 100;
+            }
+            gaps.push(t - now);
+            s.in_flight = false;
+            now = t;
+        }
+        assert_eq!(
+            gaps,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
+        );
+    }
+
+    #[test]
+    fn backoff_never_exceeds_the_refresh_interval() {
+        let mut s = Schedule::new(10_000, T0);
+        for i in 0..10 {
+            assert!(s.due(T0 + i * 60_000));
+            s.failed(T0 + i * 60_000);
+        }
+        assert_eq!(s.backoff_ms, 10_000);
+    }
+
+    #[test]
+    fn a_failure_streak_is_reported_once_at_each_end() {
+        let mut s = Schedule::new(300_000, T0);
+        assert_eq!(s.failed(T0), Streak::Started);
+        assert_eq!(s.failed(T0), Streak::Quiet);
+        assert_eq!(s.failed(T0), Streak::Quiet);
+        assert_eq!(s.succeeded(T0), Streak::Ended { failures: 3 });
+        assert_eq!(s.succeeded(T0), Streak::Quiet);
+        assert_eq!(s.failed(T0), Streak::Started);
+    }
+
+    #[test]
+    fn retry_after_counts_whole_seconds_to_the_next_attempt() {
+        let mut s = Schedule::new(300_000, T0);
+        assert_eq!(s.retry_after_s(T0), 1);
+        s.due(T0);
+        s.failed(T0);
+        s.due(T0 + 1_000);
+        s.failed(T0 + 1_000);
+        assert_eq!(s.retry_after_s(T0 + 1_000), 2);
+        assert_eq!(s.retry_after_s(T0 + 2_500), 1);
+    }
+}

@@ -1,0 +1,71 @@
+//! Counters and gauges through proxy-wasm metrics. Envoy shows them as `wasmcustom.fhir_tenant_router.*` in
+//! `/stats` and `/stats/prometheus`; every VM defining the same name shares one stat.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+use crate::decision::Rejection;
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "fhir_tenant_router";
+
+/// The metric ids of one VM. An id the host refused to define is `None`, and counting it does nothing.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub allowed: Option<u32>,
+    pub public: Option<u32>,
+    rejected: Vec<Option<u32>>,
+    pub jwks_fetch_ok: Option<u32>,
+    pub jwks_fetch_failed: Option<u32>,
+    pub jwks_keys: Option<u32>,
+    pub signature_host: Option<u32>,
+    pub signature_pure_rust: Option<u32>,
+}
+
+fn define(kind: MetricType, name: &str) -> Option<u32> {
+    hostcalls::define_metric(kind, &format!("{PREFIX}.{name}")).ok()
+}
+
+impl Metrics {
+    /// Defines every metric.
+    pub fn define() -> Self {
+        Self {
+            allowed: define(MetricType::Counter, "requests.allowed"),
+            public: define(MetricType::Counter, "requests.public"),
+            rejected: Rejection::ALL
+                .iter()
+                .map(|r| {
+                    define(
+                        MetricType::Counter,
+                        &format!("requests.rejected.{}", r.reason()),
+                    )
+                })
+                .collect(),
+            jwks_fetch_ok: define(MetricType::Counter, "jwks.fetch_ok"),
+            jwks_fetch_failed: define(MetricType::Counter, "jwks.fetch_failed"),
+            jwks_keys: define(MetricType::Gauge, "jwks.keys"),
+            signature_host: define(MetricType::Counter, "signature.host"),
+            signature_pure_rust: define(MetricType::Counter, "signature.pure_rust"),
+        }
+    }
+
+    /// Adds one to a counter.
+    pub fn count(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    /// Sets a gauge.
+    pub fn set(id: Option<u32>, value: u64) {
+        if let Some(id) = id {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    /// Counts one refusal under its reason.
+    pub fn count_rejection(&self, rejection: Rejection) {
+        let index = Rejection::ALL.iter().position(|r| *r == rejection);
+        Self::count(index.and_then(|i| self.rejected.get(i).copied().flatten()));
+    }
+}

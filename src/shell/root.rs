@@ -1,0 +1,205 @@
+//! The root context: compiles the configuration in `on_configure` (refusing the plugin on error), and keeps
+//! the JWKS fresh: fetched through an Envoy cluster on a timer, retried with backoff, the last good set kept.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+
+use crate::config::{Config, JwksSource};
+use crate::jwks::{KeySet, MAX_JWKS_BYTES};
+use crate::refresh::{Schedule, Streak};
+
+use super::host_crypto::HostSignatures;
+use super::http::Filter;
+use super::metrics::Metrics;
+use super::millis;
+
+/// How often the root context looks at the JWKS schedule.
+const TICK: Duration = Duration::from_millis(500);
+
+/// The keys known so far and when the next fetch is due; shared by the root and every HTTP context of a VM.
+#[derive(Default)]
+pub struct KeyState {
+    pub keys: Option<Rc<KeySet>>,
+    pub schedule: Option<Schedule>,
+}
+
+/// Everything an HTTP context needs, built once per configuration.
+pub struct Shared {
+    pub config: Config,
+    pub keys: RefCell<KeyState>,
+    pub signatures: HostSignatures,
+    pub metrics: Rc<Metrics>,
+}
+
+#[derive(Default)]
+pub struct Root {
+    shared: Option<Rc<Shared>>,
+}
+
+impl Root {
+    fn now_ms(&self) -> u64 {
+        millis(self.get_current_time())
+    }
+
+    fn fetch_finished(&self, shared: &Shared, outcome: Result<KeySet, String>) {
+        let now = self.now_ms();
+        let mut state = shared.keys.borrow_mut();
+        let streak = match outcome {
+            Ok(keys) => {
+                Metrics::count(shared.metrics.jwks_fetch_ok);
+                Metrics::set(shared.metrics.jwks_keys, keys.keys().len() as u64);
+                if keys.skipped() > 0 {
+                    log::info!(
+                        "JWKS: {} usable keys, {} skipped (wrong type, use, alg or size)",
+                        keys.keys().len(),
+                        keys.skipped()
+                    );
+                }
+                state.keys = Some(Rc::new(keys));
+                state.schedule.as_mut().map(|s| s.succeeded(now))
+            }
+            Err(why) => {
+                Metrics::count(shared.metrics.jwks_fetch_failed);
+                let streak = state.schedule.as_mut().map(|s| s.failed(now));
+                if streak == Some(Streak::Started) {
+                    let kept = match &state.keys {
+                        Some(k) => format!("keeping the last {} keys", k.keys().len()),
+                        None => "no keys yet: token requests get 503".to_string(),
+                    };
+                    log::warn!("JWKS fetch failed ({why}); {kept}; retrying with backoff (logged once per failure streak)");
+                }
+                streak
+            }
+        };
+        if let Some(Streak::Ended { failures }) = streak {
+            log::info!("JWKS fetch recovered after {failures} failed attempts");
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let status = self
+            .get_http_call_response_headers()
+            .into_iter()
+            .find(|(k, _)| k == ":status")
+            .map(|(_, v)| v);
+        let outcome = match status.as_deref() {
+            None => Err("no response: connection failure or timeout".to_string()),
+            Some("200") if body_size > MAX_JWKS_BYTES => {
+                Err(format!("body larger than {MAX_JWKS_BYTES} bytes"))
+            }
+            Some("200") => {
+                let body = self
+                    .get_http_call_response_body(0, body_size)
+                    .unwrap_or_default();
+                KeySet::from_jwks(&body).map_err(|e| e.to_string())
+            }
+            Some(other) => Err(format!("HTTP status {other}")),
+        };
+        self.fetch_finished(&shared, outcome);
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let config = match Config::from_json(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("{e}");
+                return false;
+            }
+        };
+        let metrics = Rc::new(Metrics::define());
+        let mut state = KeyState::default();
+        let source = match &config.jwks {
+            JwksSource::Inline(keys) => {
+                Metrics::set(metrics.jwks_keys, keys.keys().len() as u64);
+                state.keys = Some(Rc::new(keys.clone()));
+                "inline JWKS".to_string()
+            }
+            JwksSource::Remote(r) => {
+                state.schedule = Some(Schedule::new(r.refresh_ms, self.now_ms()));
+                self.set_tick_period(TICK);
+                format!(
+                    "JWKS from cluster {} every {} s",
+                    r.cluster,
+                    r.refresh_ms / 1000
+                )
+            }
+        };
+        log::info!(
+            "configured: {} tenants, issuer {}, {source}, signature verifier {:?}",
+            config.tenants.len(),
+            config.provider.issuer,
+            config.signature_verifier
+        );
+        let signatures = HostSignatures::new(config.signature_verifier, metrics.clone());
+        self.shared = Some(Rc::new(Shared {
+            config,
+            keys: RefCell::new(state),
+            signatures,
+            metrics,
+        }));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let JwksSource::Remote(remote) = &shared.config.jwks else {
+            return;
+        };
+        let now = self.now_ms();
+        let due = shared
+            .keys
+            .borrow_mut()
+            .schedule
+            .as_mut()
+            .is_some_and(|s| s.due(now));
+        if !due {
+            return;
+        }
+        let headers = vec![
+            (":method", "GET"),
+            (":path", remote.path.as_str()),
+            (":authority", remote.authority.as_str()),
+            ("accept", "application/json, application/jwk-set+json"),
+        ];
+        let timeout = Duration::from_millis(remote.timeout_ms);
+        if let Err(status) =
+            self.dispatch_http_call(&remote.cluster, headers, None, vec![], timeout)
+        {
+            self.fetch_finished(
+                &shared,
+                Err(format!(
+                    "could not be sent through cluster {}: {status:?}",
+                    remote.cluster
+                )),
+            );
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter::new(self.shared.clone()?)))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

@@ -1,0 +1,221 @@
+//! Tenants: the token's scope names exactly one configured tenant, and the tenant names its Envoy cluster.
+//!
+//! Tenant ids are ASCII (`A-Z a-z 0-9 . _ -`) and compared case-insensitively, since an AAD tenant GUID may
+//! be written in either case. A scope value with any other character (a Unicode look-alike, `../`) names no
+//! tenant. Lookup is one hash probe per scope value, however many tenants are configured.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+/// A configured tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant {
+    /// The id as configured (lowercased).
+    pub id: String,
+    /// The Envoy cluster its requests go to.
+    pub cluster: String,
+}
+
+/// Why no single tenant could be taken from the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantError {
+    /// No scope value names a configured tenant (or the claim is missing or not text).
+    None,
+    /// Several scope values name configured tenants.
+    Several,
+}
+
+/// The compiled tenant map.
+#[derive(Clone, Debug)]
+pub struct TenantMap {
+    claim: String,
+    prefixes: Vec<String>,
+    by_id: HashMap<String, Tenant>,
+}
+
+/// Longest tenant id accepted.
+pub const MAX_TENANT_ID_LEN: usize = 128;
+
+fn is_tenant_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_TENANT_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl TenantMap {
+    /// An empty map reading tenants from `claim`, accepting scope values of the form `<prefix><id>`.
+    pub fn new(claim: String, prefixes: Vec<String>) -> Self {
+        Self {
+            claim,
+            prefixes,
+            by_id: HashMap::new(),
+        }
+    }
+
+    /// Adds a tenant; the error says why the id is unusable.
+    pub fn insert(&mut self, id: &str, cluster: String) -> Result<(), &'static str> {
+        if !is_tenant_id(id) {
+            return Err("a tenant id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'");
+        }
+        let key = id.to_ascii_lowercase();
+        if self.by_id.contains_key(&key) {
+            return Err("the same tenant id is listed twice (ids are case-insensitive)");
+        }
+        self.by_id.insert(key.clone(), Tenant { id: key, cluster });
+        Ok(())
+    }
+
+    /// How many tenants are configured.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether no tenant is configured.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// The claim the tenant is read from.
+    pub fn claim(&self) -> &str {
+        &self.claim
+    }
+
+    fn lookup(&self, id: &str) -> Option<&Tenant> {
+        if !is_tenant_id(id) {
+            return None;
+        }
+        if id.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_id.get(&id.to_ascii_lowercase())
+        } else {
+            self.by_id.get(id)
+        }
+    }
+
+    /// The tenant one scope value names, under any configured prefix.
+    fn named_by(&self, value: &str) -> Option<&Tenant> {
+        self.prefixes.iter().find_map(|p| {
+            value
+                .strip_prefix(p.as_str())
+                .and_then(|id| self.lookup(id))
+        })
+    }
+
+    /// The single tenant the claim names. The claim is a space-delimited string (RFC 6749 §3.3) or an array
+    /// of strings; values naming no configured tenant (`openid`, `system/*.read`) are ignored.
+    pub fn resolve(&self, claim: Option<&Value>) -> Result<&Tenant, TenantError> {
+        let mut found: Option<&Tenant> = None;
+        let mut consider = |value: &str| -> Result<(), TenantError> {
+            if let Some(t) = self.named_by(value) {
+                if found.is_some() {
+                    return Err(TenantError::Several);
+                }
+                found = Some(t);
+            }
+            Ok(())
+        };
+        match claim {
+            Some(Value::String(s)) => {
+                for value in s.split(' ').filter(|v| !v.is_empty()) {
+                    consider(value)?;
+                }
+            }
+            Some(Value::Array(list)) => {
+                for value in list.iter().filter_map(Value::as_str) {
+                    consider(value)?;
+                }
+            }
+            _ => {}
+        }
+        found.ok_or(TenantError::None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkeys::{TENANT_A, TENANT_B};
+    use serde_json::json;
+
+    fn map() -> TenantMap {
+        let mut m = TenantMap::new("scope".into(), vec![String::new(), "tenant/".into()]);
+        m.insert(TENANT_A, "tenant_a".into()).unwrap();
+        m.insert(TENANT_B, "tenant_b".into()).unwrap();
+        m
+    }
+
+    fn cluster(claim: serde_json::Value) -> Result<String, TenantError> {
+        map().resolve(Some(&claim)).map(|t| t.cluster.clone())
+    }
+
+    #[test]
+    fn bare_tenant_guid_in_scope_selects_the_tenant() {
+        assert_eq!(cluster(json!(TENANT_A)), Ok("tenant_a".into()));
+        assert_eq!(cluster(json!(TENANT_B)), Ok("tenant_b".into()));
+    }
+
+    #[test]
+    fn prefixed_form_and_other_scopes_are_fine() {
+        assert_eq!(
+            cluster(json!(format!("openid tenant/{TENANT_B} system/*.read"))),
+            Ok("tenant_b".into())
+        );
+        assert_eq!(cluster(json!(["openid", TENANT_A])), Ok("tenant_a".into()));
+    }
+
+    #[test]
+    fn tenant_ids_are_case_insensitive() {
+        assert_eq!(
+            cluster(json!(TENANT_A.to_uppercase())),
+            Ok("tenant_a".into())
+        );
+    }
+
+    #[test]
+    fn two_tenants_in_scope_are_refused() {
+        assert_eq!(
+            cluster(json!(format!("{TENANT_A} {TENANT_B}"))),
+            Err(TenantError::Several)
+        );
+        assert_eq!(
+            cluster(json!(format!("{TENANT_A} tenant/{TENANT_A}"))),
+            Err(TenantError::Several)
+        );
+    }
+
+    #[test]
+    fn unknown_missing_or_disguised_tenants_name_nothing() {
+        let lookalike = TENANT_A.replace('a', "\u{430}"); // Cyrillic a
+        for claim in [
+            json!("11111111-2222-3333-4444-555555555555"),
+            json!(""),
+            json!(format!("{TENANT_A}/../x")),
+            json!(format!("../{TENANT_A}")),
+            json!(lookalike),
+            json!(format!("other/{TENANT_A}")),
+            json!(42),
+            json!({"id": TENANT_A}),
+        ] {
+            assert_eq!(cluster(claim.clone()), Err(TenantError::None), "{claim}");
+        }
+        assert_eq!(map().resolve(None), Err(TenantError::None));
+    }
+
+    #[test]
+    fn bad_or_duplicate_ids_are_refused_at_insert() {
+        let mut m = map();
+        assert!(m.insert("", "x".into()).is_err());
+        assert!(m.insert("a b", "x".into()).is_err());
+        assert!(m.insert(&TENANT_A.to_uppercase(), "x".into()).is_err());
+        assert!(m.insert(&"x".repeat(129), "x".into()).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_scopes_never_panic(s in "\\PC{0,200}") {
+            let _ = map().resolve(Some(&json!(s)));
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Checks one access token, in a fixed order: shape, algorithm, issuer, time, audience, key, signature.
+//!
+//! Nothing the token says about *how* to check it is trusted: `kid` only picks a key from the configured JWKS,
+//! `alg` must be one we accept and the one that key allows, and header-carried keys or URLs (`jwk`, `jku`,
+//! `x5u`, `x5c`) are never read. Time is an argument.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::Provider;
+use crate::crypto::SignatureCheck;
+use crate::decision::Rejection;
+use crate::jwks::{Algorithm, KeySet};
+
+/// The verified token's claims.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claims {
+    /// `exp`, in seconds since the epoch.
+    pub exp: i64,
+    /// Every claim, as the IdP signed them.
+    pub payload: Map<String, Value>,
+}
+
+impl Claims {
+    /// A string claim, if present and a string.
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.payload.get(name).and_then(Value::as_str)
+    }
+}
+
+/// The JOSE header members this filter reads. Unknown members are ignored; duplicated ones make the token
+/// malformed (serde refuses duplicate fields).
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    crit: Option<Value>,
+}
+
+/// A compact JWS split into its parts, not yet trusted.
+struct Jws<'a> {
+    header: Header,
+    payload: Map<String, Value>,
+    signing_input: &'a str,
+    signature: Vec<u8>,
+}
+
+fn parse(token: &str, max_bytes: usize) -> Result<Jws<'_>, Rejection> {
+    if token.len() > max_bytes {
+        return Err(Rejection::TokenTooLarge);
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Rejection::Malformed);
+    };
+    if h.is_empty() || p.is_empty() || s.is_empty() {
+        return Err(Rejection::Malformed);
+    }
+    let header_json = URL_SAFE_NO_PAD
+        .decode(h)
+        .map_err(|_| Rejection::Malformed)?;
+    let header: Header = serde_json::from_slice(&header_json).map_err(|_| Rejection::Malformed)?;
+    let payload_json = URL_SAFE_NO_PAD
+        .decode(p)
+        .map_err(|_| Rejection::Malformed)?;
+    let payload = match serde_json::from_slice(&payload_json) {
+        Ok(Value::Object(map)) => map,
+        _ => return Err(Rejection::Malformed),
+    };
+    let signature = URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| Rejection::Malformed)?;
+    let signing_input = token
+        .get(..h.len() + 1 + p.len())
+        .ok_or(Rejection::Malformed)?;
+    Ok(Jws {
+        header,
+        payload,
+        signing_input,
+        signature,
+    })
+}
+
+/// A NumericDate claim (RFC 7519 §2): a JSON number of seconds, possibly fractional, truncated here.
+fn numeric_date(payload: &Map<String, Value>, name: &str) -> Result<Option<i64>, Rejection> {
+    match payload.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Some(i))
+            } else {
+                match n.as_f64() {
+                    Some(f) if f.is_finite() && f.abs() < 1e15 => Ok(Some(f.trunc() as i64)),
+                    _ => Err(Rejection::Malformed),
+                }
+            }
+        }
+        Some(_) => Err(Rejection::Malformed),
+    }
+}
+
+fn audience_matches(aud: Option<&Value>, accepted: &[String]) -> bool {
+    match aud {
+        Some(Value::String(a)) => accepted.iter().any(|x| x == a),
+        Some(Value::Array(list)) => list
+            .iter()
+            .any(|v| v.as_str().is_some_and(|a| accepted.iter().any(|x| x == a))),
+        _ => false,
+    }
+}
+
+/// Verifies `token` for `provider` at time `now` (seconds since the epoch).
+///
+/// `keys` is `None` until the JWKS has been fetched: a token that passes every other check then gets
+/// [`Rejection::KeysUnavailable`] rather than a verdict.
+pub fn verify(
+    token: &str,
+    keys: Option<&KeySet>,
+    provider: &Provider,
+    now: i64,
+    signatures: &dyn SignatureCheck,
+) -> Result<Claims, Rejection> {
+    let jws = parse(token, provider.max_token_bytes)?;
+    let alg = Algorithm::parse(&jws.header.alg).ok_or(Rejection::UnsupportedAlgorithm)?;
+    if jws.header.crit.is_some() {
+        // RFC 7515 §4.1.11: we understand no extension, so any `crit` makes the token unusable.
+        return Err(Rejection::CriticalHeader);
+    }
+
+    if jws.payload.get("iss").and_then(Value::as_str) != Some(provider.issuer.as_str()) {
+        return Err(Rejection::IssuerMismatch);
+    }
+
+    let skew = provider.clock_skew_s;
+    let exp = numeric_date(&jws.payload, "exp")?.ok_or(Rejection::MissingExpiry)?;
+    if now > exp.saturating_add(skew) {
+        return Err(Rejection::Expired);
+    }
+    if let Some(nbf) = numeric_date(&jws.payload, "nbf")? {
+        if now.saturating_add(skew) < nbf {
+            return Err(Rejection::NotYetValid);
+        }
+    }
+    if let Some(iat) = numeric_date(&jws.payload, "iat")? {
+        if now.saturating_add(skew) < iat {
+            return Err(Rejection::NotYetValid);
+        }
+    }
+
+    if !audience_matches(jws.payload.get("aud"), &provider.audiences) {
+        return Err(Rejection::AudienceMismatch);
+    }
+
+    let keys = keys.ok_or(Rejection::KeysUnavailable)?;
+    let kid = jws.header.kid.as_deref();
+    let mut candidates = keys.candidates(kid, alg).peekable();
+    if candidates.peek().is_none() {
+        return Err(match kid {
+            Some(k) if keys.has_kid(k) => Rejection::KeyAlgorithmMismatch,
+            _ => Rejection::UnknownKey,
+        });
+    }
+    let signing_input = jws.signing_input.as_bytes();
+    if !candidates.any(|key| signatures.check(alg, key, signing_input, &jws.signature)) {
+        return Err(Rejection::BadSignature);
+    }
+    Ok(Claims {
+        exp,
+        payload: jws.payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::PureRust;
+    use crate::testkeys::{self, NOW};
+    use serde_json::json;
+
+    fn provider() -> Provider {
+        testkeys::provider()
+    }
+
+    fn keys() -> KeySet {
+        KeySet::from_jwks(testkeys::public_jwks().as_bytes()).unwrap()
+    }
+
+    fn check(token: &str) -> Result<Claims, Rejection> {
+        verify(token, Some(&keys()), &provider(), NOW, &PureRust)
+    }
+
+    fn with(claims: serde_json::Value) -> serde_json::Value {
+        let mut base = testkeys::claims_now();
+        for (k, v) in claims.as_object().unwrap() {
+            if v.is_null() {
+                base.as_object_mut().unwrap().remove(k);
+            } else {
+                base[k] = v.clone();
+            }
+        }
+        base
+    }
+
+    #[test]
+    fn valid_rs256_and_es256_tokens_are_accepted() {
+        let claims = check(&testkeys::sign_rs256(&testkeys::claims_now())).unwrap();
+        assert_eq!(claims.str("scope"), Some(testkeys::TENANT_A));
+        check(&testkeys::sign_es256(&testkeys::claims_now())).unwrap();
+    }
+
+    #[test]
+    fn expired_token_is_rejected_after_the_skew() {
+        let t = testkeys::sign_rs256(&with(json!({"exp": NOW - 61})));
+        assert_eq!(check(&t), Err(Rejection::Expired));
+        let t = testkeys::sign_rs256(&with(json!({"exp": NOW - 59})));
+        assert!(check(&t).is_ok());
+    }
+
+    #[test]
+    fn token_without_exp_is_rejected() {
+        let t = testkeys::sign_rs256(&with(json!({"exp": null})));
+        assert_eq!(check(&t), Err(Rejection::MissingExpiry));
+        let t = testkeys::sign_rs256(&with(json!({"exp": "soon"})));
+        assert_eq!(check(&t), Err(Rejection::Malformed));
+    }
+
+    #[test]
+    fn fractional_exp_is_a_numeric_date() {
+        let t = testkeys::sign_rs256(&with(json!({"exp": (NOW + 100) as f64 + 0.5})));
+        assert_eq!(check(&t).unwrap().exp, NOW + 100);
+    }
+
+    #[test]
+    fn not_yet_valid_token_is_rejected() {
+        let t = testkeys::sign_rs256(&with(json!({"nbf": NOW + 61})));
+        assert_eq!(check(&t), Err(Rejection::NotYetValid));
+        let t = testkeys::sign_rs256(&with(json!({"nbf": NOW + 59})));
+        assert!(check(&t).is_ok());
+        let t = testkeys::sign_rs256(&with(json!({"iat": NOW + 3600})));
+        assert_eq!(check(&t), Err(Rejection::NotYetValid));
+    }
+
+    #[test]
+    fn wrong_issuer_is_rejected() {
+        let t = testkeys::sign_rs256(&with(json!({"iss": "https://evil.example"})));
+        assert_eq!(check(&t), Err(Rejection::IssuerMismatch));
+        let t = testkeys::sign_rs256(&with(json!({"iss": null})));
+        assert_eq!(check(&t), Err(Rejection::IssuerMismatch));
+    }
+
+    #[test]
+    fn audience_may_be_a_string_or_an_array_and_must_contain_ours() {
+        let t = testkeys::sign_rs256(&with(json!({"aud": ["x", testkeys::AUDIENCE]})));
+        assert!(check(&t).is_ok());
+        let t = testkeys::sign_rs256(&with(json!({"aud": ["x", "y"]})));
+        assert_eq!(check(&t), Err(Rejection::AudienceMismatch));
+        let t = testkeys::sign_rs256(&with(json!({"aud": null})));
+        assert_eq!(check(&t), Err(Rejection::AudienceMismatch));
+        let t = testkeys::sign_rs256(&with(json!({"aud": 7})));
+        assert_eq!(check(&t), Err(Rejection::AudienceMismatch));
+    }
+
+    #[test]
+    fn alg_none_and_hmac_are_refused() {
+        let payload = URL_SAFE_NO_PAD.encode(testkeys::claims_now().to_string());
+        for alg in ["none", "None", "NONE", "HS256", "HS512", ""] {
+            let header = URL_SAFE_NO_PAD
+                .encode(format!(r#"{{"alg":"{alg}","kid":"{}"}}"#, testkeys::RS_KID));
+            let t = format!("{header}.{payload}.c2ln");
+            assert_eq!(check(&t), Err(Rejection::UnsupportedAlgorithm), "{alg}");
+            let t = format!("{header}.{payload}.");
+            assert_eq!(
+                check(&t),
+                Err(Rejection::Malformed),
+                "{alg} empty signature"
+            );
+        }
+    }
+
+    #[test]
+    fn token_signed_by_another_key_with_our_kid_is_rejected() {
+        let t = testkeys::sign_rs256_with_fresh_key(&testkeys::claims_now(), testkeys::RS_KID);
+        assert_eq!(check(&t), Err(Rejection::BadSignature));
+    }
+
+    #[test]
+    fn unknown_kid_and_mismatched_alg_are_rejected() {
+        let t = testkeys::sign_rs256_with_fresh_key(&testkeys::claims_now(), "someone-else");
+        assert_eq!(check(&t), Err(Rejection::UnknownKey));
+        // An RS256 header naming the EC key.
+        let t = testkeys::sign_rs256_with_fresh_key(&testkeys::claims_now(), testkeys::ES_KID);
+        assert_eq!(check(&t), Err(Rejection::KeyAlgorithmMismatch));
+    }
+
+    #[test]
+    fn crit_header_is_refused() {
+        let t = testkeys::sign_with_header(&testkeys::claims_now(), json!({"crit": ["exp"]}));
+        assert_eq!(check(&t), Err(Rejection::CriticalHeader));
+    }
+
+    #[test]
+    fn header_carried_keys_are_ignored() {
+        // A forged token carrying the attacker's key inline still has to verify against our JWKS.
+        let t = testkeys::sign_rs256_with_fresh_key_and_header(
+            &testkeys::claims_now(),
+            json!({"kid": testkeys::RS_KID, "jku": "https://evil.example/jwks", "jwk": {"kty": "RSA"}, "x5u": "https://evil.example/c"}),
+        );
+        assert_eq!(check(&t), Err(Rejection::BadSignature));
+        // Our own token with such members is still fine: they are simply not read.
+        let t = testkeys::sign_with_header(
+            &testkeys::claims_now(),
+            json!({"jku": "https://evil.example/jwks"}),
+        );
+        assert!(check(&t).is_ok());
+    }
+
+    #[test]
+    fn structurally_broken_tokens_are_malformed() {
+        let good = testkeys::sign_rs256(&testkeys::claims_now());
+        let cases = [
+            String::new(),
+            "a".into(),
+            "a.b".into(),
+            "a.b.c.d".into(),
+            "a.b.c.d.e".into(),
+            format!("{good}."),
+            format!("{good}x"),
+            good.replacen('.', ".!", 1),
+            format!("e30.{}", good.split_once('.').unwrap().1),
+            format!("bnVsbA.{}", good.split_once('.').unwrap().1),
+        ];
+        for t in cases {
+            assert!(
+                matches!(
+                    check(&t),
+                    Err(Rejection::Malformed | Rejection::BadSignature)
+                ),
+                "{t:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_token_is_refused_before_parsing() {
+        let t = "a".repeat(provider().max_token_bytes + 1);
+        assert_eq!(check(&t), Err(Rejection::TokenTooLarge));
+    }
+
+    #[test]
+    fn without_keys_a_plausible_token_waits_but_a_bad_one_is_refused() {
+        let ok = testkeys::sign_rs256(&testkeys::claims_now());
+        assert_eq!(
+            verify(&ok, None, &provider(), NOW, &PureRust),
+            Err(Rejection::KeysUnavailable)
+        );
+        let expired = testkeys::sign_rs256(&with(json!({"exp": NOW - 3600})));
+        assert_eq!(
+            verify(&expired, None, &provider(), NOW, &PureRust),
+            Err(Rejection::Expired)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_tokens_never_panic(s in "\\PC{0,300}") {
+            let _ = check(&s);
+        }
+
+        #[test]
+        fn arbitrary_three_part_tokens_never_panic(a in "[A-Za-z0-9_-]{0,80}", b in "[A-Za-z0-9_-]{0,80}", c in "[A-Za-z0-9_-]{0,80}") {
+            let _ = check(&format!("{a}.{b}.{c}"));
+        }
+    }
+}

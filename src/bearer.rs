@@ -36,9 +36,7 @@ pub fn extract_bearer(header: Option<&str>) -> Credentials<'_> {
 fn is_b64token(token: &str) -> bool {
     let body = token.trim_end_matches('=');
     !body.is_empty()
-        && body.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
-        })
+        && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
 }
 
 #[cfg(test)]
@@ -47,35 +45,20 @@ mod tests {
 
     #[test]
     fn bearer_token_is_extracted_whatever_the_scheme_case() {
-        assert_eq!(
-            extract_bearer(Some("Bearer abc.def.ghi")),
-            Credentials::Bearer("abc.def.ghi")
-        );
-        assert_eq!(
-            extract_bearer(Some("bearer abc")),
-            Credentials::Bearer("abc")
-        );
-        assert_eq!(
-            extract_bearer(Some("BEARER abc")),
-            Credentials::Bearer("abc")
-        );
+        assert_eq!(extract_bearer(Some("Bearer abc.def.ghi")), Credentials::Bearer("abc.def.ghi"));
+        assert_eq!(extract_bearer(Some("bearer abc")), Credentials::Bearer("abc"));
+        assert_eq!(extract_bearer(Some("BEARER abc")), Credentials::Bearer("abc"));
     }
 
     #[test]
     fn several_spaces_after_the_scheme_are_allowed() {
-        assert_eq!(
-            extract_bearer(Some("Bearer   abc")),
-            Credentials::Bearer("abc")
-        );
+        assert_eq!(extract_bearer(Some("Bearer   abc")), Credentials::Bearer("abc"));
     }
 
     #[test]
     fn no_header_or_another_scheme_is_missing() {
         assert_eq!(extract_bearer(None), Credentials::Missing);
-        assert_eq!(
-            extract_bearer(Some("Basic dXNlcjpwYXNz")),
-            Credentials::Missing
-        );
+        assert_eq!(extract_bearer(Some("Basic dXNlcjpwYXNz")), Credentials::Missing);
         assert_eq!(extract_bearer(Some("Bearerabc")), Credentials::Missing);
         assert_eq!(extract_bearer(Some("")), Credentials::Missing);
     }
@@ -92,21 +75,9 @@ mod tests {
             "Bearer a=b",
             "Bearer\tabc",
         ] {
-            assert!(
-                matches!(
-                    extract_bearer(Some(v)),
-                    Credentials::Malformed | Credentials::Missing
-                ),
-                "{v:?}"
-            );
-            assert!(
-                !matches!(extract_bearer(Some(v)), Credentials::Bearer(_)),
-                "{v:?}"
-            );
+            assert!(matches!(extract_bearer(Some(v)), Credentials::Malformed | Credentials::Missing), "{v:?}");
+            assert!(!matches!(extract_bearer(Some(v)), Credentials::Bearer(_)), "{v:?}");
         }
-        assert_eq!(
-            extract_bearer(Some("Bearer abc==")),
-            Credentials::Bearer("abc==")
-        );
+        assert_eq!(extract_bearer(Some("Bearer abc==")), Credentials::Bearer("abc=="));
     }
 }

@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub forward_authorization: bool,
     #[serde(default)]
     pub signature_verifier: SignatureVerifier,
+    #[serde(default)]
+    pub token_cache_entries: Option<usize>,
 }
 
 /// The token issuer, as written.
@@ -55,6 +57,8 @@ pub struct RawProvider {
     pub clock_skew_s: Option<u64>,
     #[serde(default)]
     pub max_token_bytes: Option<usize>,
+    #[serde(default)]
+    pub jwks_min_refetch_s: Option<u64>,
 }
 
 /// One tenant, as written.
@@ -105,6 +109,8 @@ pub struct RemoteJwks {
     pub path: String,
     pub refresh_ms: u64,
     pub timeout_ms: u64,
+    /// Least time between two fetches triggered by an unknown `kid`.
+    pub min_refetch_ms: u64,
 }
 
 /// The compiled configuration.
@@ -118,6 +124,8 @@ pub struct Config {
     pub tenant_header: String,
     pub forward_authorization: bool,
     pub signature_verifier: SignatureVerifier,
+    /// Capacity of each VM's verified-token cache; 0 disables it.
+    pub token_cache_entries: usize,
 }
 
 /// A configuration that cannot be used: which field, and why.
@@ -130,10 +138,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -142,11 +147,7 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() {
             write!(f, "invalid plugin configuration: {}", self.message)
         } else {
-            write!(
-                f,
-                "invalid plugin configuration: field `{}`: {}",
-                self.field, self.message
-            )
+            write!(f, "invalid plugin configuration: field `{}`: {}", self.field, self.message)
         }
     }
 }
@@ -157,6 +158,8 @@ const DEFAULT_REFRESH_S: u64 = 300;
 const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_SKEW_S: u64 = 60;
 const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
+const DEFAULT_MIN_REFETCH_S: u64 = 30;
+const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 10_000;
 
 impl Config {
     /// Parses and compiles the plugin configuration.
@@ -179,62 +182,46 @@ impl RawConfig {
             return Err(ConfigError::new("provider.issuer", "must not be empty"));
         }
         if p.audiences.is_empty() || p.audiences.iter().any(String::is_empty) {
-            return Err(ConfigError::new(
-                "provider.audiences",
-                "must list at least one non-empty audience",
-            ));
+            return Err(ConfigError::new("provider.audiences", "must list at least one non-empty audience"));
         }
         let clock_skew_s = p.clock_skew_s.unwrap_or(DEFAULT_SKEW_S);
         if clock_skew_s > 3_600 {
-            return Err(ConfigError::new(
-                "provider.clock_skew_s",
-                "must be at most 3600",
-            ));
+            return Err(ConfigError::new("provider.clock_skew_s", "must be at most 3600"));
         }
         let max_token_bytes = p.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
         if !(256..=65_536).contains(&max_token_bytes) {
-            return Err(ConfigError::new(
-                "provider.max_token_bytes",
-                "must be between 256 and 65536",
-            ));
+            return Err(ConfigError::new("provider.max_token_bytes", "must be between 256 and 65536"));
         }
 
         let jwks = match (p.jwks, p.jwks_uri, p.jwks_cluster) {
             (Some(inline), None, None) => {
-                if p.jwks_refresh_s.is_some() || p.jwks_timeout_ms.is_some() {
+                if p.jwks_refresh_s.is_some() || p.jwks_timeout_ms.is_some() || p.jwks_min_refetch_s.is_some() {
                     return Err(ConfigError::new(
                         "provider.jwks_refresh_s",
                         "only applies to a remote JWKS (jwks_uri)",
                     ));
                 }
                 JwksSource::Inline(
-                    KeySet::from_value(&inline)
-                        .map_err(|e| ConfigError::new("provider.jwks", e.to_string()))?,
+                    KeySet::from_value(&inline).map_err(|e| ConfigError::new("provider.jwks", e.to_string()))?,
                 )
             }
             (None, Some(uri), Some(cluster)) => {
-                let (authority, path) = split_http_url(&uri).ok_or_else(|| {
-                    ConfigError::new("provider.jwks_uri", "must be an absolute http(s) URL")
-                })?;
+                let (authority, path) = split_http_url(&uri)
+                    .ok_or_else(|| ConfigError::new("provider.jwks_uri", "must be an absolute http(s) URL"))?;
                 if !is_header_value(&cluster) || cluster.is_empty() {
-                    return Err(ConfigError::new(
-                        "provider.jwks_cluster",
-                        "must be an Envoy cluster name",
-                    ));
+                    return Err(ConfigError::new("provider.jwks_cluster", "must be an Envoy cluster name"));
                 }
                 let refresh_s = p.jwks_refresh_s.unwrap_or(DEFAULT_REFRESH_S);
                 if !(10..=86_400).contains(&refresh_s) {
-                    return Err(ConfigError::new(
-                        "provider.jwks_refresh_s",
-                        "must be between 10 and 86400",
-                    ));
+                    return Err(ConfigError::new("provider.jwks_refresh_s", "must be between 10 and 86400"));
                 }
                 let timeout_ms = p.jwks_timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
                 if !(100..=60_000).contains(&timeout_ms) {
-                    return Err(ConfigError::new(
-                        "provider.jwks_timeout_ms",
-                        "must be between 100 and 60000",
-                    ));
+                    return Err(ConfigError::new("provider.jwks_timeout_ms", "must be between 100 and 60000"));
+                }
+                let min_refetch_s = p.jwks_min_refetch_s.unwrap_or(DEFAULT_MIN_REFETCH_S);
+                if !(1..=3_600).contains(&min_refetch_s) {
+                    return Err(ConfigError::new("provider.jwks_min_refetch_s", "must be between 1 and 3600"));
                 }
                 JwksSource::Remote(RemoteJwks {
                     cluster,
@@ -242,25 +229,17 @@ impl RawConfig {
                     path,
                     refresh_ms: refresh_s * 1_000,
                     timeout_ms,
+                    min_refetch_ms: min_refetch_s * 1_000,
                 })
             }
             (None, Some(_), None) => {
-                return Err(ConfigError::new(
-                    "provider.jwks_cluster",
-                    "is required with jwks_uri",
-                ));
+                return Err(ConfigError::new("provider.jwks_cluster", "is required with jwks_uri"));
             }
             (None, None, Some(_)) => {
-                return Err(ConfigError::new(
-                    "provider.jwks_uri",
-                    "is required with jwks_cluster",
-                ));
+                return Err(ConfigError::new("provider.jwks_uri", "is required with jwks_cluster"));
             }
             (None, None, None) => {
-                return Err(ConfigError::new(
-                    "provider.jwks_uri",
-                    "give either jwks_uri with jwks_cluster, or jwks",
-                ));
+                return Err(ConfigError::new("provider.jwks_uri", "give either jwks_uri with jwks_cluster, or jwks"));
             }
             (Some(_), _, _) => {
                 return Err(ConfigError::new(
@@ -274,20 +253,12 @@ impl RawConfig {
         if claim.is_empty() {
             return Err(ConfigError::new("tenant_claim", "must not be empty"));
         }
-        let prefixes = self
-            .tenant_scope_prefixes
-            .unwrap_or_else(|| vec![String::new(), "tenant/".into()]);
+        let prefixes = self.tenant_scope_prefixes.unwrap_or_else(|| vec![String::new(), "tenant/".into()]);
         if prefixes.is_empty() {
-            return Err(ConfigError::new(
-                "tenant_scope_prefixes",
-                "must list at least one prefix (\"\" for bare ids)",
-            ));
+            return Err(ConfigError::new("tenant_scope_prefixes", "must list at least one prefix (\"\" for bare ids)"));
         }
         if prefixes.iter().any(|p| p.contains(' ')) {
-            return Err(ConfigError::new(
-                "tenant_scope_prefixes",
-                "a prefix must not contain spaces",
-            ));
+            return Err(ConfigError::new("tenant_scope_prefixes", "a prefix must not contain spaces"));
         }
         let mut tenants = TenantMap::new(claim, prefixes);
         if self.tenants.is_empty() {
@@ -296,30 +267,23 @@ impl RawConfig {
         for (id, tenant) in self.tenants {
             let field = format!("tenants.{id}");
             if tenant.cluster.is_empty() || !is_header_value(&tenant.cluster) {
-                return Err(ConfigError::new(
-                    format!("{field}.cluster"),
-                    "must be an Envoy cluster name",
-                ));
+                return Err(ConfigError::new(format!("{field}.cluster"), "must be an Envoy cluster name"));
             }
-            tenants
-                .insert(&id, tenant.cluster)
-                .map_err(|why| ConfigError::new(field, why))?;
+            tenants.insert(&id, tenant.cluster).map_err(|why| ConfigError::new(field, why))?;
         }
 
         if self.metadata_cluster.is_empty() || !is_header_value(&self.metadata_cluster) {
-            return Err(ConfigError::new(
-                "metadata_cluster",
-                "must be an Envoy cluster name",
-            ));
+            return Err(ConfigError::new("metadata_cluster", "must be an Envoy cluster name"));
         }
         let route_header = header_name("route_header", self.route_header, DEFAULT_ROUTE_HEADER)?;
-        let tenant_header =
-            header_name("tenant_header", self.tenant_header, DEFAULT_TENANT_HEADER)?;
+        let tenant_header = header_name("tenant_header", self.tenant_header, DEFAULT_TENANT_HEADER)?;
         if route_header == tenant_header {
-            return Err(ConfigError::new(
-                "tenant_header",
-                "must differ from route_header",
-            ));
+            return Err(ConfigError::new("tenant_header", "must differ from route_header"));
+        }
+
+        let token_cache_entries = self.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
+        if token_cache_entries > 1_000_000 {
+            return Err(ConfigError::new("token_cache_entries", "must be at most 1000000 (0 disables the cache)"));
         }
 
         Ok(Config {
@@ -336,6 +300,7 @@ impl RawConfig {
             tenant_header,
             forward_authorization: self.forward_authorization,
             signature_verifier: self.signature_verifier,
+            token_cache_entries,
         })
     }
 }
@@ -345,23 +310,12 @@ impl RawConfig {
 fn header_name(field: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
     let name = value.unwrap_or_else(|| default.into());
     let token = !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
-        });
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
     if !token {
-        return Err(ConfigError::new(
-            field,
-            "must be a lowercase HTTP header name",
-        ));
+        return Err(ConfigError::new(field, "must be a lowercase HTTP header name"));
     }
-    if matches!(
-        name.as_str(),
-        "authorization" | "host" | "content-length" | "transfer-encoding" | "cookie"
-    ) {
-        return Err(ConfigError::new(
-            field,
-            "must not be a standard request header",
-        ));
+    if matches!(name.as_str(), "authorization" | "host" | "content-length" | "transfer-encoding" | "cookie") {
+        return Err(ConfigError::new(field, "must not be a standard request header"));
     }
     Ok(name)
 }
@@ -373,9 +327,7 @@ fn is_header_value(s: &str) -> bool {
 
 /// Splits `http(s)://authority/path?query` into the `:authority` and `:path` of an HTTP/2-style request.
 fn split_http_url(url: &str) -> Option<(String, String)> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))?;
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
     if !url.bytes().all(|b| b.is_ascii_graphic()) || url.contains('#') {
         return None;
     }
@@ -386,11 +338,7 @@ fn split_http_url(url: &str) -> Option<(String, String)> {
     if authority.is_empty() || authority.contains('@') {
         return None;
     }
-    let path = if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_string()
-    };
+    let path = if path.starts_with('?') { format!("/{path}") } else { path.to_string() };
     Some((authority.to_string(), path))
 }
 
@@ -464,82 +412,34 @@ mod tests {
         assert!(e.to_string().contains("issuer"), "{e}");
         let mut v = example();
         v.as_object_mut().unwrap().remove("metadata_cluster");
-        assert!(compile(&v)
-            .unwrap_err()
-            .to_string()
-            .contains("metadata_cluster"));
+        assert!(compile(&v).unwrap_err().to_string().contains("metadata_cluster"));
     }
 
     #[test]
     fn bad_values_are_named() {
         type Mutation = Box<dyn Fn(&mut Value)>;
         let cases: Vec<(&str, Mutation)> = vec![
-            (
-                "provider.issuer",
-                Box::new(|v| v["provider"]["issuer"] = json!("")),
-            ),
-            (
-                "provider.audiences",
-                Box::new(|v| v["provider"]["audiences"] = json!([])),
-            ),
-            (
-                "provider.jwks_uri",
-                Box::new(|v| v["provider"]["jwks_uri"] = json!("ftp://x/jwks")),
-            ),
-            (
-                "provider.jwks_uri",
-                Box::new(|v| v["provider"]["jwks_uri"] = json!("not a url")),
-            ),
-            (
-                "provider.jwks_uri",
-                Box::new(|v| v["provider"]["jwks_uri"] = json!("http:///jwks")),
-            ),
+            ("provider.issuer", Box::new(|v| v["provider"]["issuer"] = json!(""))),
+            ("provider.audiences", Box::new(|v| v["provider"]["audiences"] = json!([]))),
+            ("provider.jwks_uri", Box::new(|v| v["provider"]["jwks_uri"] = json!("ftp://x/jwks"))),
+            ("provider.jwks_uri", Box::new(|v| v["provider"]["jwks_uri"] = json!("not a url"))),
+            ("provider.jwks_uri", Box::new(|v| v["provider"]["jwks_uri"] = json!("http:///jwks"))),
             (
                 "provider.jwks_cluster",
                 Box::new(|v| {
-                    v["provider"]
-                        .as_object_mut()
-                        .unwrap()
-                        .remove("jwks_cluster");
+                    v["provider"].as_object_mut().unwrap().remove("jwks_cluster");
                 }),
             ),
-            (
-                "provider.jwks_refresh_s",
-                Box::new(|v| v["provider"]["jwks_refresh_s"] = json!(1)),
-            ),
-            (
-                "provider.jwks",
-                Box::new(|v| v["provider"]["jwks"] = json!({"keys": []})),
-            ),
+            ("provider.jwks_refresh_s", Box::new(|v| v["provider"]["jwks_refresh_s"] = json!(1))),
+            ("provider.jwks", Box::new(|v| v["provider"]["jwks"] = json!({"keys": []}))),
             ("tenants", Box::new(|v| v["tenants"] = json!({}))),
-            (
-                "tenants.bad id",
-                Box::new(|v| v["tenants"] = json!({"bad id": {"cluster": "x"}})),
-            ),
-            (
-                "metadata_cluster",
-                Box::new(|v| v["metadata_cluster"] = json!("")),
-            ),
-            (
-                "route_header",
-                Box::new(|v| v["route_header"] = json!("Authorization")),
-            ),
-            (
-                "route_header",
-                Box::new(|v| v["route_header"] = json!("authorization")),
-            ),
-            (
-                "tenant_header",
-                Box::new(|v| v["tenant_header"] = json!(DEFAULT_ROUTE_HEADER)),
-            ),
-            (
-                "tenant_scope_prefixes",
-                Box::new(|v| v["tenant_scope_prefixes"] = json!([])),
-            ),
-            (
-                "signature_verifier",
-                Box::new(|v| v["signature_verifier"] = json!("fast")),
-            ),
+            ("tenants.bad id", Box::new(|v| v["tenants"] = json!({"bad id": {"cluster": "x"}}))),
+            ("metadata_cluster", Box::new(|v| v["metadata_cluster"] = json!(""))),
+            ("route_header", Box::new(|v| v["route_header"] = json!("Authorization"))),
+            ("route_header", Box::new(|v| v["route_header"] = json!("authorization"))),
+            ("tenant_header", Box::new(|v| v["tenant_header"] = json!(DEFAULT_ROUTE_HEADER))),
+            ("tenant_scope_prefixes", Box::new(|v| v["tenant_scope_prefixes"] = json!([]))),
+            ("signature_verifier", Box::new(|v| v["signature_verifier"] = json!("fast"))),
         ];
         for (field, mutate) in cases {
             let mut v = example();
@@ -554,10 +454,7 @@ mod tests {
         let p = v["provider"].as_object_mut().unwrap();
         p.remove("jwks_uri");
         p.remove("jwks_cluster");
-        p.insert(
-            "jwks".into(),
-            serde_json::from_str(&crate::testkeys::public_jwks()).unwrap(),
-        );
+        p.insert("jwks".into(), serde_json::from_str(&crate::testkeys::public_jwks()).unwrap());
         let c = compile(&v).unwrap();
         assert!(matches!(c.jwks, JwksSource::Inline(ref k) if k.keys().len() == 2));
         v["provider"]["jwks_uri"] = json!("http://127.0.0.1:9000/jwks");
@@ -577,14 +474,8 @@ mod tests {
             split_http_url("https://idp.example/a/jwks?x=1"),
             Some(("idp.example".into(), "/a/jwks?x=1".into()))
         );
-        assert_eq!(
-            split_http_url("http://h:8080"),
-            Some(("h:8080".into(), "/".into()))
-        );
-        assert_eq!(
-            split_http_url("http://h?x"),
-            Some(("h".into(), "/?x".into()))
-        );
+        assert_eq!(split_http_url("http://h:8080"), Some(("h:8080".into(), "/".into())));
+        assert_eq!(split_http_url("http://h?x"), Some(("h".into(), "/?x".into())));
         assert_eq!(split_http_url("http://u@h/"), None);
         assert_eq!(split_http_url("http://h/a b"), None);
         assert_eq!(split_http_url("http://h/#f"), None);

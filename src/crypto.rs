@@ -36,11 +36,8 @@ fn verify_rsa(alg: Algorithm, public: &rsa::RsaPublicKey, msg: &[u8], signature:
     use sha2::{Sha256, Sha384, Sha512};
     macro_rules! check {
         ($scheme:ident, $hash:ty) => {
-            $scheme::Signature::try_from(signature).is_ok_and(|sig| {
-                $scheme::VerifyingKey::<$hash>::new(public.clone())
-                    .verify(msg, &sig)
-                    .is_ok()
-            })
+            $scheme::Signature::try_from(signature)
+                .is_ok_and(|sig| $scheme::VerifyingKey::<$hash>::new(public.clone()).verify(msg, &sig).is_ok())
         };
     }
     match alg {
@@ -63,46 +60,26 @@ mod tests {
     fn parts(token: &str) -> (String, Vec<u8>) {
         use base64::Engine as _;
         let (input, sig) = token.rsplit_once('.').unwrap();
-        (
-            input.to_string(),
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(sig)
-                .unwrap(),
-        )
+        (input.to_string(), base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).unwrap())
     }
 
     #[test]
     fn pure_rust_accepts_good_signatures_and_refuses_altered_ones() {
         let set = KeySet::from_jwks(testkeys::public_jwks().as_bytes()).unwrap();
         for (alg, token) in [
-            (
-                Algorithm::RS256,
-                testkeys::sign_rs256(&testkeys::claims_now()),
-            ),
-            (
-                Algorithm::ES256,
-                testkeys::sign_es256(&testkeys::claims_now()),
-            ),
+            (Algorithm::RS256, testkeys::sign_rs256(&testkeys::claims_now())),
+            (Algorithm::ES256, testkeys::sign_es256(&testkeys::claims_now())),
         ] {
             let (input, sig) = parts(&token);
             let key = set.candidates(None, alg).next().unwrap();
             assert!(PureRust.check(alg, key, input.as_bytes(), &sig), "{alg}");
             let mut altered = input.clone().into_bytes();
             altered[5] ^= 1;
-            assert!(
-                !PureRust.check(alg, key, &altered, &sig),
-                "{alg} altered input"
-            );
+            assert!(!PureRust.check(alg, key, &altered, &sig), "{alg} altered input");
             let mut bad_sig = sig.clone();
             bad_sig[0] ^= 1;
-            assert!(
-                !PureRust.check(alg, key, input.as_bytes(), &bad_sig),
-                "{alg} altered signature"
-            );
-            assert!(
-                !PureRust.check(alg, key, input.as_bytes(), &sig[1..]),
-                "{alg} short signature"
-            );
+            assert!(!PureRust.check(alg, key, input.as_bytes(), &bad_sig), "{alg} altered signature");
+            assert!(!PureRust.check(alg, key, input.as_bytes(), &sig[1..]), "{alg} short signature");
         }
     }
 

@@ -3,12 +3,13 @@
 use std::fmt;
 
 use crate::bearer::{extract_bearer, Credentials};
+use crate::cache::{self, TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
 use crate::jwks::KeySet;
 use crate::public::is_public;
 use crate::tenant::{Tenant, TenantError};
-use crate::verify::{verify, Claims};
+use crate::verify::verify;
 
 /// The parts of a request the decision needs.
 #[derive(Clone, Copy, Debug)]
@@ -17,6 +18,9 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// The `Authorization` header, if any.
     pub authorization: Option<&'a str>,
+    /// Whether the request carried more than one `Authorization` header (a malformed request: the filter
+    /// and the upstream could each read a different one).
+    pub duplicate_authorization: bool,
 }
 
 /// What to do with a request.
@@ -24,8 +28,8 @@ pub struct Request<'a> {
 pub enum Decision<'c> {
     /// A discovery document: send it to the metadata cluster, no token needed.
     Public { cluster: &'c str },
-    /// A verified request for `tenant`.
-    Route { tenant: &'c Tenant, claims: Claims },
+    /// A verified request for `tenant`; `cached` when the token came from the cache.
+    Route { tenant: &'c Tenant, token: Verified, cached: bool },
     /// Refuse it.
     Reject(Rejection),
 }
@@ -149,9 +153,7 @@ impl Rejection {
             Self::MissingToken => "This request needs an OAuth 2.0 bearer access token.",
             Self::NoTenant => "The access token's scope does not name a tenant served here.",
             Self::SeveralTenants => "The access token's scope names more than one tenant.",
-            Self::KeysUnavailable => {
-                "The token issuer's signing keys are not available yet; retry shortly."
-            }
+            Self::KeysUnavailable => "The token issuer's signing keys are not available yet; retry shortly.",
             _ => "The access token is invalid, expired or not meant for this server.",
         }
     }
@@ -178,32 +180,46 @@ pub fn operation_outcome(code: &str, diagnostics: &str) -> String {
 }
 
 /// Decides what to do with `request` at time `now` (seconds since the epoch), given the keys known so far.
+///
+/// A token found in `cache` is not verified again; a token verified now is added to it. Either way the
+/// per-request rules (public paths, tenant lookup) apply in full.
 pub fn decide<'c>(
     config: &'c Config,
     request: &Request<'_>,
     keys: Option<&KeySet>,
+    cache: &mut TokenCache,
     now: i64,
     signatures: &dyn SignatureCheck,
 ) -> Decision<'c> {
     if is_public(request.method, request.path) {
-        return Decision::Public {
-            cluster: &config.metadata_cluster,
-        };
+        return Decision::Public { cluster: &config.metadata_cluster };
+    }
+    if request.duplicate_authorization {
+        return Decision::Reject(Rejection::MalformedCredentials);
     }
     let token = match extract_bearer(request.authorization) {
         Credentials::Missing => return Decision::Reject(Rejection::MissingToken),
         Credentials::Malformed => return Decision::Reject(Rejection::MalformedCredentials),
         Credentials::Bearer(token) => token,
     };
-    let claims = match verify(token, keys, &config.provider, now, signatures) {
-        Ok(claims) => claims,
-        Err(rejection) => return Decision::Reject(rejection),
+    let digest = (!cache.is_disabled()).then(|| cache::digest(token));
+    let cached = digest.as_ref().and_then(|d| cache.get(d, now)).cloned();
+    let from_cache = cached.is_some();
+    let verified = match cached {
+        Some(hit) => hit,
+        None => match verify(token, keys, &config.provider, now, signatures) {
+            Ok(claims) => {
+                let verified = Verified::from_claims(&claims, config.tenants.claim());
+                if let Some(d) = digest {
+                    cache.insert(d, verified.clone(), now);
+                }
+                verified
+            }
+            Err(rejection) => return Decision::Reject(rejection),
+        },
     };
-    match config
-        .tenants
-        .resolve(claims.payload.get(config.tenants.claim()))
-    {
-        Ok(tenant) => Decision::Route { tenant, claims },
+    match config.tenants.resolve(verified.tenant_claim.as_ref()) {
+        Ok(tenant) => Decision::Route { tenant, token: verified, cached: from_cache },
         Err(TenantError::None) => Decision::Reject(Rejection::NoTenant),
         Err(TenantError::Several) => Decision::Reject(Rejection::SeveralTenants),
     }
@@ -237,12 +253,8 @@ mod tests {
     fn run(method: &str, path: &str, auth: Option<&str>) -> Result<String, Rejection> {
         let c = config();
         let k = keys();
-        let req = Request {
-            method,
-            path,
-            authorization: auth,
-        };
-        match decide(&c, &req, Some(&k), NOW, &PureRust) {
+        let req = Request { method, path, authorization: auth, duplicate_authorization: false };
+        match decide(&c, &req, Some(&k), &mut TokenCache::new(0), NOW, &PureRust) {
             Decision::Public { cluster } => Ok(cluster.to_string()),
             Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
             Decision::Reject(r) => Err(r),
@@ -255,24 +267,15 @@ mod tests {
 
     #[test]
     fn metadata_passes_without_token_to_the_metadata_cluster() {
-        assert_eq!(
-            run("GET", "/metadata?_format=json", None),
-            Ok("fhir_metadata".into())
-        );
+        assert_eq!(run("GET", "/metadata?_format=json", None), Ok("fhir_metadata".into()));
     }
 
     #[test]
     fn tenant_a_token_routes_to_tenant_a_and_b_to_b() {
-        assert_eq!(
-            run("GET", "/Patient", Some(&bearer(&testkeys::claims_now()))),
-            Ok("tenant_a".into())
-        );
+        assert_eq!(run("GET", "/Patient", Some(&bearer(&testkeys::claims_now()))), Ok("tenant_a".into()));
         let mut b = testkeys::claims_now();
         b["scope"] = json!(TENANT_B);
-        assert_eq!(
-            run("POST", "/Patient/_search", Some(&bearer(&b))),
-            Ok("tenant_b".into())
-        );
+        assert_eq!(run("POST", "/Patient/_search", Some(&bearer(&b))), Ok("tenant_b".into()));
     }
 
     #[test]
@@ -280,10 +283,7 @@ mod tests {
         let r = run("GET", "/Patient", None).unwrap_err();
         assert_eq!(r, Rejection::MissingToken);
         assert_eq!(r.status(), 401);
-        assert_eq!(
-            r.www_authenticate().unwrap(),
-            "Bearer realm=\"fhir-tenant-router\""
-        );
+        assert_eq!(r.www_authenticate().unwrap(), "Bearer realm=\"fhir-tenant-router\"");
     }
 
     #[test]
@@ -292,15 +292,9 @@ mod tests {
         c["scope"] = json!("openid");
         let r = run("GET", "/Patient", Some(&bearer(&c))).unwrap_err();
         assert_eq!((r, r.status()), (Rejection::NoTenant, 403));
-        assert!(r
-            .www_authenticate()
-            .unwrap()
-            .contains("error=\"insufficient_scope\""));
+        assert!(r.www_authenticate().unwrap().contains("error=\"insufficient_scope\""));
         c["scope"] = json!(format!("{TENANT_A} {TENANT_B}"));
-        assert_eq!(
-            run("GET", "/Patient", Some(&bearer(&c))),
-            Err(Rejection::SeveralTenants)
-        );
+        assert_eq!(run("GET", "/Patient", Some(&bearer(&c))), Err(Rejection::SeveralTenants));
     }
 
     #[test]
@@ -314,12 +308,9 @@ mod tests {
         let mut claims = testkeys::claims_now();
         claims["tid"] = json!(TENANT_B);
         let auth = bearer(&claims);
-        let req = Request {
-            method: "GET",
-            path: "/Patient",
-            authorization: Some(&auth),
-        };
-        match decide(&c, &req, Some(&keys()), NOW, &PureRust) {
+        let req =
+            Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+        match decide(&c, &req, Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust) {
             Decision::Route { tenant, .. } => assert_eq!(tenant.cluster, "tenant_b"),
             other => panic!("{other:?}"),
         }
@@ -329,10 +320,7 @@ mod tests {
     fn token_problems_are_401_invalid_token_with_an_operation_outcome() {
         let r = run("GET", "/Patient", Some("Bearer not.a.token")).unwrap_err();
         assert_eq!(r.status(), 401);
-        assert!(r
-            .www_authenticate()
-            .unwrap()
-            .ends_with("error=\"invalid_token\""));
+        assert!(r.www_authenticate().unwrap().ends_with("error=\"invalid_token\""));
         let body: serde_json::Value = serde_json::from_str(&r.operation_outcome()).unwrap();
         assert_eq!(body["resourceType"], "OperationOutcome");
         assert_eq!(body["issue"][0]["code"], "login");
@@ -342,18 +330,108 @@ mod tests {
     fn missing_keys_are_503_without_www_authenticate() {
         let c = config();
         let auth = bearer(&testkeys::claims_now());
-        let req = Request {
-            method: "GET",
-            path: "/Patient",
-            authorization: Some(&auth),
-        };
-        match decide(&c, &req, None, NOW, &PureRust) {
+        let req =
+            Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+        match decide(&c, &req, None, &mut TokenCache::new(0), NOW, &PureRust) {
             Decision::Reject(r) => {
                 assert_eq!(r.status(), 503);
                 assert!(r.www_authenticate().is_none());
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Counts signature checks, to tell a cache hit from a verification.
+    #[derive(Default)]
+    struct Counting(std::cell::Cell<usize>);
+
+    impl SignatureCheck for Counting {
+        fn check(&self, alg: crate::jwks::Algorithm, key: &crate::jwks::Key, input: &[u8], sig: &[u8]) -> bool {
+            self.0.set(self.0.get() + 1);
+            PureRust.check(alg, key, input, sig)
+        }
+    }
+
+    fn decide_cached(
+        cache: &mut TokenCache,
+        path: &str,
+        auth: &str,
+        now: i64,
+        sigs: &Counting,
+    ) -> Result<String, Rejection> {
+        let c = config();
+        let req = Request { method: "GET", path, authorization: Some(auth), duplicate_authorization: false };
+        match decide(&c, &req, Some(&keys()), cache, now, sigs) {
+            Decision::Public { cluster } => Ok(cluster.to_string()),
+            Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
+            Decision::Reject(r) => Err(r),
+        }
+    }
+
+    #[test]
+    fn a_cached_token_is_not_verified_again() {
+        let mut cache = TokenCache::new(10);
+        let sigs = Counting::default();
+        let auth = bearer(&testkeys::claims_now());
+        for _ in 0..5 {
+            assert_eq!(decide_cached(&mut cache, "/Patient", &auth, NOW, &sigs), Ok("tenant_a".into()));
+        }
+        assert_eq!(sigs.0.get(), 1);
+    }
+
+    #[test]
+    fn a_cached_token_is_verified_again_after_its_exp() {
+        let mut cache = TokenCache::new(10);
+        let sigs = Counting::default();
+        let mut claims = testkeys::claims_now();
+        claims["exp"] = json!(NOW + 10);
+        let auth = bearer(&claims);
+        decide_cached(&mut cache, "/Patient", &auth, NOW, &sigs).unwrap();
+        // Past exp but inside the skew: verified again (and accepted), not served from the cache.
+        assert_eq!(decide_cached(&mut cache, "/Patient", &auth, NOW + 30, &sigs), Ok("tenant_a".into()));
+        assert_eq!(sigs.0.get(), 2);
+        assert_eq!(decide_cached(&mut cache, "/Patient", &auth, NOW + 200, &sigs), Err(Rejection::Expired));
+    }
+
+    #[test]
+    fn a_cache_hit_still_applies_the_per_request_rules() {
+        let mut cache = TokenCache::new(10);
+        let sigs = Counting::default();
+        let mut claims = testkeys::claims_now();
+        claims["scope"] = json!("11111111-2222-3333-4444-555555555555");
+        let auth = bearer(&claims);
+        for _ in 0..3 {
+            assert_eq!(decide_cached(&mut cache, "/Patient", &auth, NOW, &sigs), Err(Rejection::NoTenant));
+        }
+        assert_eq!(sigs.0.get(), 1, "verified once, tenant checked every time");
+        assert_eq!(decide_cached(&mut cache, "/metadata", &auth, NOW, &sigs), Ok("fhir_metadata".into()));
+    }
+
+    #[test]
+    fn a_rejected_token_is_not_cached() {
+        let mut cache = TokenCache::new(10);
+        let sigs = Counting::default();
+        let t = testkeys::sign_rs256_with_fresh_key(&testkeys::claims_now(), testkeys::RS_KID);
+        for _ in 0..3 {
+            assert_eq!(
+                decide_cached(&mut cache, "/Patient", &format!("Bearer {t}"), NOW, &sigs),
+                Err(Rejection::BadSignature)
+            );
+        }
+        assert_eq!(sigs.0.get(), 3);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn duplicate_authorization_headers_are_refused() {
+        let c = config();
+        let auth = bearer(&testkeys::claims_now());
+        let req =
+            Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: true };
+        assert!(matches!(
+            decide(&c, &req, Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
+            Decision::Reject(Rejection::MalformedCredentials)
+        ));
     }
 
     #[test]

@@ -26,15 +26,8 @@ fn push_bytes_field(out: &mut Vec<u8>, field: u8, bytes: &[u8]) {
 }
 
 /// Encodes `VerifySignatureArguments` with a DER SubjectPublicKeyInfo key.
-pub fn encode_verify_arguments(
-    hash_function: &str,
-    public_key_der: &[u8],
-    signature: &[u8],
-    text: &[u8],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        16 + hash_function.len() + public_key_der.len() + signature.len() + text.len(),
-    );
+pub fn encode_verify_arguments(hash_function: &str, public_key_der: &[u8], signature: &[u8], text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + hash_function.len() + public_key_der.len() + signature.len() + text.len());
     push_bytes_field(&mut out, 1, hash_function.as_bytes());
     push_bytes_field(&mut out, 2, public_key_der);
     push_bytes_field(&mut out, 3, signature);
@@ -85,10 +78,7 @@ mod tests {
     #[test]
     fn arguments_encode_as_protobuf_fields_in_order() {
         let out = encode_verify_arguments("sha256", &[1, 2], &[3], &[]);
-        assert_eq!(
-            out,
-            [0x0a, 6, b's', b'h', b'a', b'2', b'5', b'6', 0x12, 2, 1, 2, 0x1a, 1, 3, 0x22, 0]
-        );
+        assert_eq!(out, [0x0a, 6, b's', b'h', b'a', b'2', b'5', b'6', 0x12, 2, 1, 2, 0x1a, 1, 3, 0x22, 0]);
     }
 
     #[test]
@@ -102,10 +92,7 @@ mod tests {
     #[test]
     fn results_decode() {
         assert_eq!(decode_verify_result(&[0x08, 0x01, 0x12, 0x00]), Some(true));
-        assert_eq!(
-            decode_verify_result(&[0x12, 0x03, b'b', b'a', b'd']),
-            Some(false)
-        );
+        assert_eq!(decode_verify_result(&[0x12, 0x03, b'b', b'a', b'd']), Some(false));
         assert_eq!(decode_verify_result(&[]), Some(false));
         assert_eq!(decode_verify_result(&[0x08]), None);
         assert_eq!(decode_verify_result(&[0x12, 0x05, b'x']), None);

@@ -60,10 +60,7 @@ impl Algorithm {
     }
 
     fn is_rsa(self) -> bool {
-        matches!(
-            self,
-            Self::RS256 | Self::RS384 | Self::RS512 | Self::PS256 | Self::PS384 | Self::PS512
-        )
+        matches!(self, Self::RS256 | Self::RS384 | Self::RS512 | Self::PS256 | Self::PS384 | Self::PS512)
     }
 }
 
@@ -88,6 +85,7 @@ pub struct Key {
     alg: Option<Algorithm>,
     material: KeyMaterial,
     spki_der: Vec<u8>,
+    fingerprint: u64,
 }
 
 impl Key {
@@ -99,6 +97,12 @@ impl Key {
     /// The parsed key.
     pub fn material(&self) -> &KeyMaterial {
         &self.material
+    }
+
+    /// A short identity of the key material (the first 8 bytes of the SHA-256 of its SubjectPublicKeyInfo),
+    /// to tell whether a key is still in a refreshed JWKS whatever its `kid`.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// DER SubjectPublicKeyInfo, for hosts that import keys in that form.
@@ -186,8 +190,7 @@ impl KeySet {
         if bytes.len() > MAX_JWKS_BYTES {
             return Err(JwksError::TooLarge);
         }
-        let raw: RawJwks =
-            serde_json::from_slice(bytes).map_err(|e| JwksError::NotAJwks(e.to_string()))?;
+        let raw: RawJwks = serde_json::from_slice(bytes).map_err(|e| JwksError::NotAJwks(e.to_string()))?;
         Self::from_raw(raw)
     }
 
@@ -206,9 +209,7 @@ impl KeySet {
             }
         }
         if set.keys.is_empty() {
-            return Err(JwksError::NoUsableKey {
-                skipped: set.skipped,
-            });
+            return Err(JwksError::NoUsableKey { skipped: set.skipped });
         }
         Ok(set)
     }
@@ -225,20 +226,24 @@ impl KeySet {
 
     /// The keys a token may be checked with: the one named by `kid` (when the token has one) that allows
     /// `alg`; without a `kid`, every key that allows `alg`.
-    pub fn candidates<'a>(
-        &'a self,
-        kid: Option<&'a str>,
-        alg: Algorithm,
-    ) -> impl Iterator<Item = &'a Key> + 'a {
-        self.keys
-            .iter()
-            .filter(move |k| k.allows(alg) && (kid.is_none() || k.kid() == kid))
+    pub fn candidates<'a>(&'a self, kid: Option<&'a str>, alg: Algorithm) -> impl Iterator<Item = &'a Key> + 'a {
+        self.keys.iter().filter(move |k| k.allows(alg) && (kid.is_none() || k.kid() == kid))
+    }
+
+    /// The fingerprints of every key, for dropping cache entries of keys that have left the set.
+    pub fn fingerprints(&self) -> Vec<u64> {
+        self.keys.iter().map(Key::fingerprint).collect()
     }
 
     /// Whether some key carries this `kid`, whatever its algorithm.
     pub fn has_kid(&self, kid: &str) -> bool {
         self.keys.iter().any(|k| k.kid() == Some(kid))
     }
+}
+
+fn fingerprint(spki_der: &[u8]) -> u64 {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(spki_der).iter().take(8).fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }
 
 fn b64(field: Option<&String>) -> Option<Vec<u8>> {
@@ -257,11 +262,7 @@ fn compile_key(jwk: RawJwk) -> Option<Key> {
         "RSA" => {
             let n = b64(jwk.n.as_ref())?;
             let e = b64(jwk.e.as_ref())?;
-            let key = rsa::RsaPublicKey::new(
-                rsa::BigUint::from_bytes_be(&n),
-                rsa::BigUint::from_bytes_be(&e),
-            )
-            .ok()?;
+            let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(&n), rsa::BigUint::from_bytes_be(&e)).ok()?;
             if key.size().checked_mul(8)? < MIN_RSA_BITS {
                 return None;
             }
@@ -289,23 +290,11 @@ fn compile_key(jwk: RawJwk) -> Option<Key> {
         }
         _ => return None,
     };
-    let key = Key {
-        kid: jwk.kid,
-        alg,
-        material,
-        spki_der,
-    };
+    let fingerprint = fingerprint(&spki_der);
+    let key = Key { kid: jwk.kid, alg, material, spki_der, fingerprint };
     // A JWK whose `alg` contradicts its own type (e.g. kty RSA with alg ES256) is unusable.
     match alg {
-        Some(a)
-            if !Key {
-                alg: None,
-                ..key.clone()
-            }
-            .allows(a) =>
-        {
-            None
-        }
+        Some(a) if !Key { alg: None, ..key.clone() }.allows(a) => None,
         _ => Some(key),
     }
 }
@@ -357,23 +346,12 @@ pub(crate) mod tests {
         // 512-bit modulus
         let n = URL_SAFE_NO_PAD.encode([0xc5u8; 64]);
         let doc = format!(r#"{{"keys":[{{"kty":"RSA","n":"{n}","e":"AQAB"}}]}}"#);
-        assert_eq!(
-            KeySet::from_jwks(doc.as_bytes()).unwrap_err(),
-            JwksError::NoUsableKey { skipped: 1 }
-        );
+        assert_eq!(KeySet::from_jwks(doc.as_bytes()).unwrap_err(), JwksError::NoUsableKey { skipped: 1 });
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for doc in [
-            "",
-            "null",
-            "[]",
-            "{}",
-            r#"{"keys":{}}"#,
-            r#"{"keys":[]}"#,
-            r#"{"keys":[1,"x",null]}"#,
-        ] {
+        for doc in ["", "null", "[]", "{}", r#"{"keys":{}}"#, r#"{"keys":[]}"#, r#"{"keys":[1,"x",null]}"#] {
             assert!(KeySet::from_jwks(doc.as_bytes()).is_err(), "{doc}");
         }
         let big = vec![b' '; MAX_JWKS_BYTES + 1];

@@ -10,6 +10,7 @@
 //! checking are arguments.
 
 pub mod bearer;
+pub mod cache;
 pub mod config;
 pub mod crypto;
 pub mod decision;
@@ -25,12 +26,12 @@ pub mod verify;
 pub(crate) mod testkeys;
 
 #[cfg(target_arch = "wasm32")]
-mod shell;
+pub mod shell;
 
 pub use config::{Config, ConfigError};
 pub use decision::{decide, Decision, Rejection, Request};
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "plugin"))]
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {

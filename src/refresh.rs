@@ -19,6 +19,7 @@ pub struct Schedule {
     backoff_ms: u64,
     in_flight: bool,
     failures: u32,
+    last_on_demand_ms: Option<u64>,
 }
 
 /// What a finished fetch means for logging.
@@ -41,6 +42,7 @@ impl Schedule {
             backoff_ms: FIRST_BACKOFF_MS,
             in_flight: false,
             failures: 0,
+            last_on_demand_ms: None,
         }
     }
 
@@ -50,6 +52,27 @@ impl Schedule {
             return false;
         }
         self.in_flight = true;
+        true
+    }
+
+    /// Whether a fetch is under way.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// A token names a `kid` the current key set lacks: perhaps the IdP rotated its keys. Returns `true` when
+    /// the request should wait for a fetch (one is under way, or one is made due now); `false` when the last
+    /// on-demand fetch was less than `min_interval_ms` ago, so that a flood of made-up `kid`s cannot hammer
+    /// the IdP.
+    pub fn unknown_kid(&mut self, now_ms: u64, min_interval_ms: u64) -> bool {
+        if self.in_flight {
+            return true;
+        }
+        if self.last_on_demand_ms.is_some_and(|last| now_ms.saturating_sub(last) < min_interval_ms) {
+            return false;
+        }
+        self.last_on_demand_ms = Some(now_ms);
+        self.next_at_ms = now_ms;
         true
     }
 
@@ -70,11 +93,8 @@ impl Schedule {
     pub fn failed(&mut self, now_ms: u64) -> Streak {
         self.in_flight = false;
         self.next_at_ms = now_ms.saturating_add(self.backoff_ms);
-        self.backoff_ms = self
-            .backoff_ms
-            .saturating_mul(2)
-            .min(MAX_BACKOFF_MS)
-            .min(self.refresh_ms.max(FIRST_BACKOFF_MS));
+        self.backoff_ms =
+            self.backoff_ms.saturating_mul(2).min(MAX_BACKOFF_MS).min(self.refresh_ms.max(FIRST_BACKOFF_MS));
         self.failures = self.failures.saturating_add(1);
         if self.failures == 1 {
             Streak::Started
@@ -121,10 +141,7 @@ mod tests {
             s.in_flight = false;
             now = t;
         }
-        assert_eq!(
-            gaps,
-            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
-        );
+        assert_eq!(gaps, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]);
     }
 
     #[test]
@@ -146,6 +163,22 @@ mod tests {
         assert_eq!(s.succeeded(T0), Streak::Ended { failures: 3 });
         assert_eq!(s.succeeded(T0), Streak::Quiet);
         assert_eq!(s.failed(T0), Streak::Started);
+    }
+
+    #[test]
+    fn an_unknown_kid_makes_a_fetch_due_at_once_but_at_most_once_per_interval() {
+        let mut s = Schedule::new(300_000, T0);
+        assert!(s.due(T0));
+        s.succeeded(T0);
+        assert!(!s.due(T0 + 1_000));
+        assert!(s.unknown_kid(T0 + 1_000, 30_000), "first unknown kid waits for a refetch");
+        assert!(s.due(T0 + 1_000), "the refetch is due at once");
+        assert!(s.unknown_kid(T0 + 1_100, 30_000), "while it is in flight, others wait for it too");
+        s.succeeded(T0 + 1_200);
+        assert!(!s.unknown_kid(T0 + 2_000, 30_000), "within the interval: refused, no fetch");
+        assert!(!s.due(T0 + 2_000));
+        assert!(s.unknown_kid(T0 + 31_000, 30_000), "after the interval: allowed again");
+        assert!(s.due(T0 + 31_000));
     }
 
     #[test]

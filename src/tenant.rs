@@ -40,19 +40,13 @@ pub const MAX_TENANT_ID_LEN: usize = 128;
 fn is_tenant_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_TENANT_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl TenantMap {
     /// An empty map reading tenants from `claim`, accepting scope values of the form `<prefix><id>`.
     pub fn new(claim: String, prefixes: Vec<String>) -> Self {
-        Self {
-            claim,
-            prefixes,
-            by_id: HashMap::new(),
-        }
+        Self { claim, prefixes, by_id: HashMap::new() }
     }
 
     /// Adds a tenant; the error says why the id is unusable.
@@ -96,11 +90,7 @@ impl TenantMap {
 
     /// The tenant one scope value names, under any configured prefix.
     fn named_by(&self, value: &str) -> Option<&Tenant> {
-        self.prefixes.iter().find_map(|p| {
-            value
-                .strip_prefix(p.as_str())
-                .and_then(|id| self.lookup(id))
-        })
+        self.prefixes.iter().find_map(|p| value.strip_prefix(p.as_str()).and_then(|id| self.lookup(id)))
     }
 
     /// The single tenant the claim names. The claim is a space-delimited string (RFC 6749 §3.3) or an array
@@ -158,31 +148,19 @@ mod tests {
 
     #[test]
     fn prefixed_form_and_other_scopes_are_fine() {
-        assert_eq!(
-            cluster(json!(format!("openid tenant/{TENANT_B} system/*.read"))),
-            Ok("tenant_b".into())
-        );
+        assert_eq!(cluster(json!(format!("openid tenant/{TENANT_B} system/*.read"))), Ok("tenant_b".into()));
         assert_eq!(cluster(json!(["openid", TENANT_A])), Ok("tenant_a".into()));
     }
 
     #[test]
     fn tenant_ids_are_case_insensitive() {
-        assert_eq!(
-            cluster(json!(TENANT_A.to_uppercase())),
-            Ok("tenant_a".into())
-        );
+        assert_eq!(cluster(json!(TENANT_A.to_uppercase())), Ok("tenant_a".into()));
     }
 
     #[test]
     fn two_tenants_in_scope_are_refused() {
-        assert_eq!(
-            cluster(json!(format!("{TENANT_A} {TENANT_B}"))),
-            Err(TenantError::Several)
-        );
-        assert_eq!(
-            cluster(json!(format!("{TENANT_A} tenant/{TENANT_A}"))),
-            Err(TenantError::Several)
-        );
+        assert_eq!(cluster(json!(format!("{TENANT_A} {TENANT_B}"))), Err(TenantError::Several));
+        assert_eq!(cluster(json!(format!("{TENANT_A} tenant/{TENANT_A}"))), Err(TenantError::Several));
     }
 
     #[test]

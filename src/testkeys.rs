@@ -22,13 +22,7 @@ const PRIVATE_JWKS: &str = include_str!("../tests/keys/test-only-private-jwks.js
 
 fn private_jwk(kid: &str) -> Value {
     let doc: Value = serde_json::from_str(PRIVATE_JWKS).unwrap();
-    doc["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["kid"] == kid)
-        .unwrap()
-        .clone()
+    doc["keys"].as_array().unwrap().iter().find(|k| k["kid"] == kid).unwrap().clone()
 }
 
 fn b64(v: &Value) -> Vec<u8> {
@@ -53,12 +47,7 @@ pub fn es_public_jwk() -> String {
 
 /// The provider these tokens are minted for, with the default skew.
 pub fn provider() -> Provider {
-    Provider {
-        issuer: ISSUER.into(),
-        audiences: vec![AUDIENCE.into()],
-        clock_skew_s: 60,
-        max_token_bytes: 8192,
-    }
+    Provider { issuer: ISSUER.into(), audiences: vec![AUDIENCE.into()], clock_skew_s: 60, max_token_bytes: 8192 }
 }
 
 /// Claims of a valid token for tenant A at [`NOW`]:
@@ -80,11 +69,8 @@ fn rsa_private(jwk: &Value) -> rsa::RsaPrivateKey {
 }
 
 fn compact(header: &Value, claims: &Value, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
+    let input =
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
     let sig = sign(input.as_bytes());
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
 }
@@ -101,9 +87,7 @@ fn rs256_signer(key: rsa::RsaPrivateKey) -> impl FnOnce(&[u8]) -> Vec<u8> {
 pub fn sign_rs256(claims: &Value) -> String {
     use jwt_simple::prelude::*;
     let der = rsa_private(&private_jwk(RS_KID)).to_pkcs1_der().unwrap();
-    let key = RS256KeyPair::from_der(der.as_bytes())
-        .unwrap()
-        .with_key_id(RS_KID);
+    let key = RS256KeyPair::from_der(der.as_bytes()).unwrap().with_key_id(RS_KID);
     sign_jwt_simple(claims, |c| key.sign(c))
 }
 
@@ -157,11 +141,7 @@ pub fn sign_with_header(claims: &Value, extra: Value) -> String {
     for (k, v) in extra.as_object().unwrap() {
         header[k] = v.clone();
     }
-    compact(
-        &header,
-        claims,
-        rs256_signer(rsa_private(&private_jwk(RS_KID))),
-    )
+    compact(&header, claims, rs256_signer(rsa_private(&private_jwk(RS_KID))))
 }
 
 fn fresh_rsa() -> rsa::RsaPrivateKey {
@@ -170,11 +150,7 @@ fn fresh_rsa() -> rsa::RsaPrivateKey {
 
 /// An RS256 token signed with a freshly generated key (not in the JWKS) under `kid`.
 pub fn sign_rs256_with_fresh_key(claims: &Value, kid: &str) -> String {
-    compact(
-        &json!({"alg": "RS256", "typ": "JWT", "kid": kid}),
-        claims,
-        rs256_signer(fresh_rsa()),
-    )
+    compact(&json!({"alg": "RS256", "typ": "JWT", "kid": kid}), claims, rs256_signer(fresh_rsa()))
 }
 
 /// An RS256 token signed with a fresh key, with the given header members.

@@ -19,6 +19,8 @@ use crate::jwks::{Algorithm, KeySet};
 pub struct Claims {
     /// `exp`, in seconds since the epoch.
     pub exp: i64,
+    /// Fingerprint of the key whose signature verified.
+    pub key: u64,
     /// Every claim, as the IdP signed them.
     pub payload: Map<String, Value>,
 }
@@ -54,37 +56,22 @@ fn parse(token: &str, max_bytes: usize) -> Result<Jws<'_>, Rejection> {
         return Err(Rejection::TokenTooLarge);
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(Rejection::Malformed);
     };
     if h.is_empty() || p.is_empty() || s.is_empty() {
         return Err(Rejection::Malformed);
     }
-    let header_json = URL_SAFE_NO_PAD
-        .decode(h)
-        .map_err(|_| Rejection::Malformed)?;
+    let header_json = URL_SAFE_NO_PAD.decode(h).map_err(|_| Rejection::Malformed)?;
     let header: Header = serde_json::from_slice(&header_json).map_err(|_| Rejection::Malformed)?;
-    let payload_json = URL_SAFE_NO_PAD
-        .decode(p)
-        .map_err(|_| Rejection::Malformed)?;
+    let payload_json = URL_SAFE_NO_PAD.decode(p).map_err(|_| Rejection::Malformed)?;
     let payload = match serde_json::from_slice(&payload_json) {
         Ok(Value::Object(map)) => map,
         _ => return Err(Rejection::Malformed),
     };
-    let signature = URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| Rejection::Malformed)?;
-    let signing_input = token
-        .get(..h.len() + 1 + p.len())
-        .ok_or(Rejection::Malformed)?;
-    Ok(Jws {
-        header,
-        payload,
-        signing_input,
-        signature,
-    })
+    let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| Rejection::Malformed)?;
+    let signing_input = token.get(..h.len() + 1 + p.len()).ok_or(Rejection::Malformed)?;
+    Ok(Jws { header, payload, signing_input, signature })
 }
 
 /// A NumericDate claim (RFC 7519 §2): a JSON number of seconds, possibly fractional, truncated here.
@@ -108,9 +95,7 @@ fn numeric_date(payload: &Map<String, Value>, name: &str) -> Result<Option<i64>,
 fn audience_matches(aud: Option<&Value>, accepted: &[String]) -> bool {
     match aud {
         Some(Value::String(a)) => accepted.iter().any(|x| x == a),
-        Some(Value::Array(list)) => list
-            .iter()
-            .any(|v| v.as_str().is_some_and(|a| accepted.iter().any(|x| x == a))),
+        Some(Value::Array(list)) => list.iter().any(|v| v.as_str().is_some_and(|a| accepted.iter().any(|x| x == a))),
         _ => false,
     }
 }
@@ -167,13 +152,10 @@ pub fn verify(
         });
     }
     let signing_input = jws.signing_input.as_bytes();
-    if !candidates.any(|key| signatures.check(alg, key, signing_input, &jws.signature)) {
-        return Err(Rejection::BadSignature);
-    }
-    Ok(Claims {
-        exp,
-        payload: jws.payload,
-    })
+    let key = candidates
+        .find(|key| signatures.check(alg, key, signing_input, &jws.signature))
+        .ok_or(Rejection::BadSignature)?;
+    Ok(Claims { exp, key: key.fingerprint(), payload: jws.payload })
 }
 
 #[cfg(test)]
@@ -270,16 +252,11 @@ mod tests {
     fn alg_none_and_hmac_are_refused() {
         let payload = URL_SAFE_NO_PAD.encode(testkeys::claims_now().to_string());
         for alg in ["none", "None", "NONE", "HS256", "HS512", ""] {
-            let header = URL_SAFE_NO_PAD
-                .encode(format!(r#"{{"alg":"{alg}","kid":"{}"}}"#, testkeys::RS_KID));
+            let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"{alg}","kid":"{}"}}"#, testkeys::RS_KID));
             let t = format!("{header}.{payload}.c2ln");
             assert_eq!(check(&t), Err(Rejection::UnsupportedAlgorithm), "{alg}");
             let t = format!("{header}.{payload}.");
-            assert_eq!(
-                check(&t),
-                Err(Rejection::Malformed),
-                "{alg} empty signature"
-            );
+            assert_eq!(check(&t), Err(Rejection::Malformed), "{alg} empty signature");
         }
     }
 
@@ -313,10 +290,7 @@ mod tests {
         );
         assert_eq!(check(&t), Err(Rejection::BadSignature));
         // Our own token with such members is still fine: they are simply not read.
-        let t = testkeys::sign_with_header(
-            &testkeys::claims_now(),
-            json!({"jku": "https://evil.example/jwks"}),
-        );
+        let t = testkeys::sign_with_header(&testkeys::claims_now(), json!({"jku": "https://evil.example/jwks"}));
         assert!(check(&t).is_ok());
     }
 
@@ -336,13 +310,7 @@ mod tests {
             format!("bnVsbA.{}", good.split_once('.').unwrap().1),
         ];
         for t in cases {
-            assert!(
-                matches!(
-                    check(&t),
-                    Err(Rejection::Malformed | Rejection::BadSignature)
-                ),
-                "{t:?}"
-            );
+            assert!(matches!(check(&t), Err(Rejection::Malformed | Rejection::BadSignature)), "{t:?}");
         }
     }
 
@@ -355,15 +323,9 @@ mod tests {
     #[test]
     fn without_keys_a_plausible_token_waits_but_a_bad_one_is_refused() {
         let ok = testkeys::sign_rs256(&testkeys::claims_now());
-        assert_eq!(
-            verify(&ok, None, &provider(), NOW, &PureRust),
-            Err(Rejection::KeysUnavailable)
-        );
+        assert_eq!(verify(&ok, None, &provider(), NOW, &PureRust), Err(Rejection::KeysUnavailable));
         let expired = testkeys::sign_rs256(&with(json!({"exp": NOW - 3600})));
-        assert_eq!(
-            verify(&expired, None, &provider(), NOW, &PureRust),
-            Err(Rejection::Expired)
-        );
+        assert_eq!(verify(&expired, None, &provider(), NOW, &PureRust), Err(Rejection::Expired));
     }
 
     proptest::proptest! {

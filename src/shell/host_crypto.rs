@@ -25,11 +25,7 @@ pub struct HostSignatures {
 
 impl HostSignatures {
     pub fn new(mode: SignatureVerifier, metrics: Rc<Metrics>) -> Self {
-        Self {
-            mode,
-            host_available: Cell::new(true),
-            metrics,
-        }
+        Self { mode, host_available: Cell::new(true), metrics }
     }
 
     fn pure(&self, alg: Algorithm, key: &Key, input: &[u8], signature: &[u8]) -> bool {
@@ -46,8 +42,7 @@ impl SignatureCheck for HostSignatures {
         }
         if !self.host_available.get() {
             // A host without the function: `auto` falls back, `host` fails closed.
-            return self.mode == SignatureVerifier::Auto
-                && self.pure(alg, key, input, raw_signature);
+            return self.mode == SignatureVerifier::Auto && self.pure(alg, key, input, raw_signature);
         }
         if !key.allows(alg) {
             return false;
@@ -74,12 +69,12 @@ impl SignatureCheck for HostSignatures {
             Err(Status::NotFound) => {
                 self.host_available.set(false);
                 if self.mode == SignatureVerifier::Host {
-                    log::error!("the host has no verify_signature function and signature_verifier is \"host\": refusing tokens");
+                    log::error!(
+                        "the host has no verify_signature function and signature_verifier is \"host\": refusing tokens"
+                    );
                     false
                 } else {
-                    log::warn!(
-                        "the host has no verify_signature function: using the pure-Rust verifier"
-                    );
+                    log::warn!("the host has no verify_signature function: using the pure-Rust verifier");
                     self.pure(alg, key, input, raw_signature)
                 }
             }

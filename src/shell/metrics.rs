@@ -20,6 +20,11 @@ pub struct Metrics {
     pub jwks_keys: Option<u32>,
     pub signature_host: Option<u32>,
     pub signature_pure_rust: Option<u32>,
+    pub cache_hits: Option<u32>,
+    pub cache_misses: Option<u32>,
+    pub cache_entries: Option<u32>,
+    pub jwks_unknown_kid_waits: Option<u32>,
+    pub vm_memory_bytes: Option<u32>,
 }
 
 fn define(kind: MetricType, name: &str) -> Option<u32> {
@@ -34,18 +39,18 @@ impl Metrics {
             public: define(MetricType::Counter, "requests.public"),
             rejected: Rejection::ALL
                 .iter()
-                .map(|r| {
-                    define(
-                        MetricType::Counter,
-                        &format!("requests.rejected.{}", r.reason()),
-                    )
-                })
+                .map(|r| define(MetricType::Counter, &format!("requests.rejected.{}", r.reason())))
                 .collect(),
             jwks_fetch_ok: define(MetricType::Counter, "jwks.fetch_ok"),
             jwks_fetch_failed: define(MetricType::Counter, "jwks.fetch_failed"),
             jwks_keys: define(MetricType::Gauge, "jwks.keys"),
             signature_host: define(MetricType::Counter, "signature.host"),
             signature_pure_rust: define(MetricType::Counter, "signature.pure_rust"),
+            cache_hits: define(MetricType::Counter, "cache.hits"),
+            cache_misses: define(MetricType::Counter, "cache.misses"),
+            cache_entries: define(MetricType::Gauge, "cache.entries"),
+            jwks_unknown_kid_waits: define(MetricType::Counter, "jwks.unknown_kid_refetch_waits"),
+            vm_memory_bytes: define(MetricType::Gauge, "vm.memory_bytes"),
         }
     }
 

@@ -10,6 +10,5 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the epoch, from the host's clock.
 pub fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

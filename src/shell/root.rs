@@ -5,32 +5,42 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{Action, ContextType};
 
+use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{Schedule, Streak};
 
 use super::host_crypto::HostSignatures;
-use super::http::Filter;
+use super::http::{handle, Filter, OwnedRequest};
 use super::metrics::Metrics;
 use super::millis;
 
 /// How often the root context looks at the JWKS schedule.
 const TICK: Duration = Duration::from_millis(500);
 
+/// A request parked until a JWKS refetch answers, because its token names a `kid` the keys lack.
+pub struct Waiter {
+    pub context_id: u32,
+    pub request: OwnedRequest,
+}
+
 /// The keys known so far and when the next fetch is due; shared by the root and every HTTP context of a VM.
 #[derive(Default)]
 pub struct KeyState {
     pub keys: Option<Rc<KeySet>>,
     pub schedule: Option<Schedule>,
+    pub waiting: Vec<Waiter>,
 }
 
 /// Everything an HTTP context needs, built once per configuration.
 pub struct Shared {
     pub config: Config,
     pub keys: RefCell<KeyState>,
+    pub cache: RefCell<TokenCache>,
     pub signatures: HostSignatures,
     pub metrics: Rc<Metrics>,
 }
@@ -47,6 +57,20 @@ impl Root {
 
     fn fetch_finished(&self, shared: &Shared, outcome: Result<KeySet, String>) {
         let now = self.now_ms();
+        self.install(shared, outcome, now);
+        // Requests that waited for this fetch are decided again with whatever keys there are now.
+        let waiters = std::mem::take(&mut shared.keys.borrow_mut().waiting);
+        for waiter in waiters {
+            if hostcalls::set_effective_context(waiter.context_id).is_err() {
+                continue; // the client went away
+            }
+            if handle(shared, waiter.context_id, waiter.request, now, false) == Action::Continue {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+    }
+
+    fn install(&self, shared: &Shared, outcome: Result<KeySet, String>, now: u64) {
         let mut state = shared.keys.borrow_mut();
         let streak = match outcome {
             Ok(keys) => {
@@ -59,6 +83,10 @@ impl Root {
                         keys.skipped()
                     );
                 }
+                let dropped = shared.cache.borrow_mut().retain_keys(&keys.fingerprints());
+                if dropped > 0 {
+                    log::info!("JWKS: dropped {dropped} cached tokens whose key left the key set");
+                }
                 state.keys = Some(Rc::new(keys));
                 state.schedule.as_mut().map(|s| s.succeeded(now))
             }
@@ -70,7 +98,9 @@ impl Root {
                         Some(k) => format!("keeping the last {} keys", k.keys().len()),
                         None => "no keys yet: token requests get 503".to_string(),
                     };
-                    log::warn!("JWKS fetch failed ({why}); {kept}; retrying with backoff (logged once per failure streak)");
+                    log::warn!(
+                        "JWKS fetch failed ({why}); {kept}; retrying with backoff (logged once per failure streak)"
+                    );
                 }
                 streak
             }
@@ -82,30 +112,16 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        _token_id: u32,
-        _num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
+    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let status = self
-            .get_http_call_response_headers()
-            .into_iter()
-            .find(|(k, _)| k == ":status")
-            .map(|(_, v)| v);
+        let status = self.get_http_call_response_headers().into_iter().find(|(k, _)| k == ":status").map(|(_, v)| v);
         let outcome = match status.as_deref() {
             None => Err("no response: connection failure or timeout".to_string()),
-            Some("200") if body_size > MAX_JWKS_BYTES => {
-                Err(format!("body larger than {MAX_JWKS_BYTES} bytes"))
-            }
+            Some("200") if body_size > MAX_JWKS_BYTES => Err(format!("body larger than {MAX_JWKS_BYTES} bytes")),
             Some("200") => {
-                let body = self
-                    .get_http_call_response_body(0, body_size)
-                    .unwrap_or_default();
+                let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
                 KeySet::from_jwks(&body).map_err(|e| e.to_string())
             }
             Some(other) => Err(format!("HTTP status {other}")),
@@ -134,12 +150,7 @@ impl RootContext for Root {
             }
             JwksSource::Remote(r) => {
                 state.schedule = Some(Schedule::new(r.refresh_ms, self.now_ms()));
-                self.set_tick_period(TICK);
-                format!(
-                    "JWKS from cluster {} every {} s",
-                    r.cluster,
-                    r.refresh_ms / 1000
-                )
+                format!("JWKS from cluster {} every {} s", r.cluster, r.refresh_ms / 1000)
             }
         };
         log::info!(
@@ -149,12 +160,10 @@ impl RootContext for Root {
             config.signature_verifier
         );
         let signatures = HostSignatures::new(config.signature_verifier, metrics.clone());
-        self.shared = Some(Rc::new(Shared {
-            config,
-            keys: RefCell::new(state),
-            signatures,
-            metrics,
-        }));
+        let cache = RefCell::new(TokenCache::new(config.token_cache_entries));
+        self.shared = Some(Rc::new(Shared { config, keys: RefCell::new(state), cache, signatures, metrics }));
+        // Ticks drive the JWKS schedule and refresh the memory gauges.
+        self.set_tick_period(TICK);
         true
     }
 
@@ -162,16 +171,13 @@ impl RootContext for Root {
         let Some(shared) = self.shared.clone() else {
             return;
         };
+        Metrics::set(shared.metrics.vm_memory_bytes, vm_memory_bytes());
+        Metrics::set(shared.metrics.cache_entries, shared.cache.borrow().len() as u64);
         let JwksSource::Remote(remote) = &shared.config.jwks else {
             return;
         };
         let now = self.now_ms();
-        let due = shared
-            .keys
-            .borrow_mut()
-            .schedule
-            .as_mut()
-            .is_some_and(|s| s.due(now));
+        let due = shared.keys.borrow_mut().schedule.as_mut().is_some_and(|s| s.due(now));
         if !due {
             return;
         }
@@ -182,24 +188,31 @@ impl RootContext for Root {
             ("accept", "application/json, application/jwk-set+json"),
         ];
         let timeout = Duration::from_millis(remote.timeout_ms);
-        if let Err(status) =
-            self.dispatch_http_call(&remote.cluster, headers, None, vec![], timeout)
-        {
+        if let Err(status) = self.dispatch_http_call(&remote.cluster, headers, None, vec![], timeout) {
             self.fetch_finished(
                 &shared,
-                Err(format!(
-                    "could not be sent through cluster {}: {status:?}",
-                    remote.cluster
-                )),
+                Err(format!("could not be sent through cluster {}: {status:?}", remote.cluster)),
             );
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter::new(self.shared.clone()?)))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter::new(context_id, self.shared.clone()?)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// The VM's linear memory, in bytes: what the module's allocator has taken from the host.
+fn vm_memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        (core::arch::wasm32::memory_size(0) as u64).saturating_mul(65_536)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
     }
 }

@@ -1,0 +1,210 @@
+//! The verified-token cache: a token that verified once is not verified again until it expires.
+//!
+//! Keyed by the SHA-256 of the token, so memory per entry is bounded whatever the token's size and a forged
+//! token cannot collide with a cached one. An entry holds only what the per-request rules still need (the
+//! tenant claim, `exp`, the key that verified it, and the identity claims), never the token itself. Entries
+//! are served until the token's `exp`, never later; entries whose key has left the JWKS are dropped when the
+//! new key set is installed; at capacity the oldest insertion is evicted.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::verify::Claims;
+
+/// The cache key: SHA-256 of the compact token.
+pub type TokenDigest = [u8; 32];
+
+/// Digest of a token, for [`TokenCache`] lookups.
+pub fn digest(token: &str) -> TokenDigest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// What a cache hit gives back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verified {
+    /// `exp` of the token, seconds since the epoch.
+    pub exp: i64,
+    /// Fingerprint of the key that verified the signature.
+    pub key: u64,
+    /// The configured tenant claim's value, as signed.
+    pub tenant_claim: Option<Value>,
+}
+
+impl Verified {
+    /// Keeps what the per-request rules need from freshly verified claims.
+    pub fn from_claims(claims: &Claims, tenant_claim: &str) -> Self {
+        Self { exp: claims.exp, key: claims.key, tenant_claim: claims.payload.get(tenant_claim).cloned() }
+    }
+}
+
+/// A bounded cache of verified tokens for one VM.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    capacity: usize,
+    entries: HashMap<TokenDigest, Verified>,
+    /// Insertion order, for eviction; may hold digests already removed (skipped when popped).
+    order: VecDeque<TokenDigest>,
+}
+
+impl TokenCache {
+    /// A cache of at most `capacity` tokens; 0 disables it.
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity, entries: HashMap::new(), order: VecDeque::new() }
+    }
+
+    /// Whether the cache was configured off (capacity 0).
+    pub fn is_disabled(&self) -> bool {
+        self.capacity == 0
+    }
+
+    /// The number of cached tokens.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry for `digest` if it has not expired at `now`; an expired one is removed.
+    pub fn get(&mut self, digest: &TokenDigest, now: i64) -> Option<&Verified> {
+        let expired = now >= self.entries.get(digest)?.exp;
+        if expired {
+            self.entries.remove(digest);
+            return None;
+        }
+        self.entries.get(digest)
+    }
+
+    /// Caches a freshly verified token (unless it is already expired at `now`).
+    pub fn insert(&mut self, digest: TokenDigest, verified: Verified, now: i64) {
+        if self.capacity == 0 || now >= verified.exp {
+            return;
+        }
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&digest) {
+            self.evict_one(now);
+        }
+        if self.entries.insert(digest, verified).is_none() {
+            self.order.push_back(digest);
+        }
+        // Digests of entries removed by expiry or key rotation linger in `order`; keep it bounded.
+        if self.order.len() > self.capacity.saturating_mul(2) {
+            let entries = &self.entries;
+            self.order.retain(|d| entries.contains_key(d));
+        }
+    }
+
+    fn evict_one(&mut self, now: i64) {
+        // Expired entries go first, so a full cache of live tokens is the only reason to evict one.
+        let before = self.entries.len();
+        self.entries.retain(|_, v| now < v.exp);
+        if self.entries.len() < before {
+            return;
+        }
+        while let Some(oldest) = self.order.pop_front() {
+            if self.entries.remove(&oldest).is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Drops every entry verified by a key not in `keys` (after a JWKS refresh). Returns how many.
+    pub fn retain_keys(&mut self, keys: &[u64]) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, v| keys.contains(&v.key));
+        before - self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_767_225_600;
+
+    fn entry(exp: i64, key: u64) -> Verified {
+        Verified { exp, key, tenant_claim: Some(json!("t")) }
+    }
+
+    #[test]
+    fn a_cached_token_is_a_hit_until_its_exp() {
+        let mut c = TokenCache::new(10);
+        let d = digest("token");
+        c.insert(d, entry(NOW + 10, 1), NOW);
+        assert_eq!(c.get(&d, NOW + 9).map(|v| v.exp), Some(NOW + 10));
+        assert!(c.get(&d, NOW + 10).is_none(), "served at exp");
+        assert!(c.is_empty(), "expired entry removed");
+    }
+
+    #[test]
+    fn an_expired_token_is_never_cached() {
+        let mut c = TokenCache::new(10);
+        c.insert(digest("old"), entry(NOW, 1), NOW);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn different_tokens_do_not_share_an_entry() {
+        let mut c = TokenCache::new(10);
+        c.insert(digest("a"), entry(NOW + 10, 1), NOW);
+        assert!(c.get(&digest("b"), NOW).is_none());
+    }
+
+    #[test]
+    fn capacity_zero_disables_the_cache() {
+        let mut c = TokenCache::new(0);
+        c.insert(digest("a"), entry(NOW + 10, 1), NOW);
+        assert!(c.get(&digest("a"), NOW).is_none());
+    }
+
+    #[test]
+    fn at_capacity_the_oldest_entry_is_evicted() {
+        let mut c = TokenCache::new(3);
+        for i in 0..3 {
+            c.insert(digest(&i.to_string()), entry(NOW + 100, 1), NOW);
+        }
+        c.insert(digest("3"), entry(NOW + 100, 1), NOW);
+        assert_eq!(c.len(), 3);
+        assert!(c.get(&digest("0"), NOW).is_none());
+        for i in 1..4 {
+            assert!(c.get(&digest(&i.to_string()), NOW).is_some(), "{i}");
+        }
+    }
+
+    #[test]
+    fn at_capacity_expired_entries_go_before_live_ones() {
+        let mut c = TokenCache::new(2);
+        c.insert(digest("live"), entry(NOW + 100, 1), NOW);
+        c.insert(digest("short"), entry(NOW + 5, 1), NOW);
+        c.insert(digest("new"), entry(NOW + 100, 1), NOW + 10);
+        assert!(c.get(&digest("live"), NOW + 10).is_some());
+        assert!(c.get(&digest("new"), NOW + 10).is_some());
+    }
+
+    #[test]
+    fn entries_of_a_removed_key_are_dropped() {
+        let mut c = TokenCache::new(10);
+        c.insert(digest("old-key"), entry(NOW + 100, 1), NOW);
+        c.insert(digest("new-key"), entry(NOW + 100, 2), NOW);
+        assert_eq!(c.retain_keys(&[2, 3]), 1);
+        assert!(c.get(&digest("old-key"), NOW).is_none());
+        assert!(c.get(&digest("new-key"), NOW).is_some());
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_churn() {
+        let mut c = TokenCache::new(100);
+        for i in 0..10_000i64 {
+            c.insert(digest(&i.to_string()), entry(NOW + 1 + (i % 7), 1), NOW);
+            if i % 50 == 0 {
+                c.retain_keys(&[1]);
+            }
+        }
+        assert!(c.len() <= 100);
+        assert!(c.order.len() <= 200);
+    }
+}

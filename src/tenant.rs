@@ -8,6 +8,8 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use crate::fhir::Policy;
+
 /// A configured tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tenant {
@@ -15,6 +17,35 @@ pub struct Tenant {
     pub id: String,
     /// The Envoy cluster its requests go to.
     pub cluster: String,
+    /// How its FHIR server differs from a plain one at the cluster's root (boxed: most tenants have none).
+    pub upstream: Option<Box<Upstream>>,
+}
+
+/// A tenant's FHIR server as it really is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Upstream {
+    /// `:authority` (Host) to send instead of the client's.
+    pub authority: Option<String>,
+    /// The FHIR base path on that server (`/api/FHIR/R4`), without a trailing slash; `""` for the root.
+    pub base_path: String,
+    /// The base URL the server puts into its own links, to rewrite to the public base.
+    pub links_base_url: Option<String>,
+    /// A header sent with every request to it (name, value), e.g. the partner's API key.
+    pub header: Option<(String, String)>,
+    /// What the tenant may do.
+    pub policy: Policy,
+}
+
+static READ_ONLY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
+
+impl Tenant {
+    /// The tenant's allowlist (read-only unless configured).
+    pub fn policy(&self) -> &Policy {
+        match &self.upstream {
+            Some(u) => &u.policy,
+            None => READ_ONLY.get_or_init(Policy::default),
+        }
+    }
 }
 
 /// Why no single tenant could be taken from the token.
@@ -49,8 +80,18 @@ impl TenantMap {
         Self { claim, prefixes, by_id: HashMap::new() }
     }
 
-    /// Adds a tenant; the error says why the id is unusable.
+    /// Adds a plain tenant (read-only, at its cluster's root); the error says why the id is unusable.
     pub fn insert(&mut self, id: &str, cluster: String) -> Result<(), &'static str> {
+        self.insert_with(id, cluster, None)
+    }
+
+    /// Adds a tenant; the error says why the id is unusable.
+    pub fn insert_with(
+        &mut self,
+        id: &str,
+        cluster: String,
+        upstream: Option<Box<Upstream>>,
+    ) -> Result<(), &'static str> {
         if !is_tenant_id(id) {
             return Err("a tenant id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'");
         }
@@ -58,8 +99,13 @@ impl TenantMap {
         if self.by_id.contains_key(&key) {
             return Err("the same tenant id is listed twice (ids are case-insensitive)");
         }
-        self.by_id.insert(key.clone(), Tenant { id: key, cluster });
+        self.by_id.insert(key.clone(), Tenant { id: key, cluster, upstream });
         Ok(())
+    }
+
+    /// The tenant with this (configured, lowercased) id.
+    pub fn get(&self, id: &str) -> Option<&Tenant> {
+        self.by_id.get(id)
     }
 
     /// How many tenants are configured.

@@ -1,8 +1,10 @@
-//! The HTTP context: request headers in, the core's decision applied. Nothing from the request (path,
-//! query, token) is ever logged.
+//! The HTTP context: request headers in, the core's decision applied; for some requests the request body
+//! (Bundles judged by the allowlist) or the response (CapabilityStatement patching, link rewriting) too.
+//! Nothing from the request (path, query, token, body) is ever logged.
 //!
 //! [`handle`] works on whatever context is the host's effective one, so the root context can also use it
-//! to finish requests that waited for a JWKS refetch.
+//! to finish requests that waited for a JWKS refetch; what must happen later in the stream is left in
+//! [`Shared::after`] under the context id.
 
 use std::rc::Rc;
 
@@ -11,17 +13,22 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use crate::config::JwksSource;
-use crate::decision::{decide, Decision, Rejection, Request};
+use crate::decision::{decide, operation_outcome, Decision, Rejection, Request};
+use crate::fhir::{Policy, Refusal};
+use crate::links;
+use crate::tenant::Tenant;
 
 use super::metrics::Metrics;
-use super::millis;
 use super::root::{Shared, Waiter};
+use super::{header_pairs, header_value, millis};
 
 /// The request data the decision needs, owned so that a request can wait for a JWKS refetch.
 #[derive(Clone, Debug, Default)]
 pub struct OwnedRequest {
     pub method: String,
     pub path: String,
+    pub authority: String,
+    pub scheme: String,
     pub authorization: Option<String>,
     pub duplicate_authorization: bool,
 }
@@ -33,21 +40,32 @@ impl OwnedRequest {
         let config = &shared.config;
         let mut request = OwnedRequest::default();
         let mut spoofed = false;
-        for (name, value) in hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default() {
+        for (name, value) in header_pairs(MapType::HttpRequestHeaders) {
             match name.as_str() {
                 ":method" => request.method = value,
                 ":path" => request.path = value,
+                ":authority" => request.authority = value,
+                ":scheme" => request.scheme = value,
                 "authorization" => {
                     request.duplicate_authorization |= request.authorization.is_some();
                     request.authorization = Some(value);
                 }
-                n if n == config.route_header || n == config.tenant_header => spoofed = true,
+                // Ours to set (and X-Forwarded-Host/-Prefix, which servers use to build their links).
+                n if n == config.route_header
+                    || n == config.tenant_header
+                    || n == "x-forwarded-host"
+                    || n == "x-forwarded-prefix" =>
+                {
+                    spoofed = true
+                }
                 _ => {}
             }
         }
         if spoofed {
-            remove_header(&config.route_header);
-            remove_header(&config.tenant_header);
+            for name in [config.route_header.as_str(), &config.tenant_header, "x-forwarded-host", "x-forwarded-prefix"]
+            {
+                remove_header(name);
+            }
         }
         request
     }
@@ -60,6 +78,34 @@ impl OwnedRequest {
             duplicate_authorization: self.duplicate_authorization,
         }
     }
+
+    /// How this client reached us: the configured public base, or the request's scheme and authority.
+    fn public_base(&self, shared: &Shared) -> String {
+        match &shared.config.public_base_url {
+            Some(base) => base.clone(),
+            None => {
+                let scheme = if self.scheme.is_empty() { "http" } else { self.scheme.as_str() };
+                format!("{scheme}://{}", self.authority)
+            }
+        }
+    }
+}
+
+/// What happens to a response on its way back.
+#[derive(Clone, Debug)]
+pub enum ResponseEdit {
+    /// Patch the CapabilityStatement with the IdP's endpoints.
+    PatchCapability,
+    /// Rewrite links under `from` (the upstream's base) to `to` (the public base).
+    RewriteLinks { from: String, to: String },
+}
+
+/// What is left to do for a request after its headers were decided.
+#[derive(Clone, Debug, Default)]
+pub struct After {
+    /// The tenant's allowlist must judge the request body (a Bundle posted to the base).
+    pub inspect_body: Option<Policy>,
+    pub response: Option<ResponseEdit>,
 }
 
 fn set_header(name: &str, value: &str) {
@@ -98,6 +144,43 @@ fn reject(shared: &Shared, rejection: Rejection, now_ms: u64) {
     let _ = hostcalls::send_http_response(rejection.status(), headers, Some(body.as_bytes()));
 }
 
+/// 403 for a request the tenant's allowlist refuses; the message names the interaction (and Bundle entry).
+fn forbid(shared: &Shared, refusal: &Refusal) {
+    Metrics::count(shared.metrics.forbidden_by_policy);
+    let body = operation_outcome("forbidden", &refusal.to_string());
+    let headers = vec![("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    let _ = hostcalls::send_http_response(403, headers, Some(body.as_bytes()));
+}
+
+/// Rewrites the request for the tenant's FHIR server as it really is, and says what the response needs.
+fn prepare_upstream(shared: &Shared, tenant: &Tenant, request: &OwnedRequest) -> Option<ResponseEdit> {
+    let upstream = tenant.upstream.as_deref()?;
+    let public = request.public_base(shared);
+    // Servers that honour X-Forwarded-* build their links from these; client-sent copies are overwritten.
+    let (proto, rest) = public.split_once("://").unwrap_or(("http", public.as_str()));
+    let (host, prefix) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    set_header("x-forwarded-host", host);
+    set_header("x-forwarded-proto", proto);
+    if prefix.is_empty() {
+        remove_header("x-forwarded-prefix");
+    } else {
+        set_header("x-forwarded-prefix", prefix);
+    }
+    if let Some(authority) = &upstream.authority {
+        set_header(":authority", authority);
+    }
+    if !upstream.base_path.is_empty() {
+        let path = format!("{}{}", upstream.base_path, request.path);
+        set_header(":path", &path);
+    }
+    if let Some((name, value)) = &upstream.header {
+        set_header(name, value);
+    }
+    let from = upstream.links_base_url.clone()?;
+    remove_header("accept-encoding"); // a compressed body could not be rewritten
+    Some(ResponseEdit::RewriteLinks { from, to: public })
+}
+
 /// Decides and applies the decision on the host's effective context. `may_wait`: an unknown `kid` may park
 /// the request until a JWKS refetch (not for a request that already waited).
 pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u64, may_wait: bool) -> Action {
@@ -109,23 +192,45 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
         decide(config, &request.as_request(), keys.as_deref(), &mut cache, now_s, &shared.signatures)
     };
     match decision {
-        Decision::Public { cluster } => {
+        Decision::Public { cluster, patch } => {
             if !config.forward_authorization {
                 remove_header("authorization");
+            }
+            if patch {
+                remove_header("accept-encoding");
+                shared
+                    .after
+                    .borrow_mut()
+                    .insert(context_id, After { inspect_body: None, response: Some(ResponseEdit::PatchCapability) });
             }
             Metrics::count(shared.metrics.public);
             route_to(shared, cluster);
             Action::Continue
         }
-        Decision::Route { tenant, cached, .. } => {
+        Decision::SmartConfiguration { body } => {
+            Metrics::count(shared.metrics.public);
+            let headers = vec![("content-type", "application/json"), ("cache-control", "max-age=3600")];
+            let _ = hostcalls::send_http_response(200, headers, Some(body.as_bytes()));
+            Action::Pause
+        }
+        Decision::Route { tenant, cached, inspect_body, .. } => {
             if !config.forward_authorization {
                 remove_header("authorization");
             }
+            let response = prepare_upstream(shared, tenant, &request);
             set_header(&config.tenant_header, &tenant.id);
+            let inspect_body = inspect_body.then(|| tenant.policy().clone());
+            if inspect_body.is_some() || response.is_some() {
+                shared.after.borrow_mut().insert(context_id, After { inspect_body, response });
+            }
             Metrics::count(if cached { shared.metrics.cache_hits } else { shared.metrics.cache_misses });
             Metrics::count(shared.metrics.allowed);
             route_to(shared, &tenant.cluster);
             Action::Continue
+        }
+        Decision::Forbidden(refusal) => {
+            forbid(shared, &refusal);
+            Action::Pause
         }
         Decision::Reject(Rejection::UnknownKey) if may_wait => {
             let JwksSource::Remote(remote) = &config.jwks else {
@@ -153,20 +258,100 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
 pub struct Filter {
     context_id: u32,
     shared: Rc<Shared>,
+    /// The response body is being buffered for an edit.
+    editing_response: Option<ResponseEdit>,
 }
 
 impl Filter {
     pub fn new(context_id: u32, shared: Rc<Shared>) -> Self {
-        Self { context_id, shared }
+        Self { context_id, shared, editing_response: None }
+    }
+
+    fn after(&self) -> Option<After> {
+        self.shared.after.borrow().get(&self.context_id).cloned()
     }
 }
 
-impl Context for Filter {}
+impl Context for Filter {
+    fn on_done(&mut self) -> bool {
+        self.shared.after.borrow_mut().remove(&self.context_id);
+        true
+    }
+}
+
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|t| t.to_ascii_lowercase().contains("json"))
+}
 
 impl HttpContext for Filter {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let request = OwnedRequest::read(&self.shared);
         let now_ms = millis(self.get_current_time());
-        handle(&self.shared, self.context_id, request, now_ms, true)
+        let action = handle(&self.shared, self.context_id, request, now_ms, true);
+        if action == Action::Continue && end_of_stream && self.after().is_some_and(|a| a.inspect_body.is_some()) {
+            forbid(&self.shared, &Refusal::NotABundle); // POST to the base without a Bundle
+            return Action::Pause;
+        }
+        action
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(policy) = self.after().and_then(|a| a.inspect_body) else {
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            return Action::Pause; // buffer the whole Bundle
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        match policy.check_bundle(&body) {
+            Ok(()) => Action::Continue,
+            Err(refusal) => {
+                forbid(&self.shared, &refusal);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(edit) = self.after().and_then(|a| a.response) else {
+            return Action::Continue;
+        };
+        if let ResponseEdit::RewriteLinks { from, to } = &edit {
+            for name in ["location", "content-location"] {
+                if let Some(new) =
+                    header_value(MapType::HttpResponseHeaders, name).and_then(|v| links::rewrite_url(&v, from, to))
+                {
+                    self.set_http_response_header(name, Some(&new));
+                }
+            }
+        }
+        let encoded = header_value(MapType::HttpResponseHeaders, "content-encoding").is_some_and(|e| e != "identity");
+        let content_type = header_value(MapType::HttpResponseHeaders, "content-type");
+        if end_of_stream || encoded || !is_json(content_type.as_deref()) {
+            return Action::Continue;
+        }
+        self.set_http_response_header("content-length", None); // the body changes length
+        self.editing_response = Some(edit);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(edit) = &self.editing_response else {
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            return Action::Pause; // buffer the whole body
+        }
+        let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+        let edited = match edit {
+            ResponseEdit::PatchCapability => {
+                self.shared.config.discovery.as_ref().and_then(|d| d.patch_capability_statement(&body))
+            }
+            ResponseEdit::RewriteLinks { from, to } => links::rewrite_body(&body, from, to),
+        };
+        if let Some(new) = edited {
+            self.set_http_response_body(0, body_size, &new);
+        }
+        Action::Continue
     }
 }

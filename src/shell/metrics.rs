@@ -25,6 +25,7 @@ pub struct Metrics {
     pub cache_entries: Option<u32>,
     pub jwks_unknown_kid_waits: Option<u32>,
     pub vm_memory_bytes: Option<u32>,
+    pub forbidden_by_policy: Option<u32>,
 }
 
 fn define(kind: MetricType, name: &str) -> Option<u32> {
@@ -51,6 +52,7 @@ impl Metrics {
             cache_entries: define(MetricType::Gauge, "cache.entries"),
             jwks_unknown_kid_waits: define(MetricType::Counter, "jwks.unknown_kid_refetch_waits"),
             vm_memory_bytes: define(MetricType::Gauge, "vm.memory_bytes"),
+            forbidden_by_policy: define(MetricType::Counter, "requests.forbidden_by_policy"),
         }
     }
 

@@ -12,3 +12,42 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// The pairs of a header map as raw bytes, through the ABI directly: the SDK's `get_map` panics on a header
+/// value that is not UTF-8, and a client chooses its header values. Empty when the map is unavailable.
+pub fn header_map(map: proxy_wasm::types::MapType) -> Vec<u8> {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        #[allow(clashing_extern_declarations)]
+        fn proxy_get_header_map_pairs(map_type: u32, return_map_data: *mut *mut u8, return_map_size: *mut usize)
+            -> u32;
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a buffer it allocated through this module's `proxy_on_memory_allocate` (the
+    // SDK's allocator, i.e. the global one) and its size; ownership passes to us, as in the SDK's `get_map`.
+    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    if status != 0 || data.is_null() {
+        return Vec::new();
+    }
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+/// A header map's pairs as text: names as they are (the host only passes valid names), values lossily (a
+/// non-UTF-8 byte becomes U+FFFD, which no token, path or cluster name can contain).
+pub fn header_pairs(map: proxy_wasm::types::MapType) -> Vec<(String, String)> {
+    let raw = header_map(map);
+    crate::headers::parse_pairs(&raw)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+        .collect()
+}
+
+/// One header's value, lossily decoded (see [`header_pairs`]).
+pub fn header_value(map: proxy_wasm::types::MapType, name: &str) -> Option<String> {
+    proxy_wasm::hostcalls::get_map_value_bytes(map, name)
+        .ok()
+        .flatten()
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}

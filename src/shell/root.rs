@@ -2,12 +2,13 @@
 //! the JWKS fresh: fetched through an Envoy cluster on a timer, retried with backoff, the last good set kept.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use proxy_wasm::types::{Action, ContextType, MapType};
 
 use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
@@ -15,7 +16,7 @@ use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{Schedule, Streak};
 
 use super::host_crypto::HostSignatures;
-use super::http::{handle, Filter, OwnedRequest};
+use super::http::{handle, After, Filter, OwnedRequest};
 use super::metrics::Metrics;
 use super::millis;
 
@@ -41,6 +42,8 @@ pub struct Shared {
     pub config: Config,
     pub keys: RefCell<KeyState>,
     pub cache: RefCell<TokenCache>,
+    /// Per-request work left after the headers (body inspection, response edits), by context id.
+    pub after: RefCell<HashMap<u32, After>>,
     pub signatures: HostSignatures,
     pub metrics: Rc<Metrics>,
 }
@@ -116,7 +119,7 @@ impl Context for Root {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let status = self.get_http_call_response_headers().into_iter().find(|(k, _)| k == ":status").map(|(_, v)| v);
+        let status = super::header_value(MapType::HttpCallResponseHeaders, ":status");
         let outcome = match status.as_deref() {
             None => Err("no response: connection failure or timeout".to_string()),
             Some("200") if body_size > MAX_JWKS_BYTES => Err(format!("body larger than {MAX_JWKS_BYTES} bytes")),
@@ -161,7 +164,14 @@ impl RootContext for Root {
         );
         let signatures = HostSignatures::new(config.signature_verifier, metrics.clone());
         let cache = RefCell::new(TokenCache::new(config.token_cache_entries));
-        self.shared = Some(Rc::new(Shared { config, keys: RefCell::new(state), cache, signatures, metrics }));
+        self.shared = Some(Rc::new(Shared {
+            config,
+            keys: RefCell::new(state),
+            cache,
+            after: RefCell::new(HashMap::new()),
+            signatures,
+            metrics,
+        }));
         // Ticks drive the JWKS schedule and refresh the memory gauges.
         self.set_tick_period(TICK);
         true

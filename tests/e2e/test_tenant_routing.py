@@ -27,12 +27,23 @@ def test_the_idp_refuses_client_a_asking_for_tenant_b_scope(stack):
     assert resp.json()["error"] == "invalid_scope", resp
 
 
-def test_a_post_body_is_forwarded_unchanged_to_the_tenant(stack):
+def test_a_post_search_body_is_forwarded_unchanged_to_the_tenant(stack):
+    token = stack.minter.token(TENANT_A)
+    body = b"family=Doe&given=Jane&birthdate=1970-01-01&_count=5"
+    resp = stack.get("/Patient/_search", token, {"content-type": "application/x-www-form-urlencoded"}, method="POST",
+                     body=body)
+    req = assert_served_only_by(stack.upstreams, resp, "tenant-a", TENANT_A, method="POST", path="/Patient/_search")
+    assert req.body == body
+
+
+def test_a_create_is_refused_by_the_default_read_only_allowlist(stack):
     token = stack.minter.token(TENANT_A)
     body = b'{"resourceType":"Patient","name":[{"family":"Doe"}]}'
     resp = stack.get("/Patient", token, {"content-type": "application/fhir+json"}, method="POST", body=body)
-    req = assert_served_only_by(stack.upstreams, resp, "tenant-a", TENANT_A, method="POST")
-    assert req.body == body
+    assert resp.status == 403, resp
+    doc = resp.json()
+    assert doc["resourceType"] == "OperationOutcome" and "create" in doc["issue"][0]["diagnostics"], doc
+    assert stack.upstreams.hits() == {}
 
 
 def test_the_tenant_prefix_form_of_the_scope_routes_to_that_tenant(stack):

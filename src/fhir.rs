@@ -1,0 +1,357 @@
+//! The FHIR REST API as the allowlist sees it: which interaction a request is, on which resource type, and
+//! whether a tenant's policy allows it. A `batch` or `transaction` Bundle is judged entry by entry.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde_json::Value;
+
+/// A FHIR RESTful interaction (the names of the FHIR `TypeRestfulInteraction` / `SystemRestfulInteraction`
+/// value sets, with `search` covering search-type and search-system, GET and `POST _search`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Interaction {
+    Read,
+    Vread,
+    Search,
+    History,
+    Create,
+    Update,
+    Patch,
+    Delete,
+    /// An extended operation (`$name`).
+    Operation,
+    /// `POST /` with a Bundle: judged by its entries, never allowed as such.
+    Batch,
+}
+
+impl Interaction {
+    /// Parses a configured name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "read" => Self::Read,
+            "vread" => Self::Vread,
+            "search" => Self::Search,
+            "history" => Self::History,
+            "create" => Self::Create,
+            "update" => Self::Update,
+            "patch" => Self::Patch,
+            "delete" => Self::Delete,
+            "operation" => Self::Operation,
+            _ => return None,
+        })
+    }
+
+    /// Its configured name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Vread => "vread",
+            Self::Search => "search",
+            Self::History => "history",
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::Patch => "patch",
+            Self::Delete => "delete",
+            Self::Operation => "operation",
+            Self::Batch => "batch",
+        }
+    }
+
+    /// The read-only default.
+    pub const READ_ONLY: [Interaction; 4] = [Self::Read, Self::Vread, Self::Search, Self::History];
+}
+
+impl fmt::Display for Interaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One classified request (or Bundle entry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Classified<'a> {
+    pub interaction: Interaction,
+    /// The resource type, when the URL names one.
+    pub resource_type: Option<&'a str>,
+}
+
+fn is_resource_type(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_uppercase()) && chars.all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Classifies `method` on a FHIR-relative `path` (the part after the base, with or without a query). `None`
+/// for anything that is not a FHIR REST interaction.
+pub fn classify<'a>(method: &str, path: &'a str) -> Option<Classified<'a>> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let seg = |i: usize| segments.get(i).copied();
+    let is_op = |s: Option<&str>| s.is_some_and(|s| s.starts_with('$'));
+    let (interaction, resource_type) = match (method, segments.as_slice()) {
+        ("GET", [""]) => (Interaction::Search, None),
+        ("GET", ["_history"]) => (Interaction::History, None),
+        ("POST", [""]) => (Interaction::Batch, None),
+        ("POST", ["_search"]) => (Interaction::Search, None),
+        ("GET" | "POST", [op]) if is_op(Some(*op)) => (Interaction::Operation, None),
+        (_, [t, ..]) if !is_resource_type(t) => return None,
+        ("GET", [_]) => (Interaction::Search, seg(0)),
+        ("POST", [_]) => (Interaction::Create, seg(0)),
+        ("POST", [_, "_search"]) => (Interaction::Search, seg(0)),
+        ("GET" | "POST", [_, op]) if is_op(Some(*op)) => (Interaction::Operation, seg(0)),
+        ("GET", [_, "_history"]) => (Interaction::History, seg(0)),
+        ("GET", [_, id]) if !id.is_empty() => (Interaction::Read, seg(0)),
+        ("PUT", [_, id]) if !id.is_empty() => (Interaction::Update, seg(0)),
+        ("PATCH", [_, id]) if !id.is_empty() => (Interaction::Patch, seg(0)),
+        ("DELETE", [_, id]) if !id.is_empty() => (Interaction::Delete, seg(0)),
+        ("GET" | "POST", [_, _, op]) if is_op(Some(*op)) => (Interaction::Operation, seg(0)),
+        ("GET", [_, _, "_history"]) => (Interaction::History, seg(0)),
+        ("GET", [_, _, "_history", v]) if !v.is_empty() => (Interaction::Vread, seg(0)),
+        // Compartment search: Patient/123/Observation
+        ("GET", [_, _, t]) if is_resource_type(t) => (Interaction::Search, seg(2)),
+        _ => return None,
+    };
+    Some(Classified { interaction, resource_type })
+}
+
+/// A tenant's allowlist. Small and allocation-free by default, since every tenant has one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// One bit per [`Interaction`].
+    interactions: u16,
+    /// `None`: every resource type.
+    resource_types: Option<BTreeSet<String>>,
+}
+
+fn bit(i: Interaction) -> u16 {
+    1 << (i as u16)
+}
+
+impl Default for Policy {
+    /// Read-only, every resource type.
+    fn default() -> Self {
+        Self { interactions: Interaction::READ_ONLY.iter().fold(0, |acc, i| acc | bit(*i)), resource_types: None }
+    }
+}
+
+/// Why a request is refused by the allowlist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a FHIR REST interaction this filter can classify.
+    Unrecognised,
+    /// The interaction or the resource type is not allowed; `entry` is the Bundle entry index, if any.
+    NotAllowed { interaction: Interaction, resource_type: Option<String>, entry: Option<usize> },
+    /// A Bundle entry that is not a well-formed request.
+    BadEntry { entry: usize },
+    /// The body of `POST /` is not a batch or transaction Bundle.
+    NotABundle,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unrecognised => f.write_str("This request is not a FHIR interaction this server allows."),
+            Self::NotAllowed { interaction, resource_type, entry } => {
+                if let Some(i) = entry {
+                    write!(f, "Bundle entry {i}: ")?;
+                }
+                match resource_type {
+                    Some(t) => write!(f, "the {interaction} interaction on {t} is not allowed for this tenant."),
+                    None => write!(f, "the {interaction} interaction is not allowed for this tenant."),
+                }
+            }
+            Self::BadEntry { entry } => write!(f, "Bundle entry {entry} has no valid request method and url."),
+            Self::NotABundle => f.write_str("POST to the base must carry a batch or transaction Bundle."),
+        }
+    }
+}
+
+impl Policy {
+    /// A policy from configured names; the error names the unknown interaction.
+    pub fn new(interactions: &[String], resource_types: Option<&[String]>) -> Result<Self, String> {
+        let mut bits = 0;
+        for name in interactions {
+            bits |= bit(Interaction::parse(name).ok_or_else(|| format!("unknown interaction `{name}`"))?);
+        }
+        let resource_types = match resource_types {
+            None => None,
+            Some(list) if list.iter().any(|t| t == "*") => None,
+            Some(list) => {
+                if let Some(bad) = list.iter().find(|t| !is_resource_type(t)) {
+                    return Err(format!("`{bad}` is not a FHIR resource type name"));
+                }
+                Some(list.iter().cloned().collect())
+            }
+        };
+        Ok(Self { interactions: bits, resource_types })
+    }
+
+    fn allows(&self, c: &Classified<'_>) -> bool {
+        self.interactions & bit(c.interaction) != 0
+            && match (&self.resource_types, c.resource_type) {
+                (None, _) => true,
+                (Some(types), Some(t)) => types.contains(t),
+                // System-level search/history/operations name no type: allowed only without a type list.
+                (Some(_), None) => false,
+            }
+    }
+
+    /// Judges a request line. `Ok(true)`: allowed, but the body must be judged too (`POST /`).
+    pub fn check_request(&self, method: &str, path: &str) -> Result<bool, Refusal> {
+        let c = classify(method, path).ok_or(Refusal::Unrecognised)?;
+        if c.interaction == Interaction::Batch {
+            return Ok(true);
+        }
+        if self.allows(&c) {
+            Ok(false)
+        } else {
+            Err(Refusal::NotAllowed {
+                interaction: c.interaction,
+                resource_type: c.resource_type.map(str::to_string),
+                entry: None,
+            })
+        }
+    }
+
+    /// Judges the Bundle posted to the base, entry by entry; the first refused entry refuses the whole.
+    pub fn check_bundle(&self, body: &[u8]) -> Result<(), Refusal> {
+        let bundle: Value = serde_json::from_slice(body).map_err(|_| Refusal::NotABundle)?;
+        let is_bundle = bundle.get("resourceType").and_then(Value::as_str) == Some("Bundle")
+            && matches!(bundle.get("type").and_then(Value::as_str), Some("batch" | "transaction"));
+        if !is_bundle {
+            return Err(Refusal::NotABundle);
+        }
+        let entries = match bundle.get("entry") {
+            None => return Ok(()),
+            Some(Value::Array(entries)) => entries,
+            Some(_) => return Err(Refusal::NotABundle),
+        };
+        for (i, entry) in entries.iter().enumerate() {
+            let request = entry.get("request");
+            let method = request.and_then(|r| r.get("method")).and_then(Value::as_str);
+            let url = request.and_then(|r| r.get("url")).and_then(Value::as_str);
+            let (Some(method), Some(url)) = (method, url) else {
+                return Err(Refusal::BadEntry { entry: i });
+            };
+            // Entry URLs are relative to the base ("Patient/1", "Patient?name=x"); absolute ones name no type.
+            let relative = if url.starts_with('/') { url.to_string() } else { format!("/{url}") };
+            let c = classify(method, &relative).ok_or(Refusal::BadEntry { entry: i })?;
+            if c.interaction == Interaction::Batch || !self.allows(&c) {
+                return Err(Refusal::NotAllowed {
+                    interaction: c.interaction,
+                    resource_type: c.resource_type.map(str::to_string),
+                    entry: Some(i),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn c(method: &str, path: &str) -> Option<(Interaction, Option<String>)> {
+        classify(method, path).map(|c| (c.interaction, c.resource_type.map(str::to_string)))
+    }
+
+    #[test]
+    fn requests_classify_as_fhir_interactions() {
+        use Interaction::*;
+        let p = |s: &str| Some(s.to_string());
+        assert_eq!(c("GET", "/Patient/123"), Some((Read, p("Patient"))));
+        assert_eq!(c("GET", "/Patient?family=smith&_count=5"), Some((Search, p("Patient"))));
+        assert_eq!(c("POST", "/Patient/_search"), Some((Search, p("Patient"))));
+        assert_eq!(c("GET", "/Patient/1/_history/2"), Some((Vread, p("Patient"))));
+        assert_eq!(c("GET", "/Patient/1/_history"), Some((History, p("Patient"))));
+        assert_eq!(c("GET", "/Patient/1/Observation"), Some((Search, p("Observation"))));
+        assert_eq!(c("POST", "/Patient"), Some((Create, p("Patient"))));
+        assert_eq!(c("PUT", "/Patient/1"), Some((Update, p("Patient"))));
+        assert_eq!(c("DELETE", "/Patient/1"), Some((Delete, p("Patient"))));
+        assert_eq!(c("PATCH", "/Patient/1"), Some((Patch, p("Patient"))));
+        assert_eq!(c("POST", "/Patient/$everything"), Some((Operation, p("Patient"))));
+        assert_eq!(c("GET", "/Patient/1/$everything"), Some((Operation, p("Patient"))));
+        assert_eq!(c("POST", "/"), Some((Batch, None)));
+        assert_eq!(c("GET", "/?_type=Patient"), Some((Search, None)));
+        assert_eq!(c("GET", "/patient/1"), None);
+        assert_eq!(c("GET", "/Patient/1/x/y/z"), None);
+        assert_eq!(c("TRACE", "/Patient/1"), None);
+    }
+
+    #[test]
+    fn the_default_is_read_only() {
+        let p = Policy::default();
+        assert_eq!(p.check_request("GET", "/Patient/1"), Ok(false));
+        assert_eq!(p.check_request("POST", "/Patient/_search"), Ok(false));
+        assert_eq!(p.check_request("GET", "/Observation?patient=1&category=vital-signs"), Ok(false));
+        assert_eq!(p.check_request("POST", "/"), Ok(true));
+        for (m, path) in
+            [("POST", "/Patient"), ("PUT", "/Patient/1"), ("DELETE", "/Patient/1"), ("GET", "/Patient/1/$x")]
+        {
+            assert!(matches!(p.check_request(m, path), Err(Refusal::NotAllowed { .. })), "{m} {path}");
+        }
+    }
+
+    #[test]
+    fn resource_types_can_be_limited() {
+        let p = Policy::new(&["read".into(), "search".into()], Some(&["Patient".into()])).unwrap();
+        assert_eq!(p.check_request("GET", "/Patient/1"), Ok(false));
+        assert!(p.check_request("GET", "/Observation").is_err());
+        assert!(p.check_request("GET", "/?_type=Observation").is_err(), "system search names no type");
+        assert!(Policy::new(&["reed".into()], None).unwrap_err().contains("reed"));
+        assert!(Policy::new(&["read".into()], Some(&["patient".into()])).is_err());
+    }
+
+    #[test]
+    fn a_batch_of_reads_passes_and_one_write_refuses_it_naming_the_entry() {
+        let p = Policy::default();
+        let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Patient/1"}},
+            {"request": {"method": "GET", "url": "Observation?patient=1&category=vital-signs"}},
+            {"request": {"method": "POST", "url": "Patient/_search"}}
+        ]});
+        assert_eq!(p.check_bundle(batch.to_string().as_bytes()), Ok(()));
+        let mut bad = batch.clone();
+        bad["entry"].as_array_mut().unwrap().push(json!({"request": {"method": "DELETE", "url": "Patient/1"}}));
+        let refusal = p.check_bundle(bad.to_string().as_bytes()).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::NotAllowed {
+                interaction: Interaction::Delete,
+                resource_type: Some("Patient".into()),
+                entry: Some(3)
+            }
+        );
+        assert!(refusal.to_string().contains("entry 3"));
+    }
+
+    #[test]
+    fn odd_bundles_are_refused() {
+        let p = Policy::default();
+        for body in [
+            json!({"resourceType": "Patient"}).to_string(),
+            json!({"resourceType": "Bundle", "type": "searchset"}).to_string(),
+            json!({"resourceType": "Bundle", "type": "batch", "entry": {}}).to_string(),
+            "not json".to_string(),
+        ] {
+            assert_eq!(p.check_bundle(body.as_bytes()), Err(Refusal::NotABundle), "{body}");
+        }
+        let nested =
+            json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "POST", "url": "/"}}]});
+        assert!(matches!(
+            p.check_bundle(nested.to_string().as_bytes()),
+            Err(Refusal::NotAllowed { entry: Some(0), .. })
+        ));
+        let no_url = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET"}}]});
+        assert_eq!(p.check_bundle(no_url.to_string().as_bytes()), Err(Refusal::BadEntry { entry: 0 }));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_paths_and_bundles_never_panic(m in "[A-Z]{0,7}", path in "\\PC{0,80}", body in "\\PC{0,200}") {
+            let _ = Policy::default().check_request(&m, &path);
+            let _ = Policy::default().check_bundle(body.as_bytes());
+        }
+    }
+}

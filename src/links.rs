@@ -26,12 +26,24 @@ fn rewrite_in_place(value: Option<&mut Value>, from: &str, to: &str) -> bool {
     }
 }
 
-/// Rewrites a FHIR JSON response: a Bundle's `link[].url`, `entry[].fullUrl` and `entry[].response.location`.
-/// `None` when the body is not JSON or nothing changed (the original is then passed on as is).
+/// Rewrites a FHIR JSON response: a Bundle's `link[].url`, `entry[].fullUrl` and `entry[].response.location`,
+/// and the same in Bundles nested as entries (a batch response carries one searchset per search). `None` when
+/// the body is not JSON or nothing changed (the original is then passed on as is).
 pub fn rewrite_body(body: &[u8], from: &str, to: &str) -> Option<Vec<u8>> {
     let mut doc: Value = serde_json::from_slice(body).ok()?;
-    if doc.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return None;
+    if rewrite_bundle(&mut doc, from, to, 0) {
+        serde_json::to_vec(&doc).ok()
+    } else {
+        None
+    }
+}
+
+/// How deep Bundles nest in a batch-response (one level in practice; the bound keeps recursion finite).
+const MAX_NESTING: usize = 4;
+
+fn rewrite_bundle(doc: &mut Value, from: &str, to: &str, depth: usize) -> bool {
+    if depth > MAX_NESTING || doc.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return false;
     }
     let mut changed = false;
     if let Some(Value::Array(links)) = doc.get_mut("link") {
@@ -43,13 +55,12 @@ pub fn rewrite_body(body: &[u8], from: &str, to: &str) -> Option<Vec<u8>> {
         for entry in entries.iter_mut() {
             changed |= rewrite_in_place(entry.get_mut("fullUrl"), from, to);
             changed |= rewrite_in_place(entry.get_mut("response").and_then(|r| r.get_mut("location")), from, to);
+            if let Some(resource) = entry.get_mut("resource") {
+                changed |= rewrite_bundle(resource, from, to, depth + 1);
+            }
         }
     }
-    if changed {
-        serde_json::to_vec(&doc).ok()
-    } else {
-        None
-    }
+    changed
 }
 
 #[cfg(test)]
@@ -84,6 +95,14 @@ mod tests {
         assert_eq!(out["entry"][0]["fullUrl"], format!("{TO}/Patient/1"));
         assert_eq!(out["entry"][1]["response"]["location"], format!("{TO}/Patient/2/_history/1"));
         assert_eq!(out["entry"][0]["resource"]["text"], format!("mentions {FROM} but is data"), "data is not touched");
+    }
+
+    #[test]
+    fn bundles_nested_in_a_batch_response_are_rewritten_too() {
+        let inner = json!({"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "self", "url": format!("{FROM}/Condition?patient=1")}]});
+        let body = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [{"resource": inner, "response": {"status": "200 OK"}}]});
+        let out: Value = serde_json::from_slice(&rewrite_body(body.to_string().as_bytes(), FROM, TO).unwrap()).unwrap();
+        assert_eq!(out["entry"][0]["resource"]["link"][0]["url"], format!("{TO}/Condition?patient=1"));
     }
 
     #[test]

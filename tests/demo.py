@@ -27,7 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from upstream import RecordingUpstream  # noqa: E402
+sys.path.insert(0, str(REPO / "tests" / "fhir"))
+from contract import TENANT_DATA, contract_patient  # noqa: E402
+from engine import EngineError, FhirEngine  # noqa: E402
 
 TENANT_A = "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"
 TENANT_B = "3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b"
@@ -99,8 +101,9 @@ def main() -> int:
 
     if not WASM.is_file():
         die(f"{WASM} missing: run `make build` first")
-    if not (REPO / "tests" / "idp" / "node_modules").is_dir():
-        die("IdP dependencies missing: (cd tests/idp && npm ci)")
+    for deps in ("idp", "fhir"):
+        if not (REPO / "tests" / deps / "node_modules").is_dir():
+            die(f"dependencies missing: (cd tests/{deps} && npm ci), or run `make demo`")
     busy = [f"{n}:{p}" for n, p in PORTS.items() if not port_free(p)]
     if busy:
         die(f"port(s) already in use on 127.0.0.1: {', '.join(busy)}")
@@ -108,7 +111,7 @@ def main() -> int:
     logdir = Path(os.environ.get("DEMO_LOG_DIR", REPO / "target" / "demo"))
     logdir.mkdir(parents=True, exist_ok=True)
     children: list[subprocess.Popen] = []
-    upstreams: list[RecordingUpstream] = []
+    upstreams: list[FhirEngine] = []
 
     def cleanup(*_):
         for p in reversed(children):
@@ -128,11 +131,13 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored (e.g. `make demo &`)
     try:
-        # 1. upstreams (in this process, request lines printed to stderr)
+        # 1. one real FHIR engine per tenant (tests/fhir: @medplum/fhir-router, in memory) with its own
+        #    synthetic patients, and a data-less one that serves the public CapabilityStatement
         for name in ("metadata", "tenant-a", "tenant-b"):
-            u = RecordingUpstream(name, port=PORTS[name]).start()
-            u.verbose = True
-            upstreams.append(u)
+            try:
+                upstreams.append(FhirEngine(name, logdir, TENANT_DATA.get(name), port=PORTS[name]).start())
+            except EngineError as exc:
+                die(str(exc))
 
         # 2. IdP
         idp_log = logdir / "idp.log"
@@ -161,22 +166,25 @@ def main() -> int:
                  lambda: request(PORTS["envoy"], "GET", "/Patient", {"authorization": f"Bearer {token_a}"})[0] != 503,
                  children[-1], timeout=30, log=envoy_log)
 
+        patient_a = contract_patient(TENANT_DATA["tenant-a"], "tenant-a")
         print(f"""
 fhir-tenant-router demo is up (logs in {logdir}):
   Envoy      http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
   IdP        http://127.0.0.1:9000    (TEST-ONLY keys; clients patients-app-a / patients-app-b)
-  upstreams  metadata :9100, tenant-a :9101, tenant-b :9102
+  FHIR       metadata :9100, tenant-a :9101, tenant-b :9102 (R4 engines, synthetic patients)
 
-# token for tenant A (client_secret_post, scope = tenant A's GUID)
+# discovery, no token needed: the CapabilityStatement names the IdP's token URL (SMART oauth-uris)
+curl -s http://127.0.0.1:10000/metadata | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["rest"][0]["security"], indent=1))'
+curl -s http://127.0.0.1:10000/.well-known/smart-configuration
+
+# token for tenant A, as the Patients app asks for it (client_secret_post, scope = tenant A's GUID)
 TOKEN=$(curl -s http://127.0.0.1:9000/token -d grant_type=client_credentials \\
   -d client_id=patients-app-a -d client_secret=demo-secret-a -d scope={TENANT_A} \\
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 
-# routed to tenant A's FHIR server (which sees x-fhir-tenant-id and no Authorization header)
-curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:10000/Patient
-
-# public, no token needed
-curl -s http://127.0.0.1:10000/metadata
+# patient search (form POST, as the Patients app does it) and that patient's vitals, from tenant A's server
+curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:10000/Patient/_search -d family={patient_a.family} -d given={patient_a.given}
+curl -s -H "Authorization: Bearer $TOKEN" 'http://127.0.0.1:10000/Observation?patient={patient_a.id}&category=vital-signs&_sort=-date&_count=3'
 
 # no token -> 401 OperationOutcome
 curl -si http://127.0.0.1:10000/Patient
@@ -187,11 +195,15 @@ curl -s http://127.0.0.1:9000/token -d grant_type=client_credentials \\
 """, flush=True)
 
         if args.check:
-            s1, _, b1 = request(PORTS["envoy"], "GET", "/Patient", {"authorization": f"Bearer {token_a}"})
+            s1, _, b1 = request(PORTS["envoy"], "POST", "/Patient/_search",
+                                {"authorization": f"Bearer {token_a}",
+                                 "content-type": "application/x-www-form-urlencoded"},
+                                f"family={patient_a.family}&given={patient_a.given}")
             s2, _, b2 = request(PORTS["envoy"], "GET", "/metadata")
             s3, _, _ = request(PORTS["envoy"], "GET", "/Patient")
-            ok = (s1 == 200 and b"tenant-a" in b1 and s2 == 200 and b"CapabilityStatement" in b2 and s3 == 401)
-            print(f"check: /Patient with A's token -> {s1}, /metadata -> {s2}, /Patient without token -> {s3}: "
+            ok = (s1 == 200 and patient_a.id.encode() in b1 and s2 == 200
+                  and b"oauth-uris" in b2 and b"http://127.0.0.1:9000/token" in b2 and s3 == 401)
+            print(f"check: patient search with A's token -> {s1}, /metadata -> {s2}, /Patient without token -> {s3}: "
                   + ("OK" if ok else "FAILED"))
             return 0 if ok else 1
 

@@ -1,5 +1,6 @@
 """`envoy --mode validate` accepts every shipped config and refuses bad plugin configs, naming the field."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,14 @@ def test_every_shipped_config_keeps_the_security_relevant_envoy_settings(config)
     assert doc["forward_authorization"] is False
     addresses = [cfg["admin"]["address"]] + [l["address"] for l in cfg["static_resources"]["listeners"]]
     assert all(a["socket_address"]["address"] == "127.0.0.1" for a in addresses)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "envoy").glob("*.yaml")))
+def test_every_shipped_plugin_config_is_valid_against_the_json_schema(config):
+    import jsonschema
+
+    from harness import ENVOY_DIR, load_yaml, plugin_json
+
+    schema = json.loads((ENVOY_DIR.parent / "docs" / "config.schema.json").read_text(encoding="utf-8"))
+    errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(plugin_json(load_yaml(ENVOY_DIR / config)))]
+    assert errors == []

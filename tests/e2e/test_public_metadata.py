@@ -34,11 +34,21 @@ def test_head_metadata_without_a_token_is_public(stack):
     _only_metadata_saw(stack, "HEAD", "/metadata")
 
 
-def test_the_smart_configuration_without_a_token_is_public(stack):
+def test_the_smart_configuration_without_a_token_is_answered_by_the_filter_from_its_config(stack):
     resp = stack.get("/.well-known/smart-configuration")
     assert resp.status == 200, resp
-    assert "token_endpoint" in resp.json()
-    _only_metadata_saw(stack, "GET", "/.well-known/smart-configuration")
+    doc = resp.json()
+    assert doc["token_endpoint"] == "http://127.0.0.1:9000/token"  # envoy/envoy.yaml's discovery section
+    assert doc["grant_types_supported"] == ["client_credentials"]
+    assert stack.upstreams.hits() == {}, "answered locally, no upstream involved"
+
+
+def test_metadata_is_patched_with_the_token_url(stack):
+    resp = stack.get("/metadata")
+    assert resp.status == 200, resp
+    ext = resp.json()["rest"][0]["security"]["extension"][0]
+    assert ext["url"] == "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+    assert ext["extension"][0] == {"url": "token", "valueUri": "http://127.0.0.1:9000/token"}
 
 
 def test_a_spoofed_route_header_on_metadata_still_goes_to_the_metadata_server(stack):

@@ -3,7 +3,9 @@
 use std::fmt;
 
 use crate::bearer::{extract_bearer, Credentials};
-use crate::cache::{self, TokenCache, Verified};
+use std::rc::Rc;
+
+use crate::cache::{Identity, TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
 use crate::fhir::Refusal;
@@ -34,7 +36,7 @@ pub enum Decision<'c> {
     SmartConfiguration { body: &'c str },
     /// A verified request for `tenant`; `cached` when the token came from the cache; `inspect_body` when
     /// the request is a Bundle whose entries the allowlist must judge before it goes on.
-    Route { tenant: &'c Tenant, token: Verified, cached: bool, inspect_body: bool },
+    Route { tenant: &'c Tenant, identity: Rc<Identity>, cached: bool, inspect_body: bool },
     /// Refuse it: the token.
     Reject(Rejection),
     /// Refuse it: a valid token, but the tenant's allowlist does not permit this interaction (403).
@@ -216,25 +218,26 @@ pub fn decide<'c>(
         Credentials::Malformed => return Decision::Reject(Rejection::MalformedCredentials),
         Credentials::Bearer(token) => token,
     };
-    let digest = (!cache.is_disabled()).then(|| cache::digest(token));
-    let cached = digest.as_ref().and_then(|d| cache.get(d, now)).cloned();
-    let from_cache = cached.is_some();
-    let verified = match cached {
-        Some(hit) => hit,
+    let digest = (!cache.is_disabled()).then(|| cache.digest(token));
+    // A hit is used in place (no copy of its claims); a miss is verified, then cached.
+    let (resolved, identity, from_cache) = match digest.as_ref().and_then(|d| cache.get(d, now)) {
+        Some(hit) => (config.tenants.resolve(hit.tenant_claim.as_ref()), Rc::clone(&hit.identity), true),
         None => match verify(token, keys, &config.provider, now, signatures) {
             Ok(claims) => {
                 let verified = Verified::from_claims(&claims, config.tenants.claim());
+                let resolved = config.tenants.resolve(verified.tenant_claim.as_ref());
+                let identity = Rc::clone(&verified.identity);
                 if let Some(d) = digest {
-                    cache.insert(d, verified.clone(), now);
+                    cache.insert(d, verified, now);
                 }
-                verified
+                (resolved, identity, false)
             }
             Err(rejection) => return Decision::Reject(rejection),
         },
     };
-    match config.tenants.resolve(verified.tenant_claim.as_ref()) {
+    match resolved {
         Ok(tenant) => match tenant.policy().check_request(request.method, request.path) {
-            Ok(inspect_body) => Decision::Route { tenant, token: verified, cached: from_cache, inspect_body },
+            Ok(inspect_body) => Decision::Route { tenant, identity, cached: from_cache, inspect_body },
             Err(refusal) => Decision::Forbidden(refusal),
         },
         Err(TenantError::None) => Decision::Reject(Rejection::NoTenant),

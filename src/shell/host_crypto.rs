@@ -29,7 +29,7 @@ impl HostSignatures {
     }
 
     fn pure(&self, alg: Algorithm, key: &Key, input: &[u8], signature: &[u8]) -> bool {
-        Metrics::count(self.metrics.signature_pure_rust);
+        self.metrics.count(self.metrics.signature_pure_rust);
         PureRust.check(alg, key, input, signature)
     }
 }
@@ -62,7 +62,7 @@ impl SignatureCheck for HostSignatures {
             _ => raw_signature,
         };
         let args = encode_verify_arguments(alg.hash_name(), key.spki_der(), signature, input);
-        Metrics::count(self.metrics.signature_host);
+        self.metrics.count(self.metrics.signature_host);
         match hostcalls::call_foreign_function("verify_signature", Some(&args)) {
             Ok(Some(result)) => decode_verify_result(&result).unwrap_or(false),
             Ok(None) => false,

@@ -18,7 +18,6 @@ use crate::fhir::{Policy, Refusal};
 use crate::links;
 use crate::tenant::Tenant;
 
-use super::metrics::Metrics;
 use super::root::{Shared, Waiter};
 use super::{header_pairs, header_value, millis};
 
@@ -146,7 +145,7 @@ fn reject(shared: &Shared, rejection: Rejection, now_ms: u64) {
 
 /// 403 for a request the tenant's allowlist refuses; the message names the interaction (and Bundle entry).
 fn forbid(shared: &Shared, refusal: &Refusal) {
-    Metrics::count(shared.metrics.forbidden_by_policy);
+    shared.metrics.count(shared.metrics.forbidden_by_policy);
     let body = operation_outcome("forbidden", &refusal.to_string());
     let headers = vec![("content-type", "application/fhir+json"), ("cache-control", "no-store")];
     let _ = hostcalls::send_http_response(403, headers, Some(body.as_bytes()));
@@ -203,12 +202,12 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
                     .borrow_mut()
                     .insert(context_id, After { inspect_body: None, response: Some(ResponseEdit::PatchCapability) });
             }
-            Metrics::count(shared.metrics.public);
+            shared.metrics.count(shared.metrics.public);
             route_to(shared, cluster);
             Action::Continue
         }
         Decision::SmartConfiguration { body } => {
-            Metrics::count(shared.metrics.public);
+            shared.metrics.count(shared.metrics.public);
             let headers = vec![("content-type", "application/json"), ("cache-control", "max-age=3600")];
             let _ = hostcalls::send_http_response(200, headers, Some(body.as_bytes()));
             Action::Pause
@@ -223,8 +222,8 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
             if inspect_body.is_some() || response.is_some() {
                 shared.after.borrow_mut().insert(context_id, After { inspect_body, response });
             }
-            Metrics::count(if cached { shared.metrics.cache_hits } else { shared.metrics.cache_misses });
-            Metrics::count(shared.metrics.allowed);
+            shared.metrics.count(if cached { shared.metrics.cache_hits } else { shared.metrics.cache_misses });
+            shared.metrics.count(shared.metrics.allowed);
             route_to(shared, &tenant.cluster);
             Action::Continue
         }
@@ -240,7 +239,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
             let mut state = shared.keys.borrow_mut();
             let wait = state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, remote.min_refetch_ms));
             if wait {
-                Metrics::count(shared.metrics.jwks_unknown_kid_waits);
+                shared.metrics.count(shared.metrics.jwks_unknown_kid_waits);
                 state.waiting.push(Waiter { context_id, request });
             } else {
                 drop(state);

@@ -1,5 +1,10 @@
 //! Counters and gauges through proxy-wasm metrics. Envoy shows them as `wasmcustom.fhir_tenant_router.*` in
 //! `/stats` and `/stats/prometheus`; every VM defining the same name shares one stat.
+//!
+//! Counting on the hot path is local (no host call); the root context flushes the counts to the host on
+//! every tick (500 ms), so stats lag by at most that.
+
+use std::cell::RefCell;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -12,6 +17,8 @@ pub const PREFIX: &str = "fhir_tenant_router";
 /// The metric ids of one VM. An id the host refused to define is `None`, and counting it does nothing.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Counts not yet handed to the host, by metric id.
+    pending: RefCell<Vec<(u32, i64)>>,
     pub allowed: Option<u32>,
     pub public: Option<u32>,
     rejected: Vec<Option<u32>>,
@@ -36,6 +43,7 @@ impl Metrics {
     /// Defines every metric.
     pub fn define() -> Self {
         Self {
+            pending: RefCell::default(),
             allowed: define(MetricType::Counter, "requests.allowed"),
             public: define(MetricType::Counter, "requests.public"),
             rejected: Rejection::ALL
@@ -56,10 +64,20 @@ impl Metrics {
         }
     }
 
-    /// Adds one to a counter.
-    pub fn count(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+    /// Adds one to a counter (handed to the host at the next [`Metrics::flush`]).
+    pub fn count(&self, id: Option<u32>) {
+        let Some(id) = id else { return };
+        let mut pending = self.pending.borrow_mut();
+        match pending.iter_mut().find(|(m, _)| *m == id) {
+            Some((_, n)) => *n += 1,
+            None => pending.push((id, 1)),
+        }
+    }
+
+    /// Hands the pending counts to the host.
+    pub fn flush(&self) {
+        for (id, n) in self.pending.borrow_mut().drain(..) {
+            let _ = hostcalls::increment_metric(id, n);
         }
     }
 
@@ -73,6 +91,6 @@ impl Metrics {
     /// Counts one refusal under its reason.
     pub fn count_rejection(&self, rejection: Rejection) {
         let index = Rejection::ALL.iter().position(|r| *r == rejection);
-        Self::count(index.and_then(|i| self.rejected.get(i).copied().flatten()));
+        self.count(index.and_then(|i| self.rejected.get(i).copied().flatten()));
     }
 }

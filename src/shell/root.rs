@@ -51,7 +51,11 @@ pub struct Shared {
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
+    last_purge_s: i64,
 }
+
+/// How often expired tokens are swept from the cache (an O(capacity) pass, kept off the per-request path).
+const PURGE_EVERY_S: i64 = 10;
 
 impl Root {
     fn now_ms(&self) -> u64 {
@@ -77,7 +81,7 @@ impl Root {
         let mut state = shared.keys.borrow_mut();
         let streak = match outcome {
             Ok(keys) => {
-                Metrics::count(shared.metrics.jwks_fetch_ok);
+                shared.metrics.count(shared.metrics.jwks_fetch_ok);
                 Metrics::set(shared.metrics.jwks_keys, keys.keys().len() as u64);
                 if keys.skipped() > 0 {
                     log::info!(
@@ -94,7 +98,7 @@ impl Root {
                 state.schedule.as_mut().map(|s| s.succeeded(now))
             }
             Err(why) => {
-                Metrics::count(shared.metrics.jwks_fetch_failed);
+                shared.metrics.count(shared.metrics.jwks_fetch_failed);
                 let streak = state.schedule.as_mut().map(|s| s.failed(now));
                 if streak == Some(Streak::Started) {
                     let kept = match &state.keys {
@@ -181,6 +185,12 @@ impl RootContext for Root {
         let Some(shared) = self.shared.clone() else {
             return;
         };
+        shared.metrics.flush();
+        let now_s = i64::try_from(self.now_ms() / 1000).unwrap_or(i64::MAX);
+        if now_s.saturating_sub(self.last_purge_s) >= PURGE_EVERY_S {
+            self.last_purge_s = now_s;
+            shared.cache.borrow_mut().purge_expired(now_s);
+        }
         Metrics::set(shared.metrics.vm_memory_bytes, vm_memory_bytes());
         Metrics::set(shared.metrics.cache_entries, shared.cache.borrow().len() as u64);
         let JwksSource::Remote(remote) = &shared.config.jwks else {

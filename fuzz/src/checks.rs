@@ -1,0 +1,286 @@
+//! One parser, one input: run it, and assert what must hold whatever the input. A failure is a panic.
+
+use std::collections::HashSet;
+use std::sync::OnceLock;
+
+use fhir_tenant_router::bearer::{extract_bearer, Credentials};
+use fhir_tenant_router::config::Provider;
+use fhir_tenant_router::crypto::PureRust;
+use fhir_tenant_router::der::ecdsa_raw_to_der;
+use fhir_tenant_router::host_proto::decode_verify_result;
+use fhir_tenant_router::jwks::{JwksError, KeyMaterial, KeySet, MAX_JWKS_BYTES, MAX_KEYS, MIN_RSA_BITS};
+use fhir_tenant_router::tenant::{TenantError, TenantMap};
+use fhir_tenant_router::verify::{verify, Claims};
+use fhir_tenant_router::{Config, Rejection};
+use serde_json::Value;
+
+/// Verifies `token` with the pure-Rust verifier. When `signed` is given it holds every signing input the
+/// generator signed with a test key: an accepted token must be one of them (anything else is a forgery).
+pub fn token(
+    token: &str,
+    keys: Option<&KeySet>,
+    provider: &Provider,
+    now: i64,
+    signed: Option<&HashSet<String>>,
+) -> Result<Claims, Rejection> {
+    let result = verify(token, keys, provider, now, &PureRust);
+    if token.len() > provider.max_token_bytes {
+        assert_eq!(result, Err(Rejection::TokenTooLarge), "an oversized token was parsed");
+    }
+    if let Ok(claims) = &result {
+        assert!(keys.is_some(), "accepted without keys");
+        if let Some(signed) = signed {
+            let input = token.rsplit_once('.').map(|(input, _)| input).unwrap_or_default();
+            assert!(signed.contains(input), "accepted a token whose signing input no test key signed: {token}");
+        }
+        assert_eq!(claims.str("iss"), Some(provider.issuer.as_str()), "accepted a foreign issuer");
+        assert!(now <= claims.exp.saturating_add(provider.clock_skew_s), "accepted an expired token");
+    }
+    result
+}
+
+/// Compiles a JWKS document. `true` when it gave a key set.
+pub fn jwks(bytes: &[u8]) -> bool {
+    match KeySet::from_jwks(bytes) {
+        Ok(set) => {
+            assert!(!set.keys().is_empty() && set.keys().len() <= MAX_KEYS, "key count {}", set.keys().len());
+            for key in set.keys() {
+                assert!(!key.spki_der().is_empty());
+                if let KeyMaterial::Rsa(public) = key.material() {
+                    use rsa::traits::PublicKeyParts as _;
+                    assert!(public.size() * 8 >= MIN_RSA_BITS, "a small RSA key was kept");
+                }
+            }
+            true
+        }
+        Err(e) => {
+            if bytes.len() > MAX_JWKS_BYTES {
+                assert_eq!(e, JwksError::TooLarge);
+            }
+            assert!(!e.to_string().is_empty());
+            false
+        }
+    }
+}
+
+/// Parses and compiles a plugin configuration. `true` when it compiled.
+pub fn config(bytes: &[u8]) -> bool {
+    match Config::from_json(bytes) {
+        Ok(c) => {
+            assert!(!c.tenants.is_empty());
+            assert!((256..=65_536).contains(&c.provider.max_token_bytes));
+            assert!(!c.provider.issuer.is_empty() && !c.provider.audiences.is_empty());
+            assert_ne!(c.route_header, c.tenant_header);
+            true
+        }
+        Err(e) => {
+            assert!(e.to_string().starts_with("invalid plugin configuration: "));
+            false
+        }
+    }
+}
+
+/// A tenant map with the ids and prefixes it was built from, for the reference resolution.
+pub struct TenantCase {
+    pub map: TenantMap,
+    pub ids: Vec<&'static str>,
+    pub prefixes: Vec<&'static str>,
+}
+
+/// The tenant maps fuzzed: the demo's (bare ids and `tenant/`), and one whose prefixes overlap its ids.
+pub fn tenant_maps() -> &'static [TenantCase] {
+    static MAPS: OnceLock<Vec<TenantCase>> = OnceLock::new();
+    MAPS.get_or_init(|| {
+        let build = |ids: Vec<&'static str>, prefixes: Vec<&'static str>| {
+            let mut map = TenantMap::new("scope".into(), prefixes.iter().map(|p| p.to_string()).collect());
+            for (i, id) in ids.iter().enumerate() {
+                map.insert(id, format!("cluster_{i}")).expect("valid test tenant id");
+            }
+            TenantCase { map, ids, prefixes }
+        };
+        vec![
+            build(vec![crate::fixtures::TENANT_A, crate::fixtures::TENANT_B], vec!["", "tenant/"]),
+            build(vec!["abc", "bc", "X.y_Z-9", "tenant"], vec!["a", "", "tenant/", "tenant"]),
+        ]
+    })
+}
+
+/// What the claim should resolve to, computed from the rules as documented (RFC 6749 §3.3 space-delimited
+/// values, or an array of strings; a value `<prefix><id>` names `<id>`, ids compared ASCII-case-insensitively;
+/// exactly one value must name a tenant).
+pub fn reference_tenant(case: &TenantCase, claim: Option<&Value>) -> Result<String, TenantError> {
+    let values: Vec<&str> = match claim {
+        Some(Value::String(s)) => s.split(' ').filter(|v| !v.is_empty()).collect(),
+        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let mut found = Vec::new();
+    for value in values {
+        let named = case.prefixes.iter().find_map(|p| {
+            let rest = value.strip_prefix(p)?;
+            case.ids.iter().find(|id| id.eq_ignore_ascii_case(rest))
+        });
+        if let Some(id) = named {
+            found.push(id.to_ascii_lowercase());
+        }
+    }
+    match found.len() {
+        0 => Err(TenantError::None),
+        1 => Ok(found.remove(0)),
+        _ => Err(TenantError::Several),
+    }
+}
+
+/// Resolves the tenant claim and compares with [`reference_tenant`]. `true` when a tenant was found.
+pub fn tenant(case: &TenantCase, claim: Option<&Value>) -> bool {
+    let got = case.map.resolve(claim).map(|t| t.id.clone());
+    let want = reference_tenant(case, claim);
+    assert_eq!(got, want, "tenant resolution differs from the reference for claim {claim:?}");
+    got.is_ok()
+}
+
+fn is_b64token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+}
+
+/// Extracts the bearer token and checks it against RFC 6750 §2.1.
+pub fn bearer(header: Option<&str>) {
+    let result = extract_bearer(header);
+    let Some(h) = header else {
+        assert_eq!(result, Credentials::Missing);
+        return;
+    };
+    let scheme = h.split_once(' ').map_or(h, |(s, _)| s);
+    let is_bearer = scheme.eq_ignore_ascii_case("bearer");
+    match result {
+        Credentials::Missing => assert!(!is_bearer, "a Bearer header was reported missing: {h:?}"),
+        Credentials::Malformed => assert!(is_bearer),
+        Credentials::Bearer(t) => {
+            assert!(is_bearer && h.ends_with(t) && h.len() > t.len() + 6, "{h:?} gave {t:?}");
+            let body = t.trim_end_matches('=');
+            assert!(!body.is_empty() && body.bytes().all(is_b64token_char), "{h:?} gave {t:?}");
+            assert!(h.get(6..h.len() - t.len()).is_some_and(|gap| !gap.is_empty() && gap.bytes().all(|b| b == b' ')));
+        }
+    }
+}
+
+/// An independent protobuf reader for `VerifySignatureResult { bool result = 1; string error = 2; }`: every
+/// wire type the protobuf encoding defines is skipped when it is not field 1, and the last field 1 wins.
+pub fn reference_verify_result(bytes: &[u8]) -> Option<bool> {
+    fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let b = *bytes.get(*at)?;
+            *at += 1;
+            value |= u64::from(b & 0x7f).checked_shl(7 * i).unwrap_or(0);
+            if b < 0x80 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut at = 0;
+    let mut result = false;
+    while at < bytes.len() {
+        let key = varint(bytes, &mut at)?;
+        let skip = match key & 7 {
+            0 => {
+                let v = varint(bytes, &mut at)?;
+                if key >> 3 == 1 {
+                    result = v != 0;
+                }
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(varint(bytes, &mut at)?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        at = at.checked_add(skip).filter(|end| *end <= bytes.len())?;
+    }
+    Some(result)
+}
+
+/// Decodes Envoy's `VerifySignatureResult`: whatever it decodes must agree with the reference reader (it may
+/// refuse more, e.g. fixed-width fields the message never has: refusing means "not verified").
+pub fn host_proto(bytes: &[u8]) -> Option<bool> {
+    let result = decode_verify_result(bytes);
+    if let Some(r) = result {
+        assert_eq!(reference_verify_result(bytes), Some(r), "disagrees with the reference protobuf reader");
+    }
+    result
+}
+
+/// Strips leading zero bytes.
+fn magnitude(be: &[u8]) -> &[u8] {
+    let skip = be.iter().take_while(|b| **b == 0).count();
+    &be[skip..]
+}
+
+fn der_len(input: &mut &[u8]) -> Option<usize> {
+    let (&first, rest) = input.split_first()?;
+    *input = rest;
+    if first < 0x80 {
+        return Some(usize::from(first));
+    }
+    let count = usize::from(first & 0x7f);
+    if count == 0 || count > 4 || input.len() < count {
+        return None;
+    }
+    let (digits, rest) = input.split_at(count);
+    *input = rest;
+    if digits[0] == 0 {
+        return None; // not minimal
+    }
+    let len = digits.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+    (len >= 0x80).then_some(len) // the short form was possible
+}
+
+fn der_positive_integer<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (&tag, rest) = input.split_first()?;
+    *input = rest;
+    if tag != 0x02 {
+        return None;
+    }
+    let len = der_len(input)?;
+    if len == 0 || input.len() < len {
+        return None;
+    }
+    let (content, rest) = input.split_at(len);
+    *input = rest;
+    if content[0] >= 0x80 || (content.len() > 1 && content[0] == 0 && content[1] < 0x80) {
+        return None; // negative, or not minimal
+    }
+    Some(magnitude(content))
+}
+
+/// Parses a strict DER `Ecdsa-Sig-Value` into the magnitudes of `r` and `s`.
+pub fn parse_der_signature(der: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut input = der;
+    let (&tag, rest) = input.split_first()?;
+    input = rest;
+    if tag != 0x30 || der_len(&mut input)? != input.len() {
+        return None;
+    }
+    let r = der_positive_integer(&mut input)?;
+    let s = der_positive_integer(&mut input)?;
+    input.is_empty().then_some((r, s))
+}
+
+/// Converts raw `r || s` to DER and checks the result: strict DER holding the same integers, and for P-256
+/// exactly the encoding RustCrypto's `p256` produces.
+pub fn der(raw: &[u8], scalar_len: usize) -> bool {
+    let out = ecdsa_raw_to_der(raw, scalar_len);
+    assert_eq!(out.is_some(), scalar_len.checked_mul(2) == Some(raw.len()), "length check, scalar {scalar_len}");
+    let Some(der) = out else { return false };
+    let (r, s) = parse_der_signature(&der).expect("ecdsa_raw_to_der produced DER that is not strict");
+    let (raw_r, raw_s) = raw.split_at(scalar_len);
+    assert_eq!(r, magnitude(raw_r), "r changed");
+    assert_eq!(s, magnitude(raw_s), "s changed");
+    if scalar_len == 32 {
+        if let Ok(sig) = p256::ecdsa::Signature::from_slice(raw) {
+            assert_eq!(der.as_slice(), sig.to_der().as_bytes(), "differs from p256's DER");
+        }
+    }
+    true
+}

@@ -60,6 +60,8 @@ pub struct Verified {
     pub exp: i64,
     /// Fingerprint of the key that verified the signature.
     pub key: u64,
+    /// Index of the provider (issuer) that verified it.
+    pub provider: usize,
     /// The configured tenant claim's value, as signed.
     pub tenant_claim: Option<Value>,
     /// Shared, so that a hit hands it on without copying.
@@ -71,13 +73,14 @@ const MAX_IDENTITY_CHARS: usize = 128;
 
 impl Verified {
     /// Keeps what the per-request rules need from freshly verified claims.
-    pub fn from_claims(claims: &Claims, tenant_claim: &str) -> Self {
+    pub fn from_claims(claims: &Claims, tenant_claim: &str, provider: usize) -> Self {
         let text = |name: &str| claims.str(name).map(|v| v.chars().take(MAX_IDENTITY_CHARS).collect());
         let client_id = text("client_id").or_else(|| text("azp")).or_else(|| text("appid"));
         let identity = Identity { client_id, sub: text("sub"), jti: text("jti") };
         Self {
             exp: claims.exp,
             key: claims.key,
+            provider,
             tenant_claim: claims.payload.get(tenant_claim).cloned(),
             identity: Rc::new(identity),
         }
@@ -189,7 +192,7 @@ mod tests {
     const NOW: i64 = 1_767_225_600;
 
     fn entry(exp: i64, key: u64) -> Verified {
-        Verified { exp, key, tenant_claim: Some(json!("t")), identity: Rc::default() }
+        Verified { exp, key, provider: 0, tenant_claim: Some(json!("t")), identity: Rc::default() }
     }
 
     fn digest(token: &str) -> TokenDigest {

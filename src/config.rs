@@ -20,8 +20,18 @@ pub const DEFAULT_TENANT_HEADER: &str = "x-fhir-tenant-id";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    pub provider: RawProvider,
+    #[serde(default)]
+    pub provider: Option<RawProvider>,
+    #[serde(default)]
+    pub providers: Option<Vec<RawProvider>>,
+    #[serde(default)]
     pub tenants: BTreeMap<String, RawTenant>,
+    #[serde(default)]
+    pub tenant_registry: Option<RawRegistry>,
+    #[serde(default)]
+    pub dynamic_forward_proxy_cluster: Option<String>,
+    #[serde(default)]
+    pub audit_log: Option<bool>,
     #[serde(default)]
     pub tenant_claim: Option<String>,
     #[serde(default)]
@@ -71,7 +81,12 @@ pub struct RawProvider {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTenant {
-    pub cluster: String,
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub issuers: Option<Vec<String>>,
     #[serde(default)]
     pub authority: Option<String>,
     #[serde(default)]
@@ -82,6 +97,25 @@ pub struct RawTenant {
     pub upstream_header: Option<RawUpstreamHeader>,
     #[serde(default)]
     pub allow: Option<RawAllow>,
+}
+
+/// Where the tenant map is fetched from, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    pub uri: String,
+    pub cluster: String,
+    #[serde(default)]
+    pub refresh_s: Option<u64>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The registry document: the same tenant objects as the configuration's `tenants`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistryDocument {
+    tenants: BTreeMap<String, RawTenant>,
 }
 
 /// A header for the tenant's upstream whose value comes from an environment variable of the VM.
@@ -152,6 +186,8 @@ pub enum JwksSource {
 /// A JWKS fetched over HTTP through an Envoy cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteJwks {
+    /// The URL as configured.
+    pub uri: String,
     pub cluster: String,
     pub authority: String,
     pub path: String,
@@ -161,12 +197,35 @@ pub struct RemoteJwks {
     pub min_refetch_ms: u64,
 }
 
+/// One token issuer and where its keys come from.
+#[derive(Clone, Debug)]
+pub struct ProviderConfig {
+    pub provider: Provider,
+    pub jwks: JwksSource,
+}
+
+/// Where the tenant map is fetched from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registry {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub refresh_ms: u64,
+    pub timeout_ms: u64,
+}
+
 /// The compiled configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub provider: Provider,
-    pub jwks: JwksSource,
+    /// The token issuers (at least one); a token's `iss` picks one.
+    pub providers: Vec<ProviderConfig>,
+    /// The tenants from the configuration (the initial map when a registry is configured; may be empty then).
     pub tenants: TenantMap,
+    pub registry: Option<Registry>,
+    /// The cluster for tenants given by `url` (Envoy's dynamic forward proxy).
+    pub dynamic_forward_proxy_cluster: Option<String>,
+    /// One JSON audit line per request in Envoy's log.
+    pub audit_log: bool,
     pub metadata_cluster: String,
     pub route_header: String,
     pub tenant_header: String,
@@ -253,6 +312,7 @@ fn compile_upstream(
         && t.links_base_url.is_none()
         && t.upstream_header.is_none()
         && t.allow.is_none()
+        && t.issuers.is_none()
     {
         return Ok(None);
     }
@@ -292,6 +352,7 @@ fn compile_upstream(
         }
         u.header = Some((name, value));
     }
+    u.issuers = t.issuers.clone();
     if let Some(a) = &t.allow {
         u.policy = Policy::new(&a.interactions, a.resource_types.as_deref())
             .map_err(|why| ConfigError::new(format!("{field}.allow"), why))?;
@@ -317,81 +378,197 @@ fn compile_discovery(d: RawDiscovery) -> Result<Discovery, ConfigError> {
     })
 }
 
+fn compile_provider(field: &str, p: RawProvider) -> Result<ProviderConfig, ConfigError> {
+    let f = |name: &str| format!("{field}.{name}");
+    if p.issuer.is_empty() {
+        return Err(ConfigError::new(f("issuer"), "must not be empty"));
+    }
+    if p.audiences.is_empty() || p.audiences.iter().any(String::is_empty) {
+        return Err(ConfigError::new(f("audiences"), "must list at least one non-empty audience"));
+    }
+    let clock_skew_s = p.clock_skew_s.unwrap_or(DEFAULT_SKEW_S);
+    if clock_skew_s > 3_600 {
+        return Err(ConfigError::new(f("clock_skew_s"), "must be at most 3600"));
+    }
+    let max_token_bytes = p.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
+    if !(256..=65_536).contains(&max_token_bytes) {
+        return Err(ConfigError::new(f("max_token_bytes"), "must be between 256 and 65536"));
+    }
+    let jwks = match (p.jwks, p.jwks_uri, p.jwks_cluster) {
+        (Some(inline), None, None) => {
+            if p.jwks_refresh_s.is_some() || p.jwks_timeout_ms.is_some() || p.jwks_min_refetch_s.is_some() {
+                return Err(ConfigError::new(f("jwks_refresh_s"), "only applies to a remote JWKS (jwks_uri)"));
+            }
+            JwksSource::Inline(KeySet::from_value(&inline).map_err(|e| ConfigError::new(f("jwks"), e.to_string()))?)
+        }
+        (None, Some(uri), Some(cluster)) => {
+            let (authority, path) = split_http_url(&uri)
+                .ok_or_else(|| ConfigError::new(f("jwks_uri"), "must be an absolute http(s) URL"))?;
+            if !is_header_value(&cluster) || cluster.is_empty() {
+                return Err(ConfigError::new(f("jwks_cluster"), "must be an Envoy cluster name"));
+            }
+            let refresh_s = p.jwks_refresh_s.unwrap_or(DEFAULT_REFRESH_S);
+            if !(10..=86_400).contains(&refresh_s) {
+                return Err(ConfigError::new(f("jwks_refresh_s"), "must be between 10 and 86400"));
+            }
+            let timeout_ms = p.jwks_timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+            if !(100..=60_000).contains(&timeout_ms) {
+                return Err(ConfigError::new(f("jwks_timeout_ms"), "must be between 100 and 60000"));
+            }
+            let min_refetch_s = p.jwks_min_refetch_s.unwrap_or(DEFAULT_MIN_REFETCH_S);
+            if !(1..=3_600).contains(&min_refetch_s) {
+                return Err(ConfigError::new(f("jwks_min_refetch_s"), "must be between 1 and 3600"));
+            }
+            JwksSource::Remote(RemoteJwks {
+                uri,
+                cluster,
+                authority,
+                path,
+                refresh_ms: refresh_s * 1_000,
+                timeout_ms,
+                min_refetch_ms: min_refetch_s * 1_000,
+            })
+        }
+        (None, Some(_), None) => return Err(ConfigError::new(f("jwks_cluster"), "is required with jwks_uri")),
+        (None, None, Some(_)) => return Err(ConfigError::new(f("jwks_uri"), "is required with jwks_cluster")),
+        (None, None, None) => {
+            return Err(ConfigError::new(f("jwks_uri"), "give either jwks_uri with jwks_cluster, or jwks"));
+        }
+        (Some(_), _, _) => {
+            return Err(ConfigError::new(f("jwks"), "give either jwks_uri with jwks_cluster, or jwks, not both"));
+        }
+    };
+    Ok(ProviderConfig {
+        provider: Provider {
+            issuer: p.issuer,
+            audiences: p.audiences,
+            clock_skew_s: clock_skew_s as i64,
+            max_token_bytes,
+        },
+        jwks,
+    })
+}
+
+/// What compiling a tenant needs besides the tenant itself.
+struct TenantContext<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+    dynamic_forward_proxy_cluster: Option<&'a str>,
+    issuers: Vec<&'a str>,
+}
+
+fn compile_tenants(
+    field: &str,
+    raw: BTreeMap<String, RawTenant>,
+    ctx: &TenantContext<'_>,
+    mut map: TenantMap,
+) -> Result<TenantMap, ConfigError> {
+    for (id, mut tenant) in raw {
+        let field = format!("{field}.{id}");
+        let cluster = match (tenant.cluster.take(), tenant.url.take()) {
+            (Some(cluster), None) => {
+                if cluster.is_empty() || !is_header_value(&cluster) {
+                    return Err(ConfigError::new(format!("{field}.cluster"), "must be an Envoy cluster name"));
+                }
+                cluster
+            }
+            (None, Some(url)) => {
+                let dfp = ctx.dynamic_forward_proxy_cluster.ok_or_else(|| {
+                    ConfigError::new(
+                        format!("{field}.url"),
+                        "needs the top-level dynamic_forward_proxy_cluster (Envoy's dynamic forward proxy)",
+                    )
+                })?;
+                let base = base_url(&format!("{field}.url"), &url)?;
+                let (authority, path) = split_http_url(&base)
+                    .ok_or_else(|| ConfigError::new(format!("{field}.url"), "must be an absolute http(s) URL"))?;
+                if tenant.authority.is_some() || tenant.base_path.is_some() {
+                    return Err(ConfigError::new(
+                        format!("{field}.url"),
+                        "gives the authority and base path itself: drop authority and base_path",
+                    ));
+                }
+                tenant.authority = Some(authority);
+                tenant.base_path = Some(path);
+                tenant.links_base_url.get_or_insert(base);
+                dfp.to_string()
+            }
+            _ => return Err(ConfigError::new(format!("{field}.cluster"), "give exactly one of cluster and url")),
+        };
+        if let Some(issuers) = &tenant.issuers {
+            if let Some(bad) = issuers.iter().find(|i| !ctx.issuers.contains(&i.as_str())) {
+                return Err(ConfigError::new(
+                    format!("{field}.issuers"),
+                    format!("`{bad}` is not a configured issuer"),
+                ));
+            }
+        }
+        let upstream = compile_upstream(&field, &tenant, ctx.env)?;
+        map.insert_with(&id, cluster, upstream).map_err(|why| ConfigError::new(field, why))?;
+    }
+    Ok(map)
+}
+
+fn compile_registry(r: RawRegistry) -> Result<Registry, ConfigError> {
+    let (authority, path) = split_http_url(&r.uri)
+        .ok_or_else(|| ConfigError::new("tenant_registry.uri", "must be an absolute http(s) URL"))?;
+    if r.cluster.is_empty() || !is_header_value(&r.cluster) {
+        return Err(ConfigError::new("tenant_registry.cluster", "must be an Envoy cluster name"));
+    }
+    let refresh_s = r.refresh_s.unwrap_or(60);
+    if !(1..=86_400).contains(&refresh_s) {
+        return Err(ConfigError::new("tenant_registry.refresh_s", "must be between 1 and 86400"));
+    }
+    let timeout_ms = r.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if !(100..=60_000).contains(&timeout_ms) {
+        return Err(ConfigError::new("tenant_registry.timeout_ms", "must be between 100 and 60000"));
+    }
+    Ok(Registry { cluster: r.cluster, authority, path, refresh_ms: refresh_s * 1_000, timeout_ms })
+}
+
+impl Config {
+    /// Compiles a tenant registry document (`{"tenants": {...}}`, the same tenant objects as the
+    /// configuration's) into a new tenant map; the error names the offending field.
+    pub fn compile_registry(
+        &self,
+        bytes: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<TenantMap, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawRegistryDocument = serde_path_to_error::deserialize(de)
+            .map_err(|e| ConfigError::new(e.path().to_string(), e.into_inner().to_string()))?;
+        let ctx = TenantContext {
+            env,
+            dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
+            issuers: self.providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
+        };
+        compile_tenants("tenants", raw.tenants, &ctx, self.tenants.empty_like())
+    }
+
+    /// The provider of a token issued by `issuer`, by index.
+    pub fn provider_index(&self, issuer: &str) -> Option<usize> {
+        self.providers.iter().position(|p| p.provider.issuer == issuer)
+    }
+}
+
 impl RawConfig {
     /// Validates and compiles; `env` gives the VM's environment variables.
     pub fn compile(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let p = self.provider;
-        if p.issuer.is_empty() {
-            return Err(ConfigError::new("provider.issuer", "must not be empty"));
-        }
-        if p.audiences.is_empty() || p.audiences.iter().any(String::is_empty) {
-            return Err(ConfigError::new("provider.audiences", "must list at least one non-empty audience"));
-        }
-        let clock_skew_s = p.clock_skew_s.unwrap_or(DEFAULT_SKEW_S);
-        if clock_skew_s > 3_600 {
-            return Err(ConfigError::new("provider.clock_skew_s", "must be at most 3600"));
-        }
-        let max_token_bytes = p.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
-        if !(256..=65_536).contains(&max_token_bytes) {
-            return Err(ConfigError::new("provider.max_token_bytes", "must be between 256 and 65536"));
-        }
-
-        let jwks_uri = p.jwks_uri.clone();
-        let jwks = match (p.jwks, p.jwks_uri, p.jwks_cluster) {
-            (Some(inline), None, None) => {
-                if p.jwks_refresh_s.is_some() || p.jwks_timeout_ms.is_some() || p.jwks_min_refetch_s.is_some() {
-                    return Err(ConfigError::new(
-                        "provider.jwks_refresh_s",
-                        "only applies to a remote JWKS (jwks_uri)",
-                    ));
-                }
-                JwksSource::Inline(
-                    KeySet::from_value(&inline).map_err(|e| ConfigError::new("provider.jwks", e.to_string()))?,
-                )
-            }
-            (None, Some(uri), Some(cluster)) => {
-                let (authority, path) = split_http_url(&uri)
-                    .ok_or_else(|| ConfigError::new("provider.jwks_uri", "must be an absolute http(s) URL"))?;
-                if !is_header_value(&cluster) || cluster.is_empty() {
-                    return Err(ConfigError::new("provider.jwks_cluster", "must be an Envoy cluster name"));
-                }
-                let refresh_s = p.jwks_refresh_s.unwrap_or(DEFAULT_REFRESH_S);
-                if !(10..=86_400).contains(&refresh_s) {
-                    return Err(ConfigError::new("provider.jwks_refresh_s", "must be between 10 and 86400"));
-                }
-                let timeout_ms = p.jwks_timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
-                if !(100..=60_000).contains(&timeout_ms) {
-                    return Err(ConfigError::new("provider.jwks_timeout_ms", "must be between 100 and 60000"));
-                }
-                let min_refetch_s = p.jwks_min_refetch_s.unwrap_or(DEFAULT_MIN_REFETCH_S);
-                if !(1..=3_600).contains(&min_refetch_s) {
-                    return Err(ConfigError::new("provider.jwks_min_refetch_s", "must be between 1 and 3600"));
-                }
-                JwksSource::Remote(RemoteJwks {
-                    cluster,
-                    authority,
-                    path,
-                    refresh_ms: refresh_s * 1_000,
-                    timeout_ms,
-                    min_refetch_ms: min_refetch_s * 1_000,
-                })
-            }
-            (None, Some(_), None) => {
-                return Err(ConfigError::new("provider.jwks_cluster", "is required with jwks_uri"));
-            }
-            (None, None, Some(_)) => {
-                return Err(ConfigError::new("provider.jwks_uri", "is required with jwks_cluster"));
-            }
-            (None, None, None) => {
-                return Err(ConfigError::new("provider.jwks_uri", "give either jwks_uri with jwks_cluster, or jwks"));
-            }
-            (Some(_), _, _) => {
-                return Err(ConfigError::new(
-                    "provider.jwks",
-                    "give either jwks_uri with jwks_cluster, or jwks, not both",
-                ));
-            }
+        let providers = match (self.provider, self.providers) {
+            (Some(p), None) => vec![compile_provider("provider", p)?],
+            (None, Some(list)) if !list.is_empty() => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| compile_provider(&format!("providers[{i}]"), p))
+                .collect::<Result<Vec<_>, _>>()?,
+            (None, Some(_)) => return Err(ConfigError::new("providers", "must list at least one provider")),
+            (None, None) => return Err(ConfigError::new("provider", "missing field `provider` (or `providers`)")),
+            (Some(_), Some(_)) => return Err(ConfigError::new("providers", "give either provider or providers")),
         };
+        for (i, p) in providers.iter().enumerate() {
+            if providers.iter().skip(i + 1).any(|q| q.provider.issuer == p.provider.issuer) {
+                return Err(ConfigError::new(format!("providers[{i}].issuer"), "two providers have this issuer"));
+            }
+        }
 
         let claim = self.tenant_claim.unwrap_or_else(|| "scope".into());
         if claim.is_empty() {
@@ -404,18 +581,23 @@ impl RawConfig {
         if prefixes.iter().any(|p| p.contains(' ')) {
             return Err(ConfigError::new("tenant_scope_prefixes", "a prefix must not contain spaces"));
         }
-        let mut tenants = TenantMap::new(claim, prefixes);
-        if self.tenants.is_empty() {
-            return Err(ConfigError::new("tenants", "must name at least one tenant"));
+        let registry = self.tenant_registry.map(compile_registry).transpose()?;
+        if self.tenants.is_empty() && registry.is_none() {
+            return Err(ConfigError::new("tenants", "must name at least one tenant (or configure tenant_registry)"));
         }
-        for (id, tenant) in self.tenants {
-            let field = format!("tenants.{id}");
-            if tenant.cluster.is_empty() || !is_header_value(&tenant.cluster) {
-                return Err(ConfigError::new(format!("{field}.cluster"), "must be an Envoy cluster name"));
+        if let Some(dfp) = &self.dynamic_forward_proxy_cluster {
+            if dfp.is_empty() || !is_header_value(dfp) {
+                return Err(ConfigError::new("dynamic_forward_proxy_cluster", "must be an Envoy cluster name"));
             }
-            let upstream = compile_upstream(&field, &tenant, env)?;
-            tenants.insert_with(&id, tenant.cluster, upstream).map_err(|why| ConfigError::new(field, why))?;
         }
+        let tenants = {
+            let ctx = TenantContext {
+                env,
+                dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
+                issuers: providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
+            };
+            compile_tenants("tenants", self.tenants, &ctx, TenantMap::new(claim, prefixes))?
+        };
 
         if self.metadata_cluster.is_empty() || !is_header_value(&self.metadata_cluster) {
             return Err(ConfigError::new("metadata_cluster", "must be an Envoy cluster name"));
@@ -427,21 +609,26 @@ impl RawConfig {
         }
 
         let discovery = self.discovery.map(compile_discovery).transpose()?;
-        let smart_configuration = discovery.as_ref().map(|d| d.smart_configuration(&p.issuer, jwks_uri.as_deref()));
+        // SMART names one issuer: the first provider's.
+        let smart_configuration = discovery.as_ref().and_then(|d| {
+            let first = providers.first()?;
+            let jwks_uri = match &first.jwks {
+                JwksSource::Remote(r) => Some(r.uri.as_str()),
+                JwksSource::Inline(_) => None,
+            };
+            Some(d.smart_configuration(&first.provider.issuer, jwks_uri))
+        });
         let token_cache_entries = self.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
         if token_cache_entries > 1_000_000 {
             return Err(ConfigError::new("token_cache_entries", "must be at most 1000000 (0 disables the cache)"));
         }
 
         Ok(Config {
-            provider: Provider {
-                issuer: p.issuer,
-                audiences: p.audiences,
-                clock_skew_s: clock_skew_s as i64,
-                max_token_bytes,
-            },
-            jwks,
+            providers,
             tenants,
+            registry,
+            dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster,
+            audit_log: self.audit_log.unwrap_or(true),
             metadata_cluster: self.metadata_cluster,
             route_header,
             tenant_header,
@@ -527,9 +714,9 @@ mod tests {
         assert_eq!(c.route_header, DEFAULT_ROUTE_HEADER);
         assert_eq!(c.tenant_header, DEFAULT_TENANT_HEADER);
         assert!(!c.forward_authorization);
-        assert_eq!(c.provider.clock_skew_s, 60);
+        assert_eq!(c.providers[0].provider.clock_skew_s, 60);
         assert_eq!(c.signature_verifier, SignatureVerifier::Auto);
-        match c.jwks {
+        match &c.providers[0].jwks {
             JwksSource::Remote(r) => {
                 assert_eq!(r.authority, "127.0.0.1:9000");
                 assert_eq!(r.path, "/jwks");
@@ -606,7 +793,7 @@ mod tests {
         p.remove("jwks_cluster");
         p.insert("jwks".into(), serde_json::from_str(&crate::testkeys::public_jwks()).unwrap());
         let c = compile(&v).unwrap();
-        assert!(matches!(c.jwks, JwksSource::Inline(ref k) if k.keys().len() == 2));
+        assert!(matches!(&c.providers[0].jwks, JwksSource::Inline(k) if k.keys().len() == 2));
         v["provider"]["jwks_uri"] = json!("http://127.0.0.1:9000/jwks");
         assert_eq!(field_of(&v), "provider.jwks");
     }
@@ -676,6 +863,75 @@ mod tests {
         assert_eq!(c.public_base_url.as_deref(), Some("https://fhir.example.org"));
         v["discovery"]["token_endpoint"] = json!("/token");
         assert_eq!(field_of(&v), "discovery.token_endpoint");
+    }
+
+    #[test]
+    fn several_providers_and_issuer_bound_tenants_compile() {
+        let mut v = example();
+        let first = v["provider"].clone();
+        let mut second = first.clone();
+        second["issuer"] = json!("http://127.0.0.1:9001");
+        second["jwks_uri"] = json!("http://127.0.0.1:9001/jwks");
+        v.as_object_mut().unwrap().remove("provider");
+        v["providers"] = json!([first, second]);
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["issuers"] = json!(["http://127.0.0.1:9001"]);
+        let c = compile(&v).unwrap();
+        assert_eq!(c.providers.len(), 2);
+        assert_eq!(c.provider_index("http://127.0.0.1:9001"), Some(1));
+        let t = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap();
+        assert!(t.allows_issuer("http://127.0.0.1:9001") && !t.allows_issuer("http://127.0.0.1:9000"));
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["issuers"] = json!(["http://unknown"]);
+        assert_eq!(field_of(&v), "tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.issuers");
+        v["provider"] = v["providers"][0].clone();
+        assert_eq!(field_of(&v), "providers");
+    }
+
+    #[test]
+    fn a_tenant_by_url_goes_through_the_dynamic_forward_proxy() {
+        let mut v = example();
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"] =
+            json!({"url": "https://fhir.partner.example:8443/api/FHIR/R4/"});
+        assert_eq!(field_of(&v), "tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.url");
+        v["dynamic_forward_proxy_cluster"] = json!("dynamic_forward_proxy_cluster");
+        let c = compile(&v).unwrap();
+        let t = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap();
+        assert_eq!(t.cluster, "dynamic_forward_proxy_cluster");
+        let u = t.upstream.as_deref().unwrap();
+        assert_eq!(u.authority.as_deref(), Some("fhir.partner.example:8443"));
+        assert_eq!(u.base_path, "/api/FHIR/R4");
+        assert_eq!(u.links_base_url.as_deref(), Some("https://fhir.partner.example:8443/api/FHIR/R4"));
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["cluster"] = json!("x");
+        assert_eq!(field_of(&v), "tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.cluster");
+    }
+
+    #[test]
+    fn a_registry_document_compiles_into_a_new_tenant_map() {
+        let mut v = example();
+        v["tenants"] = json!({});
+        assert_eq!(field_of(&v), "tenants");
+        v["tenant_registry"] = json!({"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry", "refresh_s": 5});
+        let c = compile(&v).unwrap();
+        assert!(c.tenants.is_empty());
+        assert_eq!(c.registry.as_ref().unwrap().path, "/tenants");
+        let doc = json!({"tenants": {"tenant-x": {"cluster": "x"}, "tenant-y": {"cluster": "y", "allow": {"interactions": ["read"]}}}});
+        let map = c.compile_registry(doc.to_string().as_bytes(), &|_| None).unwrap();
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.get("tenant-x").unwrap().cluster, "x");
+        let bad = json!({"tenants": {"tenant-x": {"cluster": ""}}});
+        assert_eq!(
+            c.compile_registry(bad.to_string().as_bytes(), &|_| None).unwrap_err().field,
+            "tenants.tenant-x.cluster"
+        );
+        assert!(c.compile_registry(b"garbage", &|_| None).is_err());
+        assert!(c.compile_registry(br#"{"tenants": {}, "extra": 1}"#, &|_| None).is_err());
+    }
+
+    #[test]
+    fn audit_log_is_on_by_default() {
+        assert!(compile(&example()).unwrap().audit_log);
+        let mut v = example();
+        v["audit_log"] = json!(false);
+        assert!(!compile(&v).unwrap().audit_log);
     }
 
     #[test]

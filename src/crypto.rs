@@ -25,6 +25,9 @@ impl SignatureCheck for PureRust {
             KeyMaterial::Rsa(public) => verify_rsa(alg, public, signing_input, signature),
             KeyMaterial::P256(public) => p256::ecdsa::Signature::from_slice(signature)
                 .is_ok_and(|sig| public.verify(signing_input, &sig).is_ok()),
+            #[cfg(not(feature = "p384-pure-rust"))]
+            KeyMaterial::P384 => false,
+            #[cfg(feature = "p384-pure-rust")]
             KeyMaterial::P384(public) => p384::ecdsa::Signature::from_slice(signature)
                 .is_ok_and(|sig| public.verify(signing_input, &sig).is_ok()),
         }

@@ -11,8 +11,9 @@ use crate::crypto::SignatureCheck;
 use crate::fhir::Refusal;
 use crate::jwks::KeySet;
 use crate::public::{public_document, PublicDocument};
+use crate::tenant::TenantMap;
 use crate::tenant::{Tenant, TenantError};
-use crate::verify::verify;
+use crate::verify::{peek_issuer, verify};
 
 /// The parts of a request the decision needs.
 #[derive(Clone, Copy, Debug)]
@@ -40,7 +41,25 @@ pub enum Decision<'c> {
     /// Refuse it: the token.
     Reject(Rejection),
     /// Refuse it: a valid token, but the tenant's allowlist does not permit this interaction (403).
-    Forbidden(Refusal),
+    Forbidden { tenant: &'c Tenant, identity: Rc<Identity>, refusal: Refusal },
+    /// The token names a `kid` that `provider`'s key set lacks: refuse (401), or wait for a refetch.
+    UnknownKey { provider: usize },
+}
+
+/// The key sets known so far, by provider index (the order of the configuration's providers).
+pub trait KeyLookup {
+    fn key_set(&self, provider: usize) -> Option<&KeySet>;
+}
+
+/// One provider's keys (or none yet).
+impl KeyLookup for Option<&KeySet> {
+    fn key_set(&self, provider: usize) -> Option<&KeySet> {
+        if provider == 0 {
+            *self
+        } else {
+            None
+        }
+    }
 }
 
 /// Why a request was refused.
@@ -76,6 +95,10 @@ pub enum Rejection {
     NoTenant,
     /// The token's scope names several tenants.
     SeveralTenants,
+    /// The tenant the token names is bound to other issuers.
+    IssuerNotAllowed,
+    /// The tenant registry has not been fetched yet.
+    TenantsUnavailable,
 }
 
 /// The RFC 6750 realm in `WWW-Authenticate`.
@@ -85,8 +108,8 @@ impl Rejection {
     /// The HTTP status.
     pub fn status(self) -> u32 {
         match self {
-            Self::NoTenant | Self::SeveralTenants => 403,
-            Self::KeysUnavailable => 503,
+            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => 403,
+            Self::KeysUnavailable | Self::TenantsUnavailable => 503,
             _ => 401,
         }
     }
@@ -111,11 +134,13 @@ impl Rejection {
             Self::KeysUnavailable => "jwks_unavailable",
             Self::NoTenant => "no_tenant",
             Self::SeveralTenants => "several_tenants",
+            Self::IssuerNotAllowed => "issuer_not_allowed",
+            Self::TenantsUnavailable => "tenants_unavailable",
         }
     }
 
     /// All variants, for defining one stat each.
-    pub const ALL: [Rejection; 17] = [
+    pub const ALL: [Rejection; 19] = [
         Self::MissingToken,
         Self::MalformedCredentials,
         Self::TokenTooLarge,
@@ -133,6 +158,8 @@ impl Rejection {
         Self::KeysUnavailable,
         Self::NoTenant,
         Self::SeveralTenants,
+        Self::IssuerNotAllowed,
+        Self::TenantsUnavailable,
     ];
 
     /// The `WWW-Authenticate` value, when the answer carries one. A request without credentials gets no
@@ -140,8 +167,8 @@ impl Rejection {
     pub fn www_authenticate(self) -> Option<String> {
         let error = match self {
             Self::MissingToken => return Some(format!("Bearer realm=\"{REALM}\"")),
-            Self::KeysUnavailable => return None,
-            Self::NoTenant | Self::SeveralTenants => "insufficient_scope",
+            Self::KeysUnavailable | Self::TenantsUnavailable => return None,
+            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => "insufficient_scope",
             _ => "invalid_token",
         };
         Some(format!("Bearer realm=\"{REALM}\", error=\"{error}\""))
@@ -150,8 +177,8 @@ impl Rejection {
     /// The FHIR `OperationOutcome.issue.code`.
     fn issue_code(self) -> &'static str {
         match self {
-            Self::NoTenant | Self::SeveralTenants => "forbidden",
-            Self::KeysUnavailable => "transient",
+            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => "forbidden",
+            Self::KeysUnavailable | Self::TenantsUnavailable => "transient",
             _ => "login",
         }
     }
@@ -163,6 +190,8 @@ impl Rejection {
             Self::NoTenant => "The access token's scope does not name a tenant served here.",
             Self::SeveralTenants => "The access token's scope names more than one tenant.",
             Self::KeysUnavailable => "The token issuer's signing keys are not available yet; retry shortly.",
+            Self::TenantsUnavailable => "The tenant registry is not available yet; retry shortly.",
+            Self::IssuerNotAllowed => "The access token's issuer may not name this tenant.",
             _ => "The access token is invalid, expired or not meant for this server.",
         }
     }
@@ -188,14 +217,17 @@ pub fn operation_outcome(code: &str, diagnostics: &str) -> String {
     .to_string()
 }
 
-/// Decides what to do with `request` at time `now` (seconds since the epoch), given the keys known so far.
+/// Decides what to do with `request` at time `now` (seconds since the epoch), given the tenants and keys
+/// known so far (`tenants` is `None` while a tenant registry has not been fetched).
 ///
 /// A token found in `cache` is not verified again; a token verified now is added to it. Either way the
-/// per-request rules (public paths, tenant lookup) apply in full.
+/// per-request rules (public paths, tenant lookup, issuer binding, allowlist) apply in full.
+#[allow(clippy::too_many_arguments)]
 pub fn decide<'c>(
     config: &'c Config,
+    tenants: Option<&'c TenantMap>,
     request: &Request<'_>,
-    keys: Option<&KeySet>,
+    keys: &dyn KeyLookup,
     cache: &mut TokenCache,
     now: i64,
     signatures: &dyn SignatureCheck,
@@ -218,30 +250,54 @@ pub fn decide<'c>(
         Credentials::Malformed => return Decision::Reject(Rejection::MalformedCredentials),
         Credentials::Bearer(token) => token,
     };
+    let claim = config.tenants.claim();
     let digest = (!cache.is_disabled()).then(|| cache.digest(token));
     // A hit is used in place (no copy of its claims); a miss is verified, then cached.
-    let (resolved, identity, from_cache) = match digest.as_ref().and_then(|d| cache.get(d, now)) {
-        Some(hit) => (config.tenants.resolve(hit.tenant_claim.as_ref()), Rc::clone(&hit.identity), true),
-        None => match verify(token, keys, &config.provider, now, signatures) {
-            Ok(claims) => {
-                let verified = Verified::from_claims(&claims, config.tenants.claim());
-                let resolved = config.tenants.resolve(verified.tenant_claim.as_ref());
-                let identity = Rc::clone(&verified.identity);
-                if let Some(d) = digest {
-                    cache.insert(d, verified, now);
-                }
-                (resolved, identity, false)
-            }
-            Err(rejection) => return Decision::Reject(rejection),
-        },
+    let resolve = |claim: Option<&serde_json::Value>| -> Result<&'c Tenant, Rejection> {
+        tenants.ok_or(Rejection::TenantsUnavailable)?.resolve(claim).map_err(|e| match e {
+            TenantError::None => Rejection::NoTenant,
+            TenantError::Several => Rejection::SeveralTenants,
+        })
     };
-    match resolved {
-        Ok(tenant) => match tenant.policy().check_request(request.method, request.path) {
-            Ok(inspect_body) => Decision::Route { tenant, identity, cached: from_cache, inspect_body },
-            Err(refusal) => Decision::Forbidden(refusal),
-        },
-        Err(TenantError::None) => Decision::Reject(Rejection::NoTenant),
-        Err(TenantError::Several) => Decision::Reject(Rejection::SeveralTenants),
+    let (resolved, provider, identity, from_cache) = match digest.as_ref().and_then(|d| cache.get(d, now)) {
+        Some(hit) => (resolve(hit.tenant_claim.as_ref()), hit.provider, Rc::clone(&hit.identity), true),
+        None => {
+            let provider = if config.providers.len() == 1 {
+                0
+            } else {
+                match peek_issuer(token).and_then(|iss| config.provider_index(&iss)) {
+                    Some(i) => i,
+                    None => return Decision::Reject(Rejection::IssuerMismatch),
+                }
+            };
+            let Some(p) = config.providers.get(provider) else {
+                return Decision::Reject(Rejection::IssuerMismatch);
+            };
+            match verify(token, keys.key_set(provider), &p.provider, now, signatures) {
+                Ok(claims) => {
+                    let verified = Verified::from_claims(&claims, claim, provider);
+                    let out = (resolve(verified.tenant_claim.as_ref()), provider, Rc::clone(&verified.identity), false);
+                    if let Some(d) = digest {
+                        cache.insert(d, verified, now);
+                    }
+                    out
+                }
+                Err(Rejection::UnknownKey) => return Decision::UnknownKey { provider },
+                Err(rejection) => return Decision::Reject(rejection),
+            }
+        }
+    };
+    let tenant = match resolved {
+        Ok(tenant) => tenant,
+        Err(rejection) => return Decision::Reject(rejection),
+    };
+    let issuer = config.providers.get(provider).map_or("", |p| p.provider.issuer.as_str());
+    if !tenant.allows_issuer(issuer) {
+        return Decision::Reject(Rejection::IssuerNotAllowed);
+    }
+    match tenant.policy().check_request(request.method, request.path) {
+        Ok(inspect_body) => Decision::Route { tenant, identity, cached: from_cache, inspect_body },
+        Err(refusal) => Decision::Forbidden { tenant, identity, refusal },
     }
 }
 
@@ -274,7 +330,7 @@ mod tests {
         let c = config();
         let k = keys();
         let req = Request { method, path, authorization: auth, duplicate_authorization: false };
-        match decide(&c, &req, Some(&k), &mut TokenCache::new(0), NOW, &PureRust) {
+        match decide(&c, Some(&c.tenants), &req, &Some(&k), &mut TokenCache::new(0), NOW, &PureRust) {
             Decision::Public { cluster, .. } => Ok(cluster.to_string()),
             Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
             Decision::Reject(r) => Err(r),
@@ -331,7 +387,7 @@ mod tests {
         let auth = bearer(&claims);
         let req =
             Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
-        match decide(&c, &req, Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust) {
+        match decide(&c, Some(&c.tenants), &req, &Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust) {
             Decision::Route { tenant, .. } => assert_eq!(tenant.cluster, "tenant_b"),
             other => panic!("{other:?}"),
         }
@@ -353,7 +409,7 @@ mod tests {
         let auth = bearer(&testkeys::claims_now());
         let req =
             Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
-        match decide(&c, &req, None, &mut TokenCache::new(0), NOW, &PureRust) {
+        match decide(&c, Some(&c.tenants), &req, &None::<&KeySet>, &mut TokenCache::new(0), NOW, &PureRust) {
             Decision::Reject(r) => {
                 assert_eq!(r.status(), 503);
                 assert!(r.www_authenticate().is_none());
@@ -382,7 +438,7 @@ mod tests {
     ) -> Result<String, Rejection> {
         let c = config();
         let req = Request { method: "GET", path, authorization: Some(auth), duplicate_authorization: false };
-        match decide(&c, &req, Some(&keys()), cache, now, sigs) {
+        match decide(&c, Some(&c.tenants), &req, &Some(&keys()), cache, now, sigs) {
             Decision::Public { cluster, .. } => Ok(cluster.to_string()),
             Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
             Decision::Reject(r) => Err(r),
@@ -451,7 +507,7 @@ mod tests {
         let req =
             Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: true };
         assert!(matches!(
-            decide(&c, &req, Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
+            decide(&c, Some(&c.tenants), &req, &Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
             Decision::Reject(Rejection::MalformedCredentials)
         ));
     }
@@ -462,9 +518,9 @@ mod tests {
         let auth = bearer(&testkeys::claims_now());
         let run = |method: &str, path: &str| {
             let req = Request { method, path, authorization: Some(&auth), duplicate_authorization: false };
-            match decide(&c, &req, Some(&keys()), &mut TokenCache::new(10), NOW, &PureRust) {
+            match decide(&c, Some(&c.tenants), &req, &Some(&keys()), &mut TokenCache::new(10), NOW, &PureRust) {
                 Decision::Route { inspect_body, .. } => Ok(inspect_body),
-                Decision::Forbidden(r) => Err(r.to_string()),
+                Decision::Forbidden { refusal, .. } => Err(refusal.to_string()),
                 other => panic!("{other:?}"),
             }
         };
@@ -474,7 +530,7 @@ mod tests {
         // Without a valid token, the allowlist is never reached: 401, not 403.
         let req = Request { method: "DELETE", path: "/Patient/1", authorization: None, duplicate_authorization: false };
         assert!(matches!(
-            decide(&c, &req, Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
+            decide(&c, Some(&c.tenants), &req, &Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
             Decision::Reject(Rejection::MissingToken)
         ));
     }
@@ -489,7 +545,7 @@ mod tests {
         };
         let c = config();
         assert!(matches!(
-            decide(&c, &req, None, &mut TokenCache::new(0), NOW, &PureRust),
+            decide(&c, Some(&c.tenants), &req, &None::<&KeySet>, &mut TokenCache::new(0), NOW, &PureRust),
             Decision::Public { patch: false, .. }
         ));
         let mut c = config();
@@ -502,14 +558,71 @@ mod tests {
             capabilities: vec![],
         });
         assert!(matches!(
-            decide(&c, &req, None, &mut TokenCache::new(0), NOW, &PureRust),
+            decide(&c, Some(&c.tenants), &req, &None::<&KeySet>, &mut TokenCache::new(0), NOW, &PureRust),
             Decision::SmartConfiguration { .. }
         ));
         let meta = Request { path: "/metadata", ..req };
         assert!(matches!(
-            decide(&c, &meta, None, &mut TokenCache::new(0), NOW, &PureRust),
+            decide(&c, Some(&c.tenants), &meta, &None::<&KeySet>, &mut TokenCache::new(0), NOW, &PureRust),
             Decision::Public { patch: true, .. }
         ));
+    }
+
+    #[test]
+    fn without_a_tenant_map_a_valid_token_waits_with_503() {
+        let c = config();
+        let auth = bearer(&testkeys::claims_now());
+        let req =
+            Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+        match decide(&c, None, &req, &Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust) {
+            Decision::Reject(r) => assert_eq!((r, r.status()), (Rejection::TenantsUnavailable, 503)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_issuer_picks_the_provider_and_binds_the_tenant() {
+        let mut v = json!({
+            "providers": [
+                {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
+                 "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()},
+                {"issuer": "http://other-idp", "audiences": [testkeys::AUDIENCE],
+                 "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()}
+            ],
+            "tenants": { TENANT_A: {"cluster": "tenant_a", "issuers": ["http://other-idp"]}, TENANT_B: {"cluster": "tenant_b"} },
+            "metadata_cluster": "fhir_metadata"
+        });
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let k = keys();
+        struct Both<'a>(&'a KeySet);
+        impl KeyLookup for Both<'_> {
+            fn key_set(&self, _: usize) -> Option<&KeySet> {
+                Some(self.0)
+            }
+        }
+        let run = |claims: &serde_json::Value| {
+            let auth = bearer(claims);
+            let req =
+                Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+            match decide(&c, Some(&c.tenants), &req, &Both(&k), &mut TokenCache::new(10), NOW, &PureRust) {
+                Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
+                Decision::Reject(r) => Err(r),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Tenant A is bound to the other IdP: a token from ours naming A is refused, B is fine.
+        assert_eq!(run(&testkeys::claims_now()), Err(Rejection::IssuerNotAllowed));
+        let mut other = testkeys::claims_now();
+        other["iss"] = json!("http://other-idp");
+        assert_eq!(run(&other), Ok("tenant_a".into()));
+        let mut b = testkeys::claims_now();
+        b["scope"] = json!(TENANT_B);
+        assert_eq!(run(&b), Ok("tenant_b".into()));
+        let mut stranger = testkeys::claims_now();
+        stranger["iss"] = json!("http://stranger");
+        assert_eq!(run(&stranger), Err(Rejection::IssuerMismatch));
+        v["providers"][1]["issuer"] = json!(testkeys::ISSUER);
+        assert!(Config::from_json(v.to_string().as_bytes()).is_err(), "two providers with one issuer");
     }
 
     #[test]

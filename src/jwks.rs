@@ -75,7 +75,11 @@ impl fmt::Display for Algorithm {
 pub enum KeyMaterial {
     Rsa(rsa::RsaPublicKey),
     P256(p256::ecdsa::VerifyingKey),
+    #[cfg(feature = "p384-pure-rust")]
     P384(p384::ecdsa::VerifyingKey),
+    /// A P-384 key in a build without pure-Rust P-384: only the host can verify with it (its SPKI).
+    #[cfg(not(feature = "p384-pure-rust"))]
+    P384,
 }
 
 /// One verification key from the JWKS.
@@ -119,7 +123,10 @@ impl Key {
         match self.material {
             KeyMaterial::Rsa(_) => alg.is_rsa(),
             KeyMaterial::P256(_) => alg == Algorithm::ES256,
+            #[cfg(feature = "p384-pure-rust")]
             KeyMaterial::P384(_) => alg == Algorithm::ES384,
+            #[cfg(not(feature = "p384-pure-rust"))]
+            KeyMaterial::P384 => alg == Algorithm::ES384,
         }
     }
 }
@@ -282,8 +289,12 @@ fn compile_key(jwk: RawJwk) -> Option<Key> {
                     (KeyMaterial::P256(key), der::ec_spki(der::OID_P256, &point))
                 }
                 "P-384" if x.len() == 48 && y.len() == 48 => {
-                    let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(&point).ok()?;
-                    (KeyMaterial::P384(key), der::ec_spki(der::OID_P384, &point))
+                    #[cfg(feature = "p384-pure-rust")]
+                    let material = KeyMaterial::P384(p384::ecdsa::VerifyingKey::from_sec1_bytes(&point).ok()?);
+                    // Without pure-Rust P-384 the point is checked by the host when it imports the key.
+                    #[cfg(not(feature = "p384-pure-rust"))]
+                    let material = KeyMaterial::P384;
+                    (material, der::ec_spki(der::OID_P384, &point))
                 }
                 _ => return None,
             }

@@ -9,6 +9,7 @@
 //! thin proxy-wasm shell compiled for `wasm32` only. The core never calls the host: time and signature
 //! checking are arguments.
 
+pub mod audit;
 pub mod bearer;
 pub mod cache;
 pub mod config;

@@ -34,11 +34,21 @@ pub struct Upstream {
     pub header: Option<(String, String)>,
     /// What the tenant may do.
     pub policy: Policy,
+    /// The issuers allowed to name this tenant; `None`: any configured issuer.
+    pub issuers: Option<Vec<String>>,
 }
 
 static READ_ONLY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
 
 impl Tenant {
+    /// Whether a token from `issuer` may name this tenant.
+    pub fn allows_issuer(&self, issuer: &str) -> bool {
+        match self.upstream.as_deref().and_then(|u| u.issuers.as_ref()) {
+            Some(list) => list.iter().any(|i| i == issuer),
+            None => true,
+        }
+    }
+
     /// The tenant's allowlist (read-only unless configured).
     pub fn policy(&self) -> &Policy {
         match &self.upstream {
@@ -101,6 +111,11 @@ impl TenantMap {
         }
         self.by_id.insert(key.clone(), Tenant { id: key, cluster, upstream });
         Ok(())
+    }
+
+    /// An empty map that reads tenants the same way (for a registry document).
+    pub fn empty_like(&self) -> Self {
+        Self::new(self.claim.clone(), self.prefixes.clone())
     }
 
     /// The tenant with this (configured, lowercased) id.

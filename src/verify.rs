@@ -100,6 +100,17 @@ fn audience_matches(aud: Option<&Value>, accepted: &[String]) -> bool {
     }
 }
 
+/// The `iss` a token claims, unverified: only to pick which provider verifies it.
+pub fn peek_issuer(token: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Issuer {
+        iss: Option<String>,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice::<Issuer>(&json).ok()?.iss
+}
+
 /// Verifies `token` for `provider` at time `now` (seconds since the epoch).
 ///
 /// `keys` is `None` until the JWKS has been fetched: a token that passes every other check then gets

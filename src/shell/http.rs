@@ -12,6 +12,8 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
+use crate::audit::{Outcome, Record};
+use crate::cache::Identity;
 use crate::config::JwksSource;
 use crate::decision::{decide, operation_outcome, Decision, Rejection, Request};
 use crate::fhir::{Policy, Refusal};
@@ -102,8 +104,8 @@ pub enum ResponseEdit {
 /// What is left to do for a request after its headers were decided.
 #[derive(Clone, Debug, Default)]
 pub struct After {
-    /// The tenant's allowlist must judge the request body (a Bundle posted to the base).
-    pub inspect_body: Option<Policy>,
+    /// The tenant's allowlist (and the tenant's id) must judge the request body (a Bundle posted to the base).
+    pub inspect_body: Option<(Policy, String)>,
     pub response: Option<ResponseEdit>,
 }
 
@@ -128,7 +130,12 @@ fn reject(shared: &Shared, rejection: Rejection, now_ms: u64) {
     let www = rejection.www_authenticate();
     let retry_after = match rejection {
         Rejection::KeysUnavailable => {
-            let state = shared.keys.borrow();
+            let states = shared.keys.borrow();
+            let soonest = states.0.iter().filter_map(|s| s.schedule.as_ref()).map(|s| s.retry_after_s(now_ms)).min();
+            Some(soonest.unwrap_or(1).to_string())
+        }
+        Rejection::TenantsUnavailable => {
+            let state = shared.tenants.borrow();
             Some(state.schedule.as_ref().map_or(1, |s| s.retry_after_s(now_ms)).to_string())
         }
         _ => None,
@@ -180,15 +187,48 @@ fn prepare_upstream(shared: &Shared, tenant: &Tenant, request: &OwnedRequest) ->
     Some(ResponseEdit::RewriteLinks { from, to: public })
 }
 
+/// Writes the audit line (when configured) and the filter state the access log reads.
+fn record(shared: &Shared, request: &OwnedRequest, now_ms: u64, outcome: Outcome, detail: RecordDetail<'_>) {
+    if let Some(tenant) = detail.tenant {
+        super::set_filter_state("fhir_tenant_router.tenant", tenant);
+    }
+    if let Some(client_id) = detail.identity.and_then(|i| i.client_id.as_deref()) {
+        super::set_filter_state("fhir_tenant_router.client_id", client_id);
+    }
+    if shared.config.audit_log {
+        let line = Record {
+            time_ms: now_ms,
+            method: &request.method,
+            path: &request.path,
+            outcome,
+            reason: detail.reason,
+            tenant: detail.tenant,
+            identity: detail.identity,
+            cluster: detail.cluster,
+        }
+        .to_line();
+        log::info!("{line}");
+    }
+}
+
+#[derive(Default)]
+struct RecordDetail<'a> {
+    reason: Option<&'a str>,
+    tenant: Option<&'a str>,
+    identity: Option<&'a Identity>,
+    cluster: Option<&'a str>,
+}
+
 /// Decides and applies the decision on the host's effective context. `may_wait`: an unknown `kid` may park
 /// the request until a JWKS refetch (not for a request that already waited).
 pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u64, may_wait: bool) -> Action {
     let config = &shared.config;
     let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
-    let keys = shared.keys.borrow().keys.clone();
+    let tenants = shared.tenants.borrow().map.clone();
     let decision = {
+        let keys = shared.keys.borrow();
         let mut cache = shared.cache.borrow_mut();
-        decide(config, &request.as_request(), keys.as_deref(), &mut cache, now_s, &shared.signatures)
+        decide(config, tenants.as_deref(), &request.as_request(), &*keys, &mut cache, now_s, &shared.signatures)
     };
     match decision {
         Decision::Public { cluster, patch } => {
@@ -204,51 +244,91 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
             }
             shared.metrics.count(shared.metrics.public);
             route_to(shared, cluster);
+            record(
+                shared,
+                &request,
+                now_ms,
+                Outcome::Public,
+                RecordDetail { cluster: Some(cluster), ..Default::default() },
+            );
             Action::Continue
         }
         Decision::SmartConfiguration { body } => {
             shared.metrics.count(shared.metrics.public);
             let headers = vec![("content-type", "application/json"), ("cache-control", "max-age=3600")];
             let _ = hostcalls::send_http_response(200, headers, Some(body.as_bytes()));
+            record(shared, &request, now_ms, Outcome::Public, RecordDetail::default());
             Action::Pause
         }
-        Decision::Route { tenant, cached, inspect_body, .. } => {
+        Decision::Route { tenant, identity, cached, inspect_body } => {
             if !config.forward_authorization {
                 remove_header("authorization");
             }
             let response = prepare_upstream(shared, tenant, &request);
             set_header(&config.tenant_header, &tenant.id);
-            let inspect_body = inspect_body.then(|| tenant.policy().clone());
+            let inspect_body = inspect_body.then(|| (tenant.policy().clone(), tenant.id.clone()));
             if inspect_body.is_some() || response.is_some() {
                 shared.after.borrow_mut().insert(context_id, After { inspect_body, response });
             }
             shared.metrics.count(if cached { shared.metrics.cache_hits } else { shared.metrics.cache_misses });
             shared.metrics.count(shared.metrics.allowed);
+            shared.metrics.count_tenant(&tenant.id, true);
             route_to(shared, &tenant.cluster);
+            let detail = RecordDetail {
+                tenant: Some(&tenant.id),
+                identity: Some(&identity),
+                cluster: Some(&tenant.cluster),
+                ..Default::default()
+            };
+            record(shared, &request, now_ms, Outcome::Allowed, detail);
             Action::Continue
         }
-        Decision::Forbidden(refusal) => {
+        Decision::Forbidden { tenant, identity, refusal } => {
             forbid(shared, &refusal);
+            shared.metrics.count_tenant(&tenant.id, false);
+            let detail = RecordDetail {
+                reason: Some("allowlist"),
+                tenant: Some(&tenant.id),
+                identity: Some(&identity),
+                cluster: None,
+            };
+            record(shared, &request, now_ms, Outcome::Forbidden, detail);
             Action::Pause
         }
-        Decision::Reject(Rejection::UnknownKey) if may_wait => {
-            let JwksSource::Remote(remote) = &config.jwks else {
-                reject(shared, Rejection::UnknownKey, now_ms);
-                return Action::Pause;
+        Decision::UnknownKey { provider } => {
+            let min_refetch_ms = match config.providers.get(provider).map(|p| &p.jwks) {
+                Some(JwksSource::Remote(remote)) if may_wait => Some(remote.min_refetch_ms),
+                _ => None,
             };
-            let mut state = shared.keys.borrow_mut();
-            let wait = state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, remote.min_refetch_ms));
-            if wait {
-                shared.metrics.count(shared.metrics.jwks_unknown_kid_waits);
-                state.waiting.push(Waiter { context_id, request });
-            } else {
-                drop(state);
-                reject(shared, Rejection::UnknownKey, now_ms);
+            if let Some(min_refetch_ms) = min_refetch_ms {
+                let mut states = shared.keys.borrow_mut();
+                if let Some(state) = states.0.get_mut(provider) {
+                    if state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, min_refetch_ms)) {
+                        shared.metrics.count(shared.metrics.jwks_unknown_kid_waits);
+                        state.waiting.push(Waiter { context_id, request });
+                        return Action::Pause;
+                    }
+                }
             }
+            reject(shared, Rejection::UnknownKey, now_ms);
+            record(
+                shared,
+                &request,
+                now_ms,
+                Outcome::Rejected,
+                RecordDetail { reason: Some(Rejection::UnknownKey.reason()), ..Default::default() },
+            );
             Action::Pause
         }
         Decision::Reject(rejection) => {
             reject(shared, rejection, now_ms);
+            record(
+                shared,
+                &request,
+                now_ms,
+                Outcome::Rejected,
+                RecordDetail { reason: Some(rejection.reason()), ..Default::default() },
+            );
             Action::Pause
         }
     }
@@ -295,7 +375,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(policy) = self.after().and_then(|a| a.inspect_body) else {
+        let Some((policy, tenant)) = self.after().and_then(|a| a.inspect_body) else {
             return Action::Continue;
         };
         if !end_of_stream {
@@ -306,6 +386,7 @@ impl HttpContext for Filter {
             Ok(()) => Action::Continue,
             Err(refusal) => {
                 forbid(&self.shared, &refusal);
+                self.shared.metrics.count_tenant(&tenant, false);
                 Action::Pause
             }
         }

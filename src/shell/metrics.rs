@@ -5,11 +5,15 @@
 //! every tick (500 ms), so stats lag by at most that.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
 use crate::decision::Rejection;
+
+/// A tenant's (allowed, forbidden) counter ids.
+type TenantMetrics = (Option<u32>, Option<u32>);
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "fhir_tenant_router";
@@ -19,6 +23,8 @@ pub const PREFIX: &str = "fhir_tenant_router";
 pub struct Metrics {
     /// Counts not yet handed to the host, by metric id.
     pending: RefCell<Vec<(u32, i64)>>,
+    /// Per-tenant counters (allowed, forbidden), defined on a tenant's first request.
+    tenants: RefCell<HashMap<String, TenantMetrics>>,
     pub allowed: Option<u32>,
     pub public: Option<u32>,
     rejected: Vec<Option<u32>>,
@@ -33,6 +39,9 @@ pub struct Metrics {
     pub jwks_unknown_kid_waits: Option<u32>,
     pub vm_memory_bytes: Option<u32>,
     pub forbidden_by_policy: Option<u32>,
+    pub registry_fetch_ok: Option<u32>,
+    pub registry_fetch_failed: Option<u32>,
+    pub registry_tenants: Option<u32>,
 }
 
 fn define(kind: MetricType, name: &str) -> Option<u32> {
@@ -44,6 +53,7 @@ impl Metrics {
     pub fn define() -> Self {
         Self {
             pending: RefCell::default(),
+            tenants: RefCell::default(),
             allowed: define(MetricType::Counter, "requests.allowed"),
             public: define(MetricType::Counter, "requests.public"),
             rejected: Rejection::ALL
@@ -61,6 +71,9 @@ impl Metrics {
             jwks_unknown_kid_waits: define(MetricType::Counter, "jwks.unknown_kid_refetch_waits"),
             vm_memory_bytes: define(MetricType::Gauge, "vm.memory_bytes"),
             forbidden_by_policy: define(MetricType::Counter, "requests.forbidden_by_policy"),
+            registry_fetch_ok: define(MetricType::Counter, "registry.fetch_ok"),
+            registry_fetch_failed: define(MetricType::Counter, "registry.fetch_failed"),
+            registry_tenants: define(MetricType::Gauge, "registry.tenants"),
         }
     }
 
@@ -72,6 +85,25 @@ impl Metrics {
             Some((_, n)) => *n += 1,
             None => pending.push((id, 1)),
         }
+    }
+
+    /// Counts a request of `tenant`: allowed, or refused by its allowlist.
+    pub fn count_tenant(&self, tenant: &str, allowed: bool) {
+        let ids = {
+            let mut tenants = self.tenants.borrow_mut();
+            match tenants.get(tenant) {
+                Some(ids) => *ids,
+                None => {
+                    let ids = (
+                        define(MetricType::Counter, &format!("tenant.{tenant}.allowed")),
+                        define(MetricType::Counter, &format!("tenant.{tenant}.forbidden")),
+                    );
+                    tenants.insert(tenant.to_string(), ids);
+                    ids
+                }
+            }
+        };
+        self.count(if allowed { ids.0 } else { ids.1 });
     }
 
     /// Hands the pending counts to the host.

@@ -51,3 +51,15 @@ pub fn header_value(map: proxy_wasm::types::MapType, name: &str) -> Option<Strin
         .flatten()
         .map(|v| String::from_utf8_lossy(&v).into_owned())
 }
+
+/// Sets filter state `wasm.<key>` for the access log (`%FILTER_STATE(wasm.<key>:PLAIN)%`), through the ABI
+/// directly: the SDK's `set_property` panics on a status it does not expect. Failures are ignored.
+pub fn set_filter_state(key: &str, value: &str) {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        #[allow(clashing_extern_declarations)]
+        fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
+    }
+    // SAFETY: both buffers are valid for their lengths during the call; the host copies them.
+    let _ = unsafe { proxy_set_property(key.as_ptr(), key.len(), value.as_ptr(), value.len()) };
+}

@@ -1,5 +1,6 @@
 //! The root context: compiles the configuration in `on_configure` (refusing the plugin on error), and keeps
-//! the JWKS fresh: fetched through an Envoy cluster on a timer, retried with backoff, the last good set kept.
+//! each provider's JWKS and the tenant registry fresh: fetched through Envoy clusters on a timer, retried
+//! with backoff, the last good version kept.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,16 +13,24 @@ use proxy_wasm::types::{Action, ContextType, MapType};
 
 use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
+use crate::decision::KeyLookup;
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{Schedule, Streak};
+use crate::tenant::TenantMap;
 
 use super::host_crypto::HostSignatures;
 use super::http::{handle, After, Filter, OwnedRequest};
 use super::metrics::Metrics;
 use super::millis;
 
-/// How often the root context looks at the JWKS schedule.
+/// How often the root context looks at the fetch schedules.
 const TICK: Duration = Duration::from_millis(500);
+
+/// Largest tenant registry document accepted, in bytes.
+const MAX_REGISTRY_BYTES: usize = 16 * 1024 * 1024;
+
+/// How often expired tokens are swept from the cache (an O(capacity) pass, kept off the per-request path).
+const PURGE_EVERY_S: i64 = 10;
 
 /// A request parked until a JWKS refetch answers, because its token names a `kid` the keys lack.
 pub struct Waiter {
@@ -29,7 +38,7 @@ pub struct Waiter {
     pub request: OwnedRequest,
 }
 
-/// The keys known so far and when the next fetch is due; shared by the root and every HTTP context of a VM.
+/// One provider's keys so far and when its next fetch is due.
 #[derive(Default)]
 pub struct KeyState {
     pub keys: Option<Rc<KeySet>>,
@@ -37,10 +46,27 @@ pub struct KeyState {
     pub waiting: Vec<Waiter>,
 }
 
+/// The key states of every provider, by index: what the core's decision looks keys up in.
+pub struct KeyStates(pub Vec<KeyState>);
+
+impl KeyLookup for KeyStates {
+    fn key_set(&self, provider: usize) -> Option<&KeySet> {
+        self.0.get(provider).and_then(|s| s.keys.as_deref())
+    }
+}
+
+/// The tenant map in force and, with a registry, when its next fetch is due.
+pub struct TenantState {
+    /// `None` while a registry is configured, the configuration names no tenant, and no document came yet.
+    pub map: Option<Rc<TenantMap>>,
+    pub schedule: Option<Schedule>,
+}
+
 /// Everything an HTTP context needs, built once per configuration.
 pub struct Shared {
     pub config: Config,
-    pub keys: RefCell<KeyState>,
+    pub keys: RefCell<KeyStates>,
+    pub tenants: RefCell<TenantState>,
     pub cache: RefCell<TokenCache>,
     /// Per-request work left after the headers (body inspection, response edits), by context id.
     pub after: RefCell<HashMap<u32, After>>,
@@ -48,26 +74,31 @@ pub struct Shared {
     pub metrics: Rc<Metrics>,
 }
 
+/// What an outgoing call of the root context was for.
+#[derive(Clone, Copy, Debug)]
+enum Fetch {
+    Jwks(usize),
+    Registry,
+}
+
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
     last_purge_s: i64,
+    calls: HashMap<u32, Fetch>,
 }
-
-/// How often expired tokens are swept from the cache (an O(capacity) pass, kept off the per-request path).
-const PURGE_EVERY_S: i64 = 10;
 
 impl Root {
     fn now_ms(&self) -> u64 {
         millis(self.get_current_time())
     }
 
-    fn fetch_finished(&self, shared: &Shared, outcome: Result<KeySet, String>) {
+    fn jwks_fetched(&self, shared: &Shared, provider: usize, outcome: Result<KeySet, String>) {
         let now = self.now_ms();
-        self.install(shared, outcome, now);
+        self.install_keys(shared, provider, outcome, now);
         // Requests that waited for this fetch are decided again with whatever keys there are now.
-        let waiters = std::mem::take(&mut shared.keys.borrow_mut().waiting);
-        for waiter in waiters {
+        let waiters = shared.keys.borrow_mut().0.get_mut(provider).map(|s| std::mem::take(&mut s.waiting));
+        for waiter in waiters.unwrap_or_default() {
             if hostcalls::set_effective_context(waiter.context_id).is_err() {
                 continue; // the client went away
             }
@@ -77,22 +108,19 @@ impl Root {
         }
     }
 
-    fn install(&self, shared: &Shared, outcome: Result<KeySet, String>, now: u64) {
-        let mut state = shared.keys.borrow_mut();
+    fn install_keys(&self, shared: &Shared, provider: usize, outcome: Result<KeySet, String>, now: u64) {
+        let issuer = shared.config.providers.get(provider).map_or("", |p| p.provider.issuer.as_str());
+        let mut states = shared.keys.borrow_mut();
+        let Some(state) = states.0.get_mut(provider) else { return };
         let streak = match outcome {
             Ok(keys) => {
                 shared.metrics.count(shared.metrics.jwks_fetch_ok);
-                Metrics::set(shared.metrics.jwks_keys, keys.keys().len() as u64);
                 if keys.skipped() > 0 {
                     log::info!(
-                        "JWKS: {} usable keys, {} skipped (wrong type, use, alg or size)",
+                        "JWKS of {issuer}: {} usable keys, {} skipped (wrong type, use, alg or size)",
                         keys.keys().len(),
                         keys.skipped()
                     );
-                }
-                let dropped = shared.cache.borrow_mut().retain_keys(&keys.fingerprints());
-                if dropped > 0 {
-                    log::info!("JWKS: dropped {dropped} cached tokens whose key left the key set");
                 }
                 state.keys = Some(Rc::new(keys));
                 state.schedule.as_mut().map(|s| s.succeeded(now))
@@ -106,34 +134,100 @@ impl Root {
                         None => "no keys yet: token requests get 503".to_string(),
                     };
                     log::warn!(
-                        "JWKS fetch failed ({why}); {kept}; retrying with backoff (logged once per failure streak)"
+                        "JWKS fetch for {issuer} failed ({why}); {kept}; retrying with backoff (logged once per failure streak)"
                     );
                 }
                 streak
             }
         };
         if let Some(Streak::Ended { failures }) = streak {
-            log::info!("JWKS fetch recovered after {failures} failed attempts");
+            log::info!("JWKS fetch for {issuer} recovered after {failures} failed attempts");
+        }
+        // Cached tokens whose key left every provider's set are dropped.
+        let fingerprints: Vec<u64> =
+            states.0.iter().filter_map(|s| s.keys.as_ref()).flat_map(|k| k.fingerprints()).collect();
+        let total: usize = states.0.iter().filter_map(|s| s.keys.as_ref()).map(|k| k.keys().len()).sum();
+        Metrics::set(shared.metrics.jwks_keys, total as u64);
+        let dropped = shared.cache.borrow_mut().retain_keys(&fingerprints);
+        if dropped > 0 {
+            log::info!("JWKS: dropped {dropped} cached tokens whose key left the key set");
+        }
+    }
+
+    fn registry_fetched(&self, shared: &Shared, outcome: Result<Vec<u8>, String>) {
+        let now = self.now_ms();
+        let compiled = outcome.and_then(|body| {
+            shared.config.compile_registry(&body, &|name| std::env::var(name).ok()).map_err(|e| e.to_string())
+        });
+        let mut state = shared.tenants.borrow_mut();
+        let streak = match compiled {
+            Ok(map) => {
+                shared.metrics.count(shared.metrics.registry_fetch_ok);
+                Metrics::set(shared.metrics.registry_tenants, map.len() as u64);
+                state.map = Some(Rc::new(map));
+                state.schedule.as_mut().map(|s| s.succeeded(now))
+            }
+            Err(why) => {
+                shared.metrics.count(shared.metrics.registry_fetch_failed);
+                let streak = state.schedule.as_mut().map(|s| s.failed(now));
+                if streak == Some(Streak::Started) {
+                    let kept = match &state.map {
+                        Some(m) => format!("keeping the last {} tenants", m.len()),
+                        None => "no tenants yet: token requests get 503".to_string(),
+                    };
+                    log::warn!("tenant registry fetch failed ({why}); {kept}; retrying with backoff");
+                }
+                streak
+            }
+        };
+        if let Some(Streak::Ended { failures }) = streak {
+            log::info!("tenant registry fetch recovered after {failures} failed attempts");
+        }
+    }
+
+    /// Sends a GET through `cluster`; a call that cannot be sent is reported as failed at once.
+    fn fetch(
+        &mut self,
+        what: Fetch,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        timeout_ms: u64,
+    ) -> Result<(), String> {
+        let headers =
+            vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
+        match self.dispatch_http_call(cluster, headers, None, vec![], Duration::from_millis(timeout_ms)) {
+            Ok(token) => {
+                self.calls.insert(token, what);
+                Ok(())
+            }
+            Err(status) => Err(format!("could not be sent through cluster {cluster}: {status:?}")),
         }
     }
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some(shared) = self.shared.clone() else {
-            return;
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(shared) = self.shared.clone() else { return };
+        let Some(what) = self.calls.remove(&token_id) else { return };
+        let limit = match what {
+            Fetch::Jwks(_) => MAX_JWKS_BYTES,
+            Fetch::Registry => MAX_REGISTRY_BYTES,
         };
         let status = super::header_value(MapType::HttpCallResponseHeaders, ":status");
-        let outcome = match status.as_deref() {
+        let body = match status.as_deref() {
             None => Err("no response: connection failure or timeout".to_string()),
-            Some("200") if body_size > MAX_JWKS_BYTES => Err(format!("body larger than {MAX_JWKS_BYTES} bytes")),
-            Some("200") => {
-                let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
-                KeySet::from_jwks(&body).map_err(|e| e.to_string())
-            }
+            Some("200") if body_size > limit => Err(format!("body larger than {limit} bytes")),
+            Some("200") => Ok(self.get_http_call_response_body(0, body_size).unwrap_or_default()),
             Some(other) => Err(format!("HTTP status {other}")),
         };
-        self.fetch_finished(&shared, outcome);
+        match what {
+            Fetch::Jwks(i) => {
+                let outcome = body.and_then(|b| KeySet::from_jwks(&b).map_err(|e| e.to_string()));
+                self.jwks_fetched(&shared, i, outcome);
+            }
+            Fetch::Registry => self.registry_fetched(&shared, body),
+        }
     }
 }
 
@@ -148,35 +242,53 @@ impl RootContext for Root {
             }
         };
         let metrics = Rc::new(Metrics::define());
-        let mut state = KeyState::default();
-        let source = match &config.jwks {
-            JwksSource::Inline(keys) => {
-                Metrics::set(metrics.jwks_keys, keys.keys().len() as u64);
-                state.keys = Some(Rc::new(keys.clone()));
-                "inline JWKS".to_string()
+        let now = self.now_ms();
+        let mut states = Vec::with_capacity(config.providers.len());
+        let mut sources = Vec::new();
+        for p in &config.providers {
+            let mut state = KeyState::default();
+            match &p.jwks {
+                JwksSource::Inline(keys) => {
+                    state.keys = Some(Rc::new(keys.clone()));
+                    sources.push(format!("{} (inline JWKS)", p.provider.issuer));
+                }
+                JwksSource::Remote(r) => {
+                    state.schedule = Some(Schedule::new(r.refresh_ms, now));
+                    sources.push(format!(
+                        "{} (JWKS from cluster {} every {} s)",
+                        p.provider.issuer,
+                        r.cluster,
+                        r.refresh_ms / 1000
+                    ));
+                }
             }
-            JwksSource::Remote(r) => {
-                state.schedule = Some(Schedule::new(r.refresh_ms, self.now_ms()));
-                format!("JWKS from cluster {} every {} s", r.cluster, r.refresh_ms / 1000)
-            }
+            states.push(state);
+        }
+        let inline_keys: usize = states.iter().filter_map(|s| s.keys.as_ref()).map(|k| k.keys().len()).sum();
+        Metrics::set(metrics.jwks_keys, inline_keys as u64);
+        let tenants = TenantState {
+            map: (!config.tenants.is_empty() || config.registry.is_none()).then(|| Rc::new(config.tenants.clone())),
+            schedule: config.registry.as_ref().map(|r| Schedule::new(r.refresh_ms, now)),
         };
         log::info!(
-            "configured: {} tenants, issuer {}, {source}, signature verifier {:?}",
+            "configured: {} tenants{}, issuers {}, signature verifier {:?}",
             config.tenants.len(),
-            config.provider.issuer,
+            if config.registry.is_some() { " (and a tenant registry)" } else { "" },
+            sources.join(", "),
             config.signature_verifier
         );
         let signatures = HostSignatures::new(config.signature_verifier, metrics.clone());
         let cache = RefCell::new(TokenCache::new(config.token_cache_entries));
         self.shared = Some(Rc::new(Shared {
             config,
-            keys: RefCell::new(state),
+            keys: RefCell::new(KeyStates(states)),
+            tenants: RefCell::new(tenants),
             cache,
             after: RefCell::new(HashMap::new()),
             signatures,
             metrics,
         }));
-        // Ticks drive the JWKS schedule and refresh the memory gauges.
+        // Ticks drive the fetch schedules and flush the stats.
         self.set_tick_period(TICK);
         true
     }
@@ -186,33 +298,33 @@ impl RootContext for Root {
             return;
         };
         shared.metrics.flush();
-        let now_s = i64::try_from(self.now_ms() / 1000).unwrap_or(i64::MAX);
+        Metrics::set(shared.metrics.vm_memory_bytes, vm_memory_bytes());
+        Metrics::set(shared.metrics.cache_entries, shared.cache.borrow().len() as u64);
+        let now = self.now_ms();
+        let now_s = i64::try_from(now / 1000).unwrap_or(i64::MAX);
         if now_s.saturating_sub(self.last_purge_s) >= PURGE_EVERY_S {
             self.last_purge_s = now_s;
             shared.cache.borrow_mut().purge_expired(now_s);
         }
-        Metrics::set(shared.metrics.vm_memory_bytes, vm_memory_bytes());
-        Metrics::set(shared.metrics.cache_entries, shared.cache.borrow().len() as u64);
-        let JwksSource::Remote(remote) = &shared.config.jwks else {
-            return;
-        };
-        let now = self.now_ms();
-        let due = shared.keys.borrow_mut().schedule.as_mut().is_some_and(|s| s.due(now));
-        if !due {
-            return;
+        for (i, p) in shared.config.providers.iter().enumerate() {
+            let JwksSource::Remote(remote) = &p.jwks else { continue };
+            let due =
+                shared.keys.borrow_mut().0.get_mut(i).and_then(|s| s.schedule.as_mut()).is_some_and(|s| s.due(now));
+            if due {
+                if let Err(why) =
+                    self.fetch(Fetch::Jwks(i), &remote.cluster, &remote.authority, &remote.path, remote.timeout_ms)
+                {
+                    self.jwks_fetched(&shared, i, Err(why));
+                }
+            }
         }
-        let headers = vec![
-            (":method", "GET"),
-            (":path", remote.path.as_str()),
-            (":authority", remote.authority.as_str()),
-            ("accept", "application/json, application/jwk-set+json"),
-        ];
-        let timeout = Duration::from_millis(remote.timeout_ms);
-        if let Err(status) = self.dispatch_http_call(&remote.cluster, headers, None, vec![], timeout) {
-            self.fetch_finished(
-                &shared,
-                Err(format!("could not be sent through cluster {}: {status:?}", remote.cluster)),
-            );
+        if let Some(r) = &shared.config.registry {
+            let due = shared.tenants.borrow_mut().schedule.as_mut().is_some_and(|s| s.due(now));
+            if due {
+                if let Err(why) = self.fetch(Fetch::Registry, &r.cluster, &r.authority, &r.path, r.timeout_ms) {
+                    self.registry_fetched(&shared, Err(why));
+                }
+            }
         }
     }
 

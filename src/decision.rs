@@ -44,6 +44,9 @@ pub enum Decision<'c> {
     Forbidden { tenant: &'c Tenant, identity: Rc<Identity>, refusal: Refusal },
     /// The token names a `kid` that `provider`'s key set lacks: refuse (401), or wait for a refetch.
     UnknownKey { provider: usize },
+    /// A valid token names `tenant`, which is bound to other issuers: refuse with
+    /// [`Rejection::IssuerNotAllowed`] (403), counted against that tenant.
+    IssuerNotAllowed { tenant: &'c Tenant },
 }
 
 /// The key sets known so far, by provider index (the order of the configuration's providers).
@@ -293,7 +296,7 @@ pub fn decide<'c>(
     };
     let issuer = config.providers.get(provider).map_or("", |p| p.provider.issuer.as_str());
     if !tenant.allows_issuer(issuer) {
-        return Decision::Reject(Rejection::IssuerNotAllowed);
+        return Decision::IssuerNotAllowed { tenant };
     }
     match tenant.policy().check_request(request.method, request.path) {
         Ok(inspect_body) => Decision::Route { tenant, identity, cached: from_cache, inspect_body },
@@ -607,6 +610,7 @@ mod tests {
             match decide(&c, Some(&c.tenants), &req, &Both(&k), &mut TokenCache::new(10), NOW, &PureRust) {
                 Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
                 Decision::Reject(r) => Err(r),
+                Decision::IssuerNotAllowed { .. } => Err(Rejection::IssuerNotAllowed),
                 other => panic!("{other:?}"),
             }
         };

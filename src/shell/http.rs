@@ -101,9 +101,19 @@ pub enum ResponseEdit {
     RewriteLinks { from: String, to: String },
 }
 
+/// The audit record of a request whose verdict waits for its body (a Bundle judged by the allowlist).
+#[derive(Clone, Debug)]
+pub struct PendingAudit {
+    pub request: OwnedRequest,
+    pub identity: Rc<Identity>,
+    pub cluster: String,
+}
+
 /// What is left to do for a request after its headers were decided.
 #[derive(Clone, Debug, Default)]
 pub struct After {
+    /// Written once the body is judged.
+    pub audit: Option<PendingAudit>,
     /// The tenant's allowlist (and the tenant's id) must judge the request body (a Bundle posted to the base).
     pub inspect_body: Option<(Policy, String)>,
     pub response: Option<ResponseEdit>,
@@ -240,7 +250,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
                 shared
                     .after
                     .borrow_mut()
-                    .insert(context_id, After { inspect_body: None, response: Some(ResponseEdit::PatchCapability) });
+                    .insert(context_id, After { response: Some(ResponseEdit::PatchCapability), ..Default::default() });
             }
             shared.metrics.count(shared.metrics.public);
             route_to(shared, cluster);
@@ -267,20 +277,32 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
             let response = prepare_upstream(shared, tenant, &request);
             set_header(&config.tenant_header, &tenant.id);
             let inspect_body = inspect_body.then(|| (tenant.policy().clone(), tenant.id.clone()));
+            let audit = inspect_body.as_ref().map(|_| PendingAudit {
+                request: request.clone(),
+                identity: Rc::clone(&identity),
+                cluster: tenant.cluster.clone(),
+            });
+            let deferred = audit.is_some();
             if inspect_body.is_some() || response.is_some() {
-                shared.after.borrow_mut().insert(context_id, After { inspect_body, response });
+                shared.after.borrow_mut().insert(context_id, After { audit, inspect_body, response });
             }
             shared.metrics.count(if cached { shared.metrics.cache_hits } else { shared.metrics.cache_misses });
             shared.metrics.count(shared.metrics.allowed);
-            shared.metrics.count_tenant(&tenant.id, true);
             route_to(shared, &tenant.cluster);
-            let detail = RecordDetail {
-                tenant: Some(&tenant.id),
-                identity: Some(&identity),
-                cluster: Some(&tenant.cluster),
-                ..Default::default()
-            };
-            record(shared, &request, now_ms, Outcome::Allowed, detail);
+            // The headers go on; the body is held (buffered) until the Bundle is judged. Envoy's wasm host
+            // cannot hold headers and read the body at once (a paused header phase gets no body
+            // callbacks), so a refused Bundle's headers may reach the upstream, its body never does: the
+            // upstream sees a reset stream, not a request it could execute.
+            if !deferred {
+                shared.metrics.count_tenant(&tenant.id, true);
+                let detail = RecordDetail {
+                    tenant: Some(&tenant.id),
+                    identity: Some(&identity),
+                    cluster: Some(&tenant.cluster),
+                    ..Default::default()
+                };
+                record(shared, &request, now_ms, Outcome::Allowed, detail);
+            }
             Action::Continue
         }
         Decision::Forbidden { tenant, identity, refusal } => {
@@ -293,6 +315,17 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
                 cluster: None,
             };
             record(shared, &request, now_ms, Outcome::Forbidden, detail);
+            Action::Pause
+        }
+        Decision::IssuerNotAllowed { tenant } => {
+            reject(shared, Rejection::IssuerNotAllowed, now_ms);
+            shared.metrics.count_tenant(&tenant.id, false);
+            let detail = RecordDetail {
+                reason: Some(Rejection::IssuerNotAllowed.reason()),
+                tenant: Some(&tenant.id),
+                ..Default::default()
+            };
+            record(shared, &request, now_ms, Outcome::Rejected, detail);
             Action::Pause
         }
         Decision::UnknownKey { provider } => {
@@ -334,6 +367,35 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
     }
 }
 
+/// The allowlist's verdict on a Bundle posted to the base (the request's audit line waited for it), on the
+/// host's effective context: `Continue` lets the held request go on.
+pub fn judge_bundle(shared: &Shared, after: After, body: &[u8], now_ms: u64) -> Action {
+    let Some((policy, tenant)) = after.inspect_body else {
+        return Action::Continue;
+    };
+    let verdict = policy.check_bundle(body);
+    let allowed = verdict.is_ok();
+    if let Err(refusal) = &verdict {
+        forbid(shared, refusal);
+    }
+    shared.metrics.count_tenant(&tenant, allowed);
+    if let Some(audit) = after.audit {
+        let detail = RecordDetail {
+            reason: (!allowed).then_some("allowlist"),
+            tenant: Some(&tenant),
+            identity: Some(&audit.identity),
+            cluster: allowed.then_some(audit.cluster.as_str()),
+        };
+        let outcome = if allowed { Outcome::Allowed } else { Outcome::Forbidden };
+        record(shared, &audit.request, now_ms, outcome, detail);
+    }
+    if allowed {
+        Action::Continue
+    } else {
+        Action::Pause
+    }
+}
+
 pub struct Filter {
     context_id: u32,
     shared: Rc<Shared>,
@@ -354,6 +416,7 @@ impl Filter {
 impl Context for Filter {
     fn on_done(&mut self) -> bool {
         self.shared.after.borrow_mut().remove(&self.context_id);
+        self.shared.body_complete.borrow_mut().remove(&self.context_id);
         true
     }
 }
@@ -367,29 +430,32 @@ impl HttpContext for Filter {
         let request = OwnedRequest::read(&self.shared);
         let now_ms = millis(self.get_current_time());
         let action = handle(&self.shared, self.context_id, request, now_ms, true);
-        if action == Action::Continue && end_of_stream && self.after().is_some_and(|a| a.inspect_body.is_some()) {
-            forbid(&self.shared, &Refusal::NotABundle); // POST to the base without a Bundle
-            return Action::Pause;
+        if end_of_stream {
+            if let Some(after) = self.after().filter(|a| a.inspect_body.is_some()) {
+                // POST to the base without a body: not a Bundle.
+                return judge_bundle(&self.shared, after, &[], now_ms);
+            }
         }
         action
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some((policy, tenant)) = self.after().and_then(|a| a.inspect_body) else {
+        if self.shared.is_waiting(self.context_id) {
+            // Still waiting for a JWKS refetch: nothing may go on. Note when the body is complete, so that
+            // the root context can judge it when it decides this request.
+            if end_of_stream {
+                self.shared.body_complete.borrow_mut().insert(self.context_id);
+            }
+            return Action::Pause;
+        }
+        let Some(after) = self.after().filter(|a| a.inspect_body.is_some()) else {
             return Action::Continue;
         };
         if !end_of_stream {
             return Action::Pause; // buffer the whole Bundle
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        match policy.check_bundle(&body) {
-            Ok(()) => Action::Continue,
-            Err(refusal) => {
-                forbid(&self.shared, &refusal);
-                self.shared.metrics.count_tenant(&tenant, false);
-                Action::Pause
-            }
-        }
+        judge_bundle(&self.shared, after, &body, millis(self.get_current_time()))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

@@ -63,3 +63,28 @@ pub fn set_filter_state(key: &str, value: &str) {
     // SAFETY: both buffers are valid for their lengths during the call; the host copies them.
     let _ = unsafe { proxy_set_property(key.as_ptr(), key.len(), value.as_ptr(), value.len()) };
 }
+
+/// The buffered request body of the host's effective context, through the ABI directly (the SDK's
+/// `get_buffer` panics on a status it does not expect); empty when there is none.
+pub fn buffered_request_body(max: usize) -> Vec<u8> {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        #[allow(clashing_extern_declarations)]
+        fn proxy_get_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            max_size: usize,
+            return_buffer_data: *mut *mut u8,
+            return_buffer_size: *mut usize,
+        ) -> u32;
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    let request_body = proxy_wasm::types::BufferType::HttpRequestBody as u32;
+    // SAFETY: as in `header_map`: the host allocates through this module's allocator and passes ownership.
+    let status = unsafe { proxy_get_buffer_bytes(request_body, 0, max, &mut data, &mut size) };
+    if status != 0 || data.is_null() {
+        return Vec::new();
+    }
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}

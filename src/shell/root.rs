@@ -3,7 +3,7 @@
 //! with backoff, the last good version kept.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -19,12 +19,15 @@ use crate::refresh::{Schedule, Streak};
 use crate::tenant::TenantMap;
 
 use super::host_crypto::HostSignatures;
-use super::http::{handle, After, Filter, OwnedRequest};
+use super::http::{handle, judge_bundle, After, Filter, OwnedRequest};
 use super::metrics::Metrics;
 use super::millis;
 
 /// How often the root context looks at the fetch schedules.
 const TICK: Duration = Duration::from_millis(500);
+
+/// Most of a waiting request's buffered Bundle read back for judging (Envoy's buffer limit is lower).
+const MAX_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Largest tenant registry document accepted, in bytes.
 const MAX_REGISTRY_BYTES: usize = 16 * 1024 * 1024;
@@ -70,8 +73,17 @@ pub struct Shared {
     pub cache: RefCell<TokenCache>,
     /// Per-request work left after the headers (body inspection, response edits), by context id.
     pub after: RefCell<HashMap<u32, After>>,
+    /// Requests that waited for a refetch and whose body is already complete (buffered by the host).
+    pub body_complete: RefCell<HashSet<u32>>,
     pub signatures: HostSignatures,
     pub metrics: Rc<Metrics>,
+}
+
+impl Shared {
+    /// Whether the request is parked waiting for a JWKS refetch.
+    pub fn is_waiting(&self, context_id: u32) -> bool {
+        self.keys.borrow().0.iter().any(|s| s.waiting.iter().any(|w| w.context_id == context_id))
+    }
 }
 
 /// What an outgoing call of the root context was for.
@@ -102,7 +114,17 @@ impl Root {
             if hostcalls::set_effective_context(waiter.context_id).is_err() {
                 continue; // the client went away
             }
-            if handle(shared, waiter.context_id, waiter.request, now, false) == Action::Continue {
+            let id = waiter.context_id;
+            let mut action = handle(shared, id, waiter.request, now, false);
+            // A Bundle that must be judged: if its body already arrived while waiting, judge it now.
+            let inspect = shared.after.borrow().get(&id).filter(|a| a.inspect_body.is_some()).cloned();
+            if let Some(after) = inspect {
+                if shared.body_complete.borrow_mut().remove(&id) {
+                    let body = super::buffered_request_body(MAX_BUNDLE_BYTES);
+                    action = judge_bundle(shared, after, &body, now);
+                }
+            }
+            if action == Action::Continue {
                 let _ = hostcalls::resume_http_request();
             }
         }
@@ -285,6 +307,7 @@ impl RootContext for Root {
             tenants: RefCell::new(tenants),
             cache,
             after: RefCell::new(HashMap::new()),
+            body_complete: RefCell::new(HashSet::new()),
             signatures,
             metrics,
         }));

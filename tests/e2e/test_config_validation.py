@@ -90,7 +90,10 @@ def test_every_shipped_config_keeps_the_security_relevant_envoy_settings(config)
     assert hcm["merge_slashes"] is True
     assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
     names = [f["name"] for f in hcm["http_filters"]]
-    assert names == ["envoy.filters.http.wasm", "envoy.filters.http.router"], names
+    # Ours first; only the dynamic forward proxy (which must see the :authority we set) may sit between.
+    assert names in (["envoy.filters.http.wasm", "envoy.filters.http.router"],
+                     ["envoy.filters.http.wasm", "envoy.filters.http.dynamic_forward_proxy",
+                      "envoy.filters.http.router"]), names
     (route,) = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
     assert route["route"] == {"cluster_header": "x-fhir-tenant-router-cluster"}, route
     pc = wasm_plugin_config(cfg)

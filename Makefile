@@ -12,7 +12,7 @@ FHIR_DEPS := tests/fhir/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
 CONFIGS   := $(wildcard envoy/*.yaml)
 
-.PHONY: help deps build unit e2e validate lint test fuzz demo demo-check bench bench-quick clean
+.PHONY: help deps build unit e2e validate lint test fuzz demo demo-check bench bench-quick soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ fuzz: ## fuzz every parser of untrusted input: 1.4M deterministic generated inpu
 
 bench: build deps ## benchmark against Envoy's native jwt_authn (~8 min, needs wrk: installs it); writes BENCHMARKS.md
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+soak: build deps ## 10 minutes of mixed valid and invalid traffic: Envoy memory and VM reloads (not in CI); writes BENCHMARKS.md's soak section
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 bench-quick: build deps ## a ~2 minute smoke run of the benchmark (writes target/bench-quick.md)
 	$(PY) bench/run.py --quick --out target/bench-quick.md $(BENCH_ARGS)

@@ -134,37 +134,20 @@ impl Root {
         let issuer = shared.config.providers.get(provider).map_or("", |p| p.provider.issuer.as_str());
         let mut states = shared.keys.borrow_mut();
         let Some(state) = states.0.get_mut(provider) else { return };
-        let streak = match outcome {
-            Ok(keys) => {
-                shared.metrics.count(shared.metrics.jwks_fetch_ok);
-                if keys.skipped() > 0 {
-                    log::info!(
-                        "JWKS of {issuer}: {} usable keys, {} skipped (wrong type, use, alg or size)",
-                        keys.keys().len(),
-                        keys.skipped()
-                    );
-                }
-                state.keys = Some(Rc::new(keys));
-                state.schedule.as_mut().map(|s| s.succeeded(now))
-            }
-            Err(why) => {
-                shared.metrics.count(shared.metrics.jwks_fetch_failed);
-                let streak = state.schedule.as_mut().map(|s| s.failed(now));
-                if streak == Some(Streak::Started) {
-                    let kept = match &state.keys {
-                        Some(k) => format!("keeping the last {} keys", k.keys().len()),
-                        None => "no keys yet: token requests get 503".to_string(),
-                    };
-                    log::warn!(
-                        "JWKS fetch for {issuer} failed ({why}); {kept}; retrying with backoff (logged once per failure streak)"
-                    );
-                }
-                streak
-            }
+        let counters = (shared.metrics.jwks_fetch_ok, shared.metrics.jwks_fetch_failed);
+        let kept = match &state.keys {
+            Some(k) => format!("keeping the last {} keys", k.keys().len()),
+            None => "no keys yet: token requests get 503".to_string(),
         };
-        if let Some(Streak::Ended { failures }) = streak {
-            log::info!("JWKS fetch for {issuer} recovered after {failures} failed attempts");
+        let what = format!("JWKS fetch for {issuer}");
+        let Some(keys) = settle(&shared.metrics, counters, state.schedule.as_mut(), now, &what, &kept, outcome) else {
+            return;
+        };
+        if keys.skipped() > 0 {
+            let (usable, skipped) = (keys.keys().len(), keys.skipped());
+            log::info!("JWKS of {issuer}: {usable} usable keys, {skipped} skipped (wrong type, use, alg or size)");
         }
+        state.keys = Some(Rc::new(keys));
         // Cached tokens whose key left every provider's set are dropped.
         let fingerprints: Vec<u64> =
             states.0.iter().filter_map(|s| s.keys.as_ref()).flat_map(|k| k.fingerprints()).collect();
@@ -182,28 +165,15 @@ impl Root {
             shared.config.compile_registry(&body, &|name| std::env::var(name).ok()).map_err(|e| e.to_string())
         });
         let mut state = shared.tenants.borrow_mut();
-        let streak = match compiled {
-            Ok(map) => {
-                shared.metrics.count(shared.metrics.registry_fetch_ok);
-                Metrics::set(shared.metrics.registry_tenants, map.len() as u64);
-                state.map = Some(Rc::new(map));
-                state.schedule.as_mut().map(|s| s.succeeded(now))
-            }
-            Err(why) => {
-                shared.metrics.count(shared.metrics.registry_fetch_failed);
-                let streak = state.schedule.as_mut().map(|s| s.failed(now));
-                if streak == Some(Streak::Started) {
-                    let kept = match &state.map {
-                        Some(m) => format!("keeping the last {} tenants", m.len()),
-                        None => "no tenants yet: token requests get 503".to_string(),
-                    };
-                    log::warn!("tenant registry fetch failed ({why}); {kept}; retrying with backoff");
-                }
-                streak
-            }
+        let counters = (shared.metrics.registry_fetch_ok, shared.metrics.registry_fetch_failed);
+        let kept = match &state.map {
+            Some(m) => format!("keeping the last {} tenants", m.len()),
+            None => "no tenants yet: token requests get 503".to_string(),
         };
-        if let Some(Streak::Ended { failures }) = streak {
-            log::info!("tenant registry fetch recovered after {failures} failed attempts");
+        let schedule = state.schedule.as_mut();
+        if let Some(map) = settle(&shared.metrics, counters, schedule, now, "tenant registry fetch", &kept, compiled) {
+            Metrics::set(shared.metrics.registry_tenants, map.len() as u64);
+            state.map = Some(Rc::new(map));
         }
     }
 
@@ -357,6 +327,35 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// Advances a fetch schedule with one outcome and counts it (`counters`: ok, failed). A failure streak is
+/// logged once when it starts (saying what is `kept`) and once when it ends. Returns the fetched value.
+fn settle<T>(
+    metrics: &Metrics,
+    counters: (Option<u32>, Option<u32>),
+    schedule: Option<&mut Schedule>,
+    now: u64,
+    what: &str,
+    kept: &str,
+    outcome: Result<T, String>,
+) -> Option<T> {
+    match outcome {
+        Ok(value) => {
+            metrics.count(counters.0);
+            if let Some(Streak::Ended { failures }) = schedule.map(|s| s.succeeded(now)) {
+                log::info!("{what} recovered after {failures} failed attempts");
+            }
+            Some(value)
+        }
+        Err(why) => {
+            metrics.count(counters.1);
+            if schedule.map(|s| s.failed(now)) == Some(Streak::Started) {
+                log::warn!("{what} failed ({why}); {kept}; retrying with backoff (logged once per failure streak)");
+            }
+            None
+        }
     }
 }
 

@@ -940,6 +940,19 @@ PROFILE_PLACEHOLDER = ("_To be filled in by hand (kept across runs of bench/run.
                        "ours vs native, e.g. from `perf record -g -p <envoy pid>` during a run._")
 
 
+SOAK_BEGIN, SOAK_END = "<!-- soak:begin -->", "<!-- soak:end -->"
+
+
+def soak_section(out: Path) -> str:
+    """bench/soak.py's section of the report survives a benchmark re-run."""
+    if out.exists():
+        t = out.read_text(encoding="utf-8")
+        i, j = t.find(SOAK_BEGIN), t.find(SOAK_END)
+        if 0 <= i < j:
+            return "\n" + t[i:j + len(SOAK_END)] + "\n"
+    return ""
+
+
 def profile_section(out: Path) -> str:
     """The hand-written profile notes of an existing BENCHMARKS.md survive a re-run."""
     if out.exists():
@@ -1011,7 +1024,7 @@ def main(argv: list[str]) -> int:
         b.measure()
         b.measure_memory()
         text, checks = report(b, mode, started)
-        text += "\n" + profile_section(args.out) + "\n" + reproduce_section(mode)
+        text += "\n" + profile_section(args.out) + "\n" + reproduce_section(mode) + soak_section(args.out)
         print("\n" + text)
         if not args.no_write:
             args.out.write_text(text, encoding="utf-8")

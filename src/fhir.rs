@@ -84,10 +84,17 @@ fn is_resource_type(s: &str) -> bool {
 /// for anything that is not a FHIR REST interaction.
 pub fn classify<'a>(method: &str, path: &'a str) -> Option<Classified<'a>> {
     let path = path.split(['?', '#']).next().unwrap_or_default();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // At most four segments name an interaction (`Patient/1/_history/2`); no allocation on the hot path.
+    let mut parts = [""; 4];
+    let mut count = 0;
+    for part in path.trim_start_matches('/').split('/') {
+        *parts.get_mut(count)? = part;
+        count += 1;
+    }
+    let segments = parts.get(..count)?;
     let seg = |i: usize| segments.get(i).copied();
     let is_op = |s: Option<&str>| s.is_some_and(|s| s.starts_with('$'));
-    let (interaction, resource_type) = match (method, segments.as_slice()) {
+    let (interaction, resource_type) = match (method, segments) {
         ("GET", [""]) => (Interaction::Search, None),
         ("GET", ["_history"]) => (Interaction::History, None),
         ("POST", [""]) => (Interaction::Batch, None),

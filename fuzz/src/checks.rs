@@ -67,9 +67,12 @@ pub fn jwks(bytes: &[u8]) -> bool {
 pub fn config(bytes: &[u8]) -> bool {
     match Config::from_json(bytes) {
         Ok(c) => {
-            assert!(!c.tenants.is_empty());
-            assert!((256..=65_536).contains(&c.provider.max_token_bytes));
-            assert!(!c.provider.issuer.is_empty() && !c.provider.audiences.is_empty());
+            assert!(!c.tenants.is_empty() || c.registry.is_some());
+            assert!(!c.providers.is_empty());
+            for p in &c.providers {
+                assert!((256..=65_536).contains(&p.provider.max_token_bytes));
+                assert!(!p.provider.issuer.is_empty() && !p.provider.audiences.is_empty());
+            }
             assert_ne!(c.route_header, c.tenant_header);
             true
         }

@@ -470,7 +470,7 @@ fn any_now(rng: &mut Rng) -> i64 {
 pub fn token(rng: &mut Rng, n: usize) -> Stats {
     let keys = fixtures::keys();
     let config = fixtures::config();
-    let mut small = config.provider.clone();
+    let mut small = config.providers[0].provider.clone();
     small.max_token_bytes = 256;
     small.clock_skew_s = 0;
     let mut tokens = Tokens::new();
@@ -479,7 +479,7 @@ pub fn token(rng: &mut Rng, n: usize) -> Stats {
         let token = tokens.next(rng);
         let now = any_now(rng);
         note("token", token.as_bytes());
-        let provider = if rng.percent(5) { &small } else { &config.provider };
+        let provider = if rng.percent(5) { &small } else { &config.providers[0].provider };
         let keys = if rng.percent(2) { None } else { Some(&keys) };
         let result = checks::token(&token, keys, provider, now, Some(&tokens.signed));
         stats.add(result.is_ok());
@@ -560,7 +560,7 @@ pub fn decide_requests(rng: &mut Rng, n: usize) -> Stats {
         let now = if rng.percent(90) { NOW } else { NOW + 600 + 60 + rng.below(3) as i64 - 1 };
         note("decide", auth.as_bytes());
         let request = Request { method, path, authorization: Some(&auth), duplicate_authorization: duplicate };
-        let decision = decide(&config, &request, Some(&keys), &mut cache, now, &PureRust);
+        let decision = decide(&config, Some(&config.tenants), &request, &Some(&keys), &mut cache, now, &PureRust);
         let public = fhir_tenant_router::public::is_public(method, path);
         if matches!(decision, Decision::Route { .. } | Decision::Reject(_)) {
             assert!(!public, "a public document went through the token check");
@@ -574,14 +574,14 @@ pub fn decide_requests(rng: &mut Rng, n: usize) -> Stats {
                 // A mutated claim set may fail verification (issuer, audience, times) before the tenant.
                 (Decision::Reject(r), _) if !matches!(r, Rejection::NoTenant | Rejection::SeveralTenants) => {}
                 // The tenant was found, then its FHIR allowlist refused the interaction.
-                (Decision::Forbidden(_), Ok(_)) => {}
+                (Decision::Forbidden { .. }, Ok(_)) => {}
                 (d, want) => panic!("decide gave {d:?}, the reference resolution {want:?}"),
             }
         }
         if now > NOW + 600 + 60 && !public && !mutated {
             assert!(!matches!(decision, Decision::Route { .. }), "an expired token was routed (cache?)");
         }
-        stats.add(matches!(decision, Decision::Route { .. } | Decision::Forbidden(_)));
+        stats.add(matches!(decision, Decision::Route { .. } | Decision::Forbidden { .. }));
     }
     stats
 }

@@ -48,7 +48,7 @@ pub fn fuzz_token(data: &[u8]) {
     };
     let s = shared();
     let now = if mode & 2 == 0 { fixtures::NOW } else { i64::from_le_bytes([*mode; 8]) };
-    let _ = checks::token(&token, Some(&s.keys), &s.config.provider, now, None);
+    let _ = checks::token(&token, Some(&s.keys), &s.config.providers[0].provider, now, None);
 }
 
 /// JWKS documents.

@@ -21,7 +21,8 @@ use crate::links;
 use crate::tenant::Tenant;
 
 use super::root::{Shared, Waiter};
-use super::{header_pairs, header_value, millis};
+use super::{header_map, header_value, millis};
+use crate::headers::parse_pairs;
 
 /// The request data the decision needs, owned so that a request can wait for a JWKS refetch.
 #[derive(Clone, Debug, Default)]
@@ -41,21 +42,25 @@ impl OwnedRequest {
         let config = &shared.config;
         let mut request = OwnedRequest::default();
         let mut spoofed = false;
-        for (name, value) in header_pairs(MapType::HttpRequestHeaders) {
-            match name.as_str() {
-                ":method" => request.method = value,
-                ":path" => request.path = value,
-                ":authority" => request.authority = value,
-                ":scheme" => request.scheme = value,
-                "authorization" => {
+        let raw = header_map(MapType::HttpRequestHeaders);
+        // Only the values read are decoded (lossily: a non-UTF-8 byte becomes U+FFFD, which no token, path or
+        // cluster name contains); the other headers are not copied.
+        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        for (name, value) in parse_pairs(&raw).unwrap_or_default() {
+            match name {
+                b":method" => request.method = text(value),
+                b":path" => request.path = text(value),
+                b":authority" => request.authority = text(value),
+                b":scheme" => request.scheme = text(value),
+                b"authorization" => {
                     request.duplicate_authorization |= request.authorization.is_some();
-                    request.authorization = Some(value);
+                    request.authorization = Some(text(value));
                 }
                 // Ours to set (and X-Forwarded-Host/-Prefix, which servers use to build their links).
-                n if n == config.route_header
-                    || n == config.tenant_header
-                    || n == "x-forwarded-host"
-                    || n == "x-forwarded-prefix" =>
+                n if n == config.route_header.as_bytes()
+                    || n == config.tenant_header.as_bytes()
+                    || n == b"x-forwarded-host"
+                    || n == b"x-forwarded-prefix" =>
                 {
                     spoofed = true
                 }
@@ -369,12 +374,16 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
 
 /// The allowlist's verdict on a Bundle posted to the base (the request's audit line waited for it), on the
 /// host's effective context: `Continue` lets the held request go on.
-pub fn judge_bundle(shared: &Shared, after: After, body: &[u8], now_ms: u64) -> Action {
+pub fn judge_bundle(shared: &Shared, context_id: u32, after: After, body: &[u8], now_ms: u64) -> Action {
     let Some((policy, tenant)) = after.inspect_body else {
         return Action::Continue;
     };
     let verdict = policy.check_bundle(body);
     let allowed = verdict.is_ok();
+    if let Some(a) = shared.after.borrow_mut().get_mut(&context_id) {
+        a.inspect_body = None; // judged
+        a.audit = None;
+    }
     if let Err(refusal) = &verdict {
         forbid(shared, refusal);
     }
@@ -433,7 +442,7 @@ impl HttpContext for Filter {
         if end_of_stream {
             if let Some(after) = self.after().filter(|a| a.inspect_body.is_some()) {
                 // POST to the base without a body: not a Bundle.
-                return judge_bundle(&self.shared, after, &[], now_ms);
+                return judge_bundle(&self.shared, self.context_id, after, &[], now_ms);
             }
         }
         action
@@ -455,30 +464,11 @@ impl HttpContext for Filter {
             return Action::Pause; // buffer the whole Bundle
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        judge_bundle(&self.shared, after, &body, millis(self.get_current_time()))
+        judge_bundle(&self.shared, self.context_id, after, &body, millis(self.get_current_time()))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some(edit) = self.after().and_then(|a| a.response) else {
-            return Action::Continue;
-        };
-        if let ResponseEdit::RewriteLinks { from, to } = &edit {
-            for name in ["location", "content-location"] {
-                if let Some(new) =
-                    header_value(MapType::HttpResponseHeaders, name).and_then(|v| links::rewrite_url(&v, from, to))
-                {
-                    self.set_http_response_header(name, Some(&new));
-                }
-            }
-        }
-        let encoded = header_value(MapType::HttpResponseHeaders, "content-encoding").is_some_and(|e| e != "identity");
-        let content_type = header_value(MapType::HttpResponseHeaders, "content-type");
-        if end_of_stream || encoded || !is_json(content_type.as_deref()) {
-            return Action::Continue;
-        }
-        self.set_http_response_header("content-length", None); // the body changes length
-        self.editing_response = Some(edit);
-        Action::Continue
+        self.edit_response_headers(end_of_stream)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -498,6 +488,32 @@ impl HttpContext for Filter {
         if let Some(new) = edited {
             self.set_http_response_body(0, body_size, &new);
         }
+        Action::Continue
+    }
+}
+
+impl Filter {
+    /// Response-header edits (link headers; prepare a body edit); the body edit happens in the body callback.
+    fn edit_response_headers(&mut self, end_of_stream: bool) -> Action {
+        let Some(edit) = self.after().and_then(|a| a.response) else {
+            return Action::Continue;
+        };
+        if let ResponseEdit::RewriteLinks { from, to } = &edit {
+            for name in ["location", "content-location"] {
+                if let Some(new) =
+                    header_value(MapType::HttpResponseHeaders, name).and_then(|v| links::rewrite_url(&v, from, to))
+                {
+                    self.set_http_response_header(name, Some(&new));
+                }
+            }
+        }
+        let encoded = header_value(MapType::HttpResponseHeaders, "content-encoding").is_some_and(|e| e != "identity");
+        let content_type = header_value(MapType::HttpResponseHeaders, "content-type");
+        if end_of_stream || encoded || !is_json(content_type.as_deref()) {
+            return Action::Continue;
+        }
+        self.set_http_response_header("content-length", None); // the body changes length
+        self.editing_response = Some(edit);
         Action::Continue
     }
 }

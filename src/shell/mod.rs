@@ -33,18 +33,7 @@ pub fn header_map(map: proxy_wasm::types::MapType) -> Vec<u8> {
     unsafe { Vec::from_raw_parts(data, size, size) }
 }
 
-/// A header map's pairs as text: names as they are (the host only passes valid names), values lossily (a
-/// non-UTF-8 byte becomes U+FFFD, which no token, path or cluster name can contain).
-pub fn header_pairs(map: proxy_wasm::types::MapType) -> Vec<(String, String)> {
-    let raw = header_map(map);
-    crate::headers::parse_pairs(&raw)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
-        .collect()
-}
-
-/// One header's value, lossily decoded (see [`header_pairs`]).
+/// One header's value, lossily decoded: a non-UTF-8 byte becomes U+FFFD.
 pub fn header_value(map: proxy_wasm::types::MapType, name: &str) -> Option<String> {
     proxy_wasm::hostcalls::get_map_value_bytes(map, name)
         .ok()

@@ -2,7 +2,7 @@
 //! each provider's JWKS and the tenant registry fresh: fetched through Envoy clusters on a timer, retried
 //! with backoff, the last good version kept.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
@@ -77,6 +77,9 @@ pub struct Shared {
     pub body_complete: RefCell<HashSet<u32>>,
     pub signatures: HostSignatures,
     pub metrics: Rc<Metrics>,
+    /// Whether this VM has served a request. Only such VMs (Envoy's workers, not its main thread) publish
+    /// the per-VM gauges, which every VM would otherwise overwrite.
+    pub served: Cell<bool>,
 }
 
 impl Shared {
@@ -121,7 +124,7 @@ impl Root {
             if let Some(after) = inspect {
                 if shared.body_complete.borrow_mut().remove(&id) {
                     let body = super::buffered_request_body(MAX_BUNDLE_BYTES);
-                    action = judge_bundle(shared, after, &body, now);
+                    action = judge_bundle(shared, id, after, &body, now);
                 }
             }
             if action == Action::Continue {
@@ -280,6 +283,7 @@ impl RootContext for Root {
             body_complete: RefCell::new(HashSet::new()),
             signatures,
             metrics,
+            served: Cell::new(false),
         }));
         // Ticks drive the fetch schedules and flush the stats.
         self.set_tick_period(TICK);
@@ -291,8 +295,10 @@ impl RootContext for Root {
             return;
         };
         shared.metrics.flush();
-        Metrics::set(shared.metrics.vm_memory_bytes, vm_memory_bytes());
-        Metrics::set(shared.metrics.cache_entries, shared.cache.borrow().len() as u64);
+        if shared.served.get() {
+            Metrics::set(shared.metrics.vm_memory_bytes, vm_memory_bytes());
+            Metrics::set(shared.metrics.cache_entries, shared.cache.borrow().len() as u64);
+        }
         let now = self.now_ms();
         let now_s = i64::try_from(now / 1000).unwrap_or(i64::MAX);
         if now_s.saturating_sub(self.last_purge_s) >= PURGE_EVERY_S {
@@ -322,7 +328,9 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter::new(context_id, self.shared.clone()?)))
+        let shared = self.shared.clone()?;
+        shared.served.set(true);
+        Some(Box::new(Filter::new(context_id, shared)))
     }
 
     fn get_type(&self) -> Option<ContextType> {

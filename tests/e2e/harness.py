@@ -311,9 +311,9 @@ class Envoy:
         return http_request(self.admin_port, "GET", path, timeout=5)
 
     def request(self, method: str, path: str, headers: dict[str, str] | None = None,
-                body: bytes | None = None) -> Response:
+                body: bytes | None = None, timeout: float = 10.0) -> Response:
         self._check_alive()
-        return http_request(self.port, method, path, headers, body)
+        return http_request(self.port, method, path, headers, body, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,106 @@
+"""An upstream that answers as soon as it has the request headers (before the body) against the allowlist.
+
+A Bundle is judged from its body, and Envoy's wasm host gives a filter no body callbacks while its header
+phase is paused, so the headers go on first. The upstream never receives a refused Bundle's body (it cannot
+execute it); but an upstream that answers without reading the body can race the refusal to the client.
+Real FHIR servers read a batch before answering. Holding such an early answer until the verdict is known
+work (issue note): the refusal test is an expected failure until then, and says so."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+
+from checks import assert_wasm_vm_never_crashed
+from conftest import stop_envoy, wait_for_jwks
+from harness import TENANT_A, bearer
+from tokens import Minter
+
+EARLY = b'{"resourceType":"Bundle","type":"batch-response","id":"early-answer"}'
+
+
+class EarlyAnsweringUpstream:
+    """Reads the request headers, answers 200 at once, never reads the body (a fake by design: no real FHIR
+    server answers a batch before reading it, which is what makes this the worst case)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.answered = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        conn.settimeout(10)
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: "
+                         + str(len(EARLY)).encode() + b"\r\n\r\n" + EARLY)
+            self.answered += 1
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def early(start_envoy, idp, upstreams):
+    up = EarlyAnsweringUpstream()
+    env = start_envoy("envoy-early-upstream", {"idp": idp.port, **upstreams.cluster_ports(), "tenant_a": up.port})
+    minter = Minter(idp.issuer)
+    wait_for_jwks(env, minter, upstreams)
+    yield env, up, minter
+    stop_envoy(env)
+    up.stop()
+
+
+def _batch(*entries):
+    return json.dumps({"resourceType": "Bundle", "type": "batch",
+                       "entry": [{"request": {"method": m, "url": u}} for m, u in entries]}).encode()
+
+
+@pytest.mark.xfail(reason="known gap: an upstream answering before reading the body can race the refusal "
+                          "(its answer reaches the client or the stream stalls); the body never reaches it",
+                   strict=False)
+def test_a_refused_bundle_gets_the_refusal_even_when_the_upstream_answers_first(early):
+    env, up, minter = early
+    headers = {**bearer(minter.token(TENANT_A)), "content-type": "application/fhir+json"}
+    for _ in range(20):  # the race, if any, is timing-dependent: try it many times
+        resp = env.request("POST", "/", headers, _batch(("GET", "Patient/1"), ("DELETE", "Patient/1")),
+                           timeout=3)
+        assert resp.status == 403, resp
+        assert b"early-answer" not in resp.body
+        assert "entry 1" in resp.json()["issue"][0]["diagnostics"]
+    assert_wasm_vm_never_crashed(env)
+
+
+def test_an_allowed_bundle_gets_the_upstreams_answer(early):
+    env, up, minter = early
+    headers = {**bearer(minter.token(TENANT_A)), "content-type": "application/fhir+json"}
+    before = up.answered
+    resp = env.request("POST", "/", headers, _batch(("GET", "Patient/1"), ("GET", "Observation?patient=1")))
+    assert resp.status == 200, resp
+    assert resp.body == EARLY
+    assert up.answered == before + 1

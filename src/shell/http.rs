@@ -155,22 +155,21 @@ fn reject(shared: &Shared, rejection: Rejection, now_ms: u64) {
         }
         _ => None,
     };
+    let extra = [("www-authenticate", www.as_deref()), ("retry-after", retry_after.as_deref())];
+    send_outcome(rejection.status(), &body, &extra);
+}
+
+/// A local answer with a FHIR `OperationOutcome` body, never cached; `extra` headers are added when set.
+fn send_outcome(status: u32, body: &str, extra: &[(&str, Option<&str>)]) {
     let mut headers = vec![("content-type", "application/fhir+json"), ("cache-control", "no-store")];
-    if let Some(v) = www.as_deref() {
-        headers.push(("www-authenticate", v));
-    }
-    if let Some(v) = retry_after.as_deref() {
-        headers.push(("retry-after", v));
-    }
-    let _ = hostcalls::send_http_response(rejection.status(), headers, Some(body.as_bytes()));
+    headers.extend(extra.iter().filter_map(|(name, value)| value.map(|v| (*name, v))));
+    let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
 }
 
 /// 403 for a request the tenant's allowlist refuses; the message names the interaction (and Bundle entry).
 fn forbid(shared: &Shared, refusal: &Refusal) {
     shared.metrics.count(shared.metrics.forbidden_by_policy);
-    let body = operation_outcome("forbidden", &refusal.to_string());
-    let headers = vec![("content-type", "application/fhir+json"), ("cache-control", "no-store")];
-    let _ = hostcalls::send_http_response(403, headers, Some(body.as_bytes()));
+    send_outcome(403, &operation_outcome("forbidden", &refusal.to_string()), &[]);
 }
 
 /// Rewrites the request for the tenant's FHIR server as it really is, and says what the response needs.

@@ -154,6 +154,69 @@ for _s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(_s, _on_signal)
 
 
+# ------------------------------------------------------------------------------------- CPU pinning, CPU time
+
+@dataclass
+class Pinning:
+    """Which CPUs the Envoys under test get, and which the load side (upstream Envoy, wrk) gets."""
+    tested: set[int] = field(default_factory=set)   # empty: pinning off
+    load: set[int] = field(default_factory=set)
+    note: str = ""
+
+    @property
+    def on(self) -> bool:
+        return bool(self.tested)
+
+
+def cpu_list(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def plan_pinning(enabled: bool) -> Pinning:
+    """With 2+ CPUs: the last one for the Envoys under test, the others for the upstream Envoy and wrk."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled:
+        return Pinning(note="off (`--no-pin`)")
+    if len(cpus) < 2:
+        return Pinning(note=f"off (only {len(cpus)} CPU available)")
+    if not shutil.which("taskset"):
+        raise BenchError("taskset not found (Debian package util-linux): install it, or run with --no-pin")
+    tested, load = {cpus[-1]}, set(cpus[:-1])
+    return Pinning(tested, load, f"on: Envoys under test (all threads) on CPU {cpu_list(tested)}; "
+                                 f"upstream Envoy and wrk on CPU {cpu_list(load)}")
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Set the affinity of every thread of `pid`; repeat until a pass finds nothing left to change, because a
+    thread created during a pass may have inherited the old mask from a thread not yet pinned."""
+    for _ in range(5):
+        changed = 0
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except FileNotFoundError:
+            raise BenchError(f"cannot pin process {pid}: it is gone") from None
+        for tid in tids:
+            try:
+                if os.sched_getaffinity(tid) != cpus:
+                    os.sched_setaffinity(tid, cpus)
+                    changed += 1
+            except ProcessLookupError:   # the thread ended meanwhile
+                continue
+        if not changed:
+            return
+    raise BenchError(f"could not pin all threads of process {pid} to CPU {cpu_list(cpus)}")
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), from /proc/PID/stat fields 14 and 15."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) ": fields 3, 4, ...
+    return (int(fields[14 - 3]) + int(fields[15 - 3])) / CLK_TCK
+
+
 # ------------------------------------------------------------------------------------------------ HTTP
 
 @dataclass
@@ -229,7 +292,30 @@ class Envoy:
         if self.wasm:
             wait_until(lambda: any(k.endswith("v8.active") and v >= 1 for k, v in self.stats("wasm").items()),
                        30, f"{self.name}: wasm VM active")
+        self.check_is_envoy()
         return self
+
+    @property
+    def pid(self) -> int:
+        """The Envoy process itself: .venv/bin/envoy os.execv's the real binary, so the Popen pid is Envoy's."""
+        if self.proc is None:
+            raise BenchError(f"Envoy {self.name} is not started")
+        return self.proc.pid
+
+    def check_is_envoy(self) -> None:
+        comm = Path(f"/proc/{self.pid}/comm").read_text().strip()
+        if "envoy" not in comm:
+            raise BenchError(f"Envoy {self.name}: process {self.pid} is {comm!r}, not Envoy (does $ENVOY_BIN fork "
+                             "instead of exec?): CPU time and pinning would measure the wrong process")
+
+    def pin(self, cpus: set[int]) -> None:
+        """All threads of this Envoy to `cpus` (after readiness: threads created later inherit the mask)."""
+        self.check_alive()
+        if cpus:
+            pin_process(self.pid, cpus)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -347,6 +433,47 @@ def noop_filter() -> dict:
                                  "code": {"local": {"filename": str(NOOP_WASM)}}}}}}
 
 
+PROBE_DIR = REPO / "bench" / "hostcall-probe"
+PROBE_WASM = PROBE_DIR / "target" / "wasm32-wasip1" / "release" / "hostcall_probe.wasm"
+PROBE_TIMEOUT = 120                       # seconds for `PROBE done` to appear in the probe Envoy's log
+PROBE_LINE = re.compile(r"\bPROBE (?P<name>.+?) (?P<ns>\d+(?:\.\d+)?)\s*$")
+PROBE_NOTE = re.compile(r"\bPROBE (?P<text>.+?)\s*$")
+
+
+def build_probe() -> Path:
+    """bench/hostcall-probe: times our hot path's host calls and in-VM work from inside Envoy's V8."""
+    r = subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
+                        str(PROBE_DIR / "Cargo.toml")], capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0 or not PROBE_WASM.is_file():
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise BenchError(f"cargo build of bench/hostcall-probe failed ({r.returncode}):\n{tail}")
+    return PROBE_WASM
+
+
+def probe_filter(plugin: dict, wasm: Path) -> dict:
+    """Configured like ours_filter (same plugin JSON), with the probe module and the default root context."""
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {"name": "hostcall_probe", "root_id": "",
+                   "vm_config": {"runtime": "envoy.wasm.runtime.v8",
+                                 "code": {"local": {"filename": str(wasm)}}},
+                   "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                     "value": json.dumps(plugin)}}}}
+
+
+def parse_probe(log_text: str) -> tuple[list[tuple[str, float]], list[str]]:
+    """(`PROBE <name> <ns>` lines in order, other PROBE lines except `PROBE done`, e.g. `first decision route`)."""
+    costs: list[tuple[str, float]] = []
+    notes: list[str] = []
+    for line in log_text.splitlines():
+        m = PROBE_LINE.search(line)
+        if m:
+            costs.append((m["name"], float(m["ns"])))
+        elif (n := PROBE_NOTE.search(line)) and n["text"] != "done":
+            notes.append(n["text"])
+    return costs, notes
+
+
 def plugin_accepts_cache_field(public_jwks: dict, workdir: Path) -> tuple[bool, str]:
     """Does the built module accept `token_cache_entries`? Ask Envoy (--mode validate runs the plugin's
     configure), so a stale module is judged by what it is, not by the source."""
@@ -454,6 +581,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: dict[str, int]
+    cpu_us_per_req: float       # utime + stime of the Envoy under test during the run, per completed request
 
     @property
     def rps(self) -> float:
@@ -534,6 +662,8 @@ class Bench:
         self.memory: dict = {}
         self.offsets: dict[tuple[str, str], int] = {}
         self.load_start = loadavg()
+        self.pinning = plan_pinning(not args.no_pin)
+        self.probe: dict = {}
 
     # --- set-up
     def mint_tokens(self) -> None:
@@ -569,11 +699,13 @@ class Bench:
             s.envoy = Envoy(s.name, self.server_config(s), self.workdir, wasm=s.kind in ("ours", "noop")).start()
             self.servers[s.name] = s
         for s in specs:   # started together, waited for together: big configs load in parallel
-            s.envoy.wait_ready()
+            s.envoy.wait_ready().pin(self.pinning.tested)
 
     def setup(self) -> None:
         MODULE.snapshot(self.workdir)
         self.upstream = Envoy("upstream", upstream_config(), self.workdir, wasm=False).start().wait_ready()
+        self.upstream.pin(self.pinning.load)
+        log(f"==> CPU pinning {self.pinning.note}")
         r = get(self.upstream.port, "/")
         if r.status != 200 or r.body.decode() != UPSTREAM_BODY:
             raise BenchError(f"upstream answered {r.status} {r.body[:200]!r}")
@@ -643,8 +775,9 @@ class Bench:
         s = self.servers[v.server]
         s.envoy.check_alive()
         self.upstream.check_alive()
-        cmd = [self.wrk, f"-t{self.args.threads}", f"-c{self.args.connections}", f"-d{seconds}s",
-               "--timeout", "5s"]
+        pin = ["taskset", "-c", cpu_list(self.pinning.load)] if self.pinning.on else []
+        cmd = pin + [self.wrk, f"-t{self.args.threads}", f"-c{self.args.connections}", f"-d{seconds}s",
+                     "--timeout", "5s"]
         if v.tokens == "distinct":
             cmd += ["-s", str(self.workdir / "distinct.lua"), f"http://127.0.0.1:{s.envoy.port}{PATH}",
                     "--", str(self.distinct_files[v.alg]), str(self.offsets.get((v.server, v.alg), 0))]
@@ -656,7 +789,9 @@ class Bench:
         up0 = self.upstream.stats(r"http\.upstream\.downstream_rq_")
         me0 = s.envoy.stats(r"http\.bench\.downstream_rq_")
         f0 = self.filter_counters(s) if s.kind not in ("passthrough", "noop") else {}
+        cpu0 = s.envoy.cpu_seconds()   # read last before and first after wrk: the admin calls stay outside
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        cpu1 = s.envoy.cpu_seconds()
         up1 = self.upstream.stats(r"http\.upstream\.downstream_rq_")
         me1 = s.envoy.stats(r"http\.bench\.downstream_rq_")
         f1 = self.filter_counters(s) if s.kind not in ("passthrough", "noop") else {}
@@ -665,7 +800,8 @@ class Bench:
             raise BenchError(f"{v.name}: wrk failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
         j = json.loads(m.group(1))
         errors = {k: j[k] for k in ("connect", "read", "write", "status", "timeout")}
-        res = WrkResult(j["requests"], j["duration_us"] / 1e6, j["p50_us"] / 1000, j["p99_us"] / 1000, errors)
+        res = WrkResult(j["requests"], j["duration_us"] / 1e6, j["p50_us"] / 1000, j["p99_us"] / 1000, errors,
+                        (cpu1 - cpu0) * 1e6 / j["requests"] if j["requests"] else 0.0)
         d = lambda a, b, k: b.get(k, 0) - a.get(k, 0)  # noqa: E731
         non2xx = {c: d(me0, me1, f"http.bench.downstream_rq_{c}") for c in ("1xx", "3xx", "4xx", "5xx")}
         up_2xx = d(up0, up1, "http.upstream.downstream_rq_2xx")
@@ -735,6 +871,38 @@ class Bench:
                        "envoy_heap": int(s.envoy.memory().get("allocated", 0)) or None}
         s.envoy.stop()
 
+    def measure_hostcalls(self) -> None:
+        """Informational: one Envoy with bench/hostcall-probe logs what each host call and the core's cache-hit
+        work cost inside the VM. A failure is reported, never fatal."""
+        envoy: Envoy | None = None
+        try:
+            wasm = build_probe()
+            cfg = tested_config(self.upstream.port, {"route": {"cluster": "upstream"}},
+                                [probe_filter(ours_plugin(self.public_jwks, 10, CACHE_ENTRIES), wasm)])
+            envoy = Envoy("hostcall-probe", cfg, self.workdir, wasm=True).start().wait_ready()
+            envoy.pin(self.pinning.tested)
+            token = self.fixed.get("RS256") or mint(self.private["RS256"], "RS256", tenant_id(FIXED_TENANT_INDEX),
+                                                    "probe", int(time.time()))
+            try:
+                r = get(envoy.port, PATH, {"authorization": f"Bearer {token}"}, timeout=PROBE_TIMEOUT)
+                status = str(r.status)
+            except OSError as e:   # the log decides; the answer is only reported
+                status = f"no answer ({e!r})"
+            wait_until(lambda: envoy.check_alive() or "PROBE done" in envoy.log_path.read_text(errors="replace"),
+                       PROBE_TIMEOUT, "hostcall-probe: `PROBE done` in its log", interval=0.2)
+            costs, notes = parse_probe(envoy.log_path.read_text(errors="replace"))
+            if not costs:
+                raise BenchError(f"hostcall-probe logged `PROBE done` but no `PROBE <name> <ns>` line "
+                                 f"(notes: {notes})")
+            self.probe = {"costs": costs, "notes": notes, "status": status}
+            log(f"==> hostcall-probe: {len(costs)} operations measured (the request got {status})")
+        except Exception as e:  # noqa: BLE001 - informational step: report it, keep the benchmark's results
+            self.probe = {"error": str(e) or repr(e)}
+            log(f"!!! hostcall-probe failed (reported, not fatal): {e}")
+        finally:
+            if envoy is not None:
+                envoy.stop()
+
     def find(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
 
@@ -781,6 +949,21 @@ def paired(a: Variant, b: Variant) -> float:
     return statistics.median(x.rps / y.rps for x, y in zip(a.results, b.results))
 
 
+def cpu_ratio(a: Variant, b: Variant) -> float:
+    """b's CPU µs/request ÷ a's (medians): like a's req/s ÷ b's, > 1 means a is cheaper."""
+    return b.median("cpu_us_per_req") / a.median("cpu_us_per_req")
+
+
+def paired_cpu(a: Variant, b: Variant) -> float:
+    """Median over rounds of b's CPU µs/request ÷ a's in the same round."""
+    return statistics.median(y.cpu_us_per_req / x.cpu_us_per_req for x, y in zip(a.results, b.results))
+
+
+def cpu_info(text: str) -> str:
+    """The informational line under a req/s target (indented under its PASS/FAIL line)."""
+    return f"      {text} (CPU time per request, informational)"
+
+
 def fmt_ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}"
 
@@ -806,6 +989,7 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
     P(f"| Envoy | {envoy_version()} (`--concurrency 1` under test; upstream: a separate Envoy, direct_response) |")
     P(f"| load | wrk {wrk_version(b.wrk)} `-t{a.threads} -c{a.connections} -d{a.duration}s`, keep-alive, "
       f"`GET {PATH}` |")
+    P(f"| CPU pinning | {b.pinning.note} |")
     P(f"| rounds | {a.rounds} rounds, variants alternated (starting variant rotates), medians reported; "
       f"{a.warmup}s warm-up per variant |")
     P(f"| module | `{WASM.relative_to(REPO) if WASM.is_relative_to(REPO) else WASM}` {wasm_size:,} bytes, "
@@ -834,10 +1018,12 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
     P("")
     P("req/s, p50 and p99 are medians over the rounds; p50/p99 are wrk's closed-loop latencies at saturation "
       f"({a.connections} connections). \"vs native\" compares with native jwt_authn in the same cache mode and "
-      "token pattern; \"sig/req\" is signature verifications per request in our filter (0 = cache hit).")
+      "token pattern; \"sig/req\" is signature verifications per request in our filter (0 = cache hit); "
+      "\"CPU µs/req\" is the tested Envoy's user + system CPU time (all threads, /proc/PID/stat) during a run "
+      "over the requests wrk completed, median over the rounds.")
     P("")
-    P("| variant | req/s | p50 ms | p99 ms | vs native | vs passthrough | sig/req | req/s per round |")
-    P("|---|---:|---:|---:|---:|---:|---:|---|")
+    P("| variant | req/s | CPU µs/req | p50 ms | p99 ms | vs native | vs passthrough | sig/req | req/s per round |")
+    P("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for v in b.variants:
         rps = v.median("rps")
         ref = V[v.native_ref].median("rps") if v.native_ref else None
@@ -846,17 +1032,25 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
             tot = sum(d.get("requests", 0) for d in v.filter_deltas)
             n = sum(d.get("signature.host", 0) + d.get("signature.pure_rust", 0) for d in v.filter_deltas)
             sig = f"{n / tot:.2f}" if tot else ""
-        P(f"| {v.label} | {rps:,.0f} | {v.median('p50_ms'):.2f} | {v.median('p99_ms'):.2f} | "
+        P(f"| {v.label} | {rps:,.0f} | {v.median('cpu_us_per_req'):.1f} | {v.median('p50_ms'):.2f} | "
+          f"{v.median('p99_ms'):.2f} | "
           f"{fmt_ratio(rps / ref if ref else None)} | {rps / pt:.2f} | {sig} | "
           f"{' '.join(f'{r.rps:,.0f}' for r in v.results)} |")
     P("")
-    # --- targets
+    # --- targets (PASS/FAIL on req/s); `info` holds the informational CPU line printed under a check
     checks: list[tuple[bool, str]] = []
+    info: dict[int, str] = {}
+
+    def cpu_note(a_: Variant, b_: Variant, what: str) -> None:
+        info[len(checks) - 1] = cpu_info(f"{what} = {cpu_ratio(a_, b_):.3f}  [paired per round: "
+                                         f"{paired_cpu(a_, b_):.3f}]")
+
     for alg in a.algs:
         oc, nc = V[f"ours-cache-{alg}"], V[f"native-cache-{alg}"]
         r = oc.median("rps") / nc.median("rps")
         checks.append((r >= 1.0, f"{alg}: ours with cache / native with cache req/s = {r:.3f} (target >= 1.00)"
                                  f"  [paired per round: {paired(oc, nc):.3f}]"))
+        cpu_note(oc, nc, f"{alg}: native with cache CPU µs/req / ours with cache CPU µs/req")
         checks.append((oc.median("p99_ms") <= nc.median("p99_ms"),
                        f"{alg}: ours with cache p99 {oc.median('p99_ms'):.2f} ms vs native with cache "
                        f"{nc.median('p99_ms'):.2f} ms (target: no worse)"))
@@ -864,9 +1058,11 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         r = od.median("rps") / nd.median("rps")
         checks.append((r >= 0.9, f"{alg}: ours distinct tokens (cache missing) / native no cache, distinct tokens "
                                  f"req/s = {r:.3f} (target >= 0.90)  [paired per round: {paired(od, nd):.3f}]"))
+        cpu_note(od, nd, f"{alg}: native distinct CPU µs/req / ours distinct CPU µs/req")
         r = oc.median("rps") / pt
         checks.append((r >= 0.9, f"{alg}: ours with cache / passthrough req/s = {r:.3f} (target >= 0.90)"
                                  f"  [paired per round: {paired(oc, V['passthrough']):.3f}]"))
+        cpu_note(oc, V["passthrough"], f"{alg}: passthrough CPU µs/req / ours with cache CPU µs/req")
     a0 = a.algs[0]
     base = V[f"ours-cache-{a0}"].median("rps")
     for t in b.tenant_scale:
@@ -875,6 +1071,10 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         if t == max(b.tenant_scale):
             checks.append((abs(ch) < 0.03, f"{a0}: 10 -> {t:,} tenants req/s change {ch * 100:+.1f}% (target: under 3%)"
                                            f"  [paired per round: {(paired(vt, V[f'ours-cache-{a0}']) - 1) * 100:+.1f}%]"))
+            vb = V[f"ours-cache-{a0}"]
+            info[len(checks) - 1] = cpu_info(
+                f"{a0}: 10 -> {t:,} tenants change of requests per CPU second {(cpu_ratio(vt, vb) - 1) * 100:+.1f}%"
+                f"  [paired per round: {(paired_cpu(vt, vb) - 1) * 100:+.1f}%]")
     checks.append((wasm_size <= MODULE_LIMIT,
                    f"module size {wasm_size:,} bytes (target <= 512 KiB = {MODULE_LIMIT:,} bytes)"))
     m = b.memory
@@ -891,11 +1091,15 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
     P("## Targets")
     P("")
     P("PASS/FAIL is judged on the ratio of the medians above. In brackets, for judging noise: the median of "
-      "the per-round ratios (the two variants of a pair run back to back in every round).")
+      "the per-round ratios (the two variants of a pair run back to back in every round). Under each req/s "
+      "target, the same ratio from CPU µs per request of the tested Envoy (> 1 = ours cheaper), for "
+      "information only: it depends much less on what wrk and the upstream leave of the machine.")
     P("")
     P("```")
-    for ok, text in checks:
+    for i, (ok, text) in enumerate(checks):
         P(f"{'PASS' if ok else 'FAIL'}  {text}")
+        if i in info:
+            P(info[i])
     P("```")
     P("")
     if "wasm-noop" in V and V["wasm-noop"].results:
@@ -905,14 +1109,20 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
           "flight, so these are costs of the worker thread, not latencies):")
         P("")
         us = {name: 1e6 / V[name].median("rps") for name in V if V[name].results and V[name].median("rps")}
-        base = us.get("passthrough", 0.0)
-        P("| variant | µs/request | over passthrough |")
-        P("|---|---:|---:|")
+        cpu = {name: V[name].median("cpu_us_per_req") for name in us}
+        base, cpu_base = us.get("passthrough", 0.0), cpu.get("passthrough", 0.0)
+        P("| variant | µs/request | over passthrough | CPU µs/req | CPU over passthrough |")
+        P("|---|---:|---:|---:|---:|")
         for name in ["passthrough", "wasm-noop"] + [f"{k}-{a}" for a in b.args.algs
                                                     for k in ("native-cache", "ours-cache", "native-nocache",
                                                               "ours-nocache")]:
             if name in us:
-                P(f"| {V[name].label} | {us[name]:.1f} | {us[name] - base:+.1f} |")
+                P(f"| {V[name].label} | {us[name]:.1f} | {us[name] - base:+.1f} | {cpu[name]:.1f} | "
+                  f"{cpu[name] - cpu_base:+.1f} |")
+        P("")
+        P("\"µs/request\" is wall clock of the worker (1 / req/s); \"CPU µs/req\" is the CPU time the tested "
+          "Envoy spent per request (all its threads), which does not count time it waited for wrk or the "
+          "upstream.")
         P("")
         P("A wasm filter that does nothing already costs the `wasm-noop` line: Envoy enters the V8 VM for every "
           "request and response callback. What ours adds on a cache hit beyond that is its host calls (one "
@@ -932,7 +1142,31 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
           f"(`cache.entries` = {m.get('entries_after')})")
         P(f"- Envoy heap (admin /memory `allocated`), for scale: {fmt(m['envoy_heap'])}")
     P("")
+    lines += probe_section(b.probe)
     return "\n".join(lines), checks
+
+
+PROBE_HEADING = "## Host-call and in-VM costs (hostcall-probe)"
+PROBE_FIRST_LINE = ("Measured by `bench/hostcall-probe`, a proxy-wasm filter configured with our plugin "
+                    "configuration that, on its first request, times each host call of our hot path and the "
+                    "core's cache-hit work.")
+
+
+def probe_section(probe: dict) -> list[str]:
+    out = [PROBE_HEADING, "", PROBE_FIRST_LINE]
+    if "costs" not in probe:
+        out += ["", "**The probe failed, no numbers this run** (informational; the results above stand):", "",
+                "```", probe.get("error", "not run"), "```", ""]
+        return out
+    out += ["These are warm-loop means measured inside the VM on this machine (each operation repeated in a "
+            "tight loop after a warm-up), so they under-estimate the cold per-request cost.", ""]
+    out += ["| name | ns per call |", "|---|---:|"]
+    out += [f"| `{name}` | {ns:,.0f} |" for name, ns in probe["costs"]]
+    if probe["notes"]:
+        out += ["", "Probe notes: " + "; ".join(f"`{n}`" for n in probe["notes"])
+                + f" (the probe request was answered {probe['status']})."]
+    out.append("")
+    return out
 
 
 PROFILE_HEADING = "## Profile notes"
@@ -990,6 +1224,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print only, do not write the report file")
     p.add_argument("--strict", action="store_true", help="exit 3 if a target FAILs (default: report only)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin CPUs (default with 2+ CPUs: Envoys under test on the last CPU, upstream "
+                        "Envoy and wrk on the others)")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs, tokens and Envoy logs")
     a = p.parse_args(argv)
     q = a.quick
@@ -1023,6 +1260,7 @@ def main(argv: list[str]) -> int:
         b.setup()
         b.measure()
         b.measure_memory()
+        b.measure_hostcalls()
         text, checks = report(b, mode, started)
         text += "\n" + profile_section(args.out) + "\n" + reproduce_section(mode) + soak_section(args.out)
         print("\n" + text)

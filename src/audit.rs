@@ -79,9 +79,9 @@ impl Record<'_> {
         };
         put("reason", self.reason);
         put("tenant", self.tenant);
-        put("client_id", self.identity.and_then(|i| i.client_id.as_deref()));
-        put("sub", self.identity.and_then(|i| i.sub.as_deref()));
-        put("jti", self.identity.and_then(|i| i.jti.as_deref()));
+        put("client_id", self.identity.and_then(Identity::client_id));
+        put("sub", self.identity.and_then(Identity::sub));
+        put("jti", self.identity.and_then(Identity::jti));
         put("method", Some(self.method).filter(|m| m.len() <= 16 && m.bytes().all(|b| b.is_ascii_uppercase())));
         put("resource_type", classified.as_ref().and_then(|c| c.resource_type));
         put("interaction", classified.as_ref().map(|c| c.interaction.name()));
@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn the_line_names_the_interaction_but_never_the_query_or_the_id() {
-        let identity = Identity { client_id: Some("patients-app-a".into()), sub: None, jti: Some("j1".into()) };
+        let identity = Identity::new(None, Some("patients-app-a"), None, Some("j1"));
         let line = Record {
             time_ms: 1_767_225_600_000,
             method: "GET",

@@ -3,12 +3,18 @@
 //! Keyed by a 128-bit SipHash of the token under a secret random key per VM: memory per entry is bounded
 //! whatever the token's size, and since SipHash is a keyed pseudo-random function an attacker who does not
 //! know the key cannot craft a token that collides with a cached one (and 128 bits make accidental
-//! collisions negligible). It is several times cheaper than SHA-256 inside V8. An entry holds only what the per-request rules still need (the
-//! tenant claim, `exp`, the key that verified it, and the identity claims), never the token itself. Entries
-//! are served until the token's `exp`, never later; entries whose key has left the JWKS are dropped when the
-//! new key set is installed; at capacity the oldest insertion is evicted.
+//! collisions negligible). It is several times cheaper than SHA-256 inside V8. An entry holds only what the
+//! per-request rules still need (the tenant claim, `exp`, the key that verified it, and the identity claims,
+//! in one shared allocation), never the token itself. Entries are served until the token's `exp`, never
+//! later; entries whose key has left the JWKS are dropped when the new key set is installed.
+//!
+//! Memory is fixed by the capacity: the entries live in a slab of at most `capacity` slots, reused in ring
+//! order (at capacity, the oldest insertion goes), and the index from digest to slot is sized once for
+//! twice the capacity, so churn never grows it (a hash table that fills with tombstones is rehashed in
+//! place, not enlarged, while it is at most half full).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use serde_json::Value;
@@ -26,7 +32,7 @@ pub struct HashKey(pub u64, pub u64);
 impl HashKey {
     /// A key from the platform's randomness (std's `RandomState`: the WASI random source inside Envoy).
     pub fn random() -> Self {
-        use std::hash::{BuildHasher, Hasher};
+        use std::hash::BuildHasher;
         let state = std::collections::hash_map::RandomState::new();
         let word = |i: u8| {
             let mut h = state.build_hasher();
@@ -39,18 +45,114 @@ impl HashKey {
 
 /// Digest of a token under `key`, for [`TokenCache`] lookups.
 pub fn digest(key: HashKey, token: &str) -> TokenDigest {
-    use std::hash::Hasher;
     let mut h = SipHasher13::new_with_keys(key.0, key.1);
     h.write(token.as_bytes());
     h.finish128().as_u128()
 }
 
-/// Who the token says the caller is, for the audit log: the claims that identify a client and a token.
+/// The tenant claim as signed: a space-delimited string (RFC 6749 §3.3), a list of strings, or neither.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim<'a> {
+    None,
+    /// Values separated by spaces.
+    Text(&'a str),
+    /// Values separated by NUL (a NUL inside a value was replaced by a space: no tenant id or prefix holds
+    /// either, so such a value names no tenant before or after).
+    List(&'a str),
+}
+
+impl<'a> Claim<'a> {
+    /// The non-empty values of the claim.
+    pub fn values(self) -> impl Iterator<Item = &'a str> {
+        let (text, sep) = match self {
+            Claim::None => ("", ' '),
+            Claim::Text(t) => (t, ' '),
+            Claim::List(t) => (t, '\0'),
+        };
+        text.split(sep).filter(|v| !v.is_empty())
+    }
+}
+
+/// What a verified token says that later requests still need: the tenant claim, for routing, and the
+/// claims that identify the client and the token, for the audit log. One shared allocation: a cache hit
+/// hands it on without copying.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
-    pub client_id: Option<String>,
-    pub sub: Option<String>,
-    pub jti: Option<String>,
+    /// The tenant claim, then client_id, sub and jti, back to back.
+    text: Rc<str>,
+    /// Where each of the four parts ends in `text`.
+    ends: [u32; 4],
+    /// Bit i: part i is present (the claim: bit 0; bit 4: the claim is a list).
+    present: u8,
+}
+
+/// Identity claims longer than this are cut (they go into log lines).
+const MAX_IDENTITY_CHARS: usize = 128;
+const LIST: u8 = 1 << 4;
+
+impl Identity {
+    /// From the parts: the tenant claim's JSON value, then client_id, sub and jti.
+    pub fn new(claim: Option<&Value>, client_id: Option<&str>, sub: Option<&str>, jti: Option<&str>) -> Self {
+        let mut text = String::new();
+        let mut ends = [0u32; 4];
+        let mut present = 0u8;
+        match claim {
+            Some(Value::String(s)) => {
+                text.push_str(s);
+                present |= 1;
+            }
+            Some(Value::Array(items)) => {
+                for item in items.iter().filter_map(Value::as_str) {
+                    if !text.is_empty() {
+                        text.push('\0');
+                    }
+                    text.extend(item.chars().map(|c| if c == '\0' { ' ' } else { c }));
+                }
+                present |= 1 | LIST;
+            }
+            _ => {}
+        }
+        ends[0] = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        for (i, part) in [client_id, sub, jti].into_iter().enumerate() {
+            if let Some(v) = part {
+                text.extend(v.chars().take(MAX_IDENTITY_CHARS));
+                present |= 1 << (i + 1);
+            }
+            if let Some(end) = ends.get_mut(i + 1) {
+                *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
+            }
+        }
+        Self { text: Rc::from(text), ends, present }
+    }
+
+    fn part(&self, i: usize) -> Option<&str> {
+        if self.present & (1 << i) == 0 {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { *self.ends.get(i - 1)? as usize };
+        self.text.get(start..*self.ends.get(i)? as usize)
+    }
+
+    /// The tenant claim as signed.
+    pub fn tenant_claim(&self) -> Claim<'_> {
+        match self.part(0) {
+            None => Claim::None,
+            Some(t) if self.present & LIST != 0 => Claim::List(t),
+            Some(t) => Claim::Text(t),
+        }
+    }
+
+    pub fn client_id(&self) -> Option<&str> {
+        self.part(1)
+    }
+
+    pub fn sub(&self) -> Option<&str> {
+        self.part(2)
+    }
+
+    pub fn jti(&self) -> Option<&str> {
+        self.part(3)
+    }
 }
 
 /// What a cache hit gives back.
@@ -62,39 +164,64 @@ pub struct Verified {
     pub key: u64,
     /// Index of the provider (issuer) that verified it.
     pub provider: usize,
-    /// The configured tenant claim's value, as signed.
-    pub tenant_claim: Option<Value>,
-    /// Shared, so that a hit hands it on without copying.
-    pub identity: Rc<Identity>,
+    /// The tenant claim and the identity claims.
+    pub identity: Identity,
 }
-
-/// Identity claims longer than this are cut (they go into log lines).
-const MAX_IDENTITY_CHARS: usize = 128;
 
 impl Verified {
     /// Keeps what the per-request rules need from freshly verified claims.
     pub fn from_claims(claims: &Claims, tenant_claim: &str, provider: usize) -> Self {
-        let text = |name: &str| claims.str(name).map(|v| v.chars().take(MAX_IDENTITY_CHARS).collect());
-        let client_id = text("client_id").or_else(|| text("azp")).or_else(|| text("appid"));
-        let identity = Identity { client_id, sub: text("sub"), jti: text("jti") };
-        Self {
-            exp: claims.exp,
-            key: claims.key,
-            provider,
-            tenant_claim: claims.payload.get(tenant_claim).cloned(),
-            identity: Rc::new(identity),
-        }
+        let client_id = claims.str("client_id").or_else(|| claims.str("azp")).or_else(|| claims.str("appid"));
+        let identity = Identity::new(claims.payload.get(tenant_claim), client_id, claims.str("sub"), claims.str("jti"));
+        Self { exp: claims.exp, key: claims.key, provider, identity }
     }
 }
 
+/// Hashes a digest by taking 64 of its bits: a digest is already the output of a keyed PRF.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+struct Slot {
+    digest: TokenDigest,
+    verified: Verified,
+}
+
 /// A bounded cache of verified tokens for one VM.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct TokenCache {
     capacity: usize,
     key: HashKey,
-    entries: HashMap<TokenDigest, Verified>,
-    /// Insertion order, for eviction; may hold digests already removed (skipped when popped).
-    order: VecDeque<TokenDigest>,
+    /// 64 bits of the digest → slot; the slot holds the whole digest, compared on every lookup.
+    index: HashMap<u64, u32, BuildHasherDefault<DigestHasher>>,
+    slots: Vec<Option<Slot>>,
+    /// Emptied slots (expired, key removed), used before the ring evicts anything.
+    free: Vec<u32>,
+    /// The ring position of the next eviction once the slab is full.
+    next: usize,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache").field("capacity", &self.capacity).field("len", &self.len()).finish()
+    }
+}
+
+fn short(digest: &TokenDigest) -> u64 {
+    *digest as u64
 }
 
 impl TokenCache {
@@ -105,7 +232,7 @@ impl TokenCache {
 
     /// A cache with a given hash key (tests).
     pub fn with_key(capacity: usize, key: HashKey) -> Self {
-        Self { capacity, key, entries: HashMap::new(), order: VecDeque::new() }
+        Self { capacity, key, ..Default::default() }
     }
 
     /// The key of `token` in this cache.
@@ -120,22 +247,49 @@ impl TokenCache {
 
     /// The number of cached tokens.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.index.len()
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.index.is_empty()
+    }
+
+    fn slot_of(&self, digest: &TokenDigest) -> Option<usize> {
+        let i = *self.index.get(&short(digest))? as usize;
+        match self.slots.get(i) {
+            Some(Some(slot)) if slot.digest == *digest => Some(i),
+            _ => None,
+        }
+    }
+
+    /// Empties slot `i` (and its index entry, if the index still points there); whether it held an entry.
+    fn take(&mut self, i: usize) -> bool {
+        let Some(slot) = self.slots.get_mut(i).and_then(Option::take) else {
+            return false;
+        };
+        if self.index.get(&short(&slot.digest)).is_some_and(|&j| j as usize == i) {
+            self.index.remove(&short(&slot.digest));
+        }
+        true
+    }
+
+    /// Empties slot `i` for reuse.
+    fn clear(&mut self, i: usize) {
+        if self.take(i) {
+            self.free.push(u32::try_from(i).unwrap_or(u32::MAX));
+        }
     }
 
     /// The entry for `digest` if it has not expired at `now`; an expired one is removed.
     pub fn get(&mut self, digest: &TokenDigest, now: i64) -> Option<&Verified> {
-        let expired = now >= self.entries.get(digest)?.exp;
+        let i = self.slot_of(digest)?;
+        let expired = self.slots.get(i)?.as_ref().map_or(true, |s| now >= s.verified.exp);
         if expired {
-            self.entries.remove(digest);
+            self.clear(i);
             return None;
         }
-        self.entries.get(digest)
+        self.slots.get(i)?.as_ref().map(|s| &s.verified)
     }
 
     /// Caches a freshly verified token (unless it is already expired at `now`).
@@ -143,44 +297,52 @@ impl TokenCache {
         if self.capacity == 0 || now >= verified.exp {
             return;
         }
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&digest) {
-            self.evict_one();
+        if self.index.capacity() == 0 {
+            // Sized once: see the module documentation.
+            self.index.reserve(self.capacity.saturating_mul(2));
         }
-        if self.entries.insert(digest, verified).is_none() {
-            self.order.push_back(digest);
-        }
-        // Digests of entries removed by expiry or key rotation linger in `order`; keep it bounded.
-        if self.order.len() > self.capacity.saturating_mul(2) {
-            let entries = &self.entries;
-            self.order.retain(|d| entries.contains_key(d));
+        let i = if let Some(i) = self.slot_of(&digest) {
+            i
+        } else if let Some(i) = self.free.pop() {
+            i as usize
+        } else if self.slots.len() < self.capacity {
+            self.slots.push(None);
+            self.slots.len() - 1
+        } else {
+            // Full, no free slot: evict in ring order (the oldest insertion, short of reused slots).
+            let i = self.next;
+            self.next = (self.next + 1) % self.capacity;
+            self.take(i);
+            i
+        };
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = Some(Slot { digest, verified });
+            self.index.insert(short(&digest), u32::try_from(i).unwrap_or(u32::MAX));
         }
     }
 
-    /// Makes room for one entry in O(1) amortised: the oldest insertion goes (expired entries are also
-    /// swept by [`TokenCache::purge_expired`] on a timer, not here: a full scan per insert would make every
-    /// miss of a full cache cost O(capacity)).
-    fn evict_one(&mut self) {
-        while let Some(oldest) = self.order.pop_front() {
-            if self.entries.remove(&oldest).is_some() {
-                return;
-            }
+    /// Drops every entry `keep` refuses; O(capacity). Returns how many went.
+    fn retain(&mut self, keep: impl Fn(&Verified) -> bool) -> usize {
+        let doomed: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().filter(|s| !keep(&s.verified)).map(|_| i))
+            .collect();
+        for &i in &doomed {
+            self.clear(i);
         }
+        doomed.len()
     }
 
     /// Drops every expired entry; O(capacity), meant for a timer. Returns how many went.
     pub fn purge_expired(&mut self, now: i64) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, v| now < v.exp);
-        let entries = &self.entries;
-        self.order.retain(|d| entries.contains_key(d));
-        before - self.entries.len()
+        self.retain(|v| now < v.exp)
     }
 
     /// Drops every entry verified by a key not in `keys` (after a JWKS refresh). Returns how many.
     pub fn retain_keys(&mut self, keys: &[u64]) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, v| keys.contains(&v.key));
-        before - self.entries.len()
+        self.retain(|v| keys.contains(&v.key))
     }
 }
 
@@ -192,7 +354,7 @@ mod tests {
     const NOW: i64 = 1_767_225_600;
 
     fn entry(exp: i64, key: u64) -> Verified {
-        Verified { exp, key, provider: 0, tenant_claim: Some(json!("t")), identity: Rc::default() }
+        Verified { exp, key, provider: 0, identity: Identity::new(Some(&json!("t")), None, None, None) }
     }
 
     fn digest(token: &str) -> TokenDigest {
@@ -257,7 +419,7 @@ mod tests {
         c.insert(digest("short"), entry(NOW + 5, 1), NOW);
         assert_eq!(c.purge_expired(NOW + 10), 1);
         assert_eq!(c.len(), 1);
-        assert_eq!(c.order.len(), 1);
+        assert_eq!(c.free.len(), 1, "the purged slot is reused first");
         c.insert(digest("a"), entry(NOW + 100, 1), NOW + 10);
         c.insert(digest("b"), entry(NOW + 100, 1), NOW + 10);
         assert!(c.get(&digest("live"), NOW + 10).is_some(), "room was made by the purge, not by evicting");
@@ -283,6 +445,40 @@ mod tests {
             }
         }
         assert!(c.len() <= 100);
-        assert!(c.order.len() <= 200);
+        assert!(c.slots.len() <= 100);
+        assert!(c.free.len() <= 100);
+        assert!(c.index.capacity() <= 256, "the index never grows: {}", c.index.capacity());
+    }
+
+    #[test]
+    fn a_colliding_short_index_key_is_a_miss_not_a_wrong_hit() {
+        let mut c = TokenCache::new(10);
+        let a: TokenDigest = (1u128 << 64) | 7;
+        let b: TokenDigest = (2u128 << 64) | 7; // same 64 index bits
+        c.insert(a, entry(NOW + 100, 1), NOW);
+        assert!(c.get(&b, NOW).is_none());
+        c.insert(b, entry(NOW + 100, 2), NOW);
+        assert_eq!(c.get(&b, NOW).map(|v| v.key), Some(2));
+        assert!(c.get(&a, NOW).is_none(), "the index points at b now; a is a miss (verified again)");
+        // Evicting a's orphaned slot must not drop b's index entry.
+        for i in 0..20u128 {
+            c.insert(i + 1000, entry(NOW + 100, 3), NOW);
+        }
+        assert!(c.len() <= 10);
+    }
+
+    #[test]
+    fn identity_parts_and_claim_forms_round_trip() {
+        let id = Identity::new(Some(&json!("openid  tenant/x")), Some("app"), None, Some("j1"));
+        assert_eq!(id.tenant_claim().values().collect::<Vec<_>>(), ["openid", "tenant/x"]);
+        assert_eq!((id.client_id(), id.sub(), id.jti()), (Some("app"), None, Some("j1")));
+        let list = Identity::new(Some(&json!(["a b", 3, "c\u{0}d", ""])), None, Some(""), None);
+        assert_eq!(list.tenant_claim(), Claim::List("a b\0c d\0"));
+        assert_eq!(list.tenant_claim().values().collect::<Vec<_>>(), ["a b", "c d"]);
+        assert_eq!(list.sub(), Some(""));
+        assert_eq!(Identity::new(Some(&json!(7)), None, None, None).tenant_claim(), Claim::None);
+        assert_eq!(Identity::new(None, None, None, None).tenant_claim(), Claim::None);
+        let long = "x".repeat(500);
+        assert_eq!(Identity::new(None, Some(&long), None, None).client_id().map(str::len), Some(128));
     }
 }

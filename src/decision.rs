@@ -3,9 +3,8 @@
 use std::fmt;
 
 use crate::bearer::{extract_bearer, Credentials};
-use std::rc::Rc;
 
-use crate::cache::{Identity, TokenCache, Verified};
+use crate::cache::{Claim, Identity, TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
 use crate::fhir::Refusal;
@@ -37,11 +36,11 @@ pub enum Decision<'c> {
     SmartConfiguration { body: &'c str },
     /// A verified request for `tenant`; `cached` when the token came from the cache; `inspect_body` when
     /// the request is a Bundle whose entries the allowlist must judge before it goes on.
-    Route { tenant: &'c Tenant, identity: Rc<Identity>, cached: bool, inspect_body: bool },
+    Route { tenant: &'c Tenant, identity: Identity, cached: bool, inspect_body: bool },
     /// Refuse it: the token.
     Reject(Rejection),
     /// Refuse it: a valid token, but the tenant's allowlist does not permit this interaction (403).
-    Forbidden { tenant: &'c Tenant, identity: Rc<Identity>, refusal: Refusal },
+    Forbidden { tenant: &'c Tenant, identity: Identity, refusal: Refusal },
     /// The token names a `kid` that `provider`'s key set lacks: refuse (401), or wait for a refetch.
     UnknownKey { provider: usize },
     /// A valid token names `tenant`, which is bound to other issuers: refuse with
@@ -256,14 +255,14 @@ pub fn decide<'c>(
     let claim = config.tenants.claim();
     let digest = (!cache.is_disabled()).then(|| cache.digest(token));
     // A hit is used in place (no copy of its claims); a miss is verified, then cached.
-    let resolve = |claim: Option<&serde_json::Value>| -> Result<&'c Tenant, Rejection> {
+    let resolve = |claim: Claim<'_>| -> Result<&'c Tenant, Rejection> {
         tenants.ok_or(Rejection::TenantsUnavailable)?.resolve(claim).map_err(|e| match e {
             TenantError::None => Rejection::NoTenant,
             TenantError::Several => Rejection::SeveralTenants,
         })
     };
     let (resolved, provider, identity, from_cache) = match digest.as_ref().and_then(|d| cache.get(d, now)) {
-        Some(hit) => (resolve(hit.tenant_claim.as_ref()), hit.provider, Rc::clone(&hit.identity), true),
+        Some(hit) => (resolve(hit.identity.tenant_claim()), hit.provider, hit.identity.clone(), true),
         None => {
             let provider = if config.providers.len() == 1 {
                 0
@@ -279,7 +278,7 @@ pub fn decide<'c>(
             match verify(token, keys.key_set(provider), &p.provider, now, signatures) {
                 Ok(claims) => {
                     let verified = Verified::from_claims(&claims, claim, provider);
-                    let out = (resolve(verified.tenant_claim.as_ref()), provider, Rc::clone(&verified.identity), false);
+                    let out = (resolve(verified.identity.tenant_claim()), provider, verified.identity.clone(), false);
                     if let Some(d) = digest {
                         cache.insert(d, verified, now);
                     }

@@ -4,10 +4,13 @@
 //! be written in either case. A scope value with any other character (a Unicode look-alike, `../`) names no
 //! tenant. Lookup is one hash probe per scope value, however many tenants are configured.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use serde_json::Value;
 
+use crate::cache::{Claim, Identity};
 use crate::fhir::Policy;
 
 /// A configured tenant.
@@ -72,7 +75,65 @@ pub enum TenantError {
 pub struct TenantMap {
     claim: String,
     prefixes: Vec<String>,
-    by_id: HashMap<String, Tenant>,
+    /// Keyed by the tenant's own id (no second copy of it), with a fast non-cryptographic hash: the ids are
+    /// the operator's, and a lookup of any other string only probes.
+    by_id: HashSet<ById, BuildHasherDefault<FxHasher>>,
+}
+
+/// A tenant, hashed and compared by its id.
+#[derive(Clone, Debug)]
+struct ById(Tenant);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+impl Eq for ById {}
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.id.as_str().hash(state);
+    }
+}
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
+
+/// The multiply-rotate hash of rustc's `FxHasher`, eight bytes at a time.
+#[derive(Default)]
+pub struct FxHasher(u64);
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let mut w = [0u8; 8];
+        let rest = chunks.remainder();
+        if let Some(dst) = w.get_mut(..rest.len()) {
+            dst.copy_from_slice(rest);
+        }
+        self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
+    }
+    fn write_u8(&mut self, b: u8) {
+        self.add(u64::from(b));
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Longest tenant id accepted.
@@ -87,7 +148,7 @@ fn is_tenant_id(id: &str) -> bool {
 impl TenantMap {
     /// An empty map reading tenants from `claim`, accepting scope values of the form `<prefix><id>`.
     pub fn new(claim: String, prefixes: Vec<String>) -> Self {
-        Self { claim, prefixes, by_id: HashMap::new() }
+        Self { claim, prefixes, by_id: HashSet::default() }
     }
 
     /// Adds a plain tenant (read-only, at its cluster's root); the error says why the id is unusable.
@@ -106,10 +167,10 @@ impl TenantMap {
             return Err("a tenant id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'");
         }
         let key = id.to_ascii_lowercase();
-        if self.by_id.contains_key(&key) {
+        if self.by_id.contains(key.as_str()) {
             return Err("the same tenant id is listed twice (ids are case-insensitive)");
         }
-        self.by_id.insert(key.clone(), Tenant { id: key, cluster, upstream });
+        self.by_id.insert(ById(Tenant { id: key, cluster, upstream }));
         Ok(())
     }
 
@@ -120,7 +181,7 @@ impl TenantMap {
 
     /// The tenant with this (configured, lowercased) id.
     pub fn get(&self, id: &str) -> Option<&Tenant> {
-        self.by_id.get(id)
+        self.by_id.get(id).map(|t| &t.0)
     }
 
     /// How many tenants are configured.
@@ -143,9 +204,9 @@ impl TenantMap {
             return None;
         }
         if id.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.by_id.get(&id.to_ascii_lowercase())
+            self.get(&id.to_ascii_lowercase())
         } else {
-            self.by_id.get(id)
+            self.get(id)
         }
     }
 
@@ -156,31 +217,23 @@ impl TenantMap {
 
     /// The single tenant the claim names. The claim is a space-delimited string (RFC 6749 §3.3) or an array
     /// of strings; values naming no configured tenant (`openid`, `system/*.read`) are ignored.
-    pub fn resolve(&self, claim: Option<&Value>) -> Result<&Tenant, TenantError> {
+    pub fn resolve(&self, claim: Claim<'_>) -> Result<&Tenant, TenantError> {
         let mut found: Option<&Tenant> = None;
-        let mut consider = |value: &str| -> Result<(), TenantError> {
+        for value in claim.values() {
             if let Some(t) = self.named_by(value) {
                 if found.is_some() {
                     return Err(TenantError::Several);
                 }
                 found = Some(t);
             }
-            Ok(())
-        };
-        match claim {
-            Some(Value::String(s)) => {
-                for value in s.split(' ').filter(|v| !v.is_empty()) {
-                    consider(value)?;
-                }
-            }
-            Some(Value::Array(list)) => {
-                for value in list.iter().filter_map(Value::as_str) {
-                    consider(value)?;
-                }
-            }
-            _ => {}
         }
         found.ok_or(TenantError::None)
+    }
+
+    /// [`TenantMap::resolve`] on the claim's JSON value (tests, fuzzing).
+    pub fn resolve_value(&self, claim: Option<&Value>) -> Result<&Tenant, TenantError> {
+        let identity = Identity::new(claim, None, None, None);
+        self.resolve(identity.tenant_claim())
     }
 }
 
@@ -198,7 +251,7 @@ mod tests {
     }
 
     fn cluster(claim: serde_json::Value) -> Result<String, TenantError> {
-        map().resolve(Some(&claim)).map(|t| t.cluster.clone())
+        map().resolve_value(Some(&claim)).map(|t| t.cluster.clone())
     }
 
     #[test]
@@ -239,7 +292,7 @@ mod tests {
         ] {
             assert_eq!(cluster(claim.clone()), Err(TenantError::None), "{claim}");
         }
-        assert_eq!(map().resolve(None), Err(TenantError::None));
+        assert_eq!(map().resolve_value(None), Err(TenantError::None));
     }
 
     #[test]
@@ -254,7 +307,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn arbitrary_scopes_never_panic(s in "\\PC{0,200}") {
-            let _ = map().resolve(Some(&json!(s)));
+            let _ = map().resolve_value(Some(&json!(s)));
         }
     }
 }

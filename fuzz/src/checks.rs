@@ -136,7 +136,7 @@ pub fn reference_tenant(case: &TenantCase, claim: Option<&Value>) -> Result<Stri
 
 /// Resolves the tenant claim and compares with [`reference_tenant`]. `true` when a tenant was found.
 pub fn tenant(case: &TenantCase, claim: Option<&Value>) -> bool {
-    let got = case.map.resolve(claim).map(|t| t.id.clone());
+    let got = case.map.resolve_value(claim).map(|t| t.id.clone());
     let want = reference_tenant(case, claim);
     assert_eq!(got, want, "tenant resolution differs from the reference for claim {claim:?}");
     got.is_ok()

@@ -6,6 +6,7 @@
 //! to finish requests that waited for a JWKS refetch; what must happen later in the stream is left in
 //! [`Shared::after`] under the context id.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -24,29 +25,36 @@ use super::root::{Shared, Waiter};
 use super::{header_map, header_value, millis};
 use crate::headers::parse_pairs;
 
-/// The request data the decision needs, owned so that a request can wait for a JWKS refetch.
+/// The request data the decision needs, borrowed from the host's header map (owned only when a request
+/// must wait for a JWKS refetch or for its body).
 #[derive(Clone, Debug, Default)]
-pub struct OwnedRequest {
-    pub method: String,
-    pub path: String,
-    pub authority: String,
-    pub scheme: String,
-    pub authorization: Option<String>,
+pub struct HttpRequest<'a> {
+    pub method: Cow<'a, str>,
+    pub path: Cow<'a, str>,
+    pub authority: Cow<'a, str>,
+    pub scheme: Cow<'a, str>,
+    pub authorization: Option<Cow<'a, str>>,
     pub duplicate_authorization: bool,
 }
 
-impl OwnedRequest {
-    /// Reads the request headers in one host call, and removes client-sent copies of the headers this filter
-    /// owns (they must never reach routing or an upstream).
-    fn read(shared: &Shared) -> Self {
+/// A request kept beyond the header callback.
+pub type OwnedRequest = HttpRequest<'static>;
+
+fn owned(v: &str) -> Cow<'static, str> {
+    Cow::Owned(v.to_owned())
+}
+
+impl<'a> HttpRequest<'a> {
+    /// Reads the request out of the raw header map (one host call), and removes client-sent copies of the
+    /// headers this filter owns (they must never reach routing or an upstream).
+    fn read(shared: &Shared, raw: &'a [u8]) -> Self {
         let config = &shared.config;
-        let mut request = OwnedRequest::default();
+        let mut request = HttpRequest::default();
         let mut spoofed = false;
-        let raw = header_map(MapType::HttpRequestHeaders);
-        // Only the values read are decoded (lossily: a non-UTF-8 byte becomes U+FFFD, which no token, path or
-        // cluster name contains); the other headers are not copied.
-        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-        for (name, value) in parse_pairs(&raw).unwrap_or_default() {
+        // Values are used in place; a non-UTF-8 byte (lossily decoded, copied) becomes U+FFFD, which no token,
+        // path or cluster name contains.
+        let text = |v: &'a [u8]| String::from_utf8_lossy(v);
+        for (name, value) in parse_pairs(raw).unwrap_or_default() {
             match name {
                 b":method" => request.method = text(value),
                 b":path" => request.path = text(value),
@@ -76,6 +84,18 @@ impl OwnedRequest {
         request
     }
 
+    /// A copy that outlives the header map.
+    pub fn to_owned_request(&self) -> OwnedRequest {
+        HttpRequest {
+            method: owned(&self.method),
+            path: owned(&self.path),
+            authority: owned(&self.authority),
+            scheme: owned(&self.scheme),
+            authorization: self.authorization.as_deref().map(owned),
+            duplicate_authorization: self.duplicate_authorization,
+        }
+    }
+
     fn as_request(&self) -> Request<'_> {
         Request {
             method: &self.method,
@@ -90,7 +110,7 @@ impl OwnedRequest {
         match &shared.config.public_base_url {
             Some(base) => base.clone(),
             None => {
-                let scheme = if self.scheme.is_empty() { "http" } else { self.scheme.as_str() };
+                let scheme = if self.scheme.is_empty() { "http" } else { self.scheme.as_ref() };
                 format!("{scheme}://{}", self.authority)
             }
         }
@@ -110,7 +130,7 @@ pub enum ResponseEdit {
 #[derive(Clone, Debug)]
 pub struct PendingAudit {
     pub request: OwnedRequest,
-    pub identity: Rc<Identity>,
+    pub identity: Identity,
     pub cluster: String,
 }
 
@@ -173,7 +193,7 @@ fn forbid(shared: &Shared, refusal: &Refusal) {
 }
 
 /// Rewrites the request for the tenant's FHIR server as it really is, and says what the response needs.
-fn prepare_upstream(shared: &Shared, tenant: &Tenant, request: &OwnedRequest) -> Option<ResponseEdit> {
+fn prepare_upstream(shared: &Shared, tenant: &Tenant, request: &HttpRequest<'_>) -> Option<ResponseEdit> {
     let upstream = tenant.upstream.as_deref()?;
     let public = request.public_base(shared);
     // Servers that honour X-Forwarded-* build their links from these; client-sent copies are overwritten.
@@ -202,11 +222,11 @@ fn prepare_upstream(shared: &Shared, tenant: &Tenant, request: &OwnedRequest) ->
 }
 
 /// Writes the audit line (when configured) and the filter state the access log reads.
-fn record(shared: &Shared, request: &OwnedRequest, now_ms: u64, outcome: Outcome, detail: RecordDetail<'_>) {
+fn record(shared: &Shared, request: &HttpRequest<'_>, now_ms: u64, outcome: Outcome, detail: RecordDetail<'_>) {
     if let Some(tenant) = detail.tenant {
         super::set_filter_state("fhir_tenant_router.tenant", tenant);
     }
-    if let Some(client_id) = detail.identity.and_then(|i| i.client_id.as_deref()) {
+    if let Some(client_id) = detail.identity.and_then(Identity::client_id) {
         super::set_filter_state("fhir_tenant_router.client_id", client_id);
     }
     if shared.config.audit_log {
@@ -235,7 +255,7 @@ struct RecordDetail<'a> {
 
 /// Decides and applies the decision on the host's effective context. `may_wait`: an unknown `kid` may park
 /// the request until a JWKS refetch (not for a request that already waited).
-pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u64, may_wait: bool) -> Action {
+pub fn handle(shared: &Shared, context_id: u32, request: &HttpRequest<'_>, now_ms: u64, may_wait: bool) -> Action {
     let config = &shared.config;
     let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
     let tenants = shared.tenants.borrow().map.clone();
@@ -260,7 +280,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
             route_to(shared, cluster);
             record(
                 shared,
-                &request,
+                request,
                 now_ms,
                 Outcome::Public,
                 RecordDetail { cluster: Some(cluster), ..Default::default() },
@@ -271,19 +291,19 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
             shared.metrics.count(shared.metrics.public);
             let headers = vec![("content-type", "application/json"), ("cache-control", "max-age=3600")];
             let _ = hostcalls::send_http_response(200, headers, Some(body.as_bytes()));
-            record(shared, &request, now_ms, Outcome::Public, RecordDetail::default());
+            record(shared, request, now_ms, Outcome::Public, RecordDetail::default());
             Action::Pause
         }
         Decision::Route { tenant, identity, cached, inspect_body } => {
             if !config.forward_authorization {
                 remove_header("authorization");
             }
-            let response = prepare_upstream(shared, tenant, &request);
+            let response = prepare_upstream(shared, tenant, request);
             set_header(&config.tenant_header, &tenant.id);
             let inspect_body = inspect_body.then(|| (tenant.policy().clone(), tenant.id.clone()));
             let audit = inspect_body.as_ref().map(|_| PendingAudit {
-                request: request.clone(),
-                identity: Rc::clone(&identity),
+                request: request.to_owned_request(),
+                identity: identity.clone(),
                 cluster: tenant.cluster.clone(),
             });
             let deferred = audit.is_some();
@@ -305,7 +325,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
                     cluster: Some(&tenant.cluster),
                     ..Default::default()
                 };
-                record(shared, &request, now_ms, Outcome::Allowed, detail);
+                record(shared, request, now_ms, Outcome::Allowed, detail);
             }
             Action::Continue
         }
@@ -318,7 +338,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
                 identity: Some(&identity),
                 cluster: None,
             };
-            record(shared, &request, now_ms, Outcome::Forbidden, detail);
+            record(shared, request, now_ms, Outcome::Forbidden, detail);
             Action::Pause
         }
         Decision::IssuerNotAllowed { tenant } => {
@@ -329,7 +349,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
                 tenant: Some(&tenant.id),
                 ..Default::default()
             };
-            record(shared, &request, now_ms, Outcome::Rejected, detail);
+            record(shared, request, now_ms, Outcome::Rejected, detail);
             Action::Pause
         }
         Decision::UnknownKey { provider } => {
@@ -342,7 +362,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
                 if let Some(state) = states.0.get_mut(provider) {
                     if state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, min_refetch_ms)) {
                         shared.metrics.count(shared.metrics.jwks_unknown_kid_waits);
-                        state.waiting.push(Waiter { context_id, request });
+                        state.waiting.push(Waiter { context_id, request: request.to_owned_request() });
                         return Action::Pause;
                     }
                 }
@@ -350,7 +370,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
             reject(shared, Rejection::UnknownKey, now_ms);
             record(
                 shared,
-                &request,
+                request,
                 now_ms,
                 Outcome::Rejected,
                 RecordDetail { reason: Some(Rejection::UnknownKey.reason()), ..Default::default() },
@@ -361,7 +381,7 @@ pub fn handle(shared: &Shared, context_id: u32, request: OwnedRequest, now_ms: u
             reject(shared, rejection, now_ms);
             record(
                 shared,
-                &request,
+                request,
                 now_ms,
                 Outcome::Rejected,
                 RecordDetail { reason: Some(rejection.reason()), ..Default::default() },
@@ -435,9 +455,10 @@ fn is_json(content_type: Option<&str>) -> bool {
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let request = OwnedRequest::read(&self.shared);
+        let raw = header_map(MapType::HttpRequestHeaders);
+        let request = HttpRequest::read(&self.shared, &raw);
         let now_ms = millis(self.get_current_time());
-        let action = handle(&self.shared, self.context_id, request, now_ms, true);
+        let action = handle(&self.shared, self.context_id, &request, now_ms, true);
         if end_of_stream {
             if let Some(after) = self.after().filter(|a| a.inspect_body.is_some()) {
                 // POST to the base without a body: not a Bundle.

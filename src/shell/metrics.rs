@@ -6,11 +6,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
 use crate::decision::Rejection;
+use crate::tenant::FxHasher;
 
 /// A tenant's (allowed, forbidden) counter ids.
 type TenantMetrics = (Option<u32>, Option<u32>);
@@ -24,7 +26,7 @@ pub struct Metrics {
     /// Counts not yet handed to the host, by metric id.
     pending: RefCell<Vec<(u32, i64)>>,
     /// Per-tenant counters (allowed, forbidden), defined on a tenant's first request.
-    tenants: RefCell<HashMap<String, TenantMetrics>>,
+    tenants: RefCell<HashMap<String, TenantMetrics, BuildHasherDefault<FxHasher>>>,
     pub allowed: Option<u32>,
     pub public: Option<u32>,
     rejected: Vec<Option<u32>>,

@@ -118,7 +118,7 @@ impl Root {
                 continue; // the client went away
             }
             let id = waiter.context_id;
-            let mut action = handle(shared, id, waiter.request, now, false);
+            let mut action = handle(shared, id, &waiter.request, now, false);
             // A Bundle that must be judged: if its body already arrived while waiting, judge it now.
             let inspect = shared.after.borrow().get(&id).filter(|a| a.inspect_body.is_some()).cloned();
             if let Some(after) = inspect {

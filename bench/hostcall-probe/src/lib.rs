@@ -1,0 +1,179 @@
+//! Measures host-call costs from inside the VM: on the first request, each call of the filter's hot path is
+//! repeated N times and the mean is logged as `PROBE <name> <ns per call>` (benchmark tooling only).
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+
+const N: u32 = 20_000;
+use proxy_wasm::traits::RootContext as _;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, value_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(out: *mut u64) -> u32;
+}
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use fhir_tenant_router::cache::TokenCache;
+use fhir_tenant_router::config::{Config, JwksSource};
+use fhir_tenant_router::decision::{decide, Decision, Request};
+use fhir_tenant_router::headers::parse_pairs;
+
+#[derive(Default)]
+struct Root {
+    config: Rc<RefCell<Option<Config>>>,
+}
+struct Probe {
+    done: bool,
+    config: Rc<RefCell<Option<Config>>>,
+}
+
+struct HostSigs;
+impl fhir_tenant_router::crypto::SignatureCheck for HostSigs {
+    fn check(&self, alg: fhir_tenant_router::jwks::Algorithm, key: &fhir_tenant_router::jwks::Key, input: &[u8], sig: &[u8]) -> bool {
+        fhir_tenant_router::crypto::PureRust.check(alg, key, input, sig)
+    }
+}
+
+impl Context for Root {}
+impl RootContext for Root {
+    fn on_configure(&mut self, _: usize) -> bool {
+        if let Some(bytes) = self.get_plugin_configuration() {
+            match Config::from_json(&bytes) {
+                Ok(c) => *self.config.borrow_mut() = Some(c),
+                Err(e) => log::warn!("PROBE config error {e}"),
+            }
+        }
+        true
+    }
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Probe { done: false, config: Rc::clone(&self.config) }))
+    }
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+fn now_ns() -> u64 {
+    let mut t = 0u64;
+    unsafe { proxy_get_current_time_nanoseconds(&mut t) };
+    t
+}
+
+fn time(name: &str, mut f: impl FnMut()) {
+    for _ in 0..N / 10 {
+        f(); // warm-up
+    }
+    let t0 = now_ns();
+    for _ in 0..N {
+        f();
+    }
+    let t1 = now_ns();
+    log::warn!("PROBE {name} {:.0}", (t1 - t0) as f64 / f64::from(N));
+}
+
+impl Context for Probe {}
+impl HttpContext for Probe {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        static mut DONE: bool = false;
+        if unsafe { DONE } || self.done {
+            return Action::Continue;
+        }
+        unsafe { DONE = true };
+        self.done = true;
+        time("empty_loop", || {});
+        time("get_current_time", || {
+            let _ = now_ns();
+        });
+        time("get_header_map_pairs", || {
+            let mut data: *mut u8 = std::ptr::null_mut();
+            let mut size = 0usize;
+            unsafe {
+                proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size);
+                drop(Vec::from_raw_parts(data, size, size));
+            }
+        });
+        time("get_header_value(authorization)", || {
+            let _ = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "authorization");
+        });
+        time("get_header_value(absent)", || {
+            let _ = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-absent");
+        });
+        time("replace_header", || {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-probe", Some("0b3c4d5e-0000"));
+        });
+        time("remove_header(absent)", || {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-absent", None);
+        });
+        time("remove_then_replace", || {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-probe2", None);
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-probe2", Some("v"));
+        });
+        time("clear_route_cache", || {
+            let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+        });
+        time("set_property(filter state)", || {
+            let k = "fhir_probe.tenant";
+            let v = "0b3c4d5e-0000-4000-8000-000000000000";
+            unsafe { proxy_set_property(k.as_ptr(), k.len(), v.as_ptr(), v.len()) };
+        });
+        time("log(debug, filtered)", || {
+            let _ = hostcalls::log(LogLevel::Debug, "x");
+        });
+        self.core();
+        let _ = hostcalls::log(LogLevel::Warn, "PROBE done");
+        Action::Continue
+    }
+}
+
+impl Probe {
+    /// The core's per-request work on a cache hit, inside V8.
+    fn core(&self) {
+        let config = self.config.borrow();
+        let Some(config) = config.as_ref() else { return };
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size = 0usize;
+        let raw = unsafe {
+            proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size);
+            Vec::from_raw_parts(data, size, size)
+        };
+        time("core: parse_pairs", || {
+            let _ = std::hint::black_box(parse_pairs(std::hint::black_box(&raw)));
+        });
+        let mut authorization = String::new();
+        for (n, v) in parse_pairs(&raw).unwrap_or_default() {
+            if n == b"authorization" {
+                authorization = String::from_utf8_lossy(v).into_owned();
+            }
+        }
+        time("core: lossy copy of authorization", || {
+            let _ = std::hint::black_box(String::from_utf8_lossy(std::hint::black_box(authorization.as_bytes())).into_owned());
+        });
+        let mut cache = TokenCache::new(10_000);
+        let token = authorization.trim_start_matches("Bearer ").to_string();
+        time("core: cache digest (SipHash-1-3 128)", || {
+            let _ = std::hint::black_box(cache.digest(std::hint::black_box(&token)));
+        });
+        let keys = match &config.providers[0].jwks {
+            JwksSource::Inline(k) => k.clone(),
+            _ => return,
+        };
+        let now = (now_ns() / 1_000_000_000) as i64;
+        let req = Request { method: "GET", path: "/Patient?family=smith&_count=10", authorization: Some(&authorization), duplicate_authorization: false };
+        let first = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut cache, now, &HostSigs);
+        log::warn!("PROBE first decision {}", match first { Decision::Route { .. } => "route", _ => "other" });
+        time("core: decide (cache hit)", || {
+            let d = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut cache, now, &HostSigs);
+            let _ = std::hint::black_box(matches!(d, Decision::Route { .. }));
+        });
+    }
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Warn);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}

@@ -64,16 +64,20 @@ fn now_ns() -> u64 {
     t
 }
 
-fn time(name: &str, mut f: impl FnMut()) {
-    for _ in 0..N / 10 {
+fn time(name: &str, f: impl FnMut()) {
+    time_n(name, N, f)
+}
+
+fn time_n(name: &str, n: u32, mut f: impl FnMut()) {
+    for _ in 0..n / 10 {
         f(); // warm-up
     }
     let t0 = now_ns();
-    for _ in 0..N {
+    for _ in 0..n {
         f();
     }
     let t1 = now_ns();
-    log::warn!("PROBE {name} {:.0}", (t1 - t0) as f64 / f64::from(N));
+    log::warn!("PROBE {name} {:.0}", (t1 - t0) as f64 / f64::from(n));
 }
 
 impl Context for Probe {}
@@ -169,6 +173,32 @@ impl Probe {
         time("core: decide (cache hit)", || {
             let d = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut cache, now, &HostSigs);
             let _ = std::hint::black_box(matches!(d, Decision::Route { .. }));
+        });
+        // The miss path with Envoy's verify_signature, as the filter runs it (fewer rounds: ~20-60 µs each).
+        let metrics = Rc::new(fhir_tenant_router::shell::metrics::Metrics::define());
+        let host = fhir_tenant_router::shell::host_crypto::HostSignatures::new(config.signature_verifier, metrics);
+        let mut nocache = TokenCache::new(0);
+        let d = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut nocache, now, &host);
+        log::warn!("PROBE miss decision {}", match d { Decision::Route { .. } => "route", _ => "other" });
+        time_n("core: decide (no cache, host verify_signature)", N / 20, || {
+            let d = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut nocache, now, &host);
+            let _ = std::hint::black_box(matches!(d, Decision::Route { .. }));
+        });
+        // The same token's signing input and signature through the foreign function alone.
+        if let Some(key) = keys.keys().first() {
+            let (input, sig) = token.rsplit_once('.').unwrap_or_default();
+            use base64::Engine as _;
+            let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).unwrap_or_default();
+            let args = fhir_tenant_router::host_proto::encode_verify_arguments("sha256", key.spki_der(), &sig, input.as_bytes());
+            time_n("host: verify_signature (RS256) alone", N / 20, || {
+                let _ = hostcalls::call_foreign_function("verify_signature", Some(&args));
+            });
+            time_n("core: encode_verify_arguments", N / 20, || {
+                let _ = std::hint::black_box(fhir_tenant_router::host_proto::encode_verify_arguments("sha256", key.spki_der(), &sig, input.as_bytes()));
+            });
+        }
+        time_n("core: parse token (base64 + JSON)", N / 20, || {
+            let _ = std::hint::black_box(fhir_tenant_router::verify::peek_issuer(&token));
         });
     }
 }

@@ -33,6 +33,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub audit_log: Option<bool>,
     #[serde(default)]
+    pub access_log_filter_state: Option<bool>,
+    #[serde(default)]
     pub tenant_claim: Option<String>,
     #[serde(default)]
     pub tenant_scope_prefixes: Option<Vec<String>>,
@@ -226,6 +228,8 @@ pub struct Config {
     pub dynamic_forward_proxy_cluster: Option<String>,
     /// One JSON audit line per request in Envoy's log.
     pub audit_log: bool,
+    /// Tenant and client id as filter state for Envoy's access log (two host calls a request: opt-in).
+    pub access_log_filter_state: bool,
     pub metadata_cluster: String,
     pub route_header: String,
     pub tenant_header: String,
@@ -629,6 +633,7 @@ impl RawConfig {
             registry,
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster,
             audit_log: self.audit_log.unwrap_or(true),
+            access_log_filter_state: self.access_log_filter_state.unwrap_or(false),
             metadata_cluster: self.metadata_cluster,
             route_header,
             tenant_header,
@@ -924,6 +929,16 @@ mod tests {
         );
         assert!(c.compile_registry(b"garbage", &|_| None).is_err());
         assert!(c.compile_registry(br#"{"tenants": {}, "extra": 1}"#, &|_| None).is_err());
+    }
+
+    #[test]
+    fn access_log_filter_state_is_opt_in() {
+        assert!(!compile(&example()).unwrap().access_log_filter_state);
+        let mut v = example();
+        v["access_log_filter_state"] = json!(true);
+        assert!(compile(&v).unwrap().access_log_filter_state);
+        v["access_log_filter_state"] = json!("yes");
+        assert!(compile(&v).unwrap_err().to_string().contains("access_log_filter_state"));
     }
 
     #[test]

@@ -221,13 +221,15 @@ fn prepare_upstream(shared: &Shared, tenant: &Tenant, request: &HttpRequest<'_>)
     Some(ResponseEdit::RewriteLinks { from, to: public })
 }
 
-/// Writes the audit line (when configured) and the filter state the access log reads.
+/// Writes the audit line and the filter state the access log reads (each when configured).
 fn record(shared: &Shared, request: &HttpRequest<'_>, now_ms: u64, outcome: Outcome, detail: RecordDetail<'_>) {
-    if let Some(tenant) = detail.tenant {
-        super::set_filter_state("fhir_tenant_router.tenant", tenant);
-    }
-    if let Some(client_id) = detail.identity.and_then(Identity::client_id) {
-        super::set_filter_state("fhir_tenant_router.client_id", client_id);
+    if shared.config.access_log_filter_state {
+        if let Some(tenant) = detail.tenant {
+            super::set_filter_state("fhir_tenant_router.tenant", tenant);
+        }
+        if let Some(client_id) = detail.identity.and_then(Identity::client_id) {
+            super::set_filter_state("fhir_tenant_router.client_id", client_id);
+        }
     }
     if shared.config.audit_log {
         let line = Record {

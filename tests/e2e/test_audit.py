@@ -19,7 +19,8 @@ import pytest
 from checks import assert_wasm_vm_never_crashed
 from conftest import stop_envoy, wait_for_jwks
 from harness import (
-    CLIENT_A, SHIPPED_CONFIG, TENANT_A, TENANT_B, bearer, hcm_settings, load_yaml, wait_until,
+    CLIENT_A, SHIPPED_CONFIG, TENANT_A, TENANT_B, bearer, hcm_settings, load_yaml, plugin_json, set_plugin_json,
+    wait_until,
 )
 from tokens import Minter
 
@@ -306,6 +307,27 @@ def test_the_shipped_config_has_an_access_log_naming_the_tenant_and_the_client_i
     formats = " ".join(log_format_text(e) for e in logs)
     assert f"%FILTER_STATE({TENANT_STATE}:PLAIN)%" in formats, formats
     assert f"%FILTER_STATE({CLIENT_STATE}" in formats, formats
+
+
+def test_without_access_log_filter_state_the_access_log_has_no_tenant_or_client(start_envoy, idp, upstreams,
+                                                                                  workdir):
+    cfg = load_yaml(SHIPPED_CONFIG)
+    doc = plugin_json(cfg)
+    assert doc.get("access_log_filter_state") is True, "the shipped config turns the filter state on"
+    del doc["access_log_filter_state"]  # the default: off
+    set_plugin_json(cfg, doc)
+    path = workdir / "access-no-filter-state.log"
+    redirect_access_logs(cfg, path)
+    env = start_envoy("envoy-no-filter-state", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg)
+    minter = Minter(idp.issuer)
+    wait_for_jwks(env, minter, upstreams)
+    assert env.request("GET", "/Patient", bearer(minter.token(TENANT_A))).status == 200
+    read = lambda: path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""  # noqa: E731
+    wait_until(lambda: "upstream=tenant_a" in read(), ACCESS_LOG_FLUSH_S, "the access log line of the request",
+               on_timeout=lambda: f"\naccess log:\n{read()[-2000:]}")
+    lines = [line for line in read().splitlines() if "upstream=tenant_a" in line]
+    assert lines and all("tenant=- " in line and "client_id=- " in line for line in lines), lines
+    stop_envoy(env)
 
 
 def test_the_access_log_line_carries_the_tenant_and_the_client_id_but_never_the_query_or_token(audited):

@@ -1194,8 +1194,8 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         P("A wasm filter that does nothing already costs the `wasm-noop` line: Envoy enters the V8 VM for every "
           "request and response callback. What ours adds on a cache hit beyond that is its host calls (one "
           "header-map read; setting the route and tenant headers; removing `Authorization`; "
-          "`clear_route_cache`; two filter-state properties for the access log) and the per-request work "
-          "inside the VM (keyed hash of the token, cache and tenant lookups).")
+          "`clear_route_cache`; the clock; the access-log filter state is off, as in the default configuration) "
+          "and the per-request work inside the VM (keyed hash of the token, cache and tenant lookups).")
         P("")
     P("## Memory")
     P("")

@@ -10,8 +10,9 @@
 //!
 //! Memory is fixed by the capacity: the entries live in a slab of at most `capacity` slots, reused in ring
 //! order (at capacity, the oldest insertion goes), and the index from digest to slot is sized once for
-//! twice the capacity, so churn never grows it (a hash table that fills with tombstones is rehashed in
-//! place, not enlarged, while it is at most half full).
+//! twice the capacity (up to 65,536 entries; a larger cache's index grows with use), so churn never grows
+//! it (a hash table that fills with tombstones is rehashed in place, not enlarged, while it is at most half
+//! full).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -177,6 +178,9 @@ impl Verified {
     }
 }
 
+/// Up to this capacity the index is allocated at the first insert for twice the capacity.
+const MAX_UPFRONT_ENTRIES: usize = 1 << 16;
+
 /// Hashes a digest by taking 64 of its bits: a digest is already the output of a keyed PRF.
 #[derive(Default)]
 struct DigestHasher(u64);
@@ -298,8 +302,8 @@ impl TokenCache {
             return;
         }
         if self.index.capacity() == 0 {
-            // Sized once: see the module documentation.
-            self.index.reserve(self.capacity.saturating_mul(2));
+            // Sized up front (see the module documentation); a very large cache grows into its size with use.
+            self.index.reserve(self.capacity.min(MAX_UPFRONT_ENTRIES).saturating_mul(2));
         }
         let i = if let Some(i) = self.slot_of(&digest) {
             i

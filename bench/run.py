@@ -428,19 +428,36 @@ def ours_plugin(public_jwks: dict, tenants: int, cache_entries: int | None) -> d
 SHARED_VM_ID = "fhir_tenant_router"
 
 
+def wasm_filter(name: str, module: Path, root_id: str = "", plugin: dict | None = None,
+                vm_id: str | None = None, failure_policy: str | None = None) -> dict:
+    """Envoy's wasm HTTP filter running `module`; `plugin` (if any) is its JSON configuration."""
+    vm_config = {"runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(module)}}}
+    if vm_id is not None:
+        vm_config = {"vm_id": vm_id, **vm_config}
+    config: dict = {"name": name, "root_id": root_id, "vm_config": vm_config}
+    if failure_policy is not None:
+        config["failure_policy"] = failure_policy
+    if plugin is not None:
+        config["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                   "value": json.dumps(plugin)}
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm", "config": config}}
+
+
 def ours_filter(plugin: dict, name: str = "fhir_tenant_router", vm_id: str | None = None) -> dict:
     """Our wasm filter. Filters with the same `vm_id` and code run in one VM per worker (one root context
     each, root_id "fhir_tenant_router", each with its own plugin configuration); `vm_id` None leaves it out."""
-    vm_config = {"runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(MODULE.path)}}}
-    if vm_id is not None:
-        vm_config = {"vm_id": vm_id, **vm_config}
-    return {"name": "envoy.filters.http.wasm", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {"name": name, "root_id": "fhir_tenant_router",
-                   "failure_policy": "FAIL_RELOAD",
-                   "vm_config": vm_config,
-                   "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                     "value": json.dumps(plugin)}}}}
+    return wasm_filter(name, MODULE.path, "fhir_tenant_router", plugin, vm_id, "FAIL_RELOAD")
+
+
+def build_bench_crate(crate_dir: Path, wasm: Path) -> Path:
+    """`cargo build` of one of the bench's own wasm crates (bench/noop-filter, bench/hostcall-probe)."""
+    r = subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
+                        str(crate_dir / "Cargo.toml")], capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0 or not wasm.is_file():
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise BenchError(f"cargo build of {crate_dir.relative_to(REPO)} failed ({r.returncode}):\n{tail}")
+    return wasm
 
 
 NOOP_DIR = REPO / "bench" / "noop-filter"
@@ -449,17 +466,11 @@ NOOP_WASM = NOOP_DIR / "target" / "wasm32-wasip1" / "release" / "noop_filter.was
 
 def build_noop_filter() -> Path:
     """The do-nothing wasm filter (bench/noop-filter): the floor any wasm filter pays in Envoy's V8."""
-    subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
-                    str(NOOP_DIR / "Cargo.toml")], check=True)
-    return NOOP_WASM
+    return build_bench_crate(NOOP_DIR, NOOP_WASM)
 
 
 def noop_filter() -> dict:
-    return {"name": "envoy.filters.http.wasm", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {"name": "noop", "root_id": "",
-                   "vm_config": {"runtime": "envoy.wasm.runtime.v8",
-                                 "code": {"local": {"filename": str(NOOP_WASM)}}}}}}
+    return wasm_filter("noop", NOOP_WASM)
 
 
 PROBE_DIR = REPO / "bench" / "hostcall-probe"
@@ -471,23 +482,12 @@ PROBE_NOTE = re.compile(r"\bPROBE (?P<text>.+?)\s*$")
 
 def build_probe() -> Path:
     """bench/hostcall-probe: times our hot path's host calls and in-VM work from inside Envoy's V8."""
-    r = subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
-                        str(PROBE_DIR / "Cargo.toml")], capture_output=True, text=True, timeout=1800)
-    if r.returncode != 0 or not PROBE_WASM.is_file():
-        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
-        raise BenchError(f"cargo build of bench/hostcall-probe failed ({r.returncode}):\n{tail}")
-    return PROBE_WASM
+    return build_bench_crate(PROBE_DIR, PROBE_WASM)
 
 
 def probe_filter(plugin: dict, wasm: Path) -> dict:
     """Configured like ours_filter (same plugin JSON), with the probe module and the default root context."""
-    return {"name": "envoy.filters.http.wasm", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {"name": "hostcall_probe", "root_id": "",
-                   "vm_config": {"runtime": "envoy.wasm.runtime.v8",
-                                 "code": {"local": {"filename": str(wasm)}}},
-                   "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                     "value": json.dumps(plugin)}}}}
+    return wasm_filter("hostcall_probe", wasm, plugin=plugin)
 
 
 def parse_probe(log_text: str) -> tuple[list[tuple[str, float]], list[str]]:

@@ -327,16 +327,14 @@ impl TokenCache {
 
     /// Drops every entry `keep` refuses; O(capacity). Returns how many went.
     fn retain(&mut self, keep: impl Fn(&Verified) -> bool) -> usize {
-        let doomed: Vec<usize> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().filter(|s| !keep(&s.verified)).map(|_| i))
-            .collect();
-        for &i in &doomed {
-            self.clear(i);
+        let mut dropped = 0;
+        for i in 0..self.slots.len() {
+            if self.slots.get(i).and_then(Option::as_ref).is_some_and(|s| !keep(&s.verified)) {
+                self.clear(i);
+                dropped += 1;
+            }
         }
-        doomed.len()
+        dropped
     }
 
     /// Drops every expired entry; O(capacity), meant for a timer. Returns how many went.

@@ -187,14 +187,18 @@ def _healthy(stack: Stack) -> None:
                timeout=40)
 
 
+def _assert_a_and_b_each_reach_their_own(reg) -> None:
+    """A's token reaches only tenant A's upstream, B's only B's."""
+    for tenant, upstream in ((TENANT_A, "tenant-a"), (TENANT_B, "tenant-b")):
+        assert_served_only_by(reg.upstreams, _status(reg, tenant), upstream, tenant)
+        reg.upstreams.clear()
+
+
 # ------------------------------------------------------------------------------------------------ tests
 
 def test_tenants_come_from_the_registry_and_replace_the_static_ones(reg):
     _serve_and_wait(reg, base_tenants(), TENANT_A, 200)
-    assert_served_only_by(reg.upstreams, _status(reg, TENANT_A), "tenant-a", TENANT_A)
-    reg.upstreams.clear()
-    assert_served_only_by(reg.upstreams, _status(reg, TENANT_B), "tenant-b", TENANT_B)
-    reg.upstreams.clear()
+    _assert_a_and_b_each_reach_their_own(reg)
     assert_forbidden(_status(reg, STATIC_ONLY))
     assert_no_upstream_saw_anything(reg.upstreams)
 
@@ -275,10 +279,7 @@ def test_a_failing_registry_keeps_the_last_good_tenant_map(reg, status, body, de
         # Two failed fetches counted: the bad answer has certainly been judged (at least) once.
         _wait_stat(reg.envoy, "registry.fetch_failed", lambda v: v >= failed_before + 2, "to count two failures",
                    timeout=20)
-        assert_served_only_by(reg.upstreams, _status(reg, TENANT_A), "tenant-a", TENANT_A)
-        reg.upstreams.clear()
-        assert_served_only_by(reg.upstreams, _status(reg, TENANT_B), "tenant-b", TENANT_B)
-        reg.upstreams.clear()
+        _assert_a_and_b_each_reach_their_own(reg)
         assert_forbidden(_status(reg, NEW))
         assert_no_upstream_saw_anything(reg.upstreams)
         assert _stats(reg.envoy).get("registry.tenants") == 2

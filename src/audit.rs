@@ -5,8 +5,8 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::cache::Identity;
 use crate::fhir::classify;
+use crate::identity::Identity;
 
 /// What became of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

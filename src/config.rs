@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::discovery::Discovery;
 use crate::fhir::Policy;
 use crate::jwks::KeySet;
-use crate::tenant::{TenantMap, Upstream};
+use crate::tenant::{TenantMap, TenantSettings};
 
 /// Default header the filter sets for Envoy's `cluster_header` route.
 pub const DEFAULT_ROUTE_HEADER: &str = "x-fhir-tenant-router-cluster";
@@ -222,7 +222,10 @@ pub struct Config {
     /// The token issuers (at least one); a token's `iss` picks one.
     pub providers: Vec<ProviderConfig>,
     /// The tenants from the configuration (the initial map when a registry is configured; may be empty then).
+    /// Requests are decided on the live map (this one, or the registry's latest), never on this field.
     pub tenants: TenantMap,
+    /// The claim that names the tenant (`scope` unless configured).
+    pub tenant_claim: String,
     pub registry: Option<Registry>,
     /// The cluster for tenants given by `url` (Envoy's dynamic forward proxy).
     pub dynamic_forward_proxy_cluster: Option<String>,
@@ -310,7 +313,7 @@ fn compile_upstream(
     field: &str,
     t: &RawTenant,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<Box<Upstream>>, ConfigError> {
+) -> Result<Option<Box<TenantSettings>>, ConfigError> {
     if t.authority.is_none()
         && t.base_path.is_none()
         && t.links_base_url.is_none()
@@ -320,7 +323,7 @@ fn compile_upstream(
     {
         return Ok(None);
     }
-    let mut u = Upstream::default();
+    let mut u = TenantSettings::default();
     if let Some(a) = &t.authority {
         if a.is_empty() || !is_header_value(a) || a.contains('/') {
             return Err(ConfigError::new(format!("{field}.authority"), "must be a host or host:port"));
@@ -600,7 +603,7 @@ impl RawConfig {
                 dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
                 issuers: providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
             };
-            compile_tenants("tenants", self.tenants, &ctx, TenantMap::new(claim, prefixes))?
+            compile_tenants("tenants", self.tenants, &ctx, TenantMap::new(prefixes))?
         };
 
         if self.metadata_cluster.is_empty() || !is_header_value(&self.metadata_cluster) {
@@ -630,6 +633,7 @@ impl RawConfig {
         Ok(Config {
             providers,
             tenants,
+            tenant_claim: claim,
             registry,
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster,
             audit_log: self.audit_log.unwrap_or(true),
@@ -815,7 +819,7 @@ mod tests {
         let env = |name: &str| (name == "TENANT_A_KEY").then(|| "s3cret".to_string());
         let c = Config::from_json_with_env(v.to_string().as_bytes(), &env).unwrap();
         let t = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap();
-        let u = t.upstream.as_deref().unwrap();
+        let u = t.settings.as_deref().unwrap();
         assert_eq!(u.authority.as_deref(), Some("fhir.partner.example"));
         assert_eq!(u.base_path, "/api/FHIR/R4");
         assert_eq!(u.links_base_url.as_deref(), Some("http://fhir.partner.example/api/FHIR/R4"));
@@ -823,7 +827,7 @@ mod tests {
         assert_eq!(t.policy().check_request("POST", "/Patient"), Ok(false));
         assert!(t.policy().check_request("GET", "/Condition").is_err());
         let plain = c.tenants.get("3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b").unwrap();
-        assert!(plain.upstream.is_none(), "plain tenants stay small");
+        assert!(plain.settings.is_none(), "plain tenants stay small");
         assert!(plain.policy().check_request("POST", "/Patient").is_err(), "read-only by default");
     }
 
@@ -901,7 +905,7 @@ mod tests {
         let c = compile(&v).unwrap();
         let t = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap();
         assert_eq!(t.cluster, "dynamic_forward_proxy_cluster");
-        let u = t.upstream.as_deref().unwrap();
+        let u = t.settings.as_deref().unwrap();
         assert_eq!(u.authority.as_deref(), Some("fhir.partner.example:8443"));
         assert_eq!(u.base_path, "/api/FHIR/R4");
         assert_eq!(u.links_base_url.as_deref(), Some("https://fhir.partner.example:8443/api/FHIR/R4"));

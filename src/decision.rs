@@ -1,15 +1,15 @@
-//! One request in, one decision out; and the only place a refusal becomes an HTTP answer.
-
-use std::fmt;
+//! One request in, one decision out: public document, route to a tenant, or refuse (and why).
 
 use crate::bearer::{extract_bearer, Credentials};
 
-use crate::cache::{Claim, Identity, TokenCache, Verified};
+use crate::cache::{TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
 use crate::fhir::Refusal;
+use crate::identity::{Claim, Identity};
 use crate::jwks::KeySet;
 use crate::public::{public_document, PublicDocument};
+use crate::rejection::Rejection;
 use crate::tenant::TenantMap;
 use crate::tenant::{Tenant, TenantError};
 use crate::verify::{peek_issuer, verify};
@@ -64,176 +64,23 @@ impl KeyLookup for Option<&KeySet> {
     }
 }
 
-/// Why a request was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Rejection {
-    /// No `Authorization: Bearer` header.
-    MissingToken,
-    /// A `Bearer` header whose value is not a token.
-    MalformedCredentials,
-    /// Longer than the configured maximum.
-    TokenTooLarge,
-    /// Not a compact JWS with JSON header and claims.
-    Malformed,
-    /// `alg` is not one we accept (`none`, HMAC, unknown).
-    UnsupportedAlgorithm,
-    /// The header lists `crit` extensions.
-    CriticalHeader,
-    IssuerMismatch,
-    MissingExpiry,
-    Expired,
-    /// `nbf` or `iat` lies in the future beyond the clock skew.
-    NotYetValid,
-    AudienceMismatch,
-    /// No key in the JWKS has the token's `kid`.
-    UnknownKey,
-    /// The key named by `kid` does not allow the token's `alg`.
-    KeyAlgorithmMismatch,
-    BadSignature,
-    /// The JWKS has not been fetched yet.
-    KeysUnavailable,
-    /// The token's scope names no configured tenant.
-    NoTenant,
-    /// The token's scope names several tenants.
-    SeveralTenants,
-    /// The tenant the token names is bound to other issuers.
-    IssuerNotAllowed,
-    /// The tenant registry has not been fetched yet.
-    TenantsUnavailable,
+/// What a decision consults besides the request: the configuration, the tenants and keys known now, and
+/// the signature check.
+#[derive(Clone, Copy)]
+pub struct Known<'c, 'k> {
+    pub config: &'c Config,
+    /// The live tenant map; `None` while a tenant registry has not been fetched.
+    pub tenants: Option<&'c TenantMap>,
+    pub keys: &'k dyn KeyLookup,
+    pub signatures: &'k dyn SignatureCheck,
 }
 
-/// The RFC 6750 realm in `WWW-Authenticate`.
-pub const REALM: &str = "fhir-tenant-router";
-
-impl Rejection {
-    /// The HTTP status.
-    pub fn status(self) -> u32 {
-        match self {
-            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => 403,
-            Self::KeysUnavailable | Self::TenantsUnavailable => 503,
-            _ => 401,
-        }
-    }
-
-    /// A short stable name, for stats and logs.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::MissingToken => "missing_token",
-            Self::MalformedCredentials => "malformed_credentials",
-            Self::TokenTooLarge => "token_too_large",
-            Self::Malformed => "malformed_token",
-            Self::UnsupportedAlgorithm => "unsupported_alg",
-            Self::CriticalHeader => "crit_header",
-            Self::IssuerMismatch => "issuer_mismatch",
-            Self::MissingExpiry => "missing_exp",
-            Self::Expired => "expired",
-            Self::NotYetValid => "not_yet_valid",
-            Self::AudienceMismatch => "audience_mismatch",
-            Self::UnknownKey => "unknown_kid",
-            Self::KeyAlgorithmMismatch => "key_alg_mismatch",
-            Self::BadSignature => "bad_signature",
-            Self::KeysUnavailable => "jwks_unavailable",
-            Self::NoTenant => "no_tenant",
-            Self::SeveralTenants => "several_tenants",
-            Self::IssuerNotAllowed => "issuer_not_allowed",
-            Self::TenantsUnavailable => "tenants_unavailable",
-        }
-    }
-
-    /// All variants, for defining one stat each.
-    pub const ALL: [Rejection; 19] = [
-        Self::MissingToken,
-        Self::MalformedCredentials,
-        Self::TokenTooLarge,
-        Self::Malformed,
-        Self::UnsupportedAlgorithm,
-        Self::CriticalHeader,
-        Self::IssuerMismatch,
-        Self::MissingExpiry,
-        Self::Expired,
-        Self::NotYetValid,
-        Self::AudienceMismatch,
-        Self::UnknownKey,
-        Self::KeyAlgorithmMismatch,
-        Self::BadSignature,
-        Self::KeysUnavailable,
-        Self::NoTenant,
-        Self::SeveralTenants,
-        Self::IssuerNotAllowed,
-        Self::TenantsUnavailable,
-    ];
-
-    /// The `WWW-Authenticate` value, when the answer carries one. A request without credentials gets no
-    /// error code (RFC 6750 §3.1); every other token problem is `invalid_token`.
-    pub fn www_authenticate(self) -> Option<String> {
-        let error = match self {
-            Self::MissingToken => return Some(format!("Bearer realm=\"{REALM}\"")),
-            Self::KeysUnavailable | Self::TenantsUnavailable => return None,
-            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => "insufficient_scope",
-            _ => "invalid_token",
-        };
-        Some(format!("Bearer realm=\"{REALM}\", error=\"{error}\""))
-    }
-
-    /// The FHIR `OperationOutcome.issue.code`.
-    fn issue_code(self) -> &'static str {
-        match self {
-            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => "forbidden",
-            Self::KeysUnavailable | Self::TenantsUnavailable => "transient",
-            _ => "login",
-        }
-    }
-
-    /// What the client is told. Deliberately generic: the precise reason is in the stats, not the answer.
-    fn diagnostics(self) -> &'static str {
-        match self {
-            Self::MissingToken => "This request needs an OAuth 2.0 bearer access token.",
-            Self::NoTenant => "The access token's scope does not name a tenant served here.",
-            Self::SeveralTenants => "The access token's scope names more than one tenant.",
-            Self::KeysUnavailable => "The token issuer's signing keys are not available yet; retry shortly.",
-            Self::TenantsUnavailable => "The tenant registry is not available yet; retry shortly.",
-            Self::IssuerNotAllowed => "The access token's issuer may not name this tenant.",
-            _ => "The access token is invalid, expired or not meant for this server.",
-        }
-    }
-
-    /// The body: a FHIR `OperationOutcome`, as `application/fhir+json`.
-    pub fn operation_outcome(self) -> String {
-        operation_outcome(self.issue_code(), self.diagnostics())
-    }
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.reason())
-    }
-}
-
-/// A one-issue FHIR `OperationOutcome` with severity `error`.
-pub fn operation_outcome(code: &str, diagnostics: &str) -> String {
-    serde_json::json!({
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]
-    })
-    .to_string()
-}
-
-/// Decides what to do with `request` at time `now` (seconds since the epoch), given the tenants and keys
-/// known so far (`tenants` is `None` while a tenant registry has not been fetched).
+/// Decides what to do with `request` at time `now` (seconds since the epoch), given what is `known`.
 ///
 /// A token found in `cache` is not verified again; a token verified now is added to it. Either way the
 /// per-request rules (public paths, tenant lookup, issuer binding, allowlist) apply in full.
-#[allow(clippy::too_many_arguments)]
-pub fn decide<'c>(
-    config: &'c Config,
-    tenants: Option<&'c TenantMap>,
-    request: &Request<'_>,
-    keys: &dyn KeyLookup,
-    cache: &mut TokenCache,
-    now: i64,
-    signatures: &dyn SignatureCheck,
-) -> Decision<'c> {
+pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut TokenCache, now: i64) -> Decision<'c> {
+    let Known { config, tenants, keys, signatures } = *known;
     match public_document(request.method, request.path) {
         Some(PublicDocument::SmartConfiguration) if config.smart_configuration.is_some() => {
             return Decision::SmartConfiguration { body: config.smart_configuration.as_deref().unwrap_or_default() };
@@ -252,7 +99,7 @@ pub fn decide<'c>(
         Credentials::Malformed => return Decision::Reject(Rejection::MalformedCredentials),
         Credentials::Bearer(token) => token,
     };
-    let claim = config.tenants.claim();
+    let claim = config.tenant_claim.as_str();
     let digest = (!cache.is_disabled()).then(|| cache.digest(token));
     // A hit is used in place (no copy of its claims); a miss is verified, then cached.
     let resolve = |claim: Claim<'_>| -> Result<&'c Tenant, Rejection> {
@@ -332,7 +179,12 @@ mod tests {
         let c = config();
         let k = keys();
         let req = Request { method, path, authorization: auth, duplicate_authorization: false };
-        match decide(&c, Some(&c.tenants), &req, &Some(&k), &mut TokenCache::new(0), NOW, &PureRust) {
+        match decide(
+            &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&k), signatures: &PureRust },
+            &req,
+            &mut TokenCache::new(0),
+            NOW,
+        ) {
             Decision::Public { cluster, .. } => Ok(cluster.to_string()),
             Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
             Decision::Reject(r) => Err(r),
@@ -379,8 +231,9 @@ mod tests {
     #[test]
     fn the_tenant_claim_name_is_configurable() {
         let mut c = config();
+        c.tenant_claim = "tid".into();
         c.tenants = {
-            let mut m = crate::tenant::TenantMap::new("tid".into(), vec![String::new()]);
+            let mut m = crate::tenant::TenantMap::new(vec![String::new()]);
             m.insert(TENANT_B, "tenant_b".into()).unwrap();
             m
         };
@@ -389,7 +242,12 @@ mod tests {
         let auth = bearer(&claims);
         let req =
             Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
-        match decide(&c, Some(&c.tenants), &req, &Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust) {
+        match decide(
+            &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: &PureRust },
+            &req,
+            &mut TokenCache::new(0),
+            NOW,
+        ) {
             Decision::Route { tenant, .. } => assert_eq!(tenant.cluster, "tenant_b"),
             other => panic!("{other:?}"),
         }
@@ -400,7 +258,7 @@ mod tests {
         let r = run("GET", "/Patient", Some("Bearer not.a.token")).unwrap_err();
         assert_eq!(r.status(), 401);
         assert!(r.www_authenticate().unwrap().ends_with("error=\"invalid_token\""));
-        let body: serde_json::Value = serde_json::from_str(&r.operation_outcome()).unwrap();
+        let body: serde_json::Value = serde_json::from_str(r.operation_outcome()).unwrap();
         assert_eq!(body["resourceType"], "OperationOutcome");
         assert_eq!(body["issue"][0]["code"], "login");
     }
@@ -411,7 +269,12 @@ mod tests {
         let auth = bearer(&testkeys::claims_now());
         let req =
             Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
-        match decide(&c, Some(&c.tenants), &req, &None::<&KeySet>, &mut TokenCache::new(0), NOW, &PureRust) {
+        match decide(
+            &Known { config: &c, tenants: Some(&c.tenants), keys: &None::<&KeySet>, signatures: &PureRust },
+            &req,
+            &mut TokenCache::new(0),
+            NOW,
+        ) {
             Decision::Reject(r) => {
                 assert_eq!(r.status(), 503);
                 assert!(r.www_authenticate().is_none());
@@ -440,7 +303,12 @@ mod tests {
     ) -> Result<String, Rejection> {
         let c = config();
         let req = Request { method: "GET", path, authorization: Some(auth), duplicate_authorization: false };
-        match decide(&c, Some(&c.tenants), &req, &Some(&keys()), cache, now, sigs) {
+        match decide(
+            &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: sigs },
+            &req,
+            cache,
+            now,
+        ) {
             Decision::Public { cluster, .. } => Ok(cluster.to_string()),
             Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
             Decision::Reject(r) => Err(r),
@@ -509,7 +377,12 @@ mod tests {
         let req =
             Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: true };
         assert!(matches!(
-            decide(&c, Some(&c.tenants), &req, &Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
+            decide(
+                &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: &PureRust },
+                &req,
+                &mut TokenCache::new(0),
+                NOW
+            ),
             Decision::Reject(Rejection::MalformedCredentials)
         ));
     }
@@ -520,7 +393,12 @@ mod tests {
         let auth = bearer(&testkeys::claims_now());
         let run = |method: &str, path: &str| {
             let req = Request { method, path, authorization: Some(&auth), duplicate_authorization: false };
-            match decide(&c, Some(&c.tenants), &req, &Some(&keys()), &mut TokenCache::new(10), NOW, &PureRust) {
+            match decide(
+                &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: &PureRust },
+                &req,
+                &mut TokenCache::new(10),
+                NOW,
+            ) {
                 Decision::Route { inspect_body, .. } => Ok(inspect_body),
                 Decision::Forbidden { refusal, .. } => Err(refusal.to_string()),
                 other => panic!("{other:?}"),
@@ -532,7 +410,12 @@ mod tests {
         // Without a valid token, the allowlist is never reached: 401, not 403.
         let req = Request { method: "DELETE", path: "/Patient/1", authorization: None, duplicate_authorization: false };
         assert!(matches!(
-            decide(&c, Some(&c.tenants), &req, &Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust),
+            decide(
+                &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: &PureRust },
+                &req,
+                &mut TokenCache::new(0),
+                NOW
+            ),
             Decision::Reject(Rejection::MissingToken)
         ));
     }
@@ -547,7 +430,12 @@ mod tests {
         };
         let c = config();
         assert!(matches!(
-            decide(&c, Some(&c.tenants), &req, &None::<&KeySet>, &mut TokenCache::new(0), NOW, &PureRust),
+            decide(
+                &Known { config: &c, tenants: Some(&c.tenants), keys: &None::<&KeySet>, signatures: &PureRust },
+                &req,
+                &mut TokenCache::new(0),
+                NOW
+            ),
             Decision::Public { patch: false, .. }
         ));
         let mut c = config();
@@ -560,12 +448,22 @@ mod tests {
             capabilities: vec![],
         });
         assert!(matches!(
-            decide(&c, Some(&c.tenants), &req, &None::<&KeySet>, &mut TokenCache::new(0), NOW, &PureRust),
+            decide(
+                &Known { config: &c, tenants: Some(&c.tenants), keys: &None::<&KeySet>, signatures: &PureRust },
+                &req,
+                &mut TokenCache::new(0),
+                NOW
+            ),
             Decision::SmartConfiguration { .. }
         ));
         let meta = Request { path: "/metadata", ..req };
         assert!(matches!(
-            decide(&c, Some(&c.tenants), &meta, &None::<&KeySet>, &mut TokenCache::new(0), NOW, &PureRust),
+            decide(
+                &Known { config: &c, tenants: Some(&c.tenants), keys: &None::<&KeySet>, signatures: &PureRust },
+                &meta,
+                &mut TokenCache::new(0),
+                NOW
+            ),
             Decision::Public { patch: true, .. }
         ));
     }
@@ -576,7 +474,12 @@ mod tests {
         let auth = bearer(&testkeys::claims_now());
         let req =
             Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
-        match decide(&c, None, &req, &Some(&keys()), &mut TokenCache::new(0), NOW, &PureRust) {
+        match decide(
+            &Known { config: &c, tenants: None, keys: &Some(&keys()), signatures: &PureRust },
+            &req,
+            &mut TokenCache::new(0),
+            NOW,
+        ) {
             Decision::Reject(r) => assert_eq!((r, r.status()), (Rejection::TenantsUnavailable, 503)),
             other => panic!("{other:?}"),
         }
@@ -606,7 +509,12 @@ mod tests {
             let auth = bearer(claims);
             let req =
                 Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
-            match decide(&c, Some(&c.tenants), &req, &Both(&k), &mut TokenCache::new(10), NOW, &PureRust) {
+            match decide(
+                &Known { config: &c, tenants: Some(&c.tenants), keys: &Both(&k), signatures: &PureRust },
+                &req,
+                &mut TokenCache::new(10),
+                NOW,
+            ) {
                 Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
                 Decision::Reject(r) => Err(r),
                 Decision::IssuerNotAllowed { .. } => Err(Rejection::IssuerNotAllowed),
@@ -626,15 +534,5 @@ mod tests {
         assert_eq!(run(&stranger), Err(Rejection::IssuerMismatch));
         v["providers"][1]["issuer"] = json!(testkeys::ISSUER);
         assert!(Config::from_json(v.to_string().as_bytes()).is_err(), "two providers with one issuer");
-    }
-
-    #[test]
-    fn answers_never_echo_the_token() {
-        let token = testkeys::sign_rs256(&json!({"scope": "secret-scope"}));
-        for r in Rejection::ALL {
-            let body = r.operation_outcome();
-            assert!(!body.contains(&token[..20]));
-            assert!(!body.contains("secret-scope"));
-        }
     }
 }

@@ -35,10 +35,11 @@ pub fn parse_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    /// The serialized form of `pairs`, as the host hands it over.
+    pub(crate) fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
         let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
         for (k, v) in pairs {
             out.extend((k.len() as u32).to_le_bytes());

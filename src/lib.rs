@@ -6,8 +6,10 @@
 //! discovery documents (`/metadata`, `/.well-known/smart-configuration`) pass without a token.
 //!
 //! The crate is a host-independent core (every module but `shell`), compiled and tested natively, and a
-//! thin proxy-wasm shell compiled for `wasm32` only. The core never calls the host: time and signature
-//! checking are arguments.
+//! thin proxy-wasm shell. The core never calls the host: it answers every host event ([`router`],
+//! [`upkeep`]) with data, the [`effect`]s to apply, and time and signature checking are arguments. The
+//! shell only reads inputs and applies effects; all of it but its proxy-wasm adapter is tested natively
+//! against a fake host.
 
 pub mod audit;
 pub mod bearer;
@@ -17,29 +19,34 @@ pub mod crypto;
 pub mod decision;
 pub mod der;
 pub mod discovery;
+pub mod effect;
 pub mod fhir;
 pub mod headers;
 pub mod host_proto;
+pub mod identity;
 pub mod jwks;
 pub mod links;
 pub mod public;
 pub mod refresh;
+pub mod rejection;
+pub mod router;
 pub mod tenant;
+pub mod upkeep;
 pub mod verify;
 
 #[cfg(test)]
 pub(crate) mod testkeys;
 
-#[cfg(target_arch = "wasm32")]
 pub mod shell;
 
 pub use config::{Config, ConfigError};
-pub use decision::{decide, Decision, Rejection, Request};
+pub use decision::{decide, Decision, Known, Request};
+pub use rejection::Rejection;
 
 #[cfg(all(target_arch = "wasm32", feature = "plugin"))]
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(shell::root::Root::default())
+        Box::new(shell::proxy::RootAdapter::default())
     });
 }}

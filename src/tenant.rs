@@ -10,8 +10,8 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use serde_json::Value;
 
-use crate::cache::{Claim, Identity};
 use crate::fhir::Policy;
+use crate::identity::{Claim, Identity};
 
 /// A configured tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,13 +20,14 @@ pub struct Tenant {
     pub id: String,
     /// The Envoy cluster its requests go to.
     pub cluster: String,
-    /// How its FHIR server differs from a plain one at the cluster's root (boxed: most tenants have none).
-    pub upstream: Option<Box<Upstream>>,
+    /// Everything beyond a read-only tenant at its cluster's root (boxed: most tenants have none).
+    pub settings: Option<Box<TenantSettings>>,
 }
 
-/// A tenant's FHIR server as it really is.
+/// A tenant's settings beyond its cluster: how its FHIR server differs from a plain one at the cluster's
+/// root (authority, base path, links, a header), what the tenant may do, and which issuers may name it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Upstream {
+pub struct TenantSettings {
     /// `:authority` (Host) to send instead of the client's.
     pub authority: Option<String>,
     /// The FHIR base path on that server (`/api/FHIR/R4`), without a trailing slash; `""` for the root.
@@ -46,7 +47,7 @@ static READ_ONLY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
 impl Tenant {
     /// Whether a token from `issuer` may name this tenant.
     pub fn allows_issuer(&self, issuer: &str) -> bool {
-        match self.upstream.as_deref().and_then(|u| u.issuers.as_ref()) {
+        match self.settings.as_deref().and_then(|u| u.issuers.as_ref()) {
             Some(list) => list.iter().any(|i| i == issuer),
             None => true,
         }
@@ -54,7 +55,7 @@ impl Tenant {
 
     /// The tenant's allowlist (read-only unless configured).
     pub fn policy(&self) -> &Policy {
-        match &self.upstream {
+        match &self.settings {
             Some(u) => &u.policy,
             None => READ_ONLY.get_or_init(Policy::default),
         }
@@ -73,7 +74,6 @@ pub enum TenantError {
 /// The compiled tenant map.
 #[derive(Clone, Debug)]
 pub struct TenantMap {
-    claim: String,
     prefixes: Vec<String>,
     /// Keyed by the tenant's own id (no second copy of it), with a fast non-cryptographic hash: the ids are
     /// the operator's, and a lookup of any other string only probes.
@@ -146,9 +146,9 @@ fn is_tenant_id(id: &str) -> bool {
 }
 
 impl TenantMap {
-    /// An empty map reading tenants from `claim`, accepting scope values of the form `<prefix><id>`.
-    pub fn new(claim: String, prefixes: Vec<String>) -> Self {
-        Self { claim, prefixes, by_id: HashSet::default() }
+    /// An empty map accepting claim values of the form `<prefix><id>`.
+    pub fn new(prefixes: Vec<String>) -> Self {
+        Self { prefixes, by_id: HashSet::default() }
     }
 
     /// Adds a plain tenant (read-only, at its cluster's root); the error says why the id is unusable.
@@ -161,7 +161,7 @@ impl TenantMap {
         &mut self,
         id: &str,
         cluster: String,
-        upstream: Option<Box<Upstream>>,
+        settings: Option<Box<TenantSettings>>,
     ) -> Result<(), &'static str> {
         if !is_tenant_id(id) {
             return Err("a tenant id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'");
@@ -170,13 +170,13 @@ impl TenantMap {
         if self.by_id.contains(key.as_str()) {
             return Err("the same tenant id is listed twice (ids are case-insensitive)");
         }
-        self.by_id.insert(ById(Tenant { id: key, cluster, upstream }));
+        self.by_id.insert(ById(Tenant { id: key, cluster, settings }));
         Ok(())
     }
 
     /// An empty map that reads tenants the same way (for a registry document).
     pub fn empty_like(&self) -> Self {
-        Self::new(self.claim.clone(), self.prefixes.clone())
+        Self::new(self.prefixes.clone())
     }
 
     /// The tenant with this (configured, lowercased) id.
@@ -192,11 +192,6 @@ impl TenantMap {
     /// Whether no tenant is configured.
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
-    }
-
-    /// The claim the tenant is read from.
-    pub fn claim(&self) -> &str {
-        &self.claim
     }
 
     fn lookup(&self, id: &str) -> Option<&Tenant> {
@@ -244,7 +239,7 @@ mod tests {
     use serde_json::json;
 
     fn map() -> TenantMap {
-        let mut m = TenantMap::new("scope".into(), vec![String::new(), "tenant/".into()]);
+        let mut m = TenantMap::new(vec![String::new(), "tenant/".into()]);
         m.insert(TENANT_A, "tenant_a".into()).unwrap();
         m.insert(TENANT_B, "tenant_b".into()).unwrap();
         m

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 
 use crate::config::Provider;
 use crate::crypto::SignatureCheck;
-use crate::decision::Rejection;
 use crate::jwks::{Algorithm, KeySet};
+use crate::rejection::Rejection;
 
 /// The verified token's claims.
 #[derive(Clone, Debug, PartialEq)]

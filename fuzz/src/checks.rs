@@ -95,7 +95,7 @@ pub fn tenant_maps() -> &'static [TenantCase] {
     static MAPS: OnceLock<Vec<TenantCase>> = OnceLock::new();
     MAPS.get_or_init(|| {
         let build = |ids: Vec<&'static str>, prefixes: Vec<&'static str>| {
-            let mut map = TenantMap::new("scope".into(), prefixes.iter().map(|p| p.to_string()).collect());
+            let mut map = TenantMap::new(prefixes.iter().map(|p| p.to_string()).collect());
             for (i, id) in ids.iter().enumerate() {
                 map.insert(id, format!("cluster_{i}")).expect("valid test tenant id");
             }

@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use fhir_tenant_router::cache::TokenCache;
 use fhir_tenant_router::crypto::PureRust;
-use fhir_tenant_router::decision::{decide, Decision, Request};
+use fhir_tenant_router::decision::{decide, Decision, Known, Request};
 use fhir_tenant_router::jwks::KeySet;
 use fhir_tenant_router::tenant::TenantError;
 use fhir_tenant_router::{Config, Rejection};
@@ -560,7 +560,7 @@ pub fn decide_requests(rng: &mut Rng, n: usize) -> Stats {
         let now = if rng.percent(90) { NOW } else { NOW + 600 + 60 + rng.below(3) as i64 - 1 };
         note("decide", auth.as_bytes());
         let request = Request { method, path, authorization: Some(&auth), duplicate_authorization: duplicate };
-        let decision = decide(&config, Some(&config.tenants), &request, &Some(&keys), &mut cache, now, &PureRust);
+        let decision = decide(&Known { config: &config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &PureRust }, &request, &mut cache, now);
         let public = fhir_tenant_router::public::is_public(method, path);
         if matches!(decision, Decision::Route { .. } | Decision::Reject(_)) {
             assert!(!public, "a public document went through the token check");

@@ -20,7 +20,7 @@ use std::rc::Rc;
 
 use fhir_tenant_router::cache::TokenCache;
 use fhir_tenant_router::config::{Config, JwksSource};
-use fhir_tenant_router::decision::{decide, Decision, Request};
+use fhir_tenant_router::decision::{decide, Decision, Known, Request};
 use fhir_tenant_router::headers::parse_pairs;
 
 #[derive(Default)]
@@ -168,20 +168,22 @@ impl Probe {
         };
         let now = (now_ns() / 1_000_000_000) as i64;
         let req = Request { method: "GET", path: "/Patient?family=smith&_count=10", authorization: Some(&authorization), duplicate_authorization: false };
-        let first = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut cache, now, &HostSigs);
+        let first = decide(&Known { config: config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &HostSigs }, &req, &mut cache, now);
         log::warn!("PROBE first decision {}", match first { Decision::Route { .. } => "route", _ => "other" });
         time("core: decide (cache hit)", || {
-            let d = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut cache, now, &HostSigs);
+            let d = decide(&Known { config: config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &HostSigs }, &req, &mut cache, now);
             let _ = std::hint::black_box(matches!(d, Decision::Route { .. }));
         });
         // The miss path with Envoy's verify_signature, as the filter runs it (fewer rounds: ~20-60 µs each).
-        let metrics = Rc::new(fhir_tenant_router::shell::metrics::Metrics::define());
-        let host = fhir_tenant_router::shell::host_crypto::HostSignatures::new(config.signature_verifier, metrics);
+        let host = fhir_tenant_router::crypto::Signatures::new(
+            config.signature_verifier,
+            fhir_tenant_router::shell::host_crypto::HostCrypto(fhir_tenant_router::shell::proxy::ProxyWasmHost),
+        );
         let mut nocache = TokenCache::new(0);
-        let d = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut nocache, now, &host);
+        let d = decide(&Known { config: config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &host }, &req, &mut nocache, now);
         log::warn!("PROBE miss decision {}", match d { Decision::Route { .. } => "route", _ => "other" });
         time_n("core: decide (no cache, host verify_signature)", N / 20, || {
-            let d = decide(config, Some(&config.tenants), &req, &Some(&keys), &mut nocache, now, &host);
+            let d = decide(&Known { config: config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &host }, &req, &mut nocache, now);
             let _ = std::hint::black_box(matches!(d, Decision::Route { .. }));
         });
         // The same token's signing input and signature through the foreign function alone.

@@ -1,5 +1,5 @@
-//! Runs Wycheproof vectors through `fhir_tenant_router::shell::host_crypto::HostSignatures` in mode `host`,
-//! i.e. through Envoy's `verify_signature` foreign function (BoringSSL), from inside Envoy.
+//! Runs Wycheproof vectors through `fhir_tenant_router::crypto::Signatures` over the shell's `HostCrypto`,
+//! in mode `host`, i.e. through Envoy's `verify_signature` foreign function (BoringSSL), from inside Envoy.
 //!
 //! All the work happens in the root context's `on_configure`, so `envoy --mode validate` runs it. It logs one
 //! line per vector file, one summary line
@@ -7,15 +7,13 @@
 //! configuration (returns false) on any disagreement, or when no "valid" vector verified (which is what a
 //! host without `verify_signature` gives: mode `host` then fails closed).
 
-use std::rc::Rc;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use fhir_tenant_router::config::SignatureVerifier;
-use fhir_tenant_router::crypto::SignatureCheck;
+use fhir_tenant_router::crypto::{SignatureCheck, Signatures};
 use fhir_tenant_router::jwks::{Algorithm, KeySet};
-use fhir_tenant_router::shell::host_crypto::HostSignatures;
-use fhir_tenant_router::shell::metrics::Metrics;
+use fhir_tenant_router::shell::host_crypto::HostCrypto;
+use fhir_tenant_router::shell::proxy::ProxyWasmHost;
 use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::LogLevel;
 use serde_json::Value;
@@ -91,7 +89,7 @@ fn run(corrupt: bool) -> bool {
             return false;
         }
     };
-    let host = HostSignatures::new(SignatureVerifier::Host, Rc::new(Metrics::default()));
+    let host = Signatures::new(SignatureVerifier::Host, HostCrypto(ProxyWasmHost));
     let (mut rsa, mut ecdsa) = (Tally::default(), Tally::default());
     let mut every_file_verified_a_valid_vector = true;
     let empty = Vec::new();

@@ -1,0 +1,204 @@
+//! What the core asks a shell to do. Every host event goes into the core ([`crate::router::Router`]) as
+//! plain data, and comes back as an ordered series of [`Effect`]s pushed into a sink, plus a [`Flow`]: a
+//! shell reads its inputs from the host, hands them over, and applies what comes back, in order. It decides
+//! nothing itself.
+//!
+//! Effects borrow what they name (header names and values, bodies) for the duration of the push, so a
+//! cache hit allocates nothing to describe what must happen: a sink applies each effect as it arrives.
+
+use crate::rejection::Rejection;
+
+/// Receives the effects of one event, in order. A shell applies each at once; tests record them.
+pub trait Effects {
+    fn push(&mut self, effect: Effect<'_>);
+}
+
+/// One thing for the host to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect<'a> {
+    /// Set a request header (replacing any value), before the request goes on.
+    SetRequestHeader(&'a str, &'a str),
+    /// Remove a request header.
+    RemoveRequestHeader(&'a str),
+    /// Make Envoy pick the route again (a routing header changed).
+    ClearRouteCache,
+    /// Answer the request locally; it goes no further.
+    Reply(Reply<'a>),
+    /// Filter state for the access log (`%FILTER_STATE(<name>:PLAIN)%`).
+    FilterState(&'a str, &'a str),
+    /// Add one to a counter.
+    Count(Metric<'a>),
+    /// Set a gauge.
+    Gauge(Gauge, u64),
+    /// A line for Envoy's log (the audit line is one, at `Info`).
+    Log(Level, &'a str),
+    /// Set a response header (replacing any value).
+    SetResponseHeader(&'a str, &'a str),
+    /// Remove a response header.
+    RemoveResponseHeader(&'a str),
+    /// Replace the whole (buffered) response body.
+    ReplaceResponseBody(&'a [u8]),
+    /// Let a request that waited (for keys) go on.
+    ResumeRequest,
+    /// Start a GET through an Envoy cluster; its outcome comes back as a fetch result for `target`.
+    Fetch(Fetch<'a>),
+}
+
+/// A local answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply<'a> {
+    pub status: u32,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+}
+
+/// What a fetch is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FetchTarget {
+    /// The JWKS of the provider at this index.
+    Jwks(usize),
+    /// The tenant registry.
+    Registry,
+}
+
+/// An outgoing GET.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fetch<'a> {
+    pub target: FetchTarget,
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub timeout_ms: u64,
+}
+
+/// What happens to the request (or response) after an event's effects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Let it go on.
+    Continue,
+    /// Stop here: it was answered locally (or ended).
+    Stop,
+    /// Hold it until a key set arrives (the stream is woken by context id).
+    WaitForKeys,
+    /// Hold it and buffer the body: the core judges (or edits) it whole at its end.
+    Buffer,
+}
+
+impl Flow {
+    /// Whether the host should let the stream go on now.
+    pub fn proceeds(self) -> bool {
+        self == Flow::Continue
+    }
+}
+
+/// Log levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// The counters. Names (under `fhir_tenant_router.`) are [`Metric::name`]'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric<'a> {
+    Allowed,
+    Public,
+    Rejected(Rejection),
+    ForbiddenByPolicy,
+    JwksFetchOk,
+    JwksFetchFailed,
+    JwksUnknownKidWaits,
+    SignatureHost,
+    SignaturePureRust,
+    CacheHits,
+    CacheMisses,
+    RegistryFetchOk,
+    RegistryFetchFailed,
+    /// A request of this tenant went on.
+    TenantAllowed(&'a str),
+    /// A request of this tenant was refused (allowlist, issuer binding).
+    TenantForbidden(&'a str),
+}
+
+/// The fixed counters, in the order a shell defines them.
+pub const COUNTERS: [Metric<'static>; 12] = [
+    Metric::Allowed,
+    Metric::Public,
+    Metric::ForbiddenByPolicy,
+    Metric::JwksFetchOk,
+    Metric::JwksFetchFailed,
+    Metric::JwksUnknownKidWaits,
+    Metric::SignatureHost,
+    Metric::SignaturePureRust,
+    Metric::CacheHits,
+    Metric::CacheMisses,
+    Metric::RegistryFetchOk,
+    Metric::RegistryFetchFailed,
+];
+
+impl Metric<'_> {
+    /// The stat's name under the filter's prefix (`requests.rejected.<reason>` for a refusal,
+    /// `tenant.<id>.allowed` and `tenant.<id>.forbidden` for the per-tenant counters, named by the shell).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Allowed => "requests.allowed",
+            Self::Public => "requests.public",
+            Self::Rejected(r) => r.stat_name(),
+            Self::ForbiddenByPolicy => "requests.forbidden_by_policy",
+            Self::JwksFetchOk => "jwks.fetch_ok",
+            Self::JwksFetchFailed => "jwks.fetch_failed",
+            Self::JwksUnknownKidWaits => "jwks.unknown_kid_refetch_waits",
+            Self::SignatureHost => "signature.host",
+            Self::SignaturePureRust => "signature.pure_rust",
+            Self::CacheHits => "cache.hits",
+            Self::CacheMisses => "cache.misses",
+            Self::RegistryFetchOk => "registry.fetch_ok",
+            Self::RegistryFetchFailed => "registry.fetch_failed",
+            Self::TenantAllowed(_) => "tenant.allowed",
+            Self::TenantForbidden(_) => "tenant.forbidden",
+        }
+    }
+}
+
+/// The gauges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gauge {
+    JwksKeys,
+    CacheEntries,
+    VmMemoryBytes,
+    RegistryTenants,
+}
+
+impl Gauge {
+    /// All gauges, in the order a shell defines them.
+    pub const ALL: [Gauge; 4] = [Gauge::JwksKeys, Gauge::CacheEntries, Gauge::VmMemoryBytes, Gauge::RegistryTenants];
+
+    /// The stat's name under the filter's prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::JwksKeys => "jwks.keys",
+            Self::CacheEntries => "cache.entries",
+            Self::VmMemoryBytes => "vm.memory_bytes",
+            Self::RegistryTenants => "registry.tenants",
+        }
+    }
+}
+
+/// Effects recorded as owned values, for tests and fuzzing: `Debug`-formatted, one string each.
+#[derive(Debug, Default)]
+pub struct Recorded(pub Vec<String>);
+
+impl Effects for Recorded {
+    fn push(&mut self, effect: Effect<'_>) {
+        let line = match effect {
+            Effect::Reply(r) => {
+                format!("Reply({}, {:?}, {})", r.status, r.headers, String::from_utf8_lossy(r.body))
+            }
+            Effect::ReplaceResponseBody(b) => format!("ReplaceResponseBody({})", String::from_utf8_lossy(b)),
+            other => format!("{other:?}"),
+        };
+        self.0.push(line);
+    }
+}

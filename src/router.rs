@@ -1,0 +1,708 @@
+//! The filter's brain, host-independent: one [`Router`] per VM (or per filter config) holds the compiled
+//! configuration, the key sets and tenant map in force with their fetch schedules, and the token cache;
+//! one [`Stream`] per request holds what that request still needs. Every host event is a method here that
+//! takes its inputs as data and pushes the [`Effect`]s to apply, in order, into a sink; a shell only reads
+//! inputs and applies effects.
+//!
+//! Request events are in this file; timer ticks and fetch results are in [`crate::upkeep`].
+
+use std::borrow::Cow;
+use std::rc::Rc;
+
+use crate::audit::{Outcome, Record};
+use crate::cache::TokenCache;
+use crate::config::{Config, JwksSource};
+use crate::crypto::SignatureCheck;
+use crate::decision::{decide, Decision, KeyLookup, Known, Request};
+use crate::effect::{Effect, Effects, Flow, Level, Metric, Reply};
+use crate::fhir::{Policy, Refusal};
+use crate::identity::Identity;
+use crate::jwks::KeySet;
+use crate::links;
+use crate::refresh::Schedule;
+use crate::rejection::{operation_outcome, Rejection};
+use crate::tenant::{Tenant, TenantMap};
+
+/// One provider's keys so far, when its next fetch is due, and the requests waiting for that fetch.
+#[derive(Debug, Default)]
+pub struct KeyState {
+    pub keys: Option<Rc<KeySet>>,
+    pub schedule: Option<Schedule>,
+    /// Context ids of the requests parked until the next fetch answers.
+    pub waiting: Vec<u32>,
+}
+
+/// The key states of every provider, by index: what a decision looks keys up in.
+#[derive(Debug, Default)]
+pub struct KeyStates(pub Vec<KeyState>);
+
+impl KeyLookup for KeyStates {
+    fn key_set(&self, provider: usize) -> Option<&KeySet> {
+        self.0.get(provider).and_then(|s| s.keys.as_deref())
+    }
+}
+
+/// The tenant map in force and, with a registry, when its next fetch is due.
+#[derive(Debug)]
+pub struct TenantState {
+    /// `None` while a registry is configured, the configuration names no tenant, and no document came yet.
+    pub map: Option<Rc<TenantMap>>,
+    pub schedule: Option<Schedule>,
+}
+
+/// Everything one VM (or one filter config) knows, built once per configuration.
+#[derive(Debug)]
+pub struct Router {
+    pub config: Config,
+    pub keys: KeyStates,
+    pub tenants: TenantState,
+    pub cache: TokenCache,
+    /// When the cache was last swept of expired tokens, seconds since the epoch.
+    pub(crate) last_purge_s: i64,
+    /// Whether this VM has served a request. Only such VMs (Envoy's workers, not its main thread) publish
+    /// the per-VM gauges, which every VM would otherwise overwrite.
+    pub(crate) served: bool,
+}
+
+/// The request data a decision needs, borrowed from the host's header map (owned when a request waits).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpRequest<'a> {
+    pub method: Cow<'a, str>,
+    pub path: Cow<'a, str>,
+    pub authority: Cow<'a, str>,
+    pub scheme: Cow<'a, str>,
+    pub authorization: Option<Cow<'a, str>>,
+    pub duplicate_authorization: bool,
+}
+
+/// A request kept beyond its header event.
+pub type OwnedRequest = HttpRequest<'static>;
+
+fn owned(v: &str) -> Cow<'static, str> {
+    Cow::Owned(v.to_owned())
+}
+
+impl HttpRequest<'_> {
+    /// A copy that outlives the header map.
+    pub fn to_owned_request(&self) -> OwnedRequest {
+        HttpRequest {
+            method: owned(&self.method),
+            path: owned(&self.path),
+            authority: owned(&self.authority),
+            scheme: owned(&self.scheme),
+            authorization: self.authorization.as_deref().map(owned),
+            duplicate_authorization: self.duplicate_authorization,
+        }
+    }
+
+    fn as_request(&self) -> Request<'_> {
+        Request {
+            method: &self.method,
+            path: &self.path,
+            authorization: self.authorization.as_deref(),
+            duplicate_authorization: self.duplicate_authorization,
+        }
+    }
+}
+
+/// What happens to a response on its way back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResponseEdit {
+    /// Patch the CapabilityStatement with the IdP's endpoints.
+    PatchCapability,
+    /// Rewrite links under `from` (the upstream's base) to `to` (the public base).
+    RewriteLinks { from: String, to: String },
+}
+
+/// The audit record of a request whose verdict waits for its body (a Bundle judged by the allowlist).
+#[derive(Clone, Debug)]
+struct PendingAudit {
+    request: OwnedRequest,
+    identity: Identity,
+    cluster: String,
+}
+
+/// A Bundle the tenant's allowlist must judge before its body may go on.
+#[derive(Clone, Debug)]
+struct Inspection {
+    policy: Policy,
+    tenant: String,
+    audit: Option<PendingAudit>,
+}
+
+/// Where a request stands.
+#[derive(Clone, Debug, Default)]
+enum Phase {
+    /// Its headers have not been decided yet.
+    #[default]
+    New,
+    /// Parked until `provider`'s key set is fetched again (its token names an unknown `kid`).
+    WaitingForKeys { provider: usize, request: Box<OwnedRequest> },
+    /// Routed; its body is held until the allowlist has judged the Bundle.
+    Inspecting(Box<Inspection>),
+    /// Decided: nothing more to judge on the request side.
+    Decided,
+}
+
+/// One request's state, owned by the host's per-request context.
+#[derive(Clone, Debug, Default)]
+pub struct Stream {
+    context_id: u32,
+    phase: Phase,
+    /// The request body arrived whole while the request was waiting (the host buffered it).
+    body_complete: bool,
+    /// What its response needs.
+    response: Option<ResponseEdit>,
+    /// The response body is being buffered for `response`'s edit.
+    editing_response: bool,
+}
+
+impl Stream {
+    /// The state of the request with this host context id.
+    pub fn new(context_id: u32) -> Self {
+        Self { context_id, ..Self::default() }
+    }
+
+    /// The host's id of this request.
+    pub fn context_id(&self) -> u32 {
+        self.context_id
+    }
+
+    /// Whether the request is parked, waiting for a key set.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.phase, Phase::WaitingForKeys { .. })
+    }
+}
+
+/// Most of a waiting request's buffered Bundle read back for judging (Envoy's buffer limit is lower).
+pub const MAX_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The headers this filter owns on the request: a client's copies never reach routing or an upstream
+/// (X-Forwarded-Host/-Prefix too: servers build their links from them).
+const FORWARDED_HOST: &str = "x-forwarded-host";
+const FORWARDED_PREFIX: &str = "x-forwarded-prefix";
+
+/// The outcome of one decision, for the audit line and the filter state.
+#[derive(Default)]
+struct Detail<'a> {
+    reason: Option<&'a str>,
+    tenant: Option<&'a str>,
+    identity: Option<&'a Identity>,
+    cluster: Option<&'a str>,
+}
+
+impl Router {
+    /// A router for `config` at `now_ms`: inline key sets installed, remote ones and the registry due at
+    /// once. Pushes the start-up log line and the key gauge.
+    pub fn new(config: Config, now_ms: u64, out: &mut dyn Effects) -> Self {
+        let mut states = Vec::with_capacity(config.providers.len());
+        let mut sources = Vec::new();
+        for p in &config.providers {
+            let mut state = KeyState::default();
+            match &p.jwks {
+                JwksSource::Inline(keys) => {
+                    state.keys = Some(Rc::new(keys.clone()));
+                    sources.push(format!("{} (inline JWKS)", p.provider.issuer));
+                }
+                JwksSource::Remote(r) => {
+                    state.schedule = Some(Schedule::new(r.refresh_ms, now_ms));
+                    sources.push(format!(
+                        "{} (JWKS from cluster {} every {} s)",
+                        p.provider.issuer,
+                        r.cluster,
+                        r.refresh_ms / 1000
+                    ));
+                }
+            }
+            states.push(state);
+        }
+        let inline_keys: usize = states.iter().filter_map(|s| s.keys.as_ref()).map(|k| k.keys().len()).sum();
+        out.push(Effect::Gauge(crate::effect::Gauge::JwksKeys, inline_keys as u64));
+        let tenants = TenantState {
+            map: (!config.tenants.is_empty() || config.registry.is_none()).then(|| Rc::new(config.tenants.clone())),
+            schedule: config.registry.as_ref().map(|r| Schedule::new(r.refresh_ms, now_ms)),
+        };
+        let line = format!(
+            "configured: {} tenants{}, issuers {}, signature verifier {:?}",
+            config.tenants.len(),
+            if config.registry.is_some() { " (and a tenant registry)" } else { "" },
+            sources.join(", "),
+            config.signature_verifier
+        );
+        out.push(Effect::Log(Level::Info, &line));
+        let cache = TokenCache::new(config.token_cache_entries);
+        Self { config, keys: KeyStates(states), tenants, cache, last_purge_s: 0, served: false }
+    }
+
+    /// A new request: its state, for the host's per-request context.
+    pub fn open_stream(&mut self, context_id: u32) -> Stream {
+        self.served = true;
+        Stream::new(context_id)
+    }
+
+    /// Reads the request out of its header pairs (raw bytes, as the host has them) and pushes the removal
+    /// of client-sent copies of the headers this filter owns.
+    pub fn read_request<'h>(&self, pairs: &[(&'h [u8], &'h [u8])], out: &mut dyn Effects) -> HttpRequest<'h> {
+        let config = &self.config;
+        let mut request = HttpRequest::default();
+        let mut spoofed = false;
+        // A non-UTF-8 byte (lossily decoded, copied) becomes U+FFFD, which no token, path or cluster holds.
+        let text = |v: &'h [u8]| String::from_utf8_lossy(v);
+        for &(name, value) in pairs {
+            match name {
+                b":method" => request.method = text(value),
+                b":path" => request.path = text(value),
+                b":authority" => request.authority = text(value),
+                b":scheme" => request.scheme = text(value),
+                b"authorization" => {
+                    request.duplicate_authorization |= request.authorization.is_some();
+                    request.authorization = Some(text(value));
+                }
+                n if n == config.route_header.as_bytes()
+                    || n == config.tenant_header.as_bytes()
+                    || n == FORWARDED_HOST.as_bytes()
+                    || n == FORWARDED_PREFIX.as_bytes() =>
+                {
+                    spoofed = true
+                }
+                _ => {}
+            }
+        }
+        if spoofed {
+            for name in [config.route_header.as_str(), &config.tenant_header, FORWARDED_HOST, FORWARDED_PREFIX] {
+                out.push(Effect::RemoveRequestHeader(name));
+            }
+        }
+        request
+    }
+
+    /// The request's headers arrived (`pairs`: every header, as the host has them).
+    pub fn on_request_headers(
+        &mut self,
+        stream: &mut Stream,
+        pairs: &[(&[u8], &[u8])],
+        end_of_stream: bool,
+        now_ms: u64,
+        signatures: &dyn SignatureCheck,
+        out: &mut dyn Effects,
+    ) -> Flow {
+        let request = self.read_request(pairs, out);
+        let flow = self.handle(stream, &request, now_ms, true, signatures, out);
+        if end_of_stream && matches!(stream.phase, Phase::Inspecting(_)) {
+            // POST to the base without a body: not a Bundle.
+            return self.judge_bundle(stream, &[], now_ms, out);
+        }
+        flow
+    }
+
+    /// A chunk of the request body arrived. `body` reads the whole buffered body (called at most once, and
+    /// only when the core must judge it).
+    pub fn on_request_body(
+        &mut self,
+        stream: &mut Stream,
+        end_of_stream: bool,
+        now_ms: u64,
+        body: &mut dyn FnMut() -> Vec<u8>,
+        out: &mut dyn Effects,
+    ) -> Flow {
+        match &stream.phase {
+            Phase::WaitingForKeys { .. } => {
+                // Nothing may go on yet; note a complete body, so that it is judged when the request is.
+                stream.body_complete |= end_of_stream;
+                Flow::WaitForKeys
+            }
+            Phase::Inspecting(_) if !end_of_stream => Flow::Buffer,
+            Phase::Inspecting(_) => self.judge_bundle(stream, &body(), now_ms, out),
+            Phase::New | Phase::Decided => Flow::Continue,
+        }
+    }
+
+    /// A waiting request's key set was fetched (or the fetch failed): decide it again with the keys there
+    /// are now (it may not wait twice), judge its body if it arrived whole meanwhile, and resume it if it
+    /// may go on.
+    pub fn wake(
+        &mut self,
+        stream: &mut Stream,
+        now_ms: u64,
+        signatures: &dyn SignatureCheck,
+        body: &mut dyn FnMut() -> Vec<u8>,
+        out: &mut dyn Effects,
+    ) {
+        let Phase::WaitingForKeys { request, .. } = std::mem::take(&mut stream.phase) else {
+            return;
+        };
+        let mut flow = self.handle(stream, &request, now_ms, false, signatures, out);
+        if matches!(stream.phase, Phase::Inspecting(_)) && std::mem::take(&mut stream.body_complete) {
+            flow = self.judge_bundle(stream, &body(), now_ms, out);
+        }
+        if flow.proceeds() {
+            out.push(Effect::ResumeRequest);
+        }
+    }
+
+    /// The request is over (answered, reset or complete): a waiting request leaves its queue at once.
+    pub fn on_stream_done(&mut self, stream: &mut Stream) {
+        if let Phase::WaitingForKeys { provider, .. } = stream.phase {
+            if let Some(state) = self.keys.0.get_mut(provider) {
+                state.waiting.retain(|&id| id != stream.context_id);
+            }
+        }
+        stream.phase = Phase::Decided;
+    }
+
+    /// The response headers arrived. `header` reads one response header (only when the response is
+    /// edited).
+    pub fn on_response_headers(
+        &self,
+        stream: &mut Stream,
+        end_of_stream: bool,
+        header: &dyn Fn(&str) -> Option<String>,
+        out: &mut dyn Effects,
+    ) -> Flow {
+        let Some(edit) = &stream.response else {
+            return Flow::Continue;
+        };
+        if let ResponseEdit::RewriteLinks { from, to } = edit {
+            for name in ["location", "content-location"] {
+                if let Some(new) = header(name).and_then(|v| links::rewrite_url(&v, from, to)) {
+                    out.push(Effect::SetResponseHeader(name, &new));
+                }
+            }
+        }
+        let encoded = header("content-encoding").is_some_and(|e| e != "identity");
+        let json = header("content-type").is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+        if end_of_stream || encoded || !json {
+            return Flow::Continue;
+        }
+        out.push(Effect::RemoveResponseHeader("content-length")); // the body changes length
+        stream.editing_response = true;
+        Flow::Continue
+    }
+
+    /// A chunk of the response body arrived. `body` reads the whole buffered body (called at most once).
+    pub fn on_response_body(
+        &self,
+        stream: &mut Stream,
+        end_of_stream: bool,
+        body: &mut dyn FnMut() -> Vec<u8>,
+        out: &mut dyn Effects,
+    ) -> Flow {
+        let Some(edit) = stream.response.as_ref().filter(|_| stream.editing_response) else {
+            return Flow::Continue;
+        };
+        if !end_of_stream {
+            return Flow::Buffer;
+        }
+        let body = body();
+        let edited = match edit {
+            ResponseEdit::PatchCapability => {
+                self.config.discovery.as_ref().and_then(|d| d.patch_capability_statement(&body))
+            }
+            ResponseEdit::RewriteLinks { from, to } => links::rewrite_body(&body, from, to),
+        };
+        if let Some(new) = edited {
+            out.push(Effect::ReplaceResponseBody(&new));
+        }
+        Flow::Continue
+    }
+
+    /// Decides `request` and pushes what follows. `may_wait`: an unknown `kid` may park the request until
+    /// a key-set refetch (not for a request that already waited).
+    fn handle(
+        &mut self,
+        stream: &mut Stream,
+        request: &HttpRequest<'_>,
+        now_ms: u64,
+        may_wait: bool,
+        signatures: &dyn SignatureCheck,
+        out: &mut dyn Effects,
+    ) -> Flow {
+        let Router { config, keys, tenants, cache, .. } = self;
+        let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+        let known = Known { config, tenants: tenants.map.as_deref(), keys, signatures };
+        let decision = decide(&known, &request.as_request(), cache, now_s);
+        let checks = signatures.drain();
+        if checks.host > 0 {
+            out.push(Effect::Count(Metric::SignatureHost));
+        }
+        if checks.pure_rust > 0 {
+            out.push(Effect::Count(Metric::SignaturePureRust));
+        }
+        if let Some((error, line)) = checks.note {
+            out.push(Effect::Log(if error { Level::Error } else { Level::Warn }, line));
+        }
+        stream.phase = Phase::Decided;
+        let audit = Audit { config, request, now_ms };
+        match decision {
+            Decision::Public { cluster, patch } => {
+                if !config.forward_authorization {
+                    out.push(Effect::RemoveRequestHeader("authorization"));
+                }
+                if patch {
+                    out.push(Effect::RemoveRequestHeader("accept-encoding"));
+                    stream.response = Some(ResponseEdit::PatchCapability);
+                }
+                out.push(Effect::Count(Metric::Public));
+                route_to(config, cluster, out);
+                audit.record(Outcome::Public, Detail { cluster: Some(cluster), ..Detail::default() }, out);
+                Flow::Continue
+            }
+            Decision::SmartConfiguration { body } => {
+                out.push(Effect::Count(Metric::Public));
+                let headers = [("content-type", "application/json"), ("cache-control", "max-age=3600")];
+                out.push(Effect::Reply(Reply { status: 200, headers: &headers, body: body.as_bytes() }));
+                audit.record(Outcome::Public, Detail::default(), out);
+                Flow::Stop
+            }
+            Decision::Route { tenant, identity, cached, inspect_body } => {
+                if !config.forward_authorization {
+                    out.push(Effect::RemoveRequestHeader("authorization"));
+                }
+                stream.response = prepare_upstream(config, tenant, request, out);
+                out.push(Effect::SetRequestHeader(&config.tenant_header, &tenant.id));
+                out.push(Effect::Count(if cached { Metric::CacheHits } else { Metric::CacheMisses }));
+                out.push(Effect::Count(Metric::Allowed));
+                route_to(config, &tenant.cluster, out);
+                // The headers go on; the body is held (buffered) until the Bundle is judged, and the
+                // request's audit line waits for that verdict.
+                if inspect_body {
+                    let pending = config.audit_log.then(|| PendingAudit {
+                        request: request.to_owned_request(),
+                        identity: identity.clone(),
+                        cluster: tenant.cluster.clone(),
+                    });
+                    if config.access_log_filter_state {
+                        filter_state(Some(&tenant.id), Some(&identity), out);
+                    }
+                    stream.phase = Phase::Inspecting(Box::new(Inspection {
+                        policy: tenant.policy().clone(),
+                        tenant: tenant.id.clone(),
+                        audit: pending,
+                    }));
+                } else {
+                    out.push(Effect::Count(Metric::TenantAllowed(&tenant.id)));
+                    let detail = Detail {
+                        tenant: Some(&tenant.id),
+                        identity: Some(&identity),
+                        cluster: Some(&tenant.cluster),
+                        ..Detail::default()
+                    };
+                    audit.record(Outcome::Allowed, detail, out);
+                }
+                Flow::Continue
+            }
+            Decision::Forbidden { tenant, identity, refusal } => {
+                forbid(&refusal, out);
+                out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
+                let detail = Detail {
+                    reason: Some("allowlist"),
+                    tenant: Some(&tenant.id),
+                    identity: Some(&identity),
+                    cluster: None,
+                };
+                audit.record(Outcome::Forbidden, detail, out);
+                Flow::Stop
+            }
+            Decision::IssuerNotAllowed { tenant } => {
+                let rejection = Rejection::IssuerNotAllowed;
+                reject(rejection, None, out);
+                out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
+                let detail = Detail { reason: Some(rejection.reason()), tenant: Some(&tenant.id), ..Detail::default() };
+                audit.record(Outcome::Rejected, detail, out);
+                Flow::Stop
+            }
+            Decision::UnknownKey { provider } => {
+                let min_refetch_ms = match config.providers.get(provider).map(|p| &p.jwks) {
+                    Some(JwksSource::Remote(remote)) if may_wait => Some(remote.min_refetch_ms),
+                    _ => None,
+                };
+                if let Some(state) = min_refetch_ms.and_then(|_| keys.0.get_mut(provider)) {
+                    let min = min_refetch_ms.unwrap_or(u64::MAX);
+                    if state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, min)) {
+                        out.push(Effect::Count(Metric::JwksUnknownKidWaits));
+                        state.waiting.push(stream.context_id);
+                        let request = Box::new(request.to_owned_request());
+                        stream.phase = Phase::WaitingForKeys { provider, request };
+                        return Flow::WaitForKeys;
+                    }
+                }
+                let rejection = Rejection::UnknownKey;
+                reject(rejection, None, out);
+                audit.record(Outcome::Rejected, Detail { reason: Some(rejection.reason()), ..Detail::default() }, out);
+                Flow::Stop
+            }
+            Decision::Reject(rejection) => {
+                let retry_after = rejection.is_transient().then(|| retry_after_s(keys, tenants, rejection, now_ms));
+                reject(rejection, retry_after, out);
+                audit.record(Outcome::Rejected, Detail { reason: Some(rejection.reason()), ..Detail::default() }, out);
+                Flow::Stop
+            }
+        }
+    }
+
+    /// The allowlist's verdict on a Bundle posted to the base (the request's audit line waited for it).
+    fn judge_bundle(&mut self, stream: &mut Stream, body: &[u8], now_ms: u64, out: &mut dyn Effects) -> Flow {
+        let Phase::Inspecting(inspection) = std::mem::replace(&mut stream.phase, Phase::Decided) else {
+            return Flow::Continue;
+        };
+        let Inspection { policy, tenant, audit } = *inspection;
+        let verdict = policy.check_bundle(body);
+        if let Err(refusal) = &verdict {
+            forbid(refusal, out);
+        }
+        let allowed = verdict.is_ok();
+        out.push(Effect::Count(if allowed {
+            Metric::TenantAllowed(&tenant)
+        } else {
+            Metric::TenantForbidden(&tenant)
+        }));
+        if let Some(pending) = audit {
+            let detail = Detail {
+                reason: (!allowed).then_some("allowlist"),
+                tenant: Some(&tenant),
+                identity: Some(&pending.identity),
+                cluster: allowed.then_some(pending.cluster.as_str()),
+            };
+            let outcome = if allowed { Outcome::Allowed } else { Outcome::Forbidden };
+            Audit { config: &self.config, request: &pending.request, now_ms }.write_line(outcome, &detail, out);
+        }
+        if allowed {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+}
+
+/// Seconds until the next attempt at what is missing (at least 1): the `Retry-After` of a 503.
+fn retry_after_s(keys: &KeyStates, tenants: &TenantState, rejection: Rejection, now_ms: u64) -> u64 {
+    match rejection {
+        Rejection::TenantsUnavailable => tenants.schedule.as_ref().map_or(1, |s| s.retry_after_s(now_ms)),
+        _ => keys.0.iter().filter_map(|s| s.schedule.as_ref()).map(|s| s.retry_after_s(now_ms)).min().unwrap_or(1),
+    }
+}
+
+/// Points Envoy's `cluster_header` route at `cluster`, and makes Envoy pick the route again.
+fn route_to(config: &Config, cluster: &str, out: &mut dyn Effects) {
+    out.push(Effect::SetRequestHeader(&config.route_header, cluster));
+    out.push(Effect::ClearRouteCache);
+}
+
+/// The answer to a refused token: constant body and `WWW-Authenticate`; `Retry-After` when transient.
+fn reject(rejection: Rejection, retry_after_s: Option<u64>, out: &mut dyn Effects) {
+    out.push(Effect::Count(Metric::Rejected(rejection)));
+    let retry_after = retry_after_s.map(|s| s.to_string());
+    let mut headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store"), ("", "")];
+    let mut n = 2;
+    if let Some(www) = rejection.www_authenticate() {
+        headers[2] = ("www-authenticate", www);
+        n = 3;
+    } else if let Some(retry) = retry_after.as_deref() {
+        headers[2] = ("retry-after", retry);
+        n = 3;
+    }
+    let headers = headers.get(..n).unwrap_or_default();
+    out.push(Effect::Reply(Reply {
+        status: rejection.status(),
+        headers,
+        body: rejection.operation_outcome().as_bytes(),
+    }));
+}
+
+/// 403 for a request the tenant's allowlist refuses; the message names the interaction (and Bundle entry).
+fn forbid(refusal: &Refusal, out: &mut dyn Effects) {
+    out.push(Effect::Count(Metric::ForbiddenByPolicy));
+    let body = operation_outcome("forbidden", &refusal.to_string());
+    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    out.push(Effect::Reply(Reply { status: 403, headers: &headers, body: body.as_bytes() }));
+}
+
+/// How this client reached us: the configured public base, or the request's scheme and authority.
+fn public_base(config: &Config, request: &HttpRequest<'_>) -> String {
+    match &config.public_base_url {
+        Some(base) => base.clone(),
+        None => {
+            let scheme = if request.scheme.is_empty() { "http" } else { request.scheme.as_ref() };
+            format!("{scheme}://{}", request.authority)
+        }
+    }
+}
+
+/// Rewrites the request for the tenant's FHIR server as it really is, and says what the response needs.
+fn prepare_upstream(
+    config: &Config,
+    tenant: &Tenant,
+    request: &HttpRequest<'_>,
+    out: &mut dyn Effects,
+) -> Option<ResponseEdit> {
+    let settings = tenant.settings.as_deref()?;
+    let public = public_base(config, request);
+    // Servers that honour X-Forwarded-* build their links from these; client-sent copies are overwritten.
+    let (proto, rest) = public.split_once("://").unwrap_or(("http", public.as_str()));
+    let (host, prefix) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    out.push(Effect::SetRequestHeader(FORWARDED_HOST, host));
+    out.push(Effect::SetRequestHeader("x-forwarded-proto", proto));
+    if prefix.is_empty() {
+        out.push(Effect::RemoveRequestHeader(FORWARDED_PREFIX));
+    } else {
+        out.push(Effect::SetRequestHeader(FORWARDED_PREFIX, prefix));
+    }
+    if let Some(authority) = &settings.authority {
+        out.push(Effect::SetRequestHeader(":authority", authority));
+    }
+    if !settings.base_path.is_empty() {
+        let path = format!("{}{}", settings.base_path, request.path);
+        out.push(Effect::SetRequestHeader(":path", &path));
+    }
+    if let Some((name, value)) = &settings.header {
+        out.push(Effect::SetRequestHeader(name, value));
+    }
+    let from = settings.links_base_url.clone()?;
+    out.push(Effect::RemoveRequestHeader("accept-encoding")); // a compressed body could not be rewritten
+    Some(ResponseEdit::RewriteLinks { from, to: public })
+}
+
+/// Tenant and client id as filter state for the access log.
+fn filter_state(tenant: Option<&str>, identity: Option<&Identity>, out: &mut dyn Effects) {
+    if let Some(tenant) = tenant {
+        out.push(Effect::FilterState("fhir_tenant_router.tenant", tenant));
+    }
+    if let Some(client_id) = identity.and_then(Identity::client_id) {
+        out.push(Effect::FilterState("fhir_tenant_router.client_id", client_id));
+    }
+}
+
+/// Writes what the configuration asks for about one decided request: the filter state the access log
+/// reads, and the audit line (built only when the audit line is on).
+struct Audit<'a> {
+    config: &'a Config,
+    request: &'a HttpRequest<'a>,
+    now_ms: u64,
+}
+
+impl Audit<'_> {
+    fn record(&self, outcome: Outcome, detail: Detail<'_>, out: &mut dyn Effects) {
+        if self.config.access_log_filter_state {
+            filter_state(detail.tenant, detail.identity, out);
+        }
+        self.write_line(outcome, &detail, out);
+    }
+
+    fn write_line(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {
+        if !self.config.audit_log {
+            return;
+        }
+        let line = Record {
+            time_ms: self.now_ms,
+            method: &self.request.method,
+            path: &self.request.path,
+            outcome,
+            reason: detail.reason,
+            tenant: detail.tenant,
+            identity: detail.identity,
+            cluster: detail.cluster,
+        }
+        .to_line();
+        out.push(Effect::Log(Level::Info, &line));
+    }
+}

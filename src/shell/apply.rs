@@ -1,0 +1,65 @@
+//! The effect interpreter: each [`Effect`] the core pushes becomes the host call that does it, at once and
+//! in order. Nothing here looks at the request.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use crate::effect::{Effect, Effects, FetchTarget};
+
+use super::host::Host;
+use super::metrics::Metrics;
+
+/// Applies effects to `host`. Fetches are sent here; one that cannot be sent is kept in `unsent`, for the
+/// caller to report back to the core once the event is over.
+pub struct Apply<'s, H> {
+    pub host: &'s H,
+    pub metrics: &'s Metrics,
+    /// The root context's calls in flight, by token.
+    pub calls: &'s RefCell<HashMap<u32, FetchTarget>>,
+    pub unsent: Vec<(FetchTarget, String)>,
+    /// The size of the buffered response body a replacement replaces (from the body callback).
+    pub response_body_size: usize,
+}
+
+impl<'s, H: Host> Apply<'s, H> {
+    pub fn new(host: &'s H, metrics: &'s Metrics, calls: &'s RefCell<HashMap<u32, FetchTarget>>) -> Self {
+        Self { host, metrics, calls, unsent: Vec::new(), response_body_size: 0 }
+    }
+}
+
+impl<H: Host> Effects for Apply<'_, H> {
+    fn push(&mut self, effect: Effect<'_>) {
+        let host = self.host;
+        match effect {
+            Effect::SetRequestHeader(name, value) => host.set_request_header(name, Some(value)),
+            Effect::RemoveRequestHeader(name) => host.set_request_header(name, None),
+            Effect::ClearRouteCache => host.clear_route_cache(),
+            Effect::Reply(reply) => host.send_reply(reply.status, reply.headers, reply.body),
+            Effect::FilterState(key, value) => host.set_filter_state(key, value),
+            Effect::Count(metric) => self.metrics.count(host, metric),
+            Effect::Gauge(gauge, value) => self.metrics.set(host, gauge, value),
+            Effect::Log(level, line) => host.log(level, line),
+            Effect::SetResponseHeader(name, value) => host.set_response_header(name, Some(value)),
+            Effect::RemoveResponseHeader(name) => host.set_response_header(name, None),
+            Effect::ReplaceResponseBody(body) => host.set_response_body(self.response_body_size, body),
+            Effect::ResumeRequest => host.resume_request(),
+            Effect::Fetch(fetch) => {
+                let headers = [
+                    (":method", "GET"),
+                    (":path", fetch.path),
+                    (":authority", fetch.authority),
+                    ("accept", "application/json"),
+                ];
+                match host.dispatch(fetch.cluster, &headers, fetch.timeout_ms) {
+                    Ok(token) => {
+                        self.calls.borrow_mut().insert(token, fetch.target);
+                    }
+                    Err(status) => {
+                        let why = format!("could not be sent through cluster {}: {status}", fetch.cluster);
+                        self.unsent.push((fetch.target, why));
+                    }
+                }
+            }
+        }
+    }
+}

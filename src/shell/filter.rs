@@ -1,0 +1,104 @@
+//! The HTTP context: each callback reads its inputs from the host, hands them to the core with this
+//! request's [`Stream`], and applies the effects. Nothing from the request (path, query, token, body) is
+//! ever logged.
+
+use std::rc::Rc;
+
+use crate::effect::Flow;
+use crate::headers::parse_pairs;
+use crate::router::{Stream, MAX_BUNDLE_BYTES};
+
+use super::host::Host;
+use super::state::Shared;
+
+/// One request's context.
+pub struct Filter<H> {
+    shared: Rc<Shared<H>>,
+    context_id: u32,
+    /// `None` while the stream is parked in [`Shared::parked`] (waiting for a key set, or woken and not yet
+    /// taken back).
+    stream: Option<Stream>,
+}
+
+impl<H: Host> Filter<H> {
+    pub fn new(shared: Rc<Shared<H>>, stream: Stream) -> Self {
+        Self { context_id: stream.context_id(), shared, stream: Some(stream) }
+    }
+
+    /// Runs `f` on this request's stream, wherever it is: here, or parked (a woken one is taken back).
+    fn with_stream<T>(&mut self, f: impl FnOnce(&Shared<H>, &mut Stream) -> T) -> Option<T> {
+        if self.stream.is_none() {
+            let mut parked = self.shared.parked.borrow_mut();
+            if parked.get(&self.context_id).is_some_and(Stream::is_waiting) {
+                let stream = parked.get_mut(&self.context_id)?;
+                return Some(f(&self.shared, stream));
+            }
+            self.stream = parked.remove(&self.context_id);
+        }
+        let stream = self.stream.as_mut()?;
+        Some(f(&self.shared, stream))
+    }
+
+    pub fn on_request_headers(&mut self, end_of_stream: bool) -> Flow {
+        let shared = Rc::clone(&self.shared);
+        let Some(stream) = self.stream.as_mut() else { return Flow::Continue };
+        let host = &shared.host;
+        let raw = host.request_header_pairs();
+        let pairs = parse_pairs(&raw).unwrap_or_default();
+        let now = host.now_ms();
+        let mut apply = shared.apply();
+        let flow = shared.router.borrow_mut().on_request_headers(
+            stream,
+            &pairs,
+            end_of_stream,
+            now,
+            &shared.signatures,
+            &mut apply,
+        );
+        if flow == Flow::WaitForKeys {
+            if let Some(stream) = self.stream.take() {
+                shared.parked.borrow_mut().insert(self.context_id, stream);
+            }
+        }
+        flow
+    }
+
+    pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Flow {
+        self.with_stream(|shared, stream| {
+            let host = &shared.host;
+            let mut body = || host.request_body(body_size.min(MAX_BUNDLE_BYTES));
+            let mut apply = shared.apply();
+            shared.router.borrow_mut().on_request_body(stream, end_of_stream, host.now_ms(), &mut body, &mut apply)
+        })
+        .unwrap_or(Flow::Continue)
+    }
+
+    pub fn on_response_headers(&mut self, end_of_stream: bool) -> Flow {
+        self.with_stream(|shared, stream| {
+            let host = &shared.host;
+            let header = |name: &str| host.response_header(name);
+            let mut apply = shared.apply();
+            shared.router.borrow().on_response_headers(stream, end_of_stream, &header, &mut apply)
+        })
+        .unwrap_or(Flow::Continue)
+    }
+
+    pub fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Flow {
+        self.with_stream(|shared, stream| {
+            let host = &shared.host;
+            let mut body = || host.response_body(body_size);
+            let mut apply = shared.apply();
+            apply.response_body_size = body_size;
+            shared.router.borrow().on_response_body(stream, end_of_stream, &mut body, &mut apply)
+        })
+        .unwrap_or(Flow::Continue)
+    }
+
+    /// The request is over: a parked one leaves the queue and the shell at once.
+    pub fn on_done(&mut self) {
+        let parked = self.shared.parked.borrow_mut().remove(&self.context_id);
+        if let Some(mut stream) = parked.or_else(|| self.stream.take()) {
+            self.shared.router.borrow_mut().on_stream_done(&mut stream);
+        }
+    }
+}

@@ -1,0 +1,704 @@
+//! The proxy-wasm shell driven natively through its event handlers against a fake host: every test
+//! asserts the exact host calls an event makes (the way Kuadrant's wasm-shim tests assert host-call
+//! sequences).
+
+use serde_json::{json, Value};
+
+use crate::effect::Flow;
+use crate::rejection::Rejection;
+use crate::testkeys::{self, NOW, TENANT_A, TENANT_B};
+
+use super::fake::FakeHost;
+use super::filter::Filter;
+use super::root::Root;
+
+const T0_MS: u64 = NOW as u64 * 1000;
+const ROUTE: &str = "x-fhir-tenant-router-cluster";
+const TENANT: &str = "x-fhir-tenant-id";
+
+fn jwks() -> Value {
+    serde_json::from_str(&testkeys::public_jwks()).unwrap()
+}
+
+/// The plugin JSON of the tests: inline keys, tenants A and B, audit line off unless a test turns it on.
+fn plugin() -> Value {
+    json!({
+        "provider": {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE], "jwks": jwks()},
+        "tenants": {TENANT_A: {"cluster": "tenant_a"}, TENANT_B: {"cluster": "tenant_b"}},
+        "metadata_cluster": "fhir_metadata",
+        "audit_log": false
+    })
+}
+
+/// A remote JWKS instead of inline keys.
+fn remote_plugin() -> Value {
+    let mut p = plugin();
+    p["provider"] = json!({
+        "issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
+        "jwks_uri": "http://127.0.0.1:9000/jwks", "jwks_cluster": "idp", "jwks_min_refetch_s": 1
+    });
+    p
+}
+
+/// A configured root over a fresh fake host, with the calls of `on_configure` taken.
+fn configured(plugin: &Value) -> (FakeHost, Root<FakeHost>) {
+    let host = FakeHost::default();
+    host.0.now_ms.set(T0_MS);
+    *host.0.plugin_configuration.borrow_mut() = plugin.to_string().into_bytes();
+    let mut root = Root::new(host.clone());
+    assert!(root.on_configure(), "{:?}", host.take_calls());
+    host.take_calls();
+    (host, root)
+}
+
+fn get(path: &str, authorization: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut h =
+        vec![(":method", "GET".to_string()), (":path", path.to_string()), (":authority", "fhir.example".into())];
+    h.push((":scheme", "https".into()));
+    if let Some(a) = authorization {
+        h.push(("authorization", a.to_string()));
+    }
+    h
+}
+
+fn send(
+    host: &FakeHost,
+    root: &Root<FakeHost>,
+    id: u32,
+    headers: &[(&str, String)],
+    eos: bool,
+) -> (Filter<FakeHost>, Flow) {
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    host.request(&pairs);
+    let mut filter = root.create_filter(id).unwrap();
+    let flow = filter.on_request_headers(eos);
+    (filter, flow)
+}
+
+fn bearer(claims: &Value) -> String {
+    format!("Bearer {}", testkeys::sign_rs256(claims))
+}
+
+fn refusal(status: u32, extra: &str, body: &str) -> String {
+    let mut headers = vec![("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    if let Some((n, v)) = extra.split_once(": ") {
+        headers.push((n, v));
+    }
+    format!("send_reply {status} {headers:?} {body}")
+}
+
+// ---- on_configure ----
+
+#[test]
+fn a_bad_configuration_is_refused_with_a_log_line_naming_the_field() {
+    let host = FakeHost::default();
+    let mut p = plugin();
+    p["provider"]["audiences"] = json!([]);
+    *host.0.plugin_configuration.borrow_mut() = p.to_string().into_bytes();
+    let mut root = Root::new(host.clone());
+    assert!(!root.on_configure());
+    let calls = host.take_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].starts_with("log Error invalid plugin configuration: field `provider.audiences`"), "{calls:?}");
+    assert!(root.create_filter(1).is_none());
+}
+
+#[test]
+fn configure_logs_what_it_loaded_and_starts_the_timer() {
+    let host = FakeHost::default();
+    *host.0.plugin_configuration.borrow_mut() = remote_plugin().to_string().into_bytes();
+    let mut root = Root::new(host.clone());
+    assert!(root.on_configure());
+    assert_eq!(
+        host.take_calls(),
+        [
+            "log Info configured: 2 tenants, issuers http://127.0.0.1:9000 (JWKS from cluster idp every 300 s), \
+             signature verifier Auto",
+            "set_tick_period 500"
+        ]
+    );
+}
+
+// ---- request headers: every Decision arm ----
+
+#[test]
+fn metadata_goes_to_the_metadata_cluster_without_a_token_and_without_the_authorization_header() {
+    let (host, root) = configured(&plugin());
+    let (_f, flow) = send(&host, &root, 1, &get("/metadata", None), true);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(
+        host.take_calls(),
+        [
+            "get_request_headers",
+            "remove_request_header authorization",
+            &format!("set_request_header {ROUTE}: fhir_metadata"),
+            "clear_route_cache",
+        ]
+    );
+}
+
+#[test]
+fn a_valid_token_routes_to_its_tenant_verified_once_then_from_the_cache() {
+    let (host, root) = configured(&plugin());
+    let auth = bearer(&testkeys::claims_now());
+    let expected = [
+        "get_request_headers",
+        "remove_request_header authorization",
+        &format!("set_request_header {TENANT}: {TENANT_A}"),
+        &format!("set_request_header {ROUTE}: tenant_a"),
+        "clear_route_cache",
+    ];
+    for id in 1..=2 {
+        let (_f, flow) = send(&host, &root, id, &get("/Patient?family=x", Some(&auth)), true);
+        assert_eq!(flow, Flow::Continue);
+        // The host has no verify_signature: the first request's check fell back to pure Rust.
+        let mut calls = host.take_calls();
+        if id == 1 {
+            assert_eq!(calls.remove(1), "call_foreign_function verify_signature");
+            assert_eq!(
+                calls.remove(1),
+                "log Warn the host has no verify_signature function: using the pure-Rust verifier"
+            );
+        }
+        assert_eq!(calls, expected, "request {id}");
+    }
+    root.on_tick_for_test();
+    assert_eq!((host.metric("cache.misses"), host.metric("cache.hits")), (1, 1));
+    assert_eq!(host.metric("requests.allowed"), 2);
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.allowed")), 2);
+    assert_eq!(host.metric("signature.pure_rust"), 1);
+}
+
+#[test]
+fn the_host_verifies_signatures_when_it_can() {
+    let (host, root) = configured(&plugin());
+    // verify_signature's answer: protobuf field 1 (result) = true.
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(host.take_calls()[1], "call_foreign_function verify_signature");
+    root.on_tick_for_test();
+    assert_eq!((host.metric("signature.host"), host.metric("signature.pure_rust")), (1, 0));
+}
+
+#[test]
+fn client_copies_of_the_headers_the_filter_owns_are_removed_first() {
+    let (host, root) = configured(&plugin());
+    let mut headers = get("/metadata", None);
+    headers.push((ROUTE, "tenant_b".into()));
+    send(&host, &root, 1, &headers, true);
+    assert_eq!(
+        host.take_calls()[..5],
+        [
+            "get_request_headers",
+            &format!("remove_request_header {ROUTE}"),
+            &format!("remove_request_header {TENANT}"),
+            "remove_request_header x-forwarded-host",
+            "remove_request_header x-forwarded-prefix",
+        ]
+    );
+}
+
+#[test]
+fn a_tenant_with_settings_gets_its_authority_base_path_header_and_forwarded_headers() {
+    let mut p = plugin();
+    p["tenants"][TENANT_A] = json!({
+        "cluster": "tenant_a", "authority": "fhir.partner", "base_path": "/api/FHIR/R4",
+        "links_base_url": "http://fhir.partner/api/FHIR/R4",
+        "upstream_header": {"name": "x-api-key", "env": "KEY_A"}
+    });
+    let host = FakeHost::default();
+    host.0.now_ms.set(T0_MS);
+    host.0.env.borrow_mut().insert("KEY_A".into(), "secret-a".into());
+    *host.0.plugin_configuration.borrow_mut() = p.to_string().into_bytes();
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut root = Root::new(host.clone());
+    assert!(root.on_configure());
+    host.take_calls();
+    let (mut f, _) = send(&host, &root, 1, &get("/Patient?_count=1", Some(&bearer(&testkeys::claims_now()))), true);
+    assert_eq!(
+        host.take_calls(),
+        [
+            "get_request_headers",
+            "call_foreign_function verify_signature",
+            "remove_request_header authorization",
+            "set_request_header x-forwarded-host: fhir.example",
+            "set_request_header x-forwarded-proto: https",
+            "remove_request_header x-forwarded-prefix",
+            "set_request_header :authority: fhir.partner",
+            "set_request_header :path: /api/FHIR/R4/Patient?_count=1",
+            "set_request_header x-api-key: secret-a",
+            "remove_request_header accept-encoding",
+            &format!("set_request_header {TENANT}: {TENANT_A}"),
+            &format!("set_request_header {ROUTE}: tenant_a"),
+            "clear_route_cache",
+        ]
+    );
+    // The response: links under the upstream's base point at the public base.
+    host.0.response_headers.borrow_mut().extend([
+        ("location".to_string(), "http://fhir.partner/api/FHIR/R4/Patient/1".to_string()),
+        ("content-type".to_string(), "application/fhir+json".to_string()),
+    ]);
+    assert_eq!(f.on_response_headers(false), Flow::Continue);
+    assert_eq!(
+        host.take_calls(),
+        ["set_response_header location: https://fhir.example/Patient/1", "remove_response_header content-length"]
+    );
+    let bundle = json!({"resourceType": "Bundle", "link": [{"relation": "next", "url": "http://fhir.partner/api/FHIR/R4/Patient?page=2"}]});
+    *host.0.response_body.borrow_mut() = bundle.to_string().into_bytes();
+    assert_eq!(f.on_response_body(10, false), Flow::Buffer);
+    assert!(host.take_calls().is_empty(), "nothing read before the end");
+    let size = bundle.to_string().len();
+    assert_eq!(f.on_response_body(size, true), Flow::Continue);
+    let calls = host.take_calls();
+    assert_eq!(calls[0], "get_response_body");
+    assert!(calls[1].starts_with(&format!("set_response_body {size} ")), "{calls:?}");
+    assert!(calls[1].contains("https://fhir.example/Patient?page=2"), "{calls:?}");
+}
+
+#[test]
+fn smart_configuration_is_answered_locally() {
+    let mut p = plugin();
+    p["discovery"] = json!({"token_endpoint": "http://127.0.0.1:9000/token"});
+    let (host, root) = configured(&p);
+    let (_f, flow) = send(&host, &root, 1, &get("/.well-known/smart-configuration", None), true);
+    assert_eq!(flow, Flow::Stop);
+    let calls = host.take_calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(
+        calls[1].starts_with(
+            r#"send_reply 200 [("content-type", "application/json"), ("cache-control", "max-age=3600")] {"#
+        ),
+        "{calls:?}"
+    );
+    assert!(calls[1].contains("http://127.0.0.1:9000/token"));
+}
+
+#[test]
+fn metadata_is_patched_with_the_token_url_on_its_way_back() {
+    let mut p = plugin();
+    p["discovery"] = json!({"token_endpoint": "http://127.0.0.1:9000/token"});
+    let (host, root) = configured(&p);
+    let (mut f, _) = send(&host, &root, 1, &get("/metadata", None), true);
+    assert_eq!(
+        host.take_calls(),
+        [
+            "get_request_headers",
+            "remove_request_header authorization",
+            "remove_request_header accept-encoding",
+            &format!("set_request_header {ROUTE}: fhir_metadata"),
+            "clear_route_cache",
+        ]
+    );
+    host.0.response_headers.borrow_mut().insert("content-type".into(), "application/fhir+json".into());
+    assert_eq!(f.on_response_headers(false), Flow::Continue);
+    assert_eq!(host.take_calls(), ["remove_response_header content-length"]);
+    let cs = json!({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "rest": [{"mode": "server"}]});
+    *host.0.response_body.borrow_mut() = cs.to_string().into_bytes();
+    assert_eq!(f.on_response_body(cs.to_string().len(), true), Flow::Continue);
+    let calls = host.take_calls();
+    assert!(calls[1].contains("oauth-uris") && calls[1].contains("http://127.0.0.1:9000/token"), "{calls:?}");
+}
+
+#[test]
+fn a_compressed_or_non_json_response_is_passed_on_untouched() {
+    let mut p = plugin();
+    p["discovery"] = json!({"token_endpoint": "http://127.0.0.1:9000/token"});
+    let (host, root) = configured(&p);
+    for (name, value) in [("content-encoding", "gzip"), ("content-type", "text/html")] {
+        let (mut f, _) = send(&host, &root, 1, &get("/metadata", None), true);
+        host.take_calls();
+        let mut headers = host.0.response_headers.borrow_mut();
+        headers.clear();
+        headers.insert("content-type".into(), "application/fhir+json".into());
+        headers.insert(name.into(), value.into());
+        drop(headers);
+        assert_eq!(f.on_response_headers(false), Flow::Continue);
+        assert_eq!(f.on_response_body(10, true), Flow::Continue);
+        assert!(host.take_calls().is_empty(), "{name}: {value}");
+    }
+}
+
+#[test]
+fn a_missing_token_is_401_with_www_authenticate_and_an_operation_outcome() {
+    let (host, root) = configured(&plugin());
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient", None), true);
+    assert_eq!(flow, Flow::Stop);
+    let r = Rejection::MissingToken;
+    assert_eq!(
+        host.take_calls(),
+        [
+            "get_request_headers",
+            &refusal(401, "www-authenticate: Bearer realm=\"fhir-tenant-router\"", r.operation_outcome())
+        ]
+    );
+    root.on_tick_for_test();
+    assert_eq!(host.metric("requests.rejected.missing_token"), 1);
+}
+
+#[test]
+fn a_token_for_no_tenant_is_403_and_one_for_a_tenant_bound_to_another_issuer_is_403_counted_on_it() {
+    let mut p = plugin();
+    p["providers"] = json!([
+        {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE], "jwks": jwks()},
+        {"issuer": "http://other-idp", "audiences": [testkeys::AUDIENCE], "jwks": jwks()}
+    ]);
+    p.as_object_mut().unwrap().remove("provider");
+    p["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "issuers": ["http://other-idp"]});
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    let r = Rejection::IssuerNotAllowed;
+    let www = "www-authenticate: Bearer realm=\"fhir-tenant-router\", error=\"insufficient_scope\"";
+    assert_eq!(host.take_calls()[2..], [refusal(403, www, r.operation_outcome())]);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!("openid");
+    send(&host, &root, 2, &get("/Patient", Some(&bearer(&claims))), true);
+    assert_eq!(host.take_calls()[2..], [refusal(403, www, Rejection::NoTenant.operation_outcome())]);
+    root.on_tick_for_test();
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.forbidden")), 1);
+    assert_eq!(host.metric("requests.rejected.no_tenant"), 1);
+}
+
+#[test]
+fn the_allowlist_refuses_with_403_naming_the_interaction() {
+    let (host, root) = configured(&plugin());
+    let mut headers = get("/Patient/1", Some(&bearer(&testkeys::claims_now())));
+    headers[0].1 = "DELETE".into();
+    let (_f, flow) = send(&host, &root, 1, &headers, true);
+    assert_eq!(flow, Flow::Stop);
+    let calls = host.take_calls();
+    let last = calls.last().unwrap();
+    assert!(last.starts_with("send_reply 403 "), "{calls:?}");
+    assert!(last.contains("the delete interaction on Patient is not allowed for this tenant."), "{last}");
+    root.on_tick_for_test();
+    assert_eq!(host.metric("requests.forbidden_by_policy"), 1);
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.forbidden")), 1);
+}
+
+#[test]
+fn an_unknown_kid_with_inline_keys_is_refused_at_once() {
+    let (host, root) = configured(&plugin());
+    let token = testkeys::sign_rs256_with_fresh_key(&testkeys::claims_now(), "nobody-knows-me");
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient", Some(&format!("Bearer {token}"))), true);
+    assert_eq!(flow, Flow::Stop);
+    let www = "www-authenticate: Bearer realm=\"fhir-tenant-router\", error=\"invalid_token\"";
+    assert_eq!(
+        host.take_calls(),
+        ["get_request_headers", &refusal(401, www, Rejection::UnknownKey.operation_outcome())]
+    );
+}
+
+/// Every refusal the filter can send for a bad token, with the bytes actually sent checked for the token.
+#[test]
+fn answers_and_log_lines_never_echo_the_token() {
+    let mut p = plugin();
+    p["audit_log"] = json!(true);
+    let (host, root) = configured(&p);
+    let mut cases = Vec::new();
+    let mut c = testkeys::claims_now();
+    c["exp"] = json!(NOW - 3600);
+    cases.push(testkeys::sign_rs256(&c)); // expired
+    let mut c = testkeys::claims_now();
+    c["aud"] = json!("http://elsewhere");
+    cases.push(testkeys::sign_rs256(&c)); // audience
+    let mut c = testkeys::claims_now();
+    c["scope"] = json!("secret-scope-value");
+    cases.push(testkeys::sign_rs256(&c)); // no tenant
+    cases.push(testkeys::sign_rs256_with_fresh_key(&testkeys::claims_now(), testkeys::RS_KID)); // signature
+    cases.push("not-a-token-but-a-secret-string".to_string()); // malformed
+    for (i, token) in cases.iter().enumerate() {
+        let (_f, flow) =
+            send(&host, &root, i as u32 + 1, &get("/Patient?name=Zzyzx", Some(&format!("Bearer {token}"))), true);
+        assert_eq!(flow, Flow::Stop);
+        let calls = host.take_calls().join("\n");
+        assert!(calls.contains("send_reply 40"), "{calls}");
+        assert!(calls.contains("log Info {\"audit\""), "{calls}");
+        for part in token.split('.').filter(|p| p.len() > 8) {
+            assert!(!calls.contains(part), "case {i} echoes the token: {calls}");
+        }
+        assert!(!calls.contains("secret-scope-value") && !calls.contains("Zzyzx"), "{calls}");
+    }
+}
+
+#[test]
+fn the_audit_line_and_filter_state_are_written_only_when_configured() {
+    let mut p = plugin();
+    p["audit_log"] = json!(true);
+    p["access_log_filter_state"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    let calls = host.take_calls();
+    assert_eq!(calls[calls.len() - 3], format!("set_filter_state fhir_tenant_router.tenant={TENANT_A}"));
+    assert_eq!(calls[calls.len() - 2], "set_filter_state fhir_tenant_router.client_id=patients-app-a");
+    let line: Value = serde_json::from_str(calls[calls.len() - 1].strip_prefix("log Info ").unwrap()).unwrap();
+    assert_eq!((line["outcome"].as_str(), line["tenant"].as_str()), (Some("allowed"), Some(TENANT_A)));
+}
+
+// ---- Bundles judged on their body ----
+
+fn post_base(auth: &str) -> Vec<(&'static str, String)> {
+    let mut h = get("/", Some(auth));
+    h[0].1 = "POST".into();
+    h
+}
+
+#[test]
+fn a_batch_bundle_is_held_until_its_body_is_judged() {
+    let mut p = plugin();
+    p["audit_log"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let read = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": "Patient?name=x"}}]});
+    let delete = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "DELETE", "url": "Patient/1"}}]});
+    for (bundle, allowed) in [(read, true), (delete, false)] {
+        let (mut f, flow) = send(&host, &root, 1, &post_base(&auth), false);
+        assert_eq!(flow, Flow::Continue, "headers go on; the body is held");
+        let calls = host.take_calls();
+        assert!(!calls.iter().any(|c| c.starts_with("log Info {\"audit\"")), "the audit line waits: {calls:?}");
+        *host.0.request_body.borrow_mut() = bundle.to_string().into_bytes();
+        assert_eq!(f.on_request_body(5, false), Flow::Buffer);
+        assert!(host.take_calls().is_empty());
+        let flow = f.on_request_body(bundle.to_string().len(), true);
+        let calls = host.take_calls();
+        assert_eq!(calls[0], "get_request_body");
+        if allowed {
+            assert_eq!(flow, Flow::Continue);
+            assert!(calls[1].contains("\"outcome\":\"allowed\""), "{calls:?}");
+        } else {
+            assert_eq!(flow, Flow::Stop);
+            assert!(calls[1].starts_with("send_reply 403 ") && calls[1].contains("Bundle entry 0"), "{calls:?}");
+            assert!(calls[2].contains("\"outcome\":\"forbidden\""), "{calls:?}");
+        }
+        f.on_done();
+    }
+}
+
+#[test]
+fn a_post_to_the_base_without_a_body_is_judged_at_once() {
+    let (host, root) = configured(&plugin());
+    let (_f, flow) = send(&host, &root, 1, &post_base(&bearer(&testkeys::claims_now())), true);
+    assert_eq!(flow, Flow::Stop);
+    assert!(host.take_calls().iter().any(|c| c.starts_with("send_reply 403 ") && c.contains("batch or transaction")));
+}
+
+// ---- keys: fetching, failing, waiting ----
+
+fn deliver(host: &FakeHost, root: &mut Root<FakeHost>, token: u32, status: Option<&str>, body: &[u8]) {
+    *host.0.call_status.borrow_mut() = status.map(str::to_string);
+    *host.0.call_body.borrow_mut() = body.to_vec();
+    root.on_http_call_response(token, body.len());
+}
+
+fn jwks_fetch_call() -> String {
+    r#"dispatch idp [(":method", "GET"), (":path", "/jwks"), (":authority", "127.0.0.1:9000"), ("accept", "application/json")] 5000"#
+        .to_string()
+}
+
+#[test]
+fn before_the_first_key_set_a_token_gets_503_with_retry_after() {
+    let (host, root) = configured(&remote_plugin());
+    send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    let r = Rejection::KeysUnavailable;
+    assert_eq!(host.take_calls(), ["get_request_headers", &refusal(503, "retry-after: 1", r.operation_outcome())]);
+}
+
+#[test]
+fn a_failed_fetch_is_retried_with_backoff_and_its_streak_logged_once_each_way() {
+    let (host, mut root) = configured(&remote_plugin());
+    *host.0.dispatch_error.borrow_mut() = Some("BadArgument".into());
+    root.on_tick();
+    assert_eq!(
+        host.take_calls(),
+        [
+            jwks_fetch_call(),
+            "log Warn JWKS fetch for http://127.0.0.1:9000 failed (could not be sent through cluster idp: \
+             BadArgument); no keys yet: token requests get 503; retrying with backoff (logged once per failure \
+             streak)"
+                .to_string()
+        ]
+    );
+    *host.0.dispatch_error.borrow_mut() = None;
+    host.0.now_ms.set(T0_MS + 500);
+    root.on_tick();
+    assert!(host.take_calls().is_empty(), "backing off for 1 s");
+    host.0.now_ms.set(T0_MS + 1_000);
+    root.on_tick();
+    assert_eq!(host.take_calls(), [jwks_fetch_call()]);
+    deliver(&host, &mut root, 1, Some("500"), b"");
+    assert!(host.take_calls().is_empty(), "the streak goes on: no second warning");
+    host.0.now_ms.set(T0_MS + 3_000);
+    root.on_tick();
+    assert_eq!(host.take_calls(), [jwks_fetch_call()]);
+    deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
+    assert_eq!(host.take_calls(), ["log Info JWKS fetch for http://127.0.0.1:9000 recovered after 2 failed attempts"]);
+    root.on_tick_for_test();
+    assert_eq!((host.metric("jwks.fetch_failed"), host.metric("jwks.fetch_ok"), host.metric("jwks.keys")), (2, 1, 2));
+}
+
+/// The keys of the first fetch lack the token's kid; the request waits, its body arrives meanwhile, and a
+/// refetch with the kid lets it go on.
+#[test]
+fn an_unknown_kid_waits_for_a_refetch_and_resumes_on_the_new_key_set() {
+    let (host, mut root) = configured(&remote_plugin());
+    root.on_tick();
+    host.take_calls();
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
+    host.take_calls();
+    host.0.now_ms.set(T0_MS + 2_000);
+    let (mut f, flow) = send(&host, &root, 7, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), false);
+    assert_eq!(flow, Flow::WaitForKeys);
+    assert_eq!(host.take_calls(), ["get_request_headers"]);
+    assert_eq!(f.on_request_body(3, true), Flow::WaitForKeys, "nothing goes on while waiting");
+    root.on_tick();
+    assert_eq!(host.take_calls()[0], jwks_fetch_call(), "the refetch was made due at once");
+    deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
+    assert_eq!(
+        host.take_calls(),
+        [
+            "set_effective_context 7",
+            "call_foreign_function verify_signature",
+            "log Warn the host has no verify_signature function: using the pure-Rust verifier",
+            "remove_request_header authorization",
+            &format!("set_request_header {TENANT}: {TENANT_A}"),
+            &format!("set_request_header {ROUTE}: tenant_a"),
+            "clear_route_cache",
+            "resume_request",
+        ]
+    );
+    // The context takes its stream back: the response side works as for any request.
+    assert_eq!(f.on_response_headers(true), Flow::Continue);
+    f.on_done();
+    assert!(root.shared().unwrap().parked.borrow().is_empty());
+    root.on_tick_for_test();
+    assert_eq!(host.metric("jwks.unknown_kid_refetch_waits"), 1);
+}
+
+#[test]
+fn a_request_that_ends_while_waiting_leaves_the_queue_at_once() {
+    let (host, mut root) = configured(&remote_plugin());
+    root.on_tick();
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
+    host.0.now_ms.set(T0_MS + 2_000);
+    let (mut f, flow) = send(&host, &root, 9, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    assert_eq!(flow, Flow::WaitForKeys);
+    let shared = root.shared().unwrap().clone();
+    assert_eq!(shared.router.borrow().keys.0[0].waiting, [9]);
+    f.on_done();
+    assert!(shared.router.borrow().keys.0[0].waiting.is_empty());
+    assert!(shared.parked.borrow().is_empty());
+    root.on_tick();
+    host.take_calls();
+    deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
+    assert!(!host.take_calls().iter().any(|c| c.starts_with("set_effective_context")), "nobody to wake");
+}
+
+#[test]
+fn a_woken_request_whose_client_went_away_is_skipped() {
+    let (host, mut root) = configured(&remote_plugin());
+    root.on_tick();
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
+    host.0.now_ms.set(T0_MS + 2_000);
+    let (_f, _) = send(&host, &root, 4, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    host.0.gone.borrow_mut().push(4);
+    root.on_tick();
+    host.take_calls();
+    deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
+    assert_eq!(host.take_calls(), ["set_effective_context 4"]);
+}
+
+// ---- the tenant registry ----
+
+#[test]
+fn a_registry_document_swaps_the_tenant_map_and_a_bad_one_keeps_the_last() {
+    let mut p = plugin();
+    p["tenants"] = json!({});
+    p["tenant_registry"] = json!({"uri": "http://127.0.0.1:9100/tenants", "cluster": "registry"});
+    let (host, mut root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    send(&host, &root, 1, &get("/Patient", Some(&auth)), true);
+    assert_eq!(host.take_calls()[2], refusal(503, "retry-after: 1", Rejection::TenantsUnavailable.operation_outcome()));
+    root.on_tick();
+    assert!(host.take_calls()[0].starts_with("dispatch registry "));
+    let doc = json!({"tenants": {TENANT_A: {"cluster": "tenant_a"}}});
+    deliver(&host, &mut root, 1, Some("200"), doc.to_string().as_bytes());
+    let (_f, flow) = send(&host, &root, 2, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue);
+    assert!(host.take_calls().contains(&format!("set_request_header {ROUTE}: tenant_a")));
+    // A document that does not compile is refused whole; the last good map stays.
+    host.0.now_ms.set(T0_MS + 61_000);
+    root.on_tick();
+    host.take_calls();
+    deliver(&host, &mut root, 2, Some("200"), br#"{"tenants": {"bad id!": {"cluster": "x"}}}"#);
+    let calls = host.take_calls();
+    assert!(
+        calls[0].starts_with(
+            "log Warn tenant registry fetch failed (invalid plugin configuration: field `tenants.bad id!`"
+        ),
+        "{calls:?}"
+    );
+    assert!(calls[0].contains("keeping the last 1 tenants"), "{calls:?}");
+    // The next good document replaces the map: A is gone, B is served.
+    host.0.now_ms.set(T0_MS + 63_000);
+    root.on_tick();
+    let doc = json!({"tenants": {TENANT_B: {"cluster": "tenant_b"}}});
+    deliver(&host, &mut root, 3, Some("200"), doc.to_string().as_bytes());
+    host.take_calls();
+    send(&host, &root, 3, &get("/Patient", Some(&auth)), true);
+    let www = "www-authenticate: Bearer realm=\"fhir-tenant-router\", error=\"insufficient_scope\"";
+    // A cache hit (no signature check): the cached token is judged against the new map.
+    assert_eq!(
+        host.take_calls(),
+        ["get_request_headers".to_string(), refusal(403, www, Rejection::NoTenant.operation_outcome())]
+    );
+    root.on_tick_for_test();
+    assert_eq!(host.metric("registry.tenants"), 1);
+    assert_eq!((host.metric("registry.fetch_ok"), host.metric("registry.fetch_failed")), (2, 1));
+}
+
+#[test]
+fn an_oversized_or_absent_answer_is_a_failed_fetch() {
+    let (host, mut root) = configured(&remote_plugin());
+    root.on_tick();
+    host.take_calls();
+    *host.0.call_status.borrow_mut() = Some("200".into());
+    root.on_http_call_response(1, crate::jwks::MAX_JWKS_BYTES + 1);
+    let calls = host.take_calls();
+    assert!(calls[0].contains("failed (body larger than 262144 bytes)"), "{calls:?}");
+    host.0.now_ms.set(T0_MS + 1_000);
+    root.on_tick();
+    host.take_calls();
+    deliver(&host, &mut root, 2, None, b"");
+    root.on_tick_for_test();
+    assert_eq!(host.metric("jwks.fetch_failed"), 2);
+    // An answer to a call nobody made is ignored.
+    deliver(&host, &mut root, 99, Some("200"), b"{}");
+    assert!(host.take_calls().is_empty());
+}
+
+#[test]
+fn ticks_flush_the_counts_and_only_a_serving_vm_publishes_its_gauges() {
+    let (host, mut root) = configured(&plugin());
+    root.on_tick();
+    assert_eq!(host.metric("vm.memory_bytes"), 0, "the main thread's VM serves nothing");
+    send(&host, &root, 1, &get("/metadata", None), true);
+    assert_eq!(host.metric("requests.public"), 0, "counted locally until the tick");
+    root.on_tick();
+    assert_eq!(host.metric("requests.public"), 1);
+    assert_eq!(host.metric("vm.memory_bytes"), 1 << 20);
+}
+
+impl Root<FakeHost> {
+    /// A tick that only flushes the stats (no fetch is due in these configurations, or it is ignored).
+    fn on_tick_for_test(&self) {
+        if let Some(shared) = self.shared() {
+            shared.metrics.flush(&shared.host);
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The router's background work, host-independent: on every timer tick, the gauges, the cache sweep and the
+//! fetches that are due; on every fetch result, the new key set or tenant map installed (or the last good
+//! one kept, with backoff), and the requests that waited for it named for waking.
+
+use std::rc::Rc;
+
+use crate::config::JwksSource;
+use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric};
+use crate::jwks::{KeySet, MAX_JWKS_BYTES};
+use crate::refresh::{Schedule, Streak};
+use crate::router::Router;
+
+/// How often a shell should deliver a timer tick, in milliseconds.
+pub const TICK_MS: u64 = 500;
+
+/// Largest tenant registry document accepted, in bytes.
+pub const MAX_REGISTRY_BYTES: usize = 16 * 1024 * 1024;
+
+/// How often expired tokens are swept from the cache (an O(capacity) pass, kept off the per-request path).
+const PURGE_EVERY_S: i64 = 10;
+
+/// What came back from a fetch.
+#[derive(Debug)]
+pub enum FetchResult<'a> {
+    /// An HTTP answer: its `:status` (`None`: no answer, i.e. connection failure or timeout), its body's
+    /// size, and a reader for the body (called only for a 200 within the size limit).
+    Answer { status: Option<&'a str>, body_size: usize },
+    /// The request could not be sent.
+    NotSent(&'a str),
+}
+
+impl Router {
+    /// A timer tick: gauges (`memory_bytes`: the VM's memory, from the host), the cache sweep, and a fetch
+    /// for every schedule that is due.
+    pub fn on_tick(&mut self, now_ms: u64, memory_bytes: u64, out: &mut dyn Effects) {
+        if self.served {
+            out.push(Effect::Gauge(Gauge::VmMemoryBytes, memory_bytes));
+            out.push(Effect::Gauge(Gauge::CacheEntries, self.cache.len() as u64));
+        }
+        let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+        if now_s.saturating_sub(self.last_purge_s) >= PURGE_EVERY_S {
+            self.last_purge_s = now_s;
+            self.cache.purge_expired(now_s);
+        }
+        for (i, p) in self.config.providers.iter().enumerate() {
+            let JwksSource::Remote(remote) = &p.jwks else { continue };
+            let due = self.keys.0.get_mut(i).and_then(|s| s.schedule.as_mut()).is_some_and(|s| s.due(now_ms));
+            if due {
+                out.push(Effect::Fetch(Fetch {
+                    target: FetchTarget::Jwks(i),
+                    cluster: &remote.cluster,
+                    authority: &remote.authority,
+                    path: &remote.path,
+                    timeout_ms: remote.timeout_ms,
+                }));
+            }
+        }
+        if let Some(r) = &self.config.registry {
+            if self.tenants.schedule.as_mut().is_some_and(|s| s.due(now_ms)) {
+                out.push(Effect::Fetch(Fetch {
+                    target: FetchTarget::Registry,
+                    cluster: &r.cluster,
+                    authority: &r.authority,
+                    path: &r.path,
+                    timeout_ms: r.timeout_ms,
+                }));
+            }
+        }
+    }
+
+    /// A fetch for `target` ended. `body` reads the answer's body. `env` reads the VM's environment (for
+    /// a registry's upstream headers). Returns the context ids of the requests to wake: those that waited
+    /// for this key set, to be decided again through [`Router::wake`].
+    pub fn on_fetch_result(
+        &mut self,
+        target: FetchTarget,
+        result: FetchResult<'_>,
+        now_ms: u64,
+        body: &mut dyn FnMut() -> Vec<u8>,
+        env: &dyn Fn(&str) -> Option<String>,
+        out: &mut dyn Effects,
+    ) -> Vec<u32> {
+        let limit = match target {
+            FetchTarget::Jwks(_) => MAX_JWKS_BYTES,
+            FetchTarget::Registry => MAX_REGISTRY_BYTES,
+        };
+        let fetched = match result {
+            FetchResult::NotSent(why) => Err(why.to_string()),
+            FetchResult::Answer { status: None, .. } => Err("no response: connection failure or timeout".to_string()),
+            FetchResult::Answer { status: Some("200"), body_size } if body_size > limit => {
+                Err(format!("body larger than {limit} bytes"))
+            }
+            FetchResult::Answer { status: Some("200"), .. } => Ok(body()),
+            FetchResult::Answer { status: Some(other), .. } => Err(format!("HTTP status {other}")),
+        };
+        match target {
+            FetchTarget::Jwks(provider) => {
+                let outcome = fetched.and_then(|b| KeySet::from_jwks(&b).map_err(|e| e.to_string()));
+                self.install_keys(provider, outcome, now_ms, out);
+                // Requests that waited for this fetch are decided again with whatever keys there are now.
+                self.keys.0.get_mut(provider).map(|s| std::mem::take(&mut s.waiting)).unwrap_or_default()
+            }
+            FetchTarget::Registry => {
+                self.install_registry(fetched, now_ms, env, out);
+                Vec::new()
+            }
+        }
+    }
+
+    fn install_keys(&mut self, provider: usize, outcome: Result<KeySet, String>, now_ms: u64, out: &mut dyn Effects) {
+        let issuer = self.config.providers.get(provider).map_or("", |p| p.provider.issuer.as_str());
+        let Some(state) = self.keys.0.get_mut(provider) else { return };
+        let kept = match &state.keys {
+            Some(k) => format!("keeping the last {} keys", k.keys().len()),
+            None => "no keys yet: token requests get 503".to_string(),
+        };
+        let what = format!("JWKS fetch for {issuer}");
+        let counters = (Metric::JwksFetchOk, Metric::JwksFetchFailed);
+        let Some(keys) = settle(counters, state.schedule.as_mut(), now_ms, &what, &kept, outcome, out) else {
+            return;
+        };
+        if keys.skipped() > 0 {
+            let (usable, skipped) = (keys.keys().len(), keys.skipped());
+            let line =
+                format!("JWKS of {issuer}: {usable} usable keys, {skipped} skipped (wrong type, use, alg or size)");
+            out.push(Effect::Log(Level::Info, &line));
+        }
+        state.keys = Some(Rc::new(keys));
+        // Cached tokens whose key left every provider's set are dropped.
+        let sets = || self.keys.0.iter().filter_map(|s| s.keys.as_ref());
+        let fingerprints: Vec<u64> = sets().flat_map(|k| k.fingerprints()).collect();
+        let total: usize = sets().map(|k| k.keys().len()).sum();
+        out.push(Effect::Gauge(Gauge::JwksKeys, total as u64));
+        let dropped = self.cache.retain_keys(&fingerprints);
+        if dropped > 0 {
+            let line = format!("JWKS: dropped {dropped} cached tokens whose key left the key set");
+            out.push(Effect::Log(Level::Info, &line));
+        }
+    }
+
+    fn install_registry(
+        &mut self,
+        fetched: Result<Vec<u8>, String>,
+        now_ms: u64,
+        env: &dyn Fn(&str) -> Option<String>,
+        out: &mut dyn Effects,
+    ) {
+        let compiled = fetched.and_then(|body| self.config.compile_registry(&body, env).map_err(|e| e.to_string()));
+        let state = &mut self.tenants;
+        let kept = match &state.map {
+            Some(m) => format!("keeping the last {} tenants", m.len()),
+            None => "no tenants yet: token requests get 503".to_string(),
+        };
+        let counters = (Metric::RegistryFetchOk, Metric::RegistryFetchFailed);
+        let schedule = state.schedule.as_mut();
+        if let Some(map) = settle(counters, schedule, now_ms, "tenant registry fetch", &kept, compiled, out) {
+            out.push(Effect::Gauge(Gauge::RegistryTenants, map.len() as u64));
+            state.map = Some(Rc::new(map));
+        }
+    }
+}
+
+/// Advances a fetch schedule with one outcome and counts it (`counters`: ok, failed). A failure streak is
+/// logged once when it starts (saying what is `kept`) and once when it ends. Returns the fetched value.
+fn settle<T>(
+    counters: (Metric<'static>, Metric<'static>),
+    schedule: Option<&mut Schedule>,
+    now_ms: u64,
+    what: &str,
+    kept: &str,
+    outcome: Result<T, String>,
+    out: &mut dyn Effects,
+) -> Option<T> {
+    match outcome {
+        Ok(value) => {
+            out.push(Effect::Count(counters.0));
+            if let Some(Streak::Ended { failures }) = schedule.map(|s| s.succeeded(now_ms)) {
+                out.push(Effect::Log(Level::Info, &format!("{what} recovered after {failures} failed attempts")));
+            }
+            Some(value)
+        }
+        Err(why) => {
+            out.push(Effect::Count(counters.1));
+            if schedule.map(|s| s.failed(now_ms)) == Some(Streak::Started) {
+                let line =
+                    format!("{what} failed ({why}); {kept}; retrying with backoff (logged once per failure streak)");
+                out.push(Effect::Log(Level::Warn, &line));
+            }
+            None
+        }
+    }
+}

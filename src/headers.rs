@@ -12,26 +12,61 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
 
 /// The (name, value) pairs of a serialized map; `None` if it is malformed.
 pub fn parse_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
-    if bytes.is_empty() {
-        return Some(Vec::new());
+    Pairs::new(bytes).map(Iterator::collect)
+}
+
+/// The pairs of a serialized map, without collecting them: the whole map is checked first, so a malformed
+/// one yields nothing rather than a prefix.
+#[derive(Clone, Debug)]
+pub struct Pairs<'a> {
+    bytes: &'a [u8],
+    /// Index of the next pair, and where its name starts.
+    next: usize,
+    count: usize,
+    data: usize,
+}
+
+impl<'a> Pairs<'a> {
+    /// `None` if the map is malformed (a count or a length that runs past the end).
+    pub fn new(bytes: &'a [u8]) -> Option<Self> {
+        if bytes.is_empty() {
+            return Some(Self { bytes, next: 0, count: 0, data: 0 });
+        }
+        let count = read_u32(bytes, 0)?;
+        let data = count.checked_mul(8)?.checked_add(4)?;
+        if data > bytes.len() {
+            return None;
+        }
+        let pairs = Self { bytes, next: 0, count, data };
+        let mut check = pairs.clone();
+        for _ in 0..count {
+            check.step()?;
+        }
+        Some(pairs)
     }
-    let count = read_u32(bytes, 0)?;
-    let mut data = count.checked_mul(8)?.checked_add(4)?;
-    if data > bytes.len() {
-        return None;
+
+    fn step(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+        let sizes = self.next.checked_mul(8)?.checked_add(4)?;
+        let name_len = read_u32(self.bytes, sizes)?;
+        let value_len = read_u32(self.bytes, sizes.checked_add(4)?)?;
+        let name = self.bytes.get(self.data..self.data.checked_add(name_len)?)?;
+        let value_at = self.data.checked_add(name_len)?.checked_add(1)?;
+        let value = self.bytes.get(value_at..value_at.checked_add(value_len)?)?;
+        self.data = value_at.checked_add(value_len)?.checked_add(1)?;
+        self.next += 1;
+        Some((name, value))
     }
-    let mut pairs = Vec::with_capacity(count);
-    for i in 0..count {
-        let sizes = 4 + i * 8;
-        let name_len = read_u32(bytes, sizes)?;
-        let value_len = read_u32(bytes, sizes + 4)?;
-        let name = bytes.get(data..data.checked_add(name_len)?)?;
-        data = data.checked_add(name_len)?.checked_add(1)?;
-        let value = bytes.get(data..data.checked_add(value_len)?)?;
-        data = data.checked_add(value_len)?.checked_add(1)?;
-        pairs.push((name, value));
+}
+
+impl<'a> Iterator for Pairs<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.count {
+            return None;
+        }
+        self.step()
     }
-    Some(pairs)
 }
 
 #[cfg(test)]

@@ -242,13 +242,17 @@ impl Router {
 
     /// Reads the request out of its header pairs (raw bytes, as the host has them) and pushes the removal
     /// of client-sent copies of the headers this filter owns.
-    pub fn read_request<'h>(&self, pairs: &[(&'h [u8], &'h [u8])], out: &mut dyn Effects) -> HttpRequest<'h> {
+    pub fn read_request<'h>(
+        &self,
+        pairs: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+        out: &mut dyn Effects,
+    ) -> HttpRequest<'h> {
         let config = &self.config;
         let mut request = HttpRequest::default();
         let mut spoofed = false;
         // A non-UTF-8 byte (lossily decoded, copied) becomes U+FFFD, which no token, path or cluster holds.
         let text = |v: &'h [u8]| String::from_utf8_lossy(v);
-        for &(name, value) in pairs {
+        for (name, value) in pairs {
             match name {
                 b":method" => request.method = text(value),
                 b":path" => request.path = text(value),
@@ -277,10 +281,10 @@ impl Router {
     }
 
     /// The request's headers arrived (`pairs`: every header, as the host has them).
-    pub fn on_request_headers(
+    pub fn on_request_headers<'h>(
         &mut self,
         stream: &mut Stream,
-        pairs: &[(&[u8], &[u8])],
+        pairs: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
         end_of_stream: bool,
         now_ms: u64,
         signatures: &dyn SignatureCheck,

@@ -560,7 +560,12 @@ pub fn decide_requests(rng: &mut Rng, n: usize) -> Stats {
         let now = if rng.percent(90) { NOW } else { NOW + 600 + 60 + rng.below(3) as i64 - 1 };
         note("decide", auth.as_bytes());
         let request = Request { method, path, authorization: Some(&auth), duplicate_authorization: duplicate };
-        let decision = decide(&Known { config: &config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &PureRust }, &request, &mut cache, now);
+        let decision = decide(
+            &Known { config: &config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &PureRust },
+            &request,
+            &mut cache,
+            now,
+        );
         let public = fhir_tenant_router::public::is_public(method, path);
         if matches!(decision, Decision::Route { .. } | Decision::Reject(_)) {
             assert!(!public, "a public document went through the token check");
@@ -582,6 +587,165 @@ pub fn decide_requests(rng: &mut Rng, n: usize) -> Stats {
             assert!(!matches!(decision, Decision::Route { .. }), "an expired token was routed (cache?)");
         }
         stats.add(matches!(decision, Decision::Route { .. } | Decision::Forbidden { .. }));
+    }
+    stats
+}
+
+/// Serializes header pairs as the proxy-wasm host hands them over.
+fn serialize_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend((k.len() as u32).to_le_bytes());
+        out.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend(k);
+        out.push(0);
+        out.extend(v);
+        out.push(0);
+    }
+    out
+}
+
+/// Whole host event sequences through the core's [`Router`]: raw header maps (some malformed, some with
+/// duplicate or spoofed headers), request bodies, responses to edit, ticks, fetch results with mutated
+/// JWKS and registry documents, and streams that end at any point. Checks: no panic, and no effect ever
+/// carries the token (answers and log lines included).
+pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
+    use fhir_tenant_router::effect::{FetchTarget, Recorded};
+    use fhir_tenant_router::router::{Router, Stream};
+    use fhir_tenant_router::upkeep::FetchResult;
+
+    let mut json = if rng.percent(50) { fixtures::config_json() } else { fixtures::remote_config_json() };
+    json["audit_log"] = json!(true);
+    json["access_log_filter_state"] = json!(true);
+    json["discovery"] = json!({"token_endpoint": "http://127.0.0.1:9000/token"});
+    if rng.percent(30) {
+        json["tenant_registry"] = json!({"uri": "http://127.0.0.1:9100/tenants", "cluster": "registry"});
+    }
+    json["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "base_path": "/fhir", "links_base_url": "http://up/fhir",
+        "allow": {"interactions": ["read", "search", "create"]}});
+    let config = Config::from_json(json.to_string().as_bytes()).expect("fuzz config compiles");
+    let now_ms = NOW as u64 * 1000;
+    let mut sink = Recorded::default();
+    let mut router = Router::new(config, now_ms, &mut sink);
+    let signers = Signers::new();
+    let jwks_doc = fixtures::public_jwks();
+    let registry_doc = json!({"tenants": {TENANT_A: {"cluster": "tenant_a"}, TENANT_B: {"url": "http://b/fhir"}}});
+    let mut stats = Stats::default();
+    let mut next_id = 1u32;
+    let mut open: Vec<Stream> = Vec::new();
+    for _ in 0..n {
+        let mut out = Recorded::default();
+        let mut claims = json!({"iss": ISSUER, "aud": [AUDIENCE], "iat": NOW, "exp": NOW + 600, "scope": TENANT_A});
+        if rng.percent(40) {
+            mutate_json(rng, &mut claims);
+        }
+        let (token, _) = signers.es256_token(&claims);
+        let signature = token.rsplit('.').next().unwrap_or_default().to_string();
+        let now = now_ms + rng.below(700_000) as u64;
+        match rng.below(10) {
+            0 => {
+                let target = if rng.percent(70) { FetchTarget::Jwks(0) } else { FetchTarget::Registry };
+                let seed = if target == FetchTarget::Registry { &registry_doc } else { &jwks_doc };
+                let body = if rng.percent(50) { seed.to_string().into_bytes() } else { json_document(rng, seed) };
+                let status = *rng.pick(&[Some("200"), Some("200"), Some("503"), None]);
+                let result = if rng.percent(5) {
+                    FetchResult::NotSent("could not be sent")
+                } else {
+                    FetchResult::Answer { status, body_size: body.len() }
+                };
+                note("router", &body);
+                let woken = router.on_fetch_result(target, result, now, &mut || body.clone(), &|_| None, &mut out);
+                for stream in open.iter_mut().filter(|s| woken.contains(&s.context_id())) {
+                    router.wake(stream, now, &PureRust, &mut || b"{}".to_vec(), &mut out);
+                }
+                stats.add(false);
+            }
+            1 => {
+                router.on_tick(now, 1 << 20, &mut out);
+                stats.add(false);
+            }
+            2 if !open.is_empty() => {
+                let i = rng.below(open.len());
+                let mut stream = open.swap_remove(i);
+                router.on_stream_done(&mut stream);
+                stats.add(false);
+            }
+            _ => {
+                let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = vec![
+                    (b":method".to_vec(), rng.pick(&["GET", "POST", "DELETE", "HEAD", ""]).as_bytes().to_vec()),
+                    (
+                        b":path".to_vec(),
+                        rng.pick(&[
+                            "/Patient?name=x",
+                            "/metadata",
+                            "/",
+                            "/Patient/1",
+                            "/.well-known/smart-configuration",
+                        ])
+                        .as_bytes()
+                        .to_vec(),
+                    ),
+                    (b":authority".to_vec(), b"fhir.example".to_vec()),
+                ];
+                for _ in 0..rng.below(4) {
+                    let name = *rng.pick(&[
+                        "authorization",
+                        "x-fhir-tenant-router-cluster",
+                        "x-route",
+                        "x-forwarded-host",
+                        "x-forwarded-prefix",
+                        ":scheme",
+                        "x-other",
+                    ]);
+                    let value = if name == "authorization" { format!("Bearer {token}") } else { "https".to_string() };
+                    pairs.push((name.as_bytes().to_vec(), value.into_bytes()));
+                }
+                let mut raw = serialize_pairs(&pairs);
+                if rng.percent(10) {
+                    mutate_bytes(rng, &mut raw);
+                }
+                note("router", &raw);
+                let mut stream = router.open_stream(next_id);
+                next_id += 1;
+                let headers = fhir_tenant_router::headers::Pairs::new(&raw).into_iter().flatten();
+                let eos = rng.percent(50);
+                let flow = router.on_request_headers(&mut stream, headers, eos, now, &PureRust, &mut out);
+                stats.add(flow.proceeds());
+                let body = if rng.percent(50) {
+                    json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": "Patient"}}]}).to_string().into_bytes()
+                } else {
+                    let mut b = b"{\"resourceType\":\"Bundle\"}".to_vec();
+                    mutate_bytes(rng, &mut b);
+                    b
+                };
+                router.on_request_body(&mut stream, true, now, &mut || body.clone(), &mut out);
+                let content_type = rng.pick(&["application/fhir+json", "text/html"]).to_string();
+                let location = rng.pick(&["http://up/fhir/Patient/1", "http://other/x"]).to_string();
+                let header = |name: &str| match name {
+                    "content-type" => Some(content_type.clone()),
+                    "location" => Some(location.clone()),
+                    _ => None,
+                };
+                router.on_response_headers(&mut stream, rng.percent(10), &header, &mut out);
+                let mut response = json!({"resourceType": "CapabilityStatement", "rest": [{"mode": "server"}], "link": [{"url": "http://up/fhir/Patient?page=2"}]}).to_string().into_bytes();
+                if rng.percent(30) {
+                    mutate_bytes(rng, &mut response);
+                }
+                router.on_response_body(&mut stream, true, &mut || response.clone(), &mut out);
+                if stream.is_waiting() && open.len() < 32 {
+                    open.push(stream);
+                } else {
+                    router.on_stream_done(&mut stream);
+                }
+            }
+        }
+        if signature.len() > 16 {
+            for effect in &out.0 {
+                assert!(!effect.contains(&signature), "an effect carries the token: {effect}");
+            }
+        }
     }
     stats
 }

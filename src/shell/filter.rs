@@ -5,7 +5,7 @@
 use std::rc::Rc;
 
 use crate::effect::Flow;
-use crate::headers::parse_pairs;
+use crate::headers::Pairs;
 use crate::router::{Stream, MAX_BUNDLE_BYTES};
 
 use super::host::Host;
@@ -44,12 +44,13 @@ impl<H: Host> Filter<H> {
         let Some(stream) = self.stream.as_mut() else { return Flow::Continue };
         let host = &shared.host;
         let raw = host.request_header_pairs();
-        let pairs = parse_pairs(&raw).unwrap_or_default();
+        // A malformed map reads as no headers at all: the request is then refused for want of a token.
+        let pairs = Pairs::new(&raw).into_iter().flatten();
         let now = host.now_ms();
         let mut apply = shared.apply();
         let flow = shared.router.borrow_mut().on_request_headers(
             stream,
-            &pairs,
+            pairs,
             end_of_stream,
             now,
             &shared.signatures,

@@ -1,7 +1,7 @@
 //! Deterministic high-volume fuzzing of every parser of untrusted input, on stable Rust.
 //!
 //! `cargo run --release --no-default-features --bin fuzz-runner` (from fuzz/). Environment:
-//! - `FUZZ_SCALE` (default 1.0): multiplies every parser's input count (defaults below, 1,200,000 in all);
+//! - `FUZZ_SCALE` (default 1.0): multiplies every parser's input count (defaults below, 1,450,000 in all);
 //! - `FUZZ_SEED` (default 1): the seed; the same seed gives the same inputs;
 //! - `FUZZ_THREADS` (default 2);
 //! - `FUZZ_ONLY`: comma-separated parser names to run.
@@ -25,6 +25,12 @@ const PARSERS: &[(&str, &str, usize, Generator)] = &[
     ("config", "Config::from_json", 150_000, gen::config),
     ("tenant", "tenant::TenantMap::resolve", 200_000, gen::tenant),
     ("decide", "decision::decide (signed tokens, cache; accepted = tenant found)", 50_000, gen::decide_requests),
+    (
+        "router",
+        "router::Router host events (headers, bodies, responses, ticks, fetch results)",
+        50_000,
+        gen::router_events,
+    ),
     ("bearer", "bearer::extract_bearer", 200_000, gen::bearer),
     ("host_proto", "host_proto::decode_verify_result", 200_000, gen::host_proto),
     ("der", "der::ecdsa_raw_to_der", 200_000, gen::der),

@@ -444,10 +444,12 @@ def wasm_filter(name: str, module: Path, root_id: str = "", plugin: dict | None 
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm", "config": config}}
 
 
-def ours_filter(plugin: dict, name: str = "fhir_tenant_router", vm_id: str | None = None) -> dict:
+def ours_filter(plugin: dict, name: str = "fhir_tenant_router", vm_id: str | None = None,
+                module: Path | None = None) -> dict:
     """Our wasm filter. Filters with the same `vm_id` and code run in one VM per worker (one root context
-    each, root_id "fhir_tenant_router", each with its own plugin configuration); `vm_id` None leaves it out."""
-    return wasm_filter(name, MODULE.path, "fhir_tenant_router", plugin, vm_id, "FAIL_RELOAD")
+    each, root_id "fhir_tenant_router", each with its own plugin configuration); `vm_id` None leaves it out.
+    `module`: another build of ours (--baseline) instead of the module under test."""
+    return wasm_filter(name, module or MODULE.path, "fhir_tenant_router", plugin, vm_id, "FAIL_RELOAD")
 
 
 def build_bench_crate(crate_dir: Path, wasm: Path) -> Path:
@@ -629,6 +631,7 @@ class Server:
     # kind "ours" only: tenants of listeners 1, 2, ... of the same process (listener 0 has `tenants`), each
     # with its own filter instance; all filters share one vm_id, so one VM per worker with one root context each
     more_tenants: tuple[int, ...] = ()
+    module: Path | None = None  # kind "ours": another build (--baseline) instead of the module under test
 
 
 @dataclass
@@ -648,7 +651,7 @@ class Variant:
         return statistics.median(getattr(r, attr) for r in self.results)
 
 
-def build_variants(algs: list[str], tenant_scale: list[int]) -> list[Variant]:
+def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = False) -> list[Variant]:
     """In measuring order: every compared pair is adjacent (native first, ours next), so that the rotation
     and the reversal of odd rounds (see Bench.measure) run the two of a pair close together in time."""
     v = [Variant("passthrough", "passthrough", None, "none", "passthrough (no auth filter)"),
@@ -662,6 +665,9 @@ def build_variants(algs: list[str], tenant_scale: list[int]) -> list[Variant]:
             Variant(f"ours-cache-{a}", "ours-cache-t10", a, "fixed", f"ours, cache, 10 tenants, {a}",
                     f"native-cache-{a}"),
         ]
+        if baseline:
+            v.append(Variant(f"baseline-cache-{a}", "baseline-cache-t10", a, "fixed",
+                             f"baseline module, cache, 10 tenants, {a}", f"native-cache-{a}"))
         if i == 0:
             v += [Variant(f"ours-cache-t{t}-{a}", f"ours-cache-t{t}", a, "fixed",
                           f"ours, cache, {t:,} tenants, {a}", f"native-cache-{a}") for t in tenant_scale]
@@ -679,6 +685,9 @@ def build_variants(algs: list[str], tenant_scale: list[int]) -> list[Variant]:
             Variant(f"ours-distinct-{a}", "ours-distinct-t10", a, "distinct",
                     f"ours, cache (always missing), distinct tokens, 10 tenants, {a}", f"native-distinct-{a}"),
         ]
+        if baseline:
+            v.append(Variant(f"baseline-distinct-{a}", "baseline-distinct-t10", a, "distinct",
+                             f"baseline module, distinct tokens, 10 tenants, {a}", f"native-distinct-{a}"))
     return v
 
 
@@ -698,7 +707,7 @@ class Bench:
         self.distinct_files: dict[str, Path] = {}
         self.distinct_first_last: dict[str, tuple[str, str]] = {}
         self.tenant_scale = [t for t in (1_000, 100_000)]
-        self.variants = build_variants(args.algs, self.tenant_scale)
+        self.variants = build_variants(args.algs, self.tenant_scale, args.baseline is not None)
         (self.workdir / "static.lua").write_text(STATIC_LUA)
         (self.workdir / "distinct.lua").write_text(DISTINCT_LUA)
         self.memory: dict = {}
@@ -739,7 +748,7 @@ class Bench:
                                     vm_id=SHARED_VM_ID)] for t in (s.tenants, *s.more_tenants)]
             return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, filters[0], filters[1:])
         return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}},
-                             [ours_filter(ours_plugin(self.public_jwks, s.tenants, entries))])
+                             [ours_filter(ours_plugin(self.public_jwks, s.tenants, entries), module=s.module)])
 
     def start_servers(self, specs: list[Server]) -> None:
         for s in specs:
@@ -773,6 +782,13 @@ class Bench:
                  Server("ours-distinct-t10", "ours", True, 10)]
         specs += [Server(f"ours-cache-t{t}", "ours", True, t) for t in self.tenant_scale]
         specs.append(Server("ours-scale", "ours", True, 10, more_tenants=(max(self.tenant_scale),)))
+        if self.args.baseline is not None:
+            if not self.args.baseline.is_file():
+                raise BenchError(f"--baseline {self.args.baseline}: no such module")
+            baseline = self.workdir / "baseline.wasm"
+            baseline.write_bytes(self.args.baseline.read_bytes())
+            specs += [Server("baseline-cache-t10", "ours", True, 10, module=baseline),
+                      Server("baseline-distinct-t10", "ours", True, 10, module=baseline)]
         t0 = time.monotonic()
         self.start_servers(specs)
         log(f"==> {len(specs)} Envoys under test + 1 upstream ready in {time.monotonic() - t0:.1f}s "
@@ -1080,7 +1096,7 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         rps = v.median("rps")
         ref = V[v.native_ref].median("rps") if v.native_ref else None
         sig = ""
-        if v.server.startswith("ours"):
+        if v.server.startswith(("ours", "baseline")):
             tot = sum(d.get("requests", 0) for d in v.filter_deltas)
             n = sum(d.get("signature.host", 0) + d.get("signature.pure_rust", 0) for d in v.filter_deltas)
             sig = f"{n / tot:.2f}" if tot else ""
@@ -1169,6 +1185,22 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
             P(extra)
     P("```")
     P("")
+    if a.baseline is not None:
+        P("## The module under test vs the baseline module")
+        P("")
+        P(f"`--baseline {a.baseline}` ({a.baseline.stat().st_size:,} bytes): the same configuration, measured "
+          "in the same rounds, each variant next to ours. > 1 means the module under test is faster (req/s) or "
+          "cheaper (CPU µs per request).")
+        P("")
+        P("```")
+        for alg in a.algs:
+            for mode, what in (("cache", "with cache"), ("distinct", "distinct tokens")):
+                o, bl = V[f"ours-{mode}-{alg}"], V[f"baseline-{mode}-{alg}"]
+                P(f"{alg} {what}: ours / baseline req/s = {o.median('rps') / bl.median('rps'):.3f}  "
+                  f"[paired per round: {paired(o, bl):.3f}]; baseline CPU µs/req / ours = "
+                  f"{cpu_ratio(o, bl):.3f}  [paired per round: {paired_cpu(o, bl):.3f}]")
+        P("```")
+        P("")
     if "wasm-noop" in V and V["wasm-noop"].results:
         P("## Where the time goes")
         P("")
@@ -1288,6 +1320,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-field", choices=["auto", "yes", "no"], default="auto",
                    help="set token_cache_entries in our config: auto = if the built module accepts it")
     p.add_argument("--out", type=Path, default=OUT_DEFAULT, help="report file (default BENCHMARKS.md)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another build of the module (e.g. main's) measured in the same rounds, cache and "
+                        "distinct-token variants beside ours, for before/after comparisons")
     p.add_argument("--no-write", action="store_true", help="print only, do not write the report file")
     p.add_argument("--strict", action="store_true", help="exit 3 if a target FAILs (default: report only)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")

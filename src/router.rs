@@ -12,7 +12,7 @@ use std::rc::Rc;
 use crate::audit::{Outcome, Record};
 use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
-use crate::crypto::SignatureCheck;
+use crate::crypto::{CheckLog, SignatureCheck};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
 use crate::effect::{Effect, Effects, Flow, Level, Metric, Reply};
 use crate::fhir::{Policy, Refusal};
@@ -425,32 +425,11 @@ impl Router {
         let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
         let known = Known { config, tenants: tenants.map.as_deref(), keys, signatures };
         let decision = decide(&known, &request.as_request(), cache, now_s);
-        let checks = signatures.drain();
-        if checks.host > 0 {
-            out.push(Effect::Count(Metric::SignatureHost));
-        }
-        if checks.pure_rust > 0 {
-            out.push(Effect::Count(Metric::SignaturePureRust));
-        }
-        if let Some((error, line)) = checks.note {
-            out.push(Effect::Log(if error { Level::Error } else { Level::Warn }, line));
-        }
+        count_checks(signatures.drain(), out);
         stream.phase = Phase::Decided;
         let audit = Audit { config, request, now_ms };
         match decision {
-            Decision::Public { cluster, patch } => {
-                if !config.forward_authorization {
-                    out.push(Effect::RemoveRequestHeader("authorization"));
-                }
-                if patch {
-                    out.push(Effect::RemoveRequestHeader("accept-encoding"));
-                    stream.response = Some(ResponseEdit::PatchCapability);
-                }
-                out.push(Effect::Count(Metric::Public));
-                route_to(config, cluster, out);
-                audit.record(Outcome::Public, Detail { cluster: Some(cluster), ..Detail::default() }, out);
-                Flow::Continue
-            }
+            Decision::Public { cluster, patch } => pass_public(&audit, stream, cluster, patch, out),
             Decision::SmartConfiguration { body } => {
                 out.push(Effect::Count(Metric::Public));
                 let headers = [("content-type", "application/json"), ("cache-control", "max-age=3600")];
@@ -459,41 +438,8 @@ impl Router {
                 Flow::Stop
             }
             Decision::Route { tenant, identity, cached, inspect_body } => {
-                if !config.forward_authorization {
-                    out.push(Effect::RemoveRequestHeader("authorization"));
-                }
-                stream.response = prepare_upstream(config, tenant, request, out);
-                out.push(Effect::SetRequestHeader(&config.tenant_header, &tenant.id));
                 out.push(Effect::Count(if cached { Metric::CacheHits } else { Metric::CacheMisses }));
-                out.push(Effect::Count(Metric::Allowed));
-                route_to(config, &tenant.cluster, out);
-                // The headers go on; the body is held (buffered) until the Bundle is judged, and the
-                // request's audit line waits for that verdict.
-                if inspect_body {
-                    let pending = config.audit_log.then(|| PendingAudit {
-                        request: request.to_owned_request(),
-                        identity: identity.clone(),
-                        cluster: tenant.cluster.clone(),
-                    });
-                    if config.access_log_filter_state {
-                        filter_state(Some(&tenant.id), Some(&identity), out);
-                    }
-                    stream.phase = Phase::Inspecting(Box::new(Inspection {
-                        policy: tenant.policy().clone(),
-                        tenant: tenant.id.clone(),
-                        audit: pending,
-                    }));
-                } else {
-                    out.push(Effect::Count(Metric::TenantAllowed(&tenant.id)));
-                    let detail = Detail {
-                        tenant: Some(&tenant.id),
-                        identity: Some(&identity),
-                        cluster: Some(&tenant.cluster),
-                        ..Detail::default()
-                    };
-                    audit.record(Outcome::Allowed, detail, out);
-                }
-                Flow::Continue
+                route(&audit, stream, tenant, &identity, inspect_body, out)
             }
             Decision::Forbidden { tenant, identity, refusal } => {
                 forbid(&refusal, out);
@@ -516,30 +462,15 @@ impl Router {
                 Flow::Stop
             }
             Decision::UnknownKey { provider } => {
-                let min_refetch_ms = match config.providers.get(provider).map(|p| &p.jwks) {
-                    Some(JwksSource::Remote(remote)) if may_wait => Some(remote.min_refetch_ms),
-                    _ => None,
-                };
-                if let Some(state) = min_refetch_ms.and_then(|_| keys.0.get_mut(provider)) {
-                    let min = min_refetch_ms.unwrap_or(u64::MAX);
-                    if state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, min)) {
-                        out.push(Effect::Count(Metric::JwksUnknownKidWaits));
-                        state.waiting.push(stream.context_id);
-                        let request = Box::new(request.to_owned_request());
-                        stream.phase = Phase::WaitingForKeys { provider, request };
-                        return Flow::WaitForKeys;
-                    }
+                if may_wait && park(config, keys, stream, request, provider, now_ms) {
+                    out.push(Effect::Count(Metric::JwksUnknownKidWaits));
+                    return Flow::WaitForKeys;
                 }
-                let rejection = Rejection::UnknownKey;
-                reject(rejection, None, out);
-                audit.record(Outcome::Rejected, Detail { reason: Some(rejection.reason()), ..Detail::default() }, out);
-                Flow::Stop
+                refuse(&audit, Rejection::UnknownKey, None, out)
             }
             Decision::Reject(rejection) => {
                 let retry_after = rejection.is_transient().then(|| retry_after_s(keys, tenants, rejection, now_ms));
-                reject(rejection, retry_after, out);
-                audit.record(Outcome::Rejected, Detail { reason: Some(rejection.reason()), ..Detail::default() }, out);
-                Flow::Stop
+                refuse(&audit, rejection, retry_after, out)
             }
         }
     }
@@ -576,6 +507,108 @@ impl Router {
             Flow::Stop
         }
     }
+}
+
+/// Counts the signature checks of one decision, and logs what the checker noticed (once).
+fn count_checks(checks: CheckLog, out: &mut dyn Effects) {
+    for _ in 0..checks.host {
+        out.push(Effect::Count(Metric::SignatureHost));
+    }
+    for _ in 0..checks.pure_rust {
+        out.push(Effect::Count(Metric::SignaturePureRust));
+    }
+    if let Some((error, line)) = checks.note {
+        out.push(Effect::Log(if error { Level::Error } else { Level::Warn }, line));
+    }
+}
+
+/// A discovery document: to the metadata cluster, without the client's `Authorization` unless configured;
+/// a CapabilityStatement to patch is asked for uncompressed.
+fn pass_public(audit: &Audit<'_>, stream: &mut Stream, cluster: &str, patch: bool, out: &mut dyn Effects) -> Flow {
+    let config = audit.config;
+    if !config.forward_authorization {
+        out.push(Effect::RemoveRequestHeader("authorization"));
+    }
+    if patch {
+        out.push(Effect::RemoveRequestHeader("accept-encoding"));
+        stream.response = Some(ResponseEdit::PatchCapability);
+    }
+    out.push(Effect::Count(Metric::Public));
+    route_to(config, cluster, out);
+    audit.record(Outcome::Public, Detail { cluster: Some(cluster), ..Detail::default() }, out);
+    Flow::Continue
+}
+
+/// A verified request for `tenant`: rewritten for its FHIR server and routed to its cluster. A Bundle
+/// posted to the base goes on with its body held until the allowlist has judged it, and its audit line
+/// waits for that verdict.
+fn route(
+    audit: &Audit<'_>,
+    stream: &mut Stream,
+    tenant: &Tenant,
+    identity: &Identity,
+    inspect_body: bool,
+    out: &mut dyn Effects,
+) -> Flow {
+    let config = audit.config;
+    if !config.forward_authorization {
+        out.push(Effect::RemoveRequestHeader("authorization"));
+    }
+    stream.response = prepare_upstream(config, tenant, audit.request, out);
+    out.push(Effect::SetRequestHeader(&config.tenant_header, &tenant.id));
+    out.push(Effect::Count(Metric::Allowed));
+    route_to(config, &tenant.cluster, out);
+    if inspect_body {
+        let pending = config.audit_log.then(|| PendingAudit {
+            request: audit.request.to_owned_request(),
+            identity: identity.clone(),
+            cluster: tenant.cluster.clone(),
+        });
+        if config.access_log_filter_state {
+            filter_state(Some(&tenant.id), Some(identity), out);
+        }
+        let inspection = Inspection { policy: tenant.policy().clone(), tenant: tenant.id.clone(), audit: pending };
+        stream.phase = Phase::Inspecting(Box::new(inspection));
+    } else {
+        out.push(Effect::Count(Metric::TenantAllowed(&tenant.id)));
+        let detail = Detail {
+            tenant: Some(&tenant.id),
+            identity: Some(identity),
+            cluster: Some(&tenant.cluster),
+            ..Detail::default()
+        };
+        audit.record(Outcome::Allowed, detail, out);
+    }
+    Flow::Continue
+}
+
+/// Parks a request whose token names a `kid` that `provider`'s keys lack, if that provider's keys are
+/// fetched and a refetch may happen now (or is under way); `false`: refuse it instead.
+fn park(
+    config: &Config,
+    keys: &mut KeyStates,
+    stream: &mut Stream,
+    request: &HttpRequest<'_>,
+    provider: usize,
+    now_ms: u64,
+) -> bool {
+    let Some(JwksSource::Remote(remote)) = config.providers.get(provider).map(|p| &p.jwks) else {
+        return false;
+    };
+    let Some(state) = keys.0.get_mut(provider) else { return false };
+    if !state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, remote.min_refetch_ms)) {
+        return false;
+    }
+    state.waiting.push(stream.context_id);
+    stream.phase = Phase::WaitingForKeys { provider, request: Box::new(request.to_owned_request()) };
+    true
+}
+
+/// Refuses the token: the answer, and the audit line.
+fn refuse(audit: &Audit<'_>, rejection: Rejection, retry_after_s: Option<u64>, out: &mut dyn Effects) -> Flow {
+    reject(rejection, retry_after_s, out);
+    audit.record(Outcome::Rejected, Detail { reason: Some(rejection.reason()), ..Detail::default() }, out);
+    Flow::Stop
 }
 
 /// Seconds until the next attempt at what is missing (at least 1): the `Retry-After` of a 503.

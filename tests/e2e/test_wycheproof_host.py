@@ -1,7 +1,7 @@
 """Wycheproof vectors through the host signature path, inside a real Envoy: tests/wasm-wycheproof is a
-proxy-wasm module that runs every vector through `shell::host_crypto::HostSignatures` in mode `host`
-(Envoy's `verify_signature`, BoringSSL, with the JWS raw r||s -> DER conversion) in `on_configure`, so
-`envoy --mode validate` runs it and fails on any disagreement."""
+proxy-wasm module that runs every vector through `crypto::Signatures` over `shell::host_crypto::HostCrypto`,
+in mode `host` (Envoy's `verify_signature`, BoringSSL, with the JWS raw r||s -> DER conversion) in
+`on_configure`, so `envoy --mode validate` runs it and fails on any disagreement."""
 import json
 import re
 import subprocess

@@ -3,6 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 WASM      := target/wasm32-wasip1/release/fhir_tenant_router.wasm
+SO        := target/dynamic-module/libfhir_tenant_router.so
 VENV      := .venv
 PY        := $(VENV)/bin/python
 ENVOY     := $(VENV)/bin/envoy
@@ -12,7 +13,7 @@ FHIR_DEPS := tests/fhir/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
 CONFIGS   := $(wildcard envoy/*.yaml)
 
-.PHONY: help deps build unit e2e validate lint test fuzz demo demo-check bench bench-quick soak clean
+.PHONY: help deps build build-so abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -47,9 +48,18 @@ build: ## build the filter: target/wasm32-wasip1/release/fhir_tenant_router.wasm
 	else echo "==> wasm-opt not found (apt-get install binaryen): the module stays unoptimised, ~20% larger"; fi
 	@ls -l $(WASM) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
+build-so: ## build the Envoy dynamic module: target/dynamic-module/libfhir_tenant_router.so
+	@echo "==> cargo build --profile dynamic-module --features dynamic-module (native .so, ring, panics caught)"
+	cargo build --lib --profile dynamic-module --no-default-features --features dynamic-module
+	@ls -l $(SO) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
+
+abi-check: build-so $(PY_DEPS) ## the .so's imported ABI callbacks are all exported by the pinned Envoy
+	$(PY) scripts/abi-check.py $(SO)
+
 unit: ## run the core's unit and property tests natively (cargo test)
 	@echo "==> cargo test (host-independent core)"
 	cargo test
+	cargo test --lib --features dynamic-module native::
 
 lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked indexing)
 	@echo "==> cargo fmt --check; cargo clippy"
@@ -57,15 +67,16 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --target wasm32-wasip1 --release -- -D warnings
 	cargo clippy --target wasm32-wasip1 --release --no-default-features --features plugin -- -D warnings
+	cargo clippy --lib --no-default-features --features dynamic-module -- -D warnings
 
 validate: build $(PY_DEPS) ## envoy --mode validate on every shipped Envoy config
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done
 
-e2e: build deps ## run the end-to-end tests: real Envoy $(ENVOY_VERSION), the real IdP, real upstreams
+e2e: build build-so deps ## run the end-to-end tests: real Envoy $(ENVOY_VERSION), the real IdP, real upstreams
 	@echo "==> pytest tests/e2e (real Envoy loading $(WASM))"
 	$(PY) -m pytest tests/e2e -q
 
-test: lint unit validate e2e ## everything CI runs: lint, unit tests, config validation, end-to-end tests
+test: lint unit validate abi-check e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
 
 demo: build deps ## run the whole stack on 127.0.0.1 (Envoy :10000, IdP :9000) until Ctrl-C
 	$(PY) tests/demo.py

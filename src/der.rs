@@ -64,6 +64,38 @@ fn spki(algorithm: &[u8], subject_public_key: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One TLV at the start of `der` with tag `tag`: its content and what follows it.
+fn read_tlv(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&t, rest) = der.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let bytes = rest.get(..n)?;
+        (bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b)), rest.get(n..)?)
+    };
+    Some((rest.get(..len)?, rest.get(len..)?))
+}
+
+/// The `subjectPublicKey` bits of a SubjectPublicKeyInfo (the DER `RSAPublicKey`, or the uncompressed EC
+/// point): what native verifiers such as ring take. `None` if `spki` is not one.
+pub fn spki_public_key(spki: &[u8]) -> Option<&[u8]> {
+    let (body, _) = read_tlv(spki, TAG_SEQUENCE)?;
+    let (_, rest) = read_tlv(body, TAG_SEQUENCE)?;
+    let (bits, _) = read_tlv(rest, TAG_BIT_STRING)?;
+    match bits.split_first()? {
+        (0, key) => Some(key),
+        _ => None,
+    }
+}
+
 /// SubjectPublicKeyInfo for an RSA key given its big-endian modulus and exponent.
 pub fn rsa_spki(n: &[u8], e: &[u8]) -> Vec<u8> {
     let mut ints = Vec::with_capacity(n.len() + e.len() + 8);
@@ -101,6 +133,21 @@ pub fn ecdsa_raw_to_der(raw: &[u8], scalar_len: usize) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use p256::pkcs8::EncodePublicKey as _;
+
+    #[test]
+    fn the_public_key_bits_come_back_out_of_an_spki() {
+        let point: Vec<u8> = std::iter::once(4).chain(1..=64).collect();
+        assert_eq!(spki_public_key(&ec_spki(OID_P256, &point)), Some(point.as_slice()));
+        let n = [0xc5u8; 256];
+        let spki = rsa_spki(&n, &[1, 0, 1]);
+        let key = spki_public_key(&spki).unwrap();
+        assert_eq!(key.first(), Some(&TAG_SEQUENCE), "the DER RSAPublicKey");
+        for cut in 0..spki.len() {
+            let _ = spki_public_key(&spki[..cut]);
+        }
+        assert_eq!(spki_public_key(&[]), None);
+        assert_eq!(spki_public_key(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
 
     #[test]
     fn rsa_spki_matches_the_rsa_crate() {

@@ -2,7 +2,7 @@
 //! the client and the token (for the audit line). One shared allocation, so a cache hit hands it on without
 //! copying.
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -35,7 +35,7 @@ impl<'a> Claim<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
     /// The tenant claim, then client_id, sub and jti, back to back.
-    text: Rc<str>,
+    text: Arc<str>,
     /// Where each of the four parts ends in `text`.
     ends: [u32; 4],
     /// Bit i: part i is present (the claim: bit 0; bit 4: the claim is a list).
@@ -78,7 +78,7 @@ impl Identity {
                 *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
             }
         }
-        Self { text: Rc::from(text), ends, present }
+        Self { text: Arc::from(text), ends, present }
     }
 
     fn part(&self, i: usize) -> Option<&str> {

@@ -39,6 +39,9 @@ pub(crate) mod testkeys;
 
 pub mod shell;
 
+#[cfg(all(feature = "dynamic-module", not(target_arch = "wasm32")))]
+pub mod native;
+
 pub use config::{Config, ConfigError};
 pub use decision::{decide, Decision, Known, Request};
 pub use rejection::Rejection;

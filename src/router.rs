@@ -7,7 +7,7 @@
 //! Request events are in this file; timer ticks and fetch results are in [`crate::upkeep`].
 
 use std::borrow::Cow;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::audit::{Outcome, Record};
 use crate::cache::TokenCache;
@@ -26,7 +26,7 @@ use crate::tenant::{Tenant, TenantMap};
 /// One provider's keys so far, when its next fetch is due, and the requests waiting for that fetch.
 #[derive(Debug, Default)]
 pub struct KeyState {
-    pub keys: Option<Rc<KeySet>>,
+    pub keys: Option<Arc<KeySet>>,
     pub schedule: Option<Schedule>,
     /// Context ids of the requests parked until the next fetch answers.
     pub waiting: Vec<u32>,
@@ -46,7 +46,7 @@ impl KeyLookup for KeyStates {
 #[derive(Debug)]
 pub struct TenantState {
     /// `None` while a registry is configured, the configuration names no tenant, and no document came yet.
-    pub map: Option<Rc<TenantMap>>,
+    pub map: Option<Arc<TenantMap>>,
     pub schedule: Option<Schedule>,
 }
 
@@ -201,7 +201,7 @@ impl Router {
             let mut state = KeyState::default();
             match &p.jwks {
                 JwksSource::Inline(keys) => {
-                    state.keys = Some(Rc::new(keys.clone()));
+                    state.keys = Some(Arc::new(keys.clone()));
                     sources.push(format!("{} (inline JWKS)", p.provider.issuer));
                 }
                 JwksSource::Remote(r) => {
@@ -219,7 +219,7 @@ impl Router {
         let inline_keys: usize = states.iter().filter_map(|s| s.keys.as_ref()).map(|k| k.keys().len()).sum();
         out.push(Effect::Gauge(crate::effect::Gauge::JwksKeys, inline_keys as u64));
         let tenants = TenantState {
-            map: (!config.tenants.is_empty() || config.registry.is_none()).then(|| Rc::new(config.tenants.clone())),
+            map: (!config.tenants.is_empty() || config.registry.is_none()).then(|| Arc::new(config.tenants.clone())),
             schedule: config.registry.as_ref().map(|r| Schedule::new(r.refresh_ms, now_ms)),
         };
         let line = format!(

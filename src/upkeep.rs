@@ -2,7 +2,7 @@
 //! fetches that are due; on every fetch result, the new key set or tenant map installed (or the last good
 //! one kept, with backoff), and the requests that waited for it named for waking.
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::config::JwksSource;
 use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric};
@@ -125,7 +125,7 @@ impl Router {
                 format!("JWKS of {issuer}: {usable} usable keys, {skipped} skipped (wrong type, use, alg or size)");
             out.push(Effect::Log(Level::Info, &line));
         }
-        state.keys = Some(Rc::new(keys));
+        state.keys = Some(Arc::new(keys));
         // Cached tokens whose key left every provider's set are dropped.
         let sets = || self.keys.0.iter().filter_map(|s| s.keys.as_ref());
         let fingerprints: Vec<u64> = sets().flat_map(|k| k.fingerprints()).collect();
@@ -155,7 +155,7 @@ impl Router {
         let schedule = state.schedule.as_mut();
         if let Some(map) = settle(counters, schedule, now_ms, "tenant registry fetch", &kept, compiled, out) {
             out.push(Effect::Gauge(Gauge::RegistryTenants, map.len() as u64));
-            state.map = Some(Rc::new(map));
+            state.map = Some(Arc::new(map));
         }
     }
 }

@@ -63,6 +63,11 @@ impl FakeHost {
     }
 }
 
+/// The first `n` bytes of `body` (all of it if shorter).
+fn prefix(body: &[u8], n: usize) -> Vec<u8> {
+    body.get(..n.min(body.len())).unwrap_or_default().to_vec()
+}
+
 impl Host for FakeHost {
     fn now_ms(&self) -> u64 {
         self.0.now_ms.get()
@@ -103,8 +108,7 @@ impl Host for FakeHost {
 
     fn request_body(&self, max: usize) -> Vec<u8> {
         self.record("get_request_body".into());
-        let body = self.0.request_body.borrow();
-        body.get(..max.min(body.len())).unwrap_or_default().to_vec()
+        prefix(&self.0.request_body.borrow(), max)
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
@@ -120,8 +124,7 @@ impl Host for FakeHost {
 
     fn response_body(&self, size: usize) -> Vec<u8> {
         self.record("get_response_body".into());
-        let body = self.0.response_body.borrow();
-        body.get(..size.min(body.len())).unwrap_or_default().to_vec()
+        prefix(&self.0.response_body.borrow(), size)
     }
 
     fn set_response_body(&self, size: usize, body: &[u8]) {
@@ -180,8 +183,7 @@ impl Host for FakeHost {
     }
 
     fn call_response_body(&self, size: usize) -> Vec<u8> {
-        let body = self.0.call_body.borrow();
-        body.get(..size.min(body.len())).unwrap_or_default().to_vec()
+        prefix(&self.0.call_body.borrow(), size)
     }
 
     fn verify_signature(&self, _arguments: &[u8]) -> ForeignCall {

@@ -577,15 +577,21 @@ fn an_unknown_kid_waits_for_a_refetch_and_resumes_on_the_new_key_set() {
     assert_eq!(host.metric("jwks.unknown_kid_refetch_waits"), 1);
 }
 
-#[test]
-fn a_request_that_ends_while_waiting_leaves_the_queue_at_once() {
+/// A root whose first key set lacks the RS256 key, and request `id` with an RS256 token parked on it.
+fn parked(id: u32) -> (FakeHost, Root<FakeHost>, Filter<FakeHost>) {
     let (host, mut root) = configured(&remote_plugin());
     root.on_tick();
     let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
     deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
     host.0.now_ms.set(T0_MS + 2_000);
-    let (mut f, flow) = send(&host, &root, 9, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    let (f, flow) = send(&host, &root, id, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
     assert_eq!(flow, Flow::WaitForKeys);
+    (host, root, f)
+}
+
+#[test]
+fn a_request_that_ends_while_waiting_leaves_the_queue_at_once() {
+    let (host, mut root, mut f) = parked(9);
     let shared = root.shared().unwrap().clone();
     assert_eq!(shared.router.borrow().keys.0[0].waiting, [9]);
     f.on_done();
@@ -599,12 +605,7 @@ fn a_request_that_ends_while_waiting_leaves_the_queue_at_once() {
 
 #[test]
 fn a_woken_request_whose_client_went_away_is_skipped() {
-    let (host, mut root) = configured(&remote_plugin());
-    root.on_tick();
-    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
-    deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
-    host.0.now_ms.set(T0_MS + 2_000);
-    let (_f, _) = send(&host, &root, 4, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    let (host, mut root, _f) = parked(4);
     host.0.gone.borrow_mut().push(4);
     root.on_tick();
     host.take_calls();

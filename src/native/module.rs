@@ -1,0 +1,666 @@
+//! The hooks Envoy calls (`envoy_dynamic_module_on_*`): each reads its inputs through the ABI, hands them to
+//! the core with the stream's state, and applies the effects. Every hook runs inside [`guard`]: a panic is
+//! caught, counted, and answered with a 503 `OperationOutcome` for that request, never unwound into Envoy.
+//!
+//! Threads: the filter config is built on Envoy's main thread and shared by every worker. Each worker has
+//! its own [`Router`] (token cache included) in the config's slot for that worker, touched by that worker
+//! only: the hot path takes no lock.
+
+// The hooks' safety contract is the ABI's, stated once above the hooks rather than on each of them.
+#![allow(clippy::missing_safety_doc)]
+
+use std::cell::UnsafeCell;
+use std::ffi::c_char;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::{Config, JwksSource};
+use crate::effect::{Effect, Effects, Flow, Gauge, Level, Metric, Recorded, COUNTERS};
+use crate::rejection::Rejection;
+use crate::router::{Router, Stream};
+
+use super::abi::*;
+use super::crypto::Ring;
+
+/// Most worker slots a config keeps (Envoy's `--concurrency`); a worker beyond them gets 503s.
+const MAX_WORKERS: usize = 256;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn log(level: Level, message: &str) {
+    let level = match level {
+        Level::Debug => LOG_DEBUG,
+        Level::Info => LOG_INFO,
+        Level::Warn => LOG_WARN,
+        Level::Error => LOG_ERROR,
+    };
+    // SAFETY: the buffer is valid for the call; Envoy copies it.
+    unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
+}
+
+/// The stats this config defined in `config_new` (ids by position; `None`: the host refused one).
+struct MetricIds {
+    counters: Vec<Option<usize>>,
+    rejected: Vec<Option<usize>>,
+    gauges: Vec<Option<usize>>,
+    /// `tenant.allowed` and `tenant.forbidden`, labelled by `tenant`.
+    tenant: (Option<usize>, Option<usize>),
+    /// Hooks that panicked (caught; the request got a 503).
+    panics: Option<usize>,
+}
+
+fn define(config: ConfigEnvoyPtr, name: &str, gauge: bool, labels: &[&str]) -> Option<usize> {
+    let mut labels: Vec<ModuleBuffer> = labels.iter().map(|l| ModuleBuffer::of(l.as_bytes())).collect();
+    let mut id = 0usize;
+    let name = ModuleBuffer::of(name.as_bytes());
+    // SAFETY: every buffer outlives the call; `id` is a valid out pointer.
+    let status = unsafe {
+        if gauge {
+            envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                config,
+                name,
+                labels.as_mut_ptr(),
+                labels.len(),
+                &mut id,
+            )
+        } else {
+            envoy_dynamic_module_callback_http_filter_config_define_counter(
+                config,
+                name,
+                labels.as_mut_ptr(),
+                labels.len(),
+                &mut id,
+            )
+        }
+    };
+    (status == METRICS_SUCCESS).then_some(id)
+}
+
+impl MetricIds {
+    fn define(config: ConfigEnvoyPtr) -> Self {
+        Self {
+            counters: COUNTERS.iter().map(|m| define(config, m.name(), false, &[])).collect(),
+            rejected: Rejection::ALL.iter().map(|r| define(config, r.stat_name(), false, &[])).collect(),
+            gauges: Gauge::ALL.iter().map(|g| define(config, g.name(), true, &[])).collect(),
+            tenant: (
+                define(config, "tenant.allowed", false, &["tenant"]),
+                define(config, "tenant.forbidden", false, &["tenant"]),
+            ),
+            panics: define(config, "panics", false, &[]),
+        }
+    }
+}
+
+/// One worker's router, touched only by that worker's thread.
+struct Slot(UnsafeCell<Option<Router>>);
+
+// SAFETY: slot `i` is only ever accessed on Envoy worker `i` (every hook of a stream runs on its worker's
+// thread, and a stream uses the slot of the worker that created it), and dropped with the config on the main
+// thread after every stream (each holding the config alive) is gone.
+unsafe impl Sync for Slot {}
+unsafe impl Send for Slot {}
+
+/// The module's filter config: shared by every worker.
+pub struct FilterConfig {
+    config: Config,
+    metrics: MetricIds,
+    slots: Vec<Slot>,
+}
+
+/// One stream's state.
+pub struct StreamObject {
+    config: *const FilterConfig,
+    slot: usize,
+    stream: Stream,
+    signatures: Ring,
+}
+
+/// Applies the core's effects to one stream through the ABI.
+struct Apply<'a> {
+    filter: FilterEnvoyPtr,
+    metrics: &'a MetricIds,
+}
+
+fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
+    let value = value.map_or(ModuleBuffer::null(), |v| ModuleBuffer::of(v.as_bytes()));
+    // SAFETY: `filter` is the live stream of the current hook; the buffers outlive the call.
+    unsafe {
+        envoy_dynamic_module_callback_http_set_header(filter, header_type, ModuleBuffer::of(name.as_bytes()), value)
+    };
+}
+
+fn count(filter: FilterEnvoyPtr, id: Option<usize>, label: Option<&str>) {
+    let Some(id) = id else { return };
+    let mut labels: Vec<ModuleBuffer> = label.map(|l| ModuleBuffer::of(l.as_bytes())).into_iter().collect();
+    // SAFETY: as in `set_header`.
+    unsafe {
+        envoy_dynamic_module_callback_http_filter_increment_counter(filter, id, labels.as_mut_ptr(), labels.len(), 1)
+    };
+}
+
+/// A body as one buffer: what the filter buffered so far, then the frame of this hook.
+fn read_body(filter: FilterEnvoyPtr, buffered: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    for body_type in [buffered, buffered - 1] {
+        // SAFETY: `filter` is live; the vector holds `n` entries for Envoy to fill, each valid during the hook.
+        unsafe {
+            let n = envoy_dynamic_module_callback_http_get_body_chunks_size(filter, body_type);
+            let mut chunks = vec![EnvoyBuffer { ptr: std::ptr::null(), length: 0 }; n];
+            if n > 0 && envoy_dynamic_module_callback_http_get_body_chunks(filter, body_type, chunks.as_mut_ptr()) {
+                for c in chunks.iter().filter(|c| !c.ptr.is_null()) {
+                    out.extend_from_slice(std::slice::from_raw_parts(c.ptr, c.length));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Replaces the response body (buffered, plus this hook's frame) with `body`.
+fn replace_response_body(filter: FilterEnvoyPtr, body: &[u8]) {
+    // SAFETY: `filter` is live; `body` outlives the call.
+    unsafe {
+        let buffered = envoy_dynamic_module_callback_http_get_body_size(filter, BUFFERED_RESPONSE_BODY);
+        let received = envoy_dynamic_module_callback_http_get_body_size(filter, BUFFERED_RESPONSE_BODY - 1);
+        envoy_dynamic_module_callback_http_drain_body(filter, BUFFERED_RESPONSE_BODY - 1, received);
+        let target = if buffered > 0 {
+            envoy_dynamic_module_callback_http_drain_body(filter, BUFFERED_RESPONSE_BODY, buffered);
+            BUFFERED_RESPONSE_BODY
+        } else {
+            BUFFERED_RESPONSE_BODY - 1
+        };
+        envoy_dynamic_module_callback_http_append_body(filter, target, ModuleBuffer::of(body));
+    }
+}
+
+fn response_header(filter: FilterEnvoyPtr, name: &str) -> Option<String> {
+    let mut value = EnvoyBuffer { ptr: std::ptr::null(), length: 0 };
+    // SAFETY: `filter` is live; `value` is a valid out pointer, its bytes valid during the hook.
+    unsafe {
+        let found = envoy_dynamic_module_callback_http_get_header(
+            filter,
+            RESPONSE_HEADER,
+            ModuleBuffer::of(name.as_bytes()),
+            &mut value,
+            0,
+            std::ptr::null_mut(),
+        );
+        if !found || value.ptr.is_null() {
+            return None;
+        }
+        Some(String::from_utf8_lossy(std::slice::from_raw_parts(value.ptr, value.length)).into_owned())
+    }
+}
+
+impl Effects for Apply<'_> {
+    fn push(&mut self, effect: Effect<'_>) {
+        let filter = self.filter;
+        match effect {
+            Effect::SetRequestHeader(name, value) => set_header(filter, REQUEST_HEADER, name, Some(value)),
+            Effect::RemoveRequestHeader(name) => set_header(filter, REQUEST_HEADER, name, None),
+            // SAFETY (this and the calls below): `filter` is the live stream of the current hook.
+            Effect::ClearRouteCache => unsafe { envoy_dynamic_module_callback_http_clear_route_cache(filter) },
+            Effect::Reply(reply) => send_response(filter, reply.status, reply.headers, reply.body),
+            Effect::FilterState(key, value) => unsafe {
+                envoy_dynamic_module_callback_http_set_filter_state_bytes(
+                    filter,
+                    ModuleBuffer::of(key.as_bytes()),
+                    ModuleBuffer::of(value.as_bytes()),
+                );
+            },
+            Effect::Count(metric) => {
+                let m = self.metrics;
+                match metric {
+                    Metric::Rejected(r) => count(filter, m.rejected.get(r.index()).copied().flatten(), None),
+                    Metric::TenantAllowed(t) => count(filter, m.tenant.0, Some(t)),
+                    Metric::TenantForbidden(t) => count(filter, m.tenant.1, Some(t)),
+                    fixed => {
+                        let id = COUNTERS
+                            .iter()
+                            .position(|c| *c == fixed)
+                            .and_then(|i| m.counters.get(i).copied().flatten());
+                        count(filter, id, None)
+                    }
+                }
+            }
+            Effect::Gauge(gauge, value) => {
+                let index = Gauge::ALL.iter().position(|g| *g == gauge);
+                if let Some(id) = index.and_then(|i| self.metrics.gauges.get(i).copied().flatten()) {
+                    unsafe {
+                        envoy_dynamic_module_callback_http_filter_set_gauge(filter, id, std::ptr::null_mut(), 0, value)
+                    };
+                }
+            }
+            Effect::Log(level, line) => log(level, line),
+            Effect::SetResponseHeader(name, value) => set_header(filter, RESPONSE_HEADER, name, Some(value)),
+            Effect::RemoveResponseHeader(name) => set_header(filter, RESPONSE_HEADER, name, None),
+            Effect::ReplaceResponseBody(body) => replace_response_body(filter, body),
+            Effect::ResumeRequest => unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(filter) },
+            // Refused at config time: this build has no fetches yet.
+            Effect::Fetch(_) => {}
+        }
+    }
+}
+
+/// The body of the 503 that answers a request whose hook panicked.
+const PANIC_OUTCOME: &str = r#"{"issue":[{"code":"exception","diagnostics":"The request could not be processed; retry shortly.","severity":"error"}],"resourceType":"OperationOutcome"}"#;
+
+/// A local answer through the ABI.
+fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+    let mut headers: Vec<ModuleHeader> = headers
+        .iter()
+        .map(|(k, v)| ModuleHeader {
+            key_ptr: k.as_ptr(),
+            key_length: k.len(),
+            value_ptr: v.as_ptr(),
+            value_length: v.len(),
+        })
+        .collect();
+    // SAFETY: `filter` is the live stream of the current hook; every buffer outlives the call.
+    unsafe {
+        envoy_dynamic_module_callback_http_send_response(
+            filter,
+            status,
+            headers.as_mut_ptr(),
+            headers.len(),
+            ModuleBuffer::of(body),
+            ModuleBuffer::of(b"fhir_tenant_router"),
+        )
+    };
+}
+
+/// A 503 with an `OperationOutcome` body (no config needed).
+fn unavailable(filter: FilterEnvoyPtr, body: &[u8]) {
+    send_response(filter, 503, &[("content-type", "application/fhir+json"), ("cache-control", "no-store")], body);
+}
+
+/// Runs a hook, catching a panic: counted, logged, and (for request-path hooks with a stream) answered
+/// with a 503 `OperationOutcome`. `fallback` is what the hook returns then.
+fn guard<T>(
+    filter: FilterEnvoyPtr,
+    config: Option<&FilterConfig>,
+    answer: bool,
+    fallback: T,
+    f: impl FnOnce() -> T,
+) -> T {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(value) => value,
+        Err(_) => {
+            log(Level::Error, "fhir_tenant_router: a hook panicked; the request was answered 503");
+            if let Some(config) = config {
+                count(filter, config.metrics.panics, None);
+            }
+            if answer && !filter.is_null() {
+                let _ = catch_unwind(|| unavailable(filter, PANIC_OUTCOME.as_bytes()));
+            }
+            fallback
+        }
+    }
+}
+
+/// Applies only the log lines of a series of effects.
+struct LogsOnly;
+
+impl Effects for LogsOnly {
+    fn push(&mut self, effect: Effect<'_>) {
+        if let Effect::Log(level, line) = effect {
+            log(level, line);
+        }
+    }
+}
+
+/// Context ids for the core's streams (unique per process).
+static NEXT_STREAM_ID: AtomicU32 = AtomicU32::new(1);
+
+/// The config's router for the current worker, created on the worker's first stream.
+///
+/// # Safety
+/// Call only on Envoy worker `slot`'s thread (see [`Slot`]).
+#[allow(clippy::mut_from_ref)] // the slot's UnsafeCell: one worker's exclusive state (see `Slot`)
+unsafe fn router(config: &FilterConfig, slot: usize) -> Option<&mut Router> {
+    let cell = config.slots.get(slot)?;
+    let router = unsafe { &mut *cell.0.get() };
+    if router.is_none() {
+        *router = Some(Router::new(config.config.clone(), now_ms(), &mut Recorded::default()));
+    }
+    router.as_mut()
+}
+
+fn headers_status(flow: Flow) -> u32 {
+    if flow.proceeds() {
+        HEADERS_CONTINUE
+    } else {
+        HEADERS_STOP_ITERATION
+    }
+}
+
+fn body_status(flow: Flow) -> u32 {
+    if flow.proceeds() {
+        BODY_CONTINUE
+    } else {
+        BODY_STOP_AND_BUFFER
+    }
+}
+
+/// The stream object and its config behind a hook's module pointer.
+///
+/// # Safety
+/// `module` must be a pointer returned by [`envoy_dynamic_module_on_http_filter_new`], not yet destroyed.
+unsafe fn stream<'a>(module: FilterModulePtr) -> Option<(&'a FilterConfig, &'a mut StreamObject)> {
+    let object = unsafe { (module as *mut StreamObject).as_mut()? };
+    let config = unsafe { object.config.as_ref()? };
+    Some((config, object))
+}
+
+// ---- hooks ----
+//
+// Envoy calls these with the pointers it was given (or gave): they are `unsafe extern "C"` because their
+// safety rests on Envoy keeping the ABI's contract (live pointers, a stream's hooks on its worker).
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    ABI_VERSION.as_ptr().cast()
+}
+
+/// Compiles the plugin JSON (the same as the wasm filter's); a bad one is refused with a log line naming the
+/// field (Envoy then rejects the filter config).
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    envoy_config: ConfigEnvoyPtr,
+    _name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> ConfigModulePtr {
+    guard(std::ptr::null_mut(), None, false, std::ptr::null(), || {
+        // SAFETY: Envoy's buffer is valid during this call.
+        let bytes = if config.ptr.is_null() {
+            &[][..]
+        } else {
+            unsafe { std::slice::from_raw_parts(config.ptr, config.length) }
+        };
+        let compiled = match Config::from_json(bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                log(Level::Error, &e.to_string());
+                return std::ptr::null();
+            }
+        };
+        if let Some(i) = compiled.providers.iter().position(|p| matches!(p.jwks, JwksSource::Remote(_))) {
+            log(
+                Level::Error,
+                &format!(
+                    "invalid plugin configuration: field `providers[{i}].jwks_uri`: the dynamic-module build does not \
+                     fetch key sets yet; give the keys inline (`jwks`)"
+                ),
+            );
+            return std::ptr::null();
+        }
+        if compiled.registry.is_some() {
+            log(
+                Level::Error,
+                "invalid plugin configuration: field `tenant_registry`: the dynamic-module build does not fetch a \
+                 tenant registry yet",
+            );
+            return std::ptr::null();
+        }
+        // The start-up line, once (each worker's router is built quietly from the same config).
+        drop(Router::new(compiled.clone(), now_ms(), &mut LogsOnly));
+        let slots = (0..MAX_WORKERS).map(|_| Slot(UnsafeCell::new(None))).collect();
+        let filter_config = FilterConfig { config: compiled, metrics: MetricIds::define(envoy_config), slots };
+        Box::into_raw(Box::new(filter_config)) as ConfigModulePtr
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModulePtr) {
+    guard(std::ptr::null_mut(), None, false, (), || {
+        if !config.is_null() {
+            // SAFETY: `config` came from `Box::into_raw` in config_new, and Envoy destroys it once.
+            drop(unsafe { Box::from_raw(config as *mut FilterConfig) });
+        }
+    })
+}
+
+extern "C" {
+    fn envoy_dynamic_module_callback_http_filter_get_worker_index(filter: FilterEnvoyPtr) -> u32;
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config: ConfigModulePtr,
+    filter: FilterEnvoyPtr,
+) -> FilterModulePtr {
+    // SAFETY: Envoy keeps the config alive while any of its filters exist.
+    let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return std::ptr::null() };
+    guard(filter, Some(cfg), false, std::ptr::null(), || {
+        // SAFETY: `filter` is the stream being created.
+        let slot = unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(filter) } as usize;
+        let stream = match unsafe { router(cfg, slot) } {
+            Some(router) => router.open_stream(NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed)),
+            None => Stream::new(0),
+        };
+        let object = StreamObject { config: cfg, slot, stream, signatures: Ring::default() };
+        Box::into_raw(Box::new(object)) as FilterModulePtr
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter: FilterEnvoyPtr,
+    module: FilterModulePtr,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: `module` is this stream's object; hooks of a stream run on its worker.
+    let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
+    guard(filter, Some(cfg), true, HEADERS_STOP_ITERATION, || {
+        let Some(router) = (unsafe { router(cfg, object.slot) }) else {
+            unavailable(filter, PANIC_OUTCOME.as_bytes());
+            return HEADERS_STOP_ITERATION;
+        };
+        // SAFETY: `filter` is live; the array holds `n` entries for Envoy to fill, valid during this hook.
+        let headers = unsafe {
+            let n = envoy_dynamic_module_callback_http_get_headers_size(filter, REQUEST_HEADER);
+            let mut headers = vec![
+                EnvoyHeader {
+                    key_ptr: std::ptr::null(),
+                    key_length: 0,
+                    value_ptr: std::ptr::null(),
+                    value_length: 0
+                };
+                n
+            ];
+            if n > 0 && !envoy_dynamic_module_callback_http_get_headers(filter, REQUEST_HEADER, headers.as_mut_ptr()) {
+                headers.clear();
+            }
+            headers
+        };
+        let pairs = headers.iter().filter(|h| !h.key_ptr.is_null()).map(|h| {
+            // SAFETY: Envoy's header views are valid during this hook.
+            unsafe {
+                let value: &[u8] =
+                    if h.value_ptr.is_null() { &[] } else { std::slice::from_raw_parts(h.value_ptr, h.value_length) };
+                (std::slice::from_raw_parts(h.key_ptr, h.key_length), value)
+            }
+        });
+        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let flow = router.on_request_headers(
+            &mut object.stream,
+            pairs,
+            end_of_stream,
+            now_ms(),
+            &object.signatures,
+            &mut apply,
+        );
+        headers_status(flow)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    filter: FilterEnvoyPtr,
+    module: FilterModulePtr,
+    end_of_stream: bool,
+) -> u32 {
+    let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
+    guard(filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
+        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
+        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let mut body = || read_body(filter, BUFFERED_REQUEST_BODY);
+        body_status(router.on_request_body(&mut object.stream, end_of_stream, now_ms(), &mut body, &mut apply))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+) -> u32 {
+    TRAILERS_CONTINUE
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter: FilterEnvoyPtr,
+    module: FilterModulePtr,
+    end_of_stream: bool,
+) -> u32 {
+    let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
+    guard(filter, Some(cfg), false, HEADERS_CONTINUE, || {
+        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
+        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let header = |name: &str| response_header(filter, name);
+        headers_status(router.on_response_headers(&mut object.stream, end_of_stream, &header, &mut apply))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    filter: FilterEnvoyPtr,
+    module: FilterModulePtr,
+    end_of_stream: bool,
+) -> u32 {
+    let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
+    guard(filter, Some(cfg), false, BODY_CONTINUE, || {
+        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
+        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let mut body = || read_body(filter, BUFFERED_RESPONSE_BODY);
+        body_status(router.on_response_body(&mut object.stream, end_of_stream, &mut body, &mut apply))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+) -> u32 {
+    TRAILERS_CONTINUE
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    filter: FilterEnvoyPtr,
+    module: FilterModulePtr,
+) {
+    let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
+    guard(filter, Some(cfg), false, (), || {
+        if let Some(router) = unsafe { router(cfg, object.slot) } {
+            router.on_stream_done(&mut object.stream);
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: FilterModulePtr) {
+    if !module.is_null() {
+        // SAFETY: `module` came from `Box::into_raw` in filter_new; Envoy destroys it once.
+        let _ = catch_unwind(|| drop(unsafe { Box::from_raw(module as *mut StreamObject) }));
+    }
+}
+
+// Hooks Envoy requires but this filter does not use (per-stream callouts, streams, schedulers, watermarks).
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+    _callout_id: u64,
+    _result: u32,
+    _headers: *mut EnvoyHeader,
+    _headers_size: usize,
+    _body: *mut EnvoyBuffer,
+    _body_size: usize,
+) {
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+    _stream_id: u64,
+    _headers: *mut EnvoyHeader,
+    _headers_size: usize,
+    _end_stream: bool,
+) {
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+    _stream_id: u64,
+    _data: *const EnvoyBuffer,
+    _data_count: usize,
+    _end_stream: bool,
+) {
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+    _stream_id: u64,
+    _trailers: *mut EnvoyHeader,
+    _trailers_size: usize,
+) {
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+    _stream_id: u64,
+) {
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+    _stream_id: u64,
+    _reason: u32,
+) {
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+    _event_id: u64,
+) {
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+) {
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _filter: FilterEnvoyPtr,
+    _module: FilterModulePtr,
+) {
+}

@@ -1,0 +1,133 @@
+"""The dynamic-module build (target/dynamic-module/libfhir_tenant_router.so, `make build-so`): the same
+plugin JSON loaded natively by Envoy's DynamicModuleFilter instead of the wasm filter, with the same
+answers. Inline keys (envoy/envoy-inline-jwks.yaml's), since this build does not fetch key sets yet."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from checks import (
+    assert_no_upstream_saw_anything, assert_operation_outcome, assert_served_only_by, assert_unauthorized,
+)
+from conftest import _running_envoys, stop_envoy
+from harness import (
+    INLINE_JWKS_CONFIG, REPO, TENANT_A, TENANT_B, WASM_FILTER, Envoy, bearer, envoy_validate, free_port, hcm_settings,
+    plugin_json, render_config, write_config,
+)
+from tokens import Minter
+
+SO = REPO / "target" / "dynamic-module" / "libfhir_tenant_router.so"
+DM_FILTER = "envoy.filters.http.dynamic_modules"
+
+
+def dynamic_module_config(cfg: dict, plugin: dict | str) -> dict:
+    """`cfg` with its wasm filter replaced by the dynamic module, given the same plugin JSON."""
+    cfg = copy.deepcopy(cfg)
+    filters = hcm_settings(cfg)["http_filters"]
+    (i,) = [n for n, f in enumerate(filters) if f["name"] == WASM_FILTER]
+    filters[i] = {"name": DM_FILTER, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": "fhir_tenant_router", "do_not_close": True,
+                                  "metrics_namespace": "fhir_tenant_router",
+                                  "module": {"local": {"filename": str(SO)}}},
+        "filter_name": "fhir_tenant_router",
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                          "value": plugin if isinstance(plugin, str) else json.dumps(plugin)},
+    }}
+    return cfg
+
+
+class DynamicModuleEnvoy(Envoy):
+    """An Envoy whose filter is the dynamic module: ready when LIVE (no wasm VM to wait for)."""
+
+    def _wasm_loaded(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def native(workdir, upstreams):
+    if not SO.is_file():
+        pytest.fail(f"{SO} is missing: make build-so", pytrace=False)
+    port, admin = free_port(), free_port()
+    wasm_cfg = render_config(INLINE_JWKS_CONFIG, listener_port=port, admin_port=admin,
+                             cluster_ports=upstreams.cluster_ports())
+    env = DynamicModuleEnvoy(dynamic_module_config(wasm_cfg, plugin_json(wasm_cfg)), workdir, "envoy-dynamic-module",
+                             port, admin, log_level="info")
+    _running_envoys.append(env)
+    env.start()
+    yield env, Minter(plugin_json(wasm_cfg)["provider"]["issuer"])
+    stop_envoy(env)
+
+
+def test_every_callback_the_module_imports_is_exported_by_the_pinned_envoy():
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "abi-check.py"), str(SO)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all exported by the pinned Envoy" in r.stdout
+
+
+def test_envoy_says_the_abi_version_matched(native):
+    env, _ = native
+    assert "ABI version v0.2.0 matched" in env.log(), env.log_tail()
+
+
+def test_rs256_and_es256_tokens_are_routed_to_their_tenants(native, upstreams):
+    env, minter = native
+    resp = env.request("GET", "/Patient", bearer(minter.token(TENANT_A)))
+    assert_served_only_by(upstreams, resp, "tenant-a", TENANT_A)
+    upstreams.clear()
+    resp = env.request("GET", "/Patient", bearer(minter.token(TENANT_B, alg="ES256")))
+    assert_served_only_by(upstreams, resp, "tenant-b", TENANT_B)
+
+
+def test_bad_tokens_get_401_with_www_authenticate_and_reach_no_upstream(native, upstreams):
+    env, minter = native
+    assert_unauthorized(env.request("GET", "/Patient", bearer(minter.wrong_key_token(TENANT_A))), invalid_token=True)
+    assert_unauthorized(env.request("GET", "/Patient"), invalid_token=False)
+    assert_no_upstream_saw_anything(upstreams)
+
+
+def test_a_token_for_no_tenant_is_403(native, upstreams):
+    env, minter = native
+    resp = env.request("GET", "/Patient", bearer(minter.token("openid")))
+    assert_operation_outcome(resp, 403)
+    assert_no_upstream_saw_anything(upstreams)
+
+
+def test_metadata_passes_without_a_token(native, upstreams):
+    env, _ = native
+    resp = env.request("GET", "/metadata")
+    assert resp.status == 200, resp
+    assert [u.name for u in upstreams.all() if u.requests] == ["metadata"]
+
+
+def stat(env, name: str) -> int:
+    for line in env.admin("/stats?filter=fhir_tenant_router").body.decode().splitlines():
+        key, _, value = line.rpartition(": ")
+        if key == f"fhir_tenant_router.{name}":
+            return int(value)
+    raise AssertionError(f"no stat fhir_tenant_router.{name}: {env.admin('/stats?filter=fhir_tenant_router').body!r}")
+
+
+def test_the_counters_count_under_the_filter_stats(native):
+    env, minter = native
+    before = stat(env, "requests.allowed"), stat(env, "requests.rejected.missing_token")
+    env.request("GET", "/Patient", bearer(minter.token(TENANT_A)))
+    env.request("GET", "/Patient")
+    assert (stat(env, "requests.allowed"), stat(env, "requests.rejected.missing_token")) == (before[0] + 1, before[1] + 1)
+
+
+def test_a_remote_jwks_is_refused_at_load_naming_the_field(workdir, upstreams):
+    port, admin = free_port(), free_port()
+    wasm_cfg = render_config(INLINE_JWKS_CONFIG, listener_port=port, admin_port=admin,
+                             cluster_ports=upstreams.cluster_ports())
+    plugin = plugin_json(wasm_cfg)
+    plugin["provider"].pop("jwks")
+    plugin["provider"].update(jwks_uri="http://127.0.0.1:9/jwks", jwks_cluster="tenant_a")
+    path = write_config(dynamic_module_config(wasm_cfg, plugin), workdir / "dm-remote-jwks.yaml")
+    r = envoy_validate(path)
+    assert r.returncode != 0
+    assert "providers[0].jwks_uri" in (r.stdout + r.stderr), r.stdout + r.stderr

@@ -60,6 +60,7 @@ unit: ## run the core's unit and property tests natively (cargo test)
 	@echo "==> cargo test (host-independent core)"
 	cargo test
 	cargo test --lib --features dynamic-module native::
+	cargo test --test wycheproof --features dynamic-module
 
 lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked indexing)
 	@echo "==> cargo fmt --check; cargo clippy"

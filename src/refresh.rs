@@ -76,6 +76,14 @@ impl Schedule {
         true
     }
 
+    /// Makes a fetch due now unless one is under way (another component already rate-limited the
+    /// on-demand refetch this stands for).
+    pub fn fetch_now(&mut self, now_ms: u64) {
+        if !self.in_flight {
+            self.next_at_ms = self.next_at_ms.min(now_ms);
+        }
+    }
+
     /// The fetch succeeded and its keys were installed.
     pub fn succeeded(&mut self, now_ms: u64) -> Streak {
         self.in_flight = false;

@@ -172,6 +172,14 @@ impl Stream {
     pub fn is_waiting(&self) -> bool {
         matches!(self.phase, Phase::WaitingForKeys { .. })
     }
+
+    /// The provider whose key set the request waits for, if it is parked.
+    pub fn waiting_for(&self) -> Option<usize> {
+        match self.phase {
+            Phase::WaitingForKeys { provider, .. } => Some(provider),
+            _ => None,
+        }
+    }
 }
 
 /// Most of a waiting request's buffered Bundle read back for judging (Envoy's buffer limit is lower).

@@ -68,6 +68,14 @@ impl Router {
         }
     }
 
+    /// Makes `provider`'s key-set fetch due now (a request elsewhere waits for a refetch: the dynamic
+    /// module's workers park requests, its main thread fetches).
+    pub fn refetch_keys(&mut self, provider: usize, now_ms: u64) {
+        if let Some(schedule) = self.keys.0.get_mut(provider).and_then(|s| s.schedule.as_mut()) {
+            schedule.fetch_now(now_ms);
+        }
+    }
+
     /// A fetch for `target` ended. `body` reads the answer's body. `env` reads the VM's environment (for
     /// a registry's upstream headers). Returns the context ids of the requests to wake: those that waited
     /// for this key set, to be decided again through [`Router::wake`].

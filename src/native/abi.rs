@@ -62,6 +62,8 @@ pub type ConfigEnvoyPtr = *mut c_void;
 pub type ConfigModulePtr = *const c_void;
 pub type FilterEnvoyPtr = *mut c_void;
 pub type FilterModulePtr = *const c_void;
+/// A scheduler Envoy allocated for the module (per stream, or per config on the main thread).
+pub type SchedulerPtr = *mut c_void;
 
 /// `envoy_dynamic_module_type_http_header_type`.
 pub const REQUEST_HEADER: u32 = 0;
@@ -82,6 +84,8 @@ pub const BODY_CONTINUE: u32 = 0;
 pub const BODY_STOP_AND_BUFFER: u32 = 1;
 /// Trailer hooks' status.
 pub const TRAILERS_CONTINUE: u32 = 0;
+/// `envoy_dynamic_module_type_http_callout_init_result` and `..._http_callout_result`.
+pub const CALLOUT_SUCCESS: u32 = 0;
 /// `envoy_dynamic_module_type_metrics_result`.
 pub const METRICS_SUCCESS: u32 = 0;
 
@@ -161,6 +165,42 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+    pub fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+
+    /// A scheduler whose commits run `on_http_filter_scheduled` on the stream's worker (any thread may commit).
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: FilterEnvoyPtr) -> SchedulerPtr;
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler: SchedulerPtr, event_id: u64);
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: SchedulerPtr);
+    /// A scheduler whose commits run `on_http_filter_config_scheduled` on the main thread.
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(config: ConfigEnvoyPtr) -> SchedulerPtr;
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler: SchedulerPtr, event_id: u64);
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: SchedulerPtr);
+    /// A GET (or any request) through `cluster_name` from the main thread, answered in
+    /// `on_http_filter_config_http_callout_done`; `headers` must hold `:method`, `:path` and `host`.
+    pub fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        config: ConfigEnvoyPtr,
+        callout_id: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
+    pub fn envoy_dynamic_module_callback_http_filter_get_worker_index(filter: FilterEnvoyPtr) -> u32;
+
     pub fn envoy_dynamic_module_callback_http_filter_set_gauge(
         filter: FilterEnvoyPtr,
         id: usize,

@@ -3,8 +3,8 @@
 //! each hook's inputs through Envoy's C ABI, hands them to the core, and applies the effects; signatures are
 //! checked with ring.
 //!
-//! Where it stands (see README, "Dynamic module"): inline key sets only (a `jwks_uri` or a tenant registry
-//! is refused at load, naming the field); no request ever waits for keys.
+//! Key sets and the tenant registry are fetched once per process on Envoy's main thread and installed by
+//! each worker ([`upkeep`]); a request whose token names an unknown `kid` waits on a per-stream scheduler.
 
 pub mod crypto;
 // The hooks and the ABI they call link against Envoy's exported callbacks: only in the `.so`, not in a
@@ -12,4 +12,8 @@ pub mod crypto;
 #[cfg(not(test))]
 pub mod abi;
 #[cfg(not(test))]
+pub mod host;
+#[cfg(not(test))]
 pub mod module;
+#[cfg(not(test))]
+pub mod upkeep;

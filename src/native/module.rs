@@ -13,89 +13,28 @@ use std::cell::UnsafeCell;
 use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
 
 use crate::config::{Config, JwksSource};
 use crate::effect::{Effect, Effects, Flow, Gauge, Level, Metric, Recorded, COUNTERS};
-use crate::rejection::Rejection;
 use crate::router::{Router, Stream};
 
 use super::abi::*;
 use super::crypto::Ring;
+use super::host::{log, now_ms, MetricIds};
+use super::upkeep::{park, unpark, Main, Parked, Published, SendPtr, Upkeep};
 
 /// Most worker slots a config keeps (Envoy's `--concurrency`); a worker beyond them gets 503s.
 const MAX_WORKERS: usize = 256;
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// One worker's router, and the generation of published fetch answers it has installed.
+struct Worker {
+    router: Router,
+    seen: u64,
 }
 
-fn log(level: Level, message: &str) {
-    let level = match level {
-        Level::Debug => LOG_DEBUG,
-        Level::Info => LOG_INFO,
-        Level::Warn => LOG_WARN,
-        Level::Error => LOG_ERROR,
-    };
-    // SAFETY: the buffer is valid for the call; Envoy copies it.
-    unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
-}
-
-/// The stats this config defined in `config_new` (ids by position; `None`: the host refused one).
-struct MetricIds {
-    counters: Vec<Option<usize>>,
-    rejected: Vec<Option<usize>>,
-    gauges: Vec<Option<usize>>,
-    /// `tenant.allowed` and `tenant.forbidden`, labelled by `tenant`.
-    tenant: (Option<usize>, Option<usize>),
-    /// Hooks that panicked (caught; the request got a 503).
-    panics: Option<usize>,
-}
-
-fn define(config: ConfigEnvoyPtr, name: &str, gauge: bool, labels: &[&str]) -> Option<usize> {
-    let mut labels: Vec<ModuleBuffer> = labels.iter().map(|l| ModuleBuffer::of(l.as_bytes())).collect();
-    let mut id = 0usize;
-    let name = ModuleBuffer::of(name.as_bytes());
-    // SAFETY: every buffer outlives the call; `id` is a valid out pointer.
-    let status = unsafe {
-        if gauge {
-            envoy_dynamic_module_callback_http_filter_config_define_gauge(
-                config,
-                name,
-                labels.as_mut_ptr(),
-                labels.len(),
-                &mut id,
-            )
-        } else {
-            envoy_dynamic_module_callback_http_filter_config_define_counter(
-                config,
-                name,
-                labels.as_mut_ptr(),
-                labels.len(),
-                &mut id,
-            )
-        }
-    };
-    (status == METRICS_SUCCESS).then_some(id)
-}
-
-impl MetricIds {
-    fn define(config: ConfigEnvoyPtr) -> Self {
-        Self {
-            counters: COUNTERS.iter().map(|m| define(config, m.name(), false, &[])).collect(),
-            rejected: Rejection::ALL.iter().map(|r| define(config, r.stat_name(), false, &[])).collect(),
-            gauges: Gauge::ALL.iter().map(|g| define(config, g.name(), true, &[])).collect(),
-            tenant: (
-                define(config, "tenant.allowed", false, &["tenant"]),
-                define(config, "tenant.forbidden", false, &["tenant"]),
-            ),
-            panics: define(config, "panics", false, &[]),
-        }
-    }
-}
-
-/// One worker's router, touched only by that worker's thread.
-struct Slot(UnsafeCell<Option<Router>>);
+/// One worker's state, touched only by that worker's thread.
+struct Slot(UnsafeCell<Option<Worker>>);
 
 // SAFETY: slot `i` is only ever accessed on Envoy worker `i` (every hook of a stream runs on its worker's
 // thread, and a stream uses the slot of the worker that created it), and dropped with the config on the main
@@ -108,6 +47,21 @@ pub struct FilterConfig {
     config: Config,
     metrics: MetricIds,
     slots: Vec<Slot>,
+    /// With a remote JWKS or a registry: the main thread's fetching.
+    upkeep: Option<Mutex<Upkeep>>,
+    published: Published,
+    parked: Mutex<Parked>,
+}
+
+impl FilterConfig {
+    fn main(&self, envoy_config: ConfigEnvoyPtr) -> Main<'_> {
+        Main {
+            envoy_config: SendPtr(envoy_config),
+            metrics: &self.metrics,
+            parked: &self.parked,
+            published: &self.published,
+        }
+    }
 }
 
 /// One stream's state.
@@ -116,6 +70,8 @@ pub struct StreamObject {
     slot: usize,
     stream: Stream,
     signatures: Ring,
+    /// While parked for a key set: the scheduler the main thread commits to wake it.
+    scheduler: Option<SchedulerPtr>,
 }
 
 /// Applies the core's effects to one stream through the ABI.
@@ -240,6 +196,7 @@ impl Effects for Apply<'_> {
             Effect::ReplaceResponseBody(body) => replace_response_body(filter, body),
             Effect::ResumeRequest => unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(filter) },
             // Refused at config time: this build has no fetches yet.
+            // Fetches are the main thread's (see `upkeep`); a worker's router never ticks.
             Effect::Fetch(_) => {}
         }
     }
@@ -315,18 +272,21 @@ impl Effects for LogsOnly {
 /// Context ids for the core's streams (unique per process).
 static NEXT_STREAM_ID: AtomicU32 = AtomicU32::new(1);
 
-/// The config's router for the current worker, created on the worker's first stream.
+/// The config's router for the current worker (created on the worker's first stream), with the latest
+/// published key sets and tenant map installed.
 ///
 /// # Safety
 /// Call only on Envoy worker `slot`'s thread (see [`Slot`]).
 #[allow(clippy::mut_from_ref)] // the slot's UnsafeCell: one worker's exclusive state (see `Slot`)
 unsafe fn router(config: &FilterConfig, slot: usize) -> Option<&mut Router> {
     let cell = config.slots.get(slot)?;
-    let router = unsafe { &mut *cell.0.get() };
-    if router.is_none() {
-        *router = Some(Router::new(config.config.clone(), now_ms(), &mut Recorded::default()));
-    }
-    router.as_mut()
+    let worker = unsafe { &mut *cell.0.get() };
+    let worker = worker.get_or_insert_with(|| Worker {
+        router: Router::new(config.config.clone(), now_ms(), &mut Recorded::default()),
+        seen: 0,
+    });
+    config.published.sync(&mut worker.router, &mut worker.seen);
+    Some(&mut worker.router)
 }
 
 fn headers_status(flow: Flow) -> u32 {
@@ -387,28 +347,22 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 return std::ptr::null();
             }
         };
-        if let Some(i) = compiled.providers.iter().position(|p| matches!(p.jwks, JwksSource::Remote(_))) {
-            log(
-                Level::Error,
-                &format!(
-                    "invalid plugin configuration: field `providers[{i}].jwks_uri`: the dynamic-module build does not \
-                     fetch key sets yet; give the keys inline (`jwks`)"
-                ),
-            );
-            return std::ptr::null();
-        }
-        if compiled.registry.is_some() {
-            log(
-                Level::Error,
-                "invalid plugin configuration: field `tenant_registry`: the dynamic-module build does not fetch a \
-                 tenant registry yet",
-            );
-            return std::ptr::null();
-        }
-        // The start-up line, once (each worker's router is built quietly from the same config).
-        drop(Router::new(compiled.clone(), now_ms(), &mut LogsOnly));
+        // The start-up line, once (each worker's router is built quietly from the same config); with anything
+        // to fetch, this router stays on the main thread to fetch it.
+        let main = Router::new(compiled.clone(), now_ms(), &mut LogsOnly);
+        let fetches =
+            compiled.registry.is_some() || compiled.providers.iter().any(|p| matches!(p.jwks, JwksSource::Remote(_)));
+        // SAFETY: config_new, main thread, this config.
+        let upkeep = fetches.then(|| Mutex::new(unsafe { Upkeep::start(main, envoy_config) }));
         let slots = (0..MAX_WORKERS).map(|_| Slot(UnsafeCell::new(None))).collect();
-        let filter_config = FilterConfig { config: compiled, metrics: MetricIds::define(envoy_config), slots };
+        let filter_config = FilterConfig {
+            config: compiled,
+            metrics: MetricIds::define(envoy_config),
+            slots,
+            upkeep,
+            published: Published::default(),
+            parked: Mutex::new(Parked::default()),
+        };
         Box::into_raw(Box::new(filter_config)) as ConfigModulePtr
     })
 }
@@ -421,10 +375,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(conf
             drop(unsafe { Box::from_raw(config as *mut FilterConfig) });
         }
     })
-}
-
-extern "C" {
-    fn envoy_dynamic_module_callback_http_filter_get_worker_index(filter: FilterEnvoyPtr) -> u32;
 }
 
 #[no_mangle]
@@ -441,7 +391,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
             Some(router) => router.open_stream(NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed)),
             None => Stream::new(0),
         };
-        let object = StreamObject { config: cfg, slot, stream, signatures: Ring::default() };
+        let object = StreamObject { config: cfg, slot, stream, signatures: Ring::default(), scheduler: None };
         Box::into_raw(Box::new(object)) as FilterModulePtr
     })
 }
@@ -493,6 +443,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             &object.signatures,
             &mut apply,
         );
+        if let Some(provider) = object.stream.waiting_for() {
+            // SAFETY: `filter` is live; the scheduler is deleted in `destroy`, after it is unlisted.
+            let scheduler = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(filter) };
+            object.scheduler = Some(scheduler);
+            park(&cfg.parked, object.stream.context_id(), scheduler, provider);
+        }
         headers_status(flow)
     })
 }
@@ -573,10 +529,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: FilterModulePtr) {
-    if !module.is_null() {
-        // SAFETY: `module` came from `Box::into_raw` in filter_new; Envoy destroys it once.
-        let _ = catch_unwind(|| drop(unsafe { Box::from_raw(module as *mut StreamObject) }));
+    if module.is_null() {
+        return;
     }
+    let _ = catch_unwind(|| {
+        // SAFETY: `module` came from `Box::into_raw` in filter_new; Envoy destroys it once, and its config
+        // outlives it.
+        let object = unsafe { Box::from_raw(module as *mut StreamObject) };
+        if let (Some(scheduler), Some(cfg)) = (object.scheduler, unsafe { object.config.as_ref() }) {
+            unpark(&cfg.parked, object.stream.context_id());
+            // SAFETY: unlisted above, so the main thread will not commit it any more.
+            unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler) };
+        }
+    });
 }
 
 // Hooks Envoy requires but this filter does not use (per-stream callouts, streams, schedulers, watermarks).
@@ -645,10 +610,74 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
 
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
+    filter: FilterEnvoyPtr,
+    module: FilterModulePtr,
     _event_id: u64,
 ) {
+    // A key-set answer arrived (or the fetch failed) while this request was parked: decide it again.
+    let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
+    guard(filter, Some(cfg), true, (), || {
+        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return };
+        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let mut body = || read_body(filter, BUFFERED_REQUEST_BODY);
+        router.wake(&mut object.stream, now_ms(), &object.signatures, &mut body, &mut apply);
+    })
+}
+
+/// A config-level scheduler event on the main thread: the fetch schedules' tick.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    envoy_config: ConfigEnvoyPtr,
+    config: ConfigModulePtr,
+    _event_id: u64,
+) {
+    let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return };
+    guard(std::ptr::null_mut(), None, false, (), || {
+        if let Some(Ok(mut upkeep)) = cfg.upkeep.as_ref().map(Mutex::lock) {
+            upkeep.tick(&cfg.main(envoy_config));
+        }
+    })
+}
+
+/// A config-level callout's answer, on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    envoy_config: ConfigEnvoyPtr,
+    config: ConfigModulePtr,
+    callout_id: u64,
+    result: u32,
+    headers: *mut EnvoyHeader,
+    headers_size: usize,
+    body_chunks: *mut EnvoyBuffer,
+    body_chunks_size: usize,
+) {
+    let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return };
+    guard(std::ptr::null_mut(), None, false, (), || {
+        // SAFETY: Envoy's arrays (or null on failure) are valid during this hook.
+        let headers: &[EnvoyHeader] =
+            if headers.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(headers, headers_size) } };
+        let chunks: &[EnvoyBuffer] = if body_chunks.is_null() {
+            &[]
+        } else {
+            unsafe { std::slice::from_raw_parts(body_chunks, body_chunks_size) }
+        };
+        let bytes = |ptr: *const u8, len: usize| -> &[u8] {
+            if ptr.is_null() {
+                &[]
+            } else {
+                unsafe { std::slice::from_raw_parts(ptr, len) }
+            }
+        };
+        let status = headers
+            .iter()
+            .find(|h| bytes(h.key_ptr, h.key_length) == b":status")
+            .map(|h| String::from_utf8_lossy(bytes(h.value_ptr, h.value_length)).into_owned())
+            .filter(|_| result == CALLOUT_SUCCESS);
+        let body: Vec<u8> = chunks.iter().flat_map(|c| bytes(c.ptr, c.length).iter().copied()).collect();
+        if let Some(Ok(mut upkeep)) = cfg.upkeep.as_ref().map(Mutex::lock) {
+            upkeep.called_back(&cfg.main(envoy_config), callout_id, status.as_deref(), body);
+        }
+    })
 }
 
 #[no_mangle]

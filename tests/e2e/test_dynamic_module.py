@@ -1,6 +1,7 @@
 """The dynamic-module build (target/dynamic-module/libfhir_tenant_router.so, `make build-so`): the same
 plugin JSON loaded natively by Envoy's DynamicModuleFilter instead of the wasm filter, with the same
-answers. Inline keys (envoy/envoy-inline-jwks.yaml's), since this build does not fetch key sets yet."""
+answers: inline keys (envoy/envoy-inline-jwks.yaml's), and a remote JWKS from a real IdP (the shipped
+envoy.yaml), fetched on Envoy's main thread, including a rotation that a waiting request rides through."""
 from __future__ import annotations
 
 import copy
@@ -8,17 +9,19 @@ import json
 import subprocess
 import sys
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from checks import (
     assert_no_upstream_saw_anything, assert_operation_outcome, assert_served_only_by, assert_unauthorized,
 )
 from conftest import _running_envoys, stop_envoy
 from harness import (
-    INLINE_JWKS_CONFIG, REPO, TENANT_A, TENANT_B, WASM_FILTER, Envoy, bearer, envoy_validate, free_port, hcm_settings,
-    plugin_json, render_config, write_config,
+    CLIENT_A, INLINE_JWKS_CONFIG, KEYS_FILE, REPO, SHIPPED_CONFIG, TENANT_A, TENANT_B, WASM_FILTER, Envoy, Idp, bearer,
+    free_port, hcm_settings, plugin_json, render_config, wait_until,
 )
-from tokens import Minter
+from tokens import RS_KID, Minter, private_key
 
 SO = REPO / "target" / "dynamic-module" / "libfhir_tenant_router.so"
 DM_FILTER = "envoy.filters.http.dynamic_modules"
@@ -120,14 +123,57 @@ def test_the_counters_count_under_the_filter_stats(native):
     assert (stat(env, "requests.allowed"), stat(env, "requests.rejected.missing_token")) == (before[0] + 1, before[1] + 1)
 
 
-def test_a_remote_jwks_is_refused_at_load_naming_the_field(workdir, upstreams):
+@pytest.fixture(scope="module")
+def remote(workdir, upstreams):
+    """The shipped envoy.yaml (remote JWKS from a real IdP of this module's own) on the dynamic module."""
+    original = json.loads(KEYS_FILE.read_text(encoding="utf-8"))
+    new_key = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa.generate_private_key(public_exponent=65537,
+                                                                                       key_size=2048)))
+    new_key.update(kid="dm-rotated", alg="RS256", use="sig")
+    rotated = workdir / "dm-keys-rotated.json"
+    rotated.write_text(json.dumps({"keys": [new_key] + original["keys"]}), encoding="utf-8")
+    idp = Idp(free_port(), workdir, name="idp-dynamic-module").start()
     port, admin = free_port(), free_port()
-    wasm_cfg = render_config(INLINE_JWKS_CONFIG, listener_port=port, admin_port=admin,
-                             cluster_ports=upstreams.cluster_ports())
-    plugin = plugin_json(wasm_cfg)
-    plugin["provider"].pop("jwks")
-    plugin["provider"].update(jwks_uri="http://127.0.0.1:9/jwks", jwks_cluster="tenant_a")
-    path = write_config(dynamic_module_config(wasm_cfg, plugin), workdir / "dm-remote-jwks.yaml")
-    r = envoy_validate(path)
-    assert r.returncode != 0
-    assert "providers[0].jwks_uri" in (r.stdout + r.stderr), r.stdout + r.stderr
+
+    def plugin(doc):
+        doc["provider"]["jwks_min_refetch_s"] = 1
+
+    wasm_cfg = render_config(SHIPPED_CONFIG, listener_port=port, admin_port=admin,
+                             cluster_ports={"idp": idp.port, **upstreams.cluster_ports()}, plugin=plugin)
+    env = DynamicModuleEnvoy(dynamic_module_config(wasm_cfg, plugin_json(wasm_cfg)), workdir,
+                             "envoy-dynamic-module-remote", port, admin, log_level="info")
+    _running_envoys.append(env)
+    env.start()
+    yield env, idp, rotated
+    stop_envoy(env)
+    idp.stop()
+
+
+def test_the_key_set_is_fetched_once_per_process_and_real_idp_tokens_are_routed(remote, upstreams):
+    env, idp, _ = remote
+    token = idp.access_token(CLIENT_A, TENANT_A)
+    wait_until(lambda: env.request("GET", "/Patient", bearer(token)).status != 503, 30, "the first JWKS fetch",
+               on_timeout=env.log_tail)
+    upstreams.clear()
+    assert_served_only_by(upstreams, env.request("GET", "/Patient", bearer(token)), "tenant-a", TENANT_A)
+    assert stat(env, "jwks.fetch_ok") >= 1
+    assert stat(env, "jwks.keys") == len(json.loads(KEYS_FILE.read_text(encoding="utf-8"))["keys"])
+
+
+def test_a_token_with_a_new_kid_waits_for_the_refetch_and_is_served(remote, upstreams):
+    env, idp, rotated = remote
+    wait_until(lambda: stat(env, "jwks.fetch_ok") >= 1, 30, "the first JWKS fetch", on_timeout=env.log_tail)
+    idp.stop()
+    idp.env["IDP_KEYS"] = str(rotated)
+    idp.start()
+    token = idp.access_token(CLIENT_A, TENANT_A)
+    assert jwt.get_unverified_header(token)["kid"] == "dm-rotated"
+    waits, fetches = stat(env, "jwks.unknown_kid_refetch_waits"), stat(env, "jwks.fetch_ok")
+    upstreams.clear()
+    resp = env.request("GET", "/Patient", bearer(token))
+    assert_served_only_by(upstreams, resp, "tenant-a", TENANT_A)
+    assert stat(env, "jwks.unknown_kid_refetch_waits") == waits + 1
+    assert stat(env, "jwks.fetch_ok") > fetches
+    # A kid nobody has, right after: the refetch window is closed, so it is refused at once.
+    stray = Minter(idp.issuer).token(TENANT_A, kid="no-such-kid", key=private_key(RS_KID))
+    assert_unauthorized(env.request("GET", "/Patient", bearer(stray)), invalid_token=True)

@@ -1,0 +1,79 @@
+//! What both sides of the dynamic module use: the clock, Envoy's log, and the stats defined per config.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::effect::{Gauge, Level, COUNTERS};
+use crate::rejection::Rejection;
+
+use super::abi::*;
+
+/// Milliseconds since the epoch (the ABI has no clock for HTTP filters).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A line in Envoy's log (the `dynamic_modules` logger).
+pub(crate) fn log(level: Level, message: &str) {
+    let level = match level {
+        Level::Debug => LOG_DEBUG,
+        Level::Info => LOG_INFO,
+        Level::Warn => LOG_WARN,
+        Level::Error => LOG_ERROR,
+    };
+    // SAFETY: the buffer is valid for the call; Envoy copies it.
+    unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
+}
+
+/// The stats this config defined in `config_new` (ids by position; `None`: the host refused one).
+pub struct MetricIds {
+    pub(crate) counters: Vec<Option<usize>>,
+    pub(crate) rejected: Vec<Option<usize>>,
+    pub(crate) gauges: Vec<Option<usize>>,
+    /// `tenant.allowed` and `tenant.forbidden`, labelled by `tenant`.
+    pub(crate) tenant: (Option<usize>, Option<usize>),
+    /// Hooks that panicked (caught; the request got a 503).
+    pub(crate) panics: Option<usize>,
+}
+
+fn define(config: ConfigEnvoyPtr, name: &str, gauge: bool, labels: &[&str]) -> Option<usize> {
+    let mut labels: Vec<ModuleBuffer> = labels.iter().map(|l| ModuleBuffer::of(l.as_bytes())).collect();
+    let mut id = 0usize;
+    let name = ModuleBuffer::of(name.as_bytes());
+    // SAFETY: every buffer outlives the call; `id` is a valid out pointer.
+    let status = unsafe {
+        if gauge {
+            envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                config,
+                name,
+                labels.as_mut_ptr(),
+                labels.len(),
+                &mut id,
+            )
+        } else {
+            envoy_dynamic_module_callback_http_filter_config_define_counter(
+                config,
+                name,
+                labels.as_mut_ptr(),
+                labels.len(),
+                &mut id,
+            )
+        }
+    };
+    (status == METRICS_SUCCESS).then_some(id)
+}
+
+impl MetricIds {
+    /// Defines every stat (only possible in `config_new`).
+    pub(crate) fn define(config: ConfigEnvoyPtr) -> Self {
+        Self {
+            counters: COUNTERS.iter().map(|m| define(config, m.name(), false, &[])).collect(),
+            rejected: Rejection::ALL.iter().map(|r| define(config, r.stat_name(), false, &[])).collect(),
+            gauges: Gauge::ALL.iter().map(|g| define(config, g.name(), true, &[])).collect(),
+            tenant: (
+                define(config, "tenant.allowed", false, &["tenant"]),
+                define(config, "tenant.forbidden", false, &["tenant"]),
+            ),
+            panics: define(config, "panics", false, &[]),
+        }
+    }
+}

@@ -89,13 +89,13 @@ fuzz: ## fuzz every parser of untrusted input: 1.45M deterministic generated inp
 	@echo "==> fuzz-runner (fuzz/): token, JWKS, config, tenant, decide, bearer, host protobuf, DER"
 	cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --bin fuzz-runner
 
-bench: build deps ## benchmark against Envoy's native jwt_authn (~8 min, needs wrk: installs it); writes BENCHMARKS.md
+bench: build build-so deps ## benchmark: ours (wasm and dynamic module) vs native jwt_authn and same-job native configs (~14 min; installs wrk); writes BENCHMARKS.md
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 soak: build deps ## 10 minutes of mixed valid and invalid traffic: Envoy memory and VM reloads (not in CI); writes BENCHMARKS.md's soak section
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
-bench-quick: build deps ## a ~2 minute smoke run of the benchmark (writes target/bench-quick.md)
+bench-quick: build build-so deps ## a ~2 minute smoke run of the benchmark (writes target/bench-quick.md)
 	$(PY) bench/run.py --quick --out target/bench-quick.md $(BENCH_ARGS)
 
 clean: ## remove build output and installed test dependencies

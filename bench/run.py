@@ -17,6 +17,7 @@ upstream did not see every request: a fast 401 is not a result. See bench/README
 from __future__ import annotations
 
 import argparse
+import copy
 import atexit
 import datetime as dt
 import hashlib
@@ -58,6 +59,9 @@ FIXED_TENANT_INDEX = 7                    # the fixed token names tenant 7: conf
 MEMORY_TENANTS = 10_000
 GAUGE_MEMORY = "vm.memory_bytes"          # wasmcustom.fhir_tenant_router.vm.memory_bytes
 MODULE_LIMIT = 512 * 1024                 # bytes
+SO = Path(os.environ.get("FHIR_TENANT_ROUTER_SO")
+          or REPO / "target" / "dynamic-module" / "libfhir_tenant_router.so").resolve()
+PEER_ROUTE_HEADER = "x-bench-tenant-route"  # the same-job native peers route on this header (cluster = tenant id)
 MEMORY_LIMIT = 8 * 1024 * 1024            # bytes
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -406,6 +410,60 @@ def native_filter(public_jwks: dict, cache: bool) -> dict:
         "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}]}}
 
 
+def dm_filter(plugin: dict, so: Path) -> dict:
+    """Our filter as an Envoy dynamic module (the .so), with the same plugin JSON as the wasm build."""
+    return {"name": "envoy.filters.http.dynamic_modules", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": "fhir_tenant_router", "do_not_close": True,
+                                  "metrics_namespace": "fhir_tenant_router",
+                                  "module": {"local": {"filename": str(so)}}},
+        "filter_name": "fhir_tenant_router",
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(plugin)}}}
+
+
+def claim_peer_filter(public_jwks: dict) -> dict:
+    """The cheapest native config that does our routing job when the scope is the bare tenant GUID:
+    jwt_authn (with its cache) copies `scope` into a header and clears the route cache; the route's
+    `cluster_header` then picks the tenant's cluster."""
+    f = native_filter(public_jwks, True)
+    provider = f["typed_config"]["providers"]["bench"]
+    provider["claim_to_headers"] = [{"header_name": PEER_ROUTE_HEADER, "claim_name": "scope"}]
+    provider["clear_route_cache"] = True
+    return f
+
+
+# Finds the tenant GUID in a space-delimited scope (jwt_authn's payload in the dynamic metadata), sets the
+# routing header (a client's copy removed first) and makes Envoy pick the route again.
+PEER_LUA = r"""
+function envoy_on_request(h)
+  h:headers():remove("%s")
+  local meta = h:streamInfo():dynamicMetadata():get("envoy.filters.http.jwt_authn")
+  local payload = meta and meta["jwt_payload"]
+  local scope = payload and payload["scope"]
+  if type(scope) == "string" then
+    for v in string.gmatch(scope, "%%S+") do
+      if string.match(v, "^%%x+%%-%%x+%%-%%x+%%-%%x+%%-%%x+$") then
+        h:headers():replace("%s", v)
+        break
+      end
+    end
+  end
+  h:clearRouteCache()
+end
+""" % (PEER_ROUTE_HEADER, PEER_ROUTE_HEADER)
+
+
+def lua_peer_filters(public_jwks: dict) -> list[dict]:
+    """jwt_authn (with its cache) putting the payload in the dynamic metadata, then a Lua filter doing the
+    routing part of our job."""
+    f = native_filter(public_jwks, True)
+    f["typed_config"]["providers"]["bench"]["payload_in_metadata"] = "jwt_payload"
+    lua = {"name": "envoy.filters.http.lua", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": PEER_LUA}}}
+    return [f, lua]
+
+
 def tenant_id(i: int) -> str:
     """A GUID-shaped tenant id, distinct for every i."""
     return f"{i:08x}-0b3c-4d5e-8f60-{(i * 2654435761) % (1 << 48):012x}"
@@ -632,6 +690,7 @@ class Server:
     # with its own filter instance; all filters share one vm_id, so one VM per worker with one root context each
     more_tenants: tuple[int, ...] = ()
     module: Path | None = None  # kind "ours": another build (--baseline) instead of the module under test
+    audit: bool = False         # kind "ours"/"dm": the audit line on (its default) instead of off
 
 
 @dataclass
@@ -668,6 +727,18 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
         if baseline:
             v.append(Variant(f"baseline-cache-{a}", "baseline-cache-t10", a, "fixed",
                              f"baseline module, cache, 10 tenants, {a}", f"native-cache-{a}"))
+        v += [
+            Variant(f"ours-cache-audit-{a}", "ours-cache-audit", a, "fixed",
+                    f"ours, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
+            Variant(f"peer-claim-{a}", "peer-claim", a, "fixed",
+                    f"native jwt_authn + claim_to_headers + cluster_header (same job, bare-GUID scope), {a}"),
+            Variant(f"peer-lua-{a}", "peer-lua", a, "fixed",
+                    f"native jwt_authn + payload_in_metadata + Lua routing (same job), {a}"),
+            Variant(f"dm-cache-{a}", "dm-cache", a, "fixed", f"dynamic module, cache, 10 tenants, {a}",
+                    f"native-cache-{a}"),
+            Variant(f"dm-nocache-{a}", "dm-nocache", a, "fixed", f"dynamic module, no cache, 10 tenants, {a}",
+                    f"native-nocache-{a}"),
+        ]
         if i == 0:
             v += [Variant(f"ours-cache-t{t}-{a}", f"ours-cache-t{t}", a, "fixed",
                           f"ours, cache, {t:,} tenants, {a}", f"native-cache-{a}") for t in tenant_scale]
@@ -688,6 +759,9 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
         if baseline:
             v.append(Variant(f"baseline-distinct-{a}", "baseline-distinct-t10", a, "distinct",
                              f"baseline module, distinct tokens, 10 tenants, {a}", f"native-distinct-{a}"))
+        v.append(Variant(f"dm-distinct-{a}", "dm-distinct", a, "distinct",
+                         f"dynamic module, cache (always missing), distinct tokens, 10 tenants, {a}",
+                         f"native-distinct-{a}"))
     return v
 
 
@@ -741,14 +815,28 @@ class Bench:
             return tested_config(up, {"route": {"cluster": "upstream"}}, [noop_filter()])
         if s.kind == "native":
             return tested_config(up, {"route": {"cluster": "upstream"}}, [native_filter(self.public_jwks, s.cache)])
+        if s.kind in ("peer-claim", "peer-lua"):
+            filters = ([claim_peer_filter(self.public_jwks)] if s.kind == "peer-claim"
+                       else lua_peer_filters(self.public_jwks))
+            cfg = tested_config(up, {"route": {"cluster_header": PEER_ROUTE_HEADER}}, filters)
+            # The tenant's own cluster (the fixed token's tenant), at the same upstream.
+            tenant_cluster = copy.deepcopy(cfg["static_resources"]["clusters"][0])
+            tenant_cluster["name"] = tenant_cluster["load_assignment"]["cluster_name"] = tenant_id(FIXED_TENANT_INDEX)
+            cfg["static_resources"]["clusters"].append(tenant_cluster)
+            return cfg
+        if s.kind == "dm":
+            plugin = ours_plugin(self.public_jwks, s.tenants, CACHE_ENTRIES if s.cache else 0)
+            plugin["audit_log"] = s.audit
+            return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, [dm_filter(plugin, self.so)])
         entries = (CACHE_ENTRIES if s.cache else 0) if self.cache_field else None
         if s.more_tenants:
             # one filter per listener, distinct names, same vm_config (explicit vm_id): one VM per worker
             filters = [[ours_filter(ours_plugin(self.public_jwks, t, entries), name=f"fhir_tenant_router_t{t}",
                                     vm_id=SHARED_VM_ID)] for t in (s.tenants, *s.more_tenants)]
             return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, filters[0], filters[1:])
-        return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}},
-                             [ours_filter(ours_plugin(self.public_jwks, s.tenants, entries), module=s.module)])
+        plugin = ours_plugin(self.public_jwks, s.tenants, entries)
+        plugin["audit_log"] = s.audit
+        return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, [ours_filter(plugin, module=s.module)])
 
     def start_servers(self, specs: list[Server]) -> None:
         for s in specs:
@@ -789,6 +877,14 @@ class Bench:
             baseline.write_bytes(self.args.baseline.read_bytes())
             specs += [Server("baseline-cache-t10", "ours", True, 10, module=baseline),
                       Server("baseline-distinct-t10", "ours", True, 10, module=baseline)]
+        if not SO.is_file():
+            raise BenchError(f"{SO} is missing: make build-so")
+        self.so = self.workdir / "libfhir_tenant_router.so"
+        self.so.write_bytes(SO.read_bytes())
+        specs += [Server("ours-cache-audit", "ours", True, 10, audit=True),
+                  Server("peer-claim", "peer-claim", True), Server("peer-lua", "peer-lua", True),
+                  Server("dm-cache", "dm", True, 10), Server("dm-nocache", "dm", False, 10),
+                  Server("dm-distinct", "dm", True, 10)]
         t0 = time.monotonic()
         self.start_servers(specs)
         log(f"==> {len(specs)} Envoys under test + 1 upstream ready in {time.monotonic() - t0:.1f}s "
@@ -813,7 +909,7 @@ class Bench:
             problems = []
             if r.status != 200 or r.body.decode(errors="replace") != UPSTREAM_BODY:
                 problems.append(f"expected 200 {UPSTREAM_BODY!r} from the upstream, got {r.status} {r.body[:200]!r}")
-            if s.kind == "ours" and r.headers.get(TENANT_ECHO) != tenant:
+            if s.kind in ("ours", "dm") and r.headers.get(TENANT_ECHO) != tenant:
                 problems.append(f"upstream saw x-fhir-tenant-id {r.headers.get(TENANT_ECHO)!r}, expected {tenant!r}")
             if s.kind not in ("passthrough", "noop") and r.headers.get(AUTHZ_ECHO):
                 problems.append("the upstream received the Authorization header")
@@ -825,7 +921,7 @@ class Bench:
                 raise InvalidRun(f"{v.name}: a request without a token got {r.status}, not 401: is auth on?")
 
     def filter_counters(self, s: Server) -> dict[str, int]:
-        st = s.envoy.stats("wasmcustom|jwt_authn")
+        st = s.envoy.stats("wasmcustom|jwt_authn|fhir_tenant_router")
         out = {}
         for k, val in st.items():
             for short in ("signature.host", "signature.pure_rust", "cache.hits", "cache.misses",
@@ -1096,7 +1192,7 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         rps = v.median("rps")
         ref = V[v.native_ref].median("rps") if v.native_ref else None
         sig = ""
-        if v.server.startswith(("ours", "baseline")):
+        if v.server.startswith(("ours", "baseline", "dm")):
             tot = sum(d.get("requests", 0) for d in v.filter_deltas)
             n = sum(d.get("signature.host", 0) + d.get("signature.pure_rust", 0) for d in v.filter_deltas)
             sig = f"{n / tot:.2f}" if tot else ""
@@ -1134,6 +1230,34 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         checks.append((r >= 0.9, f"{alg}: ours with cache / passthrough req/s = {r:.3f} (target >= 0.90)"
                                  f"  [paired per round: {paired(oc, V['passthrough']):.3f}]"))
         cpu_note(oc, V["passthrough"], f"{alg}: passthrough CPU µs/req / ours with cache CPU µs/req")
+        # The dynamic module, and the wasm build against the cheapest native configs doing the same job.
+        dc, dd = V[f"dm-cache-{alg}"], V[f"dm-distinct-{alg}"]
+        r = dc.median("rps") / nc.median("rps")
+        checks.append((r >= 1.0, f"{alg}: dynamic module with cache / native with cache req/s = {r:.3f} "
+                                 f"(target >= 1.00)  [paired per round: {paired(dc, nc):.3f}]"))
+        cpu_note(dc, nc, f"{alg}: native with cache CPU µs/req / dynamic module with cache CPU µs/req")
+        checks.append((dc.median("p99_ms") <= nc.median("p99_ms"),
+                       f"{alg}: dynamic module with cache p99 {dc.median('p99_ms'):.2f} ms vs native with cache "
+                       f"{nc.median('p99_ms'):.2f} ms (target: no worse)"))
+        r = dd.median("rps") / nd.median("rps")
+        checks.append((r >= 0.9, f"{alg}: dynamic module distinct tokens / native no cache, distinct tokens req/s = "
+                                 f"{r:.3f} (target >= 0.90)  [paired per round: {paired(dd, nd):.3f}]"))
+        cpu_note(dd, nd, f"{alg}: native distinct CPU µs/req / dynamic module distinct CPU µs/req")
+        r = dc.median("rps") / pt
+        checks.append((r >= 0.9, f"{alg}: dynamic module with cache / passthrough req/s = {r:.3f} (target >= 0.90)"
+                                 f"  [paired per round: {paired(dc, V['passthrough']):.3f}]"))
+        lua, claim = V[f"peer-lua-{alg}"], V[f"peer-claim-{alg}"]
+        r = oc.median("rps") / lua.median("rps")
+        checks.append((r >= 1.0, f"{alg}: ours (wasm) with cache / jwt_authn + Lua doing the same job req/s = "
+                                 f"{r:.3f} (target >= 1.00)  [paired per round: {paired(oc, lua):.3f}]"))
+        cpu_note(oc, lua, f"{alg}: jwt_authn + Lua CPU µs/req / ours CPU µs/req")
+        r = oc.median("rps") / claim.median("rps")
+        checks.append((r >= 0.9, f"{alg}: ours (wasm) with cache / jwt_authn + claim_to_headers req/s = {r:.3f} "
+                                 f"(target >= 0.90)  [paired per round: {paired(oc, claim):.3f}]"))
+        cpu_note(oc, claim, f"{alg}: jwt_authn + claim_to_headers CPU µs/req / ours CPU µs/req")
+        audit = V[f"ours-cache-audit-{alg}"]
+        note(f"      {alg}: ours with the audit line on (its default) / off req/s = "
+             f"{audit.median('rps') / oc.median('rps'):.3f}  [paired per round: {paired(audit, oc):.3f}] (informational)")
     a0 = a.algs[0]
     base = V[f"ours-cache-{a0}"].median("rps")
     for t in b.tenant_scale:
@@ -1156,6 +1280,7 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
                  "judged in one process (line above)")
     checks.append((wasm_size <= MODULE_LIMIT,
                    f"module size {wasm_size:,} bytes (target <= 512 KiB = {MODULE_LIMIT:,} bytes)"))
+    note(f"      dynamic module size {SO.stat().st_size:,} bytes (informational)")
     m = b.memory
     if m.get("after") is None:
         checks.append((False, f"VM memory with {MEMORY_TENANTS:,} tenants and {CACHE_ENTRIES:,} cached tokens: "

@@ -90,11 +90,10 @@ fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Optio
 
 fn count(filter: FilterEnvoyPtr, id: Option<usize>, label: Option<&str>) {
     let Some(id) = id else { return };
-    let mut labels: Vec<ModuleBuffer> = label.map(|l| ModuleBuffer::of(l.as_bytes())).into_iter().collect();
-    // SAFETY: as in `set_header`.
-    unsafe {
-        envoy_dynamic_module_callback_http_filter_increment_counter(filter, id, labels.as_mut_ptr(), labels.len(), 1)
-    };
+    let mut labels = [ModuleBuffer::of(label.unwrap_or_default().as_bytes())];
+    let n = usize::from(label.is_some());
+    // SAFETY: as in `set_header`; Envoy reads `n` (0 or 1) labels.
+    unsafe { envoy_dynamic_module_callback_http_filter_increment_counter(filter, id, labels.as_mut_ptr(), n, 1) };
 }
 
 /// A body as one buffer: what the filter buffered so far, then the frame of this hook.
@@ -269,6 +268,11 @@ impl Effects for LogsOnly {
     }
 }
 
+thread_local! {
+    /// A worker's buffer for the request header views (taken during a hook, put back after).
+    static HEADERS: std::cell::Cell<Vec<EnvoyHeader>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Context ids for the core's streams (unique per process).
 static NEXT_STREAM_ID: AtomicU32 = AtomicU32::new(1);
 
@@ -410,22 +414,21 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             return HEADERS_STOP_ITERATION;
         };
         // SAFETY: `filter` is live; the array holds `n` entries for Envoy to fill, valid during this hook.
-        let headers = unsafe {
+        // The header views go into this worker's reusable buffer: no allocation per request.
+        let mut buffer = HEADERS.with(|b| b.take());
+        // SAFETY: `filter` is live; the buffer holds `n` entries for Envoy to fill, valid during this hook.
+        unsafe {
             let n = envoy_dynamic_module_callback_http_get_headers_size(filter, REQUEST_HEADER);
-            let mut headers = vec![
-                EnvoyHeader {
-                    key_ptr: std::ptr::null(),
-                    key_length: 0,
-                    value_ptr: std::ptr::null(),
-                    value_length: 0
-                };
-                n
-            ];
-            if n > 0 && !envoy_dynamic_module_callback_http_get_headers(filter, REQUEST_HEADER, headers.as_mut_ptr()) {
-                headers.clear();
+            buffer.clear();
+            buffer.resize(
+                n,
+                EnvoyHeader { key_ptr: std::ptr::null(), key_length: 0, value_ptr: std::ptr::null(), value_length: 0 },
+            );
+            if n > 0 && !envoy_dynamic_module_callback_http_get_headers(filter, REQUEST_HEADER, buffer.as_mut_ptr()) {
+                buffer.clear();
             }
-            headers
-        };
+        }
+        let headers = &buffer;
         let pairs = headers.iter().filter(|h| !h.key_ptr.is_null()).map(|h| {
             // SAFETY: Envoy's header views are valid during this hook.
             unsafe {
@@ -449,6 +452,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             object.scheduler = Some(scheduler);
             park(&cfg.parked, object.stream.context_id(), scheduler, provider);
         }
+        HEADERS.with(|b| b.replace(buffer));
         headers_status(flow)
     })
 }

@@ -1212,49 +1212,43 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
     def cpu_note(a_: Variant, b_: Variant, what: str) -> None:
         note(cpu_info(f"{what} = {cpu_ratio(a_, b_):.3f}  [paired per round: {paired_cpu(a_, b_):.3f}]"))
 
+    def ratio_check(a_: Variant, b_: Variant, what: str, target: float, cpu: str | None = None) -> None:
+        """A req/s target on a_ ÷ b_, and (with `cpu`) the CPU µs/request ratio under it."""
+        r = a_.median("rps") / b_.median("rps")
+        checks.append((r >= target, f"{what} req/s = {r:.3f} (target >= {target:.2f})"
+                                    f"  [paired per round: {paired(a_, b_):.3f}]"))
+        if cpu:
+            cpu_note(a_, b_, cpu)
+
+    def p99_check(a_: Variant, b_: Variant, what: str) -> None:
+        checks.append((a_.median("p99_ms") <= b_.median("p99_ms"),
+                       f"{what} p99 {a_.median('p99_ms'):.2f} ms vs native with cache {b_.median('p99_ms'):.2f} ms "
+                       "(target: no worse)"))
+
     for alg in a.algs:
         oc, nc = V[f"ours-cache-{alg}"], V[f"native-cache-{alg}"]
-        r = oc.median("rps") / nc.median("rps")
-        checks.append((r >= 1.0, f"{alg}: ours with cache / native with cache req/s = {r:.3f} (target >= 1.00)"
-                                 f"  [paired per round: {paired(oc, nc):.3f}]"))
-        cpu_note(oc, nc, f"{alg}: native with cache CPU µs/req / ours with cache CPU µs/req")
-        checks.append((oc.median("p99_ms") <= nc.median("p99_ms"),
-                       f"{alg}: ours with cache p99 {oc.median('p99_ms'):.2f} ms vs native with cache "
-                       f"{nc.median('p99_ms'):.2f} ms (target: no worse)"))
         od, nd = V[f"ours-distinct-{alg}"], V[f"native-distinct-{alg}"]
-        r = od.median("rps") / nd.median("rps")
-        checks.append((r >= 0.9, f"{alg}: ours distinct tokens (cache missing) / native no cache, distinct tokens "
-                                 f"req/s = {r:.3f} (target >= 0.90)  [paired per round: {paired(od, nd):.3f}]"))
-        cpu_note(od, nd, f"{alg}: native distinct CPU µs/req / ours distinct CPU µs/req")
-        r = oc.median("rps") / pt
-        checks.append((r >= 0.9, f"{alg}: ours with cache / passthrough req/s = {r:.3f} (target >= 0.90)"
-                                 f"  [paired per round: {paired(oc, V['passthrough']):.3f}]"))
-        cpu_note(oc, V["passthrough"], f"{alg}: passthrough CPU µs/req / ours with cache CPU µs/req")
+        ps = V["passthrough"]
+        ratio_check(oc, nc, f"{alg}: ours with cache / native with cache", 1.0,
+                    f"{alg}: native with cache CPU µs/req / ours with cache CPU µs/req")
+        p99_check(oc, nc, f"{alg}: ours with cache")
+        ratio_check(od, nd, f"{alg}: ours distinct tokens (cache missing) / native no cache, distinct tokens", 0.9,
+                    f"{alg}: native distinct CPU µs/req / ours distinct CPU µs/req")
+        ratio_check(oc, ps, f"{alg}: ours with cache / passthrough", 0.9,
+                    f"{alg}: passthrough CPU µs/req / ours with cache CPU µs/req")
         # The dynamic module, and the wasm build against the cheapest native configs doing the same job.
         dc, dd = V[f"dm-cache-{alg}"], V[f"dm-distinct-{alg}"]
-        r = dc.median("rps") / nc.median("rps")
-        checks.append((r >= 1.0, f"{alg}: dynamic module with cache / native with cache req/s = {r:.3f} "
-                                 f"(target >= 1.00)  [paired per round: {paired(dc, nc):.3f}]"))
-        cpu_note(dc, nc, f"{alg}: native with cache CPU µs/req / dynamic module with cache CPU µs/req")
-        checks.append((dc.median("p99_ms") <= nc.median("p99_ms"),
-                       f"{alg}: dynamic module with cache p99 {dc.median('p99_ms'):.2f} ms vs native with cache "
-                       f"{nc.median('p99_ms'):.2f} ms (target: no worse)"))
-        r = dd.median("rps") / nd.median("rps")
-        checks.append((r >= 0.9, f"{alg}: dynamic module distinct tokens / native no cache, distinct tokens req/s = "
-                                 f"{r:.3f} (target >= 0.90)  [paired per round: {paired(dd, nd):.3f}]"))
-        cpu_note(dd, nd, f"{alg}: native distinct CPU µs/req / dynamic module distinct CPU µs/req")
-        r = dc.median("rps") / pt
-        checks.append((r >= 0.9, f"{alg}: dynamic module with cache / passthrough req/s = {r:.3f} (target >= 0.90)"
-                                 f"  [paired per round: {paired(dc, V['passthrough']):.3f}]"))
+        ratio_check(dc, nc, f"{alg}: dynamic module with cache / native with cache", 1.0,
+                    f"{alg}: native with cache CPU µs/req / dynamic module with cache CPU µs/req")
+        p99_check(dc, nc, f"{alg}: dynamic module with cache")
+        ratio_check(dd, nd, f"{alg}: dynamic module distinct tokens / native no cache, distinct tokens", 0.9,
+                    f"{alg}: native distinct CPU µs/req / dynamic module distinct CPU µs/req")
+        ratio_check(dc, ps, f"{alg}: dynamic module with cache / passthrough", 0.9)
         lua, claim = V[f"peer-lua-{alg}"], V[f"peer-claim-{alg}"]
-        r = oc.median("rps") / lua.median("rps")
-        checks.append((r >= 1.0, f"{alg}: ours (wasm) with cache / jwt_authn + Lua doing the same job req/s = "
-                                 f"{r:.3f} (target >= 1.00)  [paired per round: {paired(oc, lua):.3f}]"))
-        cpu_note(oc, lua, f"{alg}: jwt_authn + Lua CPU µs/req / ours CPU µs/req")
-        r = oc.median("rps") / claim.median("rps")
-        checks.append((r >= 0.9, f"{alg}: ours (wasm) with cache / jwt_authn + claim_to_headers req/s = {r:.3f} "
-                                 f"(target >= 0.90)  [paired per round: {paired(oc, claim):.3f}]"))
-        cpu_note(oc, claim, f"{alg}: jwt_authn + claim_to_headers CPU µs/req / ours CPU µs/req")
+        ratio_check(oc, lua, f"{alg}: ours (wasm) with cache / jwt_authn + Lua doing the same job", 1.0,
+                    f"{alg}: jwt_authn + Lua CPU µs/req / ours CPU µs/req")
+        ratio_check(oc, claim, f"{alg}: ours (wasm) with cache / jwt_authn + claim_to_headers", 0.9,
+                    f"{alg}: jwt_authn + claim_to_headers CPU µs/req / ours CPU µs/req")
         audit = V[f"ours-cache-audit-{alg}"]
         note(f"      {alg}: ours with the audit line on (its default) / off req/s = "
              f"{audit.median('rps') / oc.median('rps'):.3f}  [paired per round: {paired(audit, oc):.3f}] (informational)")

@@ -48,6 +48,21 @@ pub struct ModuleHeader {
     pub value_length: usize,
 }
 
+impl ModuleHeader {
+    /// Views of `pairs` for one call (they borrow `pairs`).
+    pub fn views(pairs: &[(&str, &str)]) -> Vec<ModuleHeader> {
+        pairs
+            .iter()
+            .map(|(k, v)| ModuleHeader {
+                key_ptr: k.as_ptr(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr(),
+                value_length: v.len(),
+            })
+            .collect()
+    }
+}
+
 /// An Envoy-owned header (same layout).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -206,15 +206,7 @@ const PANIC_OUTCOME: &str = r#"{"issue":[{"code":"exception","diagnostics":"The 
 
 /// A local answer through the ABI.
 fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    let mut headers: Vec<ModuleHeader> = headers
-        .iter()
-        .map(|(k, v)| ModuleHeader {
-            key_ptr: k.as_ptr(),
-            key_length: k.len(),
-            value_ptr: v.as_ptr(),
-            value_length: v.len(),
-        })
-        .collect();
+    let mut headers = ModuleHeader::views(headers);
     // SAFETY: `filter` is the live stream of the current hook; every buffer outlives the call.
     unsafe {
         envoy_dynamic_module_callback_http_send_response(

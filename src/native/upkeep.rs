@@ -156,15 +156,7 @@ impl Upkeep {
                 ("host", fetch.authority.as_str()),
                 ("accept", "application/json"),
             ];
-            let mut headers: Vec<ModuleHeader> = headers
-                .iter()
-                .map(|(k, v)| ModuleHeader {
-                    key_ptr: k.as_ptr(),
-                    key_length: k.len(),
-                    value_ptr: v.as_ptr(),
-                    value_length: v.len(),
-                })
-                .collect();
+            let mut headers = ModuleHeader::views(&headers);
             let mut id = 0u64;
             // SAFETY: main thread, live config; every buffer outlives the call.
             let status = unsafe {

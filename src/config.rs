@@ -551,6 +551,11 @@ impl Config {
         compile_tenants("tenants", raw.tenants, &ctx, self.tenants.empty_like())
     }
 
+    /// Whether anything is fetched at run time (a remote JWKS or a tenant registry).
+    pub fn fetches(&self) -> bool {
+        self.registry.is_some() || self.providers.iter().any(|p| matches!(p.jwks, JwksSource::Remote(_)))
+    }
+
     /// The provider of a token issued by `issuer`, by index.
     pub fn provider_index(&self, issuer: &str) -> Option<usize> {
         self.providers.iter().position(|p| p.provider.issuer == issuer)

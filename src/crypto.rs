@@ -178,13 +178,7 @@ fn verify_rsa(alg: Algorithm, public: &rsa::RsaPublicKey, msg: &[u8], signature:
 mod tests {
     use super::*;
     use crate::jwks::KeySet;
-    use crate::testkeys;
-
-    fn parts(token: &str) -> (String, Vec<u8>) {
-        use base64::Engine as _;
-        let (input, sig) = token.rsplit_once('.').unwrap();
-        (input.to_string(), base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).unwrap())
-    }
+    use crate::testkeys::{self, signing_parts as parts};
 
     #[test]
     fn pure_rust_accepts_good_signatures_and_refuses_altered_ones() {

@@ -138,6 +138,38 @@ pub const COUNTERS: [Metric<'static>; 12] = [
     Metric::RegistryFetchFailed,
 ];
 
+/// Where a shell keeps a counter's id: [`COUNTERS`] position, [`Rejection::ALL`] position, or a
+/// per-tenant counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterSlot<'a> {
+    Fixed(usize),
+    Rejected(usize),
+    Tenant { tenant: &'a str, allowed: bool },
+}
+
+impl<'a> Metric<'a> {
+    /// Where a shell finds this counter's id.
+    pub fn slot(self) -> CounterSlot<'a> {
+        match self {
+            Self::Allowed => CounterSlot::Fixed(0),
+            Self::Public => CounterSlot::Fixed(1),
+            Self::ForbiddenByPolicy => CounterSlot::Fixed(2),
+            Self::JwksFetchOk => CounterSlot::Fixed(3),
+            Self::JwksFetchFailed => CounterSlot::Fixed(4),
+            Self::JwksUnknownKidWaits => CounterSlot::Fixed(5),
+            Self::SignatureHost => CounterSlot::Fixed(6),
+            Self::SignaturePureRust => CounterSlot::Fixed(7),
+            Self::CacheHits => CounterSlot::Fixed(8),
+            Self::CacheMisses => CounterSlot::Fixed(9),
+            Self::RegistryFetchOk => CounterSlot::Fixed(10),
+            Self::RegistryFetchFailed => CounterSlot::Fixed(11),
+            Self::Rejected(r) => CounterSlot::Rejected(r.index()),
+            Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
+            Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
+        }
+    }
+}
+
 impl Metric<'_> {
     /// The stat's name under the filter's prefix (`requests.rejected.<reason>` for a refusal,
     /// `tenant.<id>.allowed` and `tenant.<id>.forbidden` for the per-tenant counters, named by the shell).
@@ -175,6 +207,16 @@ impl Gauge {
     /// All gauges, in the order a shell defines them.
     pub const ALL: [Gauge; 4] = [Gauge::JwksKeys, Gauge::CacheEntries, Gauge::VmMemoryBytes, Gauge::RegistryTenants];
 
+    /// Position in [`Gauge::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::JwksKeys => 0,
+            Self::CacheEntries => 1,
+            Self::VmMemoryBytes => 2,
+            Self::RegistryTenants => 3,
+        }
+    }
+
     /// The stat's name under the filter's prefix.
     pub fn name(self) -> &'static str {
         match self {
@@ -200,5 +242,24 @@ impl Effects for Recorded {
             other => format!("{other:?}"),
         };
         self.0.push(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_finds_its_own_slot() {
+        for (i, m) in COUNTERS.iter().enumerate() {
+            assert_eq!(m.slot(), CounterSlot::Fixed(i), "{m:?}");
+        }
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(Metric::Rejected(*r).slot(), CounterSlot::Rejected(i));
+        }
+        assert_eq!(Metric::TenantForbidden("t").slot(), CounterSlot::Tenant { tenant: "t", allowed: false });
+        for (i, g) in Gauge::ALL.iter().enumerate() {
+            assert_eq!(g.index(), i);
+        }
     }
 }

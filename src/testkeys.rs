@@ -83,6 +83,13 @@ fn rs256_signer(key: rsa::RsaPrivateKey) -> impl FnOnce(&[u8]) -> Vec<u8> {
     }
 }
 
+/// A compact token's signing input and its decoded signature (what a `SignatureCheck` takes).
+pub fn signing_parts(token: &str) -> (String, Vec<u8>) {
+    use base64::Engine as _;
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    (input.to_string(), base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).unwrap())
+}
+
 /// An RS256 token over `claims`, minted by jwt-simple with the test RSA key.
 pub fn sign_rs256(claims: &Value) -> String {
     use jwt_simple::prelude::*;

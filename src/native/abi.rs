@@ -83,8 +83,10 @@ pub type SchedulerPtr = *mut c_void;
 /// `envoy_dynamic_module_type_http_header_type`.
 pub const REQUEST_HEADER: u32 = 0;
 pub const RESPONSE_HEADER: u32 = 2;
-/// `envoy_dynamic_module_type_http_body_type`.
+/// `envoy_dynamic_module_type_http_body_type`: what the filter buffered, and the frame of the current hook.
+pub const RECEIVED_REQUEST_BODY: u32 = 0;
 pub const BUFFERED_REQUEST_BODY: u32 = 1;
+pub const RECEIVED_RESPONSE_BODY: u32 = 2;
 pub const BUFFERED_RESPONSE_BODY: u32 = 3;
 /// `envoy_dynamic_module_type_log_level`.
 pub const LOG_DEBUG: u32 = 1;

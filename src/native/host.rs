@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::effect::{Gauge, Level, COUNTERS};
+use crate::effect::{CounterSlot, Gauge, Level, Metric, COUNTERS};
 use crate::rejection::Rejection;
 
 use super::abi::*;
@@ -26,11 +26,11 @@ pub(crate) fn log(level: Level, message: &str) {
 
 /// The stats this config defined in `config_new` (ids by position; `None`: the host refused one).
 pub struct MetricIds {
-    pub(crate) counters: Vec<Option<usize>>,
-    pub(crate) rejected: Vec<Option<usize>>,
-    pub(crate) gauges: Vec<Option<usize>>,
+    counters: Vec<Option<usize>>,
+    rejected: Vec<Option<usize>>,
+    gauges: Vec<Option<usize>>,
     /// `tenant.allowed` and `tenant.forbidden`, labelled by `tenant`.
-    pub(crate) tenant: (Option<usize>, Option<usize>),
+    tenant: (Option<usize>, Option<usize>),
     /// Hooks that panicked (caught; the request got a 503).
     pub(crate) panics: Option<usize>,
 }
@@ -75,5 +75,24 @@ impl MetricIds {
             ),
             panics: define(config, "panics", false, &[]),
         }
+    }
+}
+
+impl MetricIds {
+    /// A counter's id, and the `tenant` label value for a per-tenant counter.
+    pub(crate) fn counter<'m>(&self, metric: Metric<'m>) -> Option<(usize, Option<&'m str>)> {
+        match metric.slot() {
+            CounterSlot::Fixed(i) => self.counters.get(i).copied().flatten().map(|id| (id, None)),
+            CounterSlot::Rejected(i) => self.rejected.get(i).copied().flatten().map(|id| (id, None)),
+            CounterSlot::Tenant { tenant, allowed } => {
+                let id = if allowed { self.tenant.0 } else { self.tenant.1 };
+                id.map(|id| (id, Some(tenant)))
+            }
+        }
+    }
+
+    /// A gauge's id.
+    pub(crate) fn gauge(&self, gauge: Gauge) -> Option<usize> {
+        self.gauges.get(gauge.index()).copied().flatten()
     }
 }

@@ -15,14 +15,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
-use crate::config::{Config, JwksSource};
-use crate::effect::{Effect, Effects, Flow, Gauge, Level, Metric, Recorded, COUNTERS};
+use crate::config::Config;
+use crate::effect::{Effect, Effects, Flow, Level};
 use crate::router::{Router, Stream};
 
 use super::abi::*;
 use super::crypto::Ring;
 use super::host::{log, now_ms, MetricIds};
-use super::upkeep::{park, unpark, Main, Parked, Published, SendPtr, Upkeep};
+use super::upkeep::{park, unpark, Main, Parked, Published, Quiet, SendPtr, Upkeep};
 
 /// Most worker slots a config keeps (Envoy's `--concurrency`); a worker beyond them gets 503s.
 const MAX_WORKERS: usize = 256;
@@ -88,18 +88,19 @@ fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Optio
     };
 }
 
-fn count(filter: FilterEnvoyPtr, id: Option<usize>, label: Option<&str>) {
-    let Some(id) = id else { return };
+fn count(filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
+    let Some((id, label)) = counter else { return };
     let mut labels = [ModuleBuffer::of(label.unwrap_or_default().as_bytes())];
     let n = usize::from(label.is_some());
     // SAFETY: as in `set_header`; Envoy reads `n` (0 or 1) labels.
     unsafe { envoy_dynamic_module_callback_http_filter_increment_counter(filter, id, labels.as_mut_ptr(), n, 1) };
 }
 
-/// A body as one buffer: what the filter buffered so far, then the frame of this hook.
-fn read_body(filter: FilterEnvoyPtr, buffered: u32) -> Vec<u8> {
+/// A body as one buffer: what the filter buffered so far, then the frame of this hook (`body_types`:
+/// those two, for the request or the response).
+fn read_body(filter: FilterEnvoyPtr, body_types: [u32; 2]) -> Vec<u8> {
     let mut out = Vec::new();
-    for body_type in [buffered, buffered - 1] {
+    for body_type in body_types {
         // SAFETY: `filter` is live; the vector holds `n` entries for Envoy to fill, each valid during the hook.
         unsafe {
             let n = envoy_dynamic_module_callback_http_get_body_chunks_size(filter, body_type);
@@ -119,13 +120,13 @@ fn replace_response_body(filter: FilterEnvoyPtr, body: &[u8]) {
     // SAFETY: `filter` is live; `body` outlives the call.
     unsafe {
         let buffered = envoy_dynamic_module_callback_http_get_body_size(filter, BUFFERED_RESPONSE_BODY);
-        let received = envoy_dynamic_module_callback_http_get_body_size(filter, BUFFERED_RESPONSE_BODY - 1);
-        envoy_dynamic_module_callback_http_drain_body(filter, BUFFERED_RESPONSE_BODY - 1, received);
+        let received = envoy_dynamic_module_callback_http_get_body_size(filter, RECEIVED_RESPONSE_BODY);
+        envoy_dynamic_module_callback_http_drain_body(filter, RECEIVED_RESPONSE_BODY, received);
         let target = if buffered > 0 {
             envoy_dynamic_module_callback_http_drain_body(filter, BUFFERED_RESPONSE_BODY, buffered);
             BUFFERED_RESPONSE_BODY
         } else {
-            BUFFERED_RESPONSE_BODY - 1
+            RECEIVED_RESPONSE_BODY
         };
         envoy_dynamic_module_callback_http_append_body(filter, target, ModuleBuffer::of(body));
     }
@@ -166,24 +167,9 @@ impl Effects for Apply<'_> {
                     ModuleBuffer::of(value.as_bytes()),
                 );
             },
-            Effect::Count(metric) => {
-                let m = self.metrics;
-                match metric {
-                    Metric::Rejected(r) => count(filter, m.rejected.get(r.index()).copied().flatten(), None),
-                    Metric::TenantAllowed(t) => count(filter, m.tenant.0, Some(t)),
-                    Metric::TenantForbidden(t) => count(filter, m.tenant.1, Some(t)),
-                    fixed => {
-                        let id = COUNTERS
-                            .iter()
-                            .position(|c| *c == fixed)
-                            .and_then(|i| m.counters.get(i).copied().flatten());
-                        count(filter, id, None)
-                    }
-                }
-            }
+            Effect::Count(metric) => count(filter, self.metrics.counter(metric)),
             Effect::Gauge(gauge, value) => {
-                let index = Gauge::ALL.iter().position(|g| *g == gauge);
-                if let Some(id) = index.and_then(|i| self.metrics.gauges.get(i).copied().flatten()) {
+                if let Some(id) = self.metrics.gauge(gauge) {
                     unsafe {
                         envoy_dynamic_module_callback_http_filter_set_gauge(filter, id, std::ptr::null_mut(), 0, value)
                     };
@@ -194,7 +180,6 @@ impl Effects for Apply<'_> {
             Effect::RemoveResponseHeader(name) => set_header(filter, RESPONSE_HEADER, name, None),
             Effect::ReplaceResponseBody(body) => replace_response_body(filter, body),
             Effect::ResumeRequest => unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(filter) },
-            // Refused at config time: this build has no fetches yet.
             // Fetches are the main thread's (see `upkeep`); a worker's router never ticks.
             Effect::Fetch(_) => {}
         }
@@ -239,7 +224,7 @@ fn guard<T>(
         Err(_) => {
             log(Level::Error, "fhir_tenant_router: a hook panicked; the request was answered 503");
             if let Some(config) = config {
-                count(filter, config.metrics.panics, None);
+                count(filter, config.metrics.panics.map(|id| (id, None)));
             }
             if answer && !filter.is_null() {
                 let _ = catch_unwind(|| unavailable(filter, PANIC_OUTCOME.as_bytes()));
@@ -268,19 +253,39 @@ thread_local! {
 /// Context ids for the core's streams (unique per process).
 static NEXT_STREAM_ID: AtomicU32 = AtomicU32::new(1);
 
-/// The config's router for the current worker (created on the worker's first stream), with the latest
-/// published key sets and tenant map installed.
+/// The config's worker state for the current worker, created on the worker's first stream.
 ///
 /// # Safety
 /// Call only on Envoy worker `slot`'s thread (see [`Slot`]).
 #[allow(clippy::mut_from_ref)] // the slot's UnsafeCell: one worker's exclusive state (see `Slot`)
-unsafe fn router(config: &FilterConfig, slot: usize) -> Option<&mut Router> {
+unsafe fn worker(config: &FilterConfig, slot: usize) -> Option<&mut Worker> {
     let cell = config.slots.get(slot)?;
     let worker = unsafe { &mut *cell.0.get() };
-    let worker = worker.get_or_insert_with(|| Worker {
-        router: Router::new(config.config.clone(), now_ms(), &mut Recorded::default()),
-        seen: 0,
-    });
+    Some(
+        worker.get_or_insert_with(|| Worker {
+            router: Router::new(config.config.clone(), now_ms(), &mut Quiet),
+            seen: 0,
+        }),
+    )
+}
+
+/// The worker's router.
+///
+/// # Safety
+/// As for [`worker`].
+#[allow(clippy::mut_from_ref)] // see `worker`
+unsafe fn router(config: &FilterConfig, slot: usize) -> Option<&mut Router> {
+    unsafe { worker(config, slot) }.map(|w| &mut w.router)
+}
+
+/// The worker's router with the latest published key sets and tenant map installed: for the hooks that
+/// decide a request (its headers, and its wake-up after a key set).
+///
+/// # Safety
+/// As for [`worker`].
+#[allow(clippy::mut_from_ref)] // see `worker`
+unsafe fn deciding_router(config: &FilterConfig, slot: usize) -> Option<&mut Router> {
+    let worker = unsafe { worker(config, slot) }?;
     config.published.sync(&mut worker.router, &mut worker.seen);
     Some(&mut worker.router)
 }
@@ -346,8 +351,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         // The start-up line, once (each worker's router is built quietly from the same config); with anything
         // to fetch, this router stays on the main thread to fetch it.
         let main = Router::new(compiled.clone(), now_ms(), &mut LogsOnly);
-        let fetches =
-            compiled.registry.is_some() || compiled.providers.iter().any(|p| matches!(p.jwks, JwksSource::Remote(_)));
+        let fetches = compiled.fetches();
         // SAFETY: config_new, main thread, this config.
         let upkeep = fetches.then(|| Mutex::new(unsafe { Upkeep::start(main, envoy_config) }));
         let slots = (0..MAX_WORKERS).map(|_| Slot(UnsafeCell::new(None))).collect();
@@ -401,7 +405,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     // SAFETY: `module` is this stream's object; hooks of a stream run on its worker.
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
     guard(filter, Some(cfg), true, HEADERS_STOP_ITERATION, || {
-        let Some(router) = (unsafe { router(cfg, object.slot) }) else {
+        let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else {
             unavailable(filter, PANIC_OUTCOME.as_bytes());
             return HEADERS_STOP_ITERATION;
         };
@@ -459,7 +463,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     guard(filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
         let mut apply = Apply { filter, metrics: &cfg.metrics };
-        let mut body = || read_body(filter, BUFFERED_REQUEST_BODY);
+        let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         body_status(router.on_request_body(&mut object.stream, end_of_stream, now_ms(), &mut body, &mut apply))
     })
 }
@@ -497,7 +501,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     guard(filter, Some(cfg), false, BODY_CONTINUE, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
         let mut apply = Apply { filter, metrics: &cfg.metrics };
-        let mut body = || read_body(filter, BUFFERED_RESPONSE_BODY);
+        let mut body = || read_body(filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
         body_status(router.on_response_body(&mut object.stream, end_of_stream, &mut body, &mut apply))
     })
 }
@@ -613,9 +617,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     // A key-set answer arrived (or the fetch failed) while this request was parked: decide it again.
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
     guard(filter, Some(cfg), true, (), || {
-        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return };
+        let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return };
         let mut apply = Apply { filter, metrics: &cfg.metrics };
-        let mut body = || read_body(filter, BUFFERED_REQUEST_BODY);
+        let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         router.wake(&mut object.stream, now_ms(), &object.signatures, &mut body, &mut apply);
     })
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::effect::{Effect, Effects, FetchTarget, Gauge, Metric, COUNTERS};
+use crate::effect::{Effect, Effects, FetchTarget};
 use crate::router::Router;
 use crate::upkeep::{FetchResult, TICK_MS};
 
@@ -60,8 +60,8 @@ impl Published {
     }
 }
 
-/// Discards effects (a worker replaying what the main thread already reported).
-struct Quiet;
+/// Discards effects (a worker replaying what the main thread already reported, or building its router).
+pub struct Quiet;
 
 impl Effects for Quiet {
     fn push(&mut self, _: Effect<'_>) {}
@@ -240,16 +240,9 @@ impl Effects for MainSink<'_> {
     fn push(&mut self, effect: Effect<'_>) {
         match effect {
             Effect::Log(level, line) => log(level, line),
+            // The main thread counts fetch outcomes only: no per-tenant (labelled) counter reaches it.
             Effect::Count(metric) => {
-                let id = match metric {
-                    Metric::Rejected(r) => self.metrics.rejected.get(r.index()).copied().flatten(),
-                    Metric::TenantAllowed(_) | Metric::TenantForbidden(_) => None,
-                    fixed => COUNTERS
-                        .iter()
-                        .position(|c| *c == fixed)
-                        .and_then(|i| self.metrics.counters.get(i).copied().flatten()),
-                };
-                if let Some(id) = id {
+                if let Some((id, None)) = self.metrics.counter(metric) {
                     // SAFETY: main thread, live config.
                     unsafe {
                         envoy_dynamic_module_callback_http_filter_config_increment_counter(
@@ -263,8 +256,7 @@ impl Effects for MainSink<'_> {
                 }
             }
             Effect::Gauge(gauge, value) => {
-                let index = Gauge::ALL.iter().position(|g| *g == gauge);
-                if let Some(id) = index.and_then(|i| self.metrics.gauges.get(i).copied().flatten()) {
+                if let Some(id) = self.metrics.gauge(gauge) {
                     // SAFETY: main thread, live config.
                     unsafe {
                         envoy_dynamic_module_callback_http_filter_config_set_gauge(

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
-use crate::effect::{Gauge, Metric, COUNTERS};
+use crate::effect::{CounterSlot, Gauge, Metric, COUNTERS};
 use crate::rejection::Rejection;
 use crate::tenant::FxHasher;
 
@@ -49,11 +49,11 @@ impl Metrics {
     }
 
     fn id(&self, host: &impl Host, metric: Metric<'_>) -> Option<u32> {
-        match metric {
-            Metric::Rejected(r) => self.rejected.get(r.index()).copied().flatten(),
-            Metric::TenantAllowed(t) => self.tenant(host, t).0,
-            Metric::TenantForbidden(t) => self.tenant(host, t).1,
-            fixed => COUNTERS.iter().position(|m| *m == fixed).and_then(|i| self.counters.get(i).copied().flatten()),
+        match metric.slot() {
+            CounterSlot::Fixed(i) => self.counters.get(i).copied().flatten(),
+            CounterSlot::Rejected(i) => self.rejected.get(i).copied().flatten(),
+            CounterSlot::Tenant { tenant, allowed: true } => self.tenant(host, tenant).0,
+            CounterSlot::Tenant { tenant, allowed: false } => self.tenant(host, tenant).1,
         }
     }
 
@@ -89,8 +89,7 @@ impl Metrics {
 
     /// Sets a gauge.
     pub fn set(&self, host: &impl Host, gauge: Gauge, value: u64) {
-        let index = Gauge::ALL.iter().position(|g| *g == gauge);
-        if let Some(id) = index.and_then(|i| self.gauges.get(i).copied().flatten()) {
+        if let Some(id) = self.gauges.get(gauge.index()).copied().flatten() {
             host.record_metric(id, value);
         }
     }

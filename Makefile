@@ -73,9 +73,13 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 validate: build $(PY_DEPS) ## envoy --mode validate on every shipped Envoy config
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done
 
-e2e: build build-so deps ## run the end-to-end tests: real Envoy $(ENVOY_VERSION), the real IdP, real upstreams
-	@echo "==> pytest tests/e2e (real Envoy loading $(WASM))"
-	$(PY) -m pytest tests/e2e -q
+E2E_BUILDS ?= wasm dynamic-module
+
+e2e: build build-so deps ## run the end-to-end tests once per build (E2E_BUILDS="wasm dynamic-module"): real Envoy $(ENVOY_VERSION), the real IdP, real upstreams
+	@for b in $(E2E_BUILDS); do \
+	  echo "==> pytest tests/e2e --build $$b (real Envoy loading $$( [ $$b = wasm ] && echo $(WASM) || echo $(SO) ))"; \
+	  $(PY) -m pytest tests/e2e -q --build $$b || exit 1; \
+	done
 
 test: lint unit validate abi-check e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
 

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+from harness import dynamic_module_filter  # noqa: E402  the DynamicModuleFilter entry the e2e suite runs
 BENCH_DIR = REPO / "bench"
 WASM = Path(os.environ.get("FHIR_TENANT_ROUTER_WASM")
             or REPO / "target" / "wasm32-wasip1" / "release" / "fhir_tenant_router.wasm").resolve()
@@ -412,13 +414,7 @@ def native_filter(public_jwks: dict, cache: bool) -> dict:
 
 def dm_filter(plugin: dict, so: Path) -> dict:
     """Our filter as an Envoy dynamic module (the .so), with the same plugin JSON as the wasm build."""
-    return {"name": "envoy.filters.http.dynamic_modules", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
-        "dynamic_module_config": {"name": "fhir_tenant_router", "do_not_close": True,
-                                  "metrics_namespace": "fhir_tenant_router",
-                                  "module": {"local": {"filename": str(so)}}},
-        "filter_name": "fhir_tenant_router",
-        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(plugin)}}}
+    return dynamic_module_filter(json.dumps(plugin), so)
 
 
 def claim_peer_filter(public_jwks: dict) -> dict:

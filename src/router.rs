@@ -62,6 +62,8 @@ pub struct Router {
     /// Whether this VM has served a request. Only such VMs (Envoy's workers, not its main thread) publish
     /// the per-VM gauges, which every VM would otherwise overwrite.
     pub(crate) served: bool,
+    /// When [`Router::housekeep_if_due`] next does something, ms since the epoch.
+    pub(crate) next_housekeeping_ms: u64,
 }
 
 /// The request data a decision needs, borrowed from the host's header map (owned when a request waits).
@@ -239,7 +241,15 @@ impl Router {
         );
         out.push(Effect::Log(Level::Info, &line));
         let cache = TokenCache::new(config.token_cache_entries);
-        Self { config, keys: KeyStates(states), tenants, cache, last_purge_s: 0, served: false }
+        Self {
+            config,
+            keys: KeyStates(states),
+            tenants,
+            cache,
+            last_purge_s: 0,
+            served: false,
+            next_housekeeping_ms: 0,
+        }
     }
 
     /// A new request: its state, for the host's per-request context.
@@ -707,13 +717,15 @@ fn prepare_upstream(
     Some(ResponseEdit::RewriteLinks { from, to: public })
 }
 
-/// Tenant and client id as filter state for the access log.
+/// Tenant and client id as filter state for the access log, named as Envoy's access log formatter reads them
+/// (`%FILTER_STATE(wasm.fhir_tenant_router.tenant:PLAIN)%`) whichever build sets them, so one access log
+/// format serves both: the proxy-wasm host adds the `wasm.` itself, and the wasm shell leaves it off.
 fn filter_state(tenant: Option<&str>, identity: Option<&Identity>, out: &mut dyn Effects) {
     if let Some(tenant) = tenant {
-        out.push(Effect::FilterState("fhir_tenant_router.tenant", tenant));
+        out.push(Effect::FilterState("wasm.fhir_tenant_router.tenant", tenant));
     }
     if let Some(client_id) = identity.and_then(Identity::client_id) {
-        out.push(Effect::FilterState("fhir_tenant_router.client_id", client_id));
+        out.push(Effect::FilterState("wasm.fhir_tenant_router.client_id", client_id));
     }
 }
 

@@ -30,11 +30,22 @@ pub enum FetchResult<'a> {
 }
 
 impl Router {
-    /// A timer tick: gauges (`memory_bytes`: the VM's memory, from the host), the cache sweep, and a fetch
-    /// for every schedule that is due.
-    pub fn on_tick(&mut self, now_ms: u64, memory_bytes: u64, out: &mut dyn Effects) {
+    /// The per-router part of a tick, for a host whose request-serving routers have no timer of their own
+    /// (the dynamic module's workers: their fetches are the main thread's): at most once per [`TICK_MS`],
+    /// the cache gauge and sweep. Call it after a request, not before one.
+    pub fn housekeep_if_due(&mut self, now_ms: u64, out: &mut dyn Effects) {
+        if now_ms >= self.next_housekeeping_ms {
+            self.next_housekeeping_ms = now_ms.saturating_add(TICK_MS);
+            self.housekeep(now_ms, None, out);
+        }
+    }
+
+    /// Gauges (`memory_bytes`: the VM's memory, from the host, if it has one) and the cache sweep.
+    fn housekeep(&mut self, now_ms: u64, memory_bytes: Option<u64>, out: &mut dyn Effects) {
         if self.served {
-            out.push(Effect::Gauge(Gauge::VmMemoryBytes, memory_bytes));
+            if let Some(memory_bytes) = memory_bytes {
+                out.push(Effect::Gauge(Gauge::VmMemoryBytes, memory_bytes));
+            }
             out.push(Effect::Gauge(Gauge::CacheEntries, self.cache.len() as u64));
         }
         let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
@@ -42,6 +53,12 @@ impl Router {
             self.last_purge_s = now_s;
             self.cache.purge_expired(now_s);
         }
+    }
+
+    /// A timer tick: gauges (`memory_bytes`: the VM's memory, from the host), the cache sweep, and a fetch
+    /// for every schedule that is due.
+    pub fn on_tick(&mut self, now_ms: u64, memory_bytes: u64, out: &mut dyn Effects) {
+        self.housekeep(now_ms, Some(memory_bytes), out);
         for (i, p) in self.config.providers.iter().enumerate() {
             let JwksSource::Remote(remote) = &p.jwks else { continue };
             let due = self.keys.0.get_mut(i).and_then(|s| s.schedule.as_mut()).is_some_and(|s| s.due(now_ms));
@@ -196,5 +213,49 @@ fn settle<T>(
             }
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::effect::Recorded;
+    use crate::testkeys;
+
+    fn router() -> Router {
+        let plugin = serde_json::json!({
+            "provider": {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
+                         "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()},
+            "tenants": {testkeys::TENANT_A: {"cluster": "tenant_a"}},
+            "metadata_cluster": "fhir_metadata",
+        });
+        let config = Config::from_json(plugin.to_string().as_bytes()).unwrap();
+        Router::new(config, 0, &mut Recorded::default())
+    }
+
+    #[test]
+    fn a_router_that_never_served_publishes_no_per_router_gauge() {
+        let mut r = router();
+        let mut out = Recorded::default();
+        r.housekeep_if_due(1_000, &mut out);
+        r.on_tick(1_000, 4096, &mut out);
+        assert!(out.0.is_empty(), "{:?}", out.0);
+    }
+
+    #[test]
+    fn housekeeping_without_a_timer_reports_the_cache_at_most_once_per_tick_period_and_no_vm_memory() {
+        let mut r = router();
+        let _ = r.open_stream(1);
+        let mut out = Recorded::default();
+        r.housekeep_if_due(1_000, &mut out);
+        assert_eq!(out.0, vec!["Gauge(CacheEntries, 0)".to_string()]);
+        r.housekeep_if_due(1_000 + TICK_MS - 1, &mut out);
+        assert_eq!(out.0.len(), 1, "{:?}", out.0);
+        r.housekeep_if_due(1_000 + TICK_MS, &mut out);
+        assert_eq!(out.0.len(), 2, "{:?}", out.0);
+        let mut ticked = Recorded::default();
+        r.on_tick(5_000, 4096, &mut ticked);
+        assert_eq!(&ticked.0[..2], &["Gauge(VmMemoryBytes, 4096)".to_string(), "Gauge(CacheEntries, 0)".to_string()]);
     }
 }

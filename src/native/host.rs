@@ -68,7 +68,11 @@ impl MetricIds {
         Self {
             counters: COUNTERS.iter().map(|m| define(config, m.name(), false, &[])).collect(),
             rejected: Rejection::ALL.iter().map(|r| define(config, r.stat_name(), false, &[])).collect(),
-            gauges: Gauge::ALL.iter().map(|g| define(config, g.name(), true, &[])).collect(),
+            // No VM here: `vm.memory_bytes` is the wasm build's alone (Envoy's own memory stats cover a module).
+            gauges: Gauge::ALL
+                .iter()
+                .map(|g| if *g == Gauge::VmMemoryBytes { None } else { define(config, g.name(), true, &[]) })
+                .collect(),
             tenant: (
                 define(config, "tenant.allowed", false, &["tenant"]),
                 define(config, "tenant.forbidden", false, &["tenant"]),

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::config::Config;
-use crate::effect::{Effect, Effects, Flow, Level};
+use crate::effect::{Effect, Effects, Flow, Gauge, Level};
 use crate::router::{Router, Stream};
 
 use super::abi::*;
@@ -31,6 +31,8 @@ const MAX_WORKERS: usize = 256;
 struct Worker {
     router: Router,
     seen: u64,
+    /// This worker's share of the `cache.entries` gauge last added to it: the gauge is the sum over workers.
+    cache_entries: u64,
 }
 
 /// One worker's state, touched only by that worker's thread.
@@ -234,6 +236,47 @@ fn guard<T>(
     }
 }
 
+/// A worker's housekeeping effects: its cache size goes into the process-wide `cache.entries` gauge as the
+/// change since its last report (each worker has its own cache; a plain set would keep only the last one's).
+struct WorkerGauges<'a> {
+    filter: FilterEnvoyPtr,
+    metrics: &'a MetricIds,
+    cache_entries: &'a mut u64,
+}
+
+impl Effects for WorkerGauges<'_> {
+    fn push(&mut self, effect: Effect<'_>) {
+        match effect {
+            Effect::Gauge(Gauge::CacheEntries, now) => {
+                let Some(id) = self.metrics.gauge(Gauge::CacheEntries) else { return };
+                let before = std::mem::replace(self.cache_entries, now);
+                // SAFETY: `filter` is the live stream of the current hook.
+                unsafe {
+                    if now > before {
+                        envoy_dynamic_module_callback_http_filter_increment_gauge(
+                            self.filter,
+                            id,
+                            std::ptr::null_mut(),
+                            0,
+                            now - before,
+                        );
+                    } else if now < before {
+                        envoy_dynamic_module_callback_http_filter_decrement_gauge(
+                            self.filter,
+                            id,
+                            std::ptr::null_mut(),
+                            0,
+                            before - now,
+                        );
+                    }
+                }
+            }
+            Effect::Log(level, line) => log(level, line),
+            _ => {}
+        }
+    }
+}
+
 /// Applies only the log lines of a series of effects.
 struct LogsOnly;
 
@@ -261,12 +304,11 @@ static NEXT_STREAM_ID: AtomicU32 = AtomicU32::new(1);
 unsafe fn worker(config: &FilterConfig, slot: usize) -> Option<&mut Worker> {
     let cell = config.slots.get(slot)?;
     let worker = unsafe { &mut *cell.0.get() };
-    Some(
-        worker.get_or_insert_with(|| Worker {
-            router: Router::new(config.config.clone(), now_ms(), &mut Quiet),
-            seen: 0,
-        }),
-    )
+    Some(worker.get_or_insert_with(|| Worker {
+        router: Router::new(config.config.clone(), now_ms(), &mut Quiet),
+        seen: 0,
+        cache_entries: 0,
+    }))
 }
 
 /// The worker's router.
@@ -521,8 +563,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 ) {
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
     guard(filter, Some(cfg), false, (), || {
-        if let Some(router) = unsafe { router(cfg, object.slot) } {
-            router.on_stream_done(&mut object.stream);
+        if let Some(worker) = unsafe { worker(cfg, object.slot) } {
+            worker.router.on_stream_done(&mut object.stream);
+            let mut gauges = WorkerGauges { filter, metrics: &cfg.metrics, cache_entries: &mut worker.cache_entries };
+            worker.router.housekeep_if_due(now_ms(), &mut gauges);
         }
     })
 }

@@ -35,7 +35,8 @@ impl<H: Host> Effects for Apply<'_, H> {
             Effect::RemoveRequestHeader(name) => host.set_request_header(name, None),
             Effect::ClearRouteCache => host.clear_route_cache(),
             Effect::Reply(reply) => host.send_reply(reply.status, reply.headers, reply.body),
-            Effect::FilterState(key, value) => host.set_filter_state(key, value),
+            // proxy_set_property(k) stores filter state `wasm.k`: the core's names already carry the `wasm.`.
+            Effect::FilterState(key, value) => host.set_filter_state(key.strip_prefix("wasm.").unwrap_or(key), value),
             Effect::Count(metric) => self.metrics.count(host, metric),
             Effect::Gauge(gauge, value) => self.metrics.set(host, gauge, value),
             Effect::Log(level, line) => host.log(level, line),

@@ -24,7 +24,34 @@ from harness import (  # noqa: E402
 from tokens import Minter  # noqa: E402
 from upstream import RecordingUpstream  # noqa: E402
 
+import harness  # noqa: E402
+
 _running_envoys: list[Envoy] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--build", choices=harness.BUILDS, default=None,
+                     help="the build under test: wasm (default) or dynamic-module (the same configs with the "
+                          "wasm filter swapped for target/dynamic-module/libfhir_tenant_router.so)")
+
+
+def pytest_configure(config):
+    build = config.getoption("--build") or harness.BUILD
+    harness.BUILD = build
+    config.addinivalue_line("markers", "wasm_only(why): the test is about something only the wasm build has")
+
+
+def pytest_report_header(config):
+    return f"fhir-tenant-router build under test: {harness.BUILD}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if harness.BUILD == "wasm":
+        return
+    for item in items:
+        mark = item.get_closest_marker("wasm_only")
+        if mark:
+            item.add_marker(pytest.mark.skip(reason="wasm build only: " + (mark.args[0] if mark.args else "")))
 
 
 @dataclass
@@ -72,6 +99,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wasm() -> Path:
     try:
+        if harness.BUILD == "dynamic-module" and not harness.SO_PATH.is_file():
+            raise HarnessError(f"{harness.SO_PATH} is missing: make build-so")
         return require_wasm()
     except HarnessError as exc:
         pytest.fail(str(exc), pytrace=False)

@@ -8,10 +8,12 @@ import http.client
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -38,6 +40,18 @@ AUDIENCE = "http://127.0.0.1:10000"  # an opaque string for the filter; kept eve
 ROUTE_HEADER = "x-fhir-tenant-router-cluster"
 TENANT_HEADER = "x-fhir-tenant-id"
 WASM_FILTER = "envoy.filters.http.wasm"
+DM_FILTER = "envoy.filters.http.dynamic_modules"
+SO_PATH = Path(os.environ.get("FHIR_TENANT_ROUTER_SO")
+               or REPO / "target" / "dynamic-module" / "libfhir_tenant_router.so").resolve()
+# The build under test: "wasm" (the default, the shipped configs) or "dynamic-module" (the same configs with
+# the wasm filter swapped for the DynamicModuleFilter, given the same plugin JSON). conftest sets it from
+# `pytest --build`; `make e2e` runs the suite once per build.
+BUILDS = ("wasm", "dynamic-module")
+BUILD = os.environ.get("FHIR_TENANT_ROUTER_BUILD", "wasm")
+# The filter's own stats: the wasm filter's are under `wasmcustom.`, the dynamic module's under its
+# metrics_namespace, and a per-tenant counter is a label there (`tenant.allowed.tenant.<id>`).
+WASM_STATS_PREFIX = "wasmcustom.fhir_tenant_router."
+DM_STATS_PREFIX = "fhir_tenant_router."
 
 
 class HarnessError(RuntimeError):
@@ -160,6 +174,58 @@ def hcm_settings(cfg: dict) -> dict:
     return _hcm(cfg)
 
 
+def dynamic_module_filter(plugin: str, so_path: Path | None = None) -> dict:
+    """The DynamicModuleFilter entry that loads our .so with this plugin JSON (a string)."""
+    return {"name": DM_FILTER, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": "fhir_tenant_router", "do_not_close": True,
+                                  "metrics_namespace": "fhir_tenant_router",
+                                  "module": {"local": {"filename": str(so_path or SO_PATH)}}},
+        "filter_name": "fhir_tenant_router",
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin},
+    }}
+
+
+def as_dynamic_module(cfg: dict, so_path: Path | None = None) -> dict:
+    """`cfg` with every wasm filter of ours swapped for the dynamic module, given the same plugin JSON.
+    The wasm VM's environment variables (upstream credentials) are not a DynamicModuleFilter setting: the
+    .so reads Envoy's process environment, so they are returned to the caller by `dynamic_module_env`."""
+    cfg = copy.deepcopy(cfg)
+    for listener in cfg.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                if f.get("name") != "envoy.filters.network.http_connection_manager":
+                    continue
+                filters = f["typed_config"].get("http_filters", [])
+                for i, hf in enumerate(filters):
+                    if hf.get("name") == WASM_FILTER:
+                        pc = hf["typed_config"]["config"]
+                        filters[i] = dynamic_module_filter(pc["configuration"]["value"], so_path)
+    return cfg
+
+
+def dynamic_module_env(cfg: dict) -> dict[str, str]:
+    """The key/value environment variables the wasm filter's VM was given (what the .so reads from Envoy's)."""
+    out: dict[str, str] = {}
+    try:
+        env = wasm_plugin_config(cfg)["vm_config"].get("environment_variables", {})
+    except (KeyError, ValueError):
+        return out
+    out.update(env.get("key_values", {}))
+    for name in env.get("host_env_keys", []):
+        if name in os.environ:
+            out[name] = os.environ[name]
+    return out
+
+
+def has_wasm_filter(cfg: dict) -> bool:
+    try:
+        wasm_plugin_config(cfg)
+        return True
+    except (KeyError, ValueError, AssertionError):
+        return False
+
+
 def render_config(base: Path | dict, *, listener_port: int, admin_port: int,
                   cluster_ports: dict[str, int], wasm_path: Path = WASM_PATH,
                   plugin: Callable[[dict], dict | str | None] | None = None) -> dict:
@@ -249,12 +315,20 @@ class Envoy:
     """A real Envoy process running a rendered config. Logs go to <workdir>/<name>.log."""
 
     def __init__(self, cfg: dict, workdir: Path, name: str, listener_port: int, admin_port: int,
-                 log_level: str = "warning"):
-        self.cfg = cfg
+                 log_level: str = "warning", build: str | None = None):
+        self.build = build or BUILD
+        self.env: dict[str, str] = {}
+        self.cfg = cfg  # as rendered, with the wasm filter: what tests read the plugin JSON from
+        running = cfg
+        if self.build == "dynamic-module" and has_wasm_filter(cfg):
+            self.env = dynamic_module_env(cfg)
+            running = as_dynamic_module(cfg)
+        elif self.build == "dynamic-module":
+            self.build = "none"  # a peer config without our filter
         self.name = name
         self.port = listener_port
         self.admin_port = admin_port
-        self.config_path = write_config(cfg, workdir / f"{name}.yaml")
+        self.config_path = write_config(running, workdir / f"{name}.yaml")
         self.log_path = workdir / f"{name}.log"
         self.log_level = log_level
         self.proc: subprocess.Popen | None = None
@@ -266,12 +340,13 @@ class Envoy:
         base_id = 100_000 + (os.getpid() % 10_000) * 100 + next(_base_ids)
         return [envoy_bin(), "-c", str(self.config_path), "--concurrency", "1",
                 "--base-id", str(base_id), "-l", self.log_level,
-                "--component-log-level", "wasm:info"]
+                "--component-log-level", "wasm:info,dynamic_modules:info"]
 
     def start(self, timeout: float = 60.0) -> "Envoy":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+                                     env=dict(os.environ, **self.env) if self.env else None)
         log.close()
         wait_until(self._ready, timeout, f"Envoy {self.name} admin /ready == LIVE",
                    on_timeout=lambda: "\n--- envoy log tail ---\n" + self.log_tail())
@@ -292,8 +367,31 @@ class Envoy:
         return r.status == 200 and r.body.strip() == b"LIVE"
 
     def wasm_stats(self) -> dict[str, int]:
+        return self.stats("wasm")
+
+    def router_stats(self) -> dict[str, int]:
+        """The filter's own stats, named as the wasm build names them (`requests.allowed`,
+        `tenant.<id>.allowed`), whichever build runs."""
+        out: dict[str, int] = {}
+        if self.build == "dynamic-module":
+            for k, v in self.stats("fhir_tenant_router").items():
+                if not k.startswith(DM_STATS_PREFIX):
+                    continue
+                name = k[len(DM_STATS_PREFIX):]
+                m = re.fullmatch(r"tenant\.(allowed|forbidden)\.tenant\.(.+)", name)
+                out[f"tenant.{m.group(2)}.{m.group(1)}" if m else name] = v
+        else:
+            for k, v in self.wasm_stats().items():
+                if k.startswith(WASM_STATS_PREFIX):
+                    out[k[len(WASM_STATS_PREFIX):]] = v
+        return out
+
+    def router_stat(self, name: str) -> int:
+        return self.router_stats().get(name, 0)
+
+    def stats(self, filter_re: str) -> dict[str, int]:
         out = {}
-        for line in self.admin("/stats?filter=wasm").body.decode().splitlines():
+        for line in self.admin(f"/stats?filter={filter_re}").body.decode().splitlines():
             if ":" in line:
                 k, v = line.rsplit(":", 1)
                 try:
@@ -304,6 +402,8 @@ class Envoy:
 
     def _wasm_loaded(self) -> bool:
         self._check_alive()
+        if self.build != "wasm":
+            return True  # no VM: a dynamic module's configuration was accepted once Envoy is LIVE
         stats = self.wasm_stats()
         return any(k.endswith("v8.active") and v >= 1 for k, v in stats.items())
 
@@ -338,12 +438,19 @@ class Envoy:
             self.proc.wait(timeout=10)
 
 
-def envoy_validate(config_path: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """`envoy --mode validate -c FILE`, run from the repository root (relative wasm paths work)."""
+def envoy_validate(config_path: Path, timeout: float = 120.0, build: str | None = None) -> subprocess.CompletedProcess:
+    """`envoy --mode validate -c FILE`, run from the repository root (relative wasm paths work). Under the
+    dynamic-module build the config is validated with its wasm filter swapped for the .so."""
+    env = None
+    if (build or BUILD) == "dynamic-module":
+        cfg = load_yaml(Path(config_path) if Path(config_path).is_absolute() else REPO / config_path)
+        if has_wasm_filter(cfg):
+            env = dict(os.environ, **dynamic_module_env(cfg))
+            config_path = write_config(as_dynamic_module(cfg), Path(tempfile.mkdtemp()) / Path(config_path).name)
     base_id = 200_000 + (os.getpid() % 10_000) * 100 + next(_base_ids)
     return subprocess.run([envoy_bin(), "--mode", "validate", "-c", str(config_path),
                            "--base-id", str(base_id), "-l", "info"],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 # --------------------------------------------------------------------------------------------- IdP

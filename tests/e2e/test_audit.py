@@ -24,7 +24,6 @@ from harness import (
 )
 from tokens import Minter
 
-PREFIX = "wasmcustom.fhir_tenant_router."
 AUDIT_START = '{"audit":"fhir-tenant-router"'
 TENANT_STATE = "wasm.fhir_tenant_router.tenant"
 CLIENT_STATE = "wasm.fhir_tenant_router.client_id"
@@ -81,7 +80,7 @@ def audit_records(text: str) -> list[dict]:
 
 
 def _stats(env) -> dict[str, int]:
-    return {k[len(PREFIX):]: v for k, v in env.wasm_stats().items() if k.startswith(PREFIX)}
+    return env.router_stats()
 
 
 def claims_of(token: str) -> dict:

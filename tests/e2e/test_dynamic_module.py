@@ -4,7 +4,6 @@ answers: inline keys (envoy/envoy-inline-jwks.yaml's), and a remote JWKS from a 
 envoy.yaml), fetched on Envoy's main thread, including a rotation that a waiting request rides through."""
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -18,37 +17,12 @@ from checks import (
 )
 from conftest import _running_envoys, stop_envoy
 from harness import (
-    CLIENT_A, INLINE_JWKS_CONFIG, KEYS_FILE, REPO, SHIPPED_CONFIG, TENANT_A, TENANT_B, WASM_FILTER, Envoy, Idp, bearer,
-    free_port, hcm_settings, plugin_json, render_config, wait_until,
+    CLIENT_A, INLINE_JWKS_CONFIG, KEYS_FILE, REPO, SHIPPED_CONFIG, SO_PATH, TENANT_A, TENANT_B, Envoy, Idp, bearer,
+    free_port, plugin_json, render_config, wait_until,
 )
 from tokens import RS_KID, Minter, private_key
 
-SO = REPO / "target" / "dynamic-module" / "libfhir_tenant_router.so"
-DM_FILTER = "envoy.filters.http.dynamic_modules"
-
-
-def dynamic_module_config(cfg: dict, plugin: dict | str) -> dict:
-    """`cfg` with its wasm filter replaced by the dynamic module, given the same plugin JSON."""
-    cfg = copy.deepcopy(cfg)
-    filters = hcm_settings(cfg)["http_filters"]
-    (i,) = [n for n, f in enumerate(filters) if f["name"] == WASM_FILTER]
-    filters[i] = {"name": DM_FILTER, "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
-        "dynamic_module_config": {"name": "fhir_tenant_router", "do_not_close": True,
-                                  "metrics_namespace": "fhir_tenant_router",
-                                  "module": {"local": {"filename": str(SO)}}},
-        "filter_name": "fhir_tenant_router",
-        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                          "value": plugin if isinstance(plugin, str) else json.dumps(plugin)},
-    }}
-    return cfg
-
-
-class DynamicModuleEnvoy(Envoy):
-    """An Envoy whose filter is the dynamic module: ready when LIVE (no wasm VM to wait for)."""
-
-    def _wasm_loaded(self) -> bool:
-        return True
+SO = SO_PATH
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +32,7 @@ def native(workdir, upstreams):
     port, admin = free_port(), free_port()
     wasm_cfg = render_config(INLINE_JWKS_CONFIG, listener_port=port, admin_port=admin,
                              cluster_ports=upstreams.cluster_ports())
-    env = DynamicModuleEnvoy(dynamic_module_config(wasm_cfg, plugin_json(wasm_cfg)), workdir, "envoy-dynamic-module",
-                             port, admin, log_level="info")
+    env = Envoy(wasm_cfg, workdir, "envoy-dynamic-module", port, admin, log_level="info", build="dynamic-module")
     _running_envoys.append(env)
     env.start()
     yield env, Minter(plugin_json(wasm_cfg)["provider"]["issuer"])
@@ -108,11 +81,9 @@ def test_metadata_passes_without_a_token(native, upstreams):
 
 
 def stat(env, name: str) -> int:
-    for line in env.admin("/stats?filter=fhir_tenant_router").body.decode().splitlines():
-        key, _, value = line.rpartition(": ")
-        if key == f"fhir_tenant_router.{name}":
-            return int(value)
-    raise AssertionError(f"no stat fhir_tenant_router.{name}: {env.admin('/stats?filter=fhir_tenant_router').body!r}")
+    stats = env.router_stats()
+    assert name in stats, f"no stat {name}: {stats}"
+    return stats[name]
 
 
 def test_the_counters_count_under_the_filter_stats(native):
@@ -140,8 +111,8 @@ def remote(workdir, upstreams):
 
     wasm_cfg = render_config(SHIPPED_CONFIG, listener_port=port, admin_port=admin,
                              cluster_ports={"idp": idp.port, **upstreams.cluster_ports()}, plugin=plugin)
-    env = DynamicModuleEnvoy(dynamic_module_config(wasm_cfg, plugin_json(wasm_cfg)), workdir,
-                             "envoy-dynamic-module-remote", port, admin, log_level="info")
+    env = Envoy(wasm_cfg, workdir, "envoy-dynamic-module-remote", port, admin, log_level="info",
+                build="dynamic-module")
     _running_envoys.append(env)
     env.start()
     yield env, idp, rotated

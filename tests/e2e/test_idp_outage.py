@@ -79,7 +79,7 @@ class FaultInjectingJwksProxy:
 
 
 def _stat(env, name: str) -> int:
-    return env.wasm_stats().get(f"wasmcustom.fhir_tenant_router.{name}", 0)
+    return env.router_stat(name)
 
 
 @pytest.fixture(scope="module")

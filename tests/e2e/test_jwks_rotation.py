@@ -29,7 +29,7 @@ def _new_private_jwk() -> dict:
 
 
 def _stat(env, name: str) -> int:
-    return env.wasm_stats().get(f"wasmcustom.fhir_tenant_router.{name}", 0)
+    return env.router_stat(name)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from harness import (
 from tokens import Minter
 from upstream import RecordingUpstream
 
-PREFIX = "wasmcustom.fhir_tenant_router."
 TENANT_C = "0c0c0c0c-1111-4222-8333-444455556666"
 TENANT_D = "0e0e0e0e-3333-4444-8555-666677778888"
 ALL_TENANTS = f"{TENANT_A} {TENANT_B} {TENANT_C} {TENANT_D}"
@@ -41,7 +40,7 @@ def static_cluster(name: str, port: int) -> dict:
 
 
 def _stats(env) -> dict[str, int]:
-    return {k[len(PREFIX):]: v for k, v in env.wasm_stats().items() if k.startswith(PREFIX)}
+    return env.router_stats()
 
 
 class Two:

@@ -23,7 +23,6 @@ from harness import (
 )
 from tokens import Minter
 
-PREFIX = "wasmcustom.fhir_tenant_router."
 REFRESH_S = 1
 # One refresh, plus the fetch and a loaded 2-core machine's scheduling: a change must show within this.
 WITHIN_ONE_REFRESH_S = REFRESH_S + 2.0
@@ -130,7 +129,7 @@ def registry_plugin(registry: Registry, static_tenants: dict | None):
 # ---------------------------------------------------------------------------------------------- stats
 
 def _stats(env) -> dict[str, int]:
-    return {k[len(PREFIX):]: v for k, v in env.wasm_stats().items() if k.startswith(PREFIX)}
+    return env.router_stats()
 
 
 def _wait_stat(env, name: str, predicate, what: str, timeout: float = 15.0) -> dict[str, int]:

@@ -13,7 +13,7 @@ FHIR_DEPS := tests/fhir/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
 CONFIGS   := $(wildcard envoy/*.yaml)
 
-.PHONY: help deps build build-so abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick soak clean
+.PHONY: help deps build build-so build-so-probe abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ build-so: ## build the Envoy dynamic module: target/dynamic-module/libfhir_tenan
 	cargo build --lib --profile dynamic-module --no-default-features --features dynamic-module
 	@ls -l $(SO) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
+build-so-probe: ## test only: the .so with the panic probe (cargo feature panic-probe) in target/panic-probe/
+	@echo "==> cargo build --features dynamic-module,panic-probe --target-dir target/panic-probe (test-only build)"
+	cargo build --lib --profile dynamic-module --no-default-features --features panic-probe --target-dir target/panic-probe
+
 abi-check: build-so $(PY_DEPS) ## the .so's imported ABI callbacks are all exported by the pinned Envoy
 	$(PY) scripts/abi-check.py $(SO)
 
@@ -69,13 +73,14 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 	cargo clippy --target wasm32-wasip1 --release -- -D warnings
 	cargo clippy --target wasm32-wasip1 --release --no-default-features --features plugin -- -D warnings
 	cargo clippy --lib --no-default-features --features dynamic-module -- -D warnings
+	cargo clippy --lib --no-default-features --features panic-probe -- -D warnings
 
 validate: build $(PY_DEPS) ## envoy --mode validate on every shipped Envoy config
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done
 
 E2E_BUILDS ?= wasm dynamic-module
 
-e2e: build build-so deps ## run the end-to-end tests once per build (E2E_BUILDS="wasm dynamic-module"): real Envoy $(ENVOY_VERSION), the real IdP, real upstreams
+e2e: build build-so build-so-probe deps ## run the end-to-end tests once per build (E2E_BUILDS="wasm dynamic-module"): real Envoy $(ENVOY_VERSION), the real IdP, real upstreams
 	@for b in $(E2E_BUILDS); do \
 	  echo "==> pytest tests/e2e --build $$b (real Envoy loading $$( [ $$b = wasm ] && echo $(WASM) || echo $(SO) ))"; \
 	  $(PY) -m pytest tests/e2e -q --build $$b || exit 1; \

@@ -15,5 +15,7 @@ pub mod abi;
 pub mod host;
 #[cfg(not(test))]
 pub mod module;
+#[cfg(feature = "panic-probe")]
+pub mod probe;
 #[cfg(not(test))]
 pub mod upkeep;

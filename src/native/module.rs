@@ -215,16 +215,27 @@ fn unavailable(filter: FilterEnvoyPtr, body: &[u8]) {
 /// Runs a hook, catching a panic: counted, logged, and (for request-path hooks with a stream) answered
 /// with a 503 `OperationOutcome`. `fallback` is what the hook returns then.
 fn guard<T>(
+    hook: &'static str,
     filter: FilterEnvoyPtr,
     config: Option<&FilterConfig>,
     answer: bool,
     fallback: T,
     f: impl FnOnce() -> T,
 ) -> T {
+    let f = || {
+        #[cfg(feature = "panic-probe")]
+        super::probe::fire(hook);
+        f()
+    };
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(value) => value,
         Err(_) => {
-            log(Level::Error, "fhir_tenant_router: a hook panicked; the request was answered 503");
+            let line = if answer {
+                format!("fhir_tenant_router: the {hook} hook panicked; the request was answered 503")
+            } else {
+                format!("fhir_tenant_router: the {hook} hook panicked; caught")
+            };
+            log(Level::Error, &line);
             if let Some(config) = config {
                 count(filter, config.metrics.panics.map(|id| (id, None)));
             }
@@ -376,7 +387,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _name: EnvoyBuffer,
     config: EnvoyBuffer,
 ) -> ConfigModulePtr {
-    guard(std::ptr::null_mut(), None, false, std::ptr::null(), || {
+    guard("config_new", std::ptr::null_mut(), None, false, std::ptr::null(), || {
         // SAFETY: Envoy's buffer is valid during this call.
         let bytes = if config.ptr.is_null() {
             &[][..]
@@ -411,7 +422,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModulePtr) {
-    guard(std::ptr::null_mut(), None, false, (), || {
+    guard("config_destroy", std::ptr::null_mut(), None, false, (), || {
         if !config.is_null() {
             // SAFETY: `config` came from `Box::into_raw` in config_new, and Envoy destroys it once.
             drop(unsafe { Box::from_raw(config as *mut FilterConfig) });
@@ -426,7 +437,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
 ) -> FilterModulePtr {
     // SAFETY: Envoy keeps the config alive while any of its filters exist.
     let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return std::ptr::null() };
-    guard(filter, Some(cfg), false, std::ptr::null(), || {
+    guard("filter_new", filter, Some(cfg), false, std::ptr::null(), || {
         // SAFETY: `filter` is the stream being created.
         let slot = unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(filter) } as usize;
         let stream = match unsafe { router(cfg, slot) } {
@@ -445,8 +456,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     end_of_stream: bool,
 ) -> u32 {
     // SAFETY: `module` is this stream's object; hooks of a stream run on its worker.
-    let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
-    guard(filter, Some(cfg), true, HEADERS_STOP_ITERATION, || {
+    let Some((cfg, object)) = (unsafe { stream(module) }) else {
+        // No stream object (`filter_new` failed): an undecided request never goes on. Fail closed.
+        if !filter.is_null() {
+            let _ = catch_unwind(|| unavailable(filter, PANIC_OUTCOME.as_bytes()));
+        }
+        return HEADERS_STOP_ITERATION;
+    };
+    guard("request_headers", filter, Some(cfg), true, HEADERS_STOP_ITERATION, || {
         let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else {
             unavailable(filter, PANIC_OUTCOME.as_bytes());
             return HEADERS_STOP_ITERATION;
@@ -502,7 +519,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     end_of_stream: bool,
 ) -> u32 {
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
-    guard(filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
+    guard("request_body", filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
         let mut apply = Apply { filter, metrics: &cfg.metrics };
         let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
@@ -525,7 +542,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     end_of_stream: bool,
 ) -> u32 {
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
-    guard(filter, Some(cfg), false, HEADERS_CONTINUE, || {
+    guard("response_headers", filter, Some(cfg), false, HEADERS_CONTINUE, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
         let mut apply = Apply { filter, metrics: &cfg.metrics };
         let header = |name: &str| response_header(filter, name);
@@ -540,7 +557,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     end_of_stream: bool,
 ) -> u32 {
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
-    guard(filter, Some(cfg), false, BODY_CONTINUE, || {
+    guard("response_body", filter, Some(cfg), false, BODY_CONTINUE, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
         let mut apply = Apply { filter, metrics: &cfg.metrics };
         let mut body = || read_body(filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
@@ -562,7 +579,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     module: FilterModulePtr,
 ) {
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
-    guard(filter, Some(cfg), false, (), || {
+    guard("stream_complete", filter, Some(cfg), false, (), || {
         if let Some(worker) = unsafe { worker(cfg, object.slot) } {
             worker.router.on_stream_done(&mut object.stream);
             let mut gauges = WorkerGauges { filter, metrics: &cfg.metrics, cache_entries: &mut worker.cache_entries };
@@ -660,7 +677,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 ) {
     // A key-set answer arrived (or the fetch failed) while this request was parked: decide it again.
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
-    guard(filter, Some(cfg), true, (), || {
+    guard("scheduled", filter, Some(cfg), true, (), || {
         let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return };
         let mut apply = Apply { filter, metrics: &cfg.metrics };
         let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
@@ -676,7 +693,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     _event_id: u64,
 ) {
     let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return };
-    guard(std::ptr::null_mut(), None, false, (), || {
+    guard("config_scheduled", std::ptr::null_mut(), None, false, (), || {
         if let Some(Ok(mut upkeep)) = cfg.upkeep.as_ref().map(Mutex::lock) {
             upkeep.tick(&cfg.main(envoy_config));
         }
@@ -696,7 +713,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
     body_chunks_size: usize,
 ) {
     let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return };
-    guard(std::ptr::null_mut(), None, false, (), || {
+    guard("config_http_callout_done", std::ptr::null_mut(), None, false, (), || {
         // SAFETY: Envoy's arrays (or null on failure) are valid during this hook.
         let headers: &[EnvoyHeader] =
             if headers.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(headers, headers_size) } };

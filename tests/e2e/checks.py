@@ -7,7 +7,7 @@ FHIR_JSON = "application/fhir+json"
 ISSUE_CODE = {401: "login", 403: "forbidden", 503: "transient"}
 
 
-def assert_operation_outcome(resp: Response, status: int) -> dict:
+def assert_operation_outcome(resp: Response, status: int, code: str | None = None) -> dict:
     assert resp.status == status, resp
     ctype = resp.header("content-type") or ""
     assert ctype.split(";")[0].strip() == FHIR_JSON, resp
@@ -15,8 +15,8 @@ def assert_operation_outcome(resp: Response, status: int) -> dict:
     assert doc["resourceType"] == "OperationOutcome", doc
     issue = doc["issue"][0]
     assert issue["severity"] == "error", doc
-    if status in ISSUE_CODE:
-        assert issue["code"] == ISSUE_CODE[status], doc
+    if code or status in ISSUE_CODE:
+        assert issue["code"] == (code or ISSUE_CODE[status]), doc
     return doc
 
 

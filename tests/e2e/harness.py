@@ -315,14 +315,14 @@ class Envoy:
     """A real Envoy process running a rendered config. Logs go to <workdir>/<name>.log."""
 
     def __init__(self, cfg: dict, workdir: Path, name: str, listener_port: int, admin_port: int,
-                 log_level: str = "warning", build: str | None = None):
+                 log_level: str = "warning", build: str | None = None, so_path: Path | None = None):
         self.build = build or BUILD
         self.env: dict[str, str] = {}
         self.cfg = cfg  # as rendered, with the wasm filter: what tests read the plugin JSON from
         running = cfg
         if self.build == "dynamic-module" and has_wasm_filter(cfg):
             self.env = dynamic_module_env(cfg)
-            running = as_dynamic_module(cfg)
+            running = as_dynamic_module(cfg, so_path)
         elif self.build == "dynamic-module":
             self.build = "none"  # a peer config without our filter
         self.name = name

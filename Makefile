@@ -101,8 +101,10 @@ fuzz: ## fuzz every parser of untrusted input: 1.45M deterministic generated inp
 bench: build build-so deps ## benchmark: ours (wasm and dynamic module) vs native jwt_authn and same-job native configs (~14 min; installs wrk); writes BENCHMARKS.md
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-soak: build deps ## 10 minutes of mixed valid and invalid traffic: Envoy memory and VM reloads (not in CI); writes BENCHMARKS.md's soak section
-	$(PY) bench/soak.py $(SOAK_ARGS)
+SOAK_BUILDS ?= wasm dynamic-module
+
+soak: build build-so deps ## 10 minutes of mixed valid and invalid traffic per build (SOAK_BUILDS): Envoy memory, VM reloads, panics (not in CI); writes BENCHMARKS.md's soak sections
+	@for b in $(SOAK_BUILDS); do $(PY) bench/soak.py --build $$b $(SOAK_ARGS) || exit 1; done
 
 bench-quick: build build-so deps ## a ~2 minute smoke run of the benchmark (writes target/bench-quick.md)
 	$(PY) bench/run.py --quick --out target/bench-quick.md $(BENCH_ARGS)

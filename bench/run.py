@@ -77,6 +77,9 @@ class Module:
     path: Path = WASM
     size: int = 0
     sha256: str = ""
+    so_path: Path = SO
+    so_size: int = 0
+    so_sha256: str = ""
 
     def snapshot(self, workdir: Path) -> None:
         if not WASM.is_file():
@@ -85,6 +88,14 @@ class Module:
         self.path = workdir / "fhir_tenant_router.wasm"
         self.path.write_bytes(data)
         self.size, self.sha256 = len(data), hashlib.sha256(data).hexdigest()
+
+    def snapshot_so(self, workdir: Path) -> None:
+        if not SO.is_file():
+            raise BenchError(f"{SO} is missing: make build-so")
+        data = SO.read_bytes()
+        self.so_path = workdir / SO.name
+        self.so_path.write_bytes(data)
+        self.so_size, self.so_sha256 = len(data), hashlib.sha256(data).hexdigest()
 
 
 MODULE = Module()
@@ -123,10 +134,10 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str, interval: 
 _PROCS: list[subprocess.Popen] = []
 
 
-def spawn(cmd: list[str], logfile: Path) -> subprocess.Popen:
+def spawn(cmd: list[str], logfile: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(logfile, "ab") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             cwd=REPO, start_new_session=True)
+                             cwd=REPO, start_new_session=True, env=env)
     _PROCS.append(p)
     return p
 

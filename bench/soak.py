@@ -59,9 +59,11 @@ BenchError, log, wait_until = bench.BenchError, bench.log, bench.wait_until
 
 OUT_DEFAULT = REPO / "BENCHMARKS.md"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
-PREFIX = "wasmcustom.fhir_tenant_router."
+PREFIX = "wasmcustom.fhir_tenant_router."   # the filter's stats; "fhir_tenant_router." for the dynamic module
+BUILD = "wasm"                               # --build; main() sets these three for the dynamic module
 LISTENER = "fhir_ingress"                    # stat_prefix of the shipped config's HCM
-GROWTH_LIMIT = 0.05                          # target: under 5 % memory growth
+GROWTH_LIMIT = 0.05                          # target: under 5 % memory growth (wasm: V8's heap moves)
+DM_RSS_GROWTH_LIMIT = 0.01                   # the dynamic module's target: Envoy's RSS grows under 1 %
 TENANT_ECHO = "x-soak-upstream-tenant"       # the upstream echoes x-fhir-tenant-id (pre-check only)
 AUTHZ_ECHO = "x-soak-upstream-authz"         # ... and Authorization (must never arrive)
 PATIENT_ID = "e8690a7b-c733-5bba-b027-ccf8db547f3f"
@@ -201,15 +203,18 @@ class SoakEnvoy(bench.Envoy):
     """bench/run.py's Envoy (ephemeral ports read back from the admin API), with a choice of worker count and
     the filter's own log lines (wasm:info) in the log for the crash grep."""
 
-    def __init__(self, name: str, cfg: dict, workdir: Path, wasm: bool, concurrency: int):
+    def __init__(self, name: str, cfg: dict, workdir: Path, wasm: bool, concurrency: int,
+                 env: dict[str, str] | None = None):
         super().__init__(name, cfg, workdir, wasm)
         self.concurrency = concurrency
+        self.env = dict(os.environ, **env) if env else None
 
     def start(self, timeout: float = 180) -> "SoakEnvoy":
         self.proc = bench.spawn([bench.envoy_bin(), "-c", str(self.config_path), "--concurrency",
                                  str(self.concurrency), "--disable-hot-restart", "--admin-address-path",
-                                 str(self.admin_path), "-l", "warning", "--component-log-level", "wasm:info"],
-                                self.log_path)
+                                 str(self.admin_path), "-l", "warning", "--component-log-level",
+                                 "wasm:info,dynamic_modules:info"],
+                                self.log_path, env=self.env)
         return self
 
     def rss_bytes(self) -> int:
@@ -409,6 +414,8 @@ class Soak:
     # --- set-up
     def setup(self) -> None:
         bench.MODULE.snapshot(self.workdir)
+        if BUILD == "dynamic-module":
+            bench.MODULE.snapshot_so(self.workdir)
         a = self.args
         self.upstream = SoakEnvoy("upstream", upstream_config(), self.workdir, wasm=False, concurrency=1)
         self.upstream.start().wait_ready()
@@ -420,7 +427,12 @@ class Soak:
                                                    "tenant_b": up},
                                     wasm_path=bench.MODULE.path)
         self.cache_capacity = int(harness.plugin_json(cfg).get("token_cache_entries", 10_000))
-        self.envoy = SoakEnvoy("envoy", cfg, self.workdir, wasm=True, concurrency=a.workers).start().wait_ready()
+        env = None
+        if BUILD == "dynamic-module":
+            env = harness.dynamic_module_env(cfg)
+            cfg = harness.as_dynamic_module(cfg, bench.MODULE.so_path)
+        self.envoy = SoakEnvoy("envoy", cfg, self.workdir, wasm=BUILD == "wasm", concurrency=a.workers,
+                               env=env).start().wait_ready()
         log(f"==> Envoy ({a.workers} workers, shipped envoy/envoy.yaml on port {self.envoy.port}, admin "
             f"{self.envoy.admin_port}), IdP :{self.idp.port}, upstream :{up}; work dir {self.workdir}")
         self.tokens = make_tokens(self.idp, a.distinct_tokens, ttl, self.rng)
@@ -531,8 +543,11 @@ class Soak:
         self.sleep_until(soak_at, now, procs)
         self.start_snap = self.snapshot()
         self.log_mark = self.log_size()
-        full = self.start_snap.cache_entries is not None and self.start_snap.cache_entries >= self.cache_capacity \
-            and not [c for c in self.start_snap.cache_values if 0 < c < self.cache_capacity]
+        if BUILD == "dynamic-module":  # one gauge, the sum over the workers' caches
+            full = (self.start_snap.cache_entries or 0) >= self.cache_capacity * self.args.workers
+        else:
+            full = self.start_snap.cache_entries is not None and self.start_snap.cache_entries >= self.cache_capacity \
+                and not [c for c in self.start_snap.cache_values if 0 < c < self.cache_capacity]
         self.caches_full = full
         log(f"==> start (after warm-up, under load): RSS {mib(self.start_snap.rss)}, VM {mib(self.start_snap.vm_memory)} "
             f"(values seen {self.start_snap.vm_values}), allocated {mib(self.start_snap.allocated)}, "
@@ -651,14 +666,23 @@ def report(s: Soak, started: float) -> tuple[str, list[tuple[bool, str]]]:
     g_rss, g_vm, g_alloc = growth(st0.rss, st1.rss), growth(st0.vm_memory, st1.vm_memory), \
         growth(st0.allocated, st1.allocated)
     checks: list[tuple[bool, str]] = []
-    for name, g in (("Envoy RSS", g_rss), ("wasm VM memory (max over VMs)", g_vm),
-                    ("server.memory_allocated", g_alloc)):
-        checks.append((g is not None and g < GROWTH_LIMIT,
-                       f"{name} growth {pct(g)} over the soak (target: under {GROWTH_LIMIT:.0%})"))
-    checks.append((not events and not crash_lines,
-                   f"VM reloads/crashes: {sum(reloads.values())} (Envoy's wasm stats on reloads, crashes, failures, "
-                   f"VMs created: {events or 'unchanged'}), crash lines in the Envoy log {len(crash_lines)} "
-                   "(target: zero)"))
+    dm = BUILD == "dynamic-module"
+    limits = ((("Envoy RSS", g_rss, DM_RSS_GROWTH_LIMIT), ("server.memory_allocated", g_alloc, GROWTH_LIMIT)) if dm
+              else (("Envoy RSS", g_rss, GROWTH_LIMIT), ("wasm VM memory (max over VMs)", g_vm, GROWTH_LIMIT),
+                    ("server.memory_allocated", g_alloc, GROWTH_LIMIT)))
+    for name, g, limit in limits:
+        checks.append((g is not None and g < limit, f"{name} growth {pct(g)} over the soak (target: under {limit:.0%})"))
+    if dm:
+        panics = d(PREFIX + "panics")
+        checks.append((panics == 0 and not crash_lines and s.envoy.proc.poll() is None,
+                       f"panics caught in the module: {panics} (`panics`), crash lines in the Envoy log "
+                       f"{len(crash_lines)}, Envoy {'running' if s.envoy.proc.poll() is None else 'EXITED'} "
+                       "(target: zero, running)"))
+    else:
+        checks.append((not events and not crash_lines,
+                       f"VM reloads/crashes: {sum(reloads.values())} (Envoy's wasm stats on reloads, crashes, "
+                       f"failures, VMs created: {events or 'unchanged'}), crash lines in the Envoy log "
+                       f"{len(crash_lines)} (target: zero)"))
     checks.append((unexpected == 0 and warm_unexpected == 0 and rq["5xx"] == 0 and tallied > 0,
                    f"answers: {tallied:,} in the soak (+{sum(warm_counts.values()):,} in the warm-up), "
                    f"{unexpected + warm_unexpected:,} not the status their kind expects, Envoy 5xx "
@@ -671,10 +695,11 @@ def report(s: Soak, started: float) -> tuple[str, list[tuple[bool, str]]]:
     P = lines.append
     short = a.minutes < 10
     P(BEGIN)
-    P("## Soak")
+    P("## Soak" + (" (dynamic module)" if dm else ""))
     P("")
     P(f"**{'SHORT ' if short else ''}run of {a.minutes:g} min** — generated by `bench/soak.py"
-      f"{f' --minutes {a.minutes:g}' if a.minutes != 10 else ''}` (`make soak`); only this section is rewritten "
+      f"{f' --minutes {a.minutes:g}' if a.minutes != 10 else ''}{' --build dynamic-module' if dm else ''}` "
+      "(`make soak`); only this section is rewritten "
       "by a soak run." + (" Too short to judge slow leaks: run `make soak` (10 min)." if short else ""))
     P("")
     P("| | |")
@@ -682,13 +707,16 @@ def report(s: Soak, started: float) -> tuple[str, list[tuple[bool, str]]]:
     P(f"| date (UTC) | {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} |")
     P(f"| machine | {bench.cpu_model()} × {os.cpu_count()} (shared); load average at start {s.load_start}, "
       f"at end {bench.loadavg()} |")
-    P(f"| Envoy | {bench.envoy_version()}, `--concurrency {a.workers}` (a VM and a token cache per worker), "
+    P(f"| Envoy | {bench.envoy_version()}, `--concurrency {a.workers}` "
+      f"({'a router and a token cache per worker' if dm else 'a VM and a token cache per worker'}), "
       f"the shipped `envoy/envoy.yaml` on ephemeral ports; JWKS from the real test IdP (`tests/idp`, refetched "
       f"every 300 s); upstream: a separate Envoy (direct_response, JSON bodies) |")
-    wasm = bench.WASM.relative_to(REPO) if bench.WASM.is_relative_to(REPO) else bench.WASM
-    src = (f"working tree {bench.git_describe()}" if bench.WASM.is_relative_to(REPO)
-           else "set by $FHIR_TENANT_ROUTER_WASM, built outside this working tree")
-    P(f"| module | `{wasm}` {bench.MODULE.size:,} bytes, sha256 {bench.MODULE.sha256[:12]}…; source: {src} |")
+    built = bench.SO if dm else bench.WASM
+    wasm = built.relative_to(REPO) if built.is_relative_to(REPO) else built
+    src = (f"working tree {bench.git_describe()}" if built.is_relative_to(REPO)
+           else "set by $FHIR_TENANT_ROUTER_WASM/_SO, built outside this working tree")
+    size, sha = (bench.MODULE.so_size, bench.MODULE.so_sha256) if dm else (bench.MODULE.size, bench.MODULE.sha256)
+    P(f"| module | `{wasm}` {size:,} bytes, sha256 {sha[:12]}…; source: {src} |")
     P(f"| load | {a.connections} wrk {bench.wrk_version(s.wrk)} processes × 1 keep-alive connection each, closed "
       f"loop (as fast as Envoy answers), without a break from warm-up to end; {a.distinct_tokens:,} distinct "
       f"valid tokens (RS256/ES256, tenants A/B), split between the connections, each connection cycling more "
@@ -719,7 +747,8 @@ def report(s: Soak, started: float) -> tuple[str, list[tuple[bool, str]]]:
     P("### Memory")
     P("")
     P("Start and end are read under load (it runs without a break from the warm-up to the end); the growth "
-      "targets compare them. "
+      "targets compare them. " + ("The dynamic module has no VM; `cache.entries` is the sum over the workers' "
+                                  "caches. " if dm else "") +
       "The filter's gauges are one stat per name that every VM of the plugin sets every 500 ms (each worker's, "
       "and the main thread's, which checked the configuration and has no traffic): 25 reads 137 ms apart see "
       "each VM, the max is shown, and the values seen in brackets. The wasm linear memory never shrinks.")
@@ -808,6 +837,9 @@ def write_section(out: Path, section: str) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10, help="length of the soak (default 10)")
+    p.add_argument("--build", choices=("wasm", "dynamic-module"), default="wasm",
+                   help="the build under test (default wasm; dynamic-module: target/dynamic-module/*.so, its own "
+                        "section of the report)")
     p.add_argument("--workers", type=int, default=2, help="Envoy --concurrency (default 2: two VMs, two caches)")
     p.add_argument("--connections", type=int, default=6,
                    help="wrk processes, one connection each (default 6)")
@@ -836,7 +868,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    global BUILD, PREFIX, BEGIN, END
     args = parse_args(argv)
+    if args.build == "dynamic-module":
+        BUILD, PREFIX = "dynamic-module", harness.DM_STATS_PREFIX
+        BEGIN, END = "<!-- soak-dynamic-module:begin -->", "<!-- soak-dynamic-module:end -->"
     started = time.monotonic()
     try:
         s = Soak(args)

@@ -94,8 +94,7 @@ impl Router {
     }
 
     /// A fetch for `target` ended. `body` reads the answer's body. `env` reads the VM's environment (for
-    /// a registry's upstream headers). Returns the context ids of the requests to wake: those that waited
-    /// for this key set, to be decided again through [`Router::wake`].
+    /// a registry's upstream headers). Returns what the host does next: see [`Fetched`].
     pub fn on_fetch_result(
         &mut self,
         target: FetchTarget,
@@ -104,7 +103,7 @@ impl Router {
         body: &mut dyn FnMut() -> Vec<u8>,
         env: &dyn Fn(&str) -> Option<String>,
         out: &mut dyn Effects,
-    ) -> Vec<u32> {
+    ) -> Fetched {
         let limit = match target {
             FetchTarget::Jwks(_) => MAX_JWKS_BYTES,
             FetchTarget::Registry => MAX_REGISTRY_BYTES,
@@ -121,20 +120,29 @@ impl Router {
         match target {
             FetchTarget::Jwks(provider) => {
                 let outcome = fetched.and_then(|b| KeySet::from_jwks(&b).map_err(|e| e.to_string()));
-                self.install_keys(provider, outcome, now_ms, out);
-                // Requests that waited for this fetch are decided again with whatever keys there are now.
-                self.keys.0.get_mut(provider).map(|s| std::mem::take(&mut s.waiting)).unwrap_or_default()
+                let installed = self.install_keys(provider, outcome, now_ms, out);
+                // Requests that waited for this fetch are decided again with whatever keys there are now,
+                // whether it succeeded or not (they may not wait twice).
+                let wake = self.keys.0.get_mut(provider).map(|s| std::mem::take(&mut s.waiting)).unwrap_or_default();
+                Fetched { installed, waiting_for: Some(provider), wake }
             }
             FetchTarget::Registry => {
-                self.install_registry(fetched, now_ms, env, out);
-                Vec::new()
+                let installed = self.install_registry(fetched, now_ms, env, out);
+                Fetched { installed, waiting_for: None, wake: Vec::new() }
             }
         }
     }
 
-    fn install_keys(&mut self, provider: usize, outcome: Result<KeySet, String>, now_ms: u64, out: &mut dyn Effects) {
+    /// Returns whether the key set was installed.
+    fn install_keys(
+        &mut self,
+        provider: usize,
+        outcome: Result<KeySet, String>,
+        now_ms: u64,
+        out: &mut dyn Effects,
+    ) -> bool {
         let issuer = self.config.providers.get(provider).map_or("", |p| p.provider.issuer.as_str());
-        let Some(state) = self.keys.0.get_mut(provider) else { return };
+        let Some(state) = self.keys.0.get_mut(provider) else { return false };
         let kept = match &state.keys {
             Some(k) => format!("keeping the last {} keys", k.keys().len()),
             None => "no keys yet: token requests get 503".to_string(),
@@ -142,7 +150,7 @@ impl Router {
         let what = format!("JWKS fetch for {issuer}");
         let counters = (Metric::JwksFetchOk, Metric::JwksFetchFailed);
         let Some(keys) = settle(counters, state.schedule.as_mut(), now_ms, &what, &kept, outcome, out) else {
-            return;
+            return false;
         };
         if keys.skipped() > 0 {
             let (usable, skipped) = (keys.keys().len(), keys.skipped());
@@ -161,15 +169,17 @@ impl Router {
             let line = format!("JWKS: dropped {dropped} cached tokens whose key left the key set");
             out.push(Effect::Log(Level::Info, &line));
         }
+        true
     }
 
+    /// Returns whether the tenant map was installed.
     fn install_registry(
         &mut self,
         fetched: Result<Vec<u8>, String>,
         now_ms: u64,
         env: &dyn Fn(&str) -> Option<String>,
         out: &mut dyn Effects,
-    ) {
+    ) -> bool {
         let compiled = fetched.and_then(|body| self.config.compile_registry(&body, env).map_err(|e| e.to_string()));
         let state = &mut self.tenants;
         let kept = match &state.map {
@@ -178,11 +188,26 @@ impl Router {
         };
         let counters = (Metric::RegistryFetchOk, Metric::RegistryFetchFailed);
         let schedule = state.schedule.as_mut();
-        if let Some(map) = settle(counters, schedule, now_ms, "tenant registry fetch", &kept, compiled, out) {
-            out.push(Effect::Gauge(Gauge::RegistryTenants, map.len() as u64));
-            state.map = Some(Arc::new(map));
-        }
+        let Some(map) = settle(counters, schedule, now_ms, "tenant registry fetch", &kept, compiled, out) else {
+            return false;
+        };
+        out.push(Effect::Gauge(Gauge::RegistryTenants, map.len() as u64));
+        state.map = Some(Arc::new(map));
+        true
     }
+}
+
+/// What a host does after a fetch ended ([`Router::on_fetch_result`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// The answer was good and is now installed: a host whose other routers install what one router fetched
+    /// (the dynamic module's workers) hands them this body; an answer that was not installed is not handed on.
+    pub installed: bool,
+    /// A key-set fetch (good or not) for this provider: every request waiting for its keys is to be decided
+    /// again, including waiting requests this router does not know (another router's).
+    pub waiting_for: Option<usize>,
+    /// The context ids of this router's waiting requests, to wake through [`Router::wake`].
+    pub wake: Vec<u32>,
 }
 
 /// Advances a fetch schedule with one outcome and counts it (`counters`: ok, failed). A failure streak is
@@ -232,6 +257,61 @@ mod tests {
         });
         let config = Config::from_json(plugin.to_string().as_bytes()).unwrap();
         Router::new(config, 0, &mut Recorded::default())
+    }
+
+    fn remote_router() -> Router {
+        let plugin = serde_json::json!({
+            "provider": {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
+                         "jwks_uri": "http://127.0.0.1:9000/jwks", "jwks_cluster": "idp"},
+            "tenants": {testkeys::TENANT_A: {"cluster": "tenant_a"}},
+            "metadata_cluster": "fhir_metadata",
+        });
+        let config = Config::from_json(plugin.to_string().as_bytes()).unwrap();
+        Router::new(config, 0, &mut Recorded::default())
+    }
+
+    fn answer(router: &mut Router, status: Option<&str>, body: &[u8]) -> Fetched {
+        let result = FetchResult::Answer { status, body_size: body.len() };
+        router.on_fetch_result(
+            FetchTarget::Jwks(0),
+            result,
+            1_000,
+            &mut || body.to_vec(),
+            &|_| None,
+            &mut Recorded::default(),
+        )
+    }
+
+    #[test]
+    fn only_a_key_set_that_was_installed_is_handed_on_and_any_answer_wakes_its_waiters() {
+        let mut r = remote_router();
+        let jwks = testkeys::public_jwks();
+        assert_eq!(
+            answer(&mut r, Some("200"), jwks.as_bytes()),
+            Fetched { installed: true, waiting_for: Some(0), wake: vec![] }
+        );
+        for (status, body) in [(Some("200"), &b"{\"keys\": 7}"[..]), (Some("503"), &b""[..]), (None, &b""[..])] {
+            assert_eq!(answer(&mut r, status, body), Fetched { installed: false, waiting_for: Some(0), wake: vec![] });
+        }
+        let not_sent = FetchResult::NotSent("no cluster");
+        let fetched = r.on_fetch_result(
+            FetchTarget::Jwks(0),
+            not_sent,
+            1_000,
+            &mut Vec::new,
+            &|_| None,
+            &mut Recorded::default(),
+        );
+        assert_eq!(fetched, Fetched { installed: false, waiting_for: Some(0), wake: vec![] });
+        let registry = r.on_fetch_result(
+            FetchTarget::Registry,
+            FetchResult::Answer { status: Some("200"), body_size: 2 },
+            1_000,
+            &mut || b"{}".to_vec(),
+            &|_| None,
+            &mut Recorded::default(),
+        );
+        assert_eq!(registry.waiting_for, None);
     }
 
     #[test]

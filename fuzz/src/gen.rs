@@ -656,7 +656,7 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
                     FetchResult::Answer { status, body_size: body.len() }
                 };
                 note("router", &body);
-                let woken = router.on_fetch_result(target, result, now, &mut || body.clone(), &|_| None, &mut out);
+                let woken = router.on_fetch_result(target, result, now, &mut || body.clone(), &|_| None, &mut out).wake;
                 for stream in open.iter_mut().filter(|s| woken.contains(&s.context_id())) {
                     router.wake(stream, now, &PureRust, &mut || b"{}".to_vec(), &mut out);
                 }

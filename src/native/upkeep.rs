@@ -67,17 +67,18 @@ impl Effects for Quiet {
     fn push(&mut self, _: Effect<'_>) {}
 }
 
-/// Requests parked for a key set, with their schedulers, and the providers whose refetch they ask for.
+/// Requests parked for a key set (stream id, the provider whose keys it waits for, its scheduler), and the
+/// providers whose refetch they ask for.
 #[derive(Default)]
 pub struct Parked {
-    streams: Vec<(u32, SendPtr)>,
+    streams: Vec<(u32, usize, SendPtr)>,
     refetch: Vec<usize>,
 }
 
 /// Parks a stream: its scheduler is committed (under this lock) at the next key-set answer.
 pub fn park(parked: &Mutex<Parked>, stream_id: u32, scheduler: SchedulerPtr, provider: usize) {
     if let Ok(mut p) = parked.lock() {
-        p.streams.push((stream_id, SendPtr(scheduler)));
+        p.streams.push((stream_id, provider, SendPtr(scheduler)));
         p.refetch.push(provider);
     }
 }
@@ -85,7 +86,7 @@ pub fn park(parked: &Mutex<Parked>, stream_id: u32, scheduler: SchedulerPtr, pro
 /// Takes a stream off the list (before its scheduler is deleted: the main thread commits only listed ones).
 pub fn unpark(parked: &Mutex<Parked>, stream_id: u32) {
     if let Ok(mut p) = parked.lock() {
-        p.streams.retain(|(id, _)| *id != stream_id);
+        p.streams.retain(|(id, _, _)| *id != stream_id);
     }
 }
 
@@ -186,23 +187,26 @@ impl Upkeep {
         self.answer(main, target, result, body);
     }
 
+    /// Applies what the core says of a fetch's end: an installed answer goes to the workers; the requests
+    /// parked for that provider's keys (on any worker) are decided again.
     fn answer(&mut self, main: &Main<'_>, target: FetchTarget, result: FetchResult<'_>, body: Vec<u8>) {
-        let ok = matches!(result, FetchResult::Answer { status: Some("200"), .. });
         let env = |name: &str| std::env::var(name).ok();
         let mut sink = MainSink { envoy_config: main.envoy_config.0, metrics: main.metrics, fetches: Vec::new() };
-        self.router.on_fetch_result(target, result, now_ms(), &mut || body.clone(), &env, &mut sink);
-        if ok {
+        let fetched = self.router.on_fetch_result(target, result, now_ms(), &mut || body.clone(), &env, &mut sink);
+        if fetched.installed {
             main.published.publish(target, body);
         }
-        if matches!(target, FetchTarget::Jwks(_)) {
-            // Whatever came back, the parked requests are decided again (they may not wait twice).
-            if let Ok(mut p) = main.parked.lock() {
-                for (_, scheduler) in p.streams.drain(..) {
-                    // SAFETY: a listed scheduler is alive: its stream deletes it only after unlisting it
-                    // under this same lock.
-                    unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler.0, 1) };
+        let Some(provider) = fetched.waiting_for else { return };
+        if let Ok(mut p) = main.parked.lock() {
+            p.streams.retain(|&(_, waits_for, scheduler)| {
+                if waits_for != provider {
+                    return true;
                 }
-            }
+                // SAFETY: a listed scheduler is alive: its stream deletes it only after unlisting it under
+                // this same lock.
+                unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler.0, 1) };
+                false
+            });
         }
     }
 }

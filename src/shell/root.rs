@@ -94,7 +94,7 @@ impl<H: Host + Clone> Root<H> {
             let mut apply = shared.apply();
             let mut body = || host.call_response_body(body_size);
             let env = |name: &str| host.env(name);
-            shared.router.borrow_mut().on_fetch_result(target, result, now, &mut body, &env, &mut apply)
+            shared.router.borrow_mut().on_fetch_result(target, result, now, &mut body, &env, &mut apply).wake
         };
         for context_id in woken {
             let Some(mut stream) = shared.parked.borrow_mut().remove(&context_id) else { continue };

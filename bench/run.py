@@ -717,7 +717,8 @@ class Variant:
         return statistics.median(getattr(r, attr) for r in self.results)
 
 
-def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = False) -> list[Variant]:
+def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = False,
+                   baseline_so: bool = False) -> list[Variant]:
     """In measuring order: every compared pair is adjacent (native first, ours next), so that the rotation
     and the reversal of odd rounds (see Bench.measure) run the two of a pair close together in time."""
     v = [Variant("passthrough", "passthrough", None, "none", "passthrough (no auth filter)"),
@@ -769,6 +770,11 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
         v.append(Variant(f"dm-distinct-{a}", "dm-distinct", a, "distinct",
                          f"dynamic module, cache (always missing), distinct tokens, 10 tenants, {a}",
                          f"native-distinct-{a}"))
+        if baseline_so:
+            v += [Variant(f"dm-baseline-cache-{a}", "dm-baseline-cache", a, "fixed",
+                          f"baseline dynamic module, cache, 10 tenants, {a}", f"native-cache-{a}"),
+                  Variant(f"dm-baseline-distinct-{a}", "dm-baseline-distinct", a, "distinct",
+                          f"baseline dynamic module, distinct tokens, 10 tenants, {a}", f"native-distinct-{a}")]
     return v
 
 
@@ -788,7 +794,12 @@ class Bench:
         self.distinct_files: dict[str, Path] = {}
         self.distinct_first_last: dict[str, tuple[str, str]] = {}
         self.tenant_scale = [t for t in (1_000, 100_000)]
-        self.variants = build_variants(args.algs, self.tenant_scale, args.baseline is not None)
+        self.variants = build_variants(args.algs, self.tenant_scale, args.baseline is not None,
+                                       args.baseline_so is not None)
+        if args.only:
+            self.variants = [v for v in self.variants if re.search(args.only, v.name)]
+            if not self.variants:
+                raise BenchError(f"--only {args.only!r} matches no variant")
         (self.workdir / "static.lua").write_text(STATIC_LUA)
         (self.workdir / "distinct.lua").write_text(DISTINCT_LUA)
         self.memory: dict = {}
@@ -834,7 +845,8 @@ class Bench:
         if s.kind == "dm":
             plugin = ours_plugin(self.public_jwks, s.tenants, CACHE_ENTRIES if s.cache else 0)
             plugin["audit_log"] = s.audit
-            return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, [dm_filter(plugin, self.so)])
+            return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}},
+                                 [dm_filter(plugin, s.module or self.so)])
         entries = (CACHE_ENTRIES if s.cache else 0) if self.cache_field else None
         if s.more_tenants:
             # one filter per listener, distinct names, same vm_config (explicit vm_id): one VM per worker
@@ -892,6 +904,16 @@ class Bench:
                   Server("peer-claim", "peer-claim", True), Server("peer-lua", "peer-lua", True),
                   Server("dm-cache", "dm", True, 10), Server("dm-nocache", "dm", False, 10),
                   Server("dm-distinct", "dm", True, 10)]
+        if self.args.baseline_so is not None:
+            if not self.args.baseline_so.is_file():
+                raise BenchError(f"--baseline-so {self.args.baseline_so}: no such module")
+            baseline_so = self.workdir / "baseline" / SO.name
+            baseline_so.parent.mkdir()
+            baseline_so.write_bytes(self.args.baseline_so.read_bytes())
+            specs += [Server("dm-baseline-cache", "dm", True, 10, module=baseline_so),
+                      Server("dm-baseline-distinct", "dm", True, 10, module=baseline_so)]
+        needed = {v.server for v in self.variants}
+        specs = [s for s in specs if s.name in needed]
         t0 = time.monotonic()
         self.start_servers(specs)
         log(f"==> {len(specs)} Envoys under test + 1 upstream ready in {time.monotonic() - t0:.1f}s "
@@ -1449,6 +1471,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--baseline", type=Path, default=None,
                    help="another build of the module (e.g. main's) measured in the same rounds, cache and "
                         "distinct-token variants beside ours, for before/after comparisons")
+    p.add_argument("--baseline-so", type=Path, default=None,
+                   help="another build of the dynamic module, measured beside ours (cache and distinct tokens)")
+    p.add_argument("--only", default=None,
+                   help="a regex: measure only the variants whose name matches (an A/B tool: prints a table of "
+                        "req/s, CPU µs/request and p99, writes nothing)")
     p.add_argument("--no-write", action="store_true", help="print only, do not write the report file")
     p.add_argument("--strict", action="store_true", help="exit 3 if a target FAILs (default: report only)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
@@ -1472,6 +1499,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def only_table(b: "Bench") -> str:
+    """The --only run's result: each variant's medians, and its ratio to its native reference if measured."""
+    rows = ["| variant | req/s | CPU µs/req | p99 ms | ÷ its native ref (req/s) |", "|---|---:|---:|---:|---:|"]
+    names = {v.name: v for v in b.variants}
+    for v in b.variants:
+        ref = names.get(v.native_ref or "")
+        ratio = f"{v.median('rps') / ref.median('rps'):.3f}" if ref and ref is not v else ""
+        rows.append(f"| {v.name} | {v.median('rps'):,.0f} | {v.median('cpu_us_per_req'):.1f} | "
+                    f"{v.median('p99_ms'):.2f} | {ratio} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     mode = "QUICK" if args.quick else "FULL"
@@ -1487,6 +1526,10 @@ def main(argv: list[str]) -> int:
             f"wrk -t{args.threads} -c{args.connections}")
         b.setup()
         b.measure()
+        if args.only:
+            print(only_table(b))
+            ok = True
+            return 0
         b.measure_memory()
         b.measure_hostcalls()
         text, checks = report(b, mode, started)

@@ -269,7 +269,12 @@ impl Router {
         let mut request = HttpRequest::default();
         let mut spoofed = false;
         // A non-UTF-8 byte (lossily decoded, copied) becomes U+FFFD, which no token, path or cluster holds.
-        let text = |v: &'h [u8]| String::from_utf8_lossy(v);
+        // (`from_utf8` first: its ASCII fast path is several times quicker than the lossy decoder on the
+        // ~700-byte token.)
+        let text = |v: &'h [u8]| match std::str::from_utf8(v) {
+            Ok(s) => Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(v),
+        };
         for (name, value) in pairs {
             match name {
                 b":method" => request.method = text(value),

@@ -184,6 +184,11 @@ impl TenantMap {
         self.by_id.get(id).map(|t| &t.0)
     }
 
+    /// The tenants' ids, in no particular order.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.by_id.iter().map(|t| t.0.id.as_str())
+    }
+
     /// How many tenants are configured.
     pub fn len(&self) -> usize {
         self.by_id.len()

@@ -6,6 +6,7 @@
 //! Key sets and the tenant registry are fetched once per process on Envoy's main thread and installed by
 //! each worker ([`upkeep`]); a request whose token names an unknown `kid` waits on a per-stream scheduler.
 
+pub mod counts;
 pub mod crypto;
 // The hooks and the ABI they call link against Envoy's exported callbacks: only in the `.so`, not in a
 // test executable.

@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::config::Config;
-use crate::effect::{Effect, Effects, Flow, Gauge, Level};
+use crate::effect::{CounterSlot, Effect, Effects, Flow, Gauge, Level};
 use crate::router::{Router, Stream};
 
 use super::abi::*;
+use super::counts::TenantCounts;
 use super::crypto::Ring;
 use super::host::{log, now_ms, MetricIds};
 use super::upkeep::{park, unpark, Main, Parked, Published, Quiet, SendPtr, Upkeep};
@@ -49,8 +50,10 @@ pub struct FilterConfig {
     config: Config,
     metrics: MetricIds,
     slots: Vec<Slot>,
-    /// With a remote JWKS or a registry: the main thread's fetching.
+    /// The main thread's part: fetching (with a remote JWKS or a registry) and handing the configured
+    /// tenants' counts to Envoy; `None` only without either.
     upkeep: Option<Mutex<Upkeep>>,
+    tenant_counts: TenantCounts,
     published: Published,
     parked: Mutex<Parked>,
 }
@@ -62,6 +65,7 @@ impl FilterConfig {
             metrics: &self.metrics,
             parked: &self.parked,
             published: &self.published,
+            tenant_counts: &self.tenant_counts,
         }
     }
 }
@@ -80,6 +84,7 @@ pub struct StreamObject {
 struct Apply<'a> {
     filter: FilterEnvoyPtr,
     metrics: &'a MetricIds,
+    tenant_counts: &'a TenantCounts,
 }
 
 fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
@@ -169,7 +174,15 @@ impl Effects for Apply<'_> {
                     ModuleBuffer::of(value.as_bytes()),
                 );
             },
-            Effect::Count(metric) => count(filter, self.metrics.counter(metric)),
+            Effect::Count(metric) => {
+                // A configured tenant's count goes to Envoy with the main thread's next tick (see `counts`).
+                if let CounterSlot::Tenant { tenant, allowed } = metric.slot() {
+                    if self.tenant_counts.add(tenant, allowed) {
+                        return;
+                    }
+                }
+                count(filter, self.metrics.counter(metric))
+            }
             Effect::Gauge(gauge, value) => {
                 if let Some(id) = self.metrics.gauge(gauge) {
                     unsafe {
@@ -404,15 +417,17 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         // The start-up line, once (each worker's router is built quietly from the same config); with anything
         // to fetch, this router stays on the main thread to fetch it.
         let main = Router::new(compiled.clone(), now_ms(), &mut LogsOnly);
-        let fetches = compiled.fetches();
+        let tenant_counts = TenantCounts::new(compiled.tenants.ids());
+        let ticks = compiled.fetches() || !compiled.tenants.is_empty();
         // SAFETY: config_new, main thread, this config.
-        let upkeep = fetches.then(|| Mutex::new(unsafe { Upkeep::start(main, envoy_config) }));
+        let upkeep = ticks.then(|| Mutex::new(unsafe { Upkeep::start(main, envoy_config) }));
         let slots = (0..MAX_WORKERS).map(|_| Slot(UnsafeCell::new(None))).collect();
         let filter_config = FilterConfig {
             config: compiled,
             metrics: MetricIds::define(envoy_config),
             slots,
             upkeep,
+            tenant_counts,
             published: Published::default(),
             parked: Mutex::new(Parked::default()),
         };
@@ -492,7 +507,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                 (std::slice::from_raw_parts(h.key_ptr, h.key_length), value)
             }
         });
-        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
         let flow = router.on_request_headers(
             &mut object.stream,
             pairs,
@@ -521,7 +536,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
     guard("request_body", filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
-        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
         let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         body_status(router.on_request_body(&mut object.stream, end_of_stream, now_ms(), &mut body, &mut apply))
     })
@@ -544,7 +559,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
     guard("response_headers", filter, Some(cfg), false, HEADERS_CONTINUE, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
-        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
         let header = |name: &str| response_header(filter, name);
         headers_status(router.on_response_headers(&mut object.stream, end_of_stream, &header, &mut apply))
     })
@@ -559,7 +574,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
     guard("response_body", filter, Some(cfg), false, BODY_CONTINUE, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
-        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
         let mut body = || read_body(filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
         body_status(router.on_response_body(&mut object.stream, end_of_stream, &mut body, &mut apply))
     })
@@ -679,7 +694,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
     guard("scheduled", filter, Some(cfg), true, (), || {
         let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return };
-        let mut apply = Apply { filter, metrics: &cfg.metrics };
+        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
         let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         router.wake(&mut object.stream, now_ms(), &object.signatures, &mut body, &mut apply);
     })

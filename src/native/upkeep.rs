@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::effect::{Effect, Effects, FetchTarget};
+use crate::effect::{Effect, Effects, FetchTarget, Metric};
 use crate::router::Router;
 use crate::upkeep::{FetchResult, TICK_MS};
 
 use super::abi::*;
+use super::counts::TenantCounts;
 use super::host::{log, now_ms, MetricIds};
 
 /// A raw pointer handed between threads; what it points to is guarded by how it is used (see each use).
@@ -97,6 +98,7 @@ pub struct Main<'a> {
     pub metrics: &'a MetricIds,
     pub parked: &'a Mutex<Parked>,
     pub published: &'a Published,
+    pub tenant_counts: &'a TenantCounts,
 }
 
 /// The main thread's part: its own router (schedules, the one log line and count per fetch), the callouts
@@ -140,10 +142,27 @@ impl Upkeep {
         Self { router, calls: HashMap::new(), scheduler, stop, ticker }
     }
 
-    /// A tick on the main thread: refetches the parked requests asked for, then the fetches that are due.
+    /// A tick on the main thread: hands the configured tenants' counts to Envoy, refetches the parked
+    /// requests asked for, then the fetches that are due.
     pub fn tick(&mut self, main: &Main<'_>) {
         let now = now_ms();
         let envoy_config = main.envoy_config.0;
+        main.tenant_counts.drain(|tenant, allowed, n| {
+            let metric = if allowed { Metric::TenantAllowed(tenant) } else { Metric::TenantForbidden(tenant) };
+            if let Some((id, Some(label))) = main.metrics.counter(metric) {
+                let mut labels = [ModuleBuffer::of(label.as_bytes())];
+                // SAFETY: main thread, live config; the label outlives the call.
+                unsafe {
+                    envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                        envoy_config,
+                        id,
+                        labels.as_mut_ptr(),
+                        1,
+                        n,
+                    )
+                };
+            }
+        });
         let wanted = main.parked.lock().map(|mut p| std::mem::take(&mut p.refetch)).unwrap_or_default();
         for provider in wanted {
             self.router.refetch_keys(provider, now);

@@ -74,6 +74,7 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 	cargo clippy --target wasm32-wasip1 --release --no-default-features --features plugin -- -D warnings
 	cargo clippy --lib --no-default-features --features dynamic-module -- -D warnings
 	cargo clippy --lib --no-default-features --features panic-probe -- -D warnings
+	cargo clippy --lib --no-default-features --features bench-floor -- -D warnings
 
 validate: build $(PY_DEPS) ## envoy --mode validate on every shipped Envoy config
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done

@@ -283,8 +283,9 @@ class Envoy:
     """One Envoy process; listeners and admin on ephemeral ports (port 0), read back from the admin API.
     `ports` holds every listener's port in configuration order; `port` is the first (most configs have one)."""
 
-    def __init__(self, name: str, cfg: dict, workdir: Path, wasm: bool):
+    def __init__(self, name: str, cfg: dict, workdir: Path, wasm: bool, env: dict[str, str] | None = None):
         self.name, self.workdir, self.wasm = name, workdir, wasm
+        self.env = dict(os.environ, **env) if env else None
         self.listener_names = [lst.get("name", "") for lst in cfg.get("static_resources", {}).get("listeners", [])]
         self.config_path = workdir / f"{name}.json"
         self.config_path.write_text(json.dumps(cfg), encoding="utf-8")
@@ -298,7 +299,7 @@ class Envoy:
     def start(self, timeout: float = 180) -> "Envoy":
         self.proc = spawn([envoy_bin(), "-c", str(self.config_path), "--concurrency", "1",
                            "--disable-hot-restart", "--admin-address-path", str(self.admin_path),
-                           "-l", "warning"], self.log_path)
+                           "-l", "warning"], self.log_path, env=self.env)
         return self
 
     def wait_ready(self, timeout: float = 180) -> "Envoy":
@@ -531,6 +532,22 @@ NOOP_DIR = REPO / "bench" / "noop-filter"
 NOOP_WASM = NOOP_DIR / "target" / "wasm32-wasip1" / "release" / "noop_filter.wasm"
 
 
+FLOOR_SO = REPO / "target" / "bench-floor" / "dynamic-module" / SO.name
+FLOOR_ENV = "FHIR_TENANT_ROUTER_BENCH_FLOOR_TENANT"
+
+
+def build_floor_so() -> Path:
+    """The dynamic-module floor (cargo feature bench-floor, src/native/floor.rs): the module's hooks doing only
+    what routing by header needs of Envoy, without the core."""
+    r = subprocess.run(["cargo", "build", "--quiet", "--lib", "--profile", "dynamic-module", "--no-default-features",
+                        "--features", "bench-floor", "--target-dir", str(REPO / "target" / "bench-floor")],
+                       cwd=REPO, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0 or not FLOOR_SO.is_file():
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise BenchError(f"cargo build of the bench-floor module failed ({r.returncode}):\n{tail}")
+    return FLOOR_SO
+
+
 def build_noop_filter() -> Path:
     """The do-nothing wasm filter (bench/noop-filter): the floor any wasm filter pays in Envoy's V8."""
     return build_bench_crate(NOOP_DIR, NOOP_WASM)
@@ -744,6 +761,9 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
                     f"native jwt_authn + payload_in_metadata + Lua routing (same job), {a}"),
             Variant(f"dm-cache-{a}", "dm-cache", a, "fixed", f"dynamic module, cache, 10 tenants, {a}",
                     f"native-cache-{a}"),
+            Variant(f"dm-floor-{a}", "dm-floor", a, "fixed",
+                    f"dynamic-module floor: header edits + clear_route_cache only, no core (bench build), {a}",
+                    f"native-cache-{a}"),
             Variant(f"dm-nocache-{a}", "dm-nocache", a, "fixed", f"dynamic module, no cache, 10 tenants, {a}",
                     f"native-nocache-{a}"),
         ]
@@ -859,7 +879,9 @@ class Bench:
 
     def start_servers(self, specs: list[Server]) -> None:
         for s in specs:
-            s.envoy = Envoy(s.name, self.server_config(s), self.workdir, wasm=s.kind in ("ours", "noop")).start()
+            env = {FLOOR_ENV: tenant_id(FIXED_TENANT_INDEX)} if s.name == "dm-floor" else None
+            s.envoy = Envoy(s.name, self.server_config(s), self.workdir, wasm=s.kind in ("ours", "noop"),
+                            env=env).start()
             self.servers[s.name] = s
         for s in specs:   # started together, waited for together: big configs load in parallel
             s.envoy.wait_ready().pin(self.pinning.tested)
@@ -904,6 +926,11 @@ class Bench:
                   Server("peer-claim", "peer-claim", True), Server("peer-lua", "peer-lua", True),
                   Server("dm-cache", "dm", True, 10), Server("dm-nocache", "dm", False, 10),
                   Server("dm-distinct", "dm", True, 10)]
+        if any(v.server == "dm-floor" for v in self.variants):
+            floor = self.workdir / "floor" / SO.name
+            floor.parent.mkdir()
+            floor.write_bytes(build_floor_so().read_bytes())
+            specs.append(Server("dm-floor", "dm", True, 10, module=floor))
         if self.args.baseline_so is not None:
             if not self.args.baseline_so.is_file():
                 raise BenchError(f"--baseline-so {self.args.baseline_so}: no such module")
@@ -1273,6 +1300,14 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         ratio_check(dd, nd, f"{alg}: dynamic module distinct tokens / native no cache, distinct tokens", 0.9,
                     f"{alg}: native distinct CPU µs/req / dynamic module distinct CPU µs/req")
         ratio_check(dc, ps, f"{alg}: dynamic module with cache / passthrough", 0.9)
+        fl, claim_ = V[f"dm-floor-{alg}"], V[f"peer-claim-{alg}"]
+        note(f"      {alg}: dynamic-module floor (header edits + clear_route_cache, no core) / native with cache "
+             f"req/s = {fl.median('rps') / nc.median('rps'):.3f}, CPU µs/req {fl.median('cpu_us_per_req'):.1f} vs "
+             f"{nc.median('cpu_us_per_req'):.1f}; the core on top of the floor: "
+             f"{dc.median('cpu_us_per_req') - fl.median('cpu_us_per_req'):+.1f} CPU µs/req (informational)")
+        note(f"      {alg}: dynamic module with cache / jwt_authn + claim_to_headers + cluster_header (same job) "
+             f"req/s = {dc.median('rps') / claim_.median('rps'):.3f}  [paired per round: {paired(dc, claim_):.3f}] "
+             "(informational)")
         lua, claim = V[f"peer-lua-{alg}"], V[f"peer-claim-{alg}"]
         ratio_check(oc, lua, f"{alg}: ours (wasm) with cache / jwt_authn + Lua doing the same job", 1.0,
                     f"{alg}: jwt_authn + Lua CPU µs/req / ours CPU µs/req")

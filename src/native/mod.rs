@@ -12,6 +12,8 @@ pub mod crypto;
 // test executable.
 #[cfg(not(test))]
 pub mod abi;
+#[cfg(all(feature = "bench-floor", not(test)))]
+pub mod floor;
 #[cfg(not(test))]
 pub mod host;
 #[cfg(not(test))]

@@ -87,7 +87,7 @@ struct Apply<'a> {
     tenant_counts: &'a TenantCounts,
 }
 
-fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
+pub(crate) fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
     let value = value.map_or(ModuleBuffer::null(), |v| ModuleBuffer::of(v.as_bytes()));
     // SAFETY: `filter` is the live stream of the current hook; the buffers outlive the call.
     unsafe {
@@ -205,7 +205,7 @@ impl Effects for Apply<'_> {
 const PANIC_OUTCOME: &str = r#"{"issue":[{"code":"exception","diagnostics":"The request could not be processed; retry shortly.","severity":"error"}],"resourceType":"OperationOutcome"}"#;
 
 /// A local answer through the ABI.
-fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+pub(crate) fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
     let mut headers = ModuleHeader::views(headers);
     // SAFETY: `filter` is the live stream of the current hook; every buffer outlives the call.
     unsafe {
@@ -479,6 +479,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         return HEADERS_STOP_ITERATION;
     };
     guard("request_headers", filter, Some(cfg), true, HEADERS_STOP_ITERATION, || {
+        #[cfg(feature = "bench-floor")]
+        if let Some(status) = super::floor::request_headers(filter, &cfg.config) {
+            return status;
+        }
         let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else {
             unavailable(filter, PANIC_OUTCOME.as_bytes());
             return HEADERS_STOP_ITERATION;

@@ -1,0 +1,43 @@
+//! Bench only (cargo feature `bench-floor`, never in a shipped build): the least a header-routing dynamic
+//! module asks of Envoy per request, without the core. With `FHIR_TENANT_ROUTER_BENCH_FLOOR_TENANT=<id>` in
+//! Envoy's environment the request hook answers 401 without an `Authorization` header, and otherwise removes
+//! it, sets the tenant header to `<id>` and the route header to that tenant's cluster, and clears the route
+//! cache. `bench/run.py` measures it beside the real module (`dm-floor`): the difference is the core's cost,
+//! and the floor against native `jwt_authn` is the ABI's.
+
+use std::sync::OnceLock;
+
+use crate::config::Config;
+
+use super::abi::*;
+use super::module::{send_response, set_header};
+
+static TENANT: OnceLock<Option<String>> = OnceLock::new();
+
+/// The floor's answer for a request's headers, or `None` when the floor is off (no tenant in the environment).
+pub(crate) fn request_headers(filter: FilterEnvoyPtr, config: &Config) -> Option<u32> {
+    let tenant = TENANT.get_or_init(|| std::env::var("FHIR_TENANT_ROUTER_BENCH_FLOOR_TENANT").ok()).as_deref()?;
+    let cluster = config.tenants.get(tenant).map_or("", |t| t.cluster.as_str());
+    let mut value = EnvoyBuffer { ptr: std::ptr::null(), length: 0 };
+    // SAFETY: `filter` is the live stream of the current hook; `value` is written by Envoy.
+    let has_token = unsafe {
+        envoy_dynamic_module_callback_http_get_header(
+            filter,
+            REQUEST_HEADER,
+            ModuleBuffer::of(b"authorization"),
+            &mut value,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    if !has_token {
+        send_response(filter, 401, &[], b"{}");
+        return Some(HEADERS_STOP_ITERATION);
+    }
+    set_header(filter, REQUEST_HEADER, "authorization", None);
+    set_header(filter, REQUEST_HEADER, &config.tenant_header, Some(tenant));
+    set_header(filter, REQUEST_HEADER, &config.route_header, Some(cluster));
+    // SAFETY: as above.
+    unsafe { envoy_dynamic_module_callback_http_clear_route_cache(filter) };
+    Some(HEADERS_CONTINUE)
+}

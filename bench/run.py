@@ -229,6 +229,17 @@ def pin_process(pid: int, cpus: set[int]) -> None:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process, from /proc/<pid>/status (0 if unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the whole process (all threads), from /proc/PID/stat fields 14 and 15."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -827,6 +838,7 @@ class Bench:
         self.load_start = loadavg()
         self.pinning = plan_pinning(not args.no_pin)
         self.probe: dict = {}
+        self.rss: dict[str, int] = {}
 
     # --- set-up
     def mint_tokens(self) -> None:
@@ -1063,6 +1075,7 @@ class Bench:
                 v.filter_deltas.append(dict(deltas, requests=res.requests))
             log(f"--- round {rnd + 1}/{a.rounds}: " + ", ".join(
                 f"{v.name} {v.results[-1].rps:,.0f}" for v in self.variants))
+        self.rss = {name: rss_bytes(s.envoy.pid) for name, s in self.servers.items() if s.envoy is not None}
 
     def measure_memory(self) -> None:
         """VM memory with 10,000 tenants after a distinct-token run has filled the cache (10,000 entries)."""
@@ -1339,6 +1352,11 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
     checks.append((wasm_size <= MODULE_LIMIT,
                    f"module size {wasm_size:,} bytes (target <= 512 KiB = {MODULE_LIMIT:,} bytes)"))
     note(f"      dynamic module size {SO.stat().st_size:,} bytes (informational)")
+    rss = [(n, b.rss[n]) for n in ("passthrough", "native-cache", "ours-cache-t10", "dm-cache", "dm-distinct")
+           if b.rss.get(n)]
+    if rss:
+        note("      Envoy RSS after the rounds (VmRSS, one worker; informational): "
+             + ", ".join(f"{n} {v / 2**20:.1f} MiB" for n, v in rss))
     m = b.memory
     if m.get("after") is None:
         checks.append((False, f"VM memory with {MEMORY_TENANTS:,} tenants and {CACHE_ENTRIES:,} cached tokens: "
@@ -1457,16 +1475,19 @@ PROFILE_PLACEHOLDER = ("_To be filled in by hand (kept across runs of bench/run.
 
 
 SOAK_BEGIN, SOAK_END = "<!-- soak:begin -->", "<!-- soak:end -->"
+SOAK_DM_BEGIN, SOAK_DM_END = "<!-- soak-dynamic-module:begin -->", "<!-- soak-dynamic-module:end -->"
 
 
 def soak_section(out: Path) -> str:
-    """bench/soak.py's section of the report survives a benchmark re-run."""
+    """bench/soak.py's sections of the report (one per build) survive a benchmark re-run."""
+    kept = ""
     if out.exists():
         t = out.read_text(encoding="utf-8")
-        i, j = t.find(SOAK_BEGIN), t.find(SOAK_END)
-        if 0 <= i < j:
-            return "\n" + t[i:j + len(SOAK_END)] + "\n"
-    return ""
+        for begin, end in ((SOAK_BEGIN, SOAK_END), (SOAK_DM_BEGIN, SOAK_DM_END)):
+            i, j = t.find(begin), t.find(end)
+            if 0 <= i < j:
+                kept += "\n" + t[i:j + len(end)] + "\n"
+    return kept
 
 
 def profile_section(out: Path) -> str:
@@ -1543,6 +1564,8 @@ def only_table(b: "Bench") -> str:
         ratio = f"{v.median('rps') / ref.median('rps'):.3f}" if ref and ref is not v else ""
         rows.append(f"| {v.name} | {v.median('rps'):,.0f} | {v.median('cpu_us_per_req'):.1f} | "
                     f"{v.median('p99_ms'):.2f} | {ratio} |")
+    rows.append("")
+    rows.append("Envoy RSS after the rounds: " + ", ".join(f"{n} {v / 2**20:.1f} MiB" for n, v in b.rss.items()))
     return "\n".join(rows)
 
 

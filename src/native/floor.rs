@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use crate::config::Config;
 
 use super::abi::*;
-use super::module::{send_response, set_header};
+use super::host::{send_response, set_header};
 
 static TENANT: OnceLock<Option<String>> = OnceLock::new();
 

@@ -100,3 +100,28 @@ impl MetricIds {
         self.gauges.get(gauge.index()).copied().flatten()
     }
 }
+
+/// Sets (or, with `None`, removes) a header of the current hook's stream.
+pub(crate) fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
+    let value = value.map_or(ModuleBuffer::null(), |v| ModuleBuffer::of(v.as_bytes()));
+    // SAFETY: `filter` is the live stream of the current hook; the buffers outlive the call.
+    unsafe {
+        envoy_dynamic_module_callback_http_set_header(filter, header_type, ModuleBuffer::of(name.as_bytes()), value)
+    };
+}
+
+/// A local answer through the ABI.
+pub(crate) fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+    let mut headers = ModuleHeader::views(headers);
+    // SAFETY: `filter` is the live stream of the current hook; every buffer outlives the call.
+    unsafe {
+        envoy_dynamic_module_callback_http_send_response(
+            filter,
+            status,
+            headers.as_mut_ptr(),
+            headers.len(),
+            ModuleBuffer::of(body),
+            ModuleBuffer::of(b"fhir_tenant_router"),
+        )
+    };
+}

@@ -22,7 +22,7 @@ use crate::router::{Router, Stream};
 use super::abi::*;
 use super::counts::TenantCounts;
 use super::crypto::Ring;
-use super::host::{log, now_ms, MetricIds};
+use super::host::{log, now_ms, send_response, set_header, MetricIds};
 use super::upkeep::{park, unpark, Main, Parked, Published, Quiet, SendPtr, Upkeep};
 
 /// Most worker slots a config keeps (Envoy's `--concurrency`); a worker beyond them gets 503s.
@@ -85,14 +85,6 @@ struct Apply<'a> {
     filter: FilterEnvoyPtr,
     metrics: &'a MetricIds,
     tenant_counts: &'a TenantCounts,
-}
-
-pub(crate) fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
-    let value = value.map_or(ModuleBuffer::null(), |v| ModuleBuffer::of(v.as_bytes()));
-    // SAFETY: `filter` is the live stream of the current hook; the buffers outlive the call.
-    unsafe {
-        envoy_dynamic_module_callback_http_set_header(filter, header_type, ModuleBuffer::of(name.as_bytes()), value)
-    };
 }
 
 fn count(filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
@@ -203,22 +195,6 @@ impl Effects for Apply<'_> {
 
 /// The body of the 503 that answers a request whose hook panicked.
 const PANIC_OUTCOME: &str = r#"{"issue":[{"code":"exception","diagnostics":"The request could not be processed; retry shortly.","severity":"error"}],"resourceType":"OperationOutcome"}"#;
-
-/// A local answer through the ABI.
-pub(crate) fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    let mut headers = ModuleHeader::views(headers);
-    // SAFETY: `filter` is the live stream of the current hook; every buffer outlives the call.
-    unsafe {
-        envoy_dynamic_module_callback_http_send_response(
-            filter,
-            status,
-            headers.as_mut_ptr(),
-            headers.len(),
-            ModuleBuffer::of(body),
-            ModuleBuffer::of(b"fhir_tenant_router"),
-        )
-    };
-}
 
 /// A 503 with an `OperationOutcome` body (no config needed).
 fn unavailable(filter: FilterEnvoyPtr, body: &[u8]) {

@@ -59,6 +59,11 @@ pub struct FilterConfig {
 }
 
 impl FilterConfig {
+    /// The sink for one hook's effects on stream `filter`.
+    fn apply(&self, filter: FilterEnvoyPtr) -> Apply<'_> {
+        Apply { filter, metrics: &self.metrics, tenant_counts: &self.tenant_counts }
+    }
+
     fn main(&self, envoy_config: ConfigEnvoyPtr) -> Main<'_> {
         Main {
             envoy_config: SendPtr(envoy_config),
@@ -487,7 +492,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                 (std::slice::from_raw_parts(h.key_ptr, h.key_length), value)
             }
         });
-        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
+        let mut apply = cfg.apply(filter);
         let flow = router.on_request_headers(
             &mut object.stream,
             pairs,
@@ -516,7 +521,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
     guard("request_body", filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
-        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
+        let mut apply = cfg.apply(filter);
         let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         body_status(router.on_request_body(&mut object.stream, end_of_stream, now_ms(), &mut body, &mut apply))
     })
@@ -539,7 +544,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
     guard("response_headers", filter, Some(cfg), false, HEADERS_CONTINUE, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
-        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
+        let mut apply = cfg.apply(filter);
         let header = |name: &str| response_header(filter, name);
         headers_status(router.on_response_headers(&mut object.stream, end_of_stream, &header, &mut apply))
     })
@@ -554,7 +559,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
     guard("response_body", filter, Some(cfg), false, BODY_CONTINUE, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
-        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
+        let mut apply = cfg.apply(filter);
         let mut body = || read_body(filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
         body_status(router.on_response_body(&mut object.stream, end_of_stream, &mut body, &mut apply))
     })
@@ -674,7 +679,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
     guard("scheduled", filter, Some(cfg), true, (), || {
         let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return };
-        let mut apply = Apply { filter, metrics: &cfg.metrics, tenant_counts: &cfg.tenant_counts };
+        let mut apply = cfg.apply(filter);
         let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         router.wake(&mut object.stream, now_ms(), &object.signatures, &mut body, &mut apply);
     })

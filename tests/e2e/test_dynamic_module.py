@@ -22,13 +22,10 @@ from harness import (
 )
 from tokens import RS_KID, Minter, private_key
 
-SO = SO_PATH
-
-
 @pytest.fixture(scope="module")
 def native(workdir, upstreams):
-    if not SO.is_file():
-        pytest.fail(f"{SO} is missing: make build-so", pytrace=False)
+    if not SO_PATH.is_file():
+        pytest.fail(f"{SO_PATH} is missing: make build-so", pytrace=False)
     port, admin = free_port(), free_port()
     wasm_cfg = render_config(INLINE_JWKS_CONFIG, listener_port=port, admin_port=admin,
                              cluster_ports=upstreams.cluster_ports())
@@ -40,7 +37,7 @@ def native(workdir, upstreams):
 
 
 def test_every_callback_the_module_imports_is_exported_by_the_pinned_envoy():
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "abi-check.py"), str(SO)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "abi-check.py"), str(SO_PATH)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all exported by the pinned Envoy" in r.stdout
 

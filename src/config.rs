@@ -50,6 +50,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub token_cache_entries: Option<usize>,
     #[serde(default)]
+    pub hold_bundle_headers: Option<bool>,
+    #[serde(default)]
     pub discovery: Option<RawDiscovery>,
     #[serde(default)]
     pub public_base_url: Option<String>,
@@ -77,6 +79,8 @@ pub struct RawProvider {
     pub max_token_bytes: Option<usize>,
     #[serde(default)]
     pub jwks_min_refetch_s: Option<u64>,
+    #[serde(default)]
+    pub jwks_max_waiting: Option<usize>,
 }
 
 /// One tenant, as written.
@@ -197,6 +201,8 @@ pub struct RemoteJwks {
     pub timeout_ms: u64,
     /// Least time between two fetches triggered by an unknown `kid`.
     pub min_refetch_ms: u64,
+    /// Most requests (per VM) parked at once until this key set is fetched again; more are refused (503).
+    pub max_waiting: usize,
 }
 
 /// One token issuer and where its keys come from.
@@ -240,6 +246,10 @@ pub struct Config {
     pub signature_verifier: SignatureVerifier,
     /// Capacity of each VM's verified-token cache; 0 disables it.
     pub token_cache_entries: usize,
+    /// A Bundle posted to the base keeps its headers from the upstream until its body is judged (`true`,
+    /// the default: needs the wasm `PluginConfig`'s `allow_on_headers_stop_iteration`), or lets them go
+    /// first and holds only the body (`false`: for hosts that cannot set that flag).
+    pub hold_bundle_headers: bool,
     /// How the IdP is advertised (`/metadata` patching, `/.well-known/smart-configuration`); `None`: not at all.
     pub discovery: Option<Discovery>,
     /// How clients reach this endpoint (`https://fhir.example.org`), without a trailing slash; `None`: taken
@@ -280,6 +290,9 @@ const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_SKEW_S: u64 = 60;
 const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
 const DEFAULT_MIN_REFETCH_S: u64 = 30;
+/// Requests parked per provider and VM while a key set is refetched for an unknown `kid`: enough for a
+/// burst at a key rotation, small enough that a flood of made-up `kid`s during an IdP outage stays a few MB.
+const DEFAULT_MAX_WAITING: usize = 256;
 const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 10_000;
 
 impl Config {
@@ -403,7 +416,11 @@ fn compile_provider(field: &str, p: RawProvider) -> Result<ProviderConfig, Confi
     }
     let jwks = match (p.jwks, p.jwks_uri, p.jwks_cluster) {
         (Some(inline), None, None) => {
-            if p.jwks_refresh_s.is_some() || p.jwks_timeout_ms.is_some() || p.jwks_min_refetch_s.is_some() {
+            if p.jwks_refresh_s.is_some()
+                || p.jwks_timeout_ms.is_some()
+                || p.jwks_min_refetch_s.is_some()
+                || p.jwks_max_waiting.is_some()
+            {
                 return Err(ConfigError::new(f("jwks_refresh_s"), "only applies to a remote JWKS (jwks_uri)"));
             }
             JwksSource::Inline(KeySet::from_value(&inline).map_err(|e| ConfigError::new(f("jwks"), e.to_string()))?)
@@ -426,6 +443,10 @@ fn compile_provider(field: &str, p: RawProvider) -> Result<ProviderConfig, Confi
             if !(1..=3_600).contains(&min_refetch_s) {
                 return Err(ConfigError::new(f("jwks_min_refetch_s"), "must be between 1 and 3600"));
             }
+            let max_waiting = p.jwks_max_waiting.unwrap_or(DEFAULT_MAX_WAITING);
+            if max_waiting > 100_000 {
+                return Err(ConfigError::new(f("jwks_max_waiting"), "must be at most 100000 (0: never wait)"));
+            }
             JwksSource::Remote(RemoteJwks {
                 uri,
                 cluster,
@@ -434,6 +455,7 @@ fn compile_provider(field: &str, p: RawProvider) -> Result<ProviderConfig, Confi
                 refresh_ms: refresh_s * 1_000,
                 timeout_ms,
                 min_refetch_ms: min_refetch_s * 1_000,
+                max_waiting,
             })
         }
         (None, Some(_), None) => return Err(ConfigError::new(f("jwks_cluster"), "is required with jwks_uri")),
@@ -649,6 +671,7 @@ impl RawConfig {
             forward_authorization: self.forward_authorization,
             signature_verifier: self.signature_verifier,
             token_cache_entries,
+            hold_bundle_headers: self.hold_bundle_headers.unwrap_or(true),
             smart_configuration,
             discovery,
             public_base_url: self.public_base_url.map(|u| base_url("public_base_url", &u)).transpose()?,
@@ -916,6 +939,24 @@ mod tests {
         assert_eq!(u.links_base_url.as_deref(), Some("https://fhir.partner.example:8443/api/FHIR/R4"));
         v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["cluster"] = json!("x");
         assert_eq!(field_of(&v), "tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.cluster");
+    }
+
+    #[test]
+    fn waiting_is_bounded_per_provider_and_bundles_hold_their_headers_by_default() {
+        let c = compile(&example()).unwrap();
+        assert!(c.hold_bundle_headers);
+        let Some(JwksSource::Remote(r)) = c.providers.first().map(|p| &p.jwks) else { panic!("remote") };
+        assert_eq!(r.max_waiting, DEFAULT_MAX_WAITING);
+        let mut v = example();
+        v["provider"]["jwks_max_waiting"] = json!(100_001);
+        assert_eq!(field_of(&v), "provider.jwks_max_waiting");
+        v["provider"]["jwks_max_waiting"] = json!(-1);
+        assert_eq!(field_of(&v), "provider.jwks_max_waiting");
+        v["hold_bundle_headers"] = json!("no");
+        v["provider"]["jwks_max_waiting"] = json!(0);
+        assert_eq!(field_of(&v), "hold_bundle_headers");
+        v["hold_bundle_headers"] = json!(false);
+        assert!(!compile(&v).unwrap().hold_bundle_headers);
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum Rejection {
     IssuerNotAllowed,
     /// The tenant registry has not been fetched yet.
     TenantsUnavailable,
+    /// The token names an unknown `kid` and too many requests already wait for its issuer's keys.
+    WaitQueueFull,
 }
 
 /// The RFC 6750 realm in `WWW-Authenticate`.
@@ -68,7 +70,7 @@ impl Rejection {
     pub fn status(self) -> u32 {
         match self {
             Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => 403,
-            Self::KeysUnavailable | Self::TenantsUnavailable => 503,
+            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull => 503,
             _ => 401,
         }
     }
@@ -95,11 +97,12 @@ impl Rejection {
             Self::SeveralTenants => "several_tenants",
             Self::IssuerNotAllowed => "issuer_not_allowed",
             Self::TenantsUnavailable => "tenants_unavailable",
+            Self::WaitQueueFull => "wait_queue_full",
         }
     }
 
     /// All variants, for defining one stat each.
-    pub const ALL: [Rejection; 19] = [
+    pub const ALL: [Rejection; 20] = [
         Self::MissingToken,
         Self::MalformedCredentials,
         Self::TokenTooLarge,
@@ -119,6 +122,7 @@ impl Rejection {
         Self::SeveralTenants,
         Self::IssuerNotAllowed,
         Self::TenantsUnavailable,
+        Self::WaitQueueFull,
     ];
 
     /// The stat counting this refusal, under the filter's prefix.
@@ -143,6 +147,7 @@ impl Rejection {
             Self::SeveralTenants => "requests.rejected.several_tenants",
             Self::IssuerNotAllowed => "requests.rejected.issuer_not_allowed",
             Self::TenantsUnavailable => "requests.rejected.tenants_unavailable",
+            Self::WaitQueueFull => "requests.rejected.wait_queue_full",
         }
     }
 
@@ -156,7 +161,7 @@ impl Rejection {
     pub fn www_authenticate(self) -> Option<&'static str> {
         match self {
             Self::MissingToken => Some(BEARER),
-            Self::KeysUnavailable | Self::TenantsUnavailable => None,
+            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull => None,
             Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => Some(INSUFFICIENT_SCOPE),
             _ => Some(INVALID_TOKEN),
         }
@@ -164,7 +169,7 @@ impl Rejection {
 
     /// Whether the answer carries `Retry-After` (the refusal is transient).
     pub fn is_transient(self) -> bool {
-        matches!(self, Self::KeysUnavailable | Self::TenantsUnavailable)
+        matches!(self, Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull)
     }
 
     /// The body: a FHIR `OperationOutcome`, as `application/fhir+json`. Deliberately generic: the precise
@@ -179,6 +184,9 @@ impl Rejection {
             }
             Self::TenantsUnavailable => {
                 outcome!("transient", "The tenant registry is not available yet; retry shortly.")
+            }
+            Self::WaitQueueFull => {
+                outcome!("transient", "The token issuer's signing keys are being fetched; retry shortly.")
             }
             Self::IssuerNotAllowed => outcome!("forbidden", "The access token's issuer may not name this tenant."),
             _ => outcome!("login", "The access token is invalid, expired or not meant for this server."),

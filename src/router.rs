@@ -64,7 +64,24 @@ pub struct Router {
     pub(crate) served: bool,
     /// When [`Router::housekeep_if_due`] next does something, ms since the epoch.
     pub(crate) next_housekeeping_ms: u64,
+    /// Whether the host keeps delivering a request's body while its headers are held (a proxy-wasm host
+    /// does only with `allow_on_headers_stop_iteration`); see [`Router::overdue_holds`].
+    holds: Holds,
 }
+
+/// Requests held whole (headers too) for their body's verdict, watched until the host proves that it
+/// delivers the body of such a request: the first body chunk of a held request does.
+#[derive(Debug, Default)]
+struct Holds {
+    /// Context ids and when their headers were held, until the host is proven.
+    watched: Vec<(u32, u64)>,
+    proven: bool,
+    warned: bool,
+}
+
+/// How long a held request may see no body before its host is taken not to deliver one (well beyond a
+/// client's gap between headers and body on loopback or a LAN; a slow client only loses the hold).
+pub const HOLD_PROBE_MS: u64 = 1_000;
 
 /// The request data a decision needs, borrowed from the host's header map (owned when a request waits).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -249,6 +266,7 @@ impl Router {
             last_purge_s: 0,
             served: false,
             next_housekeeping_ms: 0,
+            holds: Holds::default(),
         }
     }
 
@@ -319,7 +337,43 @@ impl Router {
             // POST to the base without a body: not a Bundle.
             return self.judge_bundle(stream, &[], now_ms, out);
         }
+        self.watch_hold(stream, flow, now_ms);
         flow
+    }
+
+    /// Watches a request held whole for its body, until the host is proven to deliver held bodies.
+    fn watch_hold(&mut self, stream: &Stream, flow: Flow, now_ms: u64) {
+        if flow == Flow::Buffer && !self.holds.proven {
+            self.holds.watched.push((stream.context_id, now_ms));
+        }
+    }
+
+    /// The requests held whole for longer than [`HOLD_PROBE_MS`] without a body chunk: the host does not
+    /// deliver a held request's body (a proxy-wasm host without `allow_on_headers_stop_iteration`), and
+    /// they would wait until a timeout. The shell resumes each (its headers go on; its body is still
+    /// judged before it leaves). Warns once. A shell whose host is known to deliver (the dynamic module)
+    /// need not call this.
+    pub fn overdue_holds(&mut self, now_ms: u64, out: &mut dyn Effects) -> Vec<u32> {
+        if self.holds.watched.is_empty() {
+            return Vec::new();
+        }
+        let mut overdue = Vec::new();
+        self.holds.watched.retain(|&(id, since)| {
+            let late = now_ms.saturating_sub(since) >= HOLD_PROBE_MS;
+            if late {
+                overdue.push(id);
+            }
+            !late
+        });
+        if !overdue.is_empty() && !std::mem::replace(&mut self.holds.warned, true) {
+            out.push(Effect::Log(
+                Level::Warn,
+                "a Bundle held for the allowlist got no body from the host: set allow_on_headers_stop_iteration: \
+                 true in the wasm PluginConfig (Envoy >= 1.35), or hold_bundle_headers: false. Such requests \
+                 now go on after 1 s with their headers; their body is still judged before it leaves",
+            ));
+        }
+        overdue
     }
 
     /// A chunk of the request body arrived. `body` reads the whole buffered body (called at most once, and
@@ -332,6 +386,11 @@ impl Router {
         body: &mut dyn FnMut() -> Vec<u8>,
         out: &mut dyn Effects,
     ) -> Flow {
+        if !self.holds.watched.is_empty() && self.holds.watched.iter().any(|&(id, _)| id == stream.context_id) {
+            // A body while the headers are held: the host delivers held bodies; stop watching.
+            self.holds.proven = true;
+            self.holds.watched = Vec::new();
+        }
         match &stream.phase {
             Phase::WaitingForKeys { .. } => {
                 // Nothing may go on yet; note a complete body, so that it is judged when the request is.
@@ -355,9 +414,14 @@ impl Router {
         body: &mut dyn FnMut() -> Vec<u8>,
         out: &mut dyn Effects,
     ) {
-        let Phase::WaitingForKeys { request, .. } = std::mem::take(&mut stream.phase) else {
+        let Phase::WaitingForKeys { provider, request } = std::mem::take(&mut stream.phase) else {
             return;
         };
+        // Out of the queue (a host whose fetch answers reach this router took the queue already; the
+        // dynamic module's workers are woken by their main thread, and leave it here).
+        if let Some(state) = self.keys.0.get_mut(provider) {
+            state.waiting.retain(|&id| id != stream.context_id);
+        }
         let mut flow = self.handle(stream, &request, now_ms, false, signatures, out);
         if matches!(stream.phase, Phase::Inspecting(_)) && std::mem::take(&mut stream.body_complete) {
             flow = self.judge_bundle(stream, &body(), now_ms, out);
@@ -365,10 +429,14 @@ impl Router {
         if flow.proceeds() {
             out.push(Effect::ResumeRequest);
         }
+        self.watch_hold(stream, flow, now_ms);
     }
 
     /// The request is over (answered, reset or complete): a waiting request leaves its queue at once.
     pub fn on_stream_done(&mut self, stream: &mut Stream) {
+        if !self.holds.watched.is_empty() {
+            self.holds.watched.retain(|&(id, _)| id != stream.context_id);
+        }
         if let Phase::WaitingForKeys { provider, .. } = stream.phase {
             if let Some(state) = self.keys.0.get_mut(provider) {
                 state.waiting.retain(|&id| id != stream.context_id);
@@ -485,11 +553,17 @@ impl Router {
                 Flow::Stop
             }
             Decision::UnknownKey { provider } => {
-                if may_wait && park(config, keys, stream, request, provider, now_ms) {
-                    out.push(Effect::Count(Metric::JwksUnknownKidWaits));
-                    return Flow::WaitForKeys;
+                match park(config, keys, stream, request, provider, now_ms, may_wait) {
+                    Parking::Parked => {
+                        out.push(Effect::Count(Metric::JwksUnknownKidWaits));
+                        Flow::WaitForKeys
+                    }
+                    Parking::Full => {
+                        let retry_after = retry_after_s(keys, tenants, Rejection::WaitQueueFull, now_ms);
+                        refuse(&audit, Rejection::WaitQueueFull, Some(retry_after), out)
+                    }
+                    Parking::Refused => refuse(&audit, Rejection::UnknownKey, None, out),
                 }
-                refuse(&audit, Rejection::UnknownKey, None, out)
             }
             Decision::Reject(rejection) => {
                 let retry_after = rejection.is_transient().then(|| retry_after_s(keys, tenants, rejection, now_ms));
@@ -563,8 +637,8 @@ fn pass_public(audit: &Audit<'_>, stream: &mut Stream, cluster: &str, patch: boo
 }
 
 /// A verified request for `tenant`: rewritten for its FHIR server and routed to its cluster. A Bundle
-/// posted to the base goes on with its body held until the allowlist has judged it, and its audit line
-/// waits for that verdict.
+/// posted to the base is held (headers too, unless `hold_bundle_headers` is off) until the allowlist has
+/// judged its body, and its audit line waits for that verdict.
 fn route(
     audit: &Audit<'_>,
     stream: &mut Stream,
@@ -592,6 +666,10 @@ fn route(
         }
         let inspection = Inspection { policy: tenant.policy().clone(), tenant: tenant.id.clone(), audit: pending };
         stream.phase = Phase::Inspecting(Box::new(inspection));
+        if config.hold_bundle_headers {
+            // Nothing of it reaches the upstream before the verdict: not even its headers.
+            return Flow::Buffer;
+        }
     } else {
         out.push(Effect::Count(Metric::TenantAllowed(&tenant.id)));
         let detail = Detail {
@@ -605,8 +683,18 @@ fn route(
     Flow::Continue
 }
 
-/// Parks a request whose token names a `kid` that `provider`'s keys lack, if that provider's keys are
-/// fetched and a refetch may happen now (or is under way); `false`: refuse it instead.
+/// What became of a request whose token names a `kid` its provider's keys lack.
+enum Parking {
+    /// It waits for the refetch.
+    Parked,
+    /// No refetch may happen now (or it already waited, or the keys are inline): the `kid` is unknown.
+    Refused,
+    /// A refetch is due, but `jwks_max_waiting` requests already wait for it: retry later.
+    Full,
+}
+
+/// Parks a request whose token names a `kid` that `provider`'s keys lack, if `may_wait`, that provider's
+/// keys are fetched and a refetch may happen now (or is under way), and its queue has room.
 fn park(
     config: &Config,
     keys: &mut KeyStates,
@@ -614,17 +702,29 @@ fn park(
     request: &HttpRequest<'_>,
     provider: usize,
     now_ms: u64,
-) -> bool {
+    may_wait: bool,
+) -> Parking {
     let Some(JwksSource::Remote(remote)) = config.providers.get(provider).map(|p| &p.jwks) else {
-        return false;
+        return Parking::Refused;
     };
-    let Some(state) = keys.0.get_mut(provider) else { return false };
-    if !state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, remote.min_refetch_ms)) {
-        return false;
+    let Some(state) = keys.0.get_mut(provider) else { return Parking::Refused };
+    if !may_wait {
+        return Parking::Refused;
+    }
+    if state.waiting.len() >= remote.max_waiting {
+        // Waiters mean a refetch is still to come (they leave the queue when it ends); with none allowed
+        // (`jwks_max_waiting: 0`) the `kid` is simply unknown.
+        return if remote.max_waiting == 0 { Parking::Refused } else { Parking::Full };
+    }
+    // Requests already waiting mean a refetch is pending (this router's, or, in the dynamic module, its
+    // main thread's): wait for it too. Otherwise ask the schedule, which rate-limits on-demand refetches.
+    let pending = !state.waiting.is_empty();
+    if !pending && !state.schedule.as_mut().is_some_and(|s| s.unknown_kid(now_ms, remote.min_refetch_ms)) {
+        return Parking::Refused;
     }
     state.waiting.push(stream.context_id);
     stream.phase = Phase::WaitingForKeys { provider, request: Box::new(request.to_owned_request()) };
-    true
+    Parking::Parked
 }
 
 /// Refuses the token: the answer, and the audit line.

@@ -245,7 +245,7 @@ fn settle<T>(
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::effect::Recorded;
+    use crate::effect::{Flow, Recorded};
     use crate::testkeys;
 
     fn router() -> Router {
@@ -280,6 +280,45 @@ mod tests {
             &|_| None,
             &mut Recorded::default(),
         )
+    }
+
+    /// The dynamic module's way: a worker router parks requests, its main thread fetches and wakes them.
+    /// While one waits, later unknown kids wait too (the refetch is pending, though not this router's),
+    /// and each woken request leaves this router's queue.
+    #[test]
+    fn a_worker_router_queues_behind_a_pending_refetch_and_its_woken_requests_leave_the_queue() {
+        let mut r = remote_router();
+        let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+        assert!(answer(&mut r, Some("200"), es_only.as_bytes()).installed);
+        let token = testkeys::sign_rs256(&testkeys::claims_now());
+        let auth = format!("Bearer {token}");
+        let headers: Vec<(&[u8], &[u8])> =
+            vec![(b":method", b"GET"), (b":path", b"/Patient"), (b"authorization", auth.as_bytes())];
+        let now = testkeys::NOW as u64 * 1_000;
+        let mut streams = Vec::new();
+        for id in 1..=3 {
+            let mut stream = r.open_stream(id);
+            let flow = r.on_request_headers(
+                &mut stream,
+                headers.clone(),
+                true,
+                now,
+                &crate::crypto::PureRust,
+                &mut Recorded::default(),
+            );
+            assert_eq!(flow, Flow::WaitForKeys, "request {id}");
+            streams.push(stream);
+        }
+        assert_eq!(r.keys.0[0].waiting, [1, 2, 3]);
+        // The main thread's answer arrives (published to this worker), and it wakes the requests.
+        r.keys.0[0].keys =
+            Some(std::sync::Arc::new(crate::jwks::KeySet::from_jwks(testkeys::public_jwks().as_bytes()).unwrap()));
+        for stream in &mut streams {
+            let mut out = Recorded::default();
+            r.wake(stream, now, &crate::crypto::PureRust, &mut Vec::new, &mut out);
+            assert!(out.0.iter().any(|e| e == "ResumeRequest"), "{:?}", out.0);
+        }
+        assert!(r.keys.0[0].waiting.is_empty(), "{:?}", r.keys.0[0].waiting);
     }
 
     #[test]

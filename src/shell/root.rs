@@ -77,6 +77,12 @@ impl<H: Host + Clone> Root<H> {
         for (target, why) in unsent {
             self.fetch_ended(&shared, target, FetchResult::NotSent(&why), 0);
         }
+        let overdue = shared.router.borrow_mut().overdue_holds(now, &mut shared.apply());
+        for context_id in overdue {
+            if shared.host.set_effective_context(context_id) {
+                shared.host.resume_request();
+            }
+        }
     }
 
     /// The answer to a fetch (`body_size`: its body's length).

@@ -455,7 +455,7 @@ fn a_batch_bundle_is_held_until_its_body_is_judged() {
     let delete = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "DELETE", "url": "Patient/1"}}]});
     for (bundle, allowed) in [(read, true), (delete, false)] {
         let (mut f, flow) = send(&host, &root, 1, &post_base(&auth), false);
-        assert_eq!(flow, Flow::Continue, "headers go on; the body is held");
+        assert_eq!(flow, Flow::Buffer, "the headers are held too: nothing reaches the upstream before the verdict");
         let calls = host.take_calls();
         assert!(!calls.iter().any(|c| c.starts_with("log Info {\"audit\"")), "the audit line waits: {calls:?}");
         *host.0.request_body.borrow_mut() = bundle.to_string().into_bytes();
@@ -474,6 +474,83 @@ fn a_batch_bundle_is_held_until_its_body_is_judged() {
         }
         f.on_done();
     }
+}
+
+/// A proxy-wasm host without `allow_on_headers_stop_iteration` delivers no body while the headers are
+/// held: after 1 s the shell lets the headers go (warning once), and the body is judged when it comes.
+/// Once a held request got a body, the host is proven and nothing is watched any more.
+#[test]
+fn a_held_bundle_that_gets_no_body_goes_on_after_a_second_with_one_warning() {
+    let (host, mut root) = configured(&plugin());
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let (mut f, flow) = send(&host, &root, 1, &post_base(&auth), false);
+    assert_eq!(flow, Flow::Buffer);
+    let (_g, _) = send(&host, &root, 2, &post_base(&auth), false);
+    host.take_calls();
+    host.0.now_ms.set(T0_MS + 999);
+    root.on_tick();
+    assert!(!host.take_calls().iter().any(|c| c.starts_with("set_effective_context")));
+    host.0.now_ms.set(T0_MS + 1_000);
+    root.on_tick();
+    let calls = host.take_calls();
+    let warnings: Vec<_> = calls.iter().filter(|c| c.contains("allow_on_headers_stop_iteration")).collect();
+    assert_eq!(warnings.len(), 1, "{calls:?}");
+    let tail = &calls[calls.len() - 4..];
+    assert_eq!(tail, ["set_effective_context 1", "resume_request", "set_effective_context 2", "resume_request"]);
+    root.on_tick();
+    assert!(!host.take_calls().iter().any(|c| c.starts_with("set_effective_context")), "released once");
+    let delete = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "DELETE", "url": "Patient/1"}}]});
+    *host.0.request_body.borrow_mut() = delete.to_string().into_bytes();
+    assert_eq!(f.on_request_body(delete.to_string().len(), true), Flow::Stop, "still judged");
+    // A host that delivers the body proves itself: later held requests are not watched.
+    let (mut h, _) = send(&host, &root, 3, &post_base(&auth), false);
+    assert_eq!(h.on_request_body(5, false), Flow::Buffer);
+    let (_i, _) = send(&host, &root, 4, &post_base(&auth), false);
+    host.take_calls();
+    host.0.now_ms.set(T0_MS + 5_000);
+    root.on_tick();
+    assert!(!host.take_calls().iter().any(|c| c.starts_with("set_effective_context")));
+}
+
+#[test]
+fn without_hold_bundle_headers_a_bundles_headers_go_on_and_only_its_body_is_held() {
+    let mut p = plugin();
+    p["hold_bundle_headers"] = json!(false);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let (mut f, flow) = send(&host, &root, 1, &post_base(&bearer(&testkeys::claims_now())), false);
+    assert_eq!(flow, Flow::Continue);
+    host.take_calls();
+    let delete = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "DELETE", "url": "Patient/1"}}]});
+    *host.0.request_body.borrow_mut() = delete.to_string().into_bytes();
+    assert_eq!(f.on_request_body(5, false), Flow::Buffer);
+    assert_eq!(f.on_request_body(delete.to_string().len(), true), Flow::Stop);
+    assert!(host.take_calls().iter().any(|c| c.starts_with("send_reply 403 ")));
+}
+
+/// A Bundle whose token waited for a key set, woken before its body is complete: the wake does not let
+/// its headers go; the body's end does, once judged.
+#[test]
+fn a_woken_bundle_stays_held_until_its_body_is_judged() {
+    let (host, mut root) = configured(&remote_plugin());
+    root.on_tick();
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
+    host.0.now_ms.set(T0_MS + 2_000);
+    let (mut f, flow) = send(&host, &root, 7, &post_base(&bearer(&testkeys::claims_now())), false);
+    assert_eq!(flow, Flow::WaitForKeys);
+    assert_eq!(f.on_request_body(5, false), Flow::WaitForKeys);
+    root.on_tick();
+    host.take_calls();
+    deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
+    let calls = host.take_calls();
+    assert!(calls.contains(&"clear_route_cache".to_string()), "{calls:?}");
+    assert!(!calls.contains(&"resume_request".to_string()), "the body is not judged yet: {calls:?}");
+    let read = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": "Patient/1"}}]});
+    *host.0.request_body.borrow_mut() = read.to_string().into_bytes();
+    assert_eq!(f.on_request_body(read.to_string().len(), true), Flow::Continue, "judged: body and headers go on");
+    f.on_done();
 }
 
 #[test]
@@ -601,6 +678,38 @@ fn a_request_that_ends_while_waiting_leaves_the_queue_at_once() {
     host.take_calls();
     deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
     assert!(!host.take_calls().iter().any(|c| c.starts_with("set_effective_context")), "nobody to wake");
+}
+
+/// A flood of tokens naming unknown `kid`s while a refetch is pending: `jwks_max_waiting` of them wait,
+/// the rest get 503 with Retry-After at once (nothing copied, nothing queued), and a waiter that ends
+/// makes room.
+#[test]
+fn waiters_beyond_jwks_max_waiting_get_503_with_retry_after() {
+    let mut p = remote_plugin();
+    p["provider"]["jwks_max_waiting"] = json!(2);
+    let (host, mut root) = configured(&p);
+    root.on_tick();
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
+    host.0.now_ms.set(T0_MS + 2_000);
+    let auth = bearer(&testkeys::claims_now());
+    let (mut first, flow) = send(&host, &root, 10, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::WaitForKeys);
+    root.on_tick(); // the refetch is now in flight: later unknown kids wait for it too
+    let (_second, flow) = send(&host, &root, 11, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::WaitForKeys);
+    host.take_calls();
+    let (_third, flow) = send(&host, &root, 12, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Stop);
+    let r = Rejection::WaitQueueFull;
+    assert_eq!(host.take_calls(), ["get_request_headers", &refusal(503, "retry-after: 1", r.operation_outcome())]);
+    let shared = root.shared().unwrap().clone();
+    assert_eq!(shared.router.borrow().keys.0[0].waiting, [10, 11]);
+    first.on_done();
+    let (_fourth, flow) = send(&host, &root, 13, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::WaitForKeys, "a waiter that ended made room");
+    root.on_tick_for_test();
+    assert_eq!(host.metric("requests.rejected.wait_queue_full"), 1);
 }
 
 #[test]

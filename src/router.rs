@@ -183,8 +183,8 @@ impl Stream {
 /// Most of a waiting request's buffered Bundle read back for judging (Envoy's buffer limit is lower).
 pub const MAX_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
 
-/// The forwarding headers, which servers build their links from: a client's copies of Host, Prefix, Port and
-/// `Forwarded` never reach an upstream. `X-Forwarded-Proto` is Envoy's: it sets one on every request (the
+/// The forwarding headers, which servers build their links from: a client's `X-Forwarded-Host`, `-Prefix`,
+/// `-Port` and `Forwarded` never reach an upstream. `X-Forwarded-Proto` is Envoy's: it sets one on every request (the
 /// client's is kept unless `use_remote_address`) and finds no route for a request without one, so the filter
 /// overwrites it (from `public_base_url`) rather than removing it. `X-Forwarded-For` is Envoy's too
 /// (`use_remote_address`, `xff_num_trusted_hops`).

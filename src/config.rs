@@ -252,8 +252,9 @@ pub struct Config {
     pub hold_bundle_headers: bool,
     /// How the IdP is advertised (`/metadata` patching, `/.well-known/smart-configuration`); `None`: not at all.
     pub discovery: Option<Discovery>,
-    /// How clients reach this endpoint (`https://fhir.example.org`), without a trailing slash; `None`: taken
-    /// from each request's `:scheme` and `:authority`.
+    /// How clients reach this endpoint (`https://fhir.example.org`), without a trailing slash: links are
+    /// rewritten to it and `X-Forwarded-*` are set from it. Required when a tenant rewrites links; never
+    /// taken from the request.
     pub public_base_url: Option<String>,
     /// The SMART configuration document, built once when `discovery` is configured.
     pub smart_configuration: Option<String>,
@@ -483,6 +484,8 @@ struct TenantContext<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     dynamic_forward_proxy_cluster: Option<&'a str>,
     issuers: Vec<&'a str>,
+    /// Whether `public_base_url` is configured: links are rewritten to it, so a tenant needs it to have any.
+    public_base_url: bool,
 }
 
 fn compile_tenants(
@@ -493,6 +496,7 @@ fn compile_tenants(
 ) -> Result<TenantMap, ConfigError> {
     for (id, mut tenant) in raw {
         let field = format!("{field}.{id}");
+        let links_field = if tenant.links_base_url.is_some() { "links_base_url" } else { "url" };
         let cluster = match (tenant.cluster.take(), tenant.url.take()) {
             (Some(cluster), None) => {
                 if cluster.is_empty() || !is_header_value(&cluster) {
@@ -532,6 +536,13 @@ fn compile_tenants(
             }
         }
         let upstream = compile_upstream(&field, &tenant, ctx.env)?;
+        if !ctx.public_base_url && upstream.as_ref().is_some_and(|u| u.links_base_url.is_some()) {
+            return Err(ConfigError::new(
+                format!("{field}.{links_field}"),
+                "rewrites links, which needs the top-level public_base_url (links are never built from the \
+                 client's Host)",
+            ));
+        }
         map.insert_with(&id, cluster, upstream).map_err(|why| ConfigError::new(field, why))?;
     }
     Ok(map)
@@ -569,6 +580,7 @@ impl Config {
             env,
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
             issuers: self.providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
+            public_base_url: self.public_base_url.is_some(),
         };
         compile_tenants("tenants", raw.tenants, &ctx, self.tenants.empty_like())
     }
@@ -624,11 +636,13 @@ impl RawConfig {
                 return Err(ConfigError::new("dynamic_forward_proxy_cluster", "must be an Envoy cluster name"));
             }
         }
+        let public_base_url = self.public_base_url.map(|u| base_url("public_base_url", &u)).transpose()?;
         let tenants = {
             let ctx = TenantContext {
                 env,
                 dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
                 issuers: providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
+                public_base_url: public_base_url.is_some(),
             };
             compile_tenants("tenants", self.tenants, &ctx, TenantMap::new(prefixes))?
         };
@@ -674,7 +688,7 @@ impl RawConfig {
             hold_bundle_headers: self.hold_bundle_headers.unwrap_or(true),
             smart_configuration,
             discovery,
-            public_base_url: self.public_base_url.map(|u| base_url("public_base_url", &u)).transpose()?,
+            public_base_url,
         })
     }
 }
@@ -844,6 +858,7 @@ mod tests {
             "upstream_header": {"name": "X-Api-Key", "env": "TENANT_A_KEY"},
             "allow": {"interactions": ["read", "search", "create"], "resource_types": ["Patient", "Observation"]}
         });
+        v["public_base_url"] = json!("https://fhir.example.org");
         let env = |name: &str| (name == "TENANT_A_KEY").then(|| "s3cret".to_string());
         let c = Config::from_json_with_env(v.to_string().as_bytes(), &env).unwrap();
         let t = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap();
@@ -930,6 +945,7 @@ mod tests {
             json!({"url": "https://fhir.partner.example:8443/api/FHIR/R4/"});
         assert_eq!(field_of(&v), "tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.url");
         v["dynamic_forward_proxy_cluster"] = json!("dynamic_forward_proxy_cluster");
+        v["public_base_url"] = json!("https://fhir.example.org");
         let c = compile(&v).unwrap();
         let t = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap();
         assert_eq!(t.cluster, "dynamic_forward_proxy_cluster");
@@ -957,6 +973,40 @@ mod tests {
         assert_eq!(field_of(&v), "hold_bundle_headers");
         v["hold_bundle_headers"] = json!(false);
         assert!(!compile(&v).unwrap().hold_bundle_headers);
+    }
+
+    #[test]
+    fn a_tenant_that_rewrites_links_needs_public_base_url_in_the_config_and_in_a_registry_document() {
+        const A: &str = "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f";
+        let mut v = example();
+        v["dynamic_forward_proxy_cluster"] = json!("dfp");
+        v["tenant_registry"] = json!({"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry"});
+        for (tenant, field) in [
+            (json!({"cluster": "tenant_a", "links_base_url": "http://fhir.partner/api"}), "links_base_url"),
+            (json!({"url": "https://fhir.partner/api"}), "url"),
+            (json!({"url": "https://fhir.partner/api", "links_base_url": "https://fhir.partner/r4"}), "links_base_url"),
+        ] {
+            v["tenants"][A] = tenant.clone();
+            let e = compile(&v).unwrap_err();
+            assert_eq!(e.field, format!("tenants.{A}.{field}"), "{tenant}");
+            assert!(e.message.contains("public_base_url") && e.message.contains("Host"), "{e}");
+            // A registry document is held to the same rule: refused, never linked to the client's Host.
+            v["tenants"][A] = json!({"cluster": "tenant_a"});
+            let c = compile(&v).unwrap();
+            let doc = json!({"tenants": {A: tenant}}).to_string();
+            let e = c.compile_registry(doc.as_bytes(), &|_| None).unwrap_err();
+            assert_eq!(e.field, format!("tenants.{A}.{field}"));
+            assert!(e.to_string().contains("public_base_url"), "{e}");
+            v["public_base_url"] = json!("https://fhir.example.org");
+            let c = compile(&v).unwrap();
+            assert_eq!(c.compile_registry(doc.as_bytes(), &|_| None).unwrap().len(), 1);
+            v["tenants"][A] = tenant;
+            assert!(compile(&v).is_ok());
+            v.as_object_mut().unwrap().remove("public_base_url");
+        }
+        // Settings that rewrite no links need no public base.
+        v["tenants"][A] = json!({"cluster": "tenant_a", "authority": "fhir.partner", "base_path": "/api"});
+        assert!(compile(&v).is_ok());
     }
 
     #[test]

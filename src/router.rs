@@ -88,8 +88,6 @@ pub const HOLD_PROBE_MS: u64 = 1_000;
 pub struct HttpRequest<'a> {
     pub method: Cow<'a, str>,
     pub path: Cow<'a, str>,
-    pub authority: Cow<'a, str>,
-    pub scheme: Cow<'a, str>,
     pub authorization: Option<Cow<'a, str>>,
     pub duplicate_authorization: bool,
 }
@@ -107,8 +105,6 @@ impl HttpRequest<'_> {
         HttpRequest {
             method: owned(&self.method),
             path: owned(&self.path),
-            authority: owned(&self.authority),
-            scheme: owned(&self.scheme),
             authorization: self.authorization.as_deref().map(owned),
             duplicate_authorization: self.duplicate_authorization,
         }
@@ -204,10 +200,16 @@ impl Stream {
 /// Most of a waiting request's buffered Bundle read back for judging (Envoy's buffer limit is lower).
 pub const MAX_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
 
-/// The headers this filter owns on the request: a client's copies never reach routing or an upstream
-/// (X-Forwarded-Host/-Prefix too: servers build their links from them).
+/// The forwarding headers, which servers build their links from: a client's `X-Forwarded-Host`, `-Prefix`,
+/// `-Port` and `Forwarded` never reach an upstream. `X-Forwarded-Proto` is Envoy's: it sets one on every request (the
+/// client's is kept unless `use_remote_address`) and finds no route for a request without one, so the filter
+/// overwrites it (from `public_base_url`) rather than removing it. `X-Forwarded-For` is Envoy's too
+/// (`use_remote_address`, `xff_num_trusted_hops`).
 const FORWARDED_HOST: &str = "x-forwarded-host";
+const FORWARDED_PROTO: &str = "x-forwarded-proto";
 const FORWARDED_PREFIX: &str = "x-forwarded-prefix";
+const FORWARDED_PORT: &str = "x-forwarded-port";
+const FORWARDED: &str = "forwarded";
 
 /// The outcome of one decision, for the audit line and the filter state.
 #[derive(Default)]
@@ -277,7 +279,9 @@ impl Router {
     }
 
     /// Reads the request out of its header pairs (raw bytes, as the host has them) and pushes the removal
-    /// of client-sent copies of the headers this filter owns.
+    /// of client-sent copies of the headers this filter owns: the route and tenant headers, and every
+    /// forwarding header but `X-Forwarded-Proto` (links are built from the configuration only, never from
+    /// what the client sent). Each removal is pushed only if that header came.
     pub fn read_request<'h>(
         &self,
         pairs: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
@@ -285,7 +289,8 @@ impl Router {
     ) -> HttpRequest<'h> {
         let config = &self.config;
         let mut request = HttpRequest::default();
-        let mut spoofed = false;
+        // One bit per owned header that came, in the order of `owned` below.
+        let mut spoofed = 0u8;
         // A non-UTF-8 byte (lossily decoded, copied) becomes U+FFFD, which no token, path or cluster holds.
         // (`from_utf8` first: its ASCII fast path is several times quicker than the lossy decoder on the
         // ~700-byte token.)
@@ -297,25 +302,32 @@ impl Router {
             match name {
                 b":method" => request.method = text(value),
                 b":path" => request.path = text(value),
-                b":authority" => request.authority = text(value),
-                b":scheme" => request.scheme = text(value),
                 b"authorization" => {
                     request.duplicate_authorization |= request.authorization.is_some();
                     request.authorization = Some(text(value));
                 }
-                n if n == config.route_header.as_bytes()
-                    || n == config.tenant_header.as_bytes()
-                    || n == FORWARDED_HOST.as_bytes()
-                    || n == FORWARDED_PREFIX.as_bytes() =>
-                {
-                    spoofed = true
-                }
+                n if n == config.route_header.as_bytes() => spoofed |= 1,
+                n if n == config.tenant_header.as_bytes() => spoofed |= 1 << 1,
+                b"x-forwarded-host" => spoofed |= 1 << 2,
+                b"x-forwarded-prefix" => spoofed |= 1 << 3,
+                b"x-forwarded-port" => spoofed |= 1 << 4,
+                b"forwarded" => spoofed |= 1 << 5,
                 _ => {}
             }
         }
-        if spoofed {
-            for name in [config.route_header.as_str(), &config.tenant_header, FORWARDED_HOST, FORWARDED_PREFIX] {
-                out.push(Effect::RemoveRequestHeader(name));
+        if spoofed != 0 {
+            let owned = [
+                config.route_header.as_str(),
+                &config.tenant_header,
+                FORWARDED_HOST,
+                FORWARDED_PREFIX,
+                FORWARDED_PORT,
+                FORWARDED,
+            ];
+            for (bit, name) in owned.into_iter().enumerate() {
+                if spoofed & (1 << bit) != 0 {
+                    out.push(Effect::RemoveRequestHeader(name));
+                }
             }
         }
         request
@@ -630,6 +642,7 @@ fn pass_public(audit: &Audit<'_>, stream: &mut Stream, cluster: &str, patch: boo
         out.push(Effect::RemoveRequestHeader("accept-encoding"));
         stream.response = Some(ResponseEdit::PatchCapability);
     }
+    forward_public_base(config, out);
     out.push(Effect::Count(Metric::Public));
     route_to(config, cluster, out);
     audit.record(Outcome::Public, Detail { cluster: Some(cluster), ..Detail::default() }, out);
@@ -777,36 +790,32 @@ fn forbid(refusal: &Refusal, out: &mut dyn Effects) {
     out.push(Effect::Reply(Reply { status: 403, headers: &headers, body: body.as_bytes() }));
 }
 
-/// How this client reached us: the configured public base, or the request's scheme and authority.
-fn public_base(config: &Config, request: &HttpRequest<'_>) -> String {
-    match &config.public_base_url {
-        Some(base) => base.clone(),
-        None => {
-            let scheme = if request.scheme.is_empty() { "http" } else { request.scheme.as_ref() };
-            format!("{scheme}://{}", request.authority)
-        }
+/// Tells the upstream how clients reach this endpoint, for servers that build their links from
+/// `X-Forwarded-Host`/`-Proto`/`-Prefix`: from `public_base_url`, never from the request (whose copies
+/// [`Router::read_request`] removed; `-Proto` is overwritten here). Without `public_base_url` the first and
+/// last are left unset, and `-Proto` is as Envoy left it.
+fn forward_public_base(config: &Config, out: &mut dyn Effects) {
+    let Some(public) = &config.public_base_url else { return };
+    let (proto, rest) = public.split_once("://").unwrap_or(("http", public.as_str()));
+    let (host, prefix) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    out.push(Effect::SetRequestHeader(FORWARDED_HOST, host));
+    out.push(Effect::SetRequestHeader(FORWARDED_PROTO, proto));
+    if !prefix.is_empty() {
+        out.push(Effect::SetRequestHeader(FORWARDED_PREFIX, prefix));
     }
 }
 
 /// Rewrites the request for the tenant's FHIR server as it really is, and says what the response needs.
+/// Links are rewritten to `public_base_url` only (the configuration refuses a tenant that rewrites links
+/// without it).
 fn prepare_upstream(
     config: &Config,
     tenant: &Tenant,
     request: &HttpRequest<'_>,
     out: &mut dyn Effects,
 ) -> Option<ResponseEdit> {
+    forward_public_base(config, out);
     let settings = tenant.settings.as_deref()?;
-    let public = public_base(config, request);
-    // Servers that honour X-Forwarded-* build their links from these; client-sent copies are overwritten.
-    let (proto, rest) = public.split_once("://").unwrap_or(("http", public.as_str()));
-    let (host, prefix) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
-    out.push(Effect::SetRequestHeader(FORWARDED_HOST, host));
-    out.push(Effect::SetRequestHeader("x-forwarded-proto", proto));
-    if prefix.is_empty() {
-        out.push(Effect::RemoveRequestHeader(FORWARDED_PREFIX));
-    } else {
-        out.push(Effect::SetRequestHeader(FORWARDED_PREFIX, prefix));
-    }
     if let Some(authority) = &settings.authority {
         out.push(Effect::SetRequestHeader(":authority", authority));
     }
@@ -818,8 +827,9 @@ fn prepare_upstream(
         out.push(Effect::SetRequestHeader(name, value));
     }
     let from = settings.links_base_url.clone()?;
+    let to = config.public_base_url.clone()?;
     out.push(Effect::RemoveRequestHeader("accept-encoding")); // a compressed body could not be rewritten
-    Some(ResponseEdit::RewriteLinks { from, to: public })
+    Some(ResponseEdit::RewriteLinks { from, to })
 }
 
 /// Tenant and client id as filter state for the access log, named as Envoy's access log formatter reads them

@@ -620,6 +620,7 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
     json["audit_log"] = json!(true);
     json["access_log_filter_state"] = json!(true);
     json["discovery"] = json!({"token_endpoint": "http://127.0.0.1:9000/token"});
+    json["public_base_url"] = json!("https://fhir.example/r4");
     if rng.percent(30) {
         json["tenant_registry"] = json!({"uri": "http://127.0.0.1:9100/tenants", "cluster": "registry"});
     }
@@ -696,6 +697,8 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
                         "x-route",
                         "x-forwarded-host",
                         "x-forwarded-prefix",
+                        "x-forwarded-proto",
+                        "forwarded",
                         ":scheme",
                         "x-other",
                     ]);

@@ -188,14 +188,95 @@ fn client_copies_of_the_headers_the_filter_owns_are_removed_first() {
     headers.push((ROUTE, "tenant_b".into()));
     send(&host, &root, 1, &headers, true);
     assert_eq!(
-        host.take_calls()[..5],
+        host.take_calls()[..3],
+        ["get_request_headers", &format!("remove_request_header {ROUTE}"), "remove_request_header authorization"]
+    );
+    // Every forwarding header a client sends is removed (only those that came), but X-Forwarded-Proto: Envoy
+    // sets one on every request and routes none without it; `public_base_url` overwrites it.
+    let mut headers = get("/metadata", None);
+    for (name, value) in [
+        (TENANT, TENANT_B),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "gopher"),
+        ("x-forwarded-prefix", "/evil"),
+        ("x-forwarded-port", "6666"),
+        ("forwarded", "host=evil.example;proto=gopher"),
+    ] {
+        headers.push((name, value.into()));
+    }
+    send(&host, &root, 2, &headers, true);
+    assert_eq!(
+        host.take_calls()[..6],
         [
             "get_request_headers",
-            &format!("remove_request_header {ROUTE}"),
             &format!("remove_request_header {TENANT}"),
             "remove_request_header x-forwarded-host",
             "remove_request_header x-forwarded-prefix",
+            "remove_request_header x-forwarded-port",
+            "remove_request_header forwarded",
         ]
+    );
+}
+
+#[test]
+fn links_and_forwarded_headers_come_from_public_base_url_never_from_the_request() {
+    let mut p = plugin();
+    p["public_base_url"] = json!("https://fhir.example.org/r4/");
+    p["tenants"][TENANT_A] =
+        json!({"cluster": "tenant_a", "authority": "fhir.partner", "links_base_url": "http://fhir.partner/fhir"});
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut headers = get("/Patient", Some(&bearer(&testkeys::claims_now())));
+    for (name, value) in [
+        (":authority", "evil.example"),
+        (":scheme", "http"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "gopher"),
+        ("forwarded", "host=evil.example"),
+    ] {
+        headers.retain(|(n, _)| *n != name);
+        headers.push((name, value.into()));
+    }
+    let (mut f, _) = send(&host, &root, 1, &headers, true);
+    let calls = host.take_calls();
+    assert!(!calls.iter().any(|c| c.contains("evil") || c.contains("gopher")), "{calls:?}");
+    for call in [
+        "remove_request_header x-forwarded-host",
+        "remove_request_header forwarded",
+        "set_request_header x-forwarded-host: fhir.example.org",
+        "set_request_header x-forwarded-proto: https",
+        "set_request_header x-forwarded-prefix: /r4",
+        "set_request_header :authority: fhir.partner",
+    ] {
+        assert!(calls.contains(&call.to_string()), "{call} in {calls:?}");
+    }
+    host.0.response_headers.borrow_mut().insert("location".into(), "http://fhir.partner/fhir/Patient/1".into());
+    f.on_response_headers(true);
+    assert_eq!(host.take_calls(), ["set_response_header location: https://fhir.example.org/r4/Patient/1"]);
+    // Discovery documents too: the metadata server is told the public base, not the client's Host.
+    let mut headers = get("/metadata", None);
+    headers.retain(|(n, _)| *n != ":authority");
+    headers.push((":authority", "evil.example".into()));
+    send(&host, &root, 2, &headers, true);
+    let calls = host.take_calls();
+    assert!(calls.contains(&"set_request_header x-forwarded-host: fhir.example.org".to_string()), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("evil")), "{calls:?}");
+}
+
+#[test]
+fn without_public_base_url_no_forwarded_header_is_set_and_the_clients_are_removed() {
+    let mut p = plugin();
+    p["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "authority": "fhir.partner", "base_path": "/api"});
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut headers = get("/Patient", Some(&bearer(&testkeys::claims_now())));
+    headers.push(("x-forwarded-host", "evil.example".into()));
+    send(&host, &root, 1, &headers, true);
+    let calls = host.take_calls();
+    assert!(calls.contains(&"remove_request_header x-forwarded-host".to_string()), "{calls:?}");
+    assert!(
+        !calls.iter().any(|c| c.contains("set_request_header x-forwarded") || c.contains("fhir.example")),
+        "{calls:?}"
     );
 }
 
@@ -207,6 +288,7 @@ fn a_tenant_with_settings_gets_its_authority_base_path_header_and_forwarded_head
         "links_base_url": "http://fhir.partner/api/FHIR/R4",
         "upstream_header": {"name": "x-api-key", "env": "KEY_A"}
     });
+    p["public_base_url"] = json!("https://fhir.example");
     let host = FakeHost::default();
     host.0.now_ms.set(T0_MS);
     host.0.env.borrow_mut().insert("KEY_A".into(), "secret-a".into());
@@ -224,7 +306,6 @@ fn a_tenant_with_settings_gets_its_authority_base_path_header_and_forwarded_head
             "remove_request_header authorization",
             "set_request_header x-forwarded-host: fhir.example",
             "set_request_header x-forwarded-proto: https",
-            "remove_request_header x-forwarded-prefix",
             "set_request_header :authority: fhir.partner",
             "set_request_header :path: /api/FHIR/R4/Patient?_count=1",
             "set_request_header x-api-key: secret-a",

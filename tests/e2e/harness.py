@@ -260,6 +260,8 @@ def render_config(base: Path | dict, *, listener_port: int, admin_port: int,
         prov["issuer"] = issuer
         if "jwks_uri" in prov:
             prov["jwks_uri"] = issuer + "/jwks"
+    if str(doc.get("public_base_url", "")).startswith("http://127.0.0.1:"):
+        doc["public_base_url"] = f"http://127.0.0.1:{listener_port}"  # the shipped listener, re-pointed
     if plugin is not None:
         replaced = plugin(doc)
         if replaced is not None:

@@ -275,6 +275,10 @@ def _neither_url_nor_cluster(doc):
     del doc["tenants"][TENANT_A]["url"]
 
 
+def _without_public_base_url(doc):
+    del doc["public_base_url"]  # links would otherwise be rewritten to the client's Host
+
+
 @pytest.mark.parametrize("edit,field", [
     (_without_dfp_cluster, "dynamic_forward_proxy_cluster"),
     (_url("not a url"), f"tenants.{TENANT_A}.url"),
@@ -282,8 +286,9 @@ def _neither_url_nor_cluster(doc):
     (_url("http://127.0.0.1:9101/fhir?x=1"), f"tenants.{TENANT_A}.url"),
     (_url_and_cluster, f"tenants.{TENANT_A}"),
     (_neither_url_nor_cluster, f"tenants.{TENANT_A}"),
+    (_without_public_base_url, f"tenants.{TENANT_B}.url"),  # the first url tenant, in id order
 ], ids=["url-tenants-without-a-dynamic-forward-proxy-cluster", "a-url-that-is-not-a-url", "an-ftp-url",
-        "a-url-with-a-query", "both-url-and-cluster", "neither-url-nor-cluster"])
+        "a-url-with-a-query", "both-url-and-cluster", "neither-url-nor-cluster", "url-tenants-without-public-base-url"])
 def test_envoy_validate_refuses(edit, field, wasm, tmp_path):
     code, out = _validate(edit, wasm, tmp_path)
     assert code != 0, f"envoy accepted it:\n{out[-3000:]}"

@@ -48,6 +48,7 @@ def fhir(workdir, idp, wasm):
 
     def plugin(doc):
         doc["discovery"] = {"token_endpoint": f"{idp.issuer}/token", "scopes_supported": [TENANT_A, TENANT_B]}
+        doc["public_base_url"] = f"http://127.0.0.1:{port}"  # links go here, never to the client's Host
         doc["tenants"][TENANT_A] = {
             "cluster": "tenant_a",
             "authority": f"127.0.0.1:{engines['a'].port}",  # the Host a commercial API expects: its own

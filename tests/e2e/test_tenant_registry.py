@@ -287,6 +287,27 @@ def test_a_failing_registry_keeps_the_last_good_tenant_map(reg, status, body, de
     assert_wasm_vm_never_crashed(reg.envoy)
 
 
+def test_a_registry_tenant_that_rewrites_links_without_public_base_url_is_refused_with_a_log_line(reg):
+    """envoy.yaml has no public_base_url: a document whose tenant rewrites links is refused as a whole (its links
+    would otherwise go to the client's Host), and the log line names the field."""
+    _healthy(reg)
+    _serve_and_wait(reg, base_tenants(), TENANT_B, 200)
+    failed_before = _stats(reg.envoy).get("registry.fetch_failed", 0)
+    reg.envoy.mark_log()
+    reg.extra["registry"].serve({**base_tenants(), NEW: {"cluster": "tenant_a",
+                                                         "links_base_url": "http://fhir.internal.example/fhir"}})
+    try:
+        _wait_stat(reg.envoy, "registry.fetch_failed", lambda v: v > failed_before, "to count the refused document",
+                   timeout=20)
+        assert_forbidden(_status(reg, NEW))
+        assert_no_upstream_saw_anything(reg.upstreams)
+        field = f"tenants.{NEW}.links_base_url"
+        lines = [line for line in reg.envoy.log_since_mark().splitlines() if field in line]
+        assert lines and all("public_base_url" in line for line in lines), reg.envoy.log_tail(20)
+    finally:
+        _healthy(reg)
+
+
 def test_before_the_first_registry_document_a_token_gets_503_and_then_the_tenant_is_served(
         start_envoy, idp, upstreams):
     """Static tenants omitted, the registry failing from the start: tokens get 503 + retry-after, never 403."""

@@ -1,12 +1,16 @@
 //! The verified-token cache: a token that verified once is not verified again until it expires.
 //!
-//! Keyed by a 128-bit SipHash of the token under a secret random key per VM: memory per entry is bounded
-//! whatever the token's size, and since SipHash is a keyed pseudo-random function an attacker who does not
-//! know the key cannot craft a token that collides with a cached one (and 128 bits make accidental
-//! collisions negligible). It is several times cheaper than SHA-256 inside V8. An entry holds only what the
-//! per-request rules still need (the tenant claim, `exp`, the key that verified it, and the identity claims,
-//! in one shared allocation), never the token itself. Entries are served until the token's `exp`, never
-//! later; entries whose key has left the JWKS are dropped when the new key set is installed.
+//! Keyed by the token itself, as Envoy's `jwt_authn` cache is: a hit is a slot whose stored token equals the
+//! presented one byte for byte, so no hash collision, accidental or crafted, can ever serve one token's
+//! verdict for another. The slot is found through a 128-bit SipHash of the token under a secret random key
+//! per VM (a keyed pseudo-random function: an attacker who does not know the key cannot aim tokens at one
+//! index bucket), several times cheaper than SHA-256 inside V8; the comparison that follows is one `memcmp`
+//! of the token (about 1 KB). An entry holds the token and what the per-request rules still need (the
+//! tenant claim, `exp`, the key that verified it, and the identity claims, in one shared allocation; the
+//! tenant claim is capped like the other claims, see [`crate::identity`]). So an entry takes at most the
+//! provider's `max_token_bytes` plus about 4.5 KB, and the cache at most `capacity` times that. Entries are
+//! served until the token's `exp`, never later; entries whose key has left the JWKS are dropped when the new
+//! key set is installed.
 //!
 //! Memory is fixed by the capacity: the entries live in a slab of at most `capacity` slots, reused in ring
 //! order (at capacity, the oldest insertion goes), and the index from digest to slot is sized once for
@@ -22,8 +26,15 @@ use siphasher::sip128::{Hasher128, SipHasher13};
 use crate::identity::Identity;
 use crate::verify::Claims;
 
-/// The cache key: a keyed 128-bit hash of the compact token.
+/// A keyed 128-bit hash of the compact token: where its entry is looked for.
 pub type TokenDigest = u128;
+
+/// What a lookup or an insert names: the token, with its digest (computed once per request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheKey<'t> {
+    digest: TokenDigest,
+    token: &'t str,
+}
 
 /// The secret key of a VM's cache hash.
 #[derive(Clone, Copy, Debug, Default)]
@@ -95,6 +106,8 @@ impl Hasher for DigestHasher {
 
 struct Slot {
     digest: TokenDigest,
+    /// The token itself: a hit must be this very token, not merely one with the same digest.
+    token: Box<str>,
     verified: Verified,
 }
 
@@ -134,8 +147,8 @@ impl TokenCache {
     }
 
     /// The key of `token` in this cache.
-    pub fn digest(&self, token: &str) -> TokenDigest {
-        digest(self.key, token)
+    pub fn key<'t>(&self, token: &'t str) -> CacheKey<'t> {
+        CacheKey { digest: digest(self.key, token), token }
     }
 
     /// Whether the cache was configured off (capacity 0).
@@ -153,10 +166,11 @@ impl TokenCache {
         self.index.is_empty()
     }
 
-    fn slot_of(&self, digest: &TokenDigest) -> Option<usize> {
-        let i = *self.index.get(&short(digest))? as usize;
+    /// The slot holding this very token (same digest, then the same bytes).
+    fn slot_of(&self, key: &CacheKey<'_>) -> Option<usize> {
+        let i = *self.index.get(&short(&key.digest))? as usize;
         match self.slots.get(i) {
-            Some(Some(slot)) if slot.digest == *digest => Some(i),
+            Some(Some(slot)) if slot.digest == key.digest && *slot.token == *key.token => Some(i),
             _ => None,
         }
     }
@@ -179,9 +193,9 @@ impl TokenCache {
         }
     }
 
-    /// The entry for `digest` if it has not expired at `now`; an expired one is removed.
-    pub fn get(&mut self, digest: &TokenDigest, now: i64) -> Option<&Verified> {
-        let i = self.slot_of(digest)?;
+    /// The entry for the token of `key` if it has not expired at `now`; an expired one is removed.
+    pub fn get(&mut self, key: &CacheKey<'_>, now: i64) -> Option<&Verified> {
+        let i = self.slot_of(key)?;
         let expired = self.slots.get(i)?.as_ref().map_or(true, |s| now >= s.verified.exp);
         if expired {
             self.clear(i);
@@ -191,7 +205,7 @@ impl TokenCache {
     }
 
     /// Caches a freshly verified token (unless it is already expired at `now`).
-    pub fn insert(&mut self, digest: TokenDigest, verified: Verified, now: i64) {
+    pub fn insert(&mut self, key: CacheKey<'_>, verified: Verified, now: i64) {
         if self.capacity == 0 || now >= verified.exp {
             return;
         }
@@ -199,7 +213,7 @@ impl TokenCache {
             // Sized up front (see the module documentation); a very large cache grows into its size with use.
             self.index.reserve(self.capacity.min(MAX_UPFRONT_ENTRIES).saturating_mul(2));
         }
-        let i = if let Some(i) = self.slot_of(&digest) {
+        let i = if let Some(i) = self.slot_of(&key) {
             i
         } else if let Some(i) = self.free.pop() {
             i as usize
@@ -214,8 +228,8 @@ impl TokenCache {
             i
         };
         if let Some(slot) = self.slots.get_mut(i) {
-            *slot = Some(Slot { digest, verified });
-            self.index.insert(short(&digest), u32::try_from(i).unwrap_or(u32::MAX));
+            *slot = Some(Slot { digest: key.digest, token: key.token.into(), verified });
+            self.index.insert(short(&key.digest), u32::try_from(i).unwrap_or(u32::MAX));
         }
     }
 
@@ -253,20 +267,20 @@ mod tests {
         Verified { exp, key, provider: 0, identity: Identity::new(Some(&json!("t")), None, None, None) }
     }
 
-    fn digest(token: &str) -> TokenDigest {
-        super::digest(HashKey(1, 2), token)
+    fn key(token: &str) -> CacheKey<'_> {
+        CacheKey { digest: super::digest(HashKey(1, 2), token), token }
     }
 
     #[test]
     fn the_hash_depends_on_the_secret_key() {
         assert_ne!(super::digest(HashKey(1, 2), "t"), super::digest(HashKey(1, 3), "t"));
-        assert_ne!(TokenCache::new(1).digest("t"), TokenCache::new(1).digest("t"), "random keys per cache");
+        assert_ne!(TokenCache::new(1).key("t"), TokenCache::new(1).key("t"), "random keys per cache");
     }
 
     #[test]
     fn a_cached_token_is_a_hit_until_its_exp() {
         let mut c = TokenCache::new(10);
-        let d = digest("token");
+        let d = key("token");
         c.insert(d, entry(NOW + 10, 1), NOW);
         assert_eq!(c.get(&d, NOW + 9).map(|v| v.exp), Some(NOW + 10));
         assert!(c.get(&d, NOW + 10).is_none(), "served at exp");
@@ -276,66 +290,66 @@ mod tests {
     #[test]
     fn an_expired_token_is_never_cached() {
         let mut c = TokenCache::new(10);
-        c.insert(digest("old"), entry(NOW, 1), NOW);
+        c.insert(key("old"), entry(NOW, 1), NOW);
         assert!(c.is_empty());
     }
 
     #[test]
     fn different_tokens_do_not_share_an_entry() {
         let mut c = TokenCache::new(10);
-        c.insert(digest("a"), entry(NOW + 10, 1), NOW);
-        assert!(c.get(&digest("b"), NOW).is_none());
+        c.insert(key("a"), entry(NOW + 10, 1), NOW);
+        assert!(c.get(&key("b"), NOW).is_none());
     }
 
     #[test]
     fn capacity_zero_disables_the_cache() {
         let mut c = TokenCache::new(0);
-        c.insert(digest("a"), entry(NOW + 10, 1), NOW);
-        assert!(c.get(&digest("a"), NOW).is_none());
+        c.insert(key("a"), entry(NOW + 10, 1), NOW);
+        assert!(c.get(&key("a"), NOW).is_none());
     }
 
     #[test]
     fn at_capacity_the_oldest_entry_is_evicted() {
         let mut c = TokenCache::new(3);
         for i in 0..3 {
-            c.insert(digest(&i.to_string()), entry(NOW + 100, 1), NOW);
+            c.insert(key(&i.to_string()), entry(NOW + 100, 1), NOW);
         }
-        c.insert(digest("3"), entry(NOW + 100, 1), NOW);
+        c.insert(key("3"), entry(NOW + 100, 1), NOW);
         assert_eq!(c.len(), 3);
-        assert!(c.get(&digest("0"), NOW).is_none());
+        assert!(c.get(&key("0"), NOW).is_none());
         for i in 1..4 {
-            assert!(c.get(&digest(&i.to_string()), NOW).is_some(), "{i}");
+            assert!(c.get(&key(&i.to_string()), NOW).is_some(), "{i}");
         }
     }
 
     #[test]
     fn expired_entries_are_purged_on_the_timer() {
         let mut c = TokenCache::new(3);
-        c.insert(digest("live"), entry(NOW + 100, 1), NOW);
-        c.insert(digest("short"), entry(NOW + 5, 1), NOW);
+        c.insert(key("live"), entry(NOW + 100, 1), NOW);
+        c.insert(key("short"), entry(NOW + 5, 1), NOW);
         assert_eq!(c.purge_expired(NOW + 10), 1);
         assert_eq!(c.len(), 1);
         assert_eq!(c.free.len(), 1, "the purged slot is reused first");
-        c.insert(digest("a"), entry(NOW + 100, 1), NOW + 10);
-        c.insert(digest("b"), entry(NOW + 100, 1), NOW + 10);
-        assert!(c.get(&digest("live"), NOW + 10).is_some(), "room was made by the purge, not by evicting");
+        c.insert(key("a"), entry(NOW + 100, 1), NOW + 10);
+        c.insert(key("b"), entry(NOW + 100, 1), NOW + 10);
+        assert!(c.get(&key("live"), NOW + 10).is_some(), "room was made by the purge, not by evicting");
     }
 
     #[test]
     fn entries_of_a_removed_key_are_dropped() {
         let mut c = TokenCache::new(10);
-        c.insert(digest("old-key"), entry(NOW + 100, 1), NOW);
-        c.insert(digest("new-key"), entry(NOW + 100, 2), NOW);
+        c.insert(key("old-key"), entry(NOW + 100, 1), NOW);
+        c.insert(key("new-key"), entry(NOW + 100, 2), NOW);
         assert_eq!(c.retain_keys(&[2, 3]), 1);
-        assert!(c.get(&digest("old-key"), NOW).is_none());
-        assert!(c.get(&digest("new-key"), NOW).is_some());
+        assert!(c.get(&key("old-key"), NOW).is_none());
+        assert!(c.get(&key("new-key"), NOW).is_some());
     }
 
     #[test]
     fn memory_stays_bounded_under_churn() {
         let mut c = TokenCache::new(100);
         for i in 0..10_000i64 {
-            c.insert(digest(&i.to_string()), entry(NOW + 1 + (i % 7), 1), NOW);
+            c.insert(key(&i.to_string()), entry(NOW + 1 + (i % 7), 1), NOW);
             if i % 50 == 0 {
                 c.retain_keys(&[1]);
             }
@@ -349,8 +363,8 @@ mod tests {
     #[test]
     fn a_colliding_short_index_key_is_a_miss_not_a_wrong_hit() {
         let mut c = TokenCache::new(10);
-        let a: TokenDigest = (1u128 << 64) | 7;
-        let b: TokenDigest = (2u128 << 64) | 7; // same 64 index bits
+        let a = CacheKey { digest: (1u128 << 64) | 7, token: "a" };
+        let b = CacheKey { digest: (2u128 << 64) | 7, token: "b" }; // same 64 index bits
         c.insert(a, entry(NOW + 100, 1), NOW);
         assert!(c.get(&b, NOW).is_none());
         c.insert(b, entry(NOW + 100, 2), NOW);
@@ -358,8 +372,23 @@ mod tests {
         assert!(c.get(&a, NOW).is_none(), "the index points at b now; a is a miss (verified again)");
         // Evicting a's orphaned slot must not drop b's index entry.
         for i in 0..20u128 {
-            c.insert(i + 1000, entry(NOW + 100, 3), NOW);
+            c.insert(CacheKey { digest: i + 1000, token: "other" }, entry(NOW + 100, 3), NOW);
         }
         assert!(c.len() <= 10);
+    }
+
+    #[test]
+    fn a_hit_is_the_same_token_not_merely_the_same_digest() {
+        let mut c = TokenCache::new(10);
+        let cached = CacheKey { digest: 42, token: "header.claims-of-tenant-a.signature" };
+        c.insert(cached, entry(NOW + 100, 1), NOW);
+        assert!(c.get(&cached, NOW).is_some());
+        // A full 128-bit collision (astronomically unlikely under the secret key, but not impossible): the
+        // stored token tells them apart, and the other token is verified afresh.
+        let forged = CacheKey { digest: 42, token: "header.claims-of-tenant-b.signature" };
+        assert!(c.get(&forged, NOW).is_none());
+        let prefix = CacheKey { digest: 42, token: "header.claims-of-tenant-a.signatur" };
+        assert!(c.get(&prefix, NOW).is_none(), "a prefix of the cached token is another token");
+        assert!(c.get(&cached, NOW).is_some(), "a miss on the colliding token leaves the cached one alone");
     }
 }

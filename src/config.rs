@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::discovery::Discovery;
 use crate::fhir::Policy;
-use crate::jwks::KeySet;
+use crate::jwks::{KeySet, PURE_RUST_CHECKS_P384};
 use crate::tenant::{TenantMap, TenantSettings};
 
 /// Default header the filter sets for Envoy's `cluster_header` route.
@@ -244,6 +244,9 @@ pub struct Config {
     pub tenant_header: String,
     pub forward_authorization: bool,
     pub signature_verifier: SignatureVerifier,
+    /// Whether `signature_verifier: "pure_rust"` checks ES384 in this build ([`PURE_RUST_CHECKS_P384`]; not
+    /// configurable: tests clear it to act as the shipped wasm module).
+    pub pure_rust_checks_p384: bool,
     /// Capacity of each VM's verified-token cache; 0 disables it.
     pub token_cache_entries: usize,
     /// A Bundle posted to the base keeps its headers from the upstream until its body is judged (`true`,
@@ -599,6 +602,7 @@ impl Config {
 impl RawConfig {
     /// Validates and compiles; `env` gives the VM's environment variables.
     pub fn compile(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let single_provider = self.provider.is_some();
         let providers = match (self.provider, self.providers) {
             (Some(p), None) => vec![compile_provider("provider", p)?],
             (None, Some(list)) if !list.is_empty() => list
@@ -615,6 +619,9 @@ impl RawConfig {
                 return Err(ConfigError::new(format!("providers[{i}].issuer"), "two providers have this issuer"));
             }
         }
+        let provider_field =
+            |i: usize| if single_provider { "provider".to_string() } else { format!("providers[{i}]") };
+        refuse_keys_beyond_pure_rust(&providers, &provider_field, self.signature_verifier, PURE_RUST_CHECKS_P384)?;
 
         let claim = self.tenant_claim.unwrap_or_else(|| "scope".into());
         if claim.is_empty() {
@@ -684,6 +691,7 @@ impl RawConfig {
             tenant_header,
             forward_authorization: self.forward_authorization,
             signature_verifier: self.signature_verifier,
+            pure_rust_checks_p384: PURE_RUST_CHECKS_P384,
             token_cache_entries,
             hold_bundle_headers: self.hold_bundle_headers.unwrap_or(true),
             smart_configuration,
@@ -691,6 +699,36 @@ impl RawConfig {
             public_base_url,
         })
     }
+}
+
+/// Refuses an inline key that `verifier` could never check: a P-384 key under `"pure_rust"` in a build
+/// whose pure-Rust verifier lacks P-384 (`checks_p384` false) would reject every ES384 token it signed.
+/// A remote key set is fetched later: [`crate::upkeep`] logs and counts such keys when it installs them.
+fn refuse_keys_beyond_pure_rust(
+    providers: &[ProviderConfig],
+    field: &dyn Fn(usize) -> String,
+    verifier: SignatureVerifier,
+    checks_p384: bool,
+) -> Result<(), ConfigError> {
+    if verifier != SignatureVerifier::PureRust {
+        return Ok(());
+    }
+    for (i, p) in providers.iter().enumerate() {
+        let JwksSource::Inline(keys) = &p.jwks else { continue };
+        if let Some(key) = keys.beyond_pure_rust(checks_p384).next() {
+            return Err(ConfigError::new(format!("{}.jwks", field(i)), beyond_pure_rust_message(&key)));
+        }
+    }
+    Ok(())
+}
+
+/// Why a key cannot be used under `signature_verifier: "pure_rust"` in this build.
+pub fn beyond_pure_rust_message(key: &str) -> String {
+    format!(
+        "{key} is a P-384 (ES384) key, which signature_verifier \"pure_rust\" cannot check in this build (built \
+         without the p384-pure-rust feature): every token it signed would be refused. Use \"auto\" or \"host\" \
+         (Envoy checks ES384), or build with default features"
+    )
 }
 
 /// A header name the filter may own: lowercase token characters, not a pseudo-header, not one Envoy or the
@@ -731,7 +769,7 @@ fn split_http_url(url: &str) -> Option<(String, String)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::{json, Value};
 
@@ -847,6 +885,52 @@ mod tests {
         assert!(matches!(&c.providers[0].jwks, JwksSource::Inline(k) if k.keys().len() == 2));
         v["provider"]["jwks_uri"] = json!("http://127.0.0.1:9000/jwks");
         assert_eq!(field_of(&v), "provider.jwks");
+    }
+
+    /// A P-384 public key (ES384), with an RS256 key beside it.
+    pub(crate) fn jwks_with_p384(kid: Option<&str>) -> Value {
+        let mut jwks: Value = serde_json::from_str(&crate::testkeys::public_jwks()).unwrap();
+        let mut p384 = json!({
+            "kty": "EC", "crv": "P-384", "alg": "ES384", "use": "sig",
+            "x": "PfaE90SLmW7Dejg0xSDtz4zPT5aXNSdNSayLf3qTcS5PR4AN4PSGzOp5COFck3pB",
+            "y": "nh3KRaX5i8TBx0aEcyVMMF2xRwUeHB-wPffEaa2vRVpc9KaaQJMVNR6qlE9LUaZx"
+        });
+        if let Some(kid) = kid {
+            p384["kid"] = json!(kid);
+        }
+        jwks["keys"].as_array_mut().unwrap().push(p384);
+        jwks
+    }
+
+    #[test]
+    fn a_p384_key_under_pure_rust_without_pure_rust_p384_is_refused_naming_the_key() {
+        let mut v = example();
+        let p = v["provider"].as_object_mut().unwrap();
+        p.remove("jwks_uri");
+        p.remove("jwks_cluster");
+        p.insert("jwks".into(), jwks_with_p384(Some("es384-2025")));
+        v["signature_verifier"] = json!("pure_rust");
+        // `cargo test` builds pure-Rust P-384 in, so the configuration itself compiles here...
+        let c = compile(&v).unwrap();
+        let field = |_: usize| "provider".to_string();
+        // ...and the build `make build` ships, without it, refuses it, naming the key.
+        let e = refuse_keys_beyond_pure_rust(&c.providers, &field, SignatureVerifier::PureRust, false).unwrap_err();
+        assert_eq!(e.field, "provider.jwks");
+        assert!(e.message.contains(r#"kid "es384-2025""#) && e.message.contains("P-384"), "{e}");
+        // Only under pure_rust: auto and host check ES384 with Envoy's BoringSSL.
+        for verifier in [SignatureVerifier::Auto, SignatureVerifier::Host] {
+            assert!(refuse_keys_beyond_pure_rust(&c.providers, &field, verifier, false).is_ok());
+        }
+        assert!(refuse_keys_beyond_pure_rust(&c.providers, &field, SignatureVerifier::PureRust, true).is_ok());
+        // A key without a kid is named by its place in the set; the list form names its provider.
+        v["providers"] = json!([v["provider"].take()]);
+        v.as_object_mut().unwrap().remove("provider");
+        v["providers"][0]["jwks"] = jwks_with_p384(None);
+        let c = compile(&v).unwrap();
+        let field = |i: usize| format!("providers[{i}]");
+        let e = refuse_keys_beyond_pure_rust(&c.providers, &field, SignatureVerifier::PureRust, false).unwrap_err();
+        assert_eq!(e.field, "providers[0].jwks");
+        assert!(e.message.starts_with("key #2 (no kid) is a P-384"), "{e}");
     }
 
     #[test]

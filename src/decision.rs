@@ -100,7 +100,7 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
         Credentials::Bearer(token) => token,
     };
     let claim = config.tenant_claim.as_str();
-    let digest = (!cache.is_disabled()).then(|| cache.digest(token));
+    let key = (!cache.is_disabled()).then(|| cache.key(token));
     // A hit is used in place (no copy of its claims); a miss is verified, then cached.
     let resolve = |claim: Claim<'_>| -> Result<&'c Tenant, Rejection> {
         tenants.ok_or(Rejection::TenantsUnavailable)?.resolve(claim).map_err(|e| match e {
@@ -108,7 +108,7 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
             TenantError::Several => Rejection::SeveralTenants,
         })
     };
-    let (resolved, provider, identity, from_cache) = match digest.as_ref().and_then(|d| cache.get(d, now)) {
+    let (resolved, provider, identity, from_cache) = match key.as_ref().and_then(|k| cache.get(k, now)) {
         Some(hit) => (resolve(hit.identity.tenant_claim()), hit.provider, hit.identity.clone(), true),
         None => {
             let provider = if config.providers.len() == 1 {
@@ -126,8 +126,8 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
                 Ok(claims) => {
                     let verified = Verified::from_claims(&claims, claim, provider);
                     let out = (resolve(verified.identity.tenant_claim()), provider, verified.identity.clone(), false);
-                    if let Some(d) = digest {
-                        cache.insert(d, verified, now);
+                    if let Some(k) = key {
+                        cache.insert(k, verified, now);
                     }
                     out
                 }
@@ -353,6 +353,20 @@ mod tests {
         }
         assert_eq!(sigs.0.get(), 1, "verified once, tenant checked every time");
         assert_eq!(decide_cached(&mut cache, "/metadata", &auth, NOW, &sigs), Ok("fhir_metadata".into()));
+    }
+
+    #[test]
+    fn a_tenant_claim_over_the_cap_names_no_tenant_verified_or_cached() {
+        let mut cache = TokenCache::new(10);
+        let sigs = Counting::default();
+        let mut claims = testkeys::claims_now();
+        let filler = "system/Patient.rs ".repeat(crate::identity::MAX_TENANT_CLAIM_BYTES / 18 + 1);
+        claims["scope"] = json!(format!("{TENANT_A} {filler}"));
+        let auth = bearer(&claims);
+        for _ in 0..2 {
+            assert_eq!(decide_cached(&mut cache, "/Patient", &auth, NOW, &sigs), Err(Rejection::NoTenant));
+        }
+        assert_eq!(sigs.0.get(), 1, "the second answer came from the cache, the same");
     }
 
     #[test]

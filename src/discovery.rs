@@ -81,6 +81,13 @@ impl Discovery {
 
     /// The SMART configuration document (`/.well-known/smart-configuration`, SMART App Launch 2.x §2.1.2),
     /// for a server that takes client-credentials tokens (SMART Backend Services).
+    ///
+    /// `response_types_supported` (RECOMMENDED in SMART 2.x, after RFC 8414) lists what the *authorization*
+    /// endpoint answers; the client-credentials grant never goes there, so without an
+    /// `authorization_endpoint` the field is left out (SMART's own Backend Services example has none), and
+    /// with one it says `code`, the only response type SMART App Launch uses. It never says `token` (the
+    /// implicit grant, which SMART does not use and OAuth 2.0 Security BCP forbids).
+    /// `code_challenge_methods_supported: ["S256"]` stays: SMART 2.x makes it REQUIRED.
     pub fn smart_configuration(&self, issuer: &str, jwks_uri: Option<&str>) -> String {
         let mut doc = json!({
             "issuer": issuer,
@@ -89,12 +96,12 @@ impl Discovery {
             "grant_types_supported": ["client_credentials"],
             "scopes_supported": self.scopes_supported,
             "capabilities": self.capabilities,
-            "response_types_supported": ["token"],
             "code_challenge_methods_supported": ["S256"]
         });
         if let Some(obj) = doc.as_object_mut() {
             if let Some(authorize) = &self.authorization_endpoint {
                 obj.insert("authorization_endpoint".into(), json!(authorize));
+                obj.insert("response_types_supported".into(), json!(["code"]));
             }
             if let Some(uri) = jwks_uri {
                 obj.insert("jwks_uri".into(), json!(uri));
@@ -199,5 +206,17 @@ mod tests {
         assert_eq!(doc["grant_types_supported"], json!(["client_credentials"]));
         assert_eq!(doc["capabilities"], json!(["client-confidential-symmetric"]));
         assert!(doc.get("authorization_endpoint").is_none());
+        assert_eq!(doc["code_challenge_methods_supported"], json!(["S256"]), "REQUIRED by SMART 2.x");
+    }
+
+    #[test]
+    fn smart_configuration_advertises_no_implicit_grant_response_type() {
+        let doc: Value =
+            serde_json::from_str(&discovery().smart_configuration("https://login.example/t", None)).unwrap();
+        assert!(doc.get("response_types_supported").is_none(), "no authorization endpoint: {doc}");
+        let mut d = discovery();
+        d.authorization_endpoint = Some("https://login.example/authorize".into());
+        let doc: Value = serde_json::from_str(&d.smart_configuration("https://login.example/t", None)).unwrap();
+        assert_eq!(doc["response_types_supported"], json!(["code"]));
     }
 }

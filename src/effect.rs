@@ -116,6 +116,9 @@ pub enum Metric<'a> {
     CacheMisses,
     RegistryFetchOk,
     RegistryFetchFailed,
+    /// A key of a fetched key set that the configured verifier cannot check (P-384 under `pure_rust` in a
+    /// build without pure-Rust P-384), counted at each fetch that brings it.
+    JwksUncheckableKey,
     /// A request of this tenant went on.
     TenantAllowed(&'a str),
     /// A request of this tenant was refused (allowlist, issuer binding).
@@ -123,7 +126,7 @@ pub enum Metric<'a> {
 }
 
 /// The fixed counters, in the order a shell defines them.
-pub const COUNTERS: [Metric<'static>; 12] = [
+pub const COUNTERS: [Metric<'static>; 13] = [
     Metric::Allowed,
     Metric::Public,
     Metric::ForbiddenByPolicy,
@@ -136,6 +139,7 @@ pub const COUNTERS: [Metric<'static>; 12] = [
     Metric::CacheMisses,
     Metric::RegistryFetchOk,
     Metric::RegistryFetchFailed,
+    Metric::JwksUncheckableKey,
 ];
 
 /// Where a shell keeps a counter's id: [`COUNTERS`] position, [`Rejection::ALL`] position, or a
@@ -163,6 +167,7 @@ impl<'a> Metric<'a> {
             Self::CacheMisses => CounterSlot::Fixed(9),
             Self::RegistryFetchOk => CounterSlot::Fixed(10),
             Self::RegistryFetchFailed => CounterSlot::Fixed(11),
+            Self::JwksUncheckableKey => CounterSlot::Fixed(12),
             Self::Rejected(r) => CounterSlot::Rejected(r.index()),
             Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
             Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
@@ -188,6 +193,7 @@ impl Metric<'_> {
             Self::CacheMisses => "cache.misses",
             Self::RegistryFetchOk => "registry.fetch_ok",
             Self::RegistryFetchFailed => "registry.fetch_failed",
+            Self::JwksUncheckableKey => "jwks.uncheckable_keys",
             Self::TenantAllowed(_) => "tenant.allowed",
             Self::TenantForbidden(_) => "tenant.forbidden",
         }

@@ -151,6 +151,9 @@ pub enum Refusal {
     BadEntry { entry: usize },
     /// The body of `POST /` is not a batch or transaction Bundle.
     NotABundle,
+    /// A Bundle entry whose `request.url` is absolute and not under `base` (this server's public base URL;
+    /// `None`: none is configured, so no absolute url can be told to be ours).
+    OtherOrigin { entry: usize, base: Option<String> },
 }
 
 impl fmt::Display for Refusal {
@@ -168,6 +171,16 @@ impl fmt::Display for Refusal {
             }
             Self::BadEntry { entry } => write!(f, "Bundle entry {entry} has no valid request method and url."),
             Self::NotABundle => f.write_str("POST to the base must carry a batch or transaction Bundle."),
+            Self::OtherOrigin { entry, base: Some(base) } => write!(
+                f,
+                "Bundle entry {entry}: request.url is an absolute URL outside this server's base {base}; \
+                 entries may only name this server (a URL under {base}, or one relative to it such as Patient/1)."
+            ),
+            Self::OtherOrigin { entry, base: None } => write!(
+                f,
+                "Bundle entry {entry}: request.url is an absolute URL; this server takes entry URLs relative to \
+                 its base (such as Patient/1)."
+            ),
         }
     }
 }
@@ -220,7 +233,9 @@ impl Policy {
     }
 
     /// Judges the Bundle posted to the base, entry by entry; the first refused entry refuses the whole.
-    pub fn check_bundle(&self, body: &[u8]) -> Result<(), Refusal> {
+    /// `base` is this server's public base URL (`public_base_url`): an entry's absolute `request.url` under
+    /// it is judged as the URL relative to it (FHIR allows either form); any other absolute URL is refused.
+    pub fn check_bundle(&self, body: &[u8], base: Option<&str>) -> Result<(), Refusal> {
         let bundle: Value = serde_json::from_slice(body).map_err(|_| Refusal::NotABundle)?;
         let is_bundle = bundle.get("resourceType").and_then(Value::as_str) == Some("Bundle")
             && matches!(bundle.get("type").and_then(Value::as_str), Some("batch" | "transaction"));
@@ -239,7 +254,13 @@ impl Policy {
             let (Some(method), Some(url)) = (method, url) else {
                 return Err(Refusal::BadEntry { entry: i });
             };
-            // Entry URLs are relative to the base ("Patient/1", "Patient?name=x"); absolute ones name no type.
+            // Entry URLs are relative to the base ("Patient/1", "Patient?name=x"), or absolute under it.
+            let url = if is_absolute(url) {
+                strip_base(url, base)
+                    .ok_or_else(|| Refusal::OtherOrigin { entry: i, base: base.map(str::to_string) })?
+            } else {
+                url
+            };
             let relative = if url.starts_with('/') { url.to_string() } else { format!("/{url}") };
             let c = classify(method, &relative).ok_or(Refusal::BadEntry { entry: i })?;
             if c.interaction == Interaction::Batch || !self.allows(&c) {
@@ -252,6 +273,35 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// Whether `url` is absolute (RFC 3986: a scheme, `scheme:`) or a network-path reference (`//host/...`):
+/// either names a server, not a path under the base.
+fn is_absolute(url: &str) -> bool {
+    if url.starts_with("//") {
+        return true;
+    }
+    let Some((scheme, _)) = url.split_once(':') else { return false };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// `url` relative to `base` (`""` for the base itself), if `url` is under it: scheme and authority
+/// compared without regard to case (RFC 3986 §6.2.2.1), the path exactly, ending at a segment boundary.
+fn strip_base<'u>(url: &'u str, base: Option<&str>) -> Option<&'u str> {
+    fn origin_len(u: &str) -> Option<usize> {
+        let start = u.find("://")? + 3;
+        Some(u.get(start..)?.find(['/', '?', '#']).map_or(u.len(), |j| start + j))
+    }
+    let base = base?;
+    let (b_origin, b_path) = base.split_at_checked(origin_len(base)?)?;
+    let (u_origin, u_rest) = url.split_at_checked(origin_len(url)?)?;
+    if !u_origin.eq_ignore_ascii_case(b_origin) {
+        return None;
+    }
+    let rest = u_rest.strip_prefix(b_path.trim_end_matches('/'))?;
+    (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
 }
 
 #[cfg(test)]
@@ -318,10 +368,10 @@ mod tests {
             {"request": {"method": "GET", "url": "Observation?patient=1&category=vital-signs"}},
             {"request": {"method": "POST", "url": "Patient/_search"}}
         ]});
-        assert_eq!(p.check_bundle(batch.to_string().as_bytes()), Ok(()));
+        assert_eq!(p.check_bundle(batch.to_string().as_bytes(), None), Ok(()));
         let mut bad = batch.clone();
         bad["entry"].as_array_mut().unwrap().push(json!({"request": {"method": "DELETE", "url": "Patient/1"}}));
-        let refusal = p.check_bundle(bad.to_string().as_bytes()).unwrap_err();
+        let refusal = p.check_bundle(bad.to_string().as_bytes(), None).unwrap_err();
         assert_eq!(
             refusal,
             Refusal::NotAllowed {
@@ -342,23 +392,80 @@ mod tests {
             json!({"resourceType": "Bundle", "type": "batch", "entry": {}}).to_string(),
             "not json".to_string(),
         ] {
-            assert_eq!(p.check_bundle(body.as_bytes()), Err(Refusal::NotABundle), "{body}");
+            assert_eq!(p.check_bundle(body.as_bytes(), None), Err(Refusal::NotABundle), "{body}");
         }
         let nested =
             json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "POST", "url": "/"}}]});
         assert!(matches!(
-            p.check_bundle(nested.to_string().as_bytes()),
+            p.check_bundle(nested.to_string().as_bytes(), None),
             Err(Refusal::NotAllowed { entry: Some(0), .. })
         ));
         let no_url = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET"}}]});
-        assert_eq!(p.check_bundle(no_url.to_string().as_bytes()), Err(Refusal::BadEntry { entry: 0 }));
+        assert_eq!(p.check_bundle(no_url.to_string().as_bytes(), None), Err(Refusal::BadEntry { entry: 0 }));
+    }
+
+    fn batch_of(url: &str, method: &str) -> Vec<u8> {
+        json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Patient/1"}},
+            {"request": {"method": method, "url": url}}
+        ]})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn an_absolute_entry_url_under_the_public_base_is_judged_as_the_relative_one() {
+        let p = Policy::default();
+        let base = Some("https://fhir.example.org/r4");
+        for url in [
+            "https://fhir.example.org/r4/Patient/1",
+            "HTTPS://FHIR.example.ORG/r4/Observation?patient=1",
+            "https://fhir.example.org/r4/Patient/1/_history/2",
+        ] {
+            assert_eq!(p.check_bundle(&batch_of(url, "GET"), base), Ok(()), "{url}");
+        }
+        let refusal = p.check_bundle(&batch_of("https://fhir.example.org/r4/Patient/1", "DELETE"), base);
+        assert!(matches!(refusal, Err(Refusal::NotAllowed { interaction: Interaction::Delete, entry: Some(1), .. })));
+        let nested = p.check_bundle(&batch_of("https://fhir.example.org/r4", "POST"), base);
+        assert!(matches!(nested, Err(Refusal::NotAllowed { interaction: Interaction::Batch, .. })), "{nested:?}");
+        let root = Some("https://fhir.example.org");
+        assert_eq!(p.check_bundle(&batch_of("https://fhir.example.org/Patient/1", "GET"), root), Ok(()));
+    }
+
+    #[test]
+    fn an_absolute_entry_url_elsewhere_is_refused_saying_so() {
+        let p = Policy::default();
+        let base = Some("https://fhir.example.org/r4");
+        for url in [
+            "https://other.example.org/r4/Patient/1",
+            "https://fhir.example.org/r5/Patient/1",
+            "https://fhir.example.org/r4x/Patient/1",
+            "https://fhir.example.org.evil/r4/Patient/1",
+            "http://fhir.example.org/r4/Patient/1",
+            "//fhir.example.org/r4/Patient/1",
+            "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",
+        ] {
+            let refusal = p.check_bundle(&batch_of(url, "GET"), base).unwrap_err();
+            assert_eq!(refusal, Refusal::OtherOrigin { entry: 1, base: base.map(str::to_string) }, "{url}");
+            let text = refusal.to_string();
+            assert!(
+                text.contains("entry 1") && text.contains("outside this server's base https://fhir.example.org/r4")
+            );
+        }
+        // Without a configured public base no absolute URL can be told to be ours.
+        let refusal = p.check_bundle(&batch_of("https://fhir.example.org/r4/Patient/1", "GET"), None).unwrap_err();
+        assert_eq!(refusal, Refusal::OtherOrigin { entry: 1, base: None });
+        assert!(refusal.to_string().contains("relative to its base"), "{refusal}");
+        // Relative URLs with a colon after the first segment are not absolute.
+        assert_eq!(p.check_bundle(&batch_of("Observation?date=2024-01-01T10:00", "GET"), None), Ok(()));
     }
 
     proptest::proptest! {
         #[test]
         fn arbitrary_paths_and_bundles_never_panic(m in "[A-Z]{0,7}", path in "\\PC{0,80}", body in "\\PC{0,200}") {
             let _ = Policy::default().check_request(&m, &path);
-            let _ = Policy::default().check_bundle(body.as_bytes());
+            let _ = Policy::default().check_bundle(body.as_bytes(), None);
+            let _ = Policy::default().check_bundle(body.as_bytes(), Some("https://fhir.example.org/r4"));
         }
     }
 }

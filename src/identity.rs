@@ -44,6 +44,11 @@ pub struct Identity {
 
 /// Identity claims longer than this are cut (they go into log lines).
 const MAX_IDENTITY_CHARS: usize = 128;
+/// The longest tenant claim kept, in bytes (as stored: list items joined by one byte each). A longer claim
+/// is kept as if it were absent, and so names no tenant: it cannot be cut like the identity claims, since
+/// the values beyond the cut could name a second tenant (and cutting inside a value could make it name
+/// another tenant). A scope of a few dozen SMART scopes takes well under 1 KB.
+pub const MAX_TENANT_CLAIM_BYTES: usize = 4096;
 const LIST: u8 = 1 << 4;
 
 impl Identity {
@@ -53,7 +58,7 @@ impl Identity {
         let mut ends = [0u32; 4];
         let mut present = 0u8;
         match claim {
-            Some(Value::String(s)) => {
+            Some(Value::String(s)) if s.len() <= MAX_TENANT_CLAIM_BYTES => {
                 text.push_str(s);
                 present |= 1;
             }
@@ -63,8 +68,15 @@ impl Identity {
                         text.push('\0');
                     }
                     text.extend(item.chars().map(|c| if c == '\0' { ' ' } else { c }));
+                    if text.len() > MAX_TENANT_CLAIM_BYTES {
+                        break;
+                    }
                 }
-                present |= 1 | LIST;
+                if text.len() > MAX_TENANT_CLAIM_BYTES {
+                    text.clear();
+                } else {
+                    present |= 1 | LIST;
+                }
             }
             _ => {}
         }
@@ -129,5 +141,22 @@ mod tests {
         assert_eq!(Identity::new(None, None, None, None).tenant_claim(), Claim::None);
         let long = "x".repeat(500);
         assert_eq!(Identity::new(None, Some(&long), None, None).client_id().map(str::len), Some(128));
+    }
+
+    #[test]
+    fn an_overlong_tenant_claim_is_kept_as_absent_never_cut() {
+        let at_cap = format!("{} tenant/x", "s".repeat(MAX_TENANT_CLAIM_BYTES - 9));
+        assert_eq!(at_cap.len(), MAX_TENANT_CLAIM_BYTES);
+        let id = Identity::new(Some(&json!(at_cap)), Some("app"), None, None);
+        assert_eq!(id.tenant_claim().values().last(), Some("tenant/x"));
+        // One byte more: cutting it would keep values and drop others (a second tenant, say); it names none.
+        let over = format!("s{at_cap}");
+        let id = Identity::new(Some(&json!(over)), Some("app"), Some("sub"), None);
+        assert_eq!(id.tenant_claim(), Claim::None);
+        assert_eq!((id.client_id(), id.sub()), (Some("app"), Some("sub")), "the other claims are kept");
+        let list: Vec<String> = (0..1000).map(|i| format!("scope/{i}")).collect();
+        assert_eq!(Identity::new(Some(&json!(list)), None, None, None).tenant_claim(), Claim::None);
+        let short: Vec<String> = (0..10).map(|i| format!("scope/{i}")).collect();
+        assert_eq!(Identity::new(Some(&json!(short)), None, None, None).tenant_claim().values().count(), 10);
     }
 }

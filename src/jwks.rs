@@ -131,6 +131,11 @@ impl Key {
     }
 }
 
+/// Whether `signature_verifier: "pure_rust"` checks ES384 (P-384) signatures in this build. The wasm module
+/// `make build` ships leaves pure-Rust P-384 out (Envoy's BoringSSL checks ES384 there under `auto` and
+/// `host`); the dynamic module checks every signature with ring, whatever `signature_verifier` says.
+pub const PURE_RUST_CHECKS_P384: bool = cfg!(any(feature = "p384-pure-rust", feature = "dynamic-module"));
+
 /// A compiled JWK Set.
 #[derive(Clone, Debug, Default)]
 pub struct KeySet {
@@ -245,6 +250,21 @@ impl KeySet {
     /// Whether some key carries this `kid`, whatever its algorithm.
     pub fn has_kid(&self, kid: &str) -> bool {
         self.keys.iter().any(|k| k.kid() == Some(kid))
+    }
+
+    /// The keys a pure-Rust-only verifier cannot check when it lacks P-384 (`checks_p384` false: see
+    /// [`PURE_RUST_CHECKS_P384`]), named for a message: `kid "…"`, or the key's place in the set.
+    pub fn beyond_pure_rust(&self, checks_p384: bool) -> impl Iterator<Item = String> + '_ {
+        let p384 = |k: &Key| {
+            #[cfg(feature = "p384-pure-rust")]
+            return matches!(k.material, KeyMaterial::P384(_));
+            #[cfg(not(feature = "p384-pure-rust"))]
+            return matches!(k.material, KeyMaterial::P384);
+        };
+        self.keys.iter().enumerate().filter(move |(_, k)| !checks_p384 && p384(k)).map(|(i, k)| match k.kid() {
+            Some(kid) => format!("kid {kid:?}"),
+            None => format!("key #{i} (no kid)"),
+        })
     }
 }
 

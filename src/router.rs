@@ -170,6 +170,9 @@ pub struct Stream {
     response: Option<ResponseEdit>,
     /// The response body is being buffered for `response`'s edit.
     editing_response: bool,
+    /// The request is a `HEAD` whose response would be edited: no body comes back, but its
+    /// `content-length` is the unedited body's.
+    head: bool,
 }
 
 impl Stream {
@@ -478,6 +481,12 @@ impl Router {
         }
         let encoded = header("content-encoding").is_some_and(|e| e != "identity");
         let json = header("content-type").is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+        if stream.head && !encoded && json {
+            // RFC 9110 §8.6: a HEAD answer's content-length must be what GET would send, or absent. GET sends
+            // the edited body, whose length the upstream's HEAD answer cannot know (nor can we, with no body).
+            out.push(Effect::RemoveResponseHeader("content-length"));
+            return Flow::Continue;
+        }
         if end_of_stream || encoded || !json {
             return Flow::Continue;
         }
@@ -590,7 +599,7 @@ impl Router {
             return Flow::Continue;
         };
         let Inspection { policy, tenant, audit } = *inspection;
-        let verdict = policy.check_bundle(body);
+        let verdict = policy.check_bundle(body, self.config.public_base_url.as_deref());
         if let Err(refusal) = &verdict {
             forbid(refusal, out);
         }
@@ -641,6 +650,7 @@ fn pass_public(audit: &Audit<'_>, stream: &mut Stream, cluster: &str, patch: boo
     if patch {
         out.push(Effect::RemoveRequestHeader("accept-encoding"));
         stream.response = Some(ResponseEdit::PatchCapability);
+        stream.head = audit.request.method == "HEAD";
     }
     forward_public_base(config, out);
     out.push(Effect::Count(Metric::Public));

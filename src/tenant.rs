@@ -216,15 +216,18 @@ impl TenantMap {
     }
 
     /// The single tenant the claim names. The claim is a space-delimited string (RFC 6749 §3.3) or an array
-    /// of strings; values naming no configured tenant (`openid`, `system/*.read`) are ignored.
+    /// of strings; values naming no configured tenant (`openid`, `system/*.read`) are ignored, and so are
+    /// further values naming the same tenant (`<id> tenant/<id>`, as some IdPs issue).
     pub fn resolve(&self, claim: Claim<'_>) -> Result<&Tenant, TenantError> {
         let mut found: Option<&Tenant> = None;
         for value in claim.values() {
             if let Some(t) = self.named_by(value) {
-                if found.is_some() {
-                    return Err(TenantError::Several);
+                match found {
+                    // The map holds one entry per (lowercased) id: the same tenant is the same entry.
+                    Some(f) if std::ptr::eq(f, t) => {}
+                    Some(_) => return Err(TenantError::Several),
+                    None => found = Some(t),
                 }
-                found = Some(t);
             }
         }
         found.ok_or(TenantError::None)
@@ -274,7 +277,21 @@ mod tests {
     #[test]
     fn two_tenants_in_scope_are_refused() {
         assert_eq!(cluster(json!(format!("{TENANT_A} {TENANT_B}"))), Err(TenantError::Several));
-        assert_eq!(cluster(json!(format!("{TENANT_A} tenant/{TENANT_A}"))), Err(TenantError::Several));
+        assert_eq!(cluster(json!(format!("{TENANT_A} tenant/{TENANT_B}"))), Err(TenantError::Several));
+        assert_eq!(cluster(json!(format!("tenant/{TENANT_A} {TENANT_A} {TENANT_B}"))), Err(TenantError::Several));
+        assert_eq!(cluster(json!([TENANT_B, format!("tenant/{TENANT_A}")])), Err(TenantError::Several));
+    }
+
+    #[test]
+    fn one_tenant_named_twice_is_one_tenant() {
+        for claim in [
+            json!(format!("{TENANT_A} tenant/{TENANT_A}")),
+            json!(format!("tenant/{TENANT_A} openid {}", TENANT_A.to_uppercase())),
+            json!(format!("{TENANT_A} {TENANT_A}")),
+            json!([format!("tenant/{TENANT_A}"), TENANT_A]),
+        ] {
+            assert_eq!(cluster(claim.clone()), Ok("tenant_a".into()), "{claim}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::config::JwksSource;
+use crate::config::{beyond_pure_rust_message, JwksSource, SignatureVerifier};
 use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{Schedule, Streak};
@@ -157,6 +157,14 @@ impl Router {
             let line =
                 format!("JWKS of {issuer}: {usable} usable keys, {skipped} skipped (wrong type, use, alg or size)");
             out.push(Effect::Log(Level::Info, &line));
+        }
+        if self.config.signature_verifier == SignatureVerifier::PureRust {
+            // An inline key like this is refused at configuration time; a fetched one can only be reported.
+            for key in keys.beyond_pure_rust(self.config.pure_rust_checks_p384) {
+                let line = format!("JWKS of {issuer}: {}", beyond_pure_rust_message(&key));
+                out.push(Effect::Log(Level::Error, &line));
+                out.push(Effect::Count(Metric::JwksUncheckableKey));
+            }
         }
         state.keys = Some(Arc::new(keys));
         // Cached tokens whose key left every provider's set are dropped.
@@ -319,6 +327,45 @@ mod tests {
             assert!(out.0.iter().any(|e| e == "ResumeRequest"), "{:?}", out.0);
         }
         assert!(r.keys.0[0].waiting.is_empty(), "{:?}", r.keys.0[0].waiting);
+    }
+
+    #[test]
+    fn a_fetched_p384_key_that_pure_rust_cannot_check_is_logged_naming_it_and_counted() {
+        let mut r = remote_router();
+        r.config.signature_verifier = crate::config::SignatureVerifier::PureRust;
+        r.config.pure_rust_checks_p384 = false; // as in the wasm module `make build` ships
+        let jwks = crate::config::tests::jwks_with_p384(Some("es384-2025")).to_string();
+        let mut out = Recorded::default();
+        let result = FetchResult::Answer { status: Some("200"), body_size: jwks.len() };
+        let fetched = r.on_fetch_result(
+            FetchTarget::Jwks(0),
+            result,
+            1_000,
+            &mut || jwks.clone().into_bytes(),
+            &|_| None,
+            &mut out,
+        );
+        assert!(fetched.installed, "the other keys still serve");
+        let errors: Vec<_> = out.0.iter().filter(|l| l.starts_with("Log(Error")).collect();
+        assert_eq!(errors.len(), 1, "{:?}", out.0);
+        assert!(errors[0].contains(r#"kid \"es384-2025\""#) && errors[0].contains("pure_rust"), "{errors:?}");
+        assert_eq!(out.0.iter().filter(|l| l.as_str() == "Count(JwksUncheckableKey)").count(), 1, "{:?}", out.0);
+        // With pure-Rust P-384 built in, or under another verifier, nothing to say.
+        for (verifier, p384) in [(SignatureVerifier::PureRust, true), (SignatureVerifier::Auto, false)] {
+            r.config.signature_verifier = verifier;
+            r.config.pure_rust_checks_p384 = p384;
+            let mut out = Recorded::default();
+            let result = FetchResult::Answer { status: Some("200"), body_size: jwks.len() };
+            r.on_fetch_result(
+                FetchTarget::Jwks(0),
+                result,
+                2_000,
+                &mut || jwks.clone().into_bytes(),
+                &|_| None,
+                &mut out,
+            );
+            assert!(!out.0.iter().any(|l| l.contains("P-384") || l.contains("Uncheckable")), "{:?}", out.0);
+        }
     }
 
     #[test]

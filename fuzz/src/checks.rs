@@ -110,11 +110,21 @@ pub fn tenant_maps() -> &'static [TenantCase] {
 
 /// What the claim should resolve to, computed from the rules as documented (RFC 6749 §3.3 space-delimited
 /// values, or an array of strings; a value `<prefix><id>` names `<id>`, ids compared ASCII-case-insensitively;
-/// exactly one value must name a tenant).
+/// exactly one tenant must be named, by one value or several; a claim of more than
+/// `MAX_TENANT_CLAIM_BYTES`, list items counted with one separator byte between them, names none).
 pub fn reference_tenant(case: &TenantCase, claim: Option<&Value>) -> Result<String, TenantError> {
+    let cap = fhir_tenant_router::identity::MAX_TENANT_CLAIM_BYTES;
     let values: Vec<&str> = match claim {
-        Some(Value::String(s)) => s.split(' ').filter(|v| !v.is_empty()).collect(),
-        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+        Some(Value::String(s)) if s.len() <= cap => s.split(' ').filter(|v| !v.is_empty()).collect(),
+        Some(Value::Array(list)) => {
+            let items: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
+            let stored = items.iter().fold(0, |len, v| len + usize::from(len > 0) + v.len());
+            if stored <= cap {
+                items
+            } else {
+                Vec::new()
+            }
+        }
         _ => Vec::new(),
     };
     let mut found = Vec::new();
@@ -123,8 +133,10 @@ pub fn reference_tenant(case: &TenantCase, claim: Option<&Value>) -> Result<Stri
             let rest = value.strip_prefix(p)?;
             case.ids.iter().find(|id| id.eq_ignore_ascii_case(rest))
         });
-        if let Some(id) = named {
-            found.push(id.to_ascii_lowercase());
+        if let Some(id) = named.map(|id| id.to_ascii_lowercase()) {
+            if !found.contains(&id) {
+                found.push(id);
+            }
         }
     }
     match found.len() {

@@ -382,6 +382,36 @@ fn metadata_is_patched_with_the_token_url_on_its_way_back() {
 }
 
 #[test]
+fn head_metadata_answers_without_the_upstream_content_length_of_the_unpatched_body() {
+    let mut p = plugin();
+    p["discovery"] = json!({"token_endpoint": "http://127.0.0.1:9000/token"});
+    let (host, root) = configured(&p);
+    let mut head = get("/metadata", None);
+    head[0].1 = "HEAD".into();
+    let (mut f, _) = send(&host, &root, 1, &head, true);
+    host.take_calls();
+    let mut headers = host.0.response_headers.borrow_mut();
+    headers.insert("content-type".into(), "application/fhir+json".into());
+    headers.insert("content-length".into(), "1234".into());
+    drop(headers);
+    // A HEAD answer ends with its headers: GET's patched body has another length, which no one knows here.
+    assert_eq!(f.on_response_headers(true), Flow::Continue);
+    assert_eq!(host.take_calls(), ["remove_response_header content-length"]);
+    // A non-JSON or compressed answer is not patched on GET either: its length stands.
+    host.0.response_headers.borrow_mut().insert("content-encoding".into(), "gzip".into());
+    let (mut f, _) = send(&host, &root, 2, &head, true);
+    host.take_calls();
+    assert_eq!(f.on_response_headers(true), Flow::Continue);
+    assert!(host.take_calls().is_empty());
+    // GET's headers-only answer (an empty body) is not edited.
+    host.0.response_headers.borrow_mut().remove("content-encoding");
+    let (mut f, _) = send(&host, &root, 3, &get("/metadata", None), true);
+    host.take_calls();
+    assert_eq!(f.on_response_headers(true), Flow::Continue);
+    assert!(host.take_calls().is_empty());
+}
+
+#[test]
 fn a_compressed_or_non_json_response_is_passed_on_untouched() {
     let mut p = plugin();
     p["discovery"] = json!({"token_endpoint": "http://127.0.0.1:9000/token"});

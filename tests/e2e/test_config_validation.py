@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import harness
 from harness import (
     ENVOY_DIR, SHIPPED_CONFIG, envoy_validate, hcm_settings, load_yaml, plugin_json, render_config, wasm_plugin_config,
     write_config,
@@ -73,6 +74,43 @@ def test_envoy_validate_refuses_a_plugin_config_with(edit, field, wasm, tmp_path
     error_lines = [l for l in output.splitlines() if field in l and ("error" in l.lower() or "critical" in l.lower()
                                                                      or "fail" in l.lower())]
     assert error_lines, f"no error log line names {field!r}:\n{output[-3000:]}"
+
+
+def _p384_jwk(kid):
+    from base64 import urlsafe_b64encode
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    numbers = ec.generate_private_key(ec.SECP384R1()).public_key().public_numbers()
+    b64 = lambda n: urlsafe_b64encode(n.to_bytes(48, "big")).rstrip(b"=").decode()
+    return {"kty": "EC", "crv": "P-384", "alg": "ES384", "use": "sig", "kid": kid, "x": b64(numbers.x),
+            "y": b64(numbers.y)}
+
+
+def test_pure_rust_with_a_p384_key_it_cannot_check_is_refused_naming_the_key(wasm, tmp_path):
+    # The wasm module `make build` ships has no pure-Rust P-384: under "pure_rust" every ES384 token would be
+    # refused, so the configuration is. The dynamic module checks every signature with ring: it accepts it.
+    kid = "es384-signing-key-7"
+
+    def edit(doc):
+        _inline_jwks({"keys": [_p384_jwk(kid)]})(doc)
+        doc["signature_verifier"] = "pure_rust"
+
+    cfg = render_config(SHIPPED_CONFIG, listener_port=10000, admin_port=9901, cluster_ports={}, wasm_path=wasm,
+                        plugin=edit)
+    result = envoy_validate(write_config(cfg, tmp_path / "p384.yaml"))
+    output = result.stdout + result.stderr
+    if harness.BUILD == "dynamic-module":
+        assert result.returncode == 0, output[-3000:]
+        return
+    assert result.returncode != 0, f"envoy accepted a key the verifier cannot check:\n{output[-3000:]}"
+    lines = [l for l in output.splitlines() if kid in l and "provider.jwks" in l and "P-384" in l]
+    assert lines, f"no error line names the key {kid!r}:\n{output[-3000:]}"
+    # Under "auto" (Envoy's BoringSSL checks ES384) the same key set is fine.
+    cfg = render_config(SHIPPED_CONFIG, listener_port=10000, admin_port=9901, cluster_ports={}, wasm_path=wasm,
+                        plugin=_inline_jwks({"keys": [_p384_jwk(kid)]}))
+    result = envoy_validate(write_config(cfg, tmp_path / "p384-auto.yaml"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
 
 def test_envoy_validate_refuses_plugin_config_that_is_not_json(wasm, tmp_path):

@@ -51,10 +51,10 @@ class EarlyAnsweringUpstream:
                 if not chunk:
                     return
                 data += chunk
+            self.answered += 1  # before the answer goes: the client may check the count as soon as it has it
             conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: application/fhir+json\r\n"
                          b"content-length: "
                          + str(len(EARLY)).encode() + b"\r\n\r\n" + EARLY)
-            self.answered += 1
             while conn.recv(4096):
                 pass
         except OSError:
@@ -121,3 +121,18 @@ def test_an_allowed_bundle_gets_the_upstreams_answer(early):
     assert resp.status == 200, resp
     assert resp.body == EARLY
     assert up.answered == before + 1
+
+
+def test_a_bundle_over_envoys_buffer_limit_is_refused_by_envoy_without_an_upstream_request(early):
+    """The filter judges a Bundle whole, so the largest it can judge is Envoy's buffer limit (1 MiB by default,
+    `per_connection_buffer_limit_bytes`): a larger one is answered 413 by Envoy, and nothing goes upstream."""
+    env, up, minter = early
+    headers = {**bearer(minter.token(TENANT_A)), "content-type": "application/fhir+json"}
+    stat = "cluster.tenant_a.upstream_rq_total"
+    before = env.stats(f"^{stat}$").get(stat, 0)
+    bundle = _batch(*[("GET", f"Patient/{i}") for i in range(40000)])
+    assert len(bundle) > 1 << 21
+    resp = env.request("POST", "/", headers, bundle, timeout=10)
+    assert resp.status == 413, resp
+    assert env.stats(f"^{stat}$").get(stat, 0) == before
+    assert_wasm_vm_never_crashed(env)

@@ -34,12 +34,25 @@ def test_head_metadata_without_a_token_is_public(stack):
     _only_metadata_saw(stack, "HEAD", "/metadata")
 
 
+def test_head_metadata_announces_the_length_get_sends_or_none(stack):
+    # RFC 9110 §8.6: a HEAD answer's content-length is GET's, or absent. GET sends the patched statement; the
+    # upstream's HEAD answer announces the unpatched one's length.
+    get = stack.get("/metadata")
+    head = stack.get("/metadata", method="HEAD")
+    assert head.status == 200 and head.body == b"", head
+    length = head.header("content-length")
+    assert length is None or int(length) == len(get.body), (head, len(get.body))
+
+
 def test_the_smart_configuration_without_a_token_is_answered_by_the_filter_from_its_config(stack):
     resp = stack.get("/.well-known/smart-configuration")
     assert resp.status == 200, resp
     doc = resp.json()
     assert doc["token_endpoint"] == "http://127.0.0.1:9000/token"  # envoy/envoy.yaml's discovery section
     assert doc["grant_types_supported"] == ["client_credentials"]
+    # Client credentials never use an authorization endpoint: no response type (and never the implicit `token`).
+    assert "authorization_endpoint" not in doc and "response_types_supported" not in doc, doc
+    assert doc["code_challenge_methods_supported"] == ["S256"], doc
     assert stack.upstreams.hits() == {}, "answered locally, no upstream involved"
 
 

@@ -51,6 +51,11 @@ def test_the_tenant_prefix_form_of_the_scope_routes_to_that_tenant(stack):
     assert_served_only_by(stack.upstreams, stack.get("/Patient", token), "tenant-a", TENANT_A)
 
 
+def test_one_tenant_named_in_both_forms_is_one_tenant(stack):
+    token = stack.minter.token(f"{TENANT_A} tenant/{TENANT_A}")
+    assert_served_only_by(stack.upstreams, stack.get("/Patient", token), "tenant-a", TENANT_A)
+
+
 def test_other_scope_values_next_to_one_tenant_do_not_matter(stack):
     token = stack.minter.token(f"openid system/*.read {TENANT_B}")
     assert_served_only_by(stack.upstreams, stack.get("/Patient", token), "tenant-b", TENANT_B)

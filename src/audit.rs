@@ -38,6 +38,9 @@ pub struct Record<'a> {
     pub tenant: Option<&'a str>,
     pub identity: Option<&'a Identity>,
     pub cluster: Option<&'a str>,
+    /// The kind of credential sent to the tenant's FHIR server (`client_secret_basic`, …, `header`),
+    /// never the credential.
+    pub credential: Option<&'a str>,
 }
 
 /// `2026-11-26T07:12:03.123Z` for milliseconds since the epoch.
@@ -96,7 +99,7 @@ impl Record<'_> {
         let classified = classify(self.method, self.path);
         let method = Some(self.method).filter(|m| m.len() <= 16 && m.bytes().all(|b| b.is_ascii_uppercase()));
         let time = rfc3339(self.time_ms);
-        let fields: [(&str, Option<&str>); 12] = [
+        let fields: [(&str, Option<&str>); 13] = [
             ("audit", Some("fhir-tenant-router")),
             ("client_id", self.identity.and_then(Identity::client_id)),
             ("cluster", self.cluster),
@@ -109,6 +112,7 @@ impl Record<'_> {
             ("sub", self.identity.and_then(Identity::sub)),
             ("tenant", self.tenant),
             ("time", Some(&time)),
+            ("upstream_credential", self.credential),
         ];
         let mut out = String::with_capacity(384);
         out.push('{');
@@ -150,6 +154,7 @@ mod tests {
         put("resource_type", classified.as_ref().and_then(|c| c.resource_type));
         put("interaction", classified.as_ref().map(|c| c.interaction.name()));
         put("cluster", r.cluster);
+        put("upstream_credential", r.credential);
         Value::Object(m).to_string()
     }
 
@@ -172,6 +177,7 @@ mod tests {
                 tenant: tenant.as_deref(),
                 identity: Some(&identity),
                 cluster: Some("tenant_a"),
+                credential: Some("client_secret_basic"),
             };
             proptest::prop_assert_eq!(r.to_line(), reference(&r));
         }
@@ -197,6 +203,7 @@ mod tests {
             tenant: Some("t1"),
             identity: Some(&identity),
             cluster: Some("tenant_a"),
+            credential: None,
         }
         .to_line();
         let v: Value = serde_json::from_str(&line).unwrap();
@@ -219,6 +226,7 @@ mod tests {
             reason: Some("expired"),
             tenant: None,
             identity: None,
+            credential: None,
             cluster: None,
         }
     }

@@ -10,6 +10,7 @@ use crate::discovery::Discovery;
 use crate::fhir::Policy;
 use crate::jwks::{KeySet, PURE_RUST_CHECKS_P384};
 use crate::tenant::{TenantMap, TenantSettings};
+use crate::url::split_http_url;
 
 /// Default header the filter sets for Envoy's `cluster_header` route.
 pub const DEFAULT_ROUTE_HEADER: &str = "x-fhir-tenant-router-cluster";
@@ -101,6 +102,8 @@ pub struct RawTenant {
     pub links_base_url: Option<String>,
     #[serde(default)]
     pub upstream_header: Option<RawUpstreamHeader>,
+    #[serde(default)]
+    pub upstream_auth: Option<crate::upstream_auth::RawUpstreamAuth>,
     #[serde(default)]
     pub allow: Option<RawAllow>,
 }
@@ -249,6 +252,9 @@ pub struct Config {
     pub pure_rust_checks_p384: bool,
     /// Capacity of each VM's verified-token cache; 0 disables it.
     pub token_cache_entries: usize,
+    /// Why this build cannot serve `upstream_auth` (set by a shell that cannot; a registry document with it
+    /// is then refused too); `None`: it can.
+    pub upstream_auth_refused: Option<&'static str>,
     /// A Bundle posted to the base keeps its headers from the upstream until its body is judged (`true`,
     /// the default: needs the wasm `PluginConfig`'s `allow_on_headers_stop_iteration`), or lets them go
     /// first and holds only the body (`false`: for hosts that cannot set that flag).
@@ -272,7 +278,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self { field: field.into(), message: message.into() }
     }
 }
@@ -299,11 +305,29 @@ const DEFAULT_MIN_REFETCH_S: u64 = 30;
 const DEFAULT_MAX_WAITING: usize = 256;
 const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 10_000;
 
+fn refuse_upstream_auth(map: &TenantMap, why: &'static str) -> Result<(), ConfigError> {
+    let mut ids: Vec<&str> = map.ids().filter(|id| map.get(id).is_some_and(|t| t.upstream_auth().is_some())).collect();
+    ids.sort_unstable();
+    match ids.first() {
+        Some(id) => Err(ConfigError::new(format!("tenants.{id}.upstream_auth"), why)),
+        None => Ok(()),
+    }
+}
+
+/// The process's environment and files: `name`, or a file as [`crate::upstream_auth::FILE_PREFIX`]`path`.
+pub fn process_lookup(name: &str) -> Option<String> {
+    match name.strip_prefix(crate::upstream_auth::FILE_PREFIX) {
+        Some(path) => std::fs::read_to_string(path).ok(),
+        None => std::env::var(name).ok(),
+    }
+}
+
 impl Config {
-    /// Parses and compiles the plugin configuration, reading `upstream_header` values from the process
-    /// environment (inside Envoy: the VM's `environment_variables`).
+    /// Parses and compiles the plugin configuration, reading `upstream_header` values and secrets from the
+    /// process environment (inside Envoy: the VM's `environment_variables`) and files (where the process
+    /// can read them: the dynamic module).
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
-        Self::from_json_with_env(bytes, &|name| std::env::var(name).ok())
+        Self::from_json_with_env(bytes, &process_lookup)
     }
 
     /// Like [`Config::from_json`], with the environment given.
@@ -335,6 +359,7 @@ fn compile_upstream(
         && t.base_path.is_none()
         && t.links_base_url.is_none()
         && t.upstream_header.is_none()
+        && t.upstream_auth.is_none()
         && t.allow.is_none()
         && t.issuers.is_none()
     {
@@ -375,6 +400,17 @@ fn compile_upstream(
             ));
         }
         u.header = Some((name, value));
+    }
+    if let Some(raw) = &t.upstream_auth {
+        if u.header.as_ref().is_some_and(|(name, _)| name == "authorization") {
+            return Err(ConfigError::new(
+                format!("{field}.upstream_header.name"),
+                "is Authorization, which upstream_auth sets: give one of the two",
+            ));
+        }
+        let client = crate::upstream_auth::compile(&format!("{field}.upstream_auth"), raw, env)
+            .map_err(|e| ConfigError::new(e.field, e.message))?;
+        u.upstream_auth = Some(std::sync::Arc::new(client));
     }
     u.issuers = t.issuers.clone();
     if let Some(a) = &t.allow {
@@ -585,7 +621,18 @@ impl Config {
             issuers: self.providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
             public_base_url: self.public_base_url.is_some(),
         };
-        compile_tenants("tenants", raw.tenants, &ctx, self.tenants.empty_like())
+        let map = compile_tenants("tenants", raw.tenants, &ctx, self.tenants.empty_like())?;
+        match self.upstream_auth_refused {
+            Some(why) => refuse_upstream_auth(&map, why).map(|()| map),
+            None => Ok(map),
+        }
+    }
+
+    /// Marks `upstream_auth` as beyond this build (`why` says so in the error), and refuses the
+    /// configuration if a tenant has it.
+    pub fn refuse_upstream_auth(&mut self, why: &'static str) -> Result<(), ConfigError> {
+        self.upstream_auth_refused = Some(why);
+        refuse_upstream_auth(&self.tenants, why)
     }
 
     /// Whether anything is fetched at run time (a remote JWKS or a tenant registry).
@@ -693,6 +740,7 @@ impl RawConfig {
             signature_verifier: self.signature_verifier,
             pure_rust_checks_p384: PURE_RUST_CHECKS_P384,
             token_cache_entries,
+            upstream_auth_refused: None,
             hold_bundle_headers: self.hold_bundle_headers.unwrap_or(true),
             smart_configuration,
             discovery,
@@ -749,23 +797,6 @@ fn header_name(field: &str, value: Option<String>, default: &str) -> Result<Stri
 /// Visible ASCII only, so that it can be sent as a header value.
 fn is_header_value(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// Splits `http(s)://authority/path?query` into the `:authority` and `:path` of an HTTP/2-style request.
-fn split_http_url(url: &str) -> Option<(String, String)> {
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
-    if !url.bytes().all(|b| b.is_ascii_graphic()) || url.contains('#') {
-        return None;
-    }
-    let (authority, path) = match rest.find(['/', '?']) {
-        Some(i) => (rest.get(..i)?, rest.get(i..)?),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') {
-        return None;
-    }
-    let path = if path.starts_with('?') { format!("/{path}") } else { path.to_string() };
-    Some((authority.to_string(), path))
 }
 
 #[cfg(test)]

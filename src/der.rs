@@ -96,6 +96,51 @@ pub fn spki_public_key(spki: &[u8]) -> Option<&[u8]> {
     }
 }
 
+const TAG_OCTET_STRING: u8 = 0x04;
+
+/// The document inside a PEM block labelled `label` (`-----BEGIN <label>-----` … `-----END <label>-----`),
+/// base64-decoded. `None` if `pem` is not one such block.
+pub fn pem_decode(pem: &str, label: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let body = pem.trim().strip_prefix("-----BEGIN ")?.strip_prefix(label)?.strip_prefix("-----")?;
+    let end = format!("-----END {label}-----");
+    let body = body.trim_end().strip_suffix(end.as_str())?;
+    let b64: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+/// The big-endian integers of a PKCS#1 `RSAPrivateKey` (version 0, two primes): n, e, d, p, q.
+pub fn rsa_private_key_parts(der: &[u8]) -> Option<[&[u8]; 5]> {
+    let (body, _) = read_tlv(der, TAG_SEQUENCE)?;
+    let (version, mut rest) = read_tlv(body, TAG_INTEGER)?;
+    if version != [0] {
+        return None;
+    }
+    let mut parts: [&[u8]; 5] = [&[]; 5];
+    for part in &mut parts {
+        let (value, next) = read_tlv(rest, TAG_INTEGER)?;
+        *part = value;
+        rest = next;
+    }
+    Some(parts)
+}
+
+/// The PKCS#1 `RSAPrivateKey` inside a PKCS#8 `PrivateKeyInfo` for rsaEncryption; `None` for another
+/// algorithm.
+pub fn pkcs8_rsa_private_key(der: &[u8]) -> Option<&[u8]> {
+    let (body, _) = read_tlv(der, TAG_SEQUENCE)?;
+    let (version, rest) = read_tlv(body, TAG_INTEGER)?;
+    if version != [0] && version != [1] {
+        return None;
+    }
+    let (algorithm, rest) = read_tlv(rest, TAG_SEQUENCE)?;
+    if !algorithm.starts_with(OID_RSA_ENCRYPTION) {
+        return None;
+    }
+    let (key, _) = read_tlv(rest, TAG_OCTET_STRING)?;
+    Some(key)
+}
+
 /// SubjectPublicKeyInfo for an RSA key given its big-endian modulus and exponent.
 pub fn rsa_spki(n: &[u8], e: &[u8]) -> Vec<u8> {
     let mut ints = Vec::with_capacity(n.len() + e.len() + 8);
@@ -193,6 +238,32 @@ mod tests {
     fn raw_ecdsa_signature_of_wrong_length_is_refused() {
         assert!(ecdsa_raw_to_der(&[0u8; 63], 32).is_none());
         assert!(ecdsa_raw_to_der(&[], 32).is_none());
+    }
+
+    #[test]
+    fn an_rsa_private_key_reads_the_same_from_pkcs8_and_pkcs1_pem_as_the_rsa_crate_wrote_it() {
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::traits::{PrivateKeyParts as _, PublicKeyParts as _};
+        let pem = crate::testkeys::rsa_private_pem();
+        let der = pem_decode(&pem, "PRIVATE KEY").unwrap();
+        let [n, e, d, p, q] = rsa_private_key_parts(pkcs8_rsa_private_key(&der).unwrap()).unwrap();
+        let key = rsa::RsaPrivateKey::from_components(
+            rsa::BigUint::from_bytes_be(n),
+            rsa::BigUint::from_bytes_be(e),
+            rsa::BigUint::from_bytes_be(d),
+            vec![rsa::BigUint::from_bytes_be(p), rsa::BigUint::from_bytes_be(q)],
+        )
+        .unwrap();
+        let pkcs1 = key.to_pkcs1_pem(rsa::pkcs8::LineEnding::CRLF).unwrap();
+        let der1 = pem_decode(&pkcs1, "RSA PRIVATE KEY").unwrap();
+        let parts1 = rsa_private_key_parts(&der1).unwrap();
+        assert_eq!(rsa::BigUint::from_bytes_be(parts1[0]), *key.n());
+        assert_eq!(rsa::BigUint::from_bytes_be(parts1[2]), *key.d());
+        assert!(pem_decode(&pem, "RSA PRIVATE KEY").is_none());
+        assert!(pkcs8_rsa_private_key(&der1).is_none(), "PKCS#1 is not PKCS#8");
+        for cut in [0, 1, 10, der.len() / 2, der.len() - 1] {
+            assert!(pkcs8_rsa_private_key(&der[..cut]).and_then(rsa_private_key_parts).is_none(), "{cut}");
+        }
     }
 
     #[test]

@@ -59,16 +59,66 @@ pub enum FetchTarget {
     Jwks(usize),
     /// The tenant registry.
     Registry,
+    /// An upstream access token for the token slot `slot`, fetched for its client configuration `generation`.
+    UpstreamToken { slot: u32, generation: u32 },
 }
 
-/// An outgoing GET.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An outgoing request: a GET, or a token request's POST (whose `authorization` and `body` may hold a
+/// client secret: its `Debug` shows neither).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Fetch<'a> {
     pub target: FetchTarget,
     pub cluster: &'a str,
     pub authority: &'a str,
     pub path: &'a str,
     pub timeout_ms: u64,
+    /// A POST of this form body (`application/x-www-form-urlencoded`), with this `Authorization`; `None`: a GET.
+    pub post: Option<Post<'a>>,
+}
+
+/// The body of a POST fetch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Post<'a> {
+    pub authorization: Option<&'a str>,
+    pub form: &'a str,
+}
+
+impl std::fmt::Debug for Fetch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetch")
+            .field("target", &self.target)
+            .field("cluster", &self.cluster)
+            .field("authority", &self.authority)
+            .field("path", &self.path)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("post", &self.post.map(|_| "(form not shown)"))
+            .finish()
+    }
+}
+
+impl<'a> Fetch<'a> {
+    /// The request headers of this fetch, pseudo-headers first.
+    pub fn headers(&self) -> Vec<(&'a str, &'a str)> {
+        let method = if self.post.is_some() { "POST" } else { "GET" };
+        let mut headers = vec![
+            (":method", method),
+            (":path", self.path),
+            (":authority", self.authority),
+            ("accept", "application/json"),
+        ];
+        if let Some(post) = &self.post {
+            headers.push(("content-type", "application/x-www-form-urlencoded"));
+            if let Some(authorization) = post.authorization {
+                headers.push(("authorization", authorization));
+            }
+        }
+        headers
+    }
+
+    /// The body: the form of a POST, nothing for a GET.
+    pub fn body(&self) -> &'a [u8] {
+        self.post.map_or(&[], |p| p.form.as_bytes())
+    }
 }
 
 /// What happens to the request (or response) after an event's effects.
@@ -78,7 +128,8 @@ pub enum Flow {
     Continue,
     /// Stop here: it was answered locally (or ended).
     Stop,
-    /// Hold it until a key set arrives (the stream is woken by context id).
+    /// Hold it until a fetch it waits for ends: a key set, or its tenant's upstream token (the stream is
+    /// woken by context id).
     WaitForKeys,
     /// Hold it and buffer the body: the core judges (or edits) it whole at its end.
     Buffer,
@@ -123,6 +174,51 @@ pub enum Metric<'a> {
     TenantAllowed(&'a str),
     /// A request of this tenant was refused (allowlist, issuer binding).
     TenantForbidden(&'a str),
+    /// Something about this tenant's upstream token.
+    UpstreamToken(&'a str, TokenEvent),
+}
+
+/// What happened about a tenant's upstream token (`tenant.<id>.upstream_token.<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenEvent {
+    /// A token request was sent.
+    Fetch,
+    /// A token request failed (no answer, an error, or not a token).
+    Failure,
+    /// A token replaced one still usable (refreshed ahead of expiry).
+    Refresh,
+    /// A request waited for the tenant's token.
+    Wait,
+    /// The upstream refused a token (401) and a safe request was sent again with a new one.
+    Retry,
+}
+
+impl TokenEvent {
+    /// All events, in the order a shell defines them.
+    pub const ALL: [TokenEvent; 5] =
+        [TokenEvent::Fetch, TokenEvent::Failure, TokenEvent::Refresh, TokenEvent::Wait, TokenEvent::Retry];
+
+    /// Position in [`TokenEvent::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::Fetch => 0,
+            Self::Failure => 1,
+            Self::Refresh => 2,
+            Self::Wait => 3,
+            Self::Retry => 4,
+        }
+    }
+
+    /// The stat's name under `tenant.<id>.`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fetch => "upstream_token.fetches",
+            Self::Failure => "upstream_token.failures",
+            Self::Refresh => "upstream_token.refreshes",
+            Self::Wait => "upstream_token.waits",
+            Self::Retry => "upstream_token.retries",
+        }
+    }
 }
 
 /// The fixed counters, in the order a shell defines them.
@@ -149,6 +245,7 @@ pub enum CounterSlot<'a> {
     Fixed(usize),
     Rejected(usize),
     Tenant { tenant: &'a str, allowed: bool },
+    TenantToken { tenant: &'a str, event: TokenEvent },
 }
 
 impl<'a> Metric<'a> {
@@ -171,6 +268,7 @@ impl<'a> Metric<'a> {
             Self::Rejected(r) => CounterSlot::Rejected(r.index()),
             Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
             Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
+            Self::UpstreamToken(tenant, event) => CounterSlot::TenantToken { tenant, event },
         }
     }
 }
@@ -196,6 +294,7 @@ impl Metric<'_> {
             Self::JwksUncheckableKey => "jwks.uncheckable_keys",
             Self::TenantAllowed(_) => "tenant.allowed",
             Self::TenantForbidden(_) => "tenant.forbidden",
+            Self::UpstreamToken(_, event) => event.name(),
         }
     }
 }

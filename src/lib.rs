@@ -32,6 +32,8 @@ pub mod rejection;
 pub mod router;
 pub mod tenant;
 pub mod upkeep;
+pub mod upstream_auth;
+pub mod url;
 pub mod verify;
 
 #[cfg(test)]

@@ -42,6 +42,9 @@ pub enum Rejection {
     TenantsUnavailable,
     /// The token names an unknown `kid` and too many requests already wait for its issuer's keys.
     WaitQueueFull,
+    /// The tenant's FHIR server needs an access token of its own authorization server, and there is none
+    /// usable (that server failed, or too many requests already wait for it).
+    UpstreamAuthUnavailable,
 }
 
 /// The RFC 6750 realm in `WWW-Authenticate`.
@@ -70,7 +73,9 @@ impl Rejection {
     pub fn status(self) -> u32 {
         match self {
             Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => 403,
-            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull => 503,
+            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull | Self::UpstreamAuthUnavailable => {
+                503
+            }
             _ => 401,
         }
     }
@@ -98,11 +103,12 @@ impl Rejection {
             Self::IssuerNotAllowed => "issuer_not_allowed",
             Self::TenantsUnavailable => "tenants_unavailable",
             Self::WaitQueueFull => "wait_queue_full",
+            Self::UpstreamAuthUnavailable => "upstream_auth_unavailable",
         }
     }
 
     /// All variants, for defining one stat each.
-    pub const ALL: [Rejection; 20] = [
+    pub const ALL: [Rejection; 21] = [
         Self::MissingToken,
         Self::MalformedCredentials,
         Self::TokenTooLarge,
@@ -123,6 +129,7 @@ impl Rejection {
         Self::IssuerNotAllowed,
         Self::TenantsUnavailable,
         Self::WaitQueueFull,
+        Self::UpstreamAuthUnavailable,
     ];
 
     /// The stat counting this refusal, under the filter's prefix.
@@ -148,6 +155,7 @@ impl Rejection {
             Self::IssuerNotAllowed => "requests.rejected.issuer_not_allowed",
             Self::TenantsUnavailable => "requests.rejected.tenants_unavailable",
             Self::WaitQueueFull => "requests.rejected.wait_queue_full",
+            Self::UpstreamAuthUnavailable => "requests.rejected.upstream_auth_unavailable",
         }
     }
 
@@ -161,7 +169,9 @@ impl Rejection {
     pub fn www_authenticate(self) -> Option<&'static str> {
         match self {
             Self::MissingToken => Some(BEARER),
-            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull => None,
+            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull | Self::UpstreamAuthUnavailable => {
+                None
+            }
             Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => Some(INSUFFICIENT_SCOPE),
             _ => Some(INVALID_TOKEN),
         }
@@ -169,7 +179,10 @@ impl Rejection {
 
     /// Whether the answer carries `Retry-After` (the refusal is transient).
     pub fn is_transient(self) -> bool {
-        matches!(self, Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull)
+        matches!(
+            self,
+            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull | Self::UpstreamAuthUnavailable
+        )
     }
 
     /// The body: a FHIR `OperationOutcome`, as `application/fhir+json`. Deliberately generic: the precise
@@ -189,6 +202,12 @@ impl Rejection {
                 outcome!("transient", "The token issuer's signing keys are being fetched; retry shortly.")
             }
             Self::IssuerNotAllowed => outcome!("forbidden", "The access token's issuer may not name this tenant."),
+            Self::UpstreamAuthUnavailable => {
+                outcome!(
+                    "transient",
+                    "The tenant's FHIR server cannot be reached with valid credentials right now; retry shortly."
+                )
+            }
             _ => outcome!("login", "The access token is invalid, expired or not meant for this server."),
         }
     }

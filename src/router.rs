@@ -14,7 +14,7 @@ use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
 use crate::crypto::{CheckLog, SignatureCheck};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
-use crate::effect::{Effect, Effects, Flow, Level, Metric, Reply};
+use crate::effect::{Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, TokenEvent};
 use crate::fhir::{Policy, Refusal};
 use crate::identity::Identity;
 use crate::jwks::KeySet;
@@ -22,6 +22,7 @@ use crate::links;
 use crate::refresh::Schedule;
 use crate::rejection::{operation_outcome, Rejection};
 use crate::tenant::{Tenant, TenantMap};
+use crate::upstream_auth::{Access, TokenSlot, TokenSlots};
 
 /// One provider's keys so far, when its next fetch is due, and the requests waiting for that fetch.
 #[derive(Debug, Default)]
@@ -64,6 +65,8 @@ pub struct Router {
     pub(crate) served: bool,
     /// When [`Router::housekeep_if_due`] next does something, ms since the epoch.
     pub(crate) next_housekeeping_ms: u64,
+    /// Each tenant's upstream access token (tenants with `upstream_auth`).
+    pub(crate) upstream: TokenSlots,
     /// Whether the host keeps delivering a request's body while its headers are held (a proxy-wasm host
     /// does only with `allow_on_headers_stop_iteration`); see [`Router::overdue_holds`].
     holds: Holds,
@@ -135,6 +138,7 @@ struct PendingAudit {
     request: OwnedRequest,
     identity: Identity,
     cluster: String,
+    credential: Option<&'static str>,
 }
 
 /// A Bundle the tenant's allowlist must judge before its body may go on.
@@ -153,6 +157,8 @@ enum Phase {
     New,
     /// Parked until `provider`'s key set is fetched again (its token names an unknown `kid`).
     WaitingForKeys { provider: usize, request: Box<OwnedRequest> },
+    /// Parked until its tenant's upstream token (token slot `slot`) is fetched.
+    WaitingForToken { slot: u32, request: Box<OwnedRequest> },
     /// Routed; its body is held until the allowlist has judged the Bundle.
     Inspecting(Box<Inspection>),
     /// Decided: nothing more to judge on the request side.
@@ -186,9 +192,9 @@ impl Stream {
         self.context_id
     }
 
-    /// Whether the request is parked, waiting for a key set.
+    /// Whether the request is parked, waiting for a key set or an upstream token.
     pub fn is_waiting(&self) -> bool {
-        matches!(self.phase, Phase::WaitingForKeys { .. })
+        matches!(self.phase, Phase::WaitingForKeys { .. } | Phase::WaitingForToken { .. })
     }
 
     /// The provider whose key set the request waits for, if it is parked.
@@ -221,6 +227,7 @@ struct Detail<'a> {
     tenant: Option<&'a str>,
     identity: Option<&'a Identity>,
     cluster: Option<&'a str>,
+    credential: Option<&'a str>,
 }
 
 impl Router {
@@ -271,6 +278,7 @@ impl Router {
             last_purge_s: 0,
             served: false,
             next_housekeeping_ms: 0,
+            upstream: TokenSlots::default(),
             holds: Holds::default(),
         }
     }
@@ -407,7 +415,7 @@ impl Router {
             self.holds.watched = Vec::new();
         }
         match &stream.phase {
-            Phase::WaitingForKeys { .. } => {
+            Phase::WaitingForKeys { .. } | Phase::WaitingForToken { .. } => {
                 // Nothing may go on yet; note a complete body, so that it is judged when the request is.
                 stream.body_complete |= end_of_stream;
                 Flow::WaitForKeys
@@ -429,14 +437,26 @@ impl Router {
         body: &mut dyn FnMut() -> Vec<u8>,
         out: &mut dyn Effects,
     ) {
-        let Phase::WaitingForKeys { provider, request } = std::mem::take(&mut stream.phase) else {
-            return;
+        let request = match std::mem::take(&mut stream.phase) {
+            Phase::WaitingForKeys { provider, request } => {
+                // Out of the queue (a host whose fetch answers reach this router took the queue already; the
+                // dynamic module's workers are woken by their main thread, and leave it here).
+                if let Some(state) = self.keys.0.get_mut(provider) {
+                    state.waiting.retain(|&id| id != stream.context_id);
+                }
+                request
+            }
+            Phase::WaitingForToken { slot, request } => {
+                if let Some(slot) = self.upstream.get_mut(slot) {
+                    slot.waiting.retain(|&id| id != stream.context_id);
+                }
+                request
+            }
+            other => {
+                stream.phase = other;
+                return;
+            }
         };
-        // Out of the queue (a host whose fetch answers reach this router took the queue already; the
-        // dynamic module's workers are woken by their main thread, and leave it here).
-        if let Some(state) = self.keys.0.get_mut(provider) {
-            state.waiting.retain(|&id| id != stream.context_id);
-        }
         let mut flow = self.handle(stream, &request, now_ms, false, signatures, out);
         if matches!(stream.phase, Phase::Inspecting(_)) && std::mem::take(&mut stream.body_complete) {
             flow = self.judge_bundle(stream, &body(), now_ms, out);
@@ -452,10 +472,18 @@ impl Router {
         if !self.holds.watched.is_empty() {
             self.holds.watched.retain(|&(id, _)| id != stream.context_id);
         }
-        if let Phase::WaitingForKeys { provider, .. } = stream.phase {
-            if let Some(state) = self.keys.0.get_mut(provider) {
-                state.waiting.retain(|&id| id != stream.context_id);
+        match stream.phase {
+            Phase::WaitingForKeys { provider, .. } => {
+                if let Some(state) = self.keys.0.get_mut(provider) {
+                    state.waiting.retain(|&id| id != stream.context_id);
+                }
             }
+            Phase::WaitingForToken { slot, .. } => {
+                if let Some(slot) = self.upstream.get_mut(slot) {
+                    slot.waiting.retain(|&id| id != stream.context_id);
+                }
+            }
+            _ => {}
         }
         stream.phase = Phase::Decided;
     }
@@ -533,7 +561,7 @@ impl Router {
         signatures: &dyn SignatureCheck,
         out: &mut dyn Effects,
     ) -> Flow {
-        let Router { config, keys, tenants, cache, .. } = self;
+        let Router { config, keys, tenants, cache, upstream, .. } = self;
         let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
         let known = Known { config, tenants: tenants.map.as_deref(), keys, signatures };
         let decision = decide(&known, &request.as_request(), cache, now_s);
@@ -550,8 +578,35 @@ impl Router {
                 Flow::Stop
             }
             Decision::Route { tenant, identity, cached, inspect_body } => {
+                let mut credential = None;
+                if let Some(client) = tenant.upstream_auth() {
+                    let Some((slot_id, slot)) = upstream.slot(&tenant.id, client) else {
+                        return refuse(&audit, Rejection::UpstreamAuthUnavailable, Some(1), out);
+                    };
+                    match slot.access(stream.context_id, now_ms, may_wait) {
+                        Access::Use { fetch } => {
+                            if fetch {
+                                token_fetch(slot_id, slot, now_ms, out);
+                            }
+                            credential = slot.header();
+                        }
+                        Access::Wait { fetch } => {
+                            if fetch {
+                                token_fetch(slot_id, slot, now_ms, out);
+                            }
+                            out.push(Effect::Count(Metric::UpstreamToken(&tenant.id, TokenEvent::Wait)));
+                            let request = Box::new(request.to_owned_request());
+                            stream.phase = Phase::WaitingForToken { slot: slot_id, request };
+                            return Flow::WaitForKeys;
+                        }
+                        Access::Full => return refuse(&audit, Rejection::UpstreamAuthUnavailable, Some(1), out),
+                        Access::Unavailable { retry_after_s } => {
+                            return refuse(&audit, Rejection::UpstreamAuthUnavailable, Some(retry_after_s), out)
+                        }
+                    }
+                }
                 out.push(Effect::Count(if cached { Metric::CacheHits } else { Metric::CacheMisses }));
-                route(&audit, stream, tenant, &identity, inspect_body, out)
+                route(&audit, stream, tenant, &identity, inspect_body, credential, out)
             }
             Decision::Forbidden { tenant, identity, refusal } => {
                 forbid(&refusal, out);
@@ -560,7 +615,7 @@ impl Router {
                     reason: Some("allowlist"),
                     tenant: Some(&tenant.id),
                     identity: Some(&identity),
-                    cluster: None,
+                    ..Detail::default()
                 };
                 audit.record(Outcome::Forbidden, detail, out);
                 Flow::Stop
@@ -615,6 +670,7 @@ impl Router {
                 tenant: Some(&tenant),
                 identity: Some(&pending.identity),
                 cluster: allowed.then_some(pending.cluster.as_str()),
+                credential: allowed.then_some(pending.credential).flatten(),
             };
             let outcome = if allowed { Outcome::Allowed } else { Outcome::Forbidden };
             Audit { config: &self.config, request: &pending.request, now_ms }.write_line(outcome, &detail, out);
@@ -668,11 +724,15 @@ fn route(
     tenant: &Tenant,
     identity: &Identity,
     inspect_body: bool,
+    upstream_authorization: Option<&str>,
     out: &mut dyn Effects,
 ) -> Flow {
     let config = audit.config;
-    if !config.forward_authorization {
-        out.push(Effect::RemoveRequestHeader("authorization"));
+    match upstream_authorization {
+        // The upstream's own token replaces the client's, whatever `forward_authorization` says.
+        Some(value) => out.push(Effect::SetRequestHeader("authorization", value)),
+        None if !config.forward_authorization => out.push(Effect::RemoveRequestHeader("authorization")),
+        None => {}
     }
     stream.response = prepare_upstream(config, tenant, audit.request, out);
     out.push(Effect::SetRequestHeader(&config.tenant_header, &tenant.id));
@@ -683,6 +743,7 @@ fn route(
             request: audit.request.to_owned_request(),
             identity: identity.clone(),
             cluster: tenant.cluster.clone(),
+            credential: tenant.credential_kind(),
         });
         if config.access_log_filter_state {
             filter_state(Some(&tenant.id), Some(identity), out);
@@ -699,11 +760,36 @@ fn route(
             tenant: Some(&tenant.id),
             identity: Some(identity),
             cluster: Some(&tenant.cluster),
+            credential: tenant.credential_kind(),
             ..Detail::default()
         };
         audit.record(Outcome::Allowed, detail, out);
     }
     Flow::Continue
+}
+
+/// Pushes the token request of `slot` (which counts it as under way). One that cannot be built (no
+/// randomness for an assertion) is logged; the slot gives it up as lost after its timeout.
+pub(crate) fn token_fetch(slot_id: u32, slot: &TokenSlot, now_ms: u64, out: &mut dyn Effects) {
+    let client = &slot.client;
+    let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+    match client.token_request(now_s, &mut crate::upstream_auth::fill_random) {
+        Ok(request) => {
+            out.push(Effect::Count(Metric::UpstreamToken(&slot.tenant, TokenEvent::Fetch)));
+            out.push(Effect::Fetch(Fetch {
+                target: FetchTarget::UpstreamToken { slot: slot_id, generation: slot.generation() },
+                cluster: &client.cluster,
+                authority: &client.authority,
+                path: &client.path,
+                timeout_ms: client.timeout_ms,
+                post: Some(Post { authorization: request.authorization.as_deref(), form: &request.body }),
+            }));
+        }
+        Err(e) => {
+            let line = format!("upstream token for tenant {}: the request could not be built: {}", slot.tenant, e.0);
+            out.push(Effect::Log(Level::Error, &line));
+        }
+    }
 }
 
 /// What became of a request whose token names a `kid` its provider's keys lack.
@@ -883,6 +969,7 @@ impl Audit<'_> {
             tenant: detail.tenant,
             identity: detail.identity,
             cluster: detail.cluster,
+            credential: detail.credential,
         }
         .to_line();
         out.push(Effect::Log(Level::Info, &line));

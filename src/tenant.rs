@@ -40,6 +40,8 @@ pub struct TenantSettings {
     pub policy: Policy,
     /// The issuers allowed to name this tenant; `None`: any configured issuer.
     pub issuers: Option<Vec<String>>,
+    /// The OAuth client whose access token its FHIR server wants (`upstream_auth`).
+    pub upstream_auth: Option<std::sync::Arc<crate::upstream_auth::OAuthClient>>,
 }
 
 static READ_ONLY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
@@ -50,6 +52,22 @@ impl Tenant {
         match self.settings.as_deref().and_then(|u| u.issuers.as_ref()) {
             Some(list) => list.iter().any(|i| i == issuer),
             None => true,
+        }
+    }
+
+    /// The OAuth client toward its FHIR server, if it has one.
+    pub fn upstream_auth(&self) -> Option<&std::sync::Arc<crate::upstream_auth::OAuthClient>> {
+        self.settings.as_deref().and_then(|u| u.upstream_auth.as_ref())
+    }
+
+    /// The audit line's name for the credential sent to its FHIR server: the OAuth method, `header` for a
+    /// static header, none otherwise.
+    pub fn credential_kind(&self) -> Option<&'static str> {
+        let settings = self.settings.as_deref()?;
+        match (&settings.upstream_auth, &settings.header) {
+            (Some(client), _) => Some(client.kind()),
+            (None, Some(_)) => Some("header"),
+            (None, None) => None,
         }
     }
 

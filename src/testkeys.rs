@@ -168,3 +168,15 @@ pub fn sign_rs256_with_fresh_key_and_header(claims: &Value, extra: Value) -> Str
     }
     compact(&header, claims, rs256_signer(fresh_rsa()))
 }
+
+/// The test RSA key as a PKCS#8 PEM private key (what an operator puts in a file or variable).
+pub fn rsa_private_pem() -> String {
+    use rsa::pkcs8::EncodePrivateKey as _;
+    rsa_private(&private_jwk(RS_KID)).to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).unwrap().to_string()
+}
+
+/// The test RSA key's public half as a PEM (SPKI).
+pub fn rsa_public_pem() -> String {
+    use rsa::pkcs8::EncodePublicKey as _;
+    rsa_private(&private_jwk(RS_KID)).to_public_key().to_public_key_pem(rsa::pkcs8::LineEnding::LF).unwrap()
+}

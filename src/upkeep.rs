@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use crate::config::{beyond_pure_rust_message, JwksSource, SignatureVerifier};
-use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric};
+use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric, TokenEvent};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{Schedule, Streak};
-use crate::router::Router;
+use crate::router::{token_fetch, Router};
+use crate::upstream_auth::{parse_token_response, Access, Settled, TokenError, MAX_TOKEN_RESPONSE_BYTES};
 
 /// How often a shell should deliver a timer tick, in milliseconds.
 pub const TICK_MS: u64 = 500;
@@ -69,6 +70,7 @@ impl Router {
                     authority: &remote.authority,
                     path: &remote.path,
                     timeout_ms: remote.timeout_ms,
+                    post: None,
                 }));
             }
         }
@@ -80,6 +82,7 @@ impl Router {
                     authority: &r.authority,
                     path: &r.path,
                     timeout_ms: r.timeout_ms,
+                    post: None,
                 }));
             }
         }
@@ -107,6 +110,9 @@ impl Router {
         let limit = match target {
             FetchTarget::Jwks(_) => MAX_JWKS_BYTES,
             FetchTarget::Registry => MAX_REGISTRY_BYTES,
+            FetchTarget::UpstreamToken { slot, generation } => {
+                return self.on_token_result(slot, generation, result, now_ms, body, out);
+            }
         };
         let fetched = match result {
             FetchResult::NotSent(why) => Err(why.to_string()),
@@ -130,7 +136,101 @@ impl Router {
                 let installed = self.install_registry(fetched, now_ms, env, out);
                 Fetched { installed, waiting_for: None, wake: Vec::new() }
             }
+            FetchTarget::UpstreamToken { .. } => Fetched::default(),
         }
+    }
+
+    /// A tenant's upstream token request ended: the token installed (or the failure logged, the token in
+    /// hand kept while it is usable), and the requests that waited for it named for waking.
+    fn on_token_result(
+        &mut self,
+        slot_id: u32,
+        generation: u32,
+        result: FetchResult<'_>,
+        now_ms: u64,
+        body: &mut dyn FnMut() -> Vec<u8>,
+        out: &mut dyn Effects,
+    ) -> Fetched {
+        let Some(slot) = self.upstream.get_mut(slot_id) else { return Fetched::default() };
+        let outcome = match result {
+            FetchResult::NotSent(why) => Err(TokenError(why.to_string())),
+            FetchResult::Answer { status: None, .. } => {
+                Err(TokenError("no response: connection failure or timeout".to_string()))
+            }
+            FetchResult::Answer { body_size, .. } if body_size > MAX_TOKEN_RESPONSE_BYTES => {
+                Err(TokenError(format!("answer larger than {MAX_TOKEN_RESPONSE_BYTES} bytes")))
+            }
+            FetchResult::Answer { status: Some(status), .. } => match status.parse::<u32>() {
+                Ok(status) => parse_token_response(status, &body(), now_ms),
+                Err(_) => Err(TokenError("no HTTP status".to_string())),
+            },
+        };
+        let failures_before = slot.failures();
+        let why = outcome.as_ref().err().cloned();
+        let settled = slot.settle(generation, outcome, now_ms);
+        let tenant = slot.tenant.clone();
+        let url = slot.client.token_url.clone();
+        match settled {
+            Settled::Installed { refreshed } => {
+                if refreshed {
+                    out.push(Effect::Count(Metric::UpstreamToken(&tenant, TokenEvent::Refresh)));
+                }
+                if failures_before > 0 {
+                    let line = format!(
+                        "upstream token for tenant {tenant} from {url}: recovered after {failures_before} failed requests"
+                    );
+                    out.push(Effect::Log(Level::Info, &line));
+                }
+            }
+            Settled::Failed { kept, first, retry_in_ms } => {
+                out.push(Effect::Count(Metric::UpstreamToken(&tenant, TokenEvent::Failure)));
+                let why = why.map(|w| w.0).unwrap_or_default();
+                let kept = if kept {
+                    "keeping the current token while it is usable"
+                } else {
+                    "no usable token: the tenant's requests get 503"
+                };
+                let line = format!(
+                    "upstream token for tenant {tenant} from {url} failed ({why}); {kept}; next attempt in {} s{}",
+                    retry_in_ms / 1000,
+                    if first { "" } else { " (a failure streak: logged at debug level from now on)" }
+                );
+                let level = if first || failures_before == 1 { Level::Error } else { Level::Debug };
+                out.push(Effect::Log(level, &line));
+            }
+            Settled::Stale => {
+                // The tenant's client changed meanwhile: its waiters wait on for a token of the new one.
+                if !slot.waiting.is_empty() {
+                    if let Access::Wait { fetch: true } | Access::Use { fetch: true } = slot.restart(now_ms) {
+                        token_fetch(slot_id, slot, now_ms, out);
+                    }
+                    return Fetched::default();
+                }
+            }
+        }
+        Fetched {
+            installed: matches!(settled, Settled::Installed { .. }),
+            waiting_for: None,
+            wake: slot.take_waiting(),
+        }
+    }
+
+    /// The requests whose tenant's token fetch was lost (no answer within its timeout: a host dropped it),
+    /// to wake through [`Router::wake`]: they are answered 503 (a usable token goes on being used).
+    pub fn lost_token_fetches(&mut self, now_ms: u64, out: &mut dyn Effects) -> Vec<u32> {
+        let mut wake = Vec::new();
+        for (_, slot) in self.upstream.iter_mut() {
+            if slot.check_lost(now_ms) {
+                out.push(Effect::Count(Metric::UpstreamToken(&slot.tenant, TokenEvent::Failure)));
+                let line = format!(
+                    "upstream token for tenant {} from {}: no answer within {} ms",
+                    slot.tenant, slot.client.token_url, slot.client.timeout_ms
+                );
+                out.push(Effect::Log(Level::Error, &line));
+                wake.append(&mut slot.take_waiting());
+            }
+        }
+        wake
     }
 
     /// Returns whether the key set was installed.

@@ -388,7 +388,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         } else {
             unsafe { std::slice::from_raw_parts(config.ptr, config.length) }
         };
-        let compiled = match Config::from_json(bytes) {
+        let compiled = match Config::from_json(bytes).and_then(|mut c| {
+            c.refuse_upstream_auth(UPSTREAM_AUTH_REFUSED)?;
+            Ok(c)
+        }) {
             Ok(c) => c,
             Err(e) => {
                 log(Level::Error, &e.to_string());
@@ -415,6 +418,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         Box::into_raw(Box::new(filter_config)) as ConfigModulePtr
     })
 }
+
+/// The dynamic module does not fetch upstream tokens yet (its workers' fetches would be its main thread's).
+const UPSTREAM_AUTH_REFUSED: &str =
+    "is not supported by the dynamic-module build yet: use the proxy-wasm module (make build) for tenants with \
+     upstream_auth";
 
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModulePtr) {

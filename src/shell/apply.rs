@@ -45,13 +45,10 @@ impl<H: Host> Effects for Apply<'_, H> {
             Effect::ReplaceResponseBody(body) => host.set_response_body(self.response_body_size, body),
             Effect::ResumeRequest => host.resume_request(),
             Effect::Fetch(fetch) => {
-                let headers = [
-                    (":method", "GET"),
-                    (":path", fetch.path),
-                    (":authority", fetch.authority),
-                    ("accept", "application/json"),
-                ];
-                match host.dispatch(fetch.cluster, &headers, fetch.timeout_ms) {
+                // A call made from a request's context is answered to that context, which hands the answer
+                // to the shared handler (`Shared::fetch_ended`); one whose request went away is never
+                // answered, and the core gives it up after its timeout.
+                match host.dispatch(fetch.cluster, &fetch.headers(), fetch.body(), fetch.timeout_ms) {
                     Ok(token) => {
                         self.calls.borrow_mut().insert(token, fetch.target);
                     }

@@ -168,8 +168,12 @@ impl Host for FakeHost {
         self.0.metrics.borrow_mut().insert(name, value as i64);
     }
 
-    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, String> {
-        self.record(format!("dispatch {cluster} {headers:?} {timeout_ms}"));
+    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, String> {
+        if body.is_empty() {
+            self.record(format!("dispatch {cluster} {headers:?} {timeout_ms}"));
+        } else {
+            self.record(format!("dispatch {cluster} {headers:?} {timeout_ms} body={}", String::from_utf8_lossy(body)));
+        }
         if let Some(e) = self.0.dispatch_error.borrow().clone() {
             return Err(e);
         }

@@ -56,12 +56,22 @@ impl<H: Host> Filter<H> {
             &shared.signatures,
             &mut apply,
         );
+        let unsent = apply.unsent;
         if flow == Flow::WaitForKeys {
             if let Some(stream) = self.stream.take() {
                 shared.parked.borrow_mut().insert(self.context_id, stream);
             }
         }
+        // A token request that could not be sent fails at once (and wakes this request, parked for it).
+        for (target, why) in unsent {
+            shared.fetch_ended(target, crate::upkeep::FetchResult::NotSent(&why), 0);
+        }
         flow
+    }
+
+    /// The answer to a call this request's context sent (an upstream token request): the shared handler's.
+    pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        self.shared.on_http_call_response(token, body_size);
     }
 
     pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Flow {

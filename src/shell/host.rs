@@ -62,7 +62,7 @@ pub trait Host {
     fn record_metric(&self, id: u32, value: u64);
 
     /// Sends an HTTP call through `cluster`; its token, or why it could not be sent.
-    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, String>;
+    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, String>;
     /// The `:status` of the HTTP call response being delivered (`None`: no response).
     fn call_response_status(&self) -> Option<String>;
     /// The first `size` bytes of that response's body.

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
-use crate::effect::{CounterSlot, Gauge, Metric, COUNTERS};
+use crate::effect::{CounterSlot, Gauge, Metric, TokenEvent, COUNTERS};
 use crate::rejection::Rejection;
 use crate::tenant::FxHasher;
 
@@ -27,6 +27,8 @@ pub struct Metrics {
     pending: RefCell<Vec<(u32, i64)>>,
     /// Per-tenant counters (allowed, forbidden), defined on a tenant's first request.
     tenants: RefCell<HashMap<String, TenantMetrics, BuildHasherDefault<FxHasher>>>,
+    /// Per-tenant upstream token counters, by [`TokenEvent::index`], defined on first use.
+    tokens: RefCell<HashMap<String, [Option<u32>; 5], BuildHasherDefault<FxHasher>>>,
     counters: Vec<Option<u32>>,
     rejected: Vec<Option<u32>>,
     gauges: Vec<Option<u32>>,
@@ -42,6 +44,7 @@ impl Metrics {
         Self {
             pending: RefCell::default(),
             tenants: RefCell::default(),
+            tokens: RefCell::default(),
             counters: COUNTERS.iter().map(|m| define(host, MetricKind::Counter, m.name())).collect(),
             rejected: Rejection::ALL.iter().map(|r| define(host, MetricKind::Counter, r.stat_name())).collect(),
             gauges: Gauge::ALL.iter().map(|g| define(host, MetricKind::Gauge, g.name())).collect(),
@@ -54,7 +57,19 @@ impl Metrics {
             CounterSlot::Rejected(i) => self.rejected.get(i).copied().flatten(),
             CounterSlot::Tenant { tenant, allowed: true } => self.tenant(host, tenant).0,
             CounterSlot::Tenant { tenant, allowed: false } => self.tenant(host, tenant).1,
+            CounterSlot::TenantToken { tenant, event } => self.token(host, tenant, event),
         }
+    }
+
+    fn token(&self, host: &impl Host, tenant: &str, event: TokenEvent) -> Option<u32> {
+        let mut tokens = self.tokens.borrow_mut();
+        if let Some(ids) = tokens.get(tenant) {
+            return ids.get(event.index()).copied().flatten();
+        }
+        let ids = TokenEvent::ALL.map(|e| define(host, MetricKind::Counter, &format!("tenant.{tenant}.{}", e.name())));
+        let id = ids.get(event.index()).copied().flatten();
+        tokens.insert(tenant.to_string(), ids);
+        id
     }
 
     fn tenant(&self, host: &impl Host, tenant: &str) -> TenantMetrics {

@@ -163,8 +163,9 @@ impl Host for ProxyWasmHost {
         let _ = hostcalls::record_metric(id, value);
     }
 
-    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, String> {
-        hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, vec![], Duration::from_millis(timeout_ms))
+    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, String> {
+        let body = (!body.is_empty()).then_some(body);
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], Duration::from_millis(timeout_ms))
             .map_err(|status| format!("{status:?}"))
     }
 
@@ -230,6 +231,10 @@ impl RootContext for RootAdapter {
 pub struct FilterAdapter(Filter<ProxyWasmHost>);
 
 impl Context for FilterAdapter {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _trailers: usize) {
+        self.0.on_http_call_response(token_id, body_size);
+    }
+
     fn on_done(&mut self) -> bool {
         self.0.on_done();
         true

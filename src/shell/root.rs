@@ -8,8 +8,8 @@ use std::rc::Rc;
 
 use crate::config::Config;
 use crate::crypto::Signatures;
-use crate::effect::{FetchTarget, Level};
-use crate::router::{Router, MAX_BUNDLE_BYTES};
+use crate::effect::Level;
+use crate::router::Router;
 use crate::upkeep::{FetchResult, TICK_MS};
 
 use super::filter::Filter;
@@ -75,8 +75,10 @@ impl<H: Host + Clone> Root<H> {
             apply.unsent
         };
         for (target, why) in unsent {
-            self.fetch_ended(&shared, target, FetchResult::NotSent(&why), 0);
+            shared.fetch_ended(target, FetchResult::NotSent(&why), 0);
         }
+        let lost = shared.router.borrow_mut().lost_token_fetches(now, &mut shared.apply());
+        shared.wake(lost, now);
         let overdue = shared.router.borrow_mut().overdue_holds(now, &mut shared.apply());
         for context_id in overdue {
             if shared.host.set_effective_context(context_id) {
@@ -87,31 +89,8 @@ impl<H: Host + Clone> Root<H> {
 
     /// The answer to a fetch (`body_size`: its body's length).
     pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
-        let Some(shared) = self.shared.clone() else { return };
-        let Some(target) = shared.calls.borrow_mut().remove(&token) else { return };
-        let status = shared.host.call_response_status();
-        self.fetch_ended(&shared, target, FetchResult::Answer { status: status.as_deref(), body_size }, body_size);
-    }
-
-    fn fetch_ended(&self, shared: &Shared<H>, target: FetchTarget, result: FetchResult<'_>, body_size: usize) {
-        let host = &shared.host;
-        let now = host.now_ms();
-        let woken = {
-            let mut apply = shared.apply();
-            let mut body = || host.call_response_body(body_size);
-            let env = |name: &str| host.env(name);
-            shared.router.borrow_mut().on_fetch_result(target, result, now, &mut body, &env, &mut apply).wake
-        };
-        for context_id in woken {
-            let Some(mut stream) = shared.parked.borrow_mut().remove(&context_id) else { continue };
-            if !host.set_effective_context(context_id) {
-                continue; // the client went away
-            }
-            let mut apply = shared.apply();
-            let mut body = || host.request_body(MAX_BUNDLE_BYTES);
-            shared.router.borrow_mut().wake(&mut stream, now, &shared.signatures, &mut body, &mut apply);
-            // Its context takes the stream back at its next callback.
-            shared.parked.borrow_mut().insert(context_id, stream);
+        if let Some(shared) = &self.shared {
+            shared.on_http_call_response(token, body_size);
         }
     }
 

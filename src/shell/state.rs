@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use crate::crypto::Signatures;
 use crate::effect::FetchTarget;
-use crate::router::{Router, Stream};
+use crate::router::{Router, Stream, MAX_BUNDLE_BYTES};
+use crate::upkeep::FetchResult;
 
 use super::apply::Apply;
 use super::host::Host;
@@ -30,5 +31,53 @@ impl<H: Host> Shared<H> {
     /// An effect interpreter over this VM's host.
     pub fn apply(&self) -> Apply<'_, H> {
         Apply::new(&self.host, &self.metrics, &self.calls)
+    }
+
+    /// The answer to a fetch (`body_size`: its body's length), delivered to the root context or to the
+    /// request context that sent it (an upstream token request).
+    pub fn on_http_call_response(&self, token: u32, body_size: usize) {
+        let Some(target) = self.calls.borrow_mut().remove(&token) else { return };
+        let status = self.host.call_response_status();
+        self.fetch_ended(target, FetchResult::Answer { status: status.as_deref(), body_size }, body_size);
+    }
+
+    /// A fetch ended: the core installs what came, and the requests that waited for it are woken. A fetch
+    /// the core starts meanwhile that cannot be sent ends at once, the same way.
+    pub fn fetch_ended(&self, target: FetchTarget, result: FetchResult<'_>, body_size: usize) {
+        let host = &self.host;
+        let now = host.now_ms();
+        let (woken, unsent) = {
+            let mut apply = self.apply();
+            let mut body = || host.call_response_body(body_size);
+            let env = |name: &str| host.env(name);
+            let woken = self.router.borrow_mut().on_fetch_result(target, result, now, &mut body, &env, &mut apply).wake;
+            (woken, apply.unsent)
+        };
+        self.wake(woken, now);
+        for (target, why) in unsent {
+            self.fetch_ended(target, FetchResult::NotSent(&why), 0);
+        }
+    }
+
+    /// Wakes parked requests: each is decided again in its own context.
+    pub fn wake(&self, woken: Vec<u32>, now: u64) {
+        let host = &self.host;
+        for context_id in woken {
+            let Some(mut stream) = self.parked.borrow_mut().remove(&context_id) else { continue };
+            if !host.set_effective_context(context_id) {
+                continue; // the client went away
+            }
+            let unsent = {
+                let mut apply = self.apply();
+                let mut body = || host.request_body(MAX_BUNDLE_BYTES);
+                self.router.borrow_mut().wake(&mut stream, now, &self.signatures, &mut body, &mut apply);
+                apply.unsent
+            };
+            // Its context takes the stream back at its next callback.
+            self.parked.borrow_mut().insert(context_id, stream);
+            for (target, why) in unsent {
+                self.fetch_ended(target, FetchResult::NotSent(&why), 0);
+            }
+        }
     }
 }

@@ -923,3 +923,140 @@ impl Root<FakeHost> {
         }
     }
 }
+
+// ---- upstream_auth: the tenant's own access token toward its FHIR server ----
+
+const TOKEN_URL: &str = "https://login.example/t/oauth2/v2.0/token";
+
+fn upstream_auth_plugin() -> Value {
+    let mut p = plugin();
+    p["tenants"][TENANT_A] = json!({
+        "cluster": "tenant_a",
+        "upstream_auth": {"method": "client_secret_post", "token_url": TOKEN_URL, "cluster": "entra",
+                          "client_id": "router", "client_secret": {"env": "SECRET_A"},
+                          "scope": "https://fhir-a.example/.default", "max_waiting": 2}
+    });
+    p["audit_log"] = json!(true);
+    p
+}
+
+fn configured_with_secret(plugin: &Value) -> (FakeHost, Root<FakeHost>) {
+    let host = FakeHost::default();
+    host.0.now_ms.set(T0_MS);
+    host.0.env.borrow_mut().insert("SECRET_A".into(), "s3cret".into());
+    *host.0.plugin_configuration.borrow_mut() = plugin.to_string().into_bytes();
+    let mut root = Root::new(host.clone());
+    assert!(root.on_configure(), "{:?}", host.take_calls());
+    host.take_calls();
+    (host, root)
+}
+
+fn token_answer(token: &str, expires_in: u64) -> Vec<u8> {
+    json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in}).to_string().into_bytes()
+}
+
+/// The filter's own answer to a call it sent from a request's context.
+fn deliver_to(host: &FakeHost, filter: &mut Filter<FakeHost>, token: u32, status: Option<&str>, body: &[u8]) {
+    *host.0.call_status.borrow_mut() = status.map(str::to_string);
+    *host.0.call_body.borrow_mut() = body.to_vec();
+    filter.on_http_call_response(token, body.len());
+}
+
+#[test]
+fn the_first_request_of_a_tenant_with_upstream_auth_waits_for_its_token_which_replaces_the_clients() {
+    let (host, mut root) = configured_with_secret(&upstream_auth_plugin());
+    let client = bearer(&testkeys::claims_now());
+    let (mut f1, flow) = send(&host, &root, 1, &get("/Patient", Some(&client)), true);
+    assert_eq!(flow, Flow::WaitForKeys);
+    let calls = host.take_calls();
+    let dispatch = calls.iter().find(|c| c.starts_with("dispatch entra")).expect("a token request");
+    assert!(
+        dispatch.contains(r#"(":method", "POST"), (":path", "/t/oauth2/v2.0/token"), (":authority", "login.example")"#)
+    );
+    assert!(dispatch.contains(r#"("content-type", "application/x-www-form-urlencoded")"#), "{dispatch}");
+    assert!(dispatch.ends_with(
+        "body=grant_type=client_credentials&client_id=router&client_secret=s3cret&scope=https%3A%2F%2Ffhir-a.example%2F.default"
+    ));
+    assert!(!calls.iter().any(|c| c.starts_with("set_request_header") || c.starts_with("send_reply")), "{calls:?}");
+    // A second request waits for the same fetch; a third finds the queue full (503, Retry-After).
+    let (_f2, flow) = send(&host, &root, 2, &get("/Patient", Some(&client)), true);
+    assert_eq!(flow, Flow::WaitForKeys);
+    assert!(!host.take_calls().iter().any(|c| c.starts_with("dispatch")), "one fetch in flight per tenant");
+    send(&host, &root, 3, &get("/Patient", Some(&client)), true);
+    let r = Rejection::UpstreamAuthUnavailable;
+    assert!(host.take_calls().contains(&refusal(503, "retry-after: 1", r.operation_outcome())));
+    // The token comes (to the context that asked): both waiters go on with it, never with the client's token.
+    deliver_to(&host, &mut f1, 1, Some("200"), &token_answer("upstream-token-1", 3600));
+    let calls = host.take_calls();
+    for id in [1, 2] {
+        let mine = calls.iter().skip_while(|c| **c != format!("set_effective_context {id}")).take(12);
+        let mine: Vec<&String> = mine.collect();
+        assert!(mine.contains(&&"set_request_header authorization: Bearer upstream-token-1".to_string()), "{calls:?}");
+        assert!(mine.contains(&&"resume_request".to_string()), "{calls:?}");
+    }
+    assert!(!calls.iter().any(|c| c.contains(&client)));
+    let audit = calls.iter().find(|c| c.contains("\"audit\"")).unwrap();
+    assert!(audit.contains(r#""upstream_credential":"client_secret_post""#), "{audit}");
+    assert!(!audit.contains("upstream-token-1") && !audit.contains("s3cret"));
+    // Later requests use it at once.
+    send(&host, &root, 4, &get("/Patient", Some(&client)), true);
+    let calls = host.take_calls();
+    assert!(calls.contains(&"set_request_header authorization: Bearer upstream-token-1".to_string()), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("dispatch")));
+    // Stats per tenant.
+    root.on_tick();
+    let metrics = host.0.metrics.borrow();
+    let stat =
+        |name: &str| metrics.get(&format!("fhir_tenant_router.tenant.{TENANT_A}.upstream_token.{name}")).copied();
+    assert_eq!((stat("fetches"), stat("waits"), stat("failures")), (Some(1), Some(2), None));
+}
+
+#[test]
+fn a_refused_token_request_is_logged_naming_the_tenant_and_its_waiters_get_503() {
+    let (host, root) = configured_with_secret(&upstream_auth_plugin());
+    let client = bearer(&testkeys::claims_now());
+    let (mut f1, _) = send(&host, &root, 1, &get("/Patient", Some(&client)), true);
+    host.take_calls();
+    let error =
+        json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."});
+    deliver_to(&host, &mut f1, 1, Some("401"), error.to_string().as_bytes());
+    let calls = host.take_calls();
+    let log = calls.iter().find(|c| c.starts_with("log Error upstream token")).expect("an error line");
+    assert!(log.contains(TENANT_A) && log.contains("invalid_client") && log.contains("AADSTS7000215"), "{log}");
+    assert!(!log.contains("s3cret"), "{log}");
+    let r = Rejection::UpstreamAuthUnavailable;
+    assert!(calls.contains(&refusal(503, "retry-after: 1", r.operation_outcome())), "{calls:?}");
+    // Within the backoff, a new request is answered 503 at once, with no new token request.
+    send(&host, &root, 2, &get("/Patient", Some(&client)), true);
+    let calls = host.take_calls();
+    assert!(calls.contains(&refusal(503, "retry-after: 1", r.operation_outcome())), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("dispatch")));
+}
+
+#[test]
+fn a_token_request_that_cannot_be_sent_answers_its_waiter_at_once() {
+    let (host, root) = configured_with_secret(&upstream_auth_plugin());
+    *host.0.dispatch_error.borrow_mut() = Some("BadArgument".into());
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    assert_eq!(flow, Flow::WaitForKeys);
+    let calls = host.take_calls();
+    let log = calls.iter().find(|c| c.starts_with("log Error upstream token")).expect("an error line");
+    assert!(log.contains("could not be sent through cluster entra"), "{log}");
+    let r = Rejection::UpstreamAuthUnavailable;
+    assert!(calls.contains(&refusal(503, "retry-after: 1", r.operation_outcome())), "{calls:?}");
+}
+
+#[test]
+fn a_lost_token_request_is_given_up_after_its_timeout_and_its_waiters_answered() {
+    let (host, mut root) = configured_with_secret(&upstream_auth_plugin());
+    send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    host.take_calls();
+    host.0.now_ms.set(T0_MS + 6_000);
+    root.on_tick();
+    assert!(!host.take_calls().iter().any(|c| c.starts_with("send_reply")), "not yet: timeout 5 s + 2 s grace");
+    host.0.now_ms.set(T0_MS + 7_000);
+    root.on_tick();
+    let calls = host.take_calls();
+    assert!(calls.iter().any(|c| c.starts_with("log Error upstream token") && c.contains("no answer")), "{calls:?}");
+    assert!(calls.iter().any(|c| c.starts_with("send_reply 503")), "{calls:?}");
+}

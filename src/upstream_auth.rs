@@ -1,0 +1,1242 @@
+//! Credentials toward a tenant's FHIR server, when that server wants an OAuth access token of its own
+//! authorization server (the commercial FHIR clouds): the configuration of one OAuth client per tenant, the
+//! token request it sends (client credentials with a secret or a signed client assertion, or the RFC 7523
+//! JWT-bearer grant), the token response it reads, and the per-tenant token state: cached, refreshed ahead
+//! of expiry, one fetch in flight, requests waiting for the first token bounded in number.
+//!
+//! Sans-I/O like the rest of the core: time is an argument, the fetch is an effect the shell sends through
+//! an Envoy cluster. Secrets and private keys live only in [`OAuthClient`]: never in `Debug`, logs or
+//! answers; a token only in the request header it is sent in.
+
+use std::fmt;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use serde::Deserialize;
+use sha2::Digest;
+use siphasher::sip::SipHasher13;
+
+/// A bad `upstream_auth`: the field (full path) and what is wrong. Never holds a secret.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "field `{}`: {}", self.field, self.message)
+    }
+}
+
+/// Where a secret comes from, as written: an environment variable of the VM, or a file the host can read.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecret {
+    #[serde(default)]
+    pub env: Option<String>,
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+/// A tenant's `upstream_auth`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamAuth {
+    pub method: String,
+    pub token_url: String,
+    pub cluster: String,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<RawSecret>,
+    #[serde(default)]
+    pub private_key: Option<RawSecret>,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    #[serde(default)]
+    pub signing_alg: Option<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub resource: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub max_waiting: Option<usize>,
+}
+
+/// How the client authenticates (and which grant it uses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Client credentials; `client_id:secret` in HTTP Basic (RFC 6749 §2.3.1).
+    ClientSecretBasic,
+    /// Client credentials; `client_id` and `client_secret` in the form.
+    ClientSecretPost,
+    /// Client credentials with an RFC 7523 client assertion (SMART Backend Services).
+    PrivateKeyJwt,
+    /// The RFC 7523 JWT-bearer grant: the signed assertion is the grant (service-account style).
+    JwtBearer,
+}
+
+impl Method {
+    /// The configuration's name, also the audit line's credential kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ClientSecretBasic => "client_secret_basic",
+            Self::ClientSecretPost => "client_secret_post",
+            Self::PrivateKeyJwt => "private_key_jwt",
+            Self::JwtBearer => "jwt_bearer",
+        }
+    }
+}
+
+/// A JWS algorithm an assertion is signed with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SigningAlg {
+    Rs256,
+    Rs384,
+    Es384,
+}
+
+impl SigningAlg {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Rs256 => "RS256",
+            Self::Rs384 => "RS384",
+            Self::Es384 => "ES384",
+        }
+    }
+}
+
+/// A private key an assertion is signed with.
+enum SigningKey {
+    Rsa(Box<rsa::RsaPrivateKey>),
+    #[cfg(feature = "p384-pure-rust")]
+    P384(Box<p384::ecdsa::SigningKey>),
+}
+
+/// Default time a token request may take.
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+/// Default number of requests of one tenant that may wait for its first token (per VM).
+pub const DEFAULT_MAX_WAITING: usize = 256;
+/// Longest access token accepted, in bytes.
+pub const MAX_ACCESS_TOKEN_BYTES: usize = 16 * 1024;
+/// Largest token response read, in bytes.
+pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+/// How long a client assertion is valid (SMART Backend Services: at most five minutes).
+const ASSERTION_LIFETIME_S: i64 = 300;
+/// A token is refreshed once this share of its lifetime has passed (per mille).
+const REFRESH_AT_PER_MILLE: u64 = 800;
+/// Lifetime assumed when the answer has no `expires_in`.
+const DEFAULT_EXPIRES_IN_S: u64 = 300;
+
+/// One tenant's OAuth client toward its FHIR server's authorization server. Holds the secret or key: its
+/// `Debug` shows neither.
+pub struct OAuthClient {
+    pub method: Method,
+    pub token_url: String,
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub client_id: String,
+    secret: Option<String>,
+    key: Option<SigningKey>,
+    key_id: Option<String>,
+    alg: SigningAlg,
+    subject: Option<String>,
+    scope: Option<String>,
+    resource: Option<String>,
+    audience: Option<String>,
+    pub timeout_ms: u64,
+    pub max_waiting: usize,
+    /// A hash of everything above (secrets included): a change means the cached token is dropped.
+    fingerprint: u64,
+}
+
+impl fmt::Debug for OAuthClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuthClient")
+            .field("method", &self.method)
+            .field("token_url", &self.token_url)
+            .field("cluster", &self.cluster)
+            .field("client_id", &self.client_id)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for OAuthClient {
+    fn eq(&self, other: &Self) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+}
+
+impl Eq for OAuthClient {}
+
+impl OAuthClient {
+    /// The audit line's name for the credential.
+    pub fn kind(&self) -> &'static str {
+        self.method.name()
+    }
+
+    /// The fingerprint of the whole client configuration, secrets included (never shown).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+}
+
+/// Reads a secret: `lookup(name)` gives an environment variable; a file is asked for as
+/// [`FILE_PREFIX`]`path` (a name no environment variable has), which only a host that reads files answers.
+pub const FILE_PREFIX: &str = "\0file:";
+
+fn read_secret(
+    field: &str,
+    raw: Option<&RawSecret>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let Some(raw) = raw else { return Err(ConfigError::new(field, "is required for this method")) };
+    let value = match (&raw.env, &raw.file) {
+        (Some(name), None) => lookup(name).filter(|v| !v.is_empty()).ok_or_else(|| {
+            ConfigError::new(
+                format!("{field}.env"),
+                format!("environment variable `{name}` is not set for the VM (vm_config.environment_variables)"),
+            )
+        })?,
+        (None, Some(path)) => lookup(&format!("{FILE_PREFIX}{path}")).filter(|v| !v.is_empty()).ok_or_else(|| {
+            ConfigError::new(
+                format!("{field}.file"),
+                format!(
+                    "file `{path}` could not be read (the proxy-wasm build cannot read files: use `env`, which \
+                     Envoy fills from vm_config.environment_variables; the dynamic module reads files)"
+                ),
+            )
+        })?,
+        _ => return Err(ConfigError::new(field, "give exactly one of env and file")),
+    };
+    Ok(value)
+}
+
+/// A private key from PEM: PKCS#8 (`BEGIN PRIVATE KEY`: RSA, or P-384 in a build with pure-Rust P-384) or
+/// PKCS#1 (`BEGIN RSA PRIVATE KEY`). A Google service-account JSON file's `private_key` is such a PEM; the
+/// file itself is accepted too. (Read with the crate's own small DER reader: the `pkcs8`/`pem` crates would
+/// add about 60 KB to the module.)
+fn parse_key(field: &str, pem: &str) -> Result<SigningKey, ConfigError> {
+    use crate::der::{pem_decode, pkcs8_rsa_private_key, rsa_private_key_parts};
+    let pem = pem.trim();
+    let owned;
+    let pem = if pem.starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(pem).unwrap_or_default();
+        owned = value.get("private_key").and_then(serde_json::Value::as_str).map(str::to_string).ok_or_else(|| {
+            ConfigError::new(field, "is JSON without a `private_key` (a service-account key file has one)")
+        })?;
+        owned.trim()
+    } else {
+        pem
+    };
+    let pkcs1 = pem_decode(pem, "RSA PRIVATE KEY");
+    let pkcs8 = pem_decode(pem, "PRIVATE KEY");
+    let rsa_der = match (&pkcs1, &pkcs8) {
+        (Some(der), _) => Some(der.as_slice()),
+        (None, Some(der)) => pkcs8_rsa_private_key(der),
+        (None, None) => {
+            return Err(ConfigError::new(
+                field,
+                "must be a PEM private key (`BEGIN PRIVATE KEY`, PKCS#8; or `BEGIN RSA PRIVATE KEY`)",
+            ))
+        }
+    };
+    if let Some([n, e, d, p, q]) = rsa_der.and_then(rsa_private_key_parts) {
+        let int = rsa::BigUint::from_bytes_be;
+        let key = rsa::RsaPrivateKey::from_components(int(n), int(e), int(d), vec![int(p), int(q)])
+            .map_err(|_| ConfigError::new(field, "is not a valid RSA private key"))?;
+        return rsa_key(field, key);
+    }
+    #[cfg(feature = "p384-pure-rust")]
+    if let Some(key) = pkcs8.as_deref().and_then(|der| {
+        use p384::pkcs8::DecodePrivateKey as _;
+        p384::ecdsa::SigningKey::from_pkcs8_der(der).ok()
+    }) {
+        return Ok(SigningKey::P384(Box::new(key)));
+    }
+    let what = if cfg!(feature = "p384-pure-rust") {
+        "is neither an RSA nor a P-384 private key"
+    } else {
+        "is not an RSA private key (this module has no P-384: build with the p384-pure-rust feature for ES384)"
+    };
+    Err(ConfigError::new(field, what))
+}
+
+fn rsa_key(field: &str, key: rsa::RsaPrivateKey) -> Result<SigningKey, ConfigError> {
+    use rsa::traits::PublicKeyParts;
+    if key.size() < 256 {
+        return Err(ConfigError::new(field, "is an RSA key under 2048 bits"));
+    }
+    Ok(SigningKey::Rsa(Box::new(key)))
+}
+
+fn text_field(field: &str, value: &Option<String>) -> Result<Option<String>, ConfigError> {
+    match value {
+        Some(v) if v.is_empty() || v.len() > 4096 || v.chars().any(char::is_control) => {
+            Err(ConfigError::new(field, "must be non-empty printable text (at most 4096 bytes)"))
+        }
+        other => Ok(other.clone()),
+    }
+}
+
+/// Compiles a tenant's `upstream_auth` (`field` names it in errors). `lookup` reads the VM's environment
+/// (and, as [`FILE_PREFIX`]`path`, files, where the host can).
+pub fn compile(
+    field: &str,
+    raw: &RawUpstreamAuth,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<OAuthClient, ConfigError> {
+    let f = |name: &str| format!("{field}.{name}");
+    let method = match raw.method.as_str() {
+        "client_secret_basic" => Method::ClientSecretBasic,
+        "client_secret_post" => Method::ClientSecretPost,
+        "private_key_jwt" => Method::PrivateKeyJwt,
+        "jwt_bearer" => Method::JwtBearer,
+        _ => {
+            return Err(ConfigError::new(
+                f("method"),
+                "must be client_secret_basic, client_secret_post, private_key_jwt or jwt_bearer",
+            ))
+        }
+    };
+    let (authority, path) = crate::url::split_http_url(&raw.token_url)
+        .filter(|_| !raw.token_url.contains('#'))
+        .ok_or_else(|| ConfigError::new(f("token_url"), "must be an absolute http(s) URL"))?;
+    if raw.cluster.is_empty() || !raw.cluster.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(f("cluster"), "must be an Envoy cluster name (the token endpoint's)"));
+    }
+    let client_id = text_field(&f("client_id"), &raw.client_id)?
+        .ok_or_else(|| ConfigError::new(f("client_id"), "is required (for jwt_bearer: the assertion's issuer)"))?;
+    let (secret, key) = match method {
+        Method::ClientSecretBasic | Method::ClientSecretPost => {
+            if raw.private_key.is_some() {
+                return Err(ConfigError::new(f("private_key"), "is for private_key_jwt and jwt_bearer"));
+            }
+            let secret = read_secret(&f("client_secret"), raw.client_secret.as_ref(), lookup)?;
+            if secret.chars().any(char::is_control) {
+                return Err(ConfigError::new(f("client_secret"), "holds control characters"));
+            }
+            (Some(secret), None)
+        }
+        Method::PrivateKeyJwt | Method::JwtBearer => {
+            if raw.client_secret.is_some() {
+                return Err(ConfigError::new(f("client_secret"), "is for client_secret_basic and client_secret_post"));
+            }
+            let pem = read_secret(&f("private_key"), raw.private_key.as_ref(), lookup)?;
+            (None, Some(parse_key(&f("private_key"), &pem)?))
+        }
+    };
+    let alg = match (raw.signing_alg.as_deref(), &key) {
+        (_, None) => {
+            if raw.signing_alg.is_some() || raw.key_id.is_some() || raw.subject.is_some() {
+                let which = if raw.signing_alg.is_some() {
+                    "signing_alg"
+                } else if raw.key_id.is_some() {
+                    "key_id"
+                } else {
+                    "subject"
+                };
+                return Err(ConfigError::new(f(which), "is for private_key_jwt and jwt_bearer"));
+            }
+            SigningAlg::Rs384
+        }
+        (None, Some(SigningKey::Rsa(_))) if method == Method::JwtBearer => SigningAlg::Rs256,
+        (None, Some(SigningKey::Rsa(_))) => SigningAlg::Rs384,
+        (Some("RS256"), Some(SigningKey::Rsa(_))) => SigningAlg::Rs256,
+        (Some("RS384"), Some(SigningKey::Rsa(_))) => SigningAlg::Rs384,
+        #[cfg(feature = "p384-pure-rust")]
+        (None | Some("ES384"), Some(SigningKey::P384(_))) => SigningAlg::Es384,
+        (Some(other), Some(_)) => {
+            let what = format!("`{other}` does not fit the key (an RSA key signs RS384 or RS256, a P-384 key ES384)");
+            return Err(ConfigError::new(f("signing_alg"), what));
+        }
+    };
+    if method != Method::JwtBearer && raw.subject.is_some() {
+        return Err(ConfigError::new(f("subject"), "is for jwt_bearer (a client assertion's subject is client_id)"));
+    }
+    let key_id = text_field(&f("key_id"), &raw.key_id)?;
+    let subject = text_field(&f("subject"), &raw.subject)?;
+    let scope = text_field(&f("scope"), &raw.scope)?;
+    let resource = text_field(&f("resource"), &raw.resource)?;
+    let audience = text_field(&f("audience"), &raw.audience)?;
+    let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if !(100..=60_000).contains(&timeout_ms) {
+        return Err(ConfigError::new(f("timeout_ms"), "must be between 100 and 60000"));
+    }
+    let max_waiting = raw.max_waiting.unwrap_or(DEFAULT_MAX_WAITING);
+    if max_waiting > 100_000 {
+        return Err(ConfigError::new(f("max_waiting"), "must be at most 100000"));
+    }
+    let fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = SipHasher13::new_with_keys(0x6f61_7574_685f_636c, 0x6965_6e74_5f66_7072);
+        (method.name(), &raw.token_url, &raw.cluster, &client_id, &secret).hash(&mut h);
+        (&key_id, alg.name(), &subject, &scope, &resource, &audience, timeout_ms, max_waiting).hash(&mut h);
+        if let Some(pem) = raw.private_key.as_ref().and_then(|_| secret_fingerprint_source(&key)) {
+            pem.hash(&mut h);
+        }
+        h.finish()
+    };
+    Ok(OAuthClient {
+        method,
+        token_url: raw.token_url.clone(),
+        cluster: raw.cluster.clone(),
+        authority,
+        path,
+        client_id,
+        secret,
+        key,
+        key_id,
+        alg,
+        subject,
+        scope,
+        resource,
+        audience,
+        timeout_ms,
+        max_waiting,
+        fingerprint,
+    })
+}
+
+/// Bytes that identify a private key (its public half), for the fingerprint.
+fn secret_fingerprint_source(key: &Option<SigningKey>) -> Option<Vec<u8>> {
+    match key.as_ref()? {
+        SigningKey::Rsa(k) => {
+            use rsa::traits::PublicKeyParts;
+            Some(k.n().to_bytes_be())
+        }
+        #[cfg(feature = "p384-pure-rust")]
+        SigningKey::P384(k) => Some(k.verifying_key().to_encoded_point(false).as_bytes().to_vec()),
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value (RFC 6749 appendix B).
+fn form_encode(value: &str, out: &mut String) {
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => out.push(char::from(b)),
+            b' ' => out.push('+'),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(char::from(HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0')));
+                out.push(char::from(HEX.get(usize::from(b & 15)).copied().unwrap_or(b'0')));
+            }
+        }
+    }
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        form_encode(name, &mut out);
+        out.push('=');
+        form_encode(value, &mut out);
+    }
+    out
+}
+
+/// A token request ready to send: extra headers and the form body. Holds secrets: never log it.
+pub struct TokenRequest {
+    pub authorization: Option<String>,
+    pub body: String,
+}
+
+/// Why a token request could not be built (nothing secret in it).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BuildError(pub &'static str);
+
+impl OAuthClient {
+    /// The token request at `now_s`; `random` fills the assertion's `jti` (a fresh random value each time).
+    pub fn token_request(
+        &self,
+        now_s: i64,
+        random: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> Result<TokenRequest, BuildError> {
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(8);
+        let assertion;
+        let mut authorization = None;
+        match self.method {
+            Method::ClientSecretBasic => {
+                pairs.push(("grant_type", "client_credentials"));
+                let secret = self.secret.as_deref().ok_or(BuildError("no secret"))?;
+                // RFC 6749 §2.3.1: each part form-encoded before the Basic encoding.
+                let (mut id, mut pw) = (String::new(), String::new());
+                form_encode(&self.client_id, &mut id);
+                form_encode(secret, &mut pw);
+                authorization = Some(format!("Basic {}", STANDARD.encode(format!("{id}:{pw}"))));
+            }
+            Method::ClientSecretPost => {
+                pairs.push(("grant_type", "client_credentials"));
+                pairs.push(("client_id", &self.client_id));
+                pairs.push(("client_secret", self.secret.as_deref().ok_or(BuildError("no secret"))?));
+            }
+            Method::PrivateKeyJwt => {
+                assertion = self.assertion(now_s, random)?;
+                pairs.push(("grant_type", "client_credentials"));
+                pairs.push(("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"));
+                pairs.push(("client_assertion", &assertion));
+            }
+            Method::JwtBearer => {
+                assertion = self.assertion(now_s, random)?;
+                pairs.push(("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"));
+                pairs.push(("assertion", &assertion));
+            }
+        }
+        for (name, value) in [("scope", &self.scope), ("resource", &self.resource), ("audience", &self.audience)] {
+            if let Some(v) = value {
+                pairs.push((name, v));
+            }
+        }
+        Ok(TokenRequest { authorization, body: form(&pairs) })
+    }
+
+    /// The signed JWT: a client assertion (`iss` = `sub` = `client_id`) or a JWT-bearer grant (`iss` =
+    /// `client_id`, `sub` = `subject` if set, `scope` as a claim too, as Google reads it); `aud` is the token
+    /// URL, `exp` five minutes ahead, `jti` random.
+    fn assertion(&self, now_s: i64, random: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<String, BuildError> {
+        let mut jti = [0u8; 16];
+        if !random(&mut jti) {
+            return Err(BuildError("no randomness for the assertion's jti"));
+        }
+        // JSON by hand (strings escaped by serde_json): smaller code than building a `Map`.
+        let quote = |v: &str| serde_json::to_string(v).unwrap_or_default();
+        let mut header = format!(r#"{{"alg":"{}","typ":"JWT""#, self.alg.name());
+        if let Some(kid) = &self.key_id {
+            header.push_str(&format!(r#","kid":{}"#, quote(kid)));
+        }
+        header.push('}');
+        let sub = match self.method {
+            Method::JwtBearer => self.subject.as_deref(),
+            _ => Some(self.client_id.as_str()),
+        };
+        let mut claims = format!(
+            r#"{{"iss":{},"aud":{},"iat":{now_s},"exp":{},"jti":"{}""#,
+            quote(&self.client_id),
+            quote(&self.token_url),
+            now_s.saturating_add(ASSERTION_LIFETIME_S),
+            URL_SAFE_NO_PAD.encode(jti)
+        );
+        if let Some(sub) = sub {
+            claims.push_str(&format!(r#","sub":{}"#, quote(sub)));
+        }
+        if self.method == Method::JwtBearer {
+            if let Some(scope) = &self.scope {
+                claims.push_str(&format!(r#","scope":{}"#, quote(scope)));
+            }
+        }
+        claims.push('}');
+        let encode = |json: String| URL_SAFE_NO_PAD.encode(json);
+        let signing_input = format!("{}.{}", encode(header), encode(claims));
+        let signature = self.sign(signing_input.as_bytes())?;
+        Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature)))
+    }
+
+    fn sign(&self, input: &[u8]) -> Result<Vec<u8>, BuildError> {
+        match (self.key.as_ref().ok_or(BuildError("no key"))?, self.alg) {
+            (SigningKey::Rsa(key), SigningAlg::Rs256) => {
+                let digest = sha2::Sha256::digest(input);
+                key.sign(rsa::Pkcs1v15Sign::new::<sha2::Sha256>(), &digest)
+                    .map_err(|_| BuildError("RSA signing failed"))
+            }
+            (SigningKey::Rsa(key), _) => {
+                let digest = sha2::Sha384::digest(input);
+                key.sign(rsa::Pkcs1v15Sign::new::<sha2::Sha384>(), &digest)
+                    .map_err(|_| BuildError("RSA signing failed"))
+            }
+            #[cfg(feature = "p384-pure-rust")]
+            (SigningKey::P384(key), _) => {
+                use p384::ecdsa::signature::Signer;
+                let signature: p384::ecdsa::Signature =
+                    key.try_sign(input).map_err(|_| BuildError("ECDSA signing failed"))?;
+                Ok(signature.to_bytes().to_vec())
+            }
+        }
+    }
+}
+
+/// An access token and when it must be renewed, ms since the epoch.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The whole `Authorization` value (`Bearer <token>`).
+    pub header: String,
+    /// Used until then (a margin before its expiry).
+    pub usable_until_ms: u64,
+    /// Renewed from then on.
+    pub refresh_at_ms: u64,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("usable_until_ms", &self.usable_until_ms)
+            .field("refresh_at_ms", &self.refresh_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a token response was not a token: safe to log (the authorization server's error code and
+/// description, cut and stripped of control characters; never a token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenError(pub String);
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn printable(s: &str, max: usize) -> String {
+    s.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+/// Reads a token endpoint's answer (`status`: its HTTP status) received at `now_ms`.
+pub fn parse_token_response(status: u32, body: &[u8], now_ms: u64) -> Result<Token, TokenError> {
+    use serde_json::Value;
+    // Read as a `Value` (the module already has that code; a derived struct would add its own).
+    let answer: Option<Value> = serde_json::from_slice(body).ok();
+    let text = |name: &str| answer.as_ref().and_then(|a| a.get(name)).and_then(Value::as_str);
+    if status != 200 {
+        let detail = match text("error") {
+            Some(error) => {
+                let description = printable(text("error_description").unwrap_or(""), 200);
+                if description.is_empty() {
+                    format!(": {}", printable(error, 64))
+                } else {
+                    format!(": {} ({description})", printable(error, 64))
+                }
+            }
+            None => String::new(),
+        };
+        return Err(TokenError(format!("HTTP status {status}{detail}")));
+    }
+    if !answer.as_ref().is_some_and(Value::is_object) {
+        return Err(TokenError("the answer is not a JSON token response".into()));
+    }
+    let token = text("access_token").ok_or_else(|| TokenError("the answer has no access_token".into()))?;
+    if token.is_empty() || token.len() > MAX_ACCESS_TOKEN_BYTES || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenError(format!(
+            "the access_token is empty, longer than {MAX_ACCESS_TOKEN_BYTES} bytes or not printable"
+        )));
+    }
+    match answer.as_ref().and_then(|a| a.get("token_type")) {
+        None => {}
+        Some(Value::String(kind)) if kind.eq_ignore_ascii_case("bearer") => {}
+        Some(other) => {
+            let kind = printable(other.as_str().unwrap_or("(not a string)"), 32);
+            return Err(TokenError(format!("token_type `{kind}` is not Bearer")));
+        }
+    }
+    let expires_in_s = match answer.as_ref().and_then(|a| a.get("expires_in")) {
+        None => DEFAULT_EXPIRES_IN_S,
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| TokenError("expires_in is not a whole number".into()))?,
+        // Some servers (Entra's v1 endpoint) send it as a string.
+        Some(Value::String(s)) => s.parse().map_err(|_| TokenError("expires_in is not a number".into()))?,
+        Some(_) => return Err(TokenError("expires_in is not a number".into())),
+    };
+    if expires_in_s == 0 {
+        return Err(TokenError("expires_in is 0".into()));
+    }
+    let lifetime_ms = expires_in_s.min(86_400).saturating_mul(1000);
+    // Stop using it a little before it expires (at most 30 s, a tenth of its life), so that it does not
+    // expire on the way.
+    let margin_ms = (lifetime_ms / 10).min(30_000);
+    Ok(Token {
+        header: format!("Bearer {token}"),
+        usable_until_ms: now_ms.saturating_add(lifetime_ms - margin_ms),
+        refresh_at_ms: now_ms.saturating_add(lifetime_ms / 1000 * REFRESH_AT_PER_MILLE),
+    })
+}
+
+/// First wait after a failed token request; it doubles up to [`MAX_RETRY_MS`].
+pub const FIRST_RETRY_MS: u64 = 1_000;
+/// Longest wait between token requests after failures.
+pub const MAX_RETRY_MS: u64 = 30_000;
+/// Extra time a fetch may take beyond its timeout before it is given up as lost (a host that drops the
+/// answer of a call whose request went away).
+const LOST_FETCH_GRACE_MS: u64 = 2_000;
+
+/// One tenant's token state in one VM.
+#[derive(Debug)]
+pub struct TokenSlot {
+    /// The tenant's id.
+    pub tenant: String,
+    pub client: Arc<OAuthClient>,
+    token: Option<Token>,
+    /// When the fetch under way gives up as lost, if one is.
+    in_flight_until_ms: Option<u64>,
+    /// The fetch under way was started for this generation of `client` (a newer client ignores its result).
+    in_flight_generation: u32,
+    generation: u32,
+    /// No fetch before then (after failures).
+    retry_at_ms: u64,
+    failures: u32,
+    /// Requests (context ids) waiting for a token.
+    pub waiting: Vec<u32>,
+}
+
+/// What a request of this tenant does about its upstream token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Send it with [`TokenSlot::header`]; `fetch`: start a refresh (the token is near its end).
+    Use { fetch: bool },
+    /// Wait for the token; `fetch`: start the fetch (none is under way).
+    Wait { fetch: bool },
+    /// Too many wait already.
+    Full,
+    /// No usable token and none to come before `retry_after_s`.
+    Unavailable { retry_after_s: u64 },
+}
+
+/// What became of a finished token fetch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// A token, installed. `refreshed`: it replaced one still usable.
+    Installed { refreshed: bool },
+    /// It failed: `kept` the usable token there is; `first`: the first failure of a streak.
+    Failed { kept: bool, first: bool, retry_in_ms: u64 },
+    /// The answer was for an older client configuration: dropped, and a new fetch is due.
+    Stale,
+}
+
+impl TokenSlot {
+    pub fn new(tenant: &str, client: Arc<OAuthClient>) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            client,
+            token: None,
+            in_flight_until_ms: None,
+            in_flight_generation: 0,
+            generation: 0,
+            retry_at_ms: 0,
+            failures: 0,
+            waiting: Vec::new(),
+        }
+    }
+
+    /// The tenant's client configuration (it may have changed with a registry reload): a different one
+    /// drops the token (it was issued to the old client), and an answer to a fetch for it is ignored.
+    pub fn update(&mut self, client: &Arc<OAuthClient>) {
+        if self.client.fingerprint != client.fingerprint {
+            self.client = Arc::clone(client);
+            self.token = None;
+            self.generation = self.generation.wrapping_add(1);
+            self.retry_at_ms = 0;
+            self.failures = 0;
+        }
+    }
+
+    /// The `Authorization` value to send (after [`Access::Use`]).
+    pub fn header(&self) -> Option<&str> {
+        self.token.as_ref().map(|t| t.header.as_str())
+    }
+
+    /// The current generation, for the fetch's target.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    fn usable(&self, now_ms: u64) -> Option<&Token> {
+        self.token.as_ref().filter(|t| now_ms < t.usable_until_ms)
+    }
+
+    fn in_flight(&mut self, now_ms: u64) -> bool {
+        match self.in_flight_until_ms {
+            Some(until) if now_ms < until => true,
+            Some(_) => {
+                // Lost: no answer came (the host dropped it). Counts as a failure.
+                self.in_flight_until_ms = None;
+                self.fail(now_ms);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn start(&mut self, now_ms: u64) {
+        let until = now_ms.saturating_add(self.client.timeout_ms).saturating_add(LOST_FETCH_GRACE_MS);
+        self.in_flight_until_ms = Some(until);
+        self.in_flight_generation = self.generation;
+    }
+
+    /// A request needs the token at `now_ms`. `may_wait`: it may wait for one (not after waiting once).
+    /// A returned `fetch` means the caller sends the token request now (the slot counts it as under way).
+    pub fn access(&mut self, context_id: u32, now_ms: u64, may_wait: bool) -> Access {
+        let in_flight = self.in_flight(now_ms);
+        let may_fetch = !in_flight && now_ms >= self.retry_at_ms;
+        if self.usable(now_ms).is_some() {
+            let refresh = may_fetch && self.token.as_ref().is_some_and(|t| now_ms >= t.refresh_at_ms);
+            if refresh {
+                self.start(now_ms);
+            }
+            return Access::Use { fetch: refresh };
+        }
+        if !in_flight && !may_fetch || !may_wait {
+            let retry_after_s = self.retry_at_ms.saturating_sub(now_ms).div_ceil(1000).max(1);
+            return Access::Unavailable { retry_after_s };
+        }
+        if self.waiting.len() >= self.client.max_waiting {
+            return Access::Full;
+        }
+        self.waiting.push(context_id);
+        if !in_flight {
+            self.start(now_ms);
+        }
+        Access::Wait { fetch: !in_flight }
+    }
+
+    /// Starts a fetch for waiters whose fetch answered for an older configuration.
+    pub fn restart(&mut self, now_ms: u64) -> Access {
+        if self.in_flight(now_ms) {
+            return Access::Wait { fetch: false };
+        }
+        self.start(now_ms);
+        Access::Wait { fetch: true }
+    }
+
+    /// Whether a fetch is under way (and not lost) at `now_ms`; a lost one is settled as failed.
+    pub fn check_lost(&mut self, now_ms: u64) -> bool {
+        let was = self.in_flight_until_ms.is_some();
+        was && !self.in_flight(now_ms)
+    }
+
+    fn fail(&mut self, now_ms: u64) -> Settled {
+        self.failures = self.failures.saturating_add(1);
+        let exp = self.failures.saturating_sub(1).min(5);
+        let retry_in_ms = (FIRST_RETRY_MS << exp).min(MAX_RETRY_MS);
+        self.retry_at_ms = now_ms.saturating_add(retry_in_ms);
+        Settled::Failed { kept: self.usable(now_ms).is_some(), first: self.failures == 1, retry_in_ms }
+    }
+
+    /// The fetch started for `generation` ended with `outcome` at `now_ms`.
+    pub fn settle(&mut self, generation: u32, outcome: Result<Token, TokenError>, now_ms: u64) -> Settled {
+        self.in_flight_until_ms = None;
+        if generation != self.generation {
+            return Settled::Stale;
+        }
+        match outcome {
+            Ok(token) => {
+                let refreshed = self.usable(now_ms).is_some();
+                self.token = Some(token);
+                self.failures = 0;
+                self.retry_at_ms = 0;
+                Settled::Installed { refreshed }
+            }
+            Err(_) => self.fail(now_ms),
+        }
+    }
+
+    /// Drops the token if it is still `header` (the upstream refused it): the next request fetches anew.
+    pub fn refused(&mut self, header: &str) -> bool {
+        if self.token.as_ref().is_some_and(|t| t.header == header) {
+            self.token = None;
+            return true;
+        }
+        false
+    }
+
+    /// Takes the waiting requests (to be woken).
+    pub fn take_waiting(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.waiting)
+    }
+
+    /// Number of consecutive failures.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// The token slots of one VM, one per tenant with `upstream_auth` that has had a request, by a small id
+/// (a fetch's target names it).
+#[derive(Debug, Default)]
+pub struct TokenSlots {
+    ids: std::collections::HashMap<String, u32>,
+    slots: Vec<TokenSlot>,
+}
+
+impl TokenSlots {
+    /// The slot of `tenant`, made on its first request, with `client` (the tenant's configuration now).
+    /// (Always `Some`: a slot is made for every id.)
+    pub fn slot(&mut self, tenant: &str, client: &Arc<OAuthClient>) -> Option<(u32, &mut TokenSlot)> {
+        let id = match self.ids.get(tenant) {
+            Some(&id) => id,
+            None => {
+                let id = u32::try_from(self.slots.len()).ok()?;
+                self.slots.push(TokenSlot::new(tenant, Arc::clone(client)));
+                self.ids.insert(tenant.to_string(), id);
+                id
+            }
+        };
+        let slot = self.get_mut(id)?;
+        slot.update(client);
+        Some((id, slot))
+    }
+
+    /// The slot with this id.
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut TokenSlot> {
+        self.slots.get_mut(usize::try_from(id).ok()?)
+    }
+
+    /// Every slot, with its id.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut TokenSlot)> {
+        self.slots.iter_mut().enumerate().map(|(i, s)| (u32::try_from(i).unwrap_or(u32::MAX), s))
+    }
+}
+
+/// Fills `buf` with random bytes from the operating system (WASI `random_get` inside Envoy's wasm VM).
+pub fn fill_random(buf: &mut [u8]) -> bool {
+    getrandom::getrandom(buf).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const TOKEN_URL: &str = "https://login.example.com/tenant/oauth2/v2.0/token";
+
+    fn raw(v: serde_json::Value) -> RawUpstreamAuth {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "SECRET" => Some("s3cr&t =".into()),
+            "RSA_KEY" => Some(crate::testkeys::rsa_private_pem()),
+            _ => None,
+        }
+    }
+
+    fn basic() -> serde_json::Value {
+        json!({"method": "client_secret_basic", "token_url": TOKEN_URL, "cluster": "entra",
+               "client_id": "app id", "client_secret": {"env": "SECRET"},
+               "scope": "https://fhir.example.azurehealthcareapis.com/.default"})
+    }
+
+    fn form_of(body: &str) -> Vec<(String, String)> {
+        body.split('&')
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap();
+                let dec = |s: &str| {
+                    let s = s.replace('+', " ");
+                    let mut out = Vec::new();
+                    let b = s.as_bytes();
+                    let mut i = 0;
+                    while i < b.len() {
+                        if b[i] == b'%' {
+                            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                            i += 3;
+                        } else {
+                            out.push(b[i]);
+                            i += 1;
+                        }
+                    }
+                    String::from_utf8(out).unwrap()
+                };
+                (dec(k), dec(v))
+            })
+            .collect()
+    }
+
+    fn value<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn no_random(_: &mut [u8]) -> bool {
+        false
+    }
+
+    #[test]
+    fn client_secret_basic_sends_the_encoded_pair_in_basic_and_nothing_secret_in_the_form() {
+        let c = compile("t.upstream_auth", &raw(basic()), &env).unwrap();
+        assert_eq!((c.authority.as_str(), c.path.as_str()), ("login.example.com", "/tenant/oauth2/v2.0/token"));
+        let r = c.token_request(1_700_000_000, &mut no_random).unwrap();
+        let basic = r.authorization.unwrap();
+        let decoded = String::from_utf8(STANDARD.decode(basic.strip_prefix("Basic ").unwrap()).unwrap()).unwrap();
+        assert_eq!(decoded, "app+id:s3cr%26t+%3D");
+        let f = form_of(&r.body);
+        assert_eq!(value(&f, "grant_type"), Some("client_credentials"));
+        assert_eq!(value(&f, "scope"), Some("https://fhir.example.azurehealthcareapis.com/.default"));
+        assert!(!r.body.contains("s3cr"));
+        assert!(!format!("{c:?}").contains("s3cr"));
+    }
+
+    #[test]
+    fn client_secret_post_puts_id_and_secret_in_the_form_with_resource_and_audience() {
+        let mut v = basic();
+        v["method"] = json!("client_secret_post");
+        v["resource"] = json!("https://fhir.example/");
+        v["audience"] = json!("fhir-a");
+        let c = compile("t", &raw(v), &env).unwrap();
+        let r = c.token_request(0, &mut no_random).unwrap();
+        assert!(r.authorization.is_none());
+        let f = form_of(&r.body);
+        assert_eq!(value(&f, "client_id"), Some("app id"));
+        assert_eq!(value(&f, "client_secret"), Some("s3cr&t ="));
+        assert_eq!(value(&f, "resource"), Some("https://fhir.example/"));
+        assert_eq!(value(&f, "audience"), Some("fhir-a"));
+    }
+
+    fn claims_of(jwt: &str) -> (serde_json::Value, serde_json::Value) {
+        let mut parts = jwt.split('.');
+        let h = URL_SAFE_NO_PAD.decode(parts.next().unwrap()).unwrap();
+        let c = URL_SAFE_NO_PAD.decode(parts.next().unwrap()).unwrap();
+        (serde_json::from_slice(&h).unwrap(), serde_json::from_slice(&c).unwrap())
+    }
+
+    #[test]
+    fn private_key_jwt_signs_an_rs384_assertion_for_the_token_url_with_a_fresh_jti() {
+        use jwt_simple::prelude::*;
+        let v = json!({"method": "private_key_jwt", "token_url": TOKEN_URL, "cluster": "epic",
+                       "client_id": "epic-client", "private_key": {"env": "RSA_KEY"}, "key_id": "k1",
+                       "scope": "system/Patient.rs"});
+        let c = compile("t", &raw(v), &env).unwrap();
+        let mut n = 0u8;
+        let mut random = |b: &mut [u8]| {
+            n += 1;
+            b.fill(n);
+            true
+        };
+        let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())
+            .unwrap();
+        let r1 = c.token_request(now, &mut random).unwrap();
+        let r2 = c.token_request(now, &mut random).unwrap();
+        let f1 = form_of(&r1.body);
+        assert_eq!(value(&f1, "client_assertion_type"), Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer"));
+        assert_eq!(value(&f1, "scope"), Some("system/Patient.rs"));
+        let a1 = value(&f1, "client_assertion").unwrap();
+        let (h, claims) = claims_of(a1);
+        assert_eq!(h, json!({"alg": "RS384", "typ": "JWT", "kid": "k1"}));
+        assert_eq!(claims["iss"], "epic-client");
+        assert_eq!(claims["sub"], "epic-client");
+        assert_eq!(claims["aud"], TOKEN_URL);
+        assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 300);
+        let a2 = value(&form_of(&r2.body), "client_assertion").unwrap().to_string();
+        assert_ne!(claims["jti"], claims_of(&a2).1["jti"]);
+        // The signature verifies with the public key (an independent implementation).
+        let public = RS384PublicKey::from_pem(&crate::testkeys::rsa_public_pem()).unwrap();
+        public.verify_token::<NoCustomClaims>(a1, None).unwrap();
+        // No randomness, no assertion.
+        assert_eq!(c.token_request(0, &mut no_random).err(), Some(BuildError("no randomness for the assertion's jti")));
+    }
+
+    #[test]
+    fn jwt_bearer_is_the_grant_with_rs256_by_default_and_scope_in_the_assertion() {
+        let v = json!({"method": "jwt_bearer", "token_url": "https://oauth2.googleapis.com/token", "cluster": "google",
+                       "client_id": "router@project.iam.gserviceaccount.com", "private_key": {"env": "RSA_KEY"},
+                       "scope": "https://www.googleapis.com/auth/cloud-healthcare"});
+        let c = compile("t", &raw(v), &env).unwrap();
+        let r = c
+            .token_request(100, &mut |b: &mut [u8]| {
+                b.fill(7);
+                true
+            })
+            .unwrap();
+        let f = form_of(&r.body);
+        assert_eq!(value(&f, "grant_type"), Some("urn:ietf:params:oauth:grant-type:jwt-bearer"));
+        let (h, claims) = claims_of(value(&f, "assertion").unwrap());
+        assert_eq!(h["alg"], "RS256");
+        assert_eq!(claims["iss"], "router@project.iam.gserviceaccount.com");
+        assert_eq!(claims["scope"], "https://www.googleapis.com/auth/cloud-healthcare");
+        assert!(claims.get("sub").is_none());
+        assert_eq!(claims["aud"], "https://oauth2.googleapis.com/token");
+    }
+
+    #[test]
+    fn a_service_account_json_file_gives_its_private_key() {
+        let sa = json!({"type": "service_account", "private_key": crate::testkeys::rsa_private_pem()}).to_string();
+        let lookup = move |name: &str| (name == "\0file:/etc/sa.json").then(|| sa.clone());
+        let v = json!({"method": "jwt_bearer", "token_url": TOKEN_URL, "cluster": "g", "client_id": "sa",
+                       "private_key": {"file": "/etc/sa.json"}});
+        assert!(compile("t", &raw(v), &lookup).is_ok());
+    }
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        let field = |v: serde_json::Value| compile("t.upstream_auth", &raw(v), &env).unwrap_err().field;
+        let mut v = basic();
+        v["method"] = json!("mtls");
+        assert_eq!(field(v), "t.upstream_auth.method");
+        let mut v = basic();
+        v["token_url"] = json!("login.example.com/token");
+        assert_eq!(field(v), "t.upstream_auth.token_url");
+        let mut v = basic();
+        v["client_secret"] = json!({"env": "MISSING"});
+        assert_eq!(field(v), "t.upstream_auth.client_secret.env");
+        let mut v = basic();
+        v["client_secret"] = json!({"file": "/nope"});
+        let e = compile("t.upstream_auth", &raw(v), &env).unwrap_err();
+        assert_eq!(e.field, "t.upstream_auth.client_secret.file");
+        assert!(e.message.contains("proxy-wasm build cannot read files"), "{e}");
+        let mut v = basic();
+        v["client_secret"] = json!({"env": "SECRET", "file": "/x"});
+        assert_eq!(field(v), "t.upstream_auth.client_secret");
+        let mut v = basic();
+        v.as_object_mut().unwrap().remove("client_secret");
+        assert_eq!(field(v), "t.upstream_auth.client_secret");
+        let mut v = basic();
+        v["signing_alg"] = json!("RS384");
+        assert_eq!(field(v), "t.upstream_auth.signing_alg");
+        let mut v = basic();
+        v["timeout_ms"] = json!(10);
+        assert_eq!(field(v), "t.upstream_auth.timeout_ms");
+        let v = json!({"method": "private_key_jwt", "token_url": TOKEN_URL, "cluster": "c", "client_id": "x",
+                       "private_key": {"env": "SECRET"}});
+        assert_eq!(field(v), "t.upstream_auth.private_key");
+        let v = json!({"method": "private_key_jwt", "token_url": TOKEN_URL, "cluster": "c", "client_id": "x",
+                       "private_key": {"env": "RSA_KEY"}, "signing_alg": "ES384"});
+        assert_eq!(field(v), "t.upstream_auth.signing_alg");
+        let v = json!({"method": "private_key_jwt", "token_url": TOKEN_URL, "cluster": "c", "client_id": "x",
+                       "private_key": {"env": "RSA_KEY"}, "subject": "s"});
+        assert_eq!(field(v), "t.upstream_auth.subject");
+    }
+
+    #[test]
+    fn token_responses_are_read_strictly_and_errors_carry_only_the_servers_code() {
+        let t =
+            parse_token_response(200, br#"{"access_token":"abc.def","token_type":"Bearer","expires_in":3600}"#, 1000)
+                .unwrap();
+        assert_eq!(t.header, "Bearer abc.def");
+        assert_eq!(t.refresh_at_ms, 1000 + 2_880_000);
+        assert_eq!(t.usable_until_ms, 1000 + 3_600_000 - 30_000);
+        let t =
+            parse_token_response(200, br#"{"access_token":"x","token_type":"bearer","expires_in":"10"}"#, 0).unwrap();
+        assert_eq!((t.refresh_at_ms, t.usable_until_ms), (8_000, 9_000));
+        let t = parse_token_response(200, br#"{"access_token":"x"}"#, 0).unwrap();
+        assert_eq!(t.refresh_at_ms, 240_000);
+        for bad in [
+            &br#"{"token_type":"Bearer"}"#[..],
+            br#"{"access_token":"a b"}"#,
+            br#"{"access_token":""}"#,
+            br#"{"access_token":"x","token_type":"DPoP"}"#,
+            br#"{"access_token":"x","expires_in":0}"#,
+            br#"{"access_token":"x","expires_in":-5}"#,
+            br#"{"access_token":"x","expires_in":[1]}"#,
+            b"not json",
+        ] {
+            assert!(parse_token_response(200, bad, 0).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let e = parse_token_response(401, br#"{"error":"invalid_client","error_description":"bad\nsecret"}"#, 0);
+        assert_eq!(e.unwrap_err().0, "HTTP status 401: invalid_client (badsecret)");
+        assert_eq!(parse_token_response(503, b"<html>", 0).unwrap_err().0, "HTTP status 503");
+    }
+
+    fn slot(max_waiting: usize) -> TokenSlot {
+        let mut v = basic();
+        v["max_waiting"] = json!(max_waiting);
+        TokenSlot::new("t", Arc::new(compile("t", &raw(v), &env).unwrap()))
+    }
+
+    fn use_(s: &mut TokenSlot, id: u32, now: u64) -> (&str, bool) {
+        match s.access(id, now, true) {
+            Access::Use { fetch } => (s.header().unwrap(), fetch),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn token(now: u64, lifetime_s: u64) -> Token {
+        let body = format!(r#"{{"access_token":"tok{now}","expires_in":{lifetime_s}}}"#);
+        parse_token_response(200, body.as_bytes(), now).unwrap()
+    }
+
+    #[test]
+    fn the_first_request_fetches_later_ones_wait_bounded_and_all_are_woken() {
+        let mut s = slot(2);
+        assert_eq!(s.access(1, 0, true), Access::Wait { fetch: true });
+        assert_eq!(s.access(2, 10, true), Access::Wait { fetch: false });
+        assert_eq!(s.access(3, 20, true), Access::Full);
+        assert_eq!(s.settle(s.generation(), Ok(token(100, 100)), 100), Settled::Installed { refreshed: false });
+        assert_eq!(s.take_waiting(), vec![1, 2]);
+        assert_eq!(use_(&mut s, 4, 200), ("Bearer tok100", false));
+    }
+
+    #[test]
+    fn a_token_is_refreshed_once_at_80_percent_and_used_meanwhile() {
+        let mut s = slot(8);
+        s.access(1, 0, true);
+        s.settle(0, Ok(token(0, 100)), 0);
+        assert_eq!(use_(&mut s, 2, 79_999), ("Bearer tok0", false));
+        assert_eq!(use_(&mut s, 3, 80_000), ("Bearer tok0", true));
+        assert_eq!(use_(&mut s, 4, 80_001), ("Bearer tok0", false));
+        assert_eq!(s.settle(0, Ok(token(81_000, 100)), 81_000), Settled::Installed { refreshed: true });
+        assert_eq!(use_(&mut s, 5, 81_001), ("Bearer tok81000", false));
+    }
+
+    #[test]
+    fn when_the_server_fails_a_usable_token_is_kept_then_requests_get_unavailable_with_retry_after() {
+        let mut s = slot(8);
+        s.access(1, 0, true);
+        s.settle(0, Ok(token(0, 100)), 0);
+        assert_eq!(s.take_waiting(), vec![1]);
+        assert_eq!(use_(&mut s, 2, 80_000), ("Bearer tok0", true));
+        let failed = s.settle(0, Err(TokenError("HTTP status 503".into())), 80_100);
+        assert_eq!(failed, Settled::Failed { kept: true, first: true, retry_in_ms: 1_000 });
+        // Kept, and retried after the backoff only.
+        assert_eq!(use_(&mut s, 3, 80_500), ("Bearer tok0", false));
+        assert_eq!(use_(&mut s, 4, 81_100), ("Bearer tok0", true));
+        let failed = s.settle(0, Err(TokenError("x".into())), 81_200);
+        assert_eq!(failed, Settled::Failed { kept: true, first: false, retry_in_ms: 2_000 });
+        assert_eq!(use_(&mut s, 5, 89_000), ("Bearer tok0", true));
+        let failed = s.settle(0, Err(TokenError("x".into())), 89_100);
+        assert_eq!(failed, Settled::Failed { kept: true, first: false, retry_in_ms: 4_000 });
+        // Past its usable time (90 s: a tenth of its life before expiry), and within the backoff: 503.
+        assert_eq!(s.access(6, 90_000, true), Access::Unavailable { retry_after_s: 4 });
+        assert!(s.waiting.is_empty());
+        // After the backoff a request waits for a new fetch, which fails: it is woken, and may not wait again.
+        assert_eq!(s.access(7, 93_100, true), Access::Wait { fetch: true });
+        let failed = s.settle(0, Err(TokenError("x".into())), 93_200);
+        assert_eq!(failed, Settled::Failed { kept: false, first: false, retry_in_ms: 8_000 });
+        assert_eq!(s.take_waiting(), vec![7]);
+        assert_eq!(s.access(7, 93_200, false), Access::Unavailable { retry_after_s: 8 });
+    }
+
+    #[test]
+    fn a_lost_fetch_counts_as_failed_after_its_timeout() {
+        let mut s = slot(8);
+        assert_eq!(s.access(1, 0, true), Access::Wait { fetch: true });
+        assert!(!s.check_lost(DEFAULT_TIMEOUT_MS));
+        assert!(s.check_lost(DEFAULT_TIMEOUT_MS + LOST_FETCH_GRACE_MS));
+        assert_eq!(s.failures(), 1);
+    }
+
+    #[test]
+    fn a_changed_client_drops_the_token_and_ignores_the_old_fetch() {
+        let mut s = slot(8);
+        s.access(1, 0, true);
+        s.settle(0, Ok(token(0, 100)), 0);
+        let mut v = basic();
+        v["scope"] = json!("other");
+        s.update(&Arc::new(compile("t", &raw(v), &env).unwrap()));
+        assert_eq!(s.access(2, 10, true), Access::Wait { fetch: true });
+        assert_eq!(s.settle(0, Ok(token(20, 100)), 20), Settled::Stale);
+        assert_eq!(s.access(3, 30, true), Access::Wait { fetch: true });
+        assert_eq!(s.settle(1, Ok(token(40, 100)), 40), Settled::Installed { refreshed: false });
+        // The same configuration again changes nothing.
+        let same = Arc::clone(&s.client);
+        s.update(&same);
+        assert_eq!(use_(&mut s, 4, 50), ("Bearer tok40", false));
+        // The upstream refusing the token drops it (only if it is still the current one).
+        assert!(!s.refused("Bearer old"));
+        assert!(s.refused("Bearer tok40"));
+        assert_eq!(s.access(5, 60, true), Access::Wait { fetch: true });
+    }
+}

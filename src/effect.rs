@@ -42,6 +42,25 @@ pub enum Effect<'a> {
     ResumeRequest,
     /// Start a GET through an Envoy cluster; its outcome comes back as a fetch result for `target`.
     Fetch(Fetch<'a>),
+    /// Send the current request again (its headers as they are now, `authorization` replaced; it has no
+    /// body) through `cluster`; the answer comes back as [`FetchTarget::Resend`] of this request.
+    Resend(Resend<'a>),
+}
+
+/// A safe request sent again with a new upstream token (its `Debug` does not show the token).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Resend<'a> {
+    /// The request's context id (its answer comes back as [`FetchTarget::Resend`] of it).
+    pub context_id: u32,
+    pub cluster: &'a str,
+    pub authorization: &'a str,
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for Resend<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resend").field("cluster", &self.cluster).field("timeout_ms", &self.timeout_ms).finish()
+    }
 }
 
 /// A local answer.
@@ -61,6 +80,8 @@ pub enum FetchTarget {
     Registry,
     /// An upstream access token for the token slot `slot`, fetched for its client configuration `generation`.
     UpstreamToken { slot: u32, generation: u32 },
+    /// The answer to a request sent again ([`Effect::Resend`]) by the request with this context id.
+    Resend(u32),
 }
 
 /// An outgoing request: a GET, or a token request's POST (whose `authorization` and `body` may hold a

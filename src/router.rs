@@ -14,7 +14,7 @@ use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
 use crate::crypto::{CheckLog, SignatureCheck};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
-use crate::effect::{Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, TokenEvent};
+use crate::effect::{Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TokenEvent};
 use crate::fhir::{Policy, Refusal};
 use crate::identity::Identity;
 use crate::jwks::KeySet;
@@ -159,6 +159,11 @@ enum Phase {
     WaitingForKeys { provider: usize, request: Box<OwnedRequest> },
     /// Parked until its tenant's upstream token (token slot `slot`) is fetched.
     WaitingForToken { slot: u32, request: Box<OwnedRequest> },
+    /// Its upstream refused the token (401): the response waits for a new token (slot `slot`) to send the
+    /// request again with.
+    WaitingToResend { slot: u32 },
+    /// Sent again; the response waits for that answer.
+    Resent,
     /// Routed; its body is held until the allowlist has judged the Bundle.
     Inspecting(Box<Inspection>),
     /// Decided: nothing more to judge on the request side.
@@ -179,7 +184,27 @@ pub struct Stream {
     /// The request is a `HEAD` whose response would be edited: no body comes back, but its
     /// `content-length` is the unedited body's.
     head: bool,
+    /// The upstream token it was sent with, if its tenant has `upstream_auth`.
+    upstream_token: Option<Box<UpstreamTokenUse>>,
 }
+
+/// Which upstream token a request was sent with, and what sending it again needs.
+#[derive(Clone, Debug)]
+struct UpstreamTokenUse {
+    slot: u32,
+    serial: u64,
+    cluster: String,
+    /// `GET` or `HEAD`: it may be sent again once, after a 401.
+    safe: bool,
+    resent: bool,
+}
+
+/// How long a request sent again may take (Envoy's default route timeout).
+pub const RESEND_TIMEOUT_MS: u64 = 15_000;
+
+/// Response headers not copied from an answer to a request sent again into the local reply (hop-by-hop, or
+/// set by Envoy for the reply).
+const NOT_COPIED: [&str; 6] = ["content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"];
 
 impl Stream {
     /// The state of the request with this host context id.
@@ -194,7 +219,19 @@ impl Stream {
 
     /// Whether the request is parked, waiting for a key set or an upstream token.
     pub fn is_waiting(&self) -> bool {
-        matches!(self.phase, Phase::WaitingForKeys { .. } | Phase::WaitingForToken { .. })
+        matches!(
+            self.phase,
+            Phase::WaitingForKeys { .. }
+                | Phase::WaitingForToken { .. }
+                | Phase::WaitingToResend { .. }
+                | Phase::Resent
+        )
+    }
+
+    /// Whether it was sent with an upstream token that it may send again after a 401 (the shell then
+    /// hands the response status to [`Router::on_upstream_response`]).
+    pub fn may_resend(&self) -> bool {
+        self.upstream_token.as_ref().is_some_and(|u| u.safe && !u.resent)
     }
 
     /// The provider whose key set the request waits for, if it is parked.
@@ -422,7 +459,7 @@ impl Router {
             }
             Phase::Inspecting(_) if !end_of_stream => Flow::Buffer,
             Phase::Inspecting(_) => self.judge_bundle(stream, &body(), now_ms, out),
-            Phase::New | Phase::Decided => Flow::Continue,
+            Phase::New | Phase::Decided | Phase::WaitingToResend { .. } | Phase::Resent => Flow::Continue,
         }
     }
 
@@ -452,6 +489,10 @@ impl Router {
                 }
                 request
             }
+            Phase::WaitingToResend { slot } => {
+                self.resend(stream, slot, now_ms, false, out);
+                return;
+            }
             other => {
                 stream.phase = other;
                 return;
@@ -478,7 +519,7 @@ impl Router {
                     state.waiting.retain(|&id| id != stream.context_id);
                 }
             }
-            Phase::WaitingForToken { slot, .. } => {
+            Phase::WaitingForToken { slot, .. } | Phase::WaitingToResend { slot } => {
                 if let Some(slot) = self.upstream.get_mut(slot) {
                     slot.waiting.retain(|&id| id != stream.context_id);
                 }
@@ -531,6 +572,10 @@ impl Router {
         body: &mut dyn FnMut() -> Vec<u8>,
         out: &mut dyn Effects,
     ) -> Flow {
+        if matches!(stream.phase, Phase::WaitingToResend { .. } | Phase::Resent) {
+            // The refused answer's body: held, never sent (the client gets the answer to the request sent again).
+            return Flow::Buffer;
+        }
         let Some(edit) = stream.response.as_ref().filter(|_| stream.editing_response) else {
             return Flow::Continue;
         };
@@ -548,6 +593,121 @@ impl Router {
             out.push(Effect::ReplaceResponseBody(&new));
         }
         Flow::Continue
+    }
+
+    /// The status of the answer to a request sent with an upstream token that it may send again (see
+    /// [`Stream::may_resend`]). A 401 means the tenant's server refused the token: it is dropped, and the
+    /// request (safe: `GET`, `HEAD`) is sent again once with a new one, when there is one; the client gets
+    /// that answer. `Some(flow)`: the response is held (or answered); `None`: it goes on as usual.
+    pub fn on_upstream_response(
+        &mut self,
+        stream: &mut Stream,
+        status: Option<&str>,
+        now_ms: u64,
+        out: &mut dyn Effects,
+    ) -> Option<Flow> {
+        if status != Some("401") || !stream.may_resend() {
+            return None;
+        }
+        let upstream = stream.upstream_token.as_mut()?;
+        upstream.resent = true;
+        let (slot_id, serial) = (upstream.slot, upstream.serial);
+        let slot = self.upstream.get_mut(slot_id)?;
+        slot.refused(serial);
+        out.push(Effect::Count(Metric::UpstreamToken(&slot.tenant, TokenEvent::Retry)));
+        let line = format!(
+            "upstream token for tenant {}: its server answered 401; sending the request again with a new token",
+            slot.tenant
+        );
+        out.push(Effect::Log(Level::Info, &line));
+        self.resend(stream, slot_id, now_ms, true, out);
+        Some(if matches!(stream.phase, Phase::Decided) { Flow::Stop } else { Flow::WaitForKeys })
+    }
+
+    /// Sends the request again with the slot's token, or waits for one (`may_wait`), or answers 503.
+    fn resend(&mut self, stream: &mut Stream, slot_id: u32, now_ms: u64, may_wait: bool, out: &mut dyn Effects) {
+        stream.phase = Phase::Decided;
+        let Some(slot) = self.upstream.get_mut(slot_id) else { return };
+        slot.waiting.retain(|&id| id != stream.context_id);
+        match slot.access(stream.context_id, now_ms, may_wait) {
+            Access::Use { fetch } => {
+                if fetch {
+                    token_fetch(slot_id, slot, now_ms, out);
+                }
+                if let (Some(header), Some(upstream)) = (slot.header(), stream.upstream_token.as_mut()) {
+                    upstream.serial = slot.serial();
+                    let cluster = &upstream.cluster;
+                    let context_id = stream.context_id;
+                    let timeout_ms = RESEND_TIMEOUT_MS;
+                    out.push(Effect::Resend(Resend { context_id, cluster, authorization: header, timeout_ms }));
+                    stream.phase = Phase::Resent;
+                }
+            }
+            Access::Wait { fetch } => {
+                if fetch {
+                    token_fetch(slot_id, slot, now_ms, out);
+                }
+                stream.phase = Phase::WaitingToResend { slot: slot_id };
+            }
+            Access::Full => reject(Rejection::UpstreamAuthUnavailable, Some(1), out),
+            Access::Unavailable { retry_after_s } => {
+                reject(Rejection::UpstreamAuthUnavailable, Some(retry_after_s), out)
+            }
+        }
+    }
+
+    /// The answer to a request sent again (`status`: `None` if none came): the client gets it, its links
+    /// rewritten as the tenant's answers are; a second 401 (or none) is a 503.
+    pub fn on_resend_response(
+        &mut self,
+        stream: &mut Stream,
+        status: Option<&str>,
+        headers: &[(String, String)],
+        body: &[u8],
+        out: &mut dyn Effects,
+    ) {
+        if !matches!(std::mem::replace(&mut stream.phase, Phase::Decided), Phase::Resent) {
+            return;
+        }
+        let tenant = stream
+            .upstream_token
+            .as_ref()
+            .and_then(|u| self.upstream.get_mut(u.slot))
+            .map_or(String::new(), |s| s.tenant.clone());
+        let status = match status.and_then(|s| s.parse::<u32>().ok()) {
+            Some(401) | None => {
+                let why = if status.is_some() { "refused a new token too (401)" } else { "did not answer" };
+                let line =
+                    format!("upstream token for tenant {tenant}: its server {why} when the request was sent again");
+                out.push(Effect::Log(Level::Error, &line));
+                reject(Rejection::UpstreamAuthUnavailable, Some(1), out);
+                return;
+            }
+            Some(status) => status,
+        };
+        let mut copied: Vec<(&str, String)> = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            if name.starts_with(':') || NOT_COPIED.contains(&name.as_str()) {
+                continue;
+            }
+            let value = match &stream.response {
+                Some(ResponseEdit::RewriteLinks { from, to }) if name == "location" || name == "content-location" => {
+                    links::rewrite_url(value, from, to).unwrap_or_else(|| value.clone())
+                }
+                _ => value.clone(),
+            };
+            copied.push((name.as_str(), value));
+        }
+        let json = headers.iter().any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().contains("json"));
+        let edited = match &stream.response {
+            Some(ResponseEdit::RewriteLinks { from, to }) if json && !stream.head => {
+                links::rewrite_body(body, from, to)
+            }
+            _ => None,
+        };
+        let headers: Vec<(&str, &str)> = copied.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let body = edited.as_deref().unwrap_or(body);
+        out.push(Effect::Reply(Reply { status, headers: &headers, body }));
     }
 
     /// Decides `request` and pushes what follows. `may_wait`: an unknown `kid` may park the request until
@@ -589,6 +749,13 @@ impl Router {
                                 token_fetch(slot_id, slot, now_ms, out);
                             }
                             credential = slot.header();
+                            stream.upstream_token = Some(Box::new(UpstreamTokenUse {
+                                slot: slot_id,
+                                serial: slot.serial(),
+                                cluster: tenant.cluster.clone(),
+                                safe: matches!(&*request.method, "GET" | "HEAD"),
+                                resent: false,
+                            }));
                         }
                         Access::Wait { fetch } => {
                             if fetch {

@@ -113,6 +113,8 @@ impl Router {
             FetchTarget::UpstreamToken { slot, generation } => {
                 return self.on_token_result(slot, generation, result, now_ms, body, out);
             }
+            // A request's own answer: the shell hands it to `Router::on_resend_response`.
+            FetchTarget::Resend(_) => return Fetched::default(),
         };
         let fetched = match result {
             FetchResult::NotSent(why) => Err(why.to_string()),
@@ -136,7 +138,7 @@ impl Router {
                 let installed = self.install_registry(fetched, now_ms, env, out);
                 Fetched { installed, waiting_for: None, wake: Vec::new() }
             }
-            FetchTarget::UpstreamToken { .. } => Fetched::default(),
+            FetchTarget::UpstreamToken { .. } | FetchTarget::Resend(_) => Fetched::default(),
         }
     }
 

@@ -692,6 +692,8 @@ pub struct TokenSlot {
     failures: u32,
     /// Requests (context ids) waiting for a token.
     pub waiting: Vec<u32>,
+    /// Counts the tokens installed: which one a request was sent with.
+    serial: u64,
 }
 
 /// What a request of this tenant does about its upstream token.
@@ -730,6 +732,7 @@ impl TokenSlot {
             retry_at_ms: 0,
             failures: 0,
             waiting: Vec::new(),
+            serial: 0,
         }
     }
 
@@ -837,6 +840,7 @@ impl TokenSlot {
             Ok(token) => {
                 let refreshed = self.usable(now_ms).is_some();
                 self.token = Some(token);
+                self.serial = self.serial.wrapping_add(1);
                 self.failures = 0;
                 self.retry_at_ms = 0;
                 Settled::Installed { refreshed }
@@ -845,9 +849,15 @@ impl TokenSlot {
         }
     }
 
-    /// Drops the token if it is still `header` (the upstream refused it): the next request fetches anew.
-    pub fn refused(&mut self, header: &str) -> bool {
-        if self.token.as_ref().is_some_and(|t| t.header == header) {
+    /// Which token [`TokenSlot::header`] is (for [`TokenSlot::refused`]).
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Drops the token if it is still the one numbered `serial` (the upstream refused it): the next request
+    /// fetches anew. Returns whether it was.
+    pub fn refused(&mut self, serial: u64) -> bool {
+        if self.token.is_some() && self.serial == serial {
             self.token = None;
             return true;
         }
@@ -1235,8 +1245,9 @@ mod tests {
         s.update(&same);
         assert_eq!(use_(&mut s, 4, 50), ("Bearer tok40", false));
         // The upstream refusing the token drops it (only if it is still the current one).
-        assert!(!s.refused("Bearer old"));
-        assert!(s.refused("Bearer tok40"));
+        let current = s.serial();
+        assert!(!s.refused(current - 1));
+        assert!(s.refused(current));
         assert_eq!(s.access(5, 60, true), Access::Wait { fetch: true });
     }
 }

@@ -194,6 +194,8 @@ impl Effects for Apply<'_> {
             Effect::ResumeRequest => unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(filter) },
             // Fetches are the main thread's (see `upkeep`); a worker's router never ticks.
             Effect::Fetch(_) => {}
+            // upstream_auth is refused by this build: no request is ever sent again.
+            Effect::Resend(_) => {}
         }
     }
 }

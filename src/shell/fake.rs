@@ -22,6 +22,7 @@ pub struct State {
     pub response_body: RefCell<Vec<u8>>,
     /// The `:status` and body of the next HTTP call response delivered.
     pub call_status: RefCell<Option<String>>,
+    pub call_headers: RefCell<Vec<(String, String)>>,
     pub call_body: RefCell<Vec<u8>>,
     /// When set, `dispatch` fails with this.
     pub dispatch_error: RefCell<Option<String>>,
@@ -184,6 +185,10 @@ impl Host for FakeHost {
 
     fn call_response_status(&self) -> Option<String> {
         self.0.call_status.borrow().clone()
+    }
+
+    fn call_response_headers(&self) -> Vec<(String, String)> {
+        self.0.call_headers.borrow().clone()
     }
 
     fn call_response_body(&self, size: usize) -> Vec<u8> {

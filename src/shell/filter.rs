@@ -69,6 +69,27 @@ impl<H: Host> Filter<H> {
         flow
     }
 
+    /// The response of a request sent with an upstream token: a 401 sends it again with a new token (the
+    /// response is held, and the stream parked, meanwhile).
+    fn upstream_refused(&mut self) -> Option<Flow> {
+        let shared = Rc::clone(&self.shared);
+        let stream = self.stream.as_mut()?;
+        let status = shared.host.response_header(":status");
+        let now = shared.host.now_ms();
+        let mut apply = shared.apply();
+        let flow = shared.router.borrow_mut().on_upstream_response(stream, status.as_deref(), now, &mut apply)?;
+        let unsent = apply.unsent;
+        if flow == Flow::WaitForKeys {
+            if let Some(stream) = self.stream.take() {
+                shared.parked.borrow_mut().insert(self.context_id, stream);
+            }
+        }
+        for (target, why) in unsent {
+            shared.fetch_ended(target, crate::upkeep::FetchResult::NotSent(&why), 0);
+        }
+        Some(flow)
+    }
+
     /// The answer to a call this request's context sent (an upstream token request): the shared handler's.
     pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
         self.shared.on_http_call_response(token, body_size);
@@ -85,6 +106,18 @@ impl<H: Host> Filter<H> {
     }
 
     pub fn on_response_headers(&mut self, end_of_stream: bool) -> Flow {
+        if self.stream.is_none() {
+            // Woken and not yet taken back (a parked, still waiting one stays in the map).
+            let mut parked = self.shared.parked.borrow_mut();
+            if parked.get(&self.context_id).is_some_and(|s| !s.is_waiting()) {
+                self.stream = parked.remove(&self.context_id);
+            }
+        }
+        if self.stream.as_ref().is_some_and(Stream::may_resend) {
+            if let Some(flow) = self.upstream_refused() {
+                return flow;
+            }
+        }
         self.with_stream(|shared, stream| {
             let host = &shared.host;
             let header = |name: &str| host.response_header(name);

@@ -65,6 +65,8 @@ pub trait Host {
     fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, String>;
     /// The `:status` of the HTTP call response being delivered (`None`: no response).
     fn call_response_status(&self) -> Option<String>;
+    /// Every header of that response (lowercase names), pseudo-headers included.
+    fn call_response_headers(&self) -> Vec<(String, String)>;
     /// The first `size` bytes of that response's body.
     fn call_response_body(&self, size: usize) -> Vec<u8>;
 

@@ -173,6 +173,12 @@ impl Host for ProxyWasmHost {
         header(MapType::HttpCallResponseHeaders, ":status")
     }
 
+    fn call_response_headers(&self) -> Vec<(String, String)> {
+        hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
+            .map(|pairs| pairs.into_iter().map(|(n, v)| (n, String::from_utf8_lossy(&v).into_owned())).collect())
+            .unwrap_or_default()
+    }
+
     fn call_response_body(&self, size: usize) -> Vec<u8> {
         buffer(BufferType::HttpCallResponseBody, size)
     }

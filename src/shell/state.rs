@@ -38,12 +38,32 @@ impl<H: Host> Shared<H> {
     pub fn on_http_call_response(&self, token: u32, body_size: usize) {
         let Some(target) = self.calls.borrow_mut().remove(&token) else { return };
         let status = self.host.call_response_status();
+        if let FetchTarget::Resend(context_id) = target {
+            let headers = self.host.call_response_headers();
+            let body = self.host.call_response_body(body_size);
+            self.resent(context_id, status.as_deref(), &headers, &body);
+            return;
+        }
         self.fetch_ended(target, FetchResult::Answer { status: status.as_deref(), body_size }, body_size);
+    }
+
+    /// The answer to a request sent again (`status` `None`: none came): the client gets it.
+    fn resent(&self, context_id: u32, status: Option<&str>, headers: &[(String, String)], body: &[u8]) {
+        let Some(mut stream) = self.parked.borrow_mut().remove(&context_id) else { return };
+        if self.host.set_effective_context(context_id) {
+            let mut apply = self.apply();
+            self.router.borrow_mut().on_resend_response(&mut stream, status, headers, body, &mut apply);
+        }
+        self.parked.borrow_mut().insert(context_id, stream);
     }
 
     /// A fetch ended: the core installs what came, and the requests that waited for it are woken. A fetch
     /// the core starts meanwhile that cannot be sent ends at once, the same way.
     pub fn fetch_ended(&self, target: FetchTarget, result: FetchResult<'_>, body_size: usize) {
+        if let FetchTarget::Resend(context_id) = target {
+            self.resent(context_id, None, &[], &[]);
+            return;
+        }
         let host = &self.host;
         let now = host.now_ms();
         let (woken, unsent) = {

@@ -1060,3 +1060,86 @@ fn a_lost_token_request_is_given_up_after_its_timeout_and_its_waiters_answered()
     assert!(calls.iter().any(|c| c.starts_with("log Error upstream token") && c.contains("no answer")), "{calls:?}");
     assert!(calls.iter().any(|c| c.starts_with("send_reply 503")), "{calls:?}");
 }
+
+#[test]
+fn a_401_from_the_upstream_refreshes_the_token_once_and_sends_a_safe_request_again() {
+    let (host, root) = configured_with_secret(&upstream_auth_plugin());
+    let client = bearer(&testkeys::claims_now());
+    let (mut f1, _) = send(&host, &root, 1, &get("/Patient?name=x", Some(&client)), true);
+    deliver_to(&host, &mut f1, 1, Some("200"), &token_answer("tok-1", 3600));
+    host.take_calls();
+    // The upstream refuses tok-1 (revoked there): the response is held and a new token asked for.
+    host.0.response_headers.borrow_mut().insert(":status".into(), "401".into());
+    assert_eq!(f1.on_response_headers(false), Flow::WaitForKeys);
+    assert_eq!(f1.on_response_body(10, true), Flow::Buffer, "the refused answer's body is held, never sent");
+    let calls = host.take_calls();
+    assert!(calls.iter().any(|c| c.starts_with("dispatch entra")), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("send_reply")), "{calls:?}");
+    // The new token comes: the request goes again with it, the same headers otherwise, no pseudo-headers
+    // beyond :method, :path, :authority.
+    host.request(&[
+        (":method", "GET"),
+        (":path", "/Patient?name=x"),
+        (":authority", "fhir.example"),
+        (":scheme", "https"),
+        ("accept", "application/fhir+json"),
+        ("authorization", "Bearer tok-1"),
+    ]);
+    deliver_to(&host, &mut f1, 2, Some("200"), &token_answer("tok-2", 3600));
+    let calls = host.take_calls();
+    let resend = calls.iter().find(|c| c.starts_with("dispatch tenant_a")).expect("sent again");
+    assert_eq!(
+        resend,
+        r#"dispatch tenant_a [(":method", "GET"), (":path", "/Patient?name=x"), (":authority", "fhir.example"), ("accept", "application/fhir+json"), ("authorization", "Bearer tok-2")] 15000"#
+    );
+    // Its answer is the client's.
+    *host.0.call_headers.borrow_mut() = vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "application/fhir+json".into()),
+        ("content-length".into(), "27".into()),
+    ];
+    deliver_to(&host, &mut f1, 3, Some("200"), br#"{"resourceType":"Bundle"}"#);
+    let calls = host.take_calls();
+    assert!(
+        calls.contains(
+            &r#"send_reply 200 [("content-type", "application/fhir+json")] {"resourceType":"Bundle"}"#.to_string()
+        ),
+        "{calls:?}"
+    );
+    root.shared().unwrap().metrics.flush(&host);
+    let stat = |name: &str| {
+        host.0.metrics.borrow().get(&format!("fhir_tenant_router.tenant.{TENANT_A}.upstream_token.{name}")).copied()
+    };
+    assert_eq!((stat("retries"), stat("fetches")), (Some(1), Some(2)));
+}
+
+#[test]
+fn a_second_401_or_an_unsafe_method_is_not_sent_again() {
+    let (host, root) = configured_with_secret(&upstream_auth_plugin());
+    let client = bearer(&testkeys::claims_now());
+    let (mut f1, _) = send(&host, &root, 1, &get("/Patient", Some(&client)), true);
+    deliver_to(&host, &mut f1, 1, Some("200"), &token_answer("tok-1", 3600));
+    host.0.response_headers.borrow_mut().insert(":status".into(), "401".into());
+    assert_eq!(f1.on_response_headers(true), Flow::WaitForKeys);
+    deliver_to(&host, &mut f1, 2, Some("200"), &token_answer("tok-2", 3600));
+    host.take_calls();
+    deliver_to(&host, &mut f1, 3, Some("401"), b"");
+    let calls = host.take_calls();
+    let r = Rejection::UpstreamAuthUnavailable;
+    assert!(calls.contains(&refusal(503, "retry-after: 1", r.operation_outcome())), "{calls:?}");
+    assert!(calls.iter().any(|c| c.starts_with("log Error") && c.contains("refused a new token too")), "{calls:?}");
+    // A POST is never sent again: its 401 goes to the client as it is.
+    let mut p = upstream_auth_plugin();
+    p["tenants"][TENANT_A]["allow"] = json!({"interactions": ["create", "read"]});
+    let (host, root) = configured_with_secret(&p);
+    let post = vec![
+        (":method", "POST".to_string()),
+        (":path", "/Patient".to_string()),
+        (":authority", "fhir.example".to_string()),
+        ("authorization", client.clone()),
+    ];
+    let (mut f, _) = send(&host, &root, 1, &post, false);
+    deliver_to(&host, &mut f, 1, Some("200"), &token_answer("tok-1", 3600));
+    host.0.response_headers.borrow_mut().insert(":status".into(), "401".into());
+    assert_eq!(f.on_response_headers(true), Flow::Continue);
+}

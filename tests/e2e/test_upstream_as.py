@@ -222,6 +222,24 @@ def _other_key(alg: str, kid: str) -> KeyFile:
     return KeyFile(kid, alg, fresh.pem_path, fresh.public_jwk)
 
 
+def test_urls_are_the_issuers_whatever_host_a_client_sends(upstream_as, upstream_keys):
+    """Envoy may send the cluster's name (or anything) as :authority: the token URL stays the issuer's."""
+    form = f"grant_type=client_credentials&client_assertion_type={CLIENT_ASSERTION_TYPE}&client_assertion=" \
+        + client_assertion(upstream_keys.rs384, PKJWT_CLIENT, upstream_as.token_url)
+    conn = http.client.HTTPConnection("127.0.0.1", upstream_as.port, timeout=15)
+    try:
+        conn.request("POST", "/token", form, {"host": "upstream_as", "content-type":
+                                              "application/x-www-form-urlencoded"})
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200, body
+        conn.request("GET", "/.well-known/openid-configuration", headers={"host": "upstream_as"})
+        assert json.loads(conn.getresponse().read())["token_endpoint"] == upstream_as.token_url
+    finally:
+        conn.close()
+    assert upstream_as.requests()[-1]["host"] == "upstream_as"
+
+
 def test_a_client_assertion_is_accepted_once(upstream_as, upstream_keys):
     assertion = client_assertion(upstream_keys.rs384, PKJWT_CLIENT, upstream_as.token_url)
     assert upstream_as.token_private_key_jwt(upstream_keys.rs384, assertion=assertion).status == 200
@@ -234,6 +252,8 @@ def test_a_client_assertion_is_accepted_once(upstream_as, upstream_keys):
     assert third.status == 401, third
     recs = upstream_as.requests()
     assert recs[1]["error_detail"] == recs[2]["error_detail"] == "client assertion tokens must only be used once"
+    assert [a["claims"]["jti"] for a in upstream_as.client_assertions()] == [jti, jti, jti]
+    assert upstream_as.last_request()["client_assertion"]["header"]["alg"] == "ES384"
     assert upstream_as.counters()["clients"][PKJWT_CLIENT] == {"issued": 1, "rejected": 2,
                                                                "errors": {"invalid_client": 2}}
 

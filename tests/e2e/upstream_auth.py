@@ -302,6 +302,17 @@ class UpstreamAs:
         """Token requests received, oldest first (secrets redacted; assertions as decoded header+claims)."""
         return self._control("GET", "/requests")
 
+    def last_request(self) -> dict:
+        """The last token request received (as `requests()[-1]`)."""
+        recs = self.requests()
+        if not recs:
+            raise HarnessError(f"{self.name} has received no token request")
+        return recs[-1]
+
+    def client_assertions(self) -> list[dict]:
+        """The decoded {header, claims} of every private_key_jwt client assertion received, oldest first."""
+        return [r["client_assertion"] for r in self.requests() if r.get("client_assertion")]
+
     def counters(self) -> dict:
         """{"total", "issued", "rejected", "outage": {mode: n}, "clients": {id: {"issued", "rejected",
         "errors": {error: n}}}}"""

@@ -176,6 +176,10 @@ try {
   die(`listen on ${HOST}: ${err.message}`);
 }
 const ISSUER = config.issuer ?? `http://${HOST}:${oauthPort}`;
+const issuerUrl = URL.parse(ISSUER);
+if (!issuerUrl || !['http:', 'https:'].includes(issuerUrl.protocol) || issuerUrl.pathname !== '/' || issuerUrl.search) {
+  die(`issuer must be an http(s) origin without a path, got ${ISSUER}`);
+}
 
 // ----------------------------------------------------------------------------------------- oidc-provider
 
@@ -235,7 +239,7 @@ class MemoryAdapter {
 
 const entryOf = (client) => clients.get(client?.clientId);
 const ttlOf = (client) => entryOf(client)?.tokenTtl ?? tokenTtl;
-// The token endpoint URL as oidc-provider derives it from the request (Host header), as in discovery.
+// The token endpoint URL: the issuer's origin + /token (see provider.proxy below), as in discovery.
 const tokenUrlOf = (ctx) => ctx.oidc.urlFor('token');
 const nowSeconds = () => Math.floor(Date.now() / 1000);
 
@@ -480,6 +484,17 @@ provider.on('server_error', (ctx, err) => {
 });
 
 const TOKEN_PATH = provider.pathFor('token');
+
+// Like an AS with a configured public URL (not oidc-provider's default of deriving its URLs from each request's
+// Host): the token URL, the accepted assertion aud and discovery are the issuer's whatever Host a client sends
+// (the Host received is recorded).
+provider.proxy = true;
+provider.use(async (ctx, next) => {
+  ctx.req.headers['x-forwarded-host'] = issuerUrl.host;
+  ctx.req.headers['x-forwarded-proto'] = issuerUrl.protocol.slice(0, -1);
+  delete ctx.req.headers.forwarded;
+  return next();
+});
 
 provider.use(async (ctx, next) => {
   if (ctx.path !== TOKEN_PATH || ctx.method !== 'POST') return next();

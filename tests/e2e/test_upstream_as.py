@@ -206,8 +206,10 @@ def test_each_secret_client_is_held_to_its_registered_method_and_secret(upstream
     assert "registered for client_secret_basic" in recs[0]["error_detail"]
     assert recs[2]["error_detail"] == recs[3]["error_detail"] == "invalid secret provided"
     c = upstream_as.counters()
-    assert c["clients"][BASIC_CLIENT] == {"issued": 0, "rejected": 2, "errors": {"invalid_client": 2}}
-    assert c["clients"][POST_CLIENT] == {"issued": 0, "rejected": 2, "errors": {"invalid_client": 2}}
+    assert c["clients"][BASIC_CLIENT] == {"issued": 0, "rejected": 2, "outage": 0,
+                                                    "errors": {"invalid_client": 2}}
+    assert c["clients"][POST_CLIENT] == {"issued": 0, "rejected": 2, "outage": 0,
+                                                    "errors": {"invalid_client": 2}}
 
 
 # ------------------------------------------------------------------------- private_key_jwt enforcement
@@ -254,12 +256,26 @@ def test_a_client_assertion_is_accepted_once(upstream_as, upstream_keys):
     assert recs[1]["error_detail"] == recs[2]["error_detail"] == "client assertion tokens must only be used once"
     assert [a["claims"]["jti"] for a in upstream_as.client_assertions()] == [jti, jti, jti]
     assert upstream_as.last_request()["client_assertion"]["header"]["alg"] == "ES384"
-    assert upstream_as.counters()["clients"][PKJWT_CLIENT] == {"issued": 1, "rejected": 2,
+    assert upstream_as.counters()["clients"][PKJWT_CLIENT] == {"issued": 1, "rejected": 2, "outage": 0,
                                                                "errors": {"invalid_client": 2}}
 
 
-@pytest.mark.parametrize("case", ["aud_issuer", "aud_list", "exp_too_far", "expired", "rs256", "es256",
-                                  "unregistered_key", "iss_not_sub", "no_jti", "no_exp"])
+# case -> why the AS refused (error_detail); the first five come from our SMART hook or oidc-provider's alg list
+PKJWT_REFUSALS = {
+    "aud_issuer": "aud must be the token endpoint URL",  # oidc-provider alone accepts the issuer
+    "aud_list": "aud must be the token endpoint URL",
+    "exp_too_far": "exp must be at most 300 s ahead",
+    "expired": "jwt expired",
+    "rs256": "alg mismatch",
+    "es256": "alg mismatch",
+    "unregistered_key": "signature verification failed",
+    "iss_not_sub": "iss (JWT issuer) must be the client_id",
+    "no_jti": "unique jti (JWT ID) must be provided",
+    "no_exp": "expiration must be specified",
+}
+
+
+@pytest.mark.parametrize("case", list(PKJWT_REFUSALS))
 def test_private_key_jwt_refuses_assertions_smart_forbids(case, upstream_as, upstream_keys):
     url, key = upstream_as.token_url, upstream_keys.rs384
     make = {
@@ -281,7 +297,7 @@ def test_private_key_jwt_refuses_assertions_smart_forbids(case, upstream_as, ups
     r = upstream_as.token_private_key_jwt(key, assertion=make())
     assert r.status in (400, 401) and r.json()["error"] in ("invalid_client", "invalid_request"), r
     assert upstream_as.issued() == 0
-    assert upstream_as.requests()[-1]["outcome"] == "rejected"
+    assert PKJWT_REFUSALS[case] in upstream_as.last_request()["error_detail"]
 
 
 def test_the_lifetime_limit_is_exactly_300_seconds(upstream_as, upstream_keys):
@@ -306,8 +322,20 @@ def test_jwt_bearer_takes_the_scope_from_the_assertion_or_the_form(upstream_as):
     assert "client_id" not in recs[0]["params"]  # Google style: only grant_type and assertion
 
 
-@pytest.mark.parametrize("case", ["wrong_aud", "aud_list", "exp_too_far", "expired", "no_iat", "other_key",
-                                  "sub_other", "unknown_kid", "hs256"])
+JWT_BEARER_REFUSALS = {
+    "wrong_aud": 'unexpected "aud" claim value',
+    "aud_list": "aud must be exactly",
+    "exp_too_far": "exp must be at most 3600 s ahead",
+    "expired": "ERR_JWT_EXPIRED",
+    "no_iat": 'missing required "iat" claim',
+    "other_key": "ERR_JWS_SIGNATURE_VERIFICATION_FAILED",
+    "sub_other": "sub must be the service account",
+    "unknown_kid": "unknown kid not-the-key-id",
+    "hs256": "ERR_JOSE_ALG_NOT_ALLOWED",
+}
+
+
+@pytest.mark.parametrize("case", list(JWT_BEARER_REFUSALS))
 def test_jwt_bearer_refuses_bad_assertions(case, upstream_as, upstream_keys):
     sa, url = upstream_keys.service_account, upstream_as.token_url
     make = {
@@ -328,7 +356,8 @@ def test_jwt_bearer_refuses_bad_assertions(case, upstream_as, upstream_keys):
     r = upstream_as.token_jwt_bearer(assertion=make())
     assert r.status == 400 and r.json()["error"] == "invalid_grant", r
     assert upstream_as.issued() == 0
-    assert upstream_as.requests()[-1]["error_detail"].startswith("assertion: ")
+    detail = upstream_as.last_request()["error_detail"]
+    assert detail.startswith("assertion: ") and JWT_BEARER_REFUSALS[case] in detail, detail
 
 
 def test_jwt_bearer_needs_a_known_service_account_and_is_theirs_only(upstream_as, upstream_keys):
@@ -374,8 +403,21 @@ def test_the_fake_guard_refuses_everything_but_a_valid_token_and_nothing_reaches
     (seen,) = upstreams.tenant_b.requests
     assert seen.method == "POST" and seen.path == "/Patient/_search" and seen.body == b"family=probe"
     assert seen.header("x-probe") == "1" and seen.header("authorization") == f"Bearer {good}"
-    assert guard_b.jwks_fetches >= 2  # the unknown kids made it look again (at most once a second)
     assert all(good not in repr(r) for r in guard_b.records)
+
+
+def test_an_unknown_kid_makes_the_fake_guard_refetch_the_jwks_at_most_once_a_second(guards, idp):
+    _, guard_b = guards
+    stranger = idp.access_token(CLIENT_A, TENANT_A)
+    time.sleep(max(0.0, 1.1 - (time.monotonic() - guard_b._last_fetch)))  # past the rate limit
+    before = guard_b.jwks_fetches
+    begin = time.monotonic()
+    assert get(guard_b, "/Patient", stranger).status == 401
+    assert get(guard_b, "/Patient", stranger).status == 401
+    assert guard_b.jwks_fetches >= before + 1
+    if time.monotonic() - begin < 1.0:
+        assert guard_b.jwks_fetches == before + 1
+    assert [r.verdict for r in guard_b.records] == ["unknown_kid", "unknown_kid"]
 
 
 def test_revoked_tokens_are_refused_until_a_new_one_is_obtained(upstream_as, guards):
@@ -442,10 +484,13 @@ def test_outage_modes_stop_the_token_endpoint_but_issued_tokens_keep_working(ups
     assert upstream_as.token_post().status == 200
     c = upstream_as.counters()
     assert c["outage"] == {"503": 1, "drop": 1, "hang": 1} and c["issued"] == 2
-    assert c["clients"][POST_CLIENT]["issued"] == 2
+    assert c["clients"][POST_CLIENT] == {"issued": 2, "rejected": 0, "outage": 2, "errors": {}}
+    assert c["clients"]["(none)"]["outage"] == 1  # the hung request named no client
+    assert [r["outcome"] for r in upstream_as.requests()] == ["issued", "outage", "outage", "outage", "issued"]
 
 
 def test_secret_rotation_refuses_the_old_secret_and_accepts_the_new(upstream_as):
+    before = {c["client_id"]: c["secret_version"] for c in upstream_as.state()["clients"]}
     for client, fetch in ((POST_CLIENT, upstream_as.token_post), (BASIC_CLIENT, upstream_as.token_basic)):
         old = upstream_as.secrets[client]
         assert fetch().status == 200
@@ -454,10 +499,10 @@ def test_secret_rotation_refuses_the_old_secret_and_accepts_the_new(upstream_as)
         r = fetch(secret=old)
         assert r.status == 401 and r.json()["error"] == "invalid_client", r
         assert fetch().status == 200
-        assert upstream_as.counters()["clients"][client] == {"issued": 2, "rejected": 1,
+        assert upstream_as.counters()["clients"][client] == {"issued": 2, "rejected": 1, "outage": 0,
                                                              "errors": {"invalid_client": 1}}
     versions = {c["client_id"]: c["secret_version"] for c in upstream_as.state()["clients"]}
-    assert versions[POST_CLIENT] == versions[BASIC_CLIENT] == 2
+    assert versions == {**before, POST_CLIENT: before[POST_CLIENT] + 1, BASIC_CLIENT: before[BASIC_CLIENT] + 1}
 
 
 def test_a_secret_with_reserved_characters_works_form_encoded_in_basic_and_post(upstream_as):

@@ -314,8 +314,8 @@ class UpstreamAs:
         return [r["client_assertion"] for r in self.requests() if r.get("client_assertion")]
 
     def counters(self) -> dict:
-        """{"total", "issued", "rejected", "outage": {mode: n}, "clients": {id: {"issued", "rejected",
-        "errors": {error: n}}}}"""
+        """{"total", "issued", "rejected", "outage": {mode: n}, "clients": {id: {"issued", "rejected", "outage",
+        "errors": {error: n}}}} (id "(none)" when a request named no client)"""
         return self._control("GET", "/counters")
 
     def issued(self, client_id: str | None = None) -> int:

@@ -31,7 +31,6 @@ import * as querystring from 'node:querystring';
 import * as jose from 'jose';
 
 const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
-const ASSERTION_TYPE = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
 const SECRET_METHODS = new Set(['client_secret_basic', 'client_secret_post']);
 const AUTH_METHODS = new Set([...SECRET_METHODS, 'private_key_jwt', 'jwt_bearer']);
 const OUTAGE_MODES = new Set(['off', '503', 'drop', 'hang', 'refuse']);
@@ -436,13 +435,12 @@ function describeRequest(form, headers) {
 function count(record) {
   const c = state.counters;
   c.total += 1;
+  const key = record.client_id ?? '(none)';
+  const pc = (c.clients[key] ??= { issued: 0, rejected: 0, outage: 0, errors: {} });
   if (record.outcome === 'outage') {
     c.outage[record.outage] = (c.outage[record.outage] ?? 0) + 1;
-    return;
-  }
-  const key = record.client_id ?? '(none)';
-  const pc = (c.clients[key] ??= { issued: 0, rejected: 0, errors: {} });
-  if (record.outcome === 'issued') {
+    pc.outage += 1;
+  } else if (record.outcome === 'issued') {
     c.issued += 1;
     pc.issued += 1;
   } else {
@@ -498,9 +496,21 @@ provider.use(async (ctx, next) => {
 
 provider.use(async (ctx, next) => {
   if (ctx.path !== TOKEN_PATH || ctx.method !== 'POST') return next();
+  let raw;
+  try {
+    raw = await readBody(ctx.req);
+  } catch (err) {
+    ctx.status = 400;
+    ctx.body = { error: 'invalid_request', error_description: err.message };
+    return undefined;
+  }
+  const form = ctx.is('application/x-www-form-urlencoded') ? querystring.parse(raw) : {};
+  const record = describeRequest(form, ctx.headers);
+  ctx.state.form = form;
+
   const mode = state.outage;
   if (mode !== 'off') {
-    keep({ seq: ++state.seq, time: Date.now() / 1000, outcome: 'outage', outage: mode, client_id: null });
+    keep({ ...record, outcome: 'outage', outage: mode });
     if (mode === '503') {
       ctx.status = 503;
       ctx.body = { error: 'temporarily_unavailable', error_description: 'the authorization server is down (test outage)' };
@@ -514,18 +524,6 @@ provider.use(async (ctx, next) => {
     }
     return undefined;
   }
-
-  let raw;
-  try {
-    raw = await readBody(ctx.req);
-  } catch (err) {
-    ctx.status = 400;
-    ctx.body = { error: 'invalid_request', error_description: err.message };
-    return undefined;
-  }
-  const form = ctx.is('application/x-www-form-urlencoded') ? querystring.parse(raw) : {};
-  const record = describeRequest(form, ctx.headers);
-  ctx.state.form = form;
 
   // A client registered for client_secret_basic must use Basic, one for client_secret_post the form (most
   // authorization servers hold a client to its method; oidc-provider accepts either).

@@ -27,6 +27,7 @@ from harness import CLIENT_A, TENANT_A, bearer, http_request, wait_until  # noqa
 from upstream_auth import (  # noqa: E402
     BASIC_CLIENT, CLIENT_ASSERTION_TYPE, FHIR_A_AUDIENCE, FHIR_B_AUDIENCE, JWT_BEARER_GRANT, PKJWT_CLIENT,
     POST_CLIENT, SERVICE_ACCOUNT, KeyFile, client_assertion, decode_unverified, service_account_assertion,
+    write_key,
 )
 
 SCOPE = "system/*.read"
@@ -214,13 +215,11 @@ def test_each_secret_client_is_held_to_its_registered_method_and_secret(upstream
 
 # ------------------------------------------------------------------------- private_key_jwt enforcement
 
-def _other_key(alg: str, kid: str) -> KeyFile:
+def _other_key(alg: str, kid: str, directory: Path) -> KeyFile:
     """A key the AS does not know, claiming a registered kid."""
-    import tempfile
-    from upstream_auth import _write_key
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if alg.startswith("RS") \
         else ec.generate_private_key(ec.SECP384R1())
-    fresh = _write_key(Path(tempfile.mkdtemp()), "unregistered", alg, key)
+    fresh = write_key(directory, "unregistered", alg, key)
     return KeyFile(kid, alg, fresh.pem_path, fresh.public_jwk)
 
 
@@ -276,7 +275,7 @@ PKJWT_REFUSALS = {
 
 
 @pytest.mark.parametrize("case", list(PKJWT_REFUSALS))
-def test_private_key_jwt_refuses_assertions_smart_forbids(case, upstream_as, upstream_keys):
+def test_private_key_jwt_refuses_assertions_smart_forbids(case, upstream_as, upstream_keys, tmp_path):
     url, key = upstream_as.token_url, upstream_keys.rs384
     make = {
         "aud_issuer": lambda: client_assertion(key, PKJWT_CLIENT, url, aud=upstream_as.issuer),
@@ -287,7 +286,8 @@ def test_private_key_jwt_refuses_assertions_smart_forbids(case, upstream_as, ups
         "es256": lambda: jwt.encode({"iss": PKJWT_CLIENT, "sub": PKJWT_CLIENT, "aud": url, "jti": "x-es256",
                                      "exp": int(time.time()) + 60}, ec.generate_private_key(ec.SECP256R1()),
                                     algorithm="ES256", headers={"kid": upstream_keys.es384.kid}),
-        "unregistered_key": lambda: client_assertion(_other_key("RS384", key.kid), PKJWT_CLIENT, url),
+        "unregistered_key": lambda: client_assertion(_other_key("RS384", key.kid, tmp_path), PKJWT_CLIENT,
+                                                     url),
         "iss_not_sub": lambda: client_assertion(key, PKJWT_CLIENT, url, iss="someone-else"),
         "no_jti": lambda: jwt.encode({"iss": PKJWT_CLIENT, "sub": PKJWT_CLIENT, "aud": url,
                                       "exp": int(time.time()) + 60}, key.private_key(), algorithm="RS384",
@@ -336,7 +336,7 @@ JWT_BEARER_REFUSALS = {
 
 
 @pytest.mark.parametrize("case", list(JWT_BEARER_REFUSALS))
-def test_jwt_bearer_refuses_bad_assertions(case, upstream_as, upstream_keys):
+def test_jwt_bearer_refuses_bad_assertions(case, upstream_as, upstream_keys, tmp_path):
     sa, url = upstream_keys.service_account, upstream_as.token_url
     make = {
         "wrong_aud": lambda: service_account_assertion(sa, SERVICE_ACCOUNT, upstream_as.issuer),
@@ -344,7 +344,8 @@ def test_jwt_bearer_refuses_bad_assertions(case, upstream_as, upstream_keys):
         "exp_too_far": lambda: service_account_assertion(sa, SERVICE_ACCOUNT, url, lifetime=3700),
         "expired": lambda: service_account_assertion(sa, SERVICE_ACCOUNT, url, now=int(time.time()) - 3700),
         "no_iat": lambda: service_account_assertion(sa, SERVICE_ACCOUNT, url, iat=None),
-        "other_key": lambda: service_account_assertion(_other_key("RS256", sa.kid), SERVICE_ACCOUNT, url),
+        "other_key": lambda: service_account_assertion(_other_key("RS256", sa.kid, tmp_path), SERVICE_ACCOUNT,
+                                                       url),
         "sub_other": lambda: service_account_assertion(sa, SERVICE_ACCOUNT, url, sub="user@example.test"),
         "unknown_kid": lambda: jwt.encode({"iss": SERVICE_ACCOUNT, "aud": url, "iat": int(time.time()),
                                            "exp": int(time.time()) + 60}, sa.private_key(), algorithm="RS256",

@@ -80,7 +80,7 @@ class KeyFile:
         return self.pem_path.read_text(encoding="ascii")
 
 
-def _write_key(directory: Path, kid: str, alg: str, key) -> KeyFile:
+def write_key(directory: Path, kid: str, alg: str, key) -> KeyFile:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     path = directory / f"{kid}.pem"
@@ -113,10 +113,10 @@ class UpstreamKeys:
         tag = uuid.uuid4().hex[:8]
         return cls(
             directory,
-            _write_key(directory, f"router-rs384-{tag}", "RS384",
+            write_key(directory, f"router-rs384-{tag}", "RS384",
                        rsa.generate_private_key(public_exponent=65537, key_size=2048)),
-            _write_key(directory, f"router-es384-{tag}", "ES384", ec.generate_private_key(ec.SECP384R1())),
-            _write_key(directory, f"service-account-{tag}", "RS256",
+            write_key(directory, f"router-es384-{tag}", "ES384", ec.generate_private_key(ec.SECP384R1())),
+            write_key(directory, f"service-account-{tag}", "RS256",
                        rsa.generate_private_key(public_exponent=65537, key_size=2048)),
         )
 

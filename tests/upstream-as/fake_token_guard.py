@@ -33,7 +33,7 @@ import http.client
 import json
 import threading
 import time
-import urllib.request
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -186,8 +186,18 @@ class FakeTokenGuard:
     # ------------------------------------------------------------------------------------------ checking
 
     def _fetch_jwks(self) -> None:
-        with urllib.request.urlopen(self.jwks_url, timeout=10) as resp:  # noqa: S310 - 127.0.0.1 test AS
-            doc = json.load(resp)
+        # http.client, not urllib: no proxy from the environment between two local test processes
+        url = urllib.parse.urlsplit(self.jwks_url)
+        conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=10)
+        try:
+            conn.request("GET", url.path or "/", headers={"accept": "application/json"})
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise GuardError(f"{self.jwks_url} answered {resp.status}")
+        doc = json.loads(body)
         keys = {}
         for k in doc.get("keys", []):
             if "kid" in k and "d" not in k:

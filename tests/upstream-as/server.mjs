@@ -55,13 +55,17 @@ try {
 
 function positiveInt(value, field, fallback) {
   if (value === undefined || value === null) return fallback;
-  if (!Number.isSafeInteger(value) || value <= 0) die(`${field} must be a positive integer, got ${JSON.stringify(value)}`);
+  if (!Number.isSafeInteger(value) || value <= 0) {
+    die(`${field} must be a positive integer, got ${JSON.stringify(value)}`);
+  }
   return value;
 }
 
 function portNumber(value, field) {
   if (value === undefined || value === null) return 0;
-  if (!Number.isSafeInteger(value) || value < 0 || value > 65535) die(`${field} must be a port (0 = any), got ${JSON.stringify(value)}`);
+  if (!Number.isSafeInteger(value) || value < 0 || value > 65535) {
+    die(`${field} must be a port (0 = any), got ${JSON.stringify(value)}`);
+  }
   return value;
 }
 
@@ -78,7 +82,9 @@ const CONTROL_PORT = portNumber(config.control_port, 'control_port');
 const SIGNING_ALG = config.signing_alg ?? 'RS256';
 if (!['RS256', 'ES256'].includes(SIGNING_ALG)) die(`signing_alg must be RS256 or ES256, got ${SIGNING_ALG}`);
 const CLIENT_AUTH_ALGS = stringList(config.client_auth_signing_algs ?? ['RS384', 'ES384'], 'client_auth_signing_algs');
-const CLIENT_ASSERTION_MAX_LIFETIME = positiveInt(config.client_assertion_max_lifetime, 'client_assertion_max_lifetime', 300);
+const CLIENT_ASSERTION_MAX_LIFETIME = positiveInt(
+  config.client_assertion_max_lifetime, 'client_assertion_max_lifetime', 300,
+);
 let tokenTtl = positiveInt(config.token_ttl, 'token_ttl', 300);
 
 if (!Array.isArray(config.clients) || config.clients.length === 0) die('clients must be a non-empty array');
@@ -198,7 +204,8 @@ const grantHelpers = await import('oidc-provider/lib/helpers/grants.js');
 const signingKey = await (async () => {
   const { privateKey } = await jose.generateKeyPair(SIGNING_ALG, { extractable: true });
   const jwk = await jose.exportJWK(privateKey);
-  return { ...jwk, kid: `upstream-as-${SIGNING_ALG.toLowerCase()}-${randomUUID().slice(0, 8)}`, alg: SIGNING_ALG, use: 'sig' };
+  const kid = `upstream-as-${SIGNING_ALG.toLowerCase()}-${randomUUID().slice(0, 8)}`;
+  return { ...jwk, kid, alg: SIGNING_ALG, use: 'sig' };
 })();
 
 // In-memory adapter. Clients come from `clients` (so a secret can be rotated while running: oidc-provider
@@ -287,7 +294,9 @@ const provider = new Provider(ISSUER, {
       defaultResource: async (ctx, client) => {
         const audience = ctx.state.form?.audience;
         if (audience !== undefined) {
-          if (typeof audience !== 'string' || audience === '') throw new errors.InvalidRequest('audience must be one non-empty value');
+          if (typeof audience !== 'string' || audience === '') {
+            throw new errors.InvalidRequest('audience must be one non-empty value');
+          }
           return audience;
         }
         return entryOf(client)?.defaultResource;
@@ -342,7 +351,9 @@ async function jwtBearerGrant(ctx) {
   } catch (err) {
     throw new errors.InvalidGrant(`assertion: ${err.code ?? 'ERR'}: ${err.message}`);
   }
-  if (claims.aud !== tokenUrl) throw new errors.InvalidGrant(`assertion: aud must be exactly ${tokenUrl} (a single string)`);
+  if (claims.aud !== tokenUrl) {
+    throw new errors.InvalidGrant(`assertion: aud must be exactly ${tokenUrl} (a single string)`);
+  }
   if (claims.sub !== undefined && claims.sub !== entry.clientId) {
     throw new errors.InvalidGrant('assertion: sub must be the service account (or absent)');
   }
@@ -513,7 +524,7 @@ provider.use(async (ctx, next) => {
     keep({ ...record, outcome: 'outage', outage: mode });
     if (mode === '503') {
       ctx.status = 503;
-      ctx.body = { error: 'temporarily_unavailable', error_description: 'the authorization server is down (test outage)' };
+      ctx.body = { error: 'temporarily_unavailable', error_description: 'the authorization server is down (test)' };
     } else if (mode === 'drop') {
       ctx.respond = false;
       ctx.req.socket.destroy();
@@ -629,12 +640,16 @@ async function control(req, res) {
       return reply(res, 200, { ok: true });
     }
     if (route === 'POST /outage') {
-      if (!OUTAGE_MODES.has(body.mode)) return reply(res, 400, { error: `mode must be one of ${[...OUTAGE_MODES].join(', ')}` });
+      if (!OUTAGE_MODES.has(body.mode)) {
+        return reply(res, 400, { error: `mode must be one of ${[...OUTAGE_MODES].join(', ')}` });
+      }
       await setOutage(body.mode);
       return reply(res, 200, { outage: state.outage });
     }
     if (route === 'POST /ttl') {
-      if (!Number.isSafeInteger(body.seconds) || body.seconds <= 0) return reply(res, 400, { error: 'seconds must be a positive integer' });
+      if (!Number.isSafeInteger(body.seconds) || body.seconds <= 0) {
+        return reply(res, 400, { error: 'seconds must be a positive integer' });
+      }
       const c = body.client_id === undefined ? null : clients.get(body.client_id);
       if (body.client_id !== undefined && !c) return reply(res, 404, { error: `no client ${body.client_id}` });
       if (c) c.tokenTtl = body.seconds; else tokenTtl = body.seconds;

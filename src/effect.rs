@@ -42,8 +42,8 @@ pub enum Effect<'a> {
     ResumeRequest,
     /// Start a GET through an Envoy cluster; its outcome comes back as a fetch result for `target`.
     Fetch(Fetch<'a>),
-    /// Send the current request again (its headers as they are now, `authorization` replaced; it has no
-    /// body) through `cluster`; the answer comes back as [`FetchTarget::Resend`] of this request.
+    /// Send the request again (its headers as they left, `authorization` replaced; it has no body) through
+    /// `cluster`; the answer comes back as [`FetchTarget::Resend`] of this request.
     Resend(Resend<'a>),
 }
 
@@ -53,6 +53,8 @@ pub struct Resend<'a> {
     /// The request's context id (its answer comes back as [`FetchTarget::Resend`] of it).
     pub context_id: u32,
     pub cluster: &'a str,
+    /// The request's headers as they left (a host's serialized header map).
+    pub headers: &'a [u8],
     pub authorization: &'a str,
     pub timeout_ms: u64,
 }
@@ -78,8 +80,8 @@ pub enum FetchTarget {
     Jwks(usize),
     /// The tenant registry.
     Registry,
-    /// An upstream access token for the token slot `slot`, fetched for its client configuration `generation`.
-    UpstreamToken { slot: u32, generation: u32 },
+    /// An upstream access token for the token slot `slot`: its fetch numbered `fetch`.
+    UpstreamToken { slot: u32, fetch: u32 },
     /// The answer to a request sent again ([`Effect::Resend`]) by the request with this context id.
     Resend(u32),
 }

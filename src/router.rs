@@ -197,6 +197,9 @@ struct UpstreamTokenUse {
     /// `GET` or `HEAD`: it may be sent again once, after a 401.
     safe: bool,
     resent: bool,
+    /// The request's headers as they left (the host's serialized header map), kept by the shell: a host may
+    /// not show them once the response has begun.
+    headers: Vec<u8>,
 }
 
 /// How long a request sent again may take (Envoy's default route timeout).
@@ -232,6 +235,19 @@ impl Stream {
     /// hands the response status to [`Router::on_upstream_response`]).
     pub fn may_resend(&self) -> bool {
         self.upstream_token.as_ref().is_some_and(|u| u.safe && !u.resent)
+    }
+
+    /// Whether the shell should keep the request's headers as they leave ([`Stream::keep_headers`]): it may
+    /// be sent again, and they are not kept yet.
+    pub fn wants_headers(&self) -> bool {
+        self.upstream_token.as_ref().is_some_and(|u| u.safe && !u.resent && u.headers.is_empty())
+    }
+
+    /// Keeps the request's headers as they leave (the host's serialized header map).
+    pub fn keep_headers(&mut self, serialized: Vec<u8>) {
+        if let Some(u) = self.upstream_token.as_mut() {
+            u.headers = serialized;
+        }
     }
 
     /// The provider whose key set the request waits for, if it is parked.
@@ -521,7 +537,7 @@ impl Router {
             }
             Phase::WaitingForToken { slot, .. } | Phase::WaitingToResend { slot } => {
                 if let Some(slot) = self.upstream.get_mut(slot) {
-                    slot.waiting.retain(|&id| id != stream.context_id);
+                    slot.gone(stream.context_id);
                 }
             }
             _ => {}
@@ -630,16 +646,20 @@ impl Router {
         let Some(slot) = self.upstream.get_mut(slot_id) else { return };
         slot.waiting.retain(|&id| id != stream.context_id);
         match slot.access(stream.context_id, now_ms, may_wait) {
-            Access::Use { fetch } => {
-                if fetch {
-                    token_fetch(slot_id, slot, now_ms, out);
-                }
+            Access::Use => {
                 if let (Some(header), Some(upstream)) = (slot.header(), stream.upstream_token.as_mut()) {
                     upstream.serial = slot.serial();
                     let cluster = &upstream.cluster;
                     let context_id = stream.context_id;
                     let timeout_ms = RESEND_TIMEOUT_MS;
-                    out.push(Effect::Resend(Resend { context_id, cluster, authorization: header, timeout_ms }));
+                    let headers = &upstream.headers;
+                    out.push(Effect::Resend(Resend {
+                        context_id,
+                        cluster,
+                        headers,
+                        authorization: header,
+                        timeout_ms,
+                    }));
                     stream.phase = Phase::Resent;
                 }
             }
@@ -656,12 +676,12 @@ impl Router {
         }
     }
 
-    /// The answer to a request sent again (`status`: `None` if none came): the client gets it, its links
+    /// The answer to a request sent again (`status`: `Err(why)` if none came): the client gets it, its links
     /// rewritten as the tenant's answers are; a second 401 (or none) is a 503.
     pub fn on_resend_response(
         &mut self,
         stream: &mut Stream,
-        status: Option<&str>,
+        status: Result<&str, &str>,
         headers: &[(String, String)],
         body: &[u8],
         out: &mut dyn Effects,
@@ -674,16 +694,19 @@ impl Router {
             .as_ref()
             .and_then(|u| self.upstream.get_mut(u.slot))
             .map_or(String::new(), |s| s.tenant.clone());
-        let status = match status.and_then(|s| s.parse::<u32>().ok()) {
-            Some(401) | None => {
-                let why = if status.is_some() { "refused a new token too (401)" } else { "did not answer" };
-                let line =
-                    format!("upstream token for tenant {tenant}: its server {why} when the request was sent again");
+        let status = match status.map(|s| s.parse::<u32>()) {
+            Ok(Ok(status)) if status != 401 => status,
+            failed => {
+                let why = match failed {
+                    Ok(Ok(_)) => "its server refused a new token too (401)".to_string(),
+                    Ok(Err(_)) => "its server's answer had no status".to_string(),
+                    Err(why) => format!("no answer ({why})"),
+                };
+                let line = format!("upstream token for tenant {tenant}: {why} when the request was sent again");
                 out.push(Effect::Log(Level::Error, &line));
                 reject(Rejection::UpstreamAuthUnavailable, Some(1), out);
                 return;
             }
-            Some(status) => status,
         };
         let mut copied: Vec<(&str, String)> = Vec::with_capacity(headers.len());
         for (name, value) in headers {
@@ -744,10 +767,7 @@ impl Router {
                         return refuse(&audit, Rejection::UpstreamAuthUnavailable, Some(1), out);
                     };
                     match slot.access(stream.context_id, now_ms, may_wait) {
-                        Access::Use { fetch } => {
-                            if fetch {
-                                token_fetch(slot_id, slot, now_ms, out);
-                            }
+                        Access::Use => {
                             credential = slot.header();
                             stream.upstream_token = Some(Box::new(UpstreamTokenUse {
                                 slot: slot_id,
@@ -755,6 +775,7 @@ impl Router {
                                 cluster: tenant.cluster.clone(),
                                 safe: matches!(&*request.method, "GET" | "HEAD"),
                                 resent: false,
+                                headers: Vec::new(),
                             }));
                         }
                         Access::Wait { fetch } => {
@@ -944,7 +965,7 @@ pub(crate) fn token_fetch(slot_id: u32, slot: &TokenSlot, now_ms: u64, out: &mut
         Ok(request) => {
             out.push(Effect::Count(Metric::UpstreamToken(&slot.tenant, TokenEvent::Fetch)));
             out.push(Effect::Fetch(Fetch {
-                target: FetchTarget::UpstreamToken { slot: slot_id, generation: slot.generation() },
+                target: FetchTarget::UpstreamToken { slot: slot_id, fetch: slot.fetch_number() },
                 cluster: &client.cluster,
                 authority: &client.authority,
                 path: &client.path,

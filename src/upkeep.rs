@@ -9,7 +9,7 @@ use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric, T
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{Schedule, Streak};
 use crate::router::{token_fetch, Router};
-use crate::upstream_auth::{parse_token_response, Access, Settled, TokenError, MAX_TOKEN_RESPONSE_BYTES};
+use crate::upstream_auth::{parse_token_response, Settled, TokenError, MAX_TOKEN_RESPONSE_BYTES};
 
 /// How often a shell should deliver a timer tick, in milliseconds.
 pub const TICK_MS: u64 = 500;
@@ -74,6 +74,11 @@ impl Router {
                 }));
             }
         }
+        for (id, slot) in self.upstream.iter_mut() {
+            if slot.due(now_ms) {
+                token_fetch(id, slot, now_ms, out);
+            }
+        }
         if let Some(r) = &self.config.registry {
             if self.tenants.schedule.as_mut().is_some_and(|s| s.due(now_ms)) {
                 out.push(Effect::Fetch(Fetch {
@@ -110,8 +115,8 @@ impl Router {
         let limit = match target {
             FetchTarget::Jwks(_) => MAX_JWKS_BYTES,
             FetchTarget::Registry => MAX_REGISTRY_BYTES,
-            FetchTarget::UpstreamToken { slot, generation } => {
-                return self.on_token_result(slot, generation, result, now_ms, body, out);
+            FetchTarget::UpstreamToken { slot, fetch } => {
+                return self.on_token_result(slot, fetch, result, now_ms, body, out);
             }
             // A request's own answer: the shell hands it to `Router::on_resend_response`.
             FetchTarget::Resend(_) => return Fetched::default(),
@@ -147,7 +152,7 @@ impl Router {
     fn on_token_result(
         &mut self,
         slot_id: u32,
-        generation: u32,
+        fetch: u32,
         result: FetchResult<'_>,
         now_ms: u64,
         body: &mut dyn FnMut() -> Vec<u8>,
@@ -169,7 +174,7 @@ impl Router {
         };
         let failures_before = slot.failures();
         let why = outcome.as_ref().err().cloned();
-        let settled = slot.settle(generation, outcome, now_ms);
+        let settled = slot.settle(fetch, outcome, now_ms);
         let tenant = slot.tenant.clone();
         let url = slot.client.token_url.clone();
         match settled {
@@ -200,15 +205,8 @@ impl Router {
                 let level = if first || failures_before == 1 { Level::Error } else { Level::Debug };
                 out.push(Effect::Log(level, &line));
             }
-            Settled::Stale => {
-                // The tenant's client changed meanwhile: its waiters wait on for a token of the new one.
-                if !slot.waiting.is_empty() {
-                    if let Access::Wait { fetch: true } | Access::Use { fetch: true } = slot.restart(now_ms) {
-                        token_fetch(slot_id, slot, now_ms, out);
-                    }
-                    return Fetched::default();
-                }
-            }
+            // Not the fetch under way: ignored (whoever waits is asked for by the timer, or by that fetch).
+            Settled::Stale => return Fetched::default(),
         }
         Fetched {
             installed: matches!(settled, Settled::Installed { .. }),

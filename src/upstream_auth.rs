@@ -137,7 +137,7 @@ pub const MAX_ACCESS_TOKEN_BYTES: usize = 16 * 1024;
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 /// How long a client assertion is valid (SMART Backend Services: at most five minutes).
 const ASSERTION_LIFETIME_S: i64 = 300;
-/// A token is refreshed once this share of its lifetime has passed (per mille).
+/// A token is refreshed once this share of the time it is used has passed (per mille).
 const REFRESH_AT_PER_MILLE: u64 = 800;
 /// Lifetime assumed when the answer has no `expires_in`.
 const DEFAULT_EXPIRES_IN_S: u64 = 300;
@@ -657,13 +657,16 @@ pub fn parse_token_response(status: u32, body: &[u8], now_ms: u64) -> Result<Tok
         return Err(TokenError("expires_in is 0".into()));
     }
     let lifetime_ms = expires_in_s.min(86_400).saturating_mul(1000);
-    // Stop using it a little before it expires (at most 30 s, a tenth of its life), so that it does not
-    // expire on the way.
-    let margin_ms = (lifetime_ms / 10).min(30_000);
+    // Stop using it a little before it expires, so that it does not expire on the way: a tenth of its life
+    // plus a second (a JWT's `exp` is in whole seconds, its `iat` rounded down), at most 30 s, and never
+    // more than half its life.
+    let margin_ms = (lifetime_ms / 10 + 1_000).min(30_000).min(lifetime_ms / 2);
+    let usable_ms = lifetime_ms - margin_ms;
     Ok(Token {
         header: format!("Bearer {token}"),
-        usable_until_ms: now_ms.saturating_add(lifetime_ms - margin_ms),
-        refresh_at_ms: now_ms.saturating_add(lifetime_ms / 1000 * REFRESH_AT_PER_MILLE),
+        usable_until_ms: now_ms.saturating_add(usable_ms),
+        // Renewed at 80 % of the time it is used, so that the renewal has the rest to come back in.
+        refresh_at_ms: now_ms.saturating_add(usable_ms.saturating_mul(REFRESH_AT_PER_MILLE) / 1000),
     })
 }
 
@@ -676,17 +679,25 @@ pub const MAX_RETRY_MS: u64 = 30_000;
 const LOST_FETCH_GRACE_MS: u64 = 2_000;
 
 /// One tenant's token state in one VM.
+///
+/// A token request for requests that wait is sent at once, from the first waiter's own context (fastest);
+/// a renewal, and a request whose sender went away while others wait, is left to the timer
+/// ([`TokenSlot::due`]): a host may cancel a call when the request that sent it ends, and a renewal's
+/// request goes on at once.
 #[derive(Debug)]
 pub struct TokenSlot {
     /// The tenant's id.
     pub tenant: String,
     pub client: Arc<OAuthClient>,
     token: Option<Token>,
-    /// When the fetch under way gives up as lost, if one is.
-    in_flight_until_ms: Option<u64>,
-    /// The fetch under way was started for this generation of `client` (a newer client ignores its result).
-    in_flight_generation: u32,
-    generation: u32,
+    /// The fetch under way, if one is: its number and when it is given up as lost.
+    in_flight: Option<(u32, u64)>,
+    /// The request (context id) whose context sent the fetch under way, if a request did.
+    owner: Option<u32>,
+    /// Numbers the fetches (an answer to any but the one under way is ignored).
+    fetches: u32,
+    /// The token is due for renewal: the timer sends the request.
+    refresh_wanted: bool,
     /// No fetch before then (after failures).
     retry_at_ms: u64,
     failures: u32,
@@ -699,9 +710,9 @@ pub struct TokenSlot {
 /// What a request of this tenant does about its upstream token.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Send it with [`TokenSlot::header`]; `fetch`: start a refresh (the token is near its end).
-    Use { fetch: bool },
-    /// Wait for the token; `fetch`: start the fetch (none is under way).
+    /// Send it with [`TokenSlot::header`] (a renewal, if due, is the timer's to send).
+    Use,
+    /// Wait for the token; `fetch`: send the token request now (none is under way).
     Wait { fetch: bool },
     /// Too many wait already.
     Full,
@@ -716,7 +727,7 @@ pub enum Settled {
     Installed { refreshed: bool },
     /// It failed: `kept` the usable token there is; `first`: the first failure of a streak.
     Failed { kept: bool, first: bool, retry_in_ms: u64 },
-    /// The answer was for an older client configuration: dropped, and a new fetch is due.
+    /// Not the fetch under way (given up, or for an older client configuration): ignored.
     Stale,
 }
 
@@ -726,9 +737,10 @@ impl TokenSlot {
             tenant: tenant.to_string(),
             client,
             token: None,
-            in_flight_until_ms: None,
-            in_flight_generation: 0,
-            generation: 0,
+            in_flight: None,
+            owner: None,
+            fetches: 0,
+            refresh_wanted: false,
             retry_at_ms: 0,
             failures: 0,
             waiting: Vec::new(),
@@ -737,12 +749,15 @@ impl TokenSlot {
     }
 
     /// The tenant's client configuration (it may have changed with a registry reload): a different one
-    /// drops the token (it was issued to the old client), and an answer to a fetch for it is ignored.
+    /// drops the token (it was issued to the old client) and the fetch under way (its answer is ignored;
+    /// the timer asks again for whoever waits).
     pub fn update(&mut self, client: &Arc<OAuthClient>) {
         if self.client.fingerprint != client.fingerprint {
             self.client = Arc::clone(client);
             self.token = None;
-            self.generation = self.generation.wrapping_add(1);
+            self.in_flight = None;
+            self.owner = None;
+            self.refresh_wanted = false;
             self.retry_at_ms = 0;
             self.failures = 0;
         }
@@ -753,9 +768,9 @@ impl TokenSlot {
         self.token.as_ref().map(|t| t.header.as_str())
     }
 
-    /// The current generation, for the fetch's target.
-    pub fn generation(&self) -> u32 {
-        self.generation
+    /// The number of the fetch under way (for its target), 0 if none.
+    pub fn fetch_number(&self) -> u32 {
+        self.in_flight.map_or(0, |(n, _)| n)
     }
 
     fn usable(&self, now_ms: u64) -> Option<&Token> {
@@ -763,11 +778,12 @@ impl TokenSlot {
     }
 
     fn in_flight(&mut self, now_ms: u64) -> bool {
-        match self.in_flight_until_ms {
-            Some(until) if now_ms < until => true,
+        match self.in_flight {
+            Some((_, until)) if now_ms < until => true,
             Some(_) => {
                 // Lost: no answer came (the host dropped it). Counts as a failure.
-                self.in_flight_until_ms = None;
+                self.in_flight = None;
+                self.owner = None;
                 self.fail(now_ms);
                 false
             }
@@ -775,10 +791,12 @@ impl TokenSlot {
         }
     }
 
-    fn start(&mut self, now_ms: u64) {
+    fn start(&mut self, now_ms: u64, owner: Option<u32>) {
         let until = now_ms.saturating_add(self.client.timeout_ms).saturating_add(LOST_FETCH_GRACE_MS);
-        self.in_flight_until_ms = Some(until);
-        self.in_flight_generation = self.generation;
+        self.fetches = self.fetches.wrapping_add(1).max(1);
+        self.in_flight = Some((self.fetches, until));
+        self.owner = owner;
+        self.refresh_wanted = false;
     }
 
     /// A request needs the token at `now_ms`. `may_wait`: it may wait for one (not after waiting once).
@@ -787,11 +805,10 @@ impl TokenSlot {
         let in_flight = self.in_flight(now_ms);
         let may_fetch = !in_flight && now_ms >= self.retry_at_ms;
         if self.usable(now_ms).is_some() {
-            let refresh = may_fetch && self.token.as_ref().is_some_and(|t| now_ms >= t.refresh_at_ms);
-            if refresh {
-                self.start(now_ms);
+            if !in_flight && self.token.as_ref().is_some_and(|t| now_ms >= t.refresh_at_ms) {
+                self.refresh_wanted = true;
             }
-            return Access::Use { fetch: refresh };
+            return Access::Use;
         }
         if !in_flight && !may_fetch || !may_wait {
             let retry_after_s = self.retry_at_ms.saturating_sub(now_ms).div_ceil(1000).max(1);
@@ -802,23 +819,35 @@ impl TokenSlot {
         }
         self.waiting.push(context_id);
         if !in_flight {
-            self.start(now_ms);
+            self.start(now_ms, Some(context_id));
         }
         Access::Wait { fetch: !in_flight }
     }
 
-    /// Starts a fetch for waiters whose fetch answered for an older configuration.
-    pub fn restart(&mut self, now_ms: u64) -> Access {
-        if self.in_flight(now_ms) {
-            return Access::Wait { fetch: false };
+    /// On the timer: whether to send a token request now (the slot then counts it as under way): a renewal
+    /// is due, or requests wait and no request is under way (its sender went away, or the client changed).
+    pub fn due(&mut self, now_ms: u64) -> bool {
+        if self.in_flight(now_ms) || now_ms < self.retry_at_ms || !self.refresh_wanted && self.waiting.is_empty() {
+            return false;
         }
-        self.start(now_ms);
-        Access::Wait { fetch: true }
+        self.start(now_ms, None);
+        true
     }
 
-    /// Whether a fetch is under way (and not lost) at `now_ms`; a lost one is settled as failed.
+    /// The request `context_id` went away: if its context sent the fetch under way, that fetch is given up
+    /// (a host may cancel it), and the timer asks again for the others that wait.
+    pub fn gone(&mut self, context_id: u32) {
+        self.waiting.retain(|&id| id != context_id);
+        if self.owner == Some(context_id) {
+            self.owner = None;
+            self.in_flight = None;
+        }
+    }
+
+    /// Whether a fetch was under way and is now given up as lost (no answer within its timeout and grace):
+    /// it is settled as failed.
     pub fn check_lost(&mut self, now_ms: u64) -> bool {
-        let was = self.in_flight_until_ms.is_some();
+        let was = self.in_flight.is_some();
         was && !self.in_flight(now_ms)
     }
 
@@ -830,12 +859,13 @@ impl TokenSlot {
         Settled::Failed { kept: self.usable(now_ms).is_some(), first: self.failures == 1, retry_in_ms }
     }
 
-    /// The fetch started for `generation` ended with `outcome` at `now_ms`.
-    pub fn settle(&mut self, generation: u32, outcome: Result<Token, TokenError>, now_ms: u64) -> Settled {
-        self.in_flight_until_ms = None;
-        if generation != self.generation {
+    /// The fetch numbered `fetch` ended with `outcome` at `now_ms`.
+    pub fn settle(&mut self, fetch: u32, outcome: Result<Token, TokenError>, now_ms: u64) -> Settled {
+        if self.in_flight.map(|(n, _)| n) != Some(fetch) {
             return Settled::Stale;
         }
+        self.in_flight = None;
+        self.owner = None;
         match outcome {
             Ok(token) => {
                 let refreshed = self.usable(now_ms).is_some();
@@ -1126,13 +1156,15 @@ mod tests {
             parse_token_response(200, br#"{"access_token":"abc.def","token_type":"Bearer","expires_in":3600}"#, 1000)
                 .unwrap();
         assert_eq!(t.header, "Bearer abc.def");
-        assert_eq!(t.refresh_at_ms, 1000 + 2_880_000);
         assert_eq!(t.usable_until_ms, 1000 + 3_600_000 - 30_000);
+        assert_eq!(t.refresh_at_ms, 1000 + 3_570_000 * 8 / 10);
         let t =
             parse_token_response(200, br#"{"access_token":"x","token_type":"bearer","expires_in":"10"}"#, 0).unwrap();
-        assert_eq!((t.refresh_at_ms, t.usable_until_ms), (8_000, 9_000));
+        assert_eq!((t.refresh_at_ms, t.usable_until_ms), (6_400, 8_000));
+        let t = parse_token_response(200, br#"{"access_token":"x","expires_in":1}"#, 0).unwrap();
+        assert_eq!((t.refresh_at_ms, t.usable_until_ms), (400, 500));
         let t = parse_token_response(200, br#"{"access_token":"x"}"#, 0).unwrap();
-        assert_eq!(t.refresh_at_ms, 240_000);
+        assert_eq!(t.usable_until_ms, 300_000 - 30_000 - 1_000 + 1_000);
         for bad in [
             &br#"{"token_type":"Bearer"}"#[..],
             br#"{"access_token":"a b"}"#,
@@ -1156,16 +1188,23 @@ mod tests {
         TokenSlot::new("t", Arc::new(compile("t", &raw(v), &env).unwrap()))
     }
 
-    fn use_(s: &mut TokenSlot, id: u32, now: u64) -> (&str, bool) {
-        match s.access(id, now, true) {
-            Access::Use { fetch } => (s.header().unwrap(), fetch),
-            other => panic!("{other:?}"),
-        }
+    fn header(s: &mut TokenSlot, id: u32, now: u64) -> String {
+        assert_eq!(s.access(id, now, true), Access::Use);
+        s.header().unwrap().to_string()
     }
 
     fn token(now: u64, lifetime_s: u64) -> Token {
         let body = format!(r#"{{"access_token":"tok{now}","expires_in":{lifetime_s}}}"#);
         parse_token_response(200, body.as_bytes(), now).unwrap()
+    }
+
+    /// A slot with a token of `lifetime_s` got at 0.
+    fn with_token(lifetime_s: u64) -> TokenSlot {
+        let mut s = slot(8);
+        assert_eq!(s.access(1, 0, true), Access::Wait { fetch: true });
+        assert_eq!(s.settle(s.fetch_number(), Ok(token(0, lifetime_s)), 0), Settled::Installed { refreshed: false });
+        assert_eq!(s.take_waiting(), vec![1]);
+        s
     }
 
     #[test]
@@ -1174,49 +1213,53 @@ mod tests {
         assert_eq!(s.access(1, 0, true), Access::Wait { fetch: true });
         assert_eq!(s.access(2, 10, true), Access::Wait { fetch: false });
         assert_eq!(s.access(3, 20, true), Access::Full);
-        assert_eq!(s.settle(s.generation(), Ok(token(100, 100)), 100), Settled::Installed { refreshed: false });
+        assert!(!s.due(30), "a fetch is under way");
+        assert_eq!(s.settle(s.fetch_number(), Ok(token(100, 100)), 100), Settled::Installed { refreshed: false });
         assert_eq!(s.take_waiting(), vec![1, 2]);
-        assert_eq!(use_(&mut s, 4, 200), ("Bearer tok100", false));
+        assert_eq!(header(&mut s, 4, 200), "Bearer tok100");
+        assert!(!s.due(300));
     }
 
     #[test]
-    fn a_token_is_refreshed_once_at_80_percent_and_used_meanwhile() {
-        let mut s = slot(8);
-        s.access(1, 0, true);
-        s.settle(0, Ok(token(0, 100)), 0);
-        assert_eq!(use_(&mut s, 2, 79_999), ("Bearer tok0", false));
-        assert_eq!(use_(&mut s, 3, 80_000), ("Bearer tok0", true));
-        assert_eq!(use_(&mut s, 4, 80_001), ("Bearer tok0", false));
-        assert_eq!(s.settle(0, Ok(token(81_000, 100)), 81_000), Settled::Installed { refreshed: true });
-        assert_eq!(use_(&mut s, 5, 81_001), ("Bearer tok81000", false));
+    fn a_token_is_renewed_by_the_timer_at_80_percent_and_used_meanwhile() {
+        let mut s = with_token(100);
+        // Used until 89 s (a tenth of its life and a second before expiry), renewed from 80 % of that on.
+        assert_eq!(header(&mut s, 2, 71_199), "Bearer tok0");
+        assert!(!s.due(71_199));
+        assert_eq!(header(&mut s, 3, 71_200), "Bearer tok0");
+        assert!(s.due(71_300), "the request found it due: the timer sends the renewal");
+        assert!(!s.due(71_400), "once");
+        assert_eq!(header(&mut s, 4, 71_500), "Bearer tok0");
+        assert_eq!(s.settle(s.fetch_number(), Ok(token(72_000, 100)), 72_000), Settled::Installed { refreshed: true });
+        assert_eq!(header(&mut s, 5, 72_001), "Bearer tok72000");
     }
 
     #[test]
     fn when_the_server_fails_a_usable_token_is_kept_then_requests_get_unavailable_with_retry_after() {
-        let mut s = slot(8);
-        s.access(1, 0, true);
-        s.settle(0, Ok(token(0, 100)), 0);
-        assert_eq!(s.take_waiting(), vec![1]);
-        assert_eq!(use_(&mut s, 2, 80_000), ("Bearer tok0", true));
-        let failed = s.settle(0, Err(TokenError("HTTP status 503".into())), 80_100);
+        let mut s = with_token(100);
+        assert_eq!(header(&mut s, 2, 80_000), "Bearer tok0");
+        assert!(s.due(80_000));
+        let failed = s.settle(s.fetch_number(), Err(TokenError("HTTP status 503".into())), 80_100);
         assert_eq!(failed, Settled::Failed { kept: true, first: true, retry_in_ms: 1_000 });
         // Kept, and retried after the backoff only.
-        assert_eq!(use_(&mut s, 3, 80_500), ("Bearer tok0", false));
-        assert_eq!(use_(&mut s, 4, 81_100), ("Bearer tok0", true));
-        let failed = s.settle(0, Err(TokenError("x".into())), 81_200);
+        assert_eq!(header(&mut s, 3, 80_500), "Bearer tok0");
+        assert!(!s.due(80_500));
+        assert!(s.due(81_100));
+        let failed = s.settle(s.fetch_number(), Err(TokenError("x".into())), 81_200);
         assert_eq!(failed, Settled::Failed { kept: true, first: false, retry_in_ms: 2_000 });
-        assert_eq!(use_(&mut s, 5, 89_000), ("Bearer tok0", true));
-        let failed = s.settle(0, Err(TokenError("x".into())), 89_100);
+        assert_eq!(header(&mut s, 4, 88_000), "Bearer tok0");
+        assert!(s.due(88_000));
+        let failed = s.settle(s.fetch_number(), Err(TokenError("x".into())), 88_100);
         assert_eq!(failed, Settled::Failed { kept: true, first: false, retry_in_ms: 4_000 });
-        // Past its usable time (90 s: a tenth of its life before expiry), and within the backoff: 503.
-        assert_eq!(s.access(6, 90_000, true), Access::Unavailable { retry_after_s: 4 });
+        // Past its usable time (89 s), within the backoff: 503.
+        assert_eq!(s.access(6, 90_000, true), Access::Unavailable { retry_after_s: 3 });
         assert!(s.waiting.is_empty());
         // After the backoff a request waits for a new fetch, which fails: it is woken, and may not wait again.
-        assert_eq!(s.access(7, 93_100, true), Access::Wait { fetch: true });
-        let failed = s.settle(0, Err(TokenError("x".into())), 93_200);
+        assert_eq!(s.access(7, 92_100, true), Access::Wait { fetch: true });
+        let failed = s.settle(s.fetch_number(), Err(TokenError("x".into())), 92_200);
         assert_eq!(failed, Settled::Failed { kept: false, first: false, retry_in_ms: 8_000 });
         assert_eq!(s.take_waiting(), vec![7]);
-        assert_eq!(s.access(7, 93_200, false), Access::Unavailable { retry_after_s: 8 });
+        assert_eq!(s.access(7, 92_200, false), Access::Unavailable { retry_after_s: 8 });
     }
 
     #[test]
@@ -1229,21 +1272,47 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_client_drops_the_token_and_ignores_the_old_fetch() {
+    fn when_the_request_that_sent_the_fetch_goes_away_the_timer_asks_again_for_the_others() {
         let mut s = slot(8);
-        s.access(1, 0, true);
-        s.settle(0, Ok(token(0, 100)), 0);
+        assert_eq!(s.access(1, 0, true), Access::Wait { fetch: true });
+        let first = s.fetch_number();
+        assert_eq!(s.access(2, 10, true), Access::Wait { fetch: false });
+        s.gone(2);
+        assert!(!s.due(20), "a waiter that did not send it changes nothing");
+        s.gone(1);
+        assert!(s.waiting.is_empty());
+        assert!(!s.due(30), "nobody waits: nothing to ask for");
+        assert_eq!(s.access(3, 40, true), Access::Wait { fetch: true });
+        s.gone(3);
+        assert_eq!(s.access(4, 50, true), Access::Wait { fetch: true });
+        assert_eq!(s.access(5, 60, true), Access::Wait { fetch: false });
+        s.gone(4);
+        assert!(s.due(70), "5 still waits: the timer sends it");
+        assert_eq!(s.settle(first, Ok(token(80, 100)), 80), Settled::Stale, "an answer to a given-up fetch");
+        assert_eq!(s.settle(s.fetch_number(), Ok(token(90, 100)), 90), Settled::Installed { refreshed: false });
+        assert_eq!(s.take_waiting(), vec![5]);
+    }
+
+    #[test]
+    fn a_changed_client_drops_the_token_and_ignores_the_old_fetch() {
+        let mut s = with_token(100);
         let mut v = basic();
         v["scope"] = json!("other");
+        assert_eq!(s.access(2, 10, true), Access::Use);
+        assert!(!s.due(10));
         s.update(&Arc::new(compile("t", &raw(v), &env).unwrap()));
         assert_eq!(s.access(2, 10, true), Access::Wait { fetch: true });
-        assert_eq!(s.settle(0, Ok(token(20, 100)), 20), Settled::Stale);
-        assert_eq!(s.access(3, 30, true), Access::Wait { fetch: true });
-        assert_eq!(s.settle(1, Ok(token(40, 100)), 40), Settled::Installed { refreshed: false });
+        let old = s.fetch_number();
+        let mut v = basic();
+        v["scope"] = json!("third");
+        s.update(&Arc::new(compile("t", &raw(v), &env).unwrap()));
+        assert_eq!(s.settle(old, Ok(token(20, 100)), 20), Settled::Stale);
+        assert!(s.due(30), "request 2 still waits: the timer asks with the new client");
+        assert_eq!(s.settle(s.fetch_number(), Ok(token(40, 100)), 40), Settled::Installed { refreshed: false });
         // The same configuration again changes nothing.
         let same = Arc::clone(&s.client);
         s.update(&same);
-        assert_eq!(use_(&mut s, 4, 50), ("Bearer tok40", false));
+        assert_eq!(header(&mut s, 4, 50), "Bearer tok40");
         // The upstream refusing the token drops it (only if it is still the current one).
         let current = s.serial();
         assert!(!s.refused(current - 1));

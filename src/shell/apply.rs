@@ -58,9 +58,8 @@ impl<H: Host> Effects for Apply<'_, H> {
             Effect::ReplaceResponseBody(body) => host.set_response_body(self.response_body_size, body),
             Effect::ResumeRequest => host.resume_request(),
             Effect::Resend(resend) => {
-                let raw = host.request_header_pairs();
                 let mut headers: Vec<(&str, &str)> = Vec::new();
-                for (name, value) in crate::headers::Pairs::new(&raw).into_iter().flatten() {
+                for (name, value) in crate::headers::Pairs::new(resend.headers).into_iter().flatten() {
                     let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
                         continue;
                     };

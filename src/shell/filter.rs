@@ -57,6 +57,10 @@ impl<H: Host> Filter<H> {
             &mut apply,
         );
         let unsent = apply.unsent;
+        if stream.wants_headers() {
+            // It may be sent again after a 401, when its headers can no longer be read: keep them now.
+            stream.keep_headers(host.request_header_pairs());
+        }
         if flow == Flow::WaitForKeys {
             if let Some(stream) = self.stream.take() {
                 shared.parked.borrow_mut().insert(self.context_id, stream);

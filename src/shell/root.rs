@@ -69,6 +69,9 @@ impl<H: Host + Clone> Root<H> {
         let Some(shared) = self.shared.clone() else { return };
         shared.metrics.flush(&shared.host);
         let now = shared.host.now_ms();
+        // Lost token requests first (their waiters are answered), then the fetches that are due.
+        let lost = shared.router.borrow_mut().lost_token_fetches(now, &mut shared.apply());
+        shared.wake(lost, now);
         let unsent = {
             let mut apply = shared.apply();
             shared.router.borrow_mut().on_tick(now, shared.host.memory_bytes(), &mut apply);
@@ -77,8 +80,6 @@ impl<H: Host + Clone> Root<H> {
         for (target, why) in unsent {
             shared.fetch_ended(target, FetchResult::NotSent(&why), 0);
         }
-        let lost = shared.router.borrow_mut().lost_token_fetches(now, &mut shared.apply());
-        shared.wake(lost, now);
         let overdue = shared.router.borrow_mut().overdue_holds(now, &mut shared.apply());
         for context_id in overdue {
             if shared.host.set_effective_context(context_id) {

@@ -41,14 +41,15 @@ impl<H: Host> Shared<H> {
         if let FetchTarget::Resend(context_id) = target {
             let headers = self.host.call_response_headers();
             let body = self.host.call_response_body(body_size);
-            self.resent(context_id, status.as_deref(), &headers, &body);
+            let status = status.as_deref().ok_or("connection failure or timeout");
+            self.resent(context_id, status, &headers, &body);
             return;
         }
         self.fetch_ended(target, FetchResult::Answer { status: status.as_deref(), body_size }, body_size);
     }
 
-    /// The answer to a request sent again (`status` `None`: none came): the client gets it.
-    fn resent(&self, context_id: u32, status: Option<&str>, headers: &[(String, String)], body: &[u8]) {
+    /// The answer to a request sent again (`status` `Err(why)`: none came): the client gets it.
+    fn resent(&self, context_id: u32, status: Result<&str, &str>, headers: &[(String, String)], body: &[u8]) {
         let Some(mut stream) = self.parked.borrow_mut().remove(&context_id) else { return };
         if self.host.set_effective_context(context_id) {
             let mut apply = self.apply();
@@ -61,7 +62,11 @@ impl<H: Host> Shared<H> {
     /// the core starts meanwhile that cannot be sent ends at once, the same way.
     pub fn fetch_ended(&self, target: FetchTarget, result: FetchResult<'_>, body_size: usize) {
         if let FetchTarget::Resend(context_id) = target {
-            self.resent(context_id, None, &[], &[]);
+            let why = match &result {
+                FetchResult::NotSent(why) => why,
+                FetchResult::Answer { .. } => "no answer",
+            };
+            self.resent(context_id, Err(why), &[], &[]);
             return;
         }
         let host = &self.host;
@@ -93,6 +98,9 @@ impl<H: Host> Shared<H> {
                 self.router.borrow_mut().wake(&mut stream, now, &self.signatures, &mut body, &mut apply);
                 apply.unsent
             };
+            if stream.wants_headers() {
+                stream.keep_headers(host.request_header_pairs());
+            }
             // Its context takes the stream back at its next callback.
             self.parked.borrow_mut().insert(context_id, stream);
             for (target, why) in unsent {

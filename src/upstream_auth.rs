@@ -1320,3 +1320,48 @@ mod tests {
         assert_eq!(s.access(5, 60, true), Access::Wait { fetch: true });
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::strategy::Strategy;
+
+    proptest::proptest! {
+        /// An authorization server's answer is untrusted: any bytes, any status, give a token or an error,
+        /// never a panic; a token is always one header value, and an error line never holds a control
+        /// character (it goes to Envoy's log).
+        #[test]
+        fn any_token_response_is_a_token_or_a_printable_error(
+            status in proptest::prop_oneof![proptest::strategy::Just(200u32), 100u32..600],
+            body in proptest::prop_oneof![
+                proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+                "\\{\"access_token\":\"[ -~]{0,40}\",\"token_type\":\"[A-Za-z]{0,8}\",\"expires_in\":[-0-9a-z\"]{0,12}\\}"
+                    .prop_map(String::into_bytes),
+                "\\{\"error\":\"[\\PC\\n]{0,80}\",\"error_description\":\"[\\PC\\n\\t]{0,300}\"\\}".prop_map(String::into_bytes),
+            ],
+            now in 0u64..u64::MAX,
+        ) {
+            match parse_token_response(status, &body, now) {
+                Ok(t) => {
+                    proptest::prop_assert!(t.header.starts_with("Bearer ") && t.header.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+                    proptest::prop_assert!(t.refresh_at_ms <= t.usable_until_ms);
+                }
+                Err(e) => proptest::prop_assert!(!e.0.chars().any(char::is_control), "{}", e.0),
+            }
+        }
+
+        /// Key material read from configuration: any text gives a key or an error naming the field.
+        #[test]
+        fn any_private_key_text_is_a_key_or_an_error(text in "(-----BEGIN (RSA )?PRIVATE KEY-----\n)?[A-Za-z0-9+/=\n{}\":_ ]{0,400}(\n-----END (RSA )?PRIVATE KEY-----)?") {
+            if let Err(e) = parse_key("f", &text) {
+                proptest::prop_assert_eq!(e.field, "f");
+            }
+        }
+
+        #[test]
+        fn any_der_is_parts_or_none(der in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = crate::der::pkcs8_rsa_private_key(&der).and_then(crate::der::rsa_private_key_parts);
+            let _ = crate::der::rsa_private_key_parts(&der);
+        }
+    }
+}

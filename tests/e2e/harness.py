@@ -440,14 +440,16 @@ class Envoy:
             self.proc.wait(timeout=10)
 
 
-def envoy_validate(config_path: Path, timeout: float = 120.0, build: str | None = None) -> subprocess.CompletedProcess:
+def envoy_validate(config_path: Path, timeout: float = 120.0, build: str | None = None,
+                   extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`envoy --mode validate -c FILE`, run from the repository root (relative wasm paths work). Under the
-    dynamic-module build the config is validated with its wasm filter swapped for the .so."""
-    env = None
+    dynamic-module build the config is validated with its wasm filter swapped for the .so. `extra_env`: more
+    environment for Envoy (what a config's host_env_keys read)."""
+    env = dict(os.environ, **extra_env) if extra_env else None
     if (build or BUILD) == "dynamic-module":
         cfg = load_yaml(Path(config_path) if Path(config_path).is_absolute() else REPO / config_path)
         if has_wasm_filter(cfg):
-            env = dict(os.environ, **dynamic_module_env(cfg))
+            env = dict(env or os.environ, **dynamic_module_env(cfg))
             config_path = write_config(as_dynamic_module(cfg), Path(tempfile.mkdtemp()) / Path(config_path).name)
     base_id = 200_000 + (os.getpid() % 10_000) * 100 + next(_base_ids)
     return subprocess.run([envoy_bin(), "--mode", "validate", "-c", str(config_path),

@@ -227,9 +227,10 @@ def test_an_authorization_server_outage_keeps_a_usable_token_then_answers_503_ne
         _ok(env, minter, TENANT_A)
         got_token_at = time.monotonic()
         ua.as_.outage("503")
-        # Usable until a tenth of its 6 s life before expiry: the requests meanwhile go on with it.
+        # Used until 1.6 s before its expiry (a tenth of its 6 s life and a second): the requests in the first
+        # 3 s (well inside that, on a loaded machine too) go on with it.
         statuses = []
-        while time.monotonic() - got_token_at < 4.5:
+        while time.monotonic() - got_token_at < 3.0:
             statuses.append(env.request("GET", "/Patient", bearer(minter.token(TENANT_A))).status)
             time.sleep(0.25)  # pacing
         assert set(statuses) == {200}, statuses

@@ -8,7 +8,9 @@
 #   crane digest --platform linux/amd64 ghcr.io/your-org/fhir-tenant-router:0.1.0   # what to pin (sha256)
 # --platform linux/amd64 whatever machine builds it: the gateways fetch with go-containerregistry, which picks
 # the linux/amd64 image out of an index and refuses an index without one (an arm64 laptop's default build).
-# The module itself is platform-neutral and compiled natively on the build machine (no emulation).
+# This file cannot fix it for you: BuildKit gives a `FROM scratch` image the build's target platform, whatever
+# a --platform on that FROM says. The module itself is platform-neutral and compiled natively on the build
+# machine (no emulation).
 #
 #   docker build --platform linux/amd64 --build-arg WASM_FROM=prebuilt -t ghcr.io/your-org/fhir-tenant-router:0.1.0 .
 # packages target/wasm32-wasip1/release/fhir_tenant_router.wasm as `make build` left it (what CI tested), with

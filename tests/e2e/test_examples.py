@@ -137,14 +137,58 @@ def _validate(cfg: dict, path: Path) -> tuple[int, str]:
 
 # ------------------------------------------------------------------------------------- docker-compose
 
-def test_compose_file_passes_docker_compose_config():
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.skip("docker-compose is not installed (Debian: apt-get install -y docker-compose); "
-                    "the compose file's other checks still ran")
-    result = subprocess.run([exe, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=COMPOSE_DIR,
-                            capture_output=True, text=True, timeout=120)
+def _compose_cli() -> tuple[list[str], int] | None:
+    """The Compose command line here and its major version: `docker compose` (v2) if the plugin is there, else
+    a standalone `docker-compose` (Debian's is v1)."""
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        r = subprocess.run(cmd + ["version", "--short"], capture_output=True, text=True, timeout=60)
+        m = re.match(r"v?(\d+)\.", r.stdout.strip())
+        if r.returncode == 0 and m:
+            return cmd, int(m[1])
+    return None
+
+
+def _module_volume() -> dict:
+    (v,) = [v for v in _compose()["services"]["envoy"]["volumes"]
+            if isinstance(v, dict) and v["target"] == MODULE_IN_CONTAINER]
+    return v
+
+
+def test_compose_file_passes_docker_compose_config(tmp_path):
+    """Compose v2 validates the file as it is. Debian's docker-compose is v1, which predates
+    `bind.create_host_path` (and so cannot run this file): it must refuse exactly that key, and accept the
+    rest of the file."""
+    found = _compose_cli()
+    if found is None:
+        pytest.skip("no Compose CLI (Debian: apt-get install -y docker-compose); the file's other checks still ran")
+    cmd, major = found
+    run = lambda f: subprocess.run(cmd + ["-f", str(f), "--project-directory", str(COMPOSE_DIR), "config", "-q"],
+                                   cwd=COMPOSE_DIR, capture_output=True, text=True, timeout=120)
+    result = run(COMPOSE_FILE)
+    if major >= 2:
+        assert result.returncode == 0, result.stdout + result.stderr
+        return
+    assert result.returncode != 0 and "create_host_path" in result.stdout + result.stderr, result
+    doc = _compose()
+    for v in doc["services"]["envoy"]["volumes"]:
+        if isinstance(v, dict):
+            v.pop("bind")
+    stripped = tmp_path / "docker-compose.v1.yml"
+    stripped.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    result = run(stripped)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_mounts_the_module_so_that_a_missing_module_is_an_error_not_a_directory():
+    """Long syntax with `create_host_path: false`: Compose v2 then uses the Mount API, and the engine refuses a
+    missing source ("bind source path does not exist"). The short form, or the long form without `bind`, goes
+    through the Binds API, where Docker creates an empty directory at the missing path (compose
+    pkg/compose/create.go: requireMountAPI)."""
+    v = _module_volume()
+    assert v["type"] == "bind" and v["read_only"] is True, v
+    assert v["bind"] == {"create_host_path": False}, v
 
 
 def test_compose_pins_every_image_to_an_exact_version():
@@ -162,8 +206,12 @@ def _mounts(svc: dict) -> dict[str, str]:
     """container path -> host path (relative to the compose folder) of a service's bind mounts."""
     out = {}
     for v in svc.get("volumes", []):
-        host, container, *_ = v.split(":")
-        out[container] = host
+        if isinstance(v, dict):
+            assert v["type"] == "bind", v
+            out[v["target"]] = v["source"]
+        else:
+            host, container, *_ = v.split(":")
+            out[container] = host
     return out
 
 
@@ -324,7 +372,10 @@ def test_istio_wasmplugin_has_the_required_fields():
     assert p["apiVersion"] == "extensions.istio.io/v1alpha1" and p["metadata"]["name"]
     s = p["spec"]
     assert re.fullmatch(r"oci://[^/]+/.+/fhir-tenant-router:\d+\.\d+\.\d+", s["url"]), s["url"]
-    assert s["phase"] == "AUTHN" and s["failStrategy"] == "FAIL_CLOSE" and s["type"] == "HTTP"
+    # FAIL_RELOAD (Istio >= 1.27) never fails open: a module that cannot be fetched is replaced by a deny-all
+    # filter (pkg/wasm/convert.go: only FAIL_OPEN allows), a crashed VM by a fresh one.
+    assert s["phase"] == "AUTHN" and s["failStrategy"] == "FAIL_RELOAD" and s["type"] == "HTTP"
+    assert "sha256" not in s or re.fullmatch(r"[0-9a-f]{64}", s["sha256"]), "Istio wants the digest's hex only"
     assert s["selector"]["matchLabels"], "a WasmPlugin without a selector applies to every proxy in the namespace"
     assert s["pluginName"] == "fhir_tenant_router"
     assert isinstance(s["pluginConfig"], dict)
@@ -385,9 +436,9 @@ def test_envoy_gateway_httproute_routes_every_filter_label_and_answers_the_rest_
     assert not rule.get("backendRefs")
     (f,) = rule["filters"]
     ref = f["extensionRef"]
-    filt = _one(docs, "HTTPRouteFilter")
-    assert (ref["kind"], ref["name"]) == ("HTTPRouteFilter", filt["metadata"]["name"])
-    assert filt["spec"]["directResponse"]["statusCode"] == 503
+    filters = {d["metadata"]["name"]: d for d in docs if d["kind"] == "HTTPRouteFilter"}
+    assert ref["kind"] == "HTTPRouteFilter"
+    assert filters[ref["name"]]["spec"]["directResponse"]["statusCode"] == 503
 
 
 def test_envoy_gateway_patch_policy_adds_the_jwks_cluster_the_plugin_names():
@@ -473,8 +524,10 @@ def _stages() -> list[dict]:
     stages: list[dict] = []
     for instr, args in _dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8")):
         if instr == "FROM":
+            flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--"))
+            args = [a for a in args if not a.startswith("--")]
             name = args[2] if len(args) >= 3 and args[1].upper() == "AS" else None
-            stages.append({"base": args[0], "name": name, "steps": []})
+            stages.append({"base": args[0], "name": name, "steps": [], "platform": flags.get("platform")})
         elif stages:
             stages[-1]["steps"].append((instr, args))
     return stages
@@ -520,8 +573,82 @@ def test_dockerfile_both_ways_of_getting_the_module_put_the_built_wasm_into_the_
         assert stage["steps"] == [("COPY", [BUILT_MODULE, produced])]
     else:
         run = " ".join(" ".join(a) for i, a in stage["steps"] if i == "RUN")
-        assert "cargo build --locked --target wasm32-wasip1 --release" in run
+        # `make build` itself (its cargo features and wasm-opt), locked, and failing rather than skipping
+        # wasm-opt; binaryen installed for it.
+        assert "make build CARGO_FLAGS=--locked REQUIRE_WASM_OPT=1" in run
+        assert re.search(r"apt-get install .*\bbinaryen\b", run) and re.search(r"apt-get install .*\bmake\b", run)
         assert f"cp {BUILT_MODULE} {produced}" in run
+        copied = [a for i, args in stage["steps"] if i == "COPY" for a in args[:-1]]
+        assert "Makefile" in copied
+
+
+def _make_recipe(target: str) -> str:
+    """The recipe of `target` in the Makefile, continuation lines joined."""
+    lines = (REPO / "Makefile").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return " ".join(recipe).replace("\\ ", " ")
+
+
+def test_make_build_ships_the_plugin_features_optimised_and_can_insist_on_wasm_opt():
+    """What the Dockerfile's `make build` does: the shipped features (no pure-Rust P-384), wasm-opt -Oz, and
+    with REQUIRE_WASM_OPT set a missing wasm-opt fails the build instead of leaving the module unoptimised."""
+    recipe = _make_recipe("build")
+    assert "cargo build $(CARGO_FLAGS) --target wasm32-wasip1 --release --no-default-features --features plugin" \
+        in recipe
+    assert "wasm-opt -Oz" in recipe
+    assert re.search(r'elif \[ -n "\$\(REQUIRE_WASM_OPT\)" \]; then [^;]*; exit 1;', recipe), recipe
+
+
+def test_dockerfile_compiles_the_module_on_the_build_machine_and_leaves_the_platform_to_the_build():
+    """The module is the same on every platform, so the compiler runs natively ($BUILDPLATFORM); the image's
+    platform is the build's --platform (a scratch stage takes it from there), which the docs set to linux/amd64."""
+    stages = {s["name"]: s for s in _stages()}
+    assert stages["source"]["platform"] == "$BUILDPLATFORM"
+    assert _stages()[-1]["platform"] is None
+
+
+DOCS = [REPO / "README.md", DOCKERFILE, *sorted(EXAMPLES.glob("*/README.md"))]
+
+
+def _commands(path: Path, word: str) -> list[str]:
+    """Every `docker build`-like command line in a doc (comments and code blocks alike)."""
+    return [l for l in path.read_text(encoding="utf-8").splitlines() if re.search(word, l)]
+
+
+def test_every_documented_image_build_is_for_linux_amd64():
+    builds = [(p.name, l) for p in DOCS for l in _commands(p, r"docker (buildx )?build ")]
+    assert builds, "no docker build command documented"
+    for name, line in builds:
+        assert "--platform linux/amd64" in line, f"{name}: {line.strip()}"
+
+
+def test_every_documented_digest_to_pin_is_the_linux_amd64_manifest_digest():
+    lines = [(p.name, l) for p in DOCS + [ISTIO_PLUGIN, EG_POLICY] for l in _commands(p, r"crane digest")]
+    assert lines, "no digest command documented"
+    for name, line in lines:
+        assert "--platform linux/amd64" in line, f"{name}: {line.strip()}"
+
+
+def test_the_envoy_gateway_checksum_field_is_named_as_it_is():
+    """`code.image.sha256` (the image's manifest digest); there is no `code.sha256`."""
+    for p in DOCS + [EG_POLICY]:
+        assert "code.sha256" not in p.read_text(encoding="utf-8"), p
+    policy = EG_POLICY.read_text(encoding="utf-8")
+    image = policy[policy.index("      image:"):policy.index("      pullPolicy:")]
+    assert "# sha256:" in image, "the commented checksum must sit under code.image"
+
+
+def test_the_istio_check_looks_for_the_plugin_where_istio_puts_it():
+    """The WasmPlugin reaches the gateway through ECDS, as `<namespace>.<name>`; the listener dump only
+    names the ECDS resource, never the filter."""
+    text = (EXAMPLES / "istio" / "README.md").read_text(encoding="utf-8")
+    assert "istioctl proxy-config ecds" in text
+    assert "proxy-config listeners" not in text
 
 
 def test_dockerfile_compiles_with_a_pinned_rust_no_older_than_the_crate_needs():

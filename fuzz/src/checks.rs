@@ -299,3 +299,20 @@ pub fn der(raw: &[u8], scalar_len: usize) -> bool {
     }
     true
 }
+
+/// A token endpoint's answer: a token (one printable header value, renewed before it stops being used) or a
+/// printable error (it goes to Envoy's log), never a panic. Returns whether it was a token.
+pub fn token_response(status: u32, body: &[u8], now_ms: u64) -> bool {
+    match fhir_tenant_router::upstream_auth::parse_token_response(status, body, now_ms) {
+        Ok(t) => {
+            assert!(t.header.starts_with("Bearer ") && t.header.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+            assert!(t.refresh_at_ms <= t.usable_until_ms, "{t:?}");
+            assert_eq!(status, 200);
+            true
+        }
+        Err(e) => {
+            assert!(!e.0.chars().any(char::is_control), "{}", e.0);
+            false
+        }
+    }
+}

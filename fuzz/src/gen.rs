@@ -752,3 +752,27 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
     }
     stats
 }
+
+/// An authorization server's token answer (upstream_auth): mutated valid and error answers, any status.
+pub fn token_response(rng: &mut Rng, n: usize) -> Stats {
+    let seeds = [
+        json!({"access_token": "eyJhbGciOiJSUzI1NiJ9.e30.c2ln", "token_type": "Bearer", "expires_in": 3599}),
+        json!({"access_token": "ya29.a0AfH6SMB", "token_type": "bearer", "expires_in": "3600", "scope": "x"}),
+        json!({"access_token": "x", "expires_in": 1}),
+        json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."}),
+        json!({"error": "temporarily_unavailable"}),
+    ];
+    let mut stats = Stats::default();
+    for _ in 0..n {
+        let seed = rng.pick(&seeds).clone();
+        let mut body = if rng.percent(70) { json_document(rng, &seed) } else { seed.to_string().into_bytes() };
+        if rng.percent(20) {
+            mutate_bytes(rng, &mut body);
+        }
+        let status = *rng.pick(&[200u32, 200, 200, 400, 401, 500, 503, 0, 99, 999]);
+        let now = *rng.pick(&[0u64, 1_767_225_600_000, u64::MAX, u64::MAX / 2]);
+        note("token_response", &body);
+        stats.add(checks::token_response(status, &body, now));
+    }
+    stats
+}

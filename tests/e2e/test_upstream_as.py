@@ -30,6 +30,8 @@ from upstream_auth import (  # noqa: E402
     write_key,
 )
 
+pytestmark = pytest.mark.wasm_only("independent of the build under test (no Envoy): once per make e2e is enough")
+
 SCOPE = "system/*.read"
 METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt_rs384", "private_key_jwt_es384",
            "jwt_bearer"]

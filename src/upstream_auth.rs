@@ -172,7 +172,6 @@ impl fmt::Debug for OAuthClient {
             .field("token_url", &self.token_url)
             .field("cluster", &self.cluster)
             .field("client_id", &self.client_id)
-            .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
     }
 }
@@ -189,11 +188,6 @@ impl OAuthClient {
     /// The audit line's name for the credential.
     pub fn kind(&self) -> &'static str {
         self.method.name()
-    }
-
-    /// The fingerprint of the whole client configuration, secrets included (never shown).
-    pub fn fingerprint(&self) -> u64 {
-        self.fingerprint
     }
 }
 
@@ -625,7 +619,18 @@ pub fn parse_token_response(status: u32, body: &[u8], now_ms: u64) -> Result<Tok
                     format!(": {} ({description})", printable(error, 64))
                 }
             }
-            None => String::new(),
+            // Not an OAuth error answer (Envoy's own, when the server is down: "upstream connect error …",
+            // "upstream request timeout"): its first words.
+            None => {
+                let text =
+                    printable(&String::from_utf8_lossy(body.get(..body.len().min(400)).unwrap_or_default()), 100);
+                let text = text.trim();
+                if text.is_empty() || text.starts_with('<') {
+                    String::new()
+                } else {
+                    format!(" ({text})")
+                }
+            }
         };
         return Err(TokenError(format!("HTTP status {status}{detail}")));
     }
@@ -1180,6 +1185,10 @@ mod tests {
         let e = parse_token_response(401, br#"{"error":"invalid_client","error_description":"bad\nsecret"}"#, 0);
         assert_eq!(e.unwrap_err().0, "HTTP status 401: invalid_client (badsecret)");
         assert_eq!(parse_token_response(503, b"<html>", 0).unwrap_err().0, "HTTP status 503");
+        assert_eq!(
+            parse_token_response(504, b"upstream request timeout", 0).unwrap_err().0,
+            "HTTP status 504 (upstream request timeout)"
+        );
     }
 
     fn slot(max_waiting: usize) -> TokenSlot {

@@ -213,20 +213,28 @@ def test_a_token_is_refreshed_before_it_expires_and_no_request_waits_for_it(star
         ua.as_.set_ttl(300, BASIC_CLIENT)
 
 
+# How the AS fails: an error answer, no answer at all (the token request times out after timeout_ms), or a
+# connection refused; and what the router's log says of it.
+OUTAGES = {"503": "temporarily_unavailable", "hang": "HTTP status 504 (upstream request timeout)",
+           "refuse": "HTTP status 503 (upstream connect error"}
+
+
+@pytest.mark.parametrize("mode", list(OUTAGES))
 def test_an_authorization_server_outage_keeps_a_usable_token_then_answers_503_never_unauthenticated(
-        start_envoy, idp, upstreams, upstream_auth, keyed):
+        mode, start_envoy, idp, upstreams, upstream_auth, keyed):
     ua = upstream_auth
     ua.as_.set_ttl(6, BASIC_CLIENT)
     env = None
     try:
-        env = _start(start_envoy, idp, upstreams, ua, "envoy-upstream-outage", {TENANT_A: basic_a(ua.as_)}, keyed)
+        env = _start(start_envoy, idp, upstreams, ua, f"envoy-upstream-outage-{mode}", {TENANT_A: basic_a(ua.as_)},
+                     keyed)
         minter = Minter(idp.issuer)
         wait_for_jwks(env, minter, upstreams)
         guard = ua.guards["tenant_a"]
         guard.clear()
         _ok(env, minter, TENANT_A)
         got_token_at = time.monotonic()
-        ua.as_.outage("503")
+        ua.as_.outage(mode)
         # Used until 1.6 s before its expiry (a tenth of its 6 s life and a second): the requests in the first
         # 3 s (well inside that, on a loaded machine too) go on with it.
         statuses = []
@@ -240,7 +248,7 @@ def test_an_authorization_server_outage_keeps_a_usable_token_then_answers_503_ne
         _unavailable(resp)
         assert set(r.verdict for r in guard.records) == {"allowed"}, "never a request without a valid token"
         log = env.log()
-        assert f"upstream token for tenant {TENANT_A}" in log and "temporarily_unavailable" in log, env.log_tail(20)
+        assert f"upstream token for tenant {TENANT_A}" in log and OUTAGES[mode] in log, env.log_tail(20)
         _stat_at_least(env, f"requests.rejected.{UNAVAILABLE}")
         # The server is back: after the backoff, requests are served again.
         ua.as_.outage("off")

@@ -64,7 +64,9 @@ MODULE_LIMIT = 640 * 1024                 # bytes: 512 KiB until upstream_auth (
 SO = Path(os.environ.get("FHIR_TENANT_ROUTER_SO")
           or REPO / "target" / "dynamic-module" / "libfhir_tenant_router.so").resolve()
 PEER_ROUTE_HEADER = "x-bench-tenant-route"  # the same-job native peers route on this header (cluster = tenant id)
-MEMORY_LIMIT = 8 * 1024 * 1024            # bytes
+# bytes: 8 MiB until the cache kept whole tokens (issue 13: a hit compares the token, as jwt_authn's cache
+# does; ~0.5 KB per cached bench token, +4.8 MiB at 10,000)
+MEMORY_LIMIT = 14 * 1024 * 1024
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = {"name": "envoy.filters.http.router",
@@ -1361,12 +1363,12 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
     if m.get("after") is None:
         checks.append((False, f"VM memory with {MEMORY_TENANTS:,} tenants and {CACHE_ENTRIES:,} cached tokens: "
                               f"NOT MEASURABLE, the module publishes no `wasmcustom.fhir_tenant_router.{GAUGE_MEMORY}` "
-                              f"gauge (target <= 8 MiB)"))
+                              f"gauge (target <= {MEMORY_LIMIT // 2**20} MiB)"))
     else:
         full = m.get("entries_after") is None or m["entries_after"] >= CACHE_ENTRIES
         checks.append((m["after"] <= MEMORY_LIMIT and full,
                        f"VM memory with {MEMORY_TENANTS:,} tenants and {m.get('entries_after') or 0:,} cached tokens: "
-                       f"{m['after'] / 2**20:.2f} MiB (target <= 8 MiB = {MEMORY_LIMIT:,} bytes"
+                       f"{m['after'] / 2**20:.2f} MiB (target <= {MEMORY_LIMIT // 2**20} MiB = {MEMORY_LIMIT:,} bytes"
                        + ("" if full else f"; INCOMPLETE: the cache should hold {CACHE_ENTRIES:,}") + ")"))
     P("## Targets")
     P("")

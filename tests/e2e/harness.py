@@ -108,12 +108,13 @@ class Response:
 
 def http_request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
                  body: bytes | None = None, timeout: float = 10.0) -> Response:
-    """One request on a fresh connection; `path` goes on the request line exactly as given."""
+    """One request on a fresh connection; `path` goes on the request line exactly as given. A `host` among
+    `headers` is the only Host sent (http.client would otherwise add its own as well)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
         hdrs = {"accept": "application/fhir+json"}
         hdrs.update(headers or {})
+        conn.putrequest(method, path, skip_host=any(k.lower() == "host" for k in hdrs), skip_accept_encoding=True)
         for k, v in hdrs.items():
             conn.putheader(k, v)
         if body is not None:

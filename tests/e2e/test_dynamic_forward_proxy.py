@@ -7,7 +7,6 @@ links must be rewritten from the URL. Tenant B's url points at a recording upstr
 """
 from __future__ import annotations
 
-import http.client
 import json
 import sys
 import urllib.parse
@@ -24,7 +23,7 @@ from conftest import stop_envoy  # noqa: E402
 from contract import TENANT_DATA, contract_patient, resources  # noqa: E402
 from engine import EngineError, FhirEngine  # noqa: E402
 from harness import (  # noqa: E402
-    ENVOY_DIR, SHIPPED_CONFIG, TENANT_A, TENANT_B, TENANT_HEADER, Envoy, Response, bearer, envoy_validate,
+    ENVOY_DIR, SHIPPED_CONFIG, TENANT_A, TENANT_B, TENANT_HEADER, Envoy, bearer, envoy_validate,
     hcm_settings, http_request, load_yaml, plugin_json, render_config, wait_until, wasm_plugin_config, write_config,
 )
 from test_tenant_registry import Registry, static_cluster  # noqa: E402
@@ -89,25 +88,8 @@ class Dfp:
         if tenant is not None or token is not None:
             h.update(bearer(token or self.minter.token(tenant)))
         if "host" in h:
-            return request_with_host(self.env.port, path, h)
+            return http_request(self.env.port, "GET", path, h)
         return self.env.request("GET", path, h)
-
-
-def request_with_host(port: int, path: str, headers: dict[str, str]) -> Response:
-    """GET with exactly the Host header given (http.client would add its own as well)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
-        for k, v in {"accept": "application/fhir+json", **headers}.items():
-            conn.putheader(k, v)
-        conn.endheaders()
-        resp = conn.getresponse()
-        out: dict[str, list[str]] = {}
-        for k, v in resp.getheaders():
-            out.setdefault(k.lower(), []).append(v)
-        return Response(resp.status, out, resp.read())
-    finally:
-        conn.close()
 
 
 def url_tenants(engine_a: FhirEngine, upstream_b: RecordingUpstream):

@@ -15,7 +15,6 @@ issuer and audience, so every plugin configuration runs exactly as shipped.
 from __future__ import annotations
 
 import copy
-import http.client
 import json
 import urllib.parse
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from conftest import stop_envoy
 from fake_hapi import FakeHapi, batch_body
 from gateways import WASM_TYPE, eg_url_rewrite, eg_routes, render_envoy_gateway, render_istio
 from harness import (
-    REPO, ROUTE_HEADER, TENANT_A, TENANT_B, TENANT_HEADER, Envoy, Response, free_port, load_yaml, plugin_json,
-    render_config, wait_until,
+    REPO, ROUTE_HEADER, TENANT_A, TENANT_B, TENANT_HEADER, Envoy, Response, free_port, http_request, load_yaml,
+    plugin_json, render_config, wait_until,
 )
 from tokens import ES_KID, RS_KID, Minter
 from upstream import RecordingUpstream
@@ -108,25 +107,13 @@ class Example:
     def request(self, method: str, target: str, *, tenant: str | None = None, headers: dict | None = None,
                 body: bytes | None = None, host: str | None = None) -> Response:
         """One request as a client of the public endpoint sends it: Host is the public host."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.envoy.port, timeout=10)
-        try:
-            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-            all_headers = {"host": host or self.public.netloc, "accept": "application/fhir+json"}
-            if tenant:
-                all_headers["authorization"] = f"Bearer {self.token(tenant)}"
-            if body is not None:
-                all_headers.update({"content-type": "application/fhir+json", "content-length": str(len(body))})
-            all_headers.update(headers or {})
-            for k, v in all_headers.items():
-                conn.putheader(k, v)
-            conn.endheaders(body)
-            resp = conn.getresponse()
-            out: dict[str, list[str]] = {}
-            for k, v in resp.getheaders():
-                out.setdefault(k.lower(), []).append(v)
-            return Response(resp.status, out, resp.read())
-        finally:
-            conn.close()
+        all_headers = {"host": host or self.public.netloc}
+        if tenant:
+            all_headers["authorization"] = f"Bearer {self.token(tenant)}"
+        if body is not None:
+            all_headers["content-type"] = "application/fhir+json"
+        all_headers.update(headers or {})
+        return http_request(self.envoy.port, method, target, all_headers, body)
 
     def hits(self) -> dict[str, list]:
         return {name: h.requests for name, h in self.hapis.items() if h.requests}

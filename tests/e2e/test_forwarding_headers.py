@@ -15,7 +15,6 @@ left: with `use_remote_address: true` (the edge setting) that is the connection'
 """
 from __future__ import annotations
 
-import http.client
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from checks import assert_wasm_vm_never_crashed  # noqa: E402
 from conftest import stop_envoy, wait_for_jwks  # noqa: E402
 from engine import EngineError, FhirEngine  # noqa: E402
 from harness import (  # noqa: E402
-    SHIPPED_CONFIG, TENANT_A, TENANT_B, TENANT_HEADER, Response, bearer, hcm_settings, load_yaml,
+    SHIPPED_CONFIG, TENANT_A, TENANT_B, TENANT_HEADER, Response, bearer, hcm_settings, http_request, load_yaml,
 )
 from test_tenant_registry import static_cluster  # noqa: E402
 from tokens import Minter  # noqa: E402
@@ -53,23 +52,9 @@ WRITABLE = {"interactions": ["read", "search", "create"]}
 
 
 def spoofed_request(port: int, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> Response:
-    """A request with exactly the Host given (http.client would add its own as well)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        all_headers = {"accept": "application/fhir+json", **SPOOFED, **headers}
-        if body is not None:
-            all_headers.update({"content-type": "application/fhir+json", "content-length": str(len(body))})
-        for k, v in all_headers.items():
-            conn.putheader(k, v)
-        conn.endheaders(body)
-        resp = conn.getresponse()
-        out: dict[str, list[str]] = {}
-        for k, v in resp.getheaders():
-            out.setdefault(k.lower(), []).append(v)
-        return Response(resp.status, out, resp.read())
-    finally:
-        conn.close()
+    """A request with the spoofed Host and forwarding headers (and `headers`)."""
+    typed = {"content-type": "application/fhir+json"} if body is not None else {}
+    return http_request(port, method, path, {**SPOOFED, **typed, **headers}, body)
 
 
 class Fwd:

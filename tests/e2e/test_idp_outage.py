@@ -29,12 +29,14 @@ MODES = ["500", "garbage", "hang", "down"]
 
 
 class FaultInjectingJwksProxy:
-    """Forwards GET /jwks to the real IdP in mode "pass"; otherwise fails as told."""
+    """Forwards GET /jwks to the real IdP in mode "pass"; otherwise fails as told. In mode "hold" each fetch
+    is held open until `release()`, then forwarded."""
 
     def __init__(self, idp_port: int):
         self.idp_port = idp_port
         self.mode = "pass"
         self.fetches: dict[str, int] = {}
+        self.released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,6 +54,8 @@ class FaultInjectingJwksProxy:
                     time.sleep(3)
                     self.close_connection = True
                     return
+                if mode == "hold":
+                    proxy.released.wait(60)
                 if mode == "500":
                     body, status = b'{"error":"server_error"}', 500
                 elif mode == "garbage":
@@ -73,7 +77,11 @@ class FaultInjectingJwksProxy:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def release(self):
+        self.released.set()
+
     def stop(self):
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 

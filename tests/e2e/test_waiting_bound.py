@@ -6,10 +6,7 @@ The hanging JWKS endpoint is a fake (no real IdP hangs on command): it forwards 
 to hang, and then holds each fetch open until released."""
 from __future__ import annotations
 
-import http.client
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -17,58 +14,16 @@ from checks import assert_wasm_vm_never_crashed
 from conftest import stop_envoy, wait_for_jwks
 import harness
 from harness import TENANT_A, bearer, wait_until
+from test_idp_outage import FaultInjectingJwksProxy
 from tokens import RS_KID, Minter, private_key
 
 MAX_WAITING = 8
 FLOOD = 200
 
 
-class HangingJwks:
-    """GET /jwks: forwarded to the real IdP, or (hang mode) held open until `release()`."""
-
-    def __init__(self, idp_port: int):
-        self.idp_port = idp_port
-        self.hang = False
-        self.hanging = 0
-        self.released = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                if outer.hang:
-                    outer.hanging += 1
-                    outer.released.wait(60)
-                conn = http.client.HTTPConnection("127.0.0.1", outer.idp_port, timeout=5)
-                conn.request("GET", self.path)
-                r = conn.getresponse()
-                body = r.read()
-                conn.close()
-                self.send_response(r.status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def release(self):
-        self.released.set()
-
-    def stop(self):
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def hanging(start_envoy, upstreams, idp):
-    jwks = HangingJwks(idp.port)
+    jwks = FaultInjectingJwksProxy(idp.port)
 
     def plugin(doc):
         doc["provider"]["issuer"] = idp.issuer  # the `idp` cluster points at the fake; tokens are the IdP's
@@ -113,10 +68,10 @@ def test_a_flood_of_unknown_kids_during_a_hanging_refetch_waits_bounded(hanging,
     # Large tokens (~5.5 KB each, under the 8 KB default max_token_bytes): what an unbounded queue would copy.
     tokens = [minter.token(TENANT_A, kid=f"made-up-{i}", key=private_key(RS_KID), padding="x" * 4000)
               for i in range(2 * FLOOD + 1)]
-    jwks.hang = True
+    jwks.mode = "hold"
     with ThreadPoolExecutor(max_workers=32) as pool:
         first = pool.submit(env.request, "GET", "/Patient", bearer(tokens[0]), None, 40)
-        wait_until(lambda: jwks.hanging >= 1, 20, "the unknown kid to trigger a refetch that hangs")
+        wait_until(lambda: jwks.fetches.get("hold", 0) >= 1, 20, "the unknown kid to trigger a refetch that hangs")
         answers = []
         memory = []
         for wave in (tokens[1:FLOOD + 1], tokens[FLOOD + 1:]):

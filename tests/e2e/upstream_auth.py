@@ -20,7 +20,6 @@ import base64
 import json
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from harness import REPO, HarnessError, Response, _tail, http_request, node_bin, wait_until
+from harness import REPO, HarnessError, Response, _tail, http_request, node_bin, stop_process, wait_until
 
 UPSTREAM_AS_DIR = REPO / "tests" / "upstream-as"
 UPSTREAM_AS_SERVER = UPSTREAM_AS_DIR / "server.mjs"
@@ -258,14 +257,7 @@ class UpstreamAs:
         return path
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""

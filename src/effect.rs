@@ -42,8 +42,7 @@ pub enum Effect<'a> {
     ResumeRequest,
     /// Start a GET through an Envoy cluster; its outcome comes back as a fetch result for `target`.
     Fetch(Fetch<'a>),
-    /// Send the request again (its headers as they left, `authorization` replaced; it has no body) through
-    /// `cluster`; the answer comes back as [`FetchTarget::Resend`] of this request.
+    /// Send a request again (with these headers; it has no body) through `cluster`; the answer comes back as [`FetchTarget::Resend`] of this request.
     Resend(Resend<'a>),
 }
 
@@ -53,9 +52,8 @@ pub struct Resend<'a> {
     /// The request's context id (its answer comes back as [`FetchTarget::Resend`] of it).
     pub context_id: u32,
     pub cluster: &'a str,
-    /// The request's headers as they left (a host's serialized header map).
-    pub headers: &'a [u8],
-    pub authorization: &'a str,
+    /// Every header to send, pseudo-headers included: as the request left, with the new `authorization`.
+    pub headers: &'a [(&'a str, &'a str)],
     pub timeout_ms: u64,
 }
 

@@ -197,10 +197,27 @@ struct UpstreamTokenUse {
     /// `GET` or `HEAD`: it may be sent again once, after a 401.
     safe: bool,
     resent: bool,
-    /// The request's headers as they left (the host's serialized header map), kept by the shell: a host may
-    /// not show them once the response has begun.
-    headers: Vec<u8>,
+    /// The request's headers as they left, as they are sent again (no old token, nothing hop-by-hop): kept
+    /// when the shell hands them over, since a host may not show them once the response has begun.
+    headers: Vec<(String, String)>,
 }
+
+/// Request headers not sent again with a request sent again (hop-by-hop, or the old token); of the
+/// pseudo-headers only `:method`, `:path` and `:authority` are.
+const NOT_RESENT: [&str; 9] = [
+    "authorization",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+    "proxy-connection",
+    "expect",
+];
+
+/// The response headers that carry links (rewritten with the body's).
+const LINK_HEADERS: [&str; 2] = ["location", "content-location"];
 
 /// How long a request sent again may take (Envoy's default route timeout).
 pub const RESEND_TIMEOUT_MS: u64 = 15_000;
@@ -244,10 +261,18 @@ impl Stream {
     }
 
     /// Keeps the request's headers as they leave (the host's serialized header map).
-    pub fn keep_headers(&mut self, serialized: Vec<u8>) {
-        if let Some(u) = self.upstream_token.as_mut() {
-            u.headers = serialized;
-        }
+    pub fn keep_headers(&mut self, serialized: &[u8]) {
+        let Some(u) = self.upstream_token.as_mut() else { return };
+        u.headers = crate::headers::Pairs::new(serialized)
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, value)| Some((std::str::from_utf8(name).ok()?, std::str::from_utf8(value).ok()?)))
+            .filter(|(name, _)| {
+                let pseudo = name.starts_with(':') && !matches!(*name, ":method" | ":path" | ":authority");
+                !pseudo && !NOT_RESENT.contains(name)
+            })
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
     }
 
     /// The provider whose key set the request waits for, if it is parked.
@@ -558,7 +583,7 @@ impl Router {
             return Flow::Continue;
         };
         if let ResponseEdit::RewriteLinks { from, to } = edit {
-            for name in ["location", "content-location"] {
+            for name in LINK_HEADERS {
                 if let Some(new) = header(name).and_then(|v| links::rewrite_url(&v, from, to)) {
                     out.push(Effect::SetResponseHeader(name, &new));
                 }
@@ -598,14 +623,7 @@ impl Router {
         if !end_of_stream {
             return Flow::Buffer;
         }
-        let body = body();
-        let edited = match edit {
-            ResponseEdit::PatchCapability => {
-                self.config.discovery.as_ref().and_then(|d| d.patch_capability_statement(&body))
-            }
-            ResponseEdit::RewriteLinks { from, to } => links::rewrite_body(&body, from, to),
-        };
-        if let Some(new) = edited {
+        if let Some(new) = self.edited_body(edit, &body()) {
             out.push(Effect::ReplaceResponseBody(&new));
         }
         Flow::Continue
@@ -652,14 +670,10 @@ impl Router {
                     let cluster = &upstream.cluster;
                     let context_id = stream.context_id;
                     let timeout_ms = RESEND_TIMEOUT_MS;
-                    let headers = &upstream.headers;
-                    out.push(Effect::Resend(Resend {
-                        context_id,
-                        cluster,
-                        headers,
-                        authorization: header,
-                        timeout_ms,
-                    }));
+                    let mut headers: Vec<(&str, &str)> =
+                        upstream.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+                    headers.push(("authorization", header));
+                    out.push(Effect::Resend(Resend { context_id, cluster, headers: &headers, timeout_ms }));
                     stream.phase = Phase::Resent;
                 }
             }
@@ -714,7 +728,7 @@ impl Router {
                 continue;
             }
             let value = match &stream.response {
-                Some(ResponseEdit::RewriteLinks { from, to }) if name == "location" || name == "content-location" => {
+                Some(ResponseEdit::RewriteLinks { from, to }) if LINK_HEADERS.contains(&name.as_str()) => {
                     links::rewrite_url(value, from, to).unwrap_or_else(|| value.clone())
                 }
                 _ => value.clone(),
@@ -722,15 +736,20 @@ impl Router {
             copied.push((name.as_str(), value));
         }
         let json = headers.iter().any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().contains("json"));
-        let edited = match &stream.response {
-            Some(ResponseEdit::RewriteLinks { from, to }) if json && !stream.head => {
-                links::rewrite_body(body, from, to)
-            }
-            _ => None,
-        };
+        let edited = stream.response.as_ref().filter(|_| json).and_then(|edit| self.edited_body(edit, body));
         let headers: Vec<(&str, &str)> = copied.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let body = edited.as_deref().unwrap_or(body);
         out.push(Effect::Reply(Reply { status, headers: &headers, body }));
+    }
+
+    /// The body as `edit` changes it (`None`: unchanged).
+    fn edited_body(&self, edit: &ResponseEdit, body: &[u8]) -> Option<Vec<u8>> {
+        match edit {
+            ResponseEdit::PatchCapability => {
+                self.config.discovery.as_ref().and_then(|d| d.patch_capability_statement(body))
+            }
+            ResponseEdit::RewriteLinks { from, to } => links::rewrite_body(body, from, to),
+        }
     }
 
     /// Decides `request` and pushes what follows. `may_wait`: an unknown `kid` may park the request until

@@ -23,11 +23,34 @@ const PURGE_EVERY_S: i64 = 10;
 /// What came back from a fetch.
 #[derive(Debug)]
 pub enum FetchResult<'a> {
-    /// An HTTP answer: its `:status` (`None`: no answer, i.e. connection failure or timeout), its body's
-    /// size, and a reader for the body (called only for a 200 within the size limit).
+    /// An HTTP answer: its `:status` (`None`: no answer, i.e. connection failure or timeout) and its body's
+    /// size (the body is read only within the target's size limit).
     Answer { status: Option<&'a str>, body_size: usize },
     /// The request could not be sent.
     NotSent(&'a str),
+}
+
+impl<'a> FetchResult<'a> {
+    /// The answer's status and body, or why there is none. The body is read only within `limit`, and only
+    /// for a 200 unless `error_bodies` (another status then comes with an empty body).
+    fn read(
+        self,
+        limit: usize,
+        error_bodies: bool,
+        body: &mut dyn FnMut() -> Vec<u8>,
+    ) -> Result<(&'a str, Vec<u8>), String> {
+        match self {
+            FetchResult::NotSent(why) => Err(why.to_string()),
+            FetchResult::Answer { status: None, .. } => Err("no response: connection failure or timeout".to_string()),
+            FetchResult::Answer { status: Some(status), .. } if status != "200" && !error_bodies => {
+                Ok((status, Vec::new()))
+            }
+            FetchResult::Answer { body_size, .. } if body_size > limit => {
+                Err(format!("body larger than {limit} bytes"))
+            }
+            FetchResult::Answer { status: Some(status), .. } => Ok((status, body())),
+        }
+    }
 }
 
 impl Router {
@@ -121,15 +144,10 @@ impl Router {
             // A request's own answer: the shell hands it to `Router::on_resend_response`.
             FetchTarget::Resend(_) => return Fetched::default(),
         };
-        let fetched = match result {
-            FetchResult::NotSent(why) => Err(why.to_string()),
-            FetchResult::Answer { status: None, .. } => Err("no response: connection failure or timeout".to_string()),
-            FetchResult::Answer { status: Some("200"), body_size } if body_size > limit => {
-                Err(format!("body larger than {limit} bytes"))
-            }
-            FetchResult::Answer { status: Some("200"), .. } => Ok(body()),
-            FetchResult::Answer { status: Some(other), .. } => Err(format!("HTTP status {other}")),
-        };
+        let fetched = result.read(limit, false, body).and_then(|(status, body)| match status {
+            "200" => Ok(body),
+            other => Err(format!("HTTP status {other}")),
+        });
         match target {
             FetchTarget::Jwks(provider) => {
                 let outcome = fetched.and_then(|b| KeySet::from_jwks(&b).map_err(|e| e.to_string()));
@@ -159,18 +177,13 @@ impl Router {
         out: &mut dyn Effects,
     ) -> Fetched {
         let Some(slot) = self.upstream.get_mut(slot_id) else { return Fetched::default() };
-        let outcome = match result {
-            FetchResult::NotSent(why) => Err(TokenError(why.to_string())),
-            FetchResult::Answer { status: None, .. } => {
-                Err(TokenError("no response: connection failure or timeout".to_string()))
-            }
-            FetchResult::Answer { body_size, .. } if body_size > MAX_TOKEN_RESPONSE_BYTES => {
-                Err(TokenError(format!("answer larger than {MAX_TOKEN_RESPONSE_BYTES} bytes")))
-            }
-            FetchResult::Answer { status: Some(status), .. } => match status.parse::<u32>() {
-                Ok(status) => parse_token_response(status, &body(), now_ms),
+        // A refusal's body says why (`invalid_client`): read for every status.
+        let outcome = match result.read(MAX_TOKEN_RESPONSE_BYTES, true, body) {
+            Ok((status, body)) => match status.parse::<u32>() {
+                Ok(status) => parse_token_response(status, &body, now_ms),
                 Err(_) => Err(TokenError("no HTTP status".to_string())),
             },
+            Err(why) => Err(TokenError(why)),
         };
         let failures_before = slot.failures();
         let why = outcome.as_ref().err().cloned();

@@ -51,7 +51,7 @@ impl Published {
             return;
         }
         let bodies = self.bodies.lock().map(|b| b.clone()).unwrap_or_default();
-        let env = |name: &str| std::env::var(name).ok();
+        let env = crate::config::process_lookup;
         for (target, body) in bodies {
             let answer = FetchResult::Answer { status: Some("200"), body_size: body.len() };
             // The main thread logged and counted this answer; the workers install it quietly.
@@ -209,7 +209,7 @@ impl Upkeep {
     /// Applies what the core says of a fetch's end: an installed answer goes to the workers; the requests
     /// parked for that provider's keys (on any worker) are decided again.
     fn answer(&mut self, main: &Main<'_>, target: FetchTarget, result: FetchResult<'_>, body: Vec<u8>) {
-        let env = |name: &str| std::env::var(name).ok();
+        let env = crate::config::process_lookup;
         let mut sink = MainSink { envoy_config: main.envoy_config.0, metrics: main.metrics, fetches: Vec::new() };
         let fetched = self.router.on_fetch_result(target, result, now_ms(), &mut || body.clone(), &env, &mut sink);
         if fetched.installed {

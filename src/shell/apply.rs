@@ -9,19 +9,6 @@ use crate::effect::{Effect, Effects, FetchTarget};
 use super::host::Host;
 use super::metrics::Metrics;
 
-/// Request headers not sent again with a request sent again (hop-by-hop, or the old token).
-const NOT_RESENT: [&str; 9] = [
-    "authorization",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "te",
-    "upgrade",
-    "proxy-connection",
-    "expect",
-];
-
 /// Applies effects to `host`. Fetches are sent here; one that cannot be sent is kept in `unsent`, for the
 /// caller to report back to the core once the event is over.
 pub struct Apply<'s, H> {
@@ -57,29 +44,15 @@ impl<H: Host> Effects for Apply<'_, H> {
             Effect::RemoveResponseHeader(name) => host.set_response_header(name, None),
             Effect::ReplaceResponseBody(body) => host.set_response_body(self.response_body_size, body),
             Effect::ResumeRequest => host.resume_request(),
-            Effect::Resend(resend) => {
-                let mut headers: Vec<(&str, &str)> = Vec::new();
-                for (name, value) in crate::headers::Pairs::new(resend.headers).into_iter().flatten() {
-                    let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
-                        continue;
-                    };
-                    let pseudo = name.starts_with(':') && !matches!(name, ":method" | ":path" | ":authority");
-                    if pseudo || NOT_RESENT.contains(&name) {
-                        continue;
-                    }
-                    headers.push((name, value));
+            Effect::Resend(resend) => match host.dispatch(resend.cluster, resend.headers, &[], resend.timeout_ms) {
+                Ok(token) => {
+                    self.calls.borrow_mut().insert(token, FetchTarget::Resend(resend.context_id));
                 }
-                headers.push(("authorization", resend.authorization));
-                match host.dispatch(resend.cluster, &headers, &[], resend.timeout_ms) {
-                    Ok(token) => {
-                        self.calls.borrow_mut().insert(token, FetchTarget::Resend(resend.context_id));
-                    }
-                    Err(status) => {
-                        let why = format!("could not be sent through cluster {}: {status}", resend.cluster);
-                        self.unsent.push((FetchTarget::Resend(resend.context_id), why));
-                    }
+                Err(status) => {
+                    let why = format!("could not be sent through cluster {}: {status}", resend.cluster);
+                    self.unsent.push((FetchTarget::Resend(resend.context_id), why));
                 }
-            }
+            },
             Effect::Fetch(fetch) => {
                 // A call made from a request's context is answered to that context, which hands the answer
                 // to the shared handler (`Shared::fetch_ended`); one whose request went away is never

@@ -25,15 +25,32 @@ impl<H: Host> Filter<H> {
         Self { context_id: stream.context_id(), shared, stream: Some(stream) }
     }
 
-    /// Runs `f` on this request's stream, wherever it is: here, or parked (a woken one is taken back).
-    fn with_stream<T>(&mut self, f: impl FnOnce(&Shared<H>, &mut Stream) -> T) -> Option<T> {
+    /// Takes back a stream that was parked and has been woken (a still waiting one stays parked).
+    fn take_back(&mut self) {
         if self.stream.is_none() {
             let mut parked = self.shared.parked.borrow_mut();
-            if parked.get(&self.context_id).is_some_and(Stream::is_waiting) {
-                let stream = parked.get_mut(&self.context_id)?;
-                return Some(f(&self.shared, stream));
+            if parked.get(&self.context_id).is_some_and(|s| !s.is_waiting()) {
+                self.stream = parked.remove(&self.context_id);
             }
-            self.stream = parked.remove(&self.context_id);
+        }
+    }
+
+    /// Parks the stream when `flow` says it waits (woken by context id from the shared state).
+    fn park_if_waiting(&mut self, flow: Flow) {
+        if flow == Flow::WaitForKeys {
+            if let Some(stream) = self.stream.take() {
+                self.shared.parked.borrow_mut().insert(self.context_id, stream);
+            }
+        }
+    }
+
+    /// Runs `f` on this request's stream, wherever it is: here, or parked (a woken one is taken back).
+    fn with_stream<T>(&mut self, f: impl FnOnce(&Shared<H>, &mut Stream) -> T) -> Option<T> {
+        self.take_back();
+        if self.stream.is_none() {
+            let mut parked = self.shared.parked.borrow_mut();
+            let stream = parked.get_mut(&self.context_id)?;
+            return Some(f(&self.shared, stream));
         }
         let stream = self.stream.as_mut()?;
         Some(f(&self.shared, stream))
@@ -57,19 +74,10 @@ impl<H: Host> Filter<H> {
             &mut apply,
         );
         let unsent = apply.unsent;
-        if stream.wants_headers() {
-            // It may be sent again after a 401, when its headers can no longer be read: keep them now.
-            stream.keep_headers(host.request_header_pairs());
-        }
-        if flow == Flow::WaitForKeys {
-            if let Some(stream) = self.stream.take() {
-                shared.parked.borrow_mut().insert(self.context_id, stream);
-            }
-        }
+        shared.keep_headers_if_wanted(stream);
+        self.park_if_waiting(flow);
         // A token request that could not be sent fails at once (and wakes this request, parked for it).
-        for (target, why) in unsent {
-            shared.fetch_ended(target, crate::upkeep::FetchResult::NotSent(&why), 0);
-        }
+        shared.unsent(unsent);
         flow
     }
 
@@ -83,14 +91,8 @@ impl<H: Host> Filter<H> {
         let mut apply = shared.apply();
         let flow = shared.router.borrow_mut().on_upstream_response(stream, status.as_deref(), now, &mut apply)?;
         let unsent = apply.unsent;
-        if flow == Flow::WaitForKeys {
-            if let Some(stream) = self.stream.take() {
-                shared.parked.borrow_mut().insert(self.context_id, stream);
-            }
-        }
-        for (target, why) in unsent {
-            shared.fetch_ended(target, crate::upkeep::FetchResult::NotSent(&why), 0);
-        }
+        self.park_if_waiting(flow);
+        shared.unsent(unsent);
         Some(flow)
     }
 
@@ -110,13 +112,7 @@ impl<H: Host> Filter<H> {
     }
 
     pub fn on_response_headers(&mut self, end_of_stream: bool) -> Flow {
-        if self.stream.is_none() {
-            // Woken and not yet taken back (a parked, still waiting one stays in the map).
-            let mut parked = self.shared.parked.borrow_mut();
-            if parked.get(&self.context_id).is_some_and(|s| !s.is_waiting()) {
-                self.stream = parked.remove(&self.context_id);
-            }
-        }
+        self.take_back();
         if self.stream.as_ref().is_some_and(Stream::may_resend) {
             if let Some(flow) = self.upstream_refused() {
                 return flow;

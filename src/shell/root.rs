@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::crypto::Signatures;
 use crate::effect::Level;
 use crate::router::Router;
-use crate::upkeep::{FetchResult, TICK_MS};
+use crate::upkeep::TICK_MS;
 
 use super::filter::Filter;
 use super::host::Host;
@@ -77,9 +77,7 @@ impl<H: Host + Clone> Root<H> {
             shared.router.borrow_mut().on_tick(now, shared.host.memory_bytes(), &mut apply);
             apply.unsent
         };
-        for (target, why) in unsent {
-            shared.fetch_ended(target, FetchResult::NotSent(&why), 0);
-        }
+        shared.unsent(unsent);
         let overdue = shared.router.borrow_mut().overdue_holds(now, &mut shared.apply());
         for context_id in overdue {
             if shared.host.set_effective_context(context_id) {

@@ -79,8 +79,21 @@ impl<H: Host> Shared<H> {
             (woken, apply.unsent)
         };
         self.wake(woken, now);
+        self.unsent(unsent);
+    }
+
+    /// Fetches that could not be sent: each ends at once, as failed.
+    pub fn unsent(&self, unsent: Vec<(FetchTarget, String)>) {
         for (target, why) in unsent {
             self.fetch_ended(target, FetchResult::NotSent(&why), 0);
+        }
+    }
+
+    /// Keeps a request's headers as they leave if it may be sent again after a 401: Envoy shows no request
+    /// headers once the response has begun.
+    pub fn keep_headers_if_wanted(&self, stream: &mut Stream) {
+        if stream.wants_headers() {
+            stream.keep_headers(&self.host.request_header_pairs());
         }
     }
 
@@ -98,14 +111,10 @@ impl<H: Host> Shared<H> {
                 self.router.borrow_mut().wake(&mut stream, now, &self.signatures, &mut body, &mut apply);
                 apply.unsent
             };
-            if stream.wants_headers() {
-                stream.keep_headers(host.request_header_pairs());
-            }
+            self.keep_headers_if_wanted(&mut stream);
             // Its context takes the stream back at its next callback.
             self.parked.borrow_mut().insert(context_id, stream);
-            for (target, why) in unsent {
-                self.fetch_ended(target, FetchResult::NotSent(&why), 0);
-            }
+            self.unsent(unsent);
         }
     }
 }

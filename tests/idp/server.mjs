@@ -18,6 +18,7 @@
 // stdout: exactly one line "IDP READY <issuer>" once listening.
 // stderr: only startup/config errors and server errors (never token contents).
 
+import { memoryAdapter } from '../lib/memory-adapter.mjs';
 import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import * as path from 'node:path';
@@ -103,34 +104,7 @@ const { default: Provider, errors } = await import('oidc-provider');
 console.warn = origWarn;
 
 // Minimal in-memory adapter (avoids the "development-only adapter" warning).
-// With JWT access tokens and client_credentials nothing much is stored.
-const store = new Map();
-class MemoryAdapter {
-  constructor(name) { this.name = name; }
-
-  key(id) { return `${this.name}:${id}`; }
-
-  async upsert(id, payload, expiresIn) {
-    store.set(this.key(id), { payload, exp: expiresIn ? Date.now() + expiresIn * 1000 : undefined });
-  }
-
-  async find(id) {
-    const e = store.get(this.key(id));
-    if (!e) return undefined;
-    if (e.exp !== undefined && e.exp < Date.now()) { store.delete(this.key(id)); return undefined; }
-    return e.payload;
-  }
-
-  async findByUserCode() { return undefined; }
-
-  async findByUid() { return undefined; }
-
-  async consume(id) { const e = store.get(this.key(id)); if (e) e.payload.consumed = Math.floor(Date.now() / 1000); }
-
-  async destroy(id) { store.delete(this.key(id)); }
-
-  async revokeByGrantId() {}
-}
+const MemoryAdapter = memoryAdapter();
 
 const resourceServer = (client) => ({
   // Only the scopes registered for this client can end up in its token.

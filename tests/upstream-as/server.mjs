@@ -23,6 +23,7 @@
 // stderr: configuration errors (exit 2) and server errors; never a secret, assertion or token.
 // See README.md for the configuration file, the control API and what is real here and what is not.
 
+import { memoryAdapter } from '../lib/memory-adapter.mjs';
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
@@ -210,38 +211,11 @@ const signingKey = await (async () => {
 
 // In-memory adapter. Clients come from `clients` (so a secret can be rotated while running: oidc-provider
 // caches a dynamic client by the hash of its metadata); everything else (replay detection of client assertion
-// jti values, opaque tokens) lives in `store`.
-const store = new Map();
-class MemoryAdapter {
-  constructor(name) { this.name = name; }
-
-  key(id) { return `${this.name}:${id}`; }
-
-  async upsert(id, payload, expiresIn) {
-    store.set(this.key(id), { payload, exp: expiresIn ? Date.now() + expiresIn * 1000 : undefined });
-  }
-
-  async find(id) {
-    if (this.name === 'Client') {
-      const c = clients.get(id);
-      return c ? structuredClone(c.metadata) : undefined;
-    }
-    const e = store.get(this.key(id));
-    if (!e) return undefined;
-    if (e.exp !== undefined && e.exp < Date.now()) { store.delete(this.key(id)); return undefined; }
-    return e.payload;
-  }
-
-  async findByUserCode() { return undefined; }
-
-  async findByUid() { return undefined; }
-
-  async consume(id) { const e = store.get(this.key(id)); if (e) e.payload.consumed = Math.floor(Date.now() / 1000); }
-
-  async destroy(id) { store.delete(this.key(id)); }
-
-  async revokeByGrantId() {}
-}
+// jti values, opaque tokens) lives in the adapter's store.
+const MemoryAdapter = memoryAdapter((id) => {
+  const c = clients.get(id);
+  return c ? structuredClone(c.metadata) : undefined;
+});
 
 const entryOf = (client) => clients.get(client?.clientId);
 const ttlOf = (client) => entryOf(client)?.tokenTtl ?? tokenTtl;

@@ -252,9 +252,6 @@ pub struct Config {
     pub pure_rust_checks_p384: bool,
     /// Capacity of each VM's verified-token cache; 0 disables it.
     pub token_cache_entries: usize,
-    /// Why this build cannot serve `upstream_auth` (set by a shell that cannot; a registry document with it
-    /// is then refused too); `None`: it can.
-    pub upstream_auth_refused: Option<&'static str>,
     /// A Bundle posted to the base keeps its headers from the upstream until its body is judged (`true`,
     /// the default: needs the wasm `PluginConfig`'s `allow_on_headers_stop_iteration`), or lets them go
     /// first and holds only the body (`false`: for hosts that cannot set that flag).
@@ -304,15 +301,6 @@ const DEFAULT_MIN_REFETCH_S: u64 = 30;
 /// burst at a key rotation, small enough that a flood of made-up `kid`s during an IdP outage stays a few MB.
 const DEFAULT_MAX_WAITING: usize = 256;
 const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 10_000;
-
-fn refuse_upstream_auth(map: &TenantMap, why: &'static str) -> Result<(), ConfigError> {
-    let mut ids: Vec<&str> = map.ids().filter(|id| map.get(id).is_some_and(|t| t.upstream_auth().is_some())).collect();
-    ids.sort_unstable();
-    match ids.first() {
-        Some(id) => Err(ConfigError::new(format!("tenants.{id}.upstream_auth"), why)),
-        None => Ok(()),
-    }
-}
 
 /// The process's environment and files: `name`, or a file as [`crate::upstream_auth::FILE_PREFIX`]`path`.
 pub fn process_lookup(name: &str) -> Option<String> {
@@ -621,18 +609,7 @@ impl Config {
             issuers: self.providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
             public_base_url: self.public_base_url.is_some(),
         };
-        let map = compile_tenants("tenants", raw.tenants, &ctx, self.tenants.empty_like())?;
-        match self.upstream_auth_refused {
-            Some(why) => refuse_upstream_auth(&map, why).map(|()| map),
-            None => Ok(map),
-        }
-    }
-
-    /// Marks `upstream_auth` as beyond this build (`why` says so in the error), and refuses the
-    /// configuration if a tenant has it.
-    pub fn refuse_upstream_auth(&mut self, why: &'static str) -> Result<(), ConfigError> {
-        self.upstream_auth_refused = Some(why);
-        refuse_upstream_auth(&self.tenants, why)
+        compile_tenants("tenants", raw.tenants, &ctx, self.tenants.empty_like())
     }
 
     /// Whether anything is fetched at run time (a remote JWKS or a tenant registry).
@@ -740,7 +717,6 @@ impl RawConfig {
             signature_verifier: self.signature_verifier,
             pure_rust_checks_p384: PURE_RUST_CHECKS_P384,
             token_cache_entries,
-            upstream_auth_refused: None,
             hold_bundle_headers: self.hold_bundle_headers.unwrap_or(true),
             smart_configuration,
             discovery,

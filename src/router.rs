@@ -262,10 +262,13 @@ impl Stream {
 
     /// Keeps the request's headers as they leave (the host's serialized header map).
     pub fn keep_headers(&mut self, serialized: &[u8]) {
+        self.keep_header_pairs(crate::headers::Pairs::new(serialized).into_iter().flatten());
+    }
+
+    /// Keeps the request's headers as they leave (name and value pairs).
+    pub fn keep_header_pairs<'h>(&mut self, pairs: impl Iterator<Item = (&'h [u8], &'h [u8])>) {
         let Some(u) = self.upstream_token.as_mut() else { return };
-        u.headers = crate::headers::Pairs::new(serialized)
-            .into_iter()
-            .flatten()
+        u.headers = pairs
             .filter_map(|(name, value)| Some((std::str::from_utf8(name).ok()?, std::str::from_utf8(value).ok()?)))
             .filter(|(name, _)| {
                 let pseudo = name.starts_with(':') && !matches!(*name, ":method" | ":path" | ":authority");
@@ -273,6 +276,21 @@ impl Stream {
             })
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect();
+    }
+
+    /// The token slot of its tenant's upstream token, and whether it waits for a new one (parked), if its
+    /// tenant has `upstream_auth`.
+    pub fn token_slot(&self) -> Option<(u32, bool)> {
+        match (&self.phase, &self.upstream_token) {
+            (Phase::WaitingForToken { slot, .. } | Phase::WaitingToResend { slot }, _) => Some((*slot, true)),
+            (_, Some(u)) => Some((u.slot, false)),
+            _ => None,
+        }
+    }
+
+    /// Whether it is parked for its tenant's upstream token.
+    pub fn waits_for_token(&self) -> bool {
+        matches!(self.phase, Phase::WaitingForToken { .. } | Phase::WaitingToResend { .. })
     }
 
     /// The provider whose key set the request waits for, if it is parked.

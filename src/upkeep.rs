@@ -8,8 +8,11 @@ use crate::config::{beyond_pure_rust_message, JwksSource, SignatureVerifier};
 use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric, TokenEvent};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{Schedule, Streak};
+use crate::router::Stream;
 use crate::router::{token_fetch, Router};
-use crate::upstream_auth::{parse_token_response, Settled, TokenError, MAX_TOKEN_RESPONSE_BYTES};
+use crate::upstream_auth::{
+    parse_token_response, Settled, TokenAnswer, TokenError, TokenNews, MAX_TOKEN_RESPONSE_BYTES,
+};
 
 /// How often a shell should deliver a timer tick, in milliseconds.
 pub const TICK_MS: u64 = 500;
@@ -155,11 +158,11 @@ impl Router {
                 // Requests that waited for this fetch are decided again with whatever keys there are now,
                 // whether it succeeded or not (they may not wait twice).
                 let wake = self.keys.0.get_mut(provider).map(|s| std::mem::take(&mut s.waiting)).unwrap_or_default();
-                Fetched { installed, waiting_for: Some(provider), wake }
+                Fetched { installed, waiting_for: Some(provider), wake, token: None }
             }
             FetchTarget::Registry => {
                 let installed = self.install_registry(fetched, now_ms, env, out);
-                Fetched { installed, waiting_for: None, wake: Vec::new() }
+                Fetched { installed, waiting_for: None, wake: Vec::new(), token: None }
             }
             FetchTarget::UpstreamToken { .. } | FetchTarget::Resend(_) => Fetched::default(),
         }
@@ -221,17 +224,16 @@ impl Router {
             // Not the fetch under way: ignored (whoever waits is asked for by the timer, or by that fetch).
             Settled::Stale => return Fetched::default(),
         }
-        Fetched {
-            installed: matches!(settled, Settled::Installed { .. }),
-            waiting_for: None,
-            wake: slot.take_waiting(),
-        }
+        let installed = matches!(settled, Settled::Installed { .. });
+        Fetched { installed, waiting_for: None, wake: slot.take_waiting(), token: Some(slot.answer(installed)) }
     }
 
     /// The requests whose tenant's token fetch was lost (no answer within its timeout: a host dropped it),
     /// to wake through [`Router::wake`]: they are answered 503 (a usable token goes on being used).
-    pub fn lost_token_fetches(&mut self, now_ms: u64, out: &mut dyn Effects) -> Vec<u32> {
+    /// Also returns, per such tenant, the failure to hand to other routers (see [`Fetched::token`]).
+    pub fn lost_token_fetches(&mut self, now_ms: u64, out: &mut dyn Effects) -> (Vec<u32>, Vec<TokenAnswer>) {
         let mut wake = Vec::new();
+        let mut answers = Vec::new();
         for (_, slot) in self.upstream.iter_mut() {
             if slot.check_lost(now_ms) {
                 out.push(Effect::Count(Metric::UpstreamToken(&slot.tenant, TokenEvent::Failure)));
@@ -241,9 +243,54 @@ impl Router {
                 );
                 out.push(Effect::Log(Level::Error, &line));
                 wake.append(&mut slot.take_waiting());
+                answers.push(slot.answer(false));
             }
         }
-        wake
+        (wake, answers)
+    }
+
+    /// For a host whose fetches are another router's (the dynamic module's workers, whose main thread
+    /// fetches): the tenant whose new token `stream` asks for after its last event, if any. It waits for
+    /// one, or it was sent with a token now due for renewal (asked once per renewal: this router then counts
+    /// a fetch as under way until an answer is installed, or its timeout).
+    pub fn token_wanted(&mut self, stream: &Stream, now_ms: u64) -> Option<&str> {
+        let (slot_id, waits) = stream.token_slot()?;
+        let slot = self.upstream.get_mut(slot_id)?;
+        (waits || slot.due(now_ms)).then_some(slot.tenant.as_str())
+    }
+
+    /// The fetching router (the dynamic module's main thread): another router wants a new token of
+    /// `tenant`. `None`: a fetch will answer it (one is under way, or the next [`Router::on_tick`] sends
+    /// it); else the answer to hand on at once (the tenant has no `upstream_auth` here, or its server is
+    /// not to be asked again yet).
+    pub fn want_token(&mut self, tenant: &str, now_ms: u64) -> Option<TokenAnswer> {
+        let client = self.tenants.map.as_deref().and_then(|m| m.get(tenant)).and_then(|t| t.upstream_auth());
+        let Some(client) = client else {
+            let news = TokenNews::Failed { retry_at_ms: 0 };
+            return Some(TokenAnswer { tenant: tenant.to_string(), fingerprint: 0, news });
+        };
+        let client = Arc::clone(client);
+        let (_, slot) = self.upstream.slot(tenant, &client)?;
+        slot.want(now_ms)
+    }
+
+    /// Installs a token fetched by another router (see [`Fetched::token`]): into this tenant's slot,
+    /// made now if this router has none yet and the tenant's configuration here is the one it was fetched
+    /// for.
+    pub fn install_token(&mut self, answer: &TokenAnswer) {
+        if let Some((_, slot)) = self.upstream.of(&answer.tenant) {
+            slot.install(answer);
+            return;
+        }
+        if !matches!(answer.news, TokenNews::Token(_)) {
+            return;
+        }
+        let client = self.tenants.map.as_deref().and_then(|m| m.get(&answer.tenant)).and_then(|t| t.upstream_auth());
+        if let Some(client) = client.map(Arc::clone) {
+            if let Some((_, slot)) = self.upstream.slot(&answer.tenant, &client) {
+                slot.install(answer);
+            }
+        }
     }
 
     /// Returns whether the key set was installed.
@@ -329,6 +376,10 @@ pub struct Fetched {
     pub waiting_for: Option<usize>,
     /// The context ids of this router's waiting requests, to wake through [`Router::wake`].
     pub wake: Vec<u32>,
+    /// A tenant's token fetch ended (not an ignored stale one): what other routers install with
+    /// [`Router::install_token`]; every request waiting for that tenant's token, in any router, is to be
+    /// decided again.
+    pub token: Option<TokenAnswer>,
 }
 
 /// Advances a fetch schedule with one outcome and counts it (`counters`: ok, failed). A failure streak is
@@ -442,6 +493,82 @@ mod tests {
         assert!(r.keys.0[0].waiting.is_empty(), "{:?}", r.keys.0[0].waiting);
     }
 
+    fn upstream_auth_router() -> Router {
+        let plugin = serde_json::json!({
+            "provider": {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
+                         "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()},
+            "tenants": {testkeys::TENANT_A: {"cluster": "tenant_a", "upstream_auth": {
+                "method": "client_secret_post", "token_url": "https://login.example/token", "cluster": "entra",
+                "client_id": "router", "client_secret": {"env": "SECRET_A"}}}},
+            "metadata_cluster": "fhir_metadata",
+        });
+        let env = |name: &str| (name == "SECRET_A").then(|| "s3cret".to_string());
+        let config = Config::from_json_with_env(plugin.to_string().as_bytes(), &env).unwrap();
+        Router::new(config, 0, &mut Recorded::default())
+    }
+
+    /// The dynamic module's way with upstream tokens: a worker router parks a request and names the tenant
+    /// whose token it wants; the main thread's router fetches it once and hands the answer to every worker,
+    /// including one that never asked.
+    #[test]
+    fn a_worker_asks_the_fetching_router_for_a_token_and_every_worker_installs_its_answer() {
+        let (mut main, mut worker, mut other) =
+            (upstream_auth_router(), upstream_auth_router(), upstream_auth_router());
+        let auth = format!("Bearer {}", testkeys::sign_rs256(&testkeys::claims_now()));
+        let headers: Vec<(&[u8], &[u8])> =
+            vec![(b":method", b"GET"), (b":path", b"/Patient"), (b"authorization", auth.as_bytes())];
+        let now = testkeys::NOW as u64 * 1_000;
+        let mut stream = worker.open_stream(1);
+        let flow = worker.on_request_headers(
+            &mut stream,
+            headers.clone(),
+            true,
+            now,
+            &crate::crypto::PureRust,
+            &mut Recorded::default(),
+        );
+        assert_eq!(flow, Flow::WaitForKeys);
+        assert!(stream.waits_for_token());
+        assert_eq!(worker.token_wanted(&stream, now), Some(testkeys::TENANT_A));
+        // The main thread: asked, its tick sends the one token request (asked twice, still one).
+        assert_eq!(main.want_token(testkeys::TENANT_A, now), None);
+        assert_eq!(main.want_token(testkeys::TENANT_A, now), None);
+        let mut out = Recorded::default();
+        main.on_tick(now, 0, &mut out);
+        let fetches: Vec<_> = out.0.iter().filter(|e| e.starts_with("Fetch(")).collect();
+        assert_eq!(fetches.len(), 1, "{:?}", out.0);
+        let mut out = Recorded::default();
+        main.on_tick(now + 100, 0, &mut out);
+        assert!(!out.0.iter().any(|e| e.starts_with("Fetch(")), "one fetch in flight: {:?}", out.0);
+        // An unknown tenant is answered at once (its waiters get 503).
+        assert!(main.want_token("no-such-tenant", now).is_some());
+        let body = br#"{"access_token":"up-1","token_type":"Bearer","expires_in":3600}"#;
+        let result = FetchResult::Answer { status: Some("200"), body_size: body.len() };
+        let fetched = main.on_fetch_result(
+            FetchTarget::UpstreamToken { slot: 0, fetch: 1 },
+            result,
+            now + 200,
+            &mut || body.to_vec(),
+            &|_| None,
+            &mut Recorded::default(),
+        );
+        let answer = fetched.token.expect("a token answer to hand on");
+        assert!(fetched.wake.is_empty(), "nothing waits on the main thread");
+        // The worker installs it and its parked request goes on with it; the other worker uses it at once.
+        worker.install_token(&answer);
+        other.install_token(&answer);
+        let mut out = Recorded::default();
+        worker.wake(&mut stream, now + 300, &crate::crypto::PureRust, &mut Vec::new, &mut out);
+        assert!(out.0.iter().any(|e| e.contains("authorization") && e.contains("Bearer up-1")), "{:?}", out.0);
+        assert!(out.0.iter().any(|e| e == "ResumeRequest"), "{:?}", out.0);
+        let mut stream = other.open_stream(2);
+        let mut out = Recorded::default();
+        let flow = other.on_request_headers(&mut stream, headers, true, now + 300, &crate::crypto::PureRust, &mut out);
+        assert_eq!(flow, Flow::Continue, "{:?}", out.0);
+        assert!(out.0.iter().any(|e| e.contains("Bearer up-1")), "{:?}", out.0);
+        assert_eq!(other.token_wanted(&stream, now + 300), None, "nothing to ask for");
+    }
+
     #[test]
     fn a_fetched_p384_key_that_pure_rust_cannot_check_is_logged_naming_it_and_counted() {
         let mut r = remote_router();
@@ -487,10 +614,13 @@ mod tests {
         let jwks = testkeys::public_jwks();
         assert_eq!(
             answer(&mut r, Some("200"), jwks.as_bytes()),
-            Fetched { installed: true, waiting_for: Some(0), wake: vec![] }
+            Fetched { installed: true, waiting_for: Some(0), wake: vec![], token: None }
         );
         for (status, body) in [(Some("200"), &b"{\"keys\": 7}"[..]), (Some("503"), &b""[..]), (None, &b""[..])] {
-            assert_eq!(answer(&mut r, status, body), Fetched { installed: false, waiting_for: Some(0), wake: vec![] });
+            assert_eq!(
+                answer(&mut r, status, body),
+                Fetched { installed: false, waiting_for: Some(0), wake: vec![], token: None }
+            );
         }
         let not_sent = FetchResult::NotSent("no cluster");
         let fetched = r.on_fetch_result(
@@ -501,7 +631,7 @@ mod tests {
             &|_| None,
             &mut Recorded::default(),
         );
-        assert_eq!(fetched, Fetched { installed: false, waiting_for: Some(0), wake: vec![] });
+        assert_eq!(fetched, Fetched { installed: false, waiting_for: Some(0), wake: vec![], token: None });
         let registry = r.on_fetch_result(
             FetchTarget::Registry,
             FetchResult::Answer { status: Some("200"), body_size: 2 },

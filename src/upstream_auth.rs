@@ -910,6 +910,73 @@ impl TokenSlot {
     }
 }
 
+/// What a router that fetches a tenant's tokens for other routers (the dynamic module's main thread, for
+/// its workers) hands them after a fetch: the new token, or the failure and when to try again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenNews {
+    /// A new token (it replaces theirs).
+    Token(Token),
+    /// The fetch failed: no fetch before `retry_at_ms`; a usable token in hand is kept.
+    Failed { retry_at_ms: u64 },
+}
+
+/// [`TokenNews`] of one tenant, for the client configuration whose `fingerprint` it was fetched with (a
+/// router with another configuration of that tenant ignores it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenAnswer {
+    pub tenant: String,
+    pub fingerprint: u64,
+    pub news: TokenNews,
+}
+
+impl TokenSlot {
+    /// The answer to publish for this slot's current state: its token if `installed`, else its failure.
+    pub fn answer(&self, installed: bool) -> TokenAnswer {
+        let news = match (&self.token, installed) {
+            (Some(token), true) => TokenNews::Token(token.clone()),
+            _ => TokenNews::Failed { retry_at_ms: self.retry_at_ms },
+        };
+        TokenAnswer { tenant: self.tenant.clone(), fingerprint: self.client.fingerprint, news }
+    }
+
+    /// Installs what another router fetched (see [`TokenNews`]), whatever fetch this slot counts as under
+    /// way: that one (this router's own request for it) is over. Ignored if the client configuration differs.
+    pub fn install(&mut self, answer: &TokenAnswer) {
+        if answer.fingerprint != self.client.fingerprint {
+            return;
+        }
+        self.in_flight = None;
+        self.owner = None;
+        self.refresh_wanted = false;
+        match &answer.news {
+            TokenNews::Token(token) => {
+                self.token = Some(token.clone());
+                self.serial = self.serial.wrapping_add(1);
+                self.failures = 0;
+                self.retry_at_ms = 0;
+            }
+            TokenNews::Failed { retry_at_ms } => {
+                self.failures = self.failures.saturating_add(1);
+                self.retry_at_ms = *retry_at_ms;
+            }
+        }
+    }
+
+    /// Another router asks for a new token at `now_ms` (it has none, it is due for renewal, or its upstream
+    /// refused it): `None` if a fetch will answer it (one is under way, or the timer sends one now); else
+    /// the failure to tell it at once (no fetch before `retry_at_ms`).
+    pub fn want(&mut self, now_ms: u64) -> Option<TokenAnswer> {
+        if self.in_flight(now_ms) {
+            return None;
+        }
+        if now_ms < self.retry_at_ms {
+            return Some(self.answer(false));
+        }
+        self.refresh_wanted = true;
+        None
+    }
+}
+
 /// The token slots of one VM, one per tenant with `upstream_auth` that has had a request, by a small id
 /// (a fetch's target names it).
 #[derive(Debug, Default)]
@@ -934,6 +1001,12 @@ impl TokenSlots {
         let slot = self.get_mut(id)?;
         slot.update(client);
         Some((id, slot))
+    }
+
+    /// The slot of `tenant`, if it has one.
+    pub fn of(&mut self, tenant: &str) -> Option<(u32, &mut TokenSlot)> {
+        let id = *self.ids.get(tenant)?;
+        Some((id, self.get_mut(id)?))
     }
 
     /// The slot with this id.
@@ -1214,6 +1287,55 @@ mod tests {
         assert_eq!(s.settle(s.fetch_number(), Ok(token(0, lifetime_s)), 0), Settled::Installed { refreshed: false });
         assert_eq!(s.take_waiting(), vec![1]);
         s
+    }
+
+    /// The dynamic module's split: the main thread's slot fetches, a worker's slot installs what it hands on.
+    #[test]
+    fn a_worker_installs_the_fetching_routers_token_and_failure_and_asks_again_only_when_due() {
+        let (mut main, mut worker) = (slot(8), slot(8));
+        // A request on the worker waits (its own fetch is counted as under way until an answer comes).
+        assert_eq!(worker.access(1, 0, true), Access::Wait { fetch: true });
+        // The main thread is asked: nothing under way there, so its timer sends the request now...
+        assert_eq!(main.want(0), None);
+        assert!(main.due(0));
+        // ...and a second ask meanwhile (another worker) is answered by that same fetch.
+        assert_eq!(main.want(10), None);
+        assert!(!main.due(10));
+        assert_eq!(main.settle(main.fetch_number(), Ok(token(100, 100)), 100), Settled::Installed { refreshed: false });
+        let answer = main.answer(true);
+        assert!(matches!(answer.news, TokenNews::Token(_)));
+        worker.install(&answer);
+        assert_eq!(worker.fetch_number(), 0, "the worker's own request is over");
+        assert_eq!(worker.take_waiting(), vec![1]);
+        assert_eq!(header(&mut worker, 2, 200), "Bearer tok100");
+        assert!(!worker.due(200), "nothing due before 80 % of its life");
+        // Renewal due on the worker: asked once, then not again while the main thread fetches.
+        assert_eq!(header(&mut worker, 3, 75_000), "Bearer tok100");
+        assert!(worker.due(75_000));
+        assert!(!worker.due(75_100));
+        // The main thread's renewal fails: the worker keeps its usable token and asks no more before the retry.
+        assert_eq!(main.want(75_000), None);
+        assert!(main.due(75_000));
+        assert!(matches!(
+            main.settle(main.fetch_number(), Err(TokenError("x".into())), 75_100),
+            Settled::Failed { kept: true, .. }
+        ));
+        let failed = main.answer(false);
+        let TokenNews::Failed { retry_at_ms } = failed.news else { panic!("{failed:?}") };
+        assert!(retry_at_ms > 75_100);
+        worker.install(&failed);
+        assert_eq!(header(&mut worker, 4, 75_200), "Bearer tok100");
+        assert!(!worker.due(75_200), "not before the retry");
+        // Asked during the back-off, the main thread answers at once with the failure.
+        assert_eq!(main.want(75_200), Some(failed.clone()));
+        // After expiry, a request that may not wait (woken once already) gets 503.
+        assert!(matches!(worker.access(5, 90_000, false), Access::Unavailable { .. }));
+        // An answer for another client configuration (a registry reload changed it) is ignored.
+        let mut other = main.answer(true);
+        other.fingerprint ^= 1;
+        other.news = TokenNews::Token(token(200_000, 100));
+        worker.install(&other);
+        assert_ne!(worker.header(), Some("Bearer tok200000"));
     }
 
     #[test]

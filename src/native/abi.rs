@@ -216,6 +216,17 @@ extern "C" {
         body: ModuleBuffer,
         timeout_milliseconds: u64,
     ) -> u32;
+    /// A request through `cluster_name` from a stream's worker, answered in `on_http_filter_http_callout_done`
+    /// on that stream (cancelled if the stream ends first); `headers` as for the config-level callout.
+    pub fn envoy_dynamic_module_callback_http_filter_http_callout(
+        filter: FilterEnvoyPtr,
+        callout_id: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
     pub fn envoy_dynamic_module_callback_http_filter_get_worker_index(filter: FilterEnvoyPtr) -> u32;
 
     pub fn envoy_dynamic_module_callback_http_filter_set_gauge(

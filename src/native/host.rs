@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::effect::{CounterSlot, Gauge, Level, Metric, COUNTERS};
+use crate::effect::{CounterSlot, Gauge, Level, Metric, TokenEvent, COUNTERS};
 use crate::rejection::Rejection;
 
 use super::abi::*;
@@ -31,6 +31,8 @@ pub struct MetricIds {
     gauges: Vec<Option<usize>>,
     /// `tenant.allowed` and `tenant.forbidden`, labelled by `tenant`.
     tenant: (Option<usize>, Option<usize>),
+    /// `tenant.upstream_token.<event>`, labelled by `tenant`, in [`TokenEvent::ALL`]'s order.
+    token: Vec<Option<usize>>,
     /// Hooks that panicked (caught; the request got a 503).
     pub(crate) panics: Option<usize>,
 }
@@ -77,6 +79,10 @@ impl MetricIds {
                 define(config, "tenant.allowed", false, &["tenant"]),
                 define(config, "tenant.forbidden", false, &["tenant"]),
             ),
+            token: TokenEvent::ALL
+                .iter()
+                .map(|e| define(config, &format!("tenant.{}", e.name()), false, &["tenant"]))
+                .collect(),
             panics: define(config, "panics", false, &[]),
         }
     }
@@ -92,8 +98,9 @@ impl MetricIds {
                 let id = if allowed { self.tenant.0 } else { self.tenant.1 };
                 id.map(|id| (id, Some(tenant)))
             }
-            // upstream_auth is refused by this build (see module.rs): no such counts come.
-            CounterSlot::TenantToken { .. } => None,
+            CounterSlot::TenantToken { tenant, event } => {
+                self.token.get(event.index()).copied().flatten().map(|id| (id, Some(tenant)))
+            }
         }
     }
 

@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::config::Config;
-use crate::effect::{CounterSlot, Effect, Effects, Flow, Gauge, Level};
+use crate::effect::{CounterSlot, Effect, Effects, Flow, Gauge, Level, Metric, TokenEvent};
 use crate::router::{Router, Stream};
 
 use super::abi::*;
 use super::counts::TenantCounts;
 use super::crypto::Ring;
 use super::host::{log, now_ms, send_response, set_header, MetricIds};
-use super::upkeep::{park, unpark, Main, Parked, Published, Quiet, SendPtr, Upkeep};
+use super::upkeep::{park, unpark, want_token, Awaited, Main, Parked, Published, Quiet, SendPtr, Upkeep};
 
 /// Most worker slots a config keeps (Envoy's `--concurrency`); a worker beyond them gets 503s.
 const MAX_WORKERS: usize = 256;
@@ -61,7 +61,7 @@ pub struct FilterConfig {
 impl FilterConfig {
     /// The sink for one hook's effects on stream `filter`.
     fn apply(&self, filter: FilterEnvoyPtr) -> Apply<'_> {
-        Apply { filter, metrics: &self.metrics, tenant_counts: &self.tenant_counts }
+        Apply { filter, metrics: &self.metrics, tenant_counts: &self.tenant_counts, resend_failed: None }
     }
 
     fn main(&self, envoy_config: ConfigEnvoyPtr) -> Main<'_> {
@@ -81,7 +81,7 @@ pub struct StreamObject {
     slot: usize,
     stream: Stream,
     signatures: Ring,
-    /// While parked for a key set: the scheduler the main thread commits to wake it.
+    /// Once parked (for a key set or an upstream token): the scheduler the main thread commits to wake it.
     scheduler: Option<SchedulerPtr>,
 }
 
@@ -90,6 +90,8 @@ struct Apply<'a> {
     filter: FilterEnvoyPtr,
     metrics: &'a MetricIds,
     tenant_counts: &'a TenantCounts,
+    /// A request to send again (after a 401) that could not be sent: why (see [`token_followup`]).
+    resend_failed: Option<String>,
 }
 
 fn count(filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
@@ -171,6 +173,8 @@ impl Effects for Apply<'_> {
                     ModuleBuffer::of(value.as_bytes()),
                 );
             },
+            // A worker's token request is the main thread's to send and count (see `upkeep`).
+            Effect::Count(Metric::UpstreamToken(_, TokenEvent::Fetch)) => {}
             Effect::Count(metric) => {
                 // A configured tenant's count goes to Envoy with the main thread's next tick (see `counts`).
                 if let CounterSlot::Tenant { tenant, allowed } = metric.slot() {
@@ -192,11 +196,93 @@ impl Effects for Apply<'_> {
             Effect::RemoveResponseHeader(name) => set_header(filter, RESPONSE_HEADER, name, None),
             Effect::ReplaceResponseBody(body) => replace_response_body(filter, body),
             Effect::ResumeRequest => unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(filter) },
-            // Fetches are the main thread's (see `upkeep`); a worker's router never ticks.
+            // Fetches are the main thread's (see `upkeep`): a worker asks it for a tenant's token instead
+            // (see `token_followup`).
             Effect::Fetch(_) => {}
-            // upstream_auth is refused by this build: no request is ever sent again.
-            Effect::Resend(_) => {}
+            // A request sent again after a 401, from its own stream: answered in `http_callout_done`.
+            Effect::Resend(resend) => {
+                let headers: Vec<(&str, &str)> =
+                    resend.headers.iter().map(|&(n, v)| (if n == ":authority" { "host" } else { n }, v)).collect();
+                let mut headers = ModuleHeader::views(&headers);
+                let mut id = 0u64;
+                let status = unsafe {
+                    envoy_dynamic_module_callback_http_filter_http_callout(
+                        filter,
+                        &mut id,
+                        ModuleBuffer::of(resend.cluster.as_bytes()),
+                        headers.as_mut_ptr(),
+                        headers.len(),
+                        ModuleBuffer::null(),
+                        resend.timeout_ms,
+                    )
+                };
+                if status != CALLOUT_SUCCESS {
+                    self.resend_failed =
+                        Some(format!("could not be sent through cluster {} (callout status {status})", resend.cluster));
+                }
+            }
         }
+    }
+}
+
+/// Copies of the stream's request headers as they are now (after this hook's edits).
+fn request_header_copies(filter: FilterEnvoyPtr) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let bytes = |ptr: *const u8, len: usize| -> Vec<u8> {
+        if ptr.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: Envoy's header views are valid during this hook.
+            unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
+        }
+    };
+    // SAFETY: `filter` is live; the vector holds `n` entries for Envoy to fill, valid during this hook.
+    unsafe {
+        let n = envoy_dynamic_module_callback_http_get_headers_size(filter, REQUEST_HEADER);
+        let empty =
+            EnvoyHeader { key_ptr: std::ptr::null(), key_length: 0, value_ptr: std::ptr::null(), value_length: 0 };
+        let mut views = vec![empty; n];
+        if n == 0 || !envoy_dynamic_module_callback_http_get_headers(filter, REQUEST_HEADER, views.as_mut_ptr()) {
+            return Vec::new();
+        }
+        views
+            .iter()
+            .filter(|h| !h.key_ptr.is_null())
+            .map(|h| (bytes(h.key_ptr, h.key_length), bytes(h.value_ptr, h.value_length)))
+            .collect()
+    }
+}
+
+/// After an event of a stream whose tenant has `upstream_auth`: keeps its request headers if it may be
+/// sent again after a 401, answers it if it could not be sent again (`resend_failed`), parks it if it
+/// waits for its tenant's token, and asks the main thread for a new token when one is wanted (for it, or
+/// a renewal).
+fn token_followup(
+    cfg: &FilterConfig,
+    router: &mut Router,
+    object: &mut StreamObject,
+    filter: FilterEnvoyPtr,
+    resend_failed: Option<String>,
+) {
+    if object.stream.token_slot().is_none() {
+        return;
+    }
+    if object.stream.wants_headers() {
+        let headers = request_header_copies(filter);
+        object.stream.keep_header_pairs(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+    }
+    if let Some(why) = resend_failed {
+        let mut apply = cfg.apply(filter);
+        router.on_resend_response(&mut object.stream, Err(&why), &[], &[], &mut apply);
+    }
+    let Some(tenant) = router.token_wanted(&object.stream, now_ms()) else { return };
+    if object.stream.waits_for_token() {
+        // SAFETY: `filter` is live; the scheduler is deleted in `destroy`, after it is unlisted.
+        let scheduler = *object
+            .scheduler
+            .get_or_insert_with(|| unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(filter) });
+        park(&cfg.parked, object.stream.context_id(), scheduler, Awaited::Token(tenant.to_string()));
+    } else {
+        want_token(&cfg.parked, tenant);
     }
 }
 
@@ -390,10 +476,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         } else {
             unsafe { std::slice::from_raw_parts(config.ptr, config.length) }
         };
-        let compiled = match Config::from_json(bytes).and_then(|mut c| {
-            c.refuse_upstream_auth(UPSTREAM_AUTH_REFUSED)?;
-            Ok(c)
-        }) {
+        let compiled = match Config::from_json(bytes) {
             Ok(c) => c,
             Err(e) => {
                 log(Level::Error, &e.to_string());
@@ -420,11 +503,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         Box::into_raw(Box::new(filter_config)) as ConfigModulePtr
     })
 }
-
-/// The dynamic module does not fetch upstream tokens yet (its workers' fetches would be its main thread's).
-const UPSTREAM_AUTH_REFUSED: &str =
-    "is not supported by the dynamic-module build yet: use the proxy-wasm module (make build) for tenants with \
-     upstream_auth";
 
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModulePtr) {
@@ -511,13 +589,15 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             &object.signatures,
             &mut apply,
         );
+        let resend_failed = apply.resend_failed.take();
+        HEADERS.with(|b| b.replace(buffer));
         if let Some(provider) = object.stream.waiting_for() {
             // SAFETY: `filter` is live; the scheduler is deleted in `destroy`, after it is unlisted.
             let scheduler = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(filter) };
             object.scheduler = Some(scheduler);
-            park(&cfg.parked, object.stream.context_id(), scheduler, provider);
+            park(&cfg.parked, object.stream.context_id(), scheduler, Awaited::Keys(provider));
         }
-        HEADERS.with(|b| b.replace(buffer));
+        token_followup(cfg, router, object, filter, resend_failed);
         headers_status(flow)
     })
 }
@@ -553,6 +633,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 ) -> u32 {
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
     guard("response_headers", filter, Some(cfg), false, HEADERS_CONTINUE, || {
+        if object.stream.may_resend() {
+            // Sent with an upstream token: a 401 sends it again with a new one (the response held meanwhile).
+            let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
+            let status = response_header(filter, ":status");
+            let mut apply = cfg.apply(filter);
+            if let Some(flow) = router.on_upstream_response(&mut object.stream, status.as_deref(), now_ms(), &mut apply)
+            {
+                let resend_failed = apply.resend_failed.take();
+                token_followup(cfg, router, object, filter, resend_failed);
+                return headers_status(flow);
+            }
+        }
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
         let mut apply = cfg.apply(filter);
         let header = |name: &str| response_header(filter, name);
@@ -615,20 +707,63 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: Fil
     });
 }
 
-// Hooks Envoy requires but this filter does not use (per-stream callouts, streams, schedulers, watermarks).
-
+/// The answer to a request sent again after a 401 (its stream's only callout): the client gets it.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
+    filter: FilterEnvoyPtr,
+    module: FilterModulePtr,
     _callout_id: u64,
-    _result: u32,
-    _headers: *mut EnvoyHeader,
-    _headers_size: usize,
-    _body: *mut EnvoyBuffer,
-    _body_size: usize,
+    result: u32,
+    headers: *mut EnvoyHeader,
+    headers_size: usize,
+    body_chunks: *mut EnvoyBuffer,
+    body_chunks_size: usize,
 ) {
+    let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
+    guard("http_callout_done", filter, Some(cfg), true, (), || {
+        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return };
+        // SAFETY: Envoy's arrays (or null on failure) are valid during this hook.
+        let (status, headers, body) =
+            unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
+        let status = status.as_deref().ok_or("connection failure or timeout");
+        let mut apply = cfg.apply(filter);
+        router.on_resend_response(&mut object.stream, status, &headers, &body, &mut apply);
+    })
 }
+
+/// A callout's answer: its `:status` (`None` if it failed: `result` not success), its headers (lowercase
+/// names, as Envoy keeps them) and its body.
+///
+/// # Safety
+/// The arrays (or nulls) are Envoy's, valid during the hook that reads them.
+unsafe fn callout_answer(
+    result: u32,
+    headers: *mut EnvoyHeader,
+    headers_size: usize,
+    body_chunks: *mut EnvoyBuffer,
+    body_chunks_size: usize,
+) -> (Option<String>, Vec<(String, String)>, Vec<u8>) {
+    let headers: &[EnvoyHeader] =
+        if headers.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(headers, headers_size) } };
+    let chunks: &[EnvoyBuffer] =
+        if body_chunks.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(body_chunks, body_chunks_size) } };
+    let bytes = |ptr: *const u8, len: usize| -> &[u8] {
+        if ptr.is_null() {
+            &[]
+        } else {
+            unsafe { std::slice::from_raw_parts(ptr, len) }
+        }
+    };
+    let text = |ptr: *const u8, len: usize| String::from_utf8_lossy(bytes(ptr, len)).into_owned();
+    let headers: Vec<(String, String)> =
+        headers.iter().map(|h| (text(h.key_ptr, h.key_length), text(h.value_ptr, h.value_length))).collect();
+    let status =
+        headers.iter().find(|(n, _)| n == ":status").map(|(_, v)| v.clone()).filter(|_| result == CALLOUT_SUCCESS);
+    let body: Vec<u8> = chunks.iter().flat_map(|c| bytes(c.ptr, c.length).iter().copied()).collect();
+    (status, headers, body)
+}
+
+// Hooks Envoy requires but this filter does not use (streams, watermarks).
 
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
@@ -685,13 +820,16 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     module: FilterModulePtr,
     _event_id: u64,
 ) {
-    // A key-set answer arrived (or the fetch failed) while this request was parked: decide it again.
+    // A key set or an upstream token arrived (or its fetch failed) while this request was parked: decide it
+    // again (or send it again, after a 401).
     let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
     guard("scheduled", filter, Some(cfg), true, (), || {
         let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return };
         let mut apply = cfg.apply(filter);
         let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         router.wake(&mut object.stream, now_ms(), &object.signatures, &mut body, &mut apply);
+        let resend_failed = apply.resend_failed.take();
+        token_followup(cfg, router, object, filter, resend_failed);
     })
 }
 
@@ -725,26 +863,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
     let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return };
     guard("config_http_callout_done", std::ptr::null_mut(), None, false, (), || {
         // SAFETY: Envoy's arrays (or null on failure) are valid during this hook.
-        let headers: &[EnvoyHeader] =
-            if headers.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(headers, headers_size) } };
-        let chunks: &[EnvoyBuffer] = if body_chunks.is_null() {
-            &[]
-        } else {
-            unsafe { std::slice::from_raw_parts(body_chunks, body_chunks_size) }
-        };
-        let bytes = |ptr: *const u8, len: usize| -> &[u8] {
-            if ptr.is_null() {
-                &[]
-            } else {
-                unsafe { std::slice::from_raw_parts(ptr, len) }
-            }
-        };
-        let status = headers
-            .iter()
-            .find(|h| bytes(h.key_ptr, h.key_length) == b":status")
-            .map(|h| String::from_utf8_lossy(bytes(h.value_ptr, h.value_length)).into_owned())
-            .filter(|_| result == CALLOUT_SUCCESS);
-        let body: Vec<u8> = chunks.iter().flat_map(|c| bytes(c.ptr, c.length).iter().copied()).collect();
+        let (status, _, body) = unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
         if let Some(Ok(mut upkeep)) = cfg.upkeep.as_ref().map(Mutex::lock) {
             upkeep.called_back(&cfg.main(envoy_config), callout_id, status.as_deref(), body);
         }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::effect::{Effect, Effects, FetchTarget, Metric};
 use crate::router::Router;
 use crate::upkeep::{FetchResult, TICK_MS};
+use crate::upstream_auth::TokenAnswer;
 
 use super::abi::*;
 use super::counts::TenantCounts;
@@ -27,37 +28,76 @@ pub struct SendPtr(pub *mut std::ffi::c_void);
 // allows from any thread (commits) or which are only used on the main thread (callouts, config stats).
 unsafe impl Send for SendPtr {}
 
-/// The latest successful fetch answers, for the workers.
+/// One published answer: a key set's or the registry's body, or a tenant's upstream token news.
+#[derive(Clone)]
+enum News {
+    Body(FetchTarget, Arc<[u8]>),
+    Token(Arc<TokenAnswer>),
+}
+
+impl News {
+    fn replaces(&self, other: &News) -> bool {
+        match (self, other) {
+            (News::Body(a, _), News::Body(b, _)) => a == b,
+            (News::Token(a), News::Token(b)) => a.tenant == b.tenant,
+            _ => false,
+        }
+    }
+}
+
+/// The latest fetch answers, for the workers: the latest good body of each key set and of the registry,
+/// and the latest token news of each tenant with `upstream_auth`, each numbered by the generation that
+/// published it.
 #[derive(Default)]
 pub struct Published {
-    /// Bumped on every new answer; a worker that has seen this generation has installed everything.
+    /// The newest entry's generation; a worker that has seen it has installed everything.
     pub generation: AtomicU64,
-    bodies: Mutex<Vec<(FetchTarget, Arc<[u8]>)>>,
+    entries: Mutex<Vec<(u64, News)>>,
 }
 
 impl Published {
-    fn publish(&self, target: FetchTarget, body: Vec<u8>) {
-        if let Ok(mut bodies) = self.bodies.lock() {
-            bodies.retain(|(t, _)| *t != target);
-            bodies.push((target, body.into()));
+    fn publish(&self, news: News) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|(_, n)| !news.replaces(n));
+            // Bumped under the lock: entries are numbered in the order they are listed.
+            let generation = self.generation.load(Ordering::Relaxed) + 1;
+            entries.push((generation, news));
+            self.generation.store(generation, Ordering::Release);
         }
-        self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Installs into a worker's `router` whatever was published since generation `*seen`.
+    fn publish_body(&self, target: FetchTarget, body: Vec<u8>) {
+        self.publish(News::Body(target, body.into()));
+    }
+
+    fn publish_token(&self, answer: TokenAnswer) {
+        self.publish(News::Token(Arc::new(answer)));
+    }
+
+    /// Installs into a worker's `router` whatever was published after generation `*seen`, in order.
     pub fn sync(&self, router: &mut Router, seen: &mut u64) {
-        let generation = self.generation.load(Ordering::Acquire);
-        if generation == *seen {
+        if self.generation.load(Ordering::Acquire) == *seen {
             return;
         }
-        let bodies = self.bodies.lock().map(|b| b.clone()).unwrap_or_default();
+        let (newest, news): (u64, Vec<News>) = match self.entries.lock() {
+            Ok(entries) => (
+                entries.last().map_or(*seen, |(g, _)| *g),
+                entries.iter().filter(|(g, _)| *g > *seen).map(|(_, n)| n.clone()).collect(),
+            ),
+            Err(_) => return,
+        };
         let env = crate::config::process_lookup;
-        for (target, body) in bodies {
-            let answer = FetchResult::Answer { status: Some("200"), body_size: body.len() };
-            // The main thread logged and counted this answer; the workers install it quietly.
-            router.on_fetch_result(target, answer, now_ms(), &mut || body.to_vec(), &env, &mut Quiet);
+        for news in news {
+            match news {
+                News::Body(target, body) => {
+                    let answer = FetchResult::Answer { status: Some("200"), body_size: body.len() };
+                    // The main thread logged and counted this answer; the workers install it quietly.
+                    router.on_fetch_result(target, answer, now_ms(), &mut || body.to_vec(), &env, &mut Quiet);
+                }
+                News::Token(answer) => router.install_token(&answer),
+            }
         }
-        *seen = generation;
+        *seen = newest;
     }
 }
 
@@ -68,19 +108,55 @@ impl Effects for Quiet {
     fn push(&mut self, _: Effect<'_>) {}
 }
 
-/// Requests parked for a key set (stream id, the provider whose keys it waits for, its scheduler), and the
-/// providers whose refetch they ask for.
-#[derive(Default)]
-pub struct Parked {
-    streams: Vec<(u32, usize, SendPtr)>,
-    refetch: Vec<usize>,
+/// What a parked request waits for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Awaited {
+    /// The key set of this provider.
+    Keys(usize),
+    /// An upstream token of this tenant.
+    Token(String),
 }
 
-/// Parks a stream: its scheduler is committed (under this lock) at the next key-set answer.
-pub fn park(parked: &Mutex<Parked>, stream_id: u32, scheduler: SchedulerPtr, provider: usize) {
+/// Parked requests (stream id, what it waits for, its scheduler), the providers whose refetch they ask
+/// for, and the tenants whose new upstream token the workers ask for (for waiting requests, a renewal, or
+/// after a 401).
+#[derive(Default)]
+pub struct Parked {
+    streams: Vec<(u32, Awaited, SendPtr)>,
+    refetch: Vec<usize>,
+    tokens: Vec<String>,
+}
+
+impl Parked {
+    /// Commits (and unlists) the schedulers of the requests waiting for `awaited`.
+    fn wake(&mut self, awaited: &Awaited) {
+        self.streams.retain(|(_, waits_for, scheduler)| {
+            if waits_for != awaited {
+                return true;
+            }
+            // SAFETY: a listed scheduler is alive: its stream deletes it only after unlisting it under the
+            // lock that guards this list.
+            unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler.0, 1) };
+            false
+        });
+    }
+}
+
+/// Parks a stream: its scheduler is committed (under this lock) when what it waits for comes (or fails).
+pub fn park(parked: &Mutex<Parked>, stream_id: u32, scheduler: SchedulerPtr, awaited: Awaited) {
     if let Ok(mut p) = parked.lock() {
-        p.streams.push((stream_id, provider, SendPtr(scheduler)));
-        p.refetch.push(provider);
+        match &awaited {
+            Awaited::Keys(provider) => p.refetch.push(*provider),
+            Awaited::Token(tenant) => p.tokens.push(tenant.clone()),
+        }
+        p.streams.push((stream_id, awaited, SendPtr(scheduler)));
+    }
+}
+
+/// Asks the main thread for a new upstream token of `tenant` (a renewal: no request waits).
+pub fn want_token(parked: &Mutex<Parked>, tenant: &str) {
+    if let Ok(mut p) = parked.lock() {
+        p.tokens.push(tenant.to_string());
     }
 }
 
@@ -163,19 +239,35 @@ impl Upkeep {
                 };
             }
         });
-        let wanted = main.parked.lock().map(|mut p| std::mem::take(&mut p.refetch)).unwrap_or_default();
+        let (wanted, mut tokens) = main
+            .parked
+            .lock()
+            .map(|mut p| (std::mem::take(&mut p.refetch), std::mem::take(&mut p.tokens)))
+            .unwrap_or_default();
         for provider in wanted {
             self.router.refetch_keys(provider, now);
         }
+        tokens.sort_unstable();
+        tokens.dedup();
+        for tenant in tokens {
+            // Answered at once (no fetch to wait for), or by the fetch the tick below sends (or one under way).
+            if let Some(answer) = self.router.want_token(&tenant, now) {
+                token_answered(main, answer);
+            }
+        }
         let mut sink = MainSink { envoy_config, metrics: main.metrics, fetches: Vec::new() };
         self.router.on_tick(now, 0, &mut sink);
+        // A token fetch Envoy never answered (it answers every callout, with a failure at its timeout).
+        let (_, lost) = self.router.lost_token_fetches(now, &mut sink);
+        for answer in lost {
+            token_answered(main, answer);
+        }
         for fetch in std::mem::take(&mut sink.fetches) {
-            let headers = [
-                (":method", "GET"),
-                (":path", fetch.path.as_str()),
-                ("host", fetch.authority.as_str()),
-                ("accept", "application/json"),
-            ];
+            let headers: Vec<(&str, &str)> = fetch
+                .headers
+                .iter()
+                .map(|(n, v)| (if n == ":authority" { "host" } else { n.as_str() }, v.as_str()))
+                .collect();
             let mut headers = ModuleHeader::views(&headers);
             let mut id = 0u64;
             // SAFETY: main thread, live config; every buffer outlives the call.
@@ -186,7 +278,7 @@ impl Upkeep {
                     ModuleBuffer::of(fetch.cluster.as_bytes()),
                     headers.as_mut_ptr(),
                     headers.len(),
-                    ModuleBuffer::null(),
+                    if fetch.body.is_empty() { ModuleBuffer::null() } else { ModuleBuffer::of(&fetch.body) },
                     fetch.timeout_ms,
                 )
             };
@@ -212,21 +304,27 @@ impl Upkeep {
         let env = crate::config::process_lookup;
         let mut sink = MainSink { envoy_config: main.envoy_config.0, metrics: main.metrics, fetches: Vec::new() };
         let fetched = self.router.on_fetch_result(target, result, now_ms(), &mut || body.clone(), &env, &mut sink);
+        if let Some(answer) = fetched.token {
+            token_answered(main, answer);
+            return;
+        }
         if fetched.installed {
-            main.published.publish(target, body);
+            main.published.publish_body(target, body);
         }
         let Some(provider) = fetched.waiting_for else { return };
         if let Ok(mut p) = main.parked.lock() {
-            p.streams.retain(|&(_, waits_for, scheduler)| {
-                if waits_for != provider {
-                    return true;
-                }
-                // SAFETY: a listed scheduler is alive: its stream deletes it only after unlisting it under
-                // this same lock.
-                unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler.0, 1) };
-                false
-            });
+            p.wake(&Awaited::Keys(provider));
         }
+    }
+}
+
+/// A tenant's token fetch ended (or was not sent): the workers install the news, and the requests parked
+/// for that tenant's token are decided again.
+fn token_answered(main: &Main<'_>, answer: TokenAnswer) {
+    let awaited = Awaited::Token(answer.tenant.clone());
+    main.published.publish_token(answer);
+    if let Ok(mut p) = main.parked.lock() {
+        p.wake(&awaited);
     }
 }
 
@@ -247,8 +345,8 @@ impl Drop for Upkeep {
 struct OwnedFetch {
     target: FetchTarget,
     cluster: String,
-    authority: String,
-    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
     timeout_ms: u64,
 }
 
@@ -263,16 +361,17 @@ impl Effects for MainSink<'_> {
     fn push(&mut self, effect: Effect<'_>) {
         match effect {
             Effect::Log(level, line) => log(level, line),
-            // The main thread counts fetch outcomes only: no per-tenant (labelled) counter reaches it.
+            // Fetch outcomes, and a tenant's upstream token fetches (labelled by tenant).
             Effect::Count(metric) => {
-                if let Some((id, None)) = self.metrics.counter(metric) {
-                    // SAFETY: main thread, live config.
+                if let Some((id, label)) = self.metrics.counter(metric) {
+                    let mut labels = [ModuleBuffer::of(label.unwrap_or_default().as_bytes())];
+                    // SAFETY: main thread, live config; the label outlives the call.
                     unsafe {
                         envoy_dynamic_module_callback_http_filter_config_increment_counter(
                             self.envoy_config,
                             id,
-                            std::ptr::null_mut(),
-                            0,
+                            labels.as_mut_ptr(),
+                            usize::from(label.is_some()),
                             1,
                         )
                     };
@@ -295,8 +394,8 @@ impl Effects for MainSink<'_> {
             Effect::Fetch(f) => self.fetches.push(OwnedFetch {
                 target: f.target,
                 cluster: f.cluster.to_string(),
-                authority: f.authority.to_string(),
-                path: f.path.to_string(),
+                headers: f.headers().into_iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+                body: f.body().to_vec(),
                 timeout_ms: f.timeout_ms,
             }),
             _ => {}

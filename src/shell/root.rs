@@ -70,7 +70,7 @@ impl<H: Host + Clone> Root<H> {
         shared.metrics.flush(&shared.host);
         let now = shared.host.now_ms();
         // Lost token requests first (their waiters are answered), then the fetches that are due.
-        let lost = shared.router.borrow_mut().lost_token_fetches(now, &mut shared.apply());
+        let (lost, _) = shared.router.borrow_mut().lost_token_fetches(now, &mut shared.apply());
         shared.wake(lost, now);
         let unsent = {
             let mut apply = shared.apply();

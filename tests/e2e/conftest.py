@@ -143,15 +143,16 @@ def idp(workdir):
 
 @pytest.fixture(scope="session")
 def start_envoy(workdir, wasm):
-    """Factory: start_envoy(name, cluster_ports, base=SHIPPED_CONFIG, plugin=None) -> running Envoy."""
+    """Factory: start_envoy(name, cluster_ports, base=SHIPPED_CONFIG, plugin=None, concurrency=1) -> running
+    Envoy."""
     started: list[Envoy] = []
 
     def _start(name: str, cluster_ports: dict[str, int], base=SHIPPED_CONFIG,
-               plugin: Callable | None = None) -> Envoy:
+               plugin: Callable | None = None, concurrency: int = 1) -> Envoy:
         port, admin = free_port(), free_port()
         cfg = render_config(base, listener_port=port, admin_port=admin, cluster_ports=cluster_ports,
                             wasm_path=wasm, plugin=plugin)
-        env = Envoy(cfg, workdir, name, port, admin)
+        env = Envoy(cfg, workdir, name, port, admin, concurrency=concurrency)
         started.append(env)
         _running_envoys.append(env)
         try:

@@ -318,8 +318,10 @@ class Envoy:
     """A real Envoy process running a rendered config. Logs go to <workdir>/<name>.log."""
 
     def __init__(self, cfg: dict, workdir: Path, name: str, listener_port: int, admin_port: int,
-                 log_level: str = "warning", build: str | None = None, so_path: Path | None = None):
+                 log_level: str = "warning", build: str | None = None, so_path: Path | None = None,
+                 concurrency: int = 1):
         self.build = build or BUILD
+        self.concurrency = concurrency
         self.env: dict[str, str] = {}
         self.cfg = cfg  # as rendered, with the wasm filter: what tests read the plugin JSON from
         running = cfg
@@ -341,7 +343,7 @@ class Envoy:
         # --base-id: several Envoys (and a developer's own) coexist on one machine. The wasm
         # component is raised to info so the filter's own log lines are collected for debugging.
         base_id = 100_000 + (os.getpid() % 10_000) * 100 + next(_base_ids)
-        return [envoy_bin(), "-c", str(self.config_path), "--concurrency", "1",
+        return [envoy_bin(), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
                 "--base-id", str(base_id), "-l", self.log_level,
                 "--component-log-level", "wasm:info,dynamic_modules:info"]
 
@@ -381,7 +383,7 @@ class Envoy:
                 if not k.startswith(DM_STATS_PREFIX):
                     continue
                 name = k[len(DM_STATS_PREFIX):]
-                m = re.fullmatch(r"tenant\.(allowed|forbidden)\.tenant\.(.+)", name)
+                m = re.fullmatch(r"tenant\.(allowed|forbidden|upstream_token\.\w+)\.tenant\.(.+)", name)
                 out[f"tenant.{m.group(2)}.{m.group(1)}" if m else name] = v
         else:
             for k, v in self.wasm_stats().items():

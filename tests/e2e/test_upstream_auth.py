@@ -19,7 +19,6 @@ from tokens import Minter
 from upstream_auth import (BASIC_CLIENT, FHIR_A_AUDIENCE, FHIR_B_AUDIENCE, PKJWT_CLIENT, POST_CLIENT,
                            SERVICE_ACCOUNT)
 
-pytestmark = pytest.mark.wasm_only("the dynamic-module build refuses upstream_auth for now (it says so at start)")
 
 AS_CLUSTER = "upstream_as"
 UNAVAILABLE = "upstream_auth_unavailable"
@@ -50,7 +49,7 @@ def pkjwt_b(as_, keys) -> dict:
                  key_id=keys.rs384.kid, resource=FHIR_B_AUDIENCE, scope="system/*.rs")
 
 
-def _start(start_envoy, idp, upstreams, ua, name, tenants: dict, env: dict, registry=None):
+def _start(start_envoy, idp, upstreams, ua, name, tenants: dict, env: dict, registry=None, concurrency: int = 1):
     def plugin(doc):
         for tenant, auth in tenants.items():
             doc["tenants"][tenant]["upstream_auth"] = auth
@@ -58,7 +57,8 @@ def _start(start_envoy, idp, upstreams, ua, name, tenants: dict, env: dict, regi
             doc["tenant_registry"] = {"uri": registry.uri, "cluster": REGISTRY_CLUSTER, "refresh_s": 1,
                                       "timeout_ms": 1000}
     envoy = start_envoy(name, {"idp": idp.port, **upstreams.cluster_ports(), **ua.cluster_ports()},
-                        base=_base(ua.as_.port, env, registry.port if registry else None), plugin=plugin)
+                        base=_base(ua.as_.port, env, registry.port if registry else None), plugin=plugin,
+                        concurrency=concurrency)
     return envoy
 
 
@@ -210,6 +210,45 @@ def test_a_token_is_refreshed_before_it_expires_and_no_request_waits_for_it(star
         stop_envoy(env)
     finally:
         ua.as_.set_ttl(300, BASIC_CLIENT)
+
+
+def _burst(env, token: str, n: int) -> list:
+    """`n` concurrent GET /Patient, each on its own connection (spread over Envoy's workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(lambda _: env.request("GET", "/Patient", bearer(token)), range(n)))
+
+
+def test_with_several_workers_every_request_gets_a_token_and_the_dynamic_module_fetches_once_per_process(
+        start_envoy, idp, upstreams, upstream_auth, keyed):
+    """Envoy with 4 workers, concurrent first requests on many connections: every one is answered with the AS's
+    token. Each wasm VM (one per worker) fetches its own token; the dynamic module's workers ask its main
+    thread, which fetches one for the whole process and hands it to every worker."""
+    ua = upstream_auth
+    workers = 4
+    before = ua.as_.issued(BASIC_CLIENT)
+    env = _start(start_envoy, idp, upstreams, ua, "envoy-upstream-workers",
+                 {TENANT_A: basic_a(ua.as_), TENANT_B: pkjwt_b(ua.as_, ua.keys)}, keyed, concurrency=workers)
+    minter = Minter(idp.issuer)
+    wait_for_jwks(env, minter, upstreams)
+    # Every worker has its key set once a burst of tenant B (its own client at the AS) passes whole.
+    b_token = minter.token(TENANT_B)
+    wait_until(lambda: all(r.status == 200 for r in _burst(env, b_token, 16)), 30, "every worker has its key set",
+               on_timeout=lambda: str([(r.status, r.body[:100]) for r in _burst(env, b_token, 16)]))
+    guard = ua.guards["tenant_a"]
+    guard.clear()
+    answers = _burst(env, minter.token(TENANT_A), 48)
+    assert [r.status for r in answers] == [200] * 48, [(r.status, r.body[:200]) for r in answers if r.status != 200]
+    assert not guard.refused() and len(guard.allowed()) == 48, [r.verdict for r in guard.refused()]
+    busy = [k for k, v in env.stats(r"listener\.127\.0\.0\.1_.*worker_.*downstream_cx_total").items() if v > 0]
+    assert len(busy) >= 2, f"the connections reached one worker only: {busy}"
+    issued = ua.as_.issued(BASIC_CLIENT) - before
+    if env.build == "dynamic-module":
+        assert issued == 1, f"the process fetched {issued} tokens for one tenant"
+    else:
+        assert 1 <= issued <= workers, f"{issued} tokens for {workers} worker VMs"
+    assert_wasm_vm_never_crashed(env)
+    stop_envoy(env)
 
 
 # How the AS fails: an error answer, no answer at all (the token request times out after timeout_ms), or a

@@ -15,9 +15,6 @@ from harness import REPO, envoy_validate, load_yaml, plugin_json
 
 RECIPES = REPO / "examples" / "upstream-auth" / "envoy.yaml"
 
-pytestmark = pytest.mark.wasm_only("the dynamic-module build refuses upstream_auth for now (it says so at start)")
-
-
 def _placeholder_env() -> dict[str, str]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -60,16 +57,3 @@ def test_a_missing_secret_makes_envoy_refuse_the_plugin_naming_the_tenants_field
              "EPIC_PRIVATE_KEY": "22222222-2222-2222-2222-222222222222.upstream_auth.private_key.env",
              "GOOGLE_SERVICE_ACCOUNT_KEY": "33333333-3333-3333-3333-333333333333.upstream_auth.private_key.env"}[missing]
     assert f"tenants.{field}" in out and missing in out, out[-3000:]
-
-
-def test_the_dynamic_module_refuses_upstream_auth_naming_the_tenant(wasm):
-    """Until its shell fetches upstream tokens, the dynamic module says so at start instead of sending requests
-    without them. (Run in the wasm pass with the .so explicitly: `make e2e` builds both.)"""
-    from harness import SO_PATH
-    if not SO_PATH.exists():
-        pytest.skip("no dynamic module built (make build-so)")
-    proc = envoy_validate(RECIPES, extra_env=_placeholder_env(), build="dynamic-module")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-2000:]
-    assert "tenants.11111111-1111-1111-1111-111111111111.upstream_auth" in out, out[-2000:]
-    assert "not supported by the dynamic-module build yet" in out

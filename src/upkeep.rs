@@ -454,6 +454,20 @@ mod tests {
         )
     }
 
+    /// Request `id`'s headers (whole, no body) through `router`.
+    fn request(
+        router: &mut Router,
+        id: u32,
+        headers: &[(&[u8], &[u8])],
+        now: u64,
+        out: &mut Recorded,
+    ) -> (Stream, Flow) {
+        let mut stream = router.open_stream(id);
+        let flow =
+            router.on_request_headers(&mut stream, headers.iter().copied(), true, now, &crate::crypto::PureRust, out);
+        (stream, flow)
+    }
+
     /// The dynamic module's way: a worker router parks requests, its main thread fetches and wakes them.
     /// While one waits, later unknown kids wait too (the refetch is pending, though not this router's),
     /// and each woken request leaves this router's queue.
@@ -469,15 +483,7 @@ mod tests {
         let now = testkeys::NOW as u64 * 1_000;
         let mut streams = Vec::new();
         for id in 1..=3 {
-            let mut stream = r.open_stream(id);
-            let flow = r.on_request_headers(
-                &mut stream,
-                headers.clone(),
-                true,
-                now,
-                &crate::crypto::PureRust,
-                &mut Recorded::default(),
-            );
+            let (stream, flow) = request(&mut r, id, &headers, now, &mut Recorded::default());
             assert_eq!(flow, Flow::WaitForKeys, "request {id}");
             streams.push(stream);
         }
@@ -518,15 +524,7 @@ mod tests {
         let headers: Vec<(&[u8], &[u8])> =
             vec![(b":method", b"GET"), (b":path", b"/Patient"), (b"authorization", auth.as_bytes())];
         let now = testkeys::NOW as u64 * 1_000;
-        let mut stream = worker.open_stream(1);
-        let flow = worker.on_request_headers(
-            &mut stream,
-            headers.clone(),
-            true,
-            now,
-            &crate::crypto::PureRust,
-            &mut Recorded::default(),
-        );
+        let (mut stream, flow) = request(&mut worker, 1, &headers, now, &mut Recorded::default());
         assert_eq!(flow, Flow::WaitForKeys);
         assert!(stream.waits_for_token());
         assert_eq!(worker.token_wanted(&stream, now), Some(testkeys::TENANT_A));
@@ -561,9 +559,8 @@ mod tests {
         worker.wake(&mut stream, now + 300, &crate::crypto::PureRust, &mut Vec::new, &mut out);
         assert!(out.0.iter().any(|e| e.contains("authorization") && e.contains("Bearer up-1")), "{:?}", out.0);
         assert!(out.0.iter().any(|e| e == "ResumeRequest"), "{:?}", out.0);
-        let mut stream = other.open_stream(2);
         let mut out = Recorded::default();
-        let flow = other.on_request_headers(&mut stream, headers, true, now + 300, &crate::crypto::PureRust, &mut out);
+        let (stream, flow) = request(&mut other, 2, &headers, now + 300, &mut out);
         assert_eq!(flow, Flow::Continue, "{:?}", out.0);
         assert!(out.0.iter().any(|e| e.contains("Bearer up-1")), "{:?}", out.0);
         assert_eq!(other.token_wanted(&stream, now + 300), None, "nothing to ask for");

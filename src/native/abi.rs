@@ -49,10 +49,16 @@ pub struct ModuleHeader {
 }
 
 impl ModuleHeader {
-    /// Views of `pairs` for one call (they borrow `pairs`).
-    pub fn views(pairs: &[(&str, &str)]) -> Vec<ModuleHeader> {
+    /// Views of a callout's request headers for one call (they borrow the strings): `:authority` goes as
+    /// `host`, the name Envoy's callouts check for.
+    pub fn callout_views<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<ModuleHeader> {
+        Self::views(pairs.into_iter().map(|(k, v)| if k == ":authority" { ("host", v) } else { (k, v) }))
+    }
+
+    /// Views of `pairs` for one call (they borrow the strings).
+    pub fn views<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<ModuleHeader> {
         pairs
-            .iter()
+            .into_iter()
             .map(|(k, v)| ModuleHeader {
                 key_ptr: k.as_ptr(),
                 key_length: k.len(),

@@ -121,7 +121,7 @@ pub(crate) fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, v
 
 /// A local answer through the ABI.
 pub(crate) fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    let mut headers = ModuleHeader::views(headers);
+    let mut headers = ModuleHeader::views(headers.iter().copied());
     // SAFETY: `filter` is the live stream of the current hook; every buffer outlives the call.
     unsafe {
         envoy_dynamic_module_callback_http_send_response(

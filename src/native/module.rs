@@ -201,9 +201,7 @@ impl Effects for Apply<'_> {
             Effect::Fetch(_) => {}
             // A request sent again after a 401, from its own stream: answered in `http_callout_done`.
             Effect::Resend(resend) => {
-                let headers: Vec<(&str, &str)> =
-                    resend.headers.iter().map(|&(n, v)| (if n == ":authority" { "host" } else { n }, v)).collect();
-                let mut headers = ModuleHeader::views(&headers);
+                let mut headers = ModuleHeader::callout_views(resend.headers.iter().copied());
                 let mut id = 0u64;
                 let status = unsafe {
                     envoy_dynamic_module_callback_http_filter_http_callout(

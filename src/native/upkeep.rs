@@ -263,12 +263,7 @@ impl Upkeep {
             token_answered(main, answer);
         }
         for fetch in std::mem::take(&mut sink.fetches) {
-            let headers: Vec<(&str, &str)> = fetch
-                .headers
-                .iter()
-                .map(|(n, v)| (if n == ":authority" { "host" } else { n.as_str() }, v.as_str()))
-                .collect();
-            let mut headers = ModuleHeader::views(&headers);
+            let mut headers = ModuleHeader::callout_views(fetch.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
             let mut id = 0u64;
             // SAFETY: main thread, live config; every buffer outlives the call.
             let status = unsafe {

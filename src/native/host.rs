@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::effect::{CounterSlot, Gauge, Level, Metric, COUNTERS};
+use crate::effect::{CounterSlot, Gauge, Level, Metric, TenantRefusal, COUNTERS};
 use crate::rejection::Rejection;
 
 use super::abi::*;
@@ -31,6 +31,9 @@ pub struct MetricIds {
     gauges: Vec<Option<usize>>,
     /// `tenant.allowed` and `tenant.forbidden`, labelled by `tenant`.
     tenant: (Option<usize>, Option<usize>),
+    /// `tenant.insufficient_scope` and `tenant.client_not_allowed`, labelled by `tenant`, by
+    /// [`TenantRefusal::index`].
+    tenant_refusals: Vec<Option<usize>>,
     /// Hooks that panicked (caught; the request got a 503).
     pub(crate) panics: Option<usize>,
 }
@@ -77,6 +80,10 @@ impl MetricIds {
                 define(config, "tenant.allowed", false, &["tenant"]),
                 define(config, "tenant.forbidden", false, &["tenant"]),
             ),
+            tenant_refusals: TenantRefusal::ALL
+                .iter()
+                .map(|r| define(config, &format!("tenant.{}", r.name()), false, &["tenant"]))
+                .collect(),
             panics: define(config, "panics", false, &[]),
         }
     }
@@ -94,6 +101,10 @@ impl MetricIds {
             }
             // upstream_auth is refused by this build (see module.rs): no such counts come.
             CounterSlot::TenantToken { .. } => None,
+            // Refusals are rare: counted through Envoy's labelled stat directly (no tick batching).
+            CounterSlot::TenantRefusal { tenant, refusal } => {
+                self.tenant_refusals.get(refusal.index()).copied().flatten().map(|id| (id, Some(tenant)))
+            }
         }
     }
 

@@ -1162,6 +1162,17 @@ pub(crate) mod tests {
         );
         assert!(c.compile_registry(b"garbage", &|_| None).is_err());
         assert!(c.compile_registry(br#"{"tenants": {}, "extra": 1}"#, &|_| None).is_err());
+        // The per-tenant client binding and SMART scope switch come with the registry's tenants too.
+        let doc = json!({"tenants": {"tenant-x": {"cluster": "x", "allowed_clients": ["app-x"], "require_smart_scopes": true}}});
+        let map = c.compile_registry(doc.to_string().as_bytes(), &|_| None).unwrap();
+        let x = map.get("tenant-x").unwrap();
+        assert!(x.requires_smart_scopes() && x.allows_client(Some("app-x")) && !x.allows_client(Some("app-y")));
+        let bad = json!({"tenants": {"tenant-x": {"cluster": "x", "allowed_clients": []}}});
+        let e = c.compile_registry(bad.to_string().as_bytes(), &|_| None).unwrap_err();
+        assert_eq!(e.field, "tenants.tenant-x.allowed_clients");
+        let plain = c.compile_registry(br#"{"tenants": {"tenant-y": {"cluster": "y"}}}"#, &|_| None).unwrap();
+        let y = plain.get("tenant-y").unwrap();
+        assert!(!y.requires_smart_scopes() && y.allows_client(None), "by default: no scopes needed, any client");
     }
 
     #[test]

@@ -637,4 +637,55 @@ mod tests {
             assert_eq!(e.field, format!("tenants.{TENANT_A}.allowed_clients"), "{bad}");
         }
     }
+
+    #[test]
+    fn smart_scopes_narrow_the_allowlist_and_a_cache_hit_keeps_them() {
+        let v = json!({
+            "provider": {
+                "issuer": testkeys::ISSUER,
+                "audiences": [testkeys::AUDIENCE],
+                "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()
+            },
+            "tenants": {
+                TENANT_A: {"cluster": "tenant_a", "allow": {"interactions": ["read", "search", "create"]}},
+                TENANT_B: {"cluster": "tenant_b", "require_smart_scopes": true}
+            },
+            "metadata_cluster": "fhir_metadata"
+        });
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let k = keys();
+        let mut cache = TokenCache::new(10);
+        let mut run = |scope: &str, method: &str, path: &str| {
+            let mut claims = testkeys::claims_now();
+            claims["scope"] = json!(scope);
+            let auth = bearer(&claims);
+            let req = Request { method, path, authorization: Some(&auth), duplicate_authorization: false };
+            let known = Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&k), signatures: &PureRust };
+            match decide(&known, &req, &mut cache, NOW) {
+                Decision::Route { cached, inspect_body, .. } => Ok((cached, inspect_body)),
+                Decision::Forbidden { refusal, .. } => Err(refusal),
+                other => panic!("{other:?}"),
+            }
+        };
+        let v1 = format!("{TENANT_A} system/Observation.read");
+        assert_eq!(run(&v1, "GET", "/Observation/1"), Ok((false, false)));
+        assert_eq!(run(&v1, "GET", "/Observation?code=x"), Ok((true, false)), "from the cache, scopes and all");
+        let missing = run(&v1, "GET", "/Patient/1").unwrap_err();
+        assert!(
+            matches!(&missing, Refusal::MissingScope { scope, entry: None, .. } if scope == "system/Patient.read"),
+            "{missing:?}"
+        );
+        // Both must allow: the scopes grant delete, the allowlist does not (and says so, as the allowlist).
+        let wide = format!("{TENANT_A} system/*.cruds");
+        assert!(matches!(run(&wide, "DELETE", "/Observation/1"), Err(Refusal::NotAllowed { .. })));
+        assert_eq!(run(&wide, "POST", "/Observation"), Ok((true, false)));
+        // A Bundle goes on to be judged entry by entry.
+        assert_eq!(run(&v1, "POST", "/"), Ok((true, true)));
+        // Tenant B requires SMART scopes: the tenant id alone is not enough.
+        let bare = run(TENANT_B, "GET", "/Patient/1").unwrap_err();
+        assert!(matches!(&bare, Refusal::MissingScope { scope, .. } if scope == "system/Patient.read"), "{bare:?}");
+        assert_eq!(run(&format!("{TENANT_B} system/Patient.rs"), "GET", "/Patient/1"), Ok((false, false)));
+        let v2 = run(&format!("{TENANT_B} system/Patient.rs"), "PUT", "/Patient/1").unwrap_err();
+        assert!(matches!(&v2, Refusal::NotAllowed { .. }), "the read-only allowlist speaks first: {v2:?}");
+    }
 }

@@ -373,6 +373,13 @@ mod tests {
         assert_eq!(c("GET", "/patient/1"), None);
         assert_eq!(c("GET", "/Patient/1/x/y/z"), None);
         assert_eq!(c("TRACE", "/Patient/1"), None);
+        let instance = |m: &str, p: &str| classify(m, p).unwrap().instance;
+        assert!(
+            instance("GET", "/Patient/1/_history") && instance("GET", "/Patient/1") && instance("PUT", "/Patient/1")
+        );
+        assert!(!instance("GET", "/Patient/_history") && !instance("POST", "/Patient/_search"));
+        assert!(!instance("GET", "/Patient/1/Observation") && !instance("GET", "/Patient/$everything"));
+        assert!(!instance("GET", "/_history") && !instance("GET", "/Patient"));
     }
 
     #[test]

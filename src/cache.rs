@@ -24,6 +24,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use siphasher::sip128::{Hasher128, SipHasher13};
 
 use crate::identity::Identity;
+use crate::scopes::{Scopes, SCOPE_CLAIM};
 use crate::verify::Claims;
 
 /// A keyed 128-bit hash of the compact token: where its entry is looked for.
@@ -70,7 +71,7 @@ pub struct Verified {
     pub key: u64,
     /// Index of the provider (issuer) that verified it.
     pub provider: usize,
-    /// The tenant claim and the identity claims.
+    /// The tenant claim, the identity claims and what the token's SMART scopes grant.
     pub identity: Identity,
 }
 
@@ -78,7 +79,9 @@ impl Verified {
     /// Keeps what the per-request rules need from freshly verified claims.
     pub fn from_claims(claims: &Claims, tenant_claim: &str, provider: usize) -> Self {
         let client_id = claims.str("client_id").or_else(|| claims.str("azp")).or_else(|| claims.str("appid"));
-        let identity = Identity::new(claims.payload.get(tenant_claim), client_id, claims.str("sub"), claims.str("jti"));
+        let scopes = Scopes::from_claim(claims.payload.get(SCOPE_CLAIM));
+        let identity = Identity::new(claims.payload.get(tenant_claim), client_id, claims.str("sub"), claims.str("jti"))
+            .with_scopes(scopes);
         Self { exp: claims.exp, key: claims.key, provider, identity }
     }
 }

@@ -106,6 +106,10 @@ pub struct RawTenant {
     pub upstream_auth: Option<crate::upstream_auth::RawUpstreamAuth>,
     #[serde(default)]
     pub allow: Option<RawAllow>,
+    #[serde(default)]
+    pub allowed_clients: Option<Vec<String>>,
+    #[serde(default)]
+    pub require_smart_scopes: Option<bool>,
 }
 
 /// Where the tenant map is fetched from, as written.
@@ -350,6 +354,8 @@ fn compile_upstream(
         && t.upstream_auth.is_none()
         && t.allow.is_none()
         && t.issuers.is_none()
+        && t.allowed_clients.is_none()
+        && t.require_smart_scopes.is_none()
     {
         return Ok(None);
     }
@@ -401,6 +407,18 @@ fn compile_upstream(
         u.upstream_auth = Some(std::sync::Arc::new(client));
     }
     u.issuers = t.issuers.clone();
+    if let Some(clients) = &t.allowed_clients {
+        // Client ids are compared exactly as signed; the identity keeps at most 128 characters of one.
+        let ok = !clients.is_empty() && clients.iter().all(|c| !c.is_empty() && c.chars().count() <= 128);
+        if !ok {
+            return Err(ConfigError::new(
+                format!("{field}.allowed_clients"),
+                "must list at least one client id, each of 1 to 128 characters (omit the field to allow any client)",
+            ));
+        }
+        u.allowed_clients = Some(clients.clone());
+    }
+    u.require_smart_scopes = t.require_smart_scopes.unwrap_or(false);
     if let Some(a) = &t.allow {
         u.policy = Policy::new(&a.interactions, a.resource_types.as_deref())
             .map_err(|why| ConfigError::new(format!("{field}.allow"), why))?;
@@ -1120,6 +1138,17 @@ pub(crate) mod tests {
         );
         assert!(c.compile_registry(b"garbage", &|_| None).is_err());
         assert!(c.compile_registry(br#"{"tenants": {}, "extra": 1}"#, &|_| None).is_err());
+        // The per-tenant client binding and SMART scope switch come with the registry's tenants too.
+        let doc = json!({"tenants": {"tenant-x": {"cluster": "x", "allowed_clients": ["app-x"], "require_smart_scopes": true}}});
+        let map = c.compile_registry(doc.to_string().as_bytes(), &|_| None).unwrap();
+        let x = map.get("tenant-x").unwrap();
+        assert!(x.requires_smart_scopes() && x.allows_client(Some("app-x")) && !x.allows_client(Some("app-y")));
+        let bad = json!({"tenants": {"tenant-x": {"cluster": "x", "allowed_clients": []}}});
+        let e = c.compile_registry(bad.to_string().as_bytes(), &|_| None).unwrap_err();
+        assert_eq!(e.field, "tenants.tenant-x.allowed_clients");
+        let plain = c.compile_registry(br#"{"tenants": {"tenant-y": {"cluster": "y"}}}"#, &|_| None).unwrap();
+        let y = plain.get("tenant-y").unwrap();
+        assert!(!y.requires_smart_scopes() && y.allows_client(None), "by default: no scopes needed, any client");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::bearer::{extract_bearer, Credentials};
 use crate::cache::{TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
-use crate::fhir::Refusal;
+use crate::fhir::{classify, Refusal};
 use crate::identity::{Claim, Identity};
 use crate::jwks::KeySet;
 use crate::public::{public_document, PublicDocument};
@@ -46,6 +46,9 @@ pub enum Decision<'c> {
     /// A valid token names `tenant`, which is bound to other issuers: refuse with
     /// [`Rejection::IssuerNotAllowed`] (403), counted against that tenant.
     IssuerNotAllowed { tenant: &'c Tenant },
+    /// A valid token names `tenant`, whose `allowed_clients` do not list the token's client: refuse with
+    /// [`Rejection::ClientNotAllowed`] (403), counted against that tenant.
+    ClientNotAllowed { tenant: &'c Tenant, identity: Identity },
 }
 
 /// The key sets known so far, by provider index (the order of the configuration's providers).
@@ -144,10 +147,33 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
     if !tenant.allows_issuer(issuer) {
         return Decision::IssuerNotAllowed { tenant };
     }
-    match tenant.policy().check_request(request.method, request.path) {
+    if !tenant.allows_client(identity.whole_client_id()) {
+        return Decision::ClientNotAllowed { tenant, identity };
+    }
+    let verdict = tenant
+        .policy()
+        .check_request(request.method, request.path)
+        .and_then(|inspect_body| check_scopes(tenant, &identity, request.method, request.path).map(|()| inspect_body));
+    match verdict {
         Ok(inspect_body) => Decision::Route { tenant, identity, cached: from_cache, inspect_body },
         Err(refusal) => Decision::Forbidden { tenant, identity, refusal },
     }
+}
+
+/// Whether the token's SMART scopes grant the request (a Bundle's entries are judged with its body). A
+/// token without SMART scopes, for a tenant that does not require them, costs nothing here.
+fn check_scopes(tenant: &Tenant, identity: &Identity, method: &str, path: &str) -> Result<(), Refusal> {
+    let required = tenant.requires_smart_scopes();
+    if !required && !identity.scopes().is_narrowed() {
+        return Ok(());
+    }
+    let Some(c) = classify(method, path) else { return Err(Refusal::Unrecognised) };
+    identity.scopes().check(required, method, &c).map_err(|scope| Refusal::MissingScope {
+        scope,
+        interaction: c.interaction,
+        resource_type: c.resource_type.map(str::to_string),
+        entry: None,
+    })
 }
 
 #[cfg(test)]
@@ -548,5 +574,118 @@ mod tests {
         assert_eq!(run(&stranger), Err(Rejection::IssuerMismatch));
         v["providers"][1]["issuer"] = json!(testkeys::ISSUER);
         assert!(Config::from_json(v.to_string().as_bytes()).is_err(), "two providers with one issuer");
+    }
+
+    #[test]
+    fn a_tenant_with_allowed_clients_refuses_other_clients_even_from_the_cache() {
+        let mut v = json!({
+            "provider": {
+                "issuer": testkeys::ISSUER,
+                "audiences": [testkeys::AUDIENCE],
+                "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()
+            },
+            "tenants": {
+                TENANT_A: {"cluster": "tenant_a", "allowed_clients": ["patients-app-a", "backend-a"]},
+                TENANT_B: {"cluster": "tenant_b"}
+            },
+            "metadata_cluster": "fhir_metadata"
+        });
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let k = keys();
+        let mut cache = TokenCache::new(10);
+        let mut run = |claims: &serde_json::Value| {
+            let auth = bearer(claims);
+            let req =
+                Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+            let known = Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&k), signatures: &PureRust };
+            match decide(&known, &req, &mut cache, NOW) {
+                Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
+                Decision::ClientNotAllowed { tenant, identity } => {
+                    assert_eq!(tenant.cluster, "tenant_a");
+                    Err(identity.client_id().map(str::to_string))
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let a = testkeys::claims_now();
+        assert_eq!(run(&a), Ok("tenant_a".into()));
+        let mut other = testkeys::claims_now();
+        other["client_id"] = json!("patients-app-b");
+        for _ in 0..2 {
+            // The second time from the cache: the binding is a per-request rule.
+            assert_eq!(run(&other), Err(Some("patients-app-b".into())));
+        }
+        // `azp` stands in for a missing client_id; a token naming no client at all is refused too.
+        let mut azp = testkeys::claims_now();
+        azp.as_object_mut().unwrap().remove("client_id");
+        azp["azp"] = json!("backend-a");
+        assert_eq!(run(&azp), Ok("tenant_a".into()));
+        azp["azp"] = json!("Backend-A");
+        assert_eq!(run(&azp), Err(Some("Backend-A".into())), "compared exactly");
+        azp.as_object_mut().unwrap().remove("azp");
+        assert_eq!(run(&azp), Err(None));
+        // A client id whose first 128 characters are an allowed one is not that client.
+        let mut long = testkeys::claims_now();
+        long["client_id"] = json!(format!("patients-app-a{}", "x".repeat(200)));
+        assert!(run(&long).is_err());
+        // The other tenant has no list: any client.
+        other["scope"] = json!(TENANT_B);
+        assert_eq!(run(&other), Ok("tenant_b".into()));
+        for bad in [json!([]), json!([""]), json!(["x".repeat(129)]), json!("patients-app-a")] {
+            v["tenants"][TENANT_A]["allowed_clients"] = bad.clone();
+            let e = Config::from_json(v.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.field, format!("tenants.{TENANT_A}.allowed_clients"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn smart_scopes_narrow_the_allowlist_and_a_cache_hit_keeps_them() {
+        let v = json!({
+            "provider": {
+                "issuer": testkeys::ISSUER,
+                "audiences": [testkeys::AUDIENCE],
+                "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()
+            },
+            "tenants": {
+                TENANT_A: {"cluster": "tenant_a", "allow": {"interactions": ["read", "search", "create"]}},
+                TENANT_B: {"cluster": "tenant_b", "require_smart_scopes": true}
+            },
+            "metadata_cluster": "fhir_metadata"
+        });
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let k = keys();
+        let mut cache = TokenCache::new(10);
+        let mut run = |scope: &str, method: &str, path: &str| {
+            let mut claims = testkeys::claims_now();
+            claims["scope"] = json!(scope);
+            let auth = bearer(&claims);
+            let req = Request { method, path, authorization: Some(&auth), duplicate_authorization: false };
+            let known = Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&k), signatures: &PureRust };
+            match decide(&known, &req, &mut cache, NOW) {
+                Decision::Route { cached, inspect_body, .. } => Ok((cached, inspect_body)),
+                Decision::Forbidden { refusal, .. } => Err(refusal),
+                other => panic!("{other:?}"),
+            }
+        };
+        let v1 = format!("{TENANT_A} system/Observation.read");
+        assert_eq!(run(&v1, "GET", "/Observation/1"), Ok((false, false)));
+        assert_eq!(run(&v1, "GET", "/Observation?code=x"), Ok((true, false)), "from the cache, scopes and all");
+        let missing = run(&v1, "GET", "/Patient/1").unwrap_err();
+        assert!(
+            matches!(&missing, Refusal::MissingScope { scope, entry: None, .. } if scope == "system/Patient.read"),
+            "{missing:?}"
+        );
+        // Both must allow: the scopes grant delete, the allowlist does not (and says so, as the allowlist).
+        let wide = format!("{TENANT_A} system/*.cruds");
+        assert!(matches!(run(&wide, "DELETE", "/Observation/1"), Err(Refusal::NotAllowed { .. })));
+        assert_eq!(run(&wide, "POST", "/Observation"), Ok((true, false)));
+        // A Bundle goes on to be judged entry by entry.
+        assert_eq!(run(&v1, "POST", "/"), Ok((true, true)));
+        // Tenant B requires SMART scopes: the tenant id alone is not enough.
+        let bare = run(TENANT_B, "GET", "/Patient/1").unwrap_err();
+        assert!(matches!(&bare, Refusal::MissingScope { scope, .. } if scope == "system/Patient.read"), "{bare:?}");
+        assert_eq!(run(&format!("{TENANT_B} system/Patient.rs"), "GET", "/Patient/1"), Ok((false, false)));
+        let v2 = run(&format!("{TENANT_B} system/Patient.rs"), "PUT", "/Patient/1").unwrap_err();
+        assert!(matches!(&v2, Refusal::NotAllowed { .. }), "the read-only allowlist speaks first: {v2:?}");
     }
 }

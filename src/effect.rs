@@ -188,6 +188,8 @@ pub enum Metric<'a> {
     CacheMisses,
     RegistryFetchOk,
     RegistryFetchFailed,
+    /// Refused: the token's SMART scopes do not grant the request (or a Bundle entry).
+    ForbiddenByScope,
     /// A key of a fetched key set that the configured verifier cannot check (P-384 under `pure_rust` in a
     /// build without pure-Rust P-384), counted at each fetch that brings it.
     JwksUncheckableKey,
@@ -197,6 +199,39 @@ pub enum Metric<'a> {
     TenantForbidden(&'a str),
     /// Something about this tenant's upstream token.
     UpstreamToken(&'a str, TokenEvent),
+    /// A request of this tenant was refused for this reason (also counted as [`Metric::TenantForbidden`]).
+    TenantRefused(&'a str, TenantRefusal),
+}
+
+/// A per-tenant refusal counted on its own (`tenant.<id>.<name>`), beyond `tenant.<id>.forbidden`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantRefusal {
+    /// The token's SMART scopes do not grant the interaction (or a Bundle entry's), or the tenant requires
+    /// SMART scopes and the token has none.
+    InsufficientScope,
+    /// The token's client is not one of the tenant's `allowed_clients`.
+    ClientNotAllowed,
+}
+
+impl TenantRefusal {
+    /// All of them, in the order a shell defines them.
+    pub const ALL: [TenantRefusal; 2] = [TenantRefusal::InsufficientScope, TenantRefusal::ClientNotAllowed];
+
+    /// Position in [`TenantRefusal::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::InsufficientScope => 0,
+            Self::ClientNotAllowed => 1,
+        }
+    }
+
+    /// The stat's name under `tenant.<id>.` (and the audit line's `reason`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InsufficientScope => "insufficient_scope",
+            Self::ClientNotAllowed => "client_not_allowed",
+        }
+    }
 }
 
 /// What happened about a tenant's upstream token (`tenant.<id>.upstream_token.<name>`).
@@ -243,7 +278,7 @@ impl TokenEvent {
 }
 
 /// The fixed counters, in the order a shell defines them.
-pub const COUNTERS: [Metric<'static>; 13] = [
+pub const COUNTERS: [Metric<'static>; 14] = [
     Metric::Allowed,
     Metric::Public,
     Metric::ForbiddenByPolicy,
@@ -257,6 +292,7 @@ pub const COUNTERS: [Metric<'static>; 13] = [
     Metric::RegistryFetchOk,
     Metric::RegistryFetchFailed,
     Metric::JwksUncheckableKey,
+    Metric::ForbiddenByScope,
 ];
 
 /// Where a shell keeps a counter's id: [`COUNTERS`] position, [`Rejection::ALL`] position, or a
@@ -267,6 +303,7 @@ pub enum CounterSlot<'a> {
     Rejected(usize),
     Tenant { tenant: &'a str, allowed: bool },
     TenantToken { tenant: &'a str, event: TokenEvent },
+    TenantRefusal { tenant: &'a str, refusal: TenantRefusal },
 }
 
 impl<'a> Metric<'a> {
@@ -286,10 +323,12 @@ impl<'a> Metric<'a> {
             Self::RegistryFetchOk => CounterSlot::Fixed(10),
             Self::RegistryFetchFailed => CounterSlot::Fixed(11),
             Self::JwksUncheckableKey => CounterSlot::Fixed(12),
+            Self::ForbiddenByScope => CounterSlot::Fixed(13),
             Self::Rejected(r) => CounterSlot::Rejected(r.index()),
             Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
             Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
             Self::UpstreamToken(tenant, event) => CounterSlot::TenantToken { tenant, event },
+            Self::TenantRefused(tenant, refusal) => CounterSlot::TenantRefusal { tenant, refusal },
         }
     }
 }
@@ -313,9 +352,11 @@ impl Metric<'_> {
             Self::RegistryFetchOk => "registry.fetch_ok",
             Self::RegistryFetchFailed => "registry.fetch_failed",
             Self::JwksUncheckableKey => "jwks.uncheckable_keys",
+            Self::ForbiddenByScope => "requests.forbidden_by_scope",
             Self::TenantAllowed(_) => "tenant.allowed",
             Self::TenantForbidden(_) => "tenant.forbidden",
             Self::UpstreamToken(_, event) => event.name(),
+            Self::TenantRefused(_, refusal) => refusal.name(),
         }
     }
 }

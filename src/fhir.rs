@@ -73,6 +73,9 @@ pub struct Classified<'a> {
     pub interaction: Interaction,
     /// The resource type, when the URL names one.
     pub resource_type: Option<&'a str>,
+    /// Whether the URL names one resource (`Patient/1/_history` is an instance's history, `Patient/_history`
+    /// the type's): SMART v2 grants the one with `r`, the other with `s`.
+    pub instance: bool,
 }
 
 fn is_resource_type(s: &str) -> bool {
@@ -117,7 +120,9 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Option<Classified<'a>> {
         ("GET", [_, _, t]) if is_resource_type(t) => (Interaction::Search, seg(2)),
         _ => return None,
     };
-    Some(Classified { interaction, resource_type })
+    // `Type/id...`: the second segment is an id (`_search`, `_history` and `$op` are not).
+    let instance = matches!(segments, [_, id, ..] if !id.starts_with(['_', '$']) && resource_type == seg(0));
+    Some(Classified { interaction, resource_type, instance })
 }
 
 /// A tenant's allowlist. Small and allocation-free by default, since every tenant has one.
@@ -147,6 +152,9 @@ pub enum Refusal {
     Unrecognised,
     /// The interaction or the resource type is not allowed; `entry` is the Bundle entry index, if any.
     NotAllowed { interaction: Interaction, resource_type: Option<String>, entry: Option<usize> },
+    /// The allowlist allows it, but the token's SMART scopes do not grant it: `scope` is the scope it needs
+    /// (for `WWW-Authenticate`'s `scope`); `entry` is the Bundle entry index, if any.
+    MissingScope { scope: String, interaction: Interaction, resource_type: Option<String>, entry: Option<usize> },
     /// A Bundle entry that is not a well-formed request.
     BadEntry { entry: usize },
     /// The body of `POST /` is not a batch or transaction Bundle.
@@ -168,6 +176,20 @@ impl fmt::Display for Refusal {
                     Some(t) => write!(f, "the {interaction} interaction on {t} is not allowed for this tenant."),
                     None => write!(f, "the {interaction} interaction is not allowed for this tenant."),
                 }
+            }
+            Self::MissingScope { scope, interaction, resource_type, entry } => {
+                if let Some(i) = entry {
+                    write!(f, "Bundle entry {i}: ")?;
+                }
+                match resource_type {
+                    Some(t) => {
+                        write!(f, "the access token's scopes do not grant the {interaction} interaction on {t}")?
+                    }
+                    None => {
+                        write!(f, "the access token's scopes do not grant the system-level {interaction} interaction")?
+                    }
+                }
+                write!(f, " (it needs the scope {scope}).")
             }
             Self::BadEntry { entry } => write!(f, "Bundle entry {entry} has no valid request method and url."),
             Self::NotABundle => f.write_str("POST to the base must carry a batch or transaction Bundle."),
@@ -236,6 +258,17 @@ impl Policy {
     /// `base` is this server's public base URL (`public_base_url`): an entry's absolute `request.url` under
     /// it is judged as the URL relative to it (FHIR allows either form); any other absolute URL is refused.
     pub fn check_bundle(&self, body: &[u8], base: Option<&str>) -> Result<(), Refusal> {
+        self.check_bundle_with(body, base, &|_, _| Ok(()))
+    }
+
+    /// [`Policy::check_bundle`], and each entry the allowlist allows must pass `also` too (the token's
+    /// SMART scopes: `also(method, entry)` is `Err(scope)`, the scope that entry needs, to refuse it).
+    pub fn check_bundle_with(
+        &self,
+        body: &[u8],
+        base: Option<&str>,
+        also: &dyn Fn(&str, &Classified<'_>) -> Result<(), String>,
+    ) -> Result<(), Refusal> {
         let bundle: Value = serde_json::from_slice(body).map_err(|_| Refusal::NotABundle)?;
         let is_bundle = bundle.get("resourceType").and_then(Value::as_str) == Some("Bundle")
             && matches!(bundle.get("type").and_then(Value::as_str), Some("batch" | "transaction"));
@@ -270,6 +303,12 @@ impl Policy {
                     entry: Some(i),
                 });
             }
+            also(method, &c).map_err(|scope| Refusal::MissingScope {
+                scope,
+                interaction: c.interaction,
+                resource_type: c.resource_type.map(str::to_string),
+                entry: Some(i),
+            })?;
         }
         Ok(())
     }
@@ -334,6 +373,13 @@ mod tests {
         assert_eq!(c("GET", "/patient/1"), None);
         assert_eq!(c("GET", "/Patient/1/x/y/z"), None);
         assert_eq!(c("TRACE", "/Patient/1"), None);
+        let instance = |m: &str, p: &str| classify(m, p).unwrap().instance;
+        assert!(
+            instance("GET", "/Patient/1/_history") && instance("GET", "/Patient/1") && instance("PUT", "/Patient/1")
+        );
+        assert!(!instance("GET", "/Patient/_history") && !instance("POST", "/Patient/_search"));
+        assert!(!instance("GET", "/Patient/1/Observation") && !instance("GET", "/Patient/$everything"));
+        assert!(!instance("GET", "/_history") && !instance("GET", "/Patient"));
     }
 
     #[test]

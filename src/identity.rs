@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::scopes::Scopes;
+
 /// The tenant claim as signed: a space-delimited string (RFC 6749 §3.3), a list of strings, or neither.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claim<'a> {
@@ -38,8 +40,10 @@ pub struct Identity {
     text: Arc<str>,
     /// Where each of the four parts ends in `text`.
     ends: [u32; 4],
-    /// Bit i: part i is present (the claim: bit 0; bit 4: the claim is a list).
+    /// Bit i: part i is present (the claim: bit 0; bit 4: the claim is a list; bit 5: the client id is cut).
     present: u8,
+    /// What the token's SMART scopes grant (parsed once, when the token is verified).
+    scopes: Scopes,
 }
 
 /// Identity claims longer than this are cut (they go into log lines).
@@ -50,6 +54,8 @@ const MAX_IDENTITY_CHARS: usize = 128;
 /// another tenant). A scope of a few dozen SMART scopes takes well under 1 KB.
 pub const MAX_TENANT_CLAIM_BYTES: usize = 4096;
 const LIST: u8 = 1 << 4;
+/// Bit 5: the client id was longer than [`MAX_IDENTITY_CHARS`] and is kept cut (for the audit line only).
+const CLIENT_CUT: u8 = 1 << 5;
 
 impl Identity {
     /// From the parts: the tenant claim's JSON value, then client_id, sub and jti.
@@ -85,12 +91,26 @@ impl Identity {
             if let Some(v) = part {
                 text.extend(v.chars().take(MAX_IDENTITY_CHARS));
                 present |= 1 << (i + 1);
+                if i == 0 && v.chars().nth(MAX_IDENTITY_CHARS).is_some() {
+                    present |= CLIENT_CUT;
+                }
             }
             if let Some(end) = ends.get_mut(i + 1) {
                 *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
             }
         }
-        Self { text: Arc::from(text), ends, present }
+        Self { text: Arc::from(text), ends, present, scopes: Scopes::default() }
+    }
+
+    /// With what the token's SMART scopes grant.
+    pub fn with_scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    /// What the token's SMART scopes grant.
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
     }
 
     fn part(&self, i: usize) -> Option<&str> {
@@ -110,7 +130,17 @@ impl Identity {
         }
     }
 
+    /// The client: `client_id`, else `azp`, else `appid` (cut to 128 characters: for log lines).
     pub fn client_id(&self) -> Option<&str> {
+        self.part(1)
+    }
+
+    /// The client as signed, for comparing with a tenant's `allowed_clients`: `None` when the token names
+    /// none or names one longer than the 128 characters kept (which no configured client id is).
+    pub fn whole_client_id(&self) -> Option<&str> {
+        if self.present & CLIENT_CUT != 0 {
+            return None;
+        }
         self.part(1)
     }
 
@@ -140,7 +170,11 @@ mod tests {
         assert_eq!(Identity::new(Some(&json!(7)), None, None, None).tenant_claim(), Claim::None);
         assert_eq!(Identity::new(None, None, None, None).tenant_claim(), Claim::None);
         let long = "x".repeat(500);
-        assert_eq!(Identity::new(None, Some(&long), None, None).client_id().map(str::len), Some(128));
+        let cut = Identity::new(None, Some(&long), None, None);
+        assert_eq!(cut.client_id().map(str::len), Some(128));
+        assert_eq!(cut.whole_client_id(), None, "a cut client id is never compared");
+        let exact = "y".repeat(128);
+        assert_eq!(Identity::new(None, Some(&exact), None, None).whole_client_id(), Some(exact.as_str()));
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod public;
 pub mod refresh;
 pub mod rejection;
 pub mod router;
+pub mod scopes;
 pub mod tenant;
 pub mod upkeep;
 pub mod upstream_auth;

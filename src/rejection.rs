@@ -42,6 +42,8 @@ pub enum Rejection {
     TenantsUnavailable,
     /// The token names an unknown `kid` and too many requests already wait for its issuer's keys.
     WaitQueueFull,
+    /// The token's client (`client_id`, else `azp`) is not one of the tenant's `allowed_clients`.
+    ClientNotAllowed,
     /// The tenant's FHIR server needs an access token of its own authorization server, and there is none
     /// usable (that server failed, or too many requests already wait for it).
     UpstreamAuthUnavailable,
@@ -72,7 +74,7 @@ impl Rejection {
     /// The HTTP status.
     pub fn status(self) -> u32 {
         match self {
-            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => 403,
+            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed | Self::ClientNotAllowed => 403,
             Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull | Self::UpstreamAuthUnavailable => {
                 503
             }
@@ -104,11 +106,12 @@ impl Rejection {
             Self::TenantsUnavailable => "tenants_unavailable",
             Self::WaitQueueFull => "wait_queue_full",
             Self::UpstreamAuthUnavailable => "upstream_auth_unavailable",
+            Self::ClientNotAllowed => "client_not_allowed",
         }
     }
 
     /// All variants, for defining one stat each.
-    pub const ALL: [Rejection; 21] = [
+    pub const ALL: [Rejection; 22] = [
         Self::MissingToken,
         Self::MalformedCredentials,
         Self::TokenTooLarge,
@@ -130,6 +133,7 @@ impl Rejection {
         Self::TenantsUnavailable,
         Self::WaitQueueFull,
         Self::UpstreamAuthUnavailable,
+        Self::ClientNotAllowed,
     ];
 
     /// The stat counting this refusal, under the filter's prefix.
@@ -156,6 +160,7 @@ impl Rejection {
             Self::TenantsUnavailable => "requests.rejected.tenants_unavailable",
             Self::WaitQueueFull => "requests.rejected.wait_queue_full",
             Self::UpstreamAuthUnavailable => "requests.rejected.upstream_auth_unavailable",
+            Self::ClientNotAllowed => "requests.rejected.client_not_allowed",
         }
     }
 
@@ -172,7 +177,9 @@ impl Rejection {
             Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull | Self::UpstreamAuthUnavailable => {
                 None
             }
-            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed => Some(INSUFFICIENT_SCOPE),
+            Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed | Self::ClientNotAllowed => {
+                Some(INSUFFICIENT_SCOPE)
+            }
             _ => Some(INVALID_TOKEN),
         }
     }
@@ -202,6 +209,7 @@ impl Rejection {
                 outcome!("transient", "The token issuer's signing keys are being fetched; retry shortly.")
             }
             Self::IssuerNotAllowed => outcome!("forbidden", "The access token's issuer may not name this tenant."),
+            Self::ClientNotAllowed => outcome!("forbidden", "The access token's client may not use this tenant."),
             Self::UpstreamAuthUnavailable => {
                 outcome!(
                     "transient",

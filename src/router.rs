@@ -14,13 +14,16 @@ use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
 use crate::crypto::{CheckLog, SignatureCheck};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
-use crate::effect::{Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TokenEvent};
+use crate::effect::{
+    Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TenantRefusal, TokenEvent,
+};
 use crate::fhir::{Policy, Refusal};
 use crate::identity::Identity;
 use crate::jwks::KeySet;
 use crate::links;
 use crate::refresh::Schedule;
-use crate::rejection::{operation_outcome, Rejection};
+use crate::rejection::{operation_outcome, Rejection, REALM};
+use crate::scopes::Scopes;
 use crate::tenant::{Tenant, TenantMap};
 use crate::upstream_auth::{Access, TokenSlot, TokenSlots};
 
@@ -141,12 +144,15 @@ struct PendingAudit {
     credential: Option<&'static str>,
 }
 
-/// A Bundle the tenant's allowlist must judge before its body may go on.
+/// A Bundle the tenant's allowlist (and the token's SMART scopes) must judge before its body may go on.
 #[derive(Clone, Debug)]
 struct Inspection {
     policy: Policy,
     tenant: String,
     audit: Option<PendingAudit>,
+    scopes: Scopes,
+    /// The tenant's `require_smart_scopes`.
+    require_scopes: bool,
 }
 
 /// Where a request stands.
@@ -834,10 +840,9 @@ impl Router {
                 route(&audit, stream, tenant, &identity, inspect_body, credential, out)
             }
             Decision::Forbidden { tenant, identity, refusal } => {
-                forbid(&refusal, out);
-                out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
+                let reason = forbid(&refusal, &tenant.id, out);
                 let detail = Detail {
-                    reason: Some("allowlist"),
+                    reason: Some(reason),
                     tenant: Some(&tenant.id),
                     identity: Some(&identity),
                     ..Detail::default()
@@ -850,6 +855,20 @@ impl Router {
                 reject(rejection, None, out);
                 out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
                 let detail = Detail { reason: Some(rejection.reason()), tenant: Some(&tenant.id), ..Detail::default() };
+                audit.record(Outcome::Rejected, detail, out);
+                Flow::Stop
+            }
+            Decision::ClientNotAllowed { tenant, identity } => {
+                let rejection = Rejection::ClientNotAllowed;
+                reject(rejection, None, out);
+                out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
+                out.push(Effect::Count(Metric::TenantRefused(&tenant.id, TenantRefusal::ClientNotAllowed)));
+                let detail = Detail {
+                    reason: Some(rejection.reason()),
+                    tenant: Some(&tenant.id),
+                    identity: Some(&identity),
+                    ..Detail::default()
+                };
                 audit.record(Outcome::Rejected, detail, out);
                 Flow::Stop
             }
@@ -878,20 +897,24 @@ impl Router {
         let Phase::Inspecting(inspection) = std::mem::replace(&mut stream.phase, Phase::Decided) else {
             return Flow::Continue;
         };
-        let Inspection { policy, tenant, audit } = *inspection;
-        let verdict = policy.check_bundle(body, self.config.public_base_url.as_deref());
-        if let Err(refusal) = &verdict {
-            forbid(refusal, out);
-        }
-        let allowed = verdict.is_ok();
-        out.push(Effect::Count(if allowed {
-            Metric::TenantAllowed(&tenant)
+        let Inspection { policy, tenant, audit, scopes, require_scopes } = *inspection;
+        let base = self.config.public_base_url.as_deref();
+        let verdict = if scopes.is_narrowed() || require_scopes {
+            policy.check_bundle_with(body, base, &|method, entry| scopes.check(require_scopes, method, entry))
         } else {
-            Metric::TenantForbidden(&tenant)
-        }));
+            policy.check_bundle(body, base)
+        };
+        let reason = match &verdict {
+            Err(refusal) => Some(forbid(refusal, &tenant, out)),
+            Ok(()) => {
+                out.push(Effect::Count(Metric::TenantAllowed(&tenant)));
+                None
+            }
+        };
+        let allowed = verdict.is_ok();
         if let Some(pending) = audit {
             let detail = Detail {
-                reason: (!allowed).then_some("allowlist"),
+                reason,
                 tenant: Some(&tenant),
                 identity: Some(&pending.identity),
                 cluster: allowed.then_some(pending.cluster.as_str()),
@@ -973,7 +996,13 @@ fn route(
         if config.access_log_filter_state {
             filter_state(Some(&tenant.id), Some(identity), out);
         }
-        let inspection = Inspection { policy: tenant.policy().clone(), tenant: tenant.id.clone(), audit: pending };
+        let inspection = Inspection {
+            policy: tenant.policy().clone(),
+            tenant: tenant.id.clone(),
+            audit: pending,
+            scopes: identity.scopes().clone(),
+            require_scopes: tenant.requires_smart_scopes(),
+        };
         stream.phase = Phase::Inspecting(Box::new(inspection));
         if config.hold_bundle_headers {
             // Nothing of it reaches the upstream before the verdict: not even its headers.
@@ -1103,12 +1132,28 @@ fn reject(rejection: Rejection, retry_after_s: Option<u64>, out: &mut dyn Effect
     }));
 }
 
-/// 403 for a request the tenant's allowlist refuses; the message names the interaction (and Bundle entry).
-fn forbid(refusal: &Refusal, out: &mut dyn Effects) {
-    out.push(Effect::Count(Metric::ForbiddenByPolicy));
+/// 403 for a request of `tenant` that its allowlist, or the token's SMART scopes, refuse; the message names
+/// the interaction (and Bundle entry). A missing scope is RFC 6750's `insufficient_scope`, with the scope
+/// the request needs in `WWW-Authenticate`. Counts it, and returns the audit line's reason.
+fn forbid(refusal: &Refusal, tenant: &str, out: &mut dyn Effects) -> &'static str {
     let body = operation_outcome("forbidden", &refusal.to_string());
-    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
-    out.push(Effect::Reply(Reply { status: 403, headers: &headers, body: body.as_bytes() }));
+    let mut headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store"), ("", "")];
+    let www;
+    let (n, reason) = if let Refusal::MissingScope { scope, .. } = refusal {
+        out.push(Effect::Count(Metric::ForbiddenByScope));
+        out.push(Effect::Count(Metric::TenantRefused(tenant, TenantRefusal::InsufficientScope)));
+        // The scope is a resource type (ASCII letters and digits) and fixed text: nothing to escape.
+        www = format!("Bearer realm=\"{REALM}\", error=\"insufficient_scope\", scope=\"{scope}\"");
+        headers[2] = ("www-authenticate", &www);
+        (3, TenantRefusal::InsufficientScope.name())
+    } else {
+        out.push(Effect::Count(Metric::ForbiddenByPolicy));
+        (2, "allowlist")
+    };
+    out.push(Effect::Count(Metric::TenantForbidden(tenant)));
+    let headers = headers.get(..n).unwrap_or_default();
+    out.push(Effect::Reply(Reply { status: 403, headers, body: body.as_bytes() }));
+    reason
 }
 
 /// Tells the upstream how clients reach this endpoint, for servers that build their links from

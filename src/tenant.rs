@@ -40,6 +40,10 @@ pub struct TenantSettings {
     pub policy: Policy,
     /// The issuers allowed to name this tenant; `None`: any configured issuer.
     pub issuers: Option<Vec<String>>,
+    /// The clients (`client_id`, else `azp`) whose tokens may name this tenant; `None`: any client.
+    pub allowed_clients: Option<Vec<String>>,
+    /// Whether a token without SMART resource scopes is refused (rather than given the allowlist alone).
+    pub require_smart_scopes: bool,
     /// The OAuth client whose access token its FHIR server wants (`upstream_auth`).
     pub upstream_auth: Option<std::sync::Arc<crate::upstream_auth::OAuthClient>>,
 }
@@ -53,6 +57,20 @@ impl Tenant {
             Some(list) => list.iter().any(|i| i == issuer),
             None => true,
         }
+    }
+
+    /// Whether a token from `client` (its whole `client_id`, else `azp`) may name this tenant: always,
+    /// unless the tenant lists `allowed_clients`; then only a listed client (compared exactly).
+    pub fn allows_client(&self, client: Option<&str>) -> bool {
+        match self.settings.as_deref().and_then(|u| u.allowed_clients.as_ref()) {
+            Some(list) => client.is_some_and(|c| list.iter().any(|a| a == c)),
+            None => true,
+        }
+    }
+
+    /// Whether tokens must carry SMART scopes for this tenant (`require_smart_scopes`).
+    pub fn requires_smart_scopes(&self) -> bool {
+        self.settings.as_deref().is_some_and(|u| u.require_smart_scopes)
     }
 
     /// The OAuth client toward its FHIR server, if it has one.

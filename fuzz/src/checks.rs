@@ -316,3 +316,61 @@ pub fn token_response(status: u32, body: &[u8], now_ms: u64) -> bool {
         }
     }
 }
+
+/// The requests each fuzzed scope claim is asked about: (method, path, the resource type it needs a scope on).
+const SCOPE_REQUESTS: [(&str, &str, Option<&str>); 9] = [
+    ("GET", "/Patient/1", Some("Patient")),
+    ("GET", "/Observation?code=x", Some("Observation")),
+    ("POST", "/Patient/_search", Some("Patient")),
+    ("POST", "/Observation", Some("Observation")),
+    ("DELETE", "/Patient/1", Some("Patient")),
+    ("GET", "/Patient/1/_history", Some("Patient")),
+    ("GET", "/Patient/1/$everything", Some("Patient")),
+    ("POST", "/Patient/$match", Some("Patient")),
+    ("GET", "/?_type=Patient", None),
+];
+
+/// SMART scopes from a `scope` claim: never a panic; narrowed exactly when a value is a SMART resource
+/// scope (`system/`, `user/`, `patient/`) or the claim is oversized; and a narrowed token is granted a
+/// request only if some value is a parameter-free `system/` scope on that type or on `*`. `true` when the
+/// claim narrows the token.
+pub fn scopes(claim: Option<&Value>) -> bool {
+    use fhir_tenant_router::fhir::classify;
+    use fhir_tenant_router::scopes::{Scopes, MAX_SCOPE_CLAIM_BYTES};
+    let s = Scopes::from_claim(claim);
+    let values: Vec<&str> = match claim {
+        Some(Value::String(text)) => text.split(' ').collect(),
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let bytes = match claim {
+        Some(Value::String(text)) => text.len(),
+        _ => values.iter().map(|v| v.len() + 1).sum(),
+    };
+    let smart = values.iter().any(|v| ["system/", "user/", "patient/"].iter().any(|p| v.starts_with(p)));
+    assert_eq!(s.is_narrowed(), smart || bytes > MAX_SCOPE_CLAIM_BYTES, "narrowed? claim {claim:?}");
+    for (method, path, resource_type) in SCOPE_REQUESTS {
+        let c = classify(method, path).expect("a FHIR request");
+        for required in [false, true] {
+            let verdict = s.check(required, method, &c);
+            if !s.is_narrowed() && !required {
+                assert_eq!(verdict, Ok(()), "{method} {path}: an unnarrowed token is granted");
+                continue;
+            }
+            match verdict {
+                Ok(()) => {
+                    let granting = values.iter().any(|v| {
+                        let on = |t: &str| v.starts_with(&format!("system/{t}."));
+                        !v.contains('?') && (on("*") || resource_type.is_some_and(on))
+                    });
+                    assert!(granting, "{method} {path} granted by {claim:?}");
+                }
+                Err(scope) => {
+                    let t = resource_type.unwrap_or("*");
+                    assert!(scope.starts_with(&format!("system/{t}.")), "{method} {path} needs {scope}?");
+                }
+            }
+        }
+    }
+    s.is_narrowed()
+}

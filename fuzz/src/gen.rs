@@ -318,6 +318,65 @@ pub fn tenant(rng: &mut Rng, n: usize) -> Stats {
     stats
 }
 
+/// Fragments SMART scope values are built of (contexts, types, permissions, parameters) and others.
+const SCOPE_PARTS: [&str; 24] = [
+    "system/",
+    "user/",
+    "patient/",
+    "launch/",
+    "Patient",
+    "Observation",
+    "*",
+    "patient",
+    ".",
+    ".read",
+    ".write",
+    ".*",
+    ".rs",
+    ".cruds",
+    ".c",
+    ".sr",
+    ".rr",
+    "?category=laboratory",
+    "?",
+    "openid",
+    "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f",
+    "\u{0}",
+    "é",
+    "/",
+];
+
+/// A scope claim: SMART-looking values glued from fragments, as a string or a list, sometimes oversized.
+fn scope_claim(rng: &mut Rng) -> Option<Value> {
+    let count = rng.below(6);
+    let values: Vec<String> = (0..count)
+        .map(|_| match rng.below(4) {
+            0 => format!(
+                "system/{}{}",
+                rng.pick(&["Patient", "Observation", "*", "X1"]),
+                rng.pick(&[".read", ".rs", ".cruds", ".write", ".*", ".u"])
+            ),
+            _ => (0..1 + rng.below(5)).map(|_| *rng.pick(&SCOPE_PARTS)).collect(),
+        })
+        .collect();
+    Some(match rng.below(10) {
+        0..=5 => Value::String(values.join(*rng.pick(&[" ", "  ", "\t"]))),
+        6 | 7 => Value::Array(values.into_iter().map(Value::String).collect()),
+        8 => Value::String(format!("system/Patient.read {}", "x".repeat(4000 + rng.below(200)))),
+        _ => return if rng.percent(50) { None } else { Some(edge_value(rng, 0)) },
+    })
+}
+
+pub fn scopes(rng: &mut Rng, n: usize) -> Stats {
+    let mut stats = Stats::default();
+    for _ in 0..n {
+        let claim = scope_claim(rng);
+        note("scopes", claim.as_ref().map(|c| c.to_string()).unwrap_or_default().as_bytes());
+        stats.add(checks::scopes(claim.as_ref()));
+    }
+    stats
+}
+
 /// The token generator: valid tokens signed with the test keys, mutated at byte level, in their JSON, in
 /// their signature, spliced, or replaced by garbage.
 pub struct Tokens {

@@ -72,6 +72,15 @@ pub fn fuzz_tenant(data: &[u8]) {
     }
 }
 
+/// SMART scopes: the bytes are the `scope` claim's JSON value, or (when not JSON) a scope string.
+pub fn fuzz_scopes(data: &[u8]) {
+    let claim = match serde_json::from_slice::<serde_json::Value>(data) {
+        Ok(v) => v,
+        Err(_) => serde_json::Value::String(String::from_utf8_lossy(data).into_owned()),
+    };
+    checks::scopes(Some(&claim));
+}
+
 /// `Authorization` header values.
 pub fn fuzz_bearer(data: &[u8]) {
     match std::str::from_utf8(data) {

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::effect::{CounterSlot, Gauge, Level, Metric, TokenEvent, COUNTERS};
+use crate::effect::{CounterSlot, Gauge, Level, Metric, TenantRefusal, TokenEvent, COUNTERS};
 use crate::rejection::Rejection;
 
 use super::abi::*;
@@ -33,6 +33,9 @@ pub struct MetricIds {
     tenant: (Option<usize>, Option<usize>),
     /// `tenant.upstream_token.<event>`, labelled by `tenant`, in [`TokenEvent::ALL`]'s order.
     token: Vec<Option<usize>>,
+    /// `tenant.insufficient_scope` and `tenant.client_not_allowed`, labelled by `tenant`, by
+    /// [`TenantRefusal::index`].
+    tenant_refusals: Vec<Option<usize>>,
     /// Hooks that panicked (caught; the request got a 503).
     pub(crate) panics: Option<usize>,
 }
@@ -83,6 +86,10 @@ impl MetricIds {
                 .iter()
                 .map(|e| define(config, &format!("tenant.{}", e.name()), false, &["tenant"]))
                 .collect(),
+            tenant_refusals: TenantRefusal::ALL
+                .iter()
+                .map(|r| define(config, &format!("tenant.{}", r.name()), false, &["tenant"]))
+                .collect(),
             panics: define(config, "panics", false, &[]),
         }
     }
@@ -100,6 +107,10 @@ impl MetricIds {
             }
             CounterSlot::TenantToken { tenant, event } => {
                 self.token.get(event.index()).copied().flatten().map(|id| (id, Some(tenant)))
+            }
+            // Refusals are rare: counted through Envoy's labelled stat directly (no tick batching).
+            CounterSlot::TenantRefusal { tenant, refusal } => {
+                self.tenant_refusals.get(refusal.index()).copied().flatten().map(|id| (id, Some(tenant)))
             }
         }
     }

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
-use crate::effect::{CounterSlot, Gauge, Metric, TokenEvent, COUNTERS};
+use crate::effect::{CounterSlot, Gauge, Metric, TenantRefusal, TokenEvent, COUNTERS};
 use crate::rejection::Rejection;
 use crate::tenant::FxHasher;
 
@@ -29,6 +29,8 @@ pub struct Metrics {
     tenants: RefCell<HashMap<String, TenantMetrics, BuildHasherDefault<FxHasher>>>,
     /// Per-tenant upstream token counters, by [`TokenEvent::index`], defined on first use.
     tokens: RefCell<HashMap<String, [Option<u32>; 5], BuildHasherDefault<FxHasher>>>,
+    /// Per-tenant refusal counters, by [`TenantRefusal::index`], defined on a tenant's first such refusal.
+    refusals: RefCell<HashMap<String, [Option<u32>; 2], BuildHasherDefault<FxHasher>>>,
     counters: Vec<Option<u32>>,
     rejected: Vec<Option<u32>>,
     gauges: Vec<Option<u32>>,
@@ -45,6 +47,7 @@ impl Metrics {
             pending: RefCell::default(),
             tenants: RefCell::default(),
             tokens: RefCell::default(),
+            refusals: RefCell::default(),
             counters: COUNTERS.iter().map(|m| define(host, MetricKind::Counter, m.name())).collect(),
             rejected: Rejection::ALL.iter().map(|r| define(host, MetricKind::Counter, r.stat_name())).collect(),
             gauges: Gauge::ALL.iter().map(|g| define(host, MetricKind::Gauge, g.name())).collect(),
@@ -58,7 +61,20 @@ impl Metrics {
             CounterSlot::Tenant { tenant, allowed: true } => self.tenant(host, tenant).0,
             CounterSlot::Tenant { tenant, allowed: false } => self.tenant(host, tenant).1,
             CounterSlot::TenantToken { tenant, event } => self.token(host, tenant, event),
+            CounterSlot::TenantRefusal { tenant, refusal } => self.refusal(host, tenant, refusal),
         }
+    }
+
+    fn refusal(&self, host: &impl Host, tenant: &str, refusal: TenantRefusal) -> Option<u32> {
+        let mut refusals = self.refusals.borrow_mut();
+        if let Some(ids) = refusals.get(tenant) {
+            return ids.get(refusal.index()).copied().flatten();
+        }
+        let ids =
+            TenantRefusal::ALL.map(|r| define(host, MetricKind::Counter, &format!("tenant.{tenant}.{}", r.name())));
+        let id = ids.get(refusal.index()).copied().flatten();
+        refusals.insert(tenant.to_string(), ids);
+        id
     }
 
     fn token(&self, host: &impl Host, tenant: &str, event: TokenEvent) -> Option<u32> {

@@ -472,6 +472,20 @@ fn a_token_for_no_tenant_is_403_and_one_for_a_tenant_bound_to_another_issuer_is_
 }
 
 #[test]
+fn a_token_from_a_client_the_tenant_does_not_allow_is_403_counted_on_the_tenant() {
+    let mut p = plugin();
+    p["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "allowed_clients": ["backend-a"]});
+    let (host, root) = configured(&p);
+    send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    let www = "www-authenticate: Bearer realm=\"fhir-tenant-router\", error=\"insufficient_scope\"";
+    assert_eq!(host.take_calls().last(), Some(&refusal(403, www, Rejection::ClientNotAllowed.operation_outcome())));
+    root.on_tick_for_test();
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.client_not_allowed")), 1);
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.forbidden")), 1);
+    assert_eq!(host.metric("requests.rejected.client_not_allowed"), 1);
+}
+
+#[test]
 fn the_allowlist_refuses_with_403_naming_the_interaction() {
     let (host, root) = configured(&plugin());
     let mut headers = get("/Patient/1", Some(&bearer(&testkeys::claims_now())));
@@ -585,6 +599,71 @@ fn a_batch_bundle_is_held_until_its_body_is_judged() {
         }
         f.on_done();
     }
+}
+
+#[test]
+fn smart_scopes_narrow_requests_and_batch_entries_with_403_insufficient_scope_naming_the_scope() {
+    let mut p = plugin();
+    p["audit_log"] = json!(true);
+    p["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "allow": {"interactions": ["read", "search", "create"]}});
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_A} system/Patient.read"));
+    let auth = bearer(&claims);
+    // Twice: the second time the token comes from the cache, with its scopes.
+    for id in [1, 2] {
+        let (_f, flow) = send(&host, &root, id, &get("/Patient/1", Some(&auth)), true);
+        assert_eq!(flow, Flow::Continue);
+        host.take_calls();
+        let (_f, flow) = send(&host, &root, 10 + id, &get("/Observation?code=x", Some(&auth)), true);
+        assert_eq!(flow, Flow::Stop);
+        let calls = host.take_calls();
+        let www = "Bearer realm=\\\"fhir-tenant-router\\\", error=\\\"insufficient_scope\\\", scope=\\\"system/Observation.read\\\"";
+        let reply = calls.iter().find(|c| c.starts_with("send_reply 403 ")).unwrap();
+        assert!(reply.contains(www), "{reply}");
+        assert!(reply.contains("do not grant the search interaction on Observation"), "{reply}");
+        let audit = calls.iter().find(|c| c.starts_with("log Info {\"audit\"")).unwrap();
+        assert!(audit.contains("\"reason\":\"insufficient_scope\""), "{audit}");
+        assert!(!audit.contains("code=x"), "no query string in the audit line: {audit}");
+    }
+    // The allowlist allows create; the token's scopes do not, in the second entry of a batch.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/1"}},
+        {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}}
+    ]});
+    let (mut f, flow) = send(&host, &root, 20, &post_base(&auth), false);
+    assert_eq!(flow, Flow::Buffer);
+    host.take_calls();
+    *host.0.request_body.borrow_mut() = batch.to_string().into_bytes();
+    assert_eq!(f.on_request_body(batch.to_string().len(), true), Flow::Stop);
+    let calls = host.take_calls();
+    let reply = calls.iter().find(|c| c.starts_with("send_reply 403 ")).unwrap();
+    assert!(reply.contains("scope=\\\"system/Patient.write\\\"") && reply.contains("Bundle entry 1"), "{reply}");
+    // A token without SMART scopes gets the allowlist alone: the same batch passes.
+    let (mut f, _) = send(&host, &root, 21, &post_base(&bearer(&testkeys::claims_now())), false);
+    host.take_calls();
+    assert_eq!(f.on_request_body(batch.to_string().len(), true), Flow::Continue);
+    root.on_tick_for_test();
+    assert_eq!(host.metric("requests.forbidden_by_scope"), 3);
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.insufficient_scope")), 3);
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.forbidden")), 3);
+    assert_eq!(host.metric("requests.forbidden_by_policy"), 0);
+}
+
+#[test]
+fn a_tenant_that_requires_smart_scopes_refuses_a_token_without_them() {
+    let mut p = plugin();
+    p["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "require_smart_scopes": true});
+    let (host, root) = configured(&p);
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient/1", Some(&bearer(&testkeys::claims_now()))), true);
+    assert_eq!(flow, Flow::Stop);
+    let calls = host.take_calls();
+    assert!(calls.last().unwrap().contains("scope=\\\"system/Patient.read\\\""), "{calls:?}");
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!([TENANT_A, "system/*.rs"]);
+    let (_f, flow) = send(&host, &root, 2, &get("/Patient/1", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::Continue);
 }
 
 /// A proxy-wasm host without `allow_on_headers_stop_iteration` delivers no body while the headers are

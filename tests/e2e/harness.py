@@ -383,7 +383,8 @@ class Envoy:
                 if not k.startswith(DM_STATS_PREFIX):
                     continue
                 name = k[len(DM_STATS_PREFIX):]
-                m = re.fullmatch(r"tenant\.(allowed|forbidden|upstream_token\.\w+)\.tenant\.(.+)", name)
+                m = re.fullmatch(r"tenant\.(allowed|forbidden|insufficient_scope|client_not_allowed|upstream_token\.\w+)"
+                                 r"\.tenant\.(.+)", name)
                 out[f"tenant.{m.group(2)}.{m.group(1)}" if m else name] = v
         else:
             for k, v in self.wasm_stats().items():

@@ -251,6 +251,31 @@ def test_a_registry_tenants_own_settings_apply(reg):
     assert_no_upstream_saw_anything(reg.upstreams)
 
 
+def test_a_registry_tenants_client_binding_and_smart_scope_requirement_apply(reg):
+    """`allowed_clients` and `require_smart_scopes` come with the registry's tenant object as well."""
+    bound = {"cluster": "tenant_b", "allowed_clients": ["patients-app-a"], "require_smart_scopes": True}
+    reg.extra["registry"].serve({**base_tenants(), TENANT_C: bound})
+
+    def get(scope: str, **claims):
+        return reg.envoy.request("GET", "/Patient", bearer(Minter(reg.minter.issuer).token(scope, **claims)))
+
+    scoped = f"{TENANT_C} system/Patient.read"
+    # Only the new document serves C to a scoped token and refuses it the tenant id alone (an earlier test's
+    # map may serve C to both, and a map without C to neither).
+    wait_until(lambda: get(scoped).status == 200 and get(TENANT_C).status == 403, WITHIN_ONE_REFRESH_S,
+               "tenant C to need SMART scopes")
+    reg.upstreams.clear()
+    assert_served_only_by(reg.upstreams, get(scoped), "tenant-b", TENANT_C)
+    reg.upstreams.clear()
+    bare = get(TENANT_C)
+    assert_forbidden(bare)
+    assert 'scope="system/Patient.read"' in bare.header("www-authenticate"), bare
+    other = get(scoped, client_id="another-app")
+    assert_forbidden(other)
+    assert "client may not use this tenant" in other.json()["issue"][0]["diagnostics"], other
+    assert_no_upstream_saw_anything(reg.upstreams)
+
+
 NEW = "0d0d0d0d-2222-4333-8444-555566667777"
 FAILURES = {
     # status, body, delay: none of these may replace the map {A, B}; each would drop A and B and add NEW.

@@ -1,7 +1,7 @@
 //! Deterministic high-volume fuzzing of every parser of untrusted input, on stable Rust.
 //!
 //! `cargo run --release --no-default-features --bin fuzz-runner` (from fuzz/). Environment:
-//! - `FUZZ_SCALE` (default 1.0): multiplies every parser's input count (defaults below, 1,550,000 in all);
+//! - `FUZZ_SCALE` (default 1.0): multiplies every parser's input count (defaults below, 1,650,000 in all);
 //! - `FUZZ_SEED` (default 1): the seed; the same seed gives the same inputs;
 //! - `FUZZ_THREADS` (default 2);
 //! - `FUZZ_ONLY`: comma-separated parser names to run.
@@ -24,6 +24,7 @@ const PARSERS: &[(&str, &str, usize, Generator)] = &[
     ("jwks", "jwks::KeySet::from_jwks", 150_000, gen::jwks),
     ("config", "Config::from_json", 150_000, gen::config),
     ("tenant", "tenant::TenantMap::resolve", 200_000, gen::tenant),
+    ("scopes", "scopes::Scopes::from_claim and check (SMART v1/v2 scopes)", 100_000, gen::scopes),
     ("decide", "decision::decide (signed tokens, cache; accepted = tenant found)", 50_000, gen::decide_requests),
     (
         "router",

@@ -56,6 +56,10 @@ pub struct RawConfig {
     pub discovery: Option<RawDiscovery>,
     #[serde(default)]
     pub public_base_url: Option<String>,
+    #[serde(default)]
+    pub quota: Option<crate::quota::RawQuota>,
+    #[serde(default)]
+    pub rate_limit_descriptor_header: Option<String>,
 }
 
 /// The token issuer, as written.
@@ -106,6 +110,8 @@ pub struct RawTenant {
     pub upstream_auth: Option<crate::upstream_auth::RawUpstreamAuth>,
     #[serde(default)]
     pub allow: Option<RawAllow>,
+    #[serde(default)]
+    pub quota: Option<crate::quota::RawQuota>,
 }
 
 /// Where the tenant map is fetched from, as written.
@@ -267,6 +273,11 @@ pub struct Config {
     pub public_base_url: Option<String>,
     /// The SMART configuration document, built once when `discovery` is configured.
     pub smart_configuration: Option<String>,
+    /// Every tenant's quota unless it has its own ([`crate::quota`]); `None`: no quota.
+    pub quota: Option<std::sync::Arc<crate::quota::Quota>>,
+    /// A request header set to the tenant id of every routed request, for Envoy's global rate limit
+    /// filter (`request_headers` descriptor); a client-sent copy is always removed. `None`: not set.
+    pub rate_limit_descriptor_header: Option<String>,
 }
 
 /// A configuration that cannot be used: which field, and why.
@@ -362,6 +373,7 @@ fn compile_upstream(
         && t.upstream_auth.is_none()
         && t.allow.is_none()
         && t.issuers.is_none()
+        && t.quota.is_none()
     {
         return Ok(None);
     }
@@ -417,7 +429,17 @@ fn compile_upstream(
         u.policy = Policy::new(&a.interactions, a.resource_types.as_deref())
             .map_err(|why| ConfigError::new(format!("{field}.allow"), why))?;
     }
+    if let Some(q) = &t.quota {
+        u.quota = Some(compile_quota(&format!("{field}.quota"), q)?);
+    }
     Ok(Some(Box::new(u)))
+}
+
+fn compile_quota(
+    field: &str,
+    raw: &crate::quota::RawQuota,
+) -> Result<Option<std::sync::Arc<crate::quota::Quota>>, ConfigError> {
+    crate::quota::compile(field, raw).map_err(|e| ConfigError::new(e.field, e.message))
 }
 
 fn compile_discovery(d: RawDiscovery) -> Result<Discovery, ConfigError> {
@@ -720,6 +742,23 @@ impl RawConfig {
             };
             Some(d.smart_configuration(&first.provider.issuer, jwks_uri))
         });
+        let quota = match &self.quota {
+            Some(raw) if raw.unlimited => {
+                return Err(ConfigError::new("quota.unlimited", "is for a tenant's own quota: leave quota out instead"))
+            }
+            Some(raw) => compile_quota("quota", raw)?,
+            None => None,
+        };
+        let rate_limit_descriptor_header = self
+            .rate_limit_descriptor_header
+            .map(|h| header_name("rate_limit_descriptor_header", Some(h), ""))
+            .transpose()?;
+        if rate_limit_descriptor_header.as_ref().is_some_and(|h| *h == route_header || *h == tenant_header) {
+            return Err(ConfigError::new(
+                "rate_limit_descriptor_header",
+                "must differ from route_header and tenant_header",
+            ));
+        }
         let token_cache_entries = self.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
         if token_cache_entries > 1_000_000 {
             return Err(ConfigError::new("token_cache_entries", "must be at most 1000000 (0 disables the cache)"));
@@ -745,6 +784,8 @@ impl RawConfig {
             smart_configuration,
             discovery,
             public_base_url,
+            quota,
+            rate_limit_descriptor_header,
         })
     }
 }

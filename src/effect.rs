@@ -197,6 +197,10 @@ pub enum Metric<'a> {
     TenantForbidden(&'a str),
     /// Something about this tenant's upstream token.
     UpstreamToken(&'a str, TokenEvent),
+    /// A request of this tenant was within its quota (`true`) or refused by it (`false`).
+    TenantQuota(&'a str, bool),
+    /// A request let through uncharged: its quota's store lost every compare-and-swap, or is unavailable.
+    QuotaUnchecked,
 }
 
 /// What happened about a tenant's upstream token (`tenant.<id>.upstream_token.<name>`).
@@ -243,7 +247,7 @@ impl TokenEvent {
 }
 
 /// The fixed counters, in the order a shell defines them.
-pub const COUNTERS: [Metric<'static>; 13] = [
+pub const COUNTERS: [Metric<'static>; 14] = [
     Metric::Allowed,
     Metric::Public,
     Metric::ForbiddenByPolicy,
@@ -257,6 +261,7 @@ pub const COUNTERS: [Metric<'static>; 13] = [
     Metric::RegistryFetchOk,
     Metric::RegistryFetchFailed,
     Metric::JwksUncheckableKey,
+    Metric::QuotaUnchecked,
 ];
 
 /// Where a shell keeps a counter's id: [`COUNTERS`] position, [`Rejection::ALL`] position, or a
@@ -267,6 +272,7 @@ pub enum CounterSlot<'a> {
     Rejected(usize),
     Tenant { tenant: &'a str, allowed: bool },
     TenantToken { tenant: &'a str, event: TokenEvent },
+    TenantQuota { tenant: &'a str, allowed: bool },
 }
 
 impl<'a> Metric<'a> {
@@ -286,10 +292,12 @@ impl<'a> Metric<'a> {
             Self::RegistryFetchOk => CounterSlot::Fixed(10),
             Self::RegistryFetchFailed => CounterSlot::Fixed(11),
             Self::JwksUncheckableKey => CounterSlot::Fixed(12),
+            Self::QuotaUnchecked => CounterSlot::Fixed(13),
             Self::Rejected(r) => CounterSlot::Rejected(r.index()),
             Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
             Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
             Self::UpstreamToken(tenant, event) => CounterSlot::TenantToken { tenant, event },
+            Self::TenantQuota(tenant, allowed) => CounterSlot::TenantQuota { tenant, allowed },
         }
     }
 }
@@ -316,6 +324,9 @@ impl Metric<'_> {
             Self::TenantAllowed(_) => "tenant.allowed",
             Self::TenantForbidden(_) => "tenant.forbidden",
             Self::UpstreamToken(_, event) => event.name(),
+            Self::TenantQuota(_, true) => "quota.allowed",
+            Self::TenantQuota(_, false) => "quota.limited",
+            Self::QuotaUnchecked => "quota.unchecked",
         }
     }
 }

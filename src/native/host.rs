@@ -31,6 +31,8 @@ pub struct MetricIds {
     gauges: Vec<Option<usize>>,
     /// `tenant.allowed` and `tenant.forbidden`, labelled by `tenant`.
     tenant: (Option<usize>, Option<usize>),
+    /// `tenant.quota.allowed` and `tenant.quota.limited`, labelled by `tenant`.
+    tenant_quota: (Option<usize>, Option<usize>),
     /// Hooks that panicked (caught; the request got a 503).
     pub(crate) panics: Option<usize>,
 }
@@ -77,6 +79,10 @@ impl MetricIds {
                 define(config, "tenant.allowed", false, &["tenant"]),
                 define(config, "tenant.forbidden", false, &["tenant"]),
             ),
+            tenant_quota: (
+                define(config, "tenant.quota.allowed", false, &["tenant"]),
+                define(config, "tenant.quota.limited", false, &["tenant"]),
+            ),
             panics: define(config, "panics", false, &[]),
         }
     }
@@ -90,6 +96,10 @@ impl MetricIds {
             CounterSlot::Rejected(i) => self.rejected.get(i).copied().flatten().map(|id| (id, None)),
             CounterSlot::Tenant { tenant, allowed } => {
                 let id = if allowed { self.tenant.0 } else { self.tenant.1 };
+                id.map(|id| (id, Some(tenant)))
+            }
+            CounterSlot::TenantQuota { tenant, allowed } => {
+                let id = if allowed { self.tenant_quota.0 } else { self.tenant_quota.1 };
                 id.map(|id| (id, Some(tenant)))
             }
             // upstream_auth is refused by this build (see module.rs): no such counts come.

@@ -54,6 +54,8 @@ pub struct FilterConfig {
     /// tenants' counts to Envoy; `None` only without either.
     upkeep: Option<Mutex<Upkeep>>,
     tenant_counts: TenantCounts,
+    /// The configured tenants' quota counts (allowed, limited), handed to Envoy on the main thread's tick.
+    quota_counts: TenantCounts,
     published: Published,
     parked: Mutex<Parked>,
 }
@@ -61,7 +63,7 @@ pub struct FilterConfig {
 impl FilterConfig {
     /// The sink for one hook's effects on stream `filter`.
     fn apply(&self, filter: FilterEnvoyPtr) -> Apply<'_> {
-        Apply { filter, metrics: &self.metrics, tenant_counts: &self.tenant_counts }
+        Apply { filter, metrics: &self.metrics, tenant_counts: &self.tenant_counts, quota_counts: &self.quota_counts }
     }
 
     fn main(&self, envoy_config: ConfigEnvoyPtr) -> Main<'_> {
@@ -71,6 +73,7 @@ impl FilterConfig {
             parked: &self.parked,
             published: &self.published,
             tenant_counts: &self.tenant_counts,
+            quota_counts: &self.quota_counts,
         }
     }
 }
@@ -90,6 +93,7 @@ struct Apply<'a> {
     filter: FilterEnvoyPtr,
     metrics: &'a MetricIds,
     tenant_counts: &'a TenantCounts,
+    quota_counts: &'a TenantCounts,
 }
 
 fn count(filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
@@ -173,10 +177,10 @@ impl Effects for Apply<'_> {
             },
             Effect::Count(metric) => {
                 // A configured tenant's count goes to Envoy with the main thread's next tick (see `counts`).
-                if let CounterSlot::Tenant { tenant, allowed } = metric.slot() {
-                    if self.tenant_counts.add(tenant, allowed) {
-                        return;
-                    }
+                match metric.slot() {
+                    CounterSlot::Tenant { tenant, allowed } if self.tenant_counts.add(tenant, allowed) => return,
+                    CounterSlot::TenantQuota { tenant, allowed } if self.quota_counts.add(tenant, allowed) => return,
+                    _ => {}
                 }
                 count(filter, self.metrics.counter(metric))
             }
@@ -404,6 +408,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         // to fetch, this router stays on the main thread to fetch it.
         let main = Router::new(compiled.clone(), now_ms(), &mut LogsOnly);
         let tenant_counts = TenantCounts::new(compiled.tenants.ids());
+        let quota_counts = TenantCounts::new(compiled.tenants.ids());
         let ticks = compiled.fetches() || !compiled.tenants.is_empty();
         // SAFETY: config_new, main thread, this config.
         let upkeep = ticks.then(|| Mutex::new(unsafe { Upkeep::start(main, envoy_config) }));
@@ -414,6 +419,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             slots,
             upkeep,
             tenant_counts,
+            quota_counts,
             published: Published::default(),
             parked: Mutex::new(Parked::default()),
         };

@@ -334,6 +334,7 @@ class Envoy:
         self.config_path = write_config(running, workdir / f"{name}.yaml")
         self.log_path = workdir / f"{name}.log"
         self.log_level = log_level
+        self.concurrency = 1  # Envoy's worker threads; set before start()
         self.proc: subprocess.Popen | None = None
         self._log_offset = 0
 
@@ -341,7 +342,7 @@ class Envoy:
         # --base-id: several Envoys (and a developer's own) coexist on one machine. The wasm
         # component is raised to info so the filter's own log lines are collected for debugging.
         base_id = 100_000 + (os.getpid() % 10_000) * 100 + next(_base_ids)
-        return [envoy_bin(), "-c", str(self.config_path), "--concurrency", "1",
+        return [envoy_bin(), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
                 "--base-id", str(base_id), "-l", self.log_level,
                 "--component-log-level", "wasm:info,dynamic_modules:info"]
 
@@ -381,7 +382,7 @@ class Envoy:
                 if not k.startswith(DM_STATS_PREFIX):
                     continue
                 name = k[len(DM_STATS_PREFIX):]
-                m = re.fullmatch(r"tenant\.(allowed|forbidden)\.tenant\.(.+)", name)
+                m = re.fullmatch(r"tenant\.(allowed|forbidden|quota\.allowed|quota\.limited)\.tenant\.(.+)", name)
                 out[f"tenant.{m.group(2)}.{m.group(1)}" if m else name] = v
         else:
             for k, v in self.wasm_stats().items():

@@ -24,7 +24,7 @@ IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
 UPSTREAM_AS_DEPS := tests/upstream-as/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
-CONFIGS   := $(wildcard envoy/*.yaml)
+CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml
 
 .PHONY: help deps build build-so build-so-probe abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick soak clean
 

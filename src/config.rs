@@ -1206,6 +1206,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn quotas_are_off_by_default_and_a_tenant_may_replace_the_default_or_drop_it() {
+        let c = compile(&example()).unwrap();
+        assert!(c.quota.is_none() && c.rate_limit_descriptor_header.is_none());
+        let mut v = example();
+        v["quota"] = json!({"rate_per_s": 50, "burst": 100});
+        v["rate_limit_descriptor_header"] = json!("x-ftr-tenant");
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["quota"] = json!({"max_in_flight": 4});
+        v["tenants"]["3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b"]["quota"] = json!({"unlimited": true});
+        let c = compile(&v).unwrap();
+        assert_eq!(c.quota.as_ref().unwrap().rate.unwrap().burst, 100);
+        assert_eq!(c.rate_limit_descriptor_header.as_deref(), Some("x-ftr-tenant"));
+        let a = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap().settings.as_ref().unwrap();
+        assert_eq!(a.quota.as_ref().unwrap().as_ref().unwrap().max_in_flight, Some(4));
+        let b = c.tenants.get("3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b").unwrap().settings.as_ref().unwrap();
+        assert_eq!(b.quota, Some(None));
+    }
+
+    #[test]
+    fn bad_quotas_and_descriptor_headers_are_named() {
+        for (key, value, field) in [
+            ("quota", json!({"rate_per_s": 0}), "quota.rate_per_s"),
+            ("quota", json!({"unlimited": true}), "quota.unlimited"),
+            ("quota", json!({"rate": 5}), "quota"),
+            ("rate_limit_descriptor_header", json!("X Bad"), "rate_limit_descriptor_header"),
+            ("rate_limit_descriptor_header", json!("x-fhir-tenant-id"), "rate_limit_descriptor_header"),
+        ] {
+            let mut v = example();
+            v[key] = value;
+            assert!(field_of(&v).starts_with(field), "{key}: {}", field_of(&v));
+        }
+        let mut v = example();
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["quota"] = json!({"burst": 3});
+        assert_eq!(field_of(&v), "tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.quota.burst");
+    }
+
+    #[test]
     fn garbage_documents_are_errors() {
         for doc in ["", "{", "[]", "null", "42", "{\"provider\": 1}"] {
             assert!(Config::from_json(doc.as_bytes()).is_err(), "{doc}");

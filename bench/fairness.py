@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Fairness under per-tenant quotas (issue 14): does one tenant flooding at 10x its quota hurt another?
+
+Tenant B sends a steady paced load (wrk with a per-connection delay, so its offered rate is fixed and its
+throughput can be compared); it is measured alone, then while tenant A floods at about 10x A's quota from a
+second wrk. Rounds alternate the two (the starting one rotates) and medians are reported: B's req/s and p99
+both ways and their ratio, A's offered rate, admitted rate and 429s. Both builds (wasm, dynamic module), each
+in its own Envoy 1.40 (`--concurrency 1`, pinned like bench/run.py) in front of one direct-response upstream
+Envoy. Target: B's throughput and p99 within 5 % of its unloaded figures.
+
+    .venv/bin/python bench/fairness.py            # writes the fairness section of BENCHMARKS.md
+    .venv/bin/python bench/fairness.py --quick    # fewer, shorter rounds
+
+The section sits between <!-- fairness:begin --> and <!-- fairness:end --> and survives a bench/run.py run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as R  # noqa: E402  the benchmark's Envoy, upstream, token and wrk helpers
+
+A_RATE, A_BURST = 100, 100           # tenant A's quota: 100 units/s, burst 100
+B_QUOTA = {"rate_per_s": 5000, "burst": 5000}   # B has a quota too (it goes through the same check), never reached
+DELAY_MS = 10                         # per-connection pause between requests (wrk's delay())
+B_CONNECTIONS = 4                     # ~4 x 1000 / (10 ms + latency): B offers about 380 req/s
+A_CONNECTIONS = 12                    # ~1,000-1,150 req/s: about 10x A's quota
+BEGIN, END = "<!-- fairness:begin -->", "<!-- fairness:end -->"
+
+PACED_LUA = """-- paced: each connection waits DELAY ms after every answer (a fixed offered rate per connection)
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "10")
+function delay() return pause end
+""" + R.STATIC_LUA.split("\n", 1)[1]
+
+
+def tenants() -> tuple[str, str]:
+    return R.tenant_id(1), R.tenant_id(2)
+
+
+def plugin(public_jwks: dict) -> dict:
+    a, b = tenants()
+    doc = R.ours_plugin(public_jwks, 0, R.CACHE_ENTRIES)
+    doc["tenants"] = {a: {"cluster": "upstream", "quota": {"rate_per_s": A_RATE, "burst": A_BURST}},
+                      b: {"cluster": "upstream"}}
+    doc["quota"] = B_QUOTA
+    return doc
+
+
+def wrk(wrk_bin: str, pin: list[str], port: int, token: str, connections: int, seconds: int, script: Path):
+    cmd = pin + [wrk_bin, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
+                 "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{R.PATH}"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, BENCH_DELAY_MS=str(DELAY_MS)))
+
+
+def result(p: subprocess.Popen, what: str) -> dict:
+    out, err = p.communicate(timeout=120)
+    m = re.search(r"^BENCH_JSON (\{.*\})$", out, re.M)
+    if p.returncode != 0 or not m:
+        raise R.BenchError(f"{what}: wrk failed ({p.returncode}):\n{out}\n{err}")
+    j = json.loads(m.group(1))
+    j["rps"] = j["requests"] / (j["duration_us"] / 1e6)
+    return j
+
+
+def measure(build: str, envoy: R.Envoy, upstream: R.Envoy, wrk_bin: str, pin: list[str], tokens, args,
+            script: Path) -> dict:
+    a_token, b_token = tokens
+    port = envoy.port
+    rows: dict[str, list] = {"alone": [], "flood": []}
+    a_rows: list[dict] = []
+    for r in range(args.rounds):
+        order = ["alone", "flood"] if r % 2 == 0 else ["flood", "alone"]
+        for mode in order:
+            time.sleep(1.0 + A_BURST / A_RATE)   # A's bucket refills between runs: every flood starts alike
+            flood = wrk(wrk_bin, pin, port, a_token, A_CONNECTIONS, args.duration, script) if mode == "flood" else None
+            b = result(wrk(wrk_bin, pin, port, b_token, B_CONNECTIONS, args.duration, script), f"{build} B {mode}")
+            if any(b[k] for k in ("connect", "read", "write", "status", "timeout")):
+                raise R.InvalidRun(f"{build}: tenant B got errors or non-2xx answers ({mode}): {b}")
+            rows[mode].append(b)
+            if flood is not None:
+                a = result(flood, f"{build} A flood")
+                a_rows.append(a)
+            R.log(f"    {build} round {r + 1} {mode:5}: B {b['rps']:7.1f} req/s p99 {b['p99_us'] / 1000:6.2f} ms"
+                  + (f"; A {a_rows[-1]['rps']:7.1f} req/s, {a_rows[-1]['status']} refused" if flood else ""))
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    out = {"build": build}
+    for mode in rows:
+        out[f"{mode}_rps"] = med([x["rps"] for x in rows[mode]])
+        out[f"{mode}_p99_ms"] = med([x["p99_us"] / 1000 for x in rows[mode]])
+    out["a_offered_rps"] = med([a["rps"] for a in a_rows])
+    out["a_admitted_rps"] = med([(a["requests"] - a["status"]) / (a["duration_us"] / 1e6) for a in a_rows])
+    out["a_refused"] = med([a["status"] for a in a_rows])
+    out["rps_ratio"] = out["flood_rps"] / out["alone_rps"]
+    out["p99_ratio"] = out["flood_p99_ms"] / out["alone_p99_ms"]
+    return out
+
+
+def section(results: list[dict], args, pinning: R.Pinning, started: float) -> str:
+    lines = [BEGIN, "## Fairness under quotas (issue 14)", ""]
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines += [
+        f"`make bench-fairness` ({'QUICK' if args.quick else 'FULL'}), {when}, {platform.node()}: "
+        f"{os.cpu_count()} CPUs (shared with other work), Envoy {R.envoy_version()} `--concurrency 1`, "
+        f"pinning {pinning.note}; {args.rounds} rounds x 2 modes x {args.duration} s per build, alternated, "
+        f"medians; {time.monotonic() - started:.0f} s in all.",
+        "",
+        f"Tenant A's quota is {A_RATE}/s (burst {A_BURST}); it floods with {A_CONNECTIONS} paced connections "
+        f"(about 10x its quota). Tenant B sends {B_CONNECTIONS} paced connections ({DELAY_MS} ms between a "
+        "connection's answer and its next request), under a quota it never reaches, measured alone and during "
+        "A's flood. Both use one cached token each (the cache-hit path). A's refusals are local 429s.",
+        "",
+        "| build | B alone req/s | B with A's flood req/s | ratio | B alone p99 ms | B with flood p99 ms | ratio "
+        "| A offered req/s | A admitted req/s | target (±5 %) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ok = r["rps_ratio"] >= 0.95 and r["p99_ratio"] <= 1.05
+        lines.append(
+            f"| {r['build']} | {r['alone_rps']:.1f} | {r['flood_rps']:.1f} | {r['rps_ratio']:.3f} "
+            f"| {r['alone_p99_ms']:.2f} | {r['flood_p99_ms']:.2f} | {r['p99_ratio']:.3f} "
+            f"| {r['a_offered_rps']:.0f} | {r['a_admitted_rps']:.0f} | {'met' if ok else 'NOT met'} |")
+    lines += [
+        "",
+        "B's throughput is its paced offered load, so a ratio near 1.0 says the flood took none of it; p99 is "
+        "the sensitive figure, since A's refused requests still cost the one worker CPU time (a local reply "
+        "per request). A's admitted rate is its quota (plus the burst spread over the run).",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, text: str) -> None:
+    body = out.read_text(encoding="utf-8") if out.exists() else ""
+    i, j = body.find(BEGIN), body.find(END)
+    if 0 <= i < j:
+        body = body[:i] + text.rstrip("\n") + body[j + len(END):]
+    else:
+        body = body.rstrip("\n") + "\n\n" + text
+    out.write_text(body, encoding="utf-8")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 rounds of 5 s")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--duration", type=int, default=None, help="seconds per run")
+    p.add_argument("--builds", default="wasm,dynamic-module")
+    p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--out", type=Path, default=R.OUT_DEFAULT)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.duration = args.duration or (5 if args.quick else 10)
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-fairness-"))
+    wrk_bin = R.ensure_wrk(False)
+    pinning = R.plan_pinning(not args.no_pin)
+    pin = ["taskset", "-c", R.cpu_list(pinning.load)] if pinning.on else []
+    script = workdir / "paced.lua"
+    script.write_text(PACED_LUA, encoding="utf-8")
+    private, public = R.load_keys()
+    now = int(time.time())
+    a, b = tenants()
+    tokens = (R.mint(private["RS256"], "RS256", a, "fair-a", now), R.mint(private["RS256"], "RS256", b, "fair-b", now))
+    R.MODULE.snapshot(workdir)
+    upstream = R.Envoy("upstream", R.upstream_config(), workdir, wasm=False).start().wait_ready()
+    if pinning.on:
+        upstream.pin(pinning.load)
+    results = []
+    try:
+        for build in args.builds.split(","):
+            if build == "wasm":
+                filt = R.ours_filter(plugin(public))
+            else:
+                R.MODULE.snapshot_so(workdir)
+                filt = R.dm_filter(plugin(public), R.MODULE.so_path)
+            cfg = R.tested_config(upstream.port, {"route": {"cluster_header": R.ROUTE_HEADER}}, [filt])
+            envoy = R.Envoy(f"fair-{build}", cfg, workdir, wasm=build == "wasm").start().wait_ready()
+            envoy.pin(pinning.tested)
+            try:
+                for t in tokens:   # warm the token cache; both must be routed
+                    r = R.get(envoy.port, R.PATH, {"authorization": f"Bearer {t}"})
+                    if r.status != 200:
+                        raise R.BenchError(f"{build}: warm-up answered {r.status}: {r.body[:300]!r}")
+                R.log(f"==> {build}: {args.rounds} rounds x 2 x {args.duration}s")
+                results.append(measure(build, envoy, upstream, wrk_bin, pin, tokens, args, script))
+            finally:
+                envoy.stop()
+    except (R.BenchError, R.InvalidRun) as e:
+        print(f"bench-fairness: {e}", file=sys.stderr)
+        return 1
+    finally:
+        upstream.stop()
+    text = section(results, args, pinning, started)
+    print("\n" + text)
+    if not args.no_write:
+        write(args.out, text)
+        R.log(f"==> wrote the fairness section of {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -714,6 +714,40 @@ mod tests {
         assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 1000);
     }
 
+    /// The dynamic module's cost of a quota check (bench/fairness.py runs it in release and reports it).
+    #[test]
+    #[ignore = "a timing probe: cargo test --release --lib quota::tests::probe_process_store -- --ignored --nocapture"]
+    fn probe_process_store() {
+        const N: u32 = 200_000;
+        let rate = quota(serde_json::json!({"rate_per_s": 1_000_000, "burst": 1_000_000}));
+        let capped = quota(serde_json::json!({"rate_per_s": 1_000_000, "burst": 1_000_000, "max_in_flight": 1_000_000}));
+        let store = ProcessStore::global();
+        let time = |name: &str, f: &mut dyn FnMut()| {
+            for _ in 0..N / 10 {
+                f();
+            }
+            let t0 = std::time::Instant::now();
+            for _ in 0..N {
+                f();
+            }
+            println!("PROBE {name} {:.0}", t0.elapsed().as_nanos() as f64 / f64::from(N));
+        };
+        let now = T0;
+        let bucket = Bucket { tokens: 500_000 * SCALE, last_ms: now, in_flight: 0 };
+        time("core: quota admit (pure)", &mut || {
+            std::hint::black_box(admit(&rate, std::hint::black_box(Some(bucket)), 1, now));
+        });
+        time("native: charge, rate only (key + mutex map + admit)", &mut || {
+            let k = key("0b3c4d5e-0000-4000-8000-000000000001");
+            std::hint::black_box(charge(&store, &k, &rate, 1, now));
+        });
+        time("native: charge + release, with max_in_flight", &mut || {
+            let k = key("0b3c4d5e-0000-4000-8000-000000000002");
+            std::hint::black_box(charge(&store, &k, &capped, 1, now));
+            give_back(&store, &k);
+        });
+    }
+
     proptest::proptest! {
         #[test]
         fn admitted_units_never_exceed_burst_plus_refill(

@@ -37,6 +37,10 @@ pub const SCALE: u64 = 1_000_000;
 pub const ADMIT_ATTEMPTS: usize = 8;
 /// Attempts to release an in-flight slot (each lost attempt means another worker progressed).
 pub const RELEASE_ATTEMPTS: usize = 1_000;
+/// How long units leased to a router beyond a request's cost may be used ([`Quotas::admit`]).
+pub const LEASE_MS: u64 = 100;
+/// Most units leased at once: `min(burst, rate_per_s) / 20`, at most this.
+pub const MAX_LEASE: u64 = 63;
 /// Largest `rate_per_s` and `burst`.
 pub const MAX_RATE: f64 = 1_000_000.0;
 /// Largest `burst`, `max_in_flight` and `search_count_per_unit`.
@@ -73,6 +77,10 @@ pub struct Rate {
     pub micro_per_ms: u64,
     /// The bucket's size, in units.
     pub burst: u64,
+    /// Units a router takes beyond a request's cost when it charges the shared bucket, to spend locally on
+    /// its next requests of the tenant within [`LEASE_MS`] (no host call): `min(burst, rate_per_s) / 20`,
+    /// at most [`MAX_LEASE`]; 0 (no lease) for small quotas and with `max_in_flight`.
+    pub lease: u64,
 }
 
 /// A compiled quota. The refusal bodies are built once here: a refusal costs no formatting.
@@ -123,7 +131,9 @@ pub fn compile(field: &str, raw: &RawQuota) -> Result<Option<Arc<Quota>>, QuotaE
             if !(1..=MAX_UNITS).contains(&burst) {
                 return Err(error(format!("{field}.burst"), "must be between 1 and 1000000"));
             }
-            Some((Rate { micro_per_ms, burst }, r))
+            let lease = ((burst as f64).min(r) / 20.0).floor() as u64;
+            let lease = if raw.max_in_flight.is_some() { 0 } else { lease.min(MAX_LEASE) };
+            Some((Rate { micro_per_ms, burst, lease }, r))
         }
         Some(_) => return Err(error(format!("{field}.rate_per_s"), "must be a number above 0, at most 1000000")),
         None if raw.burst.is_some() => {
@@ -257,6 +267,12 @@ pub fn admit(quota: &Quota, state: Option<Bucket>, cost: u64, now_ms: u64) -> (V
     (Verdict::Admitted, b)
 }
 
+/// Takes up to `units` more whole units from an admitted bucket (a lease): how many, and the bucket after.
+pub fn lease(b: Bucket, units: u64) -> (u64, Bucket) {
+    let n = units.min(b.tokens / SCALE);
+    (n, Bucket { tokens: b.tokens - n * SCALE, ..b })
+}
+
 /// The state after one admitted request of a quota with `max_in_flight` ended.
 pub fn release(state: Option<Bucket>) -> Option<Bucket> {
     let mut b = state?;
@@ -284,9 +300,11 @@ pub trait QuotaStore {
 /// What became of a charge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Charge {
-    /// Charged; `in_flight`: it holds an in-flight slot, released when its stream ends.
+    /// Charged; `in_flight`: it holds an in-flight slot, released when its stream ends; `leased`: units
+    /// taken beyond the cost for the caller's next requests (see [`Rate::lease`]).
     Admitted {
         in_flight: bool,
+        leased: u64,
     },
     Refused(Verdict),
     /// Let through uncharged: every attempt lost to another worker, or the store is unavailable.
@@ -305,8 +323,9 @@ pub fn charge(store: &dyn QuotaStore, key: &str, quota: &Quota, cost: u64, now_m
             // Nothing to store: a refusal leaves the bucket as it was (its refill is recomputed next time).
             return Charge::Refused(verdict);
         }
+        let (leased, next) = lease(next, quota.rate.map_or(0, |r| r.lease));
         match store.store(key, &next, version) {
-            Ok(()) => return Charge::Admitted { in_flight: quota.max_in_flight.is_some() },
+            Ok(()) => return Charge::Admitted { in_flight: quota.max_in_flight.is_some(), leased },
             Err(StoreError::Conflict) => continue,
             Err(e) => return Charge::Unchecked(e),
         }
@@ -425,9 +444,13 @@ impl QuotaStore for &'static ProcessStore {
     }
 }
 
-/// The router's quota state: the store its buckets live in, and whether an unusable store was logged.
+/// The router's quota state: the store its buckets live in, the units it leased per tenant, and whether
+/// an unusable store was logged.
 pub struct Quotas {
     pub store: Box<dyn QuotaStore>,
+    /// Per tenant: units taken from its shared bucket beyond a request's cost, and until when (ms) they may
+    /// be spent here. Unspent units expire: the tenant is then served a little less, never more.
+    leases: HashMap<String, (u64, u64)>,
     pub(crate) warned: bool,
 }
 
@@ -440,7 +463,7 @@ impl std::fmt::Debug for Quotas {
 impl Default for Quotas {
     /// The process-wide store (the dynamic module's; the proxy-wasm shell installs its shared data).
     fn default() -> Self {
-        Self { store: Box::new(ProcessStore::global()), warned: false }
+        Self::new(Box::new(ProcessStore::global()))
     }
 }
 
@@ -454,6 +477,11 @@ pub fn effective<'a>(own: Option<&'a TenantQuota>, default: Option<&'a Arc<Quota
 }
 
 impl Quotas {
+    /// Quotas kept in `store`.
+    pub fn new(store: Box<dyn QuotaStore>) -> Self {
+        Self { store, leases: HashMap::new(), warned: false }
+    }
+
     /// Charges `cost` units to `tenant` under `quota`, pushing its counts. `Ok(Some(key))`: admitted holding
     /// an in-flight slot, to give back under `key` when the stream ends ([`Quotas::release`]); `Ok(None)`:
     /// admitted holding none; `Err`: refused (the caller answers with [`refusal`]).
@@ -465,10 +493,23 @@ impl Quotas {
         now_ms: u64,
         out: &mut dyn Effects,
     ) -> Result<Option<String>, Verdict> {
+        if let Some((units, until)) = self.leases.get_mut(tenant) {
+            if *units >= cost && now_ms < *until {
+                // Units this router took from the shared bucket moments ago: no host call.
+                *units -= cost;
+                out.push(Effect::Count(Metric::TenantQuota(tenant, true)));
+                return Ok(None);
+            }
+        }
         let key = key(tenant);
         match charge(&*self.store, &key, quota, cost, now_ms) {
-            Charge::Admitted { in_flight } => {
+            Charge::Admitted { in_flight, leased } => {
                 out.push(Effect::Count(Metric::TenantQuota(tenant, true)));
+                if leased > 0 {
+                    self.leases.insert(tenant.to_string(), (leased, now_ms.saturating_add(LEASE_MS)));
+                } else if !self.leases.is_empty() {
+                    self.leases.remove(tenant);
+                }
                 Ok(in_flight.then_some(key))
             }
             Charge::Refused(verdict) => {
@@ -660,7 +701,7 @@ mod tests {
         let q = quota(serde_json::json!({"rate_per_s": 1, "burst": 2, "max_in_flight": 5}));
         let store = Contended::default();
         store.conflicts.set(3);
-        assert_eq!(charge(&store, "k", &q, 1, T0), Charge::Admitted { in_flight: true });
+        assert_eq!(charge(&store, "k", &q, 1, T0), Charge::Admitted { in_flight: true, leased: 0 });
         assert_eq!(*store.stores.borrow(), 4);
         assert_eq!(store.load("k").unwrap().0.unwrap().tokens, SCALE);
         store.conflicts.set(ADMIT_ATTEMPTS);
@@ -669,6 +710,30 @@ mod tests {
         store.conflicts.set(10);
         assert!(give_back(&store, "k"));
         assert_eq!(store.load("k").unwrap().0.unwrap().in_flight, 0);
+    }
+
+    #[test]
+    fn a_large_rate_quota_leases_units_to_the_router_which_spends_them_without_the_store() {
+        let q = quota(serde_json::json!({"rate_per_s": 1000, "burst": 200}));
+        assert_eq!(q.rate.unwrap().lease, 10, "min(200, 1000) / 20");
+        assert_eq!(quota(serde_json::json!({"rate_per_s": 2, "burst": 3})).rate.unwrap().lease, 0);
+        let capped = quota(serde_json::json!({"rate_per_s": 1000, "burst": 200, "max_in_flight": 5}));
+        assert_eq!(capped.rate.unwrap().lease, 0, "every in-flight admission needs the shared count");
+        let mut quotas = Quotas::new(Box::new(ProcessStore::default()));
+        let mut out = crate::effect::Recorded::default();
+        assert_eq!(quotas.admit(&q, "t", 1, T0, &mut out), Ok(None));
+        let stored = quotas.store.load(&key("t")).unwrap().0.unwrap();
+        assert_eq!(stored.tokens, (200 - 1 - 10) * SCALE, "the cost and the lease left the shared bucket");
+        for _ in 0..10 {
+            assert_eq!(quotas.admit(&q, "t", 1, T0 + 50, &mut out), Ok(None));
+        }
+        assert_eq!(quotas.store.load(&key("t")).unwrap().1, 1, "ten requests served from the lease alone");
+        assert_eq!(quotas.admit(&q, "t", 1, T0 + 60, &mut out), Ok(None));
+        assert_eq!(quotas.store.load(&key("t")).unwrap().1, 2, "an empty lease charges the store again");
+        // A lease expires after LEASE_MS: its units are not spent late.
+        assert_eq!(quotas.admit(&q, "t", 1, T0 + 60 + LEASE_MS, &mut out), Ok(None));
+        assert_eq!(quotas.store.load(&key("t")).unwrap().1, 3);
+        assert_eq!(out.0.len(), 13, "every admission is counted: {:?}", out.0);
     }
 
     #[test]
@@ -714,13 +779,19 @@ mod tests {
         assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 1000);
     }
 
+    struct NoEffects;
+    impl Effects for NoEffects {
+        fn push(&mut self, _: Effect<'_>) {}
+    }
+
     /// The dynamic module's cost of a quota check (bench/fairness.py runs it in release and reports it).
     #[test]
     #[ignore = "a timing probe: cargo test --release --lib quota::tests::probe_process_store -- --ignored --nocapture"]
     fn probe_process_store() {
         const N: u32 = 200_000;
         let rate = quota(serde_json::json!({"rate_per_s": 1_000_000, "burst": 1_000_000}));
-        let capped = quota(serde_json::json!({"rate_per_s": 1_000_000, "burst": 1_000_000, "max_in_flight": 1_000_000}));
+        let capped =
+            quota(serde_json::json!({"rate_per_s": 1_000_000, "burst": 1_000_000, "max_in_flight": 1_000_000}));
         let store = ProcessStore::global();
         let time = |name: &str, f: &mut dyn FnMut()| {
             for _ in 0..N / 10 {
@@ -741,11 +812,44 @@ mod tests {
             let k = key("0b3c4d5e-0000-4000-8000-000000000001");
             std::hint::black_box(charge(&store, &k, &rate, 1, now));
         });
+        let mut quotas = Quotas::new(Box::new(ProcessStore::global()));
+        let mut out = NoEffects;
+        time("native: admit a request, rate only (lease of 63: one charge in 64)", &mut || {
+            std::hint::black_box(quotas.admit(&rate, "0b3c4d5e-0000-4000-8000-000000000003", 1, now, &mut out)).ok();
+        });
         time("native: charge + release, with max_in_flight", &mut || {
             let k = key("0b3c4d5e-0000-4000-8000-000000000002");
             std::hint::black_box(charge(&store, &k, &capped, 1, now));
             give_back(&store, &k);
         });
+    }
+
+    #[test]
+    fn routers_leasing_from_one_store_never_admit_more_than_the_bucket_holds() {
+        let q = quota(serde_json::json!({"rate_per_s": 1000, "burst": 1000}));
+        assert_eq!(q.rate.unwrap().lease, 50);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let q = Arc::clone(&q);
+                std::thread::spawn(move || {
+                    let mut quotas = Quotas::new(Box::new(ProcessStore::global()));
+                    let (mut admitted, mut unchecked) = (0u64, 0u64);
+                    for _ in 0..600 {
+                        let mut out = crate::effect::Recorded::default();
+                        // `now` never moves: nothing refills.
+                        if quotas.admit(&q, "lease-threads", 1, T0, &mut out).is_ok() {
+                            admitted += 1;
+                            unchecked += out.0.iter().filter(|l| l.contains("QuotaUnchecked")).count() as u64;
+                        }
+                    }
+                    (admitted, unchecked)
+                })
+            })
+            .collect();
+        let (admitted, unchecked) =
+            threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |(a, u), (x, y)| (a + x, u + y));
+        assert!(admitted - unchecked <= 1000, "{admitted} admitted, {unchecked} unchecked");
+        assert!(admitted >= 1000 - 4 * 50, "at most one unspent lease per router: {admitted}");
     }
 
     proptest::proptest! {

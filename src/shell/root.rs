@@ -52,7 +52,7 @@ impl<H: Host + Clone + 'static> Root<H> {
             let mut apply = super::apply::Apply::new(host, &metrics, &calls);
             let mut router = Router::new(config, host.now_ms(), &mut apply);
             // Every worker's VM charges the same buckets, in Envoy's shared data.
-            router.quotas.store = Box::new(SharedData(host.clone()));
+            router.quotas = crate::quota::Quotas::new(Box::new(SharedData(host.clone())));
             router
         };
         self.shared = Some(Rc::new(Shared {

@@ -1361,3 +1361,21 @@ fn a_tenant_may_have_its_own_quota_or_none_and_the_rate_limit_descriptor_header_
     assert_eq!(send(&host, &root, 4, &get("/Patient", Some(&auth_a)), true).1, Flow::Continue);
     assert_eq!(send(&host, &root, 5, &get("/Patient", Some(&auth_a)), true).1, Flow::Stop);
 }
+
+#[test]
+fn a_large_rate_quota_leases_units_so_most_requests_make_no_shared_data_call() {
+    let (host, root) = configured(&quota_plugin(json!({"rate_per_s": 1000, "burst": 100})));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let mut shared_calls = Vec::new();
+    for id in 1..=7 {
+        let (_f, flow) = send(&host, &root, id, &get("/Patient", Some(&auth)), true);
+        assert_eq!(flow, Flow::Continue);
+        shared_calls.push(host.take_calls().iter().filter(|c| c.contains("shared_data")).count());
+    }
+    // min(100, 1000) / 20 = 5 units leased with the first charge: the next five are served from them.
+    assert_eq!(shared_calls, [2, 0, 0, 0, 0, 0, 2]);
+    assert_eq!(bucket(&host).tokens / crate::quota::SCALE, 100 - 12);
+    root.on_tick_for_test();
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.quota.allowed")), 7);
+}

@@ -182,9 +182,12 @@ def probe_section(rows: list[tuple[str, float]]) -> str:
              "Target: under 1 µs of CPU per request on the cache-hit path.", "",
              "| what | ns per call |", "|---|---:|"]
     lines += [f"| {name} | {ns:,.0f} |" for name, ns in rows]
-    lines += ["", "A request of a tenant with a rate quota costs one charge (the wasm build: one `get_shared_data`, "
-              "one `set_shared_data`, the key and the pure arithmetic); with `max_in_flight`, one more CAS round "
-              "trip when it ends. Tenants without a quota pay nothing.", PROBE_END]
+    lines += ["", "A request of a tenant with a rate quota is served from the units its worker leased with the last "
+              "charge when there are some (the lease row: a map lookup, and one charge in 64 for this quota), "
+              "otherwise it costs one charge (the wasm build: one `get_shared_data`, one `set_shared_data`, the key "
+              "and the pure arithmetic: about 1 µs in V8). Small quotas (`min(burst, rate_per_s)` under 20) and "
+              "quotas with `max_in_flight` charge on every request; `max_in_flight` costs one more CAS round trip "
+              "when the request ends. Tenants without a quota pay nothing.", PROBE_END]
     return "\n".join(lines) + "\n"
 
 

@@ -27,6 +27,7 @@ BUNDLE_T = "quota-bundle"        # burst 5, (almost) no refill
 INFLIGHT_T = "quota-inflight"    # at most 2 in flight, at a slow upstream
 RESET_T = "quota-reset"          # at most 1 in flight, at a slow upstream
 CROSS_T = "quota-cross"          # burst 20, (almost) no refill; charged from several workers
+CROSS_INFLIGHT_T = "quota-cross-inflight"  # at most 2 in flight across several workers, at a slow upstream
 FREE_T = "quota-free"            # no quota of its own: the default (none)
 SLOW_RATE = 0.001                # one unit per 1000 s: nothing refills within a test
 
@@ -37,6 +38,7 @@ QUOTAS = {
     INFLIGHT_T: {"cluster": "tenant_b", "quota": {"max_in_flight": 2}},
     RESET_T: {"cluster": "tenant_b", "quota": {"max_in_flight": 1}},
     CROSS_T: {"cluster": "tenant_a", "quota": {"rate_per_s": SLOW_RATE, "burst": 20}},
+    CROSS_INFLIGHT_T: {"cluster": "tenant_b", "quota": {"max_in_flight": 2}},
     FREE_T: {"cluster": "tenant_a"},
 }
 
@@ -185,7 +187,7 @@ def _worker_connections(env: Envoy) -> dict[str, int]:
 def test_with_several_workers_one_bucket_serves_the_whole_process(workdir, wasm):
     ups = {"fhir_metadata": RecordingUpstream("metadata-cw", "metadata").start(),
            "tenant_a": RecordingUpstream("tenant-a-cw", "tenant").start(),
-           "tenant_b": RecordingUpstream("tenant-b-cw", "tenant").start()}
+           "tenant_b": HoldingUpstream("tenant-b-cw").start()}
     env = _start(workdir, wasm, "envoy-quota-workers", {k: u.port for k, u in ups.items()}, concurrency=3)
     try:
         minter = Minter(plugin_json(env.cfg)["provider"]["issuer"])
@@ -205,8 +207,21 @@ def test_with_several_workers_one_bucket_serves_the_whole_process(workdir, wasm)
         unchecked = env.router_stat("quota.unchecked")
         assert 20 <= served <= 20 + unchecked, (served, unchecked, workers)
         assert len(_seen_by(ups["tenant_a"], CROSS_T)) == served
+        # The in-flight count is the process's too: 8 requests at once over 8 connections (spread over the
+        # workers), held at the upstream: 2 get there, 6 are refused.
+        slow = ups["tenant_b"]
+        held_token = bearer(minter.token(CROSS_INFLIGHT_T))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            flood = [pool.submit(env.request, "GET", "/Patient", held_token, None, 40) for _ in range(8)]
+            wait_until(lambda: len(_seen_by(slow, CROSS_INFLIGHT_T)) >= 2
+                       and sum(f.done() for f in flood) >= 6, 20, "2 requests held, 6 refused")
+            assert len(_seen_by(slow, CROSS_INFLIGHT_T)) == 2
+            slow.gate.set()
+            held = [f.result() for f in flood]
+        assert sorted(r.status for r in held) == [200] * 2 + [429] * 6, held
         assert_wasm_vm_never_crashed(env)
     finally:
+        ups["tenant_b"].gate.set()
         env.stop()
         for u in ups.values():
             u.stop()

@@ -103,26 +103,6 @@ pub struct Main<'a> {
     pub quota_counts: &'a TenantCounts,
 }
 
-/// Hands `counts` to Envoy, one labelled increment per tenant and counter that moved (main thread).
-fn hand_over(main: &Main<'_>, counts: &TenantCounts, metric: impl for<'t> Fn(&'t str, bool) -> Metric<'t>) {
-    let envoy_config = main.envoy_config.0;
-    counts.drain(|tenant, allowed, n| {
-        if let Some((id, Some(label))) = main.metrics.counter(metric(tenant, allowed)) {
-            let mut labels = [ModuleBuffer::of(label.as_bytes())];
-            // SAFETY: main thread, live config; the label outlives the call.
-            unsafe {
-                envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                    envoy_config,
-                    id,
-                    labels.as_mut_ptr(),
-                    1,
-                    n,
-                )
-            };
-        }
-    });
-}
-
 /// The main thread's part: its own router (schedules, the one log line and count per fetch), the callouts
 /// in flight, the ticker.
 pub struct Upkeep {
@@ -169,14 +149,23 @@ impl Upkeep {
     pub fn tick(&mut self, main: &Main<'_>) {
         let now = now_ms();
         let envoy_config = main.envoy_config.0;
-        hand_over(main, main.tenant_counts, |tenant, allowed| {
-            if allowed {
-                Metric::TenantAllowed(tenant)
-            } else {
-                Metric::TenantForbidden(tenant)
+        main.tenant_counts.drain(|tenant, allowed, n| {
+            let metric = if allowed { Metric::TenantAllowed(tenant) } else { Metric::TenantForbidden(tenant) };
+            if let Some((id, Some(label))) = main.metrics.counter(metric) {
+                let mut labels = [ModuleBuffer::of(label.as_bytes())];
+                // SAFETY: main thread, live config; the label outlives the call.
+                unsafe {
+                    envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                        envoy_config,
+                        id,
+                        labels.as_mut_ptr(),
+                        1,
+                        n,
+                    )
+                };
             }
         });
-        hand_over(main, main.quota_counts, |tenant, allowed| Metric::TenantQuota(tenant, allowed));
+        super::quota::hand_over(envoy_config, main.metrics, main.quota_counts);
         let wanted = main.parked.lock().map(|mut p| std::mem::take(&mut p.refetch)).unwrap_or_default();
         for provider in wanted {
             self.router.refetch_keys(provider, now);

@@ -1224,6 +1224,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_registry_document_may_give_tenants_their_own_quota() {
+        let mut v = example();
+        v["quota"] = json!({"rate_per_s": 10});
+        let c = compile(&v).unwrap();
+        let doc = json!({"tenants": {"tenant-x": {"cluster": "x", "quota": {"rate_per_s": 1, "burst": 2}}}});
+        let map = c.compile_registry(doc.to_string().as_bytes(), &|_| None).unwrap();
+        let own = map.get("tenant-x").unwrap().settings.as_ref().unwrap().quota.clone().unwrap().unwrap();
+        assert_eq!(own.rate.unwrap().burst, 2);
+        let bad = json!({"tenants": {"tenant-x": {"cluster": "x", "quota": {"max_in_flight": 0}}}});
+        assert_eq!(
+            c.compile_registry(bad.to_string().as_bytes(), &|_| None).unwrap_err().field,
+            "tenants.tenant-x.quota.max_in_flight"
+        );
+    }
+
+    #[test]
     fn bad_quotas_and_descriptor_headers_are_named() {
         for (key, value, field) in [
             ("quota", json!({"rate_per_s": 0}), "quota.rate_per_s"),

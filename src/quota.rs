@@ -41,7 +41,9 @@ pub const RELEASE_ATTEMPTS: usize = 1_000;
 pub const LEASE_MS: u64 = 100;
 /// Most units leased at once: `min(burst, rate_per_s) / 20`, at most this.
 pub const MAX_LEASE: u64 = 63;
-/// Largest `rate_per_s` and `burst`.
+/// Smallest `rate_per_s` (one micro-unit a millisecond is the bucket's resolution).
+pub const MIN_RATE: f64 = 0.001;
+/// Largest `rate_per_s`.
 pub const MAX_RATE: f64 = 1_000_000.0;
 /// Largest `burst`, `max_in_flight` and `search_count_per_unit`.
 pub const MAX_UNITS: u64 = 1_000_000;
@@ -124,7 +126,7 @@ pub fn compile(field: &str, raw: &RawQuota) -> Result<Option<Arc<Quota>>, QuotaE
         return Ok(None);
     }
     let rate = match raw.rate_per_s {
-        Some(r) if r.is_finite() && r > 0.0 && r <= MAX_RATE => {
+        Some(r) if r.is_finite() && (MIN_RATE..=MAX_RATE).contains(&r) => {
             // At least one micro-unit per ms: 0.001 units per second.
             let micro_per_ms = ((r * 1_000.0).round() as u64).max(1);
             let burst = raw.burst.unwrap_or_else(|| (r.ceil() as u64).max(1));
@@ -135,7 +137,7 @@ pub fn compile(field: &str, raw: &RawQuota) -> Result<Option<Arc<Quota>>, QuotaE
             let lease = if raw.max_in_flight.is_some() { 0 } else { lease.min(MAX_LEASE) };
             Some((Rate { micro_per_ms, burst, lease }, r))
         }
-        Some(_) => return Err(error(format!("{field}.rate_per_s"), "must be a number above 0, at most 1000000")),
+        Some(_) => return Err(error(format!("{field}.rate_per_s"), "must be a number between 0.001 and 1000000")),
         None if raw.burst.is_some() => {
             return Err(error(format!("{field}.burst"), "needs rate_per_s"));
         }
@@ -648,6 +650,7 @@ mod tests {
             (serde_json::json!({}), "quota"),
             (serde_json::json!({"rate_per_s": 0}), "quota.rate_per_s"),
             (serde_json::json!({"rate_per_s": -1}), "quota.rate_per_s"),
+            (serde_json::json!({"rate_per_s": 0.0001}), "quota.rate_per_s"),
             (serde_json::json!({"rate_per_s": 1, "burst": 0}), "quota.burst"),
             (serde_json::json!({"burst": 5}), "quota.burst"),
             (serde_json::json!({"max_in_flight": 0}), "quota.max_in_flight"),

@@ -24,9 +24,9 @@ IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
 UPSTREAM_AS_DEPS := tests/upstream-as/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
-CONFIGS   := $(wildcard envoy/*.yaml)
+CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml
 
-.PHONY: help deps build build-so build-so-probe abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick soak clean
+.PHONY: help deps build build-so build-so-probe abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -137,6 +137,9 @@ soak: build build-so deps ## 10 minutes of mixed valid and invalid traffic per b
 
 bench-quick: build build-so deps ## a ~2 minute smoke run of the benchmark (writes target/bench-quick.md)
 	$(PY) bench/run.py --quick --out target/bench-quick.md $(BENCH_ARGS)
+
+bench-fairness: build build-so deps ## per-tenant quotas: tenant B's req/s and p99 alone vs while tenant A floods at 10x its quota, both builds (~6 min); writes BENCHMARKS.md's fairness section
+	$(PY) bench/fairness.py $(FAIRNESS_ARGS)
 
 clean: ## remove build output and installed test dependencies
 	cargo clean

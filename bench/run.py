@@ -1478,14 +1478,17 @@ PROFILE_PLACEHOLDER = ("_To be filled in by hand (kept across runs of bench/run.
 
 SOAK_BEGIN, SOAK_END = "<!-- soak:begin -->", "<!-- soak:end -->"
 SOAK_DM_BEGIN, SOAK_DM_END = "<!-- soak-dynamic-module:begin -->", "<!-- soak-dynamic-module:end -->"
+FAIRNESS_BEGIN, FAIRNESS_END = "<!-- fairness:begin -->", "<!-- fairness:end -->"   # bench/fairness.py's
+QUOTA_PROBE_BEGIN, QUOTA_PROBE_END = "<!-- quota-probe:begin -->", "<!-- quota-probe:end -->"
 
 
 def soak_section(out: Path) -> str:
-    """bench/soak.py's sections of the report (one per build) survive a benchmark re-run."""
+    """bench/soak.py's sections of the report (one per build) and bench/fairness.py's survive a re-run."""
     kept = ""
     if out.exists():
         t = out.read_text(encoding="utf-8")
-        for begin, end in ((SOAK_BEGIN, SOAK_END), (SOAK_DM_BEGIN, SOAK_DM_END)):
+        for begin, end in ((SOAK_BEGIN, SOAK_END), (SOAK_DM_BEGIN, SOAK_DM_END), (FAIRNESS_BEGIN, FAIRNESS_END),
+                           (QUOTA_PROBE_BEGIN, QUOTA_PROBE_END)):
             i, j = t.find(begin), t.find(end)
             if 0 <= i < j:
                 kept += "\n" + t[i:j + len(end)] + "\n"

@@ -56,6 +56,10 @@ pub struct RawConfig {
     pub discovery: Option<RawDiscovery>,
     #[serde(default)]
     pub public_base_url: Option<String>,
+    #[serde(default)]
+    pub quota: Option<crate::quota::RawQuota>,
+    #[serde(default)]
+    pub rate_limit_descriptor_header: Option<String>,
 }
 
 /// The token issuer, as written.
@@ -110,6 +114,7 @@ pub struct RawTenant {
     pub allowed_clients: Option<Vec<String>>,
     #[serde(default)]
     pub require_smart_scopes: Option<bool>,
+    pub quota: Option<crate::quota::RawQuota>,
 }
 
 /// Where the tenant map is fetched from, as written.
@@ -268,6 +273,11 @@ pub struct Config {
     pub public_base_url: Option<String>,
     /// The SMART configuration document, built once when `discovery` is configured.
     pub smart_configuration: Option<String>,
+    /// Every tenant's quota unless it has its own ([`crate::quota`]); `None`: no quota.
+    pub quota: Option<std::sync::Arc<crate::quota::Quota>>,
+    /// A request header set to the tenant id of every routed request, for Envoy's global rate limit
+    /// filter (`request_headers` descriptor); a client-sent copy is always removed. `None`: not set.
+    pub rate_limit_descriptor_header: Option<String>,
 }
 
 /// A configuration that cannot be used: which field, and why.
@@ -356,6 +366,7 @@ fn compile_upstream(
         && t.issuers.is_none()
         && t.allowed_clients.is_none()
         && t.require_smart_scopes.is_none()
+        && t.quota.is_none()
     {
         return Ok(None);
     }
@@ -423,7 +434,17 @@ fn compile_upstream(
         u.policy = Policy::new(&a.interactions, a.resource_types.as_deref())
             .map_err(|why| ConfigError::new(format!("{field}.allow"), why))?;
     }
+    if let Some(q) = &t.quota {
+        u.quota = Some(compile_quota(&format!("{field}.quota"), q)?);
+    }
     Ok(Some(Box::new(u)))
+}
+
+fn compile_quota(
+    field: &str,
+    raw: &crate::quota::RawQuota,
+) -> Result<Option<std::sync::Arc<crate::quota::Quota>>, ConfigError> {
+    crate::quota::compile(field, raw).map_err(|e| ConfigError::new(e.field, e.message))
 }
 
 fn compile_discovery(d: RawDiscovery) -> Result<Discovery, ConfigError> {
@@ -715,6 +736,23 @@ impl RawConfig {
             };
             Some(d.smart_configuration(&first.provider.issuer, jwks_uri))
         });
+        let quota = match &self.quota {
+            Some(raw) if raw.unlimited => {
+                return Err(ConfigError::new("quota.unlimited", "is for a tenant's own quota: leave quota out instead"))
+            }
+            Some(raw) => compile_quota("quota", raw)?,
+            None => None,
+        };
+        let rate_limit_descriptor_header = self
+            .rate_limit_descriptor_header
+            .map(|h| header_name("rate_limit_descriptor_header", Some(h), ""))
+            .transpose()?;
+        if rate_limit_descriptor_header.as_ref().is_some_and(|h| *h == route_header || *h == tenant_header) {
+            return Err(ConfigError::new(
+                "rate_limit_descriptor_header",
+                "must differ from route_header and tenant_header",
+            ));
+        }
         let token_cache_entries = self.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
         if token_cache_entries > 1_000_000 {
             return Err(ConfigError::new("token_cache_entries", "must be at most 1000000 (0 disables the cache)"));
@@ -739,6 +777,8 @@ impl RawConfig {
             smart_configuration,
             discovery,
             public_base_url,
+            quota,
+            rate_limit_descriptor_header,
         })
     }
 }
@@ -1167,6 +1207,58 @@ pub(crate) mod tests {
         let mut v = example();
         v["audit_log"] = json!(false);
         assert!(!compile(&v).unwrap().audit_log);
+    }
+
+    #[test]
+    fn quotas_are_off_by_default_and_a_tenant_may_replace_the_default_or_drop_it() {
+        let c = compile(&example()).unwrap();
+        assert!(c.quota.is_none() && c.rate_limit_descriptor_header.is_none());
+        let mut v = example();
+        v["quota"] = json!({"rate_per_s": 50, "burst": 100});
+        v["rate_limit_descriptor_header"] = json!("x-ftr-tenant");
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["quota"] = json!({"max_in_flight": 4});
+        v["tenants"]["3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b"]["quota"] = json!({"unlimited": true});
+        let c = compile(&v).unwrap();
+        assert_eq!(c.quota.as_ref().unwrap().rate.unwrap().burst, 100);
+        assert_eq!(c.rate_limit_descriptor_header.as_deref(), Some("x-ftr-tenant"));
+        let a = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap().settings.as_ref().unwrap();
+        assert_eq!(a.quota.as_ref().unwrap().as_ref().unwrap().max_in_flight, Some(4));
+        let b = c.tenants.get("3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b").unwrap().settings.as_ref().unwrap();
+        assert_eq!(b.quota, Some(None));
+    }
+
+    #[test]
+    fn a_registry_document_may_give_tenants_their_own_quota() {
+        let mut v = example();
+        v["quota"] = json!({"rate_per_s": 10});
+        let c = compile(&v).unwrap();
+        let doc = json!({"tenants": {"tenant-x": {"cluster": "x", "quota": {"rate_per_s": 1, "burst": 2}}}});
+        let map = c.compile_registry(doc.to_string().as_bytes(), &|_| None).unwrap();
+        let own = map.get("tenant-x").unwrap().settings.as_ref().unwrap().quota.clone().unwrap().unwrap();
+        assert_eq!(own.rate.unwrap().burst, 2);
+        let bad = json!({"tenants": {"tenant-x": {"cluster": "x", "quota": {"max_in_flight": 0}}}});
+        assert_eq!(
+            c.compile_registry(bad.to_string().as_bytes(), &|_| None).unwrap_err().field,
+            "tenants.tenant-x.quota.max_in_flight"
+        );
+    }
+
+    #[test]
+    fn bad_quotas_and_descriptor_headers_are_named() {
+        for (key, value, field) in [
+            ("quota", json!({"rate_per_s": 0}), "quota.rate_per_s"),
+            ("quota", json!({"unlimited": true}), "quota.unlimited"),
+            ("quota", json!({"rate": 5}), "quota"),
+            ("rate_limit_descriptor_header", json!("X Bad"), "rate_limit_descriptor_header"),
+            ("rate_limit_descriptor_header", json!("x-fhir-tenant-id"), "rate_limit_descriptor_header"),
+        ] {
+            let mut v = example();
+            v[key] = value;
+            assert!(field_of(&v).starts_with(field), "{key}: {}", field_of(&v));
+        }
+        let mut v = example();
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["quota"] = json!({"burst": 3});
+        assert_eq!(field_of(&v), "tenants.6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f.quota.burst");
     }
 
     #[test]

@@ -201,6 +201,10 @@ pub enum Metric<'a> {
     UpstreamToken(&'a str, TokenEvent),
     /// A request of this tenant was refused for this reason (also counted as [`Metric::TenantForbidden`]).
     TenantRefused(&'a str, TenantRefusal),
+    /// A request of this tenant was within its quota (`true`) or refused by it (`false`).
+    TenantQuota(&'a str, bool),
+    /// A request let through uncharged: its quota's store lost every compare-and-swap, or is unavailable.
+    QuotaUnchecked,
 }
 
 /// A per-tenant refusal counted on its own (`tenant.<id>.<name>`), beyond `tenant.<id>.forbidden`.
@@ -278,7 +282,7 @@ impl TokenEvent {
 }
 
 /// The fixed counters, in the order a shell defines them.
-pub const COUNTERS: [Metric<'static>; 14] = [
+pub const COUNTERS: [Metric<'static>; 15] = [
     Metric::Allowed,
     Metric::Public,
     Metric::ForbiddenByPolicy,
@@ -293,6 +297,7 @@ pub const COUNTERS: [Metric<'static>; 14] = [
     Metric::RegistryFetchFailed,
     Metric::JwksUncheckableKey,
     Metric::ForbiddenByScope,
+    Metric::QuotaUnchecked,
 ];
 
 /// Where a shell keeps a counter's id: [`COUNTERS`] position, [`Rejection::ALL`] position, or a
@@ -304,6 +309,7 @@ pub enum CounterSlot<'a> {
     Tenant { tenant: &'a str, allowed: bool },
     TenantToken { tenant: &'a str, event: TokenEvent },
     TenantRefusal { tenant: &'a str, refusal: TenantRefusal },
+    TenantQuota { tenant: &'a str, allowed: bool },
 }
 
 impl<'a> Metric<'a> {
@@ -324,11 +330,13 @@ impl<'a> Metric<'a> {
             Self::RegistryFetchFailed => CounterSlot::Fixed(11),
             Self::JwksUncheckableKey => CounterSlot::Fixed(12),
             Self::ForbiddenByScope => CounterSlot::Fixed(13),
+            Self::QuotaUnchecked => CounterSlot::Fixed(14),
             Self::Rejected(r) => CounterSlot::Rejected(r.index()),
             Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
             Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
             Self::UpstreamToken(tenant, event) => CounterSlot::TenantToken { tenant, event },
             Self::TenantRefused(tenant, refusal) => CounterSlot::TenantRefusal { tenant, refusal },
+            Self::TenantQuota(tenant, allowed) => CounterSlot::TenantQuota { tenant, allowed },
         }
     }
 }
@@ -357,6 +365,9 @@ impl Metric<'_> {
             Self::TenantForbidden(_) => "tenant.forbidden",
             Self::UpstreamToken(_, event) => event.name(),
             Self::TenantRefused(_, refusal) => refusal.name(),
+            Self::TenantQuota(_, true) => "quota.allowed",
+            Self::TenantQuota(_, false) => "quota.limited",
+            Self::QuotaUnchecked => "quota.unchecked",
         }
     }
 }

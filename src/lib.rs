@@ -27,6 +27,7 @@ pub mod identity;
 pub mod jwks;
 pub mod links;
 pub mod public;
+pub mod quota;
 pub mod refresh;
 pub mod rejection;
 pub mod router;

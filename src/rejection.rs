@@ -47,6 +47,10 @@ pub enum Rejection {
     /// The tenant's FHIR server needs an access token of its own authorization server, and there is none
     /// usable (that server failed, or too many requests already wait for it).
     UpstreamAuthUnavailable,
+    /// The tenant's token bucket is short of the request's cost ([`crate::quota`]): 429.
+    QuotaRate,
+    /// The tenant has `max_in_flight` requests in flight: 429.
+    QuotaInFlight,
 }
 
 /// The RFC 6750 realm in `WWW-Authenticate`.
@@ -75,6 +79,7 @@ impl Rejection {
     pub fn status(self) -> u32 {
         match self {
             Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed | Self::ClientNotAllowed => 403,
+            Self::QuotaRate | Self::QuotaInFlight => 429,
             Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull | Self::UpstreamAuthUnavailable => {
                 503
             }
@@ -107,11 +112,13 @@ impl Rejection {
             Self::WaitQueueFull => "wait_queue_full",
             Self::UpstreamAuthUnavailable => "upstream_auth_unavailable",
             Self::ClientNotAllowed => "client_not_allowed",
+            Self::QuotaRate => "quota_rate",
+            Self::QuotaInFlight => "quota_in_flight",
         }
     }
 
     /// All variants, for defining one stat each.
-    pub const ALL: [Rejection; 22] = [
+    pub const ALL: [Rejection; 24] = [
         Self::MissingToken,
         Self::MalformedCredentials,
         Self::TokenTooLarge,
@@ -134,6 +141,8 @@ impl Rejection {
         Self::WaitQueueFull,
         Self::UpstreamAuthUnavailable,
         Self::ClientNotAllowed,
+        Self::QuotaRate,
+        Self::QuotaInFlight,
     ];
 
     /// The stat counting this refusal, under the filter's prefix.
@@ -161,6 +170,8 @@ impl Rejection {
             Self::WaitQueueFull => "requests.rejected.wait_queue_full",
             Self::UpstreamAuthUnavailable => "requests.rejected.upstream_auth_unavailable",
             Self::ClientNotAllowed => "requests.rejected.client_not_allowed",
+            Self::QuotaRate => "requests.rejected.quota_rate",
+            Self::QuotaInFlight => "requests.rejected.quota_in_flight",
         }
     }
 
@@ -174,9 +185,12 @@ impl Rejection {
     pub fn www_authenticate(self) -> Option<&'static str> {
         match self {
             Self::MissingToken => Some(BEARER),
-            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull | Self::UpstreamAuthUnavailable => {
-                None
-            }
+            Self::KeysUnavailable
+            | Self::TenantsUnavailable
+            | Self::WaitQueueFull
+            | Self::UpstreamAuthUnavailable
+            | Self::QuotaRate
+            | Self::QuotaInFlight => None,
             Self::NoTenant | Self::SeveralTenants | Self::IssuerNotAllowed | Self::ClientNotAllowed => {
                 Some(INSUFFICIENT_SCOPE)
             }
@@ -188,7 +202,12 @@ impl Rejection {
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            Self::KeysUnavailable | Self::TenantsUnavailable | Self::WaitQueueFull | Self::UpstreamAuthUnavailable
+            Self::KeysUnavailable
+                | Self::TenantsUnavailable
+                | Self::WaitQueueFull
+                | Self::UpstreamAuthUnavailable
+                | Self::QuotaRate
+                | Self::QuotaInFlight
         )
     }
 
@@ -216,6 +235,8 @@ impl Rejection {
                     "The tenant's FHIR server cannot be reached with valid credentials right now; retry shortly."
                 )
             }
+            // The answers a shell sends name the limit (built from the configuration by `crate::quota`).
+            Self::QuotaRate | Self::QuotaInFlight => outcome!("throttled", "Tenant quota exceeded; retry later."),
             _ => outcome!("login", "The access token is invalid, expired or not meant for this server."),
         }
     }
@@ -268,6 +289,10 @@ mod tests {
                 }
                 503 => {
                     assert_eq!(code, "transient", "{r}");
+                    assert!(r.www_authenticate().is_none() && r.is_transient());
+                }
+                429 => {
+                    assert_eq!(code, "throttled", "{r}");
                     assert!(r.www_authenticate().is_none() && r.is_transient());
                 }
                 other => panic!("{r}: {other}"),

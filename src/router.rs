@@ -73,6 +73,8 @@ pub struct Router {
     /// Whether the host keeps delivering a request's body while its headers are held (a proxy-wasm host
     /// does only with `allow_on_headers_stop_iteration`); see [`Router::overdue_holds`].
     holds: Holds,
+    /// Where the tenants' quota buckets live ([`crate::quota`]).
+    pub quotas: crate::quota::Quotas,
 }
 
 /// Requests held whole (headers too) for their body's verdict, watched until the host proves that it
@@ -153,6 +155,8 @@ struct Inspection {
     scopes: Scopes,
     /// The tenant's `require_smart_scopes`.
     require_scopes: bool,
+    /// The tenant's quota: the Bundle is charged one unit per entry once it is allowed.
+    quota: Option<Arc<crate::quota::Quota>>,
 }
 
 /// Where a request stands.
@@ -192,6 +196,10 @@ pub struct Stream {
     head: bool,
     /// The upstream token it was sent with, if its tenant has `upstream_auth`.
     upstream_token: Option<Box<UpstreamTokenUse>>,
+    /// The quota key whose in-flight slot it holds, given back once when the stream ends.
+    quota_slot: Option<String>,
+    /// Its quota was charged (a request woken after a wait is not charged twice).
+    charged: bool,
 }
 
 /// Which upstream token a request was sent with, and what sending it again needs.
@@ -382,6 +390,7 @@ impl Router {
             next_housekeeping_ms: 0,
             upstream: TokenSlots::default(),
             holds: Holds::default(),
+            quotas: crate::quota::Quotas::default(),
         }
     }
 
@@ -425,6 +434,9 @@ impl Router {
                 b"x-forwarded-prefix" => spoofed |= 1 << 3,
                 b"x-forwarded-port" => spoofed |= 1 << 4,
                 b"forwarded" => spoofed |= 1 << 5,
+                n if config.rate_limit_descriptor_header.as_deref().is_some_and(|h| h.as_bytes() == n) => {
+                    spoofed |= 1 << 6
+                }
                 _ => {}
             }
         }
@@ -436,6 +448,7 @@ impl Router {
                 FORWARDED_PREFIX,
                 FORWARDED_PORT,
                 FORWARDED,
+                config.rate_limit_descriptor_header.as_deref().unwrap_or_default(),
             ];
             for (bit, name) in owned.into_iter().enumerate() {
                 if spoofed & (1 << bit) != 0 {
@@ -575,6 +588,9 @@ impl Router {
 
     /// The request is over (answered, reset or complete): a waiting request leaves its queue at once.
     pub fn on_stream_done(&mut self, stream: &mut Stream) {
+        if let Some(key) = stream.quota_slot.take() {
+            self.quotas.release(&key);
+        }
         if !self.holds.watched.is_empty() {
             self.holds.watched.retain(|&(id, _)| id != stream.context_id);
         }
@@ -787,7 +803,7 @@ impl Router {
         signatures: &dyn SignatureCheck,
         out: &mut dyn Effects,
     ) -> Flow {
-        let Router { config, keys, tenants, cache, upstream, .. } = self;
+        let Router { config, keys, tenants, cache, upstream, quotas, .. } = self;
         let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
         let known = Known { config, tenants: tenants.map.as_deref(), keys, signatures };
         let decision = decide(&known, &request.as_request(), cache, now_s);
@@ -804,6 +820,17 @@ impl Router {
                 Flow::Stop
             }
             Decision::Route { tenant, identity, cached, inspect_body } => {
+                // A Bundle is charged by its entries once its body is judged (`judge_bundle`).
+                if !inspect_body && !stream.charged {
+                    if let Some(quota) = quota_of(config, tenant) {
+                        stream.charged = true;
+                        let cost = crate::quota::request_cost(quota, &request.method, &request.path);
+                        match quotas.admit(quota, &tenant.id, cost, now_ms, out) {
+                            Ok(slot) => stream.quota_slot = slot,
+                            Err(verdict) => return limited(&audit, quota, verdict, &tenant.id, &identity, out),
+                        }
+                    }
+                }
                 let mut credential = None;
                 if let Some(client) = tenant.upstream_auth() {
                     let Some((slot_id, slot)) = upstream.slot(&tenant.id, client) else {
@@ -897,13 +924,34 @@ impl Router {
         let Phase::Inspecting(inspection) = std::mem::replace(&mut stream.phase, Phase::Decided) else {
             return Flow::Continue;
         };
-        let Inspection { policy, tenant, audit, scopes, require_scopes } = *inspection;
+        let Inspection { policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
         let base = self.config.public_base_url.as_deref();
         let verdict = if scopes.is_narrowed() || require_scopes {
             policy.check_bundle_with(body, base, &|method, entry| scopes.check(require_scopes, method, entry))
         } else {
             policy.check_bundle(body, base)
         };
+        if let (Ok(()), Some(quota)) = (&verdict, quota.filter(|_| !stream.charged)) {
+            stream.charged = true;
+            let cost = crate::quota::bundle_cost(body);
+            match self.quotas.admit(&quota, &tenant, cost, now_ms, out) {
+                Ok(slot) => stream.quota_slot = slot,
+                Err(verdict) => {
+                    let reason = crate::quota::reply(&quota, verdict, out);
+                    if let Some(pending) = audit {
+                        let detail = Detail {
+                            reason: Some(reason),
+                            tenant: Some(&tenant),
+                            identity: Some(&pending.identity),
+                            ..Detail::default()
+                        };
+                        let audit = Audit { config: &self.config, request: &pending.request, now_ms };
+                        audit.write_line(Outcome::Rejected, &detail, out);
+                    }
+                    return Flow::Stop;
+                }
+            }
+        }
         let reason = match &verdict {
             Err(refusal) => Some(forbid(refusal, &tenant, out)),
             Ok(()) => {
@@ -984,6 +1032,9 @@ fn route(
     }
     stream.response = prepare_upstream(config, tenant, audit.request, out);
     out.push(Effect::SetRequestHeader(&config.tenant_header, &tenant.id));
+    if let Some(header) = &config.rate_limit_descriptor_header {
+        out.push(Effect::SetRequestHeader(header, &tenant.id));
+    }
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
     if inspect_body {
@@ -1002,6 +1053,7 @@ fn route(
             audit: pending,
             scopes: identity.scopes().clone(),
             require_scopes: tenant.requires_smart_scopes(),
+            quota: quota_of(config, tenant).cloned(),
         };
         stream.phase = Phase::Inspecting(Box::new(inspection));
         if config.hold_bundle_headers {
@@ -1094,6 +1146,27 @@ fn park(
 fn refuse(audit: &Audit<'_>, rejection: Rejection, retry_after_s: Option<u64>, out: &mut dyn Effects) -> Flow {
     reject(rejection, retry_after_s, out);
     audit.record(Outcome::Rejected, Detail { reason: Some(rejection.reason()), ..Detail::default() }, out);
+    Flow::Stop
+}
+
+/// The quota that applies to `tenant` (its own, or the default).
+fn quota_of<'a>(config: &'a Config, tenant: &'a Tenant) -> Option<&'a Arc<crate::quota::Quota>> {
+    crate::quota::effective(tenant.settings.as_deref().map(|s| &s.quota), config.quota.as_ref())
+}
+
+/// Refuses a request over its tenant's quota: 429 with `Retry-After` and an `OperationOutcome` naming the
+/// limit, and the audit line with the reason.
+fn limited(
+    audit: &Audit<'_>,
+    quota: &crate::quota::Quota,
+    verdict: crate::quota::Verdict,
+    tenant: &str,
+    identity: &Identity,
+    out: &mut dyn Effects,
+) -> Flow {
+    let reason = crate::quota::reply(quota, verdict, out);
+    let detail = Detail { reason: Some(reason), tenant: Some(tenant), identity: Some(identity), ..Detail::default() };
+    audit.record(Outcome::Rejected, detail, out);
     Flow::Stop
 }
 

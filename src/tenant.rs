@@ -46,6 +46,8 @@ pub struct TenantSettings {
     pub require_smart_scopes: bool,
     /// The OAuth client whose access token its FHIR server wants (`upstream_auth`).
     pub upstream_auth: Option<std::sync::Arc<crate::upstream_auth::OAuthClient>>,
+    /// Its own quota (`Some(None)`: none, whatever the default), instead of the configuration's default.
+    pub quota: crate::quota::TenantQuota,
 }
 
 static READ_ONLY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();

@@ -36,6 +36,8 @@ pub struct MetricIds {
     /// `tenant.insufficient_scope` and `tenant.client_not_allowed`, labelled by `tenant`, by
     /// [`TenantRefusal::index`].
     tenant_refusals: Vec<Option<usize>>,
+    /// `tenant.quota.allowed` and `tenant.quota.limited`, labelled by `tenant`.
+    tenant_quota: (Option<usize>, Option<usize>),
     /// Hooks that panicked (caught; the request got a 503).
     pub(crate) panics: Option<usize>,
 }
@@ -90,6 +92,10 @@ impl MetricIds {
                 .iter()
                 .map(|r| define(config, &format!("tenant.{}", r.name()), false, &["tenant"]))
                 .collect(),
+            tenant_quota: (
+                define(config, "tenant.quota.allowed", false, &["tenant"]),
+                define(config, "tenant.quota.limited", false, &["tenant"]),
+            ),
             panics: define(config, "panics", false, &[]),
         }
     }
@@ -111,6 +117,10 @@ impl MetricIds {
             // Refusals are rare: counted through Envoy's labelled stat directly (no tick batching).
             CounterSlot::TenantRefusal { tenant, refusal } => {
                 self.tenant_refusals.get(refusal.index()).copied().flatten().map(|id| (id, Some(tenant)))
+            }
+            CounterSlot::TenantQuota { tenant, allowed } => {
+                let id = if allowed { self.tenant_quota.0 } else { self.tenant_quota.1 };
+                id.map(|id| (id, Some(tenant)))
             }
         }
     }

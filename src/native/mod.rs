@@ -21,4 +21,6 @@ pub mod module;
 #[cfg(feature = "panic-probe")]
 pub mod probe;
 #[cfg(not(test))]
+pub mod quota;
+#[cfg(not(test))]
 pub mod upkeep;

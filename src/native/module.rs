@@ -54,6 +54,8 @@ pub struct FilterConfig {
     /// tenants' counts to Envoy; `None` only without either.
     upkeep: Option<Mutex<Upkeep>>,
     tenant_counts: TenantCounts,
+    /// The configured tenants' quota counts (allowed, limited), handed to Envoy on the main thread's tick.
+    quota_counts: TenantCounts,
     published: Published,
     parked: Mutex<Parked>,
 }
@@ -61,7 +63,13 @@ pub struct FilterConfig {
 impl FilterConfig {
     /// The sink for one hook's effects on stream `filter`.
     fn apply(&self, filter: FilterEnvoyPtr) -> Apply<'_> {
-        Apply { filter, metrics: &self.metrics, tenant_counts: &self.tenant_counts, resend_failed: None }
+        Apply {
+            filter,
+            metrics: &self.metrics,
+            tenant_counts: &self.tenant_counts,
+            quota_counts: &self.quota_counts,
+            resend_failed: None,
+        }
     }
 
     fn main(&self, envoy_config: ConfigEnvoyPtr) -> Main<'_> {
@@ -71,6 +79,7 @@ impl FilterConfig {
             parked: &self.parked,
             published: &self.published,
             tenant_counts: &self.tenant_counts,
+            quota_counts: &self.quota_counts,
         }
     }
 }
@@ -92,6 +101,7 @@ struct Apply<'a> {
     tenant_counts: &'a TenantCounts,
     /// A request to send again (after a 401) that could not be sent: why (see [`token_followup`]).
     resend_failed: Option<String>,
+    quota_counts: &'a TenantCounts,
 }
 
 fn count(filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
@@ -177,10 +187,10 @@ impl Effects for Apply<'_> {
             Effect::Count(Metric::UpstreamToken(_, TokenEvent::Fetch)) => {}
             Effect::Count(metric) => {
                 // A configured tenant's count goes to Envoy with the main thread's next tick (see `counts`).
-                if let CounterSlot::Tenant { tenant, allowed } = metric.slot() {
-                    if self.tenant_counts.add(tenant, allowed) {
-                        return;
-                    }
+                match metric.slot() {
+                    CounterSlot::Tenant { tenant, allowed } if self.tenant_counts.add(tenant, allowed) => return,
+                    CounterSlot::TenantQuota { tenant, allowed } if self.quota_counts.add(tenant, allowed) => return,
+                    _ => {}
                 }
                 count(filter, self.metrics.counter(metric))
             }
@@ -485,6 +495,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         // to fetch, this router stays on the main thread to fetch it.
         let main = Router::new(compiled.clone(), now_ms(), &mut LogsOnly);
         let tenant_counts = TenantCounts::new(compiled.tenants.ids());
+        let quota_counts = TenantCounts::new(compiled.tenants.ids());
         let ticks = compiled.fetches() || !compiled.tenants.is_empty();
         // SAFETY: config_new, main thread, this config.
         let upkeep = ticks.then(|| Mutex::new(unsafe { Upkeep::start(main, envoy_config) }));
@@ -495,6 +506,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             slots,
             upkeep,
             tenant_counts,
+            quota_counts,
             published: Published::default(),
             parked: Mutex::new(Parked::default()),
         };

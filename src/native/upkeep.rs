@@ -175,6 +175,8 @@ pub struct Main<'a> {
     pub parked: &'a Mutex<Parked>,
     pub published: &'a Published,
     pub tenant_counts: &'a TenantCounts,
+    /// The configured tenants' quota counts (allowed, limited).
+    pub quota_counts: &'a TenantCounts,
 }
 
 /// The main thread's part: its own router (schedules, the one log line and count per fetch), the callouts
@@ -239,6 +241,7 @@ impl Upkeep {
                 };
             }
         });
+        super::quota::hand_over(envoy_config, main.metrics, main.quota_counts);
         let (wanted, mut tokens) = main
             .parked
             .lock()

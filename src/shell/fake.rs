@@ -8,7 +8,7 @@ use std::rc::Rc;
 use crate::effect::Level;
 use crate::headers::tests::serialize;
 
-use super::host::{ForeignCall, Host, MetricKind};
+use super::host::{ForeignCall, Host, MetricKind, SharedWrite};
 
 /// What the fake host serves and what it saw.
 #[derive(Default)]
@@ -36,6 +36,12 @@ pub struct State {
     pub metrics: RefCell<HashMap<String, i64>>,
     /// Every call, in order.
     pub calls: RefCell<Vec<String>>,
+    /// The shared data: value and CAS token by key.
+    pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    /// The next this many shared-data writes lose, as if another worker wrote first (its token moves on).
+    pub shared_conflicts: Cell<u32>,
+    /// When set, the host has no shared data.
+    pub no_shared_data: Cell<bool>,
 }
 
 /// The fake host: cheap to clone (every clone shares one [`State`]).
@@ -193,6 +199,37 @@ impl Host for FakeHost {
 
     fn call_response_body(&self, size: usize) -> Vec<u8> {
         prefix(&self.0.call_body.borrow(), size)
+    }
+
+    fn shared_data(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
+        self.record(format!("get_shared_data {key}"));
+        if self.0.no_shared_data.get() {
+            return None;
+        }
+        Some(match self.0.shared.borrow().get(key) {
+            Some((value, cas)) => (Some(value.clone()), *cas),
+            None => (None, 0),
+        })
+    }
+
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: u32) -> SharedWrite {
+        self.record(format!("set_shared_data {key} cas={cas}"));
+        if self.0.no_shared_data.get() {
+            return SharedWrite::Failed;
+        }
+        let mut shared = self.0.shared.borrow_mut();
+        let entry = shared.entry(key.to_string()).or_insert_with(|| (Vec::new(), 0));
+        if self.0.shared_conflicts.get() > 0 {
+            self.0.shared_conflicts.set(self.0.shared_conflicts.get() - 1);
+            entry.1 += 1;
+            return SharedWrite::CasMismatch;
+        }
+        // Envoy's rule: a CAS of 0 writes unconditionally; any other must match.
+        if cas != 0 && cas != entry.1 {
+            return SharedWrite::CasMismatch;
+        }
+        *entry = (value.to_vec(), entry.1 + 1);
+        SharedWrite::Stored
     }
 
     fn verify_signature(&self, _arguments: &[u8]) -> ForeignCall {

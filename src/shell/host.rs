@@ -22,6 +22,16 @@ pub enum ForeignCall {
     Failed,
 }
 
+/// What a compare-and-swap write to the host's shared data did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedWrite {
+    Stored,
+    /// Another writer changed the key since its CAS token was read.
+    CasMismatch,
+    /// The host refused the write (no shared data).
+    Failed,
+}
+
 /// The host calls of the proxy-wasm shell.
 pub trait Host {
     /// The host's clock, milliseconds since the epoch.
@@ -72,4 +82,10 @@ pub trait Host {
 
     /// Envoy's `verify_signature` foreign function.
     fn verify_signature(&self, arguments: &[u8]) -> ForeignCall;
+
+    /// The host's shared data under `key` (one namespace per `vm_id`, shared by every worker's VM): its
+    /// value (`None`: no such key) and CAS token; `None` when the host has none.
+    fn shared_data(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)>;
+    /// Writes `value` under `key` if its CAS token is still `cas` (Envoy: `0` writes unconditionally).
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: u32) -> SharedWrite;
 }

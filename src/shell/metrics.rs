@@ -31,6 +31,8 @@ pub struct Metrics {
     tokens: RefCell<HashMap<String, [Option<u32>; 5], BuildHasherDefault<FxHasher>>>,
     /// Per-tenant refusal counters, by [`TenantRefusal::index`], defined on a tenant's first such refusal.
     refusals: RefCell<HashMap<String, [Option<u32>; 2], BuildHasherDefault<FxHasher>>>,
+    /// Per-tenant quota counters (allowed, limited), defined on first use.
+    quotas: RefCell<HashMap<String, TenantMetrics, BuildHasherDefault<FxHasher>>>,
     counters: Vec<Option<u32>>,
     rejected: Vec<Option<u32>>,
     gauges: Vec<Option<u32>>,
@@ -48,6 +50,7 @@ impl Metrics {
             tenants: RefCell::default(),
             tokens: RefCell::default(),
             refusals: RefCell::default(),
+            quotas: RefCell::default(),
             counters: COUNTERS.iter().map(|m| define(host, MetricKind::Counter, m.name())).collect(),
             rejected: Rejection::ALL.iter().map(|r| define(host, MetricKind::Counter, r.stat_name())).collect(),
             gauges: Gauge::ALL.iter().map(|g| define(host, MetricKind::Gauge, g.name())).collect(),
@@ -62,6 +65,14 @@ impl Metrics {
             CounterSlot::Tenant { tenant, allowed: false } => self.tenant(host, tenant).1,
             CounterSlot::TenantToken { tenant, event } => self.token(host, tenant, event),
             CounterSlot::TenantRefusal { tenant, refusal } => self.refusal(host, tenant, refusal),
+            CounterSlot::TenantQuota { tenant, allowed } => {
+                let ids = self.quota(host, tenant);
+                if allowed {
+                    ids.0
+                } else {
+                    ids.1
+                }
+            }
         }
     }
 
@@ -75,6 +86,19 @@ impl Metrics {
         let id = ids.get(refusal.index()).copied().flatten();
         refusals.insert(tenant.to_string(), ids);
         id
+    }
+
+    fn quota(&self, host: &impl Host, tenant: &str) -> TenantMetrics {
+        let mut quotas = self.quotas.borrow_mut();
+        if let Some(ids) = quotas.get(tenant) {
+            return *ids;
+        }
+        let ids = (
+            define(host, MetricKind::Counter, &format!("tenant.{tenant}.quota.allowed")),
+            define(host, MetricKind::Counter, &format!("tenant.{tenant}.quota.limited")),
+        );
+        quotas.insert(tenant.to_string(), ids);
+        ids
     }
 
     fn token(&self, host: &impl Host, tenant: &str, event: TokenEvent) -> Option<u32> {

@@ -6,7 +6,7 @@
 //! shell's event handlers natively against a fake host that records every host call (`fake`, tests only).
 //!
 //! Files, each importing only those listed after it: `proxy` (wasm32: the SDK's traits and the real host)
-//! → `root` → `filter` → `state` → `apply` → `metrics`, `host_crypto` → `host`.
+//! → `root` → `filter` → `state` → `apply` → `metrics`, `host_crypto`, `quota_store` → `host`.
 
 pub mod apply;
 pub mod filter;
@@ -15,6 +15,7 @@ pub mod host_crypto;
 pub mod metrics;
 #[cfg(target_arch = "wasm32")]
 pub mod proxy;
+pub mod quota_store;
 pub mod root;
 pub mod state;
 

@@ -2,8 +2,8 @@
 //! adapters give the SDK's traits to the shell's root and HTTP contexts. No logic lives here.
 //!
 //! Buffers, header maps and filter state go through the ABI directly where the SDK would panic: its
-//! `get_map` panics on a header value that is not UTF-8 (a client chooses those), and its `get_buffer` and
-//! `set_property` panic on a status they do not expect.
+//! `get_map` panics on a header value that is not UTF-8 (a client chooses those), and its `get_buffer`,
+//! `set_property` and shared-data calls panic on a status they do not expect.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -14,7 +14,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::effect::{Flow, Level};
 
 use super::filter::Filter;
-use super::host::{ForeignCall, Host, MetricKind};
+use super::host::{ForeignCall, Host, MetricKind, SharedWrite};
 use super::root::Root;
 
 #[link(wasm_import_module = "env")]
@@ -30,6 +30,22 @@ extern "C" {
         max_size: usize,
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
+    ) -> u32;
+    #[allow(clashing_extern_declarations)]
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    #[allow(clashing_extern_declarations)]
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
     ) -> u32;
 }
 
@@ -181,6 +197,29 @@ impl Host for ProxyWasmHost {
 
     fn call_response_body(&self, size: usize) -> Vec<u8> {
         buffer(BufferType::HttpCallResponseBody, size)
+    }
+
+    fn shared_data(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        let mut cas: u32 = 0;
+        // SAFETY: the key is valid for the call; the host fills the out pointers (see `take_host_buffer`).
+        let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+        match status {
+            s if s == Status::Ok as u32 => Some(((!data.is_null()).then(|| take_host_buffer(status, data, size)), cas)),
+            s if s == Status::NotFound as u32 => Some((None, 0)),
+            _ => None,
+        }
+    }
+
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: u32) -> SharedWrite {
+        // SAFETY: both buffers are valid for their lengths during the call; the host copies them.
+        let status = unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) };
+        match status {
+            s if s == Status::Ok as u32 => SharedWrite::Stored,
+            s if s == Status::CasMismatch as u32 => SharedWrite::CasMismatch,
+            _ => SharedWrite::Failed,
+        }
     }
 
     fn verify_signature(&self, arguments: &[u8]) -> ForeignCall {

@@ -16,6 +16,7 @@ use super::filter::Filter;
 use super::host::Host;
 use super::host_crypto::HostCrypto;
 use super::metrics::Metrics;
+use super::quota_store::SharedData;
 use super::state::Shared;
 
 /// The root context of one VM.
@@ -24,7 +25,7 @@ pub struct Root<H> {
     shared: Option<Rc<Shared<H>>>,
 }
 
-impl<H: Host + Clone> Root<H> {
+impl<H: Host + Clone + 'static> Root<H> {
     pub fn new(host: H) -> Self {
         Self { host, shared: None }
     }
@@ -49,7 +50,10 @@ impl<H: Host + Clone> Root<H> {
         let signatures = Signatures::new(config.signature_verifier, HostCrypto(host.clone()));
         let router = {
             let mut apply = super::apply::Apply::new(host, &metrics, &calls);
-            Router::new(config, host.now_ms(), &mut apply)
+            let mut router = Router::new(config, host.now_ms(), &mut apply);
+            // Every worker's VM charges the same buckets, in Envoy's shared data.
+            router.quotas = crate::quota::Quotas::new(Box::new(SharedData(host.clone())));
+            router
         };
         self.shared = Some(Rc::new(Shared {
             host: host.clone(),

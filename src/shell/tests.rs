@@ -1251,3 +1251,210 @@ fn a_token_due_for_renewal_is_renewed_from_the_timer_while_requests_go_on_with_i
     let metrics = host.0.metrics.borrow();
     assert_eq!(metrics.get(&format!("fhir_tenant_router.tenant.{TENANT_A}.upstream_token.refreshes")), Some(&1));
 }
+
+// ---- quotas: buckets in the host's shared data ----
+
+fn quota_plugin(quota: Value) -> Value {
+    let mut p = plugin();
+    p["quota"] = quota;
+    p
+}
+
+fn quota_key() -> String {
+    format!("ftr.quota.{TENANT_A}")
+}
+
+/// The tenant's bucket as the shared data holds it.
+fn bucket(host: &FakeHost) -> crate::quota::Bucket {
+    let shared = host.0.shared.borrow();
+    crate::quota::Bucket::decode(&shared.get(&quota_key()).unwrap().0).unwrap()
+}
+
+#[test]
+fn a_tenant_over_its_quota_gets_429_with_retry_after_and_passes_again_after_the_refill() {
+    let (host, root) = configured(&quota_plugin(json!({"rate_per_s": 1, "burst": 2})));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let key = quota_key();
+    for id in 1..=2 {
+        let (_f, flow) = send(&host, &root, id, &get("/Patient", Some(&auth)), true);
+        assert_eq!(flow, Flow::Continue);
+        let calls = host.take_calls();
+        let cas = if id == 1 { 0 } else { 1 };
+        let at = calls.iter().position(|c| c.starts_with("get_shared_data")).unwrap();
+        assert_eq!(calls[at..at + 2], [format!("get_shared_data {key}"), format!("set_shared_data {key} cas={cas}")]);
+        assert!(calls.contains(&format!("set_request_header {ROUTE}: tenant_a")), "{calls:?}");
+    }
+    let (_f, flow) = send(&host, &root, 3, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Stop);
+    let calls = host.take_calls();
+    let body = r#"{"issue":[{"code":"throttled","diagnostics":"Tenant quota exceeded: rate 1/s, burst 2. Retry after the time in Retry-After.","severity":"error"}],"resourceType":"OperationOutcome"}"#;
+    assert_eq!(
+        calls[1..],
+        [
+            format!("get_shared_data {key}"),
+            format!(
+                "send_reply 429 {:?} {body}",
+                [("content-type", "application/fhir+json"), ("cache-control", "no-store"), ("retry-after", "1")]
+            ),
+        ],
+        "a refusal stores nothing and never routes"
+    );
+    host.0.now_ms.set(T0_MS + 1_000);
+    let (_f, flow) = send(&host, &root, 4, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue, "one unit came back after a second");
+    root.on_tick_for_test();
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.quota.allowed")), 3);
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.quota.limited")), 1);
+    assert_eq!(host.metric("requests.rejected.quota_rate"), 1);
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.allowed")), 3);
+}
+
+#[test]
+fn a_lost_compare_and_swap_is_retried_and_endless_contention_lets_the_request_through_uncharged() {
+    let (host, root) = configured(&quota_plugin(json!({"rate_per_s": 1, "burst": 5, "max_in_flight": 10})));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    host.0.shared_conflicts.set(2);
+    let (mut f, flow) = send(&host, &root, 1, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue);
+    let writes = host.take_calls().iter().filter(|c| c.starts_with("set_shared_data")).count();
+    assert_eq!(writes, 3, "two lost writes, then one that lands");
+    assert_eq!((bucket(&host).tokens, bucket(&host).in_flight), (4 * crate::quota::SCALE, 1));
+    host.0.shared_conflicts.set(crate::quota::ADMIT_ATTEMPTS as u32);
+    let (mut g, flow) = send(&host, &root, 2, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue, "contention alone never refuses");
+    assert_eq!(bucket(&host).in_flight, 1, "the uncharged request holds no slot");
+    g.on_done();
+    assert_eq!(bucket(&host).in_flight, 1, "and gives none back");
+    host.0.shared_conflicts.set(3);
+    f.on_done();
+    assert_eq!(bucket(&host).in_flight, 0, "a release retries until it lands");
+    root.on_tick_for_test();
+    assert_eq!(host.metric("quota.unchecked"), 1);
+}
+
+#[test]
+fn without_shared_data_requests_pass_uncharged_with_one_warning() {
+    let (host, root) = configured(&quota_plugin(json!({"rate_per_s": 1, "burst": 1})));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    host.0.no_shared_data.set(true);
+    let auth = bearer(&testkeys::claims_now());
+    for id in 1..=3 {
+        let (_f, flow) = send(&host, &root, id, &get("/Patient", Some(&auth)), true);
+        assert_eq!(flow, Flow::Continue);
+    }
+    let warnings = host.take_calls().into_iter().filter(|c| c.starts_with("log Warn quota:")).count();
+    assert_eq!(warnings, 1);
+}
+
+#[test]
+fn in_flight_slots_are_taken_on_admission_and_given_back_once_when_the_stream_ends() {
+    let (host, root) = configured(&quota_plugin(json!({"max_in_flight": 1})));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let (mut first, flow) = send(&host, &root, 1, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue);
+    let (mut second, flow) = send(&host, &root, 2, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Stop);
+    let calls = host.take_calls();
+    let reply = calls.iter().find(|c| c.starts_with("send_reply 429")).unwrap();
+    assert!(reply.contains("at most 1 requests in flight") && reply.contains("(\"retry-after\", \"1\")"), "{reply}");
+    second.on_done();
+    assert_eq!(bucket(&host).in_flight, 1, "a refused request held no slot");
+    first.on_done();
+    first.on_done();
+    assert_eq!(bucket(&host).in_flight, 0, "given back once");
+    // A request answered locally after its admission (a Bundle refused by the allowlist is judged before
+    // it is charged; a waiting request reset by its client) gives its slot back too.
+    let (mut third, flow) = send(&host, &root, 3, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(bucket(&host).in_flight, 1);
+    third.on_done();
+    assert_eq!(bucket(&host).in_flight, 0);
+    root.on_tick_for_test();
+    assert_eq!(host.metric("requests.rejected.quota_in_flight"), 1);
+}
+
+#[test]
+fn a_bundle_costs_one_unit_per_entry_charged_before_anything_goes_on() {
+    let (host, root) = configured(&quota_plugin(json!({"rate_per_s": 0.001, "burst": 3})));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let entry = json!({"request": {"method": "GET", "url": "Patient?name=x"}});
+    let bundle = |n: usize| json!({"resourceType": "Bundle", "type": "batch", "entry": vec![entry.clone(); n]});
+    for (id, entries, passes) in [(1, 4, false), (2, 2, true), (3, 2, false), (4, 1, true)] {
+        let (mut f, flow) = send(&host, &root, id, &post_base(&auth), false);
+        assert_eq!(flow, Flow::Buffer, "held whole: the cost is known from the body");
+        assert!(!host.take_calls().iter().any(|c| c.contains("shared_data")), "not charged before its body");
+        let body = bundle(entries).to_string();
+        *host.0.request_body.borrow_mut() = body.clone().into_bytes();
+        let flow = f.on_request_body(body.len(), true);
+        let calls = host.take_calls();
+        if passes {
+            assert_eq!(flow, Flow::Continue, "{entries} entries");
+        } else {
+            assert_eq!(flow, Flow::Stop, "{entries} entries");
+            assert!(calls.iter().any(|c| c.starts_with("send_reply 429")), "{calls:?}");
+        }
+        f.on_done();
+    }
+    assert_eq!(bucket(&host).tokens / crate::quota::SCALE, 0);
+}
+
+#[test]
+fn a_search_may_cost_more_with_a_large_count() {
+    let (host, root) =
+        configured(&quota_plugin(json!({"rate_per_s": 0.001, "burst": 10, "search_count_per_unit": 50})));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let (_f, flow) = send(&host, &root, 1, &get("/Observation?_count=400", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(bucket(&host).tokens / crate::quota::SCALE, 2, "400 / 50 = 8 units");
+    let (_f, flow) = send(&host, &root, 2, &get("/Observation?_count=150", Some(&auth)), true);
+    assert_eq!(flow, Flow::Stop, "3 units, 2 left");
+}
+
+#[test]
+fn a_tenant_may_have_its_own_quota_or_none_and_the_rate_limit_descriptor_header_is_the_filters() {
+    let mut p = quota_plugin(json!({"rate_per_s": 0.001, "burst": 1}));
+    p["tenants"][TENANT_B] = json!({"cluster": "tenant_b", "quota": {"unlimited": true}});
+    p["rate_limit_descriptor_header"] = json!("x-ftr-tenant");
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut claims_b = testkeys::claims_now();
+    claims_b["scope"] = json!(TENANT_B);
+    let auth_b = bearer(&claims_b);
+    for id in 1..=3 {
+        let mut headers = get("/Patient", Some(&auth_b));
+        headers.push(("x-ftr-tenant", TENANT_A.into()));
+        let (_f, flow) = send(&host, &root, id, &headers, true);
+        assert_eq!(flow, Flow::Continue);
+        let calls = host.take_calls();
+        assert!(!calls.iter().any(|c| c.contains("shared_data")), "{calls:?}");
+        let removed = calls.iter().position(|c| c == "remove_request_header x-ftr-tenant").unwrap();
+        let set = calls.iter().position(|c| *c == format!("set_request_header x-ftr-tenant: {TENANT_B}")).unwrap();
+        assert!(removed < set, "{calls:?}");
+    }
+    let auth_a = bearer(&testkeys::claims_now());
+    assert_eq!(send(&host, &root, 4, &get("/Patient", Some(&auth_a)), true).1, Flow::Continue);
+    assert_eq!(send(&host, &root, 5, &get("/Patient", Some(&auth_a)), true).1, Flow::Stop);
+}
+
+#[test]
+fn a_large_rate_quota_leases_units_so_most_requests_make_no_shared_data_call() {
+    let (host, root) = configured(&quota_plugin(json!({"rate_per_s": 1000, "burst": 100})));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let mut shared_calls = Vec::new();
+    for id in 1..=7 {
+        let (_f, flow) = send(&host, &root, id, &get("/Patient", Some(&auth)), true);
+        assert_eq!(flow, Flow::Continue);
+        shared_calls.push(host.take_calls().iter().filter(|c| c.contains("shared_data")).count());
+    }
+    // min(100, 1000) / 20 = 5 units leased with the first charge: the next five are served from them.
+    assert_eq!(shared_calls, [2, 0, 0, 0, 0, 0, 2]);
+    assert_eq!(bucket(&host).tokens / crate::quota::SCALE, 100 - 12);
+    root.on_tick_for_test();
+    assert_eq!(host.metric(&format!("tenant.{TENANT_A}.quota.allowed")), 7);
+}

@@ -336,6 +336,7 @@ class Envoy:
         self.config_path = write_config(running, workdir / f"{name}.yaml")
         self.log_path = workdir / f"{name}.log"
         self.log_level = log_level
+        self.concurrency = 1  # Envoy's worker threads; set before start()
         self.proc: subprocess.Popen | None = None
         self._log_offset = 0
 
@@ -383,8 +384,8 @@ class Envoy:
                 if not k.startswith(DM_STATS_PREFIX):
                     continue
                 name = k[len(DM_STATS_PREFIX):]
-                m = re.fullmatch(r"tenant\.(allowed|forbidden|insufficient_scope|client_not_allowed|upstream_token\.\w+)"
-                                 r"\.tenant\.(.+)", name)
+                m = re.fullmatch(r"tenant\.(allowed|forbidden|insufficient_scope|client_not_allowed|upstream_token\.\w+"
+                                 r"|quota\.allowed|quota\.limited)\.tenant\.(.+)", name)
                 out[f"tenant.{m.group(2)}.{m.group(1)}" if m else name] = v
         else:
             for k, v in self.wasm_stats().items():

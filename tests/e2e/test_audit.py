@@ -36,7 +36,8 @@ REJECTION_REASONS = {
     "missing_token", "malformed_credentials", "token_too_large", "malformed_token", "unsupported_alg", "crit_header",
     "issuer_mismatch", "missing_exp", "expired", "not_yet_valid", "audience_mismatch", "unknown_kid",
     "key_alg_mismatch", "bad_signature", "jwks_unavailable", "no_tenant", "several_tenants", "issuer_not_allowed",
-    "tenants_unavailable", "wait_queue_full", "upstream_auth_unavailable", "client_not_allowed",
+    "tenants_unavailable", "wait_queue_full", "upstream_auth_unavailable", "client_not_allowed", "quota_rate",
+    "quota_in_flight",
 }
 ACCESS_LOG_FLUSH_S = 25  # Envoy writes access log files out every 10 s by default; leave room for a loaded machine
 FIELDS = {"audit", "time", "tenant", "client_id", "sub", "jti", "method", "resource_type", "interaction", "outcome",

@@ -129,12 +129,69 @@ impl HttpContext for Probe {
             let _ = hostcalls::log(LogLevel::Debug, "x");
         });
         self.core();
+        self.quota();
         let _ = hostcalls::log(LogLevel::Warn, "PROBE done");
         Action::Continue
     }
 }
 
 impl Probe {
+    /// What a per-tenant quota adds to a request (issue 14): the bucket's compare-and-swap round trip through
+    /// Envoy's shared data, and the pure arithmetic.
+    fn quota(&self) {
+        use fhir_tenant_router::quota::{self, RawQuota};
+        use fhir_tenant_router::shell::host::Host as _;
+        use fhir_tenant_router::shell::proxy::ProxyWasmHost;
+        use fhir_tenant_router::shell::quota_store::SharedData;
+        let raw = |in_flight: Option<u64>| RawQuota {
+            rate_per_s: Some(1_000_000.0),
+            burst: Some(1_000_000),
+            max_in_flight: in_flight,
+            search_count_per_unit: None,
+            unlimited: false,
+        };
+        let (Ok(Some(rate)), Ok(Some(capped))) = (quota::compile("q", &raw(None)), quota::compile("q", &raw(Some(1_000_000))))
+        else {
+            return;
+        };
+        let store = SharedData(ProxyWasmHost);
+        let host = ProxyWasmHost;
+        let now = now_ns() / 1_000_000;
+        let key = quota::key("0b3c4d5e-0000-4000-8000-000000000000");
+        let _ = quota::charge(&store, &key, &rate, 1, now);
+        time("quota: get_shared_data", || {
+            let _ = std::hint::black_box(host.shared_data(&key));
+        });
+        time("quota: get + set_shared_data (CAS round trip)", || {
+            if let Some((Some(v), cas)) = host.shared_data(&key) {
+                let _ = host.set_shared_data(&key, &v, cas);
+            }
+        });
+        let bucket = quota::Bucket { tokens: 500_000 * quota::SCALE, last_ms: now, in_flight: 0 };
+        time("core: quota admit (pure)", || {
+            let _ = std::hint::black_box(quota::admit(&rate, std::hint::black_box(Some(bucket)), 1, now));
+        });
+        time("quota: charge, rate only (key + CAS round trip + admit)", || {
+            let k = quota::key("0b3c4d5e-0000-4000-8000-000000000001");
+            let _ = std::hint::black_box(quota::charge(&store, &k, &rate, 1, now));
+        });
+        // What a request of a rate-only tenant costs as the filter runs it: most are served from the units
+        // the VM leased with its last charge (up to 63 for this quota, for 100 ms), one in 64 charges the store.
+        struct NoEffects;
+        impl fhir_tenant_router::effect::Effects for NoEffects {
+            fn push(&mut self, _: fhir_tenant_router::effect::Effect<'_>) {}
+        }
+        let mut quotas = quota::Quotas::new(Box::new(SharedData(ProxyWasmHost)));
+        time("quota: admit a request, rate only (lease of 63: one charge in 64)", || {
+            let _ = std::hint::black_box(quotas.admit(&rate, "0b3c4d5e-0000-4000-8000-000000000003", 1, now, &mut NoEffects));
+        });
+        time("quota: charge + release, with max_in_flight (two CAS round trips)", || {
+            let k = quota::key("0b3c4d5e-0000-4000-8000-000000000002");
+            let _ = std::hint::black_box(quota::charge(&store, &k, &capped, 1, now));
+            let _ = quota::give_back(&store, &k);
+        });
+    }
+
     /// The core's per-request work on a cache hit, inside V8.
     fn core(&self) {
         let config = self.config.borrow();

@@ -321,7 +321,7 @@ class Envoy:
                  log_level: str = "warning", build: str | None = None, so_path: Path | None = None,
                  concurrency: int = 1):
         self.build = build or BUILD
-        self.concurrency = concurrency
+        self.concurrency = concurrency  # Envoy's worker threads (may be set before start())
         self.env: dict[str, str] = {}
         self.cfg = cfg  # as rendered, with the wasm filter: what tests read the plugin JSON from
         running = cfg
@@ -336,7 +336,6 @@ class Envoy:
         self.config_path = write_config(running, workdir / f"{name}.yaml")
         self.log_path = workdir / f"{name}.log"
         self.log_level = log_level
-        self.concurrency = 1  # Envoy's worker threads; set before start()
         self.proc: subprocess.Popen | None = None
         self._log_offset = 0
 

@@ -21,6 +21,4 @@ pub mod module;
 #[cfg(feature = "panic-probe")]
 pub mod probe;
 #[cfg(not(test))]
-pub mod quota;
-#[cfg(not(test))]
 pub mod upkeep;

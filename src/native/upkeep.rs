@@ -225,23 +225,16 @@ impl Upkeep {
     pub fn tick(&mut self, main: &Main<'_>) {
         let now = now_ms();
         let envoy_config = main.envoy_config.0;
-        main.tenant_counts.drain(|tenant, allowed, n| {
-            let metric = if allowed { Metric::TenantAllowed(tenant) } else { Metric::TenantForbidden(tenant) };
-            if let Some((id, Some(label))) = main.metrics.counter(metric) {
-                let mut labels = [ModuleBuffer::of(label.as_bytes())];
-                // SAFETY: main thread, live config; the label outlives the call.
-                unsafe {
-                    envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                        envoy_config,
-                        id,
-                        labels.as_mut_ptr(),
-                        1,
-                        n,
-                    )
-                };
+        hand_over(envoy_config, main.metrics, main.tenant_counts, |tenant, allowed| {
+            if allowed {
+                Metric::TenantAllowed(tenant)
+            } else {
+                Metric::TenantForbidden(tenant)
             }
         });
-        super::quota::hand_over(envoy_config, main.metrics, main.quota_counts);
+        hand_over(envoy_config, main.metrics, main.quota_counts, |tenant, allowed| {
+            Metric::TenantQuota(tenant, allowed)
+        });
         let (wanted, mut tokens) = main
             .parked
             .lock()
@@ -337,6 +330,31 @@ impl Drop for Upkeep {
         // config_destroy).
         unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.scheduler.0) };
     }
+}
+
+/// Hands the per-tenant counts kept by the workers since the last tick to Envoy (see `counts`): one labelled
+/// increment per tenant and counter that moved, `metric` naming it. Main thread only.
+fn hand_over(
+    envoy_config: ConfigEnvoyPtr,
+    metrics: &MetricIds,
+    counts: &TenantCounts,
+    metric: fn(&str, bool) -> Metric<'_>,
+) {
+    counts.drain(|tenant, allowed, n| {
+        if let Some((id, Some(label))) = metrics.counter(metric(tenant, allowed)) {
+            let mut labels = [ModuleBuffer::of(label.as_bytes())];
+            // SAFETY: main thread, live config; the label outlives the call.
+            unsafe {
+                envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                    envoy_config,
+                    id,
+                    labels.as_mut_ptr(),
+                    1,
+                    n,
+                )
+            };
+        }
+    });
 }
 
 /// A fetch to send once the tick's effects are applied.

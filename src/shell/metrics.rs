@@ -14,25 +14,46 @@ use crate::tenant::FxHasher;
 
 use super::host::{Host, MetricKind};
 
-/// A tenant's (allowed, forbidden) counter ids.
-type TenantMetrics = (Option<u32>, Option<u32>);
-
 /// Prefix of every metric name.
 pub const PREFIX: &str = "fhir_tenant_router";
 
+/// Counters of each tenant, `tenant.<id>.<name>` for each of `N` names, defined on the tenant's first use.
+#[derive(Debug)]
+struct PerTenant<const N: usize> {
+    names: [&'static str; N],
+    ids: RefCell<HashMap<String, [Option<u32>; N], BuildHasherDefault<FxHasher>>>,
+}
+
+impl<const N: usize> PerTenant<N> {
+    fn new(names: [&'static str; N]) -> Self {
+        Self { names, ids: RefCell::default() }
+    }
+
+    /// The id of `tenant`'s counter `index` (of `names`).
+    fn id(&self, host: &impl Host, tenant: &str, index: usize) -> Option<u32> {
+        if let Some(ids) = self.ids.borrow().get(tenant) {
+            return ids.get(index).copied().flatten();
+        }
+        let ids = self.names.map(|n| define(host, MetricKind::Counter, &format!("tenant.{tenant}.{n}")));
+        let id = ids.get(index).copied().flatten();
+        self.ids.borrow_mut().insert(tenant.to_string(), ids);
+        id
+    }
+}
+
 /// The metric ids of one VM. An id the host refused to define is `None`, and counting it does nothing.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Counts not yet handed to the host, by metric id.
     pending: RefCell<Vec<(u32, i64)>>,
-    /// Per-tenant counters (allowed, forbidden), defined on a tenant's first request.
-    tenants: RefCell<HashMap<String, TenantMetrics, BuildHasherDefault<FxHasher>>>,
-    /// Per-tenant upstream token counters, by [`TokenEvent::index`], defined on first use.
-    tokens: RefCell<HashMap<String, [Option<u32>; 5], BuildHasherDefault<FxHasher>>>,
-    /// Per-tenant refusal counters, by [`TenantRefusal::index`], defined on a tenant's first such refusal.
-    refusals: RefCell<HashMap<String, [Option<u32>; 2], BuildHasherDefault<FxHasher>>>,
-    /// Per-tenant quota counters (allowed, limited), defined on first use.
-    quotas: RefCell<HashMap<String, TenantMetrics, BuildHasherDefault<FxHasher>>>,
+    /// Per tenant: allowed, forbidden.
+    tenants: PerTenant<2>,
+    /// Per tenant: upstream token counters, by [`TokenEvent::index`].
+    tokens: PerTenant<5>,
+    /// Per tenant: refusals counted on their own, by [`TenantRefusal::index`].
+    refusals: PerTenant<2>,
+    /// Per tenant: quota allowed, limited.
+    quotas: PerTenant<2>,
     counters: Vec<Option<u32>>,
     rejected: Vec<Option<u32>>,
     gauges: Vec<Option<u32>>,
@@ -47,10 +68,10 @@ impl Metrics {
     pub fn define(host: &impl Host) -> Self {
         Self {
             pending: RefCell::default(),
-            tenants: RefCell::default(),
-            tokens: RefCell::default(),
-            refusals: RefCell::default(),
-            quotas: RefCell::default(),
+            tenants: PerTenant::new(["allowed", "forbidden"]),
+            tokens: PerTenant::new(TokenEvent::ALL.map(TokenEvent::name)),
+            refusals: PerTenant::new(TenantRefusal::ALL.map(TenantRefusal::name)),
+            quotas: PerTenant::new(["quota.allowed", "quota.limited"]),
             counters: COUNTERS.iter().map(|m| define(host, MetricKind::Counter, m.name())).collect(),
             rejected: Rejection::ALL.iter().map(|r| define(host, MetricKind::Counter, r.stat_name())).collect(),
             gauges: Gauge::ALL.iter().map(|g| define(host, MetricKind::Gauge, g.name())).collect(),
@@ -61,68 +82,11 @@ impl Metrics {
         match metric.slot() {
             CounterSlot::Fixed(i) => self.counters.get(i).copied().flatten(),
             CounterSlot::Rejected(i) => self.rejected.get(i).copied().flatten(),
-            CounterSlot::Tenant { tenant, allowed: true } => self.tenant(host, tenant).0,
-            CounterSlot::Tenant { tenant, allowed: false } => self.tenant(host, tenant).1,
-            CounterSlot::TenantToken { tenant, event } => self.token(host, tenant, event),
-            CounterSlot::TenantRefusal { tenant, refusal } => self.refusal(host, tenant, refusal),
-            CounterSlot::TenantQuota { tenant, allowed } => {
-                let ids = self.quota(host, tenant);
-                if allowed {
-                    ids.0
-                } else {
-                    ids.1
-                }
-            }
+            CounterSlot::Tenant { tenant, allowed } => self.tenants.id(host, tenant, usize::from(!allowed)),
+            CounterSlot::TenantToken { tenant, event } => self.tokens.id(host, tenant, event.index()),
+            CounterSlot::TenantRefusal { tenant, refusal } => self.refusals.id(host, tenant, refusal.index()),
+            CounterSlot::TenantQuota { tenant, allowed } => self.quotas.id(host, tenant, usize::from(!allowed)),
         }
-    }
-
-    fn refusal(&self, host: &impl Host, tenant: &str, refusal: TenantRefusal) -> Option<u32> {
-        let mut refusals = self.refusals.borrow_mut();
-        if let Some(ids) = refusals.get(tenant) {
-            return ids.get(refusal.index()).copied().flatten();
-        }
-        let ids =
-            TenantRefusal::ALL.map(|r| define(host, MetricKind::Counter, &format!("tenant.{tenant}.{}", r.name())));
-        let id = ids.get(refusal.index()).copied().flatten();
-        refusals.insert(tenant.to_string(), ids);
-        id
-    }
-
-    fn quota(&self, host: &impl Host, tenant: &str) -> TenantMetrics {
-        let mut quotas = self.quotas.borrow_mut();
-        if let Some(ids) = quotas.get(tenant) {
-            return *ids;
-        }
-        let ids = (
-            define(host, MetricKind::Counter, &format!("tenant.{tenant}.quota.allowed")),
-            define(host, MetricKind::Counter, &format!("tenant.{tenant}.quota.limited")),
-        );
-        quotas.insert(tenant.to_string(), ids);
-        ids
-    }
-
-    fn token(&self, host: &impl Host, tenant: &str, event: TokenEvent) -> Option<u32> {
-        let mut tokens = self.tokens.borrow_mut();
-        if let Some(ids) = tokens.get(tenant) {
-            return ids.get(event.index()).copied().flatten();
-        }
-        let ids = TokenEvent::ALL.map(|e| define(host, MetricKind::Counter, &format!("tenant.{tenant}.{}", e.name())));
-        let id = ids.get(event.index()).copied().flatten();
-        tokens.insert(tenant.to_string(), ids);
-        id
-    }
-
-    fn tenant(&self, host: &impl Host, tenant: &str) -> TenantMetrics {
-        let mut tenants = self.tenants.borrow_mut();
-        if let Some(ids) = tenants.get(tenant) {
-            return *ids;
-        }
-        let ids = (
-            define(host, MetricKind::Counter, &format!("tenant.{tenant}.allowed")),
-            define(host, MetricKind::Counter, &format!("tenant.{tenant}.forbidden")),
-        );
-        tenants.insert(tenant.to_string(), ids);
-        ids
     }
 
     /// Adds one to a counter (handed to the host at the next [`Metrics::flush`]).

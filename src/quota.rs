@@ -304,11 +304,9 @@ pub trait QuotaStore {
 pub enum Charge {
     /// Charged; `in_flight`: it holds an in-flight slot, released when its stream ends; `leased`: units
     /// taken beyond the cost for the caller's next requests (see [`Rate::lease`]).
-    Admitted {
-        in_flight: bool,
-        leased: u64,
-    },
-    Refused(Verdict),
+    Admitted { in_flight: bool, leased: u64 },
+    /// Refused; the bucket as the refusal found it (refilled to now).
+    Refused(Verdict, Bucket),
     /// Let through uncharged: every attempt lost to another worker, or the store is unavailable.
     Unchecked(StoreError),
 }
@@ -323,7 +321,7 @@ pub fn charge(store: &dyn QuotaStore, key: &str, quota: &Quota, cost: u64, now_m
         let (verdict, next) = admit(quota, state, cost, now_ms);
         if verdict != Verdict::Admitted {
             // Nothing to store: a refusal leaves the bucket as it was (its refill is recomputed next time).
-            return Charge::Refused(verdict);
+            return Charge::Refused(verdict, next);
         }
         let (leased, next) = lease(next, quota.rate.map_or(0, |r| r.lease));
         match store.store(key, &next, version) {
@@ -453,6 +451,11 @@ pub struct Quotas {
     /// Per tenant: units taken from its shared bucket beyond a request's cost, and until when (ms) they may
     /// be spent here. Unspent units expire: the tenant is then served a little less, never more.
     leases: HashMap<String, (u64, u64)>,
+    /// Per tenant refused for its rate: its bucket as that refusal found it. The shared bucket holds no
+    /// more than this one refilled since (other workers only take from it, and time refills both alike),
+    /// so a request this one cannot pay for yet is refused here without a host call: a flood over the
+    /// quota costs a map lookup per request, not a store round trip.
+    short: HashMap<String, Bucket>,
     pub(crate) warned: bool,
 }
 
@@ -481,7 +484,7 @@ pub fn effective<'a>(own: Option<&'a TenantQuota>, default: Option<&'a Arc<Quota
 impl Quotas {
     /// Quotas kept in `store`.
     pub fn new(store: Box<dyn QuotaStore>) -> Self {
-        Self { store, leases: HashMap::new(), warned: false }
+        Self { store, leases: HashMap::new(), short: HashMap::new(), warned: false }
     }
 
     /// Charges `cost` units to `tenant` under `quota`, pushing its counts. `Ok(Some(key))`: admitted holding
@@ -503,6 +506,15 @@ impl Quotas {
                 return Ok(None);
             }
         }
+        if let Some(bucket) = self.short.get(tenant) {
+            // The rate alone is judged here (in-flight slots may have been given back elsewhere).
+            match admit(quota, Some(Bucket { in_flight: 0, ..*bucket }), cost, now_ms).0 {
+                verdict @ Verdict::RateLimited { .. } => return Err(refused(tenant, verdict, out)),
+                _ => {
+                    self.short.remove(tenant);
+                }
+            }
+        }
         let key = key(tenant);
         match charge(&*self.store, &key, quota, cost, now_ms) {
             Charge::Admitted { in_flight, leased } => {
@@ -514,14 +526,11 @@ impl Quotas {
                 }
                 Ok(in_flight.then_some(key))
             }
-            Charge::Refused(verdict) => {
-                out.push(Effect::Count(Metric::TenantQuota(tenant, false)));
-                let rejection = match verdict {
-                    Verdict::InFlightFull => Rejection::QuotaInFlight,
-                    _ => Rejection::QuotaRate,
-                };
-                out.push(Effect::Count(Metric::Rejected(rejection)));
-                Err(verdict)
+            Charge::Refused(verdict, bucket) => {
+                if matches!(verdict, Verdict::RateLimited { .. }) {
+                    self.short.insert(tenant.to_string(), bucket);
+                }
+                Err(refused(tenant, verdict, out))
             }
             Charge::Unchecked(why) => {
                 out.push(Effect::Count(Metric::TenantQuota(tenant, true)));
@@ -541,6 +550,17 @@ impl Quotas {
     pub fn release(&mut self, key: &str) {
         let _ = give_back(&*self.store, key);
     }
+}
+
+/// Counts a refusal of `tenant`'s request; returns its verdict.
+fn refused(tenant: &str, verdict: Verdict, out: &mut dyn Effects) -> Verdict {
+    out.push(Effect::Count(Metric::TenantQuota(tenant, false)));
+    let rejection = match verdict {
+        Verdict::InFlightFull => Rejection::QuotaInFlight,
+        _ => Rejection::QuotaRate,
+    };
+    out.push(Effect::Count(Metric::Rejected(rejection)));
+    verdict
 }
 
 /// Pushes the 429 of a refusal: `Retry-After`, and the `OperationOutcome` naming the limit.
@@ -739,6 +759,58 @@ mod tests {
         assert_eq!(out.0.len(), 13, "every admission is counted: {:?}", out.0);
     }
 
+    /// A store that counts its loads.
+    #[derive(Default)]
+    struct Counted {
+        inner: ProcessStore,
+        loads: Cell<usize>,
+    }
+
+    impl QuotaStore for Counted {
+        fn load(&self, key: &str) -> Result<(Option<Bucket>, u32), StoreError> {
+            self.loads.set(self.loads.get() + 1);
+            self.inner.load(key)
+        }
+        fn store(&self, key: &str, bucket: &Bucket, version: u32) -> Result<(), StoreError> {
+            self.inner.store(key, bucket, version)
+        }
+    }
+
+    #[test]
+    fn once_refused_for_its_rate_a_tenant_is_refused_without_the_store_until_its_bucket_can_pay() {
+        let q = quota(serde_json::json!({"rate_per_s": 2, "burst": 2, "max_in_flight": 10}));
+        let store = std::rc::Rc::new(Counted::default());
+        struct Shared(std::rc::Rc<Counted>);
+        impl QuotaStore for Shared {
+            fn load(&self, key: &str) -> Result<(Option<Bucket>, u32), StoreError> {
+                self.0.load(key)
+            }
+            fn store(&self, key: &str, bucket: &Bucket, version: u32) -> Result<(), StoreError> {
+                self.0.store(key, bucket, version)
+            }
+        }
+        let mut quotas = Quotas::new(Box::new(Shared(std::rc::Rc::clone(&store))));
+        let mut out = crate::effect::Recorded::default();
+        assert!(quotas.admit(&q, "t", 1, T0, &mut out).is_ok());
+        assert!(quotas.admit(&q, "t", 1, T0, &mut out).is_ok());
+        assert_eq!(quotas.admit(&q, "t", 1, T0 + 100, &mut out), Err(Verdict::RateLimited { retry_after_s: 1 }));
+        let loads = store.loads.get();
+        // A flood before the refill: refused here, the store untouched, every refusal counted.
+        for t in [T0 + 200, T0 + 400, T0 + 499] {
+            assert_eq!(quotas.admit(&q, "t", 1, t, &mut out), Err(Verdict::RateLimited { retry_after_s: 1 }));
+        }
+        assert_eq!(store.loads.get(), loads, "no store call while the bucket cannot pay");
+        assert_eq!(out.0.iter().filter(|e| e.contains("QuotaRate")).count(), 4, "{:?}", out.0);
+        // A Bundle the refill cannot pay for yet is refused here too, with its own wait.
+        assert_eq!(quotas.admit(&q, "t", 2, T0 + 600, &mut out), Err(Verdict::RateLimited { retry_after_s: 1 }));
+        assert_eq!(store.loads.get(), loads);
+        // Half a second after the refusal found it empty, one unit is there: the store is asked, and admits.
+        assert_eq!(quotas.admit(&q, "t", 1, T0 + 600, &mut out), Ok(Some(key("t"))));
+        assert_eq!(store.loads.get(), loads + 1);
+        // The next finds 0.2 units in the store's bucket: refused there (the local copy never says yes).
+        assert!(quotas.admit(&q, "t", 1, T0 + 600, &mut out).is_err());
+    }
+
     #[test]
     fn the_process_store_versions_each_write_and_refuses_a_stale_one() {
         let s = ProcessStore::default();
@@ -768,7 +840,7 @@ mod tests {
                                     admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     break;
                                 }
-                                Charge::Refused(_) => break,
+                                Charge::Refused(..) => break,
                                 Charge::Unchecked(_) => continue,
                             }
                         }

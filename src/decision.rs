@@ -5,7 +5,7 @@ use crate::bearer::{extract_bearer, Credentials};
 use crate::cache::{TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
-use crate::fhir::{classify, Refusal};
+use crate::fhir::Refusal;
 use crate::identity::{Claim, Identity};
 use crate::jwks::KeySet;
 use crate::public::{public_document, PublicDocument};
@@ -150,30 +150,17 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
     if !tenant.allows_client(identity.whole_client_id()) {
         return Decision::ClientNotAllowed { tenant, identity };
     }
+    // The token's SMART scopes must grant what the allowlist allows (a Bundle's entries are judged with its
+    // body); a token without them, for a tenant that does not require them, passes at once.
+    let required = tenant.requires_smart_scopes();
+    let scopes = identity.scopes();
     let verdict = tenant
         .policy()
-        .check_request(request.method, request.path)
-        .and_then(|inspect_body| check_scopes(tenant, &identity, request.method, request.path).map(|()| inspect_body));
+        .check_request_with(request.method, request.path, &|method, c| scopes.check(required, method, c));
     match verdict {
         Ok(inspect_body) => Decision::Route { tenant, identity, cached: from_cache, inspect_body },
         Err(refusal) => Decision::Forbidden { tenant, identity, refusal },
     }
-}
-
-/// Whether the token's SMART scopes grant the request (a Bundle's entries are judged with its body). A
-/// token without SMART scopes, for a tenant that does not require them, costs nothing here.
-fn check_scopes(tenant: &Tenant, identity: &Identity, method: &str, path: &str) -> Result<(), Refusal> {
-    let required = tenant.requires_smart_scopes();
-    if !required && !identity.scopes().is_narrowed() {
-        return Ok(());
-    }
-    let Some(c) = classify(method, path) else { return Err(Refusal::Unrecognised) };
-    identity.scopes().check(required, method, &c).map_err(|scope| Refusal::MissingScope {
-        scope,
-        interaction: c.interaction,
-        resource_type: c.resource_type.map(str::to_string),
-        entry: None,
-    })
 }
 
 #[cfg(test)]

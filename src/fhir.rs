@@ -164,6 +164,17 @@ pub enum Refusal {
     OtherOrigin { entry: usize, base: Option<String> },
 }
 
+impl Refusal {
+    /// The token's scopes do not grant `c` (Bundle entry `entry`, if any): `scope` is the one it needs.
+    fn missing_scope(scope: String, c: &Classified<'_>, entry: Option<usize>) -> Self {
+        Refusal::MissingScope {
+            scope,
+            interaction: c.interaction,
+            resource_type: c.resource_type.map(str::to_string),
+            entry,
+        }
+    }
+}
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -239,19 +250,30 @@ impl Policy {
 
     /// Judges a request line. `Ok(true)`: allowed, but the body must be judged too (`POST /`).
     pub fn check_request(&self, method: &str, path: &str) -> Result<bool, Refusal> {
+        self.check_request_with(method, path, &|_, _| Ok(()))
+    }
+
+    /// [`Policy::check_request`], and a request the allowlist allows must pass `also` too (as for
+    /// [`Policy::check_bundle_with`]; a Bundle posted to the base is judged entry by entry instead).
+    pub fn check_request_with(
+        &self,
+        method: &str,
+        path: &str,
+        also: &dyn Fn(&str, &Classified<'_>) -> Result<(), String>,
+    ) -> Result<bool, Refusal> {
         let c = classify(method, path).ok_or(Refusal::Unrecognised)?;
         if c.interaction == Interaction::Batch {
             return Ok(true);
         }
-        if self.allows(&c) {
-            Ok(false)
-        } else {
-            Err(Refusal::NotAllowed {
+        if !self.allows(&c) {
+            return Err(Refusal::NotAllowed {
                 interaction: c.interaction,
                 resource_type: c.resource_type.map(str::to_string),
                 entry: None,
-            })
+            });
         }
+        also(method, &c).map_err(|scope| Refusal::missing_scope(scope, &c, None))?;
+        Ok(false)
     }
 
     /// Judges the Bundle posted to the base, entry by entry; the first refused entry refuses the whole.
@@ -303,12 +325,7 @@ impl Policy {
                     entry: Some(i),
                 });
             }
-            also(method, &c).map_err(|scope| Refusal::MissingScope {
-                scope,
-                interaction: c.interaction,
-                resource_type: c.resource_type.map(str::to_string),
-                entry: Some(i),
-            })?;
+            also(method, &c).map_err(|scope| Refusal::missing_scope(scope, &c, Some(i)))?;
         }
         Ok(())
     }

@@ -926,49 +926,30 @@ impl Router {
         };
         let Inspection { policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
         let base = self.config.public_base_url.as_deref();
-        let verdict = if scopes.is_narrowed() || require_scopes {
-            policy.check_bundle_with(body, base, &|method, entry| scopes.check(require_scopes, method, entry))
-        } else {
-            policy.check_bundle(body, base)
-        };
-        if let (Ok(()), Some(quota)) = (&verdict, quota.filter(|_| !stream.charged)) {
+        let verdict =
+            policy.check_bundle_with(body, base, &|method, entry| scopes.check(require_scopes, method, entry));
+        // Refused (its outcome and reason), by the allowlist or scopes, else by the quota, charged its entries.
+        let mut refused = verdict.err().map(|refusal| (Outcome::Forbidden, forbid(&refusal, &tenant, out)));
+        if let (None, Some(quota)) = (&refused, quota.filter(|_| !stream.charged)) {
             stream.charged = true;
-            let cost = crate::quota::bundle_cost(body);
-            match self.quotas.admit(&quota, &tenant, cost, now_ms, out) {
+            match self.quotas.admit(&quota, &tenant, crate::quota::bundle_cost(body), now_ms, out) {
                 Ok(slot) => stream.quota_slot = slot,
-                Err(verdict) => {
-                    let reason = crate::quota::reply(&quota, verdict, out);
-                    if let Some(pending) = audit {
-                        let detail = Detail {
-                            reason: Some(reason),
-                            tenant: Some(&tenant),
-                            identity: Some(&pending.identity),
-                            ..Detail::default()
-                        };
-                        let audit = Audit { config: &self.config, request: &pending.request, now_ms };
-                        audit.write_line(Outcome::Rejected, &detail, out);
-                    }
-                    return Flow::Stop;
-                }
+                Err(verdict) => refused = Some((Outcome::Rejected, crate::quota::reply(&quota, verdict, out))),
             }
         }
-        let reason = match &verdict {
-            Err(refusal) => Some(forbid(refusal, &tenant, out)),
-            Ok(()) => {
-                out.push(Effect::Count(Metric::TenantAllowed(&tenant)));
-                None
-            }
-        };
-        let allowed = verdict.is_ok();
+        let allowed = refused.is_none();
+        if allowed {
+            out.push(Effect::Count(Metric::TenantAllowed(&tenant)));
+        }
         if let Some(pending) = audit {
             let detail = Detail {
-                reason,
+                reason: refused.map(|(_, reason)| reason),
                 tenant: Some(&tenant),
                 identity: Some(&pending.identity),
                 cluster: allowed.then_some(pending.cluster.as_str()),
                 credential: allowed.then_some(pending.credential).flatten(),
             };
-            let outcome = if allowed { Outcome::Allowed } else { Outcome::Forbidden };
+            let outcome = refused.map_or(Outcome::Allowed, |(outcome, _)| outcome);
             Audit { config: &self.config, request: &pending.request, now_ms }.write_line(outcome, &detail, out);
         }
         if allowed {

@@ -196,6 +196,11 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// A tenant's bucket before its first request: full, nothing in flight.
+    pub fn fresh(quota: &Quota, now_ms: u64) -> Self {
+        Self { tokens: quota.rate.map_or(0, |r| r.burst.saturating_mul(SCALE)), last_ms: now_ms, in_flight: 0 }
+    }
+
     /// The length of [`Bucket::encode`]'s bytes.
     pub const ENCODED_LEN: usize = 20;
 
@@ -236,11 +241,7 @@ pub enum Verdict {
 /// they are there and an in-flight slot is free. Returns the verdict and the state to store (refilled, and
 /// charged when admitted). Pure: the same inputs give the same answer.
 pub fn admit(quota: &Quota, state: Option<Bucket>, cost: u64, now_ms: u64) -> (Verdict, Bucket) {
-    let mut b = state.unwrap_or(Bucket {
-        tokens: quota.rate.map_or(0, |r| r.burst.saturating_mul(SCALE)),
-        last_ms: now_ms,
-        in_flight: 0,
-    });
+    let mut b = state.unwrap_or_else(|| Bucket::fresh(quota, now_ms));
     if let Some(rate) = quota.rate {
         let full = rate.burst.saturating_mul(SCALE);
         // Another worker's clock may be a little ahead: time never runs backwards for the bucket.
@@ -331,6 +332,21 @@ pub fn charge(store: &dyn QuotaStore, key: &str, quota: &Quota, cost: u64, now_m
         }
     }
     Charge::Unchecked(StoreError::Conflict)
+}
+
+/// Stores a fresh bucket under `key` unless the store has one; `Ok(true)` if it stored it.
+///
+/// Envoy's shared data cannot create a key only if it is absent (a write with CAS token 0 is
+/// unconditional). Left to the first request, the first write could race: two workers that both read
+/// "absent" both store, the later one overwriting the other's charge (and in-flight slot). So the shells
+/// create every known tenant's bucket before its requests can arrive: the proxy-wasm root context at
+/// configuration (Envoy configures the main thread's VM before any worker serves) and at each registry
+/// install (for the tenants new to it). [`charge`] still creates a missing bucket as a last resort.
+pub fn ensure(store: &dyn QuotaStore, key: &str, quota: &Quota, now_ms: u64) -> Result<bool, StoreError> {
+    match store.load(key)? {
+        (Some(_), _) => Ok(false),
+        (None, version) => store.store(key, &Bucket::fresh(quota, now_ms), version).map(|()| true),
+    }
 }
 
 /// Gives back the in-flight slot of an admitted request; `false` if it could not be stored.
@@ -536,14 +552,36 @@ impl Quotas {
                 out.push(Effect::Count(Metric::TenantQuota(tenant, true)));
                 out.push(Effect::Count(Metric::QuotaUnchecked));
                 if why == StoreError::Unavailable && !std::mem::replace(&mut self.warned, true) {
-                    out.push(Effect::Log(
-                        Level::Warn,
-                        "quota: the host's shared store is unavailable; requests pass uncharged (quota.unchecked)",
-                    ));
+                    out.push(Effect::Log(Level::Warn, UNAVAILABLE));
                 }
                 Ok(None)
             }
         }
+    }
+
+    /// Creates the buckets of `tenants` (id and quota) that the store does not hold yet ([`ensure`]).
+    /// Returns how many it created; an unavailable store is warned about once (as in [`Quotas::admit`]).
+    pub fn prepare<'a>(
+        &mut self,
+        tenants: impl Iterator<Item = (&'a str, &'a Quota)>,
+        now_ms: u64,
+        out: &mut dyn Effects,
+    ) -> usize {
+        let mut created = 0;
+        for (tenant, quota) in tenants {
+            match ensure(&*self.store, &key(tenant), quota, now_ms) {
+                Ok(stored) => created += usize::from(stored),
+                // Another worker created it between our load and our store: it exists.
+                Err(StoreError::Conflict) => {}
+                Err(StoreError::Unavailable) => {
+                    if !std::mem::replace(&mut self.warned, true) {
+                        out.push(Effect::Log(Level::Warn, UNAVAILABLE));
+                    }
+                    break;
+                }
+            }
+        }
+        created
     }
 
     /// Gives back the in-flight slot held under `key`.
@@ -551,6 +589,9 @@ impl Quotas {
         let _ = give_back(&*self.store, key);
     }
 }
+
+/// Logged once when the store cannot be used.
+const UNAVAILABLE: &str = "quota: the host's shared store is unavailable; requests pass uncharged (quota.unchecked)";
 
 /// Counts a refusal of `tenant`'s request; returns its verdict.
 fn refused(tenant: &str, verdict: Verdict, out: &mut dyn Effects) -> Verdict {

@@ -1131,7 +1131,7 @@ fn refuse(audit: &Audit<'_>, rejection: Rejection, retry_after_s: Option<u64>, o
 }
 
 /// The quota that applies to `tenant` (its own, or the default).
-fn quota_of<'a>(config: &'a Config, tenant: &'a Tenant) -> Option<&'a Arc<crate::quota::Quota>> {
+pub(crate) fn quota_of<'a>(config: &'a Config, tenant: &'a Tenant) -> Option<&'a Arc<crate::quota::Quota>> {
     crate::quota::effective(tenant.settings.as_deref().map(|s| &s.quota), config.quota.as_ref())
 }
 

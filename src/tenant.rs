@@ -222,6 +222,11 @@ impl TenantMap {
         self.by_id.get(id).map(|t| &t.0)
     }
 
+    /// The tenants, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
+        self.by_id.iter().map(|t| &t.0)
+    }
+
     /// The tenants' ids, in no particular order.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.by_id.iter().map(|t| t.0.id.as_str())

@@ -9,7 +9,7 @@ use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric, T
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{Schedule, Streak};
 use crate::router::Stream;
-use crate::router::{token_fetch, Router};
+use crate::router::{quota_of, token_fetch, Router};
 use crate::upstream_auth::{
     parse_token_response, Settled, TokenAnswer, TokenError, TokenNews, MAX_TOKEN_RESPONSE_BYTES,
 };
@@ -360,8 +360,22 @@ impl Router {
             return false;
         };
         out.push(Effect::Gauge(Gauge::RegistryTenants, map.len() as u64));
-        state.map = Some(Arc::new(map));
+        let before = state.map.replace(Arc::new(map));
+        // The buckets of the tenants new to this router, before their first request ([`crate::quota::ensure`]).
+        let Router { config, tenants, quotas, .. } = self;
+        let is_new = |id: &str| before.as_ref().map_or(true, |b| b.get(id).is_none());
+        let new = tenants.map.iter().flat_map(|m| m.iter()).filter(|t| is_new(&t.id));
+        quotas.prepare(new.filter_map(|t| quota_of(config, t).map(|q| (t.id.as_str(), &**q))), now_ms, out);
         true
+    }
+
+    /// Creates the quota buckets of every tenant this router knows (configured, and the registry's) that the
+    /// store does not hold yet ([`crate::quota::ensure`]). The proxy-wasm root context calls it once its
+    /// shared-data store is installed, before any request.
+    pub fn prepare_quotas(&mut self, now_ms: u64, out: &mut dyn Effects) {
+        let Router { config, tenants, quotas, .. } = self;
+        let known = config.tenants.iter().chain(tenants.map.iter().flat_map(|m| m.iter()));
+        quotas.prepare(known.filter_map(|t| quota_of(config, t).map(|q| (t.id.as_str(), &**q))), now_ms, out);
     }
 }
 

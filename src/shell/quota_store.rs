@@ -2,10 +2,9 @@
 //! bucket per tenant: a [`QuotaStore`] over `get_shared_data` / `set_shared_data` and their CAS token. The
 //! core runs the compare-and-swap loop and decides what contention means ([`crate::quota`]).
 //!
-//! Envoy reads a CAS token of 0 as "write unconditionally": the first write of a tenant's key (read as
-//! absent) is not compared. Two workers whose first requests for a tenant land at the same instant may
-//! then both charge a full bucket, one overwriting the other: at most one unit per worker, once per
-//! process.
+//! Envoy reads a CAS token of 0 as "write unconditionally": the write of a key read as absent is not
+//! compared. So the root context creates every known tenant's bucket before its requests can arrive
+//! ([`crate::quota::ensure`]); a request's write is then always compared.
 
 use crate::quota::{Bucket, QuotaStore, StoreError};
 

@@ -53,6 +53,7 @@ impl<H: Host + Clone + 'static> Root<H> {
             let mut router = Router::new(config, host.now_ms(), &mut apply);
             // Every worker's VM charges the same buckets, in Envoy's shared data.
             router.quotas = crate::quota::Quotas::new(Box::new(SharedData(host.clone())));
+            router.prepare_quotas(host.now_ms(), &mut apply);
             router
         };
         self.shared = Some(Rc::new(Shared {

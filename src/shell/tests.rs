@@ -1280,7 +1280,8 @@ fn a_tenant_over_its_quota_gets_429_with_retry_after_and_passes_again_after_the_
         let (_f, flow) = send(&host, &root, id, &get("/Patient", Some(&auth)), true);
         assert_eq!(flow, Flow::Continue);
         let calls = host.take_calls();
-        let cas = if id == 1 { 0 } else { 1 };
+        // The bucket was created at configuration (cas 1): every request's write is compared.
+        let cas = id;
         let at = calls.iter().position(|c| c.starts_with("get_shared_data")).unwrap();
         assert_eq!(calls[at..at + 2], [format!("get_shared_data {key}"), format!("set_shared_data {key} cas={cas}")]);
         assert!(calls.contains(&format!("set_request_header {ROUTE}: tenant_a")), "{calls:?}");
@@ -1308,6 +1309,67 @@ fn a_tenant_over_its_quota_gets_429_with_retry_after_and_passes_again_after_the_
     assert_eq!(host.metric(&format!("tenant.{TENANT_A}.quota.limited")), 1);
     assert_eq!(host.metric("requests.rejected.quota_rate"), 1);
     assert_eq!(host.metric(&format!("tenant.{TENANT_A}.allowed")), 3);
+}
+
+#[test]
+fn every_known_tenants_bucket_is_created_before_its_first_request_so_no_request_writes_unconditionally() {
+    // Envoy's shared data has no create-if-absent: a CAS of 0 overwrites. Two workers' first requests for a
+    // tenant would both read "absent" and both write, the later one erasing the other's charge and slot.
+    let plugin = quota_plugin(json!({"max_in_flight": 2}));
+    let host = FakeHost::default();
+    host.0.now_ms.set(T0_MS);
+    *host.0.plugin_configuration.borrow_mut() = plugin.to_string().into_bytes();
+    let mut main_vm = Root::new(host.clone());
+    assert!(main_vm.on_configure());
+    let mut created: Vec<String> = host.take_calls().into_iter().filter(|c| c.starts_with("set_shared_data")).collect();
+    created.sort();
+    let mut expected = [TENANT_A, TENANT_B].map(|t| format!("set_shared_data ftr.quota.{t} cas=0"));
+    expected.sort();
+    assert_eq!(created, expected);
+    // A worker's VM configured next finds them: it writes nothing, so it cannot erase a charge.
+    let mut worker = Root::new(host.clone());
+    assert!(worker.on_configure());
+    assert!(!host.take_calls().iter().any(|c| c.starts_with("set_shared_data")));
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let mut held = Vec::new();
+    for (id, vm) in [(1, &main_vm), (2, &worker)] {
+        let (f, flow) = send(&host, vm, id, &get("/Patient", Some(&auth)), true);
+        assert_eq!(flow, Flow::Continue);
+        let writes: Vec<String> = host.take_calls().into_iter().filter(|c| c.starts_with("set_shared_data")).collect();
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert!(!writes[0].ends_with(" cas=0"), "a request's write is always compared: {writes:?}");
+        held.push(f);
+    }
+    assert_eq!(bucket(&host).in_flight, 2);
+    let (_f, flow) = send(&host, &worker, 3, &get("/Patient", Some(&auth)), true);
+    assert_eq!(flow, Flow::Stop, "the third request of the process is refused");
+}
+
+#[test]
+fn a_registry_install_creates_the_buckets_of_its_new_tenants_only() {
+    let mut p = quota_plugin(json!({"rate_per_s": 5, "burst": 5}));
+    p["tenants"] = json!({});
+    p["tenant_registry"] = json!({"uri": "http://127.0.0.1:9100/tenants", "cluster": "registry"});
+    let (host, mut root) = configured(&p);
+    root.on_tick();
+    host.take_calls();
+    let doc = json!({"tenants": {TENANT_A: {"cluster": "tenant_a"}}});
+    deliver(&host, &mut root, 1, Some("200"), doc.to_string().as_bytes());
+    let writes = |host: &FakeHost| -> Vec<String> {
+        host.take_calls().into_iter().filter(|c| c.starts_with("set_shared_data")).collect()
+    };
+    assert_eq!(writes(&host), [format!("set_shared_data ftr.quota.{TENANT_A} cas=0")]);
+    assert_eq!(bucket(&host).tokens, 5 * crate::quota::SCALE);
+    // The next document adds B: only B's bucket is looked at and created.
+    host.0.now_ms.set(T0_MS + 61_000);
+    root.on_tick();
+    host.take_calls();
+    let doc = json!({"tenants": {TENANT_A: {"cluster": "tenant_a"}, TENANT_B: {"cluster": "tenant_b"}}});
+    deliver(&host, &mut root, 2, Some("200"), doc.to_string().as_bytes());
+    let calls = host.take_calls();
+    assert!(!calls.iter().any(|c| c.contains(&format!("shared_data ftr.quota.{TENANT_A}"))), "{calls:?}");
+    assert!(calls.contains(&format!("set_shared_data ftr.quota.{TENANT_B} cas=0")), "{calls:?}");
 }
 
 #[test]

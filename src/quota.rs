@@ -81,7 +81,8 @@ pub struct Rate {
     pub burst: u64,
     /// Units a router takes beyond a request's cost when it charges the shared bucket, to spend locally on
     /// its next requests of the tenant within [`LEASE_MS`] (no host call): `min(burst, rate_per_s) / 20`,
-    /// at most [`MAX_LEASE`]; 0 (no lease) for small quotas and with `max_in_flight`.
+    /// at most [`MAX_LEASE`]; 0 (no lease) for small quotas. With `max_in_flight`, only where in-flight
+    /// slots are leased too ([`Quota::slot_lease`], [`Quotas::lease_slots`]).
     pub lease: u64,
 }
 
@@ -90,6 +91,11 @@ pub struct Rate {
 pub struct Quota {
     pub rate: Option<Rate>,
     pub max_in_flight: Option<u32>,
+    /// In-flight slots a router may claim beyond its request's when it charges the shared bucket, to admit
+    /// its next requests of the tenant without a host call and to take their slots back on release:
+    /// `max_in_flight / 20`, at most [`MAX_LEASE`]; 0 for caps under 20 (each slot then goes through the
+    /// shared bucket). Used only where [`Quotas::lease_slots`] (the proxy-wasm shell).
+    pub slot_lease: u32,
     pub search_count_per_unit: Option<u64>,
     /// The 429 body when the bucket is short (names the limit).
     rate_body: Box<str>,
@@ -133,8 +139,7 @@ pub fn compile(field: &str, raw: &RawQuota) -> Result<Option<Arc<Quota>>, QuotaE
             if !(1..=MAX_UNITS).contains(&burst) {
                 return Err(error(format!("{field}.burst"), "must be between 1 and 1000000"));
             }
-            let lease = ((burst as f64).min(r) / 20.0).floor() as u64;
-            let lease = if raw.max_in_flight.is_some() { 0 } else { lease.min(MAX_LEASE) };
+            let lease = (((burst as f64).min(r) / 20.0).floor() as u64).min(MAX_LEASE);
             Some((Rate { micro_per_ms, burst, lease }, r))
         }
         Some(_) => return Err(error(format!("{field}.rate_per_s"), "must be a number between 0.001 and 1000000")),
@@ -180,6 +185,7 @@ pub fn compile(field: &str, raw: &RawQuota) -> Result<Option<Arc<Quota>>, QuotaE
     Ok(Some(Arc::new(Quota {
         rate: rate.map(|(r, _)| r),
         max_in_flight,
+        slot_lease: max_in_flight.map_or(0, |n| (n / 20).min(MAX_LEASE as u32)),
         search_count_per_unit,
         rate_body: rate_body.into(),
         in_flight_body: in_flight_body.into(),
@@ -278,9 +284,21 @@ pub fn lease(b: Bucket, units: u64) -> (u64, Bucket) {
 
 /// The state after one admitted request of a quota with `max_in_flight` ended.
 pub fn release(state: Option<Bucket>) -> Option<Bucket> {
+    release_n(state, 1)
+}
+
+/// The state after `n` in-flight slots were given back.
+pub fn release_n(state: Option<Bucket>, n: u32) -> Option<Bucket> {
     let mut b = state?;
-    b.in_flight = b.in_flight.saturating_sub(1);
+    b.in_flight = b.in_flight.saturating_sub(n);
     Some(b)
+}
+
+/// Claims up to `slots` more in-flight slots of an admitted bucket (a lease), never beyond `max`: how many,
+/// and the bucket after.
+pub fn lease_slots(b: Bucket, slots: u32, max: u32) -> (u32, Bucket) {
+    let n = slots.min(max.saturating_sub(b.in_flight));
+    (n, Bucket { in_flight: b.in_flight + n, ..b })
 }
 
 /// Why a store could not do what was asked.
@@ -304,16 +322,31 @@ pub trait QuotaStore {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Charge {
     /// Charged; `in_flight`: it holds an in-flight slot, released when its stream ends; `leased`: units
-    /// taken beyond the cost for the caller's next requests (see [`Rate::lease`]).
-    Admitted { in_flight: bool, leased: u64 },
+    /// taken beyond the cost for the caller's next requests (see [`Rate::lease`]); `slots`: in-flight slots
+    /// claimed beyond its own (see [`Quota::slot_lease`]).
+    Admitted { in_flight: bool, leased: u64, slots: u32 },
     /// Refused; the bucket as the refusal found it (refilled to now).
     Refused(Verdict, Bucket),
     /// Let through uncharged: every attempt lost to another worker, or the store is unavailable.
     Unchecked(StoreError),
 }
 
-/// Charges `cost` to the bucket under `key` at `now_ms`, through the store's compare-and-swap.
+/// Charges `cost` to the bucket under `key` at `now_ms`, through the store's compare-and-swap, leasing the
+/// rate's units when the quota has no `max_in_flight` (as a router that does not lease slots does).
 pub fn charge(store: &dyn QuotaStore, key: &str, quota: &Quota, cost: u64, now_ms: u64) -> Charge {
+    let units = if quota.max_in_flight.is_some() { 0 } else { quota.rate.map_or(0, |r| r.lease) };
+    charge_leasing(store, key, quota, cost, now_ms, (units, 0))
+}
+
+/// [`charge`], leasing up to `wanted` units and in-flight slots beyond the request's own.
+pub fn charge_leasing(
+    store: &dyn QuotaStore,
+    key: &str,
+    quota: &Quota,
+    cost: u64,
+    now_ms: u64,
+    wanted: (u64, u32),
+) -> Charge {
     for _ in 0..ADMIT_ATTEMPTS {
         let (state, version) = match store.load(key) {
             Ok(loaded) => loaded,
@@ -324,9 +357,13 @@ pub fn charge(store: &dyn QuotaStore, key: &str, quota: &Quota, cost: u64, now_m
             // Nothing to store: a refusal leaves the bucket as it was (its refill is recomputed next time).
             return Charge::Refused(verdict, next);
         }
-        let (leased, next) = lease(next, quota.rate.map_or(0, |r| r.lease));
+        let (leased, next) = lease(next, wanted.0);
+        let (slots, next) = match quota.max_in_flight {
+            Some(max) => lease_slots(next, wanted.1, max),
+            None => (0, next),
+        };
         match store.store(key, &next, version) {
-            Ok(()) => return Charge::Admitted { in_flight: quota.max_in_flight.is_some(), leased },
+            Ok(()) => return Charge::Admitted { in_flight: quota.max_in_flight.is_some(), leased, slots },
             Err(StoreError::Conflict) => continue,
             Err(e) => return Charge::Unchecked(e),
         }
@@ -351,9 +388,14 @@ pub fn ensure(store: &dyn QuotaStore, key: &str, quota: &Quota, now_ms: u64) -> 
 
 /// Gives back the in-flight slot of an admitted request; `false` if it could not be stored.
 pub fn give_back(store: &dyn QuotaStore, key: &str) -> bool {
+    give_back_n(store, key, 1)
+}
+
+/// Gives back `n` in-flight slots; `false` if it could not be stored.
+pub fn give_back_n(store: &dyn QuotaStore, key: &str, n: u32) -> bool {
     for _ in 0..RELEASE_ATTEMPTS {
         let Ok((state, version)) = store.load(key) else { return false };
-        let Some(next) = release(state) else { return true };
+        let Some(next) = release_n(state, n) else { return true };
         match store.store(key, &next, version) {
             Ok(()) => return true,
             Err(StoreError::Conflict) => continue,
@@ -472,7 +514,24 @@ pub struct Quotas {
     /// so a request this one cannot pay for yet is refused here without a host call: a flood over the
     /// quota costs a map lookup per request, not a store round trip.
     short: HashMap<String, Bucket>,
+    /// Per tenant whose in-flight slots this router leases: slots it claimed from the shared bucket and holds
+    /// free, and when it last admitted a request of the tenant (ms). Freed slots come back here; beyond two
+    /// leases' worth, and when unused for [`LEASE_MS`] (at [`Quotas::expire`]), they go back to the bucket.
+    slots: HashMap<String, Slots>,
+    /// Lease in-flight slots ([`Quota::slot_lease`]): the proxy-wasm shell, where each shared-data round
+    /// trip costs about a microsecond; the dynamic module's process store is cheaper than the false refusals
+    /// that slots idle in one worker could cause in another.
+    pub lease_slots: bool,
     pub(crate) warned: bool,
+}
+
+/// In-flight slots a router holds free for a tenant ([`Quotas::slots`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Slots {
+    free: u32,
+    used_ms: u64,
+    /// The quota's [`Quota::slot_lease`] when the slots were claimed.
+    lease: u32,
 }
 
 impl std::fmt::Debug for Quotas {
@@ -500,7 +559,14 @@ pub fn effective<'a>(own: Option<&'a TenantQuota>, default: Option<&'a Arc<Quota
 impl Quotas {
     /// Quotas kept in `store`.
     pub fn new(store: Box<dyn QuotaStore>) -> Self {
-        Self { store, leases: HashMap::new(), short: HashMap::new(), warned: false }
+        Self {
+            store,
+            leases: HashMap::new(),
+            short: HashMap::new(),
+            slots: HashMap::new(),
+            lease_slots: false,
+            warned: false,
+        }
     }
 
     /// Charges `cost` units to `tenant` under `quota`, pushing its counts. `Ok(Some(key))`: admitted holding
@@ -514,13 +580,10 @@ impl Quotas {
         now_ms: u64,
         out: &mut dyn Effects,
     ) -> Result<Option<String>, Verdict> {
-        if let Some((units, until)) = self.leases.get_mut(tenant) {
-            if *units >= cost && now_ms < *until {
-                // Units this router took from the shared bucket moments ago: no host call.
-                *units -= cost;
-                out.push(Effect::Count(Metric::TenantQuota(tenant, true)));
-                return Ok(None);
-            }
+        if self.admit_locally(quota, tenant, cost, now_ms) {
+            // Units (and a slot) this router took from the shared bucket moments ago: no host call.
+            out.push(Effect::Count(Metric::TenantQuota(tenant, true)));
+            return Ok(quota.max_in_flight.map(|_| key(tenant)));
         }
         if let Some(bucket) = self.short.get(tenant) {
             // The rate alone is judged here (in-flight slots may have been given back elsewhere).
@@ -532,13 +595,29 @@ impl Quotas {
             }
         }
         let key = key(tenant);
-        match charge(&*self.store, &key, quota, cost, now_ms) {
-            Charge::Admitted { in_flight, leased } => {
+        let wanted = self.wanted(quota);
+        match charge_leasing(&*self.store, &key, quota, cost, now_ms, wanted) {
+            Charge::Admitted { in_flight, leased, slots } => {
                 out.push(Effect::Count(Metric::TenantQuota(tenant, true)));
-                if leased > 0 {
-                    self.leases.insert(tenant.to_string(), (leased, now_ms.saturating_add(LEASE_MS)));
-                } else if !self.leases.is_empty() {
-                    self.leases.remove(tenant);
+                let until = now_ms.saturating_add(LEASE_MS);
+                match self.leases.get_mut(tenant) {
+                    // Units still unspent and unexpired stay, with the new ones, for another LEASE_MS: they
+                    // left the shared bucket already, so spending them later only ever admits less.
+                    Some((units, expiry)) if *expiry > now_ms => (*units, *expiry) = (*units + leased, until),
+                    Some(lease) if leased > 0 => *lease = (leased, until),
+                    Some(_) => {
+                        self.leases.remove(tenant);
+                    }
+                    None if leased > 0 => {
+                        self.leases.insert(tenant.to_string(), (leased, until));
+                    }
+                    None => {}
+                }
+                if wanted.1 > 0 {
+                    let pool = self.slots.entry(tenant.to_string()).or_default();
+                    pool.free += slots;
+                    pool.used_ms = now_ms;
+                    pool.lease = wanted.1;
                 }
                 Ok(in_flight.then_some(key))
             }
@@ -584,9 +663,75 @@ impl Quotas {
         created
     }
 
-    /// Gives back the in-flight slot held under `key`.
+    /// What a charge of `quota` leases beyond the request's own: units, in-flight slots.
+    fn wanted(&self, quota: &Quota) -> (u64, u32) {
+        let units = quota.rate.map_or(0, |r| r.lease);
+        match quota.max_in_flight {
+            None => (units, 0),
+            Some(_) if self.lease_slots && quota.slot_lease > 0 => (units, quota.slot_lease),
+            // Every admission takes a slot from the shared bucket: units leased could not be spent alone.
+            Some(_) => (0, 0),
+        }
+    }
+
+    /// Admits a request from what this router leased (units for its cost, a free slot), if it has both
+    /// (what the quota needs of them), taking them.
+    fn admit_locally(&mut self, quota: &Quota, tenant: &str, cost: u64, now_ms: u64) -> bool {
+        let units = match quota.rate {
+            None => None,
+            Some(_) => match self.leases.get_mut(tenant) {
+                Some((units, until)) if *units >= cost && now_ms < *until => Some(units),
+                _ => return false,
+            },
+        };
+        let slot = match quota.max_in_flight {
+            None => None,
+            Some(_) => match self.slots.get_mut(tenant) {
+                Some(pool) if pool.free > 0 => Some(pool),
+                _ => return false,
+            },
+        };
+        if let Some(units) = units {
+            *units -= cost;
+        }
+        if let Some(pool) = slot {
+            pool.free -= 1;
+            pool.used_ms = now_ms;
+        }
+        true
+    }
+
+    /// Gives back the in-flight slot held under `key`: to this router's free slots for the tenant if it
+    /// leases them (returning the excess beyond two leases to the shared bucket), else to the bucket.
     pub fn release(&mut self, key: &str) {
+        let tenant = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
+        if let Some(pool) = self.slots.get_mut(tenant) {
+            pool.free += 1;
+            if pool.free > pool.lease.saturating_mul(2) {
+                let excess = pool.free - pool.lease;
+                pool.free = pool.lease;
+                let _ = give_back_n(&*self.store, key, excess);
+            }
+            return;
+        }
         let _ = give_back(&*self.store, key);
+    }
+
+    /// Gives back the free slots of tenants this router has admitted none of for [`LEASE_MS`] (a tick).
+    pub fn expire(&mut self, now_ms: u64) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let store = &*self.store;
+        self.slots.retain(|tenant, pool| {
+            if now_ms.saturating_sub(pool.used_ms) < LEASE_MS {
+                return true;
+            }
+            if pool.free > 0 {
+                let _ = give_back_n(store, &key(tenant), pool.free);
+            }
+            false
+        });
     }
 }
 
@@ -765,7 +910,7 @@ mod tests {
         let q = quota(serde_json::json!({"rate_per_s": 1, "burst": 2, "max_in_flight": 5}));
         let store = Contended::default();
         store.conflicts.set(3);
-        assert_eq!(charge(&store, "k", &q, 1, T0), Charge::Admitted { in_flight: true, leased: 0 });
+        assert_eq!(charge(&store, "k", &q, 1, T0), Charge::Admitted { in_flight: true, leased: 0, slots: 0 });
         assert_eq!(*store.stores.borrow(), 4);
         assert_eq!(store.load("k").unwrap().0.unwrap().tokens, SCALE);
         store.conflicts.set(ADMIT_ATTEMPTS);
@@ -782,8 +927,11 @@ mod tests {
         assert_eq!(q.rate.unwrap().lease, 10, "min(200, 1000) / 20");
         assert_eq!(quota(serde_json::json!({"rate_per_s": 2, "burst": 3})).rate.unwrap().lease, 0);
         let capped = quota(serde_json::json!({"rate_per_s": 1000, "burst": 200, "max_in_flight": 5}));
-        assert_eq!(capped.rate.unwrap().lease, 0, "every in-flight admission needs the shared count");
+        assert_eq!(capped.slot_lease, 0, "a cap under 20 leases no slots");
         let mut quotas = Quotas::new(Box::new(ProcessStore::default()));
+        quotas.lease_slots = true;
+        assert_eq!(quotas.wanted(&capped), (0, 0), "every in-flight admission needs the shared count");
+        quotas.lease_slots = false;
         let mut out = crate::effect::Recorded::default();
         assert_eq!(quotas.admit(&q, "t", 1, T0, &mut out), Ok(None));
         let stored = quotas.store.load(&key("t")).unwrap().0.unwrap();
@@ -800,7 +948,64 @@ mod tests {
         assert_eq!(out.0.len(), 13, "every admission is counted: {:?}", out.0);
     }
 
-    /// A store that counts its loads.
+    #[test]
+    fn a_large_in_flight_cap_leases_slots_to_the_router_which_admits_and_releases_without_the_store() {
+        let q = quota(serde_json::json!({"max_in_flight": 100, "rate_per_s": 1000, "burst": 1000}));
+        assert_eq!((q.slot_lease, q.rate.unwrap().lease), (5, 50));
+        let store = std::rc::Rc::new(Counted::default());
+        let mut quotas = Quotas::new(Box::new(SharedCounted(std::rc::Rc::clone(&store))));
+        quotas.lease_slots = true;
+        let mut out = crate::effect::Recorded::default();
+        let in_flight = |store: &Counted| store.inner.load(&key("t")).unwrap().0.unwrap().in_flight;
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(quotas.admit(&q, "t", 1, T0, &mut out).unwrap().expect("holds a slot"));
+        }
+        assert_eq!((store.loads.get(), in_flight(&store)), (1, 6), "one charge claimed its slot and 5 more");
+        held.push(quotas.admit(&q, "t", 1, T0, &mut out).unwrap().unwrap());
+        assert_eq!((store.loads.get(), in_flight(&store)), (2, 12));
+        // Releases come back to this router; beyond two leases free, the excess goes back to the bucket.
+        for key in held.drain(..) {
+            quotas.release(&key);
+        }
+        assert_eq!(in_flight(&store), 6, "12 claimed, 7 freed: 11 free here > 10, 6 given back, then 1 more freed");
+        // Idle for LEASE_MS: the free slots go back at the next tick.
+        quotas.expire(T0 + LEASE_MS - 1);
+        assert_eq!(in_flight(&store), 6);
+        quotas.expire(T0 + LEASE_MS);
+        assert_eq!(in_flight(&store), 0);
+        assert_eq!(out.0.len(), 7, "every admission is counted: {:?}", out.0);
+    }
+
+    #[test]
+    fn leased_slots_never_let_more_than_the_cap_in_flight_and_idle_ones_return_at_expiry() {
+        let q = quota(serde_json::json!({"max_in_flight": 20}));
+        assert_eq!(q.slot_lease, 1);
+        let store = std::rc::Rc::new(Counted::default());
+        let router = || {
+            let mut quotas = Quotas::new(Box::new(SharedCounted(std::rc::Rc::clone(&store))));
+            quotas.lease_slots = true;
+            quotas
+        };
+        let (mut a, mut b) = (router(), router());
+        let mut out = crate::effect::Recorded::default();
+        let mut held_a: Vec<String> = (0..10).map(|_| a.admit(&q, "t", 1, T0, &mut out).unwrap().unwrap()).collect();
+        let held_b: Vec<String> = (0..10).map(|_| b.admit(&q, "t", 1, T0, &mut out).unwrap().unwrap()).collect();
+        assert_eq!(b.admit(&q, "t", 1, T0, &mut out), Err(Verdict::InFlightFull), "20 in flight, the cap");
+        assert_eq!(a.admit(&q, "t", 1, T0, &mut out), Err(Verdict::InFlightFull));
+        // A request of A ends: its slot stays free at A (one lease's worth), so B is still refused ...
+        a.release(&held_a.pop().unwrap());
+        assert_eq!(b.admit(&q, "t", 1, T0 + 10, &mut out), Err(Verdict::InFlightFull));
+        assert!(a.admit(&q, "t", 1, T0 + 10, &mut out).unwrap().is_some(), "... while A admits from it");
+        a.release(&held_a.pop().unwrap());
+        // ... until A has admitted nothing for LEASE_MS and gives it back at its tick.
+        a.expire(T0 + 10 + LEASE_MS);
+        assert!(b.admit(&q, "t", 1, T0 + 10 + LEASE_MS, &mut out).unwrap().is_some());
+        assert_eq!(store.inner.load(&key("t")).unwrap().0.unwrap().in_flight, 20);
+        drop(held_b);
+    }
+
+    /// A store that counts its loads.    /// A store that counts its loads.
     #[derive(Default)]
     struct Counted {
         inner: ProcessStore,
@@ -817,20 +1022,23 @@ mod tests {
         }
     }
 
+    /// One [`Counted`] store for several routers.
+    struct SharedCounted(std::rc::Rc<Counted>);
+
+    impl QuotaStore for SharedCounted {
+        fn load(&self, key: &str) -> Result<(Option<Bucket>, u32), StoreError> {
+            self.0.load(key)
+        }
+        fn store(&self, key: &str, bucket: &Bucket, version: u32) -> Result<(), StoreError> {
+            self.0.store(key, bucket, version)
+        }
+    }
+
     #[test]
     fn once_refused_for_its_rate_a_tenant_is_refused_without_the_store_until_its_bucket_can_pay() {
         let q = quota(serde_json::json!({"rate_per_s": 2, "burst": 2, "max_in_flight": 10}));
         let store = std::rc::Rc::new(Counted::default());
-        struct Shared(std::rc::Rc<Counted>);
-        impl QuotaStore for Shared {
-            fn load(&self, key: &str) -> Result<(Option<Bucket>, u32), StoreError> {
-                self.0.load(key)
-            }
-            fn store(&self, key: &str, bucket: &Bucket, version: u32) -> Result<(), StoreError> {
-                self.0.store(key, bucket, version)
-            }
-        }
-        let mut quotas = Quotas::new(Box::new(Shared(std::rc::Rc::clone(&store))));
+        let mut quotas = Quotas::new(Box::new(SharedCounted(std::rc::Rc::clone(&store))));
         let mut out = crate::effect::Recorded::default();
         assert!(quotas.admit(&q, "t", 1, T0, &mut out).is_ok());
         assert!(quotas.admit(&q, "t", 1, T0, &mut out).is_ok());
@@ -985,6 +1193,45 @@ mod tests {
             }
             let allowance = burst + (now - T0) * rate / 1000 + 1;
             proptest::prop_assert!(spent <= allowance, "{spent} > {allowance}");
+        }
+
+        /// Three routers leasing slots of one cap, in any order of admissions, releases and ticks: never
+        /// more requests in flight than the cap, the shared count is always what requests hold plus what the
+        /// routers hold free, and once every request ended and every router ticked idle, it is back to 0.
+        #[test]
+        fn leased_slots_are_conserved_and_never_exceed_the_cap(
+            cap in 1u64..120, steps in proptest::collection::vec((0usize..3, 0u8..3, 0u64..80), 1..200)
+        ) {
+            let q = quota(serde_json::json!({"max_in_flight": cap}));
+            let store = std::rc::Rc::new(Counted::default());
+            let mut routers: Vec<Quotas> = (0..3).map(|_| {
+                let mut r = Quotas::new(Box::new(SharedCounted(std::rc::Rc::clone(&store))));
+                r.lease_slots = true;
+                r
+            }).collect();
+            let mut held: Vec<Vec<String>> = vec![Vec::new(); 3];
+            let mut out = crate::effect::Recorded::default();
+            let mut now = T0;
+            let shared = |store: &Counted| store.inner.load(&key("t")).unwrap().0.map_or(0, |b| b.in_flight);
+            for (r, op, dt) in steps {
+                now += dt;
+                match op {
+                    0 => if let Ok(Some(slot)) = routers[r].admit(&q, "t", 1, now, &mut out) { held[r].push(slot) },
+                    1 => if let Some(slot) = held[r].pop() { routers[r].release(&slot) },
+                    _ => routers[r].expire(now),
+                }
+                let holding: usize = held.iter().map(Vec::len).sum();
+                let free: u32 = routers.iter().map(|r| r.slots.get("t").map_or(0, |p| p.free)).sum();
+                proptest::prop_assert!(holding as u64 <= cap, "{holding} in flight over a cap of {cap}");
+                proptest::prop_assert_eq!(shared(&store), holding as u32 + free);
+            }
+            for (router, slots) in routers.iter_mut().zip(&mut held) {
+                for slot in slots.drain(..) {
+                    router.release(&slot);
+                }
+                router.expire(now + LEASE_MS);
+            }
+            proptest::prop_assert_eq!(shared(&store), 0);
         }
     }
 }

@@ -75,6 +75,8 @@ impl Router {
             }
             out.push(Effect::Gauge(Gauge::CacheEntries, self.cache.len() as u64));
         }
+        // In-flight slots leased for tenants idle here go back to their shared buckets.
+        self.quotas.expire(now_ms);
         let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
         if now_s.saturating_sub(self.last_purge_s) >= PURGE_EVERY_S {
             self.last_purge_s = now_s;

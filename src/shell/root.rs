@@ -53,6 +53,8 @@ impl<H: Host + Clone + 'static> Root<H> {
             let mut router = Router::new(config, host.now_ms(), &mut apply);
             // Every worker's VM charges the same buckets, in Envoy's shared data.
             router.quotas = crate::quota::Quotas::new(Box::new(SharedData(host.clone())));
+            // A shared-data round trip costs about a microsecond in V8: large in-flight caps are leased.
+            router.quotas.lease_slots = true;
             router.prepare_quotas(host.now_ms(), &mut apply);
             router
         };

@@ -28,6 +28,7 @@ INFLIGHT_T = "quota-inflight"    # at most 2 in flight, at a slow upstream
 RESET_T = "quota-reset"          # at most 1 in flight, at a slow upstream
 CROSS_T = "quota-cross"          # burst 20, (almost) no refill; charged from several workers
 CROSS_INFLIGHT_TS = [f"quota-cross-inflight-{i}" for i in range(4)]  # at most 2 in flight across workers, held
+CROSS_LEASED_T = "quota-cross-leased"  # at most 20 in flight across workers: each worker leases 1 slot more
 FREE_T = "quota-free"            # no quota of its own: the default (none)
 SLOW_RATE = 0.001                # one unit per 1000 s: nothing refills within a test
 
@@ -39,6 +40,7 @@ QUOTAS = {
     RESET_T: {"cluster": "tenant_b", "quota": {"max_in_flight": 1}},
     CROSS_T: {"cluster": "tenant_a", "quota": {"rate_per_s": SLOW_RATE, "burst": 20}},
     **{t: {"cluster": "tenant_b", "quota": {"max_in_flight": 2}} for t in CROSS_INFLIGHT_TS},
+    CROSS_LEASED_T: {"cluster": "tenant_b", "quota": {"max_in_flight": 20}},
     FREE_T: {"cluster": "tenant_a"},
 }
 
@@ -221,6 +223,20 @@ def test_with_several_workers_one_bucket_serves_the_whole_process(workdir, wasm)
                 slow.gate.set()
                 held = [f.result() for f in flood]
             assert sorted(r.status for r in held) == [200] * 2 + [429] * 6, (tenant, held)
+        # A cap of 20 is leased to the workers one slot beyond each charge (max_in_flight / 20): 30 requests
+        # at once never put more than 20 in flight; a slot a worker leased and got no request for is the
+        # most each worker may leave unused (the documented trade-off), so at least 17 get there.
+        slow.gate.clear()
+        leased_token = bearer(minter.token(CROSS_LEASED_T))
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            flood = [pool.submit(env.request, "GET", "/Patient", leased_token, None, 40) for _ in range(30)]
+            wait_until(lambda: len(_seen_by(slow, CROSS_LEASED_T)) + sum(f.done() for f in flood) >= 30, 20,
+                       "every request held or refused")
+            reached = len(_seen_by(slow, CROSS_LEASED_T))
+            assert 17 <= reached <= 20, reached
+            slow.gate.set()
+            statuses = sorted(f.result().status for f in flood)
+        assert statuses == [200] * reached + [429] * (30 - reached), statuses
         assert_wasm_vm_never_crashed(env)
     finally:
         ups["tenant_b"].gate.set()

@@ -190,6 +190,15 @@ impl Probe {
             let _ = std::hint::black_box(quota::charge(&store, &k, &capped, 1, now));
             let _ = quota::give_back(&store, &k);
         });
+        // As the filter runs a tenant with a large in-flight cap: the VM leases slots with its units, admits
+        // from them and takes them back on release (a charge when the units run out: one in 64 here).
+        let mut quotas = quota::Quotas::new(Box::new(SharedData(ProxyWasmHost)));
+        quotas.lease_slots = true;
+        time("quota: admit + release a request, with max_in_flight (slots leased: one charge in 64)", || {
+            if let Ok(Some(slot)) = quotas.admit(&capped, "0b3c4d5e-0000-4000-8000-000000000004", 1, now, &mut NoEffects) {
+                quotas.release(&slot);
+            }
+        });
     }
 
     /// The core's per-request work on a cache hit, inside V8.

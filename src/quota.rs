@@ -377,7 +377,7 @@ pub fn charge_leasing(
 /// unconditional). Left to the first request, the first write could race: two workers that both read
 /// "absent" both store, the later one overwriting the other's charge (and in-flight slot). So the shells
 /// create every known tenant's bucket before its requests can arrive: the proxy-wasm root context at
-/// configuration (Envoy configures the main thread's VM before any worker serves) and at each registry
+/// configuration (Envoy configures a canary VM on its main thread before any worker's VM exists) and at each registry
 /// install (for the tenants new to it). [`charge`] still creates a missing bucket as a last resort.
 pub fn ensure(store: &dyn QuotaStore, key: &str, quota: &Quota, now_ms: u64) -> Result<bool, StoreError> {
     match store.load(key)? {

@@ -595,7 +595,11 @@ impl Quotas {
             }
         }
         let key = key(tenant);
-        let wanted = self.wanted(quota);
+        let mut wanted = self.wanted(quota);
+        if let Some(pool) = self.slots.get(tenant) {
+            // Short of units, not of slots: claim only what tops the free slots up to one lease.
+            wanted.1 = wanted.1.saturating_sub(pool.free);
+        }
         match charge_leasing(&*self.store, &key, quota, cost, now_ms, wanted) {
             Charge::Admitted { in_flight, leased, slots } => {
                 out.push(Effect::Count(Metric::TenantQuota(tenant, true)));
@@ -613,11 +617,12 @@ impl Quotas {
                     }
                     None => {}
                 }
-                if wanted.1 > 0 {
+                let lease = if quota.max_in_flight.is_some() && self.lease_slots { quota.slot_lease } else { 0 };
+                if lease > 0 {
                     let pool = self.slots.entry(tenant.to_string()).or_default();
                     pool.free += slots;
                     pool.used_ms = now_ms;
-                    pool.lease = wanted.1;
+                    pool.lease = lease;
                 }
                 Ok(in_flight.then_some(key))
             }

@@ -331,11 +331,22 @@ pub enum Charge {
     Unchecked(StoreError),
 }
 
-/// Charges `cost` to the bucket under `key` at `now_ms`, through the store's compare-and-swap, leasing the
-/// rate's units when the quota has no `max_in_flight` (as a router that does not lease slots does).
+/// Charges `cost` to the bucket under `key` at `now_ms`, through the store's compare-and-swap, leasing what
+/// a router that does not lease slots leases ([`lease_of`]).
 pub fn charge(store: &dyn QuotaStore, key: &str, quota: &Quota, cost: u64, now_ms: u64) -> Charge {
-    let units = if quota.max_in_flight.is_some() { 0 } else { quota.rate.map_or(0, |r| r.lease) };
-    charge_leasing(store, key, quota, cost, now_ms, (units, 0))
+    charge_leasing(store, key, quota, cost, now_ms, lease_of(quota, false))
+}
+
+/// What a charge of `quota` leases beyond the request's own (units, in-flight slots), for a router that
+/// leases slots (`slots`) or not.
+pub fn lease_of(quota: &Quota, slots: bool) -> (u64, u32) {
+    let units = quota.rate.map_or(0, |r| r.lease);
+    match quota.max_in_flight {
+        None => (units, 0),
+        Some(_) if slots && quota.slot_lease > 0 => (units, quota.slot_lease),
+        // Every admission takes a slot from the shared bucket: units leased could not be spent alone.
+        Some(_) => (0, 0),
+    }
 }
 
 /// [`charge`], leasing up to `wanted` units and in-flight slots beyond the request's own.
@@ -595,7 +606,8 @@ impl Quotas {
             }
         }
         let key = key(tenant);
-        let mut wanted = self.wanted(quota);
+        let lease = lease_of(quota, self.lease_slots);
+        let mut wanted = lease;
         if let Some(pool) = self.slots.get(tenant) {
             // Short of units, not of slots: claim only what tops the free slots up to one lease.
             wanted.1 = wanted.1.saturating_sub(pool.free);
@@ -617,12 +629,11 @@ impl Quotas {
                     }
                     None => {}
                 }
-                let lease = if quota.max_in_flight.is_some() && self.lease_slots { quota.slot_lease } else { 0 };
-                if lease > 0 {
+                if lease.1 > 0 {
                     let pool = self.slots.entry(tenant.to_string()).or_default();
                     pool.free += slots;
                     pool.used_ms = now_ms;
-                    pool.lease = lease;
+                    pool.lease = lease.1;
                 }
                 Ok(in_flight.then_some(key))
             }
@@ -666,17 +677,6 @@ impl Quotas {
             }
         }
         created
-    }
-
-    /// What a charge of `quota` leases beyond the request's own: units, in-flight slots.
-    fn wanted(&self, quota: &Quota) -> (u64, u32) {
-        let units = quota.rate.map_or(0, |r| r.lease);
-        match quota.max_in_flight {
-            None => (units, 0),
-            Some(_) if self.lease_slots && quota.slot_lease > 0 => (units, quota.slot_lease),
-            // Every admission takes a slot from the shared bucket: units leased could not be spent alone.
-            Some(_) => (0, 0),
-        }
     }
 
     /// Admits a request from what this router leased (units for its cost, a free slot), if it has both
@@ -934,9 +934,7 @@ mod tests {
         let capped = quota(serde_json::json!({"rate_per_s": 1000, "burst": 200, "max_in_flight": 5}));
         assert_eq!(capped.slot_lease, 0, "a cap under 20 leases no slots");
         let mut quotas = Quotas::new(Box::new(ProcessStore::default()));
-        quotas.lease_slots = true;
-        assert_eq!(quotas.wanted(&capped), (0, 0), "every in-flight admission needs the shared count");
-        quotas.lease_slots = false;
+        assert_eq!(lease_of(&capped, true), (0, 0), "every in-flight admission needs the shared count");
         let mut out = crate::effect::Recorded::default();
         assert_eq!(quotas.admit(&q, "t", 1, T0, &mut out), Ok(None));
         let stored = quotas.store.load(&key("t")).unwrap().0.unwrap();

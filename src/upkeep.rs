@@ -367,7 +367,7 @@ impl Router {
         let Router { config, tenants, quotas, .. } = self;
         let is_new = |id: &str| before.as_ref().map_or(true, |b| b.get(id).is_none());
         let new = tenants.map.iter().flat_map(|m| m.iter()).filter(|t| is_new(&t.id));
-        quotas.prepare(new.filter_map(|t| quota_of(config, t).map(|q| (t.id.as_str(), &**q))), now_ms, out);
+        prepare_buckets(config, quotas, new, now_ms, out);
         true
     }
 
@@ -377,8 +377,19 @@ impl Router {
     pub fn prepare_quotas(&mut self, now_ms: u64, out: &mut dyn Effects) {
         let Router { config, tenants, quotas, .. } = self;
         let known = config.tenants.iter().chain(tenants.map.iter().flat_map(|m| m.iter()));
-        quotas.prepare(known.filter_map(|t| quota_of(config, t).map(|q| (t.id.as_str(), &**q))), now_ms, out);
+        prepare_buckets(config, quotas, known, now_ms, out);
     }
+}
+
+/// Creates the buckets of those of `tenants` that have a quota ([`crate::quota::Quotas::prepare`]).
+fn prepare_buckets<'a>(
+    config: &'a crate::config::Config,
+    quotas: &mut crate::quota::Quotas,
+    tenants: impl Iterator<Item = &'a crate::tenant::Tenant>,
+    now_ms: u64,
+    out: &mut dyn Effects,
+) {
+    quotas.prepare(tenants.filter_map(|t| quota_of(config, t).map(|q| (t.id.as_str(), &**q))), now_ms, out);
 }
 
 /// What a host does after a fetch ended ([`Router::on_fetch_result`]).

@@ -112,6 +112,9 @@ pub const CALLOUT_SUCCESS: u32 = 0;
 /// `envoy_dynamic_module_type_metrics_result`.
 pub const METRICS_SUCCESS: u32 = 0;
 
+// The callbacks: linked against Envoy, so only in the `.so` (the unit tests drive the shell through
+// `super::envoy::Envoy` and a fake instead). `super::envoy::Abi` is their only caller.
+#[cfg(not(test))]
 extern "C" {
     pub fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
     pub fn envoy_dynamic_module_callback_log_enabled(level: u32) -> bool;

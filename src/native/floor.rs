@@ -10,34 +10,21 @@ use std::sync::OnceLock;
 use crate::config::Config;
 
 use super::abi::*;
-use super::host::{send_response, set_header};
+use super::envoy::Envoy;
 
 static TENANT: OnceLock<Option<String>> = OnceLock::new();
 
 /// The floor's answer for a request's headers, or `None` when the floor is off (no tenant in the environment).
-pub(crate) fn request_headers(filter: FilterEnvoyPtr, config: &Config) -> Option<u32> {
+pub(crate) fn request_headers(env: &impl Envoy, filter: FilterEnvoyPtr, config: &Config) -> Option<u32> {
     let tenant = TENANT.get_or_init(|| std::env::var("FHIR_TENANT_ROUTER_BENCH_FLOOR_TENANT").ok()).as_deref()?;
     let cluster = config.tenants.get(tenant).map_or("", |t| t.cluster.as_str());
-    let mut value = EnvoyBuffer { ptr: std::ptr::null(), length: 0 };
-    // SAFETY: `filter` is the live stream of the current hook; `value` is written by Envoy.
-    let has_token = unsafe {
-        envoy_dynamic_module_callback_http_get_header(
-            filter,
-            REQUEST_HEADER,
-            ModuleBuffer::of(b"authorization"),
-            &mut value,
-            0,
-            std::ptr::null_mut(),
-        )
-    };
-    if !has_token {
-        send_response(filter, 401, &[], b"{}");
+    if env.header(filter, REQUEST_HEADER, "authorization").is_none() {
+        env.send_response(filter, 401, &[], b"{}");
         return Some(HEADERS_STOP_ITERATION);
     }
-    set_header(filter, REQUEST_HEADER, "authorization", None);
-    set_header(filter, REQUEST_HEADER, &config.tenant_header, Some(tenant));
-    set_header(filter, REQUEST_HEADER, &config.route_header, Some(cluster));
-    // SAFETY: as above.
-    unsafe { envoy_dynamic_module_callback_http_clear_route_cache(filter) };
+    env.set_header(filter, REQUEST_HEADER, "authorization", None);
+    env.set_header(filter, REQUEST_HEADER, &config.tenant_header, Some(tenant));
+    env.set_header(filter, REQUEST_HEADER, &config.route_header, Some(cluster));
+    env.clear_route_cache(filter);
     Some(HEADERS_CONTINUE)
 }

@@ -1,27 +1,30 @@
-//! What both sides of the dynamic module use: the clock, Envoy's log, and the stats defined per config.
+//! What both sides of the dynamic module use: the clock and the stats defined per config.
 
+#[cfg(not(test))]
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::effect::{CounterSlot, Gauge, Level, Metric, TenantRefusal, TokenEvent, COUNTERS};
+use crate::effect::{CounterSlot, Gauge, Metric, TenantRefusal, TokenEvent, COUNTERS};
 use crate::rejection::Rejection;
 
-use super::abi::*;
+use super::abi::ConfigEnvoyPtr;
+use super::envoy::Envoy;
 
 /// Milliseconds since the epoch (the ABI has no clock for HTTP filters).
+#[cfg(not(test))]
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A line in Envoy's log (the `dynamic_modules` logger).
-pub(crate) fn log(level: Level, message: &str) {
-    let level = match level {
-        Level::Debug => LOG_DEBUG,
-        Level::Info => LOG_INFO,
-        Level::Warn => LOG_WARN,
-        Level::Error => LOG_ERROR,
-    };
-    // SAFETY: the buffer is valid for the call; Envoy copies it.
-    unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
+#[cfg(test)]
+thread_local! {
+    /// The unit tests' clock (set by the fake Envoy).
+    pub(crate) static TEST_NOW_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The unit tests' clock.
+#[cfg(test)]
+pub(crate) fn now_ms() -> u64 {
+    TEST_NOW_MS.with(std::cell::Cell::get)
 }
 
 /// The stats this config defined in `config_new` (ids by position; `None`: the host refused one).
@@ -42,61 +45,32 @@ pub struct MetricIds {
     pub(crate) panics: Option<usize>,
 }
 
-fn define(config: ConfigEnvoyPtr, name: &str, gauge: bool, labels: &[&str]) -> Option<usize> {
-    let mut labels: Vec<ModuleBuffer> = labels.iter().map(|l| ModuleBuffer::of(l.as_bytes())).collect();
-    let mut id = 0usize;
-    let name = ModuleBuffer::of(name.as_bytes());
-    // SAFETY: every buffer outlives the call; `id` is a valid out pointer.
-    let status = unsafe {
-        if gauge {
-            envoy_dynamic_module_callback_http_filter_config_define_gauge(
-                config,
-                name,
-                labels.as_mut_ptr(),
-                labels.len(),
-                &mut id,
-            )
-        } else {
-            envoy_dynamic_module_callback_http_filter_config_define_counter(
-                config,
-                name,
-                labels.as_mut_ptr(),
-                labels.len(),
-                &mut id,
-            )
-        }
-    };
-    (status == METRICS_SUCCESS).then_some(id)
-}
-
 impl MetricIds {
     /// Defines every stat (only possible in `config_new`).
-    pub(crate) fn define(config: ConfigEnvoyPtr) -> Self {
+    pub(crate) fn define(env: &impl Envoy, config: ConfigEnvoyPtr) -> Self {
+        let define = |name: &str, gauge: bool, labels: &[&str]| env.define_metric(config, name, gauge, labels);
         Self {
-            counters: COUNTERS.iter().map(|m| define(config, m.name(), false, &[])).collect(),
-            rejected: Rejection::ALL.iter().map(|r| define(config, r.stat_name(), false, &[])).collect(),
+            counters: COUNTERS.iter().map(|m| define(m.name(), false, &[])).collect(),
+            rejected: Rejection::ALL.iter().map(|r| define(r.stat_name(), false, &[])).collect(),
             // No VM here: `vm.memory_bytes` is the wasm build's alone (Envoy's own memory stats cover a module).
             gauges: Gauge::ALL
                 .iter()
-                .map(|g| if *g == Gauge::VmMemoryBytes { None } else { define(config, g.name(), true, &[]) })
+                .map(|g| if *g == Gauge::VmMemoryBytes { None } else { define(g.name(), true, &[]) })
                 .collect(),
-            tenant: (
-                define(config, "tenant.allowed", false, &["tenant"]),
-                define(config, "tenant.forbidden", false, &["tenant"]),
-            ),
+            tenant: (define("tenant.allowed", false, &["tenant"]), define("tenant.forbidden", false, &["tenant"])),
             token: TokenEvent::ALL
                 .iter()
-                .map(|e| define(config, &format!("tenant.{}", e.name()), false, &["tenant"]))
+                .map(|e| define(&format!("tenant.{}", e.name()), false, &["tenant"]))
                 .collect(),
             tenant_refusals: TenantRefusal::ALL
                 .iter()
-                .map(|r| define(config, &format!("tenant.{}", r.name()), false, &["tenant"]))
+                .map(|r| define(&format!("tenant.{}", r.name()), false, &["tenant"]))
                 .collect(),
             tenant_quota: (
-                define(config, "tenant.quota.allowed", false, &["tenant"]),
-                define(config, "tenant.quota.limited", false, &["tenant"]),
+                define("tenant.quota.allowed", false, &["tenant"]),
+                define("tenant.quota.limited", false, &["tenant"]),
             ),
-            panics: define(config, "panics", false, &[]),
+            panics: define("panics", false, &[]),
         }
     }
 }
@@ -129,29 +103,4 @@ impl MetricIds {
     pub(crate) fn gauge(&self, gauge: Gauge) -> Option<usize> {
         self.gauges.get(gauge.index()).copied().flatten()
     }
-}
-
-/// Sets (or, with `None`, removes) a header of the current hook's stream.
-pub(crate) fn set_header(filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
-    let value = value.map_or(ModuleBuffer::null(), |v| ModuleBuffer::of(v.as_bytes()));
-    // SAFETY: `filter` is the live stream of the current hook; the buffers outlive the call.
-    unsafe {
-        envoy_dynamic_module_callback_http_set_header(filter, header_type, ModuleBuffer::of(name.as_bytes()), value)
-    };
-}
-
-/// A local answer through the ABI.
-pub(crate) fn send_response(filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    let mut headers = ModuleHeader::views(headers.iter().copied());
-    // SAFETY: `filter` is the live stream of the current hook; every buffer outlives the call.
-    unsafe {
-        envoy_dynamic_module_callback_http_send_response(
-            filter,
-            status,
-            headers.as_mut_ptr(),
-            headers.len(),
-            ModuleBuffer::of(body),
-            ModuleBuffer::of(b"fhir_tenant_router"),
-        )
-    };
 }

@@ -10,7 +10,6 @@
 #![allow(clippy::missing_safety_doc)]
 
 use std::cell::UnsafeCell;
-use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -22,7 +21,8 @@ use crate::router::{Router, Stream};
 use super::abi::*;
 use super::counts::TenantCounts;
 use super::crypto::Ring;
-use super::host::{log, now_ms, send_response, set_header, MetricIds};
+use super::envoy::Envoy;
+use super::host::{now_ms, MetricIds};
 use super::upkeep::{park, unpark, want_token, Awaited, Main, Parked, Published, Quiet, SendPtr, Upkeep};
 
 /// Most worker slots a config keeps (Envoy's `--concurrency`); a worker beyond them gets 503s.
@@ -46,13 +46,13 @@ unsafe impl Sync for Slot {}
 unsafe impl Send for Slot {}
 
 /// The module's filter config: shared by every worker.
-pub struct FilterConfig {
+pub struct FilterConfig<E: Envoy> {
     config: Config,
     metrics: MetricIds,
     slots: Vec<Slot>,
     /// The main thread's part: fetching (with a remote JWKS or a registry) and handing the configured
     /// tenants' counts to Envoy; `None` only without either.
-    upkeep: Option<Mutex<Upkeep>>,
+    upkeep: Option<Mutex<Upkeep<E>>>,
     tenant_counts: TenantCounts,
     /// The configured tenants' quota counts (allowed, limited), handed to Envoy on the main thread's tick.
     quota_counts: TenantCounts,
@@ -60,10 +60,11 @@ pub struct FilterConfig {
     parked: Mutex<Parked>,
 }
 
-impl FilterConfig {
+impl<E: Envoy> FilterConfig<E> {
     /// The sink for one hook's effects on stream `filter`.
-    fn apply(&self, filter: FilterEnvoyPtr) -> Apply<'_> {
+    fn apply<'a>(&'a self, env: &'a E, filter: FilterEnvoyPtr) -> Apply<'a, E> {
         Apply {
+            env,
             filter,
             metrics: &self.metrics,
             tenant_counts: &self.tenant_counts,
@@ -72,8 +73,9 @@ impl FilterConfig {
         }
     }
 
-    fn main(&self, envoy_config: ConfigEnvoyPtr) -> Main<'_> {
+    fn main<'a>(&'a self, env: &'a E, envoy_config: ConfigEnvoyPtr) -> Main<'a, E> {
         Main {
+            env,
             envoy_config: SendPtr(envoy_config),
             metrics: &self.metrics,
             parked: &self.parked,
@@ -85,8 +87,8 @@ impl FilterConfig {
 }
 
 /// One stream's state.
-pub struct StreamObject {
-    config: *const FilterConfig,
+pub struct StreamObject<E: Envoy> {
+    config: *const FilterConfig<E>,
     slot: usize,
     stream: Stream,
     signatures: Ring,
@@ -95,7 +97,8 @@ pub struct StreamObject {
 }
 
 /// Applies the core's effects to one stream through the ABI.
-struct Apply<'a> {
+struct Apply<'a, E> {
+    env: &'a E,
     filter: FilterEnvoyPtr,
     metrics: &'a MetricIds,
     tenant_counts: &'a TenantCounts,
@@ -104,85 +107,57 @@ struct Apply<'a> {
     quota_counts: &'a TenantCounts,
 }
 
-fn count(filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
+fn count(env: &impl Envoy, filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
     let Some((id, label)) = counter else { return };
-    let mut labels = [ModuleBuffer::of(label.unwrap_or_default().as_bytes())];
-    let n = usize::from(label.is_some());
-    // SAFETY: as in `set_header`; Envoy reads `n` (0 or 1) labels.
-    unsafe { envoy_dynamic_module_callback_http_filter_increment_counter(filter, id, labels.as_mut_ptr(), n, 1) };
+    env.increment_counter(filter, id, label, 1);
 }
 
 /// A body as one buffer: what the filter buffered so far, then the frame of this hook (`body_types`:
 /// those two, for the request or the response).
-fn read_body(filter: FilterEnvoyPtr, body_types: [u32; 2]) -> Vec<u8> {
+fn read_body(env: &impl Envoy, filter: FilterEnvoyPtr, body_types: [u32; 2]) -> Vec<u8> {
     let mut out = Vec::new();
+    let mut chunks = Vec::new();
     for body_type in body_types {
-        // SAFETY: `filter` is live; the vector holds `n` entries for Envoy to fill, each valid during the hook.
-        unsafe {
-            let n = envoy_dynamic_module_callback_http_get_body_chunks_size(filter, body_type);
-            let mut chunks = vec![EnvoyBuffer { ptr: std::ptr::null(), length: 0 }; n];
-            if n > 0 && envoy_dynamic_module_callback_http_get_body_chunks(filter, body_type, chunks.as_mut_ptr()) {
-                for c in chunks.iter().filter(|c| !c.ptr.is_null()) {
-                    out.extend_from_slice(std::slice::from_raw_parts(c.ptr, c.length));
-                }
-            }
+        env.body_chunks(filter, body_type, &mut chunks);
+        for c in chunks.iter().filter(|c| !c.ptr.is_null()) {
+            // SAFETY: ABI: a body chunk's bytes are valid during the hook until the body changes; they are
+            // copied here before anything else is called.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(c.ptr, c.length) });
         }
     }
     out
 }
 
 /// Replaces the response body (buffered, plus this hook's frame) with `body`.
-fn replace_response_body(filter: FilterEnvoyPtr, body: &[u8]) {
-    // SAFETY: `filter` is live; `body` outlives the call.
-    unsafe {
-        let buffered = envoy_dynamic_module_callback_http_get_body_size(filter, BUFFERED_RESPONSE_BODY);
-        let received = envoy_dynamic_module_callback_http_get_body_size(filter, RECEIVED_RESPONSE_BODY);
-        envoy_dynamic_module_callback_http_drain_body(filter, RECEIVED_RESPONSE_BODY, received);
-        let target = if buffered > 0 {
-            envoy_dynamic_module_callback_http_drain_body(filter, BUFFERED_RESPONSE_BODY, buffered);
-            BUFFERED_RESPONSE_BODY
-        } else {
-            RECEIVED_RESPONSE_BODY
-        };
-        envoy_dynamic_module_callback_http_append_body(filter, target, ModuleBuffer::of(body));
-    }
+fn replace_response_body(env: &impl Envoy, filter: FilterEnvoyPtr, body: &[u8]) {
+    let buffered = env.body_size(filter, BUFFERED_RESPONSE_BODY);
+    let received = env.body_size(filter, RECEIVED_RESPONSE_BODY);
+    env.drain_body(filter, RECEIVED_RESPONSE_BODY, received);
+    let target = if buffered > 0 {
+        env.drain_body(filter, BUFFERED_RESPONSE_BODY, buffered);
+        BUFFERED_RESPONSE_BODY
+    } else {
+        RECEIVED_RESPONSE_BODY
+    };
+    env.append_body(filter, target, body);
 }
 
-fn response_header(filter: FilterEnvoyPtr, name: &str) -> Option<String> {
-    let mut value = EnvoyBuffer { ptr: std::ptr::null(), length: 0 };
-    // SAFETY: `filter` is live; `value` is a valid out pointer, its bytes valid during the hook.
-    unsafe {
-        let found = envoy_dynamic_module_callback_http_get_header(
-            filter,
-            RESPONSE_HEADER,
-            ModuleBuffer::of(name.as_bytes()),
-            &mut value,
-            0,
-            std::ptr::null_mut(),
-        );
-        if !found || value.ptr.is_null() {
-            return None;
-        }
-        Some(String::from_utf8_lossy(std::slice::from_raw_parts(value.ptr, value.length)).into_owned())
-    }
+fn response_header(env: &impl Envoy, filter: FilterEnvoyPtr, name: &str) -> Option<String> {
+    let value = env.header(filter, RESPONSE_HEADER, name)?;
+    // SAFETY: ABI: a getter's bytes are valid during the hook until that map changes; copied at once.
+    Some(String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(value.ptr, value.length) }).into_owned())
 }
 
-impl Effects for Apply<'_> {
+impl<E: Envoy> Effects for Apply<'_, E> {
     fn push(&mut self, effect: Effect<'_>) {
         let filter = self.filter;
+        let env = self.env;
         match effect {
-            Effect::SetRequestHeader(name, value) => set_header(filter, REQUEST_HEADER, name, Some(value)),
-            Effect::RemoveRequestHeader(name) => set_header(filter, REQUEST_HEADER, name, None),
-            // SAFETY (this and the calls below): `filter` is the live stream of the current hook.
-            Effect::ClearRouteCache => unsafe { envoy_dynamic_module_callback_http_clear_route_cache(filter) },
-            Effect::Reply(reply) => send_response(filter, reply.status, reply.headers, reply.body),
-            Effect::FilterState(key, value) => unsafe {
-                envoy_dynamic_module_callback_http_set_filter_state_bytes(
-                    filter,
-                    ModuleBuffer::of(key.as_bytes()),
-                    ModuleBuffer::of(value.as_bytes()),
-                );
-            },
+            Effect::SetRequestHeader(name, value) => env.set_header(filter, REQUEST_HEADER, name, Some(value)),
+            Effect::RemoveRequestHeader(name) => env.set_header(filter, REQUEST_HEADER, name, None),
+            Effect::ClearRouteCache => env.clear_route_cache(filter),
+            Effect::Reply(reply) => env.send_response(filter, reply.status, reply.headers, reply.body),
+            Effect::FilterState(key, value) => env.set_filter_state(filter, key, value),
             // A worker's token request is the main thread's to send and count (see `upkeep`).
             Effect::Count(Metric::UpstreamToken(_, TokenEvent::Fetch)) => {}
             Effect::Count(metric) => {
@@ -192,39 +167,24 @@ impl Effects for Apply<'_> {
                     CounterSlot::TenantQuota { tenant, allowed } if self.quota_counts.add(tenant, allowed) => return,
                     _ => {}
                 }
-                count(filter, self.metrics.counter(metric))
+                count(env, filter, self.metrics.counter(metric))
             }
             Effect::Gauge(gauge, value) => {
                 if let Some(id) = self.metrics.gauge(gauge) {
-                    unsafe {
-                        envoy_dynamic_module_callback_http_filter_set_gauge(filter, id, std::ptr::null_mut(), 0, value)
-                    };
+                    env.set_gauge(filter, id, value);
                 }
             }
-            Effect::Log(level, line) => log(level, line),
-            Effect::SetResponseHeader(name, value) => set_header(filter, RESPONSE_HEADER, name, Some(value)),
-            Effect::RemoveResponseHeader(name) => set_header(filter, RESPONSE_HEADER, name, None),
-            Effect::ReplaceResponseBody(body) => replace_response_body(filter, body),
-            Effect::ResumeRequest => unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(filter) },
+            Effect::Log(level, line) => env.log(level, line),
+            Effect::SetResponseHeader(name, value) => env.set_header(filter, RESPONSE_HEADER, name, Some(value)),
+            Effect::RemoveResponseHeader(name) => env.set_header(filter, RESPONSE_HEADER, name, None),
+            Effect::ReplaceResponseBody(body) => replace_response_body(env, filter, body),
+            Effect::ResumeRequest => env.continue_decoding(filter),
             // Fetches are the main thread's (see `upkeep`): a worker asks it for a tenant's token instead
             // (see `token_followup`).
             Effect::Fetch(_) => {}
             // A request sent again after a 401, from its own stream: answered in `http_callout_done`.
             Effect::Resend(resend) => {
-                let mut headers = ModuleHeader::callout_views(resend.headers.iter().copied());
-                let mut id = 0u64;
-                let status = unsafe {
-                    envoy_dynamic_module_callback_http_filter_http_callout(
-                        filter,
-                        &mut id,
-                        ModuleBuffer::of(resend.cluster.as_bytes()),
-                        headers.as_mut_ptr(),
-                        headers.len(),
-                        ModuleBuffer::null(),
-                        resend.timeout_ms,
-                    )
-                };
-                if status != CALLOUT_SUCCESS {
+                if let Err(status) = env.http_callout(filter, resend.cluster, resend.headers, &[], resend.timeout_ms) {
                     self.resend_failed =
                         Some(format!("could not be sent through cluster {} (callout status {status})", resend.cluster));
                 }
@@ -234,40 +194,33 @@ impl Effects for Apply<'_> {
 }
 
 /// Copies of the stream's request headers as they are now (after this hook's edits).
-fn request_header_copies(filter: FilterEnvoyPtr) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn request_header_copies(env: &impl Envoy, filter: FilterEnvoyPtr) -> Vec<(Vec<u8>, Vec<u8>)> {
     let bytes = |ptr: *const u8, len: usize| -> Vec<u8> {
         if ptr.is_null() {
             Vec::new()
         } else {
-            // SAFETY: Envoy's header views are valid during this hook.
+            // SAFETY: ABI: a getter's bytes are valid during the hook until that map changes; copied at once.
             unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
         }
     };
-    // SAFETY: `filter` is live; the vector holds `n` entries for Envoy to fill, valid during this hook.
-    unsafe {
-        let n = envoy_dynamic_module_callback_http_get_headers_size(filter, REQUEST_HEADER);
-        let empty =
-            EnvoyHeader { key_ptr: std::ptr::null(), key_length: 0, value_ptr: std::ptr::null(), value_length: 0 };
-        let mut views = vec![empty; n];
-        if n == 0 || !envoy_dynamic_module_callback_http_get_headers(filter, REQUEST_HEADER, views.as_mut_ptr()) {
-            return Vec::new();
-        }
-        views
-            .iter()
-            .filter(|h| !h.key_ptr.is_null())
-            .map(|h| (bytes(h.key_ptr, h.key_length), bytes(h.value_ptr, h.value_length)))
-            .collect()
-    }
+    let mut views = Vec::new();
+    env.headers(filter, REQUEST_HEADER, &mut views);
+    views
+        .iter()
+        .filter(|h| !h.key_ptr.is_null())
+        .map(|h| (bytes(h.key_ptr, h.key_length), bytes(h.value_ptr, h.value_length)))
+        .collect()
 }
 
 /// After an event of a stream whose tenant has `upstream_auth`: keeps its request headers if it may be
 /// sent again after a 401, answers it if it could not be sent again (`resend_failed`), parks it if it
 /// waits for its tenant's token, and asks the main thread for a new token when one is wanted (for it, or
 /// a renewal).
-fn token_followup(
-    cfg: &FilterConfig,
+fn token_followup<E: Envoy>(
+    env: &E,
+    cfg: &FilterConfig<E>,
     router: &mut Router,
-    object: &mut StreamObject,
+    object: &mut StreamObject<E>,
     filter: FilterEnvoyPtr,
     resend_failed: Option<String>,
 ) {
@@ -275,19 +228,17 @@ fn token_followup(
         return;
     }
     if object.stream.wants_headers() {
-        let headers = request_header_copies(filter);
+        let headers = request_header_copies(env, filter);
         object.stream.keep_header_pairs(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
     }
     if let Some(why) = resend_failed {
-        let mut apply = cfg.apply(filter);
+        let mut apply = cfg.apply(env, filter);
         router.on_resend_response(&mut object.stream, Err(&why), &[], &[], &mut apply);
     }
     let Some(tenant) = router.token_wanted(&object.stream, now_ms()) else { return };
     if object.stream.waits_for_token() {
-        // SAFETY: `filter` is live; the scheduler is deleted in `destroy`, after it is unlisted.
-        let scheduler = *object
-            .scheduler
-            .get_or_insert_with(|| unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(filter) });
+        // The scheduler is deleted in `destroy`, after it is unlisted.
+        let scheduler = *object.scheduler.get_or_insert_with(|| env.scheduler_new(filter));
         park(&cfg.parked, object.stream.context_id(), scheduler, Awaited::Token(tenant.to_string()));
     } else {
         want_token(&cfg.parked, tenant);
@@ -298,16 +249,17 @@ fn token_followup(
 const PANIC_OUTCOME: &str = r#"{"issue":[{"code":"exception","diagnostics":"The request could not be processed; retry shortly.","severity":"error"}],"resourceType":"OperationOutcome"}"#;
 
 /// A 503 with an `OperationOutcome` body (no config needed).
-fn unavailable(filter: FilterEnvoyPtr, body: &[u8]) {
-    send_response(filter, 503, &[("content-type", "application/fhir+json"), ("cache-control", "no-store")], body);
+fn unavailable(env: &impl Envoy, filter: FilterEnvoyPtr, body: &[u8]) {
+    env.send_response(filter, 503, &[("content-type", "application/fhir+json"), ("cache-control", "no-store")], body);
 }
 
 /// Runs a hook, catching a panic: counted, logged, and (for request-path hooks with a stream) answered
 /// with a 503 `OperationOutcome`. `fallback` is what the hook returns then.
-fn guard<T>(
+fn guard<E: Envoy, T>(
+    env: &E,
     hook: &'static str,
     filter: FilterEnvoyPtr,
-    config: Option<&FilterConfig>,
+    config: Option<&FilterConfig<E>>,
     answer: bool,
     fallback: T,
     f: impl FnOnce() -> T,
@@ -325,12 +277,12 @@ fn guard<T>(
             } else {
                 format!("fhir_tenant_router: the {hook} hook panicked; caught")
             };
-            log(Level::Error, &line);
+            env.log(Level::Error, &line);
             if let Some(config) = config {
-                count(filter, config.metrics.panics.map(|id| (id, None)));
+                count(env, filter, config.metrics.panics.map(|id| (id, None)));
             }
             if answer && !filter.is_null() {
-                let _ = catch_unwind(|| unavailable(filter, PANIC_OUTCOME.as_bytes()));
+                let _ = catch_unwind(AssertUnwindSafe(|| unavailable(env, filter, PANIC_OUTCOME.as_bytes())));
             }
             fallback
         }
@@ -339,52 +291,38 @@ fn guard<T>(
 
 /// A worker's housekeeping effects: its cache size goes into the process-wide `cache.entries` gauge as the
 /// change since its last report (each worker has its own cache; a plain set would keep only the last one's).
-struct WorkerGauges<'a> {
+struct WorkerGauges<'a, E> {
+    env: &'a E,
     filter: FilterEnvoyPtr,
     metrics: &'a MetricIds,
     cache_entries: &'a mut u64,
 }
 
-impl Effects for WorkerGauges<'_> {
+impl<E: Envoy> Effects for WorkerGauges<'_, E> {
     fn push(&mut self, effect: Effect<'_>) {
         match effect {
             Effect::Gauge(Gauge::CacheEntries, now) => {
                 let Some(id) = self.metrics.gauge(Gauge::CacheEntries) else { return };
                 let before = std::mem::replace(self.cache_entries, now);
-                // SAFETY: `filter` is the live stream of the current hook.
-                unsafe {
-                    if now > before {
-                        envoy_dynamic_module_callback_http_filter_increment_gauge(
-                            self.filter,
-                            id,
-                            std::ptr::null_mut(),
-                            0,
-                            now - before,
-                        );
-                    } else if now < before {
-                        envoy_dynamic_module_callback_http_filter_decrement_gauge(
-                            self.filter,
-                            id,
-                            std::ptr::null_mut(),
-                            0,
-                            before - now,
-                        );
-                    }
+                if now > before {
+                    self.env.increment_gauge(self.filter, id, now - before);
+                } else if now < before {
+                    self.env.decrement_gauge(self.filter, id, before - now);
                 }
             }
-            Effect::Log(level, line) => log(level, line),
+            Effect::Log(level, line) => self.env.log(level, line),
             _ => {}
         }
     }
 }
 
 /// Applies only the log lines of a series of effects.
-struct LogsOnly;
+struct LogsOnly<'a, E>(&'a E);
 
-impl Effects for LogsOnly {
+impl<E: Envoy> Effects for LogsOnly<'_, E> {
     fn push(&mut self, effect: Effect<'_>) {
         if let Effect::Log(level, line) = effect {
-            log(level, line);
+            self.0.log(level, line);
         }
     }
 }
@@ -402,7 +340,7 @@ static NEXT_STREAM_ID: AtomicU32 = AtomicU32::new(1);
 /// # Safety
 /// Call only on Envoy worker `slot`'s thread (see [`Slot`]).
 #[allow(clippy::mut_from_ref)] // the slot's UnsafeCell: one worker's exclusive state (see `Slot`)
-unsafe fn worker(config: &FilterConfig, slot: usize) -> Option<&mut Worker> {
+unsafe fn worker<E: Envoy>(config: &FilterConfig<E>, slot: usize) -> Option<&mut Worker> {
     let cell = config.slots.get(slot)?;
     let worker = unsafe { &mut *cell.0.get() };
     Some(worker.get_or_insert_with(|| Worker {
@@ -417,7 +355,7 @@ unsafe fn worker(config: &FilterConfig, slot: usize) -> Option<&mut Worker> {
 /// # Safety
 /// As for [`worker`].
 #[allow(clippy::mut_from_ref)] // see `worker`
-unsafe fn router(config: &FilterConfig, slot: usize) -> Option<&mut Router> {
+unsafe fn router<E: Envoy>(config: &FilterConfig<E>, slot: usize) -> Option<&mut Router> {
     unsafe { worker(config, slot) }.map(|w| &mut w.router)
 }
 
@@ -427,7 +365,7 @@ unsafe fn router(config: &FilterConfig, slot: usize) -> Option<&mut Router> {
 /// # Safety
 /// As for [`worker`].
 #[allow(clippy::mut_from_ref)] // see `worker`
-unsafe fn deciding_router(config: &FilterConfig, slot: usize) -> Option<&mut Router> {
+unsafe fn deciding_router<E: Envoy>(config: &FilterConfig<E>, slot: usize) -> Option<&mut Router> {
     let worker = unsafe { worker(config, slot) }?;
     config.published.sync(&mut worker.router, &mut worker.seen);
     Some(&mut worker.router)
@@ -453,56 +391,41 @@ fn body_status(flow: Flow) -> u32 {
 ///
 /// # Safety
 /// `module` must be a pointer returned by [`envoy_dynamic_module_on_http_filter_new`], not yet destroyed.
-unsafe fn stream<'a>(module: FilterModulePtr) -> Option<(&'a FilterConfig, &'a mut StreamObject)> {
-    let object = unsafe { (module as *mut StreamObject).as_mut()? };
+unsafe fn stream<'a, E: Envoy>(module: FilterModulePtr) -> Option<(&'a FilterConfig<E>, &'a mut StreamObject<E>)> {
+    let object = unsafe { (module as *mut StreamObject<E>).as_mut()? };
     let config = unsafe { object.config.as_ref()? };
     Some((config, object))
 }
 
 // ---- hooks ----
 //
-// Envoy calls these with the pointers it was given (or gave): they are `unsafe extern "C"` because their
-// safety rests on Envoy keeping the ABI's contract (live pointers, a stream's hooks on its worker).
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
-    ABI_VERSION.as_ptr().cast()
-}
+// Each hook's logic is generic over [`Envoy`] (the unit tests run it against a fake Envoy); the
+// `#[no_mangle]` functions in `exports` are thin wrappers that hand it [`super::envoy::Abi`]. They are
+// `unsafe` because their safety rests on Envoy keeping the ABI's contract (live pointers, a stream's hooks
+// on its worker).
 
 /// Compiles the plugin JSON (the same as the wasm filter's); a bad one is refused with a log line naming the
 /// field (Envoy then rejects the filter config).
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
-    envoy_config: ConfigEnvoyPtr,
-    _name: EnvoyBuffer,
-    config: EnvoyBuffer,
-) -> ConfigModulePtr {
-    guard("config_new", std::ptr::null_mut(), None, false, std::ptr::null(), || {
-        // SAFETY: Envoy's buffer is valid during this call.
-        let bytes = if config.ptr.is_null() {
-            &[][..]
-        } else {
-            unsafe { std::slice::from_raw_parts(config.ptr, config.length) }
-        };
+pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes: &[u8]) -> ConfigModulePtr {
+    guard(env, "config_new", std::ptr::null_mut(), None, false, std::ptr::null(), || {
         let compiled = match Config::from_json(bytes) {
             Ok(c) => c,
             Err(e) => {
-                log(Level::Error, &e.to_string());
+                env.log(Level::Error, &e.to_string());
                 return std::ptr::null();
             }
         };
         // The start-up line, once (each worker's router is built quietly from the same config); with anything
         // to fetch, this router stays on the main thread to fetch it.
-        let main = Router::new(compiled.clone(), now_ms(), &mut LogsOnly);
+        let main = Router::new(compiled.clone(), now_ms(), &mut LogsOnly(env));
         let tenant_counts = TenantCounts::new(compiled.tenants.ids());
         let quota_counts = TenantCounts::new(compiled.tenants.ids());
         let ticks = compiled.fetches() || !compiled.tenants.is_empty();
-        // SAFETY: config_new, main thread, this config.
-        let upkeep = ticks.then(|| Mutex::new(unsafe { Upkeep::start(main, envoy_config) }));
+        let upkeep = ticks.then(|| Mutex::new(Upkeep::start(env, main, envoy_config)));
         let slots = (0..MAX_WORKERS).map(|_| Slot(UnsafeCell::new(None))).collect();
         let filter_config = FilterConfig {
             config: compiled,
-            metrics: MetricIds::define(envoy_config),
+            metrics: MetricIds::define(env, envoy_config),
             slots,
             upkeep,
             tenant_counts,
@@ -514,26 +437,26 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModulePtr) {
-    guard("config_destroy", std::ptr::null_mut(), None, false, (), || {
+/// # Safety
+/// `config` is null or came from [`config_new`] with the same `E`, and is destroyed once.
+pub(crate) unsafe fn config_destroy<E: Envoy>(env: &E, config: ConfigModulePtr) {
+    guard(env, "config_destroy", std::ptr::null_mut(), None, false, (), || {
         if !config.is_null() {
-            // SAFETY: `config` came from `Box::into_raw` in config_new, and Envoy destroys it once.
-            drop(unsafe { Box::from_raw(config as *mut FilterConfig) });
+            // SAFETY: ABI: `config` came from `Box::into_raw` in config_new, and Envoy destroys it once, after
+            // every stream of it.
+            drop(unsafe { Box::from_raw(config as *mut FilterConfig<E>) });
         }
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
-    config: ConfigModulePtr,
-    filter: FilterEnvoyPtr,
-) -> FilterModulePtr {
-    // SAFETY: Envoy keeps the config alive while any of its filters exist.
-    let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return std::ptr::null() };
-    guard("filter_new", filter, Some(cfg), false, std::ptr::null(), || {
-        // SAFETY: `filter` is the stream being created.
-        let slot = unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(filter) } as usize;
+/// # Safety
+/// `config` came from [`config_new`] and is alive; `filter` is the stream being created.
+pub(crate) unsafe fn filter_new<E: Envoy>(env: &E, config: ConfigModulePtr, filter: FilterEnvoyPtr) -> FilterModulePtr {
+    // SAFETY: ABI: Envoy keeps the config alive while any of its filters exist.
+    let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return std::ptr::null() };
+    guard(env, "filter_new", filter, Some(cfg), false, std::ptr::null(), || {
+        let slot = env.worker_index(filter) as usize;
+        // SAFETY: ABI: filter_new runs on worker `slot`'s thread.
         let stream = match unsafe { router(cfg, slot) } {
             Some(router) => router.open_stream(NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed)),
             None => Stream::new(0),
@@ -543,44 +466,34 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+/// # Safety
+/// `module` came from [`filter_new`] and is alive; `filter` is its stream; on its worker's thread.
+pub(crate) unsafe fn request_headers<E: Envoy>(
+    env: &E,
     filter: FilterEnvoyPtr,
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
     // SAFETY: `module` is this stream's object; hooks of a stream run on its worker.
-    let Some((cfg, object)) = (unsafe { stream(module) }) else {
+    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else {
         // No stream object (`filter_new` failed): an undecided request never goes on. Fail closed.
         if !filter.is_null() {
-            let _ = catch_unwind(|| unavailable(filter, PANIC_OUTCOME.as_bytes()));
+            let _ = catch_unwind(AssertUnwindSafe(|| unavailable(env, filter, PANIC_OUTCOME.as_bytes())));
         }
         return HEADERS_STOP_ITERATION;
     };
-    guard("request_headers", filter, Some(cfg), true, HEADERS_STOP_ITERATION, || {
-        #[cfg(feature = "bench-floor")]
-        if let Some(status) = super::floor::request_headers(filter, &cfg.config) {
+    guard(env, "request_headers", filter, Some(cfg), true, HEADERS_STOP_ITERATION, || {
+        #[cfg(all(feature = "bench-floor", not(test)))]
+        if let Some(status) = super::floor::request_headers(env, filter, &cfg.config) {
             return status;
         }
         let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else {
-            unavailable(filter, PANIC_OUTCOME.as_bytes());
+            unavailable(env, filter, PANIC_OUTCOME.as_bytes());
             return HEADERS_STOP_ITERATION;
         };
-        // SAFETY: `filter` is live; the array holds `n` entries for Envoy to fill, valid during this hook.
         // The header views go into this worker's reusable buffer: no allocation per request.
         let mut buffer = HEADERS.with(|b| b.take());
-        // SAFETY: `filter` is live; the buffer holds `n` entries for Envoy to fill, valid during this hook.
-        unsafe {
-            let n = envoy_dynamic_module_callback_http_get_headers_size(filter, REQUEST_HEADER);
-            buffer.clear();
-            buffer.resize(
-                n,
-                EnvoyHeader { key_ptr: std::ptr::null(), key_length: 0, value_ptr: std::ptr::null(), value_length: 0 },
-            );
-            if n > 0 && !envoy_dynamic_module_callback_http_get_headers(filter, REQUEST_HEADER, buffer.as_mut_ptr()) {
-                buffer.clear();
-            }
-        }
+        env.headers(filter, REQUEST_HEADER, &mut buffer);
         let headers = &buffer;
         let pairs = headers.iter().filter(|h| !h.key_ptr.is_null()).map(|h| {
             // SAFETY: Envoy's header views are valid during this hook.
@@ -590,7 +503,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                 (std::slice::from_raw_parts(h.key_ptr, h.key_length), value)
             }
         });
-        let mut apply = cfg.apply(filter);
+        let mut apply = cfg.apply(env, filter);
         let flow = router.on_request_headers(
             &mut object.stream,
             pairs,
@@ -602,141 +515,134 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         let resend_failed = apply.resend_failed.take();
         HEADERS.with(|b| b.replace(buffer));
         if let Some(provider) = object.stream.waiting_for() {
-            // SAFETY: `filter` is live; the scheduler is deleted in `destroy`, after it is unlisted.
-            let scheduler = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(filter) };
+            // The scheduler is deleted in `destroy`, after it is unlisted.
+            let scheduler = env.scheduler_new(filter);
             object.scheduler = Some(scheduler);
             park(&cfg.parked, object.stream.context_id(), scheduler, Awaited::Keys(provider));
         }
-        token_followup(cfg, router, object, filter, resend_failed);
+        token_followup(env, cfg, router, object, filter, resend_failed);
         headers_status(flow)
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+/// # Safety
+/// As for [`request_headers`].
+pub(crate) unsafe fn request_body<E: Envoy>(
+    env: &E,
     filter: FilterEnvoyPtr,
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
-    guard("request_body", filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
+    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return BODY_CONTINUE };
+    guard(env, "request_body", filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
-        let mut apply = cfg.apply(filter);
-        let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
+        let mut apply = cfg.apply(env, filter);
+        let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         body_status(router.on_request_body(&mut object.stream, end_of_stream, now_ms(), &mut body, &mut apply))
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-) -> u32 {
-    TRAILERS_CONTINUE
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+/// # Safety
+/// As for [`request_headers`].
+pub(crate) unsafe fn response_headers<E: Envoy>(
+    env: &E,
     filter: FilterEnvoyPtr,
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    let Some((cfg, object)) = (unsafe { stream(module) }) else { return HEADERS_CONTINUE };
-    guard("response_headers", filter, Some(cfg), false, HEADERS_CONTINUE, || {
+    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return HEADERS_CONTINUE };
+    guard(env, "response_headers", filter, Some(cfg), false, HEADERS_CONTINUE, || {
         if object.stream.may_resend() {
             // Sent with an upstream token: a 401 sends it again with a new one (the response held meanwhile).
             let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
-            let status = response_header(filter, ":status");
-            let mut apply = cfg.apply(filter);
+            let status = response_header(env, filter, ":status");
+            let mut apply = cfg.apply(env, filter);
             if let Some(flow) = router.on_upstream_response(&mut object.stream, status.as_deref(), now_ms(), &mut apply)
             {
                 let resend_failed = apply.resend_failed.take();
-                token_followup(cfg, router, object, filter, resend_failed);
+                token_followup(env, cfg, router, object, filter, resend_failed);
                 return headers_status(flow);
             }
         }
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
-        let mut apply = cfg.apply(filter);
-        let header = |name: &str| response_header(filter, name);
+        let mut apply = cfg.apply(env, filter);
+        let header = |name: &str| response_header(env, filter, name);
         headers_status(router.on_response_headers(&mut object.stream, end_of_stream, &header, &mut apply))
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+/// # Safety
+/// As for [`request_headers`].
+pub(crate) unsafe fn response_body<E: Envoy>(
+    env: &E,
     filter: FilterEnvoyPtr,
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    let Some((cfg, object)) = (unsafe { stream(module) }) else { return BODY_CONTINUE };
-    guard("response_body", filter, Some(cfg), false, BODY_CONTINUE, || {
+    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return BODY_CONTINUE };
+    guard(env, "response_body", filter, Some(cfg), false, BODY_CONTINUE, || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
-        let mut apply = cfg.apply(filter);
-        let mut body = || read_body(filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
+        let mut apply = cfg.apply(env, filter);
+        let mut body = || read_body(env, filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
         body_status(router.on_response_body(&mut object.stream, end_of_stream, &mut body, &mut apply))
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-) -> u32 {
-    TRAILERS_CONTINUE
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
-    filter: FilterEnvoyPtr,
-    module: FilterModulePtr,
-) {
-    let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
-    guard("stream_complete", filter, Some(cfg), false, (), || {
+/// # Safety
+/// As for [`request_headers`].
+pub(crate) unsafe fn stream_complete<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) {
+    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
+    guard(env, "stream_complete", filter, Some(cfg), false, (), || {
         if let Some(worker) = unsafe { worker(cfg, object.slot) } {
             worker.router.on_stream_done(&mut object.stream);
-            let mut gauges = WorkerGauges { filter, metrics: &cfg.metrics, cache_entries: &mut worker.cache_entries };
+            let mut gauges =
+                WorkerGauges { env, filter, metrics: &cfg.metrics, cache_entries: &mut worker.cache_entries };
             worker.router.housekeep_if_due(now_ms(), &mut gauges);
         }
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: FilterModulePtr) {
+/// # Safety
+/// `module` is null or came from [`filter_new`], destroyed once, on its worker's thread.
+pub(crate) unsafe fn filter_destroy<E: Envoy>(env: &E, module: FilterModulePtr) {
     if module.is_null() {
         return;
     }
-    let _ = catch_unwind(|| {
-        // SAFETY: `module` came from `Box::into_raw` in filter_new; Envoy destroys it once, and its config
-        // outlives it.
-        let object = unsafe { Box::from_raw(module as *mut StreamObject) };
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: ABI: `module` came from `Box::into_raw` in filter_new; Envoy destroys it once, and its
+        // config outlives it.
+        let object = unsafe { Box::from_raw(module as *mut StreamObject<E>) };
         if let (Some(scheduler), Some(cfg)) = (object.scheduler, unsafe { object.config.as_ref() }) {
             unpark(&cfg.parked, object.stream.context_id());
-            // SAFETY: unlisted above, so the main thread will not commit it any more.
-            unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler) };
+            // Unlisted above, so the main thread will not commit it any more.
+            env.scheduler_delete(scheduler);
         }
-    });
+    }));
 }
 
 /// The answer to a request sent again after a 401 (its stream's only callout): the client gets it.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+///
+/// # Safety
+/// As for [`request_headers`]; the arrays (or nulls) are Envoy's, valid during the hook.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn http_callout_done<E: Envoy>(
+    env: &E,
     filter: FilterEnvoyPtr,
     module: FilterModulePtr,
-    _callout_id: u64,
     result: u32,
     headers: *mut EnvoyHeader,
     headers_size: usize,
     body_chunks: *mut EnvoyBuffer,
     body_chunks_size: usize,
 ) {
-    let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
-    guard("http_callout_done", filter, Some(cfg), true, (), || {
+    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
+    guard(env, "http_callout_done", filter, Some(cfg), true, (), || {
         let Some(router) = (unsafe { router(cfg, object.slot) }) else { return };
         // SAFETY: Envoy's arrays (or null on failure) are valid during this hook.
         let (status, headers, body) =
             unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
         let status = status.as_deref().ok_or("connection failure or timeout");
-        let mut apply = cfg.apply(filter);
+        let mut apply = cfg.apply(env, filter);
         router.on_resend_response(&mut object.stream, status, &headers, &body, &mut apply);
     })
 }
@@ -773,94 +679,43 @@ unsafe fn callout_answer(
     (status, headers, body)
 }
 
-// Hooks Envoy requires but this filter does not use (streams, watermarks).
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-    _stream_id: u64,
-    _headers: *mut EnvoyHeader,
-    _headers_size: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-    _stream_id: u64,
-    _data: *const EnvoyBuffer,
-    _data_count: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-    _stream_id: u64,
-    _trailers: *mut EnvoyHeader,
-    _trailers_size: usize,
-) {
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-    _stream_id: u64,
-) {
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-    _stream_id: u64,
-    _reason: u32,
-) {
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    filter: FilterEnvoyPtr,
-    module: FilterModulePtr,
-    _event_id: u64,
-) {
-    // A key set or an upstream token arrived (or its fetch failed) while this request was parked: decide it
-    // again (or send it again, after a 401).
-    let Some((cfg, object)) = (unsafe { stream(module) }) else { return };
-    guard("scheduled", filter, Some(cfg), true, (), || {
+/// A key set or an upstream token arrived (or its fetch failed) while this request was parked: decide it
+/// again (or send it again, after a 401).
+///
+/// # Safety
+/// As for [`request_headers`].
+pub(crate) unsafe fn scheduled<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) {
+    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
+    guard(env, "scheduled", filter, Some(cfg), true, (), || {
         let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return };
-        let mut apply = cfg.apply(filter);
-        let mut body = || read_body(filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
+        let mut apply = cfg.apply(env, filter);
+        let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
         router.wake(&mut object.stream, now_ms(), &object.signatures, &mut body, &mut apply);
         let resend_failed = apply.resend_failed.take();
-        token_followup(cfg, router, object, filter, resend_failed);
+        token_followup(env, cfg, router, object, filter, resend_failed);
     })
 }
 
 /// A config-level scheduler event on the main thread: the fetch schedules' tick.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
-    envoy_config: ConfigEnvoyPtr,
-    config: ConfigModulePtr,
-    _event_id: u64,
-) {
-    let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return };
-    guard("config_scheduled", std::ptr::null_mut(), None, false, (), || {
+///
+/// # Safety
+/// `config` is null or came from [`config_new`] and is alive; on the main thread.
+pub(crate) unsafe fn config_scheduled<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, config: ConfigModulePtr) {
+    let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return };
+    guard(env, "config_scheduled", std::ptr::null_mut(), None, false, (), || {
         if let Some(Ok(mut upkeep)) = cfg.upkeep.as_ref().map(Mutex::lock) {
-            upkeep.tick(&cfg.main(envoy_config));
+            upkeep.tick(&cfg.main(env, envoy_config));
         }
     })
 }
 
 /// A config-level callout's answer, on the main thread.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+///
+/// # Safety
+/// As for [`config_scheduled`]; the arrays (or nulls) are Envoy's, valid during the hook.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn config_http_callout_done<E: Envoy>(
+    env: &E,
     envoy_config: ConfigEnvoyPtr,
     config: ConfigModulePtr,
     callout_id: u64,
@@ -870,26 +725,246 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
     body_chunks: *mut EnvoyBuffer,
     body_chunks_size: usize,
 ) {
-    let Some(cfg) = (unsafe { (config as *const FilterConfig).as_ref() }) else { return };
-    guard("config_http_callout_done", std::ptr::null_mut(), None, false, (), || {
+    let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return };
+    guard(env, "config_http_callout_done", std::ptr::null_mut(), None, false, (), || {
         // SAFETY: Envoy's arrays (or null on failure) are valid during this hook.
         let (status, _, body) = unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
         if let Some(Ok(mut upkeep)) = cfg.upkeep.as_ref().map(Mutex::lock) {
-            upkeep.called_back(&cfg.main(envoy_config), callout_id, status.as_deref(), body);
+            upkeep.called_back(&cfg.main(env, envoy_config), callout_id, status.as_deref(), body);
         }
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-) {
-}
+/// The symbols Envoy resolves: thin wrappers that hand each hook [`Abi`](super::envoy::Abi).
+#[cfg(not(test))]
+mod exports {
+    use std::ffi::c_char;
 
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
-    _filter: FilterEnvoyPtr,
-    _module: FilterModulePtr,
-) {
+    use super::super::abi::*;
+    use super::super::envoy::Abi;
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+        ABI_VERSION.as_ptr().cast()
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+        envoy_config: ConfigEnvoyPtr,
+        _name: EnvoyBuffer,
+        config: EnvoyBuffer,
+    ) -> ConfigModulePtr {
+        let bytes = if config.ptr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: ABI: Envoy's buffer is valid during this call.
+            unsafe { std::slice::from_raw_parts(config.ptr, config.length) }
+        };
+        super::config_new(&Abi, envoy_config, bytes)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModulePtr) {
+        unsafe { super::config_destroy(&Abi, config) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
+        config: ConfigModulePtr,
+        filter: FilterEnvoyPtr,
+    ) -> FilterModulePtr {
+        unsafe { super::filter_new(&Abi, config, filter) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
+        end_of_stream: bool,
+    ) -> u32 {
+        unsafe { super::request_headers(&Abi, filter, module, end_of_stream) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
+        end_of_stream: bool,
+    ) -> u32 {
+        unsafe { super::request_body(&Abi, filter, module, end_of_stream) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+    ) -> u32 {
+        TRAILERS_CONTINUE
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
+        end_of_stream: bool,
+    ) -> u32 {
+        unsafe { super::response_headers(&Abi, filter, module, end_of_stream) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
+        end_of_stream: bool,
+    ) -> u32 {
+        unsafe { super::response_body(&Abi, filter, module, end_of_stream) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+    ) -> u32 {
+        TRAILERS_CONTINUE
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
+    ) {
+        unsafe { super::stream_complete(&Abi, filter, module) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: FilterModulePtr) {
+        unsafe { super::filter_destroy(&Abi, module) }
+    }
+
+    #[no_mangle]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
+        _callout_id: u64,
+        result: u32,
+        headers: *mut EnvoyHeader,
+        headers_size: usize,
+        body_chunks: *mut EnvoyBuffer,
+        body_chunks_size: usize,
+    ) {
+        unsafe {
+            super::http_callout_done(&Abi, filter, module, result, headers, headers_size, body_chunks, body_chunks_size)
+        }
+    }
+
+    // Hooks Envoy requires but this filter does not use (streams, watermarks).
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+        _stream_id: u64,
+        _headers: *mut EnvoyHeader,
+        _headers_size: usize,
+        _end_stream: bool,
+    ) {
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+        _stream_id: u64,
+        _data: *const EnvoyBuffer,
+        _data_count: usize,
+        _end_stream: bool,
+    ) {
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+        _stream_id: u64,
+        _trailers: *mut EnvoyHeader,
+        _trailers_size: usize,
+    ) {
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+        _stream_id: u64,
+    ) {
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+        _stream_id: u64,
+        _reason: u32,
+    ) {
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
+        _event_id: u64,
+    ) {
+        unsafe { super::scheduled(&Abi, filter, module) }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+        envoy_config: ConfigEnvoyPtr,
+        config: ConfigModulePtr,
+        _event_id: u64,
+    ) {
+        unsafe { super::config_scheduled(&Abi, envoy_config, config) }
+    }
+
+    #[no_mangle]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+        envoy_config: ConfigEnvoyPtr,
+        config: ConfigModulePtr,
+        callout_id: u64,
+        result: u32,
+        headers: *mut EnvoyHeader,
+        headers_size: usize,
+        body_chunks: *mut EnvoyBuffer,
+        body_chunks_size: usize,
+    ) {
+        unsafe {
+            super::config_http_callout_done(
+                &Abi,
+                envoy_config,
+                config,
+                callout_id,
+                result,
+                headers,
+                headers_size,
+                body_chunks,
+                body_chunks_size,
+            )
+        }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+    ) {
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+        _filter: FilterEnvoyPtr,
+        _module: FilterModulePtr,
+    ) {
+    }
 }

@@ -9,16 +9,16 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crate::effect::{Effect, Effects, FetchTarget, Metric};
 use crate::router::Router;
 use crate::upkeep::{FetchResult, TICK_MS};
 use crate::upstream_auth::TokenAnswer;
 
-use super::abi::*;
+use super::abi::{ConfigEnvoyPtr, SchedulerPtr};
 use super::counts::TenantCounts;
-use super::host::{log, now_ms, MetricIds};
+use super::envoy::Envoy;
+use super::host::{now_ms, MetricIds};
 
 /// A raw pointer handed between threads; what it points to is guarded by how it is used (see each use).
 #[derive(Clone, Copy, Debug)]
@@ -129,14 +129,14 @@ pub struct Parked {
 
 impl Parked {
     /// Commits (and unlists) the schedulers of the requests waiting for `awaited`.
-    fn wake(&mut self, awaited: &Awaited) {
+    fn wake(&mut self, env: &impl Envoy, awaited: &Awaited) {
         self.streams.retain(|(_, waits_for, scheduler)| {
             if waits_for != awaited {
                 return true;
             }
-            // SAFETY: a listed scheduler is alive: its stream deletes it only after unlisting it under the
-            // lock that guards this list.
-            unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler.0, 1) };
+            // A listed scheduler is alive: its stream deletes it only after unlisting it under the lock that
+            // guards this list.
+            env.scheduler_commit(scheduler.0, 1);
             false
         });
     }
@@ -168,7 +168,8 @@ pub fn unpark(parked: &Mutex<Parked>, stream_id: u32) {
 }
 
 /// What the main thread's events reach besides the upkeep itself.
-pub struct Main<'a> {
+pub struct Main<'a, E> {
+    pub env: &'a E,
     /// Envoy's filter config (main thread only).
     pub envoy_config: SendPtr,
     pub metrics: &'a MetricIds,
@@ -181,7 +182,8 @@ pub struct Main<'a> {
 
 /// The main thread's part: its own router (schedules, the one log line and count per fetch), the callouts
 /// in flight, the ticker.
-pub struct Upkeep {
+pub struct Upkeep<E: Envoy> {
+    env: E,
     router: Router,
     calls: HashMap<u64, FetchTarget>,
     scheduler: SendPtr,
@@ -189,50 +191,29 @@ pub struct Upkeep {
     ticker: Option<JoinHandle<()>>,
 }
 
-impl Upkeep {
-    /// Starts the ticker for `envoy_config`'s config-level scheduler.
-    ///
-    /// # Safety
-    /// Call in `config_new`, on the main thread, with the config being created.
-    pub unsafe fn start(router: Router, envoy_config: ConfigEnvoyPtr) -> Self {
-        // SAFETY: called in config_new, on the main thread, with the config being created.
-        let scheduler =
-            SendPtr(unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(envoy_config) });
+impl<E: Envoy> Upkeep<E> {
+    /// Starts the ticker for `envoy_config`'s config-level scheduler (call in `config_new`, on the main
+    /// thread, with the config being created).
+    pub fn start(env: &E, router: Router, envoy_config: ConfigEnvoyPtr) -> Self {
+        let scheduler = SendPtr(env.config_scheduler_new(envoy_config));
         let stop = Arc::new(AtomicBool::new(false));
-        let ticker = {
-            let (stop, scheduler) = (Arc::clone(&stop), scheduler);
-            std::thread::Builder::new()
-                .name("fhir-tenant-router-tick".into())
-                .spawn(move || {
-                    let scheduler = scheduler;
-                    while !stop.load(Ordering::Acquire) {
-                        std::thread::park_timeout(Duration::from_millis(TICK_MS));
-                        if !stop.load(Ordering::Acquire) {
-                            // SAFETY: the scheduler is deleted only after this thread has been joined.
-                            unsafe {
-                                envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler.0, 0)
-                            };
-                        }
-                    }
-                })
-                .ok()
-        };
-        Self { router, calls: HashMap::new(), scheduler, stop, ticker }
+        let ticker = env.start_ticker(scheduler.0, TICK_MS, Arc::clone(&stop)).ok();
+        Self { env: env.clone(), router, calls: HashMap::new(), scheduler, stop, ticker }
     }
 
     /// A tick on the main thread: hands the configured tenants' counts to Envoy, refetches the parked
     /// requests asked for, then the fetches that are due.
-    pub fn tick(&mut self, main: &Main<'_>) {
+    pub fn tick(&mut self, main: &Main<'_, E>) {
         let now = now_ms();
         let envoy_config = main.envoy_config.0;
-        hand_over(envoy_config, main.metrics, main.tenant_counts, |tenant, allowed| {
+        hand_over(main.env, envoy_config, main.metrics, main.tenant_counts, |tenant, allowed| {
             if allowed {
                 Metric::TenantAllowed(tenant)
             } else {
                 Metric::TenantForbidden(tenant)
             }
         });
-        hand_over(envoy_config, main.metrics, main.quota_counts, |tenant, allowed| {
+        hand_over(main.env, envoy_config, main.metrics, main.quota_counts, |tenant, allowed| {
             Metric::TenantQuota(tenant, allowed)
         });
         let (wanted, mut tokens) = main
@@ -251,7 +232,7 @@ impl Upkeep {
                 token_answered(main, answer);
             }
         }
-        let mut sink = MainSink { envoy_config, metrics: main.metrics, fetches: Vec::new() };
+        let mut sink = MainSink { env: main.env, envoy_config, metrics: main.metrics, fetches: Vec::new() };
         self.router.on_tick(now, 0, &mut sink);
         // A token fetch Envoy never answered (it answers every callout, with a failure at its timeout).
         let (_, lost) = self.router.lost_token_fetches(now, &mut sink);
@@ -259,31 +240,21 @@ impl Upkeep {
             token_answered(main, answer);
         }
         for fetch in std::mem::take(&mut sink.fetches) {
-            let mut headers = ModuleHeader::callout_views(fetch.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-            let mut id = 0u64;
-            // SAFETY: main thread, live config; every buffer outlives the call.
-            let status = unsafe {
-                envoy_dynamic_module_callback_http_filter_config_http_callout(
-                    envoy_config,
-                    &mut id,
-                    ModuleBuffer::of(fetch.cluster.as_bytes()),
-                    headers.as_mut_ptr(),
-                    headers.len(),
-                    if fetch.body.is_empty() { ModuleBuffer::null() } else { ModuleBuffer::of(&fetch.body) },
-                    fetch.timeout_ms,
-                )
-            };
-            if status == CALLOUT_SUCCESS {
-                self.calls.insert(id, fetch.target);
-            } else {
-                let why = format!("could not be sent through cluster {} (callout status {status})", fetch.cluster);
-                self.answer(main, fetch.target, FetchResult::NotSent(&why), Vec::new());
+            let headers: Vec<(&str, &str)> = fetch.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            match main.env.config_http_callout(envoy_config, &fetch.cluster, &headers, &fetch.body, fetch.timeout_ms) {
+                Ok(id) => {
+                    self.calls.insert(id, fetch.target);
+                }
+                Err(status) => {
+                    let why = format!("could not be sent through cluster {} (callout status {status})", fetch.cluster);
+                    self.answer(main, fetch.target, FetchResult::NotSent(&why), Vec::new());
+                }
             }
         }
     }
 
     /// A callout's answer (`status`: its `:status`, `None` when it failed).
-    pub fn called_back(&mut self, main: &Main<'_>, id: u64, status: Option<&str>, body: Vec<u8>) {
+    pub fn called_back(&mut self, main: &Main<'_, E>, id: u64, status: Option<&str>, body: Vec<u8>) {
         let Some(target) = self.calls.remove(&id) else { return };
         let result = FetchResult::Answer { status, body_size: body.len() };
         self.answer(main, target, result, body);
@@ -291,9 +262,10 @@ impl Upkeep {
 
     /// Applies what the core says of a fetch's end: an installed answer goes to the workers; the requests
     /// parked for that provider's keys (on any worker) are decided again.
-    fn answer(&mut self, main: &Main<'_>, target: FetchTarget, result: FetchResult<'_>, body: Vec<u8>) {
+    fn answer(&mut self, main: &Main<'_, E>, target: FetchTarget, result: FetchResult<'_>, body: Vec<u8>) {
         let env = crate::config::process_lookup;
-        let mut sink = MainSink { envoy_config: main.envoy_config.0, metrics: main.metrics, fetches: Vec::new() };
+        let mut sink =
+            MainSink { env: main.env, envoy_config: main.envoy_config.0, metrics: main.metrics, fetches: Vec::new() };
         let fetched = self.router.on_fetch_result(target, result, now_ms(), &mut || body.clone(), &env, &mut sink);
         if let Some(answer) = fetched.token {
             token_answered(main, answer);
@@ -304,37 +276,37 @@ impl Upkeep {
         }
         let Some(provider) = fetched.waiting_for else { return };
         if let Ok(mut p) = main.parked.lock() {
-            p.wake(&Awaited::Keys(provider));
+            p.wake(main.env, &Awaited::Keys(provider));
         }
     }
 }
 
 /// A tenant's token fetch ended (or was not sent): the workers install the news, and the requests parked
 /// for that tenant's token are decided again.
-fn token_answered(main: &Main<'_>, answer: TokenAnswer) {
+fn token_answered<E: Envoy>(main: &Main<'_, E>, answer: TokenAnswer) {
     let awaited = Awaited::Token(answer.tenant.clone());
     main.published.publish_token(answer);
     if let Ok(mut p) = main.parked.lock() {
-        p.wake(&awaited);
+        p.wake(main.env, &awaited);
     }
 }
 
-impl Drop for Upkeep {
+impl<E: Envoy> Drop for Upkeep<E> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(ticker) = self.ticker.take() {
             ticker.thread().unpark();
             let _ = ticker.join();
         }
-        // SAFETY: the ticker, the only other user, has ended; Envoy's config is still alive (we are in
-        // config_destroy).
-        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.scheduler.0) };
+        // The ticker, the only other user, has ended; Envoy's config is still alive (we are in config_destroy).
+        self.env.config_scheduler_delete(self.scheduler.0);
     }
 }
 
 /// Hands the per-tenant counts kept by the workers since the last tick to Envoy (see `counts`): one labelled
 /// increment per tenant and counter that moved, `metric` naming it. Main thread only.
 fn hand_over(
+    env: &impl Envoy,
     envoy_config: ConfigEnvoyPtr,
     metrics: &MetricIds,
     counts: &TenantCounts,
@@ -342,17 +314,7 @@ fn hand_over(
 ) {
     counts.drain(|tenant, allowed, n| {
         if let Some((id, Some(label))) = metrics.counter(metric(tenant, allowed)) {
-            let mut labels = [ModuleBuffer::of(label.as_bytes())];
-            // SAFETY: main thread, live config; the label outlives the call.
-            unsafe {
-                envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                    envoy_config,
-                    id,
-                    labels.as_mut_ptr(),
-                    1,
-                    n,
-                )
-            };
+            env.config_increment_counter(envoy_config, id, Some(label), n);
         }
     });
 }
@@ -367,44 +329,26 @@ struct OwnedFetch {
 }
 
 /// Applies the main thread's effects: log lines, config-level stats, fetches to send.
-struct MainSink<'a> {
+struct MainSink<'a, E> {
+    env: &'a E,
     envoy_config: ConfigEnvoyPtr,
     metrics: &'a MetricIds,
     fetches: Vec<OwnedFetch>,
 }
 
-impl Effects for MainSink<'_> {
+impl<E: Envoy> Effects for MainSink<'_, E> {
     fn push(&mut self, effect: Effect<'_>) {
         match effect {
-            Effect::Log(level, line) => log(level, line),
+            Effect::Log(level, line) => self.env.log(level, line),
             // Fetch outcomes, and a tenant's upstream token fetches (labelled by tenant).
             Effect::Count(metric) => {
                 if let Some((id, label)) = self.metrics.counter(metric) {
-                    let mut labels = [ModuleBuffer::of(label.unwrap_or_default().as_bytes())];
-                    // SAFETY: main thread, live config; the label outlives the call.
-                    unsafe {
-                        envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                            self.envoy_config,
-                            id,
-                            labels.as_mut_ptr(),
-                            usize::from(label.is_some()),
-                            1,
-                        )
-                    };
+                    self.env.config_increment_counter(self.envoy_config, id, label, 1);
                 }
             }
             Effect::Gauge(gauge, value) => {
                 if let Some(id) = self.metrics.gauge(gauge) {
-                    // SAFETY: main thread, live config.
-                    unsafe {
-                        envoy_dynamic_module_callback_http_filter_config_set_gauge(
-                            self.envoy_config,
-                            id,
-                            std::ptr::null_mut(),
-                            0,
-                            value,
-                        )
-                    };
+                    self.env.config_set_gauge(self.envoy_config, id, value);
                 }
             }
             Effect::Fetch(f) => self.fetches.push(OwnedFetch {

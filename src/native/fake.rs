@@ -1,0 +1,568 @@
+//! A fake Envoy for the dynamic-module shell's unit tests. It drives the hooks the way Envoy does, records
+//! every callback as one line (so a test asserts the exact sequence), and enforces Envoy's rules, so that
+//! breaking one cannot go unnoticed:
+//!
+//! - Header memory: the bytes a header getter hands out are Envoy's and valid only until the next setter or
+//!   remover on that map. Here every such change overwrites all bytes handed out for that map with `X`s
+//!   (they stay allocated, so a test process that reads them stays sound, but reads garbage).
+//! - Re-entry: a local reply (`send_response`) ends the stream inside the call, as Envoy does: the
+//!   stream-complete hook runs before `send_response` returns. `continue_decoding` does the same when the
+//!   test says the upstream answers locally (`no healthy upstream`). Every hook entered while a hook of the
+//!   same stream is on the stack is recorded as `re-entered <hook> (inside <outer>)`, and every callback a
+//!   re-entered hook makes is recorded with a `!! ` prefix and listed in [`FakeEnvoy::violations`]: work
+//!   done there would run while the outer hook's state is still in use.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::effect::Level;
+
+use super::abi::*;
+use super::envoy::Envoy;
+use super::module;
+
+/// A header map whose handed-out bytes are poisoned by any change.
+#[derive(Default)]
+struct HeaderMap {
+    live: Vec<(Box<[u8]>, Box<[u8]>)>,
+    /// Poisoned bytes of earlier versions, kept allocated.
+    graveyard: Vec<Box<[u8]>>,
+}
+
+impl HeaderMap {
+    fn set_all(&mut self, headers: &[(&str, &str)]) {
+        self.poison();
+        self.live = headers.iter().map(|(k, v)| (k.as_bytes().into(), v.as_bytes().into())).collect();
+    }
+
+    /// A change: every byte handed out so far becomes garbage; the map lives on in fresh memory.
+    fn poison(&mut self) {
+        let fresh: Vec<(Box<[u8]>, Box<[u8]>)> = self.live.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (mut k, mut v) in std::mem::replace(&mut self.live, fresh) {
+            k.fill(b'X');
+            v.fill(b'X');
+            self.graveyard.push(k);
+            self.graveyard.push(v);
+        }
+    }
+
+    fn set(&mut self, name: &str, value: Option<&str>) {
+        self.poison();
+        self.live.retain(|(k, _)| &**k != name.as_bytes());
+        if let Some(v) = value {
+            self.live.push((name.as_bytes().into(), v.as_bytes().into()));
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.live.iter().find(|(k, _)| &**k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// One stream Envoy runs through the module.
+struct FakeStream {
+    /// What the stream's `filter` pointer points to (never read: only compared).
+    marker: Box<u8>,
+    module: FilterModulePtr,
+    worker: u32,
+    headers: [HeaderMap; 2],
+    /// Request body (buffered), response body (buffered).
+    request_body: Vec<u8>,
+    response_body: Vec<u8>,
+    /// The hooks of this stream on the stack, outermost first.
+    hooks: Vec<&'static str>,
+    completed: bool,
+    /// `continue_decoding` ends the stream with a local reply further down the chain.
+    upstream_answers_locally: bool,
+    scheduler: Option<Box<u8>>,
+    local_reply: Option<u32>,
+}
+
+/// What the fake serves and what it saw.
+pub struct State {
+    /// Every callback, in order.
+    pub calls: RefCell<Vec<String>>,
+    streams: RefCell<Vec<FakeStream>>,
+    config_marker: Box<u8>,
+    config_scheduler: Box<u8>,
+    pub config: Cell<ConfigModulePtr>,
+    metric_names: RefCell<Vec<String>>,
+    /// Counter and gauge values by name (`name{label}` for a labelled one).
+    pub metrics: RefCell<HashMap<String, i64>>,
+    next_callout: Cell<u64>,
+    /// Streams whose scheduler was committed, in order (delivered by [`FakeEnvoy::run_scheduled`]).
+    committed: RefCell<Vec<usize>>,
+    pub fail_config_scheduler: Cell<bool>,
+    pub fail_ticker: Cell<bool>,
+    pub tickers: RefCell<Vec<JoinHandle<()>>>,
+    /// The next callback whose line starts with this panics (as a bug in the module would).
+    pub panic_on: RefCell<Option<String>>,
+    /// Callouts refuse to start with this status.
+    pub callout_error: Cell<Option<u32>>,
+}
+
+/// The fake Envoy (cheap to clone: every clone shares one [`State`]).
+#[derive(Clone)]
+pub struct FakeEnvoy(pub Rc<State>);
+
+impl Default for FakeEnvoy {
+    fn default() -> Self {
+        Self(Rc::new(State {
+            calls: RefCell::default(),
+            streams: RefCell::default(),
+            config_marker: Box::new(0),
+            config_scheduler: Box::new(0),
+            config: Cell::new(std::ptr::null()),
+            metric_names: RefCell::default(),
+            metrics: RefCell::default(),
+            next_callout: Cell::new(0),
+            committed: RefCell::default(),
+            fail_config_scheduler: Cell::new(false),
+            fail_ticker: Cell::new(false),
+            tickers: RefCell::default(),
+            callout_error: Cell::new(None),
+            panic_on: RefCell::new(None),
+        }))
+    }
+}
+
+/// A stream of the fake (an index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Id(pub usize);
+
+fn ptr_of(marker: &u8) -> *mut std::ffi::c_void {
+    (marker as *const u8).cast_mut().cast()
+}
+
+impl FakeEnvoy {
+    pub fn set_now_ms(&self, now_ms: u64) {
+        super::host::TEST_NOW_MS.with(|c| c.set(now_ms));
+    }
+
+    fn record(&self, _filter: Option<FilterEnvoyPtr>, call: String) {
+        let reentered = self.0.streams.borrow().iter().any(|s| s.hooks.len() > 1);
+        let armed = self.0.panic_on.borrow().as_deref().is_some_and(|p| call.starts_with(p));
+        if armed {
+            self.0.panic_on.borrow_mut().take();
+            panic!("fake Envoy: a panic in the module while it calls {call}");
+        }
+        let line = if reentered { format!("!! {call}") } else { call };
+        self.0.calls.borrow_mut().push(line);
+    }
+
+    /// The calls recorded since the last `take_calls`.
+    pub fn take_calls(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.calls.borrow_mut())
+    }
+
+    pub fn metric(&self, name: &str) -> i64 {
+        self.0.metrics.borrow().get(&format!("fhir_tenant_router.{name}")).copied().unwrap_or(0)
+    }
+
+    fn envoy_config(&self) -> ConfigEnvoyPtr {
+        ptr_of(&self.0.config_marker)
+    }
+
+    fn find(&self, filter: FilterEnvoyPtr) -> Option<usize> {
+        self.0.streams.borrow().iter().position(|s| ptr_of(&s.marker) == filter)
+    }
+
+    fn filter(&self, id: Id) -> FilterEnvoyPtr {
+        ptr_of(&self.0.streams.borrow()[id.0].marker)
+    }
+
+    fn stream_mut<T>(&self, filter: FilterEnvoyPtr, f: impl FnOnce(&mut FakeStream) -> T) -> Option<T> {
+        let id = self.find(filter)?;
+        self.0.streams.borrow_mut().get_mut(id).map(f)
+    }
+
+    /// Runs hook `name` of stream `id` as Envoy does: with the stream's pointers, tracking what is on the stack.
+    fn enter<T>(&self, id: Id, name: &'static str, hook: impl FnOnce(FilterEnvoyPtr, FilterModulePtr) -> T) -> T {
+        let (filter, module, outer) = {
+            let mut streams = self.0.streams.borrow_mut();
+            let s = &mut streams[id.0];
+            let outer = s.hooks.last().copied();
+            s.hooks.push(name);
+            (ptr_of(&s.marker), s.module, outer)
+        };
+        if let Some(outer) = outer {
+            self.0.calls.borrow_mut().push(format!("re-entered {name} (inside {outer})"));
+        }
+        let out = hook(filter, module);
+        self.0.streams.borrow_mut()[id.0].hooks.pop();
+        out
+    }
+
+    // ---- driving the module, as Envoy does ----
+
+    /// `config_new` with this plugin JSON: whether the module accepted it.
+    pub fn configure(&self, json: &str) -> bool {
+        let config = module::config_new(self, self.envoy_config(), json.as_bytes());
+        self.0.config.set(config);
+        !config.is_null()
+    }
+
+    /// A new stream on `worker` (`filter_new`).
+    pub fn new_stream(&self, worker: u32) -> Id {
+        let stream = FakeStream {
+            marker: Box::new(0),
+            module: std::ptr::null(),
+            worker,
+            headers: Default::default(),
+            request_body: Vec::new(),
+            response_body: Vec::new(),
+            hooks: Vec::new(),
+            completed: false,
+            upstream_answers_locally: false,
+            scheduler: None,
+            local_reply: None,
+        };
+        let id = {
+            let mut streams = self.0.streams.borrow_mut();
+            streams.push(stream);
+            Id(streams.len() - 1)
+        };
+        let filter = self.filter(id);
+        // SAFETY: the config came from config_new and is alive; `filter` is this stream.
+        let module = unsafe { module::filter_new(self, self.0.config.get(), filter) };
+        self.0.streams.borrow_mut()[id.0].module = module;
+        id
+    }
+
+    /// The request's headers arrive (`request_headers`).
+    pub fn request_headers(&self, id: Id, headers: &[(&str, &str)], end_of_stream: bool) -> u32 {
+        self.0.streams.borrow_mut()[id.0].headers[0].set_all(headers);
+        // SAFETY: the stream's own pointers, on this (its worker's) thread.
+        self.enter(id, "request_headers", |f, m| unsafe { module::request_headers(self, f, m, end_of_stream) })
+    }
+
+    /// The whole request body arrives in one frame (`request_body`, end of stream).
+    pub fn request_body(&self, id: Id, body: &[u8]) -> u32 {
+        self.0.streams.borrow_mut()[id.0].request_body = body.to_vec();
+        // SAFETY: as in `request_headers`.
+        self.enter(id, "request_body", |f, m| unsafe { module::request_body(self, f, m, true) })
+    }
+
+    /// The upstream's response headers arrive (`response_headers`).
+    pub fn response_headers(&self, id: Id, headers: &[(&str, &str)], end_of_stream: bool) -> u32 {
+        self.0.streams.borrow_mut()[id.0].headers[1].set_all(headers);
+        // SAFETY: as in `request_headers`.
+        self.enter(id, "response_headers", |f, m| unsafe { module::response_headers(self, f, m, end_of_stream) })
+    }
+
+    /// The stream ends (`stream_complete`, once), unless it already has.
+    pub fn complete(&self, id: Id) {
+        if std::mem::replace(&mut self.0.streams.borrow_mut()[id.0].completed, true) {
+            return;
+        }
+        // SAFETY: as in `request_headers`.
+        self.enter(id, "stream_complete", |f, m| unsafe { module::stream_complete(self, f, m) });
+    }
+
+    /// Envoy destroys the stream's filter (`destroy`).
+    pub fn destroy(&self, id: Id) {
+        let module = std::mem::replace(&mut self.0.streams.borrow_mut()[id.0].module, std::ptr::null());
+        // SAFETY: created by filter_new, destroyed once.
+        unsafe { module::filter_destroy(self, module) };
+    }
+
+    /// The upstream answers a continued request of `id` locally (no healthy upstream): `continue_decoding`
+    /// ends the stream inside the call.
+    pub fn upstream_answers_locally(&self, id: Id) {
+        self.0.streams.borrow_mut()[id.0].upstream_answers_locally = true;
+    }
+
+    /// The local reply sent on stream `id`, if any.
+    pub fn local_reply(&self, id: Id) -> Option<u32> {
+        self.0.streams.borrow()[id.0].local_reply
+    }
+
+    /// A request header of stream `id` as Envoy has it now.
+    pub fn request_header(&self, id: Id, name: &str) -> Option<String> {
+        self.0.streams.borrow()[id.0].headers[0].get(name)
+    }
+
+    /// Delivers every committed stream scheduler's event (`scheduled`), in order.
+    pub fn run_scheduled(&self) {
+        let committed = std::mem::take(&mut *self.0.committed.borrow_mut());
+        for id in committed {
+            let id = Id(id);
+            // SAFETY: as in `request_headers`.
+            self.enter(id, "scheduled", |f, m| unsafe { module::scheduled(self, f, m) });
+        }
+    }
+
+    /// A config-level tick on the main thread (`config_scheduled`).
+    pub fn tick(&self) {
+        // SAFETY: the config from config_new, alive; this thread is the main thread.
+        unsafe { module::config_scheduled(self, self.envoy_config(), self.0.config.get()) }
+    }
+
+    /// Answers the config-level callout `callout_id` with `status` and `body` (`config_http_callout_done`).
+    pub fn config_callout_done(&self, callout_id: u64, status: &str, body: &[u8]) {
+        let mut headers = [EnvoyHeader {
+            key_ptr: b":status".as_ptr(),
+            key_length: 7,
+            value_ptr: status.as_ptr(),
+            value_length: status.len(),
+        }];
+        let mut chunks = [EnvoyBuffer { ptr: body.as_ptr(), length: body.len() }];
+        // SAFETY: the arrays are valid during the call; the config is alive; main thread.
+        unsafe {
+            module::config_http_callout_done(
+                self,
+                self.envoy_config(),
+                self.0.config.get(),
+                callout_id,
+                CALLOUT_SUCCESS,
+                headers.as_mut_ptr(),
+                1,
+                chunks.as_mut_ptr(),
+                1,
+            )
+        }
+    }
+
+    /// Destroys the config (`config_destroy`).
+    pub fn destroy_config(&self) {
+        // SAFETY: created by config_new, destroyed once, after its streams.
+        unsafe { module::config_destroy(self, self.0.config.replace(std::ptr::null())) }
+    }
+}
+
+fn map_name(header_type: u32) -> &'static str {
+    if header_type == REQUEST_HEADER {
+        "request"
+    } else {
+        "response"
+    }
+}
+
+impl Envoy for FakeEnvoy {
+    fn log(&self, level: Level, message: &str) {
+        self.record(None, format!("log {level:?} {message}"));
+    }
+
+    fn worker_index(&self, filter: FilterEnvoyPtr) -> u32 {
+        self.stream_mut(filter, |s| s.worker).unwrap_or(0)
+    }
+
+    fn headers(&self, filter: FilterEnvoyPtr, header_type: u32, out: &mut Vec<EnvoyHeader>) {
+        self.record(Some(filter), format!("get_headers {}", map_name(header_type)));
+        out.clear();
+        self.stream_mut(filter, |s| {
+            let map = &s.headers[usize::from(header_type != REQUEST_HEADER)];
+            out.extend(map.live.iter().map(|(k, v)| EnvoyHeader {
+                key_ptr: k.as_ptr(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr(),
+                value_length: v.len(),
+            }));
+        });
+    }
+
+    fn header(&self, filter: FilterEnvoyPtr, header_type: u32, name: &str) -> Option<EnvoyBuffer> {
+        self.record(Some(filter), format!("get_header {} {name}", map_name(header_type)));
+        self.stream_mut(filter, |s| {
+            let map = &s.headers[usize::from(header_type != REQUEST_HEADER)];
+            map.live
+                .iter()
+                .find(|(k, _)| &**k == name.as_bytes())
+                .map(|(_, v)| EnvoyBuffer { ptr: v.as_ptr(), length: v.len() })
+        })
+        .flatten()
+    }
+
+    fn set_header(&self, filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
+        let map = map_name(header_type);
+        match value {
+            Some(v) => self.record(Some(filter), format!("set_{map}_header {name}: {v}")),
+            None => self.record(Some(filter), format!("remove_{map}_header {name}")),
+        }
+        self.stream_mut(filter, |s| s.headers[usize::from(header_type != REQUEST_HEADER)].set(name, value));
+    }
+
+    fn send_response(&self, filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        self.record(Some(filter), format!("send_response {status} {headers:?} {}", String::from_utf8_lossy(body)));
+        self.stream_mut(filter, |s| s.local_reply = Some(status));
+        // The local reply ends the stream inside this call, as Envoy does.
+        if let Some(id) = self.find(filter) {
+            self.complete(Id(id));
+        }
+    }
+
+    fn clear_route_cache(&self, filter: FilterEnvoyPtr) {
+        self.record(Some(filter), "clear_route_cache".into());
+    }
+
+    fn set_filter_state(&self, filter: FilterEnvoyPtr, key: &str, value: &str) {
+        self.record(Some(filter), format!("set_filter_state {key}={value}"));
+    }
+
+    fn continue_decoding(&self, filter: FilterEnvoyPtr) {
+        self.record(Some(filter), "continue_decoding".into());
+        if self.stream_mut(filter, |s| s.upstream_answers_locally).unwrap_or(false) {
+            self.record(Some(filter), "(upstream: 503 no healthy upstream, a local reply)".into());
+            if let Some(id) = self.find(filter) {
+                self.complete(Id(id));
+            }
+        }
+    }
+
+    fn body_chunks(&self, filter: FilterEnvoyPtr, body_type: u32, out: &mut Vec<EnvoyBuffer>) {
+        out.clear();
+        self.stream_mut(filter, |s| {
+            let body = match body_type {
+                BUFFERED_REQUEST_BODY => &s.request_body,
+                BUFFERED_RESPONSE_BODY => &s.response_body,
+                _ => return,
+            };
+            if !body.is_empty() {
+                out.push(EnvoyBuffer { ptr: body.as_ptr(), length: body.len() });
+            }
+        });
+        self.record(Some(filter), format!("get_body_chunks {body_type}"));
+    }
+
+    fn body_size(&self, filter: FilterEnvoyPtr, body_type: u32) -> usize {
+        self.stream_mut(filter, |s| match body_type {
+            BUFFERED_REQUEST_BODY => s.request_body.len(),
+            BUFFERED_RESPONSE_BODY => s.response_body.len(),
+            _ => 0,
+        })
+        .unwrap_or(0)
+    }
+
+    fn drain_body(&self, filter: FilterEnvoyPtr, body_type: u32, bytes: usize) {
+        self.record(Some(filter), format!("drain_body {body_type} {bytes}"));
+    }
+
+    fn append_body(&self, filter: FilterEnvoyPtr, body_type: u32, data: &[u8]) {
+        self.record(Some(filter), format!("append_body {body_type} {}", String::from_utf8_lossy(data)));
+    }
+
+    fn increment_counter(&self, filter: FilterEnvoyPtr, id: usize, label: Option<&str>, by: u64) {
+        let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
+        let key = label.map_or(name.clone(), |l| format!("{name}{{{l}}}"));
+        self.record(Some(filter), format!("increment_counter {key} {by}"));
+        *self.0.metrics.borrow_mut().entry(key).or_default() += by as i64;
+    }
+
+    fn set_gauge(&self, filter: FilterEnvoyPtr, id: usize, value: u64) {
+        let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
+        self.record(Some(filter), format!("set_gauge {name} {value}"));
+        self.0.metrics.borrow_mut().insert(name, value as i64);
+    }
+
+    fn increment_gauge(&self, filter: FilterEnvoyPtr, id: usize, by: u64) {
+        let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
+        self.record(Some(filter), format!("increment_gauge {name} {by}"));
+        *self.0.metrics.borrow_mut().entry(name).or_default() += by as i64;
+    }
+
+    fn decrement_gauge(&self, filter: FilterEnvoyPtr, id: usize, by: u64) {
+        let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
+        self.record(Some(filter), format!("decrement_gauge {name} {by}"));
+        *self.0.metrics.borrow_mut().entry(name).or_default() -= by as i64;
+    }
+
+    fn scheduler_new(&self, filter: FilterEnvoyPtr) -> SchedulerPtr {
+        self.record(Some(filter), "scheduler_new".into());
+        self.stream_mut(filter, |s| ptr_of(s.scheduler.get_or_insert_with(|| Box::new(0))))
+            .unwrap_or(std::ptr::null_mut())
+    }
+
+    fn scheduler_commit(&self, scheduler: SchedulerPtr, _event_id: u64) {
+        let id = self.0.streams.borrow().iter().position(|s| s.scheduler.as_deref().map(ptr_of) == Some(scheduler));
+        self.record(None, format!("scheduler_commit stream {id:?}"));
+        if let Some(id) = id {
+            self.0.committed.borrow_mut().push(id);
+        }
+    }
+
+    fn scheduler_delete(&self, scheduler: SchedulerPtr) {
+        let id = self.0.streams.borrow().iter().position(|s| s.scheduler.as_deref().map(ptr_of) == Some(scheduler));
+        self.record(None, format!("scheduler_delete stream {id:?}"));
+    }
+
+    fn http_callout(
+        &self,
+        filter: FilterEnvoyPtr,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u64, u32> {
+        self.record(Some(filter), format!("http_callout {cluster} {headers:?} {} {timeout_ms}", body.len()));
+        if let Some(status) = self.0.callout_error.get() {
+            return Err(status);
+        }
+        self.0.next_callout.set(self.0.next_callout.get() + 1);
+        Ok(self.0.next_callout.get())
+    }
+
+    fn define_metric(&self, _config: ConfigEnvoyPtr, name: &str, _gauge: bool, _labels: &[&str]) -> Option<usize> {
+        let mut names = self.0.metric_names.borrow_mut();
+        names.push(format!("fhir_tenant_router.{name}"));
+        Some(names.len() - 1)
+    }
+
+    fn config_increment_counter(&self, _config: ConfigEnvoyPtr, id: usize, label: Option<&str>, by: u64) {
+        let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
+        let key = label.map_or(name.clone(), |l| format!("{name}{{{l}}}"));
+        self.record(None, format!("config_increment_counter {key} {by}"));
+        *self.0.metrics.borrow_mut().entry(key).or_default() += by as i64;
+    }
+
+    fn config_set_gauge(&self, _config: ConfigEnvoyPtr, id: usize, value: u64) {
+        let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
+        self.record(None, format!("config_set_gauge {name} {value}"));
+        self.0.metrics.borrow_mut().insert(name, value as i64);
+    }
+
+    fn config_scheduler_new(&self, _config: ConfigEnvoyPtr) -> SchedulerPtr {
+        self.record(None, "config_scheduler_new".into());
+        if self.0.fail_config_scheduler.get() {
+            return std::ptr::null_mut();
+        }
+        ptr_of(&self.0.config_scheduler)
+    }
+
+    fn config_scheduler_delete(&self, _scheduler: SchedulerPtr) {
+        self.record(None, "config_scheduler_delete".into());
+    }
+
+    fn start_ticker(
+        &self,
+        _scheduler: SchedulerPtr,
+        period_ms: u64,
+        _stop: Arc<AtomicBool>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        self.record(None, format!("start_ticker {period_ms}"));
+        if self.0.fail_ticker.get() {
+            return Err(std::io::Error::other("fake: no thread for you"));
+        }
+        // The test ticks by hand (`tick`): the ticker thread does nothing.
+        Ok(std::thread::spawn(|| {}))
+    }
+
+    fn config_http_callout(
+        &self,
+        _config: ConfigEnvoyPtr,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u64, u32> {
+        self.record(None, format!("config_http_callout {cluster} {headers:?} {} {timeout_ms}", body.len()));
+        if let Some(status) = self.0.callout_error.get() {
+            return Err(status);
+        }
+        self.0.next_callout.set(self.0.next_callout.get() + 1);
+        Ok(self.0.next_callout.get())
+    }
+}

@@ -43,6 +43,8 @@ pub struct MetricIds {
     tenant_quota: (Option<usize>, Option<usize>),
     /// Hooks that panicked (caught; the request got a 503).
     pub(crate) panics: Option<usize>,
+    /// Panics that poisoned the upkeep lock, recovered (see `module::FilterConfig::upkeep`).
+    pub(crate) upkeep_recovered: Option<usize>,
 }
 
 impl MetricIds {
@@ -71,6 +73,7 @@ impl MetricIds {
                 define("tenant.quota.limited", false, &["tenant"]),
             ),
             panics: define("panics", false, &[]),
+            upkeep_recovered: define("upkeep.recovered", false, &[]),
         }
     }
 }

@@ -14,7 +14,6 @@ pub mod crypto;
 pub mod abi;
 pub mod envoy;
 #[cfg(test)]
-#[allow(dead_code)] // the hook tests come with the shell's fixes
 mod fake;
 #[cfg(all(feature = "bench-floor", not(test)))]
 pub mod floor;
@@ -22,4 +21,6 @@ pub mod host;
 pub mod module;
 #[cfg(feature = "panic-probe")]
 pub mod probe;
+#[cfg(test)]
+mod tests;
 pub mod upkeep;

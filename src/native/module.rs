@@ -5,14 +5,26 @@
 //! Threads: the filter config is built on Envoy's main thread and shared by every worker. Each worker has
 //! its own [`Router`] (token cache included) in the config's slot for that worker, touched by that worker
 //! only: the hot path takes no lock.
+//!
+//! Memory safety against Envoy's rules (each exercised by a fake-Envoy test in `super::tests`):
+//! - What the core reads of the request headers is copied out of Envoy's header map into the worker's
+//!   reusable buffer ([`HeaderCopy`]) before any effect is applied: a setter or remover invalidates what a
+//!   getter handed out, and the core keeps reading the request after changing headers.
+//! - Envoy re-enters a stream's hooks from a local reply and from `continue_decoding` (the stream completes
+//!   inside the call), and may answer a callout inline. So those three effects are deferred ([`Deferred`])
+//!   and made only once the core has returned and no borrow of the worker or the stream is held. The
+//!   worker's and the stream's state sit in `RefCell`s: a hook reaches them only through a checked borrow,
+//!   never by a second `&mut`. A stream-complete hook entered while a hook of the same stream is on the
+//!   stack (counted in [`StreamObject::depth`], a `Cell`) only marks the completion, which the outermost
+//!   hook does when it ends.
 
 // The hooks' safety contract is the ABI's, stated once above the hooks rather than on each of them.
 #![allow(clippy::missing_safety_doc)]
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, RefCell, RefMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::config::Config;
 use crate::effect::{CounterSlot, Effect, Effects, Flow, Gauge, Level, Metric, TokenEvent};
@@ -36,12 +48,13 @@ struct Worker {
     cache_entries: u64,
 }
 
-/// One worker's state, touched only by that worker's thread.
-struct Slot(UnsafeCell<Option<Worker>>);
+/// One worker's state, touched only by that worker's thread, reached through a checked borrow.
+struct Slot(RefCell<Option<Worker>>);
 
-// SAFETY: slot `i` is only ever accessed on Envoy worker `i` (every hook of a stream runs on its worker's
-// thread, and a stream uses the slot of the worker that created it), and dropped with the config on the main
-// thread after every stream (each holding the config alive) is gone.
+// SAFETY: slot `i` is only ever accessed on Envoy worker `i` (ABI: every hook of a stream runs on its
+// worker's thread, and a stream uses the slot of the worker that created it), so its `RefCell` is never
+// touched by two threads; it is dropped with the config on the main thread after every stream (each holding
+// the config alive) is gone.
 unsafe impl Sync for Slot {}
 unsafe impl Send for Slot {}
 
@@ -61,15 +74,15 @@ pub struct FilterConfig<E: Envoy> {
 }
 
 impl<E: Envoy> FilterConfig<E> {
-    /// The sink for one hook's effects on stream `filter`.
-    fn apply<'a>(&'a self, env: &'a E, filter: FilterEnvoyPtr) -> Apply<'a, E> {
+    /// The sink for one hook's effects on stream `filter`; the re-entrant ones go into `deferred`.
+    fn apply<'a>(&'a self, env: &'a E, filter: FilterEnvoyPtr, deferred: &'a mut Deferred) -> Apply<'a, E> {
         Apply {
             env,
             filter,
             metrics: &self.metrics,
             tenant_counts: &self.tenant_counts,
             quota_counts: &self.quota_counts,
-            resend_failed: None,
+            deferred,
         }
     }
 
@@ -84,27 +97,173 @@ impl<E: Envoy> FilterConfig<E> {
             quota_counts: &self.quota_counts,
         }
     }
+
+    /// The upkeep, its lock recovered if a panic poisoned it: said loudly (an error line and the
+    /// `upkeep.recovered` counter, once per panic), and the background work goes on. Main thread only.
+    fn upkeep(&self, env: &E, envoy_config: ConfigEnvoyPtr) -> Option<MutexGuard<'_, Upkeep<E>>> {
+        let upkeep = self.upkeep.as_ref()?;
+        Some(upkeep.lock().unwrap_or_else(|poisoned| {
+            upkeep.clear_poison();
+            env.log(
+                Level::Error,
+                "fhir_tenant_router: a panic interrupted the background work (key sets, registry, tokens, counts); \
+                 its lock was recovered and the work goes on",
+            );
+            if let Some(id) = self.metrics.upkeep_recovered {
+                env.config_increment_counter(envoy_config, id, None, 1);
+            }
+            poisoned.into_inner()
+        }))
+    }
 }
 
-/// One stream's state.
+/// One stream's object (what `module` points to). Only shared references to it are ever made while it
+/// lives: hooks of the same stream may be on the stack at once (Envoy re-enters them).
 pub struct StreamObject<E: Envoy> {
     config: *const FilterConfig<E>,
     slot: usize,
+    /// How many of this stream's hooks are on the stack.
+    depth: Cell<u32>,
+    /// The stream completed while one of its hooks was on the stack: the outermost hook completes it.
+    complete_pending: Cell<bool>,
+    state: RefCell<StreamState>,
+}
+
+/// A stream's mutable state.
+struct StreamState {
     stream: Stream,
     signatures: Ring,
     /// Once parked (for a key set or an upstream token): the scheduler the main thread commits to wake it.
     scheduler: Option<SchedulerPtr>,
 }
 
-/// Applies the core's effects to one stream through the ABI.
+/// The effects Envoy may answer by re-entering this stream's hooks (a local reply and a continue end the
+/// stream inside the call; a callout may fail inline): kept (in the worker's reusable buffers) until the
+/// core has returned and no borrow of worker or stream state is held, then made by [`Deferred::apply`].
+#[derive(Default)]
+struct Deferred {
+    reply: Option<u32>,
+    /// The reply's header names and values, end to end, and where each ends.
+    reply_text: String,
+    reply_headers: Vec<(usize, usize)>,
+    reply_body: Vec<u8>,
+    resume: bool,
+    /// Requests to send again after a 401 (rare: owned copies).
+    resends: Vec<OwnedResend>,
+}
+
+/// A request to send again after a 401, kept until it can be sent.
+struct OwnedResend {
+    cluster: String,
+    headers: Vec<(String, String)>,
+    timeout_ms: u64,
+}
+
+/// Most headers a local reply carries (the core's carry at most four).
+const REPLY_HEADERS: usize = 8;
+
+impl Deferred {
+    fn reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        self.reply = Some(status);
+        self.reply_text.clear();
+        self.reply_headers.clear();
+        for (name, value) in headers.iter().take(REPLY_HEADERS) {
+            self.reply_text.push_str(name);
+            let name_end = self.reply_text.len();
+            self.reply_text.push_str(value);
+            self.reply_headers.push((name_end, self.reply_text.len()));
+        }
+        self.reply_body.clear();
+        self.reply_body.extend_from_slice(body);
+    }
+
+    /// Makes the deferred calls (callouts, then the reply, then the continue); why a request to send again
+    /// could not be sent, if one could not.
+    fn apply(&mut self, env: &impl Envoy, filter: FilterEnvoyPtr) -> Option<String> {
+        let mut failed = None;
+        for OwnedResend { cluster, headers, timeout_ms } in std::mem::take(&mut self.resends) {
+            let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            // A request sent again after a 401, from its own stream: answered in `http_callout_done`.
+            if let Err(status) = env.http_callout(filter, &cluster, &pairs, &[], timeout_ms) {
+                failed = Some(format!("could not be sent through cluster {cluster} (callout status {status})"));
+            }
+        }
+        if let Some(status) = self.reply.take() {
+            let mut headers = [("", ""); REPLY_HEADERS];
+            let mut start = 0;
+            for (slot, &(name_end, end)) in headers.iter_mut().zip(&self.reply_headers) {
+                let text = &self.reply_text;
+                *slot = (text.get(start..name_end).unwrap_or_default(), text.get(name_end..end).unwrap_or_default());
+                start = end;
+            }
+            let n = self.reply_headers.len().min(REPLY_HEADERS);
+            env.send_response(filter, status, headers.get(..n).unwrap_or_default(), &self.reply_body);
+        }
+        if std::mem::take(&mut self.resume) {
+            env.continue_decoding(filter);
+        }
+        failed
+    }
+}
+
+/// A copy of the request headers, taken before any effect is applied (the core reads it afterwards):
+/// reusable, so a worker allocates nothing for it once warm.
+#[derive(Default)]
+struct HeaderCopy {
+    bytes: Vec<u8>,
+    /// Per header: where its name ends and its value starts, and where its value ends.
+    spans: Vec<(usize, usize)>,
+}
+
+impl HeaderCopy {
+    fn fill(&mut self, views: &[EnvoyHeader]) {
+        self.bytes.clear();
+        self.spans.clear();
+        for h in views.iter().filter(|h| !h.key_ptr.is_null()) {
+            // SAFETY: ABI: a header getter's bytes are valid during the hook until that map changes; they are
+            // copied here, right after the getter, before anything else calls Envoy
+            // (`a_base_path_tenants_audit_line_names_the_requests_own_interaction_and_type`).
+            unsafe {
+                self.bytes.extend_from_slice(std::slice::from_raw_parts(h.key_ptr, h.key_length));
+                let name_end = self.bytes.len();
+                if !h.value_ptr.is_null() {
+                    self.bytes.extend_from_slice(std::slice::from_raw_parts(h.value_ptr, h.value_length));
+                }
+                self.spans.push((name_end, self.bytes.len()));
+            }
+        }
+    }
+
+    fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut start = 0;
+        self.spans.iter().map(move |&(name_end, end)| {
+            let pair = (
+                self.bytes.get(start..name_end).unwrap_or_default(),
+                self.bytes.get(name_end..end).unwrap_or_default(),
+            );
+            start = end;
+            pair
+        })
+    }
+}
+
+/// A worker's reusable buffers for one hook (taken from the thread during the hook, put back after).
+#[derive(Default)]
+struct Scratch {
+    views: Vec<EnvoyHeader>,
+    headers: HeaderCopy,
+    deferred: Deferred,
+}
+
+/// Applies the core's effects to one stream through the ABI: at once, but for the re-entrant ones
+/// (deferred).
 struct Apply<'a, E> {
     env: &'a E,
     filter: FilterEnvoyPtr,
     metrics: &'a MetricIds,
     tenant_counts: &'a TenantCounts,
-    /// A request to send again (after a 401) that could not be sent: why (see [`token_followup`]).
-    resend_failed: Option<String>,
     quota_counts: &'a TenantCounts,
+    deferred: &'a mut Deferred,
 }
 
 fn count(env: &impl Envoy, filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
@@ -144,7 +303,8 @@ fn replace_response_body(env: &impl Envoy, filter: FilterEnvoyPtr, body: &[u8]) 
 
 fn response_header(env: &impl Envoy, filter: FilterEnvoyPtr, name: &str) -> Option<String> {
     let value = env.header(filter, RESPONSE_HEADER, name)?;
-    // SAFETY: ABI: a getter's bytes are valid during the hook until that map changes; copied at once.
+    // SAFETY: ABI: a getter's bytes are valid during the hook until that map changes; copied at once
+    // (`a_response_header_read_after_a_response_edit_is_read_afresh`).
     Some(String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(value.ptr, value.length) }).into_owned())
 }
 
@@ -156,7 +316,8 @@ impl<E: Envoy> Effects for Apply<'_, E> {
             Effect::SetRequestHeader(name, value) => env.set_header(filter, REQUEST_HEADER, name, Some(value)),
             Effect::RemoveRequestHeader(name) => env.set_header(filter, REQUEST_HEADER, name, None),
             Effect::ClearRouteCache => env.clear_route_cache(filter),
-            Effect::Reply(reply) => env.send_response(filter, reply.status, reply.headers, reply.body),
+            // Envoy completes the stream inside a local reply: made once the core has returned.
+            Effect::Reply(reply) => self.deferred.reply(reply.status, reply.headers, reply.body),
             Effect::FilterState(key, value) => env.set_filter_state(filter, key, value),
             // A worker's token request is the main thread's to send and count (see `upkeep`).
             Effect::Count(Metric::UpstreamToken(_, TokenEvent::Fetch)) => {}
@@ -178,71 +339,70 @@ impl<E: Envoy> Effects for Apply<'_, E> {
             Effect::SetResponseHeader(name, value) => env.set_header(filter, RESPONSE_HEADER, name, Some(value)),
             Effect::RemoveResponseHeader(name) => env.set_header(filter, RESPONSE_HEADER, name, None),
             Effect::ReplaceResponseBody(body) => replace_response_body(env, filter, body),
-            Effect::ResumeRequest => env.continue_decoding(filter),
+            // Envoy may complete the stream inside a continue: made once the core has returned.
+            Effect::ResumeRequest => self.deferred.resume = true,
             // Fetches are the main thread's (see `upkeep`): a worker asks it for a tenant's token instead
             // (see `token_followup`).
             Effect::Fetch(_) => {}
-            // A request sent again after a 401, from its own stream: answered in `http_callout_done`.
-            Effect::Resend(resend) => {
-                if let Err(status) = env.http_callout(filter, resend.cluster, resend.headers, &[], resend.timeout_ms) {
-                    self.resend_failed =
-                        Some(format!("could not be sent through cluster {} (callout status {status})", resend.cluster));
-                }
-            }
+            Effect::Resend(resend) => self.deferred.resends.push(OwnedResend {
+                cluster: resend.cluster.to_string(),
+                headers: resend.headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+                timeout_ms: resend.timeout_ms,
+            }),
         }
     }
 }
 
 /// Copies of the stream's request headers as they are now (after this hook's edits).
 fn request_header_copies(env: &impl Envoy, filter: FilterEnvoyPtr) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let bytes = |ptr: *const u8, len: usize| -> Vec<u8> {
-        if ptr.is_null() {
-            Vec::new()
-        } else {
-            // SAFETY: ABI: a getter's bytes are valid during the hook until that map changes; copied at once.
-            unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
-        }
-    };
     let mut views = Vec::new();
     env.headers(filter, REQUEST_HEADER, &mut views);
-    views
-        .iter()
-        .filter(|h| !h.key_ptr.is_null())
-        .map(|h| (bytes(h.key_ptr, h.key_length), bytes(h.value_ptr, h.value_length)))
-        .collect()
+    let mut copy = HeaderCopy::default();
+    copy.fill(&views);
+    copy.pairs().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()
 }
 
 /// After an event of a stream whose tenant has `upstream_auth`: keeps its request headers if it may be
 /// sent again after a 401, answers it if it could not be sent again (`resend_failed`), parks it if it
 /// waits for its tenant's token, and asks the main thread for a new token when one is wanted (for it, or
-/// a renewal).
+/// a renewal). Makes its own deferred effects before it returns.
 fn token_followup<E: Envoy>(
     env: &E,
     cfg: &FilterConfig<E>,
-    router: &mut Router,
-    object: &mut StreamObject<E>,
+    object: &StreamObject<E>,
     filter: FilterEnvoyPtr,
     resend_failed: Option<String>,
+    deferred: &mut Deferred,
 ) {
-    if object.stream.token_slot().is_none() {
-        return;
+    {
+        let (Some(mut worker), Ok(mut state)) = (worker(cfg, object.slot), object.state.try_borrow_mut()) else {
+            return;
+        };
+        let state = &mut *state;
+        if state.stream.token_slot().is_none() {
+            return;
+        }
+        if state.stream.wants_headers() {
+            let headers = request_header_copies(env, filter);
+            state.stream.keep_header_pairs(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        }
+        let router = &mut worker.router;
+        if let Some(why) = resend_failed {
+            let mut apply = cfg.apply(env, filter, deferred);
+            router.on_resend_response(&mut state.stream, Err(&why), &[], &[], &mut apply);
+        }
+        if let Some(tenant) = router.token_wanted(&state.stream, now_ms()) {
+            if state.stream.waits_for_token() {
+                // The scheduler is deleted in `destroy`, after it is unlisted.
+                let scheduler = *state.scheduler.get_or_insert_with(|| env.scheduler_new(filter));
+                park(&cfg.parked, state.stream.context_id(), scheduler, Awaited::Token(tenant.to_string()));
+            } else {
+                want_token(&cfg.parked, tenant);
+            }
+        }
     }
-    if object.stream.wants_headers() {
-        let headers = request_header_copies(env, filter);
-        object.stream.keep_header_pairs(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
-    }
-    if let Some(why) = resend_failed {
-        let mut apply = cfg.apply(env, filter);
-        router.on_resend_response(&mut object.stream, Err(&why), &[], &[], &mut apply);
-    }
-    let Some(tenant) = router.token_wanted(&object.stream, now_ms()) else { return };
-    if object.stream.waits_for_token() {
-        // The scheduler is deleted in `destroy`, after it is unlisted.
-        let scheduler = *object.scheduler.get_or_insert_with(|| env.scheduler_new(filter));
-        park(&cfg.parked, object.stream.context_id(), scheduler, Awaited::Token(tenant.to_string()));
-    } else {
-        want_token(&cfg.parked, tenant);
-    }
+    // An answer to a request that could not be sent again does not send anything again.
+    deferred.apply(env, filter);
 }
 
 /// The body of the 503 that answers a request whose hook panicked.
@@ -281,12 +441,48 @@ fn guard<E: Envoy, T>(
             if let Some(config) = config {
                 count(env, filter, config.metrics.panics.map(|id| (id, None)));
             }
+            // The closure has unwound: no borrow of worker or stream state is held across this reply.
             if answer && !filter.is_null() {
                 let _ = catch_unwind(AssertUnwindSafe(|| unavailable(env, filter, PANIC_OUTCOME.as_bytes())));
             }
             fallback
         }
     }
+}
+
+/// Runs hook `hook` of a stream inside [`guard`], counting it on the stream's stack; a completion Envoy
+/// signalled meanwhile (re-entering) is done once the outermost hook of the stream ends.
+fn stream_hook<E: Envoy, T>(
+    env: &E,
+    hook: &'static str,
+    filter: FilterEnvoyPtr,
+    (cfg, object): (&FilterConfig<E>, &StreamObject<E>),
+    answer: bool,
+    fallback: T,
+    f: impl FnOnce() -> T,
+) -> T {
+    object.depth.set(object.depth.get().saturating_add(1));
+    let out = guard(env, hook, filter, Some(cfg), answer, fallback, f);
+    object.depth.set(object.depth.get().saturating_sub(1));
+    if object.depth.get() == 0 && object.complete_pending.replace(false) {
+        // The completion Envoy signalled while this hook was on the stack, now that it is over.
+        object.depth.set(1);
+        guard(env, "stream_complete", filter, Some(cfg), false, (), || complete(env, cfg, object, filter));
+        object.depth.set(0);
+    }
+    out
+}
+
+/// The stream is over: it leaves its queues, and the worker's housekeeping runs if due.
+fn complete<E: Envoy>(env: &E, cfg: &FilterConfig<E>, object: &StreamObject<E>, filter: FilterEnvoyPtr) {
+    let (Some(mut worker), Ok(mut state)) = (worker(cfg, object.slot), object.state.try_borrow_mut()) else {
+        return;
+    };
+    let worker = &mut *worker;
+    worker.router.on_stream_done(&mut state.stream);
+    // Gauge calls do not re-enter the stream's hooks.
+    let mut gauges = WorkerGauges { env, filter, metrics: &cfg.metrics, cache_entries: &mut worker.cache_entries };
+    worker.router.housekeep_if_due(now_ms(), &mut gauges);
 }
 
 /// A worker's housekeeping effects: its cache size goes into the process-wide `cache.entries` gauge as the
@@ -328,47 +524,37 @@ impl<E: Envoy> Effects for LogsOnly<'_, E> {
 }
 
 thread_local! {
-    /// A worker's buffer for the request header views (taken during a hook, put back after).
-    static HEADERS: std::cell::Cell<Vec<EnvoyHeader>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A worker's reusable buffers (taken during a hook, put back after; a hook that finds them taken,
+    /// re-entered, starts from empty ones).
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
 }
 
 /// Context ids for the core's streams (unique per process).
 static NEXT_STREAM_ID: AtomicU32 = AtomicU32::new(1);
 
-/// The config's worker state for the current worker, created on the worker's first stream.
-///
-/// # Safety
-/// Call only on Envoy worker `slot`'s thread (see [`Slot`]).
-#[allow(clippy::mut_from_ref)] // the slot's UnsafeCell: one worker's exclusive state (see `Slot`)
-unsafe fn worker<E: Envoy>(config: &FilterConfig<E>, slot: usize) -> Option<&mut Worker> {
+/// The config's worker state for worker `slot` (created on its first stream), borrowed for the caller's
+/// scope; `None` beyond [`MAX_WORKERS`] or if already borrowed (never, by design: no re-entrant call is made
+/// while it is). Call only on worker `slot`'s thread (see [`Slot`]).
+fn worker<E: Envoy>(config: &FilterConfig<E>, slot: usize) -> Option<RefMut<'_, Worker>> {
     let cell = config.slots.get(slot)?;
-    let worker = unsafe { &mut *cell.0.get() };
-    Some(worker.get_or_insert_with(|| Worker {
-        router: Router::new(config.config.clone(), now_ms(), &mut Quiet),
-        seen: 0,
-        cache_entries: 0,
-    }))
+    let mut worker = cell.0.try_borrow_mut().ok()?;
+    if worker.is_none() {
+        *worker = Some(Worker {
+            router: Router::new(config.config.clone(), now_ms(), &mut Quiet),
+            seen: 0,
+            cache_entries: 0,
+        });
+    }
+    RefMut::filter_map(worker, Option::as_mut).ok()
 }
 
-/// The worker's router.
-///
-/// # Safety
-/// As for [`worker`].
-#[allow(clippy::mut_from_ref)] // see `worker`
-unsafe fn router<E: Envoy>(config: &FilterConfig<E>, slot: usize) -> Option<&mut Router> {
-    unsafe { worker(config, slot) }.map(|w| &mut w.router)
-}
-
-/// The worker's router with the latest published key sets and tenant map installed: for the hooks that
-/// decide a request (its headers, and its wake-up after a key set).
-///
-/// # Safety
-/// As for [`worker`].
-#[allow(clippy::mut_from_ref)] // see `worker`
-unsafe fn deciding_router<E: Envoy>(config: &FilterConfig<E>, slot: usize) -> Option<&mut Router> {
-    let worker = unsafe { worker(config, slot) }?;
-    config.published.sync(&mut worker.router, &mut worker.seen);
-    Some(&mut worker.router)
+/// The worker, with the latest published key sets and tenant map installed: for the hooks that decide a
+/// request (its headers, and its wake-up after a key set).
+fn deciding_worker<E: Envoy>(config: &FilterConfig<E>, slot: usize) -> Option<RefMut<'_, Worker>> {
+    let mut worker = worker(config, slot)?;
+    let worker_ref = &mut *worker;
+    config.published.sync(&mut worker_ref.router, &mut worker_ref.seen);
+    Some(worker)
 }
 
 fn headers_status(flow: Flow) -> u32 {
@@ -387,12 +573,15 @@ fn body_status(flow: Flow) -> u32 {
     }
 }
 
-/// The stream object and its config behind a hook's module pointer.
+/// The stream object and its config behind a hook's module pointer: shared references only.
 ///
 /// # Safety
-/// `module` must be a pointer returned by [`envoy_dynamic_module_on_http_filter_new`], not yet destroyed.
-unsafe fn stream<'a, E: Envoy>(module: FilterModulePtr) -> Option<(&'a FilterConfig<E>, &'a mut StreamObject<E>)> {
-    let object = unsafe { (module as *mut StreamObject<E>).as_mut()? };
+/// `module` must be a pointer returned by [`filter_new`], not yet destroyed.
+unsafe fn stream<'a, E: Envoy>(module: FilterModulePtr) -> Option<(&'a FilterConfig<E>, &'a StreamObject<E>)> {
+    // SAFETY: ABI: `module` is what filter_new returned for this stream, alive until its destroy hook, which
+    // Envoy calls after every other hook of the stream has returned; only shared references to it exist.
+    let object = unsafe { (module as *const StreamObject<E>).as_ref()? };
+    // SAFETY: ABI: Envoy keeps the config alive while any of its streams exists.
     let config = unsafe { object.config.as_ref()? };
     Some((config, object))
 }
@@ -400,12 +589,11 @@ unsafe fn stream<'a, E: Envoy>(module: FilterModulePtr) -> Option<(&'a FilterCon
 // ---- hooks ----
 //
 // Each hook's logic is generic over [`Envoy`] (the unit tests run it against a fake Envoy); the
-// `#[no_mangle]` functions in `exports` are thin wrappers that hand it [`super::envoy::Abi`]. They are
-// `unsafe` because their safety rests on Envoy keeping the ABI's contract (live pointers, a stream's hooks
-// on its worker).
+// `#[no_mangle]` functions in `exports` are thin wrappers that hand it `Abi`. They are `unsafe` because
+// their safety rests on Envoy keeping the ABI's contract (live pointers, a stream's hooks on its worker).
 
 /// Compiles the plugin JSON (the same as the wasm filter's); a bad one is refused with a log line naming the
-/// field (Envoy then rejects the filter config).
+/// field (Envoy then rejects the filter config), and so is a config whose background work cannot start.
 pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes: &[u8]) -> ConfigModulePtr {
     guard(env, "config_new", std::ptr::null_mut(), None, false, std::ptr::null(), || {
         let compiled = match Config::from_json(bytes) {
@@ -421,8 +609,20 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
         let tenant_counts = TenantCounts::new(compiled.tenants.ids());
         let quota_counts = TenantCounts::new(compiled.tenants.ids());
         let ticks = compiled.fetches() || !compiled.tenants.is_empty();
-        let upkeep = ticks.then(|| Mutex::new(Upkeep::start(env, main, envoy_config)));
-        let slots = (0..MAX_WORKERS).map(|_| Slot(UnsafeCell::new(None))).collect();
+        let upkeep = match ticks.then(|| Upkeep::start(env, main, envoy_config)).transpose() {
+            Ok(upkeep) => upkeep.map(Mutex::new),
+            Err(why) => {
+                env.log(
+                    Level::Error,
+                    &format!(
+                        "fhir_tenant_router: configuration refused: {why} (key sets, registry, tokens and counts \
+                         would never be fetched or handed over)"
+                    ),
+                );
+                return std::ptr::null();
+            }
+        };
+        let slots = (0..MAX_WORKERS).map(|_| Slot(RefCell::new(None))).collect();
         let filter_config = FilterConfig {
             config: compiled,
             metrics: MetricIds::define(env, envoy_config),
@@ -456,12 +656,18 @@ pub(crate) unsafe fn filter_new<E: Envoy>(env: &E, config: ConfigModulePtr, filt
     let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return std::ptr::null() };
     guard(env, "filter_new", filter, Some(cfg), false, std::ptr::null(), || {
         let slot = env.worker_index(filter) as usize;
-        // SAFETY: ABI: filter_new runs on worker `slot`'s thread.
-        let stream = match unsafe { router(cfg, slot) } {
-            Some(router) => router.open_stream(NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed)),
+        let stream = match worker(cfg, slot) {
+            Some(mut worker) => worker.router.open_stream(NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed)),
             None => Stream::new(0),
         };
-        let object = StreamObject { config: cfg, slot, stream, signatures: Ring::default(), scheduler: None };
+        let state = StreamState { stream, signatures: Ring::default(), scheduler: None };
+        let object = StreamObject {
+            config: cfg,
+            slot,
+            depth: Cell::new(0),
+            complete_pending: Cell::new(false),
+            state: RefCell::new(state),
+        };
         Box::into_raw(Box::new(object)) as FilterModulePtr
     })
 }
@@ -482,47 +688,72 @@ pub(crate) unsafe fn request_headers<E: Envoy>(
         }
         return HEADERS_STOP_ITERATION;
     };
-    guard(env, "request_headers", filter, Some(cfg), true, HEADERS_STOP_ITERATION, || {
+    stream_hook(env, "request_headers", filter, (cfg, object), true, HEADERS_STOP_ITERATION, || {
         #[cfg(all(feature = "bench-floor", not(test)))]
         if let Some(status) = super::floor::request_headers(env, filter, &cfg.config) {
             return status;
         }
-        let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else {
-            unavailable(env, filter, PANIC_OUTCOME.as_bytes());
-            return HEADERS_STOP_ITERATION;
-        };
-        // The header views go into this worker's reusable buffer: no allocation per request.
-        let mut buffer = HEADERS.with(|b| b.take());
-        env.headers(filter, REQUEST_HEADER, &mut buffer);
-        let headers = &buffer;
-        let pairs = headers.iter().filter(|h| !h.key_ptr.is_null()).map(|h| {
-            // SAFETY: Envoy's header views are valid during this hook.
-            unsafe {
-                let value: &[u8] =
-                    if h.value_ptr.is_null() { &[] } else { std::slice::from_raw_parts(h.value_ptr, h.value_length) };
-                (std::slice::from_raw_parts(h.key_ptr, h.key_length), value)
+        let mut scratch = SCRATCH.take();
+        // Everything the core reads of the headers is copied before any effect changes the map.
+        env.headers(filter, REQUEST_HEADER, &mut scratch.views);
+        scratch.headers.fill(&scratch.views);
+        let Scratch { headers, deferred, .. } = &mut scratch;
+        let flow = {
+            let (Some(mut worker), Ok(mut state)) = (deciding_worker(cfg, object.slot), object.state.try_borrow_mut())
+            else {
+                SCRATCH.set(scratch);
+                unavailable(env, filter, PANIC_OUTCOME.as_bytes());
+                return HEADERS_STOP_ITERATION;
+            };
+            let state = &mut *state;
+            let mut apply = cfg.apply(env, filter, deferred);
+            let flow = worker.router.on_request_headers(
+                &mut state.stream,
+                headers.pairs(),
+                end_of_stream,
+                now_ms(),
+                &state.signatures,
+                &mut apply,
+            );
+            if let Some(provider) = state.stream.waiting_for() {
+                // The scheduler is deleted in `destroy`, after it is unlisted.
+                let scheduler = env.scheduler_new(filter);
+                state.scheduler = Some(scheduler);
+                park(&cfg.parked, state.stream.context_id(), scheduler, Awaited::Keys(provider));
             }
-        });
-        let mut apply = cfg.apply(env, filter);
-        let flow = router.on_request_headers(
-            &mut object.stream,
-            pairs,
-            end_of_stream,
-            now_ms(),
-            &object.signatures,
-            &mut apply,
-        );
-        let resend_failed = apply.resend_failed.take();
-        HEADERS.with(|b| b.replace(buffer));
-        if let Some(provider) = object.stream.waiting_for() {
-            // The scheduler is deleted in `destroy`, after it is unlisted.
-            let scheduler = env.scheduler_new(filter);
-            object.scheduler = Some(scheduler);
-            park(&cfg.parked, object.stream.context_id(), scheduler, Awaited::Keys(provider));
-        }
-        token_followup(env, cfg, router, object, filter, resend_failed);
+            flow
+        };
+        let resend_failed = deferred.apply(env, filter);
+        token_followup(env, cfg, object, filter, resend_failed, deferred);
+        SCRATCH.set(scratch);
         headers_status(flow)
     })
+}
+
+/// Runs `f` (a core event with the worker and the stream's state) with the hook's deferred effects, then
+/// makes them once both borrows are released; `None` if the worker or the state could not be had.
+fn with_core<E: Envoy, T>(
+    env: &E,
+    cfg: &FilterConfig<E>,
+    object: &StreamObject<E>,
+    filter: FilterEnvoyPtr,
+    deciding: bool,
+    f: impl FnOnce(&mut Worker, &mut StreamState, &mut Apply<'_, E>) -> T,
+) -> Option<(T, Option<String>, Deferred)> {
+    let mut deferred = SCRATCH.take().deferred;
+    let out = {
+        let worker = if deciding { deciding_worker(cfg, object.slot) } else { worker(cfg, object.slot) };
+        let (Some(mut worker), Ok(mut state)) = (worker, object.state.try_borrow_mut()) else { return None };
+        let mut apply = cfg.apply(env, filter, &mut deferred);
+        f(&mut worker, &mut state, &mut apply)
+    };
+    let resend_failed = deferred.apply(env, filter);
+    Some((out, resend_failed, deferred))
+}
+
+/// Puts a hook's deferred-effect buffers back for the worker's next hook.
+fn done_with(deferred: Deferred) {
+    SCRATCH.set(Scratch { deferred, ..SCRATCH.take() });
 }
 
 /// # Safety
@@ -534,11 +765,14 @@ pub(crate) unsafe fn request_body<E: Envoy>(
     end_of_stream: bool,
 ) -> u32 {
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return BODY_CONTINUE };
-    guard(env, "request_body", filter, Some(cfg), true, BODY_STOP_AND_BUFFER, || {
-        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
-        let mut apply = cfg.apply(env, filter);
-        let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
-        body_status(router.on_request_body(&mut object.stream, end_of_stream, now_ms(), &mut body, &mut apply))
+    stream_hook(env, "request_body", filter, (cfg, object), true, BODY_STOP_AND_BUFFER, || {
+        let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+            let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
+            worker.router.on_request_body(&mut state.stream, end_of_stream, now_ms(), &mut body, apply)
+        });
+        let Some((flow, _, deferred)) = event else { return BODY_CONTINUE };
+        done_with(deferred);
+        body_status(flow)
     })
 }
 
@@ -551,23 +785,30 @@ pub(crate) unsafe fn response_headers<E: Envoy>(
     end_of_stream: bool,
 ) -> u32 {
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return HEADERS_CONTINUE };
-    guard(env, "response_headers", filter, Some(cfg), false, HEADERS_CONTINUE, || {
-        if object.stream.may_resend() {
+    stream_hook(env, "response_headers", filter, (cfg, object), false, HEADERS_CONTINUE, || {
+        let may_resend = object.state.try_borrow().is_ok_and(|s| s.stream.may_resend());
+        if may_resend {
             // Sent with an upstream token: a 401 sends it again with a new one (the response held meanwhile).
-            let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
             let status = response_header(env, filter, ":status");
-            let mut apply = cfg.apply(env, filter);
-            if let Some(flow) = router.on_upstream_response(&mut object.stream, status.as_deref(), now_ms(), &mut apply)
-            {
-                let resend_failed = apply.resend_failed.take();
-                token_followup(env, cfg, router, object, filter, resend_failed);
+            let event = with_core(env, cfg, object, filter, true, |worker, state, apply| {
+                worker.router.on_upstream_response(&mut state.stream, status.as_deref(), now_ms(), apply)
+            });
+            let Some((resent, resend_failed, mut deferred)) = event else { return HEADERS_CONTINUE };
+            if let Some(flow) = resent {
+                token_followup(env, cfg, object, filter, resend_failed, &mut deferred);
+                done_with(deferred);
                 return headers_status(flow);
             }
+            done_with(deferred);
         }
-        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return HEADERS_CONTINUE };
-        let mut apply = cfg.apply(env, filter);
-        let header = |name: &str| response_header(env, filter, name);
-        headers_status(router.on_response_headers(&mut object.stream, end_of_stream, &header, &mut apply))
+        let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+            // Each header is read afresh (and copied) when the core asks for it.
+            let header = |name: &str| response_header(env, filter, name);
+            worker.router.on_response_headers(&mut state.stream, end_of_stream, &header, apply)
+        });
+        let Some((flow, _, deferred)) = event else { return HEADERS_CONTINUE };
+        done_with(deferred);
+        headers_status(flow)
     })
 }
 
@@ -580,11 +821,14 @@ pub(crate) unsafe fn response_body<E: Envoy>(
     end_of_stream: bool,
 ) -> u32 {
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return BODY_CONTINUE };
-    guard(env, "response_body", filter, Some(cfg), false, BODY_CONTINUE, || {
-        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return BODY_CONTINUE };
-        let mut apply = cfg.apply(env, filter);
-        let mut body = || read_body(env, filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
-        body_status(router.on_response_body(&mut object.stream, end_of_stream, &mut body, &mut apply))
+    stream_hook(env, "response_body", filter, (cfg, object), false, BODY_CONTINUE, || {
+        let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+            let mut body = || read_body(env, filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
+            worker.router.on_response_body(&mut state.stream, end_of_stream, &mut body, apply)
+        });
+        let Some((flow, _, deferred)) = event else { return BODY_CONTINUE };
+        done_with(deferred);
+        body_status(flow)
     })
 }
 
@@ -592,14 +836,13 @@ pub(crate) unsafe fn response_body<E: Envoy>(
 /// As for [`request_headers`].
 pub(crate) unsafe fn stream_complete<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) {
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
-    guard(env, "stream_complete", filter, Some(cfg), false, (), || {
-        if let Some(worker) = unsafe { worker(cfg, object.slot) } {
-            worker.router.on_stream_done(&mut object.stream);
-            let mut gauges =
-                WorkerGauges { env, filter, metrics: &cfg.metrics, cache_entries: &mut worker.cache_entries };
-            worker.router.housekeep_if_due(now_ms(), &mut gauges);
-        }
-    })
+    if object.depth.get() > 0 {
+        // Envoy completes the stream inside a call one of its hooks made (a local reply, a continue): that
+        // hook's work is not over, so the outermost hook completes the stream when it ends.
+        object.complete_pending.set(true);
+        return;
+    }
+    stream_hook(env, "stream_complete", filter, (cfg, object), false, (), || complete(env, cfg, object, filter))
 }
 
 /// # Safety
@@ -609,11 +852,13 @@ pub(crate) unsafe fn filter_destroy<E: Envoy>(env: &E, module: FilterModulePtr) 
         return;
     }
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: ABI: `module` came from `Box::into_raw` in filter_new; Envoy destroys it once, and its
-        // config outlives it.
+        // SAFETY: ABI: `module` came from `Box::into_raw` in filter_new; Envoy destroys it once, after every
+        // other hook of the stream has returned (no reference to it is left), and its config outlives it.
         let object = unsafe { Box::from_raw(module as *mut StreamObject<E>) };
-        if let (Some(scheduler), Some(cfg)) = (object.scheduler, unsafe { object.config.as_ref() }) {
-            unpark(&cfg.parked, object.stream.context_id());
+        let state = object.state.into_inner();
+        // SAFETY: ABI: the config outlives its streams.
+        if let (Some(scheduler), Some(cfg)) = (state.scheduler, unsafe { object.config.as_ref() }) {
+            unpark(&cfg.parked, state.stream.context_id());
             // Unlisted above, so the main thread will not commit it any more.
             env.scheduler_delete(scheduler);
         }
@@ -636,14 +881,17 @@ pub(crate) unsafe fn http_callout_done<E: Envoy>(
     body_chunks_size: usize,
 ) {
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
-    guard(env, "http_callout_done", filter, Some(cfg), true, (), || {
-        let Some(router) = (unsafe { router(cfg, object.slot) }) else { return };
-        // SAFETY: Envoy's arrays (or null on failure) are valid during this hook.
+    stream_hook(env, "http_callout_done", filter, (cfg, object), true, (), || {
+        // SAFETY: ABI: Envoy's arrays (or null on failure) are valid during this hook; copied here.
         let (status, headers, body) =
             unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
         let status = status.as_deref().ok_or("connection failure or timeout");
-        let mut apply = cfg.apply(env, filter);
-        router.on_resend_response(&mut object.stream, status, &headers, &body, &mut apply);
+        let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+            worker.router.on_resend_response(&mut state.stream, status, &headers, &body, apply)
+        });
+        if let Some((_, _, deferred)) = event {
+            done_with(deferred);
+        }
     })
 }
 
@@ -659,6 +907,8 @@ unsafe fn callout_answer(
     body_chunks: *mut EnvoyBuffer,
     body_chunks_size: usize,
 ) -> (Option<String>, Vec<(String, String)>, Vec<u8>) {
+    // SAFETY (this and the slices below): ABI: a callout answer's arrays and their bytes are Envoy's, valid
+    // during the hook; all of it is copied here.
     let headers: &[EnvoyHeader] =
         if headers.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(headers, headers_size) } };
     let chunks: &[EnvoyBuffer] =
@@ -686,13 +936,14 @@ unsafe fn callout_answer(
 /// As for [`request_headers`].
 pub(crate) unsafe fn scheduled<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) {
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
-    guard(env, "scheduled", filter, Some(cfg), true, (), || {
-        let Some(router) = (unsafe { deciding_router(cfg, object.slot) }) else { return };
-        let mut apply = cfg.apply(env, filter);
-        let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
-        router.wake(&mut object.stream, now_ms(), &object.signatures, &mut body, &mut apply);
-        let resend_failed = apply.resend_failed.take();
-        token_followup(env, cfg, router, object, filter, resend_failed);
+    stream_hook(env, "scheduled", filter, (cfg, object), true, (), || {
+        let event = with_core(env, cfg, object, filter, true, |worker, state, apply| {
+            let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
+            worker.router.wake(&mut state.stream, now_ms(), &state.signatures, &mut body, apply)
+        });
+        let Some(((), resend_failed, mut deferred)) = event else { return };
+        token_followup(env, cfg, object, filter, resend_failed, &mut deferred);
+        done_with(deferred);
     })
 }
 
@@ -701,9 +952,10 @@ pub(crate) unsafe fn scheduled<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module
 /// # Safety
 /// `config` is null or came from [`config_new`] and is alive; on the main thread.
 pub(crate) unsafe fn config_scheduled<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, config: ConfigModulePtr) {
+    // SAFETY: ABI: Envoy passes the config config_new returned, alive until config_destroy.
     let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return };
     guard(env, "config_scheduled", std::ptr::null_mut(), None, false, (), || {
-        if let Some(Ok(mut upkeep)) = cfg.upkeep.as_ref().map(Mutex::lock) {
+        if let Some(mut upkeep) = cfg.upkeep(env, envoy_config) {
             upkeep.tick(&cfg.main(env, envoy_config));
         }
     })
@@ -725,11 +977,12 @@ pub(crate) unsafe fn config_http_callout_done<E: Envoy>(
     body_chunks: *mut EnvoyBuffer,
     body_chunks_size: usize,
 ) {
+    // SAFETY: ABI: as in `config_scheduled`.
     let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return };
     guard(env, "config_http_callout_done", std::ptr::null_mut(), None, false, (), || {
-        // SAFETY: Envoy's arrays (or null on failure) are valid during this hook.
+        // SAFETY: ABI: Envoy's arrays (or null on failure) are valid during this hook; copied here.
         let (status, _, body) = unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
-        if let Some(Ok(mut upkeep)) = cfg.upkeep.as_ref().map(Mutex::lock) {
+        if let Some(mut upkeep) = cfg.upkeep(env, envoy_config) {
             upkeep.called_back(&cfg.main(env, envoy_config), callout_id, status.as_deref(), body);
         }
     })

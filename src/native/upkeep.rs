@@ -194,11 +194,28 @@ pub struct Upkeep<E: Envoy> {
 impl<E: Envoy> Upkeep<E> {
     /// Starts the ticker for `envoy_config`'s config-level scheduler (call in `config_new`, on the main
     /// thread, with the config being created).
-    pub fn start(env: &E, router: Router, envoy_config: ConfigEnvoyPtr) -> Self {
-        let scheduler = SendPtr(env.config_scheduler_new(envoy_config));
+    /// Refused (why) if Envoy gives no scheduler or the ticker thread cannot start: the background work
+    /// would never run.
+    pub fn start(env: &E, router: Router, envoy_config: ConfigEnvoyPtr) -> Result<Self, String> {
+        let scheduler = env.config_scheduler_new(envoy_config);
+        if scheduler.is_null() {
+            return Err("Envoy gave no config scheduler".into());
+        }
         let stop = Arc::new(AtomicBool::new(false));
-        let ticker = env.start_ticker(scheduler.0, TICK_MS, Arc::clone(&stop)).ok();
-        Self { env: env.clone(), router, calls: HashMap::new(), scheduler, stop, ticker }
+        match env.start_ticker(scheduler, TICK_MS, Arc::clone(&stop)) {
+            Ok(ticker) => Ok(Self {
+                env: env.clone(),
+                router,
+                calls: HashMap::new(),
+                scheduler: SendPtr(scheduler),
+                stop,
+                ticker: Some(ticker),
+            }),
+            Err(e) => {
+                env.config_scheduler_delete(scheduler);
+                Err(format!("the ticker thread could not start ({e})"))
+            }
+        }
     }
 
     /// A tick on the main thread: hands the configured tenants' counts to Envoy, refetches the parked

@@ -98,7 +98,6 @@ pub struct State {
     committed: RefCell<Vec<usize>>,
     pub fail_config_scheduler: Cell<bool>,
     pub fail_ticker: Cell<bool>,
-    pub tickers: RefCell<Vec<JoinHandle<()>>>,
     /// The next callback whose line starts with this panics (as a bug in the module would).
     pub panic_on: RefCell<Option<String>>,
     /// Callouts refuse to start with this status.
@@ -123,7 +122,6 @@ impl Default for FakeEnvoy {
             committed: RefCell::default(),
             fail_config_scheduler: Cell::new(false),
             fail_ticker: Cell::new(false),
-            tickers: RefCell::default(),
             callout_error: Cell::new(None),
             panic_on: RefCell::new(None),
         }))
@@ -254,6 +252,13 @@ impl FakeEnvoy {
         self.enter(id, "response_headers", |f, m| unsafe { module::response_headers(self, f, m, end_of_stream) })
     }
 
+    /// The whole response body arrives in one frame (`response_body`, end of stream).
+    pub fn response_body(&self, id: Id, body: &[u8]) -> u32 {
+        self.0.streams.borrow_mut()[id.0].response_body = body.to_vec();
+        // SAFETY: as in `request_headers`.
+        self.enter(id, "response_body", |f, m| unsafe { module::response_body(self, f, m, true) })
+    }
+
     /// The stream ends (`stream_complete`, once), unless it already has.
     pub fn complete(&self, id: Id) {
         if std::mem::replace(&mut self.0.streams.borrow_mut()[id.0].completed, true) {
@@ -325,6 +330,28 @@ impl FakeEnvoy {
                 1,
             )
         }
+    }
+
+    /// Answers stream `id`'s callout with `status` (`None`: it failed), these headers and `body`
+    /// (`http_callout_done`).
+    pub fn callout_done(&self, id: Id, status: Option<&str>, headers: &[(&str, &str)], body: &[u8]) {
+        let mut all: Vec<(&str, &str)> = status.map(|s| (":status", s)).into_iter().collect();
+        all.extend_from_slice(headers);
+        let mut views: Vec<EnvoyHeader> = all
+            .iter()
+            .map(|(k, v)| EnvoyHeader {
+                key_ptr: k.as_ptr(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr(),
+                value_length: v.len(),
+            })
+            .collect();
+        let mut chunks = [EnvoyBuffer { ptr: body.as_ptr(), length: body.len() }];
+        let result = if status.is_some() { CALLOUT_SUCCESS } else { 1 };
+        // SAFETY: the arrays are valid during the call; the stream's own pointers, on its worker's thread.
+        self.enter(id, "http_callout_done", |f, m| unsafe {
+            module::http_callout_done(self, f, m, result, views.as_mut_ptr(), views.len(), chunks.as_mut_ptr(), 1)
+        });
     }
 
     /// Destroys the config (`config_destroy`).

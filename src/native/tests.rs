@@ -7,11 +7,8 @@ use serde_json::{json, Value};
 
 use crate::testkeys::{self, NOW, TENANT_A};
 
-use super::abi::{HEADERS_CONTINUE, HEADERS_STOP_ITERATION};
+use super::abi::{BODY_CONTINUE, HEADERS_CONTINUE, HEADERS_STOP_ITERATION};
 use super::fake::{FakeEnvoy, Id};
-
-#[allow(dead_code)]
-const _ID: Option<Id> = None;
 
 const T0_MS: u64 = NOW as u64 * 1000;
 const ROUTE: &str = "x-fhir-tenant-router-cluster";
@@ -306,4 +303,197 @@ fn a_panic_inside_the_upkeep_lock_is_recovered_said_and_counted_and_the_work_goe
     envoy.tick();
     assert!(envoy.take_calls().is_empty(), "said once per panic");
     assert_eq!(envoy.metric("upkeep.recovered"), 1);
+}
+
+// ---- every hook: the exact callbacks ----
+
+#[test]
+fn a_panicking_hook_is_answered_503_and_its_stream_completes_after_the_hook() {
+    let envoy = configured(&plugin());
+    let auth = bearer(&testkeys::claims_now());
+    let s = envoy.new_stream(0);
+    // A bug in the core while it edits the headers (here: Envoy's setter panics on the module's side).
+    *envoy.0.panic_on.borrow_mut() = Some("set_request_header".into());
+    assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &auth), true), HEADERS_STOP_ITERATION);
+    let calls = envoy.take_calls();
+    let body = r#"{"issue":[{"code":"exception","diagnostics":"The request could not be processed; retry shortly.","severity":"error"}],"resourceType":"OperationOutcome"}"#;
+    assert_eq!(
+        calls,
+        [
+            "get_headers request",
+            "increment_counter fhir_tenant_router.signature.host 1",
+            "increment_counter fhir_tenant_router.cache.misses 1",
+            "remove_request_header authorization",
+            "log Error fhir_tenant_router: the request_headers hook panicked; the request was answered 503",
+            "increment_counter fhir_tenant_router.panics 1",
+            &format!(
+                "send_response 503 {:?} {body}",
+                [("content-type", "application/fhir+json"), ("cache-control", "no-store")]
+            ),
+            "re-entered stream_complete (inside request_headers)",
+            "increment_gauge fhir_tenant_router.cache.entries 1",
+        ],
+        "{}",
+        dump(&calls)
+    );
+    // The worker's and the stream's borrows were released by the unwind: the next request is served.
+    let s2 = envoy.new_stream(0);
+    assert_eq!(envoy.request_headers(s2, &request("GET", "/Patient", &auth), true), HEADERS_CONTINUE);
+    envoy.complete(s2);
+    envoy.destroy(s);
+    envoy.destroy(s2);
+}
+
+#[test]
+fn a_response_is_edited_from_headers_read_afresh_and_its_body_replaced() {
+    let mut p = plugin();
+    p["tenants"][TENANT_A] = json!({
+        "cluster": "tenant_a", "authority": "fhir.partner", "base_path": "/api/FHIR/R4",
+        "links_base_url": "http://fhir.partner/api/FHIR/R4"
+    });
+    p["public_base_url"] = json!("https://fhir.example");
+    p["audit_log"] = json!(false);
+    let envoy = configured(&p);
+    let s = envoy.new_stream(0);
+    let auth = bearer(&testkeys::claims_now());
+    assert_eq!(envoy.request_headers(s, &request("GET", "/Patient?_count=1", &auth), true), HEADERS_CONTINUE);
+    envoy.take_calls();
+    let response = [
+        (":status", "200"),
+        ("location", "http://fhir.partner/api/FHIR/R4/Patient/1"),
+        ("content-type", "application/fhir+json"),
+    ];
+    assert_eq!(envoy.response_headers(s, &response, false), HEADERS_CONTINUE);
+    let calls = envoy.take_calls();
+    assert_eq!(
+        calls,
+        [
+            "get_header response location",
+            "set_response_header location: https://fhir.example/Patient/1",
+            "get_header response content-location",
+            "get_header response content-encoding",
+            "get_header response content-type",
+            "remove_response_header content-length",
+        ],
+        "{}",
+        dump(&calls)
+    );
+    let bundle = json!({"resourceType": "Bundle",
+        "link": [{"relation": "next", "url": "http://fhir.partner/api/FHIR/R4/Patient?page=2"}]});
+    let bundle = bundle.to_string();
+    assert_eq!(envoy.response_body(s, bundle.as_bytes()), BODY_CONTINUE);
+    let calls = envoy.take_calls();
+    let rewritten =
+        r#"{"link":[{"relation":"next","url":"https://fhir.example/Patient?page=2"}],"resourceType":"Bundle"}"#;
+    assert_eq!(
+        calls,
+        [
+            "get_body_chunks 3",
+            "get_body_chunks 2",
+            "drain_body 2 0",
+            &format!("drain_body 3 {}", bundle.len()),
+            &format!("append_body 3 {rewritten}")
+        ],
+        "{}",
+        dump(&calls)
+    );
+    envoy.complete(s);
+    assert_eq!(envoy.take_calls(), ["increment_gauge fhir_tenant_router.cache.entries 1"]);
+    envoy.destroy(s);
+    envoy.destroy_config();
+    assert_eq!(envoy.take_calls(), ["config_scheduler_delete"]);
+}
+
+// ---- upstream_auth: a parked request, a resend after a 401, its callout's answer ----
+
+const TOKEN_URL: &str = "https://login.example/t/oauth2/v2.0/token";
+
+fn upstream_auth_plugin() -> Value {
+    // The secret comes from Envoy's environment (one name per test binary: tests run in parallel).
+    std::env::set_var("FHIR_TENANT_ROUTER_NATIVE_TEST_SECRET", "s3cret");
+    let mut p = plugin();
+    p["tenants"][TENANT_A] = json!({
+        "cluster": "tenant_a",
+        "upstream_auth": {"method": "client_secret_post", "token_url": TOKEN_URL, "cluster": "entra",
+                          "client_id": "router", "client_secret": {"env": "FHIR_TENANT_ROUTER_NATIVE_TEST_SECRET"},
+                          "scope": "https://fhir-a.example/.default"}
+    });
+    p["audit_log"] = json!(false);
+    p
+}
+
+fn token_answer(token: &str) -> Vec<u8> {
+    json!({"access_token": token, "token_type": "Bearer", "expires_in": 3600}).to_string().into_bytes()
+}
+
+/// Asserts that `calls` sent a config-level callout through `cluster`.
+fn callout_to(calls: &[String], cluster: &str) {
+    let prefix = format!("config_http_callout {cluster} ");
+    assert!(calls.iter().any(|c| c.starts_with(&prefix)), "no callout through {cluster}: {}", dump(calls));
+}
+
+#[test]
+fn a_request_waits_for_its_upstream_token_is_sent_again_after_a_401_and_gets_the_resent_answer() {
+    let envoy = configured(&upstream_auth_plugin());
+    let client = bearer(&testkeys::claims_now());
+    let s = envoy.new_stream(0);
+    assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &client), true), HEADERS_STOP_ITERATION);
+    let calls = envoy.take_calls();
+    assert_eq!(calls.first().map(String::as_str), Some("get_headers request"), "{}", dump(&calls));
+    assert_eq!(calls.last().map(String::as_str), Some("scheduler_new"), "parked for its token: {}", dump(&calls));
+    assert!(!calls.iter().any(|c| c.starts_with("send_response") || c.starts_with("continue")), "{}", dump(&calls));
+    // The main thread fetches the token (callout 1) and wakes the request.
+    envoy.tick();
+    let calls = envoy.take_calls();
+    callout_to(&calls, "entra");
+    envoy.config_callout_done(1, "200", &token_answer("upstream-token-1"));
+    assert_eq!(envoy.take_calls().last().map(String::as_str), Some("scheduler_commit stream Some(0)"));
+    envoy.run_scheduled();
+    let calls = envoy.take_calls();
+    assert_eq!(
+        calls,
+        [
+            "increment_counter fhir_tenant_router.cache.hits 1",
+            "set_request_header authorization: Bearer upstream-token-1",
+            &format!("set_request_header {TENANT}: {TENANT_A}"),
+            "increment_counter fhir_tenant_router.requests.allowed 1",
+            &format!("set_request_header {ROUTE}: tenant_a"),
+            "clear_route_cache",
+            "continue_decoding",
+            "get_headers request",
+        ],
+        "{}",
+        dump(&calls)
+    );
+    assert_eq!(envoy.request_header(s, "authorization").as_deref(), Some("Bearer upstream-token-1"));
+    // The upstream refuses the token: the request waits for a new one, then is sent again (a callout).
+    assert_eq!(envoy.response_headers(s, &[(":status", "401")], true), HEADERS_STOP_ITERATION);
+    let calls = envoy.take_calls();
+    assert_eq!(calls.first().map(String::as_str), Some("get_header response :status"), "{}", dump(&calls));
+    envoy.set_now_ms(T0_MS + 1_000);
+    envoy.tick();
+    let calls = envoy.take_calls();
+    callout_to(&calls, "entra");
+    envoy.config_callout_done(2, "200", &token_answer("upstream-token-2"));
+    envoy.take_calls();
+    envoy.run_scheduled();
+    let calls = envoy.take_calls();
+    let resend = calls.iter().find(|c| c.starts_with("http_callout tenant_a")).expect("the request sent again");
+    assert!(resend.contains(r#"("authorization", "Bearer upstream-token-2")"#), "{resend}");
+    assert!(resend.contains(r#"(":path", "/Patient")"#), "{resend}");
+    assert!(!resend.contains(&client), "never the client's token: {resend}");
+    assert!(!calls.iter().any(|c| c.starts_with("send_response")), "{}", dump(&calls));
+    // Its answer reaches the client as a local reply, which ends the stream: after the hook.
+    envoy.callout_done(s, Some("200"), &[("content-type", "application/fhir+json")], b"{\"resourceType\":\"Bundle\"}");
+    let calls = envoy.take_calls();
+    let reply = calls.iter().position(|c| c.starts_with("send_response 200")).expect("the answer");
+    assert_eq!(
+        calls.get(reply + 1).map(String::as_str),
+        Some("re-entered stream_complete (inside http_callout_done)"),
+        "{}",
+        dump(&calls)
+    );
+    assert!(violations(&calls).is_empty(), "{}", dump(&calls));
+    envoy.destroy(s);
+    assert!(envoy.take_calls().iter().any(|c| c == "scheduler_delete stream Some(0)"));
 }

@@ -261,6 +261,33 @@ def test_each_request_is_audited_exactly_once(audited):
     assert len(audit_records(audited.env.log_since_mark())) == 3
 
 
+def test_a_base_path_tenants_audit_line_names_the_requests_own_interaction_and_type(start_envoy, idp, upstreams):
+    """The filter rewrites `:path` for a tenant with `base_path`; the audit line (written after that edit) still
+    names the request as the client sent it. The dynamic module once read the header bytes after Envoy had
+    replaced them (issue 22): null interaction and type."""
+    def plugin(doc):
+        doc["tenants"][TENANT_A] = {"cluster": "tenant_a", "base_path": "/api/FHIR/R4"}
+    env = start_envoy("envoy-audit-base-path", {"idp": idp.port, **upstreams.cluster_ports()}, plugin=plugin)
+    try:
+        minter = Minter(idp.issuer)
+        wait_for_jwks(env, minter, upstreams)
+        env.mark_log()
+        upstreams.clear()
+        cases = [("GET", "/Patient/pat-1", "Patient", "read"), ("GET", "/Observation?code=x", "Observation", "search")]
+        for method, path, resource_type, interaction in cases:
+            token = minter.token(TENANT_A)
+            assert env.request(method, path, bearer(token)).status == 200
+            seen = upstreams.tenant_a.requests[-1]
+            assert seen.path == "/api/FHIR/R4" + path, "the upstream got the rewritten path"
+            found = wait_until(lambda: [r for r in audit_records(env.log_since_mark())
+                                        if r.get("jti") == claims_of(token)["jti"]], 10, "the audit line")
+            (rec,) = found
+            assert (rec["method"], rec["resource_type"], rec["interaction"], rec["outcome"]) == (
+                method, resource_type, interaction, "allowed"), rec
+    finally:
+        stop_envoy(env)
+
+
 def test_audit_log_false_turns_the_audit_off(start_envoy, idp, upstreams):
     def plugin(doc):
         doc["audit_log"] = False

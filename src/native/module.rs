@@ -740,7 +740,12 @@ fn with_core<E: Envoy, T>(
     deciding: bool,
     f: impl FnOnce(&mut Worker, &mut StreamState, &mut Apply<'_, E>) -> T,
 ) -> Option<(T, Option<String>, Deferred)> {
-    let mut deferred = SCRATCH.take().deferred;
+    let mut deferred = SCRATCH.with(|cell| {
+        let mut scratch = cell.take();
+        let deferred = std::mem::take(&mut scratch.deferred);
+        cell.set(scratch);
+        deferred
+    });
     let out = {
         let worker = if deciding { deciding_worker(cfg, object.slot) } else { worker(cfg, object.slot) };
         let (Some(mut worker), Ok(mut state)) = (worker, object.state.try_borrow_mut()) else { return None };
@@ -753,7 +758,11 @@ fn with_core<E: Envoy, T>(
 
 /// Puts a hook's deferred-effect buffers back for the worker's next hook.
 fn done_with(deferred: Deferred) {
-    SCRATCH.set(Scratch { deferred, ..SCRATCH.take() });
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.take();
+        scratch.deferred = deferred;
+        cell.set(scratch);
+    });
 }
 
 /// # Safety
@@ -764,6 +773,8 @@ pub(crate) unsafe fn request_body<E: Envoy>(
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
+    // a stream's hooks run on its worker's thread.
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return BODY_CONTINUE };
     stream_hook(env, "request_body", filter, (cfg, object), true, BODY_STOP_AND_BUFFER, || {
         let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
@@ -784,6 +795,8 @@ pub(crate) unsafe fn response_headers<E: Envoy>(
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
+    // a stream's hooks run on its worker's thread.
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return HEADERS_CONTINUE };
     stream_hook(env, "response_headers", filter, (cfg, object), false, HEADERS_CONTINUE, || {
         let may_resend = object.state.try_borrow().is_ok_and(|s| s.stream.may_resend());
@@ -820,6 +833,8 @@ pub(crate) unsafe fn response_body<E: Envoy>(
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
+    // a stream's hooks run on its worker's thread.
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return BODY_CONTINUE };
     stream_hook(env, "response_body", filter, (cfg, object), false, BODY_CONTINUE, || {
         let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
@@ -835,6 +850,8 @@ pub(crate) unsafe fn response_body<E: Envoy>(
 /// # Safety
 /// As for [`request_headers`].
 pub(crate) unsafe fn stream_complete<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) {
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
+    // a stream's hooks run on its worker's thread.
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
     if object.depth.get() > 0 {
         // Envoy completes the stream inside a call one of its hooks made (a local reply, a continue): that
@@ -880,6 +897,8 @@ pub(crate) unsafe fn http_callout_done<E: Envoy>(
     body_chunks: *mut EnvoyBuffer,
     body_chunks_size: usize,
 ) {
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
+    // a stream's hooks run on its worker's thread.
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
     stream_hook(env, "http_callout_done", filter, (cfg, object), true, (), || {
         // SAFETY: ABI: Envoy's arrays (or null on failure) are valid during this hook; copied here.
@@ -935,6 +954,8 @@ unsafe fn callout_answer(
 /// # Safety
 /// As for [`request_headers`].
 pub(crate) unsafe fn scheduled<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) {
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
+    // a stream's hooks run on its worker's thread.
     let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
     stream_hook(env, "scheduled", filter, (cfg, object), true, (), || {
         let event = with_core(env, cfg, object, filter, true, |worker, state, apply| {
@@ -1018,6 +1039,8 @@ mod exports {
 
     #[no_mangle]
     pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModulePtr) {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::config_destroy(&Abi, config) }
     }
 
@@ -1026,6 +1049,8 @@ mod exports {
         config: ConfigModulePtr,
         filter: FilterEnvoyPtr,
     ) -> FilterModulePtr {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::filter_new(&Abi, config, filter) }
     }
 
@@ -1035,6 +1060,8 @@ mod exports {
         module: FilterModulePtr,
         end_of_stream: bool,
     ) -> u32 {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::request_headers(&Abi, filter, module, end_of_stream) }
     }
 
@@ -1044,6 +1071,8 @@ mod exports {
         module: FilterModulePtr,
         end_of_stream: bool,
     ) -> u32 {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::request_body(&Abi, filter, module, end_of_stream) }
     }
 
@@ -1061,6 +1090,8 @@ mod exports {
         module: FilterModulePtr,
         end_of_stream: bool,
     ) -> u32 {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::response_headers(&Abi, filter, module, end_of_stream) }
     }
 
@@ -1070,6 +1101,8 @@ mod exports {
         module: FilterModulePtr,
         end_of_stream: bool,
     ) -> u32 {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::response_body(&Abi, filter, module, end_of_stream) }
     }
 
@@ -1086,11 +1119,15 @@ mod exports {
         filter: FilterEnvoyPtr,
         module: FilterModulePtr,
     ) {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::stream_complete(&Abi, filter, module) }
     }
 
     #[no_mangle]
     pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: FilterModulePtr) {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::filter_destroy(&Abi, module) }
     }
 
@@ -1106,6 +1143,8 @@ mod exports {
         body_chunks: *mut EnvoyBuffer,
         body_chunks_size: usize,
     ) {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe {
             super::http_callout_done(&Abi, filter, module, result, headers, headers_size, body_chunks, body_chunks_size)
         }
@@ -1168,6 +1207,8 @@ mod exports {
         module: FilterModulePtr,
         _event_id: u64,
     ) {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::scheduled(&Abi, filter, module) }
     }
 
@@ -1177,6 +1218,8 @@ mod exports {
         config: ConfigModulePtr,
         _event_id: u64,
     ) {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe { super::config_scheduled(&Abi, envoy_config, config) }
     }
 
@@ -1192,6 +1235,8 @@ mod exports {
         body_chunks: *mut EnvoyBuffer,
         body_chunks_size: usize,
     ) {
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
         unsafe {
             super::config_http_callout_done(
                 &Abi,

@@ -25,6 +25,68 @@ use super::abi::*;
 use super::envoy::Envoy;
 use super::module;
 
+thread_local! {
+    /// Whether control is in the module (inside a hook, outside the fake's own callbacks).
+    static IN_MODULE: Cell<bool> = const { Cell::new(false) };
+    /// Heap allocations the module made on this thread.
+    static MODULE_ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts the allocations the module makes (the fake's own are not counted).
+struct Counting;
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+fn count_allocation() {
+    let _ = IN_MODULE.try_with(|m| {
+        if m.get() {
+            let _ = MODULE_ALLOCATIONS.try_with(|a| a.set(a.get() + 1));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; counting touches only const-initialised
+// thread-locals (no allocation, no reentry).
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_allocation();
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_allocation();
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        count_allocation();
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+/// The allocations the module has made on this thread so far.
+pub fn module_allocations() -> u64 {
+    MODULE_ALLOCATIONS.with(Cell::get)
+}
+
+/// While alive, control is in the fake (its allocations are not the module's).
+struct InFake(bool);
+
+fn in_fake() -> InFake {
+    InFake(IN_MODULE.with(|m| m.replace(false)))
+}
+
+impl Drop for InFake {
+    fn drop(&mut self) {
+        IN_MODULE.with(|m| m.set(self.0));
+    }
+}
+
 /// A header map whose handed-out bytes are poisoned by any change.
 #[derive(Default)]
 struct HeaderMap {
@@ -190,7 +252,9 @@ impl FakeEnvoy {
         if let Some(outer) = outer {
             self.0.calls.borrow_mut().push(format!("re-entered {name} (inside {outer})"));
         }
+        let was = IN_MODULE.with(|m| m.replace(true));
         let out = hook(filter, module);
+        IN_MODULE.with(|m| m.set(was));
         self.0.streams.borrow_mut()[id.0].hooks.pop();
         out
     }
@@ -371,14 +435,17 @@ fn map_name(header_type: u32) -> &'static str {
 
 impl Envoy for FakeEnvoy {
     fn log(&self, level: Level, message: &str) {
+        let _fake = in_fake();
         self.record(None, format!("log {level:?} {message}"));
     }
 
     fn worker_index(&self, filter: FilterEnvoyPtr) -> u32 {
+        let _fake = in_fake();
         self.stream_mut(filter, |s| s.worker).unwrap_or(0)
     }
 
     fn headers(&self, filter: FilterEnvoyPtr, header_type: u32, out: &mut Vec<EnvoyHeader>) {
+        let _fake = in_fake();
         self.record(Some(filter), format!("get_headers {}", map_name(header_type)));
         out.clear();
         self.stream_mut(filter, |s| {
@@ -393,6 +460,7 @@ impl Envoy for FakeEnvoy {
     }
 
     fn header(&self, filter: FilterEnvoyPtr, header_type: u32, name: &str) -> Option<EnvoyBuffer> {
+        let _fake = in_fake();
         self.record(Some(filter), format!("get_header {} {name}", map_name(header_type)));
         self.stream_mut(filter, |s| {
             let map = &s.headers[usize::from(header_type != REQUEST_HEADER)];
@@ -405,6 +473,7 @@ impl Envoy for FakeEnvoy {
     }
 
     fn set_header(&self, filter: FilterEnvoyPtr, header_type: u32, name: &str, value: Option<&str>) {
+        let _fake = in_fake();
         let map = map_name(header_type);
         match value {
             Some(v) => self.record(Some(filter), format!("set_{map}_header {name}: {v}")),
@@ -414,6 +483,7 @@ impl Envoy for FakeEnvoy {
     }
 
     fn send_response(&self, filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        let _fake = in_fake();
         self.record(Some(filter), format!("send_response {status} {headers:?} {}", String::from_utf8_lossy(body)));
         self.stream_mut(filter, |s| s.local_reply = Some(status));
         // The local reply ends the stream inside this call, as Envoy does.
@@ -423,14 +493,17 @@ impl Envoy for FakeEnvoy {
     }
 
     fn clear_route_cache(&self, filter: FilterEnvoyPtr) {
+        let _fake = in_fake();
         self.record(Some(filter), "clear_route_cache".into());
     }
 
     fn set_filter_state(&self, filter: FilterEnvoyPtr, key: &str, value: &str) {
+        let _fake = in_fake();
         self.record(Some(filter), format!("set_filter_state {key}={value}"));
     }
 
     fn continue_decoding(&self, filter: FilterEnvoyPtr) {
+        let _fake = in_fake();
         self.record(Some(filter), "continue_decoding".into());
         if self.stream_mut(filter, |s| s.upstream_answers_locally).unwrap_or(false) {
             self.record(Some(filter), "(upstream: 503 no healthy upstream, a local reply)".into());
@@ -441,6 +514,7 @@ impl Envoy for FakeEnvoy {
     }
 
     fn body_chunks(&self, filter: FilterEnvoyPtr, body_type: u32, out: &mut Vec<EnvoyBuffer>) {
+        let _fake = in_fake();
         out.clear();
         self.stream_mut(filter, |s| {
             let body = match body_type {
@@ -456,6 +530,7 @@ impl Envoy for FakeEnvoy {
     }
 
     fn body_size(&self, filter: FilterEnvoyPtr, body_type: u32) -> usize {
+        let _fake = in_fake();
         self.stream_mut(filter, |s| match body_type {
             BUFFERED_REQUEST_BODY => s.request_body.len(),
             BUFFERED_RESPONSE_BODY => s.response_body.len(),
@@ -465,14 +540,17 @@ impl Envoy for FakeEnvoy {
     }
 
     fn drain_body(&self, filter: FilterEnvoyPtr, body_type: u32, bytes: usize) {
+        let _fake = in_fake();
         self.record(Some(filter), format!("drain_body {body_type} {bytes}"));
     }
 
     fn append_body(&self, filter: FilterEnvoyPtr, body_type: u32, data: &[u8]) {
+        let _fake = in_fake();
         self.record(Some(filter), format!("append_body {body_type} {}", String::from_utf8_lossy(data)));
     }
 
     fn increment_counter(&self, filter: FilterEnvoyPtr, id: usize, label: Option<&str>, by: u64) {
+        let _fake = in_fake();
         let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
         let key = label.map_or(name.clone(), |l| format!("{name}{{{l}}}"));
         self.record(Some(filter), format!("increment_counter {key} {by}"));
@@ -480,30 +558,35 @@ impl Envoy for FakeEnvoy {
     }
 
     fn set_gauge(&self, filter: FilterEnvoyPtr, id: usize, value: u64) {
+        let _fake = in_fake();
         let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
         self.record(Some(filter), format!("set_gauge {name} {value}"));
         self.0.metrics.borrow_mut().insert(name, value as i64);
     }
 
     fn increment_gauge(&self, filter: FilterEnvoyPtr, id: usize, by: u64) {
+        let _fake = in_fake();
         let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
         self.record(Some(filter), format!("increment_gauge {name} {by}"));
         *self.0.metrics.borrow_mut().entry(name).or_default() += by as i64;
     }
 
     fn decrement_gauge(&self, filter: FilterEnvoyPtr, id: usize, by: u64) {
+        let _fake = in_fake();
         let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
         self.record(Some(filter), format!("decrement_gauge {name} {by}"));
         *self.0.metrics.borrow_mut().entry(name).or_default() -= by as i64;
     }
 
     fn scheduler_new(&self, filter: FilterEnvoyPtr) -> SchedulerPtr {
+        let _fake = in_fake();
         self.record(Some(filter), "scheduler_new".into());
         self.stream_mut(filter, |s| ptr_of(s.scheduler.get_or_insert_with(|| Box::new(0))))
             .unwrap_or(std::ptr::null_mut())
     }
 
     fn scheduler_commit(&self, scheduler: SchedulerPtr, _event_id: u64) {
+        let _fake = in_fake();
         let id = self.0.streams.borrow().iter().position(|s| s.scheduler.as_deref().map(ptr_of) == Some(scheduler));
         self.record(None, format!("scheduler_commit stream {id:?}"));
         if let Some(id) = id {
@@ -512,6 +595,7 @@ impl Envoy for FakeEnvoy {
     }
 
     fn scheduler_delete(&self, scheduler: SchedulerPtr) {
+        let _fake = in_fake();
         let id = self.0.streams.borrow().iter().position(|s| s.scheduler.as_deref().map(ptr_of) == Some(scheduler));
         self.record(None, format!("scheduler_delete stream {id:?}"));
     }
@@ -524,6 +608,7 @@ impl Envoy for FakeEnvoy {
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u64, u32> {
+        let _fake = in_fake();
         self.record(Some(filter), format!("http_callout {cluster} {headers:?} {} {timeout_ms}", body.len()));
         if let Some(status) = self.0.callout_error.get() {
             return Err(status);
@@ -533,12 +618,14 @@ impl Envoy for FakeEnvoy {
     }
 
     fn define_metric(&self, _config: ConfigEnvoyPtr, name: &str, _gauge: bool, _labels: &[&str]) -> Option<usize> {
+        let _fake = in_fake();
         let mut names = self.0.metric_names.borrow_mut();
         names.push(format!("fhir_tenant_router.{name}"));
         Some(names.len() - 1)
     }
 
     fn config_increment_counter(&self, _config: ConfigEnvoyPtr, id: usize, label: Option<&str>, by: u64) {
+        let _fake = in_fake();
         let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
         let key = label.map_or(name.clone(), |l| format!("{name}{{{l}}}"));
         self.record(None, format!("config_increment_counter {key} {by}"));
@@ -546,12 +633,14 @@ impl Envoy for FakeEnvoy {
     }
 
     fn config_set_gauge(&self, _config: ConfigEnvoyPtr, id: usize, value: u64) {
+        let _fake = in_fake();
         let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
         self.record(None, format!("config_set_gauge {name} {value}"));
         self.0.metrics.borrow_mut().insert(name, value as i64);
     }
 
     fn config_scheduler_new(&self, _config: ConfigEnvoyPtr) -> SchedulerPtr {
+        let _fake = in_fake();
         self.record(None, "config_scheduler_new".into());
         if self.0.fail_config_scheduler.get() {
             return std::ptr::null_mut();
@@ -560,6 +649,7 @@ impl Envoy for FakeEnvoy {
     }
 
     fn config_scheduler_delete(&self, _scheduler: SchedulerPtr) {
+        let _fake = in_fake();
         self.record(None, "config_scheduler_delete".into());
     }
 
@@ -569,6 +659,7 @@ impl Envoy for FakeEnvoy {
         period_ms: u64,
         _stop: Arc<AtomicBool>,
     ) -> std::io::Result<JoinHandle<()>> {
+        let _fake = in_fake();
         self.record(None, format!("start_ticker {period_ms}"));
         if self.0.fail_ticker.get() {
             return Err(std::io::Error::other("fake: no thread for you"));
@@ -585,6 +676,7 @@ impl Envoy for FakeEnvoy {
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u64, u32> {
+        let _fake = in_fake();
         self.record(None, format!("config_http_callout {cluster} {headers:?} {} {timeout_ms}", body.len()));
         if let Some(status) = self.0.callout_error.get() {
             return Err(status);

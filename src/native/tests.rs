@@ -497,3 +497,26 @@ fn a_request_waits_for_its_upstream_token_is_sent_again_after_a_401_and_gets_the
     envoy.destroy(s);
     assert!(envoy.take_calls().iter().any(|c| c == "scheduler_delete stream Some(0)"));
 }
+
+// ---- the hot path: nothing allocated per request once warm ----
+
+#[test]
+fn a_cache_hit_allocates_nothing_in_the_shell_once_the_worker_is_warm() {
+    let mut p = plugin();
+    p["audit_log"] = json!(false);
+    let envoy = configured(&p);
+    let auth = bearer(&testkeys::claims_now());
+    let mut allocations = Vec::new();
+    for _ in 0..6 {
+        let s = envoy.new_stream(0);
+        let before = super::fake::module_allocations();
+        assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &auth), true), HEADERS_CONTINUE);
+        assert_eq!(envoy.response_headers(s, &[(":status", "200")], true), HEADERS_CONTINUE);
+        envoy.complete(s);
+        allocations.push(super::fake::module_allocations() - before);
+        envoy.destroy(s);
+    }
+    // The first request verifies the token and fills the cache and the worker's buffers; a cache hit after
+    // that allocates nothing in its hooks (the stream object itself is filter_new's, once per stream).
+    assert!(allocations.iter().skip(2).all(|&n| n == 0), "allocations per request: {allocations:?}");
+}

@@ -20,5 +20,6 @@ pub mod host;
 pub mod module;
 #[cfg(feature = "panic-probe")]
 pub mod probe;
+pub mod published;
 #[cfg(not(test))]
 pub mod upkeep;

@@ -282,16 +282,15 @@ fn token_followup(
         let mut apply = cfg.apply(filter);
         router.on_resend_response(&mut object.stream, Err(&why), &[], &[], &mut apply);
     }
-    let Some(tenant) = router.token_wanted(&object.stream, now_ms()) else { return };
+    let Some((tenant, have)) = router.token_wanted(&object.stream, now_ms()) else { return };
     if object.stream.waits_for_token() {
         // SAFETY: `filter` is live; the scheduler is deleted in `destroy`, after it is unlisted.
         let scheduler = *object
             .scheduler
             .get_or_insert_with(|| unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(filter) });
         park(&cfg.parked, object.stream.context_id(), scheduler, Awaited::Token(tenant.to_string()));
-    } else {
-        want_token(&cfg.parked, tenant);
     }
+    want_token(&cfg.parked, tenant, have);
 }
 
 /// The body of the 503 that answers a request whose hook panicked.
@@ -498,7 +497,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         let quota_counts = TenantCounts::new(compiled.tenants.ids());
         let ticks = compiled.fetches() || !compiled.tenants.is_empty();
         // SAFETY: config_new, main thread, this config.
-        let upkeep = ticks.then(|| Mutex::new(unsafe { Upkeep::start(main, envoy_config) }));
+        let upkeep = ticks.then(|| unsafe { Upkeep::start(main, envoy_config) });
+        // A worker's token wish wakes the main thread at once.
+        let parked = Mutex::new(Parked::waking(upkeep.as_ref().map(Upkeep::waker)));
+        let upkeep = upkeep.map(Mutex::new);
         let slots = (0..MAX_WORKERS).map(|_| Slot(UnsafeCell::new(None))).collect();
         let filter_config = FilterConfig {
             config: compiled,
@@ -508,7 +510,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             tenant_counts,
             quota_counts,
             published: Published::default(),
-            parked: Mutex::new(Parked::default()),
+            parked,
         };
         Box::into_raw(Box::new(filter_config)) as ConfigModulePtr
     })

@@ -953,8 +953,10 @@ impl TokenSlot {
     }
 
     /// Installs what another router fetched (see [`TokenNews`]), whatever fetch this slot counts as under
-    /// way: that one (this router's own request for it) is over. Ignored if the client configuration differs,
-    /// or if it is the token installed already (handed on again for a router that asked late).
+    /// way: that one (this router's own request for it) is over, and so is every wait here: the fetching
+    /// router wakes the waiting requests with its answer (each is decided again; none is a reason to ask
+    /// again). Ignored if the client configuration differs, or if it is the token installed already (handed
+    /// on again for a router that asked late).
     pub fn install(&mut self, answer: &TokenAnswer) {
         if answer.fingerprint != self.client.fingerprint {
             return;
@@ -962,6 +964,7 @@ impl TokenSlot {
         if answer.serial != 0 && answer.serial == self.origin && self.token.is_some() {
             return;
         }
+        self.waiting.clear();
         self.in_flight = None;
         self.owner = None;
         self.refresh_wanted = false;
@@ -1329,7 +1332,8 @@ mod tests {
         assert!(matches!(answer.news, TokenNews::Token(_)));
         worker.install(&answer);
         assert_eq!(worker.fetch_number(), 0, "the worker's own request is over");
-        assert_eq!(worker.take_waiting(), vec![1]);
+        assert!(worker.take_waiting().is_empty(), "the main thread wakes it: no wait left to ask again for");
+        assert!(!worker.due(150), "nothing to ask for");
         assert_eq!(header(&mut worker, 2, 200), "Bearer tok100");
         assert!(!worker.due(200), "nothing due before 80 % of its life");
         // Renewal due on the worker: asked once, then not again while the main thread fetches.

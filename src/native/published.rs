@@ -302,7 +302,7 @@ mod tests {
     struct Worker {
         router: Router,
         seen: u64,
-        stream: Option<Stream>,
+        streams: Vec<Stream>,
     }
 
     /// What a worker's request hook does: installs what was published (unless `stale`: a request that was
@@ -322,7 +322,7 @@ mod tests {
         let auth = format!("Bearer {}", testkeys::sign_rs256(&testkeys::claims_now()));
         let headers: Vec<(&[u8], &[u8])> =
             vec![(b":method", b"GET"), (b":path", b"/Patient"), (b"authorization", auth.as_bytes())];
-        let id = u32::try_from(i).unwrap() + 1;
+        let id = u32::try_from(i * 100 + w.streams.len()).unwrap() + 1;
         let mut stream = w.router.open_stream(id);
         let flow = w.router.on_request_headers(
             &mut stream,
@@ -337,12 +337,12 @@ mod tests {
             let tenant = tenant.to_string();
             let mut p = parked.lock().unwrap();
             if stream.waits_for_token() {
-                p.park(id, scheduler(i), Awaited::Token(tenant.clone()));
+                p.park(id, scheduler(id as usize), Awaited::Token(tenant.clone()));
             }
             woke = p.wish(&tenant, have) == Some(scheduler(MAIN_SCHEDULER));
         }
         if flow == Flow::WaitForKeys {
-            w.stream = Some(stream);
+            w.streams.push(stream);
         }
         (flow, woke)
     }
@@ -395,18 +395,19 @@ mod tests {
         let parked = Mutex::new(Parked::waking(Some(scheduler(MAIN_SCHEDULER))));
         let mut main = upstream_auth_router();
         let mut workers: Vec<Worker> =
-            (0..5).map(|_| Worker { router: upstream_auth_router(), seen: 0, stream: None }).collect();
+            (0..5).map(|_| Worker { router: upstream_auth_router(), seen: 0, streams: Vec::new() }).collect();
         let now = testkeys::NOW as u64 * 1_000;
         let mut woken = Vec::new();
-        // First use: four workers' requests wait; only the first wish wakes the main thread.
-        let wakes: Vec<bool> = (0..4)
+        // First use: four workers' requests wait (two on the first); only the first wish wakes the main thread.
+        let wakes: Vec<bool> = [0, 0, 1, 2, 3]
+            .into_iter()
             .map(|i| {
                 let (flow, woke) = request(&mut workers[i], i, &published, &parked, now, false);
                 assert_eq!(flow, Flow::WaitForKeys, "worker {i} waits for the token");
                 woke
             })
             .collect();
-        assert_eq!(wakes, [true, false, false, false], "the first wish wakes the main thread");
+        assert_eq!(wakes, [true, false, false, false, false], "the first wish wakes the main thread");
         let fetches = tick(&mut main, &published, &parked, now + 1, &mut woken);
         assert_eq!(fetches.len(), 1, "one token request for four workers: {fetches:?}");
         assert!(tick(&mut main, &published, &parked, now + 2, &mut woken).is_empty(), "none while it is under way");
@@ -414,7 +415,7 @@ mod tests {
         let (flow, _) = request(&mut workers[4], 4, &published, &parked, now + 3, true);
         assert_eq!(flow, Flow::WaitForKeys);
         token_arrives(&mut main, fetches[0], "up-1", &published, &parked, now + 5, &mut woken);
-        assert_eq!(woken.len(), 5, "every parked request is woken: {woken:?}");
+        assert_eq!(woken.len(), 6, "every parked request is woken: {woken:?}");
         woken.clear();
         // Already parked and woken; its wish, taken now, names no token: answered with the one fetched.
         let fetches = tick(&mut main, &published, &parked, now + 6, &mut woken);
@@ -422,12 +423,20 @@ mod tests {
         // Each woken request goes on with the token.
         for (i, w) in workers.iter_mut().enumerate() {
             published.sync(&mut w.router, &mut w.seen);
-            let mut stream = w.stream.take().unwrap();
-            let mut out = Recorded::default();
-            w.router.wake(&mut stream, now + 7, &crate::crypto::PureRust, &mut Vec::new, &mut out);
-            assert!(out.0.iter().any(|e| e.contains("Bearer up-1")), "worker {i}: {:?}", out.0);
-            assert!(out.0.iter().any(|e| e == "ResumeRequest"), "worker {i}: {:?}", out.0);
+            for mut stream in std::mem::take(&mut w.streams) {
+                let mut out = Recorded::default();
+                w.router.wake(&mut stream, now + 7, &crate::crypto::PureRust, &mut Vec::new, &mut out);
+                assert!(out.0.iter().any(|e| e.contains("Bearer up-1")), "worker {i}: {:?}", out.0);
+                assert!(out.0.iter().any(|e| e == "ResumeRequest"), "worker {i}: {:?}", out.0);
+                // After its event, the hook asks for whatever token the router still wants: none.
+                if let Some((tenant, have)) = w.router.token_wanted(&stream, now + 7) {
+                    let tenant = tenant.to_string();
+                    parked.lock().unwrap().wish(&tenant, have);
+                }
+            }
         }
+        let fetches = tick(&mut main, &published, &parked, now + 8, &mut woken);
+        assert!(fetches.is_empty(), "a woken request asks for no second token: {fetches:?}");
         // Renewal: past 80 % of the token's life, two workers ask before the answer, one after it.
         let later = now + 3_000 * 1_000;
         for i in 0..2 {

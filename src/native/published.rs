@@ -439,8 +439,8 @@ mod tests {
         assert!(fetches.is_empty(), "a woken request asks for no second token: {fetches:?}");
         // Renewal: past 80 % of the token's life, two workers ask before the answer, one after it.
         let later = now + 3_000 * 1_000;
-        for i in 0..2 {
-            assert_eq!(request(&mut workers[i], i, &published, &parked, later, false).0, Flow::Continue);
+        for (i, w) in workers.iter_mut().enumerate().take(2) {
+            assert_eq!(request(w, i, &published, &parked, later, false).0, Flow::Continue);
         }
         let fetches = tick(&mut main, &published, &parked, later + 1, &mut woken);
         assert_eq!(fetches.len(), 1, "one renewal: {fetches:?}");

@@ -8,9 +8,11 @@
 //! back only if the version is unchanged (compare-and-swap), so that every Envoy worker of a process charges
 //! one bucket per tenant. The proxy-wasm shell keeps it in Envoy's shared data (`get_shared_data` /
 //! `set_shared_data` with their CAS token); the dynamic module (every worker in one process) in
-//! [`ProcessStore`], a process-wide map. [`charge`] runs the bounded CAS loop.
+//! [`ProcessStore`], a process-wide map. [`charge`] runs the bounded CAS loop, except where the store can
+//! do the whole read-modify-write under its own lock ([`QuotaStore::update`]: the process store), which
+//! never contends and so never lets a request through unchecked.
 //!
-//! **Contention** (another worker stored the same tenant's state between our load and our store) is
+//! **Contention** (Envoy's shared data: another worker stored the same tenant's state between our load and our store) is
 //! retried [`ADMIT_ATTEMPTS`] times; if every attempt loses, the request is let through *uncharged* (fail
 //! open) and counted in `quota.unchecked`. A lost CAS means other workers are making progress on that very
 //! bucket, so the tenant is being charged by them; refusing with 429 would punish the tenant for the
@@ -316,6 +318,17 @@ pub trait QuotaStore {
     fn load(&self, key: &str) -> Result<(Option<Bucket>, u32), StoreError>;
     /// Stores `bucket` under `key` if its version is still `version` (a key never stored has version 0).
     fn store(&self, key: &str, bucket: &Bucket, version: u32) -> Result<(), StoreError>;
+    /// A read-modify-write no other writer can interleave with, for a store that can do one: `step` gets the
+    /// state under `key` and returns the state to store (`None`: leave it as it is). `None`: this store
+    /// cannot (Envoy's shared data), and the caller goes through [`QuotaStore::load`] and
+    /// [`QuotaStore::store`] (compare-and-swap). `Some(Err)`: the store is unusable; `step` was not called.
+    fn update(
+        &self,
+        _key: &str,
+        _step: &mut dyn FnMut(Option<Bucket>) -> Option<Bucket>,
+    ) -> Option<Result<(), StoreError>> {
+        None
+    }
 }
 
 /// What became of a charge.
@@ -358,6 +371,27 @@ pub fn charge_leasing(
     now_ms: u64,
     wanted: (u64, u32),
 ) -> Charge {
+    // Where the store can, the whole check-and-charge under its lock: no contention, never unchecked.
+    let mut charged = None;
+    let atomic = store.update(key, &mut |state| {
+        let (verdict, next) = admit(quota, state, cost, now_ms);
+        if verdict != Verdict::Admitted {
+            charged = Some(Charge::Refused(verdict, next));
+            return None;
+        }
+        let (leased, next) = lease(next, wanted.0);
+        let (slots, next) = match quota.max_in_flight {
+            Some(max) => lease_slots(next, wanted.1, max),
+            None => (0, next),
+        };
+        charged = Some(Charge::Admitted { in_flight: quota.max_in_flight.is_some(), leased, slots });
+        Some(next)
+    });
+    match atomic {
+        Some(Ok(())) => return charged.unwrap_or(Charge::Unchecked(StoreError::Unavailable)),
+        Some(Err(e)) => return Charge::Unchecked(e),
+        None => {}
+    }
     for _ in 0..ADMIT_ATTEMPTS {
         let (state, version) = match store.load(key) {
             Ok(loaded) => loaded,
@@ -391,6 +425,17 @@ pub fn charge_leasing(
 /// configuration (Envoy configures a canary VM on its main thread before any worker's VM exists) and at each registry
 /// install (for the tenants new to it). [`charge`] still creates a missing bucket as a last resort.
 pub fn ensure(store: &dyn QuotaStore, key: &str, quota: &Quota, now_ms: u64) -> Result<bool, StoreError> {
+    let mut created = false;
+    let atomic = store.update(key, &mut |state| match state {
+        Some(_) => None,
+        None => {
+            created = true;
+            Some(Bucket::fresh(quota, now_ms))
+        }
+    });
+    if let Some(done) = atomic {
+        return done.map(|()| created);
+    }
     match store.load(key)? {
         (Some(_), _) => Ok(false),
         (None, version) => store.store(key, &Bucket::fresh(quota, now_ms), version).map(|()| true),
@@ -404,6 +449,9 @@ pub fn give_back(store: &dyn QuotaStore, key: &str) -> bool {
 
 /// Gives back `n` in-flight slots; `false` if it could not be stored.
 pub fn give_back_n(store: &dyn QuotaStore, key: &str, n: u32) -> bool {
+    if let Some(done) = store.update(key, &mut |state| release_n(state, n)) {
+        return done.is_ok();
+    }
     for _ in 0..RELEASE_ATTEMPTS {
         let Ok((state, version)) = store.load(key) else { return false };
         let Some(next) = release_n(state, n) else { return true };
@@ -465,7 +513,9 @@ pub fn refusal(quota: &Quota, verdict: Verdict) -> (&str, u64, &'static str) {
 }
 
 /// The process-wide store: every worker of a dynamic module (one process) charges the same buckets. One
-/// map behind a mutex, held for a lookup and a copy; versions count the writes of each key.
+/// map behind a mutex, held for one lookup and the pure arithmetic of a charge: every charge, release and
+/// creation is one [`QuotaStore::update`] under the lock, so workers never lose a race (never
+/// `quota.unchecked`). Versions count the writes of each key (for [`QuotaStore::load`]/[`QuotaStore::store`]).
 #[derive(Debug, Default)]
 pub struct ProcessStore {
     buckets: Mutex<HashMap<Box<str>, (Bucket, u32)>>,
@@ -477,16 +527,44 @@ impl ProcessStore {
         static GLOBAL: OnceLock<ProcessStore> = OnceLock::new();
         GLOBAL.get_or_init(ProcessStore::default)
     }
+
+    /// The map. A panic while it was held (none can: the arithmetic under the lock is panic-free) would
+    /// leave it whole (every write is one insert or one copy), so a poisoned lock is used as it is.
+    fn buckets(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (Bucket, u32)>> {
+        self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl QuotaStore for ProcessStore {
     fn load(&self, key: &str) -> Result<(Option<Bucket>, u32), StoreError> {
-        let map = self.buckets.lock().map_err(|_| StoreError::Unavailable)?;
+        let map = self.buckets();
         Ok(map.get(key).map_or((None, 0), |(b, v)| (Some(*b), *v)))
     }
 
+    fn update(
+        &self,
+        key: &str,
+        step: &mut dyn FnMut(Option<Bucket>) -> Option<Bucket>,
+    ) -> Option<Result<(), StoreError>> {
+        let mut map = self.buckets();
+        match map.get_mut(key) {
+            Some((b, v)) => {
+                if let Some(next) = step(Some(*b)) {
+                    *b = next;
+                    *v = v.wrapping_add(1).max(1);
+                }
+            }
+            None => {
+                if let Some(next) = step(None) {
+                    map.insert(key.into(), (next, 1));
+                }
+            }
+        }
+        Some(Ok(()))
+    }
+
     fn store(&self, key: &str, bucket: &Bucket, version: u32) -> Result<(), StoreError> {
-        let mut map = self.buckets.lock().map_err(|_| StoreError::Unavailable)?;
+        let mut map = self.buckets();
         match map.get_mut(key) {
             Some((b, v)) if *v == version => {
                 *b = *bucket;
@@ -510,6 +588,14 @@ impl QuotaStore for &'static ProcessStore {
 
     fn store(&self, key: &str, bucket: &Bucket, version: u32) -> Result<(), StoreError> {
         (**self).store(key, bucket, version)
+    }
+
+    fn update(
+        &self,
+        key: &str,
+        step: &mut dyn FnMut(Option<Bucket>) -> Option<Bucket>,
+    ) -> Option<Result<(), StoreError>> {
+        (**self).update(key, step)
     }
 }
 
@@ -1075,35 +1161,118 @@ mod tests {
         assert_eq!(s.store("a", &b, v), Err(StoreError::Conflict));
     }
 
+    /// Threads hammering one bucket of the process store (the dynamic module's workers): every charge is
+    /// decided under the store's lock, so none is ever let through unchecked, exactly the burst is admitted,
+    /// and with `max_in_flight` never more are held at once than the cap, all given back at the end.
+    ///
+    /// Each load yields the thread, as a worker preempted between reading and writing a bucket would: a
+    /// compare-and-swap store then loses often (8 losses in a row let a charge through unchecked), while an
+    /// update under the lock cannot lose.
     #[test]
-    fn many_threads_charging_one_process_store_never_admit_more_than_the_burst() {
-        let q = quota(serde_json::json!({"rate_per_s": 0.001, "burst": 1000}));
-        let store = Arc::new(ProcessStore::default());
-        let admitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let threads: Vec<_> = (0..4)
+    fn many_threads_charging_one_process_store_never_go_unchecked_and_admit_exactly_the_bucket() {
+        /// The process store, its loads yielding the thread.
+        #[derive(Default)]
+        struct Preempted(ProcessStore);
+        impl QuotaStore for Preempted {
+            fn load(&self, key: &str) -> Result<(Option<Bucket>, u32), StoreError> {
+                let loaded = self.0.load(key);
+                std::thread::yield_now();
+                loaded
+            }
+            fn store(&self, key: &str, bucket: &Bucket, version: u32) -> Result<(), StoreError> {
+                self.0.store(key, bucket, version)
+            }
+            fn update(
+                &self,
+                key: &str,
+                step: &mut dyn FnMut(Option<Bucket>) -> Option<Bucket>,
+            ) -> Option<Result<(), StoreError>> {
+                self.0.update(key, step)
+            }
+        }
+        const THREADS: usize = 8;
+        const CHARGES: usize = 20_000;
+        let q = quota(serde_json::json!({"rate_per_s": 0.001, "burst": 50_000}));
+        let capped = quota(serde_json::json!({"max_in_flight": 3}));
+        let store = Arc::new(Preempted::default());
+        let held = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let threads: Vec<_> = (0..THREADS)
             .map(|_| {
-                let (store, admitted, q) = (Arc::clone(&store), Arc::clone(&admitted), Arc::clone(&q));
+                let (store, q, capped, held) =
+                    (Arc::clone(&store), Arc::clone(&q), Arc::clone(&capped), Arc::clone(&held));
                 std::thread::spawn(move || {
-                    for _ in 0..600 {
-                        // Contention here is real: retry the uncharged ones as a client would.
-                        loop {
-                            match charge(&*store, "t", &q, 1, T0) {
-                                Charge::Admitted { .. } => {
-                                    admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    break;
-                                }
-                                Charge::Refused(..) => break,
-                                Charge::Unchecked(_) => continue,
+                    let (mut admitted, mut unchecked, mut slots, mut most) = (0u64, 0u64, 0u64, 0u32);
+                    for _ in 0..CHARGES {
+                        match charge(&*store, "t", &q, 1, T0) {
+                            Charge::Admitted { .. } => admitted += 1,
+                            Charge::Refused(..) => {}
+                            Charge::Unchecked(_) => unchecked += 1,
+                        }
+                        match charge(&*store, "cap", &capped, 1, T0) {
+                            Charge::Admitted { in_flight: true, .. } => {
+                                slots += 1;
+                                most = most.max(held.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1);
+                                held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                                assert!(give_back(&*store, "cap"));
                             }
+                            Charge::Unchecked(_) => unchecked += 1,
+                            _ => {}
                         }
                     }
+                    (admitted, unchecked, slots, most)
                 })
             })
             .collect();
+        let (mut admitted, mut unchecked, mut slots, mut most) = (0, 0, 0, 0);
         for t in threads {
-            t.join().unwrap();
+            let (a, u, s, m) = t.join().unwrap();
+            (admitted, unchecked, slots, most) = (admitted + a, unchecked + u, slots + s, most.max(m));
         }
-        assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 1000);
+        assert_eq!(unchecked, 0, "charges let through unchecked");
+        assert_eq!(admitted, 50_000, "{} charges of a bucket of 50,000", THREADS * CHARGES);
+        assert_eq!(store.load("t").unwrap().0.unwrap().tokens, 0);
+        assert!(most <= 3, "{most} in flight over a cap of 3");
+        assert!(slots > 0);
+        assert_eq!(store.load("cap").unwrap().0.unwrap().in_flight, 0, "every slot given back");
+    }
+
+    /// Envoy's shared data has no atomic update: the wasm build's charge is the compare-and-swap loop
+    /// (tested with [`Contended`]); the process store's is one update under its lock, whatever its
+    /// compare-and-swap would say.
+    #[test]
+    fn a_store_with_an_atomic_update_charges_through_it_and_never_through_compare_and_swap() {
+        /// The process store's update, and a compare-and-swap that always loses.
+        #[derive(Default)]
+        struct AtomicOnly(ProcessStore);
+        impl QuotaStore for AtomicOnly {
+            fn load(&self, key: &str) -> Result<(Option<Bucket>, u32), StoreError> {
+                self.0.load(key)
+            }
+            fn store(&self, _: &str, _: &Bucket, _: u32) -> Result<(), StoreError> {
+                Err(StoreError::Conflict)
+            }
+            fn update(
+                &self,
+                key: &str,
+                step: &mut dyn FnMut(Option<Bucket>) -> Option<Bucket>,
+            ) -> Option<Result<(), StoreError>> {
+                self.0.update(key, step)
+            }
+        }
+        let q = quota(serde_json::json!({"rate_per_s": 1, "burst": 2, "max_in_flight": 5}));
+        let store = AtomicOnly::default();
+        assert_eq!(ensure(&store, "k", &q, T0), Ok(true));
+        assert_eq!(ensure(&store, "k", &q, T0), Ok(false));
+        assert_eq!(charge(&store, "k", &q, 1, T0), Charge::Admitted { in_flight: true, leased: 0, slots: 0 });
+        assert_eq!(charge(&store, "k", &q, 1, T0), Charge::Admitted { in_flight: true, leased: 0, slots: 0 });
+        assert!(matches!(charge(&store, "k", &q, 1, T0), Charge::Refused(Verdict::RateLimited { .. }, _)));
+        assert_eq!(store.load("k").unwrap().0.unwrap(), Bucket { tokens: 0, last_ms: T0, in_flight: 2 });
+        assert!(give_back(&store, "k"));
+        assert_eq!(store.load("k").unwrap().0.unwrap().in_flight, 1);
+        // A refusal stores nothing: the version did not move.
+        let (_, version) = store.load("k").unwrap();
+        let _ = charge(&store, "k", &q, 1, T0 + 10);
+        assert_eq!(store.load("k").unwrap().1, version);
     }
 
     struct NoEffects;
@@ -1169,13 +1338,17 @@ mod tests {
                             unchecked += out.0.iter().filter(|l| l.contains("QuotaUnchecked")).count() as u64;
                         }
                     }
-                    (admitted, unchecked)
+                    let unspent = quotas.leases.get("lease-threads").map_or(0, |(units, _)| *units);
+                    (admitted, unchecked, unspent)
                 })
             })
             .collect();
-        let (admitted, unchecked) =
-            threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |(a, u), (x, y)| (a + x, u + y));
-        assert!(admitted - unchecked <= 1000, "{admitted} admitted, {unchecked} unchecked");
+        let (admitted, unchecked, unspent) = threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .fold((0, 0, 0), |(a, u, s), (x, y, z)| (a + x, u + y, s + z));
+        assert_eq!(unchecked, 0, "the process store never lets a charge through unchecked");
+        assert_eq!(admitted + unspent, 1000, "every unit admitted or still leased: {admitted} + {unspent}");
         assert!(admitted >= 1000 - 4 * 50, "at most one unspent lease per router: {admitted}");
     }
 

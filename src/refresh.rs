@@ -117,6 +117,50 @@ impl Schedule {
     }
 }
 
+/// What the tenant map in force was compiled from: a hash of the registry document, and each environment
+/// variable and file the compile read (by name) with a hash of what it read then. The same document whose
+/// variables and files still read the same compiles to the same map (a secret rotated on disk does not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrySource {
+    document: u64,
+    lookups: Vec<(String, Option<u64>)>,
+}
+
+/// A hash for telling whether bytes changed (not a secret's protection: the bytes are in memory anyway).
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+impl RegistrySource {
+    /// Runs `compile` with `env`, noting what it read.
+    pub fn compile<T>(
+        body: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+        compile: impl FnOnce(&dyn Fn(&str) -> Option<String>) -> T,
+    ) -> (T, RegistrySource) {
+        let lookups = std::cell::RefCell::new(Vec::new());
+        let noting = |name: &str| {
+            let value = env(name);
+            lookups.borrow_mut().push((name.to_string(), value.as_deref().map(|v| digest(v.as_bytes()))));
+            value
+        };
+        let compiled = compile(&noting);
+        let mut lookups = lookups.into_inner();
+        lookups.sort_unstable();
+        lookups.dedup();
+        (compiled, RegistrySource { document: digest(body), lookups })
+    }
+
+    /// Whether `body` is the document this was compiled from and everything it read reads the same now.
+    pub fn unchanged(&self, body: &[u8], env: &dyn Fn(&str) -> Option<String>) -> bool {
+        self.document == digest(body)
+            && self.lookups.iter().all(|(name, seen)| env(name).map(|v| digest(v.as_bytes())) == *seen)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,8 @@ pub struct TenantState {
     /// `None` while a registry is configured, the configuration names no tenant, and no document came yet.
     pub map: Option<Arc<TenantMap>>,
     pub schedule: Option<Schedule>,
+    /// What the registry's map in force was compiled from (an unchanged document is not compiled again).
+    pub source: Option<crate::refresh::RegistrySource>,
 }
 
 /// Everything one VM (or one filter config) knows, built once per configuration.
@@ -370,6 +372,7 @@ impl Router {
         let tenants = TenantState {
             map: (!config.tenants.is_empty() || config.registry.is_none()).then(|| Arc::new(config.tenants.clone())),
             schedule: config.registry.as_ref().map(|r| Schedule::new(r.refresh_ms, now_ms)),
+            source: None,
         };
         let line = format!(
             "configured: {} tenants{}, issuers {}, signature verifier {:?}",

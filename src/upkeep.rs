@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::config::{beyond_pure_rust_message, JwksSource, SignatureVerifier};
 use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric, TokenEvent};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
-use crate::refresh::{Schedule, Streak};
+use crate::refresh::{RegistrySource, Schedule, Streak};
 use crate::router::Stream;
 use crate::router::{quota_of, token_fetch, Router};
 use crate::upstream_auth::{
@@ -255,25 +255,30 @@ impl Router {
     /// fetches): the tenant whose new token `stream` asks for after its last event, if any. It waits for
     /// one, or it was sent with a token now due for renewal (asked once per renewal: this router then counts
     /// a fetch as under way until an answer is installed, or its timeout).
-    pub fn token_wanted(&mut self, stream: &Stream, now_ms: u64) -> Option<&str> {
+    ///
+    /// With the tenant comes the number of the token this router has from the fetching one
+    /// ([`TokenSlot::origin`]), to hand to [`Router::want_token`].
+    pub fn token_wanted(&mut self, stream: &Stream, now_ms: u64) -> Option<(&str, u64)> {
         let (slot_id, waits) = stream.token_slot()?;
         let slot = self.upstream.get_mut(slot_id)?;
-        (waits || slot.due(now_ms)).then_some(slot.tenant.as_str())
+        (waits || slot.due(now_ms)).then_some((slot.tenant.as_str(), slot.origin()))
     }
 
-    /// The fetching router (the dynamic module's main thread): another router wants a new token of
-    /// `tenant`. `None`: a fetch will answer it (one is under way, or the next [`Router::on_tick`] sends
-    /// it); else the answer to hand on at once (the tenant has no `upstream_auth` here, or its server is
-    /// not to be asked again yet).
-    pub fn want_token(&mut self, tenant: &str, now_ms: u64) -> Option<TokenAnswer> {
+    /// The fetching router (the dynamic module's main thread): another router, which has the token
+    /// numbered `have` from this one (0: none), wants a new token of `tenant`. `None`: a fetch will answer
+    /// it (one is under way, or the next [`Router::on_tick`] sends it); else the answer to hand on at once:
+    /// a token fetched since that router's (asked for late, by a router that had not installed it yet: one
+    /// fetch per renewal however many routers ask), or a failure (the tenant has no `upstream_auth` here,
+    /// or its server is not to be asked again yet).
+    pub fn want_token(&mut self, tenant: &str, have: u64, now_ms: u64) -> Option<TokenAnswer> {
         let client = self.tenants.map.as_deref().and_then(|m| m.get(tenant)).and_then(|t| t.upstream_auth());
         let Some(client) = client else {
             let news = TokenNews::Failed { retry_at_ms: 0 };
-            return Some(TokenAnswer { tenant: tenant.to_string(), fingerprint: 0, news });
+            return Some(TokenAnswer { tenant: tenant.to_string(), fingerprint: 0, news, serial: 0 });
         };
         let client = Arc::clone(client);
         let (_, slot) = self.upstream.slot(tenant, &client)?;
-        slot.want(now_ms)
+        slot.want(have, now_ms)
     }
 
     /// Installs a token fetched by another router (see [`Fetched::token`]): into this tenant's slot,
@@ -328,7 +333,15 @@ impl Router {
                 out.push(Effect::Count(Metric::JwksUncheckableKey));
             }
         }
-        state.keys = Some(Arc::new(keys));
+        self.install_key_set(provider, Arc::new(keys), out);
+        true
+    }
+
+    /// Installs `provider`'s key set (this router's own fetch, or another router's: the dynamic module's
+    /// workers install what its main thread compiled), dropping the cached tokens whose key left every set.
+    pub fn install_key_set(&mut self, provider: usize, keys: Arc<KeySet>, out: &mut dyn Effects) {
+        let Some(state) = self.keys.0.get_mut(provider) else { return };
+        state.keys = Some(keys);
         // Cached tokens whose key left every provider's set are dropped.
         let sets = || self.keys.0.iter().filter_map(|s| s.keys.as_ref());
         let fingerprints: Vec<u64> = sets().flat_map(|k| k.fingerprints()).collect();
@@ -339,10 +352,11 @@ impl Router {
             let line = format!("JWKS: dropped {dropped} cached tokens whose key left the key set");
             out.push(Effect::Log(Level::Info, &line));
         }
-        true
     }
 
-    /// Returns whether the tenant map was installed.
+    /// Returns whether a new tenant map was installed: a document that compiles to what is in force (the
+    /// same bytes, and every variable and file it names reads the same, see [`RegistrySource`]) is counted
+    /// as a good fetch and neither compiled again nor installed.
     fn install_registry(
         &mut self,
         fetched: Result<Vec<u8>, String>,
@@ -350,7 +364,17 @@ impl Router {
         env: &dyn Fn(&str) -> Option<String>,
         out: &mut dyn Effects,
     ) -> bool {
-        let compiled = fetched.and_then(|body| self.config.compile_registry(&body, env).map_err(|e| e.to_string()));
+        let unchanged = |body: &[u8]| {
+            self.tenants.map.is_some() && self.tenants.source.as_ref().is_some_and(|s| s.unchanged(body, env))
+        };
+        let compiled = fetched.and_then(|body| {
+            if unchanged(&body) {
+                return Ok(None);
+            }
+            let (compiled, source) =
+                RegistrySource::compile(&body, env, |env| self.config.compile_registry(&body, env));
+            compiled.map(|map| Some((map, source))).map_err(|e| e.to_string())
+        });
         let state = &mut self.tenants;
         let kept = match &state.map {
             Some(m) => format!("keeping the last {} tenants", m.len()),
@@ -358,17 +382,26 @@ impl Router {
         };
         let counters = (Metric::RegistryFetchOk, Metric::RegistryFetchFailed);
         let schedule = state.schedule.as_mut();
-        let Some(map) = settle(counters, schedule, now_ms, "tenant registry fetch", &kept, compiled, out) else {
+        let Some(Some((map, source))) =
+            settle(counters, schedule, now_ms, "tenant registry fetch", &kept, compiled, out)
+        else {
             return false;
         };
+        self.tenants.source = Some(source);
+        self.install_tenant_map(Arc::new(map), now_ms, out);
+        true
+    }
+
+    /// Installs a compiled tenant map (this router's own compile, or another router's: the dynamic module's
+    /// workers install what its main thread compiled), creating the buckets of the tenants new to this
+    /// router before their first request ([`crate::quota::ensure`]).
+    pub fn install_tenant_map(&mut self, map: Arc<crate::tenant::TenantMap>, now_ms: u64, out: &mut dyn Effects) {
         out.push(Effect::Gauge(Gauge::RegistryTenants, map.len() as u64));
-        let before = state.map.replace(Arc::new(map));
-        // The buckets of the tenants new to this router, before their first request ([`crate::quota::ensure`]).
+        let before = self.tenants.map.replace(map);
         let Router { config, tenants, quotas, .. } = self;
         let is_new = |id: &str| before.as_ref().map_or(true, |b| b.get(id).is_none());
         let new = tenants.map.iter().flat_map(|m| m.iter()).filter(|t| is_new(&t.id));
         prepare_buckets(config, quotas, new, now_ms, out);
-        true
     }
 
     /// Creates the quota buckets of every tenant this router knows (configured, and the registry's) that the
@@ -441,7 +474,7 @@ fn settle<T>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Config;
     use crate::effect::{Flow, Recorded};
@@ -554,10 +587,10 @@ mod tests {
         let (mut stream, flow) = request(&mut worker, 1, &headers, now, &mut Recorded::default());
         assert_eq!(flow, Flow::WaitForKeys);
         assert!(stream.waits_for_token());
-        assert_eq!(worker.token_wanted(&stream, now), Some(testkeys::TENANT_A));
+        assert_eq!(worker.token_wanted(&stream, now), Some((testkeys::TENANT_A, 0)));
         // The main thread: asked, its tick sends the one token request (asked twice, still one).
-        assert_eq!(main.want_token(testkeys::TENANT_A, now), None);
-        assert_eq!(main.want_token(testkeys::TENANT_A, now), None);
+        assert_eq!(main.want_token(testkeys::TENANT_A, 0, now), None);
+        assert_eq!(main.want_token(testkeys::TENANT_A, 0, now), None);
         let mut out = Recorded::default();
         main.on_tick(now, 0, &mut out);
         let fetches: Vec<_> = out.0.iter().filter(|e| e.starts_with("Fetch(")).collect();
@@ -566,7 +599,7 @@ mod tests {
         main.on_tick(now + 100, 0, &mut out);
         assert!(!out.0.iter().any(|e| e.starts_with("Fetch(")), "one fetch in flight: {:?}", out.0);
         // An unknown tenant is answered at once (its waiters get 503).
-        assert!(main.want_token("no-such-tenant", now).is_some());
+        assert!(main.want_token("no-such-tenant", 0, now).is_some());
         let body = br#"{"access_token":"up-1","token_type":"Bearer","expires_in":3600}"#;
         let result = FetchResult::Answer { status: Some("200"), body_size: body.len() };
         let fetched = main.on_fetch_result(
@@ -665,6 +698,74 @@ mod tests {
             &mut Recorded::default(),
         );
         assert_eq!(registry.waiting_for, None);
+    }
+
+    pub(crate) fn registry_router() -> Router {
+        let plugin = serde_json::json!({
+            "provider": {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
+                         "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()},
+            "tenants": {},
+            "tenant_registry": {"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry", "refresh_s": 5},
+            "metadata_cluster": "fhir_metadata",
+        });
+        let config = Config::from_json(plugin.to_string().as_bytes()).unwrap();
+        Router::new(config, 0, &mut Recorded::default())
+    }
+
+    /// A registry document whose tenant's client secret is read from `file`.
+    pub(crate) fn registry_document(cluster: &str, file: &str) -> Vec<u8> {
+        serde_json::json!({"tenants": {"tenant-x": {"cluster": cluster, "upstream_auth": {
+            "method": "client_secret_post", "token_url": "https://login.example/token", "cluster": "entra",
+            "client_id": "router", "client_secret": {"file": file}}}}})
+        .to_string()
+        .into_bytes()
+    }
+
+    /// Finding 7 of issue 22: a registry document that did not change (nor any secret it names) is counted
+    /// as a good fetch and neither compiled again nor installed; a changed document, or the same document
+    /// naming a secret file whose content changed, is.
+    #[test]
+    fn an_unchanged_registry_document_is_not_compiled_again_and_a_rotated_secret_is() {
+        let mut r = registry_router();
+        let secret = std::cell::RefCell::new("s3cret-1".to_string());
+        let lookups = std::cell::Cell::new(0);
+        let env = |name: &str| {
+            lookups.set(lookups.get() + 1);
+            (name == format!("{}/run/secret-x", crate::upstream_auth::FILE_PREFIX)).then(|| secret.borrow().clone())
+        };
+        let fetch = |r: &mut Router, body: Vec<u8>, now: u64| {
+            let mut out = Recorded::default();
+            let result = FetchResult::Answer { status: Some("200"), body_size: body.len() };
+            let fetched = r.on_fetch_result(FetchTarget::Registry, result, now, &mut || body.clone(), &env, &mut out);
+            (fetched.installed, out.0)
+        };
+        let doc = registry_document("x", "/run/secret-x");
+        let (installed, out) = fetch(&mut r, doc.clone(), 1_000);
+        assert!(installed, "{out:?}");
+        assert_eq!(lookups.get(), 1, "the compile read the secret");
+        let first = Arc::clone(r.tenants.map.as_ref().unwrap());
+        for now in [6_000, 11_000] {
+            let (installed, out) = fetch(&mut r, doc.clone(), now);
+            assert!(!installed, "the same document is not installed again: {out:?}");
+            assert_eq!(out, ["Count(RegistryFetchOk)"], "counted as a good fetch");
+            assert!(Arc::ptr_eq(&first, r.tenants.map.as_ref().unwrap()), "not compiled again");
+        }
+        // The secret file's content changed: the same document compiles to a new client.
+        *secret.borrow_mut() = "s3cret-2".to_string();
+        assert!(fetch(&mut r, doc.clone(), 16_000).0);
+        let rotated = Arc::clone(r.tenants.map.as_ref().unwrap());
+        assert!(!Arc::ptr_eq(&first, &rotated));
+        let client = |m: &crate::tenant::TenantMap| Arc::clone(m.get("tenant-x").unwrap().upstream_auth().unwrap());
+        assert!(client(&first) != client(&rotated), "a new client, with the new secret");
+        assert!(!fetch(&mut r, doc.clone(), 21_000).0);
+        // A changed document is compiled and installed; a bad one keeps the last good map.
+        assert!(fetch(&mut r, registry_document("y", "/run/secret-x"), 26_000).0);
+        assert_eq!(r.tenants.map.as_ref().unwrap().get("tenant-x").unwrap().cluster, "y");
+        let (installed, out) = fetch(&mut r, b"{\"tenants\": 7}".to_vec(), 31_000);
+        assert!(!installed && out.contains(&"Count(RegistryFetchFailed)".to_string()), "{out:?}");
+        assert_eq!(r.tenants.map.as_ref().unwrap().get("tenant-x").unwrap().cluster, "y");
+        // The last good document again: unchanged since it was compiled.
+        assert!(!fetch(&mut r, registry_document("y", "/run/secret-x"), 36_000).0);
     }
 
     #[test]

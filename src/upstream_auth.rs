@@ -710,6 +710,8 @@ pub struct TokenSlot {
     pub waiting: Vec<u32>,
     /// Counts the tokens installed: which one a request was sent with.
     serial: u64,
+    /// The fetching router's number ([`TokenAnswer::serial`]) of the token last installed from it (0: none).
+    origin: u64,
 }
 
 /// What a request of this tenant does about its upstream token.
@@ -750,6 +752,7 @@ impl TokenSlot {
             failures: 0,
             waiting: Vec::new(),
             serial: 0,
+            origin: 0,
         }
     }
 
@@ -927,24 +930,41 @@ pub struct TokenAnswer {
     pub tenant: String,
     pub fingerprint: u64,
     pub news: TokenNews,
+    /// The fetching router's number of the token (its [`TokenSlot::serial`]; 0 with a failure): a router
+    /// asks for a new token naming the one it has ([`TokenSlot::origin`]), and an answer it already
+    /// installed changes nothing.
+    pub serial: u64,
 }
 
 impl TokenSlot {
     /// The answer to publish for this slot's current state: its token if `installed`, else its failure.
     pub fn answer(&self, installed: bool) -> TokenAnswer {
-        let news = match (&self.token, installed) {
-            (Some(token), true) => TokenNews::Token(token.clone()),
-            _ => TokenNews::Failed { retry_at_ms: self.retry_at_ms },
+        let (news, serial) = match (&self.token, installed) {
+            (Some(token), true) => (TokenNews::Token(token.clone()), self.serial),
+            _ => (TokenNews::Failed { retry_at_ms: self.retry_at_ms }, 0),
         };
-        TokenAnswer { tenant: self.tenant.clone(), fingerprint: self.client.fingerprint, news }
+        TokenAnswer { tenant: self.tenant.clone(), fingerprint: self.client.fingerprint, news, serial }
+    }
+
+    /// The fetching router's number of the token this slot last installed from it (0: none), which this
+    /// router names when it asks for a new one ([`TokenSlot::want`]).
+    pub fn origin(&self) -> u64 {
+        self.origin
     }
 
     /// Installs what another router fetched (see [`TokenNews`]), whatever fetch this slot counts as under
-    /// way: that one (this router's own request for it) is over. Ignored if the client configuration differs.
+    /// way: that one (this router's own request for it) is over, and so is every wait here: the fetching
+    /// router wakes the waiting requests with its answer (each is decided again; none is a reason to ask
+    /// again). Ignored if the client configuration differs, or if it is the token installed already (handed
+    /// on again for a router that asked late).
     pub fn install(&mut self, answer: &TokenAnswer) {
         if answer.fingerprint != self.client.fingerprint {
             return;
         }
+        if answer.serial != 0 && answer.serial == self.origin && self.token.is_some() {
+            return;
+        }
+        self.waiting.clear();
         self.in_flight = None;
         self.owner = None;
         self.refresh_wanted = false;
@@ -952,6 +972,7 @@ impl TokenSlot {
             TokenNews::Token(token) => {
                 self.token = Some(token.clone());
                 self.serial = self.serial.wrapping_add(1);
+                self.origin = answer.serial;
                 self.failures = 0;
                 self.retry_at_ms = 0;
             }
@@ -963,11 +984,16 @@ impl TokenSlot {
     }
 
     /// Another router asks for a new token at `now_ms` (it has none, it is due for renewal, or its upstream
-    /// refused it): `None` if a fetch will answer it (one is under way, or the timer sends one now); else
-    /// the failure to tell it at once (no fetch before `retry_at_ms`).
-    pub fn want(&mut self, now_ms: u64) -> Option<TokenAnswer> {
+    /// refused it), naming the one it has (`have`: its [`TokenSlot::origin`]): `None` if a fetch will answer
+    /// it (one is under way, or the timer sends one now); else the answer to hand on at once: a token newer
+    /// than `have` and not yet due for renewal (fetched since it asked: no second fetch), or the failure (no
+    /// fetch before `retry_at_ms`).
+    pub fn want(&mut self, have: u64, now_ms: u64) -> Option<TokenAnswer> {
         if self.in_flight(now_ms) {
             return None;
+        }
+        if self.serial > have && self.token.as_ref().is_some_and(|t| now_ms < t.refresh_at_ms) {
+            return Some(self.answer(true));
         }
         if now_ms < self.retry_at_ms {
             return Some(self.answer(false));
@@ -1296,17 +1322,18 @@ mod tests {
         // A request on the worker waits (its own fetch is counted as under way until an answer comes).
         assert_eq!(worker.access(1, 0, true), Access::Wait { fetch: true });
         // The main thread is asked: nothing under way there, so its timer sends the request now...
-        assert_eq!(main.want(0), None);
+        assert_eq!(main.want(worker.origin(), 0), None);
         assert!(main.due(0));
         // ...and a second ask meanwhile (another worker) is answered by that same fetch.
-        assert_eq!(main.want(10), None);
+        assert_eq!(main.want(worker.origin(), 10), None);
         assert!(!main.due(10));
         assert_eq!(main.settle(main.fetch_number(), Ok(token(100, 100)), 100), Settled::Installed { refreshed: false });
         let answer = main.answer(true);
         assert!(matches!(answer.news, TokenNews::Token(_)));
         worker.install(&answer);
         assert_eq!(worker.fetch_number(), 0, "the worker's own request is over");
-        assert_eq!(worker.take_waiting(), vec![1]);
+        assert!(worker.take_waiting().is_empty(), "the main thread wakes it: no wait left to ask again for");
+        assert!(!worker.due(150), "nothing to ask for");
         assert_eq!(header(&mut worker, 2, 200), "Bearer tok100");
         assert!(!worker.due(200), "nothing due before 80 % of its life");
         // Renewal due on the worker: asked once, then not again while the main thread fetches.
@@ -1314,7 +1341,7 @@ mod tests {
         assert!(worker.due(75_000));
         assert!(!worker.due(75_100));
         // The main thread's renewal fails: the worker keeps its usable token and asks no more before the retry.
-        assert_eq!(main.want(75_000), None);
+        assert_eq!(main.want(worker.origin(), 75_000), None);
         assert!(main.due(75_000));
         assert!(matches!(
             main.settle(main.fetch_number(), Err(TokenError("x".into())), 75_100),
@@ -1327,7 +1354,7 @@ mod tests {
         assert_eq!(header(&mut worker, 4, 75_200), "Bearer tok100");
         assert!(!worker.due(75_200), "not before the retry");
         // Asked during the back-off, the main thread answers at once with the failure.
-        assert_eq!(main.want(75_200), Some(failed.clone()));
+        assert_eq!(main.want(worker.origin(), 75_200), Some(failed.clone()));
         // After expiry, a request that may not wait (woken once already) gets 503.
         assert!(matches!(worker.access(5, 90_000, false), Access::Unavailable { .. }));
         // An answer for another client configuration (a registry reload changed it) is ignored.

@@ -74,6 +74,8 @@ pub trait Envoy: Clone {
     /// A scheduler whose commits run the config-scheduled hook on the main thread (null: none).
     fn config_scheduler_new(&self, config: ConfigEnvoyPtr) -> SchedulerPtr;
     fn config_scheduler_delete(&self, scheduler: SchedulerPtr);
+    /// Commits the config-level scheduler (any thread): runs the config-scheduled hook on the main thread.
+    fn config_scheduler_commit(&self, scheduler: SchedulerPtr, event_id: u64);
     /// Starts the thread that commits `scheduler` every `period_ms` until `stop` is set (the caller joins
     /// it before deleting the scheduler).
     fn start_ticker(
@@ -391,6 +393,12 @@ mod real {
             // SAFETY: ABI: deleted once, while the config is alive, after the ticker (its only other user)
             // has been joined.
             unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler) }
+        }
+
+        fn config_scheduler_commit(&self, scheduler: SchedulerPtr, event_id: u64) {
+            // SAFETY: ABI: a config scheduler may be committed from any thread; it is deleted in
+            // config_destroy, after every stream (each holding the config alive) is gone.
+            unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler, event_id) }
         }
 
         fn start_ticker(

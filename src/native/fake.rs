@@ -653,6 +653,11 @@ impl Envoy for FakeEnvoy {
         self.record(None, "config_scheduler_delete".into());
     }
 
+    fn config_scheduler_commit(&self, _scheduler: SchedulerPtr, event_id: u64) {
+        let _fake = in_fake();
+        self.record(None, format!("config_scheduler_commit {event_id}"));
+    }
+
     fn start_ticker(
         &self,
         _scheduler: SchedulerPtr,

@@ -21,6 +21,7 @@ pub mod host;
 pub mod module;
 #[cfg(feature = "panic-probe")]
 pub mod probe;
+pub mod published;
 #[cfg(test)]
 mod tests;
 pub mod upkeep;

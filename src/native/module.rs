@@ -391,14 +391,14 @@ fn token_followup<E: Envoy>(
             let mut apply = cfg.apply(env, filter, deferred);
             router.on_resend_response(&mut state.stream, Err(&why), &[], &[], &mut apply);
         }
-        if let Some(tenant) = router.token_wanted(&state.stream, now_ms()) {
+        if let Some((tenant, have)) = router.token_wanted(&state.stream, now_ms()) {
             if state.stream.waits_for_token() {
                 // The scheduler is deleted in `destroy`, after it is unlisted.
                 let scheduler = *state.scheduler.get_or_insert_with(|| env.scheduler_new(filter));
                 park(&cfg.parked, state.stream.context_id(), scheduler, Awaited::Token(tenant.to_string()));
-            } else {
-                want_token(&cfg.parked, tenant);
             }
+            // After `park` in both cases: a parked request's wish is what gets its token fetched.
+            want_token(env, &cfg.parked, tenant, have);
         }
     }
     // An answer to a request that could not be sent again does not send anything again.
@@ -610,7 +610,7 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
         let quota_counts = TenantCounts::new(compiled.tenants.ids());
         let ticks = compiled.fetches() || !compiled.tenants.is_empty();
         let upkeep = match ticks.then(|| Upkeep::start(env, main, envoy_config)).transpose() {
-            Ok(upkeep) => upkeep.map(Mutex::new),
+            Ok(upkeep) => upkeep,
             Err(why) => {
                 env.log(
                     Level::Error,
@@ -622,6 +622,9 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
                 return std::ptr::null();
             }
         };
+        // A worker's token wish wakes the main thread at once.
+        let parked = Mutex::new(Parked::waking(upkeep.as_ref().map(Upkeep::waker)));
+        let upkeep = upkeep.map(Mutex::new);
         let slots = (0..MAX_WORKERS).map(|_| Slot(RefCell::new(None))).collect();
         let filter_config = FilterConfig {
             config: compiled,
@@ -631,7 +634,7 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
             tenant_counts,
             quota_counts,
             published: Published::default(),
-            parked: Mutex::new(Parked::default()),
+            parked,
         };
         Box::into_raw(Box::new(filter_config)) as ConfigModulePtr
     })

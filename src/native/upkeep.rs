@@ -1,12 +1,13 @@
-//! Key sets and the tenant registry in the dynamic module: fetched once per process on Envoy's main thread
-//! (a ticker thread commits the config-level scheduler every [`TICK_MS`]; the tick and the config-level
-//! callout both run on the main thread), then published for the workers, which install the latest answers
-//! into their own routers at their next request (one atomic load on the request path when nothing changed).
-//! Requests parked for a key set hold a per-stream scheduler; every key-set answer commits them all, and
-//! each is decided again on its worker.
+//! Key sets, the tenant registry and upstream tokens in the dynamic module: fetched once per process on
+//! Envoy's main thread (a ticker thread commits the config-level scheduler every [`TICK_MS`], and a
+//! worker's token wish commits it at once; the tick and the config-level callout both run on the main
+//! thread), compiled there once, then published for the workers, which install the compiled answers into
+//! their own routers at their next request (one atomic load on the request path when nothing changed; see
+//! [`super::published`]). Requests parked for a key set or a token hold a per-stream scheduler; the answer
+//! commits them all, and each is decided again on its worker.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -20,150 +21,42 @@ use super::counts::TenantCounts;
 use super::envoy::Envoy;
 use super::host::{now_ms, MetricIds};
 
-/// A raw pointer handed between threads; what it points to is guarded by how it is used (see each use).
-#[derive(Clone, Copy, Debug)]
-pub struct SendPtr(pub *mut std::ffi::c_void);
+use super::published::{answer_wishes, token_answered as hand_on};
+pub use super::published::{Awaited, Parked, Published, Quiet, SendPtr};
 
-// SAFETY: the pointers wrapped are Envoy schedulers and the config's Envoy pointer, whose calls the ABI
-// allows from any thread (commits) or which are only used on the main thread (callouts, config stats).
-unsafe impl Send for SendPtr {}
+/// The event id of a config-level scheduler commit for a worker's token wish (the ticker's are 0).
+const WISH_EVENT: u64 = 1;
 
-/// One published answer: a key set's or the registry's body, or a tenant's upstream token news.
-#[derive(Clone)]
-enum News {
-    Body(FetchTarget, Arc<[u8]>),
-    Token(Arc<TokenAnswer>),
-}
-
-impl News {
-    fn replaces(&self, other: &News) -> bool {
-        match (self, other) {
-            (News::Body(a, _), News::Body(b, _)) => a == b,
-            (News::Token(a), News::Token(b)) => a.tenant == b.tenant,
-            _ => false,
-        }
-    }
-}
-
-/// The latest fetch answers, for the workers: the latest good body of each key set and of the registry,
-/// and the latest token news of each tenant with `upstream_auth`, each numbered by the generation that
-/// published it.
-#[derive(Default)]
-pub struct Published {
-    /// The newest entry's generation; a worker that has seen it has installed everything.
-    pub generation: AtomicU64,
-    entries: Mutex<Vec<(u64, News)>>,
-}
-
-impl Published {
-    fn publish(&self, news: News) {
-        if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|(_, n)| !news.replaces(n));
-            // Bumped under the lock: entries are numbered in the order they are listed.
-            let generation = self.generation.load(Ordering::Relaxed) + 1;
-            entries.push((generation, news));
-            self.generation.store(generation, Ordering::Release);
-        }
-    }
-
-    fn publish_body(&self, target: FetchTarget, body: Vec<u8>) {
-        self.publish(News::Body(target, body.into()));
-    }
-
-    fn publish_token(&self, answer: TokenAnswer) {
-        self.publish(News::Token(Arc::new(answer)));
-    }
-
-    /// Installs into a worker's `router` whatever was published after generation `*seen`, in order.
-    pub fn sync(&self, router: &mut Router, seen: &mut u64) {
-        if self.generation.load(Ordering::Acquire) == *seen {
-            return;
-        }
-        let (newest, news): (u64, Vec<News>) = match self.entries.lock() {
-            Ok(entries) => (
-                entries.last().map_or(*seen, |(g, _)| *g),
-                entries.iter().filter(|(g, _)| *g > *seen).map(|(_, n)| n.clone()).collect(),
-            ),
-            Err(_) => return,
-        };
-        let env = crate::config::process_lookup;
-        for news in news {
-            match news {
-                News::Body(target, body) => {
-                    let answer = FetchResult::Answer { status: Some("200"), body_size: body.len() };
-                    // The main thread logged and counted this answer; the workers install it quietly.
-                    router.on_fetch_result(target, answer, now_ms(), &mut || body.to_vec(), &env, &mut Quiet);
-                }
-                News::Token(answer) => router.install_token(&answer),
-            }
-        }
-        *seen = newest;
-    }
-}
-
-/// Discards effects (a worker replaying what the main thread already reported, or building its router).
-pub struct Quiet;
-
-impl Effects for Quiet {
-    fn push(&mut self, _: Effect<'_>) {}
-}
-
-/// What a parked request waits for.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Awaited {
-    /// The key set of this provider.
-    Keys(usize),
-    /// An upstream token of this tenant.
-    Token(String),
-}
-
-/// Parked requests (stream id, what it waits for, its scheduler), the providers whose refetch they ask
-/// for, and the tenants whose new upstream token the workers ask for (for waiting requests, a renewal, or
-/// after a 401).
-#[derive(Default)]
-pub struct Parked {
-    streams: Vec<(u32, Awaited, SendPtr)>,
-    refetch: Vec<usize>,
-    tokens: Vec<String>,
-}
-
-impl Parked {
-    /// Commits (and unlists) the schedulers of the requests waiting for `awaited`.
-    fn wake(&mut self, env: &impl Envoy, awaited: &Awaited) {
-        self.streams.retain(|(_, waits_for, scheduler)| {
-            if waits_for != awaited {
-                return true;
-            }
-            // A listed scheduler is alive: its stream deletes it only after unlisting it under the lock that
-            // guards this list.
-            env.scheduler_commit(scheduler.0, 1);
-            false
-        });
-    }
+/// Commits a parked stream's scheduler through `env`.
+fn commit_stream(env: &impl Envoy) -> impl FnMut(SendPtr) + '_ {
+    // A listed scheduler is alive: its stream deletes it only after unlisting it under the lock that guards
+    // the list it was taken from (this is called under that lock).
+    move |scheduler: SendPtr| env.scheduler_commit(scheduler.0, 1)
 }
 
 /// Parks a stream: its scheduler is committed (under this lock) when what it waits for comes (or fails).
+/// A stream waiting for a token asks for it with [`want_token`] too.
 pub fn park(parked: &Mutex<Parked>, stream_id: u32, scheduler: SchedulerPtr, awaited: Awaited) {
     if let Ok(mut p) = parked.lock() {
-        match &awaited {
-            Awaited::Keys(provider) => p.refetch.push(*provider),
-            Awaited::Token(tenant) => p.tokens.push(tenant.clone()),
-        }
-        p.streams.push((stream_id, awaited, SendPtr(scheduler)));
+        p.park(stream_id, SendPtr(scheduler), awaited);
     }
 }
 
-/// Asks the main thread for a new upstream token of `tenant` (a renewal: no request waits).
-pub fn want_token(parked: &Mutex<Parked>, tenant: &str) {
-    if let Ok(mut p) = parked.lock() {
-        p.tokens.push(tenant.to_string());
+/// Asks the main thread for a new upstream token of `tenant`, this worker having the one numbered `have`
+/// (see [`Router::token_wanted`]): the first such wish since the main thread last looked wakes it at once.
+pub fn want_token(env: &impl Envoy, parked: &Mutex<Parked>, tenant: &str, have: u64) {
+    let waker = parked.lock().ok().and_then(|mut p| p.wish(tenant, have));
+    if let Some(scheduler) = waker {
+        // The config-level scheduler may be committed from any thread; it is deleted in config_destroy,
+        // after every stream (each holding the config alive) is gone.
+        env.config_scheduler_commit(scheduler.0, WISH_EVENT);
     }
 }
 
 /// Takes a stream off the list (before its scheduler is deleted: the main thread commits only listed ones).
 pub fn unpark(parked: &Mutex<Parked>, stream_id: u32) {
     if let Ok(mut p) = parked.lock() {
-        p.streams.retain(|(id, _, _)| *id != stream_id);
+        p.unpark(stream_id);
     }
 }
 
@@ -218,6 +111,11 @@ impl<E: Envoy> Upkeep<E> {
         }
     }
 
+    /// The config-level scheduler, for the workers' token wishes to wake the main thread ([`Parked::waking`]).
+    pub fn waker(&self) -> SendPtr {
+        self.scheduler
+    }
+
     /// A tick on the main thread: hands the configured tenants' counts to Envoy, refetches the parked
     /// requests asked for, then the fetches that are due.
     pub fn tick(&mut self, main: &Main<'_, E>) {
@@ -233,22 +131,13 @@ impl<E: Envoy> Upkeep<E> {
         hand_over(main.env, envoy_config, main.metrics, main.quota_counts, |tenant, allowed| {
             Metric::TenantQuota(tenant, allowed)
         });
-        let (wanted, mut tokens) = main
-            .parked
-            .lock()
-            .map(|mut p| (std::mem::take(&mut p.refetch), std::mem::take(&mut p.tokens)))
-            .unwrap_or_default();
+        let (wanted, tokens) = main.parked.lock().map(|mut p| p.take()).unwrap_or_default();
         for provider in wanted {
             self.router.refetch_keys(provider, now);
         }
-        tokens.sort_unstable();
-        tokens.dedup();
-        for tenant in tokens {
-            // Answered at once (no fetch to wait for), or by the fetch the tick below sends (or one under way).
-            if let Some(answer) = self.router.want_token(&tenant, now) {
-                token_answered(main, answer);
-            }
-        }
+        // Answered at once (a token fetched since, or no fetch to wait for), or by the fetch the tick below
+        // sends (or one under way).
+        answer_wishes(&mut self.router, tokens, now, main.published, main.parked, &mut commit_stream(main.env));
         let mut sink = MainSink { env: main.env, envoy_config, metrics: main.metrics, fetches: Vec::new() };
         self.router.on_tick(now, 0, &mut sink);
         // A token fetch Envoy never answered (it answers every callout, with a failure at its timeout).
@@ -289,11 +178,11 @@ impl<E: Envoy> Upkeep<E> {
             return;
         }
         if fetched.installed {
-            main.published.publish_body(target, body);
+            main.published.publish_installed(&self.router, target);
         }
         let Some(provider) = fetched.waiting_for else { return };
         if let Ok(mut p) = main.parked.lock() {
-            p.wake(main.env, &Awaited::Keys(provider));
+            p.wake(&Awaited::Keys(provider), commit_stream(main.env));
         }
     }
 }
@@ -301,11 +190,7 @@ impl<E: Envoy> Upkeep<E> {
 /// A tenant's token fetch ended (or was not sent): the workers install the news, and the requests parked
 /// for that tenant's token are decided again.
 fn token_answered<E: Envoy>(main: &Main<'_, E>, answer: TokenAnswer) {
-    let awaited = Awaited::Token(answer.tenant.clone());
-    main.published.publish_token(answer);
-    if let Ok(mut p) = main.parked.lock() {
-        p.wake(main.env, &awaited);
-    }
+    hand_on(main.published, main.parked, answer, &mut commit_stream(main.env));
 }
 
 impl<E: Envoy> Drop for Upkeep<E> {

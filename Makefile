@@ -101,7 +101,8 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 	cargo clippy --lib --no-default-features --features panic-probe -- -D warnings
 	cargo clippy --lib --no-default-features --features bench-floor -- -D warnings
 
-validate: build $(PY_DEPS) ## envoy --mode validate on every shipped Envoy config
+validate: build $(PY_DEPS) ## every TLS cluster verifies its peer (scripts/check-tls.py); envoy --mode validate on every shipped Envoy config
+	$(PY) scripts/check-tls.py
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done
 
 E2E_BUILDS ?= wasm dynamic-module

@@ -195,6 +195,21 @@ impl OAuthClient {
 /// [`FILE_PREFIX`]`path` (a name no environment variable has), which only a host that reads files answers.
 pub const FILE_PREFIX: &str = "\0file:";
 
+/// An environment variable's name for an error message: `NAME` in backticks when it looks like one
+/// (`[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes); otherwise not shown, since a value that is no variable name
+/// may be the secret itself, written where its variable's name belongs.
+pub fn env_name(name: &str) -> String {
+    let mut bytes = name.bytes();
+    let looks_like_a_name = name.len() <= 128
+        && bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if looks_like_a_name {
+        format!("`{name}`")
+    } else {
+        "(its name is not shown: it is not a variable name, maybe a secret written in its place)".to_string()
+    }
+}
+
 fn read_secret(
     field: &str,
     raw: Option<&RawSecret>,
@@ -205,7 +220,10 @@ fn read_secret(
         (Some(name), None) => lookup(name).filter(|v| !v.is_empty()).ok_or_else(|| {
             ConfigError::new(
                 format!("{field}.env"),
-                format!("environment variable `{name}` is not set for the VM (vm_config.environment_variables)"),
+                format!(
+                    "environment variable {} is not set for the VM (vm_config.environment_variables)",
+                    env_name(name)
+                ),
             )
         })?,
         (None, Some(path)) => lookup(&format!("{FILE_PREFIX}{path}")).filter(|v| !v.is_empty()).ok_or_else(|| {
@@ -588,8 +606,10 @@ impl fmt::Debug for Token {
     }
 }
 
-/// Why a token response was not a token: safe to log (the authorization server's error code and
-/// description, cut and stripped of control characters; never a token).
+/// Why a token response was not a token: safe to log. It holds the HTTP status, the authorization server's
+/// `error` code when that is a well-formed OAuth error code (see [`oauth_error_code`]), field names and
+/// phrases of our own: never a byte of the body otherwise (no `error_description`, no access token, no echo of
+/// the posted form with its `client_secret`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenError(pub String);
 
@@ -599,9 +619,29 @@ impl fmt::Display for TokenError {
     }
 }
 
-fn printable(s: &str, max: usize) -> String {
-    s.chars().filter(|c| !c.is_control()).take(max).collect()
+/// Longest `error` code logged: RFC 6749's codes are at most 25 characters (`unsupported_grant_type`), and a
+/// token or a secret is longer than this.
+pub const MAX_ERROR_CODE_CHARS: usize = 40;
+
+/// An OAuth `error` code fit to log: RFC 6749 §5.2 allows only %x20-21 / %x23-5B / %x5D-7E in it, and §8.5
+/// registers extension codes as `1*name-char` (`name-char = "-" / "." / "_" / DIGIT / ALPHA`); we accept that
+/// stricter grammar (no spaces: a phrase is a description, not a code) up to [`MAX_ERROR_CODE_CHARS`].
+/// Anything else is not a code and is not logged.
+pub fn oauth_error_code(error: &str) -> Option<&str> {
+    let well_formed = !error.is_empty()
+        && error.len() <= MAX_ERROR_CODE_CHARS
+        && error.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    well_formed.then_some(error)
 }
+
+/// Envoy's own answers to a callout whose upstream failed (its local replies): recognised by their fixed
+/// first words and logged as those words only, never as the body that came.
+const ENVOY_LOCAL_REPLIES: [&str; 4] = [
+    "upstream connect error or disconnect/reset before headers",
+    "upstream request timeout",
+    "no healthy upstream",
+    "upstream reset before response started",
+];
 
 /// Reads a token endpoint's answer (`status`: its HTTP status) received at `now_ms`.
 pub fn parse_token_response(status: u32, body: &[u8], now_ms: u64) -> Result<Token, TokenError> {
@@ -611,26 +651,17 @@ pub fn parse_token_response(status: u32, body: &[u8], now_ms: u64) -> Result<Tok
     let text = |name: &str| answer.as_ref().and_then(|a| a.get(name)).and_then(Value::as_str);
     if status != 200 {
         let detail = match text("error") {
-            Some(error) => {
-                let description = printable(text("error_description").unwrap_or(""), 200);
-                if description.is_empty() {
-                    format!(": {}", printable(error, 64))
-                } else {
-                    format!(": {} ({description})", printable(error, 64))
-                }
-            }
-            // Not an OAuth error answer (Envoy's own, when the server is down: "upstream connect error …",
-            // "upstream request timeout"): its first words.
-            None => {
-                let text =
-                    printable(&String::from_utf8_lossy(body.get(..body.len().min(400)).unwrap_or_default()), 100);
-                let text = text.trim();
-                if text.is_empty() || text.starts_with('<') {
-                    String::new()
-                } else {
-                    format!(" ({text})")
-                }
-            }
+            Some(error) => match oauth_error_code(error) {
+                Some(code) => format!(": {code}"),
+                None => ": an `error` that is not an RFC 6749 error code (not shown)".to_string(),
+            },
+            // Not an OAuth error answer: Envoy's own when the server is down ("upstream connect error …",
+            // "upstream request timeout"), named by its fixed words; anything else is not shown.
+            None => match ENVOY_LOCAL_REPLIES.iter().find(|phrase| body.starts_with(phrase.as_bytes())) {
+                Some(phrase) => format!(" ({phrase})"),
+                None if body.is_empty() => String::new(),
+                None => " (not an OAuth error answer; body not shown)".to_string(),
+            },
         };
         return Err(TokenError(format!("HTTP status {status}{detail}")));
     }
@@ -646,10 +677,7 @@ pub fn parse_token_response(status: u32, body: &[u8], now_ms: u64) -> Result<Tok
     match answer.as_ref().and_then(|a| a.get("token_type")) {
         None => {}
         Some(Value::String(kind)) if kind.eq_ignore_ascii_case("bearer") => {}
-        Some(other) => {
-            let kind = printable(other.as_str().unwrap_or("(not a string)"), 32);
-            return Err(TokenError(format!("token_type `{kind}` is not Bearer")));
-        }
+        Some(_) => return Err(TokenError("token_type is not Bearer".into())),
     }
     let expires_in_s = match answer.as_ref().and_then(|a| a.get("expires_in")) {
         None => DEFAULT_EXPIRES_IN_S,
@@ -1228,6 +1256,57 @@ mod tests {
         assert_eq!(field(v), "t.upstream_auth.subject");
     }
 
+    /// Issue 24: no byte of a token endpoint's answer reaches a log line but a well-formed OAuth `error` code
+    /// (RFC 6749 §5.2: `error` is "a single ASCII error code"; §8.5: `error-name = 1*name-char`). Each path
+    /// is fed a canary where a credential would be.
+    #[test]
+    fn token_errors_never_carry_a_body_a_token_a_form_or_a_description() {
+        const CANARY: &str = "CANARY-9f3e7a1c-secret";
+        let bodies: Vec<(u32, String)> = vec![
+            // An answer carrying an access token, with a non-200 status and no `error`.
+            (502, format!(r#"{{"access_token":"{CANARY}","token_type":"Bearer"}}"#)),
+            // An error page echoing the posted form.
+            (400, format!("grant_type=client_credentials&client_id=x&client_secret={CANARY}")),
+            (400, format!("<html>client_secret={CANARY}</html>")),
+            // A description echoing the secret.
+            (401, format!(r#"{{"error":"invalid_client","error_description":"secret {CANARY} is wrong"}}"#)),
+            // An `error` that is not a code: a sentence, a token, a secret longer than any code.
+            (401, format!(r#"{{"error":"the secret {CANARY} is wrong"}}"#)),
+            (401, format!(r#"{{"error":"{CANARY}{CANARY}"}}"#)),
+            (401, format!(r#"{{"error":"{CANARY}\n"}}"#)),
+            // Envoy's own local reply, with something appended by a server imitating it.
+            (503, format!("upstream connect error or disconnect/reset before headers. {CANARY}")),
+            // A 200 whose token_type is not Bearer (the value is the server's, maybe the token).
+            (200, format!(r#"{{"access_token":"x","token_type":"{CANARY}"}}"#)),
+            (200, format!(r#"{{"access_token":"{CANARY} x"}}"#)),
+            (200, format!(r#"{{"access_token":"x","expires_in":"{CANARY}"}}"#)),
+        ];
+        for (status, body) in &bodies {
+            let e = parse_token_response(*status, body.as_bytes(), 0).unwrap_err();
+            assert!(!e.0.contains("CANARY") && !e.0.contains("secret"), "{status} {body}: {}", e.0);
+        }
+        assert_eq!(
+            parse_token_response(401, format!(r#"{{"error":"{CANARY}{CANARY}"}}"#).as_bytes(), 0).unwrap_err().0,
+            "HTTP status 401: an `error` that is not an RFC 6749 error code (not shown)"
+        );
+        // RFC 6749's own codes (§5.2) and a registered extension code (§8.5) are logged.
+        for code in [
+            "invalid_request",
+            "invalid_client",
+            "invalid_grant",
+            "unauthorized_client",
+            "unsupported_grant_type",
+            "invalid_scope",
+            "temporarily_unavailable",
+            "invalid_target",
+        ] {
+            assert_eq!(oauth_error_code(code), Some(code));
+        }
+        for not_code in ["", "invalid client", "a\"b", "é", "x\u{7f}", &"e".repeat(MAX_ERROR_CODE_CHARS + 1)] {
+            assert_eq!(oauth_error_code(not_code), None, "{not_code:?}");
+        }
+    }
+
     #[test]
     fn token_responses_are_read_strictly_and_errors_carry_only_the_servers_code() {
         let t =
@@ -1256,8 +1335,12 @@ mod tests {
             assert!(parse_token_response(200, bad, 0).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         let e = parse_token_response(401, br#"{"error":"invalid_client","error_description":"bad\nsecret"}"#, 0);
-        assert_eq!(e.unwrap_err().0, "HTTP status 401: invalid_client (badsecret)");
-        assert_eq!(parse_token_response(503, b"<html>", 0).unwrap_err().0, "HTTP status 503");
+        assert_eq!(e.unwrap_err().0, "HTTP status 401: invalid_client");
+        assert_eq!(parse_token_response(503, b"", 0).unwrap_err().0, "HTTP status 503");
+        assert_eq!(
+            parse_token_response(503, b"<html>", 0).unwrap_err().0,
+            "HTTP status 503 (not an OAuth error answer; body not shown)"
+        );
         assert_eq!(
             parse_token_response(504, b"upstream request timeout", 0).unwrap_err().0,
             "HTTP status 504 (upstream request timeout)"

@@ -244,19 +244,28 @@ fn read_secret(
 /// PKCS#1 (`BEGIN RSA PRIVATE KEY`). A Google service-account JSON file's `private_key` is such a PEM; the
 /// file itself is accepted too. (Read with the crate's own small DER reader: the `pkcs8`/`pem` crates would
 /// add about 60 KB to the module.)
+/// The key, and from a service-account JSON file its `private_key_id` (the `kid` Google's token endpoint
+/// looks the public key up by), when that is printable text.
+fn parse_key_file(field: &str, text: &str) -> Result<(SigningKey, Option<String>), ConfigError> {
+    let text = text.trim();
+    if !text.starts_with('{') {
+        return Ok((parse_key(field, text)?, None));
+    }
+    let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let pem = value.get("private_key").and_then(serde_json::Value::as_str).ok_or_else(|| {
+        ConfigError::new(field, "is JSON without a `private_key` (a service-account key file has one)")
+    })?;
+    let key_id = value
+        .get("private_key_id")
+        .and_then(serde_json::Value::as_str)
+        .filter(|id| !id.is_empty() && id.len() <= 256 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string);
+    Ok((parse_key(field, pem)?, key_id))
+}
+
 fn parse_key(field: &str, pem: &str) -> Result<SigningKey, ConfigError> {
     use crate::der::{pem_decode, pkcs8_rsa_private_key, rsa_private_key_parts};
     let pem = pem.trim();
-    let owned;
-    let pem = if pem.starts_with('{') {
-        let value: serde_json::Value = serde_json::from_str(pem).unwrap_or_default();
-        owned = value.get("private_key").and_then(serde_json::Value::as_str).map(str::to_string).ok_or_else(|| {
-            ConfigError::new(field, "is JSON without a `private_key` (a service-account key file has one)")
-        })?;
-        owned.trim()
-    } else {
-        pem
-    };
     let pkcs1 = pem_decode(pem, "RSA PRIVATE KEY");
     let pkcs8 = pem_decode(pem, "PRIVATE KEY");
     let rsa_der = match (&pkcs1, &pkcs8) {
@@ -335,7 +344,7 @@ pub fn compile(
     }
     let client_id = text_field(&f("client_id"), &raw.client_id)?
         .ok_or_else(|| ConfigError::new(f("client_id"), "is required (for jwt_bearer: the assertion's issuer)"))?;
-    let (secret, key) = match method {
+    let (secret, key, file_key_id) = match method {
         Method::ClientSecretBasic | Method::ClientSecretPost => {
             if raw.private_key.is_some() {
                 return Err(ConfigError::new(f("private_key"), "is for private_key_jwt and jwt_bearer"));
@@ -344,14 +353,15 @@ pub fn compile(
             if secret.chars().any(char::is_control) {
                 return Err(ConfigError::new(f("client_secret"), "holds control characters"));
             }
-            (Some(secret), None)
+            (Some(secret), None, None)
         }
         Method::PrivateKeyJwt | Method::JwtBearer => {
             if raw.client_secret.is_some() {
                 return Err(ConfigError::new(f("client_secret"), "is for client_secret_basic and client_secret_post"));
             }
             let pem = read_secret(&f("private_key"), raw.private_key.as_ref(), lookup)?;
-            (None, Some(parse_key(&f("private_key"), &pem)?))
+            let (key, file_key_id) = parse_key_file(&f("private_key"), &pem)?;
+            (None, Some(key), file_key_id)
         }
     };
     let alg = match (raw.signing_alg.as_deref(), &key) {
@@ -382,7 +392,8 @@ pub fn compile(
     if method != Method::JwtBearer && raw.subject.is_some() {
         return Err(ConfigError::new(f("subject"), "is for jwt_bearer (a client assertion's subject is client_id)"));
     }
-    let key_id = text_field(&f("key_id"), &raw.key_id)?;
+    // `key_id` as configured, else the service-account file's `private_key_id`.
+    let key_id = text_field(&f("key_id"), &raw.key_id)?.or(file_key_id);
     let subject = text_field(&f("subject"), &raw.subject)?;
     let scope = text_field(&f("scope"), &raw.scope)?;
     let resource = text_field(&f("resource"), &raw.resource)?;
@@ -523,8 +534,9 @@ impl OAuthClient {
     }
 
     /// The signed JWT: a client assertion (`iss` = `sub` = `client_id`) or a JWT-bearer grant (`iss` =
-    /// `client_id`, `sub` = `subject` if set, `scope` as a claim too, as Google reads it); `aud` is the token
-    /// URL, `exp` five minutes ahead, `jti` random.
+    /// `client_id`, `sub` = `subject` if set, else `client_id`: RFC 7523 §3 item 2 says the JWT MUST contain a
+    /// `sub`; `scope` as a claim too, as Google reads it); `aud` is the token URL, `exp` five minutes ahead,
+    /// `jti` random; the header's `kid` is `key_id` (or the service-account file's `private_key_id`).
     fn assertion(&self, now_s: i64, random: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<String, BuildError> {
         let mut jti = [0u8; 16];
         if !random(&mut jti) {
@@ -538,8 +550,8 @@ impl OAuthClient {
         }
         header.push('}');
         let sub = match self.method {
-            Method::JwtBearer => self.subject.as_deref(),
-            _ => Some(self.client_id.as_str()),
+            Method::JwtBearer => self.subject.as_deref().unwrap_or(&self.client_id),
+            _ => self.client_id.as_str(),
         };
         let mut claims = format!(
             r#"{{"iss":{},"aud":{},"iat":{now_s},"exp":{},"jti":"{}""#,
@@ -548,9 +560,7 @@ impl OAuthClient {
             now_s.saturating_add(ASSERTION_LIFETIME_S),
             URL_SAFE_NO_PAD.encode(jti)
         );
-        if let Some(sub) = sub {
-            claims.push_str(&format!(r#","sub":{}"#, quote(sub)));
-        }
+        claims.push_str(&format!(r#","sub":{}"#, quote(sub)));
         if self.method == Method::JwtBearer {
             if let Some(scope) = &self.scope {
                 claims.push_str(&format!(r#","scope":{}"#, quote(scope)));
@@ -1203,8 +1213,63 @@ mod tests {
         assert_eq!(h["alg"], "RS256");
         assert_eq!(claims["iss"], "router@project.iam.gserviceaccount.com");
         assert_eq!(claims["scope"], "https://www.googleapis.com/auth/cloud-healthcare");
-        assert!(claims.get("sub").is_none());
+        // RFC 7523 §3, item 2: "The JWT MUST contain a "sub" (subject) claim"; without `subject` configured,
+        // the service account itself (as Google's own libraries do: `sub` = `iss` = the account's email).
+        assert_eq!(claims["sub"], "router@project.iam.gserviceaccount.com");
         assert_eq!(claims["aud"], "https://oauth2.googleapis.com/token");
+        assert!(h.get("kid").is_none(), "no key id known");
+        // `subject` set (domain-wide delegation: the user acted for): it is the `sub`.
+        let mut v = json!({"method": "jwt_bearer", "token_url": "https://oauth2.googleapis.com/token",
+                           "cluster": "google", "client_id": "router@project.iam.gserviceaccount.com",
+                           "private_key": {"env": "RSA_KEY"}, "subject": "admin@example.org"});
+        let c = compile("t", &raw(v.clone()), &env).unwrap();
+        let r = c
+            .token_request(100, &mut |b: &mut [u8]| {
+                b.fill(7);
+                true
+            })
+            .unwrap();
+        let (_, claims) = claims_of(value(&form_of(&r.body), "assertion").unwrap());
+        assert_eq!(
+            (claims["iss"].as_str(), claims["sub"].as_str()),
+            (Some("router@project.iam.gserviceaccount.com"), Some("admin@example.org"))
+        );
+        // RFC 7515 §4.1.4 / RFC 7523: the `kid` names the key the server should check with; a configured
+        // key_id wins over the file's.
+        v["key_id"] = json!("configured-kid");
+        let c = compile("t", &raw(v), &env).unwrap();
+        let r = c
+            .token_request(100, &mut |b: &mut [u8]| {
+                b.fill(7);
+                true
+            })
+            .unwrap();
+        let (h, _) = claims_of(value(&form_of(&r.body), "assertion").unwrap());
+        assert_eq!(h["kid"], "configured-kid");
+    }
+
+    /// A Google service-account key file's `private_key_id` is the `kid` of the JWT-bearer assertion (the
+    /// key Google checks it with, RFC 7515 §4.1.4), and `sub` defaults to the account (RFC 7523 §3).
+    #[test]
+    fn a_service_account_files_private_key_id_is_the_assertions_kid() {
+        let sa = json!({"type": "service_account", "private_key_id": "0123456789abcdef0123456789abcdef01234567",
+                        "client_email": "sa@p.iam.gserviceaccount.com",
+                        "private_key": crate::testkeys::rsa_private_pem()})
+        .to_string();
+        let lookup = move |name: &str| (name == "SA_KEY").then(|| sa.clone());
+        let v = json!({"method": "jwt_bearer", "token_url": TOKEN_URL, "cluster": "g",
+                       "client_id": "sa@p.iam.gserviceaccount.com", "private_key": {"env": "SA_KEY"}});
+        let c = compile("t", &raw(v), &lookup).unwrap();
+        let r = c
+            .token_request(100, &mut |b: &mut [u8]| {
+                b.fill(7);
+                true
+            })
+            .unwrap();
+        let (h, claims) = claims_of(value(&form_of(&r.body), "assertion").unwrap());
+        assert_eq!(h["kid"], "0123456789abcdef0123456789abcdef01234567");
+        assert_eq!(claims["sub"], "sa@p.iam.gserviceaccount.com");
+        assert_eq!(claims["iss"], "sa@p.iam.gserviceaccount.com");
     }
 
     #[test]

@@ -132,8 +132,17 @@ def test_every_shipped_config_keeps_the_security_relevant_envoy_settings(config)
     assert names in (["envoy.filters.http.wasm", "envoy.filters.http.router"],
                      ["envoy.filters.http.wasm", "envoy.filters.http.dynamic_forward_proxy",
                       "envoy.filters.http.router"]), names
-    (route,) = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    *before, route = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
     assert route["route"] == {"cluster_header": "x-fhir-tenant-router-cluster"}, route
+    # Before it, only the discovery route (issue 24): the metadata cluster, with a Host of the configuration's
+    # and no x-envoy-original-host carrying the client's on.
+    metadata_cluster = plugin_json(cfg)["metadata_cluster"]
+    for r in before:
+        assert r["match"]["headers"] == [{"name": "x-fhir-tenant-router-cluster",
+                                          "string_match": {"exact": metadata_cluster}}], r
+        assert r["route"]["cluster"] == metadata_cluster and r["route"]["host_rewrite_literal"], r
+        (router,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+        assert router["typed_config"].get("suppress_envoy_headers") is True
     pc = wasm_plugin_config(cfg)
     assert (pc["name"], pc["root_id"], pc["failure_policy"]) == ("fhir_tenant_router", "fhir_tenant_router",
                                                                  "FAIL_RELOAD")

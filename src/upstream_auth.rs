@@ -1605,30 +1605,79 @@ mod properties {
     use super::*;
     use proptest::strategy::Strategy;
 
-    proptest::proptest! {
-        /// An authorization server's answer is untrusted: any bytes, any status, give a token or an error,
-        /// never a panic; a token is always one header value, and an error line never holds a control
-        /// character (it goes to Envoy's log).
-        #[test]
-        fn any_token_response_is_a_token_or_a_printable_error(
-            status in proptest::prop_oneof![proptest::strategy::Just(200u32), 100u32..600],
-            body in proptest::prop_oneof![
+    /// An authorization server's answer is untrusted: any bytes, any status, give a token or an error, never
+    /// a panic; a token is always one header value, and an error line never holds a control character (it
+    /// goes to Envoy's log) nor any run of the body's text but a well-formed error code. Each branch is
+    /// counted: the test fails if the generator never reaches one it claims to check (issue 24: the success
+    /// branch once ran 0 times in 256 cases, `token_type` being random letters).
+    #[test]
+    fn any_token_response_is_a_token_or_a_printable_error_and_every_branch_runs() {
+        use proptest::test_runner::{Config, TestRunner};
+        use std::cell::Cell;
+        let token_type = proptest::prop_oneof![
+            proptest::strategy::Just(None),
+            proptest::strategy::Just(Some("Bearer".to_string())),
+            proptest::strategy::Just(Some("bearer".to_string())),
+            "[A-Za-z]{0,8}".prop_map(Some),
+        ];
+        let expires_in = proptest::prop_oneof![
+            (0u64..100_000).prop_map(|n| n.to_string()),
+            (0u64..1_000).prop_map(|n| format!(r#""{n}""#)),
+            "[-0-9a-z\"]{0,12}",
+        ];
+        let token_body = ("[!-~]{0,40}", token_type, expires_in).prop_map(|(token, kind, expires)| {
+            let token = token.replace(['"', '\\'], "");
+            let kind = kind.map_or(String::new(), |k| format!(r#","token_type":"{k}""#));
+            format!(r#"{{"access_token":"{token}"{kind},"expires_in":{expires}}}"#).into_bytes()
+        });
+        let strategy = (
+            proptest::prop_oneof![proptest::strategy::Just(200u32), 100u32..600],
+            proptest::prop_oneof![
                 proptest::collection::vec(proptest::num::u8::ANY, 0..200),
-                "\\{\"access_token\":\"[ -~]{0,40}\",\"token_type\":\"[A-Za-z]{0,8}\",\"expires_in\":[-0-9a-z\"]{0,12}\\}"
+                token_body,
+                "\\{\"error\":\"[\\PC\\n]{0,80}\",\"error_description\":\"[\\PC\\n\\t]{0,300}\"\\}"
                     .prop_map(String::into_bytes),
-                "\\{\"error\":\"[\\PC\\n]{0,80}\",\"error_description\":\"[\\PC\\n\\t]{0,300}\"\\}".prop_map(String::into_bytes),
+                "\\{\"error\":\"[a-z_]{1,30}\"\\}".prop_map(String::into_bytes),
             ],
-            now in 0u64..u64::MAX,
-        ) {
-            match parse_token_response(status, &body, now) {
-                Ok(t) => {
-                    proptest::prop_assert!(t.header.starts_with("Bearer ") && t.header.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
-                    proptest::prop_assert!(t.refresh_at_ms <= t.usable_until_ms);
+            0u64..u64::MAX,
+        );
+        let (tokens, errors_with_code, other_errors) = (Cell::new(0u32), Cell::new(0u32), Cell::new(0u32));
+        let mut runner = TestRunner::new(Config { cases: 2_000, ..Config::default() });
+        runner
+            .run(&strategy, |(status, body, now)| {
+                match parse_token_response(status, &body, now) {
+                    Ok(t) => {
+                        tokens.set(tokens.get() + 1);
+                        proptest::prop_assert!(
+                            t.header.starts_with("Bearer ")
+                                && t.header.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                        );
+                        proptest::prop_assert!(t.refresh_at_ms <= t.usable_until_ms);
+                    }
+                    Err(e) => {
+                        proptest::prop_assert!(!e.0.chars().any(char::is_control), "{}", e.0);
+                        // What the line holds beyond our own words is the status and at most the code.
+                        let code = serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
+                        match code.as_deref().and_then(oauth_error_code) {
+                            Some(code) if status != 200 => {
+                                errors_with_code.set(errors_with_code.get() + 1);
+                                proptest::prop_assert_eq!(&e.0, &format!("HTTP status {status}: {code}"));
+                            }
+                            _ => other_errors.set(other_errors.get() + 1),
+                        }
+                    }
                 }
-                Err(e) => proptest::prop_assert!(!e.0.chars().any(char::is_control), "{}", e.0),
-            }
-        }
+                Ok(())
+            })
+            .unwrap();
+        let counts = (tokens.get(), errors_with_code.get(), other_errors.get());
+        eprintln!("token responses: {} tokens, {} errors with a code, {} other errors", counts.0, counts.1, counts.2);
+        assert!(counts.0 >= 50 && counts.1 >= 50 && counts.2 >= 50, "a branch barely ran: {counts:?}");
+    }
 
+    proptest::proptest! {
         /// Key material read from configuration: any text gives a key or an error naming the field.
         #[test]
         fn any_private_key_text_is_a_key_or_an_error(text in "(-----BEGIN (RSA )?PRIVATE KEY-----\n)?[A-Za-z0-9+/=\n{}\":_ ]{0,400}(\n-----END (RSA )?PRIVATE KEY-----)?") {

@@ -162,3 +162,21 @@ def test_every_shipped_plugin_config_is_valid_against_the_json_schema(config):
     schema = json.loads((ENVOY_DIR.parent / "docs" / "config.schema.json").read_text(encoding="utf-8"))
     errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(plugin_json(load_yaml(ENVOY_DIR / config)))]
     assert errors == []
+
+
+def test_the_schema_refuses_a_top_level_quota_unlimited_as_the_filter_does():
+    """The filter refuses `quota.unlimited` at the top level (src/config.rs names the field); the schema agrees
+    (issue 24: it accepted it), and still accepts it in a tenant's own quota."""
+    import jsonschema
+
+    from harness import ENVOY_DIR, SHIPPED_CONFIG, load_yaml, plugin_json
+
+    schema = json.loads((ENVOY_DIR.parent / "docs" / "config.schema.json").read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    doc = plugin_json(load_yaml(SHIPPED_CONFIG))
+    doc["quota"] = {"unlimited": True}
+    assert list(validator.iter_errors(doc)), "the schema accepted what the filter refuses"
+    doc["quota"] = {"rate_per_s": 5}
+    tenant = next(iter(doc["tenants"]))
+    doc["tenants"][tenant]["quota"] = {"unlimited": True}
+    assert [e.message for e in validator.iter_errors(doc)] == []

@@ -338,30 +338,10 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." { String::new() } else { path };
-            ConfigError::new(field, serde_message(&e.into_inner().to_string()))
+            ConfigError::new(field, crate::redact::serde_message(&e.into_inner().to_string()))
         })?;
         raw.compile(env)
     }
-}
-
-/// A configuration parser's message without the value it quotes: serde says `invalid type: string "…",
-/// expected struct RawSecret` for a secret written literally where `{"env": …}` belongs, and the same for
-/// numbers (`integer \`…\``), wrong values and unknown variants. The field is named by the error's path; the
-/// value, which may be the secret itself, is never repeated (issue 24).
-pub fn serde_message(message: &str) -> String {
-    for prefix in ["invalid type: ", "invalid value: ", "unknown variant "] {
-        let Some(rest) = message.strip_prefix(prefix) else { continue };
-        // serde's own tail (", expected …" and serde_json's " at line L column C") is the last one: a
-        // quoted value may contain the same words, never after them.
-        let (what, tail) = match rest.rfind(", expected") {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let kind = what.split(['`', '"', '\'']).next().unwrap_or_default().trim_end();
-        let kind = if kind.is_empty() { "a value" } else { kind };
-        return format!("{}: {kind} (not shown){tail}", prefix.trim_end_matches([' ', ':']));
-    }
-    message.to_string()
 }
 
 /// A base URL as configured: absolute http(s), no query or fragment; returned without a trailing slash.
@@ -663,8 +643,9 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<TenantMap, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let raw: RawRegistryDocument = serde_path_to_error::deserialize(de)
-            .map_err(|e| ConfigError::new(e.path().to_string(), serde_message(&e.into_inner().to_string())))?;
+        let raw: RawRegistryDocument = serde_path_to_error::deserialize(de).map_err(|e| {
+            ConfigError::new(e.path().to_string(), crate::redact::serde_message(&e.into_inner().to_string()))
+        })?;
         let ctx = TenantContext {
             env,
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
@@ -1097,9 +1078,12 @@ pub(crate) mod tests {
         assert!(e.field.starts_with("tenants.t.upstream_auth.client_secret") && !e.to_string().contains("CANARY"));
         // A value that looks like serde's own tail cannot smuggle itself past the cut.
         let msg = format!(r#"invalid type: string "{CANARY}, expected x", expected struct RawSecret at line 1"#);
-        assert_eq!(serde_message(&msg), "invalid type: string (not shown), expected struct RawSecret at line 1");
         assert_eq!(
-            serde_message("unknown field `colour`, expected one of `a`"),
+            crate::redact::serde_message(&msg),
+            "invalid type: string (not shown), expected struct RawSecret at line 1"
+        );
+        assert_eq!(
+            crate::redact::serde_message("unknown field `colour`, expected one of `a`"),
             "unknown field `colour`, expected one of `a`"
         );
     }

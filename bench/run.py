@@ -60,13 +60,16 @@ CACHE_ENTRIES = 10_000                    # ours (token_cache_entries) and nativ
 FIXED_TENANT_INDEX = 7                    # the fixed token names tenant 7: configured in every variant
 MEMORY_TENANTS = 10_000
 GAUGE_MEMORY = "vm.memory_bytes"          # wasmcustom.fhir_tenant_router.vm.memory_bytes
-MODULE_LIMIT = 640 * 1024                 # bytes: 512 KiB until upstream_auth (issue 12) added ~95 KB
+# The project's targets, never raised in passing (issue 24). Not met since upstream_auth (issue 12: ~95 KB of
+# module: RSA signing, the token client) and the cache keeping whole tokens (issue 13: a hit compares the token,
+# ~0.5 KB per cached bench token, +4.8 MiB at 10,000): the report says so beside each figure.
+MODULE_LIMIT = 512 * 1024                 # bytes
+MODULE_OVER = "upstream_auth's RSA signing and token client, ~95 KB"
 SO = Path(os.environ.get("FHIR_TENANT_ROUTER_SO")
           or REPO / "target" / "dynamic-module" / "libfhir_tenant_router.so").resolve()
 PEER_ROUTE_HEADER = "x-bench-tenant-route"  # the same-job native peers route on this header (cluster = tenant id)
-# bytes: 8 MiB until the cache kept whole tokens (issue 13: a hit compares the token, as jwt_authn's cache
-# does; ~0.5 KB per cached bench token, +4.8 MiB at 10,000)
-MEMORY_LIMIT = 14 * 1024 * 1024
+MEMORY_LIMIT = 8 * 1024 * 1024          # bytes
+MEMORY_OVER = "the cache keeps each whole token for a byte-for-byte hit, ~0.5 KB per cached bench token"
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = {"name": "envoy.filters.http.router",
@@ -1352,7 +1355,9 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
                  "(memory layout, V8 tier-up) that the spread between rounds does not show, so the target is "
                  "judged in one process (line above)")
     checks.append((wasm_size <= MODULE_LIMIT,
-                   f"module size {wasm_size:,} bytes (target <= {MODULE_LIMIT // 1024} KiB = {MODULE_LIMIT:,} bytes)"))
+                   f"module size {wasm_size:,} bytes (target <= {MODULE_LIMIT // 1024} KiB = {MODULE_LIMIT:,} bytes"
+                   + ("" if wasm_size <= MODULE_LIMIT else f"; over by {wasm_size - MODULE_LIMIT:,}: {MODULE_OVER}")
+                   + ")"))
     note(f"      dynamic module size {SO.stat().st_size:,} bytes (informational)")
     rss = [(n, b.rss[n]) for n in ("passthrough", "native-cache", "ours-cache-t10", "dm-cache", "dm-distinct")
            if b.rss.get(n)]
@@ -1369,6 +1374,7 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         checks.append((m["after"] <= MEMORY_LIMIT and full,
                        f"VM memory with {MEMORY_TENANTS:,} tenants and {m.get('entries_after') or 0:,} cached tokens: "
                        f"{m['after'] / 2**20:.2f} MiB (target <= {MEMORY_LIMIT // 2**20} MiB = {MEMORY_LIMIT:,} bytes"
+                       + ("" if m["after"] <= MEMORY_LIMIT else f"; over: {MEMORY_OVER}")
                        + ("" if full else f"; INCOMPLETE: the cache should hold {CACHE_ENTRIES:,}") + ")"))
     P("## Targets")
     P("")

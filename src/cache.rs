@@ -373,10 +373,13 @@ mod tests {
         c.insert(b, entry(NOW + 100, 2), NOW);
         assert_eq!(c.get(&b, NOW).map(|v| v.key), Some(2));
         assert!(c.get(&a, NOW).is_none(), "the index points at b now; a is a miss (verified again)");
-        // Evicting a's orphaned slot must not drop b's index entry.
-        for i in 0..20u128 {
+        // Evicting a's orphaned slot (slot 0, the ring's first victim) must not drop b's index entry (b is in
+        // slot 1): eight inserts fill slots 2..9, the ninth evicts slot 0 and only it.
+        for i in 0..9u128 {
             c.insert(CacheKey { digest: i + 1000, token: "other" }, entry(NOW + 100, 3), NOW);
+            assert_eq!(c.get(&b, NOW).map(|v| v.key), Some(2), "b lost after {} inserts", i + 1);
         }
+        assert_eq!(c.len(), 10, "b and the nine others");
         assert!(c.len() <= 10);
     }
 

@@ -338,7 +338,7 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." { String::new() } else { path };
-            ConfigError::new(field, e.into_inner().to_string())
+            ConfigError::new(field, crate::redact::serde_message(&e.into_inner().to_string()))
         })?;
         raw.compile(env)
     }
@@ -395,7 +395,10 @@ fn compile_upstream(
         let value = env(&h.env).filter(|v| !v.is_empty()).ok_or_else(|| {
             ConfigError::new(
                 format!("{field}.upstream_header.env"),
-                format!("environment variable `{}` is not set for the VM (vm_config.environment_variables)", h.env),
+                format!(
+                    "environment variable {} is not set for the VM (vm_config.environment_variables)",
+                    crate::upstream_auth::env_name(&h.env)
+                ),
             )
         })?;
         if !value.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic()) {
@@ -640,8 +643,9 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<TenantMap, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let raw: RawRegistryDocument = serde_path_to_error::deserialize(de)
-            .map_err(|e| ConfigError::new(e.path().to_string(), e.into_inner().to_string()))?;
+        let raw: RawRegistryDocument = serde_path_to_error::deserialize(de).map_err(|e| {
+            ConfigError::new(e.path().to_string(), crate::redact::serde_message(&e.into_inner().to_string()))
+        })?;
         let ctx = TenantContext {
             env,
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
@@ -1021,6 +1025,67 @@ pub(crate) mod tests {
         let plain = c.tenants.get("3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b").unwrap();
         assert!(plain.settings.is_none(), "plain tenants stay small");
         assert!(plain.policy().check_request("POST", "/Patient").is_err(), "read-only by default");
+    }
+
+    /// Issue 24: a secret written literally where `{"env": …}` belongs (or any value of a secret field) is
+    /// refused naming the field, never echoed: serde's own message quotes the value.
+    #[test]
+    fn a_literal_secret_is_refused_naming_the_field_without_its_value() {
+        const CANARY: &str = "CANARY-5c2d-literal-secret";
+        let a = "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f";
+        let auth = |secret_field: &str, value: Value, method: &str| {
+            let mut auth = json!({"method": method, "token_url": "https://as.example/token", "cluster": "as",
+                                  "client_id": "c"});
+            auth[secret_field] = value;
+            auth
+        };
+        let cases: Vec<(Value, &str)> = vec![
+            (auth("client_secret", json!(CANARY), "client_secret_post"), "upstream_auth.client_secret"),
+            (auth("client_secret", json!(12345678901234u64), "client_secret_post"), "upstream_auth.client_secret"),
+            (
+                auth("private_key", json!(format!("-----BEGIN PRIVATE KEY-----\n{CANARY}")), "private_key_jwt"),
+                "upstream_auth.private_key",
+            ),
+            (
+                auth("client_secret", json!({"env": "X", "value": CANARY}), "client_secret_post"),
+                "upstream_auth.client_secret",
+            ),
+            // A struct may be written as a list: the secret lands in `env`, whose name is then not shown.
+            (auth("client_secret", json!([CANARY]), "client_secret_basic"), "upstream_auth.client_secret"),
+            (auth("client_secret", json!({"env": CANARY}), "client_secret_basic"), "upstream_auth.client_secret"),
+            (auth("method", json!(CANARY), CANARY), "upstream_auth.method"),
+        ];
+        for (upstream_auth, field) in cases {
+            let mut v = example();
+            v["tenants"][a]["upstream_auth"] = upstream_auth;
+            let e = compile(&v).unwrap_err();
+            assert!(e.field.starts_with(&format!("tenants.{a}.{field}")), "{e}");
+            assert!(!e.to_string().contains("CANARY") && !e.to_string().contains("12345678901234"), "{e}");
+        }
+        let mut v = example();
+        v["tenants"][a]["upstream_header"] = json!(CANARY);
+        let e = compile(&v).unwrap_err();
+        assert_eq!(e.field, format!("tenants.{a}.upstream_header"));
+        assert!(!e.to_string().contains("CANARY"), "{e}");
+        assert!(e.message.starts_with("invalid type: string (not shown), expected"), "{e}");
+        // The tenant registry's documents go through the same parser.
+        let mut v = example();
+        v["tenant_registry"] = json!({"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry"});
+        let c = compile(&v).unwrap();
+        let doc = json!({"tenants": {"t": {"cluster": "x", "upstream_auth":
+                         auth("client_secret", json!(CANARY), "client_secret_post")}}});
+        let e = c.compile_registry(doc.to_string().as_bytes(), &|_| None).unwrap_err();
+        assert!(e.field.starts_with("tenants.t.upstream_auth.client_secret") && !e.to_string().contains("CANARY"));
+        // A value that looks like serde's own tail cannot smuggle itself past the cut.
+        let msg = format!(r#"invalid type: string "{CANARY}, expected x", expected struct RawSecret at line 1"#);
+        assert_eq!(
+            crate::redact::serde_message(&msg),
+            "invalid type: string (not shown), expected struct RawSecret at line 1"
+        );
+        assert_eq!(
+            crate::redact::serde_message("unknown field `colour`, expected one of `a`"),
+            "unknown field `colour`, expected one of `a`"
+        );
     }
 
     #[test]

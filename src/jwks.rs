@@ -202,13 +202,15 @@ impl KeySet {
         if bytes.len() > MAX_JWKS_BYTES {
             return Err(JwksError::TooLarge);
         }
-        let raw: RawJwks = serde_json::from_slice(bytes).map_err(|e| JwksError::NotAJwks(e.to_string()))?;
+        let raw: RawJwks = serde_json::from_slice(bytes)
+            .map_err(|e| JwksError::NotAJwks(crate::redact::serde_message(&e.to_string())))?;
         Self::from_raw(raw)
     }
 
     /// Compiles an already parsed JWKS (the inline form in the plugin configuration).
     pub fn from_value(value: &serde_json::Value) -> Result<Self, JwksError> {
-        let raw = RawJwks::deserialize(value).map_err(|e| JwksError::NotAJwks(e.to_string()))?;
+        let raw = RawJwks::deserialize(value)
+            .map_err(|e| JwksError::NotAJwks(crate::redact::serde_message(&e.to_string())))?;
         Self::from_raw(raw)
     }
 
@@ -337,6 +339,16 @@ pub(crate) mod tests {
     /// The public half of the committed test-only keys (tests/keys/), as the IdP publishes it.
     pub(crate) fn test_jwks() -> String {
         crate::testkeys::public_jwks()
+    }
+
+    /// A JWKS fetch's answer is logged only as why it is not a JWKS: never its text (issue 24: a misdirected
+    /// `jwks_uri` may answer with anything, a token endpoint's answer included).
+    #[test]
+    fn a_body_that_is_not_a_jwks_is_not_quoted_in_the_error() {
+        for body in [&br#"{"keys": "CANARY-in-a-jwks"}"#[..], br#"{"access_token": "CANARY-x", "keys": 7}"#] {
+            let e = KeySet::from_jwks(body).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(!e.is_empty() && !e.contains("CANARY"), "{e}");
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod jwks;
 pub mod links;
 pub mod public;
 pub mod quota;
+pub mod redact;
 pub mod refresh;
 pub mod rejection;
 pub mod router;

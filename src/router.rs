@@ -830,14 +830,14 @@ impl Router {
                         let cost = crate::quota::request_cost(quota, &request.method, &request.path);
                         match quotas.admit(quota, &tenant.id, cost, now_ms, out) {
                             Ok(slot) => stream.quota_slot = slot,
-                            Err(verdict) => return limited(&audit, quota, verdict, &tenant.id, &identity, out),
+                            Err(verdict) => return limited(&audit, quota, verdict, tenant, &identity, out),
                         }
                     }
                 }
                 let mut credential = None;
                 if let Some(client) = tenant.upstream_auth() {
                     let Some((slot_id, slot)) = upstream.slot(&tenant.id, client) else {
-                        return refuse(&audit, Rejection::UpstreamAuthUnavailable, Some(1), out);
+                        return unavailable(&audit, tenant, &identity, 1, out);
                     };
                     match slot.access(stream.context_id, now_ms, may_wait) {
                         Access::Use => {
@@ -860,9 +860,9 @@ impl Router {
                             stream.phase = Phase::WaitingForToken { slot: slot_id, request };
                             return Flow::WaitForKeys;
                         }
-                        Access::Full => return refuse(&audit, Rejection::UpstreamAuthUnavailable, Some(1), out),
+                        Access::Full => return unavailable(&audit, tenant, &identity, 1, out),
                         Access::Unavailable { retry_after_s } => {
-                            return refuse(&audit, Rejection::UpstreamAuthUnavailable, Some(retry_after_s), out)
+                            return unavailable(&audit, tenant, &identity, retry_after_s, out)
                         }
                     }
                 }
@@ -875,6 +875,7 @@ impl Router {
                     reason: Some(reason),
                     tenant: Some(&tenant.id),
                     identity: Some(&identity),
+                    cluster: Some(&tenant.cluster),
                     ..Detail::default()
                 };
                 audit.record(Outcome::Forbidden, detail, out);
@@ -884,7 +885,12 @@ impl Router {
                 let rejection = Rejection::IssuerNotAllowed;
                 reject(rejection, None, out);
                 out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
-                let detail = Detail { reason: Some(rejection.reason()), tenant: Some(&tenant.id), ..Detail::default() };
+                let detail = Detail {
+                    reason: Some(rejection.reason()),
+                    tenant: Some(&tenant.id),
+                    cluster: Some(&tenant.cluster),
+                    ..Detail::default()
+                };
                 audit.record(Outcome::Rejected, detail, out);
                 Flow::Stop
             }
@@ -897,6 +903,7 @@ impl Router {
                     reason: Some(rejection.reason()),
                     tenant: Some(&tenant.id),
                     identity: Some(&identity),
+                    cluster: Some(&tenant.cluster),
                     ..Detail::default()
                 };
                 audit.record(Outcome::Rejected, detail, out);
@@ -949,7 +956,8 @@ impl Router {
                 reason: refused.map(|(_, reason)| reason),
                 tenant: Some(&tenant),
                 identity: Some(&pending.identity),
-                cluster: allowed.then_some(pending.cluster.as_str()),
+                // The cluster it was for, whatever the verdict (issue 24: whose requests failed, and where to).
+                cluster: Some(pending.cluster.as_str()),
                 credential: allowed.then_some(pending.credential).flatten(),
             };
             let outcome = refused.map_or(Outcome::Allowed, |(outcome, _)| outcome);
@@ -1144,12 +1152,41 @@ fn limited(
     audit: &Audit<'_>,
     quota: &crate::quota::Quota,
     verdict: crate::quota::Verdict,
-    tenant: &str,
+    tenant: &Tenant,
     identity: &Identity,
     out: &mut dyn Effects,
 ) -> Flow {
     let reason = crate::quota::reply(quota, verdict, out);
-    let detail = Detail { reason: Some(reason), tenant: Some(tenant), identity: Some(identity), ..Detail::default() };
+    let detail = Detail {
+        reason: Some(reason),
+        tenant: Some(&tenant.id),
+        identity: Some(identity),
+        cluster: Some(&tenant.cluster),
+        ..Detail::default()
+    };
+    audit.record(Outcome::Rejected, detail, out);
+    Flow::Stop
+}
+
+/// Refuses a verified request whose tenant's upstream token is not to be had (503 with `Retry-After`); its
+/// audit line names the tenant, the client and the cluster (the token was verified: whose request failed,
+/// and where it was going).
+fn unavailable(
+    audit: &Audit<'_>,
+    tenant: &Tenant,
+    identity: &Identity,
+    retry_after_s: u64,
+    out: &mut dyn Effects,
+) -> Flow {
+    let rejection = Rejection::UpstreamAuthUnavailable;
+    reject(rejection, Some(retry_after_s), out);
+    let detail = Detail {
+        reason: Some(rejection.reason()),
+        tenant: Some(&tenant.id),
+        identity: Some(identity),
+        cluster: Some(&tenant.cluster),
+        ..Detail::default()
+    };
     audit.record(Outcome::Rejected, detail, out);
     Flow::Stop
 }

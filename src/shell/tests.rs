@@ -1101,7 +1101,9 @@ fn a_refused_token_request_is_logged_naming_the_tenant_and_its_waiters_get_503()
     deliver_to(&host, &mut f1, 1, Some("401"), error.to_string().as_bytes());
     let calls = host.take_calls();
     let log = calls.iter().find(|c| c.starts_with("log Error upstream token")).expect("an error line");
-    assert!(log.contains(TENANT_A) && log.contains("invalid_client") && log.contains("AADSTS7000215"), "{log}");
+    assert!(log.contains(TENANT_A) && log.contains("invalid_client"), "{log}");
+    // The description is the server's free text (it may echo the form): not logged (issue 24).
+    assert!(!log.contains("AADSTS7000215"), "{log}");
     assert!(!log.contains("s3cret"), "{log}");
     let r = Rejection::UpstreamAuthUnavailable;
     assert!(calls.contains(&refusal(503, "retry-after: 1", r.operation_outcome())), "{calls:?}");

@@ -109,6 +109,45 @@ def attacker_site(tmp_path_factory):
     site.stop()
 
 
+ATTACKER_CLUSTER = "attacker_site"
+# A tenant served by the attacker's site: the control that shows the site is reachable from Envoy's clusters
+# and records what reaches it (issue 24: it was reachable from none, so its "no hits" proved nothing).
+TENANT_ON_SITE = "a77ac4e2-0000-4000-8000-00000000a77a"
+
+
+@pytest.fixture(scope="module")
+def stack(request, start_envoy, idp, upstreams, attacker_site):
+    """The shipped envoy/envoy.yaml plus a cluster to the attacker's site (and a tenant routed there)."""
+    from conftest import Stack, stop_envoy, wait_for_jwks
+    from harness import SHIPPED_CONFIG, load_yaml
+    from test_tenant_registry import static_cluster
+
+    cfg = load_yaml(SHIPPED_CONFIG)
+    port = int(attacker_site.url.rstrip("/").rsplit(":", 1)[1])
+    cfg["static_resources"]["clusters"].append(static_cluster(ATTACKER_CLUSTER, port))
+
+    def plugin(doc):
+        doc["tenants"][TENANT_ON_SITE] = {"cluster": ATTACKER_CLUSTER}
+        doc.get("discovery", {}).pop("scopes_supported", None)
+
+    env = start_envoy("envoy-test_attack_tokens", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg,
+                      plugin=plugin)
+    minter = Minter(idp.issuer)
+    wait_for_jwks(env, minter, upstreams)
+    yield Stack(env, upstreams, minter, idp)
+    stop_envoy(env)
+
+
+def test_the_attacker_site_is_reachable_from_envoys_clusters_and_records_what_reaches_it(stack, attacker_site):
+    """The control for every "the attacker's site got no hit" below: Envoy has a cluster to it, and a request
+    Envoy does send there is recorded."""
+    attacker_site.clear()
+    token = stack.minter.token(TENANT_ON_SITE)
+    resp = stack.envoy.request("GET", "/Patient", {"authorization": f"Bearer {token}"})
+    assert resp.status == 404, resp  # the site's own answer: no such file
+    assert attacker_site.hits == ["/Patient"], attacker_site.hits
+
+
 @pytest.fixture(scope="module")
 def forge_base(stack, attacker_site) -> Forge:
     return Forge(stack, attacker_site, attacker_site.directory)

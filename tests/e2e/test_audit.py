@@ -304,6 +304,70 @@ def test_audit_log_false_turns_the_audit_off(start_envoy, idp, upstreams):
     stop_envoy(env)
 
 
+# ------------------------------------------- refusals after the token was verified (issue 24, item 3)
+
+T_UPSTREAM_AUTH = "e0000000-0000-4000-8000-00000000000a"   # its token endpoint is down: 503
+T_QUOTA = "e0000000-0000-4000-8000-00000000000b"           # one request a long while: the second is 429
+T_SCOPES = "e0000000-0000-4000-8000-00000000000c"          # SMART scopes required, the token has none: 403
+T_CLIENTS = "e0000000-0000-4000-8000-00000000000d"         # another client only: refused
+DEAD_AS = "dead_token_endpoint"
+
+
+@pytest.fixture(scope="module")
+def verified_refusals(start_envoy, idp, upstreams):
+    from harness import free_port
+    from test_tenant_registry import static_cluster
+    cfg = load_yaml(SHIPPED_CONFIG)
+    cfg["static_resources"]["clusters"].append(static_cluster(DEAD_AS, free_port()))  # nothing listens there
+    from harness import wasm_plugin_config
+    wasm_plugin_config(cfg)["vm_config"]["environment_variables"] = {"key_values": {"DEAD_SECRET": "x-dead"}}
+
+    def plugin(doc):
+        doc["tenants"][T_UPSTREAM_AUTH] = {"cluster": "tenant_a", "upstream_auth": {
+            "method": "client_secret_post", "token_url": "http://127.0.0.1:9/token", "cluster": DEAD_AS,
+            "client_id": "c", "client_secret": {"env": "DEAD_SECRET"}, "timeout_ms": 500}}
+        doc["tenants"][T_QUOTA] = {"cluster": "tenant_b", "quota": {"rate_per_s": 0.01, "burst": 1}}
+        doc["tenants"][T_SCOPES] = {"cluster": "tenant_a", "require_smart_scopes": True}
+        doc["tenants"][T_CLIENTS] = {"cluster": "tenant_b", "allowed_clients": ["another-client"]}
+        doc.get("discovery", {}).pop("scopes_supported", None)
+
+    env = start_envoy("envoy-audit-verified-refusals", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg,
+                      plugin=plugin)
+    minter = Minter(idp.issuer)
+    wait_for_jwks(env, minter, upstreams)
+    yield env, minter
+    stop_envoy(env)
+
+
+def _line_of(env, token: str) -> dict:
+    jti = claims_of(token)["jti"]
+    found = wait_until(lambda: [r for r in audit_records(env.log()) if r.get("jti") == jti], 10,
+                       f"the audit line with jti {jti}", on_timeout=lambda: env.log_tail(20))
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("tenant, status, outcome, reason, cluster", [
+    (T_UPSTREAM_AUTH, 503, "rejected", "upstream_auth_unavailable", "tenant_a"),
+    (T_QUOTA, 429, "rejected", "quota_rate", "tenant_b"),
+    (T_SCOPES, 403, "forbidden", None, "tenant_a"),
+    (T_CLIENTS, 403, "rejected", "client_not_allowed", "tenant_b"),
+])
+def test_a_refusal_after_the_token_was_verified_names_tenant_client_and_cluster(verified_refusals, upstreams, tenant,
+                                                                                 status, outcome, reason, cluster):
+    env, minter = verified_refusals
+    if tenant == T_QUOTA:  # the burst's one request goes through
+        assert env.request("GET", "/Patient", bearer(minter.token(tenant))).status == 200
+    token = minter.token(tenant)
+    resp = env.request("GET", "/Patient", bearer(token))
+    assert resp.status == status, resp
+    rec = _line_of(env, token)
+    assert (rec["tenant"], rec["client_id"], rec["cluster"]) == (tenant, CLIENT_A[0], cluster), rec
+    assert rec["outcome"] == outcome, rec
+    assert rec["reason"] == reason if reason else rec["reason"], rec
+    assert rec["upstream_credential"] is None, "nothing was sent upstream"
+
+
 # ---------------------------------------------------------------------------------------------- stats
 
 def test_requests_are_counted_per_tenant_as_allowed_or_forbidden(audited):

@@ -132,8 +132,17 @@ def test_every_shipped_config_keeps_the_security_relevant_envoy_settings(config)
     assert names in (["envoy.filters.http.wasm", "envoy.filters.http.router"],
                      ["envoy.filters.http.wasm", "envoy.filters.http.dynamic_forward_proxy",
                       "envoy.filters.http.router"]), names
-    (route,) = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    *before, route = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
     assert route["route"] == {"cluster_header": "x-fhir-tenant-router-cluster"}, route
+    # Before it, only the discovery route (issue 24): the metadata cluster, with a Host of the configuration's
+    # and no x-envoy-original-host carrying the client's on.
+    metadata_cluster = plugin_json(cfg)["metadata_cluster"]
+    for r in before:
+        assert r["match"]["headers"] == [{"name": "x-fhir-tenant-router-cluster",
+                                          "string_match": {"exact": metadata_cluster}}], r
+        assert r["route"]["cluster"] == metadata_cluster and r["route"]["host_rewrite_literal"], r
+        (router,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+        assert router["typed_config"].get("suppress_envoy_headers") is True
     pc = wasm_plugin_config(cfg)
     assert (pc["name"], pc["root_id"], pc["failure_policy"]) == ("fhir_tenant_router", "fhir_tenant_router",
                                                                  "FAIL_RELOAD")
@@ -153,3 +162,21 @@ def test_every_shipped_plugin_config_is_valid_against_the_json_schema(config):
     schema = json.loads((ENVOY_DIR.parent / "docs" / "config.schema.json").read_text(encoding="utf-8"))
     errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(plugin_json(load_yaml(ENVOY_DIR / config)))]
     assert errors == []
+
+
+def test_the_schema_refuses_a_top_level_quota_unlimited_as_the_filter_does():
+    """The filter refuses `quota.unlimited` at the top level (src/config.rs names the field); the schema agrees
+    (issue 24: it accepted it), and still accepts it in a tenant's own quota."""
+    import jsonschema
+
+    from harness import ENVOY_DIR, SHIPPED_CONFIG, load_yaml, plugin_json
+
+    schema = json.loads((ENVOY_DIR.parent / "docs" / "config.schema.json").read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    doc = plugin_json(load_yaml(SHIPPED_CONFIG))
+    doc["quota"] = {"unlimited": True}
+    assert list(validator.iter_errors(doc)), "the schema accepted what the filter refuses"
+    doc["quota"] = {"rate_per_s": 5}
+    tenant = next(iter(doc["tenants"]))
+    doc["tenants"][tenant]["quota"] = {"unlimited": True}
+    assert [e.message for e in validator.iter_errors(doc)] == []

@@ -391,3 +391,14 @@ def test_with_a_prefix_replace_hapi_would_get_fhirpatient(workdir, wasm, jwks):
         assert only_request(ex, ex.tenant_servers[TENANT_A]).path == "/fhirPatient?_count=1"
     finally:
         stop_example(ex)
+
+
+@pytest.mark.parametrize("path", ["/Patient?_count=1", "/metadata"])
+def test_a_spoofed_host_reaches_no_hapi(example, path):
+    """Each example accepts only its public name (issue 24: the compose example answered any Host): a request
+    with another Host is answered by Envoy and reaches no FHIR server, its links or a Location."""
+    example.clear()
+    resp = example.request("GET", path, tenant=TENANT_A if path != "/metadata" else None,
+                           host="spoofed-host.evil.example")
+    assert resp.status == 404, resp
+    assert example.hits() == {}

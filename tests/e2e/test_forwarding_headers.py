@@ -168,7 +168,12 @@ def test_without_public_base_url_no_forwarding_header_is_sent_and_envoy_owns_x_f
         start_envoy, idp, upstreams):
     cfg = load_yaml(SHIPPED_CONFIG)
     hcm_settings(cfg)["use_remote_address"] = True  # the edge: Envoy overwrites the client's X-Forwarded-Proto
-    env = start_envoy("envoy-forwarding-edge", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg)
+
+    def plugin(doc):
+        doc.pop("public_base_url", None)  # the shipped demo sets one (issue 24); this test is about its absence
+
+    env = start_envoy("envoy-forwarding-edge", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg,
+                      plugin=plugin)
     minter = Minter(idp.issuer)
     wait_for_jwks(env, minter, upstreams)
     for tenant, upstream in ((TENANT_A, upstreams.tenant_a), (None, upstreams.metadata)):

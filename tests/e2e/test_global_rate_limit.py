@@ -27,7 +27,8 @@ def test_the_descriptor_is_the_header_the_filter_sets_and_the_rate_limit_filter_
     hcm = _hcm(cfg)
     names = [f["name"] for f in hcm["http_filters"]]
     assert names == ["envoy.filters.http.wasm", "envoy.filters.http.ratelimit", "envoy.filters.http.router"], names
-    [route] = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    # The tenants' route (the one whose cluster is the filter's header); the metadata route before it has no limit.
+    (route,) = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if "cluster_header" in r["route"]]
     [limit] = route["route"]["rate_limits"]
     [action] = limit["actions"]
     assert action["request_headers"] == {"header_name": header, "descriptor_key": "tenant"}

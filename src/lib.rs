@@ -30,6 +30,7 @@ pub mod public;
 pub mod quota;
 pub mod refresh;
 pub mod rejection;
+pub mod response_check;
 pub mod router;
 pub mod scopes;
 pub mod tenant;

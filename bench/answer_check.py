@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as R  # noqa: E402  the benchmark's Envoy, upstream, token and probe helpers
 
 BEGIN, END = "<!-- answer-check:begin -->", "<!-- answer-check:end -->"
-NATIVE = ["cargo", "test", "--release", "--quiet", "--lib", "--", "--ignored", "--nocapture", "--test-threads=1",
-          "response_check::tests::cost", "cursor::tests::cost"]
+NATIVE = ["cargo", "test", "--release", "--quiet", "--lib", "--", "--ignored", "--nocapture", "--test-threads=1"]
 
 
 def wasm_rows(workdir: Path, pinning: R.Pinning) -> list[tuple[str, float]]:
@@ -40,23 +39,26 @@ def wasm_rows(workdir: Path, pinning: R.Pinning) -> list[tuple[str, float]]:
             R.get(envoy.port, R.PATH, {"authorization": f"Bearer {token}"}, timeout=R.PROBE_TIMEOUT)
             R.wait_until(lambda: envoy.check_alive() or "PROBE done" in envoy.log_path.read_text(errors="replace"),
                          R.PROBE_TIMEOUT, "hostcall-probe: `PROBE done`", interval=0.2)
-            costs, _ = R.parse_probe(envoy.log_path.read_text(errors="replace"))
+            costs, notes = R.parse_probe(envoy.log_path.read_text(errors="replace"))
         finally:
             envoy.stop()
     finally:
         upstream.stop()
+    verdicts = [n for n in notes if n.startswith("answer check on")]
+    if len(verdicts) != 4 or not all(n.endswith("is clean: true") for n in verdicts):
+        raise R.BenchError(f"the probe's answers were not all read whole and clean: {verdicts}")
     return [(n.removeprefix("answer check: "), ns) for n, ns in costs if n.startswith("answer check:")]
 
 
-def native_rows(pinning: R.Pinning) -> list[str]:
+def native_rows(pinning: R.Pinning, test: str) -> list[str]:
     pin = ["taskset", "-c", R.cpu_list(pinning.tested)] if pinning.on else []
-    r = subprocess.run(pin + NATIVE, cwd=R.REPO, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(pin + NATIVE + [test], cwd=R.REPO, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise R.BenchError(f"native timing loops failed:\n{(r.stdout + r.stderr)[-2000:]}")
-    return [line for line in r.stdout.splitlines() if line.startswith("|")]
+    return [line[line.index("|"):] for line in r.stdout.splitlines() if "|" in line]
 
 
-def section(wasm: list[tuple[str, float]], native: list[str]) -> str:
+def section(wasm: list[tuple[str, float]], native: list[str], cursors: list[str]) -> str:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [BEGIN, "## Answer check and paging cursors (issue 23)", "",
              f"`bench/answer_check.py`, {when}, {platform.node()} ({os.cpu_count()} CPUs, shared), pinned to the "
@@ -69,8 +71,9 @@ def section(wasm: list[tuple[str, float]], native: list[str]) -> str:
         size = int(m["b"]) if (m := re.search(r"\((?P<b>\d+) bytes\)", name)) else 0
         lines.append(f"| {name} | {ns / 1000:,.1f} | {ns / 1000 / max(size / 1024, 1e-9):,.2f} |")
     lines += ["", "Natively (the dynamic module's code; release build, medians; beside it serde_json building the same "
-              "body as a tree, which link rewriting pays, for scale), then a cursor's costs:", ""]
+              "body as a tree, which link rewriting pays, for scale):", ""]
     lines += native
+    lines += ["", "| a paging cursor (natively) | median |", "|---|---:|"] + cursors
     lines += ["", "The held answer costs its size in memory until it is checked; one beyond Envoy's buffer limit gets "
               "Envoy's 500 (README, \"What a narrowed client's answers may hold\").", END]
     return "\n".join(lines) + "\n"
@@ -95,7 +98,8 @@ def main(argv: list[str]) -> int:
     pinning = R.plan_pinning(not args.no_pin)
     workdir = Path(tempfile.mkdtemp(prefix="bench-answer-check-"))
     try:
-        text = section(wasm_rows(workdir, pinning), native_rows(pinning))
+        text = section(wasm_rows(workdir, pinning), native_rows(pinning, "response_check::tests::cost"),
+                       native_rows(pinning, "cursor::tests::cost"))
     finally:
         R.stop_all()
     print(text)

@@ -1060,8 +1060,21 @@ impl Router {
         };
         let Inspection { policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
         let base = self.config.public_base_url.as_deref();
-        let verdict =
-            policy.check_bundle_with(body, base, &|method, entry| scopes.check(require_scopes, method, entry));
+        // The types its entries create, update or patch: the batch-response may show what they wrote.
+        let written = std::cell::RefCell::new(Vec::new());
+        let verdict = policy.check_bundle_with(body, base, &|method, entry| {
+            use crate::fhir::Interaction;
+            scopes.check(require_scopes, method, entry)?;
+            if matches!(entry.interaction, Interaction::Create | Interaction::Update | Interaction::Patch) {
+                if let Some(t) = entry.resource_type {
+                    written.borrow_mut().push(t.to_string());
+                }
+            }
+            Ok(())
+        });
+        if let Some(check) = stream.check.as_deref_mut() {
+            check.readable.extend(written.into_inner());
+        }
         // Refused (its outcome and reason), by the allowlist or scopes, else by the quota, charged its entries.
         let mut refused = verdict.err().map(|refusal| (Outcome::Forbidden, forbid(&refusal, &tenant, out)));
         if let (None, Some(quota)) = (&refused, quota.filter(|_| !stream.charged)) {

@@ -13,6 +13,7 @@ use crate::audit::{Outcome, Record};
 use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
 use crate::crypto::{CheckLog, SignatureCheck};
+use crate::cursor::{self, CursorError, Mint, PagingRequest};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
 use crate::effect::{
     Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TenantRefusal, TokenEvent,
@@ -23,6 +24,7 @@ use crate::jwks::KeySet;
 use crate::links;
 use crate::refresh::Schedule;
 use crate::rejection::{operation_outcome, Rejection, REALM};
+use crate::response_check::{self, Readable, Unreadable, Verdict};
 use crate::scopes::Scopes;
 use crate::tenant::{Tenant, TenantMap};
 use crate::upstream_auth::{Access, TokenSlot, TokenSlots};
@@ -202,6 +204,21 @@ pub struct Stream {
     quota_slot: Option<String>,
     /// Its quota was charged (a request woken after a wait is not charged twice).
     charged: bool,
+    /// What its answer may hold, for a narrowed request ([`crate::response_check`]).
+    check: Option<Box<AnswerCheck>>,
+    /// The response (headers and body) is held for the check's verdict.
+    checking: bool,
+    /// The paging links of its answer become cursors continuing this search.
+    mint: Option<Box<Mint>>,
+}
+
+/// The check a narrowed request's answer must pass before it reaches the client.
+#[derive(Clone, Debug)]
+struct AnswerCheck {
+    readable: Readable,
+    tenant: String,
+    /// A read of a `Binary`: its raw content (not JSON) may come back as it is.
+    raw_ok: bool,
 }
 
 /// Which upstream token a request was sent with, and what sending it again needs.
@@ -622,10 +639,11 @@ impl Router {
         header: &dyn Fn(&str) -> Option<String>,
         out: &mut dyn Effects,
     ) -> Flow {
-        let Some(edit) = &stream.response else {
+        let edits = stream.response.is_some() || stream.mint.is_some();
+        if !edits && stream.check.is_none() {
             return Flow::Continue;
-        };
-        if let ResponseEdit::RewriteLinks { from, to } = edit {
+        }
+        if let Some(ResponseEdit::RewriteLinks { from, to }) = &stream.response {
             for name in LINK_HEADERS {
                 if let Some(new) = header(name).and_then(|v| links::rewrite_url(&v, from, to)) {
                     out.push(Effect::SetResponseHeader(name, &new));
@@ -633,7 +651,29 @@ impl Router {
             }
         }
         let encoded = header("content-encoding").is_some_and(|e| e != "identity");
-        let json = header("content-type").is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+        let content_type = header("content-type");
+        let json = content_type.as_deref().is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+        if let Some(check) = stream.check.as_deref().filter(|_| !end_of_stream && !stream.head) {
+            // A narrowed request's answer: held whole (headers too) until it is checked, or refused at once
+            // if it cannot be checked.
+            let checkable = !encoded && content_type.as_deref().is_some_and(response_check::is_json_media_type);
+            if !checkable {
+                if check.raw_ok && !encoded {
+                    return Flow::Continue;
+                }
+                withhold(check, &Verdict::Unreadable(Unreadable::Format), out);
+                return Flow::Stop;
+            }
+            stream.checking = true;
+            if edits {
+                out.push(Effect::RemoveResponseHeader("content-length")); // the body changes length
+                stream.editing_response = true;
+            }
+            return Flow::Buffer;
+        }
+        if !edits {
+            return Flow::Continue;
+        }
         if stream.head && !encoded && json {
             // RFC 9110 §8.6: a HEAD answer's content-length must be what GET would send, or absent. GET sends
             // the edited body, whose length the upstream's HEAD answer cannot know (nor can we, with no body).
@@ -645,6 +685,11 @@ impl Router {
         }
         out.push(Effect::RemoveResponseHeader("content-length")); // the body changes length
         stream.editing_response = true;
+        if stream.mint.is_some() {
+            // Held whole, headers too: an answer beyond Envoy's buffer limit then gets Envoy's 500, not a
+            // reset after its headers.
+            return Flow::Buffer;
+        }
         Flow::Continue
     }
 
@@ -660,16 +705,39 @@ impl Router {
             // The refused answer's body: held, never sent (the client gets the answer to the request sent again).
             return Flow::Buffer;
         }
-        let Some(edit) = stream.response.as_ref().filter(|_| stream.editing_response) else {
+        if !stream.editing_response && !stream.checking {
             return Flow::Continue;
-        };
+        }
         if !end_of_stream {
             return Flow::Buffer;
         }
-        if let Some(new) = self.edited_body(edit, &body()) {
+        let body = body();
+        if let Some(check) = stream.check.as_deref().filter(|_| stream.checking) {
+            let verdict = response_check::check(&body, &check.readable);
+            if verdict != Verdict::Clean {
+                withhold(check, &verdict, out);
+                return Flow::Stop;
+            }
+        }
+        if let Some(new) = self.finished_body(stream, &body).filter(|_| stream.editing_response) {
             out.push(Effect::ReplaceResponseBody(&new));
         }
         Flow::Continue
+    }
+
+    /// The answer's body as its edits change it (links to the public base, paging links to cursors);
+    /// `None`: unchanged.
+    fn finished_body(&self, stream: &Stream, body: &[u8]) -> Option<Vec<u8>> {
+        let mut changed = stream.response.as_ref().and_then(|edit| self.edited_body(edit, body));
+        if let (Some(mint), Some(paging), Some(base)) =
+            (stream.mint.as_deref(), self.config.paging.as_ref(), self.config.public_base_url.as_deref())
+        {
+            let source = changed.as_deref().unwrap_or(body);
+            if let Some(new) = cursor::rewrite_body(source, base, paging, mint) {
+                changed = Some(new);
+            }
+        }
+        changed
     }
 
     /// The status of the answer to a request sent with an upstream token that it may send again (see
@@ -778,8 +846,24 @@ impl Router {
             };
             copied.push((name.as_str(), value));
         }
+        if let Some(check) = stream.check.as_deref() {
+            let content_type = headers.iter().find(|(n, _)| n == "content-type").map(|(_, v)| v.as_str());
+            let encoded = headers.iter().any(|(n, v)| n == "content-encoding" && v != "identity");
+            let checkable = !encoded && content_type.is_some_and(response_check::is_json_media_type);
+            let verdict = if checkable {
+                response_check::check(body, &check.readable)
+            } else if body.is_empty() || (check.raw_ok && !encoded) {
+                Verdict::Clean
+            } else {
+                Verdict::Unreadable(Unreadable::Format)
+            };
+            if verdict != Verdict::Clean {
+                withhold(check, &verdict, out);
+                return;
+            }
+        }
         let json = headers.iter().any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().contains("json"));
-        let edited = stream.response.as_ref().filter(|_| json).and_then(|edit| self.edited_body(edit, body));
+        let edited = if json { self.finished_body(stream, body) } else { None };
         let headers: Vec<(&str, &str)> = copied.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let body = edited.as_deref().unwrap_or(body);
         out.push(Effect::Reply(Reply { status, headers: &headers, body }));
@@ -809,7 +893,26 @@ impl Router {
         let Router { config, keys, tenants, cache, upstream, quotas, .. } = self;
         let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
         let known = Known { config, tenants: tenants.map.as_deref(), keys, signatures };
-        let decision = decide(&known, &request.as_request(), cache, now_s);
+        // A paging cursor is judged as the search it continues; a bad one (or a raw `_getpages`) is refused
+        // once the token is known good.
+        let opened = match (&config.paging, cursor::classify(&request.method, &request.path)) {
+            (None, _) | (_, PagingRequest::None) => None,
+            (Some(paging), PagingRequest::Cursor(token)) => {
+                Some(cursor::open(paging, token, u64::try_from(now_s).unwrap_or_default()))
+            }
+            (Some(_), PagingRequest::Refused(e)) => Some(Err(e)),
+        };
+        let continued = match &opened {
+            Some(Ok(c)) => Some(HttpRequest {
+                method: Cow::Borrowed(c.method.as_str()),
+                path: Cow::Borrowed(c.path.as_str()),
+                authorization: request.authorization.clone(),
+                duplicate_authorization: request.duplicate_authorization,
+            }),
+            _ => None,
+        };
+        let judged = continued.as_ref().unwrap_or(request);
+        let decision = decide(&known, &judged.as_request(), cache, now_s);
         count_checks(signatures.drain(), out);
         stream.phase = Phase::Decided;
         let audit = Audit { config, request, now_ms };
@@ -823,6 +926,28 @@ impl Router {
                 Flow::Stop
             }
             Decision::Route { tenant, identity, cached, inspect_body } => {
+                let refusal = match &opened {
+                    Some(Err(e)) => Some(*e),
+                    Some(Ok(c)) if !cursor_is_theirs(c, &tenant.id, &identity) => Some(CursorError::NotYours),
+                    _ => None,
+                };
+                if let Some(e) = refusal {
+                    return refuse_cursor(&audit, e, &tenant.id, &identity, out);
+                }
+                let check = answer_check(tenant, &identity, judged);
+                if check.is_some() && response_check::asks_unreadable_format(&judged.path) {
+                    // Its answer could not be checked: refused before it reaches the upstream.
+                    let reason = unreadable_format(&tenant.id, out);
+                    let detail = Detail {
+                        reason: Some(reason),
+                        tenant: Some(&tenant.id),
+                        identity: Some(&identity),
+                        ..Detail::default()
+                    };
+                    audit.record(Outcome::Forbidden, detail, out);
+                    return Flow::Stop;
+                }
+                stream.check = check;
                 // A Bundle is charged by its entries once its body is judged (`judge_bundle`).
                 if !inspect_body && !stream.charged {
                     if let Some(quota) = quota_of(config, tenant) {
@@ -867,9 +992,18 @@ impl Router {
                     }
                 }
                 out.push(Effect::Count(if cached { Metric::CacheHits } else { Metric::CacheMisses }));
-                route(&audit, stream, tenant, &identity, inspect_body, credential, out)
+                let upstream_path = match &opened {
+                    Some(Ok(c)) => Some(c.upstream_path.as_str()),
+                    _ => None,
+                };
+                stream.mint = mint_for(config, tenant, &identity, judged, now_s);
+                let upstream = Upstream { authorization: credential, path: upstream_path };
+                route(&audit, stream, tenant, &identity, inspect_body, upstream, out)
             }
             Decision::Forbidden { tenant, identity, refusal } => {
+                if let Some(Err(e)) = &opened {
+                    return refuse_cursor(&audit, *e, &tenant.id, &identity, out);
+                }
                 let reason = forbid(&refusal, &tenant.id, out);
                 let detail = Detail {
                     reason: Some(reason),
@@ -936,8 +1070,21 @@ impl Router {
         };
         let Inspection { policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
         let base = self.config.public_base_url.as_deref();
-        let verdict =
-            policy.check_bundle_with(body, base, &|method, entry| scopes.check(require_scopes, method, entry));
+        // The types its entries create, update or patch: the batch-response may show what they wrote.
+        let written = std::cell::RefCell::new(Vec::new());
+        let verdict = policy.check_bundle_with(body, base, &|method, entry| {
+            use crate::fhir::Interaction;
+            scopes.check(require_scopes, method, entry)?;
+            if matches!(entry.interaction, Interaction::Create | Interaction::Update | Interaction::Patch) {
+                if let Some(t) = entry.resource_type {
+                    written.borrow_mut().push(t.to_string());
+                }
+            }
+            Ok(())
+        });
+        if let Some(check) = stream.check.as_deref_mut() {
+            check.readable.extend(written.into_inner());
+        }
         // Refused (its outcome and reason), by the allowlist or scopes, else by the quota, charged its entries.
         let mut refused = verdict.err().map(|refusal| (Outcome::Forbidden, forbid(&refusal, &tenant, out)));
         if let (None, Some(quota)) = (&refused, quota.filter(|_| !stream.charged)) {
@@ -971,6 +1118,138 @@ impl Router {
     }
 }
 
+/// Whether a cursor was minted for this tenant and client (a client id cut at 128 characters is no one's).
+fn cursor_is_theirs(c: &cursor::Cursor, tenant: &str, identity: &Identity) -> bool {
+    let cut = identity.whole_client_id().is_none() && identity.client_id().is_some();
+    !cut && c.tenant == tenant && c.client.as_deref() == identity.whole_client_id()
+}
+
+/// What the cursors of a search's answer need (with `paging_cursors` on): the search (`request`: as the
+/// client sent it, or the one a cursor continues), its tenant and client, and the cursors' expiry. `None`
+/// for what is not a search, a history or an operation (no paging links), or a client id cut at 128.
+fn mint_for(
+    config: &Config,
+    tenant: &Tenant,
+    identity: &Identity,
+    request: &HttpRequest<'_>,
+    now_s: i64,
+) -> Option<Box<Mint>> {
+    use crate::fhir::Interaction;
+    let paging = config.paging.as_ref()?;
+    config.public_base_url.as_ref()?;
+    let c = crate::fhir::classify(&request.method, &request.path)?;
+    if !matches!(c.interaction, Interaction::Search | Interaction::History | Interaction::Operation) {
+        return None;
+    }
+    if identity.whole_client_id().is_none() && identity.client_id().is_some() {
+        return None;
+    }
+    Some(Box::new(Mint {
+        tenant: tenant.id.clone(),
+        client: identity.whole_client_id().map(str::to_string),
+        method: request.method.to_string(),
+        path: request.path.to_string(),
+        expires_s: u64::try_from(now_s).unwrap_or_default().saturating_add(paging.ttl_s),
+    }))
+}
+
+/// Refuses a paging request: a cursor that is not valid here, expired, or another's (400/403), or a raw
+/// `_getpages`; the audit line names why.
+fn refuse_cursor(
+    audit: &Audit<'_>,
+    error: CursorError,
+    tenant: &str,
+    identity: &Identity,
+    out: &mut dyn Effects,
+) -> Flow {
+    let (status, code, text) = error.answer();
+    out.push(Effect::Count(Metric::CursorRefused));
+    out.push(Effect::Count(Metric::TenantForbidden(tenant)));
+    let body = operation_outcome(code, text);
+    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    out.push(Effect::Reply(Reply { status, headers: &headers, body: body.as_bytes() }));
+    let detail =
+        Detail { reason: Some(error.reason()), tenant: Some(tenant), identity: Some(identity), ..Detail::default() };
+    audit.record(Outcome::Forbidden, detail, out);
+    Flow::Stop
+}
+
+/// The check a request's answer needs: `None` unless its token's SMART scopes or its tenant's
+/// `resource_types` narrow the types it may read.
+fn answer_check(tenant: &Tenant, identity: &Identity, request: &HttpRequest<'_>) -> Option<Box<AnswerCheck>> {
+    use crate::fhir::Interaction;
+    let classified = crate::fhir::classify(&request.method, &request.path);
+    let own = classified
+        .as_ref()
+        .filter(|c| matches!(c.interaction, Interaction::Create | Interaction::Update | Interaction::Patch))
+        .and_then(|c| c.resource_type);
+    let readable = Readable::of(tenant.policy(), identity.scopes(), own)?;
+    let raw_ok = classified.is_some_and(|c| {
+        c.resource_type == Some("Binary")
+            && matches!(c.interaction, Interaction::Read | Interaction::Vread)
+            && readable.allows("Binary")
+    });
+    Some(Box::new(AnswerCheck { readable, tenant: tenant.id.clone(), raw_ok }))
+}
+
+/// 406 for a narrowed request whose `_format` asks for what the answer check cannot read (XML, Turtle):
+/// counted as withheld; returns the audit line's reason.
+fn unreadable_format(tenant: &str, out: &mut dyn Effects) -> &'static str {
+    out.push(Effect::Count(Metric::ResponsesWithheldUnchecked));
+    out.push(Effect::Count(Metric::TenantForbidden(tenant)));
+    let body = operation_outcome(
+        "not-supported",
+        "Answers to requests narrowed by SMART scopes or a resource type allowlist are checked, and only JSON \
+         can be: leave out _format or ask for json.",
+    );
+    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    out.push(Effect::Reply(Reply { status: 406, headers: &headers, body: body.as_bytes() }));
+    "unreadable_format"
+}
+
+/// Replaces a narrowed request's answer that holds types its client may not read (403 `forbidden`), or
+/// that cannot be checked (406 `not-supported` for a format other than uncompressed JSON; 502 `exception`
+/// for invalid or truncated JSON), by an `OperationOutcome`; counts it and logs the tenant, the types found
+/// and their counts (no path, no data).
+fn withhold(check: &AnswerCheck, verdict: &Verdict, out: &mut dyn Effects) {
+    let (status, code, text, metric, why) = match verdict {
+        Verdict::Clean => return,
+        Verdict::Forbidden(found) => (
+            403,
+            "forbidden",
+            "The answer holds resources of a type this access token may not read; it was withheld.",
+            Metric::ResponsesWithheldForbidden,
+            format!("it holds types the token may not read: {}", found.summary()),
+        ),
+        Verdict::Unreadable(Unreadable::Format) => (
+            406,
+            "not-supported",
+            "Answers to requests narrowed by SMART scopes or a resource type allowlist are checked, and only \
+             uncompressed JSON can be: ask for application/fhir+json.",
+            Metric::ResponsesWithheldUnchecked,
+            format!("it could not be checked: {}", Unreadable::Format.name()),
+        ),
+        Verdict::Unreadable(why) => (
+            502,
+            "exception",
+            "The FHIR server's answer could not be checked; it was withheld.",
+            Metric::ResponsesWithheldUnchecked,
+            format!("it could not be checked: {}", why.name()),
+        ),
+    };
+    out.push(Effect::Count(metric));
+    out.push(Effect::Count(Metric::TenantForbidden(&check.tenant)));
+    let line = format!("tenant {}: the answer to a narrowed request was withheld ({status}): {why}", check.tenant);
+    out.push(Effect::Log(Level::Warn, &line));
+    let body = operation_outcome(code, text);
+    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    out.push(Effect::Reply(Reply { status, headers: &headers, body: body.as_bytes() }));
+}
+
+#[cfg(test)]
+#[path = "router_answer_tests.rs"]
+mod answer_tests;
+
 /// Counts the signature checks of one decision, and logs what the checker noticed (once).
 fn count_checks(checks: CheckLog, out: &mut dyn Effects) {
     for _ in 0..checks.host {
@@ -1003,6 +1282,15 @@ fn pass_public(audit: &Audit<'_>, stream: &mut Stream, cluster: &str, patch: boo
     Flow::Continue
 }
 
+/// What a routed request carries to its upstream beyond the client's request.
+#[derive(Clone, Copy, Default)]
+struct Upstream<'a> {
+    /// The upstream's own token (`upstream_auth`), replacing the client's `Authorization`.
+    authorization: Option<&'a str>,
+    /// The path a paging cursor stands for, replacing the client's.
+    path: Option<&'a str>,
+}
+
 /// A verified request for `tenant`: rewritten for its FHIR server and routed to its cluster. A Bundle
 /// posted to the base is held (headers too, unless `hold_bundle_headers` is off) until the allowlist has
 /// judged its body, and its audit line waits for that verdict.
@@ -1012,17 +1300,21 @@ fn route(
     tenant: &Tenant,
     identity: &Identity,
     inspect_body: bool,
-    upstream_authorization: Option<&str>,
+    upstream: Upstream<'_>,
     out: &mut dyn Effects,
 ) -> Flow {
     let config = audit.config;
+    let Upstream { authorization: upstream_authorization, path: upstream_path } = upstream;
     match upstream_authorization {
         // The upstream's own token replaces the client's, whatever `forward_authorization` says.
         Some(value) => out.push(Effect::SetRequestHeader("authorization", value)),
         None if !config.forward_authorization => out.push(Effect::RemoveRequestHeader("authorization")),
         None => {}
     }
-    stream.response = prepare_upstream(config, tenant, audit.request, out);
+    stream.response = prepare_upstream(config, tenant, audit.request, upstream_path, out);
+    if stream.check.is_some() && !matches!(stream.response, Some(ResponseEdit::RewriteLinks { .. })) {
+        out.push(Effect::RemoveRequestHeader("accept-encoding")); // a compressed answer could not be checked
+    }
     out.push(Effect::SetRequestHeader(&config.tenant_header, &tenant.id));
     if let Some(header) = &config.rate_limit_descriptor_header {
         out.push(Effect::SetRequestHeader(header, &tenant.id));
@@ -1272,15 +1564,21 @@ fn prepare_upstream(
     config: &Config,
     tenant: &Tenant,
     request: &HttpRequest<'_>,
+    upstream_path: Option<&str>,
     out: &mut dyn Effects,
 ) -> Option<ResponseEdit> {
     forward_public_base(config, out);
-    let settings = tenant.settings.as_deref()?;
+    let Some(settings) = tenant.settings.as_deref() else {
+        if let Some(path) = upstream_path {
+            out.push(Effect::SetRequestHeader(":path", path));
+        }
+        return None;
+    };
     if let Some(authority) = &settings.authority {
         out.push(Effect::SetRequestHeader(":authority", authority));
     }
-    if !settings.base_path.is_empty() {
-        let path = format!("{}{}", settings.base_path, request.path);
+    if !settings.base_path.is_empty() || upstream_path.is_some() {
+        let path = format!("{}{}", settings.base_path, upstream_path.unwrap_or(&request.path));
         out.push(Effect::SetRequestHeader(":path", &path));
     }
     if let Some((name, value)) = &settings.header {

@@ -210,7 +210,7 @@ pub fn env_name(name: &str) -> String {
     }
 }
 
-fn read_secret(
+pub(crate) fn read_secret(
     field: &str,
     raw: Option<&RawSecret>,
     lookup: &dyn Fn(&str) -> Option<String>,

@@ -1191,6 +1191,29 @@ fn a_401_from_the_upstream_refreshes_the_token_once_and_sends_a_safe_request_aga
 }
 
 #[test]
+fn the_answer_to_a_narrowed_request_sent_again_is_checked_too() {
+    let (host, root) = configured_with_secret(&upstream_auth_plugin());
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_A} system/Patient.rs"));
+    let (mut f1, _) = send(&host, &root, 1, &get("/Patient?name=x", Some(&bearer(&claims))), true);
+    deliver_to(&host, &mut f1, 1, Some("200"), &token_answer("tok-1", 3600));
+    host.0.response_headers.borrow_mut().insert(":status".into(), "401".into());
+    assert_eq!(f1.on_response_headers(false), Flow::WaitForKeys);
+    host.request(&[]);
+    deliver_to(&host, &mut f1, 2, Some("200"), &token_answer("tok-2", 3600));
+    host.take_calls();
+    // The answer to the request sent again holds an Observation: the client gets a 403 OperationOutcome.
+    *host.0.call_headers.borrow_mut() =
+        vec![(":status".into(), "200".into()), ("content-type".into(), "application/fhir+json".into())];
+    let body = json!({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Observation"}}]});
+    deliver_to(&host, &mut f1, 3, Some("200"), body.to_string().as_bytes());
+    let calls = host.take_calls();
+    let reply = calls.iter().find(|c| c.starts_with("send_reply")).expect("answered");
+    assert!(reply.starts_with("send_reply 403 ") && reply.contains("OperationOutcome"), "{calls:?}");
+    assert!(!reply.contains("\"Observation\""), "{reply}");
+}
+
+#[test]
 fn a_second_401_or_an_unsafe_method_is_not_sent_again() {
     let (host, root) = configured_with_secret(&upstream_auth_plugin());
     let client = bearer(&testkeys::claims_now());

@@ -1,7 +1,7 @@
 //! Deterministic high-volume fuzzing of every parser of untrusted input, on stable Rust.
 //!
 //! `cargo run --release --no-default-features --bin fuzz-runner` (from fuzz/). Environment:
-//! - `FUZZ_SCALE` (default 1.0): multiplies every parser's input count (defaults below, 1,650,000 in all);
+//! - `FUZZ_SCALE` (default 1.0): multiplies every parser's input count (defaults below, 1,800,000 in all);
 //! - `FUZZ_SEED` (default 1): the seed; the same seed gives the same inputs;
 //! - `FUZZ_THREADS` (default 2);
 //! - `FUZZ_ONLY`: comma-separated parser names to run.
@@ -33,6 +33,13 @@ const PARSERS: &[(&str, &str, usize, Generator)] = &[
         gen::router_events,
     ),
     ("bearer", "bearer::extract_bearer", 200_000, gen::bearer),
+    ("cursor", "cursor::open and classify (paging cursors; only minted ones open)", 50_000, gen::cursors),
+    (
+        "response_check",
+        "response_check::check (answers to narrowed requests; oracle: serde_json tree walk)",
+        100_000,
+        gen::response_bodies,
+    ),
     ("host_proto", "host_proto::decode_verify_result", 200_000, gen::host_proto),
     ("der", "der::ecdsa_raw_to_der", 200_000, gen::der),
     ("token_response", "upstream_auth::parse_token_response", 100_000, gen::token_response),

@@ -32,6 +32,7 @@ pub mod refresh;
 pub mod rejection;
 pub mod router;
 pub mod scopes;
+pub mod secret_scope;
 pub mod tenant;
 pub mod upkeep;
 pub mod upstream_auth;

@@ -397,6 +397,23 @@ mod tests {
             assert_eq!(read_file_beneath(s(&d.scope), s(&d.scope.join("missing"))), None);
         }
 
+        /// The dynamic module's lookup (`config::process_lookup`) answers the scoped key with this reader only.
+        #[test]
+        fn the_process_lookup_reads_a_scoped_key_beneath_its_directory_only() {
+            let d = dirs("process-lookup");
+            let key = |dir: &Path, path: &Path| format!("{FILE_BENEATH_PREFIX}{}\0{}", s(dir), s(path));
+            let lookup = crate::config::process_lookup;
+            assert_eq!(lookup(&key(&d.scope, &d.scope.join("a.pem"))).as_deref(), Some("in-scope"));
+            assert_eq!(lookup(&key(&d.scope, &d.root.join("outside/canary"))), None);
+            assert_eq!(lookup(&format!("{FILE_BENEATH_PREFIX}{}", s(&d.root.join("outside/canary")))), None);
+            // What the scoped lookup sends, end to end.
+            let scope = SecretScope { env_prefixes: vec![], file_directory: Some(s(&d.scope).to_string()) };
+            let scoped = scope.lookup(&lookup);
+            assert_eq!(scoped(&format!("{FILE_PREFIX}{}", s(&d.scope.join("a.pem")))).as_deref(), Some("in-scope"));
+            symlink(d.root.join("outside/canary"), d.scope.join("out.pem")).unwrap();
+            assert_eq!(scoped(&format!("{FILE_PREFIX}{}", s(&d.scope.join("out.pem")))), None);
+        }
+
         #[test]
         fn a_symlink_inside_pointing_out_is_refused_and_one_pointing_inside_is_followed() {
             let d = dirs("symlinks");

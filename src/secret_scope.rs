@@ -117,8 +117,10 @@ impl SecretScope {
                     return Err("names a file, which a registry document may not: the plugin configuration's \
                                 tenant_registry.secret_scope.file_directory allows none");
                 };
-                if !is_plain_absolute(name) || name.ends_with('/') {
-                    return Err("must be an absolute path to a file, without `.` or `..` components");
+                // No control characters either: no secret file needs them, and a log line would carry them.
+                if !is_plain_absolute(name) || name.ends_with('/') || name.chars().any(char::is_control) {
+                    return Err("must be an absolute path to a file, without `.` or `..` components or control \
+                                characters");
                 }
                 // Component-wise: `/etc/secrets-evil/x` is not beneath `/etc/secrets`.
                 let inside = Path::new(name).starts_with(Path::new(dir)) && name.len() > dir.len() + 1;
@@ -303,6 +305,7 @@ mod tests {
             "a.pem",
             "../a.pem",
             "/etc/ftr/secrets/a.pem\0/x",
+            "/etc/ftr/secrets/a\nb",  // a control character (it would reach a log line)
             "/ETC/ftr/secrets/a.pem", // case: paths are case-sensitive
             "/etc/passwd",
             "",

@@ -130,7 +130,7 @@ pub struct RawRegistry {
     pub timeout_ms: Option<u64>,
     /// What a registry document may name (environment variables, files); absent: nothing.
     #[serde(default)]
-    pub secret_scope: Option<crate::secret_scope::RawSecretScope>,
+    pub secret_scope: Option<serde_json::Value>,
 }
 
 /// The registry document: the same tenant objects as the configuration's `tenants`.
@@ -626,21 +626,24 @@ fn compile_tenants(
     Ok(map)
 }
 
-/// The environment variables and files a tenant names (`field`: the tenant's path, e.g. `tenants.<id>`),
-/// each with the field that names it.
-fn named_places<'a>(field: &str, t: &'a RawTenant) -> Vec<(String, Place, &'a str)> {
+/// The environment variables and files a tenant names, each with the field (below the tenant) naming it.
+fn named_places(t: &RawTenant) -> Vec<(&'static str, Place, &str)> {
     let mut out = Vec::new();
     if let Some(h) = &t.upstream_header {
-        out.push((format!("{field}.upstream_header.env"), Place::Env, h.env.as_str()));
+        out.push(("upstream_header.env", Place::Env, h.env.as_str()));
     }
     if let Some(a) = &t.upstream_auth {
-        for (name, secret) in [("client_secret", &a.client_secret), ("private_key", &a.private_key)] {
+        let secrets = [
+            (&a.client_secret, "upstream_auth.client_secret.env", "upstream_auth.client_secret.file"),
+            (&a.private_key, "upstream_auth.private_key.env", "upstream_auth.private_key.file"),
+        ];
+        for (secret, env_field, file_field) in secrets {
             let Some(s) = secret else { continue };
             if let Some(env) = &s.env {
-                out.push((format!("{field}.upstream_auth.{name}.env"), Place::Env, env.as_str()));
+                out.push((env_field, Place::Env, env.as_str()));
             }
             if let Some(file) = &s.file {
-                out.push((format!("{field}.upstream_auth.{name}.file"), Place::File, file.as_str()));
+                out.push((file_field, Place::File, file.as_str()));
             }
         }
     }
@@ -662,8 +665,7 @@ fn compile_registry(r: RawRegistry) -> Result<Registry, ConfigError> {
         return Err(ConfigError::new("tenant_registry.timeout_ms", "must be between 100 and 60000"));
     }
     let secret_scope = match &r.secret_scope {
-        Some(raw) => SecretScope::compile("tenant_registry.secret_scope", raw)
-            .map_err(|(field, why)| ConfigError::new(field, why))?,
+        Some(raw) => SecretScope::compile(raw).map_err(|(field, why)| ConfigError::new(field, why))?,
         None => SecretScope::default(),
     };
     Ok(Registry { cluster: r.cluster, authority, path, refresh_ms: refresh_s * 1_000, timeout_ms, secret_scope })
@@ -687,8 +689,8 @@ impl Config {
         let nothing = SecretScope::default();
         let scope = self.registry.as_ref().map_or(&nothing, |r| &r.secret_scope);
         for (id, tenant) in &raw.tenants {
-            for (field, place, name) in named_places(&format!("tenants.{id}"), tenant) {
-                scope.check(place, name).map_err(|why| ConfigError::new(field, why))?;
+            for (field, place, name) in named_places(tenant) {
+                scope.check(place, name).map_err(|why| ConfigError::new(format!("tenants.{id}.{field}"), why))?;
             }
         }
         let scoped = scope.lookup(env);

@@ -16,10 +16,6 @@
 //! Absent, a registry document may name no variable and no file. The check is pure ([`SecretScope::check`],
 //! [`SecretScope::lookup`]); the host only reads what the scoped lookup asks for.
 
-use std::path::Path;
-
-use serde::Deserialize;
-
 use crate::upstream_auth::FILE_PREFIX;
 
 /// A file asked for by a registry document: [`FILE_BENEATH_PREFIX`]`directory` NUL `path`. Only the host
@@ -28,16 +24,6 @@ pub const FILE_BENEATH_PREFIX: &str = "\0file-beneath:";
 
 /// The largest secret file read for a registry document (a PEM key or a service-account JSON is a few KB).
 pub const MAX_FILE_BYTES: u64 = 64 * 1024;
-
-/// `tenant_registry.secret_scope`, as written.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSecretScope {
-    #[serde(default)]
-    pub env_prefixes: Option<Vec<String>>,
-    #[serde(default)]
-    pub file_directory: Option<String>,
-}
 
 /// What a registry document may name; the default names nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,26 +55,45 @@ fn is_plain_absolute(path: &str) -> bool {
 }
 
 impl SecretScope {
-    /// Compiles `tenant_registry.secret_scope` (`field` names it in errors, which are the offending field and
-    /// what is wrong with it).
-    pub fn compile(field: &str, raw: &RawSecretScope) -> Result<SecretScope, (String, &'static str)> {
-        let prefixes = raw.env_prefixes.clone().unwrap_or_default();
-        if let Some(bad) = prefixes.iter().position(|p| !(is_env_name(p) && p.len() >= 2 && p.ends_with('_'))) {
-            return Err((
-                format!("{field}.env_prefixes[{bad}]"),
-                "must be an environment variable name prefix ending with `_` (A-Z a-z 0-9 _, e.g. \
-                 `FTR_REGISTRY_`), so that it cannot match a longer name it is only a prefix of",
-            ));
+    /// Compiles `tenant_registry.secret_scope` as written, `{"env_prefixes": [...], "file_directory": "..."}`
+    /// (read from the JSON value by hand: a serde derive here would cost the wasm module kilobytes). An error
+    /// is the offending field and what is wrong with it.
+    pub fn compile(raw: &serde_json::Value) -> Result<SecretScope, (String, &'static str)> {
+        const FIELD: &str = "tenant_registry.secret_scope";
+        let Some(raw) = raw.as_object() else { return Err((FIELD.into(), "must be an object")) };
+        let known = usize::from(raw.contains_key("env_prefixes")) + usize::from(raw.contains_key("file_directory"));
+        if raw.len() != known {
+            return Err((FIELD.into(), "has an unknown field (it takes env_prefixes and file_directory)"));
         }
-        let file_directory = match raw.file_directory.as_deref() {
-            None => None,
-            Some(d) if is_plain_absolute(d) && d != "/" => Some(d.trim_end_matches('/').to_string()),
-            Some(_) => {
-                return Err((
-                    format!("{field}.file_directory"),
-                    "must be an absolute directory without `.` or `..` components, and not `/`",
-                ))
+        let list = match raw.get("env_prefixes") {
+            None => &[][..],
+            Some(serde_json::Value::Array(list)) => list.as_slice(),
+            Some(_) => return Err((format!("{FIELD}.env_prefixes"), "must be a list of prefixes")),
+        };
+        let mut prefixes = Vec::with_capacity(list.len());
+        for (i, p) in list.iter().enumerate() {
+            match p.as_str() {
+                Some(p) if is_env_name(p) && p.len() >= 2 && p.ends_with('_') => prefixes.push(p.to_string()),
+                _ => {
+                    return Err((
+                        format!("{FIELD}.env_prefixes[{i}]"),
+                        "must be a variable name prefix ending with `_` (A-Z a-z 0-9 _), so that it cannot match \
+                         a longer name it is only a prefix of",
+                    ))
+                }
             }
+        }
+        let file_directory = match raw.get("file_directory") {
+            None => None,
+            Some(d) => match d.as_str() {
+                Some(d) if is_plain_absolute(d) && d != "/" => Some(d.strip_suffix('/').unwrap_or(d).to_string()),
+                _ => {
+                    return Err((
+                        format!("{FIELD}.file_directory"),
+                        "must be an absolute directory without `.` or `..` components, and not `/`",
+                    ))
+                }
+            },
         };
         Ok(SecretScope { env_prefixes: prefixes, file_directory })
     }
@@ -122,8 +127,10 @@ impl SecretScope {
                     return Err("must be an absolute path to a file, without `.` or `..` components or control \
                                 characters");
                 }
-                // Component-wise: `/etc/secrets-evil/x` is not beneath `/etc/secrets`.
-                let inside = Path::new(name).starts_with(Path::new(dir)) && name.len() > dir.len() + 1;
+                // Component-wise (both are plain, `dir` without its trailing `/`): `/etc/secrets-evil/x` is not
+                // beneath `/etc/secrets`.
+                let inside =
+                    name.strip_prefix(dir.as_str()).is_some_and(|rest| rest.len() > 1 && rest.starts_with('/'));
                 if !inside {
                     return Err("names a file outside the plugin configuration's \
                                 tenant_registry.secret_scope.file_directory");
@@ -204,7 +211,7 @@ mod tests {
     use serde_json::json;
 
     fn scope(v: serde_json::Value) -> Result<SecretScope, (String, &'static str)> {
-        SecretScope::compile("tenant_registry.secret_scope", &serde_json::from_value(v).unwrap())
+        SecretScope::compile(&v)
     }
 
     fn scoped() -> SecretScope {
@@ -329,7 +336,11 @@ mod tests {
         ] {
             assert_eq!(scope(v.clone()).unwrap_err().0, field, "{v}");
         }
-        assert!(serde_json::from_value::<RawSecretScope>(json!({"env_prefix": "A_"})).is_err());
+        assert_eq!(scope(json!({"env_prefix": ["A_"]})).unwrap_err().0, "tenant_registry.secret_scope");
+        assert_eq!(scope(json!({"env_prefixes": "A_"})).unwrap_err().0, "tenant_registry.secret_scope.env_prefixes");
+        assert_eq!(scope(json!({"env_prefixes": [7]})).unwrap_err().0, "tenant_registry.secret_scope.env_prefixes[0]");
+        assert_eq!(scope(json!({"file_directory": 7})).unwrap_err().0, "tenant_registry.secret_scope.file_directory");
+        assert_eq!(scope(json!(["A_"])).unwrap_err().0, "tenant_registry.secret_scope");
         // A directory given with or without its trailing slash is the same directory.
         let a = scope(json!({"file_directory": "/etc/ftr/secrets"})).unwrap();
         assert_eq!(a, scope(json!({"file_directory": "/etc/ftr/secrets/"})).unwrap());
@@ -356,7 +367,7 @@ mod tests {
     mod reading {
         use super::super::*;
         use std::os::unix::fs::symlink;
-        use std::path::PathBuf;
+        use std::path::{Path, PathBuf};
 
         struct Dirs {
             root: PathBuf,

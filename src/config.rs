@@ -564,6 +564,8 @@ struct TenantContext<'a> {
     issuers: Vec<&'a str>,
     /// Whether `public_base_url` is configured: links are rewritten to it, so a tenant needs it to have any.
     public_base_url: bool,
+    /// What a tenant may name as a secret's source: `None` for the plugin JSON's own tenants (anything).
+    scope: Option<&'a SecretScope>,
 }
 
 fn compile_tenants(
@@ -574,6 +576,9 @@ fn compile_tenants(
 ) -> Result<TenantMap, ConfigError> {
     for (id, mut tenant) in raw {
         let field = format!("{field}.{id}");
+        if let Some(scope) = ctx.scope {
+            check_places(scope, &tenant).map_err(|(f, why)| ConfigError::new(format!("{field}.{f}"), why))?;
+        }
         let links_field = if tenant.links_base_url.is_some() { "links_base_url" } else { "url" };
         let cluster = match (tenant.cluster.take(), tenant.url.take()) {
             (Some(cluster), None) => {
@@ -626,11 +631,12 @@ fn compile_tenants(
     Ok(map)
 }
 
-/// The environment variables and files a tenant names, each with the field (below the tenant) naming it.
-fn named_places(t: &RawTenant) -> Vec<(&'static str, Place, &str)> {
-    let mut out = Vec::new();
+/// Whether every environment variable and file a registry tenant names lies in `scope`; else the field (below
+/// the tenant) that names one outside it, and why.
+fn check_places(scope: &SecretScope, t: &RawTenant) -> Result<(), (&'static str, &'static str)> {
+    let check = |field: &'static str, place: Place, name: &str| scope.check(place, name).map_err(|why| (field, why));
     if let Some(h) = &t.upstream_header {
-        out.push(("upstream_header.env", Place::Env, h.env.as_str()));
+        check("upstream_header.env", Place::Env, &h.env)?;
     }
     if let Some(a) = &t.upstream_auth {
         let secrets = [
@@ -640,14 +646,14 @@ fn named_places(t: &RawTenant) -> Vec<(&'static str, Place, &str)> {
         for (secret, env_field, file_field) in secrets {
             let Some(s) = secret else { continue };
             if let Some(env) = &s.env {
-                out.push((env_field, Place::Env, env.as_str()));
+                check(env_field, Place::Env, env)?;
             }
             if let Some(file) = &s.file {
-                out.push((file_field, Place::File, file.as_str()));
+                check(file_field, Place::File, file)?;
             }
         }
     }
-    out
+    Ok(())
 }
 
 fn compile_registry(r: RawRegistry) -> Result<Registry, ConfigError> {
@@ -675,7 +681,7 @@ impl Config {
     /// Compiles a tenant registry document (`{"tenants": {...}}`, the same tenant objects as the
     /// configuration's) into a new tenant map; the error names the offending field. The environment
     /// variables and files the document names must lie in `tenant_registry.secret_scope` (else the whole
-    /// document is refused, before anything is read), and `env` is asked only for those.
+    /// document is refused, and nothing of that tenant is read), and `env` is asked only for those.
     pub fn compile_registry(
         &self,
         bytes: &[u8],
@@ -684,18 +690,14 @@ impl Config {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let raw: RawRegistryDocument = serde_path_to_error::deserialize(de)
             .map_err(|e| ConfigError::new(e.path().to_string(), e.into_inner().to_string()))?;
-        // The operator's scope of what a document may name: checked for every tenant before anything is read,
-        // and the lookup itself limited to it.
+        // The operator's scope of what a document may name: checked for each tenant before anything of it is
+        // read, and the lookup itself limited to it.
         let nothing = SecretScope::default();
         let scope = self.registry.as_ref().map_or(&nothing, |r| &r.secret_scope);
-        for (id, tenant) in &raw.tenants {
-            for (field, place, name) in named_places(tenant) {
-                scope.check(place, name).map_err(|why| ConfigError::new(format!("tenants.{id}.{field}"), why))?;
-            }
-        }
         let scoped = scope.lookup(env);
         let ctx = TenantContext {
             env: &scoped,
+            scope: Some(scope),
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
             issuers: self.providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
             public_base_url: self.public_base_url.is_some(),
@@ -765,6 +767,7 @@ impl RawConfig {
                 dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
                 issuers: providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
                 public_base_url: public_base_url.is_some(),
+                scope: None,
             };
             compile_tenants("tenants", self.tenants, &ctx, TenantMap::new(prefixes))?
         };
@@ -1404,7 +1407,7 @@ pub(crate) mod tests {
         let a = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap().settings.as_deref().unwrap();
         assert_eq!(a.header, Some(("x-k".into(), CANARY.into())));
         v["tenant_registry"]["secret_scope"] = json!({"env_prefixes": ["FTR_REG"]});
-        assert_eq!(field_of(&v), "tenant_registry.secret_scope.env_prefixes[0]");
+        assert_eq!(field_of(&v), "tenant_registry.secret_scope.env_prefixes");
         v["tenant_registry"]["secret_scope"] = json!({"file_directory": "/"});
         assert_eq!(field_of(&v), "tenant_registry.secret_scope.file_directory");
         v["tenant_registry"]["secret_scope"] = json!({"env_prefix": "FTR_"});

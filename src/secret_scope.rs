@@ -13,7 +13,8 @@
 //!   components, and checked again where they are read: the file actually opened must lie beneath the
 //!   directory once symlinks are resolved ([`read_file_beneath`]).
 //!
-//! Absent, a registry document may name no variable and no file. The check is pure ([`SecretScope::check`],
+//! Absent, a registry document may name no variable and no file. The proxy-wasm build reads no files, so
+//! there a document naming any file is refused. The check is pure ([`SecretScope::check`],
 //! [`SecretScope::lookup`]); the host only reads what the scoped lookup asks for.
 
 use crate::upstream_auth::FILE_PREFIX;
@@ -51,51 +52,54 @@ fn is_env_name(name: &str) -> bool {
 fn is_plain_absolute(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else { return false };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
-    !path.contains('\0') && rest.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+    // Each component: not empty, not `.`, not `..`; and no NUL anywhere.
+    let (mut len, mut dots) = (0usize, 0usize);
+    for b in rest.bytes().chain([b'/']) {
+        match b {
+            b'/' if len == 0 || dots == len && len <= 2 => return false,
+            b'/' => (len, dots) = (0, 0),
+            0 => return false,
+            _ => (len, dots) = (len + 1, dots + usize::from(b == b'.')),
+        }
+    }
+    true
 }
 
 impl SecretScope {
     /// Compiles `tenant_registry.secret_scope` as written, `{"env_prefixes": [...], "file_directory": "..."}`
     /// (read from the JSON value by hand: a serde derive here would cost the wasm module kilobytes). An error
     /// is the offending field and what is wrong with it.
-    pub fn compile(raw: &serde_json::Value) -> Result<SecretScope, (String, &'static str)> {
+    pub fn compile(raw: &serde_json::Value) -> Result<SecretScope, (&'static str, &'static str)> {
         const FIELD: &str = "tenant_registry.secret_scope";
-        let Some(raw) = raw.as_object() else { return Err((FIELD.into(), "must be an object")) };
-        let known = usize::from(raw.contains_key("env_prefixes")) + usize::from(raw.contains_key("file_directory"));
-        if raw.len() != known {
-            return Err((FIELD.into(), "has an unknown field (it takes env_prefixes and file_directory)"));
+        let Some(raw) = raw.as_object() else { return Err((FIELD, "must be an object")) };
+        let (prefixes, directory) = (raw.get("env_prefixes"), raw.get("file_directory"));
+        if raw.len() != usize::from(prefixes.is_some()) + usize::from(directory.is_some()) {
+            return Err((FIELD, "takes env_prefixes and file_directory only"));
         }
-        let list = match raw.get("env_prefixes") {
-            None => &[][..],
-            Some(serde_json::Value::Array(list)) => list.as_slice(),
-            Some(_) => return Err((format!("{FIELD}.env_prefixes"), "must be a list of prefixes")),
-        };
-        let mut prefixes = Vec::with_capacity(list.len());
-        for (i, p) in list.iter().enumerate() {
-            match p.as_str() {
-                Some(p) if is_env_name(p) && p.len() >= 2 && p.ends_with('_') => prefixes.push(p.to_string()),
-                _ => {
-                    return Err((
-                        format!("{FIELD}.env_prefixes[{i}]"),
-                        "must be a variable name prefix ending with `_` (A-Z a-z 0-9 _), so that it cannot match \
-                         a longer name it is only a prefix of",
-                    ))
-                }
+        let is_prefix = |p: &str| is_env_name(p) && p.len() >= 2 && p.ends_with('_');
+        let env_prefixes = match prefixes.map(serde_json::Value::as_array) {
+            None => Vec::new(),
+            Some(Some(list)) if list.iter().all(|p| p.as_str().is_some_and(is_prefix)) => {
+                list.iter().filter_map(serde_json::Value::as_str).map(str::to_string).collect()
             }
-        }
-        let file_directory = match raw.get("file_directory") {
-            None => None,
-            Some(d) => match d.as_str() {
-                Some(d) if is_plain_absolute(d) && d != "/" => Some(d.strip_suffix('/').unwrap_or(d).to_string()),
-                _ => {
-                    return Err((
-                        format!("{FIELD}.file_directory"),
-                        "must be an absolute directory without `.` or `..` components, and not `/`",
-                    ))
-                }
-            },
+            Some(_) => {
+                return Err((
+                    "tenant_registry.secret_scope.env_prefixes",
+                    "must list prefixes of A-Z a-z 0-9 _, each ending with `_`",
+                ))
+            }
         };
-        Ok(SecretScope { env_prefixes: prefixes, file_directory })
+        let file_directory = match directory.map(serde_json::Value::as_str) {
+            None => None,
+            Some(Some(d)) if is_plain_absolute(d) && d != "/" => Some(d.strip_suffix('/').unwrap_or(d).to_string()),
+            Some(_) => {
+                return Err((
+                    "tenant_registry.secret_scope.file_directory",
+                    "must be an absolute directory without `.` or `..` components, not `/`",
+                ))
+            }
+        };
+        Ok(SecretScope { env_prefixes, file_directory })
     }
 
     /// Whether a registry document may name `name` (an environment variable, or a file's path). The
@@ -104,36 +108,36 @@ impl SecretScope {
         match place {
             Place::Env => {
                 if self.env_prefixes.is_empty() {
-                    return Err("names an environment variable, which a registry document may not: the plugin \
-                                configuration's tenant_registry.secret_scope.env_prefixes allows none");
+                    return Err("names a variable, but tenant_registry.secret_scope.env_prefixes allows none");
                 }
                 if !is_env_name(name) {
-                    return Err("must be an environment variable name (A-Z a-z 0-9 _)");
+                    return Err("must be a variable name (A-Z a-z 0-9 _)");
                 }
                 let inside = self.env_prefixes.iter().any(|p| name.len() > p.len() && name.starts_with(p.as_str()));
                 if !inside {
-                    return Err("names an environment variable outside the plugin configuration's \
-                                tenant_registry.secret_scope.env_prefixes");
+                    return Err("names a variable outside tenant_registry.secret_scope.env_prefixes");
                 }
                 Ok(())
             }
+            // The proxy-wasm VM reads no files: a registry document naming one is refused there, whatever the scope
+            // (the checks below would cost the module about a kilobyte for nothing).
+            #[cfg(target_arch = "wasm32")]
+            Place::File => Err("names a file, which the proxy-wasm build never reads (secret_scope: use env_prefixes)"),
+            #[cfg(not(target_arch = "wasm32"))]
             Place::File => {
                 let Some(dir) = &self.file_directory else {
-                    return Err("names a file, which a registry document may not: the plugin configuration's \
-                                tenant_registry.secret_scope.file_directory allows none");
+                    return Err("names a file, but tenant_registry.secret_scope.file_directory allows none");
                 };
                 // No control characters either: no secret file needs them, and a log line would carry them.
                 if !is_plain_absolute(name) || name.ends_with('/') || name.chars().any(char::is_control) {
-                    return Err("must be an absolute path to a file, without `.` or `..` components or control \
-                                characters");
+                    return Err("must be an absolute path without `.` or `..` components or control characters");
                 }
                 // Component-wise (both are plain, `dir` without its trailing `/`): `/etc/secrets-evil/x` is not
                 // beneath `/etc/secrets`.
                 let inside =
                     name.strip_prefix(dir.as_str()).is_some_and(|rest| rest.len() > 1 && rest.starts_with('/'));
                 if !inside {
-                    return Err("names a file outside the plugin configuration's \
-                                tenant_registry.secret_scope.file_directory");
+                    return Err("names a file outside tenant_registry.secret_scope.file_directory");
                 }
                 Ok(())
             }
@@ -210,7 +214,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn scope(v: serde_json::Value) -> Result<SecretScope, (String, &'static str)> {
+    fn scope(v: serde_json::Value) -> Result<SecretScope, (&'static str, &'static str)> {
         SecretScope::compile(&v)
     }
 
@@ -325,10 +329,10 @@ mod tests {
     #[test]
     fn a_scope_that_could_be_routed_around_is_refused_naming_its_field() {
         for (v, field) in [
-            (json!({"env_prefixes": ["FTR_REG"]}), "tenant_registry.secret_scope.env_prefixes[0]"),
-            (json!({"env_prefixes": ["OK_", ""]}), "tenant_registry.secret_scope.env_prefixes[1]"),
-            (json!({"env_prefixes": ["_"]}), "tenant_registry.secret_scope.env_prefixes[0]"),
-            (json!({"env_prefixes": ["A=B_"]}), "tenant_registry.secret_scope.env_prefixes[0]"),
+            (json!({"env_prefixes": ["FTR_REG"]}), "tenant_registry.secret_scope.env_prefixes"),
+            (json!({"env_prefixes": ["OK_", ""]}), "tenant_registry.secret_scope.env_prefixes"),
+            (json!({"env_prefixes": ["_"]}), "tenant_registry.secret_scope.env_prefixes"),
+            (json!({"env_prefixes": ["A=B_"]}), "tenant_registry.secret_scope.env_prefixes"),
             (json!({"file_directory": "/"}), "tenant_registry.secret_scope.file_directory"),
             (json!({"file_directory": "secrets"}), "tenant_registry.secret_scope.file_directory"),
             (json!({"file_directory": "/etc/../secrets"}), "tenant_registry.secret_scope.file_directory"),
@@ -338,7 +342,7 @@ mod tests {
         }
         assert_eq!(scope(json!({"env_prefix": ["A_"]})).unwrap_err().0, "tenant_registry.secret_scope");
         assert_eq!(scope(json!({"env_prefixes": "A_"})).unwrap_err().0, "tenant_registry.secret_scope.env_prefixes");
-        assert_eq!(scope(json!({"env_prefixes": [7]})).unwrap_err().0, "tenant_registry.secret_scope.env_prefixes[0]");
+        assert_eq!(scope(json!({"env_prefixes": [7]})).unwrap_err().0, "tenant_registry.secret_scope.env_prefixes");
         assert_eq!(scope(json!({"file_directory": 7})).unwrap_err().0, "tenant_registry.secret_scope.file_directory");
         assert_eq!(scope(json!(["A_"])).unwrap_err().0, "tenant_registry.secret_scope");
         // A directory given with or without its trailing slash is the same directory.

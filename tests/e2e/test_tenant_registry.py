@@ -639,8 +639,8 @@ def test_a_registry_document_naming_a_file_inside_the_scope_is_read_by_the_dynam
 
 SCOPES = {
     # secret_scope -> the field Envoy's refusal names (None: accepted). docs/config.schema.json must agree.
-    "a-prefix-without-its-underscore": ({"env_prefixes": ["FTR_REG"]}, "tenant_registry.secret_scope.env_prefixes[0]"),
-    "a-prefix-with-an-equals-sign": ({"env_prefixes": ["A=B_"]}, "tenant_registry.secret_scope.env_prefixes[0]"),
+    "a-prefix-without-its-underscore": ({"env_prefixes": ["FTR_REG"]}, "tenant_registry.secret_scope.env_prefixes"),
+    "a-prefix-with-an-equals-sign": ({"env_prefixes": ["A=B_"]}, "tenant_registry.secret_scope.env_prefixes"),
     "the-root-directory": ({"file_directory": "/"}, "tenant_registry.secret_scope.file_directory"),
     "a-relative-directory": ({"file_directory": "relative/dir"}, "tenant_registry.secret_scope.file_directory"),
     "a-directory-with-dotdot": ({"file_directory": "/etc/../root"}, "tenant_registry.secret_scope.file_directory"),

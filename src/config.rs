@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::discovery::Discovery;
 use crate::fhir::Policy;
 use crate::jwks::{KeySet, PURE_RUST_CHECKS_P384};
+use crate::secret_scope::{Place, SecretScope};
 use crate::tenant::{TenantMap, TenantSettings};
 use crate::url::split_http_url;
 
@@ -139,6 +140,9 @@ pub struct RawRegistry {
     pub refresh_s: Option<u64>,
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// What a registry document may name (environment variables, files); absent: nothing.
+    #[serde(default)]
+    pub secret_scope: Option<serde_json::Value>,
 }
 
 /// The registry document: the same tenant objects as the configuration's `tenants`.
@@ -244,6 +248,8 @@ pub struct Registry {
     pub path: String,
     pub refresh_ms: u64,
     pub timeout_ms: u64,
+    /// The environment variables and files a registry document may name ([`crate::secret_scope`]).
+    pub secret_scope: SecretScope,
 }
 
 /// The compiled configuration.
@@ -330,8 +336,14 @@ const DEFAULT_MIN_REFETCH_S: u64 = 30;
 const DEFAULT_MAX_WAITING: usize = 256;
 const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 10_000;
 
-/// The process's environment and files: `name`, or a file as [`crate::upstream_auth::FILE_PREFIX`]`path`.
+/// The process's environment and files: `name`, or a file as [`crate::upstream_auth::FILE_PREFIX`]`path`,
+/// or a registry document's file as [`crate::secret_scope::FILE_BENEATH_PREFIX`]`directory` NUL `path` (read
+/// only if it lies beneath the directory: [`crate::secret_scope::read_file_beneath`]).
 pub fn process_lookup(name: &str) -> Option<String> {
+    if let Some(key) = name.strip_prefix(crate::secret_scope::FILE_BENEATH_PREFIX) {
+        let (dir, path) = key.split_once('\0')?;
+        return crate::secret_scope::read_file_beneath(dir, path);
+    }
     match name.strip_prefix(crate::upstream_auth::FILE_PREFIX) {
         Some(path) => std::fs::read_to_string(path).ok(),
         None => std::env::var(name).ok(),
@@ -569,6 +581,8 @@ struct TenantContext<'a> {
     issuers: Vec<&'a str>,
     /// Whether `public_base_url` is configured: links are rewritten to it, so a tenant needs it to have any.
     public_base_url: bool,
+    /// What a tenant may name as a secret's source: `None` for the plugin JSON's own tenants (anything).
+    scope: Option<&'a SecretScope>,
 }
 
 fn compile_tenants(
@@ -579,6 +593,9 @@ fn compile_tenants(
 ) -> Result<TenantMap, ConfigError> {
     for (id, mut tenant) in raw {
         let field = format!("{field}.{id}");
+        if let Some(scope) = ctx.scope {
+            check_places(scope, &tenant).map_err(|(f, why)| ConfigError::new(format!("{field}.{f}"), why))?;
+        }
         let links_field = if tenant.links_base_url.is_some() { "links_base_url" } else { "url" };
         let cluster = match (tenant.cluster.take(), tenant.url.take()) {
             (Some(cluster), None) => {
@@ -631,6 +648,31 @@ fn compile_tenants(
     Ok(map)
 }
 
+/// Whether every environment variable and file a registry tenant names lies in `scope`; else the field (below
+/// the tenant) that names one outside it, and why.
+fn check_places(scope: &SecretScope, t: &RawTenant) -> Result<(), (&'static str, &'static str)> {
+    let check = |field: &'static str, place: Place, name: &str| scope.check(place, name).map_err(|why| (field, why));
+    if let Some(h) = &t.upstream_header {
+        check("upstream_header.env", Place::Env, &h.env)?;
+    }
+    if let Some(a) = &t.upstream_auth {
+        let secrets = [
+            (&a.client_secret, "upstream_auth.client_secret.env", "upstream_auth.client_secret.file"),
+            (&a.private_key, "upstream_auth.private_key.env", "upstream_auth.private_key.file"),
+        ];
+        for (secret, env_field, file_field) in secrets {
+            let Some(s) = secret else { continue };
+            if let Some(env) = &s.env {
+                check(env_field, Place::Env, env)?;
+            }
+            if let Some(file) = &s.file {
+                check(file_field, Place::File, file)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn compile_registry(r: RawRegistry) -> Result<Registry, ConfigError> {
     let (authority, path) = split_http_url(&r.uri)
         .ok_or_else(|| ConfigError::new("tenant_registry.uri", "must be an absolute http(s) URL"))?;
@@ -645,12 +687,18 @@ fn compile_registry(r: RawRegistry) -> Result<Registry, ConfigError> {
     if !(100..=60_000).contains(&timeout_ms) {
         return Err(ConfigError::new("tenant_registry.timeout_ms", "must be between 100 and 60000"));
     }
-    Ok(Registry { cluster: r.cluster, authority, path, refresh_ms: refresh_s * 1_000, timeout_ms })
+    let secret_scope = match &r.secret_scope {
+        Some(raw) => SecretScope::compile(raw).map_err(|(field, why)| ConfigError::new(field, why))?,
+        None => SecretScope::default(),
+    };
+    Ok(Registry { cluster: r.cluster, authority, path, refresh_ms: refresh_s * 1_000, timeout_ms, secret_scope })
 }
 
 impl Config {
     /// Compiles a tenant registry document (`{"tenants": {...}}`, the same tenant objects as the
-    /// configuration's) into a new tenant map; the error names the offending field.
+    /// configuration's) into a new tenant map; the error names the offending field. The environment
+    /// variables and files the document names must lie in `tenant_registry.secret_scope` (else the whole
+    /// document is refused, and nothing of that tenant is read), and `env` is asked only for those.
     pub fn compile_registry(
         &self,
         bytes: &[u8],
@@ -660,8 +708,14 @@ impl Config {
         let raw: RawRegistryDocument = serde_path_to_error::deserialize(de).map_err(|e| {
             ConfigError::new(e.path().to_string(), crate::redact::serde_message(&e.into_inner().to_string()))
         })?;
+        // The operator's scope of what a document may name: checked for each tenant before anything of it is
+        // read, and the lookup itself limited to it.
+        let nothing = SecretScope::default();
+        let scope = self.registry.as_ref().map_or(&nothing, |r| &r.secret_scope);
+        let scoped = scope.lookup(env);
         let ctx = TenantContext {
-            env,
+            env: &scoped,
+            scope: Some(scope),
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
             issuers: self.providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
             public_base_url: self.public_base_url.is_some(),
@@ -731,6 +785,7 @@ impl RawConfig {
                 dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster.as_deref(),
                 issuers: providers.iter().map(|p| p.provider.issuer.as_str()).collect(),
                 public_base_url: public_base_url.is_some(),
+                scope: None,
             };
             compile_tenants("tenants", self.tenants, &ctx, TenantMap::new(prefixes))?
         };
@@ -1298,6 +1353,174 @@ pub(crate) mod tests {
         let plain = c.compile_registry(br#"{"tenants": {"tenant-y": {"cluster": "y"}}}"#, &|_| None).unwrap();
         let y = plain.get("tenant-y").unwrap();
         assert!(!y.requires_smart_scopes() && y.allows_client(None), "by default: no scopes needed, any client");
+    }
+
+    /// A registry plugin whose documents may name `FTR_REGISTRY_*` variables and files under /etc/ftr/secrets.
+    fn scoped_registry(scope: Option<Value>) -> Config {
+        let mut v = example();
+        v["tenant_registry"] = json!({"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry"});
+        if let Some(scope) = scope {
+            v["tenant_registry"]["secret_scope"] = scope;
+        }
+        compile(&v).unwrap()
+    }
+
+    const CANARY: &str = "operator-canary-value";
+
+    /// The process as seen by a registry document: one variable and one file in scope, the operator's own
+    /// secrets (the canary) outside it. Records every name asked for.
+    fn process<'a>(asked: &'a std::cell::RefCell<Vec<String>>) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name: &str| {
+            asked.borrow_mut().push(name.to_string());
+            match name {
+                "FTR_REGISTRY_KEY" => Some("in-scope-key".into()),
+                "FTR_REGISTRY_RSA" => Some(crate::testkeys::rsa_private_pem()),
+                "\0file-beneath:/etc/ftr/secrets\0/etc/ftr/secrets/a" => Some("in-scope-file".into()),
+                _ => Some(CANARY.into()),
+            }
+        }
+    }
+
+    fn auth(secret: Value) -> Value {
+        json!({"method": "client_secret_post", "token_url": "https://as.example/token", "cluster": "as",
+               "client_id": "router", "client_secret": secret})
+    }
+
+    fn pkjwt(key: Value) -> Value {
+        json!({"method": "private_key_jwt", "token_url": "https://as.example/token", "cluster": "as",
+               "client_id": "router", "private_key": key})
+    }
+
+    #[test]
+    fn a_registry_document_naming_a_secret_outside_the_operators_scope_is_refused_whole_unread() {
+        let c = scoped_registry(Some(json!({"env_prefixes": ["FTR_REGISTRY_"], "file_directory": "/etc/ftr/secrets"})));
+        let good = json!({"cluster": "x"});
+        for (tenant, field) in [
+            (json!({"cluster": "x", "upstream_header": {"name": "x-api-key", "env": "HOME"}}), "upstream_header.env"),
+            (
+                json!({"cluster": "x", "upstream_header": {"name": "x-api-key", "env": "\0file:/etc/passwd"}}),
+                "upstream_header.env",
+            ),
+            (
+                json!({"cluster": "x", "upstream_header": {"name": "x-api-key", "env": "FTR_REGISTRY_KEY=X"}}),
+                "upstream_header.env",
+            ),
+            (
+                json!({"cluster": "x", "upstream_header": {"name": "x-api-key", "env": "ftr_registry_key"}}),
+                "upstream_header.env",
+            ),
+            (
+                json!({"cluster": "x", "upstream_auth": auth(json!({"env": "OPERATOR_SECRET"}))}),
+                "upstream_auth.client_secret.env",
+            ),
+            (
+                json!({"cluster": "x", "upstream_auth": auth(json!({"file": "/etc/shadow"}))}),
+                "upstream_auth.client_secret.file",
+            ),
+            (
+                json!({"cluster": "x", "upstream_auth": auth(json!({"file": "/etc/ftr/secrets-evil/a"}))}),
+                "upstream_auth.client_secret.file",
+            ),
+            (
+                json!({"cluster": "x", "upstream_auth": auth(json!({"file": "/etc/ftr/secrets/../../shadow"}))}),
+                "upstream_auth.client_secret.file",
+            ),
+            (json!({"cluster": "x", "upstream_auth": auth(json!({"file": "a"}))}), "upstream_auth.client_secret.file"),
+            (
+                json!({"cluster": "x", "upstream_auth": pkjwt(json!({"env": "OPERATOR_KEY"}))}),
+                "upstream_auth.private_key.env",
+            ),
+            (
+                json!({"cluster": "x", "upstream_auth": pkjwt(json!({"file": "/var/run/secrets/sa.json"}))}),
+                "upstream_auth.private_key.file",
+            ),
+        ] {
+            // The bad tenant sorts last: the good one before it is refused with it, and nothing was read.
+            let doc = json!({"tenants": {"a-good": good, "z-bad": tenant}}).to_string();
+            let asked = std::cell::RefCell::new(Vec::new());
+            let e = c.compile_registry(doc.as_bytes(), &process(&asked)).unwrap_err();
+            assert_eq!(e.field, format!("tenants.z-bad.{field}"), "{tenant}");
+            assert!(e.message.contains("secret_scope") || e.message.starts_with("must be"), "{e}");
+            assert!(!e.to_string().contains(CANARY), "{e}");
+            assert!(asked.borrow().is_empty(), "nothing is read for a refused document: {:?}", asked.borrow());
+        }
+    }
+
+    #[test]
+    fn without_a_declared_scope_a_registry_document_may_name_no_variable_and_no_file() {
+        for c in [scoped_registry(None), scoped_registry(Some(json!({})))] {
+            for (secret, field) in [
+                (
+                    json!({"cluster": "x", "upstream_header": {"name": "x-api-key", "env": "FTR_REGISTRY_KEY"}}),
+                    "upstream_header.env",
+                ),
+                (
+                    json!({"cluster": "x", "upstream_auth": auth(json!({"env": "FTR_REGISTRY_KEY"}))}),
+                    "upstream_auth.client_secret.env",
+                ),
+                (
+                    json!({"cluster": "x", "upstream_auth": auth(json!({"file": "/etc/ftr/secrets/a"}))}),
+                    "upstream_auth.client_secret.file",
+                ),
+            ] {
+                let doc = json!({"tenants": {"t": secret}}).to_string();
+                let asked = std::cell::RefCell::new(Vec::new());
+                let e = c.compile_registry(doc.as_bytes(), &process(&asked)).unwrap_err();
+                assert_eq!(e.field, format!("tenants.t.{field}"));
+                assert!(e.message.contains("allows none"), "{e}");
+                assert!(asked.borrow().is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_registry_document_naming_secrets_inside_the_scope_compiles_and_reads_only_those() {
+        let c =
+            scoped_registry(Some(json!({"env_prefixes": ["FTR_REGISTRY_"], "file_directory": "/etc/ftr/secrets/"})));
+        let doc = json!({"tenants": {
+            "h": {"cluster": "x", "upstream_header": {"name": "x-api-key", "env": "FTR_REGISTRY_KEY"}},
+            "e": {"cluster": "x", "upstream_auth": auth(json!({"env": "FTR_REGISTRY_KEY"}))},
+            "f": {"cluster": "x", "upstream_auth": auth(json!({"file": "/etc/ftr/secrets/a"}))},
+            "k": {"cluster": "x", "upstream_auth": pkjwt(json!({"env": "FTR_REGISTRY_RSA"}))},
+        }})
+        .to_string();
+        let asked = std::cell::RefCell::new(Vec::new());
+        let map = c.compile_registry(doc.as_bytes(), &process(&asked)).unwrap();
+        let h = map.get("h").unwrap().settings.as_deref().unwrap();
+        assert_eq!(h.header, Some(("x-api-key".into(), "in-scope-key".into())));
+        assert!(map.get("f").unwrap().upstream_auth().is_some() && map.get("k").unwrap().upstream_auth().is_some());
+        let mut asked = asked.take();
+        asked.sort();
+        // The file is asked for with its directory, for the host to check again on the file it opens.
+        assert_eq!(
+            asked,
+            [
+                "\0file-beneath:/etc/ftr/secrets\0/etc/ftr/secrets/a",
+                "FTR_REGISTRY_KEY",
+                "FTR_REGISTRY_KEY",
+                "FTR_REGISTRY_RSA"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_operators_plugin_json_keeps_naming_any_variable_or_file() {
+        let mut v = example();
+        v["tenant_registry"] = json!({"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry",
+                                      "secret_scope": {"env_prefixes": ["FTR_REGISTRY_"]}});
+        v["tenants"]["6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f"]["upstream_header"] = json!({"name": "x-k", "env": "HOME"});
+        v["tenants"]["3b9a7c55-1d2e-4f60-8a7b-9c0d1e2f3a4b"]["upstream_auth"] = auth(json!({"file": "/etc/x"}));
+        let asked = std::cell::RefCell::new(Vec::new());
+        let c = Config::from_json_with_env(v.to_string().as_bytes(), &process(&asked)).unwrap();
+        assert_eq!(*asked.borrow(), ["\0file:/etc/x", "HOME"], "tenant B (3b9a…) compiles first");
+        let a = c.tenants.get("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f").unwrap().settings.as_deref().unwrap();
+        assert_eq!(a.header, Some(("x-k".into(), CANARY.into())));
+        v["tenant_registry"]["secret_scope"] = json!({"env_prefixes": ["FTR_REG"]});
+        assert_eq!(field_of(&v), "tenant_registry.secret_scope.env_prefixes");
+        v["tenant_registry"]["secret_scope"] = json!({"file_directory": "/"});
+        assert_eq!(field_of(&v), "tenant_registry.secret_scope.file_directory");
+        v["tenant_registry"]["secret_scope"] = json!({"env_prefix": "FTR_"});
+        assert!(field_of(&v).starts_with("tenant_registry.secret_scope"), "{}", field_of(&v));
     }
 
     #[test]

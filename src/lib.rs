@@ -35,6 +35,7 @@ pub mod rejection;
 pub mod response_check;
 pub mod router;
 pub mod scopes;
+pub mod secret_scope;
 pub mod tenant;
 pub mod upkeep;
 pub mod upstream_auth;

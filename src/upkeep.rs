@@ -705,14 +705,16 @@ pub(crate) mod tests {
             "provider": {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
                          "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()},
             "tenants": {},
-            "tenant_registry": {"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry", "refresh_s": 5},
+            "tenant_registry": {"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry", "refresh_s": 5,
+                                "secret_scope": {"env_prefixes": ["FTR_REGISTRY_"], "file_directory": "/run"}},
             "metadata_cluster": "fhir_metadata",
         });
         let config = Config::from_json(plugin.to_string().as_bytes()).unwrap();
         Router::new(config, 0, &mut Recorded::default())
     }
 
-    /// A registry document whose tenant's client secret is read from `file`.
+    /// A registry document whose tenant's client secret is read from `file` (beneath `/run`, the registry's
+    /// `secret_scope`).
     pub(crate) fn registry_document(cluster: &str, file: &str) -> Vec<u8> {
         serde_json::json!({"tenants": {"tenant-x": {"cluster": cluster, "upstream_auth": {
             "method": "client_secret_post", "token_url": "https://login.example/token", "cluster": "entra",
@@ -731,7 +733,8 @@ pub(crate) mod tests {
         let lookups = std::cell::Cell::new(0);
         let env = |name: &str| {
             lookups.set(lookups.get() + 1);
-            (name == format!("{}/run/secret-x", crate::upstream_auth::FILE_PREFIX)).then(|| secret.borrow().clone())
+            (name == format!("{}/run\0/run/secret-x", crate::secret_scope::FILE_BENEATH_PREFIX))
+                .then(|| secret.borrow().clone())
         };
         let fetch = |r: &mut Router, body: Vec<u8>, now: u64| {
             let mut out = Recorded::default();

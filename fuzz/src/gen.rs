@@ -681,7 +681,8 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
     json["discovery"] = json!({"token_endpoint": "http://127.0.0.1:9000/token"});
     json["public_base_url"] = json!("https://fhir.example/r4");
     if rng.percent(30) {
-        json["tenant_registry"] = json!({"uri": "http://127.0.0.1:9100/tenants", "cluster": "registry"});
+        json["tenant_registry"] = json!({"uri": "http://127.0.0.1:9100/tenants", "cluster": "registry",
+            "secret_scope": {"env_prefixes": ["FTR_REG_"], "file_directory": "/etc/ftr"}});
     }
     json["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "base_path": "/fhir", "links_base_url": "http://up/fhir",
         "allow": {"interactions": ["read", "search", "create"]}});
@@ -700,6 +701,14 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
     let signers = Signers::new();
     let jwks_doc = fixtures::public_jwks();
     let registry_doc = json!({"tenants": {TENANT_A: {"cluster": "tenant_a"}, TENANT_B: {"url": "http://b/fhir"}}});
+    let registry_doc_with_secret = json!({"tenants": {TENANT_A: {"cluster": "tenant_a",
+        "upstream_header": {"name": "x-api-key", "env": "FTR_REG_KEY"}}, TENANT_B: {"url": "http://b/fhir"}}});
+    // A registry document is asked only for what tenant_registry.secret_scope allows, however it is mutated.
+    let asked = std::cell::RefCell::new(Vec::<String>::new());
+    let env = |name: &str| {
+        asked.borrow_mut().push(name.to_string());
+        Some("key-value".to_string())
+    };
     let mut stats = Stats::default();
     let mut next_id = 1u32;
     let mut open: Vec<Stream> = Vec::new();
@@ -724,7 +733,11 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
         match rng.below(10) {
             0 => {
                 let target = if rng.percent(70) { FetchTarget::Jwks(0) } else { FetchTarget::Registry };
-                let seed = if target == FetchTarget::Registry { &registry_doc } else { &jwks_doc };
+                let seed = match target {
+                    FetchTarget::Registry if rng.percent(50) => &registry_doc_with_secret,
+                    FetchTarget::Registry => &registry_doc,
+                    _ => &jwks_doc,
+                };
                 let body = if rng.percent(50) { seed.to_string().into_bytes() } else { json_document(rng, seed) };
                 let status = *rng.pick(&[Some("200"), Some("200"), Some("503"), None]);
                 let result = if rng.percent(5) {
@@ -733,7 +746,12 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
                     FetchResult::Answer { status, body_size: body.len() }
                 };
                 note("router", &body);
-                let woken = router.on_fetch_result(target, result, now, &mut || body.clone(), &|_| None, &mut out).wake;
+                let woken = router.on_fetch_result(target, result, now, &mut || body.clone(), &env, &mut out).wake;
+                for name in asked.borrow_mut().drain(..) {
+                    let file = name.strip_prefix("\0file-beneath:/etc/ftr\0/etc/ftr/");
+                    let ok = (name.starts_with("FTR_REG_") && name.len() > 8) || file.is_some_and(|f| !f.is_empty());
+                    assert!(ok, "a registry document was looked up outside its secret scope: {name:?}");
+                }
                 for stream in open.iter_mut().filter(|s| woken.contains(&s.context_id())) {
                     router.wake(stream, now, &PureRust, &mut || b"{}".to_vec(), &mut out);
                 }

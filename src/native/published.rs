@@ -537,12 +537,12 @@ mod tests {
         let tenants: serde_json::Map<String, serde_json::Value> = (0..1_000)
             .map(|i| {
                 let auth = serde_json::json!({"method": "private_key_jwt", "token_url": "https://login.example/token",
-                    "cluster": "epic", "client_id": format!("client-{i}"), "private_key": {"env": "RSA_KEY"}});
+                    "cluster": "epic", "client_id": format!("client-{i}"), "private_key": {"env": "FTR_REGISTRY_RSA_KEY"}});
                 (format!("tenant-{i:04}"), serde_json::json!({"cluster": "x", "upstream_auth": auth}))
             })
             .collect();
         let doc = serde_json::json!({ "tenants": tenants }).to_string().into_bytes();
-        let env = |name: &str| (name == "RSA_KEY").then(|| pem.clone());
+        let env = |name: &str| (name == "FTR_REGISTRY_RSA_KEY").then(|| pem.clone());
         let fetch = |router: &mut Router, now: u64| {
             let result = FetchResult::Answer { status: Some("200"), body_size: doc.len() };
             let fetched =

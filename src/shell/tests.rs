@@ -1371,6 +1371,56 @@ fn every_known_tenants_bucket_is_created_before_its_first_request_so_no_request_
     assert_eq!(flow, Flow::Stop, "the third request of the process is refused");
 }
 
+/// A registry document may name only the VM variables `tenant_registry.secret_scope` allows: one naming another
+/// (here the operator's own key) is refused whole, the warning names the field and never the value, and the
+/// last map keeps serving with its in-scope header.
+#[test]
+fn a_registry_document_naming_a_variable_outside_the_secret_scope_is_refused_and_the_last_map_kept() {
+    let mut p = plugin();
+    p["tenants"] = json!({});
+    p["tenant_registry"] = json!({"uri": "http://127.0.0.1:9100/tenants", "cluster": "registry",
+                                  "secret_scope": {"env_prefixes": ["REG_"]}});
+    let host = FakeHost::default();
+    host.0.now_ms.set(T0_MS);
+    host.0.env.borrow_mut().insert("REG_KEY_A".into(), "in-scope-a".into());
+    host.0.env.borrow_mut().insert("OPERATOR_KEY".into(), "operator-canary".into());
+    *host.0.plugin_configuration.borrow_mut() = p.to_string().into_bytes();
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut root = Root::new(host.clone());
+    assert!(root.on_configure());
+    root.on_tick();
+    host.take_calls();
+    let header = |env: &str| json!({"cluster": "tenant_a", "upstream_header": {"name": "x-api-key", "env": env}});
+    let doc = json!({"tenants": {TENANT_A: header("REG_KEY_A")}});
+    deliver(&host, &mut root, 1, Some("200"), doc.to_string().as_bytes());
+    host.take_calls();
+    let auth = bearer(&testkeys::claims_now());
+    send(&host, &root, 1, &get("/Patient", Some(&auth)), true);
+    assert!(host.take_calls().contains(&"set_request_header x-api-key: in-scope-a".to_string()));
+    host.0.now_ms.set(T0_MS + 61_000);
+    root.on_tick();
+    host.take_calls();
+    let doc = json!({"tenants": {TENANT_A: header("REG_KEY_A"), TENANT_B: header("OPERATOR_KEY")}});
+    deliver(&host, &mut root, 2, Some("200"), doc.to_string().as_bytes());
+    let calls = host.take_calls();
+    let field = format!("tenants.{TENANT_B}.upstream_header.env");
+    assert!(calls[0].starts_with("log Warn tenant registry fetch failed") && calls[0].contains(&field), "{calls:?}");
+    assert!(calls[0].contains("secret_scope") && calls[0].contains("keeping the last 1 tenants"), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("operator-canary") || c.contains("OPERATOR_KEY")), "{calls:?}");
+    // B stays unknown; A is served as before.
+    let claims_b = {
+        let mut c = testkeys::claims_now();
+        c["scope"] = json!(TENANT_B);
+        c
+    };
+    send(&host, &root, 2, &get("/Patient", Some(&bearer(&claims_b))), true);
+    let calls = host.take_calls();
+    assert!(calls.iter().any(|c| c.starts_with("send_reply 403")), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("operator-canary")), "{calls:?}");
+    send(&host, &root, 3, &get("/Patient", Some(&auth)), true);
+    assert!(host.take_calls().contains(&"set_request_header x-api-key: in-scope-a".to_string()));
+}
+
 #[test]
 fn a_registry_install_creates_the_buckets_of_its_new_tenants_only() {
     let mut p = quota_plugin(json!({"rate_per_s": 5, "burst": 5}));

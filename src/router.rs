@@ -102,7 +102,32 @@ pub struct HttpRequest<'a> {
     pub path: Cow<'a, str>,
     pub authorization: Option<Cow<'a, str>>,
     pub duplicate_authorization: bool,
+    /// A conditional create's `If-None-Exist` header.
+    pub if_none_exist: Option<Cow<'a, str>>,
+    /// The method a method override header names ([`METHOD_OVERRIDES`]).
+    pub method_override: Option<Cow<'a, str>>,
+    /// Override headers that disagree came.
+    pub override_conflict: bool,
+    /// Its body is not plain text this filter can read as a server would: `Content-Encoding` (other than
+    /// `identity`), or a `Content-Type` charset other than UTF-8, US-ASCII or ISO-8859-1.
+    pub opaque_body: bool,
 }
+
+/// Whether a `Content-Type` value names a charset a form decoder would read differently from UTF-8 bytes.
+fn foreign_charset(content_type: &str) -> bool {
+    content_type.split(';').skip(1).filter_map(|p| p.split_once('=')).any(|(k, v)| {
+        k.trim().eq_ignore_ascii_case("charset") && {
+            let v = v.trim().trim_matches('"');
+            !["utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1"].iter().any(|c| c.eq_ignore_ascii_case(v))
+        }
+    })
+}
+
+/// The method override headers some servers (and frameworks under them) honour: the request is judged as
+/// the method it has and as the one they name (both must be allowed), and goes on unchanged, so that
+/// whichever the server performs was judged. Several that disagree, or a name that is no HTTP method FHIR
+/// uses, are refused (403).
+pub const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
 
 /// A request kept beyond its header event.
 pub type OwnedRequest = HttpRequest<'static>;
@@ -119,6 +144,10 @@ impl HttpRequest<'_> {
             path: owned(&self.path),
             authorization: self.authorization.as_deref().map(owned),
             duplicate_authorization: self.duplicate_authorization,
+            if_none_exist: self.if_none_exist.as_deref().map(owned),
+            method_override: self.method_override.as_deref().map(owned),
+            override_conflict: self.override_conflict,
+            opaque_body: self.opaque_body,
         }
     }
 
@@ -128,6 +157,9 @@ impl HttpRequest<'_> {
             path: &self.path,
             authorization: self.authorization.as_deref(),
             duplicate_authorization: self.duplicate_authorization,
+            if_none_exist: self.if_none_exist.as_deref(),
+            method_override: self.method_override.as_deref(),
+            override_conflict: self.override_conflict,
         }
     }
 }
@@ -150,9 +182,16 @@ struct PendingAudit {
     credential: Option<&'static str>,
 }
 
-/// A Bundle the tenant's allowlist (and the token's SMART scopes) must judge before its body may go on.
+/// A body the tenant's allowlist (and the token's SMART scopes) must judge before it may go on: a Bundle,
+/// or the form of a `POST _search`.
 #[derive(Clone, Debug)]
 struct Inspection {
+    /// `Some(path)`: a `POST _search` on `path` (its form is judged with it); `None`: a Bundle.
+    search: Option<String>,
+    /// What the request reaches is judged (a narrowed token, or a tenant that lists types).
+    narrowed: bool,
+    /// The body cannot be read as the server would ([`HttpRequest::opaque_body`]).
+    opaque: bool,
     policy: Policy,
     tenant: String,
     audit: Option<PendingAudit>,
@@ -447,6 +486,24 @@ impl Router {
                 b"authorization" => {
                     request.duplicate_authorization |= request.authorization.is_some();
                     request.authorization = Some(text(value));
+                }
+                b"if-none-exist" => {
+                    // Two of them: a server may read either, so both searches are judged.
+                    request.if_none_exist = Some(match request.if_none_exist.take() {
+                        None => text(value),
+                        Some(first) => Cow::Owned(format!("{first}&{}", text(value))),
+                    });
+                }
+                b"content-encoding" => {
+                    request.opaque_body |= !text(value).trim().eq_ignore_ascii_case("identity");
+                }
+                b"content-type" => request.opaque_body |= foreign_charset(&text(value)),
+                b"x-http-method-override" | b"x-http-method" | b"x-method-override" => {
+                    let named = text(value);
+                    if request.method_override.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case(&named)) {
+                        request.override_conflict = true;
+                    }
+                    request.method_override = Some(named);
                 }
                 n if n == config.route_header.as_bytes() => spoofed |= 1,
                 n if n == config.tenant_header.as_bytes() => spoofed |= 1 << 1,
@@ -908,6 +965,12 @@ impl Router {
                 path: Cow::Borrowed(c.path.as_str()),
                 authorization: request.authorization.clone(),
                 duplicate_authorization: request.duplicate_authorization,
+                // The continued search is a GET without a body; an override header on the cursor request is
+                // still judged.
+                if_none_exist: None,
+                method_override: request.method_override.clone(),
+                override_conflict: request.override_conflict,
+                opaque_body: false,
             }),
             _ => None,
         };
@@ -925,14 +988,14 @@ impl Router {
                 audit.record(Outcome::Public, Detail::default(), out);
                 Flow::Stop
             }
-            Decision::Route { tenant, identity, cached, inspect_body } => {
+            Decision::Route { tenant, identity, cached, inspect_body, search_form } => {
                 let refusal = match &opened {
                     Some(Err(e)) => Some(*e),
                     Some(Ok(c)) if !cursor_is_theirs(c, &tenant.id, &identity) => Some(CursorError::NotYours),
                     _ => None,
                 };
                 if let Some(e) = refusal {
-                    return refuse_cursor(&audit, e, &tenant.id, &identity, out);
+                    return refuse_cursor(&audit, e, tenant, &identity, out);
                 }
                 let check = answer_check(tenant, &identity, judged);
                 if check.is_some() && response_check::asks_unreadable_format(&judged.path) {
@@ -942,17 +1005,29 @@ impl Router {
                         reason: Some(reason),
                         tenant: Some(&tenant.id),
                         identity: Some(&identity),
+                        cluster: Some(&tenant.cluster),
                         ..Detail::default()
                     };
                     audit.record(Outcome::Forbidden, detail, out);
                     return Flow::Stop;
                 }
                 stream.check = check;
-                // A Bundle is charged by its entries once its body is judged (`judge_bundle`).
+                // A Bundle or a search form is charged once its body is judged (`judge_bundle`).
                 if !inspect_body && !stream.charged {
                     if let Some(quota) = quota_of(config, tenant) {
                         stream.charged = true;
-                        let cost = crate::quota::request_cost(quota, &request.method, &request.path);
+                        let cost = crate::quota::request_cost(quota, &request.method, &request.path, None);
+                        if let Some(reason) = crate::quota::never_fits(quota, &tenant.id, cost, out) {
+                            let detail = Detail {
+                                reason: Some(reason),
+                                tenant: Some(&tenant.id),
+                                identity: Some(&identity),
+                                cluster: Some(&tenant.cluster),
+                                ..Detail::default()
+                            };
+                            audit.record(Outcome::Rejected, detail, out);
+                            return Flow::Stop;
+                        }
                         match quotas.admit(quota, &tenant.id, cost, now_ms, out) {
                             Ok(slot) => stream.quota_slot = slot,
                             Err(verdict) => return limited(&audit, quota, verdict, tenant, &identity, out),
@@ -998,11 +1073,13 @@ impl Router {
                 };
                 stream.mint = mint_for(config, tenant, &identity, judged, now_s);
                 let upstream = Upstream { authorization: credential, path: upstream_path };
-                route(&audit, stream, tenant, &identity, inspect_body, upstream, out)
+                // A cursor's page is a GET with no body: never held for a search form (its search was judged).
+                let inspect = (inspect_body && opened.is_none()).then_some(search_form);
+                route(&audit, stream, tenant, &identity, inspect, upstream, out)
             }
             Decision::Forbidden { tenant, identity, refusal } => {
                 if let Some(Err(e)) = &opened {
-                    return refuse_cursor(&audit, *e, &tenant.id, &identity, out);
+                    return refuse_cursor(&audit, *e, tenant, &identity, out);
                 }
                 let reason = forbid(&refusal, &tenant.id, out);
                 let detail = Detail {
@@ -1068,30 +1145,48 @@ impl Router {
         let Phase::Inspecting(inspection) = std::mem::replace(&mut stream.phase, Phase::Decided) else {
             return Flow::Continue;
         };
-        let Inspection { policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
+        let Inspection { search, narrowed, opaque, policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
         let base = self.config.public_base_url.as_deref();
         // The types its entries create, update or patch: the batch-response may show what they wrote.
         let written = std::cell::RefCell::new(Vec::new());
-        let verdict = policy.check_bundle_with(body, base, &|method, entry| {
+        let also = |method: &str, c: &crate::fhir::Classified<'_>| {
             use crate::fhir::Interaction;
-            scopes.check(require_scopes, method, entry)?;
-            if matches!(entry.interaction, Interaction::Create | Interaction::Update | Interaction::Patch) {
-                if let Some(t) = entry.resource_type {
+            scopes.check(require_scopes, method, c)?;
+            if matches!(c.interaction, Interaction::Create | Interaction::Update | Interaction::Patch) {
+                if let Some(t) = c.resource_type {
                     written.borrow_mut().push(t.to_string());
                 }
             }
             Ok(())
-        });
+        };
+        let verdict = match &search {
+            // A form it cannot read as the server would: its reach (or its `_count`) is unknown.
+            Some(_) if opaque => Err(Refusal::OpaqueForm),
+            Some(path) => {
+                let judge = crate::fhir::Judge { narrowed, form: Some(body), if_none_exist: None };
+                policy.check_request_with("POST", path, &judge, &also).map(|_| ())
+            }
+            None => policy.check_bundle_with(body, base, narrowed, &also),
+        };
         if let Some(check) = stream.check.as_deref_mut() {
             check.readable.extend(written.into_inner());
         }
-        // Refused (its outcome and reason), by the allowlist or scopes, else by the quota, charged its entries.
+        // Refused (its outcome and reason), by the allowlist or scopes, else by the quota, charged its entries
+        // (a search form: its `_count`).
         let mut refused = verdict.err().map(|refusal| (Outcome::Forbidden, forbid(&refusal, &tenant, out)));
         if let (None, Some(quota)) = (&refused, quota.filter(|_| !stream.charged)) {
             stream.charged = true;
-            match self.quotas.admit(&quota, &tenant, crate::quota::bundle_cost(body), now_ms, out) {
-                Ok(slot) => stream.quota_slot = slot,
-                Err(verdict) => refused = Some((Outcome::Rejected, crate::quota::reply(&quota, verdict, out))),
+            let cost = match &search {
+                Some(path) => crate::quota::request_cost(&quota, "POST", path, Some(body)),
+                None => crate::quota::bundle_cost(&quota, body),
+            };
+            if let Some(reason) = crate::quota::never_fits(&quota, &tenant, cost, out) {
+                refused = Some((Outcome::Rejected, reason));
+            } else {
+                match self.quotas.admit(&quota, &tenant, cost, now_ms, out) {
+                    Ok(slot) => stream.quota_slot = slot,
+                    Err(verdict) => refused = Some((Outcome::Rejected, crate::quota::reply(&quota, verdict, out))),
+                }
             }
         }
         let allowed = refused.is_none();
@@ -1158,18 +1253,23 @@ fn mint_for(
 fn refuse_cursor(
     audit: &Audit<'_>,
     error: CursorError,
-    tenant: &str,
+    tenant: &Tenant,
     identity: &Identity,
     out: &mut dyn Effects,
 ) -> Flow {
     let (status, code, text) = error.answer();
     out.push(Effect::Count(Metric::CursorRefused));
-    out.push(Effect::Count(Metric::TenantForbidden(tenant)));
+    out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
     let body = operation_outcome(code, text);
     let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
     out.push(Effect::Reply(Reply { status, headers: &headers, body: body.as_bytes() }));
-    let detail =
-        Detail { reason: Some(error.reason()), tenant: Some(tenant), identity: Some(identity), ..Detail::default() };
+    let detail = Detail {
+        reason: Some(error.reason()),
+        tenant: Some(&tenant.id),
+        identity: Some(identity),
+        cluster: Some(&tenant.cluster),
+        ..Detail::default()
+    };
     audit.record(Outcome::Forbidden, detail, out);
     Flow::Stop
 }
@@ -1299,7 +1399,7 @@ fn route(
     stream: &mut Stream,
     tenant: &Tenant,
     identity: &Identity,
-    inspect_body: bool,
+    inspect: Option<bool>,
     upstream: Upstream<'_>,
     out: &mut dyn Effects,
 ) -> Flow {
@@ -1321,7 +1421,7 @@ fn route(
     }
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
-    if inspect_body {
+    if let Some(search_form) = inspect {
         let pending = config.audit_log.then(|| PendingAudit {
             request: audit.request.to_owned_request(),
             identity: identity.clone(),
@@ -1331,7 +1431,12 @@ fn route(
         if config.access_log_filter_state {
             filter_state(Some(&tenant.id), Some(identity), out);
         }
+        let scopes = identity.scopes();
+        let narrowed = tenant.requires_smart_scopes() || scopes.is_narrowed() || tenant.policy().limits_types();
         let inspection = Inspection {
+            search: search_form.then(|| audit.request.path.to_string()),
+            narrowed,
+            opaque: audit.request.opaque_body,
             policy: tenant.policy().clone(),
             tenant: tenant.id.clone(),
             audit: pending,

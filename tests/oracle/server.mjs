@@ -530,8 +530,9 @@ class Oracle {
     if (seg.length === 0) {
       if (method === 'GET' && req.query.some(([k]) => k === '_getpages')) return this.page(req.query, base);
       if (method === 'POST') return this.bundle(req, base);
-      throw new BadRequest('system-level search is not supported by the oracle');
+      return this.systemSearch(req.query, base, req);
     }
+    if (seg.length === 1 && seg[0] === '_search' && method === 'POST') return this.systemSearch([...req.query, ...(req.form ?? [])], base, req);
     if (seg[0] === 'metadata' && seg.length === 1) return { status: 200, body: capabilityStatement(base) };
     const [type, id, third, fourth] = seg;
     if (type === '$export' || type.startsWith('$')) throw new BadRequest(`system operation ${type} is not supported by the oracle`, 400, 'not-supported');
@@ -590,6 +591,18 @@ class Oracle {
   search(type, pairs, base, req) {
     const { search, matched } = this.run(type, pairs);
     return this.searchset(matched, search, base, req, 'searchset');
+  }
+
+  // GET [base]?_type=A,B&criteria (R4 search-system): the criteria apply to every listed type (all types that
+  // hold data when _type is absent); a criterion unknown to one of them is a 400.
+  systemSearch(pairs, base, req) {
+    const typeParam = pairs.filter(([k]) => k === '_type').flatMap(([, v]) => v.split(','));
+    for (const t of typeParam) if (!RESOURCE_TYPES.has(t)) throw new BadRequest(`unknown _type ${t}`);
+    const types = typeParam.length ? typeParam : [...this.store.byType.keys()];
+    const rest = pairs.filter(([k]) => k !== '_type');
+    let all = [];
+    for (const t of types) all = all.concat(this.run(t, rest).matched);
+    return this.searchset(all, parseSearch(types.length === 1 ? types[0] : '*', rest.filter(([k]) => RESULT_PARAMS.has(k.split(':')[0]))), base, req, 'searchset');
   }
 
   compartment(patientId, types, pairs, base, req) {
@@ -895,7 +908,10 @@ async function handleHttp(oracle, req, res, port) {
     const since = Number(url.searchParams.get('since') ?? '0');
     return send(res, 'GET', { status: 200, body: { next: oracle.journal.length, entries: oracle.journal.slice(since) } });
   }
-  oracle.journal.push({ method: req.method, target: req.url, bodyBytes: raw.length });
+  const overrides = Object.fromEntries(
+    ['x-http-method-override', 'x-http-method', 'x-method-override'].filter((h) => h in req.headers).map((h) => [h, req.headers[h]])
+  );
+  oracle.journal.push({ method: req.method, target: req.url, bodyBytes: raw.length, ...(Object.keys(overrides).length ? { overrides } : {}) });
   const base = baseUrl(req.headers, port);
   if (!['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'].includes(req.method)) return send(res, req.method, error(405, 'not-supported', 'method not supported'));
   const ctype = (req.headers['content-type'] ?? '').split(';')[0].trim().toLowerCase();

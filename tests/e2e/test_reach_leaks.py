@@ -573,6 +573,12 @@ SENSITIVE = {
     "compartment": lambda w: f"/Patient/{w.p1}/Observation",
     "compartment-wildcard": lambda w: f"/Patient/{w.p1}/*",
     "contained": lambda w: f"/Patient/{w.pc}",
+    "system-search": lambda w: f"/?_type=Patient,Observation&_id={w.p1},{w.obs_id}",
+    "post-search-body": lambda w: ("POST", "/Patient/_search", f"_id={w.p1}&_revinclude=Encounter:patient".encode(),
+                                   {"content-type": "application/x-www-form-urlencoded"}),
+    "batch-entry": lambda w: ("POST", "/", json.dumps({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": f"Patient?_id={w.p1}&_revinclude=Condition:subject"}}]}).encode(),
+        {"content-type": "application/fhir+json"}),
 }
 
 
@@ -580,11 +586,12 @@ SENSITIVE = {
 def test_oracle_is_sensitive_to_the_class_through_envoy_with_a_wide_token(world, name):
     """The same request with an unnarrowed token (system/*.read) returns the other types through Envoy, and
     the oracle returns them directly: an answer with only Patients for a narrowed token is the filter's doing."""
-    target = SENSITIVE[name](world)
-    direct = world.direct("GET", target)
+    spec = SENSITIVE[name](world)
+    method, target, body, headers = spec if isinstance(spec, tuple) else ("GET", spec, None, None)
+    direct = world.direct(method, target, body, headers)
     assert direct.status == 200, direct
     assert set(_types(direct.json())) - GRANTED - NEUTRAL, direct.json()
-    resp = world.send(world.wide, "GET", target)
+    resp = world.send(world.wide, method, target, body, headers)
     if resp.status == 403 and "not a FHIR interaction" in resp.body.decode():
         # the filter refuses this spelling for every token (R4 defines it): nothing to leak through Envoy; the
         # oracle's own answer above is the sensitivity shown

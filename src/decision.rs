@@ -5,7 +5,7 @@ use crate::bearer::{extract_bearer, Credentials};
 use crate::cache::{TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
-use crate::fhir::Refusal;
+use crate::fhir::{Body, Judge, Refusal};
 use crate::identity::{Claim, Identity};
 use crate::jwks::KeySet;
 use crate::public::{public_document, PublicDocument};
@@ -15,7 +15,7 @@ use crate::tenant::{Tenant, TenantError};
 use crate::verify::{peek_issuer, verify};
 
 /// The parts of a request the decision needs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Request<'a> {
     pub method: &'a str,
     pub path: &'a str,
@@ -24,6 +24,13 @@ pub struct Request<'a> {
     /// Whether the request carried more than one `Authorization` header (a malformed request: the filter
     /// and the upstream could each read a different one).
     pub duplicate_authorization: bool,
+    /// A conditional create's `If-None-Exist` header (a search).
+    pub if_none_exist: Option<&'a str>,
+    /// The method a method override header names (`X-HTTP-Method-Override`, `X-HTTP-Method`,
+    /// `X-Method-Override`): a server that honours it does that instead, so the request is judged as both.
+    pub method_override: Option<&'a str>,
+    /// Several override headers that disagree: refused.
+    pub override_conflict: bool,
 }
 
 /// What to do with a request.
@@ -35,8 +42,9 @@ pub enum Decision<'c> {
     /// Answer the SMART configuration document from the configuration.
     SmartConfiguration { body: &'c str },
     /// A verified request for `tenant`; `cached` when the token came from the cache; `inspect_body` when
-    /// the request is a Bundle whose entries the allowlist must judge before it goes on.
-    Route { tenant: &'c Tenant, identity: Identity, cached: bool, inspect_body: bool },
+    /// its body must be judged before it goes on: a Bundle whose entries the allowlist judges, or (with
+    /// `search_form`) a `POST _search` form whose parameters reach types and whose `_count` costs.
+    Route { tenant: &'c Tenant, identity: Identity, cached: bool, inspect_body: bool, search_form: bool },
     /// Refuse it: the token.
     Reject(Rejection),
     /// Refuse it: a valid token, but the tenant's allowlist does not permit this interaction (403).
@@ -154,13 +162,43 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
     // body); a token without them, for a tenant that does not require them, passes at once.
     let required = tenant.requires_smart_scopes();
     let scopes = identity.scopes();
-    let verdict = tenant
-        .policy()
-        .check_request_with(request.method, request.path, &|method, c| scopes.check(required, method, c));
+    let policy = tenant.policy();
+    // What a request reaches beyond its path is judged only for a narrowed token or a tenant that lists
+    // types: an unnarrowed request pays nothing more.
+    let narrowed = required || scopes.is_narrowed() || policy.limits_types();
+    let judge = Judge { narrowed, form: None, if_none_exist: request.if_none_exist };
+    let check = |method: &str| {
+        policy.check_request_with(method, request.path, &judge, &|method, c| scopes.check(required, method, c))
+    };
+    let verdict = check(request.method).and_then(|body| {
+        if request.override_conflict {
+            return Err(Refusal::BadMethodOverride);
+        }
+        let Some(named) = request.method_override else { return Ok((body, request.method)) };
+        let named = override_method(named).ok_or(Refusal::BadMethodOverride)?;
+        let other = check(named)?;
+        // The body, if either method has one to judge (a Bundle before a search form).
+        Ok(match (body, other) {
+            (Body::Bundle, _) | (Body::None, Body::None) => (body, request.method),
+            (_, Body::Bundle) | (Body::None, Body::SearchForm) => (other, named),
+            (Body::SearchForm, _) => (body, request.method),
+        })
+    });
     match verdict {
-        Ok(inspect_body) => Decision::Route { tenant, identity, cached: from_cache, inspect_body },
+        Ok((body, _)) => {
+            let costed = crate::quota::effective(tenant.settings.as_deref().map(|s| &s.quota), config.quota.as_ref())
+                .is_some_and(|q| q.search_count_per_unit.is_some());
+            let search_form = body == Body::SearchForm && (narrowed || costed);
+            let inspect_body = body == Body::Bundle || search_form;
+            Decision::Route { tenant, identity, cached: from_cache, inspect_body, search_form }
+        }
         Err(refusal) => Decision::Forbidden { tenant, identity, refusal },
     }
+}
+
+/// The method an override header names, if FHIR uses it (compared without regard to case).
+pub fn override_method(value: &str) -> Option<&'static str> {
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"].into_iter().find(|m| m.eq_ignore_ascii_case(value.trim()))
 }
 
 #[cfg(test)]
@@ -191,7 +229,7 @@ mod tests {
     fn run(method: &str, path: &str, auth: Option<&str>) -> Result<String, Rejection> {
         let c = config();
         let k = keys();
-        let req = Request { method, path, authorization: auth, duplicate_authorization: false };
+        let req = Request { method, path, authorization: auth, duplicate_authorization: false, ..Request::default() };
         match decide(
             &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&k), signatures: &PureRust },
             &req,
@@ -253,8 +291,13 @@ mod tests {
         let mut claims = testkeys::claims_now();
         claims["tid"] = json!(TENANT_B);
         let auth = bearer(&claims);
-        let req =
-            Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+        let req = Request {
+            method: "GET",
+            path: "/Patient",
+            authorization: Some(&auth),
+            duplicate_authorization: false,
+            ..Request::default()
+        };
         match decide(
             &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: &PureRust },
             &req,
@@ -280,8 +323,13 @@ mod tests {
     fn missing_keys_are_503_without_www_authenticate() {
         let c = config();
         let auth = bearer(&testkeys::claims_now());
-        let req =
-            Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+        let req = Request {
+            method: "GET",
+            path: "/Patient",
+            authorization: Some(&auth),
+            duplicate_authorization: false,
+            ..Request::default()
+        };
         match decide(
             &Known { config: &c, tenants: Some(&c.tenants), keys: &None::<&KeySet>, signatures: &PureRust },
             &req,
@@ -315,7 +363,13 @@ mod tests {
         sigs: &Counting,
     ) -> Result<String, Rejection> {
         let c = config();
-        let req = Request { method: "GET", path, authorization: Some(auth), duplicate_authorization: false };
+        let req = Request {
+            method: "GET",
+            path,
+            authorization: Some(auth),
+            duplicate_authorization: false,
+            ..Request::default()
+        };
         match decide(
             &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: sigs },
             &req,
@@ -401,8 +455,13 @@ mod tests {
     fn duplicate_authorization_headers_are_refused() {
         let c = config();
         let auth = bearer(&testkeys::claims_now());
-        let req =
-            Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: true };
+        let req = Request {
+            method: "GET",
+            path: "/Patient",
+            authorization: Some(&auth),
+            duplicate_authorization: true,
+            ..Request::default()
+        };
         assert!(matches!(
             decide(
                 &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: &PureRust },
@@ -419,7 +478,13 @@ mod tests {
         let c = config();
         let auth = bearer(&testkeys::claims_now());
         let run = |method: &str, path: &str| {
-            let req = Request { method, path, authorization: Some(&auth), duplicate_authorization: false };
+            let req = Request {
+                method,
+                path,
+                authorization: Some(&auth),
+                duplicate_authorization: false,
+                ..Request::default()
+            };
             match decide(
                 &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: &PureRust },
                 &req,
@@ -435,7 +500,13 @@ mod tests {
         assert_eq!(run("POST", "/"), Ok(true));
         assert!(run("DELETE", "/Patient/1").unwrap_err().contains("delete"));
         // Without a valid token, the allowlist is never reached: 401, not 403.
-        let req = Request { method: "DELETE", path: "/Patient/1", authorization: None, duplicate_authorization: false };
+        let req = Request {
+            method: "DELETE",
+            path: "/Patient/1",
+            authorization: None,
+            duplicate_authorization: false,
+            ..Request::default()
+        };
         assert!(matches!(
             decide(
                 &Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&keys()), signatures: &PureRust },
@@ -454,6 +525,7 @@ mod tests {
             path: "/.well-known/smart-configuration",
             authorization: None,
             duplicate_authorization: false,
+            ..Request::default()
         };
         let c = config();
         assert!(matches!(
@@ -499,8 +571,13 @@ mod tests {
     fn without_a_tenant_map_a_valid_token_waits_with_503() {
         let c = config();
         let auth = bearer(&testkeys::claims_now());
-        let req =
-            Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+        let req = Request {
+            method: "GET",
+            path: "/Patient",
+            authorization: Some(&auth),
+            duplicate_authorization: false,
+            ..Request::default()
+        };
         match decide(
             &Known { config: &c, tenants: None, keys: &Some(&keys()), signatures: &PureRust },
             &req,
@@ -534,8 +611,13 @@ mod tests {
         }
         let run = |claims: &serde_json::Value| {
             let auth = bearer(claims);
-            let req =
-                Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+            let req = Request {
+                method: "GET",
+                path: "/Patient",
+                authorization: Some(&auth),
+                duplicate_authorization: false,
+                ..Request::default()
+            };
             match decide(
                 &Known { config: &c, tenants: Some(&c.tenants), keys: &Both(&k), signatures: &PureRust },
                 &req,
@@ -582,8 +664,13 @@ mod tests {
         let mut cache = TokenCache::new(10);
         let mut run = |claims: &serde_json::Value| {
             let auth = bearer(claims);
-            let req =
-                Request { method: "GET", path: "/Patient", authorization: Some(&auth), duplicate_authorization: false };
+            let req = Request {
+                method: "GET",
+                path: "/Patient",
+                authorization: Some(&auth),
+                duplicate_authorization: false,
+                ..Request::default()
+            };
             let known = Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&k), signatures: &PureRust };
             match decide(&known, &req, &mut cache, NOW) {
                 Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
@@ -646,7 +733,13 @@ mod tests {
             let mut claims = testkeys::claims_now();
             claims["scope"] = json!(scope);
             let auth = bearer(&claims);
-            let req = Request { method, path, authorization: Some(&auth), duplicate_authorization: false };
+            let req = Request {
+                method,
+                path,
+                authorization: Some(&auth),
+                duplicate_authorization: false,
+                ..Request::default()
+            };
             let known = Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&k), signatures: &PureRust };
             match decide(&known, &req, &mut cache, NOW) {
                 Decision::Route { cached, inspect_body, .. } => Ok((cached, inspect_body)),
@@ -674,5 +767,155 @@ mod tests {
         assert_eq!(run(&format!("{TENANT_B} system/Patient.rs"), "GET", "/Patient/1"), Ok((false, false)));
         let v2 = run(&format!("{TENANT_B} system/Patient.rs"), "PUT", "/Patient/1").unwrap_err();
         assert!(matches!(&v2, Refusal::NotAllowed { .. }), "the read-only allowlist speaks first: {v2:?}");
+    }
+}
+
+#[cfg(test)]
+mod reach_tests {
+    use super::*;
+    use crate::crypto::PureRust;
+    use crate::testkeys::{self, NOW, TENANT_A, TENANT_B};
+    use serde_json::json;
+
+    fn config() -> Config {
+        let v = json!({
+            "provider": {
+                "issuer": testkeys::ISSUER,
+                "audiences": [testkeys::AUDIENCE],
+                "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()
+            },
+            "tenants": {
+                TENANT_A: {"cluster": "tenant_a", "allow": {"interactions": [
+                    "read", "vread", "search", "history", "create", "update", "patch", "delete", "operation"]}},
+                TENANT_B: {"cluster": "tenant_b", "allowed_clients": ["backend-a"]}
+            },
+            "metadata_cluster": "fhir_metadata"
+        });
+        Config::from_json(v.to_string().as_bytes()).unwrap()
+    }
+
+    /// The decision on `request` with a token whose claims are `claims`: `Ok(inspect_body)` or the refusal.
+    fn run(claims: &serde_json::Value, request: Request<'_>) -> Result<bool, String> {
+        let c = config();
+        let k = KeySet::from_jwks(testkeys::public_jwks().as_bytes()).unwrap();
+        let auth = format!("Bearer {}", testkeys::sign_rs256(claims));
+        let req = Request { authorization: Some(&auth), ..request };
+        let known = Known { config: &c, tenants: Some(&c.tenants), keys: &Some(&k), signatures: &PureRust };
+        match decide(&known, &req, &mut TokenCache::new(0), NOW) {
+            Decision::Route { inspect_body, .. } => Ok(inspect_body),
+            Decision::Forbidden { refusal, .. } => Err(match refusal {
+                Refusal::MissingScope { scope, .. } => scope,
+                other => other.to_string(),
+            }),
+            Decision::ClientNotAllowed { .. } => Err("client".into()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn scoped(scope: &str) -> serde_json::Value {
+        let mut claims = testkeys::claims_now();
+        claims["scope"] = json!(format!("{TENANT_A} {scope}"));
+        claims
+    }
+
+    fn get(path: &str) -> Request<'_> {
+        Request { method: "GET", path, ..Request::default() }
+    }
+
+    #[test]
+    fn a_narrowed_token_needs_a_grant_for_every_type_its_request_reaches() {
+        let v1 = scoped("system/Patient.read");
+        let v2 = scoped("system/Patient.rs");
+        for (path, v1_scope, v2_scope) in [
+            ("/Patient?_revinclude=Observation:patient", "system/Observation.read", "system/Observation.r"),
+            ("/Patient?_include=Patient:general-practitioner", "system/Organization.read", "system/Organization.r"),
+            ("/Patient?_has:Observation:patient:code=1", "system/Observation.read", "system/Observation.s"),
+            ("/Patient?organization.name=x", "system/Organization.read", "system/Organization.s"),
+            ("/Patient?_filter=name eq x", "system/*.read", "system/*.s"),
+            ("/Patient/1/$everything", "system/*.read", "system/*.r"),
+            ("/Patient/$everything", "system/*.read", "system/*.r"),
+            ("/Patient/$export", "system/*.read", "system/*.r"),
+            ("/Patient/1/*", "system/*.read", "system/*.s"),
+            ("/Patient/1/Observation", "system/Observation.read", "system/Observation.s"),
+        ] {
+            assert_eq!(run(&v1, get(path)), Err(v1_scope.into()), "{path}");
+            assert_eq!(run(&v2, get(path)), Err(v2_scope.into()), "{path}");
+        }
+        // Granted: every type it reaches.
+        let wide = scoped("system/Patient.rs system/Observation.rs system/Organization.rs");
+        for path in ["/Patient?_revinclude=Observation:patient", "/Patient?_has:Observation:patient:code=1"] {
+            assert_eq!(run(&wide, get(path)), Ok(false), "{path}");
+        }
+        let partial = run(&wide, get("/Patient?_include=Patient:general-practitioner"));
+        assert_eq!(partial, Err("system/Practitioner.r".into()), "each target of the reference needs a grant");
+        assert_eq!(run(&scoped("system/*.rs"), get("/Patient/1/$everything")), Ok(false));
+        // Without SMART scopes (and no resource_types), nothing more is judged.
+        assert_eq!(run(&testkeys::claims_now(), get("/Patient?_include=*")), Ok(false));
+    }
+
+    #[test]
+    fn head_is_judged_as_get() {
+        let v2 = scoped("system/Patient.rs");
+        assert_eq!(run(&v2, Request { method: "HEAD", path: "/Patient/1", ..Request::default() }), Ok(false));
+        assert_eq!(run(&v2, Request { method: "HEAD", path: "/Patient?name=x", ..Request::default() }), Ok(false));
+        let head = Request { method: "HEAD", path: "/Observation/1", ..Request::default() };
+        assert_eq!(run(&v2, head), Err("system/Observation.r".into()));
+        assert_eq!(run(&testkeys::claims_now(), head), Ok(false), "no scopes: allowed as GET is");
+    }
+
+    #[test]
+    fn conditional_interactions_need_the_write_and_the_search() {
+        let write = scoped("system/Patient.cud");
+        let put = Request { method: "PUT", path: "/Patient?identifier=x|1", ..Request::default() };
+        assert_eq!(run(&write, put), Err("system/Patient.s".into()));
+        assert_eq!(run(&scoped("system/Patient.cuds"), put), Ok(false));
+        let create =
+            Request { method: "POST", path: "/Patient", if_none_exist: Some("identifier=x|1"), ..Request::default() };
+        assert_eq!(run(&write, create), Err("system/Patient.s".into()));
+        assert_eq!(run(&write, Request { if_none_exist: None, ..create }), Ok(false));
+        let reaching = Request { if_none_exist: Some("_has:Observation:patient:code=1"), ..create };
+        assert_eq!(run(&scoped("system/Patient.cuds"), reaching), Err("system/Observation.s".into()));
+        for (m, q) in [("DELETE", "system/Patient.d"), ("PATCH", "system/Patient.u")] {
+            let r = Request { method: m, path: "/Patient?identifier=x|1", ..Request::default() };
+            assert_eq!(run(&scoped("system/Patient.rs"), r), Err(q.into()), "{m}");
+            assert_eq!(run(&scoped("system/Patient.uds"), r), Ok(false), "{m}");
+        }
+    }
+
+    #[test]
+    fn a_method_override_is_judged_as_the_method_it_names_too() {
+        let read = scoped("system/Patient.rs");
+        let over = |m: &'static str| Request {
+            method: "POST",
+            path: "/Patient/_search",
+            method_override: Some(m),
+            ..Request::default()
+        };
+        assert_eq!(run(&read, Request { method: "POST", path: "/Patient/_search", ..Request::default() }), Ok(true));
+        let del = Request { method: "GET", path: "/Patient/1", method_override: Some("DELETE"), ..Request::default() };
+        assert_eq!(run(&read, del), Err("system/Patient.d".into()));
+        assert_eq!(run(&testkeys::claims_now(), del), Ok(false), "the allowlist of tenant A allows delete");
+        assert!(run(&read, over("TRACE")).unwrap_err().contains("method override"));
+        assert!(run(&read, over("delete, get")).unwrap_err().contains("method override"));
+        let conflict = Request { override_conflict: true, ..get("/Patient/1") };
+        assert!(run(&read, conflict).unwrap_err().contains("method override"));
+        let get_over =
+            Request { method: "GET", path: "/Patient/1", method_override: Some("get"), ..Request::default() };
+        assert_eq!(run(&read, get_over), Ok(false));
+    }
+
+    #[test]
+    fn a_client_id_that_is_not_a_string_names_no_client_for_a_bound_tenant() {
+        let mut claims = testkeys::claims_now();
+        claims["scope"] = json!(TENANT_B);
+        claims["client_id"] = json!("backend-a");
+        assert_eq!(run(&claims, get("/Patient/1")), Ok(false));
+        for bad in [json!(["backend-a"]), json!(7), json!(null), json!({"id": "backend-a"})] {
+            claims["client_id"] = bad.clone();
+            claims["azp"] = json!("backend-a");
+            assert_eq!(run(&claims, get("/Patient/1")), Err("client".into()), "{bad}: azp does not stand in");
+        }
+        claims.as_object_mut().unwrap().remove("client_id");
+        assert_eq!(run(&claims, get("/Patient/1")), Ok(false), "a missing client_id: azp stands in");
     }
 }

@@ -76,6 +76,8 @@ pub struct Classified<'a> {
     /// Whether the URL names one resource (`Patient/1/_history` is an instance's history, `Patient/_history`
     /// the type's): SMART v2 grants the one with `r`, the other with `s`.
     pub instance: bool,
+    /// A conditional update, patch or delete (`PUT|PATCH|DELETE /Type?criteria`): also a search on its type.
+    pub conditional: bool,
 }
 
 fn is_resource_type(s: &str) -> bool {
@@ -85,8 +87,13 @@ fn is_resource_type(s: &str) -> bool {
 
 /// Classifies `method` on a FHIR-relative `path` (the part after the base, with or without a query). `None`
 /// for anything that is not a FHIR REST interaction.
+/// `HEAD` is classified (and judged) as `GET`: FHIR allows it wherever GET is allowed.
 pub fn classify<'a>(method: &str, path: &'a str) -> Option<Classified<'a>> {
-    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let method = if method == "HEAD" { "GET" } else { method };
+    let (path, criteria) = match path.split('#').next().unwrap_or_default().split_once('?') {
+        Some((path, query)) => (path, !query.is_empty()),
+        None => (path.split('#').next().unwrap_or_default(), false),
+    };
     // At most four segments name an interaction (`Patient/1/_history/2`); no allocation on the hot path.
     let mut parts = [""; 4];
     let mut count = 0;
@@ -106,6 +113,10 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Option<Classified<'a>> {
         (_, [t, ..]) if !is_resource_type(t) => return None,
         ("GET", [_]) => (Interaction::Search, seg(0)),
         ("POST", [_]) => (Interaction::Create, seg(0)),
+        // Conditional update, patch and delete: the query names the resource(s).
+        ("PUT", [_]) if criteria => (Interaction::Update, seg(0)),
+        ("PATCH", [_]) if criteria => (Interaction::Patch, seg(0)),
+        ("DELETE", [_]) if criteria => (Interaction::Delete, seg(0)),
         ("POST", [_, "_search"]) => (Interaction::Search, seg(0)),
         ("GET" | "POST", [_, op]) if is_op(Some(*op)) => (Interaction::Operation, seg(0)),
         ("GET", [_, "_history"]) => (Interaction::History, seg(0)),
@@ -118,11 +129,14 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Option<Classified<'a>> {
         ("GET", [_, _, "_history", v]) if !v.is_empty() => (Interaction::Vread, seg(0)),
         // Compartment search: Patient/123/Observation
         ("GET", [_, _, t]) if is_resource_type(t) => (Interaction::Search, seg(2)),
+        // Every type of a compartment (`Patient/1/*`): a search that names no one type.
+        ("GET", [_, _, "*"]) => (Interaction::Search, None),
         _ => return None,
     };
+    let conditional = criteria && matches!(segments, [_]) && matches!(method, "PUT" | "PATCH" | "DELETE");
     // `Type/id...`: the second segment is an id (`_search`, `_history` and `$op` are not).
     let instance = matches!(segments, [_, id, ..] if !id.starts_with(['_', '$']) && resource_type == seg(0));
-    Some(Classified { interaction, resource_type, instance })
+    Some(Classified { interaction, resource_type, instance, conditional })
 }
 
 /// A tenant's allowlist. Small and allocation-free by default, since every tenant has one.
@@ -150,11 +164,21 @@ impl Default for Policy {
 pub enum Refusal {
     /// Not a FHIR REST interaction this filter can classify.
     Unrecognised,
-    /// The interaction or the resource type is not allowed; `entry` is the Bundle entry index, if any.
-    NotAllowed { interaction: Interaction, resource_type: Option<String>, entry: Option<usize> },
+    /// The interaction or the resource type is not allowed; `entry` is the Bundle entry index, if any;
+    /// `reached`: the request reaches the type beyond its path (see [`crate::reach`]; `None`: every type).
+    NotAllowed { interaction: Interaction, resource_type: Option<String>, entry: Option<usize>, reached: bool },
     /// The allowlist allows it, but the token's SMART scopes do not grant it: `scope` is the scope it needs
-    /// (for `WWW-Authenticate`'s `scope`); `entry` is the Bundle entry index, if any.
-    MissingScope { scope: String, interaction: Interaction, resource_type: Option<String>, entry: Option<usize> },
+    /// (for `WWW-Authenticate`'s `scope`); `entry` is the Bundle entry index, if any; `reached` as above.
+    MissingScope {
+        scope: String,
+        interaction: Interaction,
+        resource_type: Option<String>,
+        entry: Option<usize>,
+        reached: bool,
+    },
+    /// The request carries method override headers (`X-HTTP-Method-Override`, `X-HTTP-Method`,
+    /// `X-Method-Override`) that disagree, or name no HTTP method FHIR uses.
+    BadMethodOverride,
     /// A Bundle entry that is not a well-formed request.
     BadEntry { entry: usize },
     /// The body of `POST /` is not a batch or transaction Bundle.
@@ -166,42 +190,77 @@ pub enum Refusal {
 
 impl Refusal {
     /// The token's scopes do not grant `c` (Bundle entry `entry`, if any): `scope` is the one it needs.
-    fn missing_scope(scope: String, c: &Classified<'_>, entry: Option<usize>) -> Self {
+    fn missing_scope(scope: String, c: &Classified<'_>, entry: Option<usize>, reached: bool) -> Self {
         Refusal::MissingScope {
             scope,
             interaction: c.interaction,
             resource_type: c.resource_type.map(str::to_string),
             entry,
+            reached,
+        }
+    }
+
+    fn not_allowed(c: &Classified<'_>, entry: Option<usize>, reached: bool) -> Self {
+        Refusal::NotAllowed {
+            interaction: c.interaction,
+            resource_type: c.resource_type.map(str::to_string),
+            entry,
+            reached,
         }
     }
 }
+
+/// The words for what a refused request reaches beyond its path.
+const REACHED: &str = "this request reaches it through _include, _revinclude, a chained or _has parameter, \
+                       _filter, _type, a conditional interaction's search or an operation";
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Unrecognised => f.write_str("This request is not a FHIR interaction this server allows."),
-            Self::NotAllowed { interaction, resource_type, entry } => {
+            Self::NotAllowed { interaction, resource_type, entry, reached } => {
                 if let Some(i) = entry {
                     write!(f, "Bundle entry {i}: ")?;
                 }
-                match resource_type {
-                    Some(t) => write!(f, "the {interaction} interaction on {t} is not allowed for this tenant."),
-                    None => write!(f, "the {interaction} interaction is not allowed for this tenant."),
+                match (resource_type, reached) {
+                    (Some(t), false) => {
+                        write!(f, "the {interaction} interaction on {t} is not allowed for this tenant.")
+                    }
+                    (None, false) => write!(f, "the {interaction} interaction is not allowed for this tenant."),
+                    (Some(t), true) => {
+                        write!(f, "the {interaction} interaction on {t} is not allowed for this tenant ({REACHED}).")
+                    }
+                    (None, true) => write!(
+                        f,
+                        "the {interaction} interaction on every resource type is not allowed for this tenant \
+                         ({REACHED})."
+                    ),
                 }
             }
-            Self::MissingScope { scope, interaction, resource_type, entry } => {
+            Self::MissingScope { scope, interaction, resource_type, entry, reached } => {
                 if let Some(i) = entry {
                     write!(f, "Bundle entry {i}: ")?;
                 }
-                match resource_type {
-                    Some(t) => {
+                match (resource_type, reached) {
+                    (Some(t), _) => {
                         write!(f, "the access token's scopes do not grant the {interaction} interaction on {t}")?
                     }
-                    None => {
+                    (None, false) => {
                         write!(f, "the access token's scopes do not grant the system-level {interaction} interaction")?
                     }
+                    (None, true) => write!(
+                        f,
+                        "the access token's scopes do not grant the {interaction} interaction on every resource type"
+                    )?,
+                }
+                if *reached {
+                    write!(f, " ({REACHED})")?;
                 }
                 write!(f, " (it needs the scope {scope}).")
             }
+            Self::BadMethodOverride => f.write_str(
+                "The method override headers (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override) \
+                 disagree or name no FHIR method.",
+            ),
             Self::BadEntry { entry } => write!(f, "Bundle entry {entry} has no valid request method and url."),
             Self::NotABundle => f.write_str("POST to the base must carry a batch or transaction Bundle."),
             Self::OtherOrigin { entry, base: Some(base) } => write!(
@@ -248,47 +307,96 @@ impl Policy {
             }
     }
 
-    /// Judges a request line. `Ok(true)`: allowed, but the body must be judged too (`POST /`).
-    pub fn check_request(&self, method: &str, path: &str) -> Result<bool, Refusal> {
-        self.check_request_with(method, path, &|_, _| Ok(()))
+    /// Whether it limits the resource types (and so must judge what a request reaches).
+    pub fn limits_types(&self) -> bool {
+        self.resource_types.is_some()
     }
 
-    /// [`Policy::check_request`], and a request the allowlist allows must pass `also` too (as for
-    /// [`Policy::check_bundle_with`]; a Bundle posted to the base is judged entry by entry instead).
+    /// Judges a request line. `Ok(true)`: allowed, but the body must be judged too (`POST /`).
+    pub fn check_request(&self, method: &str, path: &str) -> Result<bool, Refusal> {
+        let judged = self.check_request_with(method, path, &Judge::default(), &|_, _| Ok(()))?;
+        Ok(judged == Body::Bundle)
+    }
+
+    /// Judges a request line, and a request the allowlist allows must pass `also` too (the token's SMART
+    /// scopes: `also(method, c)` is `Err(scope)`, the scope it needs, to refuse it). With `judge.narrowed`
+    /// what the request reaches beyond its path ([`crate::reach`]) is judged the same way, each type it
+    /// reads or searches; a conditional interaction is a search on its type too, always. Says which body
+    /// the request has that could still refuse it: a Bundle posted to the base is judged entry by entry
+    /// ([`Policy::check_bundle_with`]); a `POST _search` form body (when `judge.form` is not given) adds
+    /// to what it reaches.
     pub fn check_request_with(
         &self,
         method: &str,
         path: &str,
+        judge: &Judge<'_>,
         also: &dyn Fn(&str, &Classified<'_>) -> Result<(), String>,
-    ) -> Result<bool, Refusal> {
+    ) -> Result<Body, Refusal> {
         let c = classify(method, path).ok_or(Refusal::Unrecognised)?;
         if c.interaction == Interaction::Batch {
-            return Ok(true);
+            return Ok(Body::Bundle);
         }
-        if !self.allows(&c) {
-            return Err(Refusal::NotAllowed {
-                interaction: c.interaction,
-                resource_type: c.resource_type.map(str::to_string),
-                entry: None,
-            });
+        let method = if method == "HEAD" { "GET" } else { method };
+        self.judge(method, path, &c, judge, None, also)?;
+        let post_search = method == "POST" && c.interaction == Interaction::Search;
+        Ok(if post_search && judge.form.is_none() { Body::SearchForm } else { Body::None })
+    }
+
+    /// Judges one classified request or Bundle entry: its interaction, and what it reaches.
+    fn judge(
+        &self,
+        method: &str,
+        path: &str,
+        c: &Classified<'_>,
+        judge: &Judge<'_>,
+        entry: Option<usize>,
+        also: &dyn Fn(&str, &Classified<'_>) -> Result<(), String>,
+    ) -> Result<(), Refusal> {
+        if !self.allows(c) {
+            return Err(Refusal::not_allowed(c, entry, false));
         }
-        also(method, &c).map_err(|scope| Refusal::missing_scope(scope, &c, None))?;
-        Ok(false)
+        also(method, c).map_err(|scope| Refusal::missing_scope(scope, c, entry, false))?;
+        let if_none_exist = judge.if_none_exist.filter(|_| c.interaction == Interaction::Create);
+        let one = |interaction: Interaction, resource_type: Option<&str>| -> Result<(), Refusal> {
+            let r = Classified { interaction, resource_type, instance: false, conditional: false };
+            if !self.allows(&r) {
+                return Err(Refusal::not_allowed(&r, entry, true));
+            }
+            also("GET", &r).map_err(|scope| Refusal::missing_scope(scope, &r, entry, true))
+        };
+        if c.conditional || if_none_exist.is_some() {
+            one(Interaction::Search, c.resource_type)?;
+        }
+        if !judge.narrowed {
+            return Ok(());
+        }
+        let reach = crate::reach::of_request(c.resource_type, path, judge.form, if_none_exist);
+        for (set, interaction) in [(&reach.read, Interaction::Read), (&reach.search, Interaction::Search)] {
+            if set.is_all() {
+                one(interaction, None)?;
+            }
+            for t in set.types() {
+                one(interaction, Some(t))?;
+            }
+        }
+        Ok(())
     }
 
     /// Judges the Bundle posted to the base, entry by entry; the first refused entry refuses the whole.
     /// `base` is this server's public base URL (`public_base_url`): an entry's absolute `request.url` under
     /// it is judged as the URL relative to it (FHIR allows either form); any other absolute URL is refused.
     pub fn check_bundle(&self, body: &[u8], base: Option<&str>) -> Result<(), Refusal> {
-        self.check_bundle_with(body, base, &|_, _| Ok(()))
+        self.check_bundle_with(body, base, false, &|_, _| Ok(()))
     }
 
-    /// [`Policy::check_bundle`], and each entry the allowlist allows must pass `also` too (the token's
-    /// SMART scopes: `also(method, entry)` is `Err(scope)`, the scope that entry needs, to refuse it).
+    /// [`Policy::check_bundle`], and each entry the allowlist allows must pass `also` too (as for
+    /// [`Policy::check_request_with`]); with `narrowed`, what each entry reaches is judged too (from its
+    /// url and its `request.ifNoneExist`).
     pub fn check_bundle_with(
         &self,
         body: &[u8],
         base: Option<&str>,
+        narrowed: bool,
         also: &dyn Fn(&str, &Classified<'_>) -> Result<(), String>,
     ) -> Result<(), Refusal> {
         let bundle: Value = serde_json::from_slice(body).map_err(|_| Refusal::NotABundle)?;
@@ -309,6 +417,11 @@ impl Policy {
             let (Some(method), Some(url)) = (method, url) else {
                 return Err(Refusal::BadEntry { entry: i });
             };
+            let if_none_exist = match request.and_then(|r| r.get("ifNoneExist")) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.as_str()),
+                Some(_) => return Err(Refusal::BadEntry { entry: i }),
+            };
             // Entry URLs are relative to the base ("Patient/1", "Patient?name=x"), or absolute under it.
             let url = if is_absolute(url) {
                 strip_base(url, base)
@@ -318,17 +431,38 @@ impl Policy {
             };
             let relative = if url.starts_with('/') { url.to_string() } else { format!("/{url}") };
             let c = classify(method, &relative).ok_or(Refusal::BadEntry { entry: i })?;
-            if c.interaction == Interaction::Batch || !self.allows(&c) {
-                return Err(Refusal::NotAllowed {
-                    interaction: c.interaction,
-                    resource_type: c.resource_type.map(str::to_string),
-                    entry: Some(i),
-                });
+            if c.interaction == Interaction::Batch {
+                return Err(Refusal::not_allowed(&c, Some(i), false));
             }
-            also(method, &c).map_err(|scope| Refusal::missing_scope(scope, &c, Some(i)))?;
+            let method = if method == "HEAD" { "GET" } else { method };
+            let judge = Judge { narrowed, form: None, if_none_exist };
+            self.judge(method, &relative, &c, &judge, Some(i), also)?;
         }
         Ok(())
     }
+}
+
+/// What judging a request reads besides its method and path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Judge<'a> {
+    /// Judge what the request reaches beyond its path (the token is narrowed by SMART scopes, or the tenant
+    /// lists resource types); otherwise only its path's interaction is judged, at no extra cost.
+    pub narrowed: bool,
+    /// The form body of a `POST _search`, once it is read.
+    pub form: Option<&'a [u8]>,
+    /// A conditional create's `If-None-Exist` header.
+    pub if_none_exist: Option<&'a str>,
+}
+
+/// The body a request still needs judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// None.
+    None,
+    /// A batch or transaction Bundle posted to the base: judged entry by entry.
+    Bundle,
+    /// A `POST _search` form body: its parameters reach types as the query's do (and its `_count` costs).
+    SearchForm,
 }
 
 /// Whether `url` is absolute (RFC 3986: a scheme, `scheme:`) or a network-path reference (`//host/...`):
@@ -400,6 +534,114 @@ mod tests {
     }
 
     #[test]
+    fn head_is_get_and_conditional_interactions_classify_as_what_they_change() {
+        use Interaction::*;
+        let p = |s: &str| Some(s.to_string());
+        assert_eq!(c("HEAD", "/Patient/1"), Some((Read, p("Patient"))));
+        assert_eq!(c("HEAD", "/Patient?name=x"), Some((Search, p("Patient"))));
+        assert_eq!(c("PUT", "/Patient?identifier=x|1"), Some((Update, p("Patient"))));
+        assert_eq!(c("PATCH", "/Patient?identifier=x|1"), Some((Patch, p("Patient"))));
+        assert_eq!(c("DELETE", "/Patient?identifier=x|1"), Some((Delete, p("Patient"))));
+        assert!(classify("DELETE", "/Patient?identifier=x").unwrap().conditional);
+        assert!(!classify("DELETE", "/Patient/1?x=1").unwrap().conditional);
+        // Without criteria there is nothing to name the resource: not an interaction.
+        for (m, path) in [("PUT", "/Patient"), ("DELETE", "/Patient?"), ("PATCH", "/Patient#x")] {
+            assert_eq!(c(m, path), None, "{m} {path}");
+        }
+        // Every type of a compartment names no one type: the system level's rules.
+        assert_eq!(c("GET", "/Patient/1/*"), Some((Search, None)));
+    }
+
+    #[test]
+    fn with_resource_types_what_a_request_reaches_is_judged_too() {
+        let p = Policy::new(&["read".into(), "search".into(), "operation".into()], Some(&["Patient".into()])).unwrap();
+        let narrowed = Judge { narrowed: p.limits_types(), ..Judge::default() };
+        let check = |path: &str| p.check_request_with("GET", path, &narrowed, &|_, _| Ok(()));
+        assert_eq!(check("/Patient?name=x&_count=5"), Ok(Body::None));
+        assert_eq!(check("/Patient?_include=Patient:link:Patient"), Ok(Body::None));
+        for (path, t) in [
+            ("/Patient?_revinclude=Observation:patient", Some("Observation")),
+            ("/Patient?_has:Observation:patient:code=1", Some("Observation")),
+            ("/Patient?general-practitioner.name=x", Some("Organization")),
+            ("/Patient?_include=*", None),
+            ("/Patient?_filter=name eq x", None),
+            ("/Patient/1/$everything", None),
+        ] {
+            let refusal = check(path).unwrap_err();
+            assert!(
+                matches!(&refusal, Refusal::NotAllowed { resource_type, reached: true, .. } if resource_type.as_deref() == t),
+                "{path}: {refusal:?}"
+            );
+            assert!(refusal.to_string().contains("this request reaches it"), "{refusal}");
+        }
+        // A form body adds to the URL's reach; without it, a POST _search says its form is still to judge.
+        let post = |form: Option<&[u8]>| {
+            p.check_request_with("POST", "/Patient/_search", &Judge { form, ..narrowed }, &|_, _| Ok(()))
+        };
+        assert_eq!(post(None), Ok(Body::SearchForm));
+        assert_eq!(post(Some(b"name=x")), Ok(Body::None));
+        assert!(post(Some(b"_revinclude=Observation%3Apatient")).is_err());
+        // Without narrowing nothing more is judged (the hot path).
+        let open = Policy::default();
+        assert_eq!(
+            open.check_request_with("GET", "/Patient?_include=*", &Judge::default(), &|_, _| Ok(())),
+            Ok(Body::None)
+        );
+    }
+
+    #[test]
+    fn a_conditional_interaction_is_a_search_on_its_type_too() {
+        let p = Policy::new(&["update".into(), "create".into(), "delete".into()], None).unwrap();
+        let j = Judge::default();
+        let refusal = p.check_request_with("PUT", "/Patient?identifier=x", &j, &|_, _| Ok(())).unwrap_err();
+        assert!(matches!(refusal, Refusal::NotAllowed { interaction: Interaction::Search, reached: true, .. }));
+        assert_eq!(p.check_request_with("PUT", "/Patient/1", &j, &|_, _| Ok(())), Ok(Body::None));
+        let j = Judge { if_none_exist: Some("identifier=x"), ..j };
+        assert!(p.check_request_with("POST", "/Patient", &j, &|_, _| Ok(())).is_err(), "If-None-Exist searches");
+        let all = Policy::new(&["update".into(), "search".into(), "create".into()], None).unwrap();
+        assert_eq!(all.check_request_with("PUT", "/Patient?identifier=x", &j, &|_, _| Ok(())), Ok(Body::None));
+        assert_eq!(all.check_request_with("POST", "/Patient", &j, &|_, _| Ok(())), Ok(Body::None));
+        // The scopes judge the search as well (it needs `s` on the type).
+        let also = |_: &str, c: &Classified<'_>| match c.interaction {
+            Interaction::Search => Err("system/Patient.s".to_string()),
+            _ => Ok(()),
+        };
+        let refusal = all.check_request_with("DELETE", "/Patient?identifier=x", &j, &also);
+        assert!(matches!(refusal, Err(Refusal::NotAllowed { interaction: Interaction::Delete, .. })));
+        let refusal = all.check_request_with("PUT", "/Patient?identifier=x", &j, &also).unwrap_err();
+        assert!(matches!(&refusal, Refusal::MissingScope { scope, reached: true, .. } if scope == "system/Patient.s"));
+    }
+
+    #[test]
+    fn bundle_entries_are_judged_by_their_reach_and_if_none_exist() {
+        let interactions = ["read", "search", "create", "operation"].map(String::from);
+        let p = Policy::new(&interactions, Some(&["Patient".into()])).unwrap();
+        let entry = |request: serde_json::Value| {
+            json!({"resourceType": "Bundle", "type": "batch", "entry": [
+                {"request": {"method": "GET", "url": "Patient/1"}}, {"request": request}
+            ]})
+            .to_string()
+            .into_bytes()
+        };
+        let ok = |r: serde_json::Value| p.check_bundle_with(&entry(r), None, true, &|_, _| Ok(()));
+        assert_eq!(ok(json!({"method": "GET", "url": "Patient?name=x"})), Ok(()));
+        assert_eq!(ok(json!({"method": "HEAD", "url": "Patient/1"})), Ok(()));
+        for bad in [
+            json!({"method": "GET", "url": "Patient?_revinclude=Observation:patient"}),
+            json!({"method": "GET", "url": "Patient?_has:Observation:patient:code=x"}),
+            json!({"method": "GET", "url": "Patient?%5Finclude=Patient%3Ageneral-practitioner"}),
+            json!({"method": "POST", "url": "Patient", "ifNoneExist": "general-practitioner.name=x"}),
+            json!({"method": "GET", "url": "Patient/1/$everything"}),
+        ] {
+            assert!(matches!(ok(bad.clone()), Err(Refusal::NotAllowed { entry: Some(1), reached: true, .. })), "{bad}");
+        }
+        assert_eq!(
+            ok(json!({"method": "POST", "url": "Patient", "ifNoneExist": 7})),
+            Err(Refusal::BadEntry { entry: 1 })
+        );
+    }
+
+    #[test]
     fn the_default_is_read_only() {
         let p = Policy::default();
         assert_eq!(p.check_request("GET", "/Patient/1"), Ok(false));
@@ -440,7 +682,8 @@ mod tests {
             Refusal::NotAllowed {
                 interaction: Interaction::Delete,
                 resource_type: Some("Patient".into()),
-                entry: Some(3)
+                entry: Some(3),
+                reached: false
             }
         );
         assert!(refusal.to_string().contains("entry 3"));

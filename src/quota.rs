@@ -21,6 +21,7 @@
 //! A release (the stream ended) retries until it lands ([`RELEASE_ATTEMPTS`]): each lost CAS means another
 //! worker's write succeeded, so the loop always progresses.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -425,34 +426,70 @@ pub fn key(tenant: &str) -> String {
 }
 
 /// What a request costs: 1, or for a search with `_count` and `search_count_per_unit`,
-/// `ceil(_count / search_count_per_unit)` (at least 1). `POST _search` carries its `_count` in the body,
-/// which is not read: it costs 1 unless the URL has one.
-pub fn request_cost(quota: &Quota, method: &str, path: &str) -> u64 {
+/// `ceil(_count / search_count_per_unit)` (at least 1). `_count` is read wherever the search has it: its
+/// query, and a `POST _search`'s `form` body (percent-decoded as a server reads it; the largest if repeated).
+pub fn request_cost(quota: &Quota, method: &str, path: &str, form: Option<&[u8]>) -> u64 {
     let Some(per_unit) = quota.search_count_per_unit else { return 1 };
-    let Some((_, query)) = path.split_once('?') else { return 1 };
+    if !path.contains('?') && form.is_none() {
+        return 1;
+    }
     if !classify(method, path).is_some_and(|c| c.interaction == Interaction::Search) {
         return 1;
     }
-    let count = query
-        .split('&')
-        .filter_map(|pair| pair.strip_prefix("_count="))
-        .filter_map(|v| v.parse::<u64>().ok())
-        .max()
-        .unwrap_or(0);
-    count.div_ceil(per_unit).max(1)
+    crate::reach::search_count(path, form).unwrap_or(0).div_ceil(per_unit).max(1)
 }
 
-/// The number of entries of a Bundle (what it costs), at least 1; the body was judged well-formed already.
-pub fn bundle_cost(body: &[u8]) -> u64 {
+/// What a Bundle costs: the sum of its entries' costs (each as [`request_cost`] says, so a search entry's
+/// `_count` counts), at least 1; the body was judged well-formed already.
+pub fn bundle_cost(quota: &Quota, body: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        request: Option<EntryRequest>,
+    }
+    #[derive(Deserialize)]
+    struct EntryRequest {
+        #[serde(default)]
+        method: Option<String>,
+        #[serde(default)]
+        url: Option<String>,
+    }
     #[derive(Deserialize)]
     struct Entries {
         #[serde(default)]
-        entry: Option<Vec<serde::de::IgnoredAny>>,
+        entry: Option<Vec<Entry>>,
     }
-    serde_json::from_slice::<Entries>(body)
-        .ok()
-        .and_then(|b| b.entry)
-        .map_or(1, |e| u64::try_from(e.len()).unwrap_or(u64::MAX).max(1))
+    let Some(entries) = serde_json::from_slice::<Entries>(body).ok().and_then(|b| b.entry) else { return 1 };
+    let cost = entries.iter().fold(0u64, |sum, e| {
+        let (method, url) = match &e.request {
+            Some(EntryRequest { method: Some(m), url: Some(u) }) => (m.as_str(), u.as_str()),
+            _ => ("", ""),
+        };
+        let path = if url.starts_with('/') { Cow::Borrowed(url) } else { Cow::Owned(format!("/{url}")) };
+        sum.saturating_add(request_cost(quota, method, &path, None))
+    });
+    cost.max(1)
+}
+
+/// A request costing more than the quota's `burst` can never be admitted (the bucket never holds more): it
+/// is refused at once with 400 and an `OperationOutcome` whose code is `too-costly`, without `Retry-After`,
+/// so that a client that obeys `Retry-After` does not retry it forever. Counted as a quota refusal of
+/// `tenant`. `Some(reason)` (for the audit line) when it was refused.
+pub fn never_fits(quota: &Quota, tenant: &str, cost: u64, out: &mut dyn Effects) -> Option<&'static str> {
+    let burst = quota.rate.as_ref()?.burst;
+    if cost <= burst {
+        return None;
+    }
+    out.push(Effect::Count(Metric::TenantQuota(tenant, false)));
+    out.push(Effect::Count(Metric::Rejected(Rejection::QuotaRate)));
+    let diagnostics = format!(
+        "This request costs {cost} quota units, more than this tenant's burst of {burst}: it can never be \
+         admitted. Ask for fewer results (_count) or send fewer Bundle entries."
+    );
+    let body = operation_outcome("too-costly", &diagnostics);
+    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    out.push(Effect::Reply(Reply { status: 400, headers: &headers, body: body.as_bytes() }));
+    Some("quota_too_costly")
 }
 
 /// The 429 answer of a refusal: its body (naming the limit) and its `Retry-After` in seconds.
@@ -842,17 +879,48 @@ mod tests {
     #[test]
     fn costs_follow_the_fhir_request() {
         let q = quota(serde_json::json!({"rate_per_s": 10, "search_count_per_unit": 50}));
-        assert_eq!(request_cost(&q, "GET", "/Patient"), 1);
-        assert_eq!(request_cost(&q, "GET", "/Patient?_count=50"), 1);
-        assert_eq!(request_cost(&q, "GET", "/Patient?family=x&_count=51"), 2);
-        assert_eq!(request_cost(&q, "GET", "/Observation?_count=1000"), 20);
-        assert_eq!(request_cost(&q, "GET", "/Patient/1?_count=1000"), 1, "a read is not a search");
-        assert_eq!(request_cost(&q, "GET", "/Patient?_count=abc"), 1);
+        assert_eq!(request_cost(&q, "GET", "/Patient", None), 1);
+        assert_eq!(request_cost(&q, "GET", "/Patient?_count=50", None), 1);
+        assert_eq!(request_cost(&q, "GET", "/Patient?family=x&_count=51", None), 2);
+        assert_eq!(request_cost(&q, "GET", "/Observation?_count=1000", None), 20);
+        assert_eq!(request_cost(&q, "GET", "/Patient/1?_count=1000", None), 1, "a read is not a search");
+        assert_eq!(request_cost(&q, "GET", "/Patient?_count=abc", None), 1);
         let plain = quota(serde_json::json!({"rate_per_s": 10}));
-        assert_eq!(request_cost(&plain, "GET", "/Observation?_count=1000"), 1);
+        assert_eq!(request_cost(&plain, "GET", "/Observation?_count=1000", None), 1);
         let bundle = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [{}, {}, {}]});
-        assert_eq!(bundle_cost(bundle.to_string().as_bytes()), 3);
-        assert_eq!(bundle_cost(br#"{"resourceType":"Bundle","type":"batch"}"#), 1);
+        assert_eq!(bundle_cost(&q, bundle.to_string().as_bytes()), 3);
+        assert_eq!(bundle_cost(&q, br#"{"resourceType":"Bundle","type":"batch"}"#), 1);
+    }
+
+    #[test]
+    fn count_is_costed_wherever_the_search_has_it() {
+        let q = quota(serde_json::json!({"rate_per_s": 10, "search_count_per_unit": 50}));
+        assert_eq!(request_cost(&q, "POST", "/Patient/_search", Some(b"name=x&_count=500")), 10);
+        assert_eq!(request_cost(&q, "POST", "/Patient/_search?_count=100", Some(b"name=x")), 2);
+        assert_eq!(request_cost(&q, "POST", "/Patient/_search", Some(b"%5Fcount=200")), 4, "decoded");
+        assert_eq!(request_cost(&q, "GET", "/Patient?_count=10&_count=1000", None), 20, "the largest");
+        assert_eq!(request_cost(&q, "HEAD", "/Patient?_count=100", None), 2);
+        let bundle = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Observation?_count=500"}},
+            {"request": {"method": "GET", "url": "/Patient?_count=100"}},
+            {"request": {"method": "GET", "url": "Patient/1"}}
+        ]});
+        assert_eq!(bundle_cost(&q, bundle.to_string().as_bytes()), 13);
+    }
+
+    #[test]
+    fn a_cost_above_the_burst_is_refused_as_never_admissible() {
+        let q = quota(serde_json::json!({"rate_per_s": 10, "burst": 5}));
+        let mut out = crate::effect::Recorded::default();
+        assert_eq!(never_fits(&q, "t", 5, &mut out), None);
+        assert!(out.0.is_empty());
+        assert_eq!(never_fits(&q, "t", 6, &mut out), Some("quota_too_costly"));
+        let reply = out.0.iter().find(|e| e.starts_with("Reply")).unwrap();
+        assert!(reply.starts_with("Reply(400") && !reply.contains("retry-after"), "{reply}");
+        assert!(reply.contains("too-costly") && reply.contains("costs 6") && reply.contains("burst of 5"), "{reply}");
+        assert!(out.0.iter().any(|e| e.contains("TenantQuota")), "{out:?}");
+        let in_flight_only = quota(serde_json::json!({"max_in_flight": 2}));
+        assert_eq!(never_fits(&in_flight_only, "t", 1000, &mut out), None, "no rate: no burst");
     }
 
     #[test]

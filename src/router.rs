@@ -98,7 +98,19 @@ pub struct HttpRequest<'a> {
     pub path: Cow<'a, str>,
     pub authorization: Option<Cow<'a, str>>,
     pub duplicate_authorization: bool,
+    /// A conditional create's `If-None-Exist` header.
+    pub if_none_exist: Option<Cow<'a, str>>,
+    /// The method a method override header names ([`METHOD_OVERRIDES`]).
+    pub method_override: Option<Cow<'a, str>>,
+    /// Override headers that disagree came.
+    pub override_conflict: bool,
 }
+
+/// The method override headers some servers (and frameworks under them) honour: the request is judged as
+/// the method it has and as the one they name (both must be allowed), and goes on unchanged, so that
+/// whichever the server performs was judged. Several that disagree, or a name that is no HTTP method FHIR
+/// uses, are refused (403).
+pub const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
 
 /// A request kept beyond its header event.
 pub type OwnedRequest = HttpRequest<'static>;
@@ -115,6 +127,9 @@ impl HttpRequest<'_> {
             path: owned(&self.path),
             authorization: self.authorization.as_deref().map(owned),
             duplicate_authorization: self.duplicate_authorization,
+            if_none_exist: self.if_none_exist.as_deref().map(owned),
+            method_override: self.method_override.as_deref().map(owned),
+            override_conflict: self.override_conflict,
         }
     }
 
@@ -124,6 +139,9 @@ impl HttpRequest<'_> {
             path: &self.path,
             authorization: self.authorization.as_deref(),
             duplicate_authorization: self.duplicate_authorization,
+            if_none_exist: self.if_none_exist.as_deref(),
+            method_override: self.method_override.as_deref(),
+            override_conflict: self.override_conflict,
         }
     }
 }
@@ -146,9 +164,14 @@ struct PendingAudit {
     credential: Option<&'static str>,
 }
 
-/// A Bundle the tenant's allowlist (and the token's SMART scopes) must judge before its body may go on.
+/// A body the tenant's allowlist (and the token's SMART scopes) must judge before it may go on: a Bundle,
+/// or the form of a `POST _search`.
 #[derive(Clone, Debug)]
 struct Inspection {
+    /// `Some(path)`: a `POST _search` on `path` (its form is judged with it); `None`: a Bundle.
+    search: Option<String>,
+    /// What the request reaches is judged (a narrowed token, or a tenant that lists types).
+    narrowed: bool,
     policy: Policy,
     tenant: String,
     audit: Option<PendingAudit>,
@@ -427,6 +450,20 @@ impl Router {
                 b"authorization" => {
                     request.duplicate_authorization |= request.authorization.is_some();
                     request.authorization = Some(text(value));
+                }
+                b"if-none-exist" => {
+                    // Two of them: a server may read either, so both searches are judged.
+                    request.if_none_exist = Some(match request.if_none_exist.take() {
+                        None => text(value),
+                        Some(first) => Cow::Owned(format!("{first}&{}", text(value))),
+                    });
+                }
+                b"x-http-method-override" | b"x-http-method" | b"x-method-override" => {
+                    let named = text(value);
+                    if request.method_override.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case(&named)) {
+                        request.override_conflict = true;
+                    }
+                    request.method_override = Some(named);
                 }
                 n if n == config.route_header.as_bytes() => spoofed |= 1,
                 n if n == config.tenant_header.as_bytes() => spoofed |= 1 << 1,
@@ -819,12 +856,22 @@ impl Router {
                 audit.record(Outcome::Public, Detail::default(), out);
                 Flow::Stop
             }
-            Decision::Route { tenant, identity, cached, inspect_body } => {
-                // A Bundle is charged by its entries once its body is judged (`judge_bundle`).
+            Decision::Route { tenant, identity, cached, inspect_body, search_form } => {
+                // A Bundle or a search form is charged once its body is judged (`judge_bundle`).
                 if !inspect_body && !stream.charged {
                     if let Some(quota) = quota_of(config, tenant) {
                         stream.charged = true;
-                        let cost = crate::quota::request_cost(quota, &request.method, &request.path);
+                        let cost = crate::quota::request_cost(quota, &request.method, &request.path, None);
+                        if let Some(reason) = crate::quota::never_fits(quota, &tenant.id, cost, out) {
+                            let detail = Detail {
+                                reason: Some(reason),
+                                tenant: Some(&tenant.id),
+                                identity: Some(&identity),
+                                ..Detail::default()
+                            };
+                            audit.record(Outcome::Rejected, detail, out);
+                            return Flow::Stop;
+                        }
                         match quotas.admit(quota, &tenant.id, cost, now_ms, out) {
                             Ok(slot) => stream.quota_slot = slot,
                             Err(verdict) => return limited(&audit, quota, verdict, &tenant.id, &identity, out),
@@ -864,7 +911,8 @@ impl Router {
                     }
                 }
                 out.push(Effect::Count(if cached { Metric::CacheHits } else { Metric::CacheMisses }));
-                route(&audit, stream, tenant, &identity, inspect_body, credential, out)
+                let inspect = inspect_body.then_some(search_form);
+                route(&audit, stream, tenant, &identity, inspect, credential, out)
             }
             Decision::Forbidden { tenant, identity, refusal } => {
                 let reason = forbid(&refusal, &tenant.id, out);
@@ -924,17 +972,32 @@ impl Router {
         let Phase::Inspecting(inspection) = std::mem::replace(&mut stream.phase, Phase::Decided) else {
             return Flow::Continue;
         };
-        let Inspection { policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
+        let Inspection { search, narrowed, policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
         let base = self.config.public_base_url.as_deref();
-        let verdict =
-            policy.check_bundle_with(body, base, &|method, entry| scopes.check(require_scopes, method, entry));
-        // Refused (its outcome and reason), by the allowlist or scopes, else by the quota, charged its entries.
+        let also = |method: &str, c: &crate::fhir::Classified<'_>| scopes.check(require_scopes, method, c);
+        let verdict = match &search {
+            Some(path) => {
+                let judge = crate::fhir::Judge { narrowed, form: Some(body), if_none_exist: None };
+                policy.check_request_with("POST", path, &judge, &also).map(|_| ())
+            }
+            None => policy.check_bundle_with(body, base, narrowed, &also),
+        };
+        // Refused (its outcome and reason), by the allowlist or scopes, else by the quota, charged its entries
+        // (a search form: its `_count`).
         let mut refused = verdict.err().map(|refusal| (Outcome::Forbidden, forbid(&refusal, &tenant, out)));
         if let (None, Some(quota)) = (&refused, quota.filter(|_| !stream.charged)) {
             stream.charged = true;
-            match self.quotas.admit(&quota, &tenant, crate::quota::bundle_cost(body), now_ms, out) {
-                Ok(slot) => stream.quota_slot = slot,
-                Err(verdict) => refused = Some((Outcome::Rejected, crate::quota::reply(&quota, verdict, out))),
+            let cost = match &search {
+                Some(path) => crate::quota::request_cost(&quota, "POST", path, Some(body)),
+                None => crate::quota::bundle_cost(&quota, body),
+            };
+            if let Some(reason) = crate::quota::never_fits(&quota, &tenant, cost, out) {
+                refused = Some((Outcome::Rejected, reason));
+            } else {
+                match self.quotas.admit(&quota, &tenant, cost, now_ms, out) {
+                    Ok(slot) => stream.quota_slot = slot,
+                    Err(verdict) => refused = Some((Outcome::Rejected, crate::quota::reply(&quota, verdict, out))),
+                }
             }
         }
         let allowed = refused.is_none();
@@ -1000,7 +1063,7 @@ fn route(
     stream: &mut Stream,
     tenant: &Tenant,
     identity: &Identity,
-    inspect_body: bool,
+    inspect: Option<bool>,
     upstream_authorization: Option<&str>,
     out: &mut dyn Effects,
 ) -> Flow {
@@ -1018,7 +1081,7 @@ fn route(
     }
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
-    if inspect_body {
+    if let Some(search_form) = inspect {
         let pending = config.audit_log.then(|| PendingAudit {
             request: audit.request.to_owned_request(),
             identity: identity.clone(),
@@ -1028,7 +1091,11 @@ fn route(
         if config.access_log_filter_state {
             filter_state(Some(&tenant.id), Some(identity), out);
         }
+        let scopes = identity.scopes();
+        let narrowed = tenant.requires_smart_scopes() || scopes.is_narrowed() || tenant.policy().limits_types();
         let inspection = Inspection {
+            search: search_form.then(|| audit.request.path.to_string()),
+            narrowed,
             policy: tenant.policy().clone(),
             tenant: tenant.id.clone(),
             audit: pending,

@@ -618,7 +618,7 @@ pub fn decide_requests(rng: &mut Rng, n: usize) -> Stats {
         let duplicate = rng.percent(3);
         let now = if rng.percent(90) { NOW } else { NOW + 600 + 60 + rng.below(3) as i64 - 1 };
         note("decide", auth.as_bytes());
-        let request = Request { method, path, authorization: Some(&auth), duplicate_authorization: duplicate };
+        let request = Request { method, path, authorization: Some(&auth), duplicate_authorization: duplicate, ..Request::default() };
         let decision = decide(
             &Known { config: &config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &PureRust },
             &request,

@@ -652,6 +652,83 @@ fn smart_scopes_narrow_requests_and_batch_entries_with_403_insufficient_scope_na
 }
 
 #[test]
+fn a_narrowed_post_search_is_held_until_its_form_is_judged_and_headers_that_change_the_method_are_judged() {
+    let mut p = plugin();
+    p["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "allow": {"interactions": ["read", "search", "delete"]}});
+    p["tenants"][TENANT_B] = json!({"cluster": "tenant_b", "allow": {"interactions": ["read", "search", "create"]}});
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_A} system/Patient.rs"));
+    let auth = bearer(&claims);
+    let post_search = || {
+        let mut h = get("/Patient/_search", Some(&auth));
+        h[0].1 = "POST".into();
+        h.push(("content-type", "application/x-www-form-urlencoded".into()));
+        h
+    };
+    for (id, form, passes) in [
+        (1, "name=x&_count=5", true),
+        (2, "name=x&_revinclude=Observation%3Apatient", false),
+        (3, "_has%3AObservation%3Apatient%3Acode=1", false),
+    ] {
+        let (mut f, flow) = send(&host, &root, id, &post_search(), false);
+        assert_eq!(flow, Flow::Buffer, "held whole until the form is judged");
+        assert!(!host.take_calls().iter().any(|c| c.starts_with("send_reply")));
+        *host.0.request_body.borrow_mut() = form.as_bytes().to_vec();
+        let flow = f.on_request_body(form.len(), true);
+        let calls = host.take_calls();
+        if passes {
+            assert_eq!(flow, Flow::Continue, "{form}");
+        } else {
+            assert_eq!(flow, Flow::Stop, "{form}");
+            let reply = calls.iter().find(|c| c.starts_with("send_reply 403 ")).unwrap();
+            assert!(reply.contains("scope=\\\"system/Observation."), "{reply}");
+        }
+        f.on_done();
+    }
+    // A token without SMART scopes (and no resource_types, no search costing): no hold, as before.
+    let plain = bearer(&testkeys::claims_now());
+    let mut h = get("/Patient/_search", Some(&plain));
+    h[0].1 = "POST".into();
+    let (_f, flow) = send(&host, &root, 9, &h, false);
+    assert_eq!(flow, Flow::Continue);
+    host.take_calls();
+    // Method override headers: judged as the method they name too.
+    for (id, name, value, passes) in [
+        (10, "x-http-method-override", "DELETE", false),
+        (11, "x-http-method", "delete", false),
+        (12, "x-method-override", "GET", true),
+        (13, "x-http-method-override", "BREW", false),
+    ] {
+        let mut h = get("/Patient/1", Some(&auth));
+        h.push((name, value.into()));
+        let (_f, flow) = send(&host, &root, id, &h, true);
+        assert_eq!(flow == Flow::Continue, passes, "{name}: {value}");
+        host.take_calls();
+    }
+    let mut h = get("/Patient/1", Some(&auth));
+    h.push(("x-http-method-override", "GET".into()));
+    h.push(("x-method-override", "DELETE".into()));
+    assert_eq!(send(&host, &root, 14, &h, true).1, Flow::Stop, "overrides that disagree");
+    host.take_calls();
+    // If-None-Exist makes a create a search too: its reach is judged against the scopes.
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_B} system/Patient.cruds"));
+    let writer = bearer(&claims);
+    let mut h = get("/Patient", Some(&writer));
+    h[0].1 = "POST".into();
+    assert_eq!(send(&host, &root, 15, &h, true).1, Flow::Continue, "a plain create");
+    host.take_calls();
+    h.push(("if-none-exist", "_has:Observation:patient:code=1".into()));
+    let (_f, flow) = send(&host, &root, 16, &h, true);
+    assert_eq!(flow, Flow::Stop);
+    let calls = host.take_calls();
+    let reply = calls.iter().find(|c| c.starts_with("send_reply 403 ")).unwrap();
+    assert!(reply.contains("scope=\\\"system/Observation.s\\\""), "{reply}");
+}
+
+#[test]
 fn a_tenant_that_requires_smart_scopes_refuses_a_token_without_them() {
     let mut p = plugin();
     p["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "require_smart_scopes": true});
@@ -1445,6 +1522,7 @@ fn a_bundle_costs_one_unit_per_entry_charged_before_anything_goes_on() {
     let auth = bearer(&testkeys::claims_now());
     let entry = json!({"request": {"method": "GET", "url": "Patient?name=x"}});
     let bundle = |n: usize| json!({"resourceType": "Bundle", "type": "batch", "entry": vec![entry.clone(); n]});
+    // 4 entries cost more than the burst: never admitted, so 400 (too-costly) and no Retry-After.
     for (id, entries, passes) in [(1, 4, false), (2, 2, true), (3, 2, false), (4, 1, true)] {
         let (mut f, flow) = send(&host, &root, id, &post_base(&auth), false);
         assert_eq!(flow, Flow::Buffer, "held whole: the cost is known from the body");
@@ -1457,7 +1535,12 @@ fn a_bundle_costs_one_unit_per_entry_charged_before_anything_goes_on() {
             assert_eq!(flow, Flow::Continue, "{entries} entries");
         } else {
             assert_eq!(flow, Flow::Stop, "{entries} entries");
-            assert!(calls.iter().any(|c| c.starts_with("send_reply 429")), "{calls:?}");
+            let status = if entries > 3 { "send_reply 400" } else { "send_reply 429" };
+            assert!(calls.iter().any(|c| c.starts_with(status)), "{calls:?}");
+            if entries > 3 {
+                assert!(!calls.iter().any(|c| c.contains("retry-after")), "{calls:?}");
+                assert!(calls.iter().any(|c| c.contains("too-costly")), "{calls:?}");
+            }
         }
         f.on_done();
     }

@@ -233,7 +233,7 @@ impl Probe {
             _ => return,
         };
         let now = (now_ns() / 1_000_000_000) as i64;
-        let req = Request { method: "GET", path: "/Patient?family=smith&_count=10", authorization: Some(&authorization), duplicate_authorization: false };
+        let req = Request { method: "GET", path: "/Patient?family=smith&_count=10", authorization: Some(&authorization), duplicate_authorization: false, ..Request::default() };
         let first = decide(&Known { config: config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &HostSigs }, &req, &mut cache, now);
         log::warn!("PROBE first decision {}", match first { Decision::Route { .. } => "route", _ => "other" });
         time("core: decide (cache hit)", || {

@@ -205,6 +205,11 @@ pub enum Metric<'a> {
     TenantQuota(&'a str, bool),
     /// A request let through uncharged: its quota's store lost every compare-and-swap, or is unavailable.
     QuotaUnchecked,
+    /// The answer to a narrowed request held types its client may not read, and was withheld.
+    ResponsesWithheldForbidden,
+    /// The answer to a narrowed request could not be checked (not JSON, invalid or truncated), and was
+    /// withheld.
+    ResponsesWithheldUnchecked,
 }
 
 /// A per-tenant refusal counted on its own (`tenant.<id>.<name>`), beyond `tenant.<id>.forbidden`.
@@ -282,7 +287,7 @@ impl TokenEvent {
 }
 
 /// The fixed counters, in the order a shell defines them.
-pub const COUNTERS: [Metric<'static>; 15] = [
+pub const COUNTERS: [Metric<'static>; 17] = [
     Metric::Allowed,
     Metric::Public,
     Metric::ForbiddenByPolicy,
@@ -298,6 +303,8 @@ pub const COUNTERS: [Metric<'static>; 15] = [
     Metric::JwksUncheckableKey,
     Metric::ForbiddenByScope,
     Metric::QuotaUnchecked,
+    Metric::ResponsesWithheldForbidden,
+    Metric::ResponsesWithheldUnchecked,
 ];
 
 /// Where a shell keeps a counter's id: [`COUNTERS`] position, [`Rejection::ALL`] position, or a
@@ -331,6 +338,8 @@ impl<'a> Metric<'a> {
             Self::JwksUncheckableKey => CounterSlot::Fixed(12),
             Self::ForbiddenByScope => CounterSlot::Fixed(13),
             Self::QuotaUnchecked => CounterSlot::Fixed(14),
+            Self::ResponsesWithheldForbidden => CounterSlot::Fixed(15),
+            Self::ResponsesWithheldUnchecked => CounterSlot::Fixed(16),
             Self::Rejected(r) => CounterSlot::Rejected(r.index()),
             Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
             Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
@@ -368,6 +377,8 @@ impl Metric<'_> {
             Self::TenantQuota(_, true) => "quota.allowed",
             Self::TenantQuota(_, false) => "quota.limited",
             Self::QuotaUnchecked => "quota.unchecked",
+            Self::ResponsesWithheldForbidden => "responses.withheld.forbidden_type",
+            Self::ResponsesWithheldUnchecked => "responses.withheld.unchecked",
         }
     }
 }

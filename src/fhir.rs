@@ -297,6 +297,11 @@ impl Policy {
         Ok(Self { interactions: bits, resource_types })
     }
 
+    /// The allowlist's resource types; `None`: every type.
+    pub fn resource_types(&self) -> Option<&BTreeSet<String>> {
+        self.resource_types.as_ref()
+    }
+
     fn allows(&self, c: &Classified<'_>) -> bool {
         self.interactions & bit(c.interaction) != 0
             && match (&self.resource_types, c.resource_type) {

@@ -31,6 +31,7 @@ pub mod quota;
 pub mod reach;
 pub mod refresh;
 pub mod rejection;
+pub mod response_check;
 pub mod router;
 pub mod scopes;
 pub mod search_params;

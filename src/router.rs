@@ -23,6 +23,7 @@ use crate::jwks::KeySet;
 use crate::links;
 use crate::refresh::Schedule;
 use crate::rejection::{operation_outcome, Rejection, REALM};
+use crate::response_check::{self, Readable, Unreadable, Verdict};
 use crate::scopes::Scopes;
 use crate::tenant::{Tenant, TenantMap};
 use crate::upstream_auth::{Access, TokenSlot, TokenSlots};
@@ -223,6 +224,19 @@ pub struct Stream {
     quota_slot: Option<String>,
     /// Its quota was charged (a request woken after a wait is not charged twice).
     charged: bool,
+    /// What its answer may hold, for a narrowed request ([`crate::response_check`]).
+    check: Option<Box<AnswerCheck>>,
+    /// The response (headers and body) is held for the check's verdict.
+    checking: bool,
+}
+
+/// The check a narrowed request's answer must pass before it reaches the client.
+#[derive(Clone, Debug)]
+struct AnswerCheck {
+    readable: Readable,
+    tenant: String,
+    /// A read of a `Binary`: its raw content (not JSON) may come back as it is.
+    raw_ok: bool,
 }
 
 /// Which upstream token a request was sent with, and what sending it again needs.
@@ -656,10 +670,10 @@ impl Router {
         header: &dyn Fn(&str) -> Option<String>,
         out: &mut dyn Effects,
     ) -> Flow {
-        let Some(edit) = &stream.response else {
+        if stream.response.is_none() && stream.check.is_none() {
             return Flow::Continue;
-        };
-        if let ResponseEdit::RewriteLinks { from, to } = edit {
+        }
+        if let Some(ResponseEdit::RewriteLinks { from, to }) = &stream.response {
             for name in LINK_HEADERS {
                 if let Some(new) = header(name).and_then(|v| links::rewrite_url(&v, from, to)) {
                     out.push(Effect::SetResponseHeader(name, &new));
@@ -667,7 +681,29 @@ impl Router {
             }
         }
         let encoded = header("content-encoding").is_some_and(|e| e != "identity");
-        let json = header("content-type").is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+        let content_type = header("content-type");
+        let json = content_type.as_deref().is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+        if let Some(check) = stream.check.as_deref().filter(|_| !end_of_stream && !stream.head) {
+            // A narrowed request's answer: held whole (headers too) until it is checked, or refused at once
+            // if it cannot be checked.
+            let checkable = !encoded && content_type.as_deref().is_some_and(response_check::is_json_media_type);
+            if !checkable {
+                if check.raw_ok && !encoded {
+                    return Flow::Continue;
+                }
+                withhold(check, &Verdict::Unreadable(Unreadable::Format), out);
+                return Flow::Stop;
+            }
+            stream.checking = true;
+            if stream.response.is_some() {
+                out.push(Effect::RemoveResponseHeader("content-length")); // the body changes length
+                stream.editing_response = true;
+            }
+            return Flow::Buffer;
+        }
+        if stream.response.is_none() {
+            return Flow::Continue;
+        }
         if stream.head && !encoded && json {
             // RFC 9110 §8.6: a HEAD answer's content-length must be what GET would send, or absent. GET sends
             // the edited body, whose length the upstream's HEAD answer cannot know (nor can we, with no body).
@@ -694,13 +730,22 @@ impl Router {
             // The refused answer's body: held, never sent (the client gets the answer to the request sent again).
             return Flow::Buffer;
         }
-        let Some(edit) = stream.response.as_ref().filter(|_| stream.editing_response) else {
+        if !stream.editing_response && !stream.checking {
             return Flow::Continue;
-        };
+        }
         if !end_of_stream {
             return Flow::Buffer;
         }
-        if let Some(new) = self.edited_body(edit, &body()) {
+        let body = body();
+        if let Some(check) = stream.check.as_deref().filter(|_| stream.checking) {
+            let verdict = response_check::check(&body, &check.readable);
+            if verdict != Verdict::Clean {
+                withhold(check, &verdict, out);
+                return Flow::Stop;
+            }
+        }
+        let edit = stream.response.as_ref().filter(|_| stream.editing_response);
+        if let Some(new) = edit.and_then(|edit| self.edited_body(edit, &body)) {
             out.push(Effect::ReplaceResponseBody(&new));
         }
         Flow::Continue
@@ -812,6 +857,22 @@ impl Router {
             };
             copied.push((name.as_str(), value));
         }
+        if let Some(check) = stream.check.as_deref() {
+            let content_type = headers.iter().find(|(n, _)| n == "content-type").map(|(_, v)| v.as_str());
+            let encoded = headers.iter().any(|(n, v)| n == "content-encoding" && v != "identity");
+            let checkable = !encoded && content_type.is_some_and(response_check::is_json_media_type);
+            let verdict = if checkable {
+                response_check::check(body, &check.readable)
+            } else if body.is_empty() || (check.raw_ok && !encoded) {
+                Verdict::Clean
+            } else {
+                Verdict::Unreadable(Unreadable::Format)
+            };
+            if verdict != Verdict::Clean {
+                withhold(check, &verdict, out);
+                return;
+            }
+        }
         let json = headers.iter().any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().contains("json"));
         let edited = stream.response.as_ref().filter(|_| json).and_then(|edit| self.edited_body(edit, body));
         let headers: Vec<(&str, &str)> = copied.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -857,6 +918,20 @@ impl Router {
                 Flow::Stop
             }
             Decision::Route { tenant, identity, cached, inspect_body, search_form } => {
+                let check = answer_check(tenant, &identity, request);
+                if check.is_some() && response_check::asks_unreadable_format(&request.path) {
+                    // Its answer could not be checked: refused before it reaches the upstream.
+                    let reason = unreadable_format(&tenant.id, out);
+                    let detail = Detail {
+                        reason: Some(reason),
+                        tenant: Some(&tenant.id),
+                        identity: Some(&identity),
+                        ..Detail::default()
+                    };
+                    audit.record(Outcome::Forbidden, detail, out);
+                    return Flow::Stop;
+                }
+                stream.check = check;
                 // A Bundle or a search form is charged once its body is judged (`judge_bundle`).
                 if !inspect_body && !stream.charged {
                     if let Some(quota) = quota_of(config, tenant) {
@@ -1023,6 +1098,82 @@ impl Router {
     }
 }
 
+/// The check a request's answer needs: `None` unless its token's SMART scopes or its tenant's
+/// `resource_types` narrow the types it may read.
+fn answer_check(tenant: &Tenant, identity: &Identity, request: &HttpRequest<'_>) -> Option<Box<AnswerCheck>> {
+    use crate::fhir::Interaction;
+    let classified = crate::fhir::classify(&request.method, &request.path);
+    let own = classified
+        .as_ref()
+        .filter(|c| matches!(c.interaction, Interaction::Create | Interaction::Update | Interaction::Patch))
+        .and_then(|c| c.resource_type);
+    let readable = Readable::of(tenant.policy(), identity.scopes(), own)?;
+    let raw_ok = classified.is_some_and(|c| {
+        c.resource_type == Some("Binary")
+            && matches!(c.interaction, Interaction::Read | Interaction::Vread)
+            && readable.allows("Binary")
+    });
+    Some(Box::new(AnswerCheck { readable, tenant: tenant.id.clone(), raw_ok }))
+}
+
+/// 406 for a narrowed request whose `_format` asks for what the answer check cannot read (XML, Turtle):
+/// counted as withheld; returns the audit line's reason.
+fn unreadable_format(tenant: &str, out: &mut dyn Effects) -> &'static str {
+    out.push(Effect::Count(Metric::ResponsesWithheldUnchecked));
+    out.push(Effect::Count(Metric::TenantForbidden(tenant)));
+    let body = operation_outcome(
+        "not-supported",
+        "Answers to requests narrowed by SMART scopes or a resource type allowlist are checked, and only JSON \
+         can be: leave out _format or ask for json.",
+    );
+    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    out.push(Effect::Reply(Reply { status: 406, headers: &headers, body: body.as_bytes() }));
+    "unreadable_format"
+}
+
+/// Replaces a narrowed request's answer that holds types its client may not read (403 `forbidden`), or
+/// that cannot be checked (406 `not-supported` for a format other than uncompressed JSON; 502 `exception`
+/// for invalid or truncated JSON), by an `OperationOutcome`; counts it and logs the tenant, the types found
+/// and their counts (no path, no data).
+fn withhold(check: &AnswerCheck, verdict: &Verdict, out: &mut dyn Effects) {
+    let (status, code, text, metric, why) = match verdict {
+        Verdict::Clean => return,
+        Verdict::Forbidden(found) => (
+            403,
+            "forbidden",
+            "The answer holds resources of a type this access token may not read; it was withheld.",
+            Metric::ResponsesWithheldForbidden,
+            format!("it holds types the token may not read: {}", found.summary()),
+        ),
+        Verdict::Unreadable(Unreadable::Format) => (
+            406,
+            "not-supported",
+            "Answers to requests narrowed by SMART scopes or a resource type allowlist are checked, and only \
+             uncompressed JSON can be: ask for application/fhir+json.",
+            Metric::ResponsesWithheldUnchecked,
+            format!("it could not be checked: {}", Unreadable::Format.name()),
+        ),
+        Verdict::Unreadable(why) => (
+            502,
+            "exception",
+            "The FHIR server's answer could not be checked; it was withheld.",
+            Metric::ResponsesWithheldUnchecked,
+            format!("it could not be checked: {}", why.name()),
+        ),
+    };
+    out.push(Effect::Count(metric));
+    out.push(Effect::Count(Metric::TenantForbidden(&check.tenant)));
+    let line = format!("tenant {}: the answer to a narrowed request was withheld ({status}): {why}", check.tenant);
+    out.push(Effect::Log(Level::Warn, &line));
+    let body = operation_outcome(code, text);
+    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    out.push(Effect::Reply(Reply { status, headers: &headers, body: body.as_bytes() }));
+}
+
+#[cfg(test)]
+#[path = "router_answer_tests.rs"]
+mod answer_tests;
+
 /// Counts the signature checks of one decision, and logs what the checker noticed (once).
 fn count_checks(checks: CheckLog, out: &mut dyn Effects) {
     for _ in 0..checks.host {
@@ -1075,6 +1226,9 @@ fn route(
         None => {}
     }
     stream.response = prepare_upstream(config, tenant, audit.request, out);
+    if stream.check.is_some() && !matches!(stream.response, Some(ResponseEdit::RewriteLinks { .. })) {
+        out.push(Effect::RemoveRequestHeader("accept-encoding")); // a compressed answer could not be checked
+    }
     out.push(Effect::SetRequestHeader(&config.tenant_header, &tenant.id));
     if let Some(header) = &config.rate_limit_descriptor_header {
         out.push(Effect::SetRequestHeader(header, &tenant.id));

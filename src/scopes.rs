@@ -179,6 +179,17 @@ impl Scopes {
         self.0.is_some()
     }
 
+    /// The resource types the scopes let the client read (`r` or `s`: search results are read too), or
+    /// `None` for every type (a token without SMART scopes, or one granting `r` or `s` on `*`).
+    pub fn readable_types(&self) -> Option<Vec<&str>> {
+        let granted = self.0.as_ref()?;
+        let reads = |g: &&Grant| g.perms & (R | S) != 0;
+        if granted.grants.iter().filter(reads).any(|g| g.resource_type.is_none()) {
+            return None;
+        }
+        Some(granted.grants.iter().filter(reads).filter_map(|g| g.resource_type.as_deref()).collect())
+    }
+
     /// Whether the scopes grant `method` on the classified request (or Bundle entry). A token without SMART
     /// scopes is granted everything unless `required` (the tenant's `require_smart_scopes`). `Err` names
     /// the scope the request needs, in the token's syntax (v1 unless it wrote v2 scopes).

@@ -374,3 +374,46 @@ pub fn scopes(claim: Option<&Value>) -> bool {
     }
     s.is_narrowed()
 }
+
+/// The answer check on a response body: never panics, and agrees with a walk over serde_json's own tree
+/// (every object's string `resourceType` must be readable; a non-string one, or a body serde_json refuses,
+/// is unreadable). Returns whether the body was read.
+pub fn response_check(body: &[u8]) -> bool {
+    use fhir_tenant_router::response_check::{check, Readable, Verdict};
+    let readable = Readable::from_types(["Patient", "Observation"]);
+    let got = check(body, &readable);
+    fn walk(v: &Value, readable: &Readable) -> Option<u32> {
+        match v {
+            Value::Array(a) => a.iter().map(|v| walk(v, readable)).sum(),
+            Value::Object(o) => {
+                let own = match o.get("resourceType") {
+                    Some(Value::String(t)) => u32::from(!readable.allows(t)),
+                    None => 0,
+                    Some(_) => return None,
+                };
+                let rest: Option<u32> =
+                    o.iter().filter(|(k, _)| *k != "resourceType").map(|(_, v)| walk(v, readable)).sum();
+                Some(own + rest?)
+            }
+            _ => Some(0),
+        }
+    }
+    let blank = body.iter().all(u8::is_ascii_whitespace);
+    let expected =
+        if blank { Some(0) } else { serde_json::from_slice::<Value>(body).ok().and_then(|v| walk(&v, &readable)) };
+    // Duplicate keys: serde_json's tree keeps the last `resourceType`, the check reads every one; the check
+    // may only be stricter there.
+    let duplicate = String::from_utf8_lossy(body).matches("resourceType").count() > 1;
+    match (&got, expected) {
+        (Verdict::Clean, Some(0)) => {}
+        (Verdict::Forbidden(f), Some(n)) => {
+            let total: u32 = f.0.iter().map(|(_, c)| *c).sum();
+            assert!(total == n || (duplicate && total >= n), "forbidden count {total}, oracle {n}");
+        }
+        (Verdict::Unreadable(_), None) => {}
+        // Stricter than the tree (which keeps only the last of duplicate keys) is allowed; laxer never.
+        (Verdict::Forbidden(_) | Verdict::Unreadable(_), _) if duplicate => {}
+        (got, expected) => panic!("check said {got:?}, the tree walk {expected:?}"),
+    }
+    !matches!(got, Verdict::Unreadable(_))
+}

@@ -835,3 +835,48 @@ pub fn token_response(rng: &mut Rng, n: usize) -> Stats {
     }
     stats
 }
+
+/// Response bodies for the answer check: FHIR answers (a searchset with includes, contained resources at
+/// depth, a batch-response with nested Bundles and outcomes, Parameters) mutated structurally and at byte
+/// level, truncated, spliced, deeply nested, or raw bytes.
+pub fn response_bodies(rng: &mut Rng, n: usize) -> Stats {
+    let seeds = [
+        json!({"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "next", "url": "http://x/?_getpages=a"}],
+               "entry": [{"resource": {"resourceType": "Patient", "id": "1", "contained": [{"resourceType": "Organization"}]}},
+                         {"resource": {"resourceType": "Encounter"}, "search": {"mode": "include"}}]}),
+        json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+            {"resource": {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Condition"}}]}},
+            {"response": {"status": "404", "outcome": {"resourceType": "OperationOutcome", "issue": []}}}]}),
+        json!({"resourceType": "Parameters", "parameter": [{"name": "r", "resource": {"resourceType": "Practitioner"}},
+               {"name": "p", "part": [{"resource": {"resourceType": "Patient"}}]}]}),
+        json!({"resourceType": "Observation", "valueString": "\u{e9}", "contained": [{"resourceType": "Patient",
+               "contained": [{"resourceType": "Medication"}]}]}),
+    ];
+    let mut stats = Stats::default();
+    for _ in 0..n {
+        let seed = rng.pick(&seeds).clone();
+        let body = match rng.below(10) {
+            0 => {
+                let full = serde_json::to_vec(&seed).unwrap_or_default();
+                full[..rng.below(full.len() + 1)].to_vec()
+            }
+            1 => {
+                let a = json_document(rng, &seed);
+                let other = rng.pick(&seeds).clone();
+                let b = json_document(rng, &other);
+                splice(rng, &a, &b)
+            }
+            2 => {
+                let depth = rng.below(300);
+                let open = if rng.percent(50) { "[" } else { "{\"resourceType\":\"Patient\",\"contained\":[" };
+                let close = if open == "[" { "]" } else { "]}" };
+                (open.repeat(depth) + &close.repeat(depth)).into_bytes()
+            }
+            3 => (0..rng.len(64)).map(|_| *rng.pick(b"{}[]\":,resourceTypePatient \\u0065")).collect(),
+            _ => json_document(rng, &seed),
+        };
+        note("response_check", &body);
+        stats.add(checks::response_check(&body));
+    }
+    stats
+}

@@ -81,6 +81,11 @@ pub fn fuzz_scopes(data: &[u8]) {
     checks::scopes(Some(&claim));
 }
 
+/// Response bodies for the answer check.
+pub fn fuzz_response_check(data: &[u8]) {
+    checks::response_check(data);
+}
+
 /// `Authorization` header values.
 pub fn fuzz_bearer(data: &[u8]) {
     match std::str::from_utf8(data) {

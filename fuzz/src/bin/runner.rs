@@ -33,6 +33,12 @@ const PARSERS: &[(&str, &str, usize, Generator)] = &[
         gen::router_events,
     ),
     ("bearer", "bearer::extract_bearer", 200_000, gen::bearer),
+    (
+        "response_check",
+        "response_check::check (answers to narrowed requests; oracle: serde_json tree walk)",
+        100_000,
+        gen::response_bodies,
+    ),
     ("host_proto", "host_proto::decode_verify_result", 200_000, gen::host_proto),
     ("der", "der::ecdsa_raw_to_der", 200_000, gen::der),
     ("token_response", "upstream_auth::parse_token_response", 100_000, gen::token_response),

@@ -410,6 +410,8 @@ def cases_for(cls: str, w: World):
             Case(cls, "GET", "Patient", [("_filter", f"general-practitioner.name eq {w.gp_family}")]),
             Case(cls, "GET", "Patient/$export", []),
             Case(cls, "GET", "$export", []),
+            Case(cls, "GET", "Patient/%24export", []),  # the upstream decodes the path: the same operation
+            Case(cls, "POST", "%24export", [], "direct", body={"resourceType": "Parameters"}),
             Case(cls, "POST", "$graphql", [], "direct", body={"query": "{ ObservationList { id } }"}),
         ]))
     raise AssertionError(cls)
@@ -676,6 +678,23 @@ def test_head_is_answered_wherever_get_is(world):
     for kind, token in world.tokens.items():
         r = world.send(token, "HEAD", f"/Patient/{world.p1}")
         assert r.status == 200 and r.body == b"", (kind, r)
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/Patient/%24export"), ("POST", "/%24export"),
+                                         ("HEAD", "/Patient/{p1}/%24everything"), ("HEAD", "/Patient/%24everything")])
+def test_an_operation_spelled_with_an_encoded_dollar_is_judged_as_that_operation(world, method, path):
+    """The upstream decodes the path (the oracle as HAPI does): `%24export` IS `$export`. Its kick-off answers
+    202 without a body and HEAD has none, so no answer check can catch them: they must be refused before the
+    upstream for a Patient-only grant, like their `$` spelling."""
+    target = path.format(p1=world.p1)
+    direct = world.direct("GET", "/Patient/%24everything")  # the oracle decodes it and runs $everything
+    assert direct.status == 200 and set(_types(direct.json())) - GRANTED - NEUTRAL, direct
+    for kind, token in world.tokens.items():
+        mark = world.oracle.journal_mark()
+        body = b'{"resourceType":"Parameters"}' if method == "POST" else None
+        resp = world.send(token, method, target, body, {"content-type": "application/fhir+json"} if body else None)
+        reached = world.oracle.requests_since(mark)
+        assert resp.status == 403 and not reached, (kind, resp, reached)
 
 
 def test_zz_every_class_ran(world):

@@ -225,6 +225,7 @@ class Case:
     yes_no: bool = False  # its answer's SET of Patients depends on another type's data
     write: bool = False
     if_none_exist: str | None = None
+    form_type: str = "application/x-www-form-urlencoded"
 
     def describe(self) -> str:
         if self.transport == "replay":
@@ -267,7 +268,7 @@ def render(case: Case) -> tuple[str, str, bytes | None, dict]:
             headers["if-none-exist"] = case.if_none_exist
         return method, "/" + rel, body, headers
     search = f"/{case.path}/_search" if case.path else "/_search"
-    form = {**case.headers, "content-type": "application/x-www-form-urlencoded"}
+    form = {**case.headers, "content-type": case.form_type}
     if case.transport == "post-search-body":
         return "POST", search, qs.encode(), form
     if case.transport == "post-search-url":
@@ -288,6 +289,9 @@ def render(case: Case) -> tuple[str, str, bytes | None, dict]:
     raise AssertionError(case.transport)
 
 
+# media type parameters and case do not change a media type (RFC 9110 s8.3.1): the upstream reads all as a form
+FORM_TYPES = ["application/x-www-form-urlencoded", "application/x-www-form-urlencoded; charset=UTF-8",
+              "Application/X-WWW-Form-URLEncoded"]
 SEARCH_TRANSPORTS = ["get", "head", "post-search-body", "post-search-url", "batch", "transaction"]
 PATH_TRANSPORTS = ["get", "head", "batch", "transaction"]
 ENCODINGS = ["plain", "pct-keys", "pct-all"]
@@ -525,12 +529,15 @@ def test_generated_requests_narrowed_to_patient_reach_nothing_else(world, cls):
                 case.transport = SEARCH_TRANSPORTS[(i + ROTATE_SEARCH.index(cls)) % len(SEARCH_TRANSPORTS)]
             elif case.transport in PATH_TRANSPORTS and cls in ("everything", "compartment"):
                 case.transport = PATH_TRANSPORTS[i % len(PATH_TRANSPORTS)]
+            case.form_type = FORM_TYPES[(i + CLASSES.index(cls)) % len(FORM_TYPES)]
             if case.encoding in ENCODINGS and cls not in ("contained", "paging", "no-oracle"):
                 case.encoding = ENCODINGS[(i + i // len(ENCODINGS)) % len(ENCODINGS)]
         HITS[("class", cls)] += 1
         HITS[("transport", case.transport)] += 1
         HITS[("token", kind)] += 1
         HITS[("encoding", case.encoding)] += 1
+        if case.transport.startswith("post-search"):
+            HITS[("form-type", case.form_type)] += 1
         try:
             if cls == "post-search-mixed":
                 _judge_mixed(world, case, kind)
@@ -706,5 +713,6 @@ def test_zz_every_class_ran(world):
     missing += [("token", t) for t in TOKEN_KINDS if HITS[("token", t)] == 0]
     missing += [("transport", t) for t in SEARCH_TRANSPORTS + ["direct", "replay"] if HITS[("transport", t)] == 0]
     missing += [("encoding", e) for e in ENCODINGS if HITS[("encoding", e)] == 0]
+    missing += [("form-type", f) for f in FORM_TYPES if HITS[("form-type", f)] == 0]
     assert not missing, f"never generated: {missing}; hits {dict(HITS)}"
     assert sum(v for (k, _), v in HITS.items() if k == "class") <= len(CLASSES) * EXAMPLES_PER_CLASS <= 60

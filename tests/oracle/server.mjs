@@ -767,7 +767,12 @@ class Oracle {
     let body = e.resource ? structuredClone(e.resource) : undefined;
     if (body && uuids.size) body = JSON.parse(JSON.stringify(body).replace(/urn:uuid:[0-9a-f-]{36}/g, (u) => uuids.get(u) ?? u));
     if (method === 'PATCH' && body?.resourceType === 'Binary' && body.data) body = JSON.parse(Buffer.from(body.data, 'base64').toString('utf8'));
-    const path = decodeURIComponent(parsed.pathname.replace(/^\/+/, ''));
+    let path;
+    try {
+      path = decodePath(parsed.pathname.replace(/^\/+/, ''));
+    } catch {
+      return error(400, 'invalid', 'bad percent-encoding in entry.request.url');
+    }
     if (path === '') return error(400, 'not-supported', 'nested Bundle');
     const res = this.handle(
       {
@@ -824,6 +829,15 @@ function applyJsonPatch(doc, op) {
     default:
       throw new BadRequest(`JSON Patch op ${op.op} is not supported`);
   }
+}
+
+// Percent-decoding per path segment (as servlet containers and HAPI do): `%24everything` is `$everything`, but an
+// encoded slash stays data inside its segment (RFC 3986 s2.2), never a separator.
+function decodePath(p) {
+  return p
+    .split('/')
+    .map((seg) => decodeURIComponent(seg).replace(/\//g, '%2F'))
+    .join('/');
 }
 
 function error(status, code, diagnostics) {
@@ -915,7 +929,13 @@ async function handleHttp(oracle, req, res, port) {
   const base = baseUrl(req.headers, port);
   if (!['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'].includes(req.method)) return send(res, req.method, error(405, 'not-supported', 'method not supported'));
   const ctype = (req.headers['content-type'] ?? '').split(';')[0].trim().toLowerCase();
-  const fhirReq = { method: req.method, path: decodeURIComponent(url.pathname).replace(/^\/+/, ''), query: [...url.searchParams.entries()], headers: req.headers };
+  let path;
+  try {
+    path = decodePath(url.pathname.replace(/^\/+/, ''));
+  } catch {
+    return send(res, req.method, error(400, 'invalid', 'bad percent-encoding in the path'));
+  }
+  const fhirReq = { method: req.method, path, query: [...url.searchParams.entries()], headers: req.headers };
   if (raw.length) {
     if (ctype === 'application/x-www-form-urlencoded') fhirReq.form = [...new URLSearchParams(raw.toString('utf8')).entries()];
     else {

@@ -704,6 +704,30 @@ def test_an_operation_spelled_with_an_encoded_dollar_is_judged_as_that_operation
         assert resp.status == 403 and not reached, (kind, resp, reached)
 
 
+SPELLINGS = [  # path spellings the oracle (as servlet containers) reads as the plain one; {p1} is a patient
+    "/Patient/{p1}/%4Fbservation", "/%50atient?_id={p1}&_revinclude=Observation:patient",
+    "/Patient/{p1}/$everything/", "/Patient//{p1}/$everything", "/Patient/{p1}//$everything",
+    "/Patient/{p1}/%2A", "/Patient/{p1}/./$everything", "/Patient/x/../{p1}/$everything",
+    "/Patient/?_id={p1}&_revinclude=Observation:patient", "/Patient/{p1}/Observation/",
+    "/Patient/{p1}/%24everything", "/Patient?_id={p1}&_revinclude=%4Fbservation:patient",
+]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_path_spellings_reach_nothing_else(world, spelling):
+    """Each spelling returns other types straight from the oracle; through Envoy, with each Patient-only grant,
+    the answer holds none of them (refused, or checked on the way back)."""
+    target = spelling.format(p1=world.p1)
+    direct = world.direct("GET", target)
+    assert direct.status == 200 and set(_types(direct.json())) - GRANTED - NEUTRAL, direct
+    for kind, token in world.tokens.items():
+        resp = world.send(token, "GET", target)
+        assert not set(_types(_json(resp))) - GRANTED - NEUTRAL, (kind, resp)
+        head_mark = world.oracle.journal_mark()
+        resp = world.send(token, "HEAD", target)
+        assert resp.status >= 400 or not world.oracle.requests_since(head_mark), (kind, "HEAD", resp)
+
+
 def test_zz_every_class_ran(world):
     """Per-class hit counts of the generated tests above: a class (or transport, token kind, encoding) that never
     ran would make their silence meaningless."""

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${SECONDS_PER_TARGET:-60}"
-targets=("${@:-token jwks config tenant scopes bearer host_proto der}")
+targets=("${@:-token jwks config tenant scopes reach bearer host_proto der}")
 if rustup run nightly rustc --version >/dev/null 2>&1; then
   fuzz=(cargo +nightly fuzz)
 else

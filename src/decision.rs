@@ -170,11 +170,17 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
     let check = |method: &str| {
         policy.check_request_with(method, request.path, &judge, &|method, c| scopes.check(required, method, c))
     };
+    // `_method` in the query is the same override some frameworks read (Rails, Laravel, Express middleware).
+    let in_query = query_method_override(request.path);
+    let (named, conflict) = match (request.method_override, in_query.as_deref()) {
+        (Some(header), Some(query)) => (Some(header), request.override_conflict || !header.eq_ignore_ascii_case(query)),
+        (header, query) => (header.or(query), request.override_conflict),
+    };
     let verdict = check(request.method).and_then(|body| {
-        if request.override_conflict {
+        if conflict {
             return Err(Refusal::BadMethodOverride);
         }
-        let Some(named) = request.method_override else { return Ok((body, request.method)) };
+        let Some(named) = named else { return Ok((body, request.method)) };
         let named = override_method(named).ok_or(Refusal::BadMethodOverride)?;
         let other = check(named)?;
         // The body, if either method has one to judge (a Bundle before a search form).
@@ -194,6 +200,18 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
         }
         Err(refusal) => Decision::Forbidden { tenant, identity, refusal },
     }
+}
+
+/// The value of a `_method` query parameter, if the query has one (looked for only when the query holds
+/// `method` in any case, so most requests pay a byte scan).
+fn query_method_override(path: &str) -> Option<String> {
+    let (_, query) = path.split_once('?')?;
+    if !query.as_bytes().windows(6).any(|w| w.eq_ignore_ascii_case(b"method")) {
+        return None;
+    }
+    crate::reach::pairs(query.as_bytes())
+        .find(|(name, _)| crate::reach::decode(name.as_bytes()).trim().eq_ignore_ascii_case("_method"))
+        .map(|(_, value)| value.into_owned())
 }
 
 /// The method an override header names, if FHIR uses it (compared without regard to case).
@@ -902,6 +920,13 @@ mod reach_tests {
         let get_over =
             Request { method: "GET", path: "/Patient/1", method_override: Some("get"), ..Request::default() };
         assert_eq!(run(&read, get_over), Ok(false));
+        // `_method` in the query is an override too.
+        assert_eq!(run(&read, get("/Patient/1?_method=DELETE")), Err("system/Patient.d".into()));
+        assert_eq!(run(&read, get("/Patient/1?%5FMETHOD=delete")), Err("system/Patient.d".into()));
+        assert!(run(&read, get("/Patient/1?_method=BREW")).unwrap_err().contains("method override"));
+        let both = Request { method_override: Some("GET"), ..get("/Patient/1?_method=DELETE") };
+        assert!(run(&read, both).unwrap_err().contains("method override"), "header and query disagree");
+        assert_eq!(run(&read, get("/Patient?method=x")), Ok(false), "a parameter named method is not one");
     }
 
     #[test]

@@ -179,6 +179,9 @@ pub enum Refusal {
     /// The request carries method override headers (`X-HTTP-Method-Override`, `X-HTTP-Method`,
     /// `X-Method-Override`) that disagree, or name no HTTP method FHIR uses.
     BadMethodOverride,
+    /// A `POST _search` form body this filter cannot read as the server would (content-encoded, or in a
+    /// charset other than UTF-8, US-ASCII or ISO-8859-1), for a request whose reach is judged.
+    OpaqueForm,
     /// A Bundle entry that is not a well-formed request.
     BadEntry { entry: usize },
     /// The body of `POST /` is not a batch or transaction Bundle.
@@ -200,6 +203,19 @@ impl Refusal {
         }
     }
 
+    /// The same refusal, for a type the request reaches beyond its path.
+    fn reached(self) -> Self {
+        match self {
+            Self::NotAllowed { interaction, resource_type, entry, .. } => {
+                Self::NotAllowed { interaction, resource_type, entry, reached: true }
+            }
+            Self::MissingScope { scope, interaction, resource_type, entry, .. } => {
+                Self::MissingScope { scope, interaction, resource_type, entry, reached: true }
+            }
+            other => other,
+        }
+    }
+
     fn not_allowed(c: &Classified<'_>, entry: Option<usize>, reached: bool) -> Self {
         Refusal::NotAllowed {
             interaction: c.interaction,
@@ -212,7 +228,7 @@ impl Refusal {
 
 /// The words for what a refused request reaches beyond its path.
 const REACHED: &str = "this request reaches it through _include, _revinclude, a chained or _has parameter, \
-                       _filter, _type, a conditional interaction's search or an operation";
+                       _filter, _type, a conditional interaction's or reference's search or an operation";
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -257,6 +273,10 @@ impl fmt::Display for Refusal {
                 }
                 write!(f, " (it needs the scope {scope}).")
             }
+            Self::OpaqueForm => f.write_str(
+                "A POST _search form body must be sent without Content-Encoding, in UTF-8: its parameters are \
+                 judged before it goes on.",
+            ),
             Self::BadMethodOverride => f.write_str(
                 "The method override headers (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override) \
                  disagree or name no FHIR method.",
@@ -442,8 +462,50 @@ impl Policy {
             let method = if method == "HEAD" { "GET" } else { method };
             let judge = Judge { narrowed, form: None, if_none_exist };
             self.judge(method, &relative, &c, &judge, Some(i), also)?;
+            if narrowed {
+                // A conditional reference in the entry's resource (`"reference": "Patient?identifier=x"`) is
+                // resolved by the server with a search: judged as one, with what its criteria reach.
+                let mut searches = Vec::new();
+                conditional_references(entry.get("resource"), base, &mut searches, 0);
+                for search in searches {
+                    let c = classify("GET", &search).ok_or(Refusal::BadEntry { entry: i })?;
+                    let judge = Judge { narrowed, form: None, if_none_exist: None };
+                    self.judge("GET", &search, &c, &judge, Some(i), also).map_err(Refusal::reached)?;
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// The conditional references (`Type?criteria`, relative or under `base`) anywhere in `value`, as the paths of
+/// the searches that resolve them (`/Type?criteria`). A `reference` that is not such a search (an id, a
+/// fragment, another server's URL) is left alone.
+fn conditional_references(value: Option<&Value>, base: Option<&str>, out: &mut Vec<String>, depth: usize) {
+    // serde_json refuses documents nested deeper than 128; this bound only keeps the walk obviously finite.
+    if depth > 256 {
+        return;
+    }
+    match value {
+        Some(Value::Object(map)) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("reference", Value::String(r)) if r.contains('?') => {
+                        let r = if is_absolute(r) { strip_base(r, base) } else { Some(r.as_str()) };
+                        if let Some(r) = r.map(|r| r.trim_start_matches('/')) {
+                            if r.split('?').next().is_some_and(|t| !t.contains('/')) {
+                                out.push(format!("/{r}"));
+                            }
+                        }
+                    }
+                    _ => conditional_references(Some(v), base, out, depth + 1),
+                }
+            }
+        }
+        Some(Value::Array(items)) => {
+            items.iter().for_each(|v| conditional_references(Some(v), base, out, depth + 1));
+        }
+        _ => {}
     }
 }
 
@@ -644,6 +706,33 @@ mod tests {
             ok(json!({"method": "POST", "url": "Patient", "ifNoneExist": 7})),
             Err(Refusal::BadEntry { entry: 1 })
         );
+        // A conditional reference in an entry's resource is a search the server runs.
+        let with_resource = |resource: serde_json::Value| {
+            let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"request": {"method": "POST", "url": "Patient"}, "resource": resource}
+            ]});
+            p.check_bundle_with(
+                bundle.to_string().as_bytes(),
+                Some("https://fhir.example.org/r4"),
+                true,
+                &|_, _| Ok(()),
+            )
+        };
+        let link = |reference: &str| json!({"resourceType": "Patient", "link": [{"other": {"reference": reference}}]});
+        assert_eq!(with_resource(link("Patient?identifier=x")), Ok(()));
+        assert_eq!(with_resource(link("Patient/1")), Ok(()));
+        assert_eq!(with_resource(link("https://other.example.org/Observation?code=1")), Ok(()), "another server's");
+        for bad in [
+            "RelatedPerson?identifier=x",
+            "Patient?_has:Observation:patient:code=1",
+            "https://fhir.example.org/r4/RelatedPerson?identifier=x",
+        ] {
+            let refusal = with_resource(link(bad));
+            assert!(
+                matches!(refusal, Err(Refusal::NotAllowed { entry: Some(0), reached: true, .. })),
+                "{bad}: {refusal:?}"
+            );
+        }
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub const MAX_DEPTH: usize = 8;
 
 /// Most registry lookups for one request; more reaches `*` (a chain through many-target references grows
 /// quickly).
-pub const MAX_STEPS: usize = 512;
+pub const MAX_STEPS: usize = 4096;
 
 /// Resource types: some R4 types, or every one (`*`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -188,6 +188,22 @@ pub fn decode(s: &[u8]) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// `s` percent-decoded again, at most twice more, while it still holds an escape.
+fn again(s: &str) -> Cow<'_, str> {
+    let mut out = Cow::Borrowed(s);
+    for _ in 0..2 {
+        if !out.contains('%') {
+            break;
+        }
+        let next = decode(out.as_bytes()).into_owned();
+        if next == out {
+            break;
+        }
+        out = Cow::Owned(next);
+    }
+    out
+}
+
 /// The decoded (name, value) pairs of a query string or form body (`&` and `;` separate pairs).
 pub fn pairs(query: &[u8]) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
     query.split(|b| matches!(b, b'&' | b';')).filter(|p| !p.is_empty()).map(|pair| {
@@ -215,6 +231,13 @@ impl Walk {
             return false;
         }
         true
+    }
+
+    /// One parameter of the query or form, as a server may read it: decoded once more while escapes remain
+    /// (a server or framework that decodes twice sees more than one that decodes once), the name trimmed.
+    fn top(&mut self, base: Option<&'static str>, name: &str, value: &str) {
+        let (name, value) = (again(name), again(value));
+        self.param(base, name.trim(), &value, 0);
     }
 
     /// One parameter `name=value` of a search on `base` (`None`: the system level).
@@ -321,8 +344,9 @@ impl Walk {
 pub fn of_request(base: Option<&str>, path: &str, form: Option<&[u8]>, if_none_exist: Option<&str>) -> Reach {
     let base = base.and_then(resource_type);
     let mut walk = Walk { reach: Reach::default(), steps: 0 };
+    // Everything after the first `?` is the query, a `#` included: a lenient server may read past it.
     let (path_only, query) = match path.split_once('?') {
-        Some((p, q)) => (p, q.split('#').next().unwrap_or_default()),
+        Some((p, q)) => (p.split('#').next().unwrap_or_default(), q),
         None => (path.split('#').next().unwrap_or_default(), ""),
     };
     if let Some(op) = path_only.rsplit('/').next().and_then(|s| s.strip_prefix('$')) {
@@ -331,16 +355,16 @@ pub fn of_request(base: Option<&str>, path: &str, form: Option<&[u8]>, if_none_e
         }
     }
     for (name, value) in pairs(query.as_bytes()) {
-        walk.param(base, &name, &value, 0);
+        walk.top(base, &name, &value);
     }
     for (name, value) in form.into_iter().flat_map(pairs) {
-        walk.param(base, &name, &value, 0);
+        walk.top(base, &name, &value);
     }
     if let Some(criteria) = if_none_exist {
         // The header holds a query (`identifier=x`); some clients send `Type?identifier=x`.
         let criteria = criteria.split_once('?').map_or(criteria, |(_, q)| q);
         for (name, value) in pairs(criteria.as_bytes()) {
-            walk.param(base, &name, &value, 0);
+            walk.top(base, &name, &value);
         }
     }
     walk.reach
@@ -426,6 +450,9 @@ mod tests {
             "/Observation?_INCLUDE=Observation:patient",
             "/Observation?_include=Observation:patient&_include=Observation:patient",
             "/Observation?a=1;_include=Observation:patient",
+            "/Observation?%255Finclude=Observation%253Apatient",
+            "/Observation?_include%20=Observation:patient",
+            "/Observation?a=1#&_include=Observation:patient",
         ] {
             assert_eq!(reach("Observation", spelling).read, set(&["Patient"]), "{spelling}");
         }
@@ -568,6 +595,188 @@ mod tests {
             let _ = of_request(Some("Patient"), &path, Some(&form), Some(&path));
             let _ = of_request(None, &path, None, None);
             let _ = search_count(&path, Some(&form));
+        }
+    }
+}
+
+/// Generated requests whose expected reach comes from the registry's data (the generated table read
+/// directly, as a list of facts), not from the walk above: an `_include` of `Source:code` reads every target
+/// the registry lists for it, a chain through `code` searches each, `_revinclude` of `Source:code` reads
+/// Source, `_has:Source:code:...` searches Source, in any spelling and in any place a search can be.
+#[cfg(test)]
+mod oracle {
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use crate::fhir::{Classified, Interaction, Judge, Policy};
+    use crate::search_params::{Targets, REFERENCE_PARAMS, RESOURCE_TYPES};
+
+    #[derive(Clone, Debug)]
+    enum Clause {
+        Include { param: usize, typed: Option<usize> },
+        Revinclude { param: usize },
+        Chain { param: usize, typed: Option<usize> },
+        Has { param: usize },
+    }
+
+    fn clause() -> impl Strategy<Value = Clause> {
+        let n = REFERENCE_PARAMS.len();
+        prop_oneof![
+            (0..n, proptest::option::of(0..200usize)).prop_map(|(param, typed)| Clause::Include { param, typed }),
+            (0..n).prop_map(|param| Clause::Revinclude { param }),
+            (0..n, proptest::option::of(0..200usize)).prop_map(|(param, typed)| Clause::Chain { param, typed }),
+            (0..n).prop_map(|param| Clause::Has { param }),
+        ]
+    }
+
+    /// `s` with the characters whose bit is set in `mask` percent-encoded (and `_name` upper-cased, if asked).
+    fn spell(s: &str, mask: u64) -> String {
+        s.chars()
+            .enumerate()
+            .map(|(i, c)| if mask >> (i % 64) & 1 == 1 { format!("%{:02X}", c as u32) } else { c.to_string() })
+            .collect()
+    }
+
+    type Seen = BTreeSet<(Interaction, Option<String>)>;
+
+    /// One clause's parameter, and what the registry says it reaches (None: every type).
+    fn render(c: &Clause, base: &str, upper: bool, mask: u64) -> (String, Seen) {
+        let special = |name: &str| if upper { name.to_ascii_uppercase() } else { name.to_string() };
+        let (source, code, targets) = match c {
+            Clause::Include { param, .. } | Clause::Revinclude { param } | Clause::Has { param } => {
+                REFERENCE_PARAMS[*param]
+            }
+            Clause::Chain { param, .. } => {
+                // A chain starts at the search's base: the base's reference parameters only.
+                let own: Vec<_> = REFERENCE_PARAMS.iter().filter(|(b, _, _)| *b == base).collect();
+                *own[*param % own.len()]
+            }
+        };
+        let types = |targets: Targets, typed: Option<usize>, i: Interaction| -> (Seen, Option<String>) {
+            match (targets, typed) {
+                (Targets::Types(list), Some(k)) => {
+                    let t = list[k % list.len()];
+                    ([(i, Some(t.to_string()))].into(), Some(t.to_string()))
+                }
+                (Targets::Types(list), None) => (list.iter().map(|t| (i, Some(t.to_string()))).collect(), None),
+                (Targets::Any, _) => ([(i, None)].into(), None),
+            }
+        };
+        match c {
+            Clause::Include { typed, .. } => {
+                let (seen, t) = types(targets, *typed, Interaction::Read);
+                let value = match t {
+                    Some(t) => format!("{source}:{code}:{t}"),
+                    None => format!("{source}:{code}"),
+                };
+                (format!("{}={}", spell(&special("_include"), mask), spell(&value, mask >> 7)), seen)
+            }
+            Clause::Revinclude { .. } => {
+                let value = format!("{source}:{code}");
+                let name = spell(&special("_revinclude"), mask);
+                (format!("{name}={}", spell(&value, mask >> 3)), [(Interaction::Read, Some(source.to_string()))].into())
+            }
+            Clause::Chain { typed, .. } => {
+                let (seen, t) = types(targets, *typed, Interaction::Search);
+                let name = match t {
+                    Some(t) => format!("{code}:{t}._id"),
+                    None => format!("{code}._id"),
+                };
+                (format!("{}=1", spell(&name, mask)), seen)
+            }
+            Clause::Has { .. } => {
+                let name = format!("{}:{source}:{code}:_id", special("_has"));
+                (format!("{}=x", spell(&name, mask)), [(Interaction::Search, Some(source.to_string()))].into())
+            }
+        }
+    }
+
+    /// Merges reached types as a set of grants: `*` for an interaction stands for every type.
+    fn normalise(seen: Seen) -> Seen {
+        let all: BTreeSet<Interaction> = seen.iter().filter(|(_, t)| t.is_none()).map(|(i, _)| *i).collect();
+        seen.into_iter().filter(|(i, t)| t.is_none() || !all.contains(i)).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn the_reach_judged_is_what_the_registry_says(
+            base in 0..RESOURCE_TYPES.len(),
+            clauses in proptest::collection::vec(clause(), 1..4),
+            place in 0..5usize,
+            upper in any::<bool>(),
+            masks in proptest::collection::vec(any::<u64>().prop_map(|m| m & 0x0f0f_0f0f_0f0f_0f0f), 4),
+            filler in any::<bool>(),
+        ) {
+            // Chains need the base to have reference parameters: use the first clause's source then.
+            let base = match &clauses[0] {
+                Clause::Include { param, .. } | Clause::Revinclude { param } | Clause::Has { param }
+                | Clause::Chain { param, .. } => if clauses.iter().any(|c| matches!(c, Clause::Chain { .. })) {
+                    REFERENCE_PARAMS[*param].0
+                } else {
+                    RESOURCE_TYPES[base]
+                },
+            };
+            let mut parts = Vec::new();
+            let mut expected: Seen = BTreeSet::new();
+            for (i, c) in clauses.iter().enumerate() {
+                let (text, seen) = render(c, base, upper, masks[i % masks.len()]);
+                parts.push(text);
+                expected.extend(seen);
+            }
+            if filler {
+                parts.insert(0, "name=x&_count=3".into());
+                parts.push(parts[1].clone());
+            }
+            let query = parts.join("&");
+            let create = matches!(place, 2 | 4);
+            expected.insert((Interaction::Search, Some(base.to_string())));
+            if create {
+                expected.insert((Interaction::Create, Some(base.to_string())));
+            }
+            let expected = normalise(expected);
+            let seen = RefCell::new(Seen::new());
+            let also = |_: &str, c: &Classified<'_>| {
+                seen.borrow_mut().insert((c.interaction, c.resource_type.map(str::to_string)));
+                Ok(())
+            };
+            let every = ["read", "search", "create"].map(String::from);
+            let policy = Policy::new(&every, None).unwrap();
+            let judge = Judge { narrowed: true, ..Judge::default() };
+            let verdict = match place {
+                0 => policy.check_request_with("GET", &format!("/{base}?{query}"), &judge, &also).map(|_| ()),
+                1 => {
+                    let j = Judge { form: Some(query.as_bytes()), ..judge };
+                    policy.check_request_with("POST", &format!("/{base}/_search"), &j, &also).map(|_| ())
+                }
+                2 => {
+                    let j = Judge { if_none_exist: Some(&query), ..judge };
+                    policy.check_request_with("POST", &format!("/{base}"), &j, &also).map(|_| ())
+                }
+                3 | 4 => {
+                    let request = if place == 3 {
+                        json!({"method": "GET", "url": format!("{base}?{query}")})
+                    } else {
+                        json!({"method": "POST", "url": base, "ifNoneExist": query})
+                    };
+                    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": request}]});
+                    policy.check_bundle_with(bundle.to_string().as_bytes(), None, true, &also)
+                }
+                _ => unreachable!(),
+            };
+            prop_assert!(verdict.is_ok(), "{:?}", verdict);
+            let seen = normalise(seen.into_inner());
+            // Sound: every (interaction, type) the registry says it reaches is judged (or `*` for it).
+            for (i, t) in &expected {
+                prop_assert!(seen.contains(&(*i, t.clone())) || seen.contains(&(*i, None)), "{:?} {:?} not judged: {} in place {}", i, t, query, place);
+            }
+            // And exact, unless the request is so large that the walk gave up (and judged `*`).
+            if expected.len() * 3 < super::MAX_STEPS {
+                prop_assert_eq!(seen, expected, "{} in place {}", query, place);
+            }
         }
     }
 }

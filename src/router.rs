@@ -105,6 +105,19 @@ pub struct HttpRequest<'a> {
     pub method_override: Option<Cow<'a, str>>,
     /// Override headers that disagree came.
     pub override_conflict: bool,
+    /// Its body is not plain text this filter can read as a server would: `Content-Encoding` (other than
+    /// `identity`), or a `Content-Type` charset other than UTF-8, US-ASCII or ISO-8859-1.
+    pub opaque_body: bool,
+}
+
+/// Whether a `Content-Type` value names a charset a form decoder would read differently from UTF-8 bytes.
+fn foreign_charset(content_type: &str) -> bool {
+    content_type.split(';').skip(1).filter_map(|p| p.split_once('=')).any(|(k, v)| {
+        k.trim().eq_ignore_ascii_case("charset") && {
+            let v = v.trim().trim_matches('"');
+            !["utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1"].iter().any(|c| c.eq_ignore_ascii_case(v))
+        }
+    })
 }
 
 /// The method override headers some servers (and frameworks under them) honour: the request is judged as
@@ -131,6 +144,7 @@ impl HttpRequest<'_> {
             if_none_exist: self.if_none_exist.as_deref().map(owned),
             method_override: self.method_override.as_deref().map(owned),
             override_conflict: self.override_conflict,
+            opaque_body: self.opaque_body,
         }
     }
 
@@ -173,6 +187,8 @@ struct Inspection {
     search: Option<String>,
     /// What the request reaches is judged (a narrowed token, or a tenant that lists types).
     narrowed: bool,
+    /// The body cannot be read as the server would ([`HttpRequest::opaque_body`]).
+    opaque: bool,
     policy: Policy,
     tenant: String,
     audit: Option<PendingAudit>,
@@ -472,6 +488,10 @@ impl Router {
                         Some(first) => Cow::Owned(format!("{first}&{}", text(value))),
                     });
                 }
+                b"content-encoding" => {
+                    request.opaque_body |= !text(value).trim().eq_ignore_ascii_case("identity");
+                }
+                b"content-type" => request.opaque_body |= foreign_charset(&text(value)),
                 b"x-http-method-override" | b"x-http-method" | b"x-method-override" => {
                     let named = text(value);
                     if request.method_override.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case(&named)) {
@@ -1047,10 +1067,12 @@ impl Router {
         let Phase::Inspecting(inspection) = std::mem::replace(&mut stream.phase, Phase::Decided) else {
             return Flow::Continue;
         };
-        let Inspection { search, narrowed, policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
+        let Inspection { search, narrowed, opaque, policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
         let base = self.config.public_base_url.as_deref();
         let also = |method: &str, c: &crate::fhir::Classified<'_>| scopes.check(require_scopes, method, c);
         let verdict = match &search {
+            // A form it cannot read as the server would: its reach (or its `_count`) is unknown.
+            Some(_) if opaque => Err(Refusal::OpaqueForm),
             Some(path) => {
                 let judge = crate::fhir::Judge { narrowed, form: Some(body), if_none_exist: None };
                 policy.check_request_with("POST", path, &judge, &also).map(|_| ())
@@ -1250,6 +1272,7 @@ fn route(
         let inspection = Inspection {
             search: search_form.then(|| audit.request.path.to_string()),
             narrowed,
+            opaque: audit.request.opaque_body,
             policy: tenant.policy().clone(),
             tenant: tenant.id.clone(),
             audit: pending,

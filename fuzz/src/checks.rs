@@ -417,3 +417,42 @@ pub fn response_check(body: &[u8]) -> bool {
     }
     !matches!(got, Verdict::Unreadable(_))
 }
+
+/// A request's reach ([`fhir_tenant_router::reach`]): never a panic; a parameter added (anywhere: the query or
+/// the form body) never shrinks it; parameters reach the same from the query as from the form; a tenant
+/// that allows only the path's type refuses a narrowed request exactly when it reaches another type.
+/// `true` when it reaches something beyond its path.
+pub fn reach(path: &str, query: &str, form: &[u8]) -> bool {
+    use fhir_tenant_router::fhir::{classify, Judge, Policy};
+    use fhir_tenant_router::reach::{of_request, Reach, TypeSet};
+    let covers = |wide: &TypeSet, narrow: &TypeSet| {
+        wide.is_all() || (!narrow.is_all() && narrow.types().all(|t| wide.contains(t)))
+    };
+    let within =
+        |wide: &Reach, narrow: &Reach| covers(&wide.read, &narrow.read) && covers(&wide.search, &narrow.search);
+    let base = classify("GET", path).and_then(|c| c.resource_type);
+    let full = format!("{path}?{query}");
+    let alone = of_request(base, &full, None, None);
+    let with_form = of_request(base, &full, Some(form), None);
+    assert!(within(&with_form, &alone), "a form body shrank the reach of {full:?}");
+    let _ = of_request(base, path, None, Some(query));
+    if !query.contains('#') {
+        let form_text = String::from_utf8_lossy(form);
+        if !form_text.contains('#') {
+            let joined = of_request(base, &format!("{full}&{form_text}"), None, None);
+            let placed = of_request(base, &full, Some(form_text.as_bytes()), None);
+            assert_eq!(joined, placed, "{full:?} with form {form_text:?}: the form reaches otherwise");
+        }
+    }
+    if let Some(t) = base {
+        let policy = Policy::new(&["read".into(), "search".into(), "operation".into()], Some(&[t.to_string()]))
+            .expect("a policy");
+        let judge = Judge { narrowed: true, ..Judge::default() };
+        let verdict = policy.check_request_with("GET", &full, &judge, &|_, _| Ok(()));
+        let beyond = alone.read.is_all()
+            || alone.search.is_all()
+            || alone.read.types().chain(alone.search.types()).any(|r| r != t);
+        assert_eq!(verdict.is_err(), beyond, "{full:?}: {verdict:?} but reach {alone:?}");
+    }
+    !alone.is_empty()
+}

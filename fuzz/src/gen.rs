@@ -618,7 +618,13 @@ pub fn decide_requests(rng: &mut Rng, n: usize) -> Stats {
         let duplicate = rng.percent(3);
         let now = if rng.percent(90) { NOW } else { NOW + 600 + 60 + rng.below(3) as i64 - 1 };
         note("decide", auth.as_bytes());
-        let request = Request { method, path, authorization: Some(&auth), duplicate_authorization: duplicate, ..Request::default() };
+        let request = Request {
+            method,
+            path,
+            authorization: Some(&auth),
+            duplicate_authorization: duplicate,
+            ..Request::default()
+        };
         let decision = decide(
             &Known { config: &config, tenants: Some(&config.tenants), keys: &Some(&keys), signatures: &PureRust },
             &request,
@@ -877,6 +883,48 @@ pub fn response_bodies(rng: &mut Rng, n: usize) -> Stats {
         };
         note("response_check", &body);
         stats.add(checks::response_check(&body));
+    }
+    stats
+}
+
+/// Queries and form bodies of FHIR searches: what [`checks::reach`] reads.
+pub fn reach(rng: &mut Rng, n: usize) -> Stats {
+    const SEEDS: &[&str] = &[
+        "_include=Observation:subject",
+        "_include:iterate=Observation:patient:Patient&_revinclude=Provenance:target",
+        "%5Finclude=Observation%3Asubject&_count=10",
+        "subject.name=x&subject:Patient.general-practitioner.name=y",
+        "_has:Observation:patient:_has:AuditEvent:entity:agent=x",
+        "_filter=name eq x&_type=Patient,Observation",
+        "_list=1;_query=x;_contained=true",
+        "patient.organization.partof.partof.partof.name=x",
+        "target.target.target.target._id=1",
+        "name=a+b&_count=%35%30&code:text=%zz",
+        "_revinclude=*&_include=*",
+        "",
+    ];
+    const PATHS: &[&str] =
+        &["/Patient", "/Observation/_search", "/Patient/1/$everything", "/", "/Provenance", "/Patient/1/*"];
+    let mut stats = Stats::default();
+    for _ in 0..n {
+        let mut query = rng.pick(SEEDS).as_bytes().to_vec();
+        match rng.below(4) {
+            0 => mutate_bytes(rng, &mut query),
+            1 => {
+                let other = rng.pick(SEEDS).as_bytes();
+                query = splice(rng, &query, other);
+            }
+            2 => {
+                let len = rng.len(60);
+                query = (0..len).map(|_| *rng.pick(b"_:.=&;%2E5F*PatientObservationsubject$#+")).collect();
+            }
+            _ => {}
+        }
+        let form_len = rng.len(40);
+        let form = if rng.percent(50) { rng.pick(SEEDS).as_bytes().to_vec() } else { rng.bytes(form_len) };
+        note("reach", &query);
+        let path = rng.pick(PATHS);
+        stats.add(checks::reach(path, &String::from_utf8_lossy(&query), &form));
     }
     stats
 }

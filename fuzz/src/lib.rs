@@ -86,6 +86,15 @@ pub fn fuzz_response_check(data: &[u8]) {
     checks::response_check(data);
 }
 
+/// A search's query (the bytes before the first NUL) and form body (after it), on a Patient search.
+pub fn fuzz_reach(data: &[u8]) {
+    let (query, form) = match data.iter().position(|b| *b == 0) {
+        Some(i) => (data.get(..i).unwrap_or_default(), data.get(i + 1..).unwrap_or_default()),
+        None => (data, &[][..]),
+    };
+    checks::reach("/Patient", &String::from_utf8_lossy(query), form);
+}
+
 /// `Authorization` header values.
 pub fn fuzz_bearer(data: &[u8]) {
     match std::str::from_utf8(data) {

@@ -687,6 +687,22 @@ fn a_narrowed_post_search_is_held_until_its_form_is_judged_and_headers_that_chan
         }
         f.on_done();
     }
+    // A form it cannot read as the server would (compressed, or in another charset) is refused.
+    for (id, name, value) in
+        [(4, "content-encoding", "gzip"), (5, "content-type", "application/x-www-form-urlencoded; charset=UTF-16")]
+    {
+        let mut h = post_search();
+        h.retain(|(n, _)| *n != name);
+        h.push((name, value.into()));
+        let (mut f, flow) = send(&host, &root, id, &h, false);
+        assert_eq!(flow, Flow::Buffer);
+        host.take_calls();
+        *host.0.request_body.borrow_mut() = b"name=x".to_vec();
+        assert_eq!(f.on_request_body(6, true), Flow::Stop, "{name}: {value}");
+        let calls = host.take_calls();
+        assert!(calls.iter().any(|c| c.starts_with("send_reply 403 ") && c.contains("Content-Encoding")), "{calls:?}");
+        f.on_done();
+    }
     // A token without SMART scopes (and no resource_types, no search costing): no hold, as before.
     let plain = bearer(&testkeys::claims_now());
     let mut h = get("/Patient/_search", Some(&plain));

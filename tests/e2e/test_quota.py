@@ -131,7 +131,10 @@ def test_a_bundle_costs_its_entries_and_one_beyond_the_bucket_reaches_no_upstrea
     env, minter, ups = quota
     token = bearer(minter.token(BUNDLE_T))
     headers = {**token, "content-type": "application/fhir+json"}
-    _assert_429(env.request("POST", "/", headers, _batch(6)), "burst 5")
+    # 6 entries cost more than the burst: they can never be admitted, so 400 too-costly, not a 429 to retry.
+    never = env.request("POST", "/", headers, _batch(6))
+    assert never.status == 400 and never.header("retry-after") is None, never
+    assert never.json()["issue"][0]["code"] == "too-costly" and "burst of 5" in never.json()["issue"][0]["diagnostics"], never
     assert _seen_by(ups["tenant_a"], BUNDLE_T) == [], "nothing of a refused Bundle is forwarded"
     assert env.request("POST", "/", headers, _batch(3)).status == 200
     _assert_429(env.request("POST", "/", headers, _batch(3)), "burst 5")

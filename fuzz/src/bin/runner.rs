@@ -1,7 +1,7 @@
 //! Deterministic high-volume fuzzing of every parser of untrusted input, on stable Rust.
 //!
 //! `cargo run --release --no-default-features --bin fuzz-runner` (from fuzz/). Environment:
-//! - `FUZZ_SCALE` (default 1.0): multiplies every parser's input count (defaults below, 1,650,000 in all);
+//! - `FUZZ_SCALE` (default 1.0): multiplies every parser's input count (defaults below, 1,750,000 in all);
 //! - `FUZZ_SEED` (default 1): the seed; the same seed gives the same inputs;
 //! - `FUZZ_THREADS` (default 2);
 //! - `FUZZ_ONLY`: comma-separated parser names to run.
@@ -31,6 +31,12 @@ const PARSERS: &[(&str, &str, usize, Generator)] = &[
         "router::Router host events (headers, bodies, responses, ticks, fetch results)",
         50_000,
         gen::router_events,
+    ),
+    (
+        "reach",
+        "reach::of_request (queries, form bodies, If-None-Exist) and Policy's judgement of it",
+        100_000,
+        gen::reach,
     ),
     ("bearer", "bearer::extract_bearer", 200_000, gen::bearer),
     (

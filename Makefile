@@ -138,8 +138,8 @@ demo: build deps ## run the whole stack on 127.0.0.1 (Envoy :10000, IdP :9000) u
 demo-check: build deps ## start the demo, run the printed requests once, stop
 	$(PY) tests/demo.py --check
 
-fuzz: ## fuzz every parser of untrusted input: 1.75M deterministic generated inputs on stable Rust (~1-2 min)
-	@echo "==> fuzz-runner (fuzz/): token, JWKS, config, tenant, decide, reach, bearer, host protobuf, DER, token response"
+fuzz: ## fuzz every parser of untrusted input: 1.9M deterministic generated inputs on stable Rust (~1-2 min)
+	@echo "==> fuzz-runner (fuzz/): token, JWKS, config, tenant, decide, reach, bearer, host protobuf, DER, token response, response check, cursors"
 	cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --bin fuzz-runner
 
 bench: build build-so deps ## benchmark: ours (wasm and dynamic module) vs native jwt_authn and same-job native configs (~14 min; installs wrk); writes BENCHMARKS.md

@@ -60,6 +60,18 @@ pub struct RawConfig {
     pub quota: Option<crate::quota::RawQuota>,
     #[serde(default)]
     pub rate_limit_descriptor_header: Option<String>,
+    #[serde(default)]
+    pub paging_cursors: Option<RawPagingCursors>,
+}
+
+/// `paging_cursors`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPagingCursors {
+    /// The HMAC key: at least 32 bytes, from the VM's environment or a file.
+    pub key: Option<crate::upstream_auth::RawSecret>,
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
 }
 
 /// The token issuer, as written.
@@ -278,6 +290,8 @@ pub struct Config {
     /// A request header set to the tenant id of every routed request, for Envoy's global rate limit
     /// filter (`request_headers` descriptor); a client-sent copy is always removed. `None`: not set.
     pub rate_limit_descriptor_header: Option<String>,
+    /// Paging links become signed cursors ([`crate::cursor`]); `None`: links pass as the upstream wrote them.
+    pub paging: Option<crate::cursor::Paging>,
 }
 
 /// A configuration that cannot be used: which field, and why.
@@ -753,6 +767,7 @@ impl RawConfig {
                 "must differ from route_header and tenant_header",
             ));
         }
+        let paging = self.paging_cursors.map(|raw| compile_paging(&raw, env, public_base_url.is_some())).transpose()?;
         let token_cache_entries = self.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
         if token_cache_entries > 1_000_000 {
             return Err(ConfigError::new("token_cache_entries", "must be at most 1000000 (0 disables the cache)"));
@@ -779,8 +794,37 @@ impl RawConfig {
             public_base_url,
             quota,
             rate_limit_descriptor_header,
+            paging,
         })
     }
+}
+
+/// `paging_cursors`: a key of at least 32 bytes (never made per process: every wasm worker VM and every
+/// Envoy must verify the others' cursors), a lifetime, and `public_base_url` to write the cursor links under.
+fn compile_paging(
+    raw: &RawPagingCursors,
+    env: &dyn Fn(&str) -> Option<String>,
+    public_base_url: bool,
+) -> Result<crate::cursor::Paging, ConfigError> {
+    use crate::cursor::{Paging, DEFAULT_TTL_S, MAX_TTL_S, MIN_KEY_BYTES};
+    if !public_base_url {
+        return Err(ConfigError::new("paging_cursors", "needs public_base_url (cursor links are written under it)"));
+    }
+    if raw.key.is_none() {
+        return Err(ConfigError::new("paging_cursors.key", "is required: {\"env\": NAME} or {\"file\": PATH}"));
+    }
+    let key = crate::upstream_auth::read_secret("paging_cursors.key", raw.key.as_ref(), env)
+        .map_err(|e| ConfigError::new(e.field, e.message))?;
+    let key = key.trim_end_matches(['\r', '\n']);
+    if key.len() < MIN_KEY_BYTES {
+        return Err(ConfigError::new(
+            "paging_cursors.key",
+            format!("must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -base64 48`)"),
+        ));
+    }
+    let ttl_s = raw.ttl_s.unwrap_or(DEFAULT_TTL_S);
+    Paging::new(key.as_bytes(), ttl_s)
+        .ok_or_else(|| ConfigError::new("paging_cursors.ttl_s", format!("must be between 1 and {MAX_TTL_S}")))
 }
 
 /// Refuses an inline key that `verifier` could never check: a P-384 key under `"pure_rust"` in a build

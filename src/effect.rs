@@ -210,6 +210,9 @@ pub enum Metric<'a> {
     /// The answer to a narrowed request could not be checked (not JSON, invalid or truncated), and was
     /// withheld.
     ResponsesWithheldUnchecked,
+    /// A paging request was refused: its cursor is not valid here, expired or another's, or it used a raw
+    /// `_getpages`.
+    CursorRefused,
 }
 
 /// A per-tenant refusal counted on its own (`tenant.<id>.<name>`), beyond `tenant.<id>.forbidden`.
@@ -287,7 +290,7 @@ impl TokenEvent {
 }
 
 /// The fixed counters, in the order a shell defines them.
-pub const COUNTERS: [Metric<'static>; 17] = [
+pub const COUNTERS: [Metric<'static>; 18] = [
     Metric::Allowed,
     Metric::Public,
     Metric::ForbiddenByPolicy,
@@ -305,6 +308,7 @@ pub const COUNTERS: [Metric<'static>; 17] = [
     Metric::QuotaUnchecked,
     Metric::ResponsesWithheldForbidden,
     Metric::ResponsesWithheldUnchecked,
+    Metric::CursorRefused,
 ];
 
 /// Where a shell keeps a counter's id: [`COUNTERS`] position, [`Rejection::ALL`] position, or a
@@ -340,6 +344,7 @@ impl<'a> Metric<'a> {
             Self::QuotaUnchecked => CounterSlot::Fixed(14),
             Self::ResponsesWithheldForbidden => CounterSlot::Fixed(15),
             Self::ResponsesWithheldUnchecked => CounterSlot::Fixed(16),
+            Self::CursorRefused => CounterSlot::Fixed(17),
             Self::Rejected(r) => CounterSlot::Rejected(r.index()),
             Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
             Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
@@ -379,6 +384,7 @@ impl Metric<'_> {
             Self::QuotaUnchecked => "quota.unchecked",
             Self::ResponsesWithheldForbidden => "responses.withheld.forbidden_type",
             Self::ResponsesWithheldUnchecked => "responses.withheld.unchecked",
+            Self::CursorRefused => "requests.cursor_refused",
         }
     }
 }

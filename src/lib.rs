@@ -16,6 +16,7 @@ pub mod bearer;
 pub mod cache;
 pub mod config;
 pub mod crypto;
+pub mod cursor;
 pub mod decision;
 pub mod der;
 pub mod discovery;

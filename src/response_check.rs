@@ -455,6 +455,55 @@ mod tests {
         assert!(asks_unreadable_format("/Patient?_format"));
     }
 
+    /// The check's cost per answer size, natively (BENCHMARKS.md "Answer check"): `cargo test --release --lib
+    /// response_check::tests::cost -- --ignored --nocapture`. A searchset of Patients with a contained
+    /// resource each, as a narrowed client gets it; beside it, serde_json parsing the same body into a tree
+    /// (what link rewriting pays) for scale.
+    #[test]
+    #[ignore = "a timing loop: run on demand, not in CI"]
+    fn cost() {
+        use std::time::Instant;
+        let readable = Readable::from_types(["Patient", "Organization"]);
+        println!("| answer | bytes | check (median) | MB/s | serde_json tree parse (median) |");
+        println!("|---|---:|---:|---:|---:|");
+        for entries in [1usize, 10, 100, 1000, 5000] {
+            let entry = |i: usize| {
+                json!({"fullUrl": format!("https://fhir.example.org/Patient/{i}"), "search": {"mode": "match"},
+                       "resource": {"resourceType": "Patient", "id": i.to_string(), "active": true,
+                                    "name": [{"family": "Example", "given": ["Pat", "Q"]}], "gender": "female",
+                                    "birthDate": "1970-01-01", "address": [{"line": ["1 Main St"], "city": "X"}],
+                                    "contained": [{"resourceType": "Organization", "id": "o", "name": "Clinic"}],
+                                    "managingOrganization": {"reference": "#o"}}})
+            };
+            let doc = json!({"resourceType": "Bundle", "type": "searchset", "total": entries,
+                             "entry": (0..entries).map(entry).collect::<Vec<_>>()});
+            let body = doc.to_string().into_bytes();
+            let runs = (2_000_000 / body.len()).clamp(5, 2000);
+            let median = |f: &dyn Fn()| {
+                let mut t: Vec<f64> = (0..runs)
+                    .map(|_| {
+                        let start = Instant::now();
+                        f();
+                        start.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                t.sort_by(f64::total_cmp);
+                t[t.len() / 2]
+            };
+            let check_s = median(&|| assert_eq!(check(std::hint::black_box(&body), &readable), Verdict::Clean));
+            let tree_s = median(&|| {
+                std::hint::black_box(serde_json::from_slice::<serde_json::Value>(&body).unwrap());
+            });
+            println!(
+                "| searchset, {entries} Patients | {} | {:.1} µs | {:.0} | {:.1} µs |",
+                body.len(),
+                check_s * 1e6,
+                body.len() as f64 / check_s / 1e6,
+                tree_s * 1e6
+            );
+        }
+    }
+
     proptest::proptest! {
         /// Never panics on any bytes.
         #[test]

@@ -13,6 +13,7 @@ use crate::audit::{Outcome, Record};
 use crate::cache::TokenCache;
 use crate::config::{Config, JwksSource};
 use crate::crypto::{CheckLog, SignatureCheck};
+use crate::cursor::{self, CursorError, Mint, PagingRequest};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
 use crate::effect::{
     Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TenantRefusal, TokenEvent,
@@ -244,6 +245,8 @@ pub struct Stream {
     check: Option<Box<AnswerCheck>>,
     /// The response (headers and body) is held for the check's verdict.
     checking: bool,
+    /// The paging links of its answer become cursors continuing this search.
+    mint: Option<Box<Mint>>,
 }
 
 /// The check a narrowed request's answer must pass before it reaches the client.
@@ -690,7 +693,8 @@ impl Router {
         header: &dyn Fn(&str) -> Option<String>,
         out: &mut dyn Effects,
     ) -> Flow {
-        if stream.response.is_none() && stream.check.is_none() {
+        let edits = stream.response.is_some() || stream.mint.is_some();
+        if !edits && stream.check.is_none() {
             return Flow::Continue;
         }
         if let Some(ResponseEdit::RewriteLinks { from, to }) = &stream.response {
@@ -715,13 +719,13 @@ impl Router {
                 return Flow::Stop;
             }
             stream.checking = true;
-            if stream.response.is_some() {
+            if edits {
                 out.push(Effect::RemoveResponseHeader("content-length")); // the body changes length
                 stream.editing_response = true;
             }
             return Flow::Buffer;
         }
-        if stream.response.is_none() {
+        if !edits {
             return Flow::Continue;
         }
         if stream.head && !encoded && json {
@@ -764,11 +768,25 @@ impl Router {
                 return Flow::Stop;
             }
         }
-        let edit = stream.response.as_ref().filter(|_| stream.editing_response);
-        if let Some(new) = edit.and_then(|edit| self.edited_body(edit, &body)) {
+        if let Some(new) = self.finished_body(stream, &body).filter(|_| stream.editing_response) {
             out.push(Effect::ReplaceResponseBody(&new));
         }
         Flow::Continue
+    }
+
+    /// The answer's body as its edits change it (links to the public base, paging links to cursors);
+    /// `None`: unchanged.
+    fn finished_body(&self, stream: &Stream, body: &[u8]) -> Option<Vec<u8>> {
+        let mut changed = stream.response.as_ref().and_then(|edit| self.edited_body(edit, body));
+        if let (Some(mint), Some(paging), Some(base)) =
+            (stream.mint.as_deref(), self.config.paging.as_ref(), self.config.public_base_url.as_deref())
+        {
+            let source = changed.as_deref().unwrap_or(body);
+            if let Some(new) = cursor::rewrite_body(source, base, paging, mint) {
+                changed = Some(new);
+            }
+        }
+        changed
     }
 
     /// The status of the answer to a request sent with an upstream token that it may send again (see
@@ -894,7 +912,7 @@ impl Router {
             }
         }
         let json = headers.iter().any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().contains("json"));
-        let edited = stream.response.as_ref().filter(|_| json).and_then(|edit| self.edited_body(edit, body));
+        let edited = if json { self.finished_body(stream, body) } else { None };
         let headers: Vec<(&str, &str)> = copied.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let body = edited.as_deref().unwrap_or(body);
         out.push(Effect::Reply(Reply { status, headers: &headers, body }));
@@ -924,7 +942,32 @@ impl Router {
         let Router { config, keys, tenants, cache, upstream, quotas, .. } = self;
         let now_s = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
         let known = Known { config, tenants: tenants.map.as_deref(), keys, signatures };
-        let decision = decide(&known, &request.as_request(), cache, now_s);
+        // A paging cursor is judged as the search it continues; a bad one (or a raw `_getpages`) is refused
+        // once the token is known good.
+        let opened = match (&config.paging, cursor::classify(&request.method, &request.path)) {
+            (None, _) | (_, PagingRequest::None) => None,
+            (Some(paging), PagingRequest::Cursor(token)) => {
+                Some(cursor::open(paging, token, u64::try_from(now_s).unwrap_or_default()))
+            }
+            (Some(_), PagingRequest::Refused(e)) => Some(Err(e)),
+        };
+        let continued = match &opened {
+            Some(Ok(c)) => Some(HttpRequest {
+                method: Cow::Borrowed(c.method.as_str()),
+                path: Cow::Borrowed(c.path.as_str()),
+                authorization: request.authorization.clone(),
+                duplicate_authorization: request.duplicate_authorization,
+                // the continued search is a GET without a body; an override header on the cursor request
+                // is still judged
+                if_none_exist: None,
+                method_override: request.method_override.clone(),
+                override_conflict: request.override_conflict,
+                opaque_body: false,
+            }),
+            _ => None,
+        };
+        let judged = continued.as_ref().unwrap_or(request);
+        let decision = decide(&known, &judged.as_request(), cache, now_s);
         count_checks(signatures.drain(), out);
         stream.phase = Phase::Decided;
         let audit = Audit { config, request, now_ms };
@@ -938,8 +981,16 @@ impl Router {
                 Flow::Stop
             }
             Decision::Route { tenant, identity, cached, inspect_body, search_form } => {
-                let check = answer_check(tenant, &identity, request);
-                if check.is_some() && response_check::asks_unreadable_format(&request.path) {
+                let refusal = match &opened {
+                    Some(Err(e)) => Some(*e),
+                    Some(Ok(c)) if !cursor_is_theirs(c, &tenant.id, &identity) => Some(CursorError::NotYours),
+                    _ => None,
+                };
+                if let Some(e) = refusal {
+                    return refuse_cursor(&audit, e, &tenant.id, &identity, out);
+                }
+                let check = answer_check(tenant, &identity, judged);
+                if check.is_some() && response_check::asks_unreadable_format(&judged.path) {
                     // Its answer could not be checked: refused before it reaches the upstream.
                     let reason = unreadable_format(&tenant.id, out);
                     let detail = Detail {
@@ -1006,10 +1057,19 @@ impl Router {
                     }
                 }
                 out.push(Effect::Count(if cached { Metric::CacheHits } else { Metric::CacheMisses }));
+                let upstream_path = match &opened {
+                    Some(Ok(c)) => Some(c.upstream_path.as_str()),
+                    _ => None,
+                };
+                stream.mint = mint_for(config, tenant, &identity, judged, now_s);
+                let upstream = Upstream { authorization: credential, path: upstream_path };
                 let inspect = inspect_body.then_some(search_form);
-                route(&audit, stream, tenant, &identity, inspect, credential, out)
+                route(&audit, stream, tenant, &identity, inspect, upstream, out)
             }
             Decision::Forbidden { tenant, identity, refusal } => {
+                if let Some(Err(e)) = &opened {
+                    return refuse_cursor(&audit, *e, &tenant.id, &identity, out);
+                }
                 let reason = forbid(&refusal, &tenant.id, out);
                 let detail = Detail {
                     reason: Some(reason),
@@ -1120,6 +1180,62 @@ impl Router {
     }
 }
 
+/// Whether a cursor was minted for this tenant and client (a client id cut at 128 characters is no one's).
+fn cursor_is_theirs(c: &cursor::Cursor, tenant: &str, identity: &Identity) -> bool {
+    let cut = identity.whole_client_id().is_none() && identity.client_id().is_some();
+    !cut && c.tenant == tenant && c.client.as_deref() == identity.whole_client_id()
+}
+
+/// What the cursors of a search's answer need (with `paging_cursors` on): the search (`request`: as the
+/// client sent it, or the one a cursor continues), its tenant and client, and the cursors' expiry. `None`
+/// for what is not a search, a history or an operation (no paging links), or a client id cut at 128.
+fn mint_for(
+    config: &Config,
+    tenant: &Tenant,
+    identity: &Identity,
+    request: &HttpRequest<'_>,
+    now_s: i64,
+) -> Option<Box<Mint>> {
+    use crate::fhir::Interaction;
+    let paging = config.paging.as_ref()?;
+    config.public_base_url.as_ref()?;
+    let c = crate::fhir::classify(&request.method, &request.path)?;
+    if !matches!(c.interaction, Interaction::Search | Interaction::History | Interaction::Operation) {
+        return None;
+    }
+    if identity.whole_client_id().is_none() && identity.client_id().is_some() {
+        return None;
+    }
+    Some(Box::new(Mint {
+        tenant: tenant.id.clone(),
+        client: identity.whole_client_id().map(str::to_string),
+        method: request.method.to_string(),
+        path: request.path.to_string(),
+        expires_s: u64::try_from(now_s).unwrap_or_default().saturating_add(paging.ttl_s),
+    }))
+}
+
+/// Refuses a paging request: a cursor that is not valid here, expired, or another's (400/403), or a raw
+/// `_getpages`; the audit line names why.
+fn refuse_cursor(
+    audit: &Audit<'_>,
+    error: CursorError,
+    tenant: &str,
+    identity: &Identity,
+    out: &mut dyn Effects,
+) -> Flow {
+    let (status, code, text) = error.answer();
+    out.push(Effect::Count(Metric::CursorRefused));
+    out.push(Effect::Count(Metric::TenantForbidden(tenant)));
+    let body = operation_outcome(code, text);
+    let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
+    out.push(Effect::Reply(Reply { status, headers: &headers, body: body.as_bytes() }));
+    let detail =
+        Detail { reason: Some(error.reason()), tenant: Some(tenant), identity: Some(identity), ..Detail::default() };
+    audit.record(Outcome::Forbidden, detail, out);
+    Flow::Stop
+}
+
 /// The check a request's answer needs: `None` unless its token's SMART scopes or its tenant's
 /// `resource_types` narrow the types it may read.
 fn answer_check(tenant: &Tenant, identity: &Identity, request: &HttpRequest<'_>) -> Option<Box<AnswerCheck>> {
@@ -1228,6 +1344,15 @@ fn pass_public(audit: &Audit<'_>, stream: &mut Stream, cluster: &str, patch: boo
     Flow::Continue
 }
 
+/// What a routed request carries to its upstream beyond the client's request.
+#[derive(Clone, Copy, Default)]
+struct Upstream<'a> {
+    /// The upstream's own token (`upstream_auth`), replacing the client's `Authorization`.
+    authorization: Option<&'a str>,
+    /// The path a paging cursor stands for, replacing the client's.
+    path: Option<&'a str>,
+}
+
 /// A verified request for `tenant`: rewritten for its FHIR server and routed to its cluster. A Bundle
 /// posted to the base is held (headers too, unless `hold_bundle_headers` is off) until the allowlist has
 /// judged its body, and its audit line waits for that verdict.
@@ -1237,17 +1362,18 @@ fn route(
     tenant: &Tenant,
     identity: &Identity,
     inspect: Option<bool>,
-    upstream_authorization: Option<&str>,
+    upstream: Upstream<'_>,
     out: &mut dyn Effects,
 ) -> Flow {
     let config = audit.config;
+    let Upstream { authorization: upstream_authorization, path: upstream_path } = upstream;
     match upstream_authorization {
         // The upstream's own token replaces the client's, whatever `forward_authorization` says.
         Some(value) => out.push(Effect::SetRequestHeader("authorization", value)),
         None if !config.forward_authorization => out.push(Effect::RemoveRequestHeader("authorization")),
         None => {}
     }
-    stream.response = prepare_upstream(config, tenant, audit.request, out);
+    stream.response = prepare_upstream(config, tenant, audit.request, upstream_path, out);
     if stream.check.is_some() && !matches!(stream.response, Some(ResponseEdit::RewriteLinks { .. })) {
         out.push(Effect::RemoveRequestHeader("accept-encoding")); // a compressed answer could not be checked
     }
@@ -1476,15 +1602,21 @@ fn prepare_upstream(
     config: &Config,
     tenant: &Tenant,
     request: &HttpRequest<'_>,
+    upstream_path: Option<&str>,
     out: &mut dyn Effects,
 ) -> Option<ResponseEdit> {
     forward_public_base(config, out);
-    let settings = tenant.settings.as_deref()?;
+    let Some(settings) = tenant.settings.as_deref() else {
+        if let Some(path) = upstream_path {
+            out.push(Effect::SetRequestHeader(":path", path));
+        }
+        return None;
+    };
     if let Some(authority) = &settings.authority {
         out.push(Effect::SetRequestHeader(":authority", authority));
     }
-    if !settings.base_path.is_empty() {
-        let path = format!("{}{}", settings.base_path, request.path);
+    if !settings.base_path.is_empty() || upstream_path.is_some() {
+        let path = format!("{}{}", settings.base_path, upstream_path.unwrap_or(&request.path));
         out.push(Effect::SetRequestHeader(":path", &path));
     }
     if let Some((name, value)) = &settings.header {

@@ -35,11 +35,21 @@ pub(super) fn token(tenant: &str, scopes: &str, client: &str) -> String {
 
 /// Sends a request's headers (whole, no body): its stream, flow and effects.
 pub(super) fn send(router: &mut Router, method: &str, path: &str, auth: &str) -> (Stream, Flow, Vec<String>) {
+    send_at(router, method, path, auth, T0_MS)
+}
+
+pub(super) fn send_at(
+    router: &mut Router,
+    method: &str,
+    path: &str,
+    auth: &str,
+    now_ms: u64,
+) -> (Stream, Flow, Vec<String>) {
     let mut stream = router.open_stream(1);
     let headers: [(&[u8], &[u8]); 3] =
         [(b":method", method.as_bytes()), (b":path", path.as_bytes()), (b"authorization", auth.as_bytes())];
     let mut out = Recorded::default();
-    let flow = router.on_request_headers(&mut stream, headers.iter().copied(), true, T0_MS, &PureRust, &mut out);
+    let flow = router.on_request_headers(&mut stream, headers.iter().copied(), true, now_ms, &PureRust, &mut out);
     (stream, flow, out.0)
 }
 
@@ -198,4 +208,139 @@ fn a_granted_binary_read_may_come_back_raw() {
     let (mut s, _, _) = send(&mut r, "GET", "/Binary/1", &token(TENANT_A, "system/Binary.read", "app"));
     let (_, b, _) = answer(&r, &mut s, "application/fhir+json", &bundle_of(&["Patient"]));
     assert_eq!(b, Flow::Stop, "JSON is still checked");
+}
+
+// Paging cursors.
+
+const BASE: &str = "https://fhir.example.org/r4";
+const KEY: &str = "0123456789abcdef0123456789abcdef-test-only";
+
+fn paging_router() -> Router {
+    let mut p = plugin();
+    p["public_base_url"] = json!(BASE);
+    p["paging_cursors"] = json!({"key": {"env": "CURSOR_KEY"}, "ttl_s": 600});
+    let config =
+        Config::from_json_with_env(p.to_string().as_bytes(), &|name| (name == "CURSOR_KEY").then(|| KEY.to_string()))
+            .unwrap();
+    Router::new(config, T0_MS, &mut Recorded::default())
+}
+
+/// A HAPI-style searchset whose paging links name no type (and one link to another origin).
+fn hapi_page(types: &[&str]) -> Vec<u8> {
+    let entries: Vec<Value> = types.iter().map(|t| json!({"resource": {"resourceType": t, "id": "x"}})).collect();
+    json!({"resourceType": "Bundle", "type": "searchset",
+           "link": [{"relation": "self", "url": format!("{BASE}/Patient?name=x")},
+                    {"relation": "next", "url": format!("{BASE}?_getpages=abc&_getpagesoffset=1&_count=1")},
+                    {"relation": "last", "url": "https://elsewhere.example/fhir?_getpages=abc"}],
+           "entry": entries})
+    .to_string()
+    .into_bytes()
+}
+
+/// The body the answer's effects put in place of the upstream's.
+fn replaced_body(effects: &[String]) -> Value {
+    let body = effects.iter().find_map(|e| e.strip_prefix("ReplaceResponseBody(")).unwrap();
+    serde_json::from_str(body.strip_suffix(')').unwrap()).unwrap()
+}
+
+/// The `next` cursor path (relative to the base) of a first page answered to a narrowed Patient search.
+fn first_page_next(r: &mut Router, auth: &str) -> String {
+    let (mut s, flow, _) = send(r, "GET", "/Patient?name=x", auth);
+    assert_eq!(flow, Flow::Continue);
+    let (h, b, effects) = answer(r, &mut s, "application/fhir+json", &hapi_page(&["Patient"]));
+    assert_eq!((h, b), (Flow::Buffer, Flow::Continue), "{effects:?}");
+    let page = replaced_body(&effects);
+    assert_eq!(page["link"][2]["url"], "https://elsewhere.example/fhir?_getpages=abc", "another origin: left");
+    assert!(page["link"][0]["url"].as_str().unwrap().starts_with(&format!("{BASE}/?_cursor=")));
+    let next = page["link"][1]["url"].as_str().unwrap();
+    assert!(!next.contains("_getpages"), "{next}");
+    next.strip_prefix(BASE).unwrap().to_string()
+}
+
+#[test]
+fn a_narrowed_token_pages_through_a_cursor_judged_as_its_search() {
+    let mut r = paging_router();
+    let auth = token(TENANT_A, "system/Patient.rs", "app-a");
+    let next = first_page_next(&mut r, &auth);
+    // The raw link would be refused to this token (no type, no `*` scope) — and to anyone: paging is cursors.
+    let (_, flow, effects) = send(&mut r, "GET", "/?_getpages=abc&_getpagesoffset=1&_count=1", &auth);
+    assert_eq!((flow, replied(&effects).unwrap().0), (Flow::Stop, 400));
+    let (_, _, effects) = send(&mut r, "GET", "/?_getpages=abc", &token(TENANT_A, "", "app-a"));
+    assert_eq!(replied(&effects).unwrap().0, 400, "unnarrowed too");
+    // The cursor goes upstream as the link's path, to the tenant's cluster.
+    let (mut s, flow, effects) = send(&mut r, "GET", &next, &auth);
+    assert_eq!(flow, Flow::Continue, "{effects:?}");
+    assert!(
+        effects.contains(&"SetRequestHeader(\":path\", \"/?_getpages=abc&_getpagesoffset=1&_count=1\")".to_string())
+    );
+    assert!(effects.contains(&"SetRequestHeader(\"x-fhir-tenant-router-cluster\", \"tenant_a\")".to_string()));
+    // Its answer is checked and its links are cursors again.
+    let (_, b, effects) = answer(&r, &mut s, "application/fhir+json", &hapi_page(&["Patient", "Observation"]));
+    assert_eq!((b, replied(&effects).unwrap().0), (Flow::Stop, 403));
+    let (mut s, _, _) = send(&mut r, "GET", &next, &auth);
+    let (_, _, effects) = answer(&r, &mut s, "application/fhir+json", &hapi_page(&["Patient"]));
+    assert!(replaced_body(&effects)["link"][1]["url"].as_str().unwrap().contains("_cursor="));
+}
+
+#[test]
+fn a_cursor_is_refused_to_another_tenant_or_client_tampered_or_expired() {
+    let mut r = paging_router();
+    let auth = token(TENANT_A, "system/Patient.rs", "app-a");
+    let next = first_page_next(&mut r, &auth);
+    let refused = |r: &mut Router, path: &str, auth: &str, now_ms: u64| {
+        let (_, flow, effects) = send_at(r, "GET", path, auth, now_ms);
+        assert_eq!(flow, Flow::Stop, "{effects:?}");
+        assert!(!effects.iter().any(|e| e.contains("x-fhir-tenant-router-cluster")), "routed nowhere: {effects:?}");
+        assert!(effects.contains(&"Count(CursorRefused)".to_string()));
+        replied(&effects).unwrap()
+    };
+    // Tenant B's client (B allows Patient search), and another client of tenant A.
+    assert_eq!(refused(&mut r, &next, &token(TENANT_B, "system/Patient.rs", "app-a"), T0_MS).0, 403);
+    assert_eq!(refused(&mut r, &next, &token(TENANT_A, "system/Patient.rs", "app-b"), T0_MS).0, 403);
+    assert_eq!(refused(&mut r, &next, &token(TENANT_A, "system/*.*", "app-b"), T0_MS).0, 403);
+    // Tampered: one character of the signature, or of the payload.
+    let flip = |s: &str, at: usize| {
+        let mut b = s.as_bytes().to_vec();
+        b[at] = if b[at] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(b).unwrap()
+    };
+    assert_eq!(refused(&mut r, &flip(&next, next.len() - 2), &auth, T0_MS).0, 400);
+    assert_eq!(refused(&mut r, &flip(&next, "/?_cursor=".len() + 5), &auth, T0_MS).0, 400);
+    assert_eq!(refused(&mut r, &format!("{next}&_count=1000"), &auth, T0_MS).0, 400);
+    // Expired: its lifetime (600 s) later.
+    let (status, body) = refused(&mut r, &next, &auth, T0_MS + 600_000);
+    assert!(status == 400 && body.contains("expired"), "{body}");
+    // Still good just before, for its own client; and a token that lost the scope is refused as the search.
+    let (_, flow, _) = send_at(&mut r, "GET", &next, &auth, T0_MS + 599_000);
+    assert_eq!(flow, Flow::Continue);
+    let (_, flow, effects) = send(&mut r, "GET", &next, &token(TENANT_A, "system/Observation.rs", "app-a"));
+    assert_eq!((flow, replied(&effects).unwrap().0), (Flow::Stop, 403));
+    assert!(effects.contains(&"Count(ForbiddenByScope)".to_string()), "judged as the Patient search: {effects:?}");
+    // Without a valid token, the token speaks first.
+    let (_, _, effects) = send(&mut r, "GET", &next, "Bearer nope");
+    assert_eq!(replied(&effects).unwrap().0, 401);
+}
+
+#[test]
+fn the_configuration_needs_a_key_and_a_public_base() {
+    let env = |name: &str| match name {
+        "SHORT" => Some("too short".to_string()),
+        "GOOD" => Some(KEY.to_string()),
+        _ => None,
+    };
+    let field = |paging: Value, base: bool| {
+        let mut p = plugin();
+        if base {
+            p["public_base_url"] = json!(BASE);
+        }
+        p["paging_cursors"] = paging;
+        Config::from_json_with_env(p.to_string().as_bytes(), &env).err().map(|e| e.field)
+    };
+    assert_eq!(field(json!({"key": {"env": "GOOD"}}), true), None);
+    assert_eq!(field(json!({"key": {"env": "GOOD"}}), false).as_deref(), Some("paging_cursors"));
+    assert_eq!(field(json!({}), true).as_deref(), Some("paging_cursors.key"));
+    assert_eq!(field(json!({"key": {"env": "SHORT"}}), true).as_deref(), Some("paging_cursors.key"));
+    assert_eq!(field(json!({"key": {"env": "UNSET"}}), true).as_deref(), Some("paging_cursors.key.env"));
+    assert_eq!(field(json!({"key": {"env": "GOOD"}, "ttl_s": 0}), true).as_deref(), Some("paging_cursors.ttl_s"));
+    assert_eq!(field(json!({"key": {"env": "GOOD"}, "other": 1}), true).as_deref(), Some("paging_cursors.other"));
 }

@@ -195,7 +195,7 @@ impl OAuthClient {
 /// [`FILE_PREFIX`]`path` (a name no environment variable has), which only a host that reads files answers.
 pub const FILE_PREFIX: &str = "\0file:";
 
-fn read_secret(
+pub(crate) fn read_secret(
     field: &str,
     raw: Option<&RawSecret>,
     lookup: &dyn Fn(&str) -> Option<String>,

@@ -92,6 +92,13 @@ def tenant_bundle(name: str, path: str) -> dict:
     }
 
 
+@dataclass
+class RawBody:
+    """An answer sent as it is, with its own content type (not JSON)."""
+    content_type: str
+    body: bytes
+
+
 class RecordingUpstream:
     def __init__(self, name: str, kind: str | None = None, port: int = 0,
                  base_url: str = "http://127.0.0.1:10000", issuer: str = "http://127.0.0.1:9000"):
@@ -162,7 +169,10 @@ class RecordingUpstream:
                 upstream._record(RecordedRequest(self.command, self.path, headers, body))
                 status, doc = upstream.respond(self.command, self.path)
                 content_type = "application/json" if "smart-configuration" in self.path else FHIR_JSON
-                payload = json.dumps(doc).encode()
+                if isinstance(doc, RawBody):  # an answer that is not JSON
+                    content_type, payload = doc.content_type, doc.body
+                else:
+                    payload = json.dumps(doc).encode()
                 self.send_response(status)
                 self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(payload)))

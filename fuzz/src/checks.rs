@@ -456,3 +456,17 @@ pub fn reach(path: &str, query: &str, form: &[u8]) -> bool {
     }
     !alone.is_empty()
 }
+
+/// A paging cursor as a request carries it: opening it never panics, and only a cursor minted with the key
+/// opens (`minted`: the tokens the generator minted).
+pub fn cursor(token: &str, minted: &std::collections::HashSet<String>) -> bool {
+    use fhir_tenant_router::cursor::{classify, open, Paging, PagingRequest};
+    let paging = Paging::new(&[42u8; 32], 600).expect("a valid key");
+    let opened = open(&paging, token, 0);
+    assert!(opened.is_err() || minted.contains(token), "a cursor opened that was never minted: {token:?}");
+    let path = format!("/?_cursor={token}");
+    if let PagingRequest::Cursor(t) = classify("GET", &path) {
+        assert_eq!(t, token);
+    }
+    opened.is_ok()
+}

@@ -928,3 +928,52 @@ pub fn reach(rng: &mut Rng, n: usize) -> Stats {
     }
     stats
 }
+
+/// Paging cursors: minted ones (several searches, tenants, clients), mutated at byte level, spliced,
+/// truncated, or with payloads of our own under a real tag.
+pub fn cursors(rng: &mut Rng, n: usize) -> Stats {
+    use fhir_tenant_router::cursor::{mint, Cursor, Paging};
+    let paging = Paging::new(&[42u8; 32], 600).expect("a valid key");
+    let mut minted = HashSet::new();
+    let mut pool = Vec::new();
+    for (i, (tenant, client, path)) in
+        [("a", Some("app"), "/?_getpages=x"), ("b", None, "/Patient?page=2"), ("a", Some("\u{e9}"), "/")]
+            .iter()
+            .enumerate()
+    {
+        let c = Cursor {
+            expires_s: 1_000 + i as u64,
+            tenant: tenant.to_string(),
+            client: client.map(str::to_string),
+            method: "GET".into(),
+            path: "/Patient?name=x".into(),
+            upstream_path: path.to_string(),
+        };
+        let token = mint(&paging, &c).expect("mintable");
+        minted.insert(token.clone());
+        pool.push(token);
+    }
+    let mut stats = Stats::default();
+    for _ in 0..n {
+        let seed = rng.pick(&pool).clone();
+        let mut bytes = seed.clone().into_bytes();
+        match rng.below(5) {
+            0 => mutate_bytes(rng, &mut bytes),
+            1 => {
+                let other = rng.pick(&pool).clone();
+                bytes = splice(rng, seed.as_bytes(), other.as_bytes());
+            }
+            2 => bytes.truncate(rng.below(bytes.len() + 1)),
+            3 => {
+                let tag = seed.split_once('.').map_or("", |(_, t)| t);
+                let doc = json_document(rng, &json!([1, 99, "a", "app", "GET", "/Patient", "/?_getpages=x"]));
+                bytes = format!("{}.{tag}", URL_SAFE_NO_PAD.encode(doc)).into_bytes();
+            }
+            _ => {}
+        }
+        let token = String::from_utf8_lossy(&bytes).into_owned();
+        note("cursor", token.as_bytes());
+        stats.add(checks::cursor(&token, &minted));
+    }
+    stats
+}

@@ -22,7 +22,7 @@ import threading
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
-from upstream import RecordingUpstream
+from upstream import RawBody, RecordingUpstream
 
 SERVLET = "/fhir"
 
@@ -90,3 +90,80 @@ def batch_body() -> bytes:
     return json.dumps({"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": "Patient/p1"}},
         {"request": {"method": "GET", "url": "Patient?family=smith"}}]}).encode()
+
+
+class FakeHapiPagingServer(RecordingUpstream):
+    """A FAKE HAPI FHIR server for the paging-cursor and answer-check tests (HAPI is Java and cannot run here): it
+    serves FHIR at the root of its port, searches a fixed set of Patients, and pages the way HAPI does
+    (RestfulServerUtils.createPagingLink): `<base>?_getpages=<id>&_getpagesoffset=<n>&_count=<n>&_bundletype=
+    searchset`, served by a GET on the base, out of ONE paging cache for every caller, as a HAPI shared by several
+    tenants (partitions) has: whoever holds a `_getpages` id reads that search's pages (the leak cursors stop).
+    The base written into links is `X-Forwarded-Proto`://`X-Forwarded-Host` when given (Spring Boot honours them),
+    else the Host header.
+
+    It misbehaves ON PURPOSE where a test asks it to (the answer check's oracle must be able to fail):
+    * `GET /Patient?name=misbehave`: a searchset that also holds an Observation, and a Patient with a contained
+      Organization, as a server with a reach bug (or a buggy `_include`) would answer;
+    * `GET /Patient?name=xml`: an XML searchset (`application/fhir+xml`)."""
+
+    PATIENTS = [f"p{i}" for i in range(5)]
+
+    def __init__(self, name: str):
+        super().__init__(name, "tenant")
+        self.searches: dict[str, list[str]] = {}
+        self._current = threading.local()
+        self.content_type: dict[int, str] = {}
+
+    def _record(self, req) -> None:
+        self._current.headers = req.headers
+        super()._record(req)
+
+    def base(self) -> str:
+        h = getattr(self._current, "headers", {})
+        proto = (h.get("x-forwarded-proto") or ["http"])[0]
+        host = (h.get("x-forwarded-host") or h.get("host") or ["localhost"])[0]
+        return f"{proto}://{host}"
+
+    def page(self, search_id: str, offset: int, count: int) -> dict:
+        ids = self.searches[search_id]
+        base = self.base()
+        links = [{"relation": "self", "url": f"{base}?_getpages={search_id}&_getpagesoffset={offset}&_count={count}"
+                                             f"&_bundletype=searchset"}]
+        if offset + count < len(ids):
+            links.append({"relation": "next", "url": f"{base}?_getpages={search_id}&_getpagesoffset={offset + count}"
+                                                     f"&_count={count}&_bundletype=searchset"})
+        if offset > 0:
+            links.append({"relation": "previous", "url": f"{base}?_getpages={search_id}&_getpagesoffset="
+                                                         f"{max(0, offset - count)}&_count={count}&_bundletype=searchset"})
+        return {"resourceType": "Bundle", "type": "searchset", "total": len(ids), "link": links,
+                "entry": [{"fullUrl": f"{base}/Patient/{pid}", "search": {"mode": "match"},
+                           "resource": {"resourceType": "Patient", "id": pid, "name": [{"family": self.name}]}}
+                          for pid in ids[offset:offset + count]]}
+
+    def respond(self, method: str, target: str) -> tuple[int, dict]:
+        url = urlsplit(target)
+        query = parse_qs(url.query)
+        first = lambda k, d=None: (query.get(k) or [d])[0]  # noqa: E731
+        if method == "GET" and url.path == "/Patient" and first("name") == "misbehave":
+            return 200, {"resourceType": "Bundle", "type": "searchset", "entry": [
+                {"resource": {"resourceType": "Patient", "id": "m1",
+                              "contained": [{"resourceType": "Organization", "id": "o1"}]}},
+                {"resource": {"resourceType": "Observation", "id": "obs1", "status": "final"},
+                 "search": {"mode": "include"}}]}
+        if method == "GET" and url.path == "/Patient" and first("name") == "xml":
+            return 200, RawBody("application/fhir+xml",
+                                b'<Bundle xmlns="http://hl7.org/fhir"><type value="searchset"/><entry><resource>'
+                                b'<Observation><id value="obs1"/></Observation></resource></entry></Bundle>')
+        if method == "GET" and url.path == "/Patient":
+            count = int(first("_count", "2"))
+            search_id = str(uuid.uuid4())
+            self.searches[search_id] = list(self.PATIENTS)
+            bundle = self.page(search_id, 0, count)
+            bundle["link"][0] = {"relation": "self", "url": f"{self.base()}/Patient?{url.query}"}
+            return 200, bundle
+        if method == "GET" and url.path == "/" and "_getpages" in query:
+            search_id = first("_getpages")
+            if search_id not in self.searches:
+                return 410, _outcome("not-found", "search expired")
+            return 200, self.page(search_id, int(first("_getpagesoffset", "0")), int(first("_count", "2")))
+        return 404, _outcome("not-supported", f"{method} {url.path!r} is not modelled by this fake")

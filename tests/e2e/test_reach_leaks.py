@@ -39,7 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fhir"))
 
 from conftest import stop_envoy  # noqa: E402
 from contract import TENANT_DATA  # noqa: E402
-from harness import TENANT_A, HarnessError, Idp, bearer, free_port, http_request, wait_until  # noqa: E402
+from harness import (  # noqa: E402
+    SHIPPED_CONFIG, TENANT_A, HarnessError, Idp, bearer, free_port, http_request, load_yaml, wait_until,
+    wasm_plugin_config,
+)
 from oracle import Oracle, OracleError  # noqa: E402
 
 TENANT_P = "0e0e0e0e-3333-4444-8555-666677778888"  # allowlist: resource_types ["Patient"], every interaction
@@ -67,6 +70,7 @@ class World:
     oracle: Oracle
     tokens: dict[str, str]
     wide: str
+    idp_port: int
     p1: str  # a patient with a practitioner, an organisation, a link and every clinical type in its compartment
     p2: str
     pc: str  # a patient with a contained Practitioner
@@ -202,7 +206,7 @@ def world(workdir, start_envoy):
     try:
         wait_until(lambda: env.request("GET", f"/Patient/{prepared['p1']}", bearer(wide)).status != 503, 30,
                    "Envoy to load the remote JWKS", on_timeout=lambda: env.log_tail())
-        yield World(env, oracle, tokens, wide, **prepared)
+        yield World(env, oracle, tokens, wide, idp.port, **prepared)
     finally:
         stop_envoy(env)
         idp.stop()
@@ -659,24 +663,84 @@ def test_the_oracle_agrees_with_the_raw_data(world):
     assert status == 400, doc
 
 
-def test_a_narrowed_token_pages_through_a_hapi_style_search(world):
-    """FHIR paging links name no type (`?_getpages=<id>&_getpagesoffset=...`); a Patient-only token must be able
-    to follow the links of its own Patient search, and every page holds Patients only."""
+PUBLIC = "https://fhir.example.test"
+CURSOR_KEY = "e2e-only-reach-cursor-key-0123456789abcdef012345"
+
+
+@pytest.fixture(scope="module")
+def paged(world, start_envoy):
+    """A second Envoy over the same oracle with paging cursors on (`paging_cursors`, `public_base_url`): the
+    oracle's HAPI-style links (`?_getpages=`) come back as cursors bound to tenant, client and reach."""
+    def plugin(doc):
+        doc["public_base_url"] = PUBLIC
+        doc["paging_cursors"] = {"key": {"env": "CURSOR_KEY"}, "ttl_s": 600}
+        doc["tenants"] = {
+            TENANT_A: {"cluster": "tenant_a", "allow": {"interactions": EVERY_INTERACTION}},
+            TENANT_P: {"cluster": "tenant_a",
+                       "allow": {"interactions": EVERY_INTERACTION, "resource_types": ["Patient"]}},
+        }
+
+    base = load_yaml(SHIPPED_CONFIG)
+    wasm_plugin_config(base)["vm_config"]["environment_variables"] = {"key_values": {"CURSOR_KEY": CURSOR_KEY}}
+    port = world.oracle.port
+    env = start_envoy("envoy-reach-paged", {"idp": world.idp_port, "fhir_metadata": port, "tenant_a": port,
+                                            "tenant_b": port}, base=base, plugin=plugin)
+    wait_until(lambda: env.request("GET", f"/Patient/{world.p1}", bearer(world.wide)).status != 503, 30,
+               "Envoy to load the remote JWKS", on_timeout=lambda: env.log_tail())
+    yield env
+    stop_envoy(env)
+
+
+def _next(resp) -> str | None:
+    nxt = [link["url"] for link in resp.json().get("link", []) if link["relation"] == "next"]
+    if not nxt:
+        return None
+    parts = urllib.parse.urlsplit(nxt[0])
+    return (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+
+def test_a_narrowed_token_pages_through_a_hapi_style_search(world, paged):
+    """Issue 23: the server's paging links name no type (`?_getpages=<id>&_getpagesoffset=...`); with paging
+    cursors on, a Patient-only token follows the links of its own Patient search to the end, every page holding
+    Patients only. (The tenant's own tag leaves out the patient with a contained Practitioner, whose page the
+    answer check rightly withholds.)"""
+    search = "/Patient?_count=7&_tag=urn:fhir-tenant-router:tenant%7Ctenant-a"
     for kind, token in world.tokens.items():
-        r = world.send(token, "GET", "/Patient?_count=7")
+        r = paged.request("GET", search, bearer(token))
         assert r.status == 200, (kind, r)
-        pages, seen = 1, len(r.json().get("entry", []))
-        while True:
-            nxt = [link["url"] for link in r.json().get("link", []) if link["relation"] == "next"]
-            if not nxt:
-                break
-            parts = urllib.parse.urlsplit(nxt[0])
-            r = world.send(token, "GET", (parts.path or "/") + "?" + parts.query)
-            assert r.status == 200, (kind, pages, r)
+        pages, seen, total = 1, len(r.json().get("entry", [])), r.json()["total"]
+        while (target := _next(r)) is not None:
+            r = paged.request("GET", target, bearer(token))
+            assert r.status == 200, (kind, pages, target, r)
             assert set(_types(r.json())) <= GRANTED | NEUTRAL, r.json()
             pages += 1
             seen += len(r.json().get("entry", []))
-        assert pages >= 3 and seen == r.json()["total"], (kind, pages, seen)
+        assert pages >= 3 and seen == total, (kind, pages, seen, total)
+
+
+@pytest.mark.parametrize("revinclude", ["Observation:patient", "*"])
+def test_a_cursor_keeps_the_reach_of_its_search(world, paged, revinclude):
+    """A cursor minted for a wider search (the wide token's, with `_revinclude`) replayed with a Patient-only
+    token (same client; or the allowlisted tenant) is refused before the upstream, and the raw `_getpages` link
+    behind it too: straight from the oracle, that page holds the other types."""
+    q = urllib.parse.urlencode([("_id", f"{world.p1},{world.p2}"), ("_count", "1"), ("_revinclude", revinclude)])
+    wide = paged.request("GET", f"/Patient?{q}", bearer(world.wide))
+    assert wide.status == 200, wide
+    cursor = _next(wide)
+    assert cursor and "_getpages" not in cursor, wide.json().get("link")
+    raw = _next(world.direct("GET", f"/Patient?{q}"))
+    direct = world.direct("GET", raw)
+    assert set(_types(direct.json())) - GRANTED - NEUTRAL, direct.json()  # page 2 reaches the other types
+    assert paged.request("GET", cursor, bearer(world.wide)).status == 200  # the cursor works for its owner
+    for kind, token in world.tokens.items():
+        for target in (cursor, raw):
+            mark = world.oracle.journal_mark()
+            r = paged.request("GET", target, bearer(token))
+            reached = world.oracle.requests_since(mark)
+            # a cursor is refused (403); a raw _getpages link, which cursors replace, may be refused as a bad
+            # request: neither reaches the upstream
+            assert (r.status == 403 if target == cursor else 400 <= r.status < 500) and not reached, \
+                (kind, target, r, reached)
 
 
 def test_head_is_answered_wherever_get_is(world):

@@ -909,10 +909,21 @@ function send(res, method, { status, body, headers }) {
   res.end(method === 'HEAD' ? undefined : payload);
 }
 
+const HOST_RE = /^[A-Za-z0-9.-]+(:\d{1,5})?$/;
+const PREFIX_RE = /^(\/[A-Za-z0-9._~-]+)*$/;
+
+// Links, fullUrl and Location use X-Forwarded-Proto/-Host/-Prefix when present and well formed (as HAPI's
+// address strategy behind a proxy does), else the request's Host.
 function baseUrl(headers, port) {
-  const host = typeof headers.host === 'string' && /^[A-Za-z0-9.-]+(:\d{1,5})?$/.test(headers.host) ? headers.host : `127.0.0.1:${port}`;
-  const proto = headers['x-forwarded-proto'] === 'https' ? 'https' : 'http';
-  return `${proto}://${host}`;
+  const first = (v) => (typeof v === 'string' ? v.split(',')[0].trim() : undefined);
+  const fh = first(headers['x-forwarded-host']);
+  const fp = first(headers['x-forwarded-proto'])?.toLowerCase();
+  const fx = first(headers['x-forwarded-prefix'])?.replace(/\/+$/, '');
+  let host = typeof headers.host === 'string' && HOST_RE.test(headers.host) ? headers.host : `127.0.0.1:${port}`;
+  if (fh && HOST_RE.test(fh)) host = fh;
+  const proto = fp === 'https' || fp === 'http' ? fp : 'http';
+  const prefix = fx && PREFIX_RE.test(fx) ? fx : '';
+  return `${proto}://${host}${prefix}`;
 }
 
 async function handleHttp(oracle, req, res, port) {

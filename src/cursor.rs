@@ -468,6 +468,47 @@ mod tests {
         assert!(!format!("{:?}", paging()).contains('7'), "the key is not shown");
     }
 
+    /// Minting and opening one cursor, and rewriting a page's links, natively (BENCHMARKS.md "Answer check"):
+    /// `cargo test --release --lib cursor::tests::cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a timing loop: run on demand, not in CI"]
+    fn cost() {
+        use std::time::Instant;
+        let p = paging();
+        let m = mint_for("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f", Some("patients-app-a"));
+        let link = format!("{BASE}?_getpages=4ec3d775-99e4-40a2-b722-b5dcdd568dfa&_getpagesoffset=20&_count=20");
+        let page = json!({"resourceType": "Bundle", "type": "searchset", "link": [
+            {"relation": "self", "url": link}, {"relation": "next", "url": link}, {"relation": "previous", "url": link}],
+            "entry": (0..20).map(|i| json!({"resource": {"resourceType": "Patient", "id": i.to_string(),
+                "name": [{"family": "Example"}]}})).collect::<Vec<_>>()})
+        .to_string()
+        .into_bytes();
+        let url = cursor_url(&link, BASE, &p, &m).unwrap();
+        let token = cursor_of(&url).to_string();
+        let time = |f: &dyn Fn()| {
+            let mut t: Vec<f64> = (0..2000)
+                .map(|_| {
+                    let start = Instant::now();
+                    f();
+                    start.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2] * 1e6
+        };
+        println!("| mint one cursor | {:.1} µs |", time(&|| assert!(cursor_url(&link, BASE, &p, &m).is_some())));
+        println!(
+            "| open one cursor ({} chars) | {:.1} µs |",
+            token.len(),
+            time(&|| assert!(open(&p, &token, 0).is_ok()))
+        );
+        println!(
+            "| rewrite a 20-Patient page's 3 links ({} bytes) | {:.1} µs |",
+            page.len(),
+            time(&|| assert!(rewrite_body(&page, BASE, &p, &m).is_some()))
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn opening_any_string_never_panics(s in ".{0,300}", dot in proptest::prelude::any::<bool>()) {

@@ -739,6 +739,11 @@ impl Router {
         }
         out.push(Effect::RemoveResponseHeader("content-length")); // the body changes length
         stream.editing_response = true;
+        if stream.mint.is_some() {
+            // Held whole, headers too: an answer beyond Envoy's buffer limit then gets Envoy's 500, not a
+            // reset after its headers.
+            return Flow::Buffer;
+        }
         Flow::Continue
     }
 

@@ -104,7 +104,9 @@ class FakeHapiPagingServer(RecordingUpstream):
     It misbehaves ON PURPOSE where a test asks it to (the answer check's oracle must be able to fail):
     * `GET /Patient?name=misbehave`: a searchset that also holds an Observation, and a Patient with a contained
       Organization, as a server with a reach bug (or a buggy `_include`) would answer;
-    * `GET /Patient?name=xml`: an XML searchset (`application/fhir+xml`)."""
+    * `GET /Patient?name=xml`: an XML searchset (`application/fhir+xml`);
+    * `GET /Patient?name=big`, `GET /Patient/big`: a searchset, or a Patient whose contained resources make it,
+      over 2 MiB (beyond Envoy's default buffer limit), ending in an Observation."""
 
     PATIENTS = [f"p{i}" for i in range(5)]
 
@@ -150,6 +152,16 @@ class FakeHapiPagingServer(RecordingUpstream):
                               "contained": [{"resourceType": "Organization", "id": "o1"}]}},
                 {"resource": {"resourceType": "Observation", "id": "obs1", "status": "final"},
                  "search": {"mode": "include"}}]}
+        if method == "GET" and (url.path == "/Patient/big" or (url.path == "/Patient" and first("name") == "big")):
+            filler = "x" * 1000
+            big = [{"resourceType": "Patient", "id": f"b{i}", "text": {"status": "generated",
+                                                                   "div": f"<div>{filler}</div>"}}
+                   for i in range(2100)]
+            if url.path == "/Patient/big":
+                return 200, {"resourceType": "Patient", "id": "big", "contained": [
+                    *big, {"resourceType": "Observation", "id": "obs-big"}]}
+            return 200, {"resourceType": "Bundle", "type": "searchset", "entry": [
+                *({"resource": r} for r in big), {"resource": {"resourceType": "Observation", "id": "obs-big"}}]}
         if method == "GET" and url.path == "/Patient" and first("name") == "xml":
             return 200, RawBody("application/fhir+xml",
                                 b'<Bundle xmlns="http://hl7.org/fhir"><type value="searchset"/><entry><resource>'

@@ -183,3 +183,18 @@ def test_an_answer_that_cannot_be_checked_fails_closed(paging):
     paging.hapi.clear()
     resp = paging.get(narrowed, "/Patient?_format=xml")
     assert resp.status == 406 and paging.hapi.requests == [], "refused before the upstream"
+
+
+def test_an_answer_beyond_the_buffer_limit_is_never_sent_to_a_narrowed_client(paging):
+    # The oracle can fail: unnarrowed, a read's whole answer (over 2 MiB, ending in an Observation) streams through.
+    resp = paging.get(paging.token(TENANT_A), "/Patient/big")
+    assert resp.status == 200 and len(resp.body) > 2 * 1024 * 1024 and b"obs-big" in resp.body, resp.status
+    # Narrowed: held for the check, beyond Envoy's buffer limit (1 MiB by default): Envoy's own 500, and none of it.
+    for target in ["/Patient/big", "/Patient?name=big"]:
+        resp = paging.get(paging.token(TENANT_A, "system/Patient.rs"), target)
+        assert resp.status == 500, (target, resp)
+        assert b"obs-big" not in resp.body and b"Patient" not in resp.body, resp.body[:200]
+    # With paging cursors on, every search answer is held to rewrite its links: a search answer beyond the limit
+    # is Envoy's clean 500 for an unnarrowed client too (not a reset after its headers).
+    resp = paging.get(paging.token(TENANT_A), "/Patient?name=big")
+    assert resp.status == 500 and b"obs-big" not in resp.body, resp

@@ -47,6 +47,13 @@ def _inline_jwks(jwks):
     return edit
 
 
+def _paging(paging):
+    def edit(doc):
+        doc["public_base_url"] = "https://fhir.example.test"
+        doc["paging_cursors"] = paging
+    return edit
+
+
 BAD_CONFIGS = {
     "an-unknown-top-level-key": (_set(["tenant_claims"], "scope"), "tenant_claims"),
     "an-unknown-provider-key": (_set(["provider", "jwks_url"], "http://127.0.0.1:9000/jwks"), "jwks_url"),
@@ -60,6 +67,11 @@ BAD_CONFIGS = {
     "an-inline-jwks-with-a-broken-key": (_inline_jwks({"keys": [{"kty": "RSA", "kid": "k", "n": "!!", "e": "AQAB"}]}),
                                          "jwks"),
     "an-unknown-signature-verifier": (_set(["signature_verifier"], "openssl"), "signature_verifier"),
+    "paging-cursors-without-public-base-url": (_set(["paging_cursors"], {"key": {"env": "CURSOR_KEY"}}),
+                                               "paging_cursors"),
+    "a-paging-cursor-key-the-vm-does-not-have": (_paging({"key": {"env": "NO_SUCH_CURSOR_KEY"}}),
+                                                 "paging_cursors.key.env"),
+    "a-paging-cursor-ttl-of-zero": (_paging({"key": {"env": "NO_SUCH_CURSOR_KEY"}, "ttl": 0}), "paging_cursors.ttl"),
 }
 
 

@@ -130,12 +130,38 @@ impl HttpContext for Probe {
         });
         self.core();
         self.quota();
+        self.answer_check();
         let _ = hostcalls::log(LogLevel::Warn, "PROBE done");
         Action::Continue
     }
 }
 
 impl Probe {
+    /// The answer check on a narrowed request's answer (issue 23), per answer size, inside V8: a searchset of
+    /// Patients with a contained Organization each, all readable (the whole body is walked).
+    fn answer_check(&self) {
+        use fhir_tenant_router::response_check::{check, Readable, Verdict};
+        let readable = Readable::from_types(["Organization", "Patient"]);
+        for entries in [1usize, 10, 100, 1000] {
+            let entry = |i: usize| {
+                format!(
+                    r##"{{"fullUrl":"https://fhir.example.org/Patient/{i}","search":{{"mode":"match"}},"resource":{{"resourceType":"Patient","id":"{i}","active":true,"name":[{{"family":"Example","given":["Pat","Q"]}}],"gender":"female","birthDate":"1970-01-01","address":[{{"line":["1 Main St"],"city":"X"}}],"contained":[{{"resourceType":"Organization","id":"o","name":"Clinic"}}],"managingOrganization":{{"reference":"#o"}}}}}}"##
+                )
+            };
+            let body = format!(
+                r#"{{"resourceType":"Bundle","type":"searchset","total":{entries},"entry":[{}]}}"#,
+                (0..entries).map(entry).collect::<Vec<_>>().join(",")
+            );
+            let clean = check(body.as_bytes(), &readable) == Verdict::Clean;
+            log::warn!("PROBE answer check on {entries} Patients is clean: {clean}");
+            let n = (2_000_000 / body.len()).clamp(10, 20_000) as u32;
+            time_n(&format!("answer check: searchset of {entries} Patients ({} bytes)", body.len()), n, || {
+                let v = check(std::hint::black_box(body.as_bytes()), &readable);
+                let _ = std::hint::black_box(v == Verdict::Clean);
+            });
+        }
+    }
+
     /// What a per-tenant quota adds to a request (issue 14): the bucket's compare-and-swap round trip through
     /// Envoy's shared data, and the pure arithmetic.
     fn quota(&self) {

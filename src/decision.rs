@@ -202,11 +202,17 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
     }
 }
 
-/// The value of a `_method` query parameter, if the query has one (looked for only when the query holds
-/// `method` in any case, so most requests pay a byte scan).
+/// The value of a `_method` query parameter, if the query has one (parsed only when the query has a `%` or a
+/// `_method` in any case, so most requests pay one byte scan).
 fn query_method_override(path: &str) -> Option<String> {
     let (_, query) = path.split_once('?')?;
-    if !query.as_bytes().windows(6).any(|w| w.eq_ignore_ascii_case(b"method")) {
+    let q = query.as_bytes();
+    let maybe = q.iter().enumerate().any(|(i, b)| match b {
+        b'%' => true,
+        b'_' => q.get(i + 1..i + 7).is_some_and(|w| w.eq_ignore_ascii_case(b"method")),
+        _ => false,
+    });
+    if !maybe {
         return None;
     }
     crate::reach::pairs(query.as_bytes())

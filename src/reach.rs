@@ -91,6 +91,31 @@ impl TypeSet {
         self.all = true;
         self.types = BTreeSet::new();
     }
+
+    /// Whether every type it holds is in `other`.
+    pub fn within(&self, other: &TypeSet) -> bool {
+        other.all || (!self.all && self.types.iter().all(|t| other.types.contains(t)))
+    }
+
+    /// Its text: `*`, or the type names in order joined by `,` (empty for none).
+    pub fn to_text(&self) -> String {
+        if self.all {
+            return "*".into();
+        }
+        self.types.iter().copied().collect::<Vec<_>>().join(",")
+    }
+
+    /// From [`TypeSet::to_text`]'s text; `None` for a name that is not an R4 resource type.
+    pub fn from_text(text: &str) -> Option<Self> {
+        if text == "*" {
+            return Some(Self::all());
+        }
+        let mut set = Self::default();
+        for name in text.split(',').filter(|n| !n.is_empty()) {
+            set.add_known(resource_type(name)?);
+        }
+        Some(set)
+    }
 }
 
 /// What a request reaches beyond the interaction its path names.
@@ -106,6 +131,22 @@ impl Reach {
     /// Whether it reaches nothing beyond its path's type.
     pub fn is_empty(&self) -> bool {
         self.read.is_empty() && self.search.is_empty()
+    }
+
+    /// Whether it reaches nothing that `other` does not (a later page's reach within the first search's).
+    pub fn within(&self, other: &Reach) -> bool {
+        self.read.within(&other.read) && self.search.within(&other.search)
+    }
+
+    /// Its text, to keep it (in a paging cursor): `<read>|<search>`, each a [`TypeSet::to_text`].
+    pub fn to_text(&self) -> String {
+        format!("{}|{}", self.read.to_text(), self.search.to_text())
+    }
+
+    /// From [`Reach::to_text`]'s text; `None` if it is not one.
+    pub fn from_text(text: &str) -> Option<Self> {
+        let (read, search) = text.split_once('|')?;
+        Some(Self { read: TypeSet::from_text(read)?, search: TypeSet::from_text(search)? })
     }
 }
 
@@ -215,6 +256,29 @@ pub fn pairs(query: &[u8]) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)>
     })
 }
 
+/// The special parameter `name` is (its part before any `:` or `.`, compared without regard to case), or
+/// `""` for any other.
+fn special(name: &str) -> &'static str {
+    const SPECIAL: [&str; 8] = ["_has", "_include", "_revinclude", "_filter", "_type", "_list", "_query", "_contained"];
+    if !name.starts_with('_') {
+        return "";
+    }
+    let head = name.split([':', '.']).next().unwrap_or_default();
+    SPECIAL.into_iter().find(|s| s.eq_ignore_ascii_case(head)).unwrap_or_default()
+}
+
+/// Whether a query (or form) could reach anything: it has a `.` or `:` (chains, `_has`, modifiers), an escape
+/// (`%`, `+`: anything may hide behind one), or a `_` followed by the start of a special name. A byte scan that
+/// lets a plain search (`name=x&_count=10&_sort=-date`) skip the walk; anything it passes is walked in full.
+fn could_reach(query: &[u8]) -> bool {
+    const STARTS: [&[u8; 3]; 8] = [b"has", b"inc", b"rev", b"fil", b"typ", b"lis", b"que", b"con"];
+    query.iter().enumerate().any(|(i, b)| match b {
+        b'.' | b':' | b'%' | b'+' => true,
+        b'_' => query.get(i + 1..i + 4).is_some_and(|next| STARTS.iter().any(|s| s.eq_ignore_ascii_case(next))),
+        _ => false,
+    })
+}
+
 /// Computes a reach, one parameter at a time.
 struct Walk {
     reach: Reach,
@@ -246,9 +310,7 @@ impl Walk {
             self.reach.search.set_all();
             return;
         }
-        let lower = if name.starts_with('_') { Cow::Owned(name.to_ascii_lowercase()) } else { Cow::Borrowed(name) };
-        let special = lower.split([':', '.']).next().unwrap_or_default();
-        match special {
+        match special(name) {
             "_has" => self.has(name, value, depth),
             "_include" => value.split(',').for_each(|v| self.include(v)),
             "_revinclude" => value.split(',').for_each(|v| self.revinclude(v)),
@@ -342,7 +404,6 @@ impl Walk {
 /// `base` (the classified resource type; `None`: the system level), with `form` (a `POST _search` body) and
 /// `if_none_exist` (a conditional create's search) when there are.
 pub fn of_request(base: Option<&str>, path: &str, form: Option<&[u8]>, if_none_exist: Option<&str>) -> Reach {
-    let base = base.and_then(resource_type);
     let mut walk = Walk { reach: Reach::default(), steps: 0 };
     // Everything after the first `?` is the query, a `#` included: a lenient server may read past it.
     let (path_only, query) = match path.split_once('?') {
@@ -354,16 +415,13 @@ pub fn of_request(base: Option<&str>, path: &str, form: Option<&[u8]>, if_none_e
             walk.reach.read.set_all();
         }
     }
-    for (name, value) in pairs(query.as_bytes()) {
-        walk.top(base, &name, &value);
-    }
-    for (name, value) in form.into_iter().flat_map(pairs) {
-        walk.top(base, &name, &value);
-    }
-    if let Some(criteria) = if_none_exist {
-        // The header holds a query (`identifier=x`); some clients send `Type?identifier=x`.
-        let criteria = criteria.split_once('?').map_or(criteria, |(_, q)| q);
-        for (name, value) in pairs(criteria.as_bytes()) {
+    // The header holds a query (`identifier=x`); some clients send `Type?identifier=x`.
+    let criteria = if_none_exist.map(|c| c.split_once('?').map_or(c, |(_, q)| q));
+    let sources = [Some(query.as_bytes()), form, criteria.map(str::as_bytes)];
+    let mut base_type = None;
+    for source in sources.into_iter().flatten().filter(|s| could_reach(s)) {
+        let base = *base_type.get_or_insert_with(|| base.and_then(resource_type));
+        for (name, value) in pairs(source) {
             walk.top(base, &name, &value);
         }
     }
@@ -383,6 +441,7 @@ pub fn search_count(path: &str, form: Option<&[u8]>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     fn reach(base: &str, path: &str) -> Reach {
         of_request(Some(base), path, None, None)
@@ -589,7 +648,51 @@ mod tests {
         assert_eq!(p, [("a".into(), "1".into()), ("b".into(), "".into()), ("c".into(), "==".into())]);
     }
 
+    #[test]
+    fn a_reach_is_plain_data_that_keeps_as_text() {
+        let r = reach("Patient", "/Patient?_revinclude=Observation:patient&_has:Encounter:patient:status=x");
+        assert_eq!(r.to_text(), "Observation|Encounter");
+        assert_eq!(Reach::from_text(&r.to_text()), Some(r.clone()));
+        let all = reach("Patient", "/Patient?_include=*&organization.name=x");
+        assert_eq!(all.to_text(), "*|Organization");
+        assert_eq!(Reach::from_text("|"), Some(Reach::default()));
+        for bad in ["", "Observation", "Nope|", "patient|", "Observation|*|x"] {
+            assert_eq!(Reach::from_text(bad), None, "{bad}");
+        }
+        assert!(!r.within(&all) && Reach::default().within(&r) && r.within(&r));
+        assert!(Reach::from_text("*|*").is_some_and(|wide| r.within(&wide) && all.within(&wide)));
+    }
+
     proptest::proptest! {
+        #[test]
+        fn the_byte_scan_skips_only_queries_that_reach_nothing(
+            params in proptest::collection::vec((
+                proptest::prop_oneof![
+                    proptest::sample::select(vec![
+                        "_include", "_REVINCLUDE", "_has", "_Filter", "_type", "_list", "_query", "_contained",
+                        "_count", "_sort", "name", "organization", "_id", "_include:iterate",
+                    ]).prop_map(String::from),
+                    "[_a-zA-Z]{1,12}",
+                ],
+                "[-a-zA-Z0-9_*|:.%+ ]{0,12}",
+            ), 0..5)
+        ) {
+            let q: String = params.iter().map(|(n, v)| format!("{n}={v}&")).collect();
+            let mut walk = Walk { reach: Reach::default(), steps: 0 };
+            for (name, value) in pairs(q.as_bytes()) {
+                walk.top(Some("Patient"), &name, &value);
+            }
+            if !could_reach(q.as_bytes()) {
+                proptest::prop_assert!(walk.reach.is_empty(), "{} reaches {:?}", q, walk.reach);
+            }
+        }
+
+        #[test]
+        fn a_reach_keeps_as_text(path in "/Patient\\?[_a-z:.A-Z=&*%0-9]{0,60}") {
+            let r = reach("Patient", &path);
+            proptest::prop_assert_eq!(Reach::from_text(&r.to_text()), Some(r));
+        }
+
         #[test]
         fn arbitrary_queries_never_panic(path in "\\PC{0,120}", form in proptest::collection::vec(proptest::num::u8::ANY, 0..120)) {
             let _ = of_request(Some("Patient"), &path, Some(&form), Some(&path));

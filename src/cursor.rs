@@ -515,6 +515,7 @@ mod tests {
             let token = if dot { format!("{s}.{s}") } else { s };
             let _ = open(&paging(), &token, 0);
             let _ = classify("GET", &format!("/?{token}"));
+            let _ = crate::response_check::asks_unreadable_format(&format!("/Patient?{token}"));
         }
     }
 }

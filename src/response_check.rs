@@ -55,6 +55,18 @@ impl Readable {
         Self { types: types.into_boxed_slice() }
     }
 
+    /// Adds types (those a Bundle's entries wrote).
+    pub fn extend(&mut self, more: Vec<String>) {
+        if more.is_empty() {
+            return;
+        }
+        let mut types: Vec<Box<str>> = std::mem::take(&mut self.types).into_vec();
+        types.extend(more.into_iter().map(String::into_boxed_str));
+        types.sort_unstable();
+        types.dedup();
+        self.types = types.into_boxed_slice();
+    }
+
     /// Whether a resource of type `t` may be in the answer.
     pub fn allows(&self, t: &str) -> bool {
         ALWAYS.contains(&t) || self.types.binary_search_by(|x| (**x).cmp(t)).is_ok()

@@ -1134,7 +1134,18 @@ impl Router {
         };
         let Inspection { search, narrowed, opaque, policy, tenant, audit, scopes, require_scopes, quota } = *inspection;
         let base = self.config.public_base_url.as_deref();
-        let also = |method: &str, c: &crate::fhir::Classified<'_>| scopes.check(require_scopes, method, c);
+        // The types its entries create, update or patch: the batch-response may show what they wrote.
+        let written = std::cell::RefCell::new(Vec::new());
+        let also = |method: &str, c: &crate::fhir::Classified<'_>| {
+            use crate::fhir::Interaction;
+            scopes.check(require_scopes, method, c)?;
+            if matches!(c.interaction, Interaction::Create | Interaction::Update | Interaction::Patch) {
+                if let Some(t) = c.resource_type {
+                    written.borrow_mut().push(t.to_string());
+                }
+            }
+            Ok(())
+        };
         let verdict = match &search {
             // A form it cannot read as the server would: its reach (or its `_count`) is unknown.
             Some(_) if opaque => Err(Refusal::OpaqueForm),
@@ -1144,6 +1155,9 @@ impl Router {
             }
             None => policy.check_bundle_with(body, base, narrowed, &also),
         };
+        if let Some(check) = stream.check.as_deref_mut() {
+            check.readable.extend(written.into_inner());
+        }
         // Refused (its outcome and reason), by the allowlist or scopes, else by the quota, charged its entries
         // (a search form: its `_count`).
         let mut refused = verdict.err().map(|refusal| (Outcome::Forbidden, forbid(&refusal, &tenant, out)));

@@ -201,6 +201,53 @@ fn what_cannot_be_checked_fails_closed() {
 }
 
 #[test]
+fn a_batch_response_may_show_what_its_entries_wrote_and_nothing_else() {
+    let mut p = plugin();
+    p["tenants"][TENANT_A]["allow"] = json!({"interactions": ["read", "search", "create", "update"]});
+    let mut r = router_with(&p);
+    let auth = token(TENANT_A, "system/Observation.c system/Patient.rs", "app");
+    let (mut s, flow, _) = send_body(
+        &mut r,
+        "POST",
+        "/",
+        &auth,
+        &json!({"resourceType": "Bundle", "type": "batch",
+        "entry": [{"request": {"method": "POST", "url": "Observation"}, "resource": {"resourceType": "Observation"}},
+                  {"request": {"method": "GET", "url": "Patient/1"}}]})
+        .to_string(),
+    );
+    assert_eq!(flow, Flow::Continue);
+    let written = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+        {"resource": {"resourceType": "Observation", "id": "new"}, "response": {"status": "201"}},
+        {"resource": {"resourceType": "Patient", "id": "1"}, "response": {"status": "200"}}]});
+    let (_, b, effects) = answer(&r, &mut s, "application/fhir+json", written.to_string().as_bytes());
+    assert_eq!(b, Flow::Continue, "{effects:?}");
+    // The same token's batch that writes nothing may not show an Observation.
+    let (mut s, _, _) = send_body(
+        &mut r,
+        "POST",
+        "/",
+        &auth,
+        &json!({"resourceType": "Bundle", "type": "batch",
+        "entry": [{"request": {"method": "GET", "url": "Patient/1"}}]})
+        .to_string(),
+    );
+    let (_, b, effects) = answer(&r, &mut s, "application/fhir+json", written.to_string().as_bytes());
+    assert_eq!((b, replied(&effects).unwrap().0), (Flow::Stop, 403));
+}
+
+/// Sends a request with a body (headers, then the whole body).
+fn send_body(router: &mut Router, method: &str, path: &str, auth: &str, body: &str) -> (Stream, Flow, Vec<String>) {
+    let mut stream = router.open_stream(1);
+    let headers: [(&[u8], &[u8]); 3] =
+        [(b":method", method.as_bytes()), (b":path", path.as_bytes()), (b"authorization", auth.as_bytes())];
+    let mut out = Recorded::default();
+    let _ = router.on_request_headers(&mut stream, headers.iter().copied(), false, T0_MS, &PureRust, &mut out);
+    let flow = router.on_request_body(&mut stream, true, T0_MS, &mut || body.as_bytes().to_vec(), &mut out);
+    (stream, flow, out.0)
+}
+
+#[test]
 fn a_granted_binary_read_may_come_back_raw() {
     let mut r = router_with(&plugin());
     let (mut s, _, _) = send(&mut r, "GET", "/Binary/1", &token(TENANT_A, "system/Binary.read", "app"));

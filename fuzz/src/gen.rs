@@ -691,10 +691,18 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
     }
     json["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "base_path": "/fhir", "links_base_url": "http://up/fhir",
         "allow": {"interactions": ["read", "search", "create"]}});
-    let config = Config::from_json(json.to_string().as_bytes()).expect("fuzz config compiles");
+    if rng.percent(50) {
+        // Paging cursors (issue 23): links under the public base become cursors, cursors and raw paging requests
+        // are read.
+        json["paging_cursors"] = json!({"key": {"env": "FUZZ_CURSOR_KEY"}, "ttl_s": 60});
+    }
+    let env = |name: &str| (name == "FUZZ_CURSOR_KEY").then(|| "k".repeat(40));
+    let config = Config::from_json_with_env(json.to_string().as_bytes(), &env).expect("fuzz config compiles");
     let now_ms = NOW as u64 * 1000;
     let mut sink = Recorded::default();
     let mut router = Router::new(config, now_ms, &mut sink);
+    // A cursor this router minted, once a response gave one (then replayed, mutated, by later requests).
+    let mut cursor_path: Option<String> = None;
     let signers = Signers::new();
     let jwks_doc = fixtures::public_jwks();
     let registry_doc = json!({"tenants": {TENANT_A: {"cluster": "tenant_a"}, TENANT_B: {"url": "http://b/fhir"}}});
@@ -703,7 +711,16 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
     let mut open: Vec<Stream> = Vec::new();
     for _ in 0..n {
         let mut out = Recorded::default();
-        let mut claims = json!({"iss": ISSUER, "aud": [AUDIENCE], "iat": NOW, "exp": NOW + 600, "scope": TENANT_A});
+        // Narrowed tokens (SMART scopes) make answers checked (issue 23).
+        let scope = *rng.pick(&[TENANT_A, "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f system/Patient.rs"]);
+        let scope = if scope.starts_with("6f1c") {
+            scope.replace("6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f", TENANT_A)
+        } else {
+            scope.to_string()
+        };
+        let client = *rng.pick(&["app-a", "app-b"]);
+        let mut claims = json!({"iss": ISSUER, "aud": [AUDIENCE], "iat": NOW, "exp": NOW + 600, "scope": scope,
+                                "client_id": client});
         if rng.percent(40) {
             mutate_json(rng, &mut claims);
         }
@@ -739,20 +756,30 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
                 stats.add(false);
             }
             _ => {
+                let mut path = rng
+                    .pick(&[
+                        "/Patient?name=x",
+                        "/metadata",
+                        "/",
+                        "/Patient/1",
+                        "/.well-known/smart-configuration",
+                        "/?_getpages=abc&_getpagesoffset=2",
+                        "/?_cursor=abc.def",
+                        "/Patient?_format=xml",
+                        "/cursor",
+                    ])
+                    .to_string();
+                if path == "/cursor" {
+                    path = cursor_path.clone().unwrap_or_else(|| "/?_cursor=".into());
+                    if rng.percent(50) {
+                        let mut b = path.into_bytes();
+                        mutate_bytes(rng, &mut b);
+                        path = String::from_utf8_lossy(&b).into_owned();
+                    }
+                }
                 let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = vec![
                     (b":method".to_vec(), rng.pick(&["GET", "POST", "DELETE", "HEAD", ""]).as_bytes().to_vec()),
-                    (
-                        b":path".to_vec(),
-                        rng.pick(&[
-                            "/Patient?name=x",
-                            "/metadata",
-                            "/",
-                            "/Patient/1",
-                            "/.well-known/smart-configuration",
-                        ])
-                        .as_bytes()
-                        .to_vec(),
-                    ),
+                    (b":path".to_vec(), path.into_bytes()),
                     (b":authority".to_vec(), b"fhir.example".to_vec()),
                 ];
                 for _ in 0..rng.below(4) {
@@ -789,7 +816,8 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
                     b
                 };
                 router.on_request_body(&mut stream, true, now, &mut || body.clone(), &mut out);
-                let content_type = rng.pick(&["application/fhir+json", "text/html"]).to_string();
+                let content_type =
+                    rng.pick(&["application/fhir+json", "text/html", "application/fhir+xml"]).to_string();
                 let location = rng.pick(&["http://up/fhir/Patient/1", "http://other/x"]).to_string();
                 let header = |name: &str| match name {
                     "content-type" => Some(content_type.clone()),
@@ -797,11 +825,30 @@ pub fn router_events(rng: &mut Rng, n: usize) -> Stats {
                     _ => None,
                 };
                 router.on_response_headers(&mut stream, rng.percent(10), &header, &mut out);
-                let mut response = json!({"resourceType": "CapabilityStatement", "rest": [{"mode": "server"}], "link": [{"url": "http://up/fhir/Patient?page=2"}]}).to_string().into_bytes();
+                let mut response = if rng.percent(50) {
+                    json!({"resourceType": "CapabilityStatement", "rest": [{"mode": "server"}], "link": [{"url": "http://up/fhir/Patient?page=2"}]})
+                } else {
+                    // A HAPI-style page: a paging link under the upstream's base (and under the public base), and
+                    // sometimes a type a narrowed token may not read.
+                    json!({"resourceType": "Bundle", "type": "searchset", "link": [
+                        {"relation": "next", "url": "http://up/fhir?_getpages=abc&_getpagesoffset=2"},
+                        {"relation": "previous", "url": "https://fhir.example/r4?_getpages=abc"}],
+                        "entry": [{"resource": {"resourceType": *rng.pick(&["Patient", "Observation"]),
+                                                "contained": [{"resourceType": "Patient"}]}}]})
+                }
+                .to_string()
+                .into_bytes();
                 if rng.percent(30) {
                     mutate_bytes(rng, &mut response);
                 }
                 router.on_response_body(&mut stream, true, &mut || response.clone(), &mut out);
+                if let Some(found) = out.0.iter().find_map(|e| e.find("?_cursor=").map(|i| e[i..].to_string())) {
+                    let token: String = found["?_cursor=".len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                        .collect();
+                    cursor_path = Some(format!("/?_cursor={token}"));
+                }
                 if stream.is_waiting() && open.len() < 32 {
                     open.push(stream);
                 } else {

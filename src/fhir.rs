@@ -98,6 +98,11 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Option<Classified<'a>> {
     let mut parts = [""; 4];
     let mut count = 0;
     for part in path.trim_start_matches('/').split('/') {
+        // No FHIR type, id, version, `_history`, `_search` or `$operation` holds a `%`; a server decodes an
+        // escape before routing (`%24everything` is `$everything`): a path with one is no interaction we judge.
+        if part.contains('%') {
+            return None;
+        }
         *parts.get_mut(count)? = part;
         count += 1;
     }
@@ -591,6 +596,24 @@ mod tests {
         assert_eq!(c("GET", "/patient/1"), None);
         assert_eq!(c("GET", "/Patient/1/x/y/z"), None);
         assert_eq!(c("TRACE", "/Patient/1"), None);
+        // An escape in a segment: the server decodes it before routing (`/Patient/%24export` is `$export`, not
+        // a read of the Patient `%24export`), and no FHIR id or name holds one. Found by tests/oracle.
+        for path in [
+            "/Patient/%24export",
+            "/Patient/%24everything",
+            "/Patient/1/%24everything",
+            "/%24export",
+            "/Patient/%5Fhistory",
+            "/Patient/1/%2A",
+            "/Patient%2F1",
+            "/Patient/1/_history/%32",
+        ] {
+            for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"] {
+                assert_eq!(c(method, path), None, "{method} {path}");
+            }
+        }
+        // The query is not the path: escapes there are the reach's to decode.
+        assert_eq!(c("GET", "/Patient?name=%24x"), Some((Search, p("Patient"))));
         let instance = |m: &str, p: &str| classify(m, p).unwrap().instance;
         assert!(
             instance("GET", "/Patient/1/_history") && instance("GET", "/Patient/1") && instance("PUT", "/Patient/1")

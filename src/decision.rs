@@ -53,7 +53,7 @@ pub enum Decision<'c> {
     UnknownKey { provider: usize },
     /// A valid token names `tenant`, which is bound to other issuers: refuse with
     /// [`Rejection::IssuerNotAllowed`] (403), counted against that tenant.
-    IssuerNotAllowed { tenant: &'c Tenant },
+    IssuerNotAllowed { tenant: &'c Tenant, identity: Identity },
     /// A valid token names `tenant`, whose `allowed_clients` do not list the token's client: refuse with
     /// [`Rejection::ClientNotAllowed`] (403), counted against that tenant.
     ClientNotAllowed { tenant: &'c Tenant, identity: Identity },
@@ -153,7 +153,7 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
     };
     let issuer = config.providers.get(provider).map_or("", |p| p.provider.issuer.as_str());
     if !tenant.allows_issuer(issuer) {
-        return Decision::IssuerNotAllowed { tenant };
+        return Decision::IssuerNotAllowed { tenant, identity };
     }
     if !tenant.allows_client(identity.whole_client_id()) {
         return Decision::ClientNotAllowed { tenant, identity };

@@ -1092,13 +1092,14 @@ impl Router {
                 audit.record(Outcome::Forbidden, detail, out);
                 Flow::Stop
             }
-            Decision::IssuerNotAllowed { tenant } => {
+            Decision::IssuerNotAllowed { tenant, identity } => {
                 let rejection = Rejection::IssuerNotAllowed;
                 reject(rejection, None, out);
                 out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
                 let detail = Detail {
                     reason: Some(rejection.reason()),
                     tenant: Some(&tenant.id),
+                    identity: Some(&identity),
                     cluster: Some(&tenant.cluster),
                     ..Detail::default()
                 };

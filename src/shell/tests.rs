@@ -471,6 +471,29 @@ fn a_token_for_no_tenant_is_403_and_one_for_a_tenant_bound_to_another_issuer_is_
     assert_eq!(host.metric("requests.rejected.no_tenant"), 1);
 }
 
+/// Issue 24: a verified token refused because its issuer may not name the tenant still has an audit line
+/// naming the tenant, the client and the cluster (whose request it was, and where it was going).
+#[test]
+fn the_audit_line_of_a_tenant_bound_to_another_issuer_names_tenant_client_and_cluster() {
+    let mut p = plugin();
+    p["providers"] = json!([
+        {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE], "jwks": jwks()},
+        {"issuer": "http://other-idp", "audiences": [testkeys::AUDIENCE], "jwks": jwks()}
+    ]);
+    p.as_object_mut().unwrap().remove("provider");
+    p["tenants"][TENANT_A] = json!({"cluster": "tenant_a", "issuers": ["http://other-idp"]});
+    p["audit_log"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    let calls = host.take_calls();
+    let line = calls.iter().find_map(|c| c.strip_prefix("log Info ")).expect("an audit line");
+    let line: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["reason"], "issuer_not_allowed", "{line}");
+    assert_eq!((line["tenant"].as_str(), line["client_id"].as_str()), (Some(TENANT_A), Some("patients-app-a")));
+    assert_eq!(line["cluster"], "tenant_a", "{line}");
+}
+
 #[test]
 fn a_token_from_a_client_the_tenant_does_not_allow_is_403_counted_on_the_tenant() {
     let mut p = plugin();

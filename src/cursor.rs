@@ -292,7 +292,7 @@ fn rewrite_bundle(doc: &mut Value, base: &str, paging: &Paging, m: &Mint, depth:
 
 /// The cursor URL for a link `url` under `base`; `None` for a link elsewhere (or too long to mint).
 pub fn cursor_url(url: &str, base: &str, paging: &Paging, m: &Mint) -> Option<String> {
-    let rest = under_base(url, base)?;
+    let rest = crate::fhir::strip_base(url, Some(base))?;
     let upstream_path = match rest {
         "" => "/".to_string(),
         r if r.starts_with('?') => format!("/{r}"),
@@ -311,22 +311,6 @@ pub fn cursor_url(url: &str, base: &str, paging: &Paging, m: &Mint) -> Option<St
         upstream_path,
     };
     Some(format!("{base}/?{PARAM}={}", mint(paging, &cursor)?))
-}
-
-/// `url` relative to `base` if it is under it: scheme and authority without regard to case, the path
-/// exactly, ending at a segment boundary.
-fn under_base<'u>(url: &'u str, base: &str) -> Option<&'u str> {
-    let origin_len = |u: &str| -> Option<usize> {
-        let start = u.find("://")? + 3;
-        Some(u.get(start..)?.find(['/', '?', '#']).map_or(u.len(), |j| start + j))
-    };
-    let (b_origin, b_path) = base.split_at_checked(origin_len(base)?)?;
-    let (u_origin, u_rest) = url.split_at_checked(origin_len(url)?)?;
-    if !u_origin.eq_ignore_ascii_case(b_origin) {
-        return None;
-    }
-    let rest = u_rest.strip_prefix(b_path.trim_end_matches('/'))?;
-    (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
 }
 
 #[cfg(test)]

@@ -551,7 +551,7 @@ fn is_absolute(url: &str) -> bool {
 
 /// `url` relative to `base` (`""` for the base itself), if `url` is under it: scheme and authority
 /// compared without regard to case (RFC 3986 §6.2.2.1), the path exactly, ending at a segment boundary.
-fn strip_base<'u>(url: &'u str, base: Option<&str>) -> Option<&'u str> {
+pub(crate) fn strip_base<'u>(url: &'u str, base: Option<&str>) -> Option<&'u str> {
     fn origin_len(u: &str) -> Option<usize> {
         let start = u.find("://")? + 3;
         Some(u.get(start..)?.find(['/', '?', '#']).map_or(u.len(), |j| start + j))

@@ -398,6 +398,15 @@ struct Detail<'a> {
     credential: Option<&'a str>,
 }
 
+impl<'a> Detail<'a> {
+    /// A verified token's refusal: its line names the tenant, the client and the cluster (whose request it
+    /// was, and where it was going), whatever refused it.
+    fn refused(reason: &'a str, tenant: &'a Tenant, identity: &'a Identity) -> Self {
+        let (tenant_id, cluster) = (Some(tenant.id.as_str()), Some(tenant.cluster.as_str()));
+        Self { reason: Some(reason), tenant: tenant_id, identity: Some(identity), cluster, credential: None }
+    }
+}
+
 impl Router {
     /// A router for `config` at `now_ms`: inline key sets installed, remote ones and the registry due at
     /// once. Pushes the start-up log line and the key gauge.
@@ -1001,13 +1010,7 @@ impl Router {
                 if check.is_some() && response_check::asks_unreadable_format(&judged.path) {
                     // Its answer could not be checked: refused before it reaches the upstream.
                     let reason = unreadable_format(&tenant.id, out);
-                    let detail = Detail {
-                        reason: Some(reason),
-                        tenant: Some(&tenant.id),
-                        identity: Some(&identity),
-                        cluster: Some(&tenant.cluster),
-                        ..Detail::default()
-                    };
+                    let detail = Detail::refused(reason, tenant, &identity);
                     audit.record(Outcome::Forbidden, detail, out);
                     return Flow::Stop;
                 }
@@ -1018,13 +1021,7 @@ impl Router {
                         stream.charged = true;
                         let cost = crate::quota::request_cost(quota, &request.method, &request.path, None);
                         if let Some(reason) = crate::quota::never_fits(quota, &tenant.id, cost, out) {
-                            let detail = Detail {
-                                reason: Some(reason),
-                                tenant: Some(&tenant.id),
-                                identity: Some(&identity),
-                                cluster: Some(&tenant.cluster),
-                                ..Detail::default()
-                            };
+                            let detail = Detail::refused(reason, tenant, &identity);
                             audit.record(Outcome::Rejected, detail, out);
                             return Flow::Stop;
                         }
@@ -1082,13 +1079,7 @@ impl Router {
                     return refuse_cursor(&audit, *e, tenant, &identity, out);
                 }
                 let reason = forbid(&refusal, &tenant.id, out);
-                let detail = Detail {
-                    reason: Some(reason),
-                    tenant: Some(&tenant.id),
-                    identity: Some(&identity),
-                    cluster: Some(&tenant.cluster),
-                    ..Detail::default()
-                };
+                let detail = Detail::refused(reason, tenant, &identity);
                 audit.record(Outcome::Forbidden, detail, out);
                 Flow::Stop
             }
@@ -1096,13 +1087,7 @@ impl Router {
                 let rejection = Rejection::IssuerNotAllowed;
                 reject(rejection, None, out);
                 out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
-                let detail = Detail {
-                    reason: Some(rejection.reason()),
-                    tenant: Some(&tenant.id),
-                    identity: Some(&identity),
-                    cluster: Some(&tenant.cluster),
-                    ..Detail::default()
-                };
+                let detail = Detail::refused(rejection.reason(), tenant, &identity);
                 audit.record(Outcome::Rejected, detail, out);
                 Flow::Stop
             }
@@ -1111,13 +1096,7 @@ impl Router {
                 reject(rejection, None, out);
                 out.push(Effect::Count(Metric::TenantForbidden(&tenant.id)));
                 out.push(Effect::Count(Metric::TenantRefused(&tenant.id, TenantRefusal::ClientNotAllowed)));
-                let detail = Detail {
-                    reason: Some(rejection.reason()),
-                    tenant: Some(&tenant.id),
-                    identity: Some(&identity),
-                    cluster: Some(&tenant.cluster),
-                    ..Detail::default()
-                };
+                let detail = Detail::refused(rejection.reason(), tenant, &identity);
                 audit.record(Outcome::Rejected, detail, out);
                 Flow::Stop
             }
@@ -1264,13 +1243,7 @@ fn refuse_cursor(
     let body = operation_outcome(code, text);
     let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];
     out.push(Effect::Reply(Reply { status, headers: &headers, body: body.as_bytes() }));
-    let detail = Detail {
-        reason: Some(error.reason()),
-        tenant: Some(&tenant.id),
-        identity: Some(identity),
-        cluster: Some(&tenant.cluster),
-        ..Detail::default()
-    };
+    let detail = Detail::refused(error.reason(), tenant, identity);
     audit.record(Outcome::Forbidden, detail, out);
     Flow::Stop
 }
@@ -1555,13 +1528,7 @@ fn limited(
     out: &mut dyn Effects,
 ) -> Flow {
     let reason = crate::quota::reply(quota, verdict, out);
-    let detail = Detail {
-        reason: Some(reason),
-        tenant: Some(&tenant.id),
-        identity: Some(identity),
-        cluster: Some(&tenant.cluster),
-        ..Detail::default()
-    };
+    let detail = Detail::refused(reason, tenant, identity);
     audit.record(Outcome::Rejected, detail, out);
     Flow::Stop
 }
@@ -1578,13 +1545,7 @@ fn unavailable(
 ) -> Flow {
     let rejection = Rejection::UpstreamAuthUnavailable;
     reject(rejection, Some(retry_after_s), out);
-    let detail = Detail {
-        reason: Some(rejection.reason()),
-        tenant: Some(&tenant.id),
-        identity: Some(identity),
-        cluster: Some(&tenant.cluster),
-        ..Detail::default()
-    };
+    let detail = Detail::refused(rejection.reason(), tenant, identity);
     audit.record(Outcome::Rejected, detail, out);
     Flow::Stop
 }

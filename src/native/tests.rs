@@ -526,3 +526,108 @@ fn a_cache_hit_allocates_nothing_in_the_shell_once_the_worker_is_warm() {
     // that allocates nothing in its hooks (the stream object itself is filter_new's, once per stream).
     assert!(allocations.iter().skip(2).all(|&n| n == 0), "allocations per request: {allocations:?}");
 }
+
+// ---- the outside review of the native shell (its tests, kept as written) ----
+
+#[test] // F1 (Miri: UB at filter_destroy's Box::from_raw)
+fn review_an_unknown_kid_401_on_an_envoy_that_destroys_inline_touches_nothing_after_the_destroy() {
+    let (envoy, _s) = parked(&unknown_kid_bearer());
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    envoy.config_callout_done(2, "200", es_only.as_bytes());
+    envoy.take_calls();
+    envoy.0.destroy_inline.set(true);
+    envoy.run_scheduled();
+    let calls = envoy.take_calls();
+    let destroyed = calls.iter().position(|c| c == "destroyed").expect("destroyed inside the reply");
+    assert_eq!(calls.get(destroyed + 1..).unwrap_or_default(), &[] as &[String], "{}", dump(&calls));
+}
+
+#[test] // F1, continue path
+fn review_a_woken_request_answered_locally_on_an_envoy_that_destroys_inline_touches_nothing_after_the_destroy() {
+    let (envoy, s) = parked(&bearer(&testkeys::claims_now()));
+    envoy.config_callout_done(2, "200", testkeys::public_jwks().as_bytes());
+    envoy.take_calls();
+    envoy.upstream_answers_locally(s);
+    envoy.0.destroy_inline.set(true);
+    envoy.run_scheduled();
+    let calls = envoy.take_calls();
+    let destroyed = calls.iter().position(|c| c == "destroyed").expect("destroyed inside the continue");
+    assert_eq!(calls.get(destroyed + 1..).unwrap_or_default(), &[] as &[String], "{}", dump(&calls));
+}
+
+#[test] // F1, request_headers path
+fn review_a_401_in_request_headers_on_an_envoy_that_destroys_inline() {
+    let envoy = configured(&plugin());
+    let s = envoy.new_stream(0);
+    envoy.0.destroy_inline.set(true);
+    assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", ""), true), HEADERS_STOP_ITERATION);
+    let calls = envoy.take_calls();
+    let destroyed = calls.iter().position(|c| c == "destroyed").expect("destroyed inside the reply");
+    assert_eq!(calls.get(destroyed + 1..).unwrap_or_default(), &[] as &[String], "{}", dump(&calls));
+}
+
+#[test] // passes: one answer
+fn review_a_resend_answered_inside_the_callout_gets_one_answer() {
+    let envoy = configured(&upstream_auth_plugin());
+    let client = bearer(&testkeys::claims_now());
+    let s = envoy.new_stream(0);
+    envoy.request_headers(s, &request("GET", "/Patient", &client), true);
+    envoy.tick();
+    envoy.config_callout_done(1, "200", &token_answer("upstream-token-1"));
+    envoy.run_scheduled();
+    assert_eq!(envoy.response_headers(s, &[(":status", "401")], true), HEADERS_STOP_ITERATION);
+    envoy.set_now_ms(T0_MS + 1_000);
+    envoy.tick();
+    envoy.config_callout_done(2, "200", &token_answer("upstream-token-2"));
+    envoy.take_calls();
+    envoy.0.callout_answers_inline.set(true);
+    envoy.run_scheduled();
+    let calls = envoy.take_calls();
+    let replies: Vec<&String> = calls.iter().filter(|c| c.contains("send_response")).collect();
+    assert_eq!(replies.len(), 1, "{}", dump(&calls));
+    envoy.destroy(s);
+}
+
+#[test] // passes: response hooks re-entered inside the continue are safe
+fn review_a_continue_answered_locally_runs_the_response_hooks_inside_the_continue() {
+    let envoy = configured(&upstream_auth_plugin());
+    let client = bearer(&testkeys::claims_now());
+    let s = envoy.new_stream(0);
+    envoy.request_headers(s, &request("GET", "/Patient", &client), true);
+    envoy.tick();
+    envoy.config_callout_done(1, "200", &token_answer("upstream-token-1"));
+    envoy.take_calls();
+    envoy.upstream_answers_locally(s);
+    envoy.0.local_reply_encoded_through_module.set(true);
+    envoy.run_scheduled();
+    let calls = envoy.take_calls();
+    assert!(calls.iter().any(|c| c == "re-entered stream_complete (inside scheduled)"), "{}", dump(&calls));
+    envoy.destroy(s);
+}
+#[test]
+fn a_stream_destroyed_inside_its_hook_is_completed_and_freed_once_the_hook_returns() {
+    let (envoy, s) = parked(&bearer(&testkeys::claims_now()));
+    envoy.config_callout_done(2, "200", testkeys::public_jwks().as_bytes());
+    envoy.take_calls();
+    envoy.upstream_answers_locally(s);
+    envoy.0.destroy_inline.set(true);
+    let live = super::module::live_streams();
+    envoy.run_scheduled();
+    let calls = envoy.take_calls();
+    // Destroyed inside the continue (with the scheduled hook on the stack): its queue left at once, the
+    // object freed after the hook (one fewer alive), nothing called for it after the destroy.
+    let tail = ["destroy (with 1 hooks of the stream on the stack)", "scheduler_delete stream Some(0)", "destroyed"];
+    assert_eq!(calls.get(calls.len().saturating_sub(3)..).unwrap_or_default(), tail, "{}", dump(&calls));
+    assert_eq!(super::module::live_streams(), live - 1);
+    // Its completion ran after the hook, quietly: the worker's next report carries its cache entry.
+    envoy.0.destroy_inline.set(false);
+    envoy.set_now_ms(T0_MS + 3_000);
+    let s2 = envoy.new_stream(0);
+    let auth = bearer(&testkeys::claims_now());
+    assert_eq!(envoy.request_headers(s2, &request("GET", "/Patient", &auth), true), HEADERS_CONTINUE);
+    envoy.take_calls();
+    envoy.complete(s2);
+    assert_eq!(envoy.take_calls(), ["increment_gauge fhir_tenant_router.cache.entries 1"]);
+    envoy.destroy(s2);
+    assert_eq!(super::module::live_streams(), live - 1);
+}

@@ -588,6 +588,24 @@ fn review_a_resend_answered_inside_the_callout_gets_one_answer() {
     envoy.destroy(s);
 }
 
+#[test] // F2: FAILS today
+fn review_a_panic_while_a_key_set_is_installed_leaves_the_background_work_going_on() {
+    let envoy = configured(&remote_plugin());
+    envoy.tick();
+    assert!(envoy.take_calls().iter().any(|c| c.starts_with("config_http_callout idp")));
+    *envoy.0.panic_on.borrow_mut() = Some("config_increment_counter fhir_tenant_router.jwks.fetch_ok".into());
+    envoy.config_callout_done(1, "200", testkeys::public_jwks().as_bytes());
+    let calls = envoy.take_calls();
+    assert!(calls.iter().any(|c| c.contains("config_http_callout_done hook panicked")), "{}", dump(&calls));
+    let mut refetched = false;
+    for minute in 1..=60u64 {
+        envoy.set_now_ms(T0_MS + minute * 60_000);
+        envoy.tick();
+        refetched |= envoy.take_calls().iter().any(|c| c.starts_with("config_http_callout idp"));
+    }
+    assert!(refetched, "the key set was never fetched again after the recovered panic");
+}
+
 #[test] // passes: response hooks re-entered inside the continue are safe
 fn review_a_continue_answered_locally_runs_the_response_hooks_inside_the_continue() {
     let envoy = configured(&upstream_auth_plugin());
@@ -630,4 +648,30 @@ fn a_stream_destroyed_inside_its_hook_is_completed_and_freed_once_the_hook_retur
     assert_eq!(envoy.take_calls(), ["increment_gauge fhir_tenant_router.cache.entries 1"]);
     envoy.destroy(s2);
     assert_eq!(super::module::live_streams(), live - 1);
+}
+
+#[test]
+fn a_key_set_fetch_that_never_gets_its_answer_is_said_and_sent_again() {
+    let mut p = remote_plugin();
+    p["provider"]["jwks_timeout_ms"] = json!(5_000);
+    let envoy = configured(&p);
+    envoy.tick();
+    callout_to(&envoy.take_calls(), "idp");
+    // Its answer never comes (a bug lost it, as a panic while installing it would): past the timeout and
+    // the grace it is given up, said, and sent again after the first backoff.
+    let lost_at = T0_MS + 5_000 + crate::refresh::LOST_FETCH_GRACE_MS;
+    envoy.set_now_ms(lost_at - 1);
+    envoy.tick();
+    assert!(envoy.take_calls().is_empty());
+    envoy.set_now_ms(lost_at);
+    envoy.tick();
+    let calls = envoy.take_calls();
+    let said = format!(
+        "log Error JWKS fetch for {} got no answer within its timeout; it is counted as failed and retried",
+        testkeys::ISSUER
+    );
+    assert_eq!(calls, [said], "{}", dump(&calls));
+    envoy.set_now_ms(lost_at + crate::refresh::FIRST_BACKOFF_MS);
+    envoy.tick();
+    callout_to(&envoy.take_calls(), "idp");
 }

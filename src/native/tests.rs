@@ -606,6 +606,45 @@ fn review_a_panic_while_a_key_set_is_installed_leaves_the_background_work_going_
     assert!(refetched, "the key set was never fetched again after the recovered panic");
 }
 
+#[test] // F3: FAILS today
+fn review_a_poisoned_parked_lock_is_recovered_or_said() {
+    let (envoy, _s) = parked(&unknown_kid_bearer());
+    *envoy.0.panic_on.borrow_mut() = Some("scheduler_commit".into());
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    envoy.config_callout_done(2, "200", es_only.as_bytes());
+    envoy.take_calls();
+    envoy.set_now_ms(T0_MS + 10_000);
+    let s2 = envoy.new_stream(0);
+    assert_eq!(
+        envoy.request_headers(s2, &request("GET", "/Patient", &unknown_kid_bearer()), true),
+        HEADERS_STOP_ITERATION
+    );
+    let mut all = envoy.take_calls();
+    for second in 11..=70u64 {
+        envoy.set_now_ms(T0_MS + second * 1_000);
+        envoy.tick();
+        let calls = envoy.take_calls();
+        if calls.iter().any(|c| c.starts_with("config_http_callout idp ")) {
+            envoy.config_callout_done(3, "200", es_only.as_bytes());
+        }
+        all.extend(calls);
+        all.extend(envoy.take_calls());
+        envoy.run_scheduled();
+        all.extend(envoy.take_calls());
+    }
+    let said = all.iter().any(|c| c.starts_with("log Error") && c.contains("parked"));
+    assert!(envoy.local_reply(s2).is_some() || said, "parked for ever, nothing said: {}", dump(&all));
+    // Both, in fact: the lock is recovered (the request parked after the panic is listed, refetched for and
+    // answered), and the recovery is said at error level and counted, once for each lock the panic
+    // poisoned: the upkeep's and the parked list's.
+    assert_eq!(envoy.local_reply(s2), Some(401), "{}", dump(&all));
+    assert!(said, "{}", dump(&all));
+    assert_eq!(envoy.metric("upkeep.recovered"), 2);
+    let parked_said = "log Error fhir_tenant_router: a panic poisoned the lock of the parked requests or of the \
+                       published answers; it was recovered (1 since the last tick) and the work goes on";
+    assert_eq!(all.iter().filter(|c| *c == parked_said).count(), 1, "{}", dump(&all));
+}
+
 #[test] // passes: response hooks re-entered inside the continue are safe
 fn review_a_continue_answered_locally_runs_the_response_hooks_inside_the_continue() {
     let envoy = configured(&upstream_auth_plugin());

@@ -78,6 +78,21 @@ pub struct FilterConfig<E: Envoy> {
     parked: Mutex<Parked>,
 }
 
+// What every worker reads or locks at the same time must be `Send + Sync`: checked here by the compiler,
+// since the config reaches the workers through Envoy's raw pointer, which the compiler cannot follow. Not
+// in this list: the worker slots (each touched by its own worker only: see `Slot`) and the upkeep (locked on
+// the main thread only); their routers hold the process quota store, itself asserted below, behind the
+// core's `Box<dyn QuotaStore>` (the proxy-wasm shell's stores are single-threaded, so that box is not `Send`).
+const _: () = {
+    const fn shared_across_workers<T: Send + Sync + ?Sized>() {}
+    shared_across_workers::<Config>();
+    shared_across_workers::<MetricIds>();
+    shared_across_workers::<TenantCounts>();
+    shared_across_workers::<Published>();
+    shared_across_workers::<Mutex<Parked>>();
+    shared_across_workers::<crate::quota::ProcessStore>();
+};
+
 impl<E: Envoy> FilterConfig<E> {
     /// The sink for one hook's effects on stream `filter`; the re-entrant ones go into `deferred`.
     fn apply<'a>(&'a self, env: &'a E, filter: FilterEnvoyPtr, deferred: &'a mut Deferred) -> Apply<'a, E> {

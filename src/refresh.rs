@@ -10,6 +10,11 @@
 pub const FIRST_BACKOFF_MS: u64 = 1_000;
 /// Longest backoff between retries.
 pub const MAX_BACKOFF_MS: u64 = 30_000;
+/// How long past its timeout a fetch may stay unanswered before it counts as lost (the host answers every
+/// fetch by its timeout; only a bug, such as a panic while its answer was installed, loses one).
+pub const LOST_FETCH_GRACE_MS: u64 = 2_000;
+/// The longest fetch timeout the config allows: a schedule not told its fetch's timeout assumes it.
+const LONGEST_TIMEOUT_MS: u64 = 60_000;
 
 /// The fetch schedule of one VM.
 #[derive(Clone, Debug)]
@@ -17,7 +22,10 @@ pub struct Schedule {
     refresh_ms: u64,
     next_at_ms: u64,
     backoff_ms: u64,
-    in_flight: bool,
+    /// The fetch under way, if any: when it counts as lost if still unanswered.
+    in_flight: Option<u64>,
+    /// How long a fetch may stay unanswered: its timeout plus [`LOST_FETCH_GRACE_MS`].
+    lost_after_ms: u64,
     failures: u32,
     last_on_demand_ms: Option<u64>,
 }
@@ -40,24 +48,42 @@ impl Schedule {
             refresh_ms,
             next_at_ms: now_ms,
             backoff_ms: FIRST_BACKOFF_MS,
-            in_flight: false,
+            in_flight: None,
+            lost_after_ms: LONGEST_TIMEOUT_MS + LOST_FETCH_GRACE_MS,
             failures: 0,
             last_on_demand_ms: None,
         }
     }
 
-    /// Whether a fetch should start now. Returns `true` at most once until the outcome is reported.
+    /// The same schedule for fetches that time out after `timeout_ms`.
+    pub fn with_timeout(mut self, timeout_ms: u64) -> Self {
+        self.lost_after_ms = timeout_ms.saturating_add(LOST_FETCH_GRACE_MS);
+        self
+    }
+
+    /// Whether a fetch should start now. Returns `true` at most once until the outcome is reported (or the
+    /// fetch is given up as lost, see [`Schedule::lost`]).
     pub fn due(&mut self, now_ms: u64) -> bool {
-        if self.in_flight || now_ms < self.next_at_ms {
+        if self.in_flight.is_some() || now_ms < self.next_at_ms {
             return false;
         }
-        self.in_flight = true;
+        self.in_flight = Some(now_ms.saturating_add(self.lost_after_ms));
         true
+    }
+
+    /// Whether the fetch under way went unanswered past its timeout plus [`LOST_FETCH_GRACE_MS`]: then it is
+    /// given up as a failure (once), so that the schedule goes on (ask before [`Schedule::due`]).
+    pub fn lost(&mut self, now_ms: u64) -> bool {
+        if self.in_flight.is_some_and(|until| now_ms >= until) {
+            self.failed(now_ms);
+            return true;
+        }
+        false
     }
 
     /// Whether a fetch is under way.
     pub fn in_flight(&self) -> bool {
-        self.in_flight
+        self.in_flight.is_some()
     }
 
     /// A token names a `kid` the current key set lacks: perhaps the IdP rotated its keys. Returns `true` when
@@ -65,7 +91,7 @@ impl Schedule {
     /// on-demand fetch was less than `min_interval_ms` ago, so that a flood of made-up `kid`s cannot hammer
     /// the IdP.
     pub fn unknown_kid(&mut self, now_ms: u64, min_interval_ms: u64) -> bool {
-        if self.in_flight {
+        if self.in_flight.is_some() {
             return true;
         }
         if self.last_on_demand_ms.is_some_and(|last| now_ms.saturating_sub(last) < min_interval_ms) {
@@ -79,14 +105,14 @@ impl Schedule {
     /// Makes a fetch due now unless one is under way (another component already rate-limited the
     /// on-demand refetch this stands for).
     pub fn fetch_now(&mut self, now_ms: u64) {
-        if !self.in_flight {
+        if self.in_flight.is_none() {
             self.next_at_ms = self.next_at_ms.min(now_ms);
         }
     }
 
     /// The fetch succeeded and its keys were installed.
     pub fn succeeded(&mut self, now_ms: u64) -> Streak {
-        self.in_flight = false;
+        self.in_flight = None;
         self.next_at_ms = now_ms.saturating_add(self.refresh_ms);
         self.backoff_ms = FIRST_BACKOFF_MS;
         let failures = std::mem::take(&mut self.failures);
@@ -99,7 +125,7 @@ impl Schedule {
 
     /// The fetch failed (could not be sent, timed out, non-200, or not a usable JWKS).
     pub fn failed(&mut self, now_ms: u64) -> Streak {
-        self.in_flight = false;
+        self.in_flight = None;
         self.next_at_ms = now_ms.saturating_add(self.backoff_ms);
         self.backoff_ms =
             self.backoff_ms.saturating_mul(2).min(MAX_BACKOFF_MS).min(self.refresh_ms.max(FIRST_BACKOFF_MS));
@@ -168,6 +194,20 @@ mod tests {
     const T0: u64 = 1_767_225_600_000;
 
     #[test]
+    fn a_fetch_unanswered_past_its_timeout_is_given_up_once_and_retried_after_the_backoff() {
+        let mut s = Schedule::new(300_000, T0).with_timeout(5_000);
+        assert!(s.due(T0));
+        assert!(!s.lost(T0 + 5_000 + LOST_FETCH_GRACE_MS - 1));
+        assert!(!s.due(T0 + 5_000 + LOST_FETCH_GRACE_MS - 1), "still in flight");
+        let lost_at = T0 + 5_000 + LOST_FETCH_GRACE_MS;
+        assert!(s.lost(lost_at));
+        assert!(!s.lost(lost_at), "once");
+        assert!(!s.in_flight());
+        assert!(!s.due(lost_at + FIRST_BACKOFF_MS - 1), "a failure: the backoff first");
+        assert!(s.due(lost_at + FIRST_BACKOFF_MS));
+    }
+
+    #[test]
     fn first_fetch_is_due_at_once_and_only_once_in_flight() {
         let mut s = Schedule::new(300_000, T0);
         assert!(s.due(T0));
@@ -190,7 +230,7 @@ mod tests {
                 t += 100;
             }
             gaps.push(t - now);
-            s.in_flight = false;
+            s.in_flight = None;
             now = t;
         }
         assert_eq!(gaps, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]);

@@ -421,7 +421,7 @@ impl Router {
                     sources.push(format!("{} (inline JWKS)", p.provider.issuer));
                 }
                 JwksSource::Remote(r) => {
-                    state.schedule = Some(Schedule::new(r.refresh_ms, now_ms));
+                    state.schedule = Some(Schedule::new(r.refresh_ms, now_ms).with_timeout(r.timeout_ms));
                     sources.push(format!(
                         "{} (JWKS from cluster {} every {} s)",
                         p.provider.issuer,
@@ -436,7 +436,7 @@ impl Router {
         out.push(Effect::Gauge(crate::effect::Gauge::JwksKeys, inline_keys as u64));
         let tenants = TenantState {
             map: (!config.tenants.is_empty() || config.registry.is_none()).then(|| Arc::new(config.tenants.clone())),
-            schedule: config.registry.as_ref().map(|r| Schedule::new(r.refresh_ms, now_ms)),
+            schedule: config.registry.as_ref().map(|r| Schedule::new(r.refresh_ms, now_ms).with_timeout(r.timeout_ms)),
             source: None,
         };
         let line = format!(

@@ -90,6 +90,9 @@ impl Router {
         self.housekeep(now_ms, Some(memory_bytes), out);
         for (i, p) in self.config.providers.iter().enumerate() {
             let JwksSource::Remote(remote) = &p.jwks else { continue };
+            if self.keys.0.get_mut(i).and_then(|s| s.schedule.as_mut()).is_some_and(|s| s.lost(now_ms)) {
+                lost(&format!("JWKS fetch for {}", p.provider.issuer), out);
+            }
             let due = self.keys.0.get_mut(i).and_then(|s| s.schedule.as_mut()).is_some_and(|s| s.due(now_ms));
             if due {
                 out.push(Effect::Fetch(Fetch {
@@ -108,6 +111,9 @@ impl Router {
             }
         }
         if let Some(r) = &self.config.registry {
+            if self.tenants.schedule.as_mut().is_some_and(|s| s.lost(now_ms)) {
+                lost("tenant registry fetch", out);
+            }
             if self.tenants.schedule.as_mut().is_some_and(|s| s.due(now_ms)) {
                 out.push(Effect::Fetch(Fetch {
                     target: FetchTarget::Registry,
@@ -442,8 +448,17 @@ pub struct Fetched {
     pub token: Option<TokenAnswer>,
 }
 
+/// A fetch went unanswered past its timeout (a bug lost it, such as a panic while its answer was being
+/// installed): said, and it is retried (see [`Schedule::lost`]).
+fn lost(what: &str, out: &mut dyn Effects) {
+    let line = format!("{what} got no answer within its timeout; it is counted as failed and retried");
+    out.push(Effect::Log(Level::Error, &line));
+}
+
 /// Advances a fetch schedule with one outcome and counts it (`counters`: ok, failed). A failure streak is
 /// logged once when it starts (saying what is `kept`) and once when it ends. Returns the fetched value.
+/// The schedule moves on before any effect is pushed, so that nothing the effects do (a panic in the host
+/// included) can leave a fetch in flight for ever.
 fn settle<T>(
     counters: (Metric<'static>, Metric<'static>),
     schedule: Option<&mut Schedule>,
@@ -455,15 +470,17 @@ fn settle<T>(
 ) -> Option<T> {
     match outcome {
         Ok(value) => {
+            let streak = schedule.map(|s| s.succeeded(now_ms));
             out.push(Effect::Count(counters.0));
-            if let Some(Streak::Ended { failures }) = schedule.map(|s| s.succeeded(now_ms)) {
+            if let Some(Streak::Ended { failures }) = streak {
                 out.push(Effect::Log(Level::Info, &format!("{what} recovered after {failures} failed attempts")));
             }
             Some(value)
         }
         Err(why) => {
+            let streak = schedule.map(|s| s.failed(now_ms));
             out.push(Effect::Count(counters.1));
-            if schedule.map(|s| s.failed(now_ms)) == Some(Streak::Started) {
+            if streak == Some(Streak::Started) {
                 let line =
                     format!("{what} failed ({why}); {kept}; retrying with backoff (logged once per failure streak)");
                 out.push(Effect::Log(Level::Warn, &line));

@@ -87,10 +87,13 @@ impl Drop for InFake {
     }
 }
 
+/// A header's name and value, in Envoy's memory.
+type Header = (Box<[u8]>, Box<[u8]>);
+
 /// A header map whose handed-out bytes are poisoned by any change.
 #[derive(Default)]
 struct HeaderMap {
-    live: Vec<(Box<[u8]>, Box<[u8]>)>,
+    live: Vec<Header>,
     /// Poisoned bytes of earlier versions, kept allocated.
     graveyard: Vec<Box<[u8]>>,
 }
@@ -103,7 +106,7 @@ impl HeaderMap {
 
     /// A change: every byte handed out so far becomes garbage; the map lives on in fresh memory.
     fn poison(&mut self) {
-        let fresh: Vec<(Box<[u8]>, Box<[u8]>)> = self.live.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let fresh: Vec<Header> = self.live.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (mut k, mut v) in std::mem::replace(&mut self.live, fresh) {
             k.fill(b'X');
             v.fill(b'X');
@@ -164,6 +167,16 @@ pub struct State {
     pub panic_on: RefCell<Option<String>>,
     /// Callouts refuse to start with this status.
     pub callout_error: Cell<Option<u32>>,
+    /// Envoy <= 1.39: the destroy hook runs right after an inline stream_complete, inside the call that
+    /// completed the stream (a local reply, a continue); recorded as `destroy (with N hooks of the stream on
+    /// the stack)` then `destroyed`.
+    pub destroy_inline: Cell<bool>,
+    /// A stream's callout is answered inside `send` (Envoy's AsyncClient calls onSuccess with a 503 when no
+    /// healthy upstream is there), and `send` then fails.
+    pub callout_answers_inline: Cell<bool>,
+    /// A local reply from further down the chain inside `continue_decoding` runs this filter's response
+    /// hooks (headers, then body) before the stream completes, as Envoy encodes it through the chain.
+    pub local_reply_encoded_through_module: Cell<bool>,
 }
 
 /// The fake Envoy (cheap to clone: every clone shares one [`State`]).
@@ -186,6 +199,9 @@ impl Default for FakeEnvoy {
             fail_ticker: Cell::new(false),
             callout_error: Cell::new(None),
             panic_on: RefCell::new(None),
+            destroy_inline: Cell::new(false),
+            callout_answers_inline: Cell::new(false),
+            local_reply_encoded_through_module: Cell::new(false),
         }))
     }
 }
@@ -330,6 +346,12 @@ impl FakeEnvoy {
         }
         // SAFETY: as in `request_headers`.
         self.enter(id, "stream_complete", |f, m| unsafe { module::stream_complete(self, f, m) });
+        if self.0.destroy_inline.get() {
+            let on_stack = self.0.streams.borrow()[id.0].hooks.len();
+            self.0.calls.borrow_mut().push(format!("destroy (with {on_stack} hooks of the stream on the stack)"));
+            self.destroy(id);
+            self.0.calls.borrow_mut().push("destroyed".into());
+        }
     }
 
     /// Envoy destroys the stream's filter (`destroy`).
@@ -507,6 +529,10 @@ impl Envoy for FakeEnvoy {
         self.record(Some(filter), "continue_decoding".into());
         if self.stream_mut(filter, |s| s.upstream_answers_locally).unwrap_or(false) {
             self.record(Some(filter), "(upstream: 503 no healthy upstream, a local reply)".into());
+            if let (true, Some(id)) = (self.0.local_reply_encoded_through_module.get(), self.find(filter)) {
+                self.response_headers(Id(id), &[(":status", "503"), ("content-type", "text/plain")], false);
+                self.response_body(Id(id), b"no healthy upstream");
+            }
             if let Some(id) = self.find(filter) {
                 self.complete(Id(id));
             }
@@ -612,6 +638,12 @@ impl Envoy for FakeEnvoy {
         self.record(Some(filter), format!("http_callout {cluster} {headers:?} {} {timeout_ms}", body.len()));
         if let Some(status) = self.0.callout_error.get() {
             return Err(status);
+        }
+        if self.0.callout_answers_inline.get() {
+            if let Some(id) = self.find(filter) {
+                self.callout_done(Id(id), Some("503"), &[("content-type", "text/plain")], b"no healthy upstream");
+            }
+            return Err(2);
         }
         self.0.next_callout.set(self.0.next_callout.get() + 1);
         Ok(self.0.next_callout.get())

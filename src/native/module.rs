@@ -17,6 +17,11 @@
 //!   never by a second `&mut`. A stream-complete hook entered while a hook of the same stream is on the
 //!   stack (counted in [`StreamObject::depth`], a `Cell`) only marks the completion, which the outermost
 //!   hook does when it ends.
+//! - Envoy <= 1.39 calls the destroy hook right after such an inline completion, still inside the call
+//!   (`DynamicModuleHttpFilter::onDestroy` before envoy PR #46548). A destroy with a hook of the stream on
+//!   the stack only takes the stream off its queue and marks it ([`StreamObject::destroyed`]); no call is
+//!   made to Envoy for the stream after that, and [`on_stream`] frees the object once the outermost hook
+//!   has returned, when no reference to it is left.
 
 // The hooks' safety contract is the ABI's, stated once above the hooks rather than on each of them.
 #![allow(clippy::missing_safety_doc)]
@@ -73,6 +78,21 @@ pub struct FilterConfig<E: Envoy> {
     parked: Mutex<Parked>,
 }
 
+// What every worker reads or locks at the same time must be `Send + Sync`: checked here by the compiler,
+// since the config reaches the workers through Envoy's raw pointer, which the compiler cannot follow. Not
+// in this list: the worker slots (each touched by its own worker only: see `Slot`) and the upkeep (locked on
+// the main thread only); their routers hold the process quota store, itself asserted below, behind the
+// core's `Box<dyn QuotaStore>` (the proxy-wasm shell's stores are single-threaded, so that box is not `Send`).
+const _: () = {
+    const fn shared_across_workers<T: Send + Sync + ?Sized>() {}
+    shared_across_workers::<Config>();
+    shared_across_workers::<MetricIds>();
+    shared_across_workers::<TenantCounts>();
+    shared_across_workers::<Published>();
+    shared_across_workers::<Mutex<Parked>>();
+    shared_across_workers::<crate::quota::ProcessStore>();
+};
+
 impl<E: Envoy> FilterConfig<E> {
     /// The sink for one hook's effects on stream `filter`; the re-entrant ones go into `deferred`.
     fn apply<'a>(&'a self, env: &'a E, filter: FilterEnvoyPtr, deferred: &'a mut Deferred) -> Apply<'a, E> {
@@ -126,6 +146,10 @@ pub struct StreamObject<E: Envoy> {
     depth: Cell<u32>,
     /// The stream completed while one of its hooks was on the stack: the outermost hook completes it.
     complete_pending: Cell<bool>,
+    /// Envoy destroyed the stream while one of its hooks was on the stack (Envoy <= 1.39, right after
+    /// completing it inside a local reply or a continue): nothing calls Envoy for the stream any more, and
+    /// [`on_stream`] frees the object once the outermost hook returns.
+    destroyed: Cell<bool>,
     state: RefCell<StreamState>,
 }
 
@@ -179,16 +203,20 @@ impl Deferred {
 
     /// Makes the deferred calls (callouts, then the reply, then the continue); why a request to send again
     /// could not be sent, if one could not.
-    fn apply(&mut self, env: &impl Envoy, filter: FilterEnvoyPtr) -> Option<String> {
+    /// Once Envoy destroyed the stream (`destroyed`, inside one of these calls), the rest is dropped.
+    fn apply(&mut self, env: &impl Envoy, filter: FilterEnvoyPtr, destroyed: &Cell<bool>) -> Option<String> {
         let mut failed = None;
         for OwnedResend { cluster, headers, timeout_ms } in std::mem::take(&mut self.resends) {
+            if destroyed.get() {
+                break;
+            }
             let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
             // A request sent again after a 401, from its own stream: answered in `http_callout_done`.
             if let Err(status) = env.http_callout(filter, &cluster, &pairs, &[], timeout_ms) {
                 failed = Some(format!("could not be sent through cluster {cluster} (callout status {status})"));
             }
         }
-        if let Some(status) = self.reply.take() {
+        if let Some(status) = self.reply.take().filter(|_| !destroyed.get()) {
             let mut headers = [("", ""); REPLY_HEADERS];
             let mut start = 0;
             for (slot, &(name_end, end)) in headers.iter_mut().zip(&self.reply_headers) {
@@ -199,7 +227,7 @@ impl Deferred {
             let n = self.reply_headers.len().min(REPLY_HEADERS);
             env.send_response(filter, status, headers.get(..n).unwrap_or_default(), &self.reply_body);
         }
-        if std::mem::take(&mut self.resume) {
+        if std::mem::take(&mut self.resume) && !destroyed.get() {
             env.continue_decoding(filter);
         }
         failed
@@ -374,6 +402,10 @@ fn token_followup<E: Envoy>(
     resend_failed: Option<String>,
     deferred: &mut Deferred,
 ) {
+    if object.destroyed.get() {
+        // Envoy destroyed the stream inside the hook's reply or continue: nothing more is done for it.
+        return;
+    }
     {
         let (Some(mut worker), Ok(mut state)) = (worker(cfg, object.slot), object.state.try_borrow_mut()) else {
             return;
@@ -402,7 +434,7 @@ fn token_followup<E: Envoy>(
         }
     }
     // An answer to a request that could not be sent again does not send anything again.
-    deferred.apply(env, filter);
+    deferred.apply(env, filter, &object.destroyed);
 }
 
 /// The body of the 503 that answers a request whose hook panicked.
@@ -414,12 +446,16 @@ fn unavailable(env: &impl Envoy, filter: FilterEnvoyPtr, body: &[u8]) {
 }
 
 /// Runs a hook, catching a panic: counted, logged, and (for request-path hooks with a stream) answered
-/// with a 503 `OperationOutcome`. `fallback` is what the hook returns then.
+/// with a 503 `OperationOutcome`. `fallback` is what the hook returns then. For a stream's hook,
+/// `destroyed` is its object's flag: once Envoy destroyed the stream, neither answer nor count goes through
+/// its filter (the log line still says it).
+#[allow(clippy::too_many_arguments)]
 fn guard<E: Envoy, T>(
     env: &E,
     hook: &'static str,
     filter: FilterEnvoyPtr,
     config: Option<&FilterConfig<E>>,
+    destroyed: Option<&Cell<bool>>,
     answer: bool,
     fallback: T,
     f: impl FnOnce() -> T,
@@ -432,17 +468,19 @@ fn guard<E: Envoy, T>(
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(value) => value,
         Err(_) => {
+            let filter = if destroyed.is_some_and(Cell::get) { std::ptr::null_mut() } else { filter };
+            let answer = answer && !filter.is_null();
             let line = if answer {
                 format!("fhir_tenant_router: the {hook} hook panicked; the request was answered 503")
             } else {
                 format!("fhir_tenant_router: the {hook} hook panicked; caught")
             };
             env.log(Level::Error, &line);
-            if let Some(config) = config {
+            if let (Some(config), false) = (config, filter.is_null()) {
                 count(env, filter, config.metrics.panics.map(|id| (id, None)));
             }
             // The closure has unwound: no borrow of worker or stream state is held across this reply.
-            if answer && !filter.is_null() {
+            if answer {
                 let _ = catch_unwind(AssertUnwindSafe(|| unavailable(env, filter, PANIC_OUTCOME.as_bytes())));
             }
             fallback
@@ -462,12 +500,14 @@ fn stream_hook<E: Envoy, T>(
     f: impl FnOnce() -> T,
 ) -> T {
     object.depth.set(object.depth.get().saturating_add(1));
-    let out = guard(env, hook, filter, Some(cfg), answer, fallback, f);
+    let out = guard(env, hook, filter, Some(cfg), Some(&object.destroyed), answer, fallback, f);
     object.depth.set(object.depth.get().saturating_sub(1));
     if object.depth.get() == 0 && object.complete_pending.replace(false) {
         // The completion Envoy signalled while this hook was on the stack, now that it is over.
         object.depth.set(1);
-        guard(env, "stream_complete", filter, Some(cfg), false, (), || complete(env, cfg, object, filter));
+        guard(env, "stream_complete", filter, Some(cfg), Some(&object.destroyed), false, (), || {
+            complete(env, cfg, object, filter)
+        });
         object.depth.set(0);
     }
     out
@@ -480,8 +520,15 @@ fn complete<E: Envoy>(env: &E, cfg: &FilterConfig<E>, object: &StreamObject<E>, 
     };
     let worker = &mut *worker;
     worker.router.on_stream_done(&mut state.stream);
-    // Gauge calls do not re-enter the stream's hooks.
-    let mut gauges = WorkerGauges { env, filter, metrics: &cfg.metrics, cache_entries: &mut worker.cache_entries };
+    // Gauge calls do not re-enter the stream's hooks. Once Envoy destroyed the stream, its filter is no longer
+    // Envoy's to call: the worker's next report carries the change.
+    let mut gauges = WorkerGauges {
+        env,
+        filter,
+        metrics: &cfg.metrics,
+        cache_entries: &mut worker.cache_entries,
+        destroyed: object.destroyed.get(),
+    };
     worker.router.housekeep_if_due(now_ms(), &mut gauges);
 }
 
@@ -492,13 +539,15 @@ struct WorkerGauges<'a, E> {
     filter: FilterEnvoyPtr,
     metrics: &'a MetricIds,
     cache_entries: &'a mut u64,
+    /// The stream's filter was destroyed: no gauge call (the next report carries the change).
+    destroyed: bool,
 }
 
 impl<E: Envoy> Effects for WorkerGauges<'_, E> {
     fn push(&mut self, effect: Effect<'_>) {
         match effect {
             Effect::Gauge(Gauge::CacheEntries, now) => {
-                let Some(id) = self.metrics.gauge(Gauge::CacheEntries) else { return };
+                let Some(id) = self.metrics.gauge(Gauge::CacheEntries).filter(|_| !self.destroyed) else { return };
                 let before = std::mem::replace(self.cache_entries, now);
                 if now > before {
                     self.env.increment_gauge(self.filter, id, now - before);
@@ -527,6 +576,18 @@ thread_local! {
     /// A worker's reusable buffers (taken during a hook, put back after; a hook that finds them taken,
     /// re-entered, starts from empty ones).
     static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Stream objects alive on this thread (a test checks that a destroyed one is freed).
+    static LIVE_STREAMS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The stream objects alive on this thread (tests).
+#[cfg(test)]
+pub(crate) fn live_streams() -> usize {
+    LIVE_STREAMS.with(Cell::get)
 }
 
 /// Context ids for the core's streams (unique per process).
@@ -576,10 +637,12 @@ fn body_status(flow: Flow) -> u32 {
 /// The stream object and its config behind a hook's module pointer: shared references only.
 ///
 /// # Safety
-/// `module` must be a pointer returned by [`filter_new`], not yet destroyed.
+/// `module` must be a pointer returned by [`filter_new`], not yet freed; the references must not outlive
+/// the hook (see [`on_stream`]).
 unsafe fn stream<'a, E: Envoy>(module: FilterModulePtr) -> Option<(&'a FilterConfig<E>, &'a StreamObject<E>)> {
-    // SAFETY: ABI: `module` is what filter_new returned for this stream, alive until its destroy hook, which
-    // Envoy calls after every other hook of the stream has returned; only shared references to it exist.
+    // SAFETY: ABI: `module` is what filter_new returned for this stream, alive until its destroy hook; a
+    // destroy inside one of its hooks (Envoy <= 1.39) only marks it, and `on_stream` frees it after the
+    // outermost hook returns. Only shared references to it exist.
     let object = unsafe { (module as *const StreamObject<E>).as_ref()? };
     // SAFETY: ABI: Envoy keeps the config alive while any of its streams exists.
     let config = unsafe { object.config.as_ref()? };
@@ -595,7 +658,7 @@ unsafe fn stream<'a, E: Envoy>(module: FilterModulePtr) -> Option<(&'a FilterCon
 /// Compiles the plugin JSON (the same as the wasm filter's); a bad one is refused with a log line naming the
 /// field (Envoy then rejects the filter config), and so is a config whose background work cannot start.
 pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes: &[u8]) -> ConfigModulePtr {
-    guard(env, "config_new", std::ptr::null_mut(), None, false, std::ptr::null(), || {
+    guard(env, "config_new", std::ptr::null_mut(), None, None, false, std::ptr::null(), || {
         let compiled = match Config::from_json(bytes) {
             Ok(c) => c,
             Err(e) => {
@@ -643,7 +706,7 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
 /// # Safety
 /// `config` is null or came from [`config_new`] with the same `E`, and is destroyed once.
 pub(crate) unsafe fn config_destroy<E: Envoy>(env: &E, config: ConfigModulePtr) {
-    guard(env, "config_destroy", std::ptr::null_mut(), None, false, (), || {
+    guard(env, "config_destroy", std::ptr::null_mut(), None, None, false, (), || {
         if !config.is_null() {
             // SAFETY: ABI: `config` came from `Box::into_raw` in config_new, and Envoy destroys it once, after
             // every stream of it.
@@ -657,7 +720,7 @@ pub(crate) unsafe fn config_destroy<E: Envoy>(env: &E, config: ConfigModulePtr) 
 pub(crate) unsafe fn filter_new<E: Envoy>(env: &E, config: ConfigModulePtr, filter: FilterEnvoyPtr) -> FilterModulePtr {
     // SAFETY: ABI: Envoy keeps the config alive while any of its filters exist.
     let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return std::ptr::null() };
-    guard(env, "filter_new", filter, Some(cfg), false, std::ptr::null(), || {
+    guard(env, "filter_new", filter, Some(cfg), None, false, std::ptr::null(), || {
         let slot = env.worker_index(filter) as usize;
         let stream = match worker(cfg, slot) {
             Some(mut worker) => worker.router.open_stream(NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed)),
@@ -669,8 +732,11 @@ pub(crate) unsafe fn filter_new<E: Envoy>(env: &E, config: ConfigModulePtr, filt
             slot,
             depth: Cell::new(0),
             complete_pending: Cell::new(false),
+            destroyed: Cell::new(false),
             state: RefCell::new(state),
         };
+        #[cfg(test)]
+        LIVE_STREAMS.with(|n| n.set(n.get() + 1));
         Box::into_raw(Box::new(object)) as FilterModulePtr
     })
 }
@@ -683,54 +749,59 @@ pub(crate) unsafe fn request_headers<E: Envoy>(
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    // SAFETY: `module` is this stream's object; hooks of a stream run on its worker.
-    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else {
-        // No stream object (`filter_new` failed): an undecided request never goes on. Fail closed.
+    // No stream object (`filter_new` failed): an undecided request never goes on. Fail closed.
+    let absent = || {
         if !filter.is_null() {
             let _ = catch_unwind(AssertUnwindSafe(|| unavailable(env, filter, PANIC_OUTCOME.as_bytes())));
         }
-        return HEADERS_STOP_ITERATION;
+        HEADERS_STOP_ITERATION
     };
-    stream_hook(env, "request_headers", filter, (cfg, object), true, HEADERS_STOP_ITERATION, || {
-        #[cfg(all(feature = "bench-floor", not(test)))]
-        if let Some(status) = super::floor::request_headers(env, filter, &cfg.config) {
-            return status;
-        }
-        let mut scratch = SCRATCH.take();
-        // Everything the core reads of the headers is copied before any effect changes the map.
-        env.headers(filter, REQUEST_HEADER, &mut scratch.views);
-        scratch.headers.fill(&scratch.views);
-        let Scratch { headers, deferred, .. } = &mut scratch;
-        let flow = {
-            let (Some(mut worker), Ok(mut state)) = (deciding_worker(cfg, object.slot), object.state.try_borrow_mut())
-            else {
-                SCRATCH.set(scratch);
-                unavailable(env, filter, PANIC_OUTCOME.as_bytes());
-                return HEADERS_STOP_ITERATION;
-            };
-            let state = &mut *state;
-            let mut apply = cfg.apply(env, filter, deferred);
-            let flow = worker.router.on_request_headers(
-                &mut state.stream,
-                headers.pairs(),
-                end_of_stream,
-                now_ms(),
-                &state.signatures,
-                &mut apply,
-            );
-            if let Some(provider) = state.stream.waiting_for() {
-                // The scheduler is deleted in `destroy`, after it is unlisted.
-                let scheduler = env.scheduler_new(filter);
-                state.scheduler = Some(scheduler);
-                park(&cfg.parked, state.stream.context_id(), scheduler, Awaited::Keys(provider));
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        stream_hook(env, "request_headers", filter, (cfg, object), true, HEADERS_STOP_ITERATION, || {
+            #[cfg(all(feature = "bench-floor", not(test)))]
+            if let Some(status) = super::floor::request_headers(env, filter, &cfg.config) {
+                return status;
             }
-            flow
-        };
-        let resend_failed = deferred.apply(env, filter);
-        token_followup(env, cfg, object, filter, resend_failed, deferred);
-        SCRATCH.set(scratch);
-        headers_status(flow)
-    })
+            let mut scratch = SCRATCH.take();
+            // Everything the core reads of the headers is copied before any effect changes the map.
+            env.headers(filter, REQUEST_HEADER, &mut scratch.views);
+            scratch.headers.fill(&scratch.views);
+            let Scratch { headers, deferred, .. } = &mut scratch;
+            let flow = {
+                let (Some(mut worker), Ok(mut state)) =
+                    (deciding_worker(cfg, object.slot), object.state.try_borrow_mut())
+                else {
+                    SCRATCH.set(scratch);
+                    unavailable(env, filter, PANIC_OUTCOME.as_bytes());
+                    return HEADERS_STOP_ITERATION;
+                };
+                let state = &mut *state;
+                let mut apply = cfg.apply(env, filter, deferred);
+                let flow = worker.router.on_request_headers(
+                    &mut state.stream,
+                    headers.pairs(),
+                    end_of_stream,
+                    now_ms(),
+                    &state.signatures,
+                    &mut apply,
+                );
+                if let Some(provider) = state.stream.waiting_for() {
+                    // The scheduler is deleted in `destroy`, after it is unlisted.
+                    let scheduler = env.scheduler_new(filter);
+                    state.scheduler = Some(scheduler);
+                    park(&cfg.parked, state.stream.context_id(), scheduler, Awaited::Keys(provider));
+                }
+                flow
+            };
+            let resend_failed = deferred.apply(env, filter, &object.destroyed);
+            token_followup(env, cfg, object, filter, resend_failed, deferred);
+            SCRATCH.set(scratch);
+            headers_status(flow)
+        })
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
+    // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
+    unsafe { on_stream(env, module, absent, hook) }
 }
 
 /// Runs `f` (a core event with the worker and the stream's state) with the hook's deferred effects, then
@@ -743,6 +814,10 @@ fn with_core<E: Envoy, T>(
     deciding: bool,
     f: impl FnOnce(&mut Worker, &mut StreamState, &mut Apply<'_, E>) -> T,
 ) -> Option<(T, Option<String>, Deferred)> {
+    if object.destroyed.get() {
+        // Envoy destroyed the stream inside an earlier part of this hook: nothing more is done for it.
+        return None;
+    }
     let mut deferred = SCRATCH.with(|cell| {
         let mut scratch = cell.take();
         let deferred = std::mem::take(&mut scratch.deferred);
@@ -755,7 +830,7 @@ fn with_core<E: Envoy, T>(
         let mut apply = cfg.apply(env, filter, &mut deferred);
         f(&mut worker, &mut state, &mut apply)
     };
-    let resend_failed = deferred.apply(env, filter);
+    let resend_failed = deferred.apply(env, filter, &object.destroyed);
     Some((out, resend_failed, deferred))
 }
 
@@ -776,18 +851,20 @@ pub(crate) unsafe fn request_body<E: Envoy>(
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
-    // a stream's hooks run on its worker's thread.
-    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return BODY_CONTINUE };
-    stream_hook(env, "request_body", filter, (cfg, object), true, BODY_STOP_AND_BUFFER, || {
-        let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
-            let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
-            worker.router.on_request_body(&mut state.stream, end_of_stream, now_ms(), &mut body, apply)
-        });
-        let Some((flow, _, deferred)) = event else { return BODY_CONTINUE };
-        done_with(deferred);
-        body_status(flow)
-    })
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        stream_hook(env, "request_body", filter, (cfg, object), true, BODY_STOP_AND_BUFFER, || {
+            let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+                let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
+                worker.router.on_request_body(&mut state.stream, end_of_stream, now_ms(), &mut body, apply)
+            });
+            let Some((flow, _, deferred)) = event else { return BODY_CONTINUE };
+            done_with(deferred);
+            body_status(flow)
+        })
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
+    // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
+    unsafe { on_stream(env, module, || BODY_CONTINUE, hook) }
 }
 
 /// # Safety
@@ -798,34 +875,36 @@ pub(crate) unsafe fn response_headers<E: Envoy>(
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
-    // a stream's hooks run on its worker's thread.
-    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return HEADERS_CONTINUE };
-    stream_hook(env, "response_headers", filter, (cfg, object), false, HEADERS_CONTINUE, || {
-        let may_resend = object.state.try_borrow().is_ok_and(|s| s.stream.may_resend());
-        if may_resend {
-            // Sent with an upstream token: a 401 sends it again with a new one (the response held meanwhile).
-            let status = response_header(env, filter, ":status");
-            let event = with_core(env, cfg, object, filter, true, |worker, state, apply| {
-                worker.router.on_upstream_response(&mut state.stream, status.as_deref(), now_ms(), apply)
-            });
-            let Some((resent, resend_failed, mut deferred)) = event else { return HEADERS_CONTINUE };
-            if let Some(flow) = resent {
-                token_followup(env, cfg, object, filter, resend_failed, &mut deferred);
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        stream_hook(env, "response_headers", filter, (cfg, object), false, HEADERS_CONTINUE, || {
+            let may_resend = object.state.try_borrow().is_ok_and(|s| s.stream.may_resend());
+            if may_resend {
+                // Sent with an upstream token: a 401 sends it again with a new one (the response held meanwhile).
+                let status = response_header(env, filter, ":status");
+                let event = with_core(env, cfg, object, filter, true, |worker, state, apply| {
+                    worker.router.on_upstream_response(&mut state.stream, status.as_deref(), now_ms(), apply)
+                });
+                let Some((resent, resend_failed, mut deferred)) = event else { return HEADERS_CONTINUE };
+                if let Some(flow) = resent {
+                    token_followup(env, cfg, object, filter, resend_failed, &mut deferred);
+                    done_with(deferred);
+                    return headers_status(flow);
+                }
                 done_with(deferred);
-                return headers_status(flow);
             }
+            let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+                // Each header is read afresh (and copied) when the core asks for it.
+                let header = |name: &str| response_header(env, filter, name);
+                worker.router.on_response_headers(&mut state.stream, end_of_stream, &header, apply)
+            });
+            let Some((flow, _, deferred)) = event else { return HEADERS_CONTINUE };
             done_with(deferred);
-        }
-        let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
-            // Each header is read afresh (and copied) when the core asks for it.
-            let header = |name: &str| response_header(env, filter, name);
-            worker.router.on_response_headers(&mut state.stream, end_of_stream, &header, apply)
-        });
-        let Some((flow, _, deferred)) = event else { return HEADERS_CONTINUE };
-        done_with(deferred);
-        headers_status(flow)
-    })
+            headers_status(flow)
+        })
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
+    // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
+    unsafe { on_stream(env, module, || HEADERS_CONTINUE, hook) }
 }
 
 /// # Safety
@@ -836,33 +915,37 @@ pub(crate) unsafe fn response_body<E: Envoy>(
     module: FilterModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
-    // a stream's hooks run on its worker's thread.
-    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return BODY_CONTINUE };
-    stream_hook(env, "response_body", filter, (cfg, object), false, BODY_CONTINUE, || {
-        let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
-            let mut body = || read_body(env, filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
-            worker.router.on_response_body(&mut state.stream, end_of_stream, &mut body, apply)
-        });
-        let Some((flow, _, deferred)) = event else { return BODY_CONTINUE };
-        done_with(deferred);
-        body_status(flow)
-    })
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        stream_hook(env, "response_body", filter, (cfg, object), false, BODY_CONTINUE, || {
+            let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+                let mut body = || read_body(env, filter, [BUFFERED_RESPONSE_BODY, RECEIVED_RESPONSE_BODY]);
+                worker.router.on_response_body(&mut state.stream, end_of_stream, &mut body, apply)
+            });
+            let Some((flow, _, deferred)) = event else { return BODY_CONTINUE };
+            done_with(deferred);
+            body_status(flow)
+        })
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
+    // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
+    unsafe { on_stream(env, module, || BODY_CONTINUE, hook) }
 }
 
 /// # Safety
 /// As for [`request_headers`].
 pub(crate) unsafe fn stream_complete<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) {
-    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
-    // a stream's hooks run on its worker's thread.
-    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
-    if object.depth.get() > 0 {
-        // Envoy completes the stream inside a call one of its hooks made (a local reply, a continue): that
-        // hook's work is not over, so the outermost hook completes the stream when it ends.
-        object.complete_pending.set(true);
-        return;
-    }
-    stream_hook(env, "stream_complete", filter, (cfg, object), false, (), || complete(env, cfg, object, filter))
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        if object.depth.get() > 0 {
+            // Envoy completes the stream inside a call one of its hooks made (a local reply, a continue): that
+            // hook's work is not over, so the outermost hook completes the stream when it ends.
+            object.complete_pending.set(true);
+            return;
+        }
+        stream_hook(env, "stream_complete", filter, (cfg, object), false, (), || complete(env, cfg, object, filter))
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed; a stream's
+    // hooks run on its worker's thread.
+    unsafe { on_stream(env, module, || (), hook) }
 }
 
 /// # Safety
@@ -871,18 +954,85 @@ pub(crate) unsafe fn filter_destroy<E: Envoy>(env: &E, module: FilterModulePtr) 
     if module.is_null() {
         return;
     }
+    let object = module as *mut StreamObject<E>;
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: ABI: `module` came from `Box::into_raw` in filter_new; Envoy destroys it once, after every
-        // other hook of the stream has returned (no reference to it is left), and its config outlives it.
-        let object = unsafe { Box::from_raw(module as *mut StreamObject<E>) };
-        let state = object.state.into_inner();
-        // SAFETY: ABI: the config outlives its streams.
-        if let (Some(scheduler), Some(cfg)) = (state.scheduler, unsafe { object.config.as_ref() }) {
-            unpark(&cfg.parked, state.stream.context_id());
-            // Unlisted above, so the main thread will not commit it any more.
-            env.scheduler_delete(scheduler);
+        {
+            // SAFETY: ABI: `module` came from filter_new and Envoy destroys it once; it is freed only below or,
+            // destroyed inside a hook, by `on_stream` once that hook is over: it is alive here. Shared
+            // references only (a hook of the stream may be on the stack, holding its own).
+            let shared = unsafe { &*object };
+            if shared.depth.get() > 0 {
+                // Envoy <= 1.39 destroys the stream right after completing it inside a local reply or a continue
+                // one of its hooks made: the hook still holds the object, so `on_stream` frees it once the
+                // outermost hook of the stream returns, and nothing calls Envoy for the stream from here on.
+                shared.destroyed.set(true);
+                leave(env, shared);
+                return;
+            }
         }
+        // SAFETY: ABI: `module` came from `Box::into_raw` in filter_new; destroyed once, with no hook of the
+        // stream on the stack (depth 0): no reference to it is left.
+        unsafe { free(env, object) };
     }));
+}
+
+/// A destroyed stream leaves its queue: unlisted (the main thread commits only listed schedulers), then its
+/// scheduler deleted, now, while Envoy's destroy hook runs.
+fn leave<E: Envoy>(env: &E, object: &StreamObject<E>) {
+    let Ok(mut state) = object.state.try_borrow_mut() else { return };
+    let Some(scheduler) = state.scheduler.take() else { return };
+    // SAFETY: ABI: the config outlives its streams.
+    if let Some(cfg) = unsafe { object.config.as_ref() } {
+        unpark(&cfg.parked, state.stream.context_id());
+    }
+    drop(state);
+    // Unlisted above, so the main thread will not commit it any more.
+    env.scheduler_delete(scheduler);
+}
+
+/// Frees a stream object (after it left its queue, if it had not yet).
+///
+/// # Safety
+/// `object` came from `Box::into_raw` in [`filter_new`], is freed once, and no reference to it is alive.
+unsafe fn free<E: Envoy>(env: &E, object: *mut StreamObject<E>) {
+    {
+        // SAFETY: as the caller promises, alive.
+        leave(env, unsafe { &*object });
+    }
+    // SAFETY: as the caller promises.
+    drop(unsafe { Box::from_raw(object) });
+    #[cfg(test)]
+    LIVE_STREAMS.with(|n| n.set(n.get().saturating_sub(1)));
+}
+
+/// Runs a stream's hook (`hook`, given its config and its object, shared references that end with it),
+/// then, if Envoy destroyed the stream while the hook was on the stack and no hook of it is left on the
+/// stack, frees the object: after the hook has returned, so no reference to the object is alive when it is
+/// freed, and nothing touches it afterwards. `absent`: what to do without a stream object.
+///
+/// # Safety
+/// `module` is null or came from [`filter_new`] and was not freed yet (Envoy has not destroyed it, or it
+/// destroyed it inside a hook of the stream that is still on the stack); on the stream's worker's thread.
+unsafe fn on_stream<E: Envoy, T>(
+    env: &E,
+    module: FilterModulePtr,
+    absent: impl FnOnce() -> T,
+    hook: impl FnOnce(&FilterConfig<E>, &StreamObject<E>) -> T,
+) -> T {
+    // SAFETY: as the caller promises.
+    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return absent() };
+    let out = hook(cfg, object);
+    let object = module as *mut StreamObject<E>;
+    // SAFETY: not freed yet (only `filter_destroy` at depth 0 and this function free it, and the hook has
+    // just returned); the references `hook` had ended with it.
+    let due = unsafe { (*object).depth.get() == 0 && (*object).destroyed.get() };
+    if due {
+        // SAFETY: from `Box::into_raw` in filter_new; destroyed by Envoy (once), and with the outermost hook
+        // returned no hook of the stream holds a reference to it; this is the only free of a destroyed one
+        // (a later hook cannot come: Envoy calls none after destroy).
+        unsafe { free(env, object) };
+    }
+    out
 }
 
 /// The answer to a request sent again after a 401 (its stream's only callout): the client gets it.
@@ -900,21 +1050,23 @@ pub(crate) unsafe fn http_callout_done<E: Envoy>(
     body_chunks: *mut EnvoyBuffer,
     body_chunks_size: usize,
 ) {
-    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
-    // a stream's hooks run on its worker's thread.
-    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
-    stream_hook(env, "http_callout_done", filter, (cfg, object), true, (), || {
-        // SAFETY: ABI: Envoy's arrays (or null on failure) are valid during this hook; copied here.
-        let (status, headers, body) =
-            unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
-        let status = status.as_deref().ok_or("connection failure or timeout");
-        let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
-            worker.router.on_resend_response(&mut state.stream, status, &headers, &body, apply)
-        });
-        if let Some((_, _, deferred)) = event {
-            done_with(deferred);
-        }
-    })
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        stream_hook(env, "http_callout_done", filter, (cfg, object), true, (), || {
+            // SAFETY: ABI: Envoy's arrays (or null on failure) are valid during this hook; copied here.
+            let (status, headers, body) =
+                unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
+            let status = status.as_deref().ok_or("connection failure or timeout");
+            let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+                worker.router.on_resend_response(&mut state.stream, status, &headers, &body, apply)
+            });
+            if let Some((_, _, deferred)) = event {
+                done_with(deferred);
+            }
+        })
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
+    // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
+    unsafe { on_stream(env, module, || (), hook) }
 }
 
 /// A callout's answer: its `:status` (`None` if it failed: `result` not success), its headers (lowercase
@@ -957,18 +1109,20 @@ unsafe fn callout_answer(
 /// # Safety
 /// As for [`request_headers`].
 pub(crate) unsafe fn scheduled<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) {
-    // SAFETY: ABI: `module` is the object filter_new returned for this stream, alive until its destroy hook;
-    // a stream's hooks run on its worker's thread.
-    let Some((cfg, object)) = (unsafe { stream::<E>(module) }) else { return };
-    stream_hook(env, "scheduled", filter, (cfg, object), true, (), || {
-        let event = with_core(env, cfg, object, filter, true, |worker, state, apply| {
-            let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
-            worker.router.wake(&mut state.stream, now_ms(), &state.signatures, &mut body, apply)
-        });
-        let Some(((), resend_failed, mut deferred)) = event else { return };
-        token_followup(env, cfg, object, filter, resend_failed, &mut deferred);
-        done_with(deferred);
-    })
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        stream_hook(env, "scheduled", filter, (cfg, object), true, (), || {
+            let event = with_core(env, cfg, object, filter, true, |worker, state, apply| {
+                let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
+                worker.router.wake(&mut state.stream, now_ms(), &state.signatures, &mut body, apply)
+            });
+            let Some(((), resend_failed, mut deferred)) = event else { return };
+            token_followup(env, cfg, object, filter, resend_failed, &mut deferred);
+            done_with(deferred);
+        })
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
+    // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
+    unsafe { on_stream(env, module, || (), hook) }
 }
 
 /// A config-level scheduler event on the main thread: the fetch schedules' tick.
@@ -978,7 +1132,7 @@ pub(crate) unsafe fn scheduled<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module
 pub(crate) unsafe fn config_scheduled<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, config: ConfigModulePtr) {
     // SAFETY: ABI: Envoy passes the config config_new returned, alive until config_destroy.
     let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return };
-    guard(env, "config_scheduled", std::ptr::null_mut(), None, false, (), || {
+    guard(env, "config_scheduled", std::ptr::null_mut(), None, None, false, (), || {
         if let Some(mut upkeep) = cfg.upkeep(env, envoy_config) {
             upkeep.tick(&cfg.main(env, envoy_config));
         }
@@ -1003,7 +1157,7 @@ pub(crate) unsafe fn config_http_callout_done<E: Envoy>(
 ) {
     // SAFETY: ABI: as in `config_scheduled`.
     let Some(cfg) = (unsafe { (config as *const FilterConfig<E>).as_ref() }) else { return };
-    guard(env, "config_http_callout_done", std::ptr::null_mut(), None, false, (), || {
+    guard(env, "config_http_callout_done", std::ptr::null_mut(), None, None, false, (), || {
         // SAFETY: ABI: Envoy's arrays (or null on failure) are valid during this hook; copied here.
         let (status, _, body) = unsafe { callout_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
         if let Some(mut upkeep) = cfg.upkeep(env, envoy_config) {

@@ -13,7 +13,7 @@
 //!   serves every worker, and a wish for a token fetched meanwhile is answered with it (no second fetch).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::effect::{Effect, Effects, FetchTarget};
 use crate::jwks::KeySet;
@@ -28,6 +28,29 @@ pub struct SendPtr(pub *mut std::ffi::c_void);
 // SAFETY: the pointers wrapped are Envoy schedulers and the config's Envoy pointer, whose calls the ABI
 // allows from any thread (commits) or which are only used on the main thread (callouts, config stats).
 unsafe impl Send for SendPtr {}
+
+/// Locks `mutex`, recovering it if a panic poisoned it (a panic while it was held, such as one in a
+/// scheduler commit under the parked list's lock): what it guards stays usable, as every change made under
+/// these locks adds or removes whole entries. Returns whether it was poisoned, for the main thread to say it.
+fn lock_recovering<T>(mutex: &Mutex<T>) -> (MutexGuard<'_, T>, bool) {
+    match mutex.lock() {
+        Ok(guard) => (guard, false),
+        Err(poisoned) => {
+            mutex.clear_poison();
+            (poisoned.into_inner(), true)
+        }
+    }
+}
+
+/// The parked list, its lock recovered if a panic poisoned it; a recovery is counted in the list, and the
+/// main thread's next tick says it ([`Parked::take_recovered`]).
+pub fn lock_parked(parked: &Mutex<Parked>) -> MutexGuard<'_, Parked> {
+    let (mut guard, poisoned) = lock_recovering(parked);
+    if poisoned {
+        guard.recovered = guard.recovered.saturating_add(1);
+    }
+    guard
+}
 
 /// One published answer, compiled: a provider's key set, the registry's tenant map, or a tenant's upstream
 /// token news.
@@ -57,17 +80,32 @@ pub struct Published {
     /// The newest entry's generation; a worker that has seen it has installed everything.
     pub generation: AtomicU64,
     entries: Mutex<Vec<(u64, News)>>,
+    /// How often its lock was found poisoned and recovered since the main thread last said it.
+    recovered: AtomicU64,
 }
 
 impl Published {
-    fn publish(&self, news: News) {
-        if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|(_, n)| !news.replaces(n));
-            // Bumped under the lock: entries are numbered in the order they are listed.
-            let generation = self.generation.load(Ordering::Relaxed) + 1;
-            entries.push((generation, news));
-            self.generation.store(generation, Ordering::Release);
+    /// The entries, their lock recovered (and the recovery counted) if a panic poisoned it.
+    fn entries(&self) -> MutexGuard<'_, Vec<(u64, News)>> {
+        let (guard, poisoned) = lock_recovering(&self.entries);
+        if poisoned {
+            self.recovered.fetch_add(1, Ordering::Relaxed);
         }
+        guard
+    }
+
+    /// How often the lock was recovered since the last call (the main thread says it).
+    pub fn take_recovered(&self) -> u64 {
+        self.recovered.swap(0, Ordering::Relaxed)
+    }
+
+    fn publish(&self, news: News) {
+        let mut entries = self.entries();
+        entries.retain(|(_, n)| !news.replaces(n));
+        // Bumped under the lock: entries are numbered in the order they are listed.
+        let generation = self.generation.load(Ordering::Relaxed) + 1;
+        entries.push((generation, news));
+        self.generation.store(generation, Ordering::Release);
     }
 
     /// A key set the main thread installed.
@@ -108,12 +146,12 @@ impl Published {
         if self.generation.load(Ordering::Acquire) == *seen {
             return;
         }
-        let (newest, news): (u64, Vec<News>) = match self.entries.lock() {
-            Ok(entries) => (
+        let (newest, news): (u64, Vec<News>) = {
+            let entries = self.entries();
+            (
                 entries.last().map_or(*seen, |(g, _)| *g),
                 entries.iter().filter(|(g, _)| *g > *seen).map(|(_, n)| n.clone()).collect(),
-            ),
-            Err(_) => return,
+            )
         };
         let now_ms = now_ms();
         for news in news {
@@ -167,6 +205,8 @@ pub struct Parked {
     tokens: Vec<(String, u64)>,
     /// The main thread's config-level scheduler, committed by the first token wish it has not seen yet.
     waker: Option<SendPtr>,
+    /// How often this list's lock was found poisoned and recovered since the main thread last said it.
+    recovered: u32,
 }
 
 impl Parked {
@@ -212,6 +252,11 @@ impl Parked {
         self.streams.retain(|(id, _, _)| *id != stream_id);
     }
 
+    /// How often the list's lock was recovered since the last call (the main thread says it).
+    pub fn take_recovered(&mut self) -> u32 {
+        std::mem::take(&mut self.recovered)
+    }
+
     /// The main thread takes the refetches asked for, and the token wishes: one per tenant, naming the
     /// newest token any of its askers had.
     pub fn take(&mut self) -> (Vec<usize>, Vec<(String, u64)>) {
@@ -251,9 +296,7 @@ pub fn token_answered(
 ) {
     let awaited = Awaited::Token(answer.tenant.clone());
     published.publish_token(answer);
-    if let Ok(mut p) = parked.lock() {
-        p.wake(&awaited, &mut *commit);
-    }
+    lock_parked(parked).wake(&awaited, &mut *commit);
 }
 
 #[cfg(test)]
@@ -289,6 +332,37 @@ mod tests {
         let env = |name: &str| (name == "SECRET_A").then(|| "s3cret".to_string());
         let config = Config::from_json_with_env(plugin.to_string().as_bytes(), &env).unwrap();
         Router::new(config, 0, &mut Recorded::default())
+    }
+
+    #[test]
+    fn a_lock_a_panic_poisoned_is_recovered_and_counted_for_the_main_thread_to_say() {
+        let published = Published::default();
+        let parked = Mutex::new(Parked::default());
+        let poison = |f: &dyn Fn()| {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        };
+        poison(&|| {
+            let _held = published.entries.lock();
+            panic!("a bug while the published answers' lock is held");
+        });
+        poison(&|| {
+            let _held = parked.lock();
+            panic!("a bug while the parked list's lock is held");
+        });
+        assert!(published.entries.is_poisoned() && parked.is_poisoned());
+        // A worker installs (and the main thread publishes) as before; the recovery is kept to be said.
+        let mut router = upstream_auth_router();
+        let mut seen = 0;
+        published.generation.store(1, Ordering::Release);
+        published.sync(&mut router, &mut seen);
+        lock_parked(&parked).park(1, scheduler(1), Awaited::Keys(0));
+        assert!(!published.entries.is_poisoned() && !parked.is_poisoned());
+        assert_eq!(published.take_recovered(), 1);
+        assert_eq!(published.take_recovered(), 0, "said once");
+        let mut p = lock_parked(&parked);
+        assert_eq!(p.take_recovered(), 1);
+        assert_eq!(p.take_recovered(), 0, "said once");
+        assert_eq!(p.take().0, [0], "the refetch asked for after the recovery is listed");
     }
 
     /// The test's stand-in for Envoy's scheduler pointers: distinct addresses, never dereferenced.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::effect::{Effect, Effects, FetchTarget, Metric};
+use crate::effect::{Effect, Effects, FetchTarget, Level, Metric};
 use crate::router::Router;
 use crate::upkeep::{FetchResult, TICK_MS};
 use crate::upstream_auth::TokenAnswer;
@@ -21,7 +21,7 @@ use super::counts::TenantCounts;
 use super::envoy::Envoy;
 use super::host::{now_ms, MetricIds};
 
-use super::published::{answer_wishes, token_answered as hand_on};
+use super::published::{answer_wishes, lock_parked, token_answered as hand_on};
 pub use super::published::{Awaited, Parked, Published, Quiet, SendPtr};
 
 /// The event id of a config-level scheduler commit for a worker's token wish (the ticker's are 0).
@@ -37,15 +37,13 @@ fn commit_stream(env: &impl Envoy) -> impl FnMut(SendPtr) + '_ {
 /// Parks a stream: its scheduler is committed (under this lock) when what it waits for comes (or fails).
 /// A stream waiting for a token asks for it with [`want_token`] too.
 pub fn park(parked: &Mutex<Parked>, stream_id: u32, scheduler: SchedulerPtr, awaited: Awaited) {
-    if let Ok(mut p) = parked.lock() {
-        p.park(stream_id, SendPtr(scheduler), awaited);
-    }
+    lock_parked(parked).park(stream_id, SendPtr(scheduler), awaited);
 }
 
 /// Asks the main thread for a new upstream token of `tenant`, this worker having the one numbered `have`
 /// (see [`Router::token_wanted`]): the first such wish since the main thread last looked wakes it at once.
 pub fn want_token(env: &impl Envoy, parked: &Mutex<Parked>, tenant: &str, have: u64) {
-    let waker = parked.lock().ok().and_then(|mut p| p.wish(tenant, have));
+    let waker = lock_parked(parked).wish(tenant, have);
     if let Some(scheduler) = waker {
         // The config-level scheduler may be committed from any thread; it is deleted in config_destroy,
         // after every stream (each holding the config alive) is gone.
@@ -55,9 +53,7 @@ pub fn want_token(env: &impl Envoy, parked: &Mutex<Parked>, tenant: &str, have: 
 
 /// Takes a stream off the list (before its scheduler is deleted: the main thread commits only listed ones).
 pub fn unpark(parked: &Mutex<Parked>, stream_id: u32) {
-    if let Ok(mut p) = parked.lock() {
-        p.unpark(stream_id);
-    }
+    lock_parked(parked).unpark(stream_id);
 }
 
 /// What the main thread's events reach besides the upkeep itself.
@@ -131,7 +127,25 @@ impl<E: Envoy> Upkeep<E> {
         hand_over(main.env, envoy_config, main.metrics, main.quota_counts, |tenant, allowed| {
             Metric::TenantQuota(tenant, allowed)
         });
-        let (wanted, tokens) = main.parked.lock().map(|mut p| p.take()).unwrap_or_default();
+        let ((wanted, tokens), recovered) = {
+            let mut parked = lock_parked(main.parked);
+            (parked.take(), u64::from(parked.take_recovered()))
+        };
+        // A lock of the parked list or of the published answers that a panic poisoned was recovered (on any
+        // thread): said here, loudly, once per recovery.
+        let recovered = recovered.saturating_add(main.published.take_recovered());
+        if recovered > 0 {
+            main.env.log(
+                Level::Error,
+                &format!(
+                    "fhir_tenant_router: a panic poisoned the lock of the parked requests or of the published \
+                     answers; it was recovered ({recovered} since the last tick) and the work goes on"
+                ),
+            );
+            if let Some(id) = main.metrics.upkeep_recovered {
+                main.env.config_increment_counter(envoy_config, id, None, recovered);
+            }
+        }
         for provider in wanted {
             self.router.refetch_keys(provider, now);
         }
@@ -181,9 +195,7 @@ impl<E: Envoy> Upkeep<E> {
             main.published.publish_installed(&self.router, target);
         }
         let Some(provider) = fetched.waiting_for else { return };
-        if let Ok(mut p) = main.parked.lock() {
-            p.wake(&Awaited::Keys(provider), commit_stream(main.env));
-        }
+        lock_parked(main.parked).wake(&Awaited::Keys(provider), commit_stream(main.env));
     }
 }
 

@@ -717,9 +717,9 @@ pub fn parse_token_response(status: u32, body: &[u8], now_ms: u64) -> Result<Tok
 pub const FIRST_RETRY_MS: u64 = 1_000;
 /// Longest wait between token requests after failures.
 pub const MAX_RETRY_MS: u64 = 30_000;
-/// Extra time a fetch may take beyond its timeout before it is given up as lost (a host that drops the
-/// answer of a call whose request went away).
-const LOST_FETCH_GRACE_MS: u64 = 2_000;
+// Extra time a fetch may take beyond its timeout before it is given up as lost (a host that drops the
+// answer of a call whose request went away): the same grace as a key set's or the registry's fetch.
+use crate::refresh::LOST_FETCH_GRACE_MS;
 
 /// One tenant's token state in one VM.
 ///

@@ -576,7 +576,7 @@ pub(crate) mod tests {
         assert!(r.keys.0[0].waiting.is_empty(), "{:?}", r.keys.0[0].waiting);
     }
 
-    fn upstream_auth_router() -> Router {
+    pub(crate) fn upstream_auth_router() -> Router {
         let plugin = serde_json::json!({
             "provider": {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
                          "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()},

@@ -302,10 +302,10 @@ pub fn token_answered(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::effect::{Flow, Recorded};
     use crate::router::Stream;
     use crate::testkeys;
+    use crate::upkeep::tests::upstream_auth_router;
     use crate::upkeep::FetchResult;
 
     /// Collects the fetches a router's effects ask for.
@@ -318,20 +318,6 @@ mod tests {
                 self.0.push(f.target);
             }
         }
-    }
-
-    fn upstream_auth_router() -> Router {
-        let plugin = serde_json::json!({
-            "provider": {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
-                         "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()},
-            "tenants": {testkeys::TENANT_A: {"cluster": "tenant_a", "upstream_auth": {
-                "method": "client_secret_post", "token_url": "https://login.example/token", "cluster": "entra",
-                "client_id": "router", "client_secret": {"env": "SECRET_A"}}}},
-            "metadata_cluster": "fhir_metadata",
-        });
-        let env = |name: &str| (name == "SECRET_A").then(|| "s3cret".to_string());
-        let config = Config::from_json_with_env(plugin.to_string().as_bytes(), &env).unwrap();
-        Router::new(config, 0, &mut Recorded::default())
     }
 
     #[test]

@@ -132,8 +132,10 @@ search-params-check: $(FHIR_DEPS) ## the committed src/search_params.rs is what 
 	node scripts/gen-search-params.mjs > target/search_params.rs && rustfmt --config-path rustfmt.toml target/search_params.rs
 	diff -u $(SEARCH_PARAMS) target/search_params.rs && echo "==> $(SEARCH_PARAMS) matches the generator"
 
-validate: build $(PY_DEPS) ## every TLS cluster verifies its peer (scripts/check-tls.py); envoy --mode validate on every shipped Envoy config
+validate: build build-so $(PY_DEPS) ## every TLS cluster verifies its peer (scripts/check-tls.py); envoy --mode validate on every shipped Envoy config; the docs' config blocks, field names and links (scripts/check-docs.py)
 	$(PY) scripts/check-tls.py
+	$(PY) scripts/check-docs.py
+	$(PY) scripts/check-docs.py --self-test
 	@for c in $(CONFIGS); do echo "==> envoy --mode validate -c $$c"; $(ENVOY) --mode validate -c $$c -l error --use-dynamic-base-id >/dev/null || exit 1; done
 
 E2E_BUILDS ?= wasm dynamic-module

@@ -75,7 +75,7 @@ def section(wasm: list[tuple[str, float]], native: list[str], cursors: list[str]
     lines += native
     lines += ["", "| a paging cursor (natively) | median |", "|---|---:|"] + cursors
     lines += ["", "The held answer costs its size in memory until it is checked; one beyond Envoy's buffer limit gets "
-              "Envoy's 500 (README, \"What a narrowed client's answers may hold\").", END]
+              "Envoy's 500 (docs/security.md, \"What a narrowed client's answers may hold\").", END]
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,7 @@
 """Every TLS connection a shipped config or example opens verifies its peer.
 
     scripts/check-tls.py [FILE...]     (default: envoy/*.yaml, examples/**/*.y*ml, and the ```yaml blocks of
-                                        README.md, docs/*.md and examples/**/*.md)
+                                        README.md, docs/**/*.md and examples/**/*.md)
 
 An Envoy `UpstreamTlsContext` passes when its `common_tls_context` has a validation context that
   - trusts a CA: `trusted_ca` (the system bundle /etc/ssl/certs/ca-certificates.crt or a named CA file, inline
@@ -35,7 +35,7 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 def default_files() -> list[Path]:
     files = sorted(REPO.glob("envoy/*.yaml")) + sorted(REPO.glob("examples/**/*.yaml")) \
         + sorted(REPO.glob("examples/**/*.yml"))
-    files += [REPO / "README.md"] + sorted(REPO.glob("docs/*.md")) + sorted(REPO.glob("examples/**/*.md"))
+    files += [REPO / "README.md"] + sorted(REPO.glob("docs/**/*.md")) + sorted(REPO.glob("examples/**/*.md"))
     return [f for f in files if f.is_file()]
 
 

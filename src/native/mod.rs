@@ -22,6 +22,7 @@ pub mod module;
 #[cfg(feature = "panic-probe")]
 pub mod probe;
 pub mod published;
+pub mod relay;
 #[cfg(test)]
 mod tests;
 pub mod upkeep;

@@ -40,6 +40,7 @@ use super::counts::TenantCounts;
 use super::crypto::Ring;
 use super::envoy::Envoy;
 use super::host::{now_ms, MetricIds};
+use super::relay::ConfigStats;
 use super::upkeep::{park, unpark, want_token, Awaited, Main, Parked, Published, Quiet, SendPtr, Upkeep};
 
 /// Most worker slots a config keeps (Envoy's `--concurrency`); a worker beyond them gets 503s.
@@ -67,6 +68,8 @@ unsafe impl Send for Slot {}
 pub struct FilterConfig<E: Envoy> {
     config: Config,
     metrics: MetricIds,
+    /// How the main thread's stats reach Envoy: directly, or (Envoy 1.38) through the workers' requests.
+    stats: ConfigStats,
     slots: Vec<Slot>,
     /// The main thread's part: fetching (with a remote JWKS or a registry) and handing the configured
     /// tenants' counts to Envoy; `None` only without either.
@@ -87,6 +90,7 @@ const _: () = {
     const fn shared_across_workers<T: Send + Sync + ?Sized>() {}
     shared_across_workers::<Config>();
     shared_across_workers::<MetricIds>();
+    shared_across_workers::<ConfigStats>();
     shared_across_workers::<TenantCounts>();
     shared_across_workers::<Published>();
     shared_across_workers::<Mutex<Parked>>();
@@ -102,6 +106,7 @@ impl<E: Envoy> FilterConfig<E> {
             metrics: &self.metrics,
             tenant_counts: &self.tenant_counts,
             quota_counts: &self.quota_counts,
+            batch_tenants: self.stats.direct(),
             deferred,
         }
     }
@@ -111,6 +116,7 @@ impl<E: Envoy> FilterConfig<E> {
             env,
             envoy_config: SendPtr(envoy_config),
             metrics: &self.metrics,
+            stats: &self.stats,
             parked: &self.parked,
             published: &self.published,
             tenant_counts: &self.tenant_counts,
@@ -130,7 +136,7 @@ impl<E: Envoy> FilterConfig<E> {
                  its lock was recovered and the work goes on",
             );
             if let Some(id) = self.metrics.upkeep_recovered {
-                env.config_increment_counter(envoy_config, id, None, 1);
+                self.stats.count(env, envoy_config, id, None, 1);
             }
             poisoned.into_inner()
         }))
@@ -291,6 +297,9 @@ struct Apply<'a, E> {
     metrics: &'a MetricIds,
     tenant_counts: &'a TenantCounts,
     quota_counts: &'a TenantCounts,
+    /// The configured tenants' counts wait for the main thread's tick (not on Envoy 1.38, whose main thread
+    /// cannot publish them: there they go to Envoy at once, as a registry tenant's do).
+    batch_tenants: bool,
     deferred: &'a mut Deferred,
 }
 
@@ -352,8 +361,16 @@ impl<E: Envoy> Effects for Apply<'_, E> {
             Effect::Count(metric) => {
                 // A configured tenant's count goes to Envoy with the main thread's next tick (see `counts`).
                 match metric.slot() {
-                    CounterSlot::Tenant { tenant, allowed } if self.tenant_counts.add(tenant, allowed) => return,
-                    CounterSlot::TenantQuota { tenant, allowed } if self.quota_counts.add(tenant, allowed) => return,
+                    CounterSlot::Tenant { tenant, allowed }
+                        if self.batch_tenants && self.tenant_counts.add(tenant, allowed) =>
+                    {
+                        return
+                    }
+                    CounterSlot::TenantQuota { tenant, allowed }
+                        if self.batch_tenants && self.quota_counts.add(tenant, allowed) =>
+                    {
+                        return
+                    }
                     _ => {}
                 }
                 count(env, filter, self.metrics.counter(metric))
@@ -520,6 +537,11 @@ fn complete<E: Envoy>(env: &E, cfg: &FilterConfig<E>, object: &StreamObject<E>, 
     };
     let worker = &mut *worker;
     worker.router.on_stream_done(&mut state.stream);
+    // Envoy 1.38: what the main thread counted meanwhile (a fetch that woke this stream, say), while the
+    // stream is still Envoy's to call.
+    if !object.destroyed.get() {
+        cfg.stats.relay(env, filter);
+    }
     // Gauge calls do not re-enter the stream's hooks. Once Envoy destroyed the stream, its filter is no longer
     // Envoy's to call: the worker's next report carries the change.
     let mut gauges = WorkerGauges {
@@ -689,9 +711,19 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
         let parked = Mutex::new(Parked::waking(upkeep.as_ref().map(Upkeep::waker)));
         let upkeep = upkeep.map(Mutex::new);
         let slots = (0..MAX_WORKERS).map(|_| Slot(RefCell::new(None))).collect();
+        let stats = ConfigStats::new(env.config_metrics());
+        if !stats.direct() {
+            env.log(
+                Level::Info,
+                "fhir_tenant_router: this Envoy has no config-level stats callbacks (Envoy 1.38): the main \
+                 thread's counts (fetches, upstream tokens, per-tenant requests and quotas) and gauges reach \
+                 Envoy's stats at the next request on any worker instead of within 500 ms",
+            );
+        }
         let filter_config = FilterConfig {
             config: compiled,
             metrics: MetricIds::define(env, envoy_config),
+            stats,
             slots,
             upkeep,
             tenant_counts,
@@ -762,6 +794,8 @@ pub(crate) unsafe fn request_headers<E: Envoy>(
             if let Some(status) = super::floor::request_headers(env, filter, &cfg.config) {
                 return status;
             }
+            // Envoy 1.38: the main thread's stats since the last request (one atomic load elsewhere).
+            cfg.stats.relay(env, filter);
             let mut scratch = SCRATCH.take();
             // Everything the core reads of the headers is copied before any effect changes the map.
             env.headers(filter, REQUEST_HEADER, &mut scratch.views);

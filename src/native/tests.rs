@@ -714,3 +714,124 @@ fn a_key_set_fetch_that_never_gets_its_answer_is_said_and_sent_again() {
     envoy.tick();
     callout_to(&envoy.take_calls(), "idp");
 }
+
+// ---- Envoy 1.38: no config-level metric callbacks ----
+
+/// The remote-JWKS config on `envoy`, its key set fetched and installed (`fetch_ok` counted on the main
+/// thread); the calls since configuring.
+fn fetched_keys(envoy: &FakeEnvoy) -> Vec<String> {
+    envoy.set_now_ms(T0_MS);
+    assert!(envoy.configure(&remote_plugin().to_string()), "{:?}", envoy.take_calls());
+    envoy.tick();
+    envoy.config_callout_done(1, "200", testkeys::public_jwks().as_bytes());
+    envoy.take_calls()
+}
+
+#[test]
+fn envoy_1_39_and_later_take_the_main_threads_counts_at_once_and_requests_relay_nothing() {
+    let envoy = FakeEnvoy::default();
+    let calls = fetched_keys(&envoy);
+    assert!(!calls.iter().any(|c| c.contains("no config-level stats callbacks")), "{}", dump(&calls));
+    assert!(
+        calls.iter().any(|c| c == "config_increment_counter fhir_tenant_router.jwks.fetch_ok 1"),
+        "{}",
+        dump(&calls)
+    );
+    assert_eq!(envoy.metric("jwks.fetch_ok"), 1);
+    let auth = bearer(&testkeys::claims_now());
+    let s = envoy.new_stream(0);
+    assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &auth), true), HEADERS_CONTINUE);
+    envoy.tick();
+    let calls = envoy.take_calls();
+    let tenant = format!("fhir_tenant_router.tenant.allowed{{{TENANT_A}}}");
+    assert!(calls.iter().any(|c| *c == format!("config_increment_counter {tenant} 1")), "{}", dump(&calls));
+    assert!(!calls.iter().any(|c| c.starts_with("increment_counter fhir_tenant_router.jwks")), "{}", dump(&calls));
+    assert_eq!(envoy.metric("jwks.fetch_ok"), 1);
+}
+
+#[test]
+fn envoy_1_38_gets_the_main_threads_counts_and_gauges_through_the_next_request_and_says_so_once() {
+    let envoy = FakeEnvoy::default();
+    envoy.0.no_config_metrics.set(true);
+    let calls = fetched_keys(&envoy);
+    // Said once, at config load; nothing called that this Envoy lacks (the fake panics if it is: a hook
+    // would say it panicked).
+    let said = calls.iter().filter(|c| c.contains("no config-level stats callbacks (Envoy 1.38)")).count();
+    assert_eq!(said, 1, "{}", dump(&calls));
+    assert!(!calls.iter().any(|c| c.contains("panicked") || c.starts_with("config_increment")), "{}", dump(&calls));
+    assert!(!calls.iter().any(|c| c.starts_with("config_set_gauge")), "{}", dump(&calls));
+    assert_eq!(envoy.metric("jwks.fetch_ok"), 0, "not published yet");
+
+    // The next request publishes them through its own stream's callbacks, before its own work.
+    let auth = bearer(&testkeys::claims_now());
+    let s = envoy.new_stream(0);
+    assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &auth), true), HEADERS_CONTINUE);
+    let calls = envoy.take_calls();
+    let first_other = calls.iter().position(|c| c.starts_with("get_headers")).unwrap_or(calls.len());
+    let relayed = calls.iter().position(|c| c == "increment_counter fhir_tenant_router.jwks.fetch_ok 1");
+    assert!(relayed.is_some_and(|i| i < first_other), "{}", dump(&calls));
+    assert_eq!(envoy.metric("jwks.fetch_ok"), 1);
+    envoy.destroy(s);
+
+    // The configured tenant's count cannot wait for the tick here: it went to Envoy with the request.
+    let tenant = format!("fhir_tenant_router.tenant.allowed{{{TENANT_A}}}");
+    assert!(calls.iter().any(|c| *c == format!("increment_counter {tenant} 1")), "{}", dump(&calls));
+    envoy.tick();
+    let calls = envoy.take_calls();
+    assert!(!calls.iter().any(|c| c.contains("panicked") || c.contains("counter")), "{}", dump(&calls));
+    assert_eq!(envoy.metric(&format!("tenant.allowed{{{TENANT_A}}}")), 1);
+
+    // What the main thread counts while a stream is open goes out when that stream completes.
+    let s = envoy.new_stream(1);
+    envoy.request_headers(s, &request("GET", "/Patient", &auth), true);
+    envoy.set_now_ms(T0_MS + 3_600_000);
+    envoy.tick();
+    let refetch = envoy.take_calls();
+    assert!(refetch.iter().any(|c| c.starts_with("config_http_callout idp")), "{}", dump(&refetch));
+    envoy.config_callout_done(2, "200", testkeys::public_jwks().as_bytes());
+    assert_eq!(envoy.metric("jwks.fetch_ok"), 1, "not published yet");
+    envoy.take_calls();
+    envoy.complete(s);
+    let calls = envoy.take_calls();
+    assert!(calls.iter().any(|c| c == "increment_counter fhir_tenant_router.jwks.fetch_ok 1"), "{}", dump(&calls));
+    assert_eq!(envoy.metric("jwks.fetch_ok"), 2);
+    envoy.destroy(s);
+
+    // Nothing waiting: a request relays nothing.
+    let s = envoy.new_stream(0);
+    envoy.request_headers(s, &request("GET", "/Patient", &auth), true);
+    let calls = envoy.take_calls();
+    assert!(!calls.iter().any(|c| c.contains("jwks") || c.contains("set_gauge")), "{}", dump(&calls));
+    envoy.destroy(s);
+}
+
+#[test]
+fn envoy_1_38_main_thread_gauges_and_repeated_counts_are_relayed_as_one_call_each() {
+    let stats = super::relay::ConfigStats::new(false);
+    let envoy = configured(&plugin());
+    let config = std::ptr::null_mut();
+    stats.count(&envoy, config, 0, Some("t"), 2);
+    stats.count(&envoy, config, 0, Some("t"), 3);
+    stats.gauge(&envoy, config, 1, 7);
+    stats.gauge(&envoy, config, 1, 9);
+    assert!(envoy.take_calls().is_empty(), "nothing reaches Envoy on the main thread");
+    let s = envoy.new_stream(0);
+    envoy.take_calls();
+    stats.relay(&envoy, envoy.filter(s));
+    let mut calls = envoy.take_calls();
+    calls.sort();
+    assert_eq!(calls.len(), 2, "{}", dump(&calls));
+    assert!(calls[0].starts_with("increment_counter ") && calls[0].ends_with("{t} 5"), "{}", dump(&calls));
+    assert!(calls[1].starts_with("set_gauge ") && calls[1].ends_with(" 9"), "{}", dump(&calls));
+    stats.relay(&envoy, envoy.filter(s));
+    assert!(envoy.take_calls().is_empty(), "taken once");
+    envoy.destroy(s);
+}
+
+#[test]
+fn optional_callbacks_are_looked_up_in_the_process_and_an_absent_one_is_none() {
+    // A symbol every process has, and one this test binary (no Envoy in it, as Envoy 1.38) has not.
+    assert!(super::abi::lookup(c"malloc").is_some());
+    assert!(super::abi::lookup(c"envoy_dynamic_module_callback_http_filter_config_increment_counter").is_none());
+    assert!(super::abi::lookup(c"envoy_dynamic_module_callback_http_filter_config_set_gauge").is_none());
+}

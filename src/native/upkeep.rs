@@ -20,6 +20,7 @@ use super::abi::{ConfigEnvoyPtr, SchedulerPtr};
 use super::counts::TenantCounts;
 use super::envoy::Envoy;
 use super::host::{now_ms, MetricIds};
+use super::relay::ConfigStats;
 
 use super::published::{answer_wishes, lock_parked, token_answered as hand_on};
 pub use super::published::{Awaited, Parked, Published, Quiet, SendPtr};
@@ -62,6 +63,8 @@ pub struct Main<'a, E> {
     /// Envoy's filter config (main thread only).
     pub envoy_config: SendPtr,
     pub metrics: &'a MetricIds,
+    /// How the main thread's stats reach Envoy (directly, or through a worker on Envoy 1.38).
+    pub stats: &'a ConfigStats,
     pub parked: &'a Mutex<Parked>,
     pub published: &'a Published,
     pub tenant_counts: &'a TenantCounts,
@@ -117,16 +120,14 @@ impl<E: Envoy> Upkeep<E> {
     pub fn tick(&mut self, main: &Main<'_, E>) {
         let now = now_ms();
         let envoy_config = main.envoy_config.0;
-        hand_over(main.env, envoy_config, main.metrics, main.tenant_counts, |tenant, allowed| {
+        hand_over(main, main.tenant_counts, |tenant, allowed| {
             if allowed {
                 Metric::TenantAllowed(tenant)
             } else {
                 Metric::TenantForbidden(tenant)
             }
         });
-        hand_over(main.env, envoy_config, main.metrics, main.quota_counts, |tenant, allowed| {
-            Metric::TenantQuota(tenant, allowed)
-        });
+        hand_over(main, main.quota_counts, |tenant, allowed| Metric::TenantQuota(tenant, allowed));
         let ((wanted, tokens), recovered) = {
             let mut parked = lock_parked(main.parked);
             (parked.take(), u64::from(parked.take_recovered()))
@@ -143,7 +144,7 @@ impl<E: Envoy> Upkeep<E> {
                 ),
             );
             if let Some(id) = main.metrics.upkeep_recovered {
-                main.env.config_increment_counter(envoy_config, id, None, recovered);
+                main.stats.count(main.env, envoy_config, id, None, recovered);
             }
         }
         for provider in wanted {
@@ -152,7 +153,8 @@ impl<E: Envoy> Upkeep<E> {
         // Answered at once (a token fetched since, or no fetch to wait for), or by the fetch the tick below
         // sends (or one under way).
         answer_wishes(&mut self.router, tokens, now, main.published, main.parked, &mut commit_stream(main.env));
-        let mut sink = MainSink { env: main.env, envoy_config, metrics: main.metrics, fetches: Vec::new() };
+        let mut sink =
+            MainSink { env: main.env, envoy_config, metrics: main.metrics, stats: main.stats, fetches: Vec::new() };
         self.router.on_tick(now, 0, &mut sink);
         // A token fetch Envoy never answered (it answers every callout, with a failure at its timeout).
         let (_, lost) = self.router.lost_token_fetches(now, &mut sink);
@@ -184,8 +186,13 @@ impl<E: Envoy> Upkeep<E> {
     /// parked for that provider's keys (on any worker) are decided again.
     fn answer(&mut self, main: &Main<'_, E>, target: FetchTarget, result: FetchResult<'_>, body: Vec<u8>) {
         let env = crate::config::process_lookup;
-        let mut sink =
-            MainSink { env: main.env, envoy_config: main.envoy_config.0, metrics: main.metrics, fetches: Vec::new() };
+        let mut sink = MainSink {
+            env: main.env,
+            envoy_config: main.envoy_config.0,
+            metrics: main.metrics,
+            stats: main.stats,
+            fetches: Vec::new(),
+        };
         let fetched = self.router.on_fetch_result(target, result, now_ms(), &mut || body.clone(), &env, &mut sink);
         if let Some(answer) = fetched.token {
             token_answered(main, answer);
@@ -219,16 +226,10 @@ impl<E: Envoy> Drop for Upkeep<E> {
 
 /// Hands the per-tenant counts kept by the workers since the last tick to Envoy (see `counts`): one labelled
 /// increment per tenant and counter that moved, `metric` naming it. Main thread only.
-fn hand_over(
-    env: &impl Envoy,
-    envoy_config: ConfigEnvoyPtr,
-    metrics: &MetricIds,
-    counts: &TenantCounts,
-    metric: fn(&str, bool) -> Metric<'_>,
-) {
+fn hand_over<E: Envoy>(main: &Main<'_, E>, counts: &TenantCounts, metric: fn(&str, bool) -> Metric<'_>) {
     counts.drain(|tenant, allowed, n| {
-        if let Some((id, Some(label))) = metrics.counter(metric(tenant, allowed)) {
-            env.config_increment_counter(envoy_config, id, Some(label), n);
+        if let Some((id, Some(label))) = main.metrics.counter(metric(tenant, allowed)) {
+            main.stats.count(main.env, main.envoy_config.0, id, Some(label), n);
         }
     });
 }
@@ -247,6 +248,7 @@ struct MainSink<'a, E> {
     env: &'a E,
     envoy_config: ConfigEnvoyPtr,
     metrics: &'a MetricIds,
+    stats: &'a ConfigStats,
     fetches: Vec<OwnedFetch>,
 }
 
@@ -257,12 +259,12 @@ impl<E: Envoy> Effects for MainSink<'_, E> {
             // Fetch outcomes, and a tenant's upstream token fetches (labelled by tenant).
             Effect::Count(metric) => {
                 if let Some((id, label)) = self.metrics.counter(metric) {
-                    self.env.config_increment_counter(self.envoy_config, id, label, 1);
+                    self.stats.count(self.env, self.envoy_config, id, label, 1);
                 }
             }
             Effect::Gauge(gauge, value) => {
                 if let Some(id) = self.metrics.gauge(gauge) {
-                    self.env.config_set_gauge(self.envoy_config, id, value);
+                    self.stats.gauge(self.env, self.envoy_config, id, value);
                 }
             }
             Effect::Fetch(f) => self.fetches.push(OwnedFetch {

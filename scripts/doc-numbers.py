@@ -13,7 +13,8 @@ Measured here (after `make build build-so`):
   e2e_wasm, e2e_dm                 end-to-end tests collected per build (pytest --collect-only --build …)
   e2e_dm_skipped, e2e_dm_skipped_why  how many the dynamic-module pass skips, and why (grouped by reason)
   vm_memory       the wasm VM's memory with 10,000 tenants and 10,000 cached tokens, from the newest bench report
-                  (`make bench` writes BENCHMARKS.md, `make bench-quick` target/bench-quick.md): the figure of
+                  (`make bench` and `make bench-memory` write BENCHMARKS.md, `make bench-quick`
+                  target/bench-quick.md): the figure of
                   its "VM memory with 10,000 tenants and 10,000 cached tokens" line
 Sizes (wasm_size, so_size, wasm_target) pass within SIZE_SLACK_KIB of what is measured: a commit that moves the
 module by a few bytes across a KiB boundary need not rewrite the docs, one that adds a capability's kilobytes must.

@@ -404,6 +404,22 @@ class Envoy:
     def router_stat(self, name: str) -> int:
         return self.router_stats().get(name, 0)
 
+    def settled_router_stats(self, timeout: float = 10, names: tuple[str, ...] = ()) -> dict[str, int]:
+        """The filter's stats once the counts of earlier requests have all reached Envoy: a baseline to take a
+        difference from. The wasm build hands its counts to Envoy on the VM's 500 ms tick, so two reads a tick
+        apart must agree (issue 24: counters compared with `>= 1` after earlier tests raised them could not
+        fail). `names`: only these must agree (others may move meanwhile)."""
+        last: list[dict[str, int] | None] = [None]
+
+        def settled():
+            now, previous = self.router_stats(), last[0]
+            if names:
+                now = {k: v for k, v in now.items() if k in names}
+            last[0] = now
+            return now if now == previous else None
+
+        return wait_until(settled, timeout, "the counts of earlier requests to settle", interval=0.6)
+
     def stats(self, filter_re: str) -> dict[str, int]:
         out = {}
         for line in self.admin(f"/stats?filter={filter_re}").body.decode().splitlines():

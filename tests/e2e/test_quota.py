@@ -109,20 +109,33 @@ def _batch(entries: int) -> bytes:
 def test_over_its_rate_a_tenant_gets_429_with_retry_after_and_passes_again_after_the_refill(quota):
     env, minter, ups = quota
     token = bearer(minter.token(RATE_T))
-    limited_before = env.router_stat(f"tenant.{RATE_T}.quota.limited")
-    rate_refusals_before = env.router_stat("requests.rejected.quota_rate")
+    # Earlier tests raised the global counters: this test's own refusals are the difference (issue 24).
+    before = env.settled_router_stats()
     answers = [env.request("GET", "/Patient", token) for _ in range(3)]
     assert [r.status for r in answers] == [200, 200, 200], answers
     refused = env.request("GET", "/Patient", token)
     _assert_429(refused, "rate 2/s, burst 3")
     assert int(refused.header("retry-after")) == 1, refused
     assert len(_seen_by(ups["tenant_a"], RATE_T)) == 3, "the refused request went nowhere"
-    # 2 units a second: within about half a second one is back (polled, not slept).
-    wait_until(lambda: env.request("GET", "/Patient", token).status == 200, 10, "the bucket to refill")
-    wait_until(lambda: env.router_stat(f"tenant.{RATE_T}.quota.limited") > limited_before
-               and env.router_stat(f"tenant.{RATE_T}.quota.allowed") >= 4
-               and env.router_stat("requests.rejected.quota_rate") > rate_refusals_before, 5,
-               "the counts to reach Envoy")
+    # 2 units a second: within about half a second one is back (polled, not slept; each 429 meanwhile counts).
+    polled: list[int] = []
+
+    def refilled():
+        polled.append(env.request("GET", "/Patient", token).status)
+        return polled[-1] == 200
+
+    wait_until(refilled, 10, "the bucket to refill")
+    assert set(polled[:-1]) <= {429}, polled
+    refusals = 1 + polled.count(429)   # the fourth request, and each poll before the refill
+    want = {f"tenant.{RATE_T}.quota.limited": refusals, f"tenant.{RATE_T}.quota.allowed": 4,
+            "requests.rejected.quota_rate": refusals}
+
+    def counted():
+        now = env.router_stats()
+        return now if all(now.get(k, 0) - before.get(k, 0) == n for k, n in want.items()) else None
+
+    wait_until(counted, 5, "exactly this test's counts to reach Envoy",
+               on_timeout=lambda: f"\nwant the differences {want}; before {before}; now {env.router_stats()}")
     audit = [json.loads(line[line.index('{"audit"'):]) for line in env.log().splitlines()
              if '{"audit"' in line and '"quota_rate"' in line]
     assert audit and audit[0]["tenant"] == RATE_T and audit[0]["outcome"] == "rejected", audit

@@ -228,15 +228,7 @@ def test_the_client_is_client_id_else_azp_compared_exactly(scoped, claims, allow
 def test_refusals_are_counted_per_tenant_and_audited_with_their_reason(scoped):
     scoped.env.mark_log()
     # Earlier tests raised the global counters: this test's own two refusals are the difference (issue 24).
-    # The counts reach Envoy on the VM's 500 ms tick: the baseline is read once two reads a tick apart agree.
-    last: list[dict] = [{}]
-
-    def settled():
-        now, previous = scoped.env.router_stats(), last[0]
-        last[0] = now
-        return now if now == previous else None
-
-    before = wait_until(settled, 10, "the counts of earlier tests to settle", interval=0.6)
+    before = scoped.env.settled_router_stats()
     scope_token = scoped.token(CLIENT_V1, f"{TENANT_D} system/Patient.read")
     assert scoped.send(scope_token, "GET", "/Observation?code=8867-4&patient=secret-name").status == 403
     assert scoped.send(scoped.token(CLIENT_OTHER, TENANT_D), "GET", "/Patient?name=secret-name").status == 403

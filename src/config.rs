@@ -449,7 +449,8 @@ pub struct Config {
     /// The tenants from the configuration (the initial map when a registry is configured; may be empty then).
     /// Requests are decided on the live map (this one, or the registry's latest), never on this field.
     pub tenants: TenantMap,
-    /// The claim that names the tenant (`scope` unless configured).
+    /// The top-level `tenant_claim` (`scope` unless configured): the default of every provider's
+    /// `claims.tenant`. Requests read the provider's ([`Provider::claims`]), never this field.
     pub tenant_claim: String,
     pub registry: Option<Registry>,
     /// The cluster for tenants given by `url` (Envoy's dynamic forward proxy).

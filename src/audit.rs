@@ -16,7 +16,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::Allowed => "allowed",
             Self::Public => "public",

@@ -27,6 +27,7 @@ pub mod host_proto;
 pub mod identity;
 pub mod jwks;
 pub mod links;
+pub mod metadata;
 pub mod public;
 pub mod quota;
 pub mod reach;

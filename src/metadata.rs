@@ -186,4 +186,20 @@ mod config_tests {
         v["decision_metadata"] = json!("yes");
         assert!(compile(&v).unwrap_err().to_string().contains("decision_metadata"));
     }
+
+    #[test]
+    fn audit_event_is_opt_in_and_a_wrong_type_is_refused_by_name() {
+        let mut v = json!({
+            "provider": {"issuer": "https://idp", "audiences": ["a"],
+                         "jwks": serde_json::from_str::<serde_json::Value>(&crate::testkeys::public_jwks()).unwrap()},
+            "tenants": {"t1": {"cluster": "c1"}},
+            "metadata_cluster": "m"
+        });
+        let compile = |v: &serde_json::Value| Config::from_json(v.to_string().as_bytes());
+        assert!(!compile(&v).unwrap().audit_event);
+        v["audit_event"] = json!(true);
+        assert!(compile(&v).unwrap().audit_event);
+        v["audit_event"] = json!(1);
+        assert!(compile(&v).unwrap_err().to_string().contains("audit_event"));
+    }
 }

@@ -1188,7 +1188,9 @@ impl Router {
                 credential: allowed.then_some(pending.credential).flatten(),
             };
             let outcome = refused.map_or(Outcome::Allowed, |(outcome, _)| outcome);
-            Audit { config: &self.config, request: &pending.request, now_ms }.write_line(outcome, &detail, out);
+            let audit = Audit { config: &self.config, request: &pending.request, now_ms };
+            audit.audit_event(outcome, &detail, out);
+            audit.write_line(outcome, &detail, out);
         }
         if allowed {
             Flow::Continue
@@ -1401,7 +1403,7 @@ fn route(
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
     if let Some(search_form) = inspect {
-        let pending = config.audit_log.then(|| PendingAudit {
+        let pending = (config.audit_log || config.audit_event).then(|| PendingAudit {
             request: audit.request.to_owned_request(),
             identity: identity.clone(),
             cluster: tenant.cluster.clone(),
@@ -1709,7 +1711,29 @@ impl Audit<'_> {
         } else if self.config.access_log_filter_state {
             filter_state(detail.tenant, detail.identity, out);
         }
+        self.audit_event(outcome, &detail, out);
         self.write_line(outcome, &detail, out);
+    }
+
+    /// The BALP AuditEvent ([`crate::balp`]) as filter state for the access log (`audit_event`).
+    fn audit_event(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {
+        if !self.config.audit_event {
+            return;
+        }
+        let request = self.request;
+        let event = crate::balp::Event {
+            time_ms: self.now_ms,
+            method: &request.method,
+            path: &request.path,
+            outcome,
+            reason: detail.reason,
+            tenant: detail.tenant,
+            client_id: detail.identity.and_then(Identity::client_id),
+            issuer: detail.identity.and_then(|_| issuer_of(self.config, request.authorization.as_deref())),
+            cluster: detail.cluster,
+        }
+        .to_json();
+        out.push(Effect::FilterState(crate::balp::FILTER_STATE, &event));
     }
 
     /// The decision as filter state and dynamic metadata ([`crate::metadata`]): who asked (from the

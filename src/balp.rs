@@ -80,17 +80,24 @@ pub fn redacted_query(query: &str) -> String {
     parts.join("&")
 }
 
-const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+// The codings, serialized once.
+const REST: &str = r#"{"system":"http://terminology.hl7.org/CodeSystem/audit-event-type","code":"rest","display":"Restful Operation"}"#;
+const SOURCE_ROLE: &str =
+    r#"{"system":"http://dicom.nema.org/resources/ontology/DCM","code":"110153","display":"Source Role ID"}"#;
+const DESTINATION_ROLE: &str =
+    r#"{"system":"http://dicom.nema.org/resources/ontology/DCM","code":"110152","display":"Destination Role ID"}"#;
+const IRCP: &str = r#"{"system":"http://terminology.hl7.org/CodeSystem/v3-ParticipationType","code":"IRCP","display":"information recipient"}"#;
+const SYSTEM_OBJECT: &str =
+    r#"{"system":"http://terminology.hl7.org/CodeSystem/audit-entity-type","code":"2","display":"System Object"}"#;
+const QUERY_ROLE: &str =
+    r#"{"system":"http://terminology.hl7.org/CodeSystem/object-role","code":"24","display":"Query"}"#;
+const DOMAIN_RESOURCE_ROLE: &str =
+    r#"{"system":"http://terminology.hl7.org/CodeSystem/object-role","code":"4","display":"Domain Resource"}"#;
+const APPLICATION_SERVER: &str = r#"{"system":"http://terminology.hl7.org/CodeSystem/security-source-type","code":"4","display":"Application Server"}"#;
 
-/// `value` as a JSON string.
-fn q(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    crate::audit::push_json(&mut out, Some(value));
-    out
-}
-
-fn coding(system: &str, code: &str, display: &str) -> String {
-    format!(r#"{{"system":{},"code":{},"display":{}}}"#, q(system), q(code), q(display))
+/// Appends `value` as a JSON string.
+fn push_str(out: &mut String, value: &str) {
+    crate::audit::push_json(out, Some(value));
 }
 
 impl Event<'_> {
@@ -112,82 +119,136 @@ impl Event<'_> {
             Some(Interaction::Batch) => ("batch", "E", None),
             None => ("operation", "E", None),
         };
-        let resource_type = classified.as_ref().and_then(|c| c.resource_type);
         let refused = !matches!(self.outcome, Outcome::Allowed | Outcome::Public);
         let status = status(self.outcome, self.reason).filter(|_| refused);
-        let reason = self.reason.unwrap_or_default();
-        let (outcome, outcome_desc) = match status {
-            None => ("0", String::new()),
-            Some(503) => ("8", format!(r#""outcomeDesc":{},"#, q(&format!("503 {reason}")))),
-            Some(s) => ("4", format!(r#""outcomeDesc":{},"#, q(&format!("{s} {reason}")))),
-        };
+        let mut out = String::with_capacity(1536);
+        out.push_str(r#"{"resourceType":"AuditEvent","#);
+        // The BALP profiles are of successful interactions (their `outcome` is 0); a refusal follows the
+        // pattern without claiming the profile.
+        if let Some(p) = profile.filter(|_| status.is_none()) {
+            out.push_str(r#""meta":{"profile":[""#);
+            out.push_str(PROFILE_BASE);
+            out.push_str(p);
+            out.push_str(r#""]},"#);
+        }
+        out.push_str(r#""type":"#);
+        out.push_str(REST);
+        out.push_str(r#","subtype":[{"system":"http://hl7.org/fhir/restful-interaction","code":""#);
+        out.push_str(subtype);
+        out.push_str(r#"","display":""#);
+        out.push_str(subtype);
+        out.push_str(r#""}],"action":""#);
+        out.push_str(action);
+        out.push_str(r#"","recorded":""#);
+        out.push_str(&rfc3339(self.time_ms));
+        out.push_str(r#"","outcome":""#);
+        match status {
+            None => out.push_str(r#"0","#),
+            Some(s) => {
+                out.push_str(if s == 503 { r#"8","outcomeDesc":"# } else { r#"4","outcomeDesc":"# });
+                push_str(&mut out, &format!("{s} {}", self.reason.unwrap_or_default()));
+                out.push(',');
+            }
+        }
         // DICOM's roles follow the data: a read's data flows from the server (the source) to the client;
         // a create's, update's, delete's and a query's parameters flow from the client (BALP's Read and
         // Query profiles say so).
-        let source = coding(DCM, "110153", "Source Role ID");
-        let destination = coding(DCM, "110152", "Destination Role ID");
         let reads = matches!(interaction, Some(Interaction::Read | Interaction::Vread));
-        let (client_role, server_role) = if reads { (destination, source) } else { (source, destination) };
-        let client = match (self.client_id, self.issuer) {
-            (Some(id), Some(iss)) => format!(r#"{{"identifier":{{"system":{},"value":{}}}}}"#, q(iss), q(id)),
-            (Some(id), None) => format!(r#"{{"identifier":{{"value":{}}}}}"#, q(id)),
-            _ => r#"{"display":"unauthenticated client"}"#.to_string(),
-        };
-        let server = match self.cluster.filter(|_| !refused) {
-            Some(c) => format!(r#"{{"identifier":{{"system":"urn:fhir-tenant-router:cluster","value":{}}}}}"#, q(c)),
-            None => format!(r#"{{"display":"{OBSERVER}"}}"#),
-        };
-        let mut agents = format!(
-            r#"{{"type":{{"coding":[{client_role}]}},"who":{client},"requestor":false}},{{"type":{{"coding":[{server_role}]}},"who":{server},"requestor":false}}"#
-        );
-        if let Some(tenant) = self.tenant {
-            let ircp =
-                coding("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "IRCP", "information recipient");
-            agents.push_str(&format!(
-                r#",{{"type":{{"coding":[{ircp}]}},"who":{{"type":"Organization","identifier":{{"system":"urn:fhir-tenant-router:tenant","value":{}}}}},"requestor":true}}"#,
-                q(tenant)
-            ));
+        let (client_role, server_role) =
+            if reads { (DESTINATION_ROLE, SOURCE_ROLE) } else { (SOURCE_ROLE, DESTINATION_ROLE) };
+        out.push_str(r#""agent":[{"type":{"coding":["#);
+        out.push_str(client_role);
+        out.push_str(r#"]},"who":"#);
+        match (self.client_id, self.issuer) {
+            (Some(id), issuer) => {
+                out.push_str(r#"{"identifier":{"#);
+                if let Some(iss) = issuer {
+                    out.push_str(r#""system":"#);
+                    push_str(&mut out, iss);
+                    out.push(',');
+                }
+                out.push_str(r#""value":"#);
+                push_str(&mut out, id);
+                out.push_str("}}");
+            }
+            (None, _) => out.push_str(r#"{"display":"unauthenticated client"}"#),
         }
-        let system_object = coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2", "System Object");
-        let entity = if interaction == Some(Interaction::Search) {
-            let query = self.path.split('#').next().unwrap_or_default().split_once('?').map_or("", |(_, q)| q);
+        out.push_str(r#","requestor":false},{"type":{"coding":["#);
+        out.push_str(server_role);
+        out.push_str(r#"]},"who":"#);
+        match self.cluster.filter(|_| !refused) {
+            Some(cluster) => {
+                out.push_str(r#"{"identifier":{"system":"urn:fhir-tenant-router:cluster","value":"#);
+                push_str(&mut out, cluster);
+                out.push_str("}}");
+            }
+            None => {
+                out.push_str(r#"{"display":""#);
+                out.push_str(OBSERVER);
+                out.push_str(r#""}"#);
+            }
+        }
+        out.push_str(r#","requestor":false}"#);
+        if let Some(tenant) = self.tenant {
+            out.push_str(r#",{"type":{"coding":["#);
+            out.push_str(IRCP);
+            out.push_str(
+                r#"]},"who":{"type":"Organization","identifier":{"system":"urn:fhir-tenant-router:tenant","value":"#,
+            );
+            push_str(&mut out, tenant);
+            out.push_str(r#"}},"requestor":true}"#);
+        }
+        out.push_str(r#"],"source":{"observer":{"display":""#);
+        out.push_str(OBSERVER);
+        out.push_str(r#""},"type":["#);
+        out.push_str(APPLICATION_SERVER);
+        out.push_str(r#"]},"entity":[{"#);
+        if interaction == Some(Interaction::Search) {
             // A compartment search names its compartment's id (`Patient/123/Observation`): written as `*`.
             let path = self.path.split(['?', '#']).next().unwrap_or_default();
-            let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-            let path = match segments.as_slice() {
-                [compartment, _, rest] => format!("/{compartment}/*/{rest}"),
-                _ => path.to_string(),
-            };
-            let mut text = format!("{} {path}", self.method);
+            let query = self.path.split('#').next().unwrap_or_default().split_once('?').map_or("", |(_, q)| q);
+            let mut text = String::with_capacity(64);
+            text.push_str(self.method);
+            text.push(' ');
+            let mut segments = path.trim_start_matches('/').split('/');
+            match (segments.next(), segments.next(), segments.next(), segments.next()) {
+                (Some(compartment), Some(_), Some(rest), None) => {
+                    text.push('/');
+                    text.push_str(compartment);
+                    text.push_str("/*/");
+                    text.push_str(rest);
+                }
+                _ => text.push_str(path),
+            }
             if !query.is_empty() {
                 text.push('?');
                 text.push_str(&redacted_query(query));
             }
-            let role = coding("http://terminology.hl7.org/CodeSystem/object-role", "24", "Query");
-            let query = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
-            format!(r#"{{"type":{system_object},"role":{role},"description":{},"query":"{query}"}}"#, q(&text))
+            out.push_str(r#""type":"#);
+            out.push_str(SYSTEM_OBJECT);
+            out.push_str(r#","role":"#);
+            out.push_str(QUERY_ROLE);
+            out.push_str(r#","description":"#);
+            push_str(&mut out, &text);
+            out.push_str(r#","query":""#);
+            base64::engine::general_purpose::STANDARD.encode_string(text.as_bytes(), &mut out);
+            out.push('"');
         } else {
-            let what = match resource_type {
-                Some(t) => format!(r#"{{"type":{}}}"#, q(t)),
-                None => r#"{"display":"not recorded"}"#.to_string(),
-            };
-            let role = coding("http://terminology.hl7.org/CodeSystem/object-role", "4", "Domain Resource");
-            format!(r#"{{"what":{what},"type":{system_object},"role":{role}}}"#)
-        };
-        // The BALP profiles are of successful interactions (their `outcome` is 0); a refusal follows the
-        // pattern without claiming the profile.
-        let meta = match profile.filter(|_| status.is_none()) {
-            Some(p) => format!(r#""meta":{{"profile":["{PROFILE_BASE}{p}"]}},"#),
-            None => String::new(),
-        };
-        let event_type = coding("http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "Restful Operation");
-        let subtype = coding("http://hl7.org/fhir/restful-interaction", subtype, subtype);
-        let source_type =
-            coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server");
-        let recorded = rfc3339(self.time_ms);
-        format!(
-            r#"{{"resourceType":"AuditEvent",{meta}"type":{event_type},"subtype":[{subtype}],"action":"{action}","recorded":"{recorded}","outcome":"{outcome}",{outcome_desc}"agent":[{agents}],"source":{{"observer":{{"display":"{OBSERVER}"}},"type":[{source_type}]}},"entity":[{entity}]}}"#
-        )
+            match classified.as_ref().and_then(|c| c.resource_type) {
+                Some(t) => {
+                    out.push_str(r#""what":{"type":"#);
+                    push_str(&mut out, t);
+                    out.push('}');
+                }
+                None => out.push_str(r#""what":{"display":"not recorded"}"#),
+            }
+            out.push_str(r#","type":"#);
+            out.push_str(SYSTEM_OBJECT);
+            out.push_str(r#","role":"#);
+            out.push_str(DOMAIN_RESOURCE_ROLE);
+        }
+        out.push_str("}]}");
+        out
     }
 }
 

@@ -154,3 +154,26 @@ fn the_fake_reports_a_filter_state_key_written_twice() {
     assert_eq!(violations(&calls), [&"!! set_filter_state twice k".to_string()]);
     assert_eq!(envoy.filter_state(s, "k").as_deref(), Some("1"), "Envoy keeps the first value");
 }
+
+#[test]
+fn the_audit_event_is_set_once_per_request_a_held_bundle_at_its_verdict() {
+    let mut p = plugin(true);
+    p["audit_event"] = json!(true);
+    let envoy = configured(&p);
+    let key = "wasm.fhir_tenant_router.audit_event";
+    let (s, _, calls) = send(&envoy, "GET", "/Patient?name=Zzyzx", &testkeys::claims_now(), true);
+    let event: Value = serde_json::from_str(&envoy.filter_state(s, key).expect("an event")).unwrap();
+    assert_eq!(event["subtype"][0]["code"], "search", "{event}");
+    assert!(!calls.iter().any(|c| c.contains("Zzyzx")), "{calls:#?}");
+    assert!(violations(&calls).is_empty(), "{calls:#?}");
+    let (s, _, first) = send(&envoy, "POST", "/", &testkeys::claims_now(), false);
+    assert_eq!(envoy.filter_state(s, key), None, "no event before the verdict");
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/1"}}
+    ]});
+    envoy.request_body(s, bundle.to_string().as_bytes());
+    let calls = envoy.take_calls();
+    let event: Value = serde_json::from_str(&envoy.filter_state(s, key).expect("an event")).unwrap();
+    assert_eq!((event["subtype"][0]["code"].as_str(), event["outcome"].as_str()), (Some("batch"), Some("0")));
+    assert!(violations(&[first, calls].concat()).is_empty());
+}

@@ -374,3 +374,45 @@ mod role_tests {
         assert_eq!(public["subtype"][0]["code"], "capabilities", "{public}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn any_request_gives_valid_json_without_its_query_values(
+            method in "(GET|POST|PUT|DELETE|HEAD|[A-Za-z\"\\\\]{0,8})",
+            path in "/[A-Za-z0-9/_$*%\"\\\\\u{80}-\u{10ffff}]{0,30}",
+            names in proptest::collection::vec("[a-z_:.\"&=%\u{1}-\u{1f}]{0,8}", 0..4),
+            client in proptest::option::of(".{0,20}"),
+            tenant in proptest::option::of(".{0,20}"),
+            refused in proptest::bool::ANY,
+        ) {
+            // Each value is a marker no name or constant holds.
+            let query: Vec<String> = names.iter().enumerate().map(|(i, n)| format!("{n}=QVAL{i}ZZ")).collect();
+            let full = format!("{path}?{}", query.join("&"));
+            let e = Event {
+                time_ms: 0,
+                method: &method,
+                path: &full,
+                outcome: if refused { Outcome::Forbidden } else { Outcome::Allowed },
+                reason: refused.then_some("allowlist"),
+                tenant: tenant.as_deref(),
+                client_id: client.as_deref(),
+                issuer: Some("https://idp"),
+                cluster: Some("c"),
+            };
+            let text = e.to_json();
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|err| {
+                proptest::test_runner::TestCaseError::fail(format!("{err}: {text}"))
+            })?;
+            proptest::prop_assert_eq!(&v["resourceType"], "AuditEvent");
+            proptest::prop_assert!(!text.contains("QVAL"), "{}", text);
+            if let Some(q) = v["entity"][0]["query"].as_str() {
+                let raw = base64::engine::general_purpose::STANDARD.decode(q).unwrap_or_default();
+                proptest::prop_assert!(!String::from_utf8_lossy(&raw).contains("QVAL"));
+            }
+        }
+    }
+}

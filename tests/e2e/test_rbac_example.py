@@ -146,10 +146,12 @@ def test_public_metadata_and_the_filters_own_refusals_are_untouched(rbac):
     assert rbac.upstreams.hits() == {}
 
 
-def access_log_line(stack: Stack, method: str, code: int, tenant: str, interaction: str) -> str:
-    """The access log line of this request (written after the answer: waited for, not slept for)."""
-    pattern = re.compile(rf"^decision {method} {code} tenant={re.escape(tenant)} .* interaction={interaction} .*$",
-                         re.M)
+def access_log_line(stack: Stack, method: str, code: int, tenant: str, interaction: str, has: str = "") -> str:
+    """The access log line of this request (written after the answer: waited for, not slept for). Envoy flushes
+    its access log late, so lines of an earlier test's requests may come after this test's mark: `has` picks
+    this request's."""
+    pattern = re.compile(rf"^decision {method} {code} tenant={re.escape(tenant)} .*{re.escape(has)}.*"
+                         rf" interaction={interaction} .*$", re.M)
 
     def found():
         m = pattern.findall(stack.envoy.log_since_mark())
@@ -168,9 +170,11 @@ def test_the_access_log_carries_the_decision_and_the_dynamic_module_sets_dynamic
     line = access_log_line(rbac, "DELETE", 403, TENANT_B, "delete")
     assert "client_id=" in line and "interaction=delete resource_type=Patient outcome=allowed" in line, line
     assert "rbac_access_denied_matched_policy[tenant-b-read-only]" in line, line
-    r = rbac.get("/Patient/p1", rbac.minter.token(TENANT_A))
+    # A token with SMART scopes: the scopes the filter enforces, in v2 form, and the issuer that verified it.
+    r = rbac.get("/Patient/p1", rbac.minter.token(f"{TENANT_A} system/Patient.read system/Observation.rs"))
     assert r.status == 200, r
-    line = access_log_line(rbac, "GET", 200, TENANT_A, "read")
+    line = access_log_line(rbac, "GET", 200, TENANT_A, "read", has="scopes=system/Patient.rs system/Observation.rs")
+    assert f"issuer={rbac.idp.issuer} scopes=system/Patient.rs system/Observation.rs " in line, line
     assert "interaction=read resource_type=Patient outcome=allowed reason=-" in line, line
     if harness.BUILD == "dynamic-module":
         # One set_dynamic_metadata_string_batch call, read back by Envoy's formatter.

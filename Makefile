@@ -39,7 +39,7 @@ PY_DEPS   := $(VENV)/.installed
 # `binaryen`, pinned, in tools/binaryen (`make deps`).
 BINARYEN_NPM_VERSION := 132.0.0
 WASM_OPT  := $(or $(shell command -v wasm-opt 2>/dev/null),$(wildcard $(CURDIR)/tools/binaryen/node_modules/.bin/wasm-opt))
-CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml
+CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml examples/rbac/envoy.yaml
 
 .PHONY: help deps build build-so build-so-probe abi-check e2e-older-dm doc-numbers unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-memory bench-fairness soak clean search-params search-params-check
 

@@ -16,7 +16,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::Allowed => "allowed",
             Self::Public => "public",
@@ -68,7 +68,7 @@ pub fn rfc3339(time_ms: u64) -> String {
 }
 
 /// Appends `value` as a JSON string (RFC 8259 escaping), or `null`.
-fn push_json(out: &mut String, value: Option<&str>) {
+pub(crate) fn push_json(out: &mut String, value: Option<&str>) {
     use std::fmt::Write as _;
     let Some(value) = value else {
         out.push_str("null");

@@ -37,6 +37,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub access_log_filter_state: Option<bool>,
     #[serde(default)]
+    pub decision_metadata: Option<bool>,
+    #[serde(default)]
+    pub audit_event: Option<bool>,
+    #[serde(default)]
     pub tenant_claim: Option<String>,
     #[serde(default)]
     pub tenant_scope_prefixes: Option<Vec<String>>,
@@ -459,6 +463,11 @@ pub struct Config {
     pub audit_log: bool,
     /// Tenant and client id as filter state for Envoy's access log (two host calls a request: opt-in).
     pub access_log_filter_state: bool,
+    /// The decision (tenant, client, issuer, scopes, interaction, resource type, outcome) as filter state
+    /// in both builds and, in the dynamic module, dynamic metadata: for Envoy's RBAC, access log, tracing.
+    pub decision_metadata: bool,
+    /// An IHE BALP AuditEvent per request, as filter state for Envoy's access log.
+    pub audit_event: bool,
     pub metadata_cluster: String,
     pub route_header: String,
     pub tenant_header: String,
@@ -1223,6 +1232,8 @@ impl RawConfig {
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster,
             audit_log: self.audit_log.unwrap_or(true),
             access_log_filter_state: self.access_log_filter_state.unwrap_or(false),
+            decision_metadata: self.decision_metadata.unwrap_or(false),
+            audit_event: self.audit_event.unwrap_or(false),
             metadata_cluster: self.metadata_cluster,
             route_header,
             tenant_header,

@@ -211,7 +211,7 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
 
 /// The value of a `_method` query parameter, if the query has one (parsed only when the query has a `%` or a
 /// `_method` in any case, so most requests pay one byte scan).
-fn query_method_override(path: &str) -> Option<String> {
+pub(crate) fn query_method_override(path: &str) -> Option<String> {
     let (_, query) = path.split_once('?')?;
     let q = query.as_bytes();
     let maybe = q.iter().enumerate().any(|(i, b)| match b {

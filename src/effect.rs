@@ -26,6 +26,9 @@ pub enum Effect<'a> {
     Reply(Reply<'a>),
     /// Filter state for the access log (`%FILTER_STATE(<name>:PLAIN)%`).
     FilterState(&'a str, &'a str),
+    /// Dynamic metadata: these string entries under this namespace, in one call (the dynamic module; a
+    /// proxy-wasm host cannot set dynamic metadata, and the wasm shell drops it).
+    DynamicMetadata(&'a str, &'a [(&'a str, &'a str)]),
     /// Add one to a counter.
     Count(Metric<'a>),
     /// Set a gauge.

@@ -12,6 +12,7 @@
 //! against a fake host.
 
 pub mod audit;
+pub mod balp;
 pub mod bearer;
 pub mod cache;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod host_proto;
 pub mod identity;
 pub mod jwks;
 pub mod links;
+pub mod metadata;
 pub mod public;
 pub mod quota;
 pub mod reach;

@@ -1178,6 +1178,11 @@ impl Router {
         if allowed {
             out.push(Effect::Count(Metric::TenantAllowed(&tenant)));
         }
+        if self.config.decision_metadata {
+            let outcome = refused.map_or(Outcome::Allowed, |(outcome, _)| outcome);
+            let reason = refused.map(|(_, reason)| reason);
+            crate::metadata::Decision { outcome: Some(outcome.name()), reason, ..Default::default() }.push(out);
+        }
         if let Some(pending) = audit {
             let detail = Detail {
                 reason: refused.map(|(_, reason)| reason),
@@ -1188,7 +1193,9 @@ impl Router {
                 credential: allowed.then_some(pending.credential).flatten(),
             };
             let outcome = refused.map_or(Outcome::Allowed, |(outcome, _)| outcome);
-            Audit { config: &self.config, request: &pending.request, now_ms }.write_line(outcome, &detail, out);
+            let audit = Audit { config: &self.config, request: &pending.request, now_ms };
+            audit.audit_event(outcome, &detail, out);
+            audit.write_line(outcome, &detail, out);
         }
         if allowed {
             Flow::Continue
@@ -1401,13 +1408,17 @@ fn route(
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
     if let Some(search_form) = inspect {
-        let pending = config.audit_log.then(|| PendingAudit {
+        let pending = (config.audit_log || config.audit_event).then(|| PendingAudit {
             request: audit.request.to_owned_request(),
             identity: identity.clone(),
             cluster: tenant.cluster.clone(),
             credential: tenant.credential_kind(),
         });
-        if config.access_log_filter_state {
+        if config.decision_metadata {
+            // Who and what now; the outcome once the body is judged (`judge_bundle`).
+            let detail = Detail { tenant: Some(&tenant.id), identity: Some(identity), ..Detail::default() };
+            audit.decision(None, &detail, out);
+        } else if config.access_log_filter_state {
             filter_state(Some(&tenant.id), Some(identity), out);
         }
         let scopes = identity.scopes();
@@ -1674,6 +1685,21 @@ fn filter_state(tenant: Option<&str>, identity: Option<&Identity>, out: &mut dyn
     }
 }
 
+/// The configured issuer of a verified token: the only provider's, else the one its `iss` picked (read
+/// again from the token: only with `decision_metadata` and several providers).
+fn issuer_of<'c>(config: &'c Config, authorization: Option<&str>) -> Option<&'c str> {
+    let index = match config.providers.len() {
+        1 => 0,
+        _ => match crate::bearer::extract_bearer(authorization) {
+            crate::bearer::Credentials::Bearer(token) => {
+                crate::verify::peek_issuer(token).and_then(|iss| config.provider_index(&iss))?
+            }
+            _ => return None,
+        },
+    };
+    config.providers.get(index).map(|p| p.provider.issuer.as_str())
+}
+
 /// Writes what the configuration asks for about one decided request: the filter state the access log
 /// reads, and the audit line (built only when the audit line is on).
 struct Audit<'a> {
@@ -1684,10 +1710,60 @@ struct Audit<'a> {
 
 impl Audit<'_> {
     fn record(&self, outcome: Outcome, detail: Detail<'_>, out: &mut dyn Effects) {
-        if self.config.access_log_filter_state {
+        // `decision_metadata` sets the access log's two keys too (each key once: see `metadata`).
+        if self.config.decision_metadata {
+            self.decision(Some(outcome), &detail, out);
+        } else if self.config.access_log_filter_state {
             filter_state(detail.tenant, detail.identity, out);
         }
+        self.audit_event(outcome, &detail, out);
         self.write_line(outcome, &detail, out);
+    }
+
+    /// The BALP AuditEvent ([`crate::balp`]) as filter state for the access log (`audit_event`).
+    fn audit_event(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {
+        if !self.config.audit_event {
+            return;
+        }
+        let request = self.request;
+        let event = crate::balp::Event {
+            time_ms: self.now_ms,
+            method: &request.method,
+            path: &request.path,
+            outcome,
+            reason: detail.reason,
+            tenant: detail.tenant,
+            client_id: detail.identity.and_then(Identity::client_id),
+            issuer: detail.identity.and_then(|_| issuer_of(self.config, request.authorization.as_deref())),
+            cluster: detail.cluster,
+        }
+        .to_json();
+        out.push(Effect::FilterState(crate::balp::FILTER_STATE, &event));
+    }
+
+    /// The decision as filter state and dynamic metadata ([`crate::metadata`]): who asked (from the
+    /// verified token only), what for, and `outcome` once it is known.
+    fn decision(&self, outcome: Option<Outcome>, detail: &Detail<'_>, out: &mut dyn Effects) {
+        use crate::decision::{override_method, query_method_override};
+        let request = self.request;
+        let named = match request.method_override.as_deref() {
+            Some(header) => override_method(header),
+            None => query_method_override(&request.path).as_deref().and_then(override_method),
+        };
+        let interaction = crate::metadata::interaction(&request.method, &request.path, named);
+        let identity = detail.identity;
+        let scopes = identity.and_then(|i| i.scopes().granted());
+        crate::metadata::Decision {
+            tenant: detail.tenant,
+            client_id: identity.and_then(Identity::client_id),
+            issuer: identity.and_then(|_| issuer_of(self.config, request.authorization.as_deref())),
+            scopes: scopes.as_deref(),
+            interaction: interaction.as_deref(),
+            resource_type: crate::metadata::resource_type(&request.method, &request.path),
+            outcome: outcome.map(Outcome::name),
+            reason: detail.reason,
+        }
+        .push(out);
     }
 
     fn write_line(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {

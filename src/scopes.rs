@@ -195,6 +195,17 @@ impl Scopes {
         self.0.is_some()
     }
 
+    /// What the scopes grant, as the filter enforces it: one v2 scope per resource type (`*` included),
+    /// space-separated, in the token's order (`system/Patient.rs system/Observation.cruds`); empty for a
+    /// narrowed token granted nothing; `None` for a token without SMART resource scopes (not narrowed).
+    /// Written only for `decision_metadata`; never the claim as sent (it may hold other values).
+    pub fn granted(&self) -> Option<String> {
+        let granted = self.0.as_ref()?;
+        let names: Vec<String> =
+            granted.grants.iter().map(|g| scope_name(g.resource_type.as_deref(), g.perms, true)).collect();
+        Some(names.join(" "))
+    }
+
     /// The resource types the scopes let the client read (`r` or `s`: search results are read too), or
     /// `None` for every type (a token without SMART scopes, or one granting `r` or `s` on `*`).
     pub fn readable_types(&self) -> Option<Vec<&str>> {
@@ -270,6 +281,15 @@ mod tests {
 
     fn scopes(claim: &str) -> Scopes {
         Scopes::from_claim(Some(&json!(claim)))
+    }
+
+    #[test]
+    fn granted_names_each_types_merged_permissions_in_v2() {
+        let s = scopes("6f1c system/Patient.read system/Observation.cruds system/Patient.c user/Patient.rs");
+        assert_eq!(s.granted().as_deref(), Some("system/Patient.crs system/Observation.cruds"));
+        assert_eq!(scopes("system/*.write").granted().as_deref(), Some("system/*.cud"));
+        assert_eq!(scopes("patient/Patient.rs").granted().as_deref(), Some(""), "narrowed, granted nothing");
+        assert_eq!(scopes("tenant-a openid").granted(), None, "not narrowed");
     }
 
     fn check(s: &Scopes, method: &str, path: &str) -> Result<(), String> {

@@ -75,6 +75,31 @@ impl ModuleHeader {
     }
 }
 
+/// A module-owned string key and value (`envoy_dynamic_module_type_module_key_value_pair`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ModuleKeyValue {
+    pub key_ptr: *const u8,
+    pub key_length: usize,
+    pub value_ptr: *const u8,
+    pub value_length: usize,
+}
+
+impl ModuleKeyValue {
+    /// Views of `pairs` for one call (they borrow the strings).
+    pub fn views<'a>(pairs: impl IntoIterator<Item = &'a (&'a str, &'a str)>) -> Vec<ModuleKeyValue> {
+        pairs
+            .into_iter()
+            .map(|(k, v)| ModuleKeyValue {
+                key_ptr: k.as_ptr(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr(),
+                value_length: v.len(),
+            })
+            .collect()
+    }
+}
+
 /// An Envoy-owned header (same layout).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -161,6 +186,14 @@ extern "C" {
         value: ModuleBuffer,
     ) -> bool;
     pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: FilterEnvoyPtr);
+    /// Sets `entries_size` string entries of the stream's dynamic metadata under `ns` (overwriting), in one
+    /// call; Envoy copies every buffer.
+    pub fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+        filter: FilterEnvoyPtr,
+        ns: ModuleBuffer,
+        entries: *const ModuleKeyValue,
+        entries_size: usize,
+    );
 
     pub fn envoy_dynamic_module_callback_http_get_body_chunks_size(filter: FilterEnvoyPtr, body_type: u32) -> usize;
     pub fn envoy_dynamic_module_callback_http_get_body_chunks(

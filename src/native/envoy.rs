@@ -36,6 +36,8 @@ pub trait Envoy: Clone {
     fn send_response(&self, filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]);
     fn clear_route_cache(&self, filter: FilterEnvoyPtr);
     fn set_filter_state(&self, filter: FilterEnvoyPtr, key: &str, value: &str);
+    /// Sets string entries of the stream's dynamic metadata under `namespace`, in one call.
+    fn set_dynamic_metadata(&self, filter: FilterEnvoyPtr, namespace: &str, entries: &[(&str, &str)]);
     /// Lets a stopped request go on. Envoy may run the stream-complete hook inside this call (a local reply
     /// further down the chain, such as "no healthy upstream").
     fn continue_decoding(&self, filter: FilterEnvoyPtr);
@@ -229,6 +231,23 @@ mod real {
                     filter,
                     buffer(key.as_bytes()),
                     buffer(value.as_bytes()),
+                )
+            };
+        }
+
+        fn set_dynamic_metadata(&self, filter: FilterEnvoyPtr, namespace: &str, entries: &[(&str, &str)]) {
+            let views = ModuleKeyValue::views(entries);
+            // SAFETY: ABI: live stream; `entries` points to `entries_size` pairs (a null pointer is allowed
+            // only for zero entries: a Vec's pointer is never null), and every buffer is valid for the call,
+            // which copies them into the stream's metadata (abi.h,
+            // `envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch`). No hook of the stream
+            // runs inside it.
+            unsafe {
+                envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+                    filter,
+                    buffer(namespace.as_bytes()),
+                    views.as_ptr(),
+                    views.len(),
                 )
             };
         }

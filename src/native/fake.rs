@@ -11,6 +11,9 @@
 //!   same stream is on the stack is recorded as `re-entered <hook> (inside <outer>)`, and every callback a
 //!   re-entered hook makes is recorded with a `!! ` prefix and listed in [`FakeEnvoy::violations`]: work
 //!   done there would run while the outer hook's state is still in use.
+//! - Filter state: Envoy 1.40 stores a dynamic module's filter state read-only
+//!   (`set_filter_state_bytes` sets `StateType::ReadOnly`), so a second write of one key on a stream is
+//!   an Envoy bug report, not an update: it is recorded as `!! set_filter_state twice <key>` (a violation).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -145,6 +148,10 @@ struct FakeStream {
     upstream_answers_locally: bool,
     scheduler: Option<Box<u8>>,
     local_reply: Option<u32>,
+    /// Filter state set on the stream (read-only once set, as Envoy stores it).
+    filter_state: Vec<(String, String)>,
+    /// Dynamic metadata set on the stream: (namespace, key, value), later writes overwriting.
+    dynamic_metadata: Vec<(String, String, String)>,
 }
 
 /// What the fake serves and what it saw.
@@ -234,6 +241,24 @@ impl FakeEnvoy {
         self.0.calls.borrow_mut().push(line);
     }
 
+    /// The `filter` pointer Envoy hands stream `id`'s hooks.
+    pub fn filter_ptr(&self, id: Id) -> FilterEnvoyPtr {
+        self.filter(id)
+    }
+
+    /// The filter state set on stream `id`, by key.
+    pub fn filter_state(&self, id: Id, key: &str) -> Option<String> {
+        let streams = self.0.streams.borrow();
+        streams.get(id.0)?.filter_state.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
+    /// The dynamic metadata of stream `id` under `namespace`, by key.
+    pub fn dynamic_metadata(&self, id: Id, namespace: &str, key: &str) -> Option<String> {
+        let streams = self.0.streams.borrow();
+        let entries = &streams.get(id.0)?.dynamic_metadata;
+        entries.iter().find(|(n, k, _)| n == namespace && k == key).map(|(_, _, v)| v.clone())
+    }
+
     /// The calls recorded since the last `take_calls`.
     pub fn take_calls(&self) -> Vec<String> {
         std::mem::take(&mut *self.0.calls.borrow_mut())
@@ -302,6 +327,8 @@ impl FakeEnvoy {
             upstream_answers_locally: false,
             scheduler: None,
             local_reply: None,
+            filter_state: Vec::new(),
+            dynamic_metadata: Vec::new(),
         };
         let id = {
             let mut streams = self.0.streams.borrow_mut();
@@ -526,6 +553,29 @@ impl Envoy for FakeEnvoy {
     fn set_filter_state(&self, filter: FilterEnvoyPtr, key: &str, value: &str) {
         let _fake = in_fake();
         self.record(Some(filter), format!("set_filter_state {key}={value}"));
+        let again = self.stream_mut(filter, |s| {
+            let again = s.filter_state.iter().any(|(k, _)| k == key);
+            if !again {
+                s.filter_state.push((key.to_string(), value.to_string()));
+            }
+            again
+        });
+        if again == Some(true) {
+            // Envoy keeps the first value and reports a bug (ReadOnly state written twice).
+            self.0.calls.borrow_mut().push(format!("!! set_filter_state twice {key}"));
+        }
+    }
+
+    fn set_dynamic_metadata(&self, filter: FilterEnvoyPtr, namespace: &str, entries: &[(&str, &str)]) {
+        let _fake = in_fake();
+        let shown: Vec<String> = entries.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.record(Some(filter), format!("set_dynamic_metadata {namespace} {}", shown.join(" ")));
+        self.stream_mut(filter, |s| {
+            for (k, v) in entries {
+                s.dynamic_metadata.retain(|(n, key, _)| !(n == namespace && key == k));
+                s.dynamic_metadata.push((namespace.to_string(), k.to_string(), v.to_string()));
+            }
+        });
     }
 
     fn continue_decoding(&self, filter: FilterEnvoyPtr) {

@@ -18,6 +18,8 @@ mod fake;
 #[cfg(all(feature = "bench-floor", not(test)))]
 pub mod floor;
 pub mod host;
+#[cfg(test)]
+mod metadata_tests;
 pub mod module;
 #[cfg(feature = "panic-probe")]
 pub mod probe;

@@ -356,6 +356,7 @@ impl<E: Envoy> Effects for Apply<'_, E> {
             // Envoy completes the stream inside a local reply: made once the core has returned.
             Effect::Reply(reply) => self.deferred.reply(reply.status, reply.headers, reply.body),
             Effect::FilterState(key, value) => env.set_filter_state(filter, key, value),
+            Effect::DynamicMetadata(namespace, entries) => env.set_dynamic_metadata(filter, namespace, entries),
             // A worker's token request is the main thread's to send and count (see `upkeep`).
             Effect::Count(Metric::UpstreamToken(_, TokenEvent::Fetch)) => {}
             Effect::Count(metric) => {

@@ -37,6 +37,9 @@ impl<H: Host> Effects for Apply<'_, H> {
             Effect::Reply(reply) => host.send_reply(reply.status, reply.headers, reply.body),
             // proxy_set_property(k) stores filter state `wasm.k`: the core's names already carry the `wasm.`.
             Effect::FilterState(key, value) => host.set_filter_state(key.strip_prefix("wasm.").unwrap_or(key), value),
+            // Envoy's proxy-wasm host has no way to set dynamic metadata (no ABI call, no foreign function):
+            // the wasm build's decision is its filter state.
+            Effect::DynamicMetadata(..) => {}
             Effect::Count(metric) => self.metrics.count(host, metric),
             Effect::Gauge(gauge, value) => self.metrics.set(host, gauge, value),
             Effect::Log(level, line) => host.log(level, line),

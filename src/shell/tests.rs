@@ -1759,3 +1759,43 @@ fn a_discovery_documents_answer_dispatches_the_key_set_fetch_it_names() {
     let (_f, flow) = send(&host, &root, 8, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
     assert_eq!(flow, Flow::Continue);
 }
+
+#[test]
+fn decision_metadata_sets_the_same_filter_state_names_as_the_dynamic_module_and_no_metadata() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    p["access_log_filter_state"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    send(&host, &root, 1, &get("/Patient?name=Zzyzx", Some(&bearer(&testkeys::claims_now()))), true);
+    let calls = host.take_calls();
+    let states: Vec<&String> = calls.iter().filter(|c| c.starts_with("set_filter_state ")).collect();
+    // proxy_set_property(k) is filter state `wasm.k`: the names Envoy shows are the dynamic module's.
+    assert_eq!(
+        states,
+        [
+            &format!("set_filter_state fhir_tenant_router.tenant={TENANT_A}"),
+            "set_filter_state fhir_tenant_router.client_id=patients-app-a",
+            &format!("set_filter_state fhir_tenant_router.issuer={}", testkeys::ISSUER),
+            "set_filter_state fhir_tenant_router.interaction=search",
+            "set_filter_state fhir_tenant_router.resource_type=Patient",
+            "set_filter_state fhir_tenant_router.outcome=allowed",
+        ],
+        "{calls:#?}"
+    );
+    assert!(!calls.iter().any(|c| c.contains("Zzyzx")), "{calls:#?}");
+    // Refused: the reason, and nothing about a tenant no token named.
+    send(&host, &root, 2, &get("/Patient", None), true);
+    let calls = host.take_calls();
+    let states: Vec<&String> = calls.iter().filter(|c| c.starts_with("set_filter_state ")).collect();
+    assert_eq!(
+        states,
+        [
+            "set_filter_state fhir_tenant_router.interaction=search",
+            "set_filter_state fhir_tenant_router.resource_type=Patient",
+            "set_filter_state fhir_tenant_router.outcome=rejected",
+            "set_filter_state fhir_tenant_router.reason=missing_token",
+        ],
+        "{calls:#?}"
+    );
+}

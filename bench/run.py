@@ -779,6 +779,8 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
                     f"native jwt_authn + payload_in_metadata + Lua routing (same job), {a}"),
             Variant(f"dm-cache-{a}", "dm-cache", a, "fixed", f"dynamic module, cache, 10 tenants, {a}",
                     f"native-cache-{a}"),
+            Variant(f"dm-cache-audit-{a}", "dm-cache-audit", a, "fixed",
+                    f"dynamic module, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
             Variant(f"dm-floor-{a}", "dm-floor", a, "fixed",
                     f"dynamic-module floor: header edits + clear_route_cache only, no core (bench build), {a}",
                     f"native-cache-{a}"),
@@ -945,7 +947,8 @@ class Bench:
         self.so.write_bytes(SO.read_bytes())
         specs += [Server("ours-cache-audit", "ours", True, 10, audit=True),
                   Server("peer-claim", "peer-claim", True), Server("peer-lua", "peer-lua", True),
-                  Server("dm-cache", "dm", True, 10), Server("dm-nocache", "dm", False, 10),
+                  Server("dm-cache", "dm", True, 10), Server("dm-cache-audit", "dm", True, 10, audit=True),
+                  Server("dm-nocache", "dm", False, 10),
                   Server("dm-distinct", "dm", True, 10)]
         if any(v.server == "dm-floor" for v in self.variants):
             floor = self.workdir / "floor" / SO.name
@@ -1217,6 +1220,92 @@ def fmt_ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
+NOISE_LIMIT = 0.10   # a goal run whose noise floor (see goals_section) exceeds this is "noisy run: re-run"
+
+# Issue 26's goals: (ours, peer, target on ours ÷ peer req/s, what). Ours with its defaults (the audit line on).
+GOALS = [
+    ("dm-cache-audit", "peer-claim", 1.00,
+     "dynamic module / jwt_authn + claim_to_headers + cluster_header (native same-job config)"),
+    ("dm-cache-audit", "native-cache", 0.95, "dynamic module / native jwt_authn with cache"),
+    ("ours-cache-audit", "peer-lua", 1.10, "wasm / jwt_authn + Lua (same job)"),
+    ("ours-cache-audit", "peer-claim", 0.80,
+     "wasm / jwt_authn + claim_to_headers + cluster_header (native same-job config)"),
+]
+GOAL_P99 = [("dm-cache-audit", "native-cache", "dynamic module p99 vs native jwt_authn with cache")]
+
+
+def spread(values: list[float]) -> float:
+    """(max − min) / median: how far apart the rounds were."""
+    return (max(values) - min(values)) / statistics.median(values) if values else 0.0
+
+
+def goals_section(V: dict[str, "Variant"], algs: list[str], noise_limit: float = NOISE_LIMIT
+                  ) -> tuple[list[str], list[tuple[bool, str]]]:
+    """Issue 26's goals, each PASS/FAIL on the ratio of req/s medians with the two variants' CPU µs/request
+    beside it, and the run's noise floor: the median over the goals' variants of their req/s spread between
+    rounds, and the median spread of the goals' per-round ratios. Goals whose variants were not measured (an
+    `--only` run) are left out. A goal whose ratio is within the noise floor of its target is marked
+    "undecided"; a noise floor above `noise_limit` makes the verdict "noisy run: re-run"."""
+    lines: list[str] = []
+    checks: list[tuple[bool, str]] = []
+    body: list[str] = []
+    used: set[str] = set()
+    ratio_spreads: list[float] = []
+    measured = lambda n: n in V and V[n].results  # noqa: E731
+
+    def cpu(v: "Variant") -> str:
+        return "—" if v.shared_cpu else f"{v.median('cpu_us_per_req'):.1f}"
+
+    for alg in algs:
+        for ours, peer, target, what in GOALS:
+            o, p = f"{ours}-{alg}", f"{peer}-{alg}"
+            if not (measured(o) and measured(p)):
+                continue
+            vo, vp = V[o], V[p]
+            used |= {o, p}
+            r = vo.median("rps") / vp.median("rps")
+            per_round = [x.rps / y.rps for x, y in zip(vo.results, vp.results)]
+            ratio_spreads.append(spread(per_round))
+            checks.append((r >= target, f"{alg}: {what} req/s = {r:.3f} (goal >= {target:.2f})"))
+            body.append((r, target, f"{alg}: {what}", vo, vp, statistics.median(per_round)))
+        for ours, peer, what in GOAL_P99:
+            o, p = f"{ours}-{alg}", f"{peer}-{alg}"
+            if not (measured(o) and measured(p)):
+                continue
+            vo, vp = V[o], V[p]
+            used |= {o, p}
+            ok = vo.median("p99_ms") <= vp.median("p99_ms")
+            checks.append((ok, f"{alg}: {what}: {vo.median('p99_ms'):.2f} ms vs {vp.median('p99_ms'):.2f} ms "
+                               "(goal: no worse)"))
+            body.append((None, None, None, vo, vp, None))
+    if not checks:
+        return lines, checks
+    floor = statistics.median(spread([x.rps for x in V[n].results]) for n in sorted(used))
+    ratio_floor = statistics.median(ratio_spreads) if ratio_spreads else 0.0
+    noisy = floor > noise_limit or ratio_floor > noise_limit
+    lines += ["## Issue 26 goals (same-job peers, the filter with its defaults)", "",
+              "Ours runs with its defaults (the audit line on), in the same rounds as its peers. PASS/FAIL on the "
+              "ratio of the req/s medians; beside it the median of the per-round ratios and both variants' CPU "
+              "µs per request (the tested Envoy's, informational). \"undecided\" marks a ratio within the run's "
+              "noise floor of its goal.", "", "```"]
+    for (ok, text), (r, target, _, vo, vp, pr) in zip(checks, body):
+        if r is None:
+            lines.append(f"{'PASS' if ok else 'FAIL'}  {text}")
+            continue
+        undecided = abs(r - target) <= max(floor, ratio_floor) * target
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {text}  [paired per round: {pr:.3f}]"
+                     f"{'  undecided (within the noise floor)' if undecided else ''}")
+        by_cpu = "" if vo.shared_cpu or vp.shared_cpu else f" (peer ÷ ours: {cpu_ratio(vo, vp):.3f})"
+        lines.append(f"      CPU µs/req: ours {cpu(vo)}, peer {cpu(vp)}{by_cpu}")
+    lines.append(f"noise floor: req/s spread between rounds (max − min over median), median over the goals' "
+                 f"variants {floor:.1%}; spread of the goals' per-round ratios, median {ratio_floor:.1%} "
+                 f"(threshold {noise_limit:.0%})")
+    lines.append("verdict: " + ("NOISY RUN: RE-RUN (on a quiet machine) before acting on these goals" if noisy
+                                else "quiet enough: the goals above stand"))
+    lines += ["```", ""]
+    return lines, checks
+
+
 def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, str]]]:
     a = b.args
     V = {v.name: v for v in b.variants}
@@ -1396,6 +1485,9 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
             P(extra)
     P("```")
     P("")
+    goal_lines, goal_checks = goals_section(V, a.algs, a.noise_limit)
+    lines += goal_lines
+    checks += goal_checks
     if a.baseline is not None:
         P("## The module under test vs the baseline module")
         P("")
@@ -1621,6 +1713,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--module", type=Path, default=None,
                    help="the wasm module to measure (default: the one `make build` writes), e.g. an older "
                         "commit's, for a before/after of --memory-only")
+    p.add_argument("--noise-limit", type=float, default=NOISE_LIMIT,
+                   help=f"the noise floor (spread between rounds) above which the goals' verdict is \"noisy run: "
+                        f"re-run\" (default {NOISE_LIMIT})")
     p.add_argument("--no-write", action="store_true", help="print only, do not write the report file")
     p.add_argument("--strict", action="store_true", help="exit 3 if a target FAILs (default: report only)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
@@ -1686,6 +1781,8 @@ def main(argv: list[str]) -> int:
         b.measure()
         if args.only:
             print(only_table(b))
+            goal_lines, _ = goals_section({v.name: v for v in b.variants}, args.algs, args.noise_limit)
+            print("\n" + "\n".join(goal_lines))
             ok = True
             return 0
         b.measure_memory()

@@ -58,6 +58,14 @@ TENANT_ECHO = "x-bench-upstream-tenant"   # the upstream echoes the x-fhir-tenan
 AUTHZ_ECHO = "x-bench-upstream-authz"     # ... and the Authorization header it received (must be absent)
 CACHE_ENTRIES = 10_000                    # ours (token_cache_entries) and native (jwt_cache_size)
 FIXED_TENANT_INDEX = 7                    # the fixed token names tenant 7: configured in every variant
+NARROWED_TENANT_INDEX = 8                 # the narrowed token (SMART scopes) names tenant 8; its answers are JSON
+NARROWED_SCOPES = "system/Patient.rs system/Observation.rs"   # types named: its answers are checked (issue 23)
+NARROWED_BODY = json.dumps({"resourceType": "Bundle", "type": "searchset", "total": 10, "entry": [
+    {"fullUrl": f"https://fhir.bench.invalid/Patient/p{i}", "search": {"mode": "match"},
+     "resource": {"resourceType": "Patient", "id": f"p{i}", "meta": {"versionId": "1"},
+                  "name": [{"family": "Smith", "given": ["Ann", f"B{i}"]}], "gender": "female",
+                  "birthDate": "1970-01-01", "identifier": [{"system": "urn:bench", "value": f"id-{i}"}]}}
+    for i in range(10)]})
 MEMORY_TENANTS = 10_000
 GAUGE_MEMORY = "vm.memory_bytes"          # wasmcustom.fhir_tenant_router.vm.memory_bytes
 # The project's targets, never raised in passing (issue 24). Not met since upstream_auth (issue 12: ~95 KB of
@@ -410,8 +418,17 @@ def upstream_config() -> dict:
     echo = [{"header": {"key": TENANT_ECHO, "value": "%REQ(x-fhir-tenant-id)%"}},
             {"header": {"key": AUTHZ_ECHO, "value": "%REQ(authorization)%"}}]
     route = {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}}}
-    return {"admin": admin_block(), "static_resources": {
+    cfg = {"admin": admin_block(), "static_resources": {
         "listeners": [listener("upstream", route, [], {"response_headers_to_add": echo})]}}
+    # The narrowed token's tenant gets a FHIR search Bundle (JSON), which the answer check reads whole.
+    narrowed = {"match": {"prefix": "/", "headers": [{"name": "x-fhir-tenant-id",
+                                                      "string_match": {"exact": tenant_id(NARROWED_TENANT_INDEX)}}]},
+                "direct_response": {"status": 200, "body": {"inline_string": NARROWED_BODY}},
+                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/fhir+json"},
+                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] + echo}
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"].insert(0, narrowed)
+    return cfg
 
 
 def listener_prefix(i: int) -> str:
@@ -740,7 +757,7 @@ class Variant:
     name: str
     server: str
     alg: str | None             # None: no token (passthrough)
-    tokens: str                 # none | fixed | distinct
+    tokens: str                 # none | fixed | narrowed | json | distinct
     label: str
     native_ref: str | None = None   # the native variant with the matching cache mode
     listener: int = 0               # which listener of its server wrk drives (0 unless the server has several)
@@ -773,6 +790,10 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
         v += [
             Variant(f"ours-cache-audit-{a}", "ours-cache-audit", a, "fixed",
                     f"ours, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
+            # No "ours-narrowed" row yet: the wasm build never answers a narrowed request whose upstream is this
+            # bench's direct_response Envoy (the client times out; the dynamic module answers it, and the e2e
+            # answer-check tests pass on both builds with their upstreams). Found 2026-12-06, see the profile
+            # notes; add the row back (server "ours-cache-audit", tokens "narrowed") once that is understood.
             Variant(f"peer-claim-{a}", "peer-claim", a, "fixed",
                     f"native jwt_authn + claim_to_headers + cluster_header (same job, bare-GUID scope), {a}"),
             Variant(f"peer-lua-{a}", "peer-lua", a, "fixed",
@@ -781,6 +802,12 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
                     f"native-cache-{a}"),
             Variant(f"dm-cache-audit-{a}", "dm-cache-audit", a, "fixed",
                     f"dynamic module, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
+            Variant(f"dm-narrowed-{a}", "dm-cache-audit", a, "narrowed",
+                    f"dynamic module, defaults, narrowed token (SMART scopes: its JSON answer checked), {a}",
+                    f"native-cache-{a}"),
+            Variant(f"dm-json-{a}", "dm-cache-audit", a, "json",
+                    f"dynamic module, defaults, the same JSON answer to a token nothing narrows (not checked), {a}",
+                    f"native-cache-{a}"),
             Variant(f"dm-floor-{a}", "dm-floor", a, "fixed",
                     f"dynamic-module floor: header edits + clear_route_cache only, no core (bench build), {a}",
                     f"native-cache-{a}"),
@@ -831,6 +858,8 @@ class Bench:
         self.cache_field = False
         self.cache_field_note = ""
         self.fixed: dict[str, str] = {}
+        self.narrowed: dict[str, str] = {}   # per alg: a token whose SMART scopes narrow what it may read
+        self.json_token: dict[str, str] = {}  # per alg: the narrowed token's tenant, no scopes (its answer: JSON)
         self.distinct_files: dict[str, Path] = {}
         self.distinct_first_last: dict[str, tuple[str, str]] = {}
         self.tenant_scale = [t for t in (1_000, 100_000)]
@@ -856,6 +885,8 @@ class Bench:
         for a in self.args.algs:
             key = self.private[a]
             self.fixed[a] = mint(key, a, tenant_id(FIXED_TENANT_INDEX), "fixed", now)
+            self.json_token[a] = mint(key, a, tenant_id(NARROWED_TENANT_INDEX), "json", now)
+            self.narrowed[a] = mint(key, a, f"{tenant_id(NARROWED_TENANT_INDEX)} {NARROWED_SCOPES}", "narrowed", now)
             toks = [mint(key, a, tenant_id(j % 10), f"d{j}", now) for j in range(self.args.distinct_tokens)]
             if len(set(toks)) != len(toks):
                 raise BenchError("distinct tokens are not distinct")
@@ -980,6 +1011,9 @@ class Bench:
             tokens = [(None, None)]
         elif v.tokens == "fixed":
             tokens = [(self.fixed[v.alg], tenant_id(FIXED_TENANT_INDEX))]
+        elif v.tokens in ("narrowed", "json"):
+            tokens = [((self.narrowed if v.tokens == "narrowed" else self.json_token)[v.alg],
+                       tenant_id(NARROWED_TENANT_INDEX))]
         else:
             first, last = self.distinct_first_last[v.alg]
             n = self.args.distinct_tokens
@@ -987,8 +1021,9 @@ class Bench:
         for tok, tenant in tokens:
             r = get(port, PATH, {"authorization": f"Bearer {tok}"} if tok else {})
             problems = []
-            if r.status != 200 or r.body.decode(errors="replace") != UPSTREAM_BODY:
-                problems.append(f"expected 200 {UPSTREAM_BODY!r} from the upstream, got {r.status} {r.body[:200]!r}")
+            body = NARROWED_BODY if v.tokens in ("narrowed", "json") else UPSTREAM_BODY
+            if r.status != 200 or r.body.decode(errors="replace") != body:
+                problems.append(f"expected 200 {body[:60]!r} from the upstream, got {r.status} {r.body[:200]!r}")
             if s.kind in ("ours", "dm") and r.headers.get(TENANT_ECHO) != tenant:
                 problems.append(f"upstream saw x-fhir-tenant-id {r.headers.get(TENANT_ECHO)!r}, expected {tenant!r}")
             if s.kind not in ("passthrough", "noop") and r.headers.get(AUTHZ_ECHO):
@@ -1026,8 +1061,9 @@ class Bench:
                     "--", str(self.distinct_files[v.alg]), str(self.offsets.get((v.server, v.alg), 0))]
         else:
             cmd += ["-s", str(self.workdir / "static.lua")]
-            if v.tokens == "fixed":
-                cmd += ["-H", f"Authorization: Bearer {self.fixed[v.alg]}"]
+            if v.tokens in ("fixed", "narrowed", "json"):
+                token = {"fixed": self.fixed, "narrowed": self.narrowed, "json": self.json_token}[v.tokens][v.alg]
+                cmd += ["-H", f"Authorization: Bearer {token}"]
             cmd += [f"http://127.0.0.1:{port}{PATH}"]
         up0 = self.upstream.stats(r"http\.upstream\.downstream_rq_")
         me0 = s.envoy.stats(rq_stats)
@@ -1297,6 +1333,16 @@ def goals_section(V: dict[str, "Variant"], algs: list[str], noise_limit: float =
                      f"{'  undecided (within the noise floor)' if undecided else ''}")
         by_cpu = "" if vo.shared_cpu or vp.shared_cpu else f" (peer ÷ ours: {cpu_ratio(vo, vp):.3f})"
         lines.append(f"      CPU µs/req: ours {cpu(vo)}, peer {cpu(vp)}{by_cpu}")
+    for alg in algs:   # the answer check of a narrowed token (issue 23), beside the same build's cache hit
+        for narrowed, plain, build in (("ours-narrowed", "ours-json", "wasm"),
+                                       ("dm-narrowed", "dm-json", "dynamic module")):
+            n, c = f"{narrowed}-{alg}", f"{plain}-{alg}"
+            if measured(n) and measured(c):
+                vn, vc = V[n], V[c]
+                lines.append(f"      {alg}: {build}, narrowed token (its {len(NARROWED_BODY):,}-byte JSON Bundle checked) "
+                             f"/ the same answer to a token nothing narrows: req/s = {vn.median('rps') / vc.median('rps'):.3f}  "
+                             f"[paired per round: {paired(vn, vc):.3f}]; CPU µs/req {cpu(vn)} vs {cpu(vc)} "
+                             f"({vn.median('cpu_us_per_req') - vc.median('cpu_us_per_req'):+.1f}) (informational)")
     lines.append(f"noise floor: req/s spread between rounds (max − min over median), median over the goals' "
                  f"variants {floor:.1%}; spread of the goals' per-round ratios, median {ratio_floor:.1%} "
                  f"(threshold {noise_limit:.0%})")

@@ -41,7 +41,7 @@ BINARYEN_NPM_VERSION := 132.0.0
 WASM_OPT  := $(or $(shell command -v wasm-opt 2>/dev/null),$(wildcard $(CURDIR)/tools/binaryen/node_modules/.bin/wasm-opt))
 CONFIGS   := $(wildcard envoy/*.yaml) examples/global-rate-limit/envoy.yaml examples/rbac/envoy.yaml
 
-.PHONY: help deps build build-so build-so-probe abi-check e2e-older-dm doc-numbers unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-memory bench-fairness soak clean search-params search-params-check
+.PHONY: help deps build build-so build-so-probe abi-check e2e-older-dm doc-numbers unit e2e validate lint test fuzz demo demo-check bench bench-quick bench-profile bench-memory bench-fairness soak clean search-params search-params-check
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -199,6 +199,11 @@ soak: build build-so deps ## 10 minutes of mixed valid and invalid traffic per b
 
 bench-quick: build build-so deps ## a ~2 minute smoke run of the benchmark (writes target/bench-quick.md)
 	$(PY) bench/run.py --quick --out target/bench-quick.md $(BENCH_ARGS)
+
+bench-profile: build build-so deps ## perf record on the tested Envoy under load (cache hit, RS256): each object's and the module's symbols' share and CPU µs per request (~3 min)
+	CARGO_PROFILE_DYNAMIC_MODULE_STRIP=none CARGO_TARGET_DIR=target/profile cargo rustc --lib --profile dynamic-module \
+	  --no-default-features --features dynamic-module -- -C 'link-arg=-Wl,-rpath,$$ORIGIN'
+	$(PY) bench/profile.py --so target/profile/dynamic-module/libfhir_tenant_router.so $(PROFILE_ARGS)
 
 bench-memory: build deps ## only the VM memory target (10,000 tenants + 10,000 cached tokens, ~1 min): rewrites BENCHMARKS.md's memory line and section
 	$(PY) bench/run.py --memory-only $(BENCH_ARGS)

@@ -58,6 +58,14 @@ TENANT_ECHO = "x-bench-upstream-tenant"   # the upstream echoes the x-fhir-tenan
 AUTHZ_ECHO = "x-bench-upstream-authz"     # ... and the Authorization header it received (must be absent)
 CACHE_ENTRIES = 10_000                    # ours (token_cache_entries) and native (jwt_cache_size)
 FIXED_TENANT_INDEX = 7                    # the fixed token names tenant 7: configured in every variant
+NARROWED_TENANT_INDEX = 8                 # the narrowed token (SMART scopes) names tenant 8; its answers are JSON
+NARROWED_SCOPES = "system/Patient.rs system/Observation.rs"   # types named: its answers are checked (issue 23)
+NARROWED_BODY = json.dumps({"resourceType": "Bundle", "type": "searchset", "total": 10, "entry": [
+    {"fullUrl": f"https://fhir.bench.invalid/Patient/p{i}", "search": {"mode": "match"},
+     "resource": {"resourceType": "Patient", "id": f"p{i}", "meta": {"versionId": "1"},
+                  "name": [{"family": "Smith", "given": ["Ann", f"B{i}"]}], "gender": "female",
+                  "birthDate": "1970-01-01", "identifier": [{"system": "urn:bench", "value": f"id-{i}"}]}}
+    for i in range(10)]})
 MEMORY_TENANTS = 10_000
 GAUGE_MEMORY = "vm.memory_bytes"          # wasmcustom.fhir_tenant_router.vm.memory_bytes
 # The project's targets, never raised in passing (issue 24). Not met since upstream_auth (issue 12: ~95 KB of
@@ -410,8 +418,17 @@ def upstream_config() -> dict:
     echo = [{"header": {"key": TENANT_ECHO, "value": "%REQ(x-fhir-tenant-id)%"}},
             {"header": {"key": AUTHZ_ECHO, "value": "%REQ(authorization)%"}}]
     route = {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}}}
-    return {"admin": admin_block(), "static_resources": {
+    cfg = {"admin": admin_block(), "static_resources": {
         "listeners": [listener("upstream", route, [], {"response_headers_to_add": echo})]}}
+    # The narrowed token's tenant gets a FHIR search Bundle (JSON), which the answer check reads whole.
+    narrowed = {"match": {"prefix": "/", "headers": [{"name": "x-fhir-tenant-id",
+                                                      "string_match": {"exact": tenant_id(NARROWED_TENANT_INDEX)}}]},
+                "direct_response": {"status": 200, "body": {"inline_string": NARROWED_BODY}},
+                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/fhir+json"},
+                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] + echo}
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"].insert(0, narrowed)
+    return cfg
 
 
 def listener_prefix(i: int) -> str:
@@ -740,7 +757,7 @@ class Variant:
     name: str
     server: str
     alg: str | None             # None: no token (passthrough)
-    tokens: str                 # none | fixed | distinct
+    tokens: str                 # none | fixed | narrowed | json | distinct
     label: str
     native_ref: str | None = None   # the native variant with the matching cache mode
     listener: int = 0               # which listener of its server wrk drives (0 unless the server has several)
@@ -773,11 +790,23 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
         v += [
             Variant(f"ours-cache-audit-{a}", "ours-cache-audit", a, "fixed",
                     f"ours, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
+            # No "ours-narrowed" row yet: the wasm build never answers a narrowed request whose upstream is this
+            # bench's direct_response Envoy (the client times out; the dynamic module answers it, and the e2e
+            # answer-check tests pass on both builds with their upstreams). Found 2026-12-06, see the profile
+            # notes; add the row back (server "ours-cache-audit", tokens "narrowed") once that is understood.
             Variant(f"peer-claim-{a}", "peer-claim", a, "fixed",
                     f"native jwt_authn + claim_to_headers + cluster_header (same job, bare-GUID scope), {a}"),
             Variant(f"peer-lua-{a}", "peer-lua", a, "fixed",
                     f"native jwt_authn + payload_in_metadata + Lua routing (same job), {a}"),
             Variant(f"dm-cache-{a}", "dm-cache", a, "fixed", f"dynamic module, cache, 10 tenants, {a}",
+                    f"native-cache-{a}"),
+            Variant(f"dm-cache-audit-{a}", "dm-cache-audit", a, "fixed",
+                    f"dynamic module, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
+            Variant(f"dm-narrowed-{a}", "dm-cache-audit", a, "narrowed",
+                    f"dynamic module, defaults, narrowed token (SMART scopes: its JSON answer checked), {a}",
+                    f"native-cache-{a}"),
+            Variant(f"dm-json-{a}", "dm-cache-audit", a, "json",
+                    f"dynamic module, defaults, the same JSON answer to a token nothing narrows (not checked), {a}",
                     f"native-cache-{a}"),
             Variant(f"dm-floor-{a}", "dm-floor", a, "fixed",
                     f"dynamic-module floor: header edits + clear_route_cache only, no core (bench build), {a}",
@@ -829,6 +858,8 @@ class Bench:
         self.cache_field = False
         self.cache_field_note = ""
         self.fixed: dict[str, str] = {}
+        self.narrowed: dict[str, str] = {}   # per alg: a token whose SMART scopes narrow what it may read
+        self.json_token: dict[str, str] = {}  # per alg: the narrowed token's tenant, no scopes (its answer: JSON)
         self.distinct_files: dict[str, Path] = {}
         self.distinct_first_last: dict[str, tuple[str, str]] = {}
         self.tenant_scale = [t for t in (1_000, 100_000)]
@@ -854,6 +885,8 @@ class Bench:
         for a in self.args.algs:
             key = self.private[a]
             self.fixed[a] = mint(key, a, tenant_id(FIXED_TENANT_INDEX), "fixed", now)
+            self.json_token[a] = mint(key, a, tenant_id(NARROWED_TENANT_INDEX), "json", now)
+            self.narrowed[a] = mint(key, a, f"{tenant_id(NARROWED_TENANT_INDEX)} {NARROWED_SCOPES}", "narrowed", now)
             toks = [mint(key, a, tenant_id(j % 10), f"d{j}", now) for j in range(self.args.distinct_tokens)]
             if len(set(toks)) != len(toks):
                 raise BenchError("distinct tokens are not distinct")
@@ -945,7 +978,8 @@ class Bench:
         self.so.write_bytes(SO.read_bytes())
         specs += [Server("ours-cache-audit", "ours", True, 10, audit=True),
                   Server("peer-claim", "peer-claim", True), Server("peer-lua", "peer-lua", True),
-                  Server("dm-cache", "dm", True, 10), Server("dm-nocache", "dm", False, 10),
+                  Server("dm-cache", "dm", True, 10), Server("dm-cache-audit", "dm", True, 10, audit=True),
+                  Server("dm-nocache", "dm", False, 10),
                   Server("dm-distinct", "dm", True, 10)]
         if any(v.server == "dm-floor" for v in self.variants):
             floor = self.workdir / "floor" / SO.name
@@ -977,6 +1011,9 @@ class Bench:
             tokens = [(None, None)]
         elif v.tokens == "fixed":
             tokens = [(self.fixed[v.alg], tenant_id(FIXED_TENANT_INDEX))]
+        elif v.tokens in ("narrowed", "json"):
+            tokens = [((self.narrowed if v.tokens == "narrowed" else self.json_token)[v.alg],
+                       tenant_id(NARROWED_TENANT_INDEX))]
         else:
             first, last = self.distinct_first_last[v.alg]
             n = self.args.distinct_tokens
@@ -984,8 +1021,9 @@ class Bench:
         for tok, tenant in tokens:
             r = get(port, PATH, {"authorization": f"Bearer {tok}"} if tok else {})
             problems = []
-            if r.status != 200 or r.body.decode(errors="replace") != UPSTREAM_BODY:
-                problems.append(f"expected 200 {UPSTREAM_BODY!r} from the upstream, got {r.status} {r.body[:200]!r}")
+            body = NARROWED_BODY if v.tokens in ("narrowed", "json") else UPSTREAM_BODY
+            if r.status != 200 or r.body.decode(errors="replace") != body:
+                problems.append(f"expected 200 {body[:60]!r} from the upstream, got {r.status} {r.body[:200]!r}")
             if s.kind in ("ours", "dm") and r.headers.get(TENANT_ECHO) != tenant:
                 problems.append(f"upstream saw x-fhir-tenant-id {r.headers.get(TENANT_ECHO)!r}, expected {tenant!r}")
             if s.kind not in ("passthrough", "noop") and r.headers.get(AUTHZ_ECHO):
@@ -1023,8 +1061,9 @@ class Bench:
                     "--", str(self.distinct_files[v.alg]), str(self.offsets.get((v.server, v.alg), 0))]
         else:
             cmd += ["-s", str(self.workdir / "static.lua")]
-            if v.tokens == "fixed":
-                cmd += ["-H", f"Authorization: Bearer {self.fixed[v.alg]}"]
+            if v.tokens in ("fixed", "narrowed", "json"):
+                token = {"fixed": self.fixed, "narrowed": self.narrowed, "json": self.json_token}[v.tokens][v.alg]
+                cmd += ["-H", f"Authorization: Bearer {token}"]
             cmd += [f"http://127.0.0.1:{port}{PATH}"]
         up0 = self.upstream.stats(r"http\.upstream\.downstream_rq_")
         me0 = s.envoy.stats(rq_stats)
@@ -1217,6 +1256,102 @@ def fmt_ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
+NOISE_LIMIT = 0.10   # a goal run whose noise floor (see goals_section) exceeds this is "noisy run: re-run"
+
+# Issue 26's goals: (ours, peer, target on ours ÷ peer req/s, what). Ours with its defaults (the audit line on).
+GOALS = [
+    ("dm-cache-audit", "peer-claim", 1.00,
+     "dynamic module / jwt_authn + claim_to_headers + cluster_header (native same-job config)"),
+    ("dm-cache-audit", "native-cache", 0.95, "dynamic module / native jwt_authn with cache"),
+    ("ours-cache-audit", "peer-lua", 1.10, "wasm / jwt_authn + Lua (same job)"),
+    ("ours-cache-audit", "peer-claim", 0.80,
+     "wasm / jwt_authn + claim_to_headers + cluster_header (native same-job config)"),
+]
+GOAL_P99 = [("dm-cache-audit", "native-cache", "dynamic module p99 vs native jwt_authn with cache")]
+
+
+def spread(values: list[float]) -> float:
+    """(max − min) / median: how far apart the rounds were."""
+    return (max(values) - min(values)) / statistics.median(values) if values else 0.0
+
+
+def goals_section(V: dict[str, "Variant"], algs: list[str], noise_limit: float = NOISE_LIMIT
+                  ) -> tuple[list[str], list[tuple[bool, str]]]:
+    """Issue 26's goals, each PASS/FAIL on the ratio of req/s medians with the two variants' CPU µs/request
+    beside it, and the run's noise floor: the median over the goals' variants of their req/s spread between
+    rounds, and the median spread of the goals' per-round ratios. Goals whose variants were not measured (an
+    `--only` run) are left out. A goal whose ratio is within the noise floor of its target is marked
+    "undecided"; a noise floor above `noise_limit` makes the verdict "noisy run: re-run"."""
+    lines: list[str] = []
+    checks: list[tuple[bool, str]] = []
+    body: list[str] = []
+    used: set[str] = set()
+    ratio_spreads: list[float] = []
+    measured = lambda n: n in V and V[n].results  # noqa: E731
+
+    def cpu(v: "Variant") -> str:
+        return "—" if v.shared_cpu else f"{v.median('cpu_us_per_req'):.1f}"
+
+    for alg in algs:
+        for ours, peer, target, what in GOALS:
+            o, p = f"{ours}-{alg}", f"{peer}-{alg}"
+            if not (measured(o) and measured(p)):
+                continue
+            vo, vp = V[o], V[p]
+            used |= {o, p}
+            r = vo.median("rps") / vp.median("rps")
+            per_round = [x.rps / y.rps for x, y in zip(vo.results, vp.results)]
+            ratio_spreads.append(spread(per_round))
+            checks.append((r >= target, f"{alg}: {what} req/s = {r:.3f} (goal >= {target:.2f})"))
+            body.append((r, target, f"{alg}: {what}", vo, vp, statistics.median(per_round)))
+        for ours, peer, what in GOAL_P99:
+            o, p = f"{ours}-{alg}", f"{peer}-{alg}"
+            if not (measured(o) and measured(p)):
+                continue
+            vo, vp = V[o], V[p]
+            used |= {o, p}
+            ok = vo.median("p99_ms") <= vp.median("p99_ms")
+            checks.append((ok, f"{alg}: {what}: {vo.median('p99_ms'):.2f} ms vs {vp.median('p99_ms'):.2f} ms "
+                               "(goal: no worse)"))
+            body.append((None, None, None, vo, vp, None))
+    if not checks:
+        return lines, checks
+    floor = statistics.median(spread([x.rps for x in V[n].results]) for n in sorted(used))
+    ratio_floor = statistics.median(ratio_spreads) if ratio_spreads else 0.0
+    noisy = floor > noise_limit or ratio_floor > noise_limit
+    lines += ["## Issue 26 goals (same-job peers, the filter with its defaults)", "",
+              "Ours runs with its defaults (the audit line on), in the same rounds as its peers. PASS/FAIL on the "
+              "ratio of the req/s medians; beside it the median of the per-round ratios and both variants' CPU "
+              "µs per request (the tested Envoy's, informational). \"undecided\" marks a ratio within the run's "
+              "noise floor of its goal.", "", "```"]
+    for (ok, text), (r, target, _, vo, vp, pr) in zip(checks, body):
+        if r is None:
+            lines.append(f"{'PASS' if ok else 'FAIL'}  {text}")
+            continue
+        undecided = abs(r - target) <= max(floor, ratio_floor) * target
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {text}  [paired per round: {pr:.3f}]"
+                     f"{'  undecided (within the noise floor)' if undecided else ''}")
+        by_cpu = "" if vo.shared_cpu or vp.shared_cpu else f" (peer ÷ ours: {cpu_ratio(vo, vp):.3f})"
+        lines.append(f"      CPU µs/req: ours {cpu(vo)}, peer {cpu(vp)}{by_cpu}")
+    for alg in algs:   # the answer check of a narrowed token (issue 23), beside the same build's cache hit
+        for narrowed, plain, build in (("ours-narrowed", "ours-json", "wasm"),
+                                       ("dm-narrowed", "dm-json", "dynamic module")):
+            n, c = f"{narrowed}-{alg}", f"{plain}-{alg}"
+            if measured(n) and measured(c):
+                vn, vc = V[n], V[c]
+                lines.append(f"      {alg}: {build}, narrowed token (its {len(NARROWED_BODY):,}-byte JSON Bundle checked) "
+                             f"/ the same answer to a token nothing narrows: req/s = {vn.median('rps') / vc.median('rps'):.3f}  "
+                             f"[paired per round: {paired(vn, vc):.3f}]; CPU µs/req {cpu(vn)} vs {cpu(vc)} "
+                             f"({vn.median('cpu_us_per_req') - vc.median('cpu_us_per_req'):+.1f}) (informational)")
+    lines.append(f"noise floor: req/s spread between rounds (max − min over median), median over the goals' "
+                 f"variants {floor:.1%}; spread of the goals' per-round ratios, median {ratio_floor:.1%} "
+                 f"(threshold {noise_limit:.0%})")
+    lines.append("verdict: " + ("NOISY RUN: RE-RUN (on a quiet machine) before acting on these goals" if noisy
+                                else "quiet enough: the goals above stand"))
+    lines += ["```", ""]
+    return lines, checks
+
+
 def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, str]]]:
     a = b.args
     V = {v.name: v for v in b.variants}
@@ -1396,6 +1531,9 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
             P(extra)
     P("```")
     P("")
+    goal_lines, goal_checks = goals_section(V, a.algs, a.noise_limit)
+    lines += goal_lines
+    checks += goal_checks
     if a.baseline is not None:
         P("## The module under test vs the baseline module")
         P("")
@@ -1621,6 +1759,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--module", type=Path, default=None,
                    help="the wasm module to measure (default: the one `make build` writes), e.g. an older "
                         "commit's, for a before/after of --memory-only")
+    p.add_argument("--noise-limit", type=float, default=NOISE_LIMIT,
+                   help=f"the noise floor (spread between rounds) above which the goals' verdict is \"noisy run: "
+                        f"re-run\" (default {NOISE_LIMIT})")
     p.add_argument("--no-write", action="store_true", help="print only, do not write the report file")
     p.add_argument("--strict", action="store_true", help="exit 3 if a target FAILs (default: report only)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
@@ -1686,6 +1827,8 @@ def main(argv: list[str]) -> int:
         b.measure()
         if args.only:
             print(only_table(b))
+            goal_lines, _ = goals_section({v.name: v for v in b.variants}, args.algs, args.noise_limit)
+            print("\n" + "\n".join(goal_lines))
             ok = True
             return 0
         b.measure_memory()

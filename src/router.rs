@@ -966,13 +966,12 @@ impl Router {
         let known = Known { config, tenants: tenants.map.as_deref(), keys, signatures };
         // A paging cursor is judged as the search it continues; a bad one (or a raw `_getpages`) is refused
         // once the token is known good.
-        let opened = match (&config.paging, cursor::classify(&request.method, &request.path)) {
-            (None, _) | (_, PagingRequest::None) => None,
-            (Some(paging), PagingRequest::Cursor(token)) => {
-                Some(cursor::open(paging, token, u64::try_from(now_s).unwrap_or_default()))
-            }
-            (Some(_), PagingRequest::Refused(e)) => Some(Err(e)),
-        };
+        // Without `paging` nothing is opened or refused here, so the request is not classified for it.
+        let opened = config.paging.as_ref().and_then(|paging| match cursor::classify(&request.method, &request.path) {
+            PagingRequest::None => None,
+            PagingRequest::Cursor(token) => Some(cursor::open(paging, token, u64::try_from(now_s).unwrap_or_default())),
+            PagingRequest::Refused(e) => Some(Err(e)),
+        });
         let continued = match &opened {
             Some(Ok(c)) => Some(HttpRequest {
                 method: Cow::Borrowed(c.method.as_str()),
@@ -1264,6 +1263,11 @@ fn refuse_cursor(
 /// `resource_types` narrow the types it may read.
 fn answer_check(tenant: &Tenant, identity: &Identity, request: &HttpRequest<'_>) -> Option<Box<AnswerCheck>> {
     use crate::fhir::Interaction;
+    // Most requests are not narrowed (`Readable::of` is `None` exactly when neither the token's scopes nor the
+    // tenant's allowlist name types): they skip classifying the request a second time (issue 26's profile).
+    if identity.scopes().readable_types().is_none() && tenant.policy().resource_types().is_none() {
+        return None;
+    }
     let classified = crate::fhir::classify(&request.method, &request.path);
     let own = classified
         .as_ref()

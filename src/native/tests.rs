@@ -923,3 +923,46 @@ fn a_discovery_document_naming_keys_elsewhere_sends_nothing_and_is_a_failed_fetc
     envoy.tick();
     assert_eq!(envoy.take_calls(), [get("/.well-known/openid-configuration")]);
 }
+
+// ---- issue 26: what a cache hit asks of Envoy, with the filter's defaults ----
+
+#[test]
+fn a_cache_hit_with_the_defaults_makes_these_calls_into_envoy_and_no_more() {
+    let envoy = configured(&plugin());
+    let auth = bearer(&testkeys::claims_now());
+    let mut per_request = Vec::new();
+    for _ in 0..3 {
+        let s = envoy.new_stream(0);
+        assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &auth), true), HEADERS_CONTINUE);
+        assert_eq!(envoy.response_headers(s, &[(":status", "200")], true), HEADERS_CONTINUE);
+        envoy.complete(s);
+        envoy.destroy(s);
+        per_request.push(envoy.take_calls());
+    }
+    // A cache hit (the third request: the first filled the cache) with the defaults (the audit line on): one
+    // header-map read, three header edits, the route-cache clear, the audit line and two counter increments
+    // (Envoy's unlabelled counters: an atomic add each; the per-tenant ones go through `counts` and the tick);
+    // nothing on the response or at the end. The floor (`floor.rs`) makes the same edits and nothing else.
+    let calls = &per_request[2];
+    assert_eq!(calls.len(), 8, "{}", dump(calls));
+    let edits: Vec<&str> = calls
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !c.starts_with("increment_counter") && !c.starts_with("log"))
+        .collect();
+    let tenant = format!("set_request_header x-fhir-tenant-id: {TENANT_A}");
+    assert_eq!(
+        edits,
+        [
+            "get_headers request",
+            "remove_request_header authorization",
+            tenant.as_str(),
+            "set_request_header x-fhir-tenant-router-cluster: tenant_a",
+            "clear_route_cache",
+        ],
+        "{}",
+        dump(calls)
+    );
+    assert_eq!(calls.iter().filter(|c| c.starts_with("increment_counter")).count(), 2, "{}", dump(calls));
+    assert!(calls.last().is_some_and(|c| c.starts_with("log Info {\"audit\"")), "{}", dump(calls));
+}

@@ -1799,3 +1799,43 @@ fn decision_metadata_sets_the_same_filter_state_names_as_the_dynamic_module_and_
         "{calls:#?}"
     );
 }
+
+// ---- issue 26: what a cache hit asks of the host, with the filter's defaults ----
+
+#[test]
+fn a_cache_hit_with_the_defaults_makes_these_host_calls_and_no_more() {
+    let mut p = plugin();
+    p.as_object_mut().unwrap().remove("audit_log"); // its default: on
+    let (host, root) = configured(&p);
+    let auth = bearer(&testkeys::claims_now());
+    let mut per_request = Vec::new();
+    for id in 1..=3 {
+        let (mut f, flow) = send(&host, &root, id, &get("/Patient?family=x", Some(&auth)), true);
+        assert_eq!(flow, Flow::Continue);
+        host.0.response_headers.borrow_mut().insert(":status".into(), "200".into());
+        assert_eq!(f.on_response_headers(true), Flow::Continue);
+        f.on_done();
+        per_request.push(host.take_calls());
+    }
+    // A cache hit (the third request: the first filled the cache) with the defaults (the audit line on): one
+    // header-map read, three header edits, the route-cache clear and the audit line; the clock (not recorded
+    // by the fake) once; no metric call (the counts are kept in the VM and handed over on the tick), nothing
+    // on the response or at the end. `bench/README.md` ("Host calls per request") compares it with the
+    // do-nothing filter's zero.
+    let calls = &per_request[2];
+    let (audit, edits) = calls.split_last().unwrap();
+    assert_eq!(
+        edits,
+        [
+            "get_request_headers",
+            "remove_request_header authorization",
+            &format!("set_request_header {TENANT}: {TENANT_A}"),
+            &format!("set_request_header {ROUTE}: tenant_a"),
+            "clear_route_cache",
+        ]
+    );
+    assert!(audit.starts_with("log Info {\"audit\""), "{audit}");
+    assert_eq!(host.metric("requests.allowed"), 0, "counted per request, not on the tick");
+    root.on_tick_for_test();
+    assert_eq!(host.metric("requests.allowed"), 3);
+}

@@ -17,8 +17,9 @@ Microsoft Entra ID
   https://github.com/coreos/go-oidc/issues/121       common discovery: "issuer": ".../{tenantid}/v2.0"
   https://learn.microsoft.com/en-us/graph/api/resources/approle     role value: <=120 chars, '/' allowed, no space
 Okta
-  https://developer.okta.com/docs/api/openapi/okta-oauth/guides/overview/#access-token-payload    ver, jti "AT.",
-      iss .../oauth2/{authServerId}, aud, cid, uid (users only), scp array
+  https://developer.okta.com/standards/OIDC/     the authorization servers' tokens: iss .../oauth2/{authServerId}
+      (.../oauth2/default), aud (api://default), scp array, cid, uid (users only), ver, jti "AT."
+  https://support.okta.com/help/s/article/list-of-reserved-claim-names    cid, uid: access token claims
   https://developer.okta.com/docs/guides/implement-client-creds/     client credentials: custom scopes, no user
   https://groups.google.com/g/rabbitmq-users/c/O3GdCKf8soM/m/ZsjMcizrAgAJ    a decoded Okta access token (no typ)
 Auth0
@@ -298,6 +299,10 @@ def test_entra_configured_from_the_common_discovery_document(entra):
 
 
 def test_entra_rolled_key_is_picked_up_through_discovery(entra):
+    """A token signed by a key the set does not list yet makes the filter read the discovery document and the key
+    set again (the spec: both are fetched at every refresh)."""
+    discovery = "/common/v2.0/.well-known/openid-configuration"
+    before = len(entra.server.seen(ENTRA, discovery))
     new = IdpKey("accounts.accesscontrol.windows.net")
     entra.idp.keys.append(new)
     entra.idp.publish()
@@ -305,6 +310,7 @@ def test_entra_rolled_key_is_picked_up_through_discovery(entra):
     wait_until(lambda: entra.send(token).status == 200, 60, "the rolled Entra key to be picked up",
                on_timeout=lambda: "\n" + entra.env.log_tail(40))
     entra.routed(token, "tenant-b", TID_B)
+    assert len(entra.server.seen(ENTRA, discovery)) > before, "the key set was refreshed without discovery"
     entra.routed(entra.idp.v2(TID_A), "tenant-a", TID_A)  # the old key still works while it is listed
 
 
@@ -493,13 +499,13 @@ def keycloak_discovery(iss: str, jwks_uri: str | None = None) -> dict:
 
 
 class Keycloak:
-    def __init__(self, server: IdpServer):
+    def __init__(self, server: IdpServer, publish: bool = True):
         self.server = server
         self.sig = {REALM_ACME: [IdpKey("acme", kid="nnniBrxL0qhG79pkF3ccQj_l0jDmxKrYYy2YLlEe1s")],
                     REALM_GLOBEX: [IdpKey("globex", kid="5JmZ3hT8xWq0pLr2sN7vY4kB9cF1dG6eH3iA0oU2tRw")]}
         self.enc = {REALM_ACME: IdpKey("acme", kid="Vw4mK9qP2xZ7rT1bN6yL3hJ8dF0sG5cA2eU9iO7nRk"),
                     REALM_GLOBEX: IdpKey("globex", kid="Tz1aB6cD3eF8gH4iJ9kL2mN7oP5qR0sU3vW8xY1zA4")}
-        for iss in self.sig:
+        for iss in self.sig if publish else ():
             server.put(f"{iss}/.well-known/openid-configuration", keycloak_discovery(iss))
             self.publish(iss)
 
@@ -583,9 +589,14 @@ def test_keycloak_wrong_audience_client_key_or_realm_or_an_id_token_is_refused(k
 
 
 def test_keycloak_new_realm_key_is_picked_up_through_discovery(keycloak):
+    """The realm's discovery document moves its jwks_uri to a new URL holding the new key (the old URL keeps the
+    old set): only a filter that reads discovery again at the refresh finds the new key."""
     new = IdpKey("globex", kid="rotated-" + new_id())
     keycloak.idp.sig[REALM_GLOBEX].insert(0, new)
-    keycloak.idp.publish(REALM_GLOBEX)
+    moved = f"{REALM_GLOBEX}/protocol/openid-connect/certs?rotated=1"
+    keycloak.server.put(moved, {"keys": [keycloak_jwk(k) for k in keycloak.idp.sig[REALM_GLOBEX]]
+                                + [keycloak_jwk(keycloak.idp.enc[REALM_GLOBEX], "enc")]})
+    keycloak.server.put(f"{REALM_GLOBEX}/.well-known/openid-configuration", keycloak_discovery(REALM_GLOBEX, moved))
     token = keycloak.idp.token(REALM_GLOBEX, key=new)
     wait_until(lambda: keycloak.send(token).status == 200, 60, "the new Keycloak key to be picked up",
                on_timeout=lambda: "\n" + keycloak.env.log_tail(40))
@@ -595,7 +606,7 @@ def test_keycloak_new_realm_key_is_picked_up_through_discovery(keycloak):
 @pytest.fixture(scope="module")
 def keycloak_elsewhere(start_envoy, upstreams, server):
     """Realm acme's discovery document names a jwks_uri on another host (which would answer with the right keys)."""
-    kc = Keycloak(server)
+    kc = Keycloak(server, publish=False)  # its keys only: the realms acme and globex stay as published
     iss = f"{KEYCLOAK}/realms/acme-elsewhere"
     elsewhere = f"https://{EVIL_HOST}/realms/acme-elsewhere/protocol/openid-connect/certs"
     server.put(f"{iss}/.well-known/openid-configuration", keycloak_discovery(iss, elsewhere))
@@ -617,7 +628,8 @@ def keycloak_elsewhere(start_envoy, upstreams, server):
 
 def test_keycloak_discovery_naming_a_key_set_on_another_host_installs_no_key_set(keycloak_elsewhere):
     site = keycloak_elsewhere
-    token = site.idp.token(site.iss, key=site.idp.sig[REALM_ACME][0])
+    token = site.idp.token(site.iss, key=site.idp.sig[REALM_ACME][0], azp="fhir-backend",
+                           aud=["fhir-router", "account"])
     site.refused(token, 503)
     assert site.server.seen(EVIL_HOST) == [], "the filter fetched the key set from another host"
     lines = [line for line in site.env.log().splitlines() if "jwks_uri" in line]

@@ -23,8 +23,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use siphasher::sip128::{Hasher128, SipHasher13};
 
+use crate::config::ClaimNames;
 use crate::identity::Identity;
-use crate::scopes::{Scopes, SCOPE_CLAIM};
+use crate::scopes::Scopes;
 use crate::verify::Claims;
 
 /// A keyed 128-bit hash of the compact token: where its entry is looked for.
@@ -76,19 +77,17 @@ pub struct Verified {
 }
 
 impl Verified {
-    /// Keeps what the per-request rules need from freshly verified claims.
-    pub fn from_claims(claims: &Claims, tenant_claim: &str, provider: usize) -> Self {
-        // RFC 9068 §2.2: `client_id` is a string. A token with one of another kind (a list, a number) names
-        // no client: `azp` does not stand in for it, so a tenant bound to clients refuses it.
-        let client_id = match claims.payload.get("client_id") {
-            Some(serde_json::Value::String(_)) | None => {
-                claims.str("client_id").or_else(|| claims.str("azp")).or_else(|| claims.str("appid"))
-            }
-            Some(_) => None,
-        };
-        let scopes = Scopes::from_claim(claims.payload.get(SCOPE_CLAIM));
-        let identity = Identity::new(claims.payload.get(tenant_claim), client_id, claims.str("sub"), claims.str("jti"))
-            .with_scopes(scopes);
+    /// Keeps what the per-request rules need from freshly verified claims, read as the provider's claim
+    /// mapping says. A provider with a fixed tenant keeps no tenant claim (the token never names one).
+    pub fn from_claims(claims: &Claims, names: &ClaimNames, fixed_tenant: bool, provider: usize) -> Self {
+        // The first client claim the token carries names the client. RFC 9068 §2.2: `client_id` is a
+        // string; a claim of another kind (a list, a number) names no client, and the next claim does not
+        // stand in for it, so a tenant bound to clients refuses it.
+        let client_id =
+            names.client.iter().find_map(|name| claims.payload.get(name.as_str())).and_then(serde_json::Value::as_str);
+        let scopes = Scopes::from_claim_mapped(claims.payload.get(names.scopes.as_str()), &names.scope_map);
+        let tenant_claim = if fixed_tenant { None } else { claims.payload.get(names.tenant.as_str()) };
+        let identity = Identity::new(tenant_claim, client_id, claims.str("sub"), claims.str("jti")).with_scopes(scopes);
         Self { exp: claims.exp, key: claims.key, provider, identity }
     }
 }

@@ -99,6 +99,40 @@ pub struct RawProvider {
     pub jwks_min_refetch_s: Option<u64>,
     #[serde(default)]
     pub jwks_max_waiting: Option<usize>,
+    /// Every token of this provider names this one tenant (an issuer per tenant).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Which claims name the tenant, the SMART scopes and the client.
+    #[serde(default)]
+    pub claims: Option<RawClaims>,
+    /// The claim compared with `audiences` (`aud` unless configured).
+    #[serde(default)]
+    pub audience_claim: Option<String>,
+    /// The JOSE header `typ` a token must carry (`at+jwt`); absent: not checked.
+    #[serde(default)]
+    pub token_typ: Option<String>,
+    /// Claims that must equal a string (or be an array containing it).
+    #[serde(default)]
+    pub required_claims: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Where the OpenID Provider Configuration is fetched (through `jwks_cluster`) to find `jwks_uri`.
+    #[serde(default)]
+    pub discovery_uri: Option<String>,
+}
+
+/// A provider's claim mapping, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClaims {
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub tenant_prefixes: Option<Vec<String>>,
+    #[serde(default)]
+    pub scopes: Option<String>,
+    #[serde(default)]
+    pub scope_map: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub client: Option<Vec<String>>,
 }
 
 /// One tenant, as written.
@@ -200,12 +234,140 @@ pub enum SignatureVerifier {
 /// The issuer's rules for a token, ready to apply.
 #[derive(Clone, Debug)]
 pub struct Provider {
+    /// The issuer as configured (a template included): what a tenant's `issuers` binding names.
     pub issuer: String,
     pub audiences: Vec<String>,
     /// Leeway for `exp`, `nbf` and `iat`, in seconds.
     pub clock_skew_s: i64,
     /// Tokens longer than this are refused unparsed.
     pub max_token_bytes: usize,
+    /// The issuer is a template (`https://login.microsoftonline.com/{tid}/v2.0`): `iss` must be it filled
+    /// with the token's own claim value, which then names the tenant.
+    pub template: Option<IssuerTemplate>,
+    /// Which claims name the tenant, the SMART scopes and the client.
+    pub claims: ClaimNames,
+    /// Every token of this provider names this tenant (lowercased id); the token's claims never do.
+    pub tenant: Option<String>,
+    /// The claim compared with `audiences`.
+    pub audience_claim: String,
+    /// The JOSE `typ` a token must carry, normalised (lowercase, without `application/`); `None`: any.
+    pub token_typ: Option<String>,
+    /// Claims that must equal the string, or be an array containing it.
+    pub required_claims: Vec<(String, String)>,
+}
+
+impl Provider {
+    /// A provider with the default claim mapping and no further checks (tests, fuzzing).
+    pub fn new(issuer: &str, audiences: Vec<String>, clock_skew_s: i64, max_token_bytes: usize) -> Self {
+        Self {
+            issuer: issuer.into(),
+            audiences,
+            clock_skew_s,
+            max_token_bytes,
+            template: None,
+            claims: ClaimNames::default(),
+            tenant: None,
+            audience_claim: "aud".into(),
+            token_typ: None,
+            required_claims: Vec::new(),
+        }
+    }
+}
+
+/// An issuer with one placeholder: `prefix{claim}suffix`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuerTemplate {
+    pub prefix: String,
+    pub claim: String,
+    pub suffix: String,
+}
+
+/// Longest value a template's placeholder takes.
+pub const MAX_TEMPLATE_VALUE: usize = 128;
+
+impl IssuerTemplate {
+    /// Parses `issuer`: `None` when it has no `{`/`}`; `Err` when it is not a usable template.
+    fn parse(issuer: &str) -> Result<Option<Self>, &'static str> {
+        if !issuer.contains(['{', '}']) {
+            return Ok(None);
+        }
+        let bad = "must hold exactly one placeholder {claim} in the path of an http(s) URL";
+        let (prefix, rest) = issuer.split_once('{').ok_or(bad)?;
+        let (claim, suffix) = rest.split_once('}').ok_or(bad)?;
+        if prefix.contains('}') || suffix.contains(['{', '}']) || claim.is_empty() {
+            return Err(bad);
+        }
+        if !claim.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+            return Err("the placeholder must name a claim (letters, digits, '_', '-', '.')");
+        }
+        // The placeholder lies in the path: the scheme and authority are fixed, whatever the token says.
+        split_http_url(&format!("{prefix}x{suffix}")).ok_or(bad)?;
+        let after_scheme = prefix.strip_prefix("https://").or_else(|| prefix.strip_prefix("http://")).ok_or(bad)?;
+        if !after_scheme.contains('/') || prefix.contains('?') {
+            return Err(bad);
+        }
+        Ok(Some(Self { prefix: prefix.into(), claim: claim.into(), suffix: suffix.into() }))
+    }
+
+    /// [`IssuerTemplate::parse`] of a template known to be good (tests).
+    #[cfg(test)]
+    pub fn parse_for_tests(issuer: &str) -> Option<Self> {
+        Self::parse(issuer).ok().flatten()
+    }
+
+    /// The placeholder's value if `iss` has this template's shape (structure only: [`IssuerTemplate::value_of`]
+    /// must then equal the token's own claim).
+    pub fn value_in<'a>(&self, iss: &'a str) -> Option<&'a str> {
+        let value = iss.strip_prefix(self.prefix.as_str())?.strip_suffix(self.suffix.as_str())?;
+        is_template_value(value).then_some(value)
+    }
+
+    /// Whether `iss` is this template filled with `value` (a valid placeholder value).
+    pub fn matches(&self, iss: &str, value: &str) -> bool {
+        is_template_value(value)
+            && iss.len() == self.prefix.len() + value.len() + self.suffix.len()
+            && self.value_in(iss) == Some(value)
+    }
+}
+
+/// A placeholder value: 1 to 128 characters of `A-Za-z0-9._-`, not a dot segment (`.`, `..`).
+pub fn is_template_value(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_TEMPLATE_VALUE
+        && v != "."
+        && v != ".."
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Which claims of a provider's tokens name the tenant, the SMART scopes and the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimNames {
+    /// The claim naming the tenant (string, space-delimited, or array).
+    pub tenant: String,
+    /// Prefixes a tenant value may carry.
+    pub tenant_prefixes: Vec<String>,
+    /// The claim holding SMART scopes.
+    pub scopes: String,
+    /// IdP scope prefix → SMART prefix (the longest key a value begins with applies).
+    pub scope_map: Vec<(String, String)>,
+    /// Claims tried in order for the client id.
+    pub client: Vec<String>,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        Self {
+            tenant: "scope".into(),
+            tenant_prefixes: default_prefixes(),
+            scopes: crate::scopes::SCOPE_CLAIM.into(),
+            scope_map: Vec::new(),
+            client: ["client_id", "azp", "appid"].map(String::from).to_vec(),
+        }
+    }
+}
+
+fn default_prefixes() -> Vec<String> {
+    vec![String::new(), "tenant/".into()]
 }
 
 /// Where the signing keys come from.
@@ -494,10 +656,148 @@ fn compile_discovery(d: RawDiscovery) -> Result<Discovery, ConfigError> {
     })
 }
 
-fn compile_provider(field: &str, p: RawProvider) -> Result<ProviderConfig, ConfigError> {
+/// A claim name as configured: not empty, visible ASCII.
+fn claim_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || !is_header_value(name) {
+        return Err(ConfigError::new(field, "must be a claim name (visible ASCII, not empty)"));
+    }
+    Ok(())
+}
+
+/// Checks tenant prefixes as written.
+fn tenant_prefixes(field: &str, prefixes: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    if prefixes.is_empty() {
+        return Err(ConfigError::new(field, "must list at least one prefix (\"\" for bare ids)"));
+    }
+    if prefixes.iter().any(|p| p.contains(' ')) {
+        return Err(ConfigError::new(field, "a prefix must not contain spaces"));
+    }
+    Ok(prefixes)
+}
+
+/// A provider's claim mapping: each field given, or the configuration-wide default.
+fn compile_claims(field: &str, raw: Option<RawClaims>, defaults: &ClaimNames) -> Result<ClaimNames, ConfigError> {
+    let f = |name: &str| format!("{field}.claims.{name}");
+    let raw = raw.unwrap_or_default();
+    let mut out = defaults.clone();
+    if let Some(t) = raw.tenant {
+        claim_name(&f("tenant"), &t)?;
+        out.tenant = t;
+    }
+    if let Some(p) = raw.tenant_prefixes {
+        out.tenant_prefixes = tenant_prefixes(&f("tenant_prefixes"), p)?;
+    }
+    if let Some(s) = raw.scopes {
+        claim_name(&f("scopes"), &s)?;
+        out.scopes = s;
+    }
+    if let Some(map) = raw.scope_map {
+        // Visible ASCII (so no spaces): a key or value with a space could never match a scope value.
+        let ok = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
+        for (k, v) in map {
+            match v {
+                serde_json::Value::String(v) if !k.is_empty() && ok(&k) && ok(&v) => out.scope_map.push((k, v)),
+                _ => {
+                    return Err(ConfigError::new(
+                        f("scope_map"),
+                        "maps IdP prefixes to SMART prefixes: keys non-empty, keys and values strings of visible \
+                         ASCII without spaces",
+                    ))
+                }
+            }
+        }
+    }
+    if let Some(c) = raw.client {
+        if c.is_empty() {
+            return Err(ConfigError::new(f("client"), "must list at least one claim name"));
+        }
+        for name in &c {
+            claim_name(&f("client"), name)?;
+        }
+        out.client = c;
+    }
+    Ok(out)
+}
+
+/// `token_typ`, normalised as compared (RFC 7515 §4.1.9): lowercase, without `application/`.
+pub fn normalise_typ(typ: &str) -> String {
+    let lower = typ.to_ascii_lowercase();
+    match lower.strip_prefix("application/") {
+        Some(rest) if !rest.contains('/') => rest.to_string(),
+        _ => lower,
+    }
+}
+
+fn compile_provider(field: &str, p: RawProvider, defaults: &ClaimNames) -> Result<ProviderConfig, ConfigError> {
     let f = |name: &str| format!("{field}.{name}");
     if p.issuer.is_empty() {
         return Err(ConfigError::new(f("issuer"), "must not be empty"));
+    }
+    let template = IssuerTemplate::parse(&p.issuer).map_err(|why| ConfigError::new(f("issuer"), why))?;
+    let claims_given = p.claims.as_ref().map(|c| (c.tenant.is_some(), c.tenant_prefixes.is_some()));
+    let mut claims = compile_claims(field, p.claims, defaults)?;
+    if let Some(t) = &template {
+        match claims_given {
+            Some((true, _)) => {
+                return Err(ConfigError::new(
+                    f("claims.tenant"),
+                    "is set by the issuer template's placeholder: leave it out",
+                ))
+            }
+            Some((_, true)) => {
+                return Err(ConfigError::new(
+                    f("claims.tenant_prefixes"),
+                    "does not apply to an issuer template (the tenant is the placeholder's value)",
+                ))
+            }
+            _ => {}
+        }
+        claims.tenant = t.claim.clone();
+        claims.tenant_prefixes = vec![String::new()];
+    }
+    let tenant = match p.tenant {
+        None => None,
+        Some(id) => {
+            if template.is_some() {
+                return Err(ConfigError::new(f("tenant"), "cannot be combined with an issuer template"));
+            }
+            if claims_given.is_some_and(|(t, p)| t || p) {
+                return Err(ConfigError::new(
+                    f("tenant"),
+                    "names the tenant of every token: leave out claims.tenant and claims.tenant_prefixes",
+                ));
+            }
+            if !crate::tenant::is_tenant_id(&id) {
+                return Err(ConfigError::new(
+                    f("tenant"),
+                    "a tenant id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+                ));
+            }
+            Some(id.to_ascii_lowercase())
+        }
+    };
+    let audience_claim = p.audience_claim.unwrap_or_else(|| "aud".into());
+    claim_name(&f("audience_claim"), &audience_claim)?;
+    let token_typ = match p.token_typ {
+        None => None,
+        Some(t) => {
+            let n = normalise_typ(&t);
+            if n.is_empty() || !is_header_value(&n) {
+                return Err(ConfigError::new(f("token_typ"), "must be a media type such as at+jwt"));
+            }
+            Some(n)
+        }
+    };
+    let mut required_claims = Vec::new();
+    for (name, value) in p.required_claims.unwrap_or_default() {
+        claim_name(&f("required_claims"), &name)?;
+        let serde_json::Value::String(value) = value else {
+            return Err(ConfigError::new(f(&format!("required_claims.{name}")), "must be a string"));
+        };
+        required_claims.push((name, value));
+    }
+    if p.discovery_uri.is_some() {
+        return Err(ConfigError::new(f("discovery_uri"), "is not supported yet: give jwks_uri"));
     }
     if p.audiences.is_empty() || p.audiences.iter().any(String::is_empty) {
         return Err(ConfigError::new(f("audiences"), "must list at least one non-empty audience"));
@@ -569,6 +869,12 @@ fn compile_provider(field: &str, p: RawProvider) -> Result<ProviderConfig, Confi
             audiences: p.audiences,
             clock_skew_s: clock_skew_s as i64,
             max_token_bytes,
+            template,
+            claims,
+            tenant,
+            audience_claim,
+            token_typ,
+            required_claims,
         },
         jwks,
     })
@@ -728,9 +1034,14 @@ impl Config {
         self.registry.is_some() || self.providers.iter().any(|p| matches!(p.jwks, JwksSource::Remote(_)))
     }
 
-    /// The provider of a token issued by `issuer`, by index.
+    /// The provider of a token issued by `issuer`, by index: the one with exactly this issuer, else the
+    /// first whose issuer template `issuer` fits (the token's own claim must then fill it: [`crate::verify`]).
     pub fn provider_index(&self, issuer: &str) -> Option<usize> {
-        self.providers.iter().position(|p| p.provider.issuer == issuer)
+        self.providers.iter().position(|p| p.provider.template.is_none() && p.provider.issuer == issuer).or_else(|| {
+            self.providers
+                .iter()
+                .position(|p| p.provider.template.as_ref().is_some_and(|t| t.value_in(issuer).is_some()))
+        })
     }
 }
 
@@ -738,12 +1049,19 @@ impl RawConfig {
     /// Validates and compiles; `env` gives the VM's environment variables.
     pub fn compile(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let single_provider = self.provider.is_some();
+        let claim = self.tenant_claim.unwrap_or_else(|| "scope".into());
+        if claim.is_empty() {
+            return Err(ConfigError::new("tenant_claim", "must not be empty"));
+        }
+        let prefixes =
+            tenant_prefixes("tenant_scope_prefixes", self.tenant_scope_prefixes.unwrap_or_else(default_prefixes))?;
+        let defaults = ClaimNames { tenant: claim.clone(), tenant_prefixes: prefixes.clone(), ..ClaimNames::default() };
         let providers = match (self.provider, self.providers) {
-            (Some(p), None) => vec![compile_provider("provider", p)?],
+            (Some(p), None) => vec![compile_provider("provider", p, &defaults)?],
             (None, Some(list)) if !list.is_empty() => list
                 .into_iter()
                 .enumerate()
-                .map(|(i, p)| compile_provider(&format!("providers[{i}]"), p))
+                .map(|(i, p)| compile_provider(&format!("providers[{i}]"), p, &defaults))
                 .collect::<Result<Vec<_>, _>>()?,
             (None, Some(_)) => return Err(ConfigError::new("providers", "must list at least one provider")),
             (None, None) => return Err(ConfigError::new("provider", "missing field `provider` (or `providers`)")),
@@ -758,17 +1076,6 @@ impl RawConfig {
             |i: usize| if single_provider { "provider".to_string() } else { format!("providers[{i}]") };
         refuse_keys_beyond_pure_rust(&providers, &provider_field, self.signature_verifier, PURE_RUST_CHECKS_P384)?;
 
-        let claim = self.tenant_claim.unwrap_or_else(|| "scope".into());
-        if claim.is_empty() {
-            return Err(ConfigError::new("tenant_claim", "must not be empty"));
-        }
-        let prefixes = self.tenant_scope_prefixes.unwrap_or_else(|| vec![String::new(), "tenant/".into()]);
-        if prefixes.is_empty() {
-            return Err(ConfigError::new("tenant_scope_prefixes", "must list at least one prefix (\"\" for bare ids)"));
-        }
-        if prefixes.iter().any(|p| p.contains(' ')) {
-            return Err(ConfigError::new("tenant_scope_prefixes", "a prefix must not contain spaces"));
-        }
         let registry = self.tenant_registry.map(compile_registry).transpose()?;
         if self.tenants.is_empty() && registry.is_none() {
             return Err(ConfigError::new("tenants", "must name at least one tenant (or configure tenant_registry)"));
@@ -789,6 +1096,17 @@ impl RawConfig {
             };
             compile_tenants("tenants", self.tenants, &ctx, TenantMap::new(prefixes))?
         };
+        // A fixed tenant must be one of the configuration's (a registry's tenants arrive later).
+        if registry.is_none() {
+            for (i, p) in providers.iter().enumerate() {
+                if p.provider.tenant.as_deref().is_some_and(|t| tenants.get(t).is_none()) {
+                    return Err(ConfigError::new(
+                        format!("{}.tenant", provider_field(i)),
+                        "names no configured tenant",
+                    ));
+                }
+            }
+        }
 
         if self.metadata_cluster.is_empty() || !is_header_value(&self.metadata_cluster) {
             return Err(ConfigError::new("metadata_cluster", "must be an Envoy cluster name"));
@@ -1611,6 +1929,159 @@ pub(crate) mod tests {
         assert_eq!(split_http_url("http://u@h/"), None);
         assert_eq!(split_http_url("http://h/a b"), None);
         assert_eq!(split_http_url("http://h/#f"), None);
+    }
+
+    // --- Per-provider claim mapping and checks (issue 25).
+
+    const TA: &str = "6f1c2d0e-8a3b-4c5d-9e7f-0a1b2c3d4e5f";
+
+    fn with_provider(fields: Value) -> Value {
+        let mut v = example();
+        for (k, f) in fields.as_object().unwrap() {
+            v["provider"][k] = f.clone();
+        }
+        v
+    }
+
+    #[test]
+    fn provider_claim_fields_compile_with_top_level_defaults() {
+        let c = compile(&example()).unwrap();
+        let p = &c.providers[0].provider;
+        assert_eq!(p.claims, ClaimNames::default());
+        assert_eq!((p.audience_claim.as_str(), &p.token_typ, p.required_claims.len()), ("aud", &None, 0));
+        assert!(p.template.is_none() && p.tenant.is_none());
+        // The top-level tenant_claim and tenant_scope_prefixes are every provider's defaults.
+        let mut v = example();
+        v["tenant_claim"] = json!("tid");
+        v["tenant_scope_prefixes"] = json!(["Tenant."]);
+        let p = compile(&v).unwrap().providers[0].provider.clone();
+        assert_eq!((p.claims.tenant.as_str(), p.claims.tenant_prefixes.clone()), ("tid", vec!["Tenant.".to_string()]));
+        // A provider's own fields win.
+        let v = with_provider(json!({
+            "claims": {"tenant": "org_id", "tenant_prefixes": ["org:"], "scopes": "scp",
+                       "scope_map": {"https://fhir.example.com/": "", "https://fhir.example.com/system.": "system/"},
+                       "client": ["cid"]},
+            "audience_claim": "client_id", "token_typ": "Application/AT+JWT",
+            "required_claims": {"token_use": "access"}
+        }));
+        let p = compile(&v).unwrap().providers[0].provider.clone();
+        assert_eq!(p.claims.tenant, "org_id");
+        assert_eq!(p.claims.tenant_prefixes, ["org:"]);
+        assert_eq!(p.claims.scopes, "scp");
+        assert_eq!(p.claims.scope_map.len(), 2);
+        assert_eq!(p.claims.client, ["cid"]);
+        assert_eq!(p.audience_claim, "client_id");
+        assert_eq!(p.token_typ.as_deref(), Some("at+jwt"));
+        assert_eq!(p.required_claims, [("token_use".to_string(), "access".to_string())]);
+    }
+
+    #[test]
+    fn bad_provider_claim_fields_are_refused_naming_the_field() {
+        for (fields, field) in [
+            (json!({"claims": {"tenant": ""}}), "provider.claims.tenant"),
+            (json!({"claims": {"tenant_prefixes": []}}), "provider.claims.tenant_prefixes"),
+            (json!({"claims": {"tenant_prefixes": ["a b"]}}), "provider.claims.tenant_prefixes"),
+            (json!({"claims": {"scopes": ""}}), "provider.claims.scopes"),
+            (json!({"claims": {"scopes": 5}}), "provider.claims.scopes"),
+            (json!({"claims": {"scope_map": {"": "system/"}}}), "provider.claims.scope_map"),
+            (json!({"claims": {"scope_map": {"a b": "system/"}}}), "provider.claims.scope_map"),
+            (json!({"claims": {"scope_map": {"x.": "system/ x"}}}), "provider.claims.scope_map"),
+            (json!({"claims": {"client": []}}), "provider.claims.client"),
+            (json!({"claims": {"client": ["cid", ""]}}), "provider.claims.client"),
+            (json!({"claims": {"tenants": "x"}}), "provider.claims.tenants"),
+            (json!({"audience_claim": ""}), "provider.audience_claim"),
+            (json!({"token_typ": ""}), "provider.token_typ"),
+            (json!({"token_typ": "application/"}), "provider.token_typ"),
+            (json!({"required_claims": {"": "x"}}), "provider.required_claims"),
+            (json!({"required_claims": {"token_use": 1}}), "provider.required_claims.token_use"),
+            (json!({"tenant": "a/b"}), "provider.tenant"),
+            (json!({"tenant": "not-configured"}), "provider.tenant"),
+            (json!({"tenant": TA, "claims": {"tenant": "tid"}}), "provider.tenant"),
+            (json!({"tenant": TA, "claims": {"tenant_prefixes": [""]}}), "provider.tenant"),
+            (json!({"issuer": "https://login.microsoftonline.com/{tid}/v2.0", "tenant": TA}), "provider.tenant"),
+            (
+                json!({"issuer": "https://login.microsoftonline.com/{tid}/v2.0", "claims": {"tenant": "tid"}}),
+                "provider.claims.tenant",
+            ),
+            (
+                json!({"issuer": "https://login.microsoftonline.com/{tid}/v2.0", "claims": {"tenant_prefixes": [""]}}),
+                "provider.claims.tenant_prefixes",
+            ),
+        ] {
+            assert_eq!(field_of(&with_provider(fields.clone())), field, "{fields}");
+        }
+    }
+
+    #[test]
+    fn issuer_templates_hold_one_placeholder_in_the_path() {
+        for good in [
+            "https://login.microsoftonline.com/{tid}/v2.0",
+            "https://sts.windows.net/{tid}/",
+            "http://127.0.0.1:9000/realms/{realm}",
+        ] {
+            let c = compile(&with_provider(json!({"issuer": good}))).unwrap();
+            assert!(c.providers[0].provider.template.is_some(), "{good}");
+        }
+        for bad in [
+            "https://{tid}.example.com/",
+            "https://login.microsoftonline.com{tid}/v2.0",
+            "https://login.microsoftonline.com/{tid}/{ver}",
+            "https://login.microsoftonline.com/{}/v2.0",
+            "https://login.microsoftonline.com/{tid/v2.0",
+            "https://login.microsoftonline.com/tid}/v2.0",
+            "https://login.microsoftonline.com/{t d}/v2.0",
+            "https://login.microsoftonline.com/v2.0?t={tid}",
+            "urn:{tid}",
+            "{tid}",
+        ] {
+            assert_eq!(field_of(&with_provider(json!({"issuer": bad}))), "provider.issuer", "{bad}");
+        }
+    }
+
+    #[test]
+    fn exact_issuers_are_chosen_before_templates_and_tenants_bind_to_the_template_as_written() {
+        let mut v = example();
+        let mut exact = v["provider"].take();
+        exact["issuer"] = json!("https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0");
+        let mut v2 = exact.clone();
+        v2["issuer"] = json!("https://login.microsoftonline.com/{tid}/v2.0");
+        let mut v1 = exact.clone();
+        v1["issuer"] = json!("https://sts.windows.net/{tid}/");
+        v["providers"] = json!([v2, v1, exact]);
+        v["tenants"][TA]["issuers"] = json!(["https://login.microsoftonline.com/{tid}/v2.0"]);
+        let c = compile(&v).unwrap();
+        let dir = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+        assert_eq!(c.provider_index(&format!("https://login.microsoftonline.com/{dir}/v2.0")), Some(2));
+        assert_eq!(
+            c.provider_index("https://login.microsoftonline.com/f8cdef31-a31e-4b4a-93e4-5f571e91255a/v2.0"),
+            Some(0)
+        );
+        assert_eq!(c.provider_index("https://sts.windows.net/f8cdef31-a31e-4b4a-93e4-5f571e91255a/"), Some(1));
+        for none in [
+            "https://login.microsoftonline.com/{tid}/v2.0",
+            "https://login.microsoftonline.com//v2.0",
+            "https://login.microsoftonline.com/a/b/v2.0",
+            "https://sts.windows.net/x",
+            "https://login.microsoftonline.com/../v2.0",
+        ] {
+            assert_eq!(c.provider_index(none), None, "{none}");
+        }
+        let t = c.tenants.get(TA).unwrap();
+        assert!(t.allows_issuer("https://login.microsoftonline.com/{tid}/v2.0"));
+        assert!(!t.allows_issuer(&format!("https://login.microsoftonline.com/{dir}/v2.0")));
+        v["tenants"][TA]["issuers"] = json!(["https://login.microsoftonline.com/{tenantid}/v2.0"]);
+        assert_eq!(field_of(&v), format!("tenants.{TA}.issuers"));
+    }
+
+    #[test]
+    fn a_fixed_tenant_may_name_a_registry_tenant_not_yet_fetched() {
+        let mut v = with_provider(json!({"tenant": "Okta-Tenant-1"}));
+        assert_eq!(field_of(&v), "provider.tenant");
+        v["tenant_registry"] = json!({"uri": "http://127.0.0.1:9200/tenants", "cluster": "registry"});
+        let c = compile(&v).unwrap();
+        assert_eq!(c.providers[0].provider.tenant.as_deref(), Some("okta-tenant-1"));
+        let c = compile(&with_provider(json!({"tenant": TA.to_uppercase()}))).unwrap();
+        assert_eq!(c.providers[0].provider.tenant.as_deref(), Some(TA));
     }
 
     proptest::proptest! {

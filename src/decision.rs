@@ -6,7 +6,7 @@ use crate::cache::{TokenCache, Verified};
 use crate::config::Config;
 use crate::crypto::SignatureCheck;
 use crate::fhir::{Body, Judge, Refusal};
-use crate::identity::{Claim, Identity};
+use crate::identity::Identity;
 use crate::jwks::KeySet;
 use crate::public::{public_document, PublicDocument};
 use crate::rejection::Rejection;
@@ -110,17 +110,23 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
         Credentials::Malformed => return Decision::Reject(Rejection::MalformedCredentials),
         Credentials::Bearer(token) => token,
     };
-    let claim = config.tenant_claim.as_str();
     let key = (!cache.is_disabled()).then(|| cache.key(token));
-    // A hit is used in place (no copy of its claims); a miss is verified, then cached.
-    let resolve = |claim: Claim<'_>| -> Result<&'c Tenant, Rejection> {
-        tenants.ok_or(Rejection::TenantsUnavailable)?.resolve(claim).map_err(|e| match e {
+    // A hit is used in place (no copy of its claims); a miss is verified, then cached. The tenant is read as
+    // the provider that verified the token says: its fixed tenant, else its tenant claim and prefixes.
+    let resolve = |provider: usize, identity: &Identity| -> Result<&'c Tenant, Rejection> {
+        let map = tenants.ok_or(Rejection::TenantsUnavailable)?;
+        let p = &config.providers.get(provider).ok_or(Rejection::IssuerMismatch)?.provider;
+        let found = match &p.tenant {
+            Some(id) => map.fixed(id),
+            None => map.resolve_with(identity.tenant_claim(), &p.claims.tenant_prefixes),
+        };
+        found.map_err(|e| match e {
             TenantError::None => Rejection::NoTenant,
             TenantError::Several => Rejection::SeveralTenants,
         })
     };
     let (resolved, provider, identity, from_cache) = match key.as_ref().and_then(|k| cache.get(k, now)) {
-        Some(hit) => (resolve(hit.identity.tenant_claim()), hit.provider, hit.identity.clone(), true),
+        Some(hit) => (resolve(hit.provider, &hit.identity), hit.provider, hit.identity.clone(), true),
         None => {
             let provider = if config.providers.len() == 1 {
                 0
@@ -135,8 +141,9 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
             };
             match verify(token, keys.key_set(provider), &p.provider, now, signatures) {
                 Ok(claims) => {
-                    let verified = Verified::from_claims(&claims, claim, provider);
-                    let out = (resolve(verified.identity.tenant_claim()), provider, verified.identity.clone(), false);
+                    let verified =
+                        Verified::from_claims(&claims, &p.provider.claims, p.provider.tenant.is_some(), provider);
+                    let out = (resolve(provider, &verified.identity), provider, verified.identity.clone(), false);
                     if let Some(k) = key {
                         cache.insert(k, verified, now);
                     }
@@ -306,7 +313,7 @@ mod tests {
     #[test]
     fn the_tenant_claim_name_is_configurable() {
         let mut c = config();
-        c.tenant_claim = "tid".into();
+        c.providers[0].provider.claims.tenant = "tid".into();
         c.tenants = {
             let mut m = crate::tenant::TenantMap::new(vec![String::new()]);
             m.insert(TENANT_B, "tenant_b".into()).unwrap();
@@ -948,5 +955,289 @@ mod reach_tests {
         }
         claims.as_object_mut().unwrap().remove("client_id");
         assert_eq!(run(&claims, get("/Patient/1")), Ok(false), "a missing client_id: azp stands in");
+    }
+}
+
+/// Providers of real IdPs (issue 25): the claim mapping, issuer templates and fixed tenants, through the whole
+/// decision (the cache included). Token shapes follow each IdP's documentation: Entra ID access tokens
+/// (learn.microsoft.com/entra/identity-platform/access-token-claims-reference: v1 `iss`
+/// `https://sts.windows.net/{tid}/` with `appid`, v2 `https://login.microsoftonline.com/{tid}/v2.0` with `azp`,
+/// `tid`, app `roles`, `ver`); Okta (developer.okta.com/docs/guides/validate-access-tokens: `scp` array, `cid`);
+/// Amazon Cognito (docs.aws.amazon.com/cognito/latest/developerguide/amazon-cognito-user-pools-using-the-access-token.html:
+/// no `aud`, `client_id`, `token_use`, resource-server scopes `<identifier>/<name>`).
+#[cfg(test)]
+mod idp_tests {
+    use super::*;
+    use crate::crypto::PureRust;
+    use crate::testkeys::{self, NOW, TENANT_A, TENANT_B};
+    use serde_json::{json, Value};
+
+    /// The same key set for every provider (one IdP key set, as Entra's common keys).
+    struct AllKeys(KeySet);
+    impl KeyLookup for AllKeys {
+        fn key_set(&self, _provider: usize) -> Option<&KeySet> {
+            Some(&self.0)
+        }
+    }
+
+    fn jwks() -> Value {
+        serde_json::from_str(&testkeys::public_jwks()).unwrap()
+    }
+
+    const DIR_A: &str = TENANT_A;
+    const DIR_B: &str = TENANT_B;
+    const APP: &str = "00000000-0000-0000-0000-0000000000aa";
+
+    /// The Entra multi-tenant configuration of the issue (inline keys instead of discovery).
+    fn entra() -> Config {
+        let v = json!({
+            "providers": [
+                {"issuer": "https://login.microsoftonline.com/{tid}/v2.0", "audiences": ["api://fhir-router", APP],
+                 "jwks": jwks(), "claims": {"scopes": "roles", "client": ["azp", "appid"]}},
+                {"issuer": "https://sts.windows.net/{tid}/", "audiences": ["api://fhir-router", "api://fhir-router/", APP],
+                 "jwks": jwks(), "claims": {"scopes": "roles", "client": ["appid", "azp"]}}
+            ],
+            "tenants": {DIR_A: {"cluster": "tenant_a", "require_smart_scopes": true,
+                                "allow": {"interactions": ["read", "search", "create"]}},
+                        DIR_B: {"cluster": "tenant_b", "allowed_clients": ["00000000-0000-0000-0000-0000000000bb"]}},
+            "metadata_cluster": "tenant_a"
+        });
+        Config::from_json(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn v2_token(iss_dir: &str, tid: &str, roles: Value) -> Value {
+        json!({
+            "aud": APP, "iss": format!("https://login.microsoftonline.com/{iss_dir}/v2.0"),
+            "iat": NOW, "nbf": NOW, "exp": NOW + 3600, "aio": "E2ZgYJjx", "azp": "00000000-0000-0000-0000-0000000000bb",
+            "azpacr": "1", "oid": "9f3b0b71-0000-0000-0000-000000000001", "rh": "0.AAAA", "roles": roles,
+            "sub": "9f3b0b71-0000-0000-0000-000000000001", "tid": tid, "uti": "x9Yq", "ver": "2.0"
+        })
+    }
+
+    fn v1_token(iss_dir: &str, tid: &str) -> Value {
+        json!({
+            "aud": "api://fhir-router/", "iss": format!("https://sts.windows.net/{iss_dir}/"),
+            "iat": NOW, "nbf": NOW, "exp": NOW + 3600, "aio": "E2ZgYJjx", "appid": "00000000-0000-0000-0000-0000000000bb",
+            "appidacr": "1", "idp": format!("https://sts.windows.net/{iss_dir}/"),
+            "oid": "9f3b0b71-0000-0000-0000-000000000001", "rh": "0.AAAA",
+            "sub": "9f3b0b71-0000-0000-0000-000000000001", "tid": tid, "uti": "x9Yq", "ver": "1.0"
+        })
+    }
+
+    /// Entra's header: `typ` JWT, `x5t` and `kid`.
+    fn sign(claims: &Value) -> String {
+        testkeys::sign_with_exact_header(
+            claims,
+            json!({"typ": "JWT", "alg": "RS256", "x5t": "nOo3ZDrODXEK1jKWhXslHR_KXEg", "kid": testkeys::RS_KID}),
+        )
+    }
+
+    /// The outcome: `Ok(cluster)`, or the refusal's reason (`forbidden` for a 403 of the allowlist or scopes).
+    fn decide_in(c: &Config, cache: &mut TokenCache, method: &str, path: &str, token: &str) -> Result<String, String> {
+        let keys = AllKeys(KeySet::from_jwks(testkeys::public_jwks().as_bytes()).unwrap());
+        let auth = format!("Bearer {token}");
+        let req = Request { method, path, authorization: Some(&auth), ..Request::default() };
+        let known = Known { config: c, tenants: Some(&c.tenants), keys: &keys, signatures: &PureRust };
+        match decide(&known, &req, cache, NOW) {
+            Decision::Route { tenant, .. } => Ok(tenant.cluster.clone()),
+            Decision::Reject(r) => Err(r.reason().into()),
+            Decision::Forbidden { .. } => Err("forbidden".into()),
+            Decision::ClientNotAllowed { .. } => Err("client_not_allowed".into()),
+            Decision::IssuerNotAllowed { .. } => Err("issuer_not_allowed".into()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn entra_multi_tenant_routes_by_tid_and_refuses_an_iss_of_another_directory() {
+        let c = entra();
+        for cache_size in [0, 10] {
+            let mut cache = TokenCache::new(cache_size);
+            let mut go = |path: &str, t: &Value| decide_in(&c, &mut cache, "GET", path, &sign(t));
+            for _ in 0..2 {
+                // v2 (directory A, an app role granting Patient reads) and v1 (directory B) tokens.
+                assert_eq!(
+                    go("/Patient", &v2_token(DIR_A, DIR_A, json!(["system/Patient.rs"]))),
+                    Ok("tenant_a".into())
+                );
+                assert_eq!(go("/Patient", &v1_token(DIR_B, DIR_B)), Ok("tenant_b".into()));
+                // Roles are the scopes: Observation is not granted; no role at all for a tenant requiring them.
+                let t = v2_token(DIR_A, DIR_A, json!(["system/Patient.rs"]));
+                assert_eq!(go("/Observation", &t), Err("forbidden".into()));
+                let mut none = v2_token(DIR_A, DIR_A, json!([]));
+                none.as_object_mut().unwrap().remove("roles");
+                assert_eq!(go("/Patient", &none), Err("forbidden".into()));
+                // `iss` of directory A with `tid` B, and the other way round, in both versions: 401.
+                for (iss, tid) in [(DIR_A, DIR_B), (DIR_B, DIR_A)] {
+                    assert_eq!(go("/Patient", &v2_token(iss, tid, json!([]))), Err("issuer_mismatch".into()));
+                    assert_eq!(go("/Patient", &v1_token(iss, tid)), Err("issuer_mismatch".into()));
+                }
+                // A v2 token under the v1 issuer's shape (or a made-up one) finds no provider.
+                let mut t = v2_token(DIR_A, DIR_A, json!([]));
+                t["iss"] = json!(format!("https://login.microsoftonline.com/{DIR_A}/v2.0/"));
+                assert_eq!(go("/Patient", &t), Err("issuer_mismatch".into()));
+                // A directory that is not a tenant here: no tenant.
+                let other = "0b1c2d3e-0000-0000-0000-000000000000";
+                assert_eq!(go("/Patient", &v1_token(other, other)), Err("no_tenant".into()));
+                // tenant B binds its client: v1 `appid` is read first; another app is refused.
+                let mut t = v1_token(DIR_B, DIR_B);
+                t["appid"] = json!("00000000-0000-0000-0000-0000000000cc");
+                t["azp"] = json!("00000000-0000-0000-0000-0000000000bb");
+                assert_eq!(go("/Patient", &t), Err("client_not_allowed".into()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_tenants_issuers_binding_names_the_template_as_configured() {
+        let mut v: Value = json!({
+            "providers": [
+                {"issuer": "https://login.microsoftonline.com/{tid}/v2.0", "audiences": [APP], "jwks": jwks()},
+                {"issuer": "https://sts.windows.net/{tid}/", "audiences": ["api://fhir-router/"], "jwks": jwks()}
+            ],
+            "tenants": {DIR_A: {"cluster": "tenant_a", "issuers": ["https://login.microsoftonline.com/{tid}/v2.0"]}},
+            "metadata_cluster": "tenant_a"
+        });
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let mut cache = TokenCache::new(0);
+        assert_eq!(
+            decide_in(&c, &mut cache, "GET", "/Patient", &sign(&v2_token(DIR_A, DIR_A, json!([])))),
+            Ok("tenant_a".into())
+        );
+        assert_eq!(
+            decide_in(&c, &mut cache, "GET", "/Patient", &sign(&v1_token(DIR_A, DIR_A))),
+            Err("issuer_not_allowed".into())
+        );
+        v["tenants"][DIR_A]["issuers"] = json!([format!("https://sts.windows.net/{DIR_A}/")]);
+        assert!(Config::from_json(v.to_string().as_bytes()).is_err(), "a filled template is not a configured issuer");
+    }
+
+    /// Okta: one authorization server per tenant (`tenant`), scopes in `scp`, the client in `cid`.
+    fn okta() -> Config {
+        let v = json!({
+            "providers": [
+                {"issuer": "https://example.okta.com/oauth2/aus-tenant-a", "audiences": ["api://fhir"], "jwks": jwks(),
+                 "tenant": TENANT_A, "claims": {"scopes": "scp", "client": ["cid"]}},
+                {"issuer": "https://example.okta.com/oauth2/aus-tenant-b", "audiences": ["api://fhir"], "jwks": jwks(),
+                 "tenant": TENANT_B, "claims": {"scopes": "scp", "client": ["cid"]}}
+            ],
+            "tenants": {TENANT_A: {"cluster": "tenant_a", "allowed_clients": ["0oa-client-a"],
+                                   "allow": {"interactions": ["read", "search", "create"]}},
+                        TENANT_B: {"cluster": "tenant_b"}},
+            "metadata_cluster": "tenant_a"
+        });
+        Config::from_json(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn okta_token(server: &str, scp: Value) -> Value {
+        json!({"ver": 1, "jti": "AT.x", "iss": format!("https://example.okta.com/oauth2/{server}"), "aud": "api://fhir",
+               "iat": NOW, "exp": NOW + 3600, "cid": "0oa-client-a", "scp": scp, "sub": "0oa-client-a"})
+    }
+
+    #[test]
+    fn a_fixed_tenant_provider_cannot_be_steered_by_any_claim() {
+        let c = okta();
+        for cache_size in [0, 10] {
+            let mut cache = TokenCache::new(cache_size);
+            let mut go = |method: &str, path: &str, t: &Value| {
+                decide_in(&c, &mut cache, method, path, &testkeys::sign_with_header(t, json!({"typ": null})))
+            };
+            assert_eq!(
+                go("GET", "/Patient", &okta_token("aus-tenant-a", json!(["system/Patient.rs"]))),
+                Ok("tenant_a".into())
+            );
+            // Tenant B named every way a claim could: still tenant A, the server's own tenant.
+            let mut t =
+                okta_token("aus-tenant-a", json!([TENANT_B, format!("tenant/{TENANT_B}"), "system/Patient.rs"]));
+            t["scope"] = json!(TENANT_B);
+            t["tid"] = json!(TENANT_B);
+            t["tenant"] = json!(TENANT_B);
+            assert_eq!(go("GET", "/Patient", &t), Ok("tenant_a".into()));
+            assert_eq!(go("GET", "/Patient", &okta_token("aus-tenant-b", json!([TENANT_A]))), Ok("tenant_b".into()));
+            // `scp` narrows; `cid` is the client tenant A binds.
+            assert_eq!(
+                go("POST", "/Patient", &okta_token("aus-tenant-a", json!(["system/Patient.rs"]))),
+                Err("forbidden".into())
+            );
+            let mut t = okta_token("aus-tenant-a", json!(["system/Patient.rs"]));
+            t["cid"] = json!("0oa-client-b");
+            t["client_id"] = json!("0oa-client-a");
+            assert_eq!(go("GET", "/Patient", &t), Err("client_not_allowed".into()));
+        }
+    }
+
+    /// Cognito: no `aud` (the client in `client_id`), `token_use`, and resource-server scopes mapped to SMART.
+    fn cognito() -> Config {
+        let v = json!({
+            "provider": {"issuer": "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_Example", "audiences": ["1example23456789"],
+                         "jwks": jwks(), "audience_claim": "client_id", "required_claims": {"token_use": "access"},
+                         "claims": {"tenant": "scope", "tenant_prefixes": ["https://fhir.example.com/tenant."],
+                                    "scope_map": {"https://fhir.example.com/system.": "system/"}}},
+            "tenants": {TENANT_A: {"cluster": "tenant_a", "require_smart_scopes": true,
+                                   "allow": {"interactions": ["read", "search", "create"]}}},
+            "metadata_cluster": "tenant_a"
+        });
+        Config::from_json(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn cognito_token(scope: &str) -> Value {
+        json!({"sub": "5d8b3f4c-0000-0000-0000-000000000001", "iss": "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_Example",
+               "version": 2, "client_id": "1example23456789", "token_use": "access",
+               "scope": format!("https://fhir.example.com/tenant.{TENANT_A} {scope}"),
+               "auth_time": NOW, "exp": NOW + 3600, "iat": NOW, "jti": "j-1"})
+    }
+
+    #[test]
+    fn a_scope_map_turns_only_its_own_prefix_into_smart_scopes() {
+        let c = cognito();
+        let mut cache = TokenCache::new(0);
+        let mut go = |path: &str, scope: &str| {
+            decide_in(
+                &c,
+                &mut cache,
+                "GET",
+                path,
+                &testkeys::sign_with_header(&cognito_token(scope), json!({"typ": null})),
+            )
+        };
+        assert_eq!(go("/Patient", "https://fhir.example.com/system.Patient.read"), Ok("tenant_a".into()));
+        assert_eq!(go("/Observation", "https://fhir.example.com/system.Patient.read"), Err("forbidden".into()));
+        // Values beginning with anything but the key are read as they are: no grant.
+        for not_mapped in [
+            "https://evil.example.com/system.Observation.read",
+            "HTTPS://FHIR.EXAMPLE.COM/system.Observation.read",
+            "https://fhir.example.com/System.Observation.read",
+            "https://fhir.example.com/user.Observation.read",
+            "xhttps://fhir.example.com/system.Observation.read",
+            "https://fhir.example.com/system.Observation.read.x",
+            "https://fhir.example.com/system./Observation.read",
+            "https://fhir.example.com/system.",
+        ] {
+            assert_eq!(go("/Observation", not_mapped), Err("forbidden".into()), "{not_mapped}");
+        }
+        // The tenant value is not a scope and a scope value is not a tenant.
+        assert_eq!(go("/Patient", &format!("https://fhir.example.com/system.{TENANT_A}")), Err("forbidden".into()));
+    }
+
+    #[test]
+    fn cognito_tokens_need_their_client_in_client_id_and_token_use_access() {
+        let c = cognito();
+        let mut cache = TokenCache::new(0);
+        let mut go = |t: &Value| {
+            decide_in(&c, &mut cache, "GET", "/Patient", &testkeys::sign_with_header(t, json!({"typ": null})))
+        };
+        let ok = cognito_token("https://fhir.example.com/system.Patient.read");
+        assert_eq!(go(&ok), Ok("tenant_a".into()));
+        let mut id_token = ok.clone();
+        id_token["token_use"] = json!("id");
+        assert_eq!(go(&id_token), Err("missing_required_claim".into()));
+        let mut other_app = ok.clone();
+        other_app["client_id"] = json!("2other");
+        other_app["aud"] = json!("1example23456789");
+        assert_eq!(go(&other_app), Err("audience_mismatch".into()));
+        // The bare tenant id is not the configured prefix: no tenant.
+        let mut bare = ok.clone();
+        bare["scope"] = json!(format!("{TENANT_A} https://fhir.example.com/system.Patient.read"));
+        assert_eq!(go(&bare), Err("no_tenant".into()));
     }
 }

@@ -51,6 +51,11 @@ pub enum Rejection {
     QuotaRate,
     /// The tenant has `max_in_flight` requests in flight: 429.
     QuotaInFlight,
+    /// The JOSE header `typ` is not the provider's `token_typ` (an ID token, say, where an RFC 9068 access
+    /// token is required).
+    WrongTokenType,
+    /// A claim of the provider's `required_claims` is missing or has another value.
+    MissingRequiredClaim,
 }
 
 /// The RFC 6750 realm in `WWW-Authenticate`.
@@ -114,11 +119,13 @@ impl Rejection {
             Self::ClientNotAllowed => "client_not_allowed",
             Self::QuotaRate => "quota_rate",
             Self::QuotaInFlight => "quota_in_flight",
+            Self::WrongTokenType => "wrong_token_type",
+            Self::MissingRequiredClaim => "missing_required_claim",
         }
     }
 
     /// All variants, for defining one stat each.
-    pub const ALL: [Rejection; 24] = [
+    pub const ALL: [Rejection; 26] = [
         Self::MissingToken,
         Self::MalformedCredentials,
         Self::TokenTooLarge,
@@ -143,6 +150,8 @@ impl Rejection {
         Self::ClientNotAllowed,
         Self::QuotaRate,
         Self::QuotaInFlight,
+        Self::WrongTokenType,
+        Self::MissingRequiredClaim,
     ];
 
     /// The stat counting this refusal, under the filter's prefix.
@@ -172,6 +181,8 @@ impl Rejection {
             Self::ClientNotAllowed => "requests.rejected.client_not_allowed",
             Self::QuotaRate => "requests.rejected.quota_rate",
             Self::QuotaInFlight => "requests.rejected.quota_in_flight",
+            Self::WrongTokenType => "requests.rejected.wrong_token_type",
+            Self::MissingRequiredClaim => "requests.rejected.missing_required_claim",
         }
     }
 
@@ -237,6 +248,10 @@ impl Rejection {
             }
             // The answers a shell sends name the limit (built from the configuration by `crate::quota`).
             Self::QuotaRate | Self::QuotaInFlight => outcome!("throttled", "Tenant quota exceeded; retry later."),
+            Self::WrongTokenType => {
+                outcome!("login", "The bearer token is not an access token of the type this server requires.")
+            }
+            Self::MissingRequiredClaim => outcome!("login", "The access token lacks a claim this server requires."),
             _ => outcome!("login", "The access token is invalid, expired or not meant for this server."),
         }
     }

@@ -129,6 +129,13 @@ impl Scopes {
     /// From the `scope` claim's JSON value: a space-delimited string (RFC 6749 §3.3) or a list of strings.
     /// A claim longer than 4096 bytes, or with more than 64 resource types, narrows the token to nothing.
     pub fn from_claim(claim: Option<&Value>) -> Self {
+        Self::from_claim_mapped(claim, &[])
+    }
+
+    /// [`Scopes::from_claim`], reading each value that begins with a key of `map` (the longest such key) as
+    /// the key's value followed by the rest (a Cognito `https://fhir.example.com/system.Patient.read` as
+    /// `system/Patient.read`). Values matching no key are read as they are.
+    pub fn from_claim_mapped(claim: Option<&Value>, map: &[(String, String)]) -> Self {
         let mut grants: Vec<Grant> = Vec::new();
         let mut smart = false;
         let mut v2 = false;
@@ -151,10 +158,19 @@ impl Scopes {
                 }
             }
         };
+        // Only a provider with a `scope_map` pays for the rewritten value.
+        let mut read = |value: &str| match map
+            .iter()
+            .filter(|(k, _)| value.starts_with(k.as_str()))
+            .max_by_key(|(k, _)| k.len())
+        {
+            Some((k, smart)) => add(&format!("{smart}{}", value.get(k.len()..).unwrap_or_default())),
+            None => add(value),
+        };
         let oversized = match claim {
             Some(Value::String(s)) if s.len() > MAX_SCOPE_CLAIM_BYTES => true,
             Some(Value::String(s)) => {
-                s.split(' ').filter(|v| !v.is_empty()).for_each(&mut add);
+                s.split(' ').filter(|v| !v.is_empty()).for_each(&mut read);
                 false
             }
             Some(Value::Array(items)) => {
@@ -162,7 +178,7 @@ impl Scopes {
                 if bytes > MAX_SCOPE_CLAIM_BYTES {
                     true
                 } else {
-                    items.iter().filter_map(Value::as_str).filter(|v| !v.is_empty()).for_each(&mut add);
+                    items.iter().filter_map(Value::as_str).filter(|v| !v.is_empty()).for_each(&mut read);
                     false
                 }
             }
@@ -460,5 +476,30 @@ mod tests {
             counts.0, counts.1, counts.2
         );
         assert!(counts.0 >= 100 && counts.1 >= 100 && counts.2 >= 100, "a branch barely ran: {counts:?}");
+    }
+
+    #[test]
+    fn a_scope_map_rewrites_its_prefixes_longest_first_and_leaves_the_rest() {
+        // The shorter key first: the longest matching key applies, whatever the order.
+        let map = [
+            ("https://fhir.example.com/".to_string(), "nothing/".to_string()),
+            ("https://fhir.example.com/system.".to_string(), "system/".to_string()),
+        ];
+        let s = Scopes::from_claim_mapped(Some(&json!("https://fhir.example.com/system.Patient.read openid")), &map);
+        assert_eq!(s.readable_types(), Some(vec!["Patient"]));
+        // Another value under the shorter key only: `nothing/` is no SMART context, so no grant.
+        let s = Scopes::from_claim_mapped(Some(&json!(["https://fhir.example.com/Patient.read"])), &map);
+        assert!(!s.is_narrowed());
+        // Unmapped values are read as they are: a SMART scope still counts, anything else is ignored.
+        let s = Scopes::from_claim_mapped(
+            Some(&json!("system/Observation.rs https://x.example/system.Patient.read")),
+            &map,
+        );
+        assert_eq!(s.readable_types(), Some(vec!["Observation"]));
+        let s = Scopes::from_claim_mapped(Some(&json!("https://x.example/system.Patient.read")), &map);
+        assert!(!s.is_narrowed());
+        // An empty map is from_claim.
+        let claim = json!("system/Patient.rs");
+        assert_eq!(Scopes::from_claim_mapped(Some(&claim), &[]), Scopes::from_claim(Some(&claim)));
     }
 }

@@ -177,7 +177,7 @@ impl Hasher for FxHasher {
 /// Longest tenant id accepted.
 pub const MAX_TENANT_ID_LEN: usize = 128;
 
-fn is_tenant_id(id: &str) -> bool {
+pub fn is_tenant_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_TENANT_ID_LEN
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -217,6 +217,11 @@ impl TenantMap {
         Self::new(self.prefixes.clone())
     }
 
+    /// The tenant a provider's fixed `tenant` names (an id as configured, any case).
+    pub fn fixed(&self, id: &str) -> Result<&Tenant, TenantError> {
+        self.lookup(id).ok_or(TenantError::None)
+    }
+
     /// The tenant with this (configured, lowercased) id.
     pub fn get(&self, id: &str) -> Option<&Tenant> {
         self.by_id.get(id).map(|t| &t.0)
@@ -253,18 +258,23 @@ impl TenantMap {
         }
     }
 
-    /// The tenant one scope value names, under any configured prefix.
-    fn named_by(&self, value: &str) -> Option<&Tenant> {
-        self.prefixes.iter().find_map(|p| value.strip_prefix(p.as_str()).and_then(|id| self.lookup(id)))
+    /// The tenant one scope value names, under any of `prefixes`.
+    fn named_by(&self, value: &str, prefixes: &[String]) -> Option<&Tenant> {
+        prefixes.iter().find_map(|p| value.strip_prefix(p.as_str()).and_then(|id| self.lookup(id)))
     }
 
     /// The single tenant the claim names. The claim is a space-delimited string (RFC 6749 §3.3) or an array
     /// of strings; values naming no configured tenant (`openid`, `system/*.read`) are ignored, and so are
     /// further values naming the same tenant (`<id> tenant/<id>`, as some IdPs issue).
     pub fn resolve(&self, claim: Claim<'_>) -> Result<&Tenant, TenantError> {
+        self.resolve_with(claim, &self.prefixes)
+    }
+
+    /// [`TenantMap::resolve`] with a provider's own prefixes.
+    pub fn resolve_with(&self, claim: Claim<'_>, prefixes: &[String]) -> Result<&Tenant, TenantError> {
         let mut found: Option<&Tenant> = None;
         for value in claim.values() {
-            if let Some(t) = self.named_by(value) {
+            if let Some(t) = self.named_by(value, prefixes) {
                 match found {
                     // The map holds one entry per (lowercased) id: the same tenant is the same entry.
                     Some(f) if std::ptr::eq(f, t) => {}

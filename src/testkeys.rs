@@ -47,7 +47,13 @@ pub fn es_public_jwk() -> String {
 
 /// The provider these tokens are minted for, with the default skew.
 pub fn provider() -> Provider {
-    Provider { issuer: ISSUER.into(), audiences: vec![AUDIENCE.into()], clock_skew_s: 60, max_token_bytes: 8192 }
+    Provider::new(ISSUER, vec![AUDIENCE.into()], 60, 8192)
+}
+
+/// Signs `claims` as the IdP does (RS256, the test key), with exactly `header` as the JOSE header (its
+/// `alg` and `kid` included).
+pub fn sign_with_exact_header(claims: &Value, header: Value) -> String {
+    compact(&header, claims, rs256_signer(rsa_private(&private_jwk(RS_KID))))
 }
 
 /// Claims of a valid token for tenant A at [`NOW`]:
@@ -146,7 +152,11 @@ fn sign_jwt_simple(
 pub fn sign_with_header(claims: &Value, extra: Value) -> String {
     let mut header = json!({"alg": "RS256", "typ": "JWT", "kid": RS_KID});
     for (k, v) in extra.as_object().unwrap() {
-        header[k] = v.clone();
+        if v.is_null() {
+            header.as_object_mut().unwrap().remove(k);
+        } else {
+            header[k] = v.clone();
+        }
     }
     compact(&header, claims, rs256_signer(rsa_private(&private_jwk(RS_KID))))
 }

@@ -1,4 +1,5 @@
-//! Checks one access token, in a fixed order: shape, algorithm, issuer, time, audience, key, signature.
+//! Checks one access token, in a fixed order: shape, algorithm, `typ` (if configured), issuer, time, audience,
+//! required claims, key, signature.
 //!
 //! Nothing the token says about *how* to check it is trusted: `kid` only picks a key from the configured JWKS,
 //! `alg` must be one we accept and the one that key allows, and header-carried keys or URLs (`jwk`, `jku`,
@@ -41,6 +42,9 @@ struct Header {
     kid: Option<String>,
     #[serde(default)]
     crit: Option<Value>,
+    /// RFC 7515 §4.1.9; any JSON type is read (and then is not the required string).
+    #[serde(default)]
+    typ: Option<Value>,
 }
 
 /// A compact JWS split into its parts, not yet trusted.
@@ -92,6 +96,38 @@ fn numeric_date(payload: &Map<String, Value>, name: &str) -> Result<Option<i64>,
     }
 }
 
+/// Whether the header's `typ` is `want` (normalised: lowercase, no `application/`), compared as RFC 7515
+/// §4.1.9 asks: case-insensitively, with an optional `application/` prefix.
+fn typ_matches(typ: Option<&Value>, want: &str) -> bool {
+    let Some(Value::String(t)) = typ else { return false };
+    let t = match t.get(..12) {
+        Some(p) if p.eq_ignore_ascii_case("application/") && !t.get(12..).unwrap_or_default().contains('/') => {
+            t.get(12..).unwrap_or_default()
+        }
+        _ => t.as_str(),
+    };
+    t.eq_ignore_ascii_case(want)
+}
+
+/// Whether the claim equals `want`, or is an array holding it.
+fn claim_holds(claim: Option<&Value>, want: &str) -> bool {
+    match claim {
+        Some(Value::String(s)) => s == want,
+        Some(Value::Array(list)) => list.iter().any(|v| v.as_str() == Some(want)),
+        _ => false,
+    }
+}
+
+/// Whether `iss` is the provider's issuer: equal to it, or, for a template, equal to it filled with the
+/// token's own value of the placeholder's claim (so the tenant that claim names is the issuer's).
+fn issuer_matches(payload: &Map<String, Value>, provider: &Provider) -> bool {
+    let Some(iss) = payload.get("iss").and_then(Value::as_str) else { return false };
+    match &provider.template {
+        None => iss == provider.issuer,
+        Some(t) => payload.get(&t.claim).and_then(Value::as_str).is_some_and(|value| t.matches(iss, value)),
+    }
+}
+
 fn audience_matches(aud: Option<&Value>, accepted: &[String]) -> bool {
     match aud {
         Some(Value::String(a)) => accepted.iter().any(|x| x == a),
@@ -129,7 +165,13 @@ pub fn verify(
         return Err(Rejection::CriticalHeader);
     }
 
-    if jws.payload.get("iss").and_then(Value::as_str) != Some(provider.issuer.as_str()) {
+    if let Some(want) = &provider.token_typ {
+        if !typ_matches(jws.header.typ.as_ref(), want) {
+            return Err(Rejection::WrongTokenType);
+        }
+    }
+
+    if !issuer_matches(&jws.payload, provider) {
         return Err(Rejection::IssuerMismatch);
     }
 
@@ -149,8 +191,11 @@ pub fn verify(
         }
     }
 
-    if !audience_matches(jws.payload.get("aud"), &provider.audiences) {
+    if !audience_matches(jws.payload.get(&provider.audience_claim), &provider.audiences) {
         return Err(Rejection::AudienceMismatch);
+    }
+    if !provider.required_claims.iter().all(|(name, want)| claim_holds(jws.payload.get(name), want)) {
+        return Err(Rejection::MissingRequiredClaim);
     }
 
     let keys = keys.ok_or(Rejection::KeysUnavailable)?;
@@ -337,6 +382,153 @@ mod tests {
         assert_eq!(verify(&ok, None, &provider(), NOW, &PureRust), Err(Rejection::KeysUnavailable));
         let expired = testkeys::sign_rs256(&with(json!({"exp": NOW - 3600})));
         assert_eq!(verify(&expired, None, &provider(), NOW, &PureRust), Err(Rejection::Expired));
+    }
+
+    // --- Per-provider checks (issue 25). Token shapes follow each IdP's documentation: Entra ID
+    // (learn.microsoft.com/entra/identity-platform/access-token-claims-reference: v1 `iss`
+    // https://sts.windows.net/{tid}/, v2 https://login.microsoftonline.com/{tid}/v2.0, `tid`, `roles`,
+    // `appid`/`azp`, `ver`), Amazon Cognito (docs.aws.amazon.com/cognito/latest/developerguide/
+    // amazon-cognito-user-pools-using-the-access-token.html: no `aud`, `client_id`, `token_use`), RFC 9068.
+
+    const DIR_A: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const DIR_B: &str = "f8cdef31-a31e-4b4a-93e4-5f571e91255a";
+
+    fn entra_v2() -> Provider {
+        let mut p = provider();
+        p.issuer = "https://login.microsoftonline.com/{tid}/v2.0".into();
+        p.template = crate::config::IssuerTemplate::parse_for_tests(&p.issuer);
+        p
+    }
+
+    fn entra_v2_claims(iss_dir: &str, tid: serde_json::Value) -> serde_json::Value {
+        json!({
+            "aud": testkeys::AUDIENCE, "iss": format!("https://login.microsoftonline.com/{iss_dir}/v2.0"),
+            "iat": NOW, "nbf": NOW, "exp": NOW + 3600, "azp": "00000000-0000-0000-0000-0000000000bb", "azpacr": "1",
+            "oid": "11111111-0000-0000-0000-000000000001", "roles": ["system/Patient.rs"],
+            "sub": "11111111-0000-0000-0000-000000000001", "tid": tid, "uti": "AbCdEf", "ver": "2.0"
+        })
+    }
+
+    fn check_with(p: &Provider, token: &str) -> Result<Claims, Rejection> {
+        verify(token, Some(&keys()), p, NOW, &PureRust)
+    }
+
+    #[test]
+    fn an_entra_template_issuer_binds_iss_to_the_tokens_own_tid() {
+        let p = entra_v2();
+        let ok = testkeys::sign_rs256(&entra_v2_claims(DIR_A, json!(DIR_A)));
+        assert_eq!(check_with(&p, &ok).unwrap().str("tid"), Some(DIR_A));
+        // `iss` names directory A, `tid` names B (and the other way round): refused.
+        for (iss, tid) in [(DIR_A, DIR_B), (DIR_B, DIR_A)] {
+            let t = testkeys::sign_rs256(&entra_v2_claims(iss, json!(tid)));
+            assert_eq!(check_with(&p, &t), Err(Rejection::IssuerMismatch), "iss {iss} tid {tid}");
+        }
+        // A `tid` that is no placeholder value, even when `iss` is built from it.
+        let long = "a".repeat(129);
+        for bad in ["", "..", ".", "a/b", "../x", "x?y", "x#y", "a b", "%2e%2e", "ä", long.as_str()] {
+            let t = testkeys::sign_rs256(&entra_v2_claims(bad, json!(bad)));
+            assert_eq!(check_with(&p, &t), Err(Rejection::IssuerMismatch), "tid {bad:?}");
+        }
+        let max = "a".repeat(128);
+        assert!(check_with(&p, &testkeys::sign_rs256(&entra_v2_claims(&max, json!(max)))).is_ok());
+        // A `tid` of another type, absent, or the placeholder left as written.
+        for tid in [json!(null), json!([DIR_A]), json!(7)] {
+            let t = testkeys::sign_rs256(&entra_v2_claims(DIR_A, tid.clone()));
+            assert_eq!(check_with(&p, &t), Err(Rejection::IssuerMismatch), "tid {tid}");
+        }
+        let mut c = entra_v2_claims(DIR_A, json!(DIR_A));
+        c["iss"] = json!("https://login.microsoftonline.com/{tid}/v2.0");
+        assert_eq!(check_with(&p, &testkeys::sign_rs256(&c)), Err(Rejection::IssuerMismatch));
+        // Case matters in `iss` as in the template (Entra writes the GUID lowercase in both).
+        let mut c = entra_v2_claims(DIR_A, json!(DIR_A));
+        c["iss"] = json!(format!("https://login.microsoftonline.com/{}/v2.0", DIR_A.to_uppercase()));
+        assert_eq!(check_with(&p, &testkeys::sign_rs256(&c)), Err(Rejection::IssuerMismatch));
+    }
+
+    #[test]
+    fn token_typ_accepts_at_jwt_in_any_case_with_or_without_application_and_refuses_the_rest() {
+        let mut p = provider();
+        p.token_typ = Some("at+jwt".into());
+        let claims = testkeys::claims_now();
+        for typ in ["at+jwt", "AT+JWT", "application/at+jwt", "Application/AT+JWT"] {
+            let t = testkeys::sign_with_header(&claims, json!({"typ": typ}));
+            assert!(check_with(&p, &t).is_ok(), "{typ}");
+        }
+        for typ in [
+            json!("JWT"),
+            json!(null),
+            json!("jwt"),
+            json!("application/jwt"),
+            json!("at+jwt "),
+            json!("application/application/at+jwt"),
+            json!("x/at+jwt"),
+            json!(["at+jwt"]),
+            json!(1),
+        ] {
+            let t = testkeys::sign_with_header(&claims, json!({"typ": typ}));
+            assert_eq!(check_with(&p, &t), Err(Rejection::WrongTokenType), "{typ}");
+        }
+        // Without token_typ, `typ` is not read (Entra, Okta and Keycloak send `JWT`).
+        let t = testkeys::sign_with_header(&claims, json!({"typ": "JWT"}));
+        assert!(check(&t).is_ok());
+        let t = testkeys::sign_with_header(&claims, json!({"typ": null}));
+        assert!(check(&t).is_ok());
+    }
+
+    #[test]
+    fn audience_claim_client_id_checks_cognitos_client_id_as_aud_would_be() {
+        let mut p = provider();
+        p.audience_claim = "client_id".into();
+        p.audiences = vec!["1example23456789".into()];
+        // A Cognito access token: no `aud`; the app client in `client_id`.
+        let cognito = json!({
+            "sub": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "iss": testkeys::ISSUER, "client_id": "1example23456789",
+            "origin_jti": "x", "token_use": "access", "scope": "https://fhir.example.com/system.Patient.read",
+            "auth_time": NOW, "exp": NOW + 3600, "iat": NOW, "jti": "j", "version": 2
+        });
+        assert!(check_with(&p, &testkeys::sign_with_header(&cognito, json!({"typ": null}))).is_ok());
+        for other in [json!("another-client"), json!(["x", "1example23456789"]), json!(["x"]), json!(12), json!(null)] {
+            let mut c = cognito.clone();
+            c["client_id"] = other.clone();
+            let verdict = check_with(&p, &testkeys::sign_rs256(&c));
+            if other == json!(["x", "1example23456789"]) {
+                assert!(verdict.is_ok(), "an array holding an audience passes, as `aud` does");
+            } else {
+                assert_eq!(verdict, Err(Rejection::AudienceMismatch), "{other}");
+            }
+        }
+        // `aud` itself is no longer what is compared.
+        let mut c = cognito.clone();
+        c["client_id"] = json!("another-client");
+        c["aud"] = json!("1example23456789");
+        assert_eq!(check_with(&p, &testkeys::sign_rs256(&c)), Err(Rejection::AudienceMismatch));
+    }
+
+    #[test]
+    fn required_claims_must_equal_the_string_or_be_an_array_holding_it() {
+        let mut p = provider();
+        p.required_claims = vec![("token_use".into(), "access".into()), ("gty".into(), "client-credentials".into())];
+        let ok = with(json!({"token_use": "access", "gty": "client-credentials"}));
+        assert!(check_with(&p, &testkeys::sign_rs256(&ok)).is_ok());
+        let ok = with(json!({"token_use": ["id", "access"], "gty": ["client-credentials"]}));
+        assert!(check_with(&p, &testkeys::sign_rs256(&ok)).is_ok());
+        for bad in [
+            json!({"token_use": "id", "gty": "client-credentials"}),
+            json!({"token_use": "access"}),
+            json!({"token_use": "Access", "gty": "client-credentials"}),
+            json!({"token_use": ["id"], "gty": "client-credentials"}),
+            json!({"token_use": [["access"]], "gty": "client-credentials"}),
+            json!({"token_use": {"access": true}, "gty": "client-credentials"}),
+            json!({"token_use": "access ", "gty": "client-credentials"}),
+            json!({"token_use": "access", "gty": "client-credentials password"}),
+            json!({"token_use": true, "gty": "client-credentials"}),
+        ] {
+            assert_eq!(
+                check_with(&p, &testkeys::sign_rs256(&with(bad.clone()))),
+                Err(Rejection::MissingRequiredClaim),
+                "{bad}"
+            );
+        }
     }
 
     proptest::proptest! {

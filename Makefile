@@ -156,7 +156,7 @@ demo-check: build deps ## start the demo, run the printed requests once, stop
 	$(PY) tests/demo.py --check
 
 fuzz: ## fuzz every parser of untrusted input: 1.9M deterministic generated inputs on stable Rust (~1-2 min)
-	@echo "==> fuzz-runner (fuzz/): token, JWKS, config, tenant, decide, reach, bearer, host protobuf, DER, token response, response check, cursors"
+	@echo "==> fuzz-runner (fuzz/): token, JWKS, config, tenant, decide, reach, bearer, host protobuf, DER, token response, response check, cursors, discovery documents"
 	cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --bin fuzz-runner
 
 bench: build build-so deps ## benchmark: ours (wasm and dynamic module) vs native jwt_authn and same-job native configs (~14 min; installs wrk); writes BENCHMARKS.md

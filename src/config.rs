@@ -393,6 +393,33 @@ pub struct RemoteJwks {
     pub min_refetch_ms: u64,
     /// Most requests (per VM) parked at once until this key set is fetched again; more are refused (503).
     pub max_waiting: usize,
+    /// Configuration from discovery: then `uri`, `authority` and `path` are the OpenID Provider
+    /// Configuration's, and the key set's URL is read from it at every refresh.
+    pub discovery: Option<DiscoveredJwks>,
+}
+
+/// What a discovery document must say for its `jwks_uri` to be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoveredJwks {
+    /// The `issuer` it must name: the provider's, with a template's placeholder written `{}` (see
+    /// [`normalise_placeholder`]).
+    pub issuer: String,
+    /// Whether the issuer is a template (the document's `issuer` is then compared after
+    /// [`normalise_placeholder`]: Entra's common document says `{tenantid}`).
+    pub template: bool,
+    /// `https://` or `http://`: the document's `jwks_uri` must have the same scheme and `authority`.
+    pub scheme: &'static str,
+}
+
+/// Longest OpenID Provider Configuration read, in bytes (Entra's, Okta's and Keycloak's take a few KB).
+pub const MAX_DISCOVERY_BYTES: usize = 64 * 1024;
+
+/// `s` with its first `{...}` written `{}`: an issuer template compared whatever its placeholder's name.
+pub fn normalise_placeholder(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.split_once('{').and_then(|(head, rest)| Some((head, rest.split_once('}')?.1))) {
+        Some((head, tail)) => std::borrow::Cow::Owned(format!("{head}{{}}{tail}")),
+        None => std::borrow::Cow::Borrowed(s),
+    }
 }
 
 /// One token issuer and where its keys come from.
@@ -796,9 +823,6 @@ fn compile_provider(field: &str, p: RawProvider, defaults: &ClaimNames) -> Resul
         };
         required_claims.push((name, value));
     }
-    if p.discovery_uri.is_some() {
-        return Err(ConfigError::new(f("discovery_uri"), "is not supported yet: give jwks_uri"));
-    }
     if p.audiences.is_empty() || p.audiences.iter().any(String::is_empty) {
         return Err(ConfigError::new(f("audiences"), "must list at least one non-empty audience"));
     }
@@ -810,6 +834,13 @@ fn compile_provider(field: &str, p: RawProvider, defaults: &ClaimNames) -> Resul
     if !(256..=65_536).contains(&max_token_bytes) {
         return Err(ConfigError::new(f("max_token_bytes"), "must be between 256 and 65536"));
     }
+    if p.discovery_uri.is_some() && (p.jwks.is_some() || p.jwks_uri.is_some() || p.jwks_cluster.is_none()) {
+        return Err(ConfigError::new(
+            f("discovery_uri"),
+            "applies to a provider with jwks_cluster and neither jwks_uri nor jwks",
+        ));
+    }
+    let default_discovery_uri = p.discovery_uri.is_none();
     let jwks = match (p.jwks, p.jwks_uri, p.jwks_cluster) {
         (Some(inline), None, None) => {
             if p.jwks_refresh_s.is_some()
@@ -821,9 +852,39 @@ fn compile_provider(field: &str, p: RawProvider, defaults: &ClaimNames) -> Resul
             }
             JwksSource::Inline(KeySet::from_value(&inline).map_err(|e| ConfigError::new(f("jwks"), e.to_string()))?)
         }
-        (None, Some(uri), Some(cluster)) => {
-            let (authority, path) = split_http_url(&uri)
-                .ok_or_else(|| ConfigError::new(f("jwks_uri"), "must be an absolute http(s) URL"))?;
+        (None, uri, Some(cluster)) => {
+            let (uri, discovery) = match uri {
+                Some(uri) => (uri, None),
+                None => {
+                    let uri = match p.discovery_uri {
+                        Some(uri) => uri,
+                        None if template.is_some() => {
+                            return Err(ConfigError::new(
+                                f("discovery_uri"),
+                                "is required with an issuer template (or give jwks_uri)",
+                            ))
+                        }
+                        // OpenID Connect Discovery 1.0 §4: the issuer without a trailing `/`, then the path.
+                        None => format!("{}/.well-known/openid-configuration", p.issuer.trim_end_matches('/')),
+                    };
+                    let scheme = if uri.starts_with("https://") { "https://" } else { "http://" };
+                    let issuer = match &template {
+                        Some(_) => normalise_placeholder(&p.issuer).into_owned(),
+                        None => p.issuer.clone(),
+                    };
+                    (uri, Some(DiscoveredJwks { issuer, template: template.is_some(), scheme }))
+                }
+            };
+            let uri_field = if discovery.is_some() { "discovery_uri" } else { "jwks_uri" };
+            let (authority, path) = split_http_url(&uri).ok_or_else(|| {
+                let why = if discovery.is_some() && default_discovery_uri {
+                    "give discovery_uri (the issuer is not an http(s) URL to find the discovery document under), \
+                     or jwks_uri"
+                } else {
+                    "must be an absolute http(s) URL"
+                };
+                ConfigError::new(f(uri_field), why)
+            })?;
             if !is_header_value(&cluster) || cluster.is_empty() {
                 return Err(ConfigError::new(f("jwks_cluster"), "must be an Envoy cluster name"));
             }
@@ -852,12 +913,15 @@ fn compile_provider(field: &str, p: RawProvider, defaults: &ClaimNames) -> Resul
                 timeout_ms,
                 min_refetch_ms: min_refetch_s * 1_000,
                 max_waiting,
+                discovery,
             })
         }
         (None, Some(_), None) => return Err(ConfigError::new(f("jwks_cluster"), "is required with jwks_uri")),
-        (None, None, Some(_)) => return Err(ConfigError::new(f("jwks_uri"), "is required with jwks_cluster")),
         (None, None, None) => {
-            return Err(ConfigError::new(f("jwks_uri"), "give either jwks_uri with jwks_cluster, or jwks"));
+            return Err(ConfigError::new(
+                f("jwks_uri"),
+                "give jwks_uri with jwks_cluster, jwks_cluster alone (keys found by discovery), or jwks",
+            ));
         }
         (Some(_), _, _) => {
             return Err(ConfigError::new(f("jwks"), "give either jwks_uri with jwks_cluster, or jwks, not both"));
@@ -1122,8 +1186,8 @@ impl RawConfig {
         let smart_configuration = discovery.as_ref().and_then(|d| {
             let first = providers.first()?;
             let jwks_uri = match &first.jwks {
-                JwksSource::Remote(r) => Some(r.uri.as_str()),
-                JwksSource::Inline(_) => None,
+                JwksSource::Remote(r) if r.discovery.is_none() => Some(r.uri.as_str()),
+                JwksSource::Remote(_) | JwksSource::Inline(_) => None,
             };
             Some(d.smart_configuration(&first.provider.issuer, jwks_uri))
         });

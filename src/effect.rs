@@ -76,6 +76,9 @@ pub struct Reply<'a> {
 pub enum FetchTarget {
     /// The JWKS of the provider at this index.
     Jwks(usize),
+    /// The OpenID Provider Configuration of the provider at this index (configuration from discovery): its
+    /// `jwks_uri` is fetched next, as [`FetchTarget::Jwks`].
+    Discovery(usize),
     /// The tenant registry.
     Registry,
     /// An upstream access token for the token slot `slot`: its fetch numbered `fetch`.

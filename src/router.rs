@@ -36,6 +36,8 @@ pub struct KeyState {
     pub schedule: Option<Schedule>,
     /// Context ids of the requests parked until the next fetch answers.
     pub waiting: Vec<u32>,
+    /// Configuration from discovery: the key set's `:authority` and `:path`, from the last good document.
+    pub jwks_at: Option<(String, String)>,
 }
 
 /// The key states of every provider, by index: what a decision looks keys up in.
@@ -421,9 +423,12 @@ impl Router {
                     sources.push(format!("{} (inline JWKS)", p.provider.issuer));
                 }
                 JwksSource::Remote(r) => {
-                    state.schedule = Some(Schedule::new(r.refresh_ms, now_ms).with_timeout(r.timeout_ms));
+                    // With discovery, a refresh is two fetches one after the other.
+                    let timeout_ms = if r.discovery.is_some() { r.timeout_ms.saturating_mul(2) } else { r.timeout_ms };
+                    state.schedule = Some(Schedule::new(r.refresh_ms, now_ms).with_timeout(timeout_ms));
+                    let how = if r.discovery.is_some() { "JWKS found by discovery" } else { "JWKS" };
                     sources.push(format!(
-                        "{} (JWKS from cluster {} every {} s)",
+                        "{} ({how} from cluster {} every {} s)",
                         p.provider.issuer,
                         r.cluster,
                         r.refresh_ms / 1000

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use crate::config::{beyond_pure_rust_message, JwksSource, SignatureVerifier};
+use crate::config::{
+    beyond_pure_rust_message, normalise_placeholder, DiscoveredJwks, JwksSource, SignatureVerifier, MAX_DISCOVERY_BYTES,
+};
 use crate::effect::{Effect, Effects, Fetch, FetchTarget, Gauge, Level, Metric, TokenEvent};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::refresh::{RegistrySource, Schedule, Streak};
@@ -13,6 +15,7 @@ use crate::router::{quota_of, token_fetch, Router};
 use crate::upstream_auth::{
     parse_token_response, Settled, TokenAnswer, TokenError, TokenNews, MAX_TOKEN_RESPONSE_BYTES,
 };
+use crate::url::split_http_url;
 
 /// How often a shell should deliver a timer tick, in milliseconds.
 pub const TICK_MS: u64 = 500;
@@ -95,8 +98,10 @@ impl Router {
             }
             let due = self.keys.0.get_mut(i).and_then(|s| s.schedule.as_mut()).is_some_and(|s| s.due(now_ms));
             if due {
+                // With discovery, the document first; its answer sends the key set's fetch.
+                let target = if remote.discovery.is_some() { FetchTarget::Discovery(i) } else { FetchTarget::Jwks(i) };
                 out.push(Effect::Fetch(Fetch {
-                    target: FetchTarget::Jwks(i),
+                    target,
                     cluster: &remote.cluster,
                     authority: &remote.authority,
                     path: &remote.path,
@@ -148,6 +153,7 @@ impl Router {
     ) -> Fetched {
         let limit = match target {
             FetchTarget::Jwks(_) => MAX_JWKS_BYTES,
+            FetchTarget::Discovery(_) => MAX_DISCOVERY_BYTES,
             FetchTarget::Registry => MAX_REGISTRY_BYTES,
             FetchTarget::UpstreamToken { slot, fetch } => {
                 return self.on_token_result(slot, fetch, result, now_ms, body, out);
@@ -168,11 +174,54 @@ impl Router {
                 let wake = self.keys.0.get_mut(provider).map(|s| std::mem::take(&mut s.waiting)).unwrap_or_default();
                 Fetched { installed, waiting_for: Some(provider), wake, token: None }
             }
+            FetchTarget::Discovery(provider) => self.on_discovery(provider, fetched, now_ms, out),
             FetchTarget::Registry => {
                 let installed = self.install_registry(fetched, now_ms, env, out);
                 Fetched { installed, waiting_for: None, wake: Vec::new(), token: None }
             }
             FetchTarget::UpstreamToken { .. } | FetchTarget::Resend(_) => Fetched::default(),
+        }
+    }
+
+    /// A provider's discovery document came (or failed): a good one sends the key set's fetch to the
+    /// `jwks_uri` it names; a bad one fails the refresh as a failed key-set fetch would (counted, logged once
+    /// per failure streak, retried with backoff, the key set in force kept), and wakes the waiting requests.
+    fn on_discovery(
+        &mut self,
+        provider: usize,
+        fetched: Result<Vec<u8>, String>,
+        now_ms: u64,
+        out: &mut dyn Effects,
+    ) -> Fetched {
+        let remote = match self.config.providers.get(provider).map(|p| &p.jwks) {
+            Some(JwksSource::Remote(r)) => r,
+            _ => return Fetched::default(),
+        };
+        let located = fetched
+            .and_then(|body| {
+                let Some(expected) = &remote.discovery else { return Err("no discovery configured".to_string()) };
+                jwks_location(&body, expected, &remote.authority)
+            })
+            .map_err(|why| format!("discovery document {}: {why}", remote.uri));
+        match located {
+            Ok(at) => {
+                let Some(state) = self.keys.0.get_mut(provider) else { return Fetched::default() };
+                let (authority, path) = state.jwks_at.insert(at);
+                out.push(Effect::Fetch(Fetch {
+                    target: FetchTarget::Jwks(provider),
+                    cluster: &remote.cluster,
+                    authority,
+                    path,
+                    timeout_ms: remote.timeout_ms,
+                    post: None,
+                }));
+                Fetched::default()
+            }
+            Err(why) => {
+                self.install_keys(provider, Err(why), now_ms, out);
+                let wake = self.keys.0.get_mut(provider).map(|s| std::mem::take(&mut s.waiting)).unwrap_or_default();
+                Fetched { installed: false, waiting_for: Some(provider), wake, token: None }
+            }
         }
     }
 
@@ -429,6 +478,37 @@ fn prepare_buckets<'a>(
     out: &mut dyn Effects,
 ) {
     quotas.prepare(tenants.filter_map(|t| quota_of(config, t).map(|q| (t.id.as_str(), &**q))), now_ms, out);
+}
+
+/// The key set's `:authority` and `:path` an OpenID Provider Configuration names (OpenID Connect Discovery
+/// 1.0 §3-4), if it is `expected`'s: its `issuer` is the provider's (a template's after
+/// [`normalise_placeholder`]), and its `jwks_uri` an http(s) URL with the discovery document's own scheme and
+/// `authority`. The body is untrusted: any other JSON, or none, is an error, and no error quotes it.
+pub fn jwks_location(body: &[u8], expected: &DiscoveredJwks, authority: &str) -> Result<(String, String), String> {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        #[serde(default)]
+        issuer: Option<String>,
+        #[serde(default)]
+        jwks_uri: Option<String>,
+    }
+    let doc: Document = serde_json::from_slice(body)
+        .map_err(|_| "not an OpenID Provider Configuration (a JSON object with issuer and jwks_uri)".to_string())?;
+    let issuer = doc.issuer.ok_or("it names no issuer")?;
+    let same =
+        if expected.template { normalise_placeholder(&issuer) == expected.issuer } else { issuer == expected.issuer };
+    if !same {
+        return Err("its issuer is not this provider's issuer".to_string());
+    }
+    let uri = doc.jwks_uri.ok_or("it names no jwks_uri")?;
+    let at = uri.strip_prefix(expected.scheme).and_then(|_| split_http_url(&uri));
+    match at {
+        Some((jwks_authority, path)) if jwks_authority.eq_ignore_ascii_case(authority) => Ok((jwks_authority, path)),
+        _ => Err(format!(
+            "its jwks_uri is not an {}{authority} URL (the discovery document's own scheme and authority)",
+            expected.scheme
+        )),
+    }
 }
 
 /// What a host does after a fetch ended ([`Router::on_fetch_result`]).
@@ -811,5 +891,277 @@ pub(crate) mod tests {
         let mut ticked = Recorded::default();
         r.on_tick(5_000, 4096, &mut ticked);
         assert_eq!(&ticked.0[..2], &["Gauge(VmMemoryBytes, 4096)".to_string(), "Gauge(CacheEntries, 0)".to_string()]);
+    }
+
+    // --- Configuration from discovery (issue 25). Documents shaped as the IdPs publish them (OpenID Connect
+    // Discovery 1.0 §3; Entra's common v2.0 document names `{tenantid}` in its issuer and its keys under
+    // login.microsoftonline.com/common/discovery/v2.0/keys).
+
+    /// Fetches, logs and counts a router asked for.
+    #[derive(Default)]
+    struct Seen {
+        fetches: Vec<(FetchTarget, String, String, String)>,
+        logs: Vec<String>,
+        counts: Vec<String>,
+    }
+
+    impl Effects for Seen {
+        fn push(&mut self, effect: Effect<'_>) {
+            match effect {
+                Effect::Fetch(f) => {
+                    self.fetches.push((f.target, f.cluster.into(), f.authority.into(), f.path.into()));
+                }
+                Effect::Log(_, line) => self.logs.push(line.into()),
+                Effect::Count(m) => self.counts.push(format!("{m:?}")),
+                _ => {}
+            }
+        }
+    }
+
+    const ENTRA_V2: &str = "https://login.microsoftonline.com/{tid}/v2.0";
+    const ENTRA_DISCOVERY: &str = "https://login.microsoftonline.com/common/v2.0/.well-known/openid-configuration";
+
+    fn discovery_router(provider: serde_json::Value) -> Router {
+        let mut p = serde_json::json!({"audiences": [testkeys::AUDIENCE], "jwks_cluster": "idp"});
+        for (k, v) in provider.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        let plugin = serde_json::json!({
+            "provider": p, "tenants": {testkeys::TENANT_A: {"cluster": "tenant_a"}}, "metadata_cluster": "m",
+        });
+        Router::new(Config::from_json(plugin.to_string().as_bytes()).unwrap(), 0, &mut Recorded::default())
+    }
+
+    fn entra_router() -> Router {
+        discovery_router(serde_json::json!({"issuer": ENTRA_V2, "discovery_uri": ENTRA_DISCOVERY}))
+    }
+
+    fn entra_document() -> serde_json::Value {
+        serde_json::json!({
+            "token_endpoint": "https://login.microsoftonline.com/common/oauth2/v2.0/token",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": "https://login.microsoftonline.com/common/discovery/v2.0/keys",
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"], "id_token_signing_alg_values_supported": ["RS256"],
+            "issuer": "https://login.microsoftonline.com/{tenantid}/v2.0",
+            "request_uri_parameter_supported": false,
+            "authorization_endpoint": "https://login.microsoftonline.com/common/oauth2/v2.0/authorize",
+            "tenant_region_scope": null, "cloud_instance_name": "microsoftonline.com"
+        })
+    }
+
+    fn fetched(
+        router: &mut Router,
+        target: FetchTarget,
+        status: Option<&str>,
+        body: &[u8],
+        now: u64,
+    ) -> (Fetched, Seen) {
+        let mut seen = Seen::default();
+        let result = FetchResult::Answer { status, body_size: body.len() };
+        let f = router.on_fetch_result(target, result, now, &mut || body.to_vec(), &|_| None, &mut seen);
+        (f, seen)
+    }
+
+    fn tick(router: &mut Router, now: u64) -> Seen {
+        let mut seen = Seen::default();
+        router.on_tick(now, 0, &mut seen);
+        seen
+    }
+
+    #[test]
+    fn discovery_fetches_the_document_then_the_key_set_it_names_at_every_refresh() {
+        let mut r = entra_router();
+        let discovery = (
+            FetchTarget::Discovery(0),
+            "idp".to_string(),
+            "login.microsoftonline.com".to_string(),
+            "/common/v2.0/.well-known/openid-configuration".to_string(),
+        );
+        assert_eq!(tick(&mut r, 0).fetches, std::slice::from_ref(&discovery));
+        assert!(tick(&mut r, 100).fetches.is_empty(), "one refresh in flight");
+        let doc = entra_document().to_string();
+        let (f, seen) = fetched(&mut r, FetchTarget::Discovery(0), Some("200"), doc.as_bytes(), 200);
+        assert_eq!(f, Fetched::default(), "nothing installed, nobody woken yet");
+        assert_eq!(
+            seen.fetches,
+            [(
+                FetchTarget::Jwks(0),
+                "idp".into(),
+                "login.microsoftonline.com".into(),
+                "/common/discovery/v2.0/keys".into()
+            )]
+        );
+        assert!(seen.counts.is_empty() && seen.logs.is_empty(), "{:?} {:?}", seen.counts, seen.logs);
+        let (f, seen) = fetched(&mut r, FetchTarget::Jwks(0), Some("200"), testkeys::public_jwks().as_bytes(), 300);
+        assert!(f.installed && f.waiting_for == Some(0));
+        assert_eq!(seen.counts, ["JwksFetchOk"]);
+        assert!(r.keys.0[0].keys.is_some());
+        // The next refresh starts with the document again.
+        assert!(tick(&mut r, 1_000).fetches.is_empty());
+        assert_eq!(tick(&mut r, 300 + 300_000).fetches, [discovery]);
+    }
+
+    #[test]
+    fn the_default_discovery_uri_is_under_the_issuer() {
+        let mut r = discovery_router(serde_json::json!({"issuer": "https://idp.example/realms/acme/"}));
+        assert_eq!(
+            tick(&mut r, 0).fetches,
+            [(
+                FetchTarget::Discovery(0),
+                "idp".into(),
+                "idp.example".into(),
+                "/realms/acme/.well-known/openid-configuration".into()
+            )]
+        );
+        // Keycloak's document: its own issuer (exact), keys on the same host.
+        let doc = serde_json::json!({"issuer": "https://idp.example/realms/acme/",
+            "jwks_uri": "https://idp.example/realms/acme/protocol/openid-connect/certs"});
+        let (_, seen) = fetched(&mut r, FetchTarget::Discovery(0), Some("200"), doc.to_string().as_bytes(), 1);
+        assert_eq!(seen.fetches[0].3, "/realms/acme/protocol/openid-connect/certs");
+        // An exact issuer is compared exactly: the trailing slash matters, placeholders are not normalised.
+        for issuer in ["https://idp.example/realms/acme", "https://idp.example/realms/{realm}/"] {
+            let mut r = discovery_router(serde_json::json!({"issuer": "https://idp.example/realms/acme/"}));
+            tick(&mut r, 0);
+            let doc = serde_json::json!({"issuer": issuer, "jwks_uri": "https://idp.example/certs"});
+            let (_, seen) = fetched(&mut r, FetchTarget::Discovery(0), Some("200"), doc.to_string().as_bytes(), 1);
+            assert!(seen.fetches.is_empty(), "{issuer}");
+        }
+    }
+
+    #[test]
+    fn a_bad_discovery_document_fails_the_refresh_and_never_replaces_a_good_key_set() {
+        let good = entra_document();
+        let with = |k: &str, v: serde_json::Value| {
+            let mut d = good.clone();
+            if v.is_null() {
+                d.as_object_mut().unwrap().remove(k);
+            } else {
+                d[k] = v;
+            }
+            d.to_string().into_bytes()
+        };
+        let big = format!("{{\"issuer\": \"{}\", \"pad\": \"{}\"}}", ENTRA_V2, "x".repeat(MAX_DISCOVERY_BYTES));
+        let cases: Vec<(&str, Option<&str>, Vec<u8>)> = vec![
+            ("another issuer", Some("200"), with("issuer", "https://login.microsoftonline.com/common/v2.0".into())),
+            ("another host's issuer", Some("200"), with("issuer", "https://evil.example/{tenantid}/v2.0".into())),
+            ("a v1 issuer", Some("200"), with("issuer", "https://sts.windows.net/{tenantid}/".into())),
+            ("no issuer", Some("200"), with("issuer", serde_json::Value::Null)),
+            ("issuer not a string", Some("200"), with("issuer", serde_json::json!(["x"]))),
+            ("no jwks_uri", Some("200"), with("jwks_uri", serde_json::Value::Null)),
+            ("jwks_uri on another host", Some("200"), with("jwks_uri", "https://evil.example/common/discovery/v2.0/keys".into())),
+            ("jwks_uri over http", Some("200"), with("jwks_uri", "http://login.microsoftonline.com/common/discovery/v2.0/keys".into())),
+            ("jwks_uri with userinfo", Some("200"), with("jwks_uri", "https://login.microsoftonline.com@evil.example/keys".into())),
+            ("jwks_uri on another port", Some("200"), with("jwks_uri", "https://login.microsoftonline.com:8443/keys".into())),
+            ("jwks_uri relative", Some("200"), with("jwks_uri", "/common/discovery/v2.0/keys".into())),
+            ("jwks_uri another scheme", Some("200"), with("jwks_uri", "file:///etc/passwd".into())),
+            ("duplicate issuer", Some("200"), format!("{{\"issuer\": \"{ENTRA_V2}\", \"issuer\": \"x\", \"jwks_uri\": \"https://login.microsoftonline.com/k\"}}").into_bytes()),
+            ("not JSON", Some("200"), b"<html>sign in</html>".to_vec()),
+            ("an array", Some("200"), b"[]".to_vec()),
+            ("too large", Some("200"), big.into_bytes()),
+            ("a 404", Some("404"), good.to_string().into_bytes()),
+            ("no answer", None, Vec::new()),
+        ];
+        for (what, status, body) in cases {
+            let mut r = entra_router();
+            // A good refresh first.
+            tick(&mut r, 0);
+            fetched(&mut r, FetchTarget::Discovery(0), Some("200"), good.to_string().as_bytes(), 1);
+            fetched(&mut r, FetchTarget::Jwks(0), Some("200"), testkeys::public_jwks().as_bytes(), 2);
+            let before = r.keys.0[0].keys.clone().unwrap();
+            // The next one gets the bad document.
+            let now = 2 + 300_000;
+            assert_eq!(tick(&mut r, now).fetches.len(), 1, "{what}");
+            r.keys.0[0].waiting.push(7);
+            let (f, seen) = fetched(&mut r, FetchTarget::Discovery(0), status, &body, now + 1);
+            assert!(seen.fetches.is_empty(), "{what}: no key-set fetch");
+            assert_eq!(seen.counts, ["JwksFetchFailed"], "{what}");
+            assert!(!f.installed && f.waiting_for == Some(0) && f.wake == [7], "{what}: {f:?}");
+            assert!(std::sync::Arc::ptr_eq(r.keys.0[0].keys.as_ref().unwrap(), &before), "{what}: keys kept");
+            let line = seen.logs.join("\n");
+            assert!(line.contains(&format!("discovery document {ENTRA_DISCOVERY}: ")), "{what}: {line}");
+            assert!(line.contains("keeping the last 2 keys"), "{what}: {line}");
+            assert!(!line.contains("evil") && !line.contains("sign in") && !line.contains("passwd"), "{what}: {line}");
+            // Retried with backoff: not at once, then after a second.
+            assert!(tick(&mut r, now + 2).fetches.is_empty(), "{what}");
+            assert_eq!(tick(&mut r, now + 1 + 1_000).fetches.len(), 1, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_key_set_fetch_that_fails_after_a_good_document_keeps_the_keys_and_refetches_the_document() {
+        let mut r = entra_router();
+        tick(&mut r, 0);
+        let doc = entra_document().to_string();
+        fetched(&mut r, FetchTarget::Discovery(0), Some("200"), doc.as_bytes(), 1);
+        let (f, seen) = fetched(&mut r, FetchTarget::Jwks(0), Some("500"), b"", 2);
+        assert!(!f.installed && seen.counts == ["JwksFetchFailed"]);
+        assert!(r.keys.0[0].keys.is_none());
+        assert_eq!(tick(&mut r, 2 + 1_000).fetches[0].0, FetchTarget::Discovery(0));
+    }
+
+    #[test]
+    fn discovery_uri_is_configured_with_jwks_cluster_alone() {
+        let base = serde_json::json!({"audiences": ["a"]});
+        let field = |p: serde_json::Value| {
+            let mut provider = base.clone();
+            for (k, v) in p.as_object().unwrap() {
+                provider[k] = v.clone();
+            }
+            let plugin =
+                serde_json::json!({"provider": provider, "tenants": {"t": {"cluster": "t"}}, "metadata_cluster": "m"});
+            Config::from_json(plugin.to_string().as_bytes()).err().map(|e| e.field)
+        };
+        let jwks = serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap();
+        for (p, want) in [
+            (serde_json::json!({"issuer": "https://idp.example", "jwks_cluster": "idp"}), None),
+            (serde_json::json!({"issuer": ENTRA_V2, "jwks_cluster": "idp", "discovery_uri": ENTRA_DISCOVERY}), None),
+            (serde_json::json!({"issuer": ENTRA_V2, "jwks_cluster": "idp"}), Some("provider.discovery_uri")),
+            (serde_json::json!({"issuer": "urn:idp", "jwks_cluster": "idp"}), Some("provider.discovery_uri")),
+            (
+                serde_json::json!({"issuer": "https://idp.example", "jwks_cluster": "idp", "discovery_uri": "idp.example/x"}),
+                Some("provider.discovery_uri"),
+            ),
+            (
+                serde_json::json!({"issuer": "https://idp.example", "jwks_cluster": "idp", "jwks_uri": "https://idp.example/k",
+                                "discovery_uri": "https://idp.example/d"}),
+                Some("provider.discovery_uri"),
+            ),
+            (
+                serde_json::json!({"issuer": "https://idp.example", "jwks": jwks, "discovery_uri": "https://idp.example/d"}),
+                Some("provider.discovery_uri"),
+            ),
+            (
+                serde_json::json!({"issuer": "https://idp.example", "discovery_uri": "https://idp.example/d"}),
+                Some("provider.discovery_uri"),
+            ),
+            (serde_json::json!({"issuer": "https://idp.example"}), Some("provider.jwks_uri")),
+        ] {
+            assert_eq!(field(p.clone()).as_deref(), want, "{p}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_discovery_document_is_a_location_on_the_same_authority_or_an_error(
+            issuer in proptest::prop_oneof![
+                proptest::strategy::Just("https://login.microsoftonline.com/{tenantid}/v2.0".to_string()),
+                "\\PC{0,40}",
+            ],
+            uri in proptest::prop_oneof![
+                "https://login\\.microsoftonline\\.com[:@/?#a-z0-9.%]{0,30}",
+                "\\PC{0,40}",
+            ],
+            raw in "\\PC{0,120}",
+        ) {
+            let expected = DiscoveredJwks { issuer: "https://login.microsoftonline.com/{}/v2.0".into(), template: true, scheme: "https://" };
+            let doc = serde_json::json!({"issuer": issuer, "jwks_uri": uri}).to_string();
+            for body in [doc.as_bytes(), raw.as_bytes()] {
+                if let Ok((authority, path)) = jwks_location(body, &expected, "login.microsoftonline.com") {
+                    proptest::prop_assert_eq!(authority, "login.microsoftonline.com");
+                    proptest::prop_assert!(path.starts_with('/'));
+                }
+            }
+        }
     }
 }

@@ -470,3 +470,37 @@ pub fn reach(path: &str, query: &str, form: &[u8]) -> bool {
     }
     !alone.is_empty()
 }
+
+/// An OpenID Provider Configuration (configuration from discovery), checked against an Entra-like template
+/// issuer on `https://login.microsoftonline.com`. `true` when it named a key set. Oracle: serde_json's own
+/// tree of the same body must show the issuer (after its placeholder is normalised) and a `jwks_uri` on the
+/// same scheme and authority as the location returned.
+pub fn discovery(bytes: &[u8]) -> bool {
+    use fhir_tenant_router::config::{normalise_placeholder, DiscoveredJwks};
+    const AUTHORITY: &str = "login.microsoftonline.com";
+    let expected = DiscoveredJwks {
+        issuer: "https://login.microsoftonline.com/{}/v2.0".into(),
+        template: true,
+        scheme: "https://",
+    };
+    match fhir_tenant_router::upkeep::jwks_location(bytes, &expected, AUTHORITY) {
+        Ok((authority, path)) => {
+            // Unknown members are skipped unread (iteratively, whatever their depth, and without checking their
+            // text is UTF-8): serde_json's own tree may then refuse the body; such a document is checked no
+            // further (the two members read were strings of valid JSON, or it would have been refused).
+            let Ok(tree) = serde_json::from_slice::<Value>(bytes) else { return true };
+            let issuer = tree["issuer"].as_str().expect("a located document has an issuer");
+            assert_eq!(normalise_placeholder(issuer), expected.issuer, "accepted another issuer");
+            let uri = tree["jwks_uri"].as_str().expect("a located document has a jwks_uri");
+            let rest = uri.strip_prefix("https://").expect("accepted a jwks_uri of another scheme");
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            assert!(rest[..end].eq_ignore_ascii_case(AUTHORITY), "accepted keys on {uri:?}");
+            assert!(authority.eq_ignore_ascii_case(AUTHORITY) && path.starts_with('/'), "{authority} {path}");
+            true
+        }
+        Err(why) => {
+            assert!(!why.is_empty());
+            false
+        }
+    }
+}

@@ -907,6 +907,42 @@ pub fn token_response(rng: &mut Rng, n: usize) -> Stats {
     stats
 }
 
+/// OpenID Provider Configurations: Entra's common v2.0 document and others, mutated structurally and at
+/// byte level, spliced, or raw bytes.
+pub fn discovery(rng: &mut Rng, n: usize) -> Stats {
+    let seeds = [
+        json!({"token_endpoint": "https://login.microsoftonline.com/common/oauth2/v2.0/token",
+               "jwks_uri": "https://login.microsoftonline.com/common/discovery/v2.0/keys",
+               "issuer": "https://login.microsoftonline.com/{tenantid}/v2.0",
+               "id_token_signing_alg_values_supported": ["RS256"], "tenant_region_scope": null}),
+        json!({"issuer": "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0",
+               "jwks_uri": "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/discovery/v2.0/keys"}),
+        json!({"issuer": "https://login.microsoftonline.com/{tenantid}/v2.0", "jwks_uri": "https://evil.example/keys"}),
+        json!({"issuer": "https://login.microsoftonline.com/{tenantid}/v2.0",
+               "jwks_uri": "https://login.microsoftonline.com@evil.example/keys"}),
+        json!({"issuer": "https://sts.windows.net/{tenantid}/", "jwks_uri": "https://login.microsoftonline.com/common/discovery/keys"}),
+    ];
+    let mut stats = Stats::default();
+    for _ in 0..n {
+        let seed = rng.pick(&seeds);
+        let mut body = match rng.below(10) {
+            0 => seed.to_string().into_bytes(),
+            1 => {
+                let a = seed.to_string().into_bytes();
+                let b = rng.pick(&seeds).to_string().into_bytes();
+                splice(rng, &a, &b)
+            }
+            _ => json_document(rng, seed),
+        };
+        if rng.percent(15) {
+            mutate_bytes(rng, &mut body);
+        }
+        note("discovery", &body);
+        stats.add(checks::discovery(&body));
+    }
+    stats
+}
+
 /// Response bodies for the answer check: FHIR answers (a searchset with includes, contained resources at
 /// depth, a batch-response with nested Bundles and outcomes, Parameters) mutated structurally and at byte
 /// level, truncated, spliced, deeply nested, or raw bytes.

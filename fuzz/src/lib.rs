@@ -120,3 +120,8 @@ pub fn fuzz_der(data: &[u8]) {
     };
     checks::der(raw, scalar_len);
 }
+
+/// OpenID Provider Configurations (configuration from discovery).
+pub fn fuzz_discovery(data: &[u8]) {
+    checks::discovery(data);
+}

@@ -133,7 +133,8 @@ impl Published {
                     self.publish_tenants(map);
                 }
             }
-            FetchTarget::UpstreamToken { .. } | FetchTarget::Resend(_) => {}
+            // A discovery document installs nothing: the key-set fetch it sends does.
+            FetchTarget::Discovery(_) | FetchTarget::UpstreamToken { .. } | FetchTarget::Resend(_) => {}
         }
     }
 

@@ -714,3 +714,91 @@ fn a_key_set_fetch_that_never_gets_its_answer_is_said_and_sent_again() {
     envoy.tick();
     callout_to(&envoy.take_calls(), "idp");
 }
+
+// ---- configuration from discovery (issue 25): the document's answer sends the key set's callout ----
+
+fn discovery_plugin() -> Value {
+    let mut p = plugin();
+    p["provider"] = json!({
+        "issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE], "jwks_cluster": "idp", "jwks_min_refetch_s": 1
+    });
+    p
+}
+
+fn get(path: &str) -> String {
+    format!(
+        "config_http_callout idp [(\":method\", \"GET\"), (\":path\", \"{path}\"), (\":authority\", \"127.0.0.1:9000\"), \
+         (\"accept\", \"application/json\")] 0 5000"
+    )
+}
+
+/// Answers the discovery callout `id` with a document naming `/keys/v2`: the key set's callout goes out at
+/// once, from the document's answer (not at the next tick).
+fn discovered(envoy: &FakeEnvoy, id: u64) {
+    let doc = json!({"issuer": testkeys::ISSUER, "jwks_uri": "http://127.0.0.1:9000/keys/v2",
+                     "token_endpoint": "http://127.0.0.1:9000/token", "id_token_signing_alg_values_supported": ["RS256"]});
+    envoy.config_callout_done(id, "200", doc.to_string().as_bytes());
+    let calls = envoy.take_calls();
+    assert_eq!(calls, [get("/keys/v2")], "{}", dump(&calls));
+}
+
+#[test]
+fn a_discovery_documents_answer_sends_the_key_set_callout_and_its_keys_wake_a_parked_request() {
+    let envoy = configured(&discovery_plugin());
+    envoy.tick();
+    let calls = envoy.take_calls();
+    assert_eq!(calls, [get("/.well-known/openid-configuration")], "{}", dump(&calls));
+    discovered(&envoy, 1);
+    // A first key set without the RS256 key.
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    envoy.config_callout_done(2, "200", es_only.as_bytes());
+    let calls = envoy.take_calls();
+    assert!(
+        calls.iter().any(|c| c == "config_increment_counter fhir_tenant_router.jwks.fetch_ok 1"),
+        "{}",
+        dump(&calls)
+    );
+    // A token signed with the RS256 key waits for a refetch, which starts with the document again.
+    envoy.set_now_ms(T0_MS + 2_000);
+    let s = envoy.new_stream(0);
+    let auth = bearer(&testkeys::claims_now());
+    assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &auth), true), HEADERS_STOP_ITERATION);
+    envoy.tick();
+    let calls = envoy.take_calls();
+    assert!(calls.contains(&get("/.well-known/openid-configuration")), "{}", dump(&calls));
+    discovered(&envoy, 3);
+    envoy.config_callout_done(4, "200", testkeys::public_jwks().as_bytes());
+    let calls = envoy.take_calls();
+    assert_eq!(calls.last().map(String::as_str), Some("scheduler_commit stream Some(0)"), "{}", dump(&calls));
+    envoy.run_scheduled();
+    let calls = envoy.take_calls();
+    assert!(calls.iter().any(|c| c == "continue_decoding"), "{}", dump(&calls));
+    assert!(violations(&calls).is_empty(), "{}", dump(&calls));
+    envoy.destroy(s);
+}
+
+#[test]
+fn a_discovery_document_naming_keys_elsewhere_sends_nothing_and_is_a_failed_fetch() {
+    let envoy = configured(&discovery_plugin());
+    envoy.tick();
+    envoy.take_calls();
+    let doc = json!({"issuer": testkeys::ISSUER, "jwks_uri": "http://attacker.example/keys"});
+    envoy.config_callout_done(1, "200", doc.to_string().as_bytes());
+    let calls = envoy.take_calls();
+    assert!(!calls.iter().any(|c| c.starts_with("config_http_callout")), "{}", dump(&calls));
+    assert!(
+        calls.iter().any(|c| c == "config_increment_counter fhir_tenant_router.jwks.fetch_failed 1"),
+        "{}",
+        dump(&calls)
+    );
+    assert!(
+        calls.iter().any(|c| c.starts_with("log Warn JWKS fetch") && c.contains("discovery document")),
+        "{}",
+        dump(&calls)
+    );
+    assert!(!calls.iter().any(|c| c.contains("attacker")), "{}", dump(&calls));
+    // Retried after the first backoff, with the document.
+    envoy.set_now_ms(T0_MS + crate::refresh::FIRST_BACKOFF_MS);
+    envoy.tick();
+    assert_eq!(envoy.take_calls(), [get("/.well-known/openid-configuration")]);
+}

@@ -159,9 +159,23 @@ impl<E: Envoy> Upkeep<E> {
         for answer in lost {
             token_answered(main, answer);
         }
-        for fetch in std::mem::take(&mut sink.fetches) {
+        let fetches = std::mem::take(&mut sink.fetches);
+        self.send(main, fetches);
+    }
+
+    /// Sends the fetches the core asked for (on a tick, or after a fetch's answer: a discovery document's
+    /// sends the key set's). One that cannot be sent ends at once, as failed.
+    fn send(&mut self, main: &Main<'_, E>, fetches: Vec<OwnedFetch>) {
+        for fetch in fetches {
             let headers: Vec<(&str, &str)> = fetch.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            match main.env.config_http_callout(envoy_config, &fetch.cluster, &headers, &fetch.body, fetch.timeout_ms) {
+            let sent = main.env.config_http_callout(
+                main.envoy_config.0,
+                &fetch.cluster,
+                &headers,
+                &fetch.body,
+                fetch.timeout_ms,
+            );
+            match sent {
                 Ok(id) => {
                     self.calls.insert(id, fetch.target);
                 }
@@ -180,13 +194,16 @@ impl<E: Envoy> Upkeep<E> {
         self.answer(main, target, result, body);
     }
 
-    /// Applies what the core says of a fetch's end: an installed answer goes to the workers; the requests
-    /// parked for that provider's keys (on any worker) are decided again.
+    /// Applies what the core says of a fetch's end: the fetches it starts are sent, an installed answer goes
+    /// to the workers; the requests parked for that provider's keys (on any worker) are decided again.
     fn answer(&mut self, main: &Main<'_, E>, target: FetchTarget, result: FetchResult<'_>, body: Vec<u8>) {
         let env = crate::config::process_lookup;
         let mut sink =
             MainSink { env: main.env, envoy_config: main.envoy_config.0, metrics: main.metrics, fetches: Vec::new() };
         let fetched = self.router.on_fetch_result(target, result, now_ms(), &mut || body.clone(), &env, &mut sink);
+        // The fetches the answer starts (a discovery document's key-set fetch).
+        let fetches = std::mem::take(&mut sink.fetches);
+        self.send(main, fetches);
         if let Some(answer) = fetched.token {
             token_answered(main, answer);
             return;

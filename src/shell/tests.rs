@@ -1717,3 +1717,45 @@ fn a_large_rate_quota_leases_units_so_most_requests_make_no_shared_data_call() {
     root.on_tick_for_test();
     assert_eq!(host.metric(&format!("tenant.{TENANT_A}.quota.allowed")), 7);
 }
+
+// ---- configuration from discovery (issue 25) ----
+
+fn discovery_call(path: &str) -> String {
+    format!(
+        r#"dispatch idp [(":method", "GET"), (":path", "{path}"), (":authority", "127.0.0.1:9000"), ("accept", "application/json")] 5000"#
+    )
+}
+
+/// The document's answer dispatches the key set's fetch at once (the root applies the fetches the core asks
+/// for while it takes an answer); a document whose jwks_uri leaves the IdP's host dispatches nothing.
+#[test]
+fn a_discovery_documents_answer_dispatches_the_key_set_fetch_it_names() {
+    let mut p = plugin();
+    p["provider"] = json!({"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE], "jwks_cluster": "idp"});
+    let (host, mut root) = configured(&p);
+    root.on_tick();
+    assert_eq!(host.take_calls(), [discovery_call("/.well-known/openid-configuration")]);
+    let doc = json!({"issuer": testkeys::ISSUER, "jwks_uri": "http://127.0.0.1:9000/oauth2/v1/keys"});
+    deliver(&host, &mut root, 1, Some("200"), doc.to_string().as_bytes());
+    assert_eq!(host.take_calls(), [discovery_call("/oauth2/v1/keys")]);
+    deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
+    host.take_calls();
+    let (_f, flow) = send(&host, &root, 7, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    assert_eq!(flow, Flow::Continue);
+    host.take_calls();
+    // At the next refresh the document names keys elsewhere: nothing is fetched, the keys in force stay.
+    host.0.now_ms.set(T0_MS + 300_000);
+    root.on_tick();
+    assert_eq!(host.take_calls(), [discovery_call("/.well-known/openid-configuration")]);
+    let doc = json!({"issuer": testkeys::ISSUER, "jwks_uri": "http://127.0.0.2:9000/oauth2/v1/keys"});
+    deliver(&host, &mut root, 3, Some("200"), doc.to_string().as_bytes());
+    let calls = host.take_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        calls[0].starts_with("log Warn JWKS fetch for http://127.0.0.1:9000 failed (discovery document "),
+        "{calls:?}"
+    );
+    assert!(calls[0].contains("keeping the last 2 keys") && !calls[0].contains("127.0.0.2"), "{calls:?}");
+    let (_f, flow) = send(&host, &root, 8, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    assert_eq!(flow, Flow::Continue);
+}

@@ -49,6 +49,7 @@ const PARSERS: &[(&str, &str, usize, Generator)] = &[
     ("host_proto", "host_proto::decode_verify_result", 200_000, gen::host_proto),
     ("der", "der::ecdsa_raw_to_der", 200_000, gen::der),
     ("token_response", "upstream_auth::parse_token_response", 100_000, gen::token_response),
+    ("discovery", "upkeep::jwks_location (OpenID Provider Configuration)", 100_000, gen::discovery),
 ];
 
 const CHUNK: usize = 5_000;

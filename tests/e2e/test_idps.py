@@ -50,7 +50,7 @@ import json
 import pytest
 
 from checks import assert_forbidden, assert_no_upstream_saw_anything, assert_served_only_by, assert_unauthorized
-from checks import assert_wasm_vm_never_crashed
+from checks import assert_operation_outcome, assert_wasm_vm_never_crashed
 from conftest import stop_envoy
 from harness import bearer, wait_until
 from idps import (
@@ -101,7 +101,7 @@ class Site:
         elif status == 403:
             assert_forbidden(resp)
         else:
-            assert resp.status == status, resp
+            assert_operation_outcome(resp, status)
         assert_no_upstream_saw_anything(self.upstreams)
         return resp
 
@@ -604,36 +604,56 @@ def test_keycloak_new_realm_key_is_picked_up_through_discovery(keycloak):
 
 
 @pytest.fixture(scope="module")
-def keycloak_elsewhere(start_envoy, upstreams, server):
-    """Realm acme's discovery document names a jwks_uri on another host (which would answer with the right keys)."""
+def keycloak_misled(start_envoy, upstreams, server):
+    """Two realms whose discovery documents must not be followed (both point at key sets that would verify):
+    `acme-elsewhere` names a jwks_uri on another host; `acme-mislabelled` says it is the realm globex."""
     kc = Keycloak(server, publish=False)  # its keys only: the realms acme and globex stay as published
-    iss = f"{KEYCLOAK}/realms/acme-elsewhere"
+    key = kc.sig[REALM_ACME][0]
+    elsewhere_iss, mislabelled_iss = f"{KEYCLOAK}/realms/acme-elsewhere", f"{KEYCLOAK}/realms/acme-mislabelled"
     elsewhere = f"https://{EVIL_HOST}/realms/acme-elsewhere/protocol/openid-connect/certs"
-    server.put(f"{iss}/.well-known/openid-configuration", keycloak_discovery(iss, elsewhere))
-    server.put(elsewhere, {"keys": [keycloak_jwk(kc.sig[REALM_ACME][0])]})
+    server.put(f"{elsewhere_iss}/.well-known/openid-configuration", keycloak_discovery(elsewhere_iss, elsewhere))
+    server.put(elsewhere, {"keys": [keycloak_jwk(key)]})
+    mislabelled = keycloak_discovery(mislabelled_iss)
+    mislabelled["issuer"] = REALM_GLOBEX
+    server.put(f"{mislabelled_iss}/.well-known/openid-configuration", mislabelled)
+    server.put(mislabelled["jwks_uri"], {"keys": [keycloak_jwk(key)]})
     doc = page_config("keycloak")
-    doc["providers"] = [dict(doc["providers"][0], issuer=iss)]
+    doc["providers"] = [dict(doc["providers"][0], issuer=elsewhere_iss), dict(doc["providers"][0], issuer=mislabelled_iss)]
     doc["tenants"].pop("globex")
-    site = start_site(start_envoy, upstreams, server, "envoy-idp-keycloak-elsewhere", ["keycloak"], doc)
-    site.idp, site.iss = kc, iss
+    site = start_site(start_envoy, upstreams, server, "envoy-idp-keycloak-misled", ["keycloak"], doc)
+    site.idp, site.key, site.issuers = kc, key, (elsewhere_iss, mislabelled_iss)
+
+    def refusals() -> list[str]:
+        return [line for line in site.env.log().splitlines() if "failed" in line and "discovery" in line]
+
+    site.refusals = refusals
+    fetched = {elsewhere_iss: lambda: server.seen(EVIL_HOST),
+               mislabelled_iss: lambda: server.seen("keycloak.example.com", "/realms/acme-mislabelled/protocol/"
+                                                    "openid-connect/certs")}
+
+    def settled(iss: str) -> bool:  # refused in the log, or (the defect) its key set fetched
+        return any(iss + " " in line for line in refusals()) or bool(fetched[iss]())
+
     try:
-        wait_until(lambda: server.seen("keycloak.example.com", "/realms/acme-elsewhere/.well-known/openid-configuration"),
-                   30, "the discovery document to be fetched", on_timeout=lambda: "\n" + site.env.log_tail(40))
-        wait_until(lambda: "jwks_uri" in site.env.log(), 30, "a log line naming the refused jwks_uri",
+        wait_until(lambda: all(settled(i) for i in site.issuers), 30, "both discovery documents to be judged",
                    on_timeout=lambda: "\n" + site.env.log_tail(40))
         yield site
     finally:
         stop_envoy(site.env)
 
 
-def test_keycloak_discovery_naming_a_key_set_on_another_host_installs_no_key_set(keycloak_elsewhere):
-    site = keycloak_elsewhere
-    token = site.idp.token(site.iss, key=site.idp.sig[REALM_ACME][0], azp="fhir-backend",
-                           aud=["fhir-router", "account"])
-    site.refused(token, 503)
-    assert site.server.seen(EVIL_HOST) == [], "the filter fetched the key set from another host"
-    lines = [line for line in site.env.log().splitlines() if "jwks_uri" in line]
+@pytest.mark.parametrize("which", ["jwks_uri-on-another-host", "issuer-of-another-realm"])
+def test_keycloak_discovery_document_that_cannot_be_trusted_installs_no_key_set(keycloak_misled, which):
+    site = keycloak_misled
+    iss = site.issuers[0 if which == "jwks_uri-on-another-host" else 1]
+    token = site.idp.token(iss, key=site.key, azp="fhir-backend", aud=["fhir-router", "account"])
+    site.refused(token, 503)  # no key set: the filter's documented answer before a first good fetch
+    assert site.server.seen(EVIL_HOST) == [], "the filter fetched a key set from another host"
+    assert site.server.seen("keycloak.example.com", "/realms/acme-mislabelled/protocol/openid-connect/certs") == [], \
+        "the filter fetched the key set of a document naming another issuer"
+    lines = [line for line in site.refusals() if iss + " " in line]
     assert lines, "no log line says why the key set was not fetched"
+    assert not any(EVIL_HOST in line for line in lines), "the log quotes the document"
 
 
 # --------------------------------------------------------------------------------------- Cognito

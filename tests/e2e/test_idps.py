@@ -475,6 +475,28 @@ def test_auth0_token_of_no_listed_organization_is_refused(auth0, org):
     auth0.refused(auth0.idp.token(org, scope=f"system/*.* {ORG_A}"), 403)
 
 
+@pytest.fixture(scope="module")
+def auth0_rbac(start_envoy, upstreams, server, auth0):
+    """The page's variant for RBAC's "Add Permissions in the Access Token": `"scopes": "permissions"`."""
+    doc = page_config("auth0")
+    doc["provider"]["claims"]["scopes"] = "permissions"
+    site = start_site(start_envoy, upstreams, server, "envoy-idp-auth0-rbac", ["auth0"], doc)
+    site.idp = auth0.idp
+    try:
+        site.wait_ready(site.idp.token(ORG_A, permissions=["system/*.*"]), "Auth0 (RBAC)")
+        yield site
+    finally:
+        stop_envoy(site.env)
+
+
+def test_auth0_rbac_permissions_array_narrows_what_the_client_may_do(auth0_rbac):
+    mint = auth0_rbac.idp.token
+    narrowing(auth0_rbac, mint(ORG_A, "", permissions=["system/Patient.read"]),
+              mint(ORG_A, "", permissions=["system/*.*"]), "tenant-a", ORG_A)
+    # With permissions configured, the scope string grants nothing.
+    auth0_rbac.refused(mint(ORG_A, "system/*.*", permissions=[]), 403)
+
+
 # -------------------------------------------------------------------------------------- Keycloak
 
 KEYCLOAK = "https://keycloak.example.com"

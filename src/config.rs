@@ -449,7 +449,8 @@ pub struct Config {
     /// The tenants from the configuration (the initial map when a registry is configured; may be empty then).
     /// Requests are decided on the live map (this one, or the registry's latest), never on this field.
     pub tenants: TenantMap,
-    /// The claim that names the tenant (`scope` unless configured).
+    /// The top-level `tenant_claim` (`scope` unless configured): the default of every provider's
+    /// `claims.tenant`. Requests read the provider's ([`Provider::claims`]), never this field.
     pub tenant_claim: String,
     pub registry: Option<Registry>,
     /// The cluster for tenants given by `url` (Envoy's dynamic forward proxy).
@@ -2135,6 +2136,40 @@ pub(crate) mod tests {
         assert!(!t.allows_issuer(&format!("https://login.microsoftonline.com/{dir}/v2.0")));
         v["tenants"][TA]["issuers"] = json!(["https://login.microsoftonline.com/{tenantid}/v2.0"]);
         assert_eq!(field_of(&v), format!("tenants.{TA}.issuers"));
+    }
+
+    /// The Entra multi-tenant configuration of the contract (idp-spec), as written there.
+    #[test]
+    fn the_entra_multi_tenant_example_compiles_as_specified() {
+        let v = json!({
+          "providers": [
+            {"issuer": "https://login.microsoftonline.com/{tid}/v2.0", "audiences": ["api://fhir-router", "00000000-0000-0000-0000-0000000000aa"],
+             "discovery_uri": "https://login.microsoftonline.com/common/v2.0/.well-known/openid-configuration",
+             "jwks_cluster": "entra", "claims": {"scopes": "roles", "client": ["azp", "appid"]}},
+            {"issuer": "https://sts.windows.net/{tid}/", "audiences": ["api://fhir-router", "api://fhir-router/", "00000000-0000-0000-0000-0000000000aa"],
+             "jwks_uri": "https://login.microsoftonline.com/common/discovery/keys",
+             "jwks_cluster": "entra", "claims": {"scopes": "roles", "client": ["appid", "azp"]}}
+          ],
+          "tenants": {"72f988bf-86f1-41af-91ab-2d7cd011db47": {"cluster": "tenant_a"},
+                      "f8cdef31-a31e-4b4a-93e4-5f571e91255a": {"cluster": "tenant_b"}},
+          "metadata_cluster": "tenant_a"
+        });
+        let c = compile(&v).unwrap();
+        let (v2, v1) = (&c.providers[0], &c.providers[1]);
+        assert_eq!(v2.provider.claims.tenant, "tid");
+        assert_eq!(v2.provider.claims.tenant_prefixes, [""]);
+        assert_eq!((v2.provider.claims.scopes.as_str(), v1.provider.claims.client[0].as_str()), ("roles", "appid"));
+        let (JwksSource::Remote(r2), JwksSource::Remote(r1)) = (&v2.jwks, &v1.jwks) else { panic!("remote") };
+        let d = r2.discovery.as_ref().unwrap();
+        assert_eq!(
+            (d.issuer.as_str(), d.template, d.scheme),
+            ("https://login.microsoftonline.com/{}/v2.0", true, "https://")
+        );
+        assert_eq!(
+            (r2.authority.as_str(), r2.path.as_str()),
+            ("login.microsoftonline.com", "/common/v2.0/.well-known/openid-configuration")
+        );
+        assert!(r1.discovery.is_none() && r1.path == "/common/discovery/keys");
     }
 
     #[test]

@@ -497,7 +497,11 @@ mod tests {
                 assert_eq!(verdict, Err(Rejection::AudienceMismatch), "{other}");
             }
         }
-        // `aud` itself is no longer what is compared.
+        // `aud` itself is no longer what is compared, nor a stand-in when `client_id` is missing.
+        let mut c = cognito.clone();
+        c.as_object_mut().unwrap().remove("client_id");
+        c["aud"] = json!("1example23456789");
+        assert_eq!(check_with(&p, &testkeys::sign_rs256(&c)), Err(Rejection::AudienceMismatch));
         let mut c = cognito.clone();
         c["client_id"] = json!("another-client");
         c["aud"] = json!("1example23456789");

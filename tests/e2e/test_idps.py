@@ -45,7 +45,9 @@ only it); "refused" means the status and no upstream saw anything.
 """
 from __future__ import annotations
 
+import base64
 import json
+import uuid
 
 import pytest
 
@@ -54,7 +56,7 @@ from checks import assert_operation_outcome, assert_wasm_vm_never_crashed
 from conftest import stop_envoy
 from harness import bearer, wait_until
 from idps import (
-    IdpKey, IdpServer, auth0_jwk, cognito_jwk, entra_jwk, envoy_base, keycloak_jwk, new_id, now, okta_jwk,
+    IdpKey, IdpServer, auth0_jwk, b64u, cognito_jwk, entra_jwk, envoy_base, keycloak_jwk, new_id, now, okta_jwk,
     page_config, page_path,
 )
 
@@ -332,7 +334,7 @@ class Okta:
     def token(self, iss: str, scp: list[str] | None = ("system/*.*",), *, aud: str = "api://fhir-router",
               key_of: str | None = None, **over) -> str:
         key = self.keys[key_of or iss]
-        claims = {"ver": 1, "jti": "AT.tkV3dN9hB0gRj2l5sYpWfQ8mC1xZ7aE4oU6iK3nL0bM", "iss": iss, "aud": aud,
+        claims = {"ver": 1, "jti": "AT." + b64u(uuid.uuid4().bytes + uuid.uuid4().bytes), "iss": iss, "aud": aud,
                   "iat": now() - 5, "exp": now() + 3600, "cid": OKTA_CLIENT, "scp": scp, "sub": OKTA_CLIENT}
         claims.update(over)
         claims = {k: (list(v) if isinstance(v, tuple) else v) for k, v in claims.items() if v is not None}
@@ -412,7 +414,7 @@ class Auth0:
     def token(self, org: str | None, scope: str = "system/*.*", *, typ: str | None = "at+jwt", **over) -> str:
         """RFC 9068 profile, client credentials (client_id, jti), with the organization's org_id."""
         claims = {"iss": AUTH0, "sub": f"{AUTH0_CLIENT}@clients", "aud": AUTH0_API, "client_id": AUTH0_CLIENT,
-                  "exp": now() + 86400, "iat": now() - 5, "jti": "73WakrfVbNJBaAmhQtEeDv", "scope": scope,
+                  "exp": now() + 86400, "iat": now() - 5, "jti": b64u(uuid.uuid4().bytes), "scope": scope,
                   "gty": "client-credentials", "org_id": org}
         claims.update(over)
         claims = {k: v for k, v in claims.items() if v is not None}
@@ -756,6 +758,53 @@ def test_cognito_id_token_or_wrong_client_or_pool_is_refused(cognito, kind):
         "token-use-id": lambda: cg.token(POOL_ACME, token_use="id"),
     }[kind]()
     cognito.refused(token, 401)
+
+
+# ------------------------------------------------------------------------------------ the audit line
+
+AUDIT_START = '{"audit":"fhir-tenant-router"'
+
+
+def claims_of(token: str) -> dict:
+    part = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def audit_record(site: Site, claims: dict) -> dict:
+    """The audit line of the request made with the token of these claims (by jti, else by sub)."""
+    key, value = ("jti", claims["jti"]) if "jti" in claims else ("sub", claims["sub"])
+    decoder = json.JSONDecoder()
+
+    def found():
+        out = []
+        for line in site.env.log().splitlines():
+            i = line.find(AUDIT_START)
+            if i >= 0:
+                rec = decoder.raw_decode(line[i:])[0]
+                if rec.get(key) == value:
+                    out.append(rec)
+        return out
+
+    (rec,) = wait_until(found, 10, f"the audit line with {key} {value}", on_timeout=lambda: "\n" + site.env.log_tail(20))
+    return rec
+
+
+@pytest.mark.parametrize("idp,mint,client", [
+    ("entra", lambda s: s.idp.v2(TID_A), CLIENT_APP_ID),          # azp
+    ("entra", lambda s: s.idp.v1(TID_B), CLIENT_APP_ID),          # appid
+    ("okta", lambda s: s.idp.token(OKTA_ACME), OKTA_CLIENT),      # cid
+    ("auth0", lambda s: s.idp.token(ORG_A), AUTH0_CLIENT),        # client_id (RFC 9068 profile)
+    ("keycloak", lambda s: s.idp.token(REALM_GLOBEX, drop=("client_id",)), "globex-backend"),  # azp
+    ("cognito", lambda s: s.idp.token(POOL_GLOBEX), COGNITO_CLIENT[POOL_GLOBEX]),  # client_id
+], ids=["entra-v2-azp", "entra-v1-appid", "okta-cid", "auth0-client_id", "keycloak-azp", "cognito-client_id"])
+def test_the_audited_client_is_the_one_the_idp_names(request, idp, mint, client):
+    """`claims.client` (or its default) finds each IdP's client claim: the audit line names that client."""
+    site = request.getfixturevalue(idp)
+    token = mint(site)
+    assert site.send(token).status == 200
+    rec = audit_record(site, claims_of(token))
+    assert rec["client_id"] == client, rec
+    assert rec["outcome"] == "allowed", rec
 
 
 # ------------------------------------------------------------------------------------------ all

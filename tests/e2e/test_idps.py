@@ -12,7 +12,7 @@ Microsoft Entra ID
       roles, appid/appidacr (v1.0), azp/azpacr (v2.0), oid, sub, ver
   https://learn.microsoft.com/en-us/entra/identity-platform/access-tokens     v1.0/v2.0 chosen by the API; validation
   https://learn.microsoft.com/en-us/entra/identity-platform/optional-claims-reference     idtyp "app"
-  https://learn.microsoft.com/en-us/entra/identity-platform/signing-key-rollover      keys: kty, use, kid, x5t, n, e, x5c
+  https://learn.microsoft.com/en-us/entra/identity-platform/signing-key-rollover    keys: kty, use, kid, x5t, n, e, x5c
   https://learn.microsoft.com/en-us/answers/questions/1283131     common/discovery/v2.0/keys serves every tenant
   https://github.com/coreos/go-oidc/issues/121       common discovery: "issuer": ".../{tenantid}/v2.0"
   https://learn.microsoft.com/en-us/graph/api/resources/approle     role value: <=120 chars, '/' allowed, no space
@@ -160,7 +160,8 @@ class Entra:
             "http_logout_supported": True,
             "frontchannel_logout_supported": True,
             "end_session_endpoint": f"https://{ENTRA}/common/oauth2/v2.0/logout",
-            "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name", "cloud_graph_host_name",
+            "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name",
+                                 "cloud_graph_host_name",
                                  "msgraph_host", "aud", "exp", "iat", "auth_time", "acr", "nonce",
                                  "preferred_username", "name", "tid", "ver", "at_hash", "c_hash", "email"],
             "kerberos_endpoint": f"https://{ENTRA}/common/kerberos",
@@ -642,7 +643,8 @@ def keycloak_misled(start_envoy, upstreams, server):
     server.put(f"{mislabelled_iss}/.well-known/openid-configuration", mislabelled)
     server.put(mislabelled["jwks_uri"], {"keys": [keycloak_jwk(key)]})
     doc = page_config("keycloak")
-    doc["providers"] = [dict(doc["providers"][0], issuer=elsewhere_iss), dict(doc["providers"][0], issuer=mislabelled_iss)]
+    doc["providers"] = [dict(doc["providers"][0], issuer=elsewhere_iss),
+                        dict(doc["providers"][0], issuer=mislabelled_iss)]
     doc["tenants"].pop("globex")
     site = start_site(start_envoy, upstreams, server, "envoy-idp-keycloak-misled", ["keycloak"], doc)
     site.idp, site.key, site.issuers = kc, key, (elsewhere_iss, mislabelled_iss)
@@ -785,7 +787,8 @@ def audit_record(site: Site, claims: dict) -> dict:
                     out.append(rec)
         return out
 
-    (rec,) = wait_until(found, 10, f"the audit line with {key} {value}", on_timeout=lambda: "\n" + site.env.log_tail(20))
+    (rec,) = wait_until(found, 10, f"the audit line with {key} {value}",
+                        on_timeout=lambda: "\n" + site.env.log_tail(20))
     return rec
 
 

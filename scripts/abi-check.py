@@ -41,6 +41,7 @@ REQUIRED_HOOKS = ["program_init"] + [f"http_filter_{h}" for h in (
 OPTIONAL = [
     "envoy_dynamic_module_callback_http_filter_config_increment_counter",
     "envoy_dynamic_module_callback_http_filter_config_set_gauge",
+    "envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch",
 ]
 
 ABI_VERSION = re.compile(rb"\x00(v0\.(\d+)\.\d+)\x00")
@@ -101,8 +102,9 @@ def check(so: Path, envoy: Path, imported: set[str], exported_by_so: set[str], m
         return errors
     optional = [n for n in OPTIONAL if n in exported]
     abi = "matched" if module_abi == envoy_abi else f"{module_abi[0]} on {envoy_abi[0]}: Envoy warns, within its promise"
-    stats = ("config-level stats direct" if len(optional) == len(OPTIONAL)
-             else f"lacks {len(OPTIONAL) - len(optional)} optional callbacks: config-level stats relayed by the workers")
+    stats = ("config-level stats and dynamic metadata direct" if len(optional) == len(OPTIONAL)
+             else f"lacks {len(OPTIONAL) - len(optional)} optional callbacks: config-level stats relayed by the "
+             "workers, dynamic metadata set one entry per call")
     print(f"abi-check: Envoy {version}: {len(imported)} imported callbacks all exported; "
           f"{len(REQUIRED_HOOKS)} required hooks exported and looked up; ABI {abi}; {stats}")
     return []

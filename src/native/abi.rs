@@ -186,13 +186,13 @@ extern "C" {
         value: ModuleBuffer,
     ) -> bool;
     pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: FilterEnvoyPtr);
-    /// Sets `entries_size` string entries of the stream's dynamic metadata under `ns` (overwriting), in one
-    /// call; Envoy copies every buffer.
-    pub fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+    /// Sets one string entry of the stream's dynamic metadata under `ns` (overwriting); Envoy copies every
+    /// buffer. In every supported Envoy (1.38–1.40).
+    pub fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
         filter: FilterEnvoyPtr,
         ns: ModuleBuffer,
-        entries: *const ModuleKeyValue,
-        entries_size: usize,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
     );
 
     pub fn envoy_dynamic_module_callback_http_get_body_chunks_size(filter: FilterEnvoyPtr, body_type: u32) -> usize;
@@ -299,11 +299,20 @@ pub type ConfigMetricFn = unsafe extern "C" fn(
     value: u64,
 ) -> u32;
 
+/// `envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch` (abi.h, Envoy 1.39 and 1.40): sets
+/// `entries_size` string entries of the stream's dynamic metadata under `ns` (overwriting); Envoy copies every
+/// buffer.
+pub type MetadataBatchFn =
+    unsafe extern "C" fn(filter: FilterEnvoyPtr, ns: ModuleBuffer, entries: *const ModuleKeyValue, entries_size: usize);
+
 /// The callbacks the module uses when this Envoy has them and does without otherwise.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Optional {
     pub config_increment_counter: Option<ConfigMetricFn>,
     pub config_set_gauge: Option<ConfigMetricFn>,
+    /// `envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch` (Envoy 1.39 and later): every
+    /// entry in one call; without it, one `set_dynamic_metadata_string` call per entry.
+    pub set_dynamic_metadata_string_batch: Option<MetadataBatchFn>,
 }
 
 /// The address of `name` in the process's global symbol scope (Envoy's executable, whose callbacks it
@@ -330,6 +339,15 @@ pub fn optional() -> Optional {
         Optional {
             config_increment_counter: resolve(c"envoy_dynamic_module_callback_http_filter_config_increment_counter"),
             config_set_gauge: resolve(c"envoy_dynamic_module_callback_http_filter_config_set_gauge"),
+            set_dynamic_metadata_string_batch: lookup(
+                c"envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch",
+            )
+            .map(|address| {
+                // SAFETY: ABI: an Envoy that exports this symbol defines it with the signature of
+                // `MetadataBatchFn` (abi.h of Envoy 1.39 and 1.40; 1.38 has none), and it stays loaded as
+                // long as the process: Envoy is the executable.
+                unsafe { std::mem::transmute::<*mut c_void, MetadataBatchFn>(address.as_ptr()) }
+            }),
         }
     })
 }

@@ -36,8 +36,13 @@ pub trait Envoy: Clone {
     fn send_response(&self, filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]);
     fn clear_route_cache(&self, filter: FilterEnvoyPtr);
     fn set_filter_state(&self, filter: FilterEnvoyPtr, key: &str, value: &str);
-    /// Sets string entries of the stream's dynamic metadata under `namespace`, in one call.
+    /// Whether this Envoy sets several dynamic-metadata entries in one call (1.39 and later; not 1.38).
+    fn dynamic_metadata_batch(&self) -> bool;
+    /// Sets string entries of the stream's dynamic metadata under `namespace`, in one call. Only where
+    /// [`Envoy::dynamic_metadata_batch`].
     fn set_dynamic_metadata(&self, filter: FilterEnvoyPtr, namespace: &str, entries: &[(&str, &str)]);
+    /// Sets one string entry of the stream's dynamic metadata under `namespace` (every supported Envoy).
+    fn set_dynamic_metadata_entry(&self, filter: FilterEnvoyPtr, namespace: &str, key: &str, value: &str);
     /// Lets a stopped request go on. Envoy may run the stream-complete hook inside this call (a local reply
     /// further down the chain, such as "no healthy upstream").
     fn continue_decoding(&self, filter: FilterEnvoyPtr);
@@ -235,19 +240,31 @@ mod real {
             };
         }
 
+        fn dynamic_metadata_batch(&self) -> bool {
+            optional().set_dynamic_metadata_string_batch.is_some()
+        }
+
         fn set_dynamic_metadata(&self, filter: FilterEnvoyPtr, namespace: &str, entries: &[(&str, &str)]) {
+            let Some(batch) = optional().set_dynamic_metadata_string_batch else { return };
             let views = ModuleKeyValue::views(entries);
             // SAFETY: ABI: live stream; `entries` points to `entries_size` pairs (a null pointer is allowed
             // only for zero entries: a Vec's pointer is never null), and every buffer is valid for the call,
             // which copies them into the stream's metadata (abi.h,
-            // `envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch`). No hook of the stream
-            // runs inside it.
+            // `envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch`); `batch` is this Envoy's
+            // own callback of that signature (see `abi::optional`). No hook of the stream runs inside it.
+            unsafe { batch(filter, buffer(namespace.as_bytes()), views.as_ptr(), views.len()) };
+        }
+
+        fn set_dynamic_metadata_entry(&self, filter: FilterEnvoyPtr, namespace: &str, key: &str, value: &str) {
+            // SAFETY: ABI: live stream; the three buffers are valid for the call, which copies them into the
+            // stream's metadata (abi.h, `envoy_dynamic_module_callback_http_set_dynamic_metadata_string`, the
+            // same signature in Envoy 1.38, 1.39 and 1.40). No hook of the stream runs inside it.
             unsafe {
-                envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+                envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
                     filter,
                     buffer(namespace.as_bytes()),
-                    views.as_ptr(),
-                    views.len(),
+                    buffer(key.as_bytes()),
+                    buffer(value.as_bytes()),
                 )
             };
         }

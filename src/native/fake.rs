@@ -184,8 +184,9 @@ pub struct State {
     /// A local reply from further down the chain inside `continue_decoding` runs this filter's response
     /// hooks (headers, then body) before the stream completes, as Envoy encodes it through the chain.
     pub local_reply_encoded_through_module: Cell<bool>,
-    /// Envoy 1.38: no config-level metric callbacks (`config_increment_counter`, `config_set_gauge`). The
-    /// module must not call them there (the real one would find no such symbol); the fake panics if it does.
+    /// Envoy 1.38: none of the callbacks it lacks (config-level metrics `config_increment_counter` and
+    /// `config_set_gauge`; `set_dynamic_metadata_string_batch`). The module must not call them there (the real
+    /// one would find no such symbol); the fake panics if it does.
     pub no_config_metrics: Cell<bool>,
 }
 
@@ -566,8 +567,25 @@ impl Envoy for FakeEnvoy {
         }
     }
 
+    fn dynamic_metadata_batch(&self) -> bool {
+        !self.0.no_config_metrics.get()
+    }
+
+    fn set_dynamic_metadata_entry(&self, filter: FilterEnvoyPtr, namespace: &str, key: &str, value: &str) {
+        let _fake = in_fake();
+        self.record(Some(filter), format!("set_dynamic_metadata_entry {namespace} {key}={value}"));
+        self.stream_mut(filter, |s| {
+            s.dynamic_metadata.retain(|(n, k, _)| !(n == namespace && k == key));
+            s.dynamic_metadata.push((namespace.to_string(), key.to_string(), value.to_string()));
+        });
+    }
+
     fn set_dynamic_metadata(&self, filter: FilterEnvoyPtr, namespace: &str, entries: &[(&str, &str)]) {
         let _fake = in_fake();
+        assert!(
+            !self.0.no_config_metrics.get(),
+            "fake Envoy 1.38: set_dynamic_metadata_string_batch does not exist here"
+        );
         let shown: Vec<String> = entries.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.record(Some(filter), format!("set_dynamic_metadata {namespace} {}", shown.join(" ")));
         self.stream_mut(filter, |s| {

@@ -177,3 +177,25 @@ fn the_audit_event_is_set_once_per_request_a_held_bundle_at_its_verdict() {
     assert_eq!((event["subtype"][0]["code"].as_str(), event["outcome"].as_str()), (Some("batch"), Some("0")));
     assert!(violations(&[first, calls].concat()).is_empty());
 }
+
+#[test]
+fn envoy_1_38_has_no_batch_setter_and_gets_one_metadata_call_per_key() {
+    let envoy = FakeEnvoy::default();
+    // Envoy 1.38: no `set_dynamic_metadata_string_batch` (the fake panics if it is called: a hook would say
+    // it panicked).
+    envoy.0.no_config_metrics.set(true);
+    envoy.set_now_ms(T0_MS);
+    assert!(envoy.configure(&plugin(true).to_string()), "{:?}", envoy.take_calls());
+    envoy.take_calls();
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_A} system/Patient.rs"));
+    let (s, status, calls) = send(&envoy, "GET", "/Patient/1", &claims, true);
+    assert_eq!(status, HEADERS_CONTINUE, "{calls:#?}");
+    assert!(!calls.iter().any(|c| c.contains("panicked") || c.starts_with("set_dynamic_metadata ")), "{calls:#?}");
+    let entries = calls.iter().filter(|c| c.starts_with("set_dynamic_metadata_entry ")).count();
+    assert_eq!(entries, 7, "one per key: {calls:#?}");
+    for (key, value) in [("tenant", TENANT_A), ("interaction", "read"), ("outcome", "allowed")] {
+        assert_eq!(envoy.dynamic_metadata(s, NS, key).as_deref(), Some(value), "{key}: {calls:#?}");
+    }
+    assert!(violations(&calls).is_empty(), "{calls:#?}");
+}

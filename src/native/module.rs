@@ -356,7 +356,15 @@ impl<E: Envoy> Effects for Apply<'_, E> {
             // Envoy completes the stream inside a local reply: made once the core has returned.
             Effect::Reply(reply) => self.deferred.reply(reply.status, reply.headers, reply.body),
             Effect::FilterState(key, value) => env.set_filter_state(filter, key, value),
-            Effect::DynamicMetadata(namespace, entries) => env.set_dynamic_metadata(filter, namespace, entries),
+            // One call where Envoy has the batch setter (1.39 and later), one per entry on 1.38.
+            Effect::DynamicMetadata(namespace, entries) if env.dynamic_metadata_batch() => {
+                env.set_dynamic_metadata(filter, namespace, entries)
+            }
+            Effect::DynamicMetadata(namespace, entries) => {
+                for (key, value) in entries {
+                    env.set_dynamic_metadata_entry(filter, namespace, key, value);
+                }
+            }
             // A worker's token request is the main thread's to send and count (see `upkeep`).
             Effect::Count(Metric::UpstreamToken(_, TokenEvent::Fetch)) => {}
             Effect::Count(metric) => {

@@ -29,7 +29,7 @@ E2E_ENVOY_139 ?= $(addprefix tests/e2e/,test_example_routes.py test_tenant_routi
 # file (ABI check and log line, one fetch per process, rotation) and what reaches Envoy's main-thread paths
 # and its stats differently there: upstream OAuth tokens, quotas, SMART scopes and their per-tenant counters.
 E2E_DM_OLDER ?= $(E2E_ENVOY_139) $(addprefix tests/e2e/,test_dynamic_module.py test_upstream_auth.py test_quota.py \
-  test_smart_scopes.py)
+  test_smart_scopes.py test_rbac_example.py)
 IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
 ORACLE_DEPS := tests/oracle/node_modules/.installed

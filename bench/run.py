@@ -550,7 +550,11 @@ def ours_filter(plugin: dict, name: str = "fhir_tenant_router", vm_id: str | Non
     """Our wasm filter. Filters with the same `vm_id` and code run in one VM per worker (one root context
     each, root_id "fhir_tenant_router", each with its own plugin configuration); `vm_id` None leaves it out.
     `module`: another build of ours (--baseline) instead of the module under test."""
-    return wasm_filter(name, module or MODULE.path, "fhir_tenant_router", plugin, vm_id, "FAIL_RELOAD")
+    filt = wasm_filter(name, module or MODULE.path, "fhir_tenant_router", plugin, vm_id, "FAIL_RELOAD")
+    # As every shipped config sets it: without it Envoy's wasm host never delivers the body of a request or an
+    # answer whose headers the filter holds (a Bundle; a narrowed answer, a page whose links become cursors).
+    filt["typed_config"]["config"]["allow_on_headers_stop_iteration"] = True
+    return filt
 
 
 def build_bench_crate(crate_dir: Path, wasm: Path) -> Path:
@@ -790,10 +794,14 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
         v += [
             Variant(f"ours-cache-audit-{a}", "ours-cache-audit", a, "fixed",
                     f"ours, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
-            # No "ours-narrowed" row yet: the wasm build never answers a narrowed request whose upstream is this
-            # bench's direct_response Envoy (the client times out; the dynamic module answers it, and the e2e
-            # answer-check tests pass on both builds with their upstreams). Found 2026-12-06, see the profile
-            # notes; add the row back (server "ours-cache-audit", tokens "narrowed") once that is understood.
+            # The wasm filter is configured with allow_on_headers_stop_iteration: true, as the shipped configs are
+            # (without it Envoy never delivered the held answer's body: the 2026-12-06 hang in the notes).
+            Variant(f"ours-narrowed-{a}", "ours-cache-audit", a, "narrowed",
+                    f"ours, defaults, narrowed token (SMART scopes: its JSON answer checked), {a}",
+                    f"native-cache-{a}"),
+            Variant(f"ours-json-{a}", "ours-cache-audit", a, "json",
+                    f"ours, defaults, the same JSON answer to a token nothing narrows (not checked), {a}",
+                    f"native-cache-{a}"),
             Variant(f"peer-claim-{a}", "peer-claim", a, "fixed",
                     f"native jwt_authn + claim_to_headers + cluster_header (same job, bare-GUID scope), {a}"),
             Variant(f"peer-lua-{a}", "peer-lua", a, "fixed",

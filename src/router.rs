@@ -249,6 +249,9 @@ pub struct Stream {
     check: Option<Box<AnswerCheck>>,
     /// The response (headers and body) is held for the check's verdict.
     checking: bool,
+    /// The held answer's headers went on to the client (`hold_bundle_headers: false`): only its body is held,
+    /// and a refusal can no longer change the status (Envoy resets the stream instead).
+    headers_gone: bool,
     /// The paging links of its answer become cursors continuing this search.
     mint: Option<Box<Mint>>,
 }
@@ -732,7 +735,7 @@ impl Router {
                 if check.raw_ok && !encoded {
                     return Flow::Continue;
                 }
-                withhold(check, &Verdict::Unreadable(Unreadable::Format), out);
+                withhold(check, &Verdict::Unreadable(Unreadable::Format), false, out);
                 return Flow::Stop;
             }
             stream.checking = true;
@@ -740,7 +743,7 @@ impl Router {
                 out.push(Effect::RemoveResponseHeader("content-length")); // the body changes length
                 stream.editing_response = true;
             }
-            return Flow::Buffer;
+            return self.hold_answer(stream);
         }
         if !edits {
             return Flow::Continue;
@@ -759,8 +762,20 @@ impl Router {
         if stream.mint.is_some() {
             // Held whole, headers too: an answer beyond Envoy's buffer limit then gets Envoy's 500, not a
             // reset after its headers.
+            return self.hold_answer(stream);
+        }
+        Flow::Continue
+    }
+
+    /// How an answer that must be checked or edited whole is held: headers too by default; with
+    /// `hold_bundle_headers: false` (a host that cannot stop on headers: Envoy's wasm host without
+    /// `allow_on_headers_stop_iteration` never delivers the body of an answer whose headers a filter holds)
+    /// its headers go on and only its body is held.
+    fn hold_answer(&self, stream: &mut Stream) -> Flow {
+        if self.config.hold_bundle_headers {
             return Flow::Buffer;
         }
+        stream.headers_gone = true;
         Flow::Continue
     }
 
@@ -786,7 +801,9 @@ impl Router {
         if let Some(check) = stream.check.as_deref().filter(|_| stream.checking) {
             let verdict = response_check::check(&body, &check.readable);
             if verdict != Verdict::Clean {
-                withhold(check, &verdict, out);
+                // Headers already sent: the local reply cannot change the status, and Envoy resets the stream
+                // instead (a local reply after the response headers went); the held body never leaves.
+                withhold(check, &verdict, stream.headers_gone, out);
                 return Flow::Stop;
             }
         }
@@ -929,7 +946,7 @@ impl Router {
                 Verdict::Unreadable(Unreadable::Format)
             };
             if verdict != Verdict::Clean {
-                withhold(check, &verdict, out);
+                withhold(check, &verdict, false, out);
                 return;
             }
         }
@@ -1300,8 +1317,10 @@ fn unreadable_format(tenant: &str, out: &mut dyn Effects) -> &'static str {
 /// Replaces a narrowed request's answer that holds types its client may not read (403 `forbidden`), or
 /// that cannot be checked (406 `not-supported` for a format other than uncompressed JSON; 502 `exception`
 /// for invalid or truncated JSON), by an `OperationOutcome`; counts it and logs the tenant, the types found
-/// and their counts (no path, no data).
-fn withhold(check: &AnswerCheck, verdict: &Verdict, out: &mut dyn Effects) {
+/// and their counts (no path, no data). `headers_gone`: the answer's headers already reached the client, so the
+/// reply cannot: Envoy resets the stream on a local reply after the response headers (its `FilterManager`:
+/// "Prior headers have already been sent"), and the held body never leaves; counted and logged the same.
+fn withhold(check: &AnswerCheck, verdict: &Verdict, headers_gone: bool, out: &mut dyn Effects) {
     let (status, code, text, metric, why) = match verdict {
         Verdict::Clean => return,
         Verdict::Forbidden(found) => (
@@ -1329,7 +1348,8 @@ fn withhold(check: &AnswerCheck, verdict: &Verdict, out: &mut dyn Effects) {
     };
     out.push(Effect::Count(metric));
     out.push(Effect::Count(Metric::TenantForbidden(&check.tenant)));
-    let line = format!("tenant {}: the answer to a narrowed request was withheld ({status}): {why}", check.tenant);
+    let how = if headers_gone { "; its headers had gone on, so the stream is reset" } else { "" };
+    let line = format!("tenant {}: the answer to a narrowed request was withheld ({status}{how}): {why}", check.tenant);
     out.push(Effect::Log(Level::Warn, &line));
     let body = operation_outcome(code, text);
     let headers = [("content-type", "application/fhir+json"), ("cache-control", "no-store")];

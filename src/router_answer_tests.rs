@@ -391,3 +391,58 @@ fn the_configuration_needs_a_key_and_a_public_base() {
     assert_eq!(field(json!({"key": {"env": "GOOD"}, "ttl_s": 0}), true).as_deref(), Some("paging_cursors.ttl_s"));
     assert_eq!(field(json!({"key": {"env": "GOOD"}, "other": 1}), true).as_deref(), Some("paging_cursors.other"));
 }
+
+// A host that cannot stop on headers (`hold_bundle_headers: false`).
+
+#[test]
+fn without_hold_bundle_headers_an_answers_headers_go_on_and_only_its_body_is_held() {
+    let mut p = plugin();
+    p["hold_bundle_headers"] = json!(false);
+    let mut r = router_with(&p);
+    let auth = token(TENANT_A, "system/Patient.rs", "app");
+    // Allowed: headers go on at once (content-length kept: the body is not edited), the body is held whole.
+    let (mut s, _, _) = send(&mut r, "GET", "/Patient", &auth);
+    let mut out = Recorded::default();
+    let header = |name: &str| (name == "content-type").then(|| "application/fhir+json".to_string());
+    assert_eq!(r.on_response_headers(&mut s, false, &header, &mut out), Flow::Continue);
+    assert_eq!(r.on_response_body(&mut s, false, &mut Vec::new, &mut out), Flow::Buffer, "a chunk is held");
+    let body = bundle_of(&["Patient"]);
+    assert_eq!(r.on_response_body(&mut s, true, &mut || body.clone(), &mut out), Flow::Continue);
+    assert!(out.0.is_empty(), "{:?}", out.0);
+    // Refused: the body is held (never let go), the reply is asked for (Envoy resets the stream, the headers
+    // having gone), counted and logged as any withheld answer.
+    let (mut s, _, _) = send(&mut r, "GET", "/Patient", &auth);
+    let (h, b, effects) = answer(&r, &mut s, "application/fhir+json", &bundle_of(&["Patient", "Observation"]));
+    assert_eq!((h, b), (Flow::Continue, Flow::Stop));
+    assert_eq!(replied(&effects).unwrap().0, 403);
+    assert!(effects.contains(&"Count(ResponsesWithheldForbidden)".to_string()), "{effects:?}");
+    assert!(effects.contains(&format!("Count(TenantForbidden({TENANT_A:?}))")), "{effects:?}");
+    let log = effects.iter().find(|e| e.starts_with("Log(Warn")).unwrap();
+    assert!(log.contains("the stream is reset") && log.contains("Observation x1"), "{log}");
+    // What cannot be checked is still answered from the headers (nothing went yet).
+    let (mut s, _, _) = send(&mut r, "GET", "/Patient", &auth);
+    let (h, _, effects) = answer(&r, &mut s, "application/xml", b"<x/>");
+    assert_eq!((h, replied(&effects).unwrap().0), (Flow::Stop, 406));
+    assert!(!effects.iter().any(|e| e.contains("reset")), "{effects:?}");
+}
+
+#[test]
+fn without_hold_bundle_headers_paging_cursors_edit_the_body_behind_headers_that_went_on() {
+    let config = |hold: bool| {
+        let mut p = plugin();
+        p["public_base_url"] = json!(BASE);
+        p["paging_cursors"] = json!({"key": {"env": "CURSOR_KEY"}, "ttl_s": 600});
+        p["hold_bundle_headers"] = json!(hold);
+        Config::from_json_with_env(p.to_string().as_bytes(), &|n| (n == "CURSOR_KEY").then(|| KEY.to_string())).unwrap()
+    };
+    let auth = token(TENANT_A, "", "app-a");
+    for hold in [true, false] {
+        let mut r = Router::new(config(hold), T0_MS, &mut Recorded::default());
+        let (mut s, _, _) = send(&mut r, "GET", "/Patient?name=x", &auth);
+        let (h, b, effects) = answer(&r, &mut s, "application/fhir+json", &hapi_page(&["Patient"]));
+        let held = if hold { Flow::Buffer } else { Flow::Continue };
+        assert_eq!((h, b), (held, Flow::Continue), "hold_bundle_headers {hold}: {effects:?}");
+        assert!(effects.contains(&"RemoveResponseHeader(\"content-length\")".to_string()), "{effects:?}");
+        assert!(replaced_body(&effects)["link"][1]["url"].as_str().unwrap().contains("_cursor="));
+    }
+}

@@ -148,6 +148,8 @@ struct FakeStream {
     upstream_answers_locally: bool,
     scheduler: Option<Box<u8>>,
     local_reply: Option<u32>,
+    /// The response headers went on towards the client (this filter's `response_headers` returned continue).
+    response_headers_sent: bool,
     /// Filter state set on the stream (read-only once set, as Envoy stores it).
     filter_state: Vec<(String, String)>,
     /// Dynamic metadata set on the stream: (namespace, key, value), later writes overwriting.
@@ -328,6 +330,7 @@ impl FakeEnvoy {
             upstream_answers_locally: false,
             scheduler: None,
             local_reply: None,
+            response_headers_sent: false,
             filter_state: Vec::new(),
             dynamic_metadata: Vec::new(),
         };
@@ -361,7 +364,12 @@ impl FakeEnvoy {
     pub fn response_headers(&self, id: Id, headers: &[(&str, &str)], end_of_stream: bool) -> u32 {
         self.0.streams.borrow_mut()[id.0].headers[1].set_all(headers);
         // SAFETY: as in `request_headers`.
-        self.enter(id, "response_headers", |f, m| unsafe { module::response_headers(self, f, m, end_of_stream) })
+        let status =
+            self.enter(id, "response_headers", |f, m| unsafe { module::response_headers(self, f, m, end_of_stream) });
+        if status == HEADERS_CONTINUE {
+            self.0.streams.borrow_mut()[id.0].response_headers_sent = true;
+        }
+        status
     }
 
     /// The whole response body arrives in one frame (`response_body`, end of stream).
@@ -540,6 +548,11 @@ impl Envoy for FakeEnvoy {
         let _fake = in_fake();
         self.record(Some(filter), format!("send_response {status} {headers:?} {}", String::from_utf8_lossy(body)));
         self.stream_mut(filter, |s| s.local_reply = Some(status));
+        if self.stream_mut(filter, |s| s.response_headers_sent) == Some(true) {
+            // Envoy's FilterManager::sendLocalReply once the response headers went: "Prior headers have
+            // already been sent", it resets the stream; nothing of the reply (or of a held body) follows.
+            self.record(Some(filter), "reset_stream (a local reply after the response headers)".into());
+        }
         // The local reply ends the stream inside this call, as Envoy does.
         if let Some(id) = self.find(filter) {
             self.complete(Id(id));

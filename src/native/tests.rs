@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::testkeys::{self, NOW, TENANT_A};
 
-use super::abi::{BODY_CONTINUE, HEADERS_CONTINUE, HEADERS_STOP_ITERATION};
+use super::abi::{BODY_CONTINUE, BODY_STOP_AND_BUFFER, HEADERS_CONTINUE, HEADERS_STOP_ITERATION};
 use super::fake::{FakeEnvoy, Id};
 
 const T0_MS: u64 = NOW as u64 * 1000;
@@ -965,4 +965,43 @@ fn a_cache_hit_with_the_defaults_makes_these_calls_into_envoy_and_no_more() {
     );
     assert_eq!(calls.iter().filter(|c| c.starts_with("increment_counter")).count(), 2, "{}", dump(calls));
     assert!(calls.last().is_some_and(|c| c.starts_with("log Info {\"audit\"")), "{}", dump(calls));
+}
+
+/// With `hold_bundle_headers: false` a narrowed answer's headers go on and only its body is held; a refused
+/// body's reply comes after the headers went, which Envoy turns into a reset (the fake models its rule), and
+/// the body is never handed back.
+#[test]
+fn without_hold_bundle_headers_a_refused_answer_after_its_headers_is_a_reset_and_its_body_never_leaves() {
+    let mut p = plugin();
+    p["hold_bundle_headers"] = json!(false);
+    p["audit_log"] = json!(false);
+    let envoy = configured(&p);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_A} system/Patient.rs"));
+    let auth = bearer(&claims);
+    let response = [(":status", "200"), ("content-type", "application/fhir+json"), ("content-length", "99")];
+    for (types, refused) in [(vec!["Patient"], false), (vec!["Patient", "Observation"], true)] {
+        let s = envoy.new_stream(0);
+        assert_eq!(envoy.request_headers(s, &request("GET", "/Patient?name=x", &auth), true), HEADERS_CONTINUE);
+        assert_eq!(envoy.response_headers(s, &response, false), HEADERS_CONTINUE, "the headers go on");
+        envoy.take_calls();
+        let entries: Vec<_> =
+            types.iter().map(|t| json!({"resource": {"resourceType": t, "id": "secret-1"}})).collect();
+        let body = json!({"resourceType": "Bundle", "type": "searchset", "entry": entries}).to_string();
+        let status = envoy.response_body(s, body.as_bytes());
+        let calls = envoy.take_calls();
+        assert!(!calls.iter().any(|c| c.contains("secret-1") && !c.starts_with("get_body")), "{}", dump(&calls));
+        if refused {
+            assert_eq!(status, BODY_STOP_AND_BUFFER, "the held body is not let go: {}", dump(&calls));
+            assert_eq!(envoy.local_reply(s), Some(403));
+            assert!(calls.iter().any(|c| c.starts_with("reset_stream")), "{}", dump(&calls));
+            let log = calls.iter().find(|c| c.contains("was withheld")).expect("logged");
+            assert!(log.contains("the stream is reset"), "{log}");
+        } else {
+            assert_eq!(status, BODY_CONTINUE);
+            assert!(!calls.iter().any(|c| c.starts_with("send_response")), "{}", dump(&calls));
+            envoy.complete(s);
+        }
+        envoy.destroy(s);
+    }
 }

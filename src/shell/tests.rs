@@ -1839,3 +1839,42 @@ fn a_cache_hit_with_the_defaults_makes_these_host_calls_and_no_more() {
     root.on_tick_for_test();
     assert_eq!(host.metric("requests.allowed"), 3);
 }
+
+/// Envoy's wasm host without `allow_on_headers_stop_iteration` never delivers the body of an answer whose
+/// headers a filter paused on: with `hold_bundle_headers: false` a narrowed answer's headers go on, only its
+/// body is held, and a refused body is never handed back to the host (the reply becomes Envoy's reset).
+#[test]
+fn without_hold_bundle_headers_a_narrowed_answers_headers_go_on_and_a_refused_body_never_leaves() {
+    let mut p = plugin();
+    p["hold_bundle_headers"] = json!(false);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_A} system/Patient.rs"));
+    for (types, refused) in [(vec!["Patient"], false), (vec!["Patient", "Observation"], true)] {
+        let (mut f, flow) = send(&host, &root, 1, &get("/Patient?name=x", Some(&bearer(&claims))), true);
+        assert_eq!(flow, Flow::Continue);
+        host.0.response_headers.borrow_mut().insert("content-type".into(), "application/fhir+json".into());
+        assert_eq!(f.on_response_headers(false), Flow::Continue, "the headers go on");
+        host.take_calls();
+        let entries: Vec<_> =
+            types.iter().map(|t| json!({"resource": {"resourceType": t, "id": "secret-1"}})).collect();
+        let body = json!({"resourceType": "Bundle", "type": "searchset", "entry": entries}).to_string();
+        *host.0.response_body.borrow_mut() = body.clone().into_bytes();
+        assert_eq!(f.on_response_body(10, false), Flow::Buffer, "the body is held");
+        let end = f.on_response_body(body.len(), true);
+        let calls = host.take_calls();
+        assert!(!calls.iter().any(|c| c.starts_with("set_response_body")), "{calls:?}");
+        if refused {
+            assert_eq!(end, Flow::Stop, "the held body is not let go");
+            let reply = calls.iter().find(|c| c.starts_with("send_reply 403 ")).expect("the reply (a reset)");
+            assert!(!reply.contains("secret-1") && !reply.contains("\"Observation\""), "{reply}");
+            let log = calls.iter().find(|c| c.contains("was withheld")).expect("logged");
+            assert!(log.contains("the stream is reset") && !log.contains("secret-1"), "{log}");
+        } else {
+            assert_eq!(end, Flow::Continue);
+            assert!(!calls.iter().any(|c| c.starts_with("send_reply")), "{calls:?}");
+        }
+        f.on_done();
+    }
+}

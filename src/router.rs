@@ -635,6 +635,22 @@ impl Router {
         }
     }
 
+    /// The request ended with trailers (an HTTP/2 client may end its body with a trailers frame instead of a
+    /// data frame with end-of-stream): its body is complete, exactly as at a body's end. A body held for
+    /// judgement is judged now; a request still waiting notes it, and stays stopped. The host must stop the
+    /// trailers unless the flow proceeds: Envoy continues a stopped stream whose trailers hook says continue
+    /// (headers, held body and trailers all go on), so a "continue" here would let a held Bundle, or a request
+    /// still waiting for keys, reach the upstream unjudged.
+    pub fn on_request_trailers(
+        &mut self,
+        stream: &mut Stream,
+        now_ms: u64,
+        body: &mut dyn FnMut() -> Vec<u8>,
+        out: &mut dyn Effects,
+    ) -> Flow {
+        self.on_request_body(stream, true, now_ms, body, out)
+    }
+
     /// A waiting request's key set was fetched (or the fetch failed): decide it again with the keys there
     /// are now (it may not wait twice), judge its body if it arrived whole meanwhile, and resume it if it
     /// may go on.
@@ -809,6 +825,21 @@ impl Router {
         }
         if let Some(new) = self.finished_body(stream, &body).filter(|_| stream.editing_response) {
             out.push(Effect::ReplaceResponseBody(&new));
+        }
+        Flow::Continue
+    }
+
+    /// The answer ended with trailers while its body was held (for the answer check or an edit). The body is
+    /// complete, but a trailers hook cannot replace it: an answer held for the answer check is withheld (it
+    /// cannot be judged and edited here: fail closed), an answer held only for an edit goes on unedited.
+    /// The host stops the trailers unless the flow proceeds.
+    pub fn on_response_trailers(&self, stream: &mut Stream, out: &mut dyn Effects) -> Flow {
+        if matches!(stream.phase, Phase::WaitingToResend { .. } | Phase::Resent) {
+            return Flow::Buffer;
+        }
+        if let Some(check) = stream.check.as_deref().filter(|_| stream.checking) {
+            withhold(check, &Verdict::Unreadable(Unreadable::Format), stream.headers_gone, out);
+            return Flow::Stop;
         }
         Flow::Continue
     }

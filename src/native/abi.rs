@@ -136,8 +136,10 @@ pub const HEADERS_STOP_ITERATION: u32 = 1;
 /// Body hooks' statuses.
 pub const BODY_CONTINUE: u32 = 0;
 pub const BODY_STOP_AND_BUFFER: u32 = 1;
-/// Trailer hooks' status.
+/// Trailer hooks' statuses (`envoy_dynamic_module_type_on_http_filter_{request,response}_trailers_status`,
+/// the same in Envoy 1.38–1.40). Envoy continues a stopped stream whose trailers hook says continue.
 pub const TRAILERS_CONTINUE: u32 = 0;
+pub const TRAILERS_STOP_ITERATION: u32 = 1;
 /// `envoy_dynamic_module_type_http_callout_init_result` and `..._http_callout_result`.
 pub const CALLOUT_SUCCESS: u32 = 0;
 /// `envoy_dynamic_module_type_metrics_result`.

@@ -360,6 +360,17 @@ impl FakeEnvoy {
         self.enter(id, "request_body", |f, m| unsafe { module::request_body(self, f, m, true) })
     }
 
+    /// The request's body so far is `body` (not ended), then its trailers arrive (`request_body` with
+    /// end_of_stream false, then `request_trailers`): the trailers hook's status.
+    pub fn request_body_then_trailers(&self, id: Id, body: &[u8]) -> (u32, u32) {
+        self.0.streams.borrow_mut()[id.0].request_body = body.to_vec();
+        // SAFETY: as in `request_headers`.
+        let body_status = self.enter(id, "request_body", |f, m| unsafe { module::request_body(self, f, m, false) });
+        // SAFETY: as in `request_headers`.
+        let trailers = self.enter(id, "request_trailers", |f, m| unsafe { module::request_trailers(self, f, m) });
+        (body_status, trailers)
+    }
+
     /// The upstream's response headers arrive (`response_headers`).
     pub fn response_headers(&self, id: Id, headers: &[(&str, &str)], end_of_stream: bool) -> u32 {
         self.0.streams.borrow_mut()[id.0].headers[1].set_all(headers);

@@ -657,6 +657,14 @@ fn headers_status(flow: Flow) -> u32 {
     }
 }
 
+fn trailers_status(flow: Flow) -> u32 {
+    if flow.proceeds() {
+        TRAILERS_CONTINUE
+    } else {
+        TRAILERS_STOP_ITERATION
+    }
+}
+
 fn body_status(flow: Flow) -> u32 {
     if flow.proceeds() {
         BODY_CONTINUE
@@ -908,6 +916,50 @@ pub(crate) unsafe fn request_body<E: Envoy>(
     // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
     // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
     unsafe { on_stream(env, module, || BODY_CONTINUE, hook) }
+}
+
+/// The request ended with trailers: its body is complete (`Router::on_request_trailers`). A held body is
+/// judged now, and the trailers stop unless the request may go on: Envoy continues a stopped stream whose
+/// trailers hook says continue.
+///
+/// # Safety
+/// As for [`request_headers`].
+pub(crate) unsafe fn request_trailers<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) -> u32 {
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        stream_hook(env, "request_trailers", filter, (cfg, object), true, TRAILERS_STOP_ITERATION, || {
+            let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+                let mut body = || read_body(env, filter, [BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]);
+                worker.router.on_request_trailers(&mut state.stream, now_ms(), &mut body, apply)
+            });
+            // Not judged (the stream destroyed, or its state unavailable): never let it go on unjudged.
+            let Some((flow, _, deferred)) = event else { return TRAILERS_STOP_ITERATION };
+            done_with(deferred);
+            trailers_status(flow)
+        })
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
+    // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
+    unsafe { on_stream(env, module, || TRAILERS_CONTINUE, hook) }
+}
+
+/// The answer ended with trailers while its body was held (`Router::on_response_trailers`).
+///
+/// # Safety
+/// As for [`request_headers`].
+pub(crate) unsafe fn response_trailers<E: Envoy>(env: &E, filter: FilterEnvoyPtr, module: FilterModulePtr) -> u32 {
+    let hook = |cfg: &FilterConfig<E>, object: &StreamObject<E>| {
+        stream_hook(env, "response_trailers", filter, (cfg, object), false, TRAILERS_CONTINUE, || {
+            let event = with_core(env, cfg, object, filter, false, |worker, state, apply| {
+                worker.router.on_response_trailers(&mut state.stream, apply)
+            });
+            let Some((flow, _, deferred)) = event else { return TRAILERS_CONTINUE };
+            done_with(deferred);
+            trailers_status(flow)
+        })
+    };
+    // SAFETY: ABI: `module` is the object filter_new returned for this stream, not yet destroyed (a destroy
+    // inside this hook defers the free to `on_stream`); a stream's hooks run on its worker's thread.
+    unsafe { on_stream(env, module, || TRAILERS_CONTINUE, hook) }
 }
 
 /// # Safety
@@ -1278,10 +1330,12 @@ mod exports {
 
     #[no_mangle]
     pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-        _filter: FilterEnvoyPtr,
-        _module: FilterModulePtr,
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
     ) -> u32 {
-        TRAILERS_CONTINUE
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
+        unsafe { super::request_trailers(&Abi, filter, module) }
     }
 
     #[no_mangle]
@@ -1308,10 +1362,12 @@ mod exports {
 
     #[no_mangle]
     pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
-        _filter: FilterEnvoyPtr,
-        _module: FilterModulePtr,
+        filter: FilterEnvoyPtr,
+        module: FilterModulePtr,
     ) -> u32 {
-        TRAILERS_CONTINUE
+        // SAFETY: ABI: Envoy passes the pointers it created or was given, valid for this call (the
+        // callee's `# Safety`).
+        unsafe { super::response_trailers(&Abi, filter, module) }
     }
 
     #[no_mangle]

@@ -7,7 +7,10 @@ use serde_json::{json, Value};
 
 use crate::testkeys::{self, NOW, TENANT_A};
 
-use super::abi::{BODY_CONTINUE, BODY_STOP_AND_BUFFER, HEADERS_CONTINUE, HEADERS_STOP_ITERATION};
+use super::abi::{
+    BODY_CONTINUE, BODY_STOP_AND_BUFFER, HEADERS_CONTINUE, HEADERS_STOP_ITERATION, TRAILERS_CONTINUE,
+    TRAILERS_STOP_ITERATION,
+};
 use super::fake::{FakeEnvoy, Id};
 
 const T0_MS: u64 = NOW as u64 * 1000;
@@ -1004,4 +1007,41 @@ fn without_hold_bundle_headers_a_refused_answer_after_its_headers_is_a_reset_and
         }
         envoy.destroy(s);
     }
+}
+
+// ---- a body ended by trailers (HTTP/2) is judged like one ended by its last data frame ----
+
+#[test]
+fn a_held_bundle_ended_by_trailers_is_judged_and_a_refused_one_never_goes_on() {
+    let envoy = configured(&plugin());
+    let auth = bearer(&testkeys::claims_now());
+    let headers = [request("POST", "/", &auth), vec![("content-type", "application/fhir+json")]].concat();
+    let refused = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "DELETE", "url": "Patient/1"}}
+    ]});
+    let s = envoy.new_stream(0);
+    assert_eq!(envoy.request_headers(s, &headers, false), HEADERS_STOP_ITERATION);
+    envoy.take_calls();
+    let (body, trailers) = envoy.request_body_then_trailers(s, refused.to_string().as_bytes());
+    let calls = envoy.take_calls();
+    assert_eq!(body, BODY_STOP_AND_BUFFER, "{}", dump(&calls));
+    // Envoy continues a stopped stream whose trailers hook says continue: a refusal must stop them.
+    assert_eq!(trailers, TRAILERS_STOP_ITERATION, "{}", dump(&calls));
+    assert!(calls.iter().any(|c| c.starts_with("send_response 403")), "{}", dump(&calls));
+    assert!(!calls.iter().any(|c| c == "continue_decoding"), "{}", dump(&calls));
+    assert!(violations(&calls).is_empty(), "{}", dump(&calls));
+    envoy.destroy(s);
+
+    let allowed = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/1"}}
+    ]});
+    let s = envoy.new_stream(0);
+    assert_eq!(envoy.request_headers(s, &headers, false), HEADERS_STOP_ITERATION);
+    envoy.take_calls();
+    let (body, trailers) = envoy.request_body_then_trailers(s, allowed.to_string().as_bytes());
+    let calls = envoy.take_calls();
+    assert_eq!((body, trailers), (BODY_STOP_AND_BUFFER, TRAILERS_CONTINUE), "{}", dump(&calls));
+    assert!(!calls.iter().any(|c| c.starts_with("send_response")), "{}", dump(&calls));
+    assert!(audit_line(&calls)["outcome"] == "allowed", "{}", dump(&calls));
+    envoy.destroy(s);
 }

@@ -111,6 +111,18 @@ impl<H: Host> Filter<H> {
         .unwrap_or(Flow::Continue)
     }
 
+    /// The request ended with trailers: its body is complete (see [`Router::on_request_trailers`]). The
+    /// body is read as at a wake, whole from Envoy's buffer.
+    pub fn on_request_trailers(&mut self) -> Flow {
+        self.with_stream(|shared, stream| {
+            let host = &shared.host;
+            let mut body = || host.request_body(MAX_BUNDLE_BYTES);
+            let mut apply = shared.apply();
+            shared.router.borrow_mut().on_request_trailers(stream, host.now_ms(), &mut body, &mut apply)
+        })
+        .unwrap_or(Flow::Continue)
+    }
+
     pub fn on_response_headers(&mut self, end_of_stream: bool) -> Flow {
         self.take_back();
         if self.stream.as_ref().is_some_and(Stream::may_resend) {
@@ -134,6 +146,15 @@ impl<H: Host> Filter<H> {
             let mut apply = shared.apply();
             apply.response_body_size = body_size;
             shared.router.borrow().on_response_body(stream, end_of_stream, &mut body, &mut apply)
+        })
+        .unwrap_or(Flow::Continue)
+    }
+
+    /// The answer ended with trailers (see [`Router::on_response_trailers`]).
+    pub fn on_response_trailers(&mut self) -> Flow {
+        self.with_stream(|shared, stream| {
+            let mut apply = shared.apply();
+            shared.router.borrow().on_response_trailers(stream, &mut apply)
         })
         .unwrap_or(Flow::Continue)
     }

@@ -624,6 +624,36 @@ fn a_batch_bundle_is_held_until_its_body_is_judged() {
     }
 }
 
+/// An HTTP/2 client may end its body with a trailers frame instead of a data frame with end-of-stream: the
+/// trailers hook judges the held body, and a refusal stops them (Envoy continues a stopped stream whose
+/// trailers hook says continue, which would send the refused Bundle on).
+#[test]
+fn a_held_bundle_ended_by_trailers_is_judged_and_a_refused_one_never_goes_on() {
+    let (host, root) = configured(&plugin());
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    let read = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": "Patient?name=x"}}]});
+    let delete = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "DELETE", "url": "Patient/1"}}]});
+    for (bundle, allowed) in [(read, true), (delete, false)] {
+        let (mut f, flow) = send(&host, &root, 1, &post_base(&auth), false);
+        assert_eq!(flow, Flow::Buffer);
+        host.take_calls();
+        *host.0.request_body.borrow_mut() = bundle.to_string().into_bytes();
+        let size = bundle.to_string().len();
+        assert_eq!(f.on_request_body(size, false), Flow::Buffer, "not ended: held");
+        let flow = f.on_request_trailers();
+        let calls = host.take_calls();
+        assert_eq!(calls.first().map(String::as_str), Some("get_request_body"), "{calls:?}");
+        if allowed {
+            assert_eq!(flow, Flow::Continue, "{calls:?}");
+        } else {
+            assert_eq!(flow, Flow::Stop, "{calls:?}");
+            assert!(calls.iter().any(|c| c.starts_with("send_reply 403 ")), "{calls:?}");
+        }
+        f.on_done();
+    }
+}
+
 #[test]
 fn smart_scopes_narrow_requests_and_batch_entries_with_403_insufficient_scope_naming_the_scope() {
     let mut p = plugin();

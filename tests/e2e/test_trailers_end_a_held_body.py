@@ -1,13 +1,10 @@
-"""KNOWN HOLE, found 2026-12-06 (branch answer-hold), not fixed: a body held for judgement whose end comes as
-trailers is never judged.
+"""A body held for judgement whose end comes as trailers is judged like one ended by its last data frame.
 
-The filter judges a held body when a body hook says end-of-stream. A client (HTTP/2) can end its request with a
-trailers frame instead: neither shell has a trailers hook that knows about the held body (the wasm SDK's default
-and the dynamic module's `request_trailers` both continue), so Envoy continues the stream and the refused Bundle
-reaches the upstream, which answers it. The same holds on the way back for an answer held for the answer check
-whose upstream ends it with trailers (not shown here: the test upstreams speak HTTP/1.1 without trailers).
-Strict xfail: once a fix lands (e.g. a trailers hook that fails closed on a held body), this test passes and
-the mark must go."""
+Found 2026-12-06 (branch answer-hold): a client (HTTP/2) can end its request with a trailers frame instead of a
+data frame with end-of-stream. Neither shell had a trailers hook, and Envoy continues a stopped stream whose
+trailers hook says continue: the refused Bundle reached the upstream, which answered it (200). Now both
+shells' trailers hooks hand the complete body to the core (`Router::on_request_trailers`) and stop the
+trailers unless the request may go on. The oracle is the upstream's own journal: what reached it."""
 from __future__ import annotations
 
 import json
@@ -15,7 +12,6 @@ import socket
 
 import h2.connection
 import h2.events
-import pytest
 
 from conftest import wait_for_jwks
 from harness import TENANT_A, bearer
@@ -23,6 +19,8 @@ from tokens import Minter
 
 DELETE = json.dumps({"resourceType": "Bundle", "type": "batch",
                      "entry": [{"request": {"method": "DELETE", "url": "Patient/1"}}]}).encode()
+READ = json.dumps({"resourceType": "Bundle", "type": "batch",
+                   "entry": [{"request": {"method": "GET", "url": "Patient?name=x"}}]}).encode()
 
 
 def h2_post(port: int, headers: dict[str, str], body: bytes, trailers: bool) -> int | None:
@@ -47,7 +45,6 @@ def h2_post(port: int, headers: dict[str, str], body: bytes, trailers: bool) -> 
     return status
 
 
-@pytest.mark.xfail(strict=True, reason="known hole: a held Bundle ended by trailers is not judged (see docstring)")
 def test_a_bundle_ended_by_trailers_is_judged_too(start_envoy, idp, upstreams):
     env = start_envoy("envoy-trailers", {"idp": idp.port, **upstreams.cluster_ports()})
     minter = Minter(idp.issuer)
@@ -59,3 +56,7 @@ def test_a_bundle_ended_by_trailers_is_judged_too(start_envoy, idp, upstreams):
     assert upstreams.tenant_a.requests == []
     status = h2_post(env.port, headers, DELETE, trailers=True)
     assert (status, upstreams.tenant_a.requests) == (403, []), f"{status}: the upstream got the refused Bundle"
+    # An allowed Bundle ended by trailers still goes on, its body whole.
+    status = h2_post(env.port, headers, READ, trailers=True)
+    assert status == 200, status
+    assert len(upstreams.tenant_a.requests) == 1, upstreams.tenant_a.requests

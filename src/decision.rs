@@ -1416,4 +1416,48 @@ mod idp_tests {
         let c = Config::from_json(v.to_string().as_bytes()).unwrap();
         assert_eq!(decide_in(&c, &mut TokenCache::new(0), "GET", "/Patient", &t), Ok("tenant_a".into()));
     }
+
+    /// `scope_map` does not make the provider's other values inert: a scope value matching no key is read as
+    /// it is (issue 25), so a literal SMART scope still grants (a Cognito resource server whose identifier is
+    /// `system` issues `system/<name>`). Pinned, and said in docs/idp/cognito.md, so an operator does not read
+    /// the map as the only way to a grant. Longest key wins: a shorter key cannot widen a longer one's value.
+    #[test]
+    fn attack_scope_map_leaves_literal_smart_scopes_granting_and_the_longest_key_wins() {
+        let c = cognito();
+        let mut cache = TokenCache::new(0);
+        let mut go = |path: &str, scope: &str| {
+            decide_in(
+                &c,
+                &mut cache,
+                "GET",
+                path,
+                &testkeys::sign_with_header(&cognito_token(scope), json!({"typ": null})),
+            )
+        };
+        assert_eq!(go("/Observation", "system/Observation.rs"), Ok("tenant_a".into()));
+        let mut v: Value = json!({
+            "provider": {"issuer": "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_Example", "audiences": ["1example23456789"],
+                         "jwks": jwks(), "audience_claim": "client_id",
+                         "claims": {"tenant": "scope", "tenant_prefixes": ["https://fhir.example.com/tenant."],
+                                    "scope_map": {"https://fhir.example.com/": "system/*.",
+                                                  "https://fhir.example.com/system.": "system/"}}},
+            "tenants": {TENANT_A: {"cluster": "tenant_a", "require_smart_scopes": true,
+                                   "allow": {"interactions": ["read", "search", "create"]}}},
+            "metadata_cluster": "tenant_a"
+        });
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let t = testkeys::sign_with_header(
+            &cognito_token("https://fhir.example.com/system.Patient.rs"),
+            json!({"typ": null}),
+        );
+        let mut cache = TokenCache::new(0);
+        assert_eq!(decide_in(&c, &mut cache, "GET", "/Patient", &t), Ok("tenant_a".into()));
+        assert_eq!(decide_in(&c, &mut cache, "GET", "/Observation", &t), Err("forbidden".into()), "not system/*.");
+        // Keys in another order: the same reading.
+        v["provider"]["claims"]["scope_map"] =
+            json!({"https://fhir.example.com/system.": "system/", "https://fhir.example.com/": "system/*."});
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        assert_eq!(decide_in(&c, &mut cache, "GET", "/Patient", &t), Ok("tenant_a".into()));
+        assert_eq!(decide_in(&c, &mut cache, "GET", "/Observation", &t), Err("forbidden".into()));
+    }
 }

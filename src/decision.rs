@@ -1460,4 +1460,30 @@ mod idp_tests {
         assert_eq!(decide_in(&c, &mut cache, "GET", "/Patient", &t), Ok("tenant_a".into()));
         assert_eq!(decide_in(&c, &mut cache, "GET", "/Observation", &t), Err("forbidden".into()));
     }
+
+    /// An exact issuer that also fits a template is chosen first (docs/configuration.md), whatever the order:
+    /// its own rules (here a fixed tenant) apply and the template's binding of `tid` does not. A configuration
+    /// choice, pinned so that a change to the provider choice shows.
+    #[test]
+    fn attack_an_exact_issuer_inside_a_template_is_chosen_first() {
+        let exact = json!({"issuer": format!("https://login.microsoftonline.com/{DIR_A}/v2.0"), "audiences": [APP],
+                           "jwks": jwks(), "tenant": DIR_B});
+        let template =
+            json!({"issuer": "https://login.microsoftonline.com/{tid}/v2.0", "audiences": [APP], "jwks": jwks()});
+        for providers in [json!([exact, template]), json!([template, exact])] {
+            let c = Config::from_json(
+                json!({"providers": providers,
+                       "tenants": {DIR_A: {"cluster": "tenant_a"}, DIR_B: {"cluster": "tenant_b"}},
+                       "metadata_cluster": "tenant_a"})
+                .to_string()
+                .as_bytes(),
+            )
+            .unwrap();
+            let mut cache = TokenCache::new(10);
+            let t = sign(&v2_token(DIR_A, DIR_A, json!([])));
+            assert_eq!(decide_in(&c, &mut cache, "GET", "/Patient", &t), Ok("tenant_b".into()));
+            let t = sign(&v2_token(DIR_B, DIR_B, json!([])));
+            assert_eq!(decide_in(&c, &mut cache, "GET", "/Patient", &t), Ok("tenant_b".into()), "the template's");
+        }
+    }
 }

@@ -259,6 +259,12 @@ impl TokenCache {
         self.retain(|v| now < v.exp)
     }
 
+    /// Drops every entry whose provider no longer has its key (`has(provider, key)` false) after a JWKS
+    /// refresh: a key one provider dropped serves none of that provider's tokens, whoever else lists it.
+    pub fn retain_provider_keys(&mut self, has: impl Fn(usize, u64) -> bool) -> usize {
+        self.retain(|v| has(v.provider, v.key))
+    }
+
     /// Drops every entry verified by a key not in `keys` (after a JWKS refresh). Returns how many.
     pub fn retain_keys(&mut self, keys: &[u64]) -> usize {
         self.retain(|v| keys.contains(&v.key))

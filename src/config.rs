@@ -326,6 +326,17 @@ impl IssuerTemplate {
         is_template_value(value).then_some(value)
     }
 
+    /// Whether some `iss` fits both templates: one prefix begins the other and one suffix ends the other, and
+    /// what one has beyond the other, on each side, could be part of a placeholder value.
+    fn overlaps(&self, other: &Self) -> bool {
+        let value_chars = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        let (a, b) = (self.prefix.as_str(), other.prefix.as_str());
+        let head = a.strip_prefix(b).or_else(|| b.strip_prefix(a));
+        let (a, b) = (self.suffix.as_str(), other.suffix.as_str());
+        let tail = a.strip_suffix(b).or_else(|| b.strip_suffix(a));
+        head.is_some_and(value_chars) && tail.is_some_and(value_chars)
+    }
+
     /// Whether `iss` is this template filled with `value` (a valid placeholder value).
     pub fn matches(&self, iss: &str, value: &str) -> bool {
         is_template_value(value)
@@ -1144,6 +1155,17 @@ impl RawConfig {
         for (i, p) in providers.iter().enumerate() {
             if providers.iter().skip(i + 1).any(|q| q.provider.issuer == p.provider.issuer) {
                 return Err(ConfigError::new(format!("providers[{i}].issuer"), "two providers have this issuer"));
+            }
+        }
+        // Two templates one `iss` could fill (`https://h/t-{tid}` and `https://h/{org}` both fit
+        // `https://h/t-b`): the first would take every such token, and its own claim name the tenant.
+        for (i, p) in providers.iter().enumerate() {
+            let Some(t) = &p.provider.template else { continue };
+            if providers.iter().take(i).filter_map(|q| q.provider.template.as_ref()).any(|q| q.overlaps(t)) {
+                return Err(ConfigError::new(
+                    format!("providers[{i}].issuer"),
+                    "an issuer another provider's template also fits (a placeholder value may hold '.', '_', '-')",
+                ));
             }
         }
         let provider_field =

@@ -81,6 +81,15 @@ fn compact(header: &Value, claims: &Value, sign: impl FnOnce(&[u8]) -> Vec<u8>) 
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
 }
 
+/// An RS256 token (test key, `typ` JWT) over `payload` exactly as given: JSON a serializer would never write
+/// (duplicate members, odd number forms), as a sloppy or hostile IdP might sign it.
+pub fn sign_raw_payload(payload: &str) -> String {
+    let header = json!({"alg": "RS256", "typ": "JWT", "kid": RS_KID});
+    let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(payload));
+    let sig = rs256_signer(rsa_private(&private_jwk(RS_KID)))(input.as_bytes());
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+}
+
 fn rs256_signer(key: rsa::RsaPrivateKey) -> impl FnOnce(&[u8]) -> Vec<u8> {
     move |msg| {
         use rsa::signature::{SignatureEncoding, Signer};

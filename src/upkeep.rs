@@ -397,12 +397,16 @@ impl Router {
     pub fn install_key_set(&mut self, provider: usize, keys: Arc<KeySet>, out: &mut dyn Effects) {
         let Some(state) = self.keys.0.get_mut(provider) else { return };
         state.keys = Some(keys);
-        // Cached tokens whose key left every provider's set are dropped.
+        // Cached tokens whose key left their own provider's set are dropped (another provider listing the
+        // same key keeps none of them).
         let sets = || self.keys.0.iter().filter_map(|s| s.keys.as_ref());
-        let fingerprints: Vec<u64> = sets().flat_map(|k| k.fingerprints()).collect();
         let total: usize = sets().map(|k| k.keys().len()).sum();
         out.push(Effect::Gauge(Gauge::JwksKeys, total as u64));
-        let dropped = self.cache.retain_keys(&fingerprints);
+        let fingerprints: Vec<Vec<u64>> =
+            self.keys.0.iter().map(|s| s.keys.as_ref().map(|k| k.fingerprints()).unwrap_or_default()).collect();
+        let dropped = self
+            .cache
+            .retain_provider_keys(|provider, key| fingerprints.get(provider).is_some_and(|keys| keys.contains(&key)));
         if dropped > 0 {
             let line = format!("JWKS: dropped {dropped} cached tokens whose key left the key set");
             out.push(Effect::Log(Level::Info, &line));
@@ -967,6 +971,109 @@ pub(crate) mod tests {
         let mut seen = Seen::default();
         router.on_tick(now, 0, &mut seen);
         seen
+    }
+
+    /// Two providers that share a key (Entra's v1 and v2 issuers, or one IdP listed twice): when one
+    /// provider's refreshed key set drops it (rotated out, revoked), that provider's cached tokens signed with
+    /// it must go, though the other provider still lists the key. They stayed while any provider listed it.
+    #[test]
+    fn attack_a_key_one_provider_dropped_serves_none_of_its_cached_tokens() {
+        let jwks = serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap();
+        let plugin = serde_json::json!({
+            "providers": [
+                {"issuer": "https://idp.example/a", "audiences": [testkeys::AUDIENCE], "jwks": jwks},
+                {"issuer": "https://idp.example/b", "audiences": [testkeys::AUDIENCE], "jwks": jwks}
+            ],
+            "tenants": {testkeys::TENANT_A: {"cluster": "tenant_a"}},
+            "metadata_cluster": "fhir_metadata",
+        });
+        let mut r = Router::new(Config::from_json(plugin.to_string().as_bytes()).unwrap(), 0, &mut Recorded::default());
+        let all = KeySet::from_jwks(testkeys::public_jwks().as_bytes()).unwrap();
+        let es_only = KeySet::from_jwks(format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk()).as_bytes()).unwrap();
+        let rs = *all.fingerprints().iter().find(|f| !es_only.fingerprints().contains(f)).unwrap();
+        let now = testkeys::NOW;
+        let entry = |provider| crate::cache::Verified {
+            exp: now + 100,
+            key: rs,
+            provider,
+            identity: crate::identity::Identity::new(None, None, None, None),
+        };
+        let (a, b) = ("token-of-provider-a", "token-of-provider-b");
+        let (ka, kb) = (r.cache.key(a), r.cache.key(b));
+        r.cache.insert(ka, entry(0), now);
+        r.cache.insert(kb, entry(1), now);
+        r.install_key_set(0, Arc::new(es_only), &mut Recorded::default());
+        assert!(r.cache.get(&r.cache.key(a), now).is_none(), "provider a no longer lists the key");
+        assert!(r.cache.get(&r.cache.key(b), now).is_some(), "provider b still does");
+    }
+
+    /// Attacks on a discovery document's `jwks_uri` and `issuer` (an outside review): spellings of another
+    /// authority (trailing dot, port, percent-encoding, backslash, a suffix or prefix of the host) and
+    /// `issuer` shapes that only look like the template. The key set is always fetched through the provider's
+    /// own cluster, so `:authority` is all a document chooses: an exact match (ASCII case aside) is required.
+    #[test]
+    fn attack_a_documents_jwks_uri_names_no_other_authority() {
+        let expected = DiscoveredJwks {
+            issuer: "https://login.microsoftonline.com/{}/v2.0".into(),
+            template: true,
+            scheme: "https://",
+        };
+        let authority = "login.microsoftonline.com";
+        let doc =
+            |issuer: &str, jwks_uri: &str| serde_json::json!({"issuer": issuer, "jwks_uri": jwks_uri}).to_string();
+        let issuer = "https://login.microsoftonline.com/{tenantid}/v2.0";
+        for uri in [
+            "https://login.microsoftonline.com./common/discovery/v2.0/keys",
+            "https://login.microsoftonline.com:443/common/discovery/v2.0/keys",
+            "https://login%2emicrosoftonline.com/keys",
+            "https://login.microsoftonline.com.evil.example/keys",
+            "https://evil.login.microsoftonline.com/keys",
+            "https://evil.example\\@login.microsoftonline.com/keys",
+            "https://login.microsoftonline.com\\.evil.example/keys",
+            "https://xn--login-microsoftonline-com.example/keys",
+            "https://login.microsoftonline.com\u{3002}evil/keys",
+            "HTTPS://login.microsoftonline.com/keys",
+            "https:login.microsoftonline.com/keys",
+            "//login.microsoftonline.com/keys",
+            " https://login.microsoftonline.com/keys",
+            "https://login.microsoftonline.com/keys\n",
+        ] {
+            assert!(jwks_location(doc(issuer, uri).as_bytes(), &expected, authority).is_err(), "{uri}");
+        }
+        // The same host in another case is the same authority (RFC 3986 §3.2.2), sent as the document wrote it.
+        let (at, path) =
+            jwks_location(doc(issuer, "https://Login.MicrosoftOnline.com/k?x=1").as_bytes(), &expected, authority)
+                .unwrap();
+        assert_eq!((at.as_str(), path.as_str()), ("Login.MicrosoftOnline.com", "/k?x=1"));
+        // Issuers that only look like the template: another shape, a filled template, two placeholders.
+        for other in [
+            "https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0",
+            "https://login.microsoftonline.com/{tenantid}/v2.0/",
+            "https://login.microsoftonline.com/{tenantid}/v2.0{x}",
+            "https://login.microsoftonline.com/{tenantid/v2.0",
+            "https://LOGIN.microsoftonline.com/{tenantid}/v2.0",
+        ] {
+            let d = doc(other, "https://login.microsoftonline.com/common/discovery/v2.0/keys");
+            assert!(jwks_location(d.as_bytes(), &expected, authority).is_err(), "{other}");
+        }
+        // An exact issuer's document is compared exactly: a template-shaped issuer is not it.
+        let exact =
+            DiscoveredJwks { issuer: "https://idp.example/realms/a".into(), template: false, scheme: "https://" };
+        let d = doc("https://idp.example/realms/{a}", "https://idp.example/certs");
+        assert!(jwks_location(d.as_bytes(), &exact, "idp.example").is_err());
+    }
+
+    /// A redirect (to any URL) is not followed and is a failed refresh: the key set in force stays.
+    #[test]
+    fn attack_a_discovery_redirect_is_a_failed_fetch() {
+        let mut r = entra_router();
+        tick(&mut r, 0);
+        for status in ["301", "302", "307", "308"] {
+            let (f, seen) =
+                fetched(&mut r, FetchTarget::Discovery(0), Some(status), entra_document().to_string().as_bytes(), 1);
+            assert!(seen.fetches.is_empty() && !f.installed, "{status}");
+            assert_eq!(seen.counts, ["JwksFetchFailed"], "{status}");
+        }
     }
 
     #[test]

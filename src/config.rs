@@ -345,13 +345,15 @@ impl IssuerTemplate {
     }
 }
 
-/// A placeholder value: 1 to 128 characters of `A-Za-z0-9._-`, not a dot segment (`.`, `..`).
+/// A placeholder value: 1 to 128 characters of `a-z0-9._-`, not a dot segment (`.`, `..`). Lowercase only:
+/// tenant ids are compared without regard to case but `iss` exactly, so `…/ACME` and `…/acme` would be two
+/// issuers naming one tenant; a value in another case fills no template (Entra's `tid` is a lowercase GUID).
 pub fn is_template_value(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= MAX_TEMPLATE_VALUE
         && v != "."
         && v != ".."
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Which claims of a provider's tokens name the tenant, the SMART scopes and the client.

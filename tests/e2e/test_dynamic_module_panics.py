@@ -87,7 +87,11 @@ def test_a_panic_in_any_other_hook_is_caught_and_envoy_keeps_serving(armed, upst
     assert env.router_stat("panics") == 1
     assert f"the {hook} hook panicked" in env.log()
     upstreams.clear()
+    # A panic in request_body comes after the form's headers went on (an unnarrowed search is not held): Envoy
+    # resets the upstream request after the 503, and the upstream may still record it after the clear.
+    earlier = ("POST", "/Patient/_search") if hook == "request_body" else None
     for _ in range(3):
-        assert_served_only_by(upstreams, env.request("GET", "/Patient", bearer(token)), "tenant-a", TENANT_A)
+        resp = env.request("GET", "/Patient", bearer(token))
+        assert_served_only_by(upstreams, resp, "tenant-a", TENANT_A, earlier=earlier)
         upstreams.clear()
     assert env.proc.poll() is None

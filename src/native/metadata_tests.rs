@@ -295,3 +295,31 @@ fn span_tags_without_tracing_cost_one_call_and_off_cost_none() {
     let (_, _, calls) = send(&envoy, "GET", "/Patient/1", &testkeys::claims_now(), true);
     assert!(tag_calls(&calls).is_empty(), "decision_metadata alone tags no span: {calls:#?}");
 }
+
+#[test]
+fn a_held_bundle_is_tagged_when_its_headers_are_decided_and_gets_its_outcome_at_the_verdict() {
+    let mut p = plugin(false);
+    p["span_tags"] = json!(true);
+    p["access_log_filter_state"] = json!(false);
+    let envoy = configured(&p);
+    let (s, _, calls) = send(&envoy, "POST", "/", &testkeys::claims_now(), false);
+    let tags = tag_calls(&calls);
+    assert!(tags.contains(&"span_set_tag fhir_tenant_router.interaction=batch"), "{calls:#?}");
+    assert!(tags.iter().any(|t| t.starts_with("span_set_tag fhir_tenant_router.verify_ns=")), "{calls:#?}");
+    assert!(!tags.iter().any(|t| t.contains(".outcome=")), "no outcome before the verdict: {calls:#?}");
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "DELETE", "url": "Patient/1"}}
+    ]});
+    envoy.request_body(s, bundle.to_string().as_bytes());
+    let calls = envoy.take_calls();
+    assert_eq!(
+        tag_calls(&calls),
+        [
+            "get_active_span",
+            "span_set_tag fhir_tenant_router.outcome=forbidden",
+            "span_set_tag fhir_tenant_router.reason=allowlist"
+        ],
+        "{calls:#?}"
+    );
+    assert!(violations(&calls).is_empty(), "{calls:#?}");
+}

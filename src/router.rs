@@ -1810,7 +1810,10 @@ impl Audit<'_> {
         let scopes = identity.and_then(|i| i.scopes().granted());
         crate::metadata::Decision {
             tenant: detail.tenant,
-            client_id: identity.and_then(Identity::client_id),
+            // The whole client id only: a cut one could be another client's too, and a control character
+            // would break a text access-log line (`%FILTER_STATE(...:PLAIN)%` writes it raw). Unset, a policy
+            // that needs it fails closed.
+            client_id: identity.and_then(Identity::whole_client_id).filter(|id| !id.chars().any(char::is_control)),
             issuer: identity.and_then(|_| issuer_of(self.config, request.authorization.as_deref())),
             scopes: scopes.as_deref(),
             interaction: interaction.as_deref(),

@@ -1908,3 +1908,118 @@ fn without_hold_bundle_headers_a_narrowed_answers_headers_go_on_and_a_refused_bo
         f.on_done();
     }
 }
+
+// ---- attack on issue 27 (decision metadata, BALP): an outside reviewer's tests ----
+
+/// The filter-state calls of one request, in order.
+fn states_of(calls: &[String]) -> Vec<&String> {
+    calls.iter().filter(|c| c.starts_with("set_filter_state ")).collect()
+}
+
+/// Finding 1: a `_method` repeated with different values. Two override headers that disagree are refused
+/// (a server may read either); two `_method` parameters that disagree are not: the filter reads the first
+/// (`GET`), while a server that takes the last (PHP's and Rack's query parsers do) deletes. The read-only
+/// allowlist lets it through, and the decision metadata says `read`, so a read-only RBAC policy does too.
+#[test]
+fn attack_a_repeated_method_parameter_that_disagrees_is_refused_like_disagreeing_headers() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    // The single override is judged (the oracle: the filter's own rule, shown working).
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient/p1?_method=DELETE", Some(&auth)), true);
+    assert_eq!(flow, Flow::Stop, "{:#?}", host.take_calls());
+    host.take_calls();
+    for (id, path) in [
+        (2, "/Patient/p1?_method=GET&_method=DELETE"),
+        (3, "/Patient/p1?_method=GET&_METHOD=DELETE"),
+        (4, "/Patient/p1?_method=GET&_%6Dethod=DELETE"),
+    ] {
+        let (_f, flow) = send(&host, &root, id, &get(path, Some(&auth)), true);
+        let calls = host.take_calls();
+        assert_eq!(flow, Flow::Stop, "{path}: a DELETE the server may honour went on: {:#?}", states_of(&calls));
+        assert!(calls.iter().any(|c| c.starts_with("send_reply 403 ")), "{path}: {calls:#?}");
+    }
+    // Repeats that agree are one override (no refusal of a harmless repeat).
+    let (_f, flow) = send(&host, &root, 5, &get("/Patient/p1?_method=GET&_method=get", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue, "{:#?}", host.take_calls());
+}
+
+/// Finding 2: a client id longer than 128 characters is cut, and the cut value is set as `client_id`:
+/// two different clients (same first 128 characters) look the same to an Envoy policy that allows or denies
+/// by `client_id`. The filter itself treats a cut id as no one's (`whole_client_id`, `allowed_clients`);
+/// the metadata should too (leave the key unset: a policy that needs it fails closed).
+#[test]
+fn attack_a_cut_client_id_is_not_set_as_the_client_id_two_clients_could_share() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let stem = "c".repeat(128);
+    let mut seen = Vec::new();
+    for (id, suffix) in [(1, "-trusted-reporting-app"), (2, "-attacker-app")] {
+        let mut claims = testkeys::claims_now();
+        claims["client_id"] = json!(format!("{stem}{suffix}"));
+        let (_f, flow) = send(&host, &root, id, &get("/Patient/p1", Some(&bearer(&claims))), true);
+        assert_eq!(flow, Flow::Continue);
+        let calls = host.take_calls();
+        let client = states_of(&calls)
+            .into_iter()
+            .find(|c| c.starts_with("set_filter_state fhir_tenant_router.client_id="))
+            .cloned();
+        seen.push(client);
+    }
+    assert!(
+        seen[0].is_none() || seen[0] != seen[1],
+        "two different clients got the same client_id filter state: {:?}",
+        seen[0]
+    );
+}
+
+/// Finding 3: a client id (from a verified token: the IdP's, but an IdP lets administrators or dynamic
+/// registration pick it) holding a line break is set as filter state as it is. Envoy's text access log
+/// (`%FILTER_STATE(...:PLAIN)%`, as examples/rbac uses) writes it raw: one request becomes two access-log
+/// lines, the second forged. The BALP event and the audit line escape it (JSON); the metadata does not.
+#[test]
+fn attack_a_client_id_with_a_line_break_never_reaches_the_filter_state_raw() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    p["audit_event"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut claims = testkeys::claims_now();
+    claims["client_id"] = json!("app\ndecision DELETE 200 tenant=forged outcome=allowed\r\u{1b}[2J");
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient/p1", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::Continue);
+    let calls = host.take_calls();
+    for state in states_of(&calls) {
+        assert!(!state.chars().any(|c| c.is_control()), "a control character in filter state: {state:?}");
+    }
+}
+
+/// Held: the BALP event of a client id with quotes, backslashes, control characters and CEL/JSON-looking
+/// text is one JSON document whose client value is exactly the (cut) claim, and forges no other field.
+#[test]
+fn attack_held_balp_event_of_a_hostile_client_id_is_one_json_document_with_no_forged_field() {
+    let mut p = plugin();
+    p["audit_event"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let hostile = "x\",\"outcome\":\"0\"}],\"agent\":[{\"who\":\"\\u0000\n\u{2028}' || true || filter_state['a'] == \"";
+    let mut claims = testkeys::claims_now();
+    claims["client_id"] = json!(hostile);
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient/p1?name=Zzyzx", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::Continue);
+    let calls = host.take_calls();
+    let event = calls
+        .iter()
+        .find_map(|c| c.strip_prefix("set_filter_state fhir_tenant_router.audit_event="))
+        .expect("the event");
+    assert!(!event.contains('\n'), "{event}");
+    let v: Value = serde_json::from_str(event).expect("one JSON document");
+    assert_eq!(v["agent"][0]["who"]["identifier"]["value"], json!(hostile));
+    assert_eq!(v["agent"].as_array().map(Vec::len), Some(3), "{v:#}");
+    assert_eq!(v["outcome"], json!("0"));
+    assert!(!event.contains("Zzyzx") && !event.contains("p1"), "{event}");
+}

@@ -1,0 +1,119 @@
+"""An outside attack on issue 27's decision metadata through examples/rbac/envoy.yaml in real Envoy 1.40, in the
+build under test (--build wasm / --build dynamic-module). The oracles are Envoy's own RBAC filter (its 403 and
+its stat), Envoy's access log, and the recording upstreams (did tenant B's server get the request?).
+
+Tried: writes disguised as reads (the three override headers in odd cases, `_method` in odd spellings and
+repeated, overrides on HEAD and POST _search, operations, Bundles, slashes, dots, `;`, `%2F`, case, a trailing
+slash, the absolute-form request target), client-sent headers named like the filter state, the filter's own
+headers or Envoy's, public and refused requests, and a client id that holds a line break.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from harness import TENANT_A, TENANT_B, wait_until
+from test_rbac_example import FHIR, PATIENT, denied_by_rbac, rbac, rbac_denied  # noqa: F401 (rbac: fixture)
+
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+BUNDLE = json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
+    {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}}]}).encode()
+
+
+def never_reached_tenant_b(stack, r) -> None:
+    """Refused (by RBAC, the filter or Envoy: any 4xx) and nothing reached any upstream."""
+    assert 400 <= r.status < 500, r
+    assert stack.upstreams.hits() == {}, stack.upstreams.hits()
+
+
+@pytest.mark.parametrize("method,path,headers,body", [
+    ("GET", "/Patient/p1", {"X-HTTP-Method": "DELETE"}, None),
+    ("GET", "/Patient/p1", {"x-method-override": "put"}, None),
+    ("GET", "/Patient/p1", {"X-HTTP-Method-Override": " Delete "}, None),
+    ("HEAD", "/Patient/p1", {"x-http-method-override": "DELETE"}, None),
+    ("GET", "/Patient/p1?_METHOD=DELETE", {}, None),
+    ("GET", "/Patient/p1?_%6Dethod=DELETE", {}, None),
+    ("GET", "/Patient/p1?x=1;_method=DELETE", {}, None),
+    ("POST", "/Patient/_search", {"x-http-method-override": "DELETE", **FORM}, b"name=x"),
+    ("POST", "/Patient/_search?_method=PUT", FORM, b"name=x"),
+    ("PATCH", "/Patient/p1?_method=GET", {"content-type": "application/json-patch+json"}, b"[]"),
+    ("GET", "/Patient/p1/$everything", {}, None),
+    ("GET", "/$export", {}, None),
+    ("POST", "/", FHIR, BUNDLE),
+    ("POST", "/?_method=GET", FHIR, BUNDLE),
+    ("DELETE", "//Patient//p1", {}, None),
+    ("DELETE", "/Patient/./p1", {}, None),
+    ("DELETE", "/Patient/x/../p1", {}, None),
+    ("DELETE", "/Patient/p1;v=1", {}, None),
+    ("DELETE", "/Patient%2Fp1", {}, None),
+    ("DELETE", "/Patient/p1/", {}, None),
+    ("DELETE", "/patient/p1", {}, None),
+    ("DELETE", "/Patient/p1#frag", {}, None),
+    ("DELETE", "http://fhir.example/Patient/p1", {}, None),
+    ("OPTIONS", "/Patient", {}, None),
+    ("PUT", "/Patient?identifier=x", FHIR, PATIENT),
+])
+def test_attack_held_a_write_disguised_as_a_read_never_reaches_read_only_tenant_b(rbac, method, path, headers,
+                                                                                body):
+    r = rbac.get(path, rbac.minter.token(TENANT_B), headers=headers, method=method, body=body)
+    never_reached_tenant_b(rbac, r)
+
+
+def test_attack_finding_1_a_repeated_method_parameter_that_disagrees_never_reaches_tenant_b(rbac):
+    # The filter read the first `_method` (GET): the allowlist judged a read, the metadata said `read` and RBAC
+    # let it through, while a server that takes the last `_method` (PHP's and Rack's parsers do) deletes. Now the
+    # filter refuses repeats that disagree (its 403 OperationOutcome), as it refuses disagreeing override headers.
+    for path in ("/Patient/p1?_method=GET&_method=DELETE", "/Patient?name=x&_method=GET&_Method=DELETE"):
+        r = rbac.get(path, rbac.minter.token(TENANT_B))
+        never_reached_tenant_b(rbac, r)
+        assert r.json()["resourceType"] == "OperationOutcome", r
+    # The same repeated, agreeing: one read, which reaches tenant B.
+    r = rbac.get("/Patient/p1?_method=GET&_method=get", rbac.minter.token(TENANT_B))
+    assert r.status == 200, r
+    assert list(rbac.upstreams.hits()) == ["tenant-b"], rbac.upstreams.hits()
+
+
+def test_attack_held_client_headers_named_like_the_decision_change_nothing(rbac):
+    # Headers are not filter state: a client cannot pre-set the names RBAC reads, nor steer the route.
+    spoof = {
+        "wasm.fhir_tenant_router.tenant": TENANT_A,
+        "wasm.fhir_tenant_router.interaction": "read",
+        "fhir_tenant_router.interaction": "read",
+        "x-fhir-tenant-id": TENANT_A,
+        "x-fhir-tenant-router-cluster": "tenant_a",
+        "x-envoy-original-path": "/Patient/p1",
+        "x-envoy-original-method": "GET",
+        "x-envoy-internal": "true",
+        **FHIR,
+    }
+    before = rbac_denied(rbac)
+    r = rbac.get("/Patient/p1", rbac.minter.token(TENANT_B), headers=spoof, method="DELETE")
+    denied_by_rbac(rbac, r, before)
+    # A public request carries no tenant: it goes to the metadata cluster only, whatever it claims.
+    r = rbac.get("/metadata", rbac.minter.token(TENANT_B), headers={"x-fhir-tenant-router-cluster": "tenant_b",
+                                                                    "x-http-method-override": "DELETE"})
+    assert r.status == 200, r
+    assert list(rbac.upstreams.hits()) == ["metadata"], rbac.upstreams.hits()
+
+
+def test_attack_finding_3_a_client_id_with_a_line_break_forges_no_access_log_line(rbac):
+    # The token is the IdP's (signed with its key): its client_id holds a line break and a forged decision.
+    forged = "app\ndecision DELETE 200 tenant=forged-tenant client_id=x outcome=allowed"
+    token = rbac.minter.token(TENANT_A, client_id=forged)
+    r = rbac.get("/Patient/p1", token, method="HEAD")
+    assert r.status == 200, r
+    pattern = re.compile(rf"^decision HEAD 200 tenant={re.escape(TENANT_A)} .* interaction=read .*$", re.M)
+
+    # The filter's own audit line (JSON) holds the text escaped; a forged line starts a line of its own.
+    forged_line = re.compile(r"^decision DELETE 200 tenant=forged-tenant ", re.M)
+
+    def settled():
+        log = rbac.envoy.log_since_mark()
+        return log if (forged_line.search(log) or pattern.search(log)) else None
+
+    log = wait_until(settled, 30, "the access log line of the HEAD", on_timeout=rbac.envoy.log_tail)
+    assert not forged_line.search(log), "a forged access-log line:\n" + log[-2000:]
+    line = pattern.findall(log)[-1]
+    assert " client_id=- " in line, line

@@ -2085,3 +2085,32 @@ fn attack_a_withheld_answer_is_not_recorded_as_a_successful_query() {
         "the access log's AuditEvent says the withheld query succeeded: {events:#?}"
     );
 }
+
+/// Held: a request parked for a key-set refetch sets nothing while it waits (Envoy's RBAC has not run: the
+/// filter stopped it), and its whole decision, tenant and interaction included, before it resumes.
+#[test]
+fn attack_held_a_request_parked_for_keys_gets_its_decision_before_it_resumes() {
+    let mut p = remote_plugin();
+    p["decision_metadata"] = json!(true);
+    let (host, mut root) = configured(&p);
+    root.on_tick();
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
+    host.take_calls();
+    host.0.now_ms.set(T0_MS + 2_000);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(TENANT_B);
+    let (_f, flow) = send(&host, &root, 7, &get("/Patient/p1", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::WaitForKeys);
+    assert!(states_of(&host.take_calls()).is_empty(), "nothing while waiting");
+    root.on_tick();
+    host.take_calls();
+    deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
+    let calls = host.take_calls();
+    let resumed = calls.iter().position(|c| c == "resume_request").unwrap_or(usize::MAX);
+    let tenant = format!("set_filter_state fhir_tenant_router.tenant={TENANT_B}");
+    let interaction = "set_filter_state fhir_tenant_router.interaction=read".to_string();
+    let at = |s: &String| calls.iter().position(|c| c == s).unwrap_or(usize::MAX);
+    assert!(resumed != usize::MAX, "{calls:#?}");
+    assert!(at(&tenant) < resumed && at(&interaction) < resumed, "set before it resumes: {calls:#?}");
+}

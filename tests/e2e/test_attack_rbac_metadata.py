@@ -117,3 +117,52 @@ def test_attack_finding_3_a_client_id_with_a_line_break_forges_no_access_log_lin
     assert not forged_line.search(log), "a forged access-log line:\n" + log[-2000:]
     line = pattern.findall(log)[-1]
     assert " client_id=- " in line, line
+
+
+# ---- CEL: the example's comment says Envoy's CEL reads the same filter state by name ----
+
+def _cel_index(key: str) -> dict:
+    """filter_state[key], as a parsed CEL expression (Envoy's RBAC takes the AST, not text)."""
+    return {"call_expr": {"function": "_[_]", "args": [{"ident_expr": {"name": "filter_state"}},
+                                                        {"const_expr": {"string_value": key}}]}}
+
+
+def _cel_example(tenant_const: dict) -> dict:
+    """examples/rbac with its policy replaced by a CEL condition: deny everything of tenant B."""
+    from harness import load_yaml
+    from test_rbac_example import EXAMPLE
+    cfg = load_yaml(EXAMPLE)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    rbac_filter = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.rbac")
+    rbac_filter["typed_config"]["rules"]["policies"] = {"tenant-b-cel": {
+        "permissions": [{"any": True}], "principals": [{"any": True}],
+        "condition": {"call_expr": {"function": "_==_", "args": [
+            _cel_index("wasm.fhir_tenant_router.tenant"), {"const_expr": tenant_const}]}}}}
+    return cfg
+
+
+@pytest.mark.parametrize("const,denied", [({"bytes_value": "M2I5YTdjNTUtMWQyZS00ZjYwLThhN2ItOWMwZDFlMmYzYTRi"}, True),
+                                          ({"string_value": TENANT_B}, False)])
+def test_attack_cel_reads_the_decision_as_bytes_so_a_string_comparison_never_matches(start_envoy, idp, upstreams,
+                                                                                      const, denied):
+    """Docs finding 6: Envoy's CEL `filter_state` is map<string, bytes>. A DENY condition written the natural
+    way (`filter_state['wasm.fhir_tenant_router.tenant'] == '<tenant>'`) compares bytes with a string, which is
+    an evaluation error, which RBAC treats as no match: the deny never applies (fail open). It must be written
+    `== b'<tenant>'`. The docs and the example name the CEL form without saying so."""
+    from conftest import Stack, stop_envoy, wait_for_jwks
+    from tokens import Minter
+    from test_rbac_example import rbac_denied
+    env = start_envoy("envoy-rbac-cel", {"idp": idp.port, **upstreams.cluster_ports()}, base=_cel_example(const))
+    try:
+        minter = Minter(idp.issuer)
+        wait_for_jwks(env, minter, upstreams)
+        stack = Stack(env, upstreams, minter, idp)
+        upstreams.clear()
+        before = rbac_denied(stack)
+        r = stack.get("/Patient/p1", minter.token(TENANT_B), method="DELETE")
+        if denied:
+            denied_by_rbac(stack, r, before)
+        else:
+            assert r.status == 200 and list(upstreams.hits()) == ["tenant-b"], (r, upstreams.hits())
+    finally:
+        stop_envoy(env)

@@ -62,7 +62,8 @@ def test_attack_held_every_outcome_with_odd_paths_is_one_valid_r4_audit_event_pe
     events = [json.loads(line) for line in found]  # one line each: a hostile client id broke none
     outcomes = [(e["outcome"], e.get("outcomeDesc")) for e in events]
     assert outcomes == [("0", None)] * 5 + [("4", "403 allowlist"), ("4", "403 allowlist"), ("0", None),
-                                            ("4", "401 malformed_token"), ("0", None), ("4", "429 quota_rate")], outcomes
+                                            ("4", "401 malformed_token"), ("0", None),
+                                            ("4", "429 quota_rate")], outcomes
     hostile_event = events[4]
     clients = [a["who"].get("identifier", {}).get("value") for a in hostile_event["agent"]]
     assert HOSTILE in clients and len(hostile_event["agent"]) == 3, hostile_event

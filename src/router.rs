@@ -515,7 +515,7 @@ impl Router {
                     request.opaque_body |= !text(value).trim().eq_ignore_ascii_case("identity");
                 }
                 b"content-type" => request.opaque_body |= foreign_charset(&text(value)),
-                b"x-http-method-override" | b"x-http-method" | b"x-method-override" => {
+                n if is_override_header(n) => {
                     let named = text(value);
                     if request.method_override.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case(&named)) {
                         request.override_conflict = true;
@@ -1738,6 +1738,17 @@ fn filter_state(tenant: Option<&str>, identity: Option<&Identity>, out: &mut dyn
     if let Some(client_id) = identity.and_then(Identity::client_id) {
         out.push(Effect::FilterState("wasm.fhir_tenant_router.client_id", client_id));
     }
+}
+
+/// A method override header (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`), in any case and
+/// with `_` for any `-`: Envoy passes headers with underscores on by default, and a CGI-style server (PHP, WSGI)
+/// reads `X_HTTP_METHOD_OVERRIDE` as `X-HTTP-Method-Override` (both are `HTTP_X_HTTP_METHOD_OVERRIDE`).
+fn is_override_header(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 3] = [b"x-http-method-override", b"x-http-method", b"x-method-override"];
+    NAMES.iter().any(|known| {
+        known.len() == name.len()
+            && known.iter().zip(name).all(|(k, n)| k.eq_ignore_ascii_case(n) || (*k == b'-' && *n == b'_'))
+    })
 }
 
 /// The configured issuer of a verified token: the only provider's, else the one its `iss` picked (read

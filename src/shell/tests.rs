@@ -2114,3 +2114,29 @@ fn attack_held_a_request_parked_for_keys_gets_its_decision_before_it_resumes() {
     assert!(resumed != usize::MAX, "{calls:#?}");
     assert!(at(&tenant) < resumed && at(&interaction) < resumed, "set before it resumes: {calls:#?}");
 }
+
+/// Finding 7: a method override header spelled with underscores (`x_http_method_override`). Envoy passes headers
+/// with underscores on by default (`headers_with_underscores_action: ALLOW`), and a CGI-style server (PHP,
+/// WSGI) reads `X_HTTP_METHOD_OVERRIDE` and `X-HTTP-METHOD-OVERRIDE` as the same `HTTP_X_HTTP_METHOD_OVERRIDE`,
+/// so a framework that honours the override (Symfony, Django middleware) deletes. The filter did not see it:
+/// the read-only allowlist passed it as a read and the metadata said `read`.
+#[test]
+fn attack_an_override_header_spelled_with_underscores_is_judged_too() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    for (id, name) in
+        [(1, "x-http-method-override"), (2, "x_http_method_override"), (3, "x_http_method"), (4, "x-method_override")]
+    {
+        let mut headers = get("/Patient/p1", Some(&auth));
+        headers.push((name, "DELETE".into()));
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        host.request(&pairs);
+        let mut f = root.create_filter(id).unwrap();
+        let flow = f.on_request_headers(true);
+        let calls = host.take_calls();
+        assert_eq!(flow, Flow::Stop, "{name}: a DELETE the server may honour went on: {:#?}", states_of(&calls));
+    }
+}

@@ -166,3 +166,12 @@ def test_attack_cel_reads_the_decision_as_bytes_so_a_string_comparison_never_mat
             assert r.status == 200 and list(upstreams.hits()) == ["tenant-b"], (r, upstreams.hits())
     finally:
         stop_envoy(env)
+
+
+@pytest.mark.parametrize("name", ["x_http_method_override", "X_HTTP_METHOD", "x-method_override"])
+def test_attack_finding_7_an_override_header_with_underscores_never_reaches_tenant_b(rbac, name):
+    # Envoy passes headers with underscores on (headers_with_underscores_action defaults to ALLOW), and a
+    # CGI-style server (PHP, WSGI) reads it as X-HTTP-Method-Override. The filter judged a read, the metadata said
+    # `read`, RBAC let it through and tenant B's server got the override. Now judged as both methods.
+    r = rbac.get("/Patient/p1", rbac.minter.token(TENANT_B), headers={name: "DELETE"})
+    never_reached_tenant_b(rbac, r)

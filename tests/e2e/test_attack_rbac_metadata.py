@@ -175,3 +175,11 @@ def test_attack_finding_7_an_override_header_with_underscores_never_reaches_tena
     # `read`, RBAC let it through and tenant B's server got the override. Now judged as both methods.
     r = rbac.get("/Patient/p1", rbac.minter.token(TENANT_B), headers={name: "DELETE"})
     never_reached_tenant_b(rbac, r)
+
+
+def test_attack_finding_7_premise_envoy_passes_a_header_with_underscores_to_the_tenants_server(rbac):
+    # The premise of finding 7, shown on a harmless header: Envoy (the example's defaults) forwards it as sent.
+    r = rbac.get("/Patient/p1", rbac.minter.token(TENANT_B), headers={"x_probe_header": "1"})
+    assert r.status == 200, r
+    (seen,) = rbac.upstreams.hits()["tenant-b"]
+    assert seen.header("x_probe_header") == "1", seen.headers

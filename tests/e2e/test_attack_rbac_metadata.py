@@ -183,3 +183,41 @@ def test_attack_finding_7_premise_envoy_passes_a_header_with_underscores_to_the_
     assert r.status == 200, r
     (seen,) = rbac.upstreams.hits()["tenant-b"]
     assert seen.header("x_probe_header") == "1", seen.headers
+
+
+@pytest.mark.parametrize("ignore_case,denied", [(True, True), (False, False)])
+def test_attack_a_tenant_configured_in_capitals_is_matched_only_ignoring_case(start_envoy, idp, upstreams,
+                                                                              ignore_case, denied):
+    """Docs finding 8: the filter lower-cases tenant ids, and the `tenant` key holds the lower-cased id. An operator
+    who configures tenant B in capitals and copies that id into the RBAC policy (`exact: 3B9A…`) gets a DENY that
+    never matches (fail open). The example now matches with `ignore_case: true` and the docs say so."""
+    from conftest import Stack, stop_envoy, wait_for_jwks
+    from harness import load_yaml
+    from test_rbac_example import EXAMPLE
+    from tokens import Minter
+    upper = TENANT_B.upper()
+    cfg = load_yaml(EXAMPLE)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm_filter, rbac_filter = hcm["http_filters"][0], hcm["http_filters"][1]
+    conf = wasm_filter["typed_config"]["config"]["configuration"]
+    doc = json.loads(conf["value"])
+    doc["tenants"] = {(upper if k == TENANT_B else k): v for k, v in doc["tenants"].items()}
+    conf["value"] = json.dumps(doc)
+    principal = rbac_filter["typed_config"]["rules"]["policies"]["tenant-b-read-only"]["principals"][0]
+    tenant_match = principal["and_ids"]["ids"][0]["filter_state"]["string_match"]
+    tenant_match["exact"] = upper
+    tenant_match["ignore_case"] = ignore_case
+    env = start_envoy("envoy-rbac-upper", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg)
+    try:
+        minter = Minter(idp.issuer)
+        wait_for_jwks(env, minter, upstreams)
+        stack = Stack(env, upstreams, minter, idp)
+        upstreams.clear()
+        before = rbac_denied(stack)
+        r = stack.get("/Patient/p1", minter.token(TENANT_B), method="DELETE")
+        if denied:
+            denied_by_rbac(stack, r, before)
+        else:
+            assert r.status == 200 and list(upstreams.hits()) == ["tenant-b"], (r, upstreams.hits())
+    finally:
+        stop_envoy(env)

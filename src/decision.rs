@@ -222,9 +222,23 @@ pub(crate) fn query_method_override(path: &str) -> Option<String> {
     if !maybe {
         return None;
     }
-    crate::reach::pairs(query.as_bytes())
-        .find(|(name, _)| crate::reach::decode(name.as_bytes()).trim().eq_ignore_ascii_case("_method"))
-        .map(|(_, value)| value.into_owned())
+    // Every `_method`: a server may read the first or the last (PHP's and Rack's query parsers take the last),
+    // so repeats that disagree are all returned, comma-separated, which names no method (refused, as two
+    // override headers that disagree are).
+    let mut named: Option<String> = None;
+    for (_, value) in crate::reach::pairs(query.as_bytes())
+        .filter(|(name, _)| crate::reach::decode(name.as_bytes()).trim().eq_ignore_ascii_case("_method"))
+    {
+        match named.as_mut() {
+            None => named = Some(value.into_owned()),
+            Some(first) if first.trim().eq_ignore_ascii_case(value.trim()) => {}
+            Some(all) => {
+                all.push_str(", ");
+                all.push_str(&value);
+            }
+        }
+    }
+    named
 }
 
 /// The method an override header names, if FHIR uses it (compared without regard to case).

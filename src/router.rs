@@ -524,7 +524,7 @@ impl Router {
                     request.opaque_body |= !text(value).trim().eq_ignore_ascii_case("identity");
                 }
                 b"content-type" => request.opaque_body |= foreign_charset(&text(value)),
-                b"x-http-method-override" | b"x-http-method" | b"x-method-override" => {
+                n if is_override_header(n) => {
                     let named = text(value);
                     if request.method_override.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case(&named)) {
                         request.override_conflict = true;
@@ -1768,6 +1768,17 @@ fn filter_state(tenant: Option<&str>, identity: Option<&Identity>, out: &mut dyn
     }
 }
 
+/// A method override header (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`), in any case and
+/// with `_` for any `-`: Envoy passes headers with underscores on by default, and a CGI-style server (PHP, WSGI)
+/// reads `X_HTTP_METHOD_OVERRIDE` as `X-HTTP-Method-Override` (both are `HTTP_X_HTTP_METHOD_OVERRIDE`).
+fn is_override_header(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 3] = [b"x-http-method-override", b"x-http-method", b"x-method-override"];
+    NAMES.iter().any(|known| {
+        known.len() == name.len()
+            && known.iter().zip(name).all(|(k, n)| k.eq_ignore_ascii_case(n) || (*k == b'-' && *n == b'_'))
+    })
+}
+
 /// The configured issuer of a verified token: that of the provider whose keys verified it (kept with its
 /// identity, so the token is not read again).
 fn issuer_of<'c>(config: &'c Config, identity: &Identity) -> Option<&'c str> {
@@ -1836,7 +1847,10 @@ impl Audit<'_> {
         let scopes = identity.and_then(|i| i.scopes().granted());
         let decision = crate::metadata::Decision {
             tenant: detail.tenant,
-            client_id: identity.and_then(Identity::client_id),
+            // The whole client id only: a cut one could be another client's too, and a control character
+            // would break a text access-log line (`%FILTER_STATE(...:PLAIN)%` writes it raw). Unset, a policy
+            // that needs it fails closed.
+            client_id: identity.and_then(Identity::whole_client_id).filter(|id| !id.chars().any(char::is_control)),
             issuer: identity.and_then(|i| issuer_of(self.config, i)),
             scopes: scopes.as_deref(),
             interaction: interaction.as_deref(),

@@ -1965,3 +1965,235 @@ fn without_hold_bundle_headers_a_narrowed_answers_headers_go_on_and_a_refused_bo
         f.on_done();
     }
 }
+
+// ---- attack on issue 27 (decision metadata, BALP): an outside reviewer's tests ----
+
+/// The filter-state calls of one request, in order.
+fn states_of(calls: &[String]) -> Vec<&String> {
+    calls.iter().filter(|c| c.starts_with("set_filter_state ")).collect()
+}
+
+/// Finding 1: a `_method` repeated with different values. Two override headers that disagree are refused
+/// (a server may read either); two `_method` parameters that disagree are not: the filter reads the first
+/// (`GET`), while a server that takes the last (PHP's and Rack's query parsers do) deletes. The read-only
+/// allowlist lets it through, and the decision metadata says `read`, so a read-only RBAC policy does too.
+#[test]
+fn attack_a_repeated_method_parameter_that_disagrees_is_refused_like_disagreeing_headers() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    // The single override is judged (the oracle: the filter's own rule, shown working).
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient/p1?_method=DELETE", Some(&auth)), true);
+    assert_eq!(flow, Flow::Stop, "{:#?}", host.take_calls());
+    host.take_calls();
+    for (id, path) in [
+        (2, "/Patient/p1?_method=GET&_method=DELETE"),
+        (3, "/Patient/p1?_method=GET&_METHOD=DELETE"),
+        (4, "/Patient/p1?_method=GET&_%6Dethod=DELETE"),
+    ] {
+        let (_f, flow) = send(&host, &root, id, &get(path, Some(&auth)), true);
+        let calls = host.take_calls();
+        assert_eq!(flow, Flow::Stop, "{path}: a DELETE the server may honour went on: {:#?}", states_of(&calls));
+        assert!(calls.iter().any(|c| c.starts_with("send_reply 403 ")), "{path}: {calls:#?}");
+    }
+    // Repeats that agree are one override (no refusal of a harmless repeat).
+    let (_f, flow) = send(&host, &root, 5, &get("/Patient/p1?_method=GET&_method=get", Some(&auth)), true);
+    assert_eq!(flow, Flow::Continue, "{:#?}", host.take_calls());
+}
+
+/// Finding 2: a client id longer than 128 characters is cut, and the cut value is set as `client_id`:
+/// two different clients (same first 128 characters) look the same to an Envoy policy that allows or denies
+/// by `client_id`. The filter itself treats a cut id as no one's (`whole_client_id`, `allowed_clients`);
+/// the metadata should too (leave the key unset: a policy that needs it fails closed).
+#[test]
+fn attack_a_cut_client_id_is_not_set_as_the_client_id_two_clients_could_share() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let stem = "c".repeat(128);
+    let mut seen = Vec::new();
+    for (id, suffix) in [(1, "-trusted-reporting-app"), (2, "-attacker-app")] {
+        let mut claims = testkeys::claims_now();
+        claims["client_id"] = json!(format!("{stem}{suffix}"));
+        let (_f, flow) = send(&host, &root, id, &get("/Patient/p1", Some(&bearer(&claims))), true);
+        assert_eq!(flow, Flow::Continue);
+        let calls = host.take_calls();
+        let client = states_of(&calls)
+            .into_iter()
+            .find(|c| c.starts_with("set_filter_state fhir_tenant_router.client_id="))
+            .cloned();
+        seen.push(client);
+    }
+    assert!(
+        seen[0].is_none() || seen[0] != seen[1],
+        "two different clients got the same client_id filter state: {:?}",
+        seen[0]
+    );
+}
+
+/// Finding 3: a client id (from a verified token: the IdP's, but an IdP lets administrators or dynamic
+/// registration pick it) holding a line break is set as filter state as it is. Envoy's text access log
+/// (`%FILTER_STATE(...:PLAIN)%`, as examples/rbac uses) writes it raw: one request becomes two access-log
+/// lines, the second forged. The BALP event and the audit line escape it (JSON); the metadata does not.
+#[test]
+fn attack_a_client_id_with_a_line_break_never_reaches_the_filter_state_raw() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    p["audit_event"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut claims = testkeys::claims_now();
+    claims["client_id"] = json!("app\ndecision DELETE 200 tenant=forged outcome=allowed\r\u{1b}[2J");
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient/p1", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::Continue);
+    let calls = host.take_calls();
+    for state in states_of(&calls) {
+        assert!(!state.chars().any(|c| c.is_control()), "a control character in filter state: {state:?}");
+    }
+}
+
+/// Held: the BALP event of a client id with quotes, backslashes, control characters and CEL/JSON-looking
+/// text is one JSON document whose client value is exactly the (cut) claim, and forges no other field.
+#[test]
+fn attack_held_balp_event_of_a_hostile_client_id_is_one_json_document_with_no_forged_field() {
+    let mut p = plugin();
+    p["audit_event"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let hostile = "x\",\"outcome\":\"0\"}],\"agent\":[{\"who\":\"\\u0000\n\u{2028}' || true || filter_state['a'] == \"";
+    let mut claims = testkeys::claims_now();
+    claims["client_id"] = json!(hostile);
+    let (_f, flow) = send(&host, &root, 1, &get("/Patient/p1?name=Zzyzx", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::Continue);
+    let calls = host.take_calls();
+    let event = calls
+        .iter()
+        .find_map(|c| c.strip_prefix("set_filter_state fhir_tenant_router.audit_event="))
+        .expect("the event");
+    assert!(!event.contains('\n'), "{event}");
+    let v: Value = serde_json::from_str(event).expect("one JSON document");
+    assert_eq!(v["agent"][0]["who"]["identifier"]["value"], json!(hostile));
+    assert_eq!(v["agent"].as_array().map(Vec::len), Some(3), "{v:#}");
+    assert_eq!(v["outcome"], json!("0"));
+    assert!(!event.contains("Zzyzx") && !event.contains("p1"), "{event}");
+}
+
+/// Finding 4: the BALP Query entity keeps every query parameter's name (only values become `*`), and a name is
+/// whatever comes before `=`: a client that puts a value where a name goes (`?John%20Smith`, `?name%3DSmith`:
+/// no `=` in clear) has it written, percent-encoded but readable, into the access log's AuditEvent. Fix (not
+/// small): keep only names a FHIR search can have (the R4 SearchParameter registry in `search_params`, the
+/// special `_` names, modifiers and chains over them) and write any other as `*`.
+#[test]
+#[ignore = "finding 4"]
+fn attack_a_value_written_where_a_parameter_name_goes_never_reaches_the_balp_query() {
+    for query in ["John%20Smith", "name%3DSmith", "name=x&Smith", "Smith"] {
+        let redacted = crate::balp::redacted_query(query);
+        assert!(!redacted.contains("Smith"), "{query} -> {redacted}");
+    }
+}
+
+/// Held: every shape of query keeps no value (`=` inside a value, `;`, `+`, escapes, an empty name).
+#[test]
+fn attack_held_query_values_never_reach_the_balp_query() {
+    for query in ["name=Smith", "name=a=Smith", "name=x;y=Smith", "=Smith", "name=Sm%69th&&", "name:exact=Smith+J"] {
+        let redacted = crate::balp::redacted_query(query);
+        assert!(!redacted.contains("Smith") && !redacted.contains("Sm%69th"), "{query} -> {redacted}");
+    }
+}
+
+/// Finding 5: an answer the filter withholds (a narrowed token's search whose answer holds a type the token may
+/// not read: the client gets the filter's 403) keeps the decision it had at the request: `outcome=allowed` in
+/// the metadata, and a BALP event with outcome `0` claiming the Query profile. The access log, a tracer and an
+/// audit repository record a success the client never had. Fix (not small): write the AuditEvent (and
+/// `outcome`) when the answer is known for requests whose answer is checked, or name the withholding in a key
+/// of its own (`withheld`), documented.
+#[test]
+#[ignore = "finding 5"]
+fn attack_a_withheld_answer_is_not_recorded_as_a_successful_query() {
+    let mut p = plugin();
+    p["audit_event"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_A} system/Patient.rs"));
+    let (mut f, flow) = send(&host, &root, 1, &get("/Patient?name=x", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::Continue);
+    host.0.response_headers.borrow_mut().insert(":status".into(), "200".into());
+    host.0.response_headers.borrow_mut().insert("content-type".into(), "application/fhir+json".into());
+    f.on_response_headers(false);
+    let body = json!({"resourceType": "Bundle", "type": "searchset",
+                      "entry": [{"resource": {"resourceType": "Observation", "id": "o1"}}]})
+    .to_string();
+    *host.0.response_body.borrow_mut() = body.clone().into_bytes();
+    f.on_response_body(body.len(), true);
+    f.on_done();
+    let calls = host.take_calls();
+    assert!(calls.iter().any(|c| c.starts_with("send_reply 403 ")), "withheld: {calls:#?}");
+    let events: Vec<Value> = calls
+        .iter()
+        .filter_map(|c| c.strip_prefix("set_filter_state fhir_tenant_router.audit_event="))
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(
+        events.iter().all(|e| e["outcome"] != json!("0")),
+        "the access log's AuditEvent says the withheld query succeeded: {events:#?}"
+    );
+}
+
+/// Held: a request parked for a key-set refetch sets nothing while it waits (Envoy's RBAC has not run: the
+/// filter stopped it), and its whole decision, tenant and interaction included, before it resumes.
+#[test]
+fn attack_held_a_request_parked_for_keys_gets_its_decision_before_it_resumes() {
+    let mut p = remote_plugin();
+    p["decision_metadata"] = json!(true);
+    let (host, mut root) = configured(&p);
+    root.on_tick();
+    let es_only = format!("{{\"keys\": [{}]}}", testkeys::es_public_jwk());
+    deliver(&host, &mut root, 1, Some("200"), es_only.as_bytes());
+    host.take_calls();
+    host.0.now_ms.set(T0_MS + 2_000);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(TENANT_B);
+    let (_f, flow) = send(&host, &root, 7, &get("/Patient/p1", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::WaitForKeys);
+    assert!(states_of(&host.take_calls()).is_empty(), "nothing while waiting");
+    root.on_tick();
+    host.take_calls();
+    deliver(&host, &mut root, 2, Some("200"), testkeys::public_jwks().as_bytes());
+    let calls = host.take_calls();
+    let resumed = calls.iter().position(|c| c == "resume_request").unwrap_or(usize::MAX);
+    let tenant = format!("set_filter_state fhir_tenant_router.tenant={TENANT_B}");
+    let interaction = "set_filter_state fhir_tenant_router.interaction=read".to_string();
+    let at = |s: &String| calls.iter().position(|c| c == s).unwrap_or(usize::MAX);
+    assert!(resumed != usize::MAX, "{calls:#?}");
+    assert!(at(&tenant) < resumed && at(&interaction) < resumed, "set before it resumes: {calls:#?}");
+}
+
+/// Finding 7: a method override header spelled with underscores (`x_http_method_override`). Envoy passes headers
+/// with underscores on by default (`headers_with_underscores_action: ALLOW`), and a CGI-style server (PHP,
+/// WSGI) reads `X_HTTP_METHOD_OVERRIDE` and `X-HTTP-METHOD-OVERRIDE` as the same `HTTP_X_HTTP_METHOD_OVERRIDE`,
+/// so a framework that honours the override (Symfony, Django middleware) deletes. The filter did not see it:
+/// the read-only allowlist passed it as a read and the metadata said `read`.
+#[test]
+fn attack_an_override_header_spelled_with_underscores_is_judged_too() {
+    let mut p = plugin();
+    p["decision_metadata"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let auth = bearer(&testkeys::claims_now());
+    for (id, name) in
+        [(1, "x-http-method-override"), (2, "x_http_method_override"), (3, "x_http_method"), (4, "x-method_override")]
+    {
+        let mut headers = get("/Patient/p1", Some(&auth));
+        headers.push((name, "DELETE".into()));
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        host.request(&pairs);
+        let mut f = root.create_filter(id).unwrap();
+        let flow = f.on_request_headers(true);
+        let calls = host.take_calls();
+        assert_eq!(flow, Flow::Stop, "{name}: a DELETE the server may honour went on: {:#?}", states_of(&calls));
+    }
+}

@@ -24,6 +24,10 @@ const types = profiles.entry
   .sort();
 const known = new Set(types);
 
+// Every search parameter code of the registry (any type), for the audit's query names (src/balp.rs).
+const codes = [...new Set(params.entry.map((e) => e.resource).filter((r) => r.resourceType === 'SearchParameter').map((r) => r.code))].sort();
+for (const c of codes) if (!/^[A-Za-z_][A-Za-z0-9_-]*$/.test(c)) throw new Error(`unexpected code ${c}`);
+
 const rows = [];
 for (const { resource: sp } of params.entry) {
   if (sp.resourceType !== 'SearchParameter' || sp.type !== 'reference') continue;
@@ -84,4 +88,8 @@ out.push('/// base then code.');
 out.push(`pub static REFERENCE_PARAMS: [(u8, &str, u8); ${rows.length}] = [`);
 out.push(...body);
 out.push('];');
+out.push('');
+out.push(`/// Every search parameter code of the registry (${codes.length}, any base type), sorted bytewise and joined by \`|\`:`);
+out.push('/// one string rather than a table of slices (a third of the size); searched by `balp::is_search_code`.');
+out.push(`pub static SEARCH_CODES: &str = ${JSON.stringify(codes.join('|'))};`);
 process.stdout.write(out.join('\n') + '\n');

@@ -19,9 +19,9 @@
 //!   refused one follows the pattern without claiming it (the profiles are of successful interactions).
 //! - `source.observer`: this proxy (security-source-type 4, Application Server).
 //! - `entity`: for a search, the Query entity (audit-entity-type 2, object-role 24) whose `query` is the
-//!   base64 of the query with every value replaced by `*`, and whose `description` is that text; else the
-//!   data entity (object-role 4) naming only the resource type. BALP asks for the raw query and the
-//!   resource's id: both are left out (values and ids can be PHI, and nothing of the kind goes into a log
+//!   base64 of the query with every value (and every name that is no FHIR search name) replaced by `*`,
+//!   and whose `description` is that text; else the data entity (object-role 4) naming only the resource
+//!   type. BALP asks for the raw query and the resource's id: both are left out (values and ids can be PHI, and nothing of the kind goes into a log
 //!   line here). Never the token, the body or a patient.
 
 use base64::Engine as _;
@@ -97,22 +97,105 @@ fn status(outcome: Outcome, reason: Option<&str>) -> Option<u32> {
     })
 }
 
-/// The query with every value replaced by `*` (names kept, in order): no value of a search reaches a log.
+/// The query with every value replaced by `*`, and every name that is not a FHIR search parameter's as well
+/// (in order): no value of a search reaches a log, nor anything a client writes where a name goes
+/// (`?John%20Smith`, `?name%3DSmith`). A name is kept when each of its parts (split at `:` and `.`: modifiers,
+/// type modifiers, chains, `_has`) is a code of the R4 SearchParameter registry, a result or special
+/// parameter of the FHIR search page, a search modifier, or a resource type; else it is written `*`.
 pub fn redacted_query(query: &str) -> String {
     let parts: Vec<String> = query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let name = p.split('=').next().unwrap_or_default();
-            // Names are the client's too: keep only what a FHIR parameter name holds.
-            let name: String = name
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.' | '%'))
-                .collect();
-            format!("{name}=*")
+            if is_search_name(name) {
+                format!("{name}=*")
+            } else {
+                "*=*".to_string()
+            }
         })
         .collect();
     parts.join("&")
+}
+
+/// Result and special parameters of FHIR R4's search page (and the paging links' own) that the registry does
+/// not list, sorted.
+const SPECIAL_NAMES: [&str; 22] = [
+    "_at",
+    "_contained",
+    "_containedType",
+    "_count",
+    "_cursor",
+    "_elements",
+    "_filter",
+    "_format",
+    "_getpages",
+    "_getpagesoffset",
+    "_has",
+    "_include",
+    "_list",
+    "_method",
+    "_offset",
+    "_pretty",
+    "_revinclude",
+    "_since",
+    "_sort",
+    "_summary",
+    "_total",
+    "_type",
+];
+
+/// FHIR R4's search modifiers (and `_include`'s), sorted.
+const MODIFIERS: [&str; 14] = [
+    "above",
+    "below",
+    "contains",
+    "exact",
+    "identifier",
+    "in",
+    "iterate",
+    "missing",
+    "not",
+    "not-in",
+    "of-type",
+    "recurse",
+    "text",
+    "type",
+];
+
+/// A query parameter name made only of what FHIR search names are made of (see [`redacted_query`]).
+fn is_search_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split([':', '.']).all(|part| {
+            is_search_code(part)
+                || SPECIAL_NAMES.binary_search(&part).is_ok()
+                || MODIFIERS.binary_search(&part).is_ok()
+                || crate::search_params::RESOURCE_TYPES.binary_search(&part).is_ok()
+        })
+}
+
+/// Whether `code` is one of the registry's search parameter codes: a binary search over the sorted,
+/// `|`-joined [`crate::search_params::SEARCH_CODES`], each probe widened to the entry around it.
+pub fn is_search_code(code: &str) -> bool {
+    let all = crate::search_params::SEARCH_CODES.as_bytes();
+    let code = code.as_bytes();
+    if code.is_empty() || code.contains(&b'|') {
+        return false;
+    }
+    // [lo, hi): whole entries; lo starts one, hi ends one (the end of the string or a separator).
+    let (mut lo, mut hi) = (0, all.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let start = all.get(lo..mid).and_then(|b| b.iter().rposition(|&c| c == b'|')).map_or(lo, |p| lo + p + 1);
+        let end = all.get(start..hi).and_then(|b| b.iter().position(|&c| c == b'|')).map_or(hi, |p| start + p);
+        match all.get(start..end).map(|entry| entry.cmp(code)) {
+            Some(std::cmp::Ordering::Equal) => return true,
+            Some(std::cmp::Ordering::Less) => lo = end + 1,
+            Some(std::cmp::Ordering::Greater) if start > lo => hi = start - 1,
+            _ => return false,
+        }
+    }
+    false
 }
 
 // The codings, serialized once.
@@ -311,6 +394,62 @@ mod tests {
             client_address: Some("127.0.0.1"),
         };
         serde_json::from_str(&e.to_json()).unwrap()
+    }
+
+    #[test]
+    fn every_registry_code_is_found_and_nothing_else_is() {
+        let codes: Vec<&str> = crate::search_params::SEARCH_CODES.split('|').collect();
+        assert!(codes.len() > 400 && codes.windows(2).all(|w| w[0] < w[1]), "sorted, unique");
+        for code in &codes {
+            assert!(is_search_code(code), "{code}");
+            for near in
+                [format!("{code}x"), format!("a{code}"), code.to_uppercase(), code[..code.len() - 1].to_string()]
+            {
+                assert_eq!(is_search_code(&near), codes.contains(&near.as_str()), "{near}");
+            }
+        }
+        for absent in ["", "|", "family|given", "Smith", "smith", "John Smith", "zzzz", "_", "-"] {
+            assert!(!is_search_code(absent), "{absent}");
+        }
+        for list in [&SPECIAL_NAMES[..], &MODIFIERS[..], &crate::search_params::RESOURCE_TYPES[..]] {
+            assert!(list.windows(2).all(|w| w[0] < w[1]), "binary_search needs sorted lists");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_is_a_code_exactly_when_the_registry_lists_it(s in "[a-z_|-]{0,12}|.{0,12}") {
+            let listed = crate::search_params::SEARCH_CODES.split('|').any(|c| c == s);
+            proptest::prop_assert_eq!(is_search_code(&s), listed);
+        }
+    }
+
+    /// The attack on issue 27 (finding 4): a value where a name goes never reaches the Query entity; FHIR's
+    /// own names (the registry's, with modifiers, chains, `_has`) are kept.
+    #[test]
+    fn only_fhir_search_names_are_kept_in_the_query() {
+        for (query, kept) in [
+            ("John%20Smith", "*=*"),
+            ("name%3DSmith", "*=*"),
+            ("name=x&Smith", "name=*&*=*"),
+            ("smith", "*=*"),
+            ("family:exact=Smith&birthdate=ge2000", "family:exact=*&birthdate=*"),
+            (
+                "subject:Patient.name=Smith&_has:Observation:patient:code=1234",
+                "subject:Patient.name=*&_has:Observation:patient:code=*",
+            ),
+            (
+                "_lastUpdated=gt2020&_count=10&_sort=-date&_include:iterate=x",
+                "_lastUpdated=*&_count=*&_sort=*&_include:iterate=*",
+            ),
+            (
+                "code:not-in=x&identifier:of-type=y&name:Smith=z&name.Smith=w",
+                "code:not-in=*&identifier:of-type=*&*=*&*=*",
+            ),
+            ("=Smith&&_%6Dethod=DELETE", "*=*&*=*"),
+        ] {
+            assert_eq!(redacted_query(query), kept, "{query}");
+        }
     }
 
     #[test]

@@ -21,8 +21,8 @@
 //! - `entity`: for a search, the Query entity (audit-entity-type 2, object-role 24) whose `query` is the
 //!   base64 of the query with every value (and every name that is no FHIR search name) replaced by `*`,
 //!   and whose `description` is that text; else the data entity (object-role 4) naming only the resource
-//!   type. BALP asks for the raw query and the resource's id: both are left out (values and ids can be PHI, and nothing of the kind goes into a log
-//!   line here). Never the token, the body or a patient.
+//!   type. BALP asks for the raw query and the resource's id: both are left out (values and ids can be
+//!   PHI, and nothing of the kind goes into a log line here). Never the token, the body or a patient.
 
 use base64::Engine as _;
 

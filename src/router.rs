@@ -16,7 +16,7 @@ use crate::crypto::{CheckLog, SignatureCheck};
 use crate::cursor::{self, CursorError, Mint, PagingRequest};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
 use crate::effect::{
-    Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TenantRefusal, TokenEvent,
+    Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TenantRefusal, TokenEvent, FORM,
 };
 use crate::fhir::{Policy, Refusal};
 use crate::identity::Identity;
@@ -1463,7 +1463,7 @@ fn route(
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
     if let Some(search_form) = inspect {
-        let pending = (config.audit_log || config.audit_event).then(|| PendingAudit {
+        let pending = (config.audit_log || config.audit_event || config.audit_sink.is_some()).then(|| PendingAudit {
             request: audit.request.to_owned_request(),
             identity: identity.clone(),
             cluster: tenant.cluster.clone(),
@@ -1522,7 +1522,11 @@ pub(crate) fn token_fetch(slot_id: u32, slot: &TokenSlot, now_ms: u64, out: &mut
                 authority: &client.authority,
                 path: &client.path,
                 timeout_ms: client.timeout_ms,
-                post: Some(Post { authorization: request.authorization.as_deref(), form: &request.body }),
+                post: Some(Post {
+                    authorization: request.authorization.as_deref(),
+                    form: &request.body,
+                    content_type: FORM,
+                }),
             }));
         }
         Err(e) => {
@@ -1775,9 +1779,10 @@ impl Audit<'_> {
         self.write_line(outcome, &detail, out);
     }
 
-    /// The BALP AuditEvent ([`crate::balp`]) as filter state for the access log (`audit_event`).
+    /// The BALP AuditEvent ([`crate::balp`]) as filter state for the access log (`audit_event`), and
+    /// offered to the audit sink's queue (`audit_sink`).
     fn audit_event(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {
-        if !self.config.audit_event {
+        if !self.config.audit_event && self.config.audit_sink.is_none() {
             return;
         }
         let request = self.request;
@@ -1793,7 +1798,12 @@ impl Audit<'_> {
             cluster: detail.cluster,
         }
         .to_json();
-        out.push(Effect::FilterState(crate::balp::FILTER_STATE, &event));
+        if self.config.audit_event {
+            out.push(Effect::FilterState(crate::balp::FILTER_STATE, &event));
+        }
+        if self.config.audit_sink.is_some() {
+            out.push(Effect::SinkEvent { tenant: detail.tenant, event: &event, time_ms: self.now_ms });
+        }
     }
 
     /// The decision as filter state and dynamic metadata ([`crate::metadata`]): who asked (from the

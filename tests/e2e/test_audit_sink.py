@@ -1,7 +1,7 @@
 """The batched FHIR audit sink (`audit_sink`, issue 27) through real Envoy 1.40, in the build under test
 (--build wasm / dynamic-module): each request's IHE BALP AuditEvent posted, per tenant, in FHIR `batch` Bundles
 to a real FHIR engine (tests/fhir/server.mjs, Medplum), one engine per tenant through `{tenant}` in the sink's
-URI (a second listener of the same Envoy routes `/<tenant id>/...` to that tenant's engine). The events the
+URI (a plain Envoy in front routes `/<tenant id>...` to that tenant's engine). The events the
 engines stored are read back and checked like the access log's (test_balp_audit_events.py: the BALP profile
 checks and @medplum/core's validateResource).
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fhir"))
 
 from conftest import Stack, stop_envoy, wait_for_jwks  # noqa: E402
 from engine import FhirEngine  # noqa: E402
-from harness import SHIPPED_CONFIG, TENANT_A, TENANT_B, free_port, load_yaml, wait_until  # noqa: E402
+from harness import SHIPPED_CONFIG, TENANT_A, TENANT_B, Envoy, free_port, load_yaml, wait_until  # noqa: E402
 from test_balp_audit_events import BALP, balp_problems, r4_validate  # noqa: E402
 from tokens import Minter  # noqa: E402
 
@@ -38,30 +38,36 @@ def _cluster(name: str, port: int) -> dict:
                 "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
 
 
-def _config(front_port: int | None, engines: dict[str, int], sink_port: int) -> dict:
-    """The shipped config, plus the sink's cluster (`audit_sink` -> `sink_port`) and, with `front_port`, a
-    listener there that routes each tenant's FHIR base (`/<tenant id>`) to its engine."""
+def _config(sink_port: int) -> dict:
+    """The shipped config, plus the sink's cluster (`audit_sink` -> `sink_port`)."""
     cfg = load_yaml(SHIPPED_CONFIG)
-    clusters = cfg["static_resources"]["clusters"]
-    clusters.append(_cluster("audit_sink", sink_port))
-    routes = []
-    for tenant, port in engines.items():
-        clusters.append(_cluster(f"audit_{tenant}", port))
-        routes.append({"match": {"prefix": f"/{tenant}"}, "route": {"cluster": f"audit_{tenant}", "timeout": "30s"}})
-    if front_port is not None:
-        cfg["static_resources"]["listeners"].append({
-            "name": "audit_front",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": front_port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                             "HttpConnectionManager",
-                    "stat_prefix": "audit_front",
-                    "route_config": {"virtual_hosts": [{"name": "audit", "domains": ["*"], "routes": routes}]},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]})
+    cfg["static_resources"]["clusters"].append(_cluster("audit_sink", sink_port))
     return cfg
+
+
+def _front(workdir, engines: dict[str, int]) -> Envoy:
+    """A plain Envoy (no filter of ours) in front of the tenants' engines: `/<tenant id>...` to that tenant's."""
+    port, admin = free_port(), free_port()
+    routes = [{"match": {"prefix": f"/{t}"}, "route": {"cluster": f"audit_{t}", "timeout": "30s"}} for t in engines]
+    cfg = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "audit_front",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                                 "HttpConnectionManager",
+                        "stat_prefix": "audit_front",
+                        "route_config": {"virtual_hosts": [{"name": "audit", "domains": ["*"], "routes": routes}]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}],
+            "clusters": [_cluster(f"audit_{t}", p) for t, p in engines.items()],
+        },
+    }
+    return Envoy(cfg, workdir, "envoy-audit-front", port, admin, build="none").start()
 
 
 def _sink(**over) -> callable:
@@ -96,19 +102,22 @@ def engines(workdir):
 
 
 @pytest.fixture(scope="module")
-def sink_stack(start_envoy, idp, upstreams, engines) -> Stack:
-    front = free_port()
-    cfg = _config(front, {t: e.port for t, e in engines.items()}, front)
-    env = start_envoy("envoy-audit-sink", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg, plugin=_sink())
+def sink_stack(start_envoy, idp, upstreams, engines, workdir) -> Stack:
+    front = _front(workdir, {t: e.port for t, e in engines.items()})
+    env = start_envoy("envoy-audit-sink", {"idp": idp.port, **upstreams.cluster_ports()}, base=_config(front.port),
+                      plugin=_sink())
     minter = Minter(idp.issuer)
     wait_for_jwks(env, minter, upstreams)
     yield Stack(env, upstreams, minter, idp)
     stop_envoy(env)
+    front.stop()
 
 
 def test_a_patients_app_session_lands_in_each_tenants_own_fhir_store_as_valid_balp_events(sink_stack, engines):
     stack = sink_stack
     env = stack.envoy
+    # The readiness check's request (wait_for_jwks) made an event of its own: delivered before the baseline.
+    wait_until(lambda: env.router_stat("audit_sink.delivered") >= 1, 10, "the readiness request's event delivered")
     before = env.settled_router_stats()
     already = {t: {e["id"] for e in stored(eng)} for t, eng in engines.items()}
     token, token_b = stack.minter.token(TENANT_A), stack.minter.token(TENANT_B)
@@ -166,7 +175,7 @@ def test_a_patients_app_session_lands_in_each_tenants_own_fhir_store_as_valid_ba
 
 class Gate:
     """The sink server's port, as a test double of its network only: `hold` accepts connections and never
-    answers; `open()` closes what it held (a reset, as a crashed server's) and forwards every new connection to
+    answers; `open()` closes what it held (as a restarted server would) and forwards every new connection to
     `target` (the real FHIR engine)."""
 
     def __init__(self, target: int):
@@ -223,7 +232,11 @@ class Gate:
         with self.lock:
             self.forward = True
             for c in self.held:
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                # shutdown, not only close: a close would wait for the reader thread's recv to return.
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 c.close()
             self.held.clear()
 
@@ -238,7 +251,7 @@ def test_an_unanswering_sink_never_delays_a_request_drops_what_the_queue_cannot_
     gate = Gate(engine.port)
     env = None
     try:
-        cfg = _config(None, {}, gate.port)
+        cfg = _config(gate.port)
         # A batch under way counts against the queue: at most 10 events held, whatever the timing.
         plugin = _sink(batch_size=5, queue_size=10, timeout_ms=30000, attempts=5)
         env = start_envoy("envoy-audit-hold", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg, plugin=plugin)
@@ -251,10 +264,11 @@ def test_an_unanswering_sink_never_delays_a_request_drops_what_the_queue_cannot_
             r = env.request("GET", "/Patient", {"authorization": f"Bearer {token}"}, timeout=3)
             assert r.status == 200, r
         wait_until(lambda: gate.held_count() >= 1, 10, "a batch held by the unanswering server")
-        wait_until(lambda: moved(env, before, "audit_sink.dropped.queue_full") >= 15, 10, "the drops counted")
-        assert moved(env, before, "audit_sink.dropped.queue_full") == 15
+        # 26 events (the readiness check's last request, answered 200, made one too); 10 held: 16 dropped.
+        wait_until(lambda: moved(env, before, "audit_sink.dropped.queue_full") >= 16, 10, "the drops counted")
+        assert moved(env, before, "audit_sink.dropped.queue_full") == 16
         assert moved(env, before, "audit_sink.delivered") == 0
-        assert moved(env, before, "audit_sink.batches") == 1, "one batch of the tenant under way at a time"
+        assert env.router_stat("audit_sink.batches") == 1, "one batch of the tenant under way at a time"
         # The server comes back: the held batch fails (reset), is posted again, and the queue drains.
         already = len(stored(engine))
         gate.open()
@@ -266,7 +280,7 @@ def test_an_unanswering_sink_never_delays_a_request_drops_what_the_queue_cannot_
         assert r.status == 200
         wait_until(lambda: len(stored(engine)) - already == 11, 10, "a new event delivered")
         assert moved(env, before, "audit_sink.dropped.retries_exhausted") == 0
-        assert moved(env, before, "audit_sink.dropped.queue_full") == 15
+        assert moved(env, before, "audit_sink.dropped.queue_full") == 16
     finally:
         if env is not None:
             stop_envoy(env)
@@ -276,13 +290,17 @@ def test_an_unanswering_sink_never_delays_a_request_drops_what_the_queue_cannot_
 
 def test_a_sink_that_refuses_connections_drops_each_event_after_its_attempts_and_never_delays_a_request(
         start_envoy, idp, upstreams):
-    cfg = _config(None, {}, free_port())  # nothing listens there
+    cfg = _config(free_port())  # nothing listens there
     env = start_envoy("envoy-audit-refused", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg,
                       plugin=_sink(batch_size=5, queue_size=50, attempts=2, backoff_ms=100))
     try:
         minter = Minter(idp.issuer)
         wait_for_jwks(env, minter, upstreams)
+        # The readiness check's request made an event too: dropped before the baseline.
+        wait_until(lambda: env.router_stat("audit_sink.dropped.retries_exhausted") >= 1, 20,
+                   "the readiness request's event dropped")
         before = env.settled_router_stats()
+        env.mark_log()
         token = minter.token(TENANT_A)
         for _ in range(8):
             r = env.request("GET", "/Patient", {"authorization": f"Bearer {token}"}, timeout=3)

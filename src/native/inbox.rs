@@ -61,6 +61,8 @@ impl Inbox {
         if reserved.is_err() {
             return Offered::Counted(Metric::AuditSinkDropped(SinkDrop::QueueFull));
         }
+        // Copied before any lock is taken: a shard is held only for the push.
+        let mut queued = Some(Queued { tenant: tenant.map(Box::from), event: event.to_string(), time_ms });
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..SHARDS {
             let Some(shard) = self.shards.get(start.wrapping_add(i) % SHARDS) else { continue };
@@ -70,7 +72,7 @@ impl Inbox {
                 Err(TryLockError::Poisoned(p)) => p.into_inner(),
                 Err(TryLockError::WouldBlock) => continue,
             };
-            queue.push(Queued { tenant: tenant.map(Box::from), event: event.to_string(), time_ms });
+            queue.extend(queued.take());
             return Offered::Queued;
         }
         self.release(1);

@@ -2005,3 +2005,21 @@ fn an_audit_batch_that_cannot_be_sent_fails_at_once_and_is_dropped_and_counted_a
     assert!(warn.starts_with("log Warn") && warn.contains("1 AuditEvent(s) of tenant"), "{warn}");
     assert!(!calls.iter().filter(|c| c.starts_with("log")).any(|c| c.contains("resourceType")), "{calls:?}");
 }
+
+#[test]
+fn the_audit_sink_adds_no_host_call_to_a_request() {
+    let calls_of = |plugin: &Value| {
+        let (host, root) = configured(plugin);
+        *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+        let mut all = Vec::new();
+        for (id, auth) in [(1, Some(bearer(&testkeys::claims_now()))), (2, None)] {
+            send(&host, &root, id, &get("/Patient", auth.as_deref()), true);
+            all.extend(host.take_calls());
+        }
+        all
+    };
+    let without = calls_of(&plugin());
+    let with = calls_of(&sink_plugin());
+    assert!(!without.is_empty());
+    assert_eq!(with, without, "the event goes into the VM's queue: no host call, nothing else changes");
+}

@@ -296,7 +296,6 @@ impl Sink {
                     out.push(Effect::Count(Metric::AuditSinkDropped(SinkDrop::Rejected)));
                 }
                 dropped_line(&batch, batch.events, "refused", status, out);
-                self.next_of(batch.tenant, now_ms, out);
                 batch.events
             }
         };
@@ -316,7 +315,6 @@ impl Sink {
             out.push(Effect::Count(Metric::AuditSinkDropped(SinkDrop::RetriesExhausted)));
         }
         dropped_line(&batch, batch.events, "undelivered after every attempt", status, out);
-        self.next_of(batch.tenant, now_ms, out);
         Released(batch.events)
     }
 
@@ -330,7 +328,9 @@ impl Sink {
         Some(batch)
     }
 
-    /// After a batch ends, its tenant's next batch goes at once if it is ready.
+    /// After a batch is delivered, its tenant's next batch goes at once if it is ready. Not after a drop:
+    /// the next waits for the tick, so a server that refuses everything (or a cluster a post cannot even be
+    /// sent to, which fails inside the send) costs one post per tick, never a recursion through the queue.
     fn next_of(&mut self, tenant: Option<String>, now_ms: u64, out: &mut dyn Effects) {
         let ready = self.queues.get(&tenant).is_some_and(|q| self.ready(q, now_ms));
         if ready {

@@ -2023,3 +2023,24 @@ fn the_audit_sink_adds_no_host_call_to_a_request() {
     assert!(!without.is_empty());
     assert_eq!(with, without, "the event goes into the VM's queue: no host call, nothing else changes");
 }
+
+#[test]
+fn a_sink_that_cannot_be_posted_to_costs_one_post_a_tick_never_a_recursion_through_the_queue() {
+    let mut p = sink_plugin();
+    p["audit_sink"]["batch_size"] = json!(1);
+    p["audit_sink"]["queue_size"] = json!(1000);
+    p["audit_sink"]["attempts"] = json!(1);
+    let (host, mut root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    *host.0.dispatch_error.borrow_mut() = Some("BadArgument".into());
+    let auth = bearer(&testkeys::claims_now());
+    for id in 1..=300 {
+        send(&host, &root, id, &get("/Patient", Some(&auth)), true);
+    }
+    host.take_calls();
+    root.on_tick();
+    let posts = host.take_calls().iter().filter(|c| c.starts_with("dispatch audit")).count();
+    assert_eq!(posts, 1, "the next batch waits for the next tick");
+    root.on_tick();
+    assert_eq!(host.metric("audit_sink.dropped.retries_exhausted"), 1);
+}

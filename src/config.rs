@@ -43,6 +43,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub audit_event: Option<bool>,
     #[serde(default)]
+    pub audit_sink: Option<RawAuditSink>,
+    #[serde(default)]
     pub tenant_claim: Option<String>,
     #[serde(default)]
     pub tenant_scope_prefixes: Option<Vec<String>>,
@@ -183,6 +185,32 @@ pub struct RawRegistry {
     /// What a registry document may name (environment variables, files); absent: nothing.
     #[serde(default)]
     pub secret_scope: Option<serde_json::Value>,
+}
+
+/// `audit_sink`, as written: where each tenant's BALP AuditEvents are posted, in batches.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuditSink {
+    pub cluster: String,
+    /// The tenant's FHIR base (`{tenant}` replaced by the tenant id), through `cluster`.
+    pub uri: String,
+    /// Where events without a tenant go (same authority); absent: they are not sent.
+    #[serde(default)]
+    pub untenanted_uri: Option<String>,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default)]
+    pub queue_size: Option<usize>,
+    #[serde(default)]
+    pub flush_interval_ms: Option<u64>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff_ms: Option<u64>,
+    #[serde(default)]
+    pub max_backoff_ms: Option<u64>,
 }
 
 /// The registry document: the same tenant objects as the configuration's `tenants`.
@@ -486,6 +514,8 @@ pub struct Config {
     pub span_tags: bool,
     /// An IHE BALP AuditEvent per request, as filter state for Envoy's access log.
     pub audit_event: bool,
+    /// Each request's BALP AuditEvent also posted, per tenant in batches, to a FHIR audit server.
+    pub audit_sink: Option<crate::audit_sink::SinkConfig>,
     pub metadata_cluster: String,
     pub route_header: String,
     pub tenant_header: String,
@@ -1071,6 +1101,76 @@ fn check_places(scope: &SecretScope, t: &RawTenant) -> Result<(), (&'static str,
     Ok(())
 }
 
+/// A number of `field` within `range`, `default` when absent.
+fn within<T: PartialOrd + Copy + fmt::Display>(
+    field: &str,
+    value: Option<T>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    let v = value.unwrap_or(default);
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::new(field, format!("must be between {} and {}", range.start(), range.end())))
+    }
+}
+
+fn compile_audit_sink(r: RawAuditSink) -> Result<crate::audit_sink::SinkConfig, ConfigError> {
+    if r.cluster.is_empty() || !is_header_value(&r.cluster) {
+        return Err(ConfigError::new("audit_sink.cluster", "must be an Envoy cluster name"));
+    }
+    let url = |field: &str, uri: &str| {
+        let (authority, path) =
+            split_http_url(uri).ok_or_else(|| ConfigError::new(field, "must be an absolute http(s) URL"))?;
+        if authority.contains(['{', '}']) || path.contains('?') {
+            return Err(ConfigError::new(field, "may hold {tenant} only in its path, and no query"));
+        }
+        Ok((authority, path))
+    };
+    let (authority, path) = url("audit_sink.uri", &r.uri)?;
+    if path.replace("{tenant}", "").contains(['{', '}']) {
+        return Err(ConfigError::new("audit_sink.uri", "knows no placeholder but {tenant}"));
+    }
+    let untenanted_path = match &r.untenanted_uri {
+        Some(uri) => {
+            let (a, p) = url("audit_sink.untenanted_uri", uri)?;
+            if a != authority {
+                return Err(ConfigError::new("audit_sink.untenanted_uri", "must have the authority of audit_sink.uri"));
+            }
+            if p.contains(['{', '}']) {
+                return Err(ConfigError::new("audit_sink.untenanted_uri", "has no tenant to fill a placeholder"));
+            }
+            Some(p)
+        }
+        None => None,
+    };
+    let batch_size = within("audit_sink.batch_size", r.batch_size, 100, 1..=1_000)?;
+    let queue_size = within("audit_sink.queue_size", r.queue_size, 10_000, 1..=1_000_000)?;
+    if queue_size < batch_size {
+        return Err(ConfigError::new("audit_sink.queue_size", "must be at least audit_sink.batch_size"));
+    }
+    let backoff_ms = within("audit_sink.backoff_ms", r.backoff_ms, 1_000, 100..=600_000)?;
+    let max_backoff_ms =
+        within("audit_sink.max_backoff_ms", r.max_backoff_ms, 60_000.max(backoff_ms), 100..=3_600_000)?;
+    if max_backoff_ms < backoff_ms {
+        return Err(ConfigError::new("audit_sink.max_backoff_ms", "must be at least audit_sink.backoff_ms"));
+    }
+    Ok(crate::audit_sink::SinkConfig {
+        cluster: r.cluster,
+        authority,
+        path,
+        untenanted_path,
+        batch_size,
+        queue_size,
+        flush_interval_ms: within("audit_sink.flush_interval_ms", r.flush_interval_ms, 1_000, 100..=60_000)?,
+        timeout_ms: within("audit_sink.timeout_ms", r.timeout_ms, 5_000, 100..=60_000)?,
+        attempts: within("audit_sink.attempts", r.attempts, 5, 1..=20)?,
+        backoff_ms,
+        max_backoff_ms,
+    })
+}
+
 fn compile_registry(r: RawRegistry) -> Result<Registry, ConfigError> {
     let (authority, path) = split_http_url(&r.uri)
         .ok_or_else(|| ConfigError::new("tenant_registry.uri", "must be an absolute http(s) URL"))?;
@@ -1121,9 +1221,11 @@ impl Config {
         compile_tenants("tenants", raw.tenants, &ctx, self.tenants.empty_like())
     }
 
-    /// Whether anything is fetched at run time (a remote JWKS or a tenant registry).
+    /// Whether anything is fetched or sent at run time (a remote JWKS, a tenant registry, an audit sink).
     pub fn fetches(&self) -> bool {
-        self.registry.is_some() || self.providers.iter().any(|p| matches!(p.jwks, JwksSource::Remote(_)))
+        self.registry.is_some()
+            || self.audit_sink.is_some()
+            || self.providers.iter().any(|p| matches!(p.jwks, JwksSource::Remote(_)))
     }
 
     /// The provider of a token issued by `issuer`, by index: the one with exactly this issuer, else the
@@ -1248,6 +1350,7 @@ impl RawConfig {
             ));
         }
         let paging = self.paging_cursors.map(|raw| compile_paging(&raw, env, public_base_url.is_some())).transpose()?;
+        let audit_sink = self.audit_sink.map(compile_audit_sink).transpose()?;
         let token_cache_entries = self.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
         if token_cache_entries > 1_000_000 {
             return Err(ConfigError::new("token_cache_entries", "must be at most 1000000 (0 disables the cache)"));
@@ -1264,6 +1367,7 @@ impl RawConfig {
             decision_metadata: self.decision_metadata.unwrap_or(false),
             span_tags: self.span_tags.unwrap_or(false),
             audit_event: self.audit_event.unwrap_or(false),
+            audit_sink,
             metadata_cluster: self.metadata_cluster,
             route_header,
             tenant_header,
@@ -1387,6 +1491,49 @@ pub(crate) mod tests {
 
     fn field_of(v: &Value) -> String {
         compile(v).unwrap_err().field
+    }
+
+    #[test]
+    fn an_audit_sink_compiles_with_defaults_and_each_bad_value_is_refused_naming_its_field() {
+        let mut v = example();
+        v["audit_sink"] = json!({"cluster": "audit", "uri": "http://audit.example/fhir/{tenant}"});
+        let c = compile(&v).unwrap();
+        let s = c.audit_sink.as_ref().unwrap();
+        assert_eq!(
+            (s.authority.as_str(), s.path.as_str(), s.untenanted_path.as_deref()),
+            ("audit.example", "/fhir/{tenant}", None)
+        );
+        assert_eq!((s.batch_size, s.queue_size, s.flush_interval_ms, s.timeout_ms), (100, 10_000, 1_000, 5_000));
+        assert_eq!((s.attempts, s.backoff_ms, s.max_backoff_ms), (5, 1_000, 60_000));
+        assert!(!c.audit_event, "the sink builds its events; the access log's filter state stays off");
+        assert!(c.fetches(), "the sink needs the ticks");
+        for (field, value, named) in [
+            ("cluster", json!(""), "audit_sink.cluster"),
+            ("uri", json!("audit.example/fhir"), "audit_sink.uri"),
+            ("uri", json!("http://{tenant}.audit/fhir"), "audit_sink.uri"),
+            ("uri", json!("http://audit/fhir/{org}"), "audit_sink.uri"),
+            ("uri", json!("http://audit/fhir?x={tenant}"), "audit_sink.uri"),
+            ("untenanted_uri", json!("http://elsewhere/fhir"), "audit_sink.untenanted_uri"),
+            ("untenanted_uri", json!("http://audit.example/{tenant}"), "audit_sink.untenanted_uri"),
+            ("batch_size", json!(0), "audit_sink.batch_size"),
+            ("batch_size", json!(1001), "audit_sink.batch_size"),
+            ("queue_size", json!(50), "audit_sink.queue_size"),
+            ("flush_interval_ms", json!(10), "audit_sink.flush_interval_ms"),
+            ("timeout_ms", json!(60_001), "audit_sink.timeout_ms"),
+            ("attempts", json!(0), "audit_sink.attempts"),
+            ("backoff_ms", json!(50), "audit_sink.backoff_ms"),
+            ("max_backoff_ms", json!(500), "audit_sink.max_backoff_ms"),
+            ("attempts", json!("3"), "audit_sink.attempts"),
+            ("unknown", json!(1), "audit_sink"),
+        ] {
+            let mut bad = v.clone();
+            bad["audit_sink"]["batch_size"] = json!(100);
+            bad["audit_sink"][field] = value.clone();
+            let e = compile(&bad).unwrap_err();
+            assert!(e.field.starts_with(named), "{field}={value}: {e}");
+        }
+        v["audit_sink"]["untenanted_uri"] = json!("http://audit.example/fhir/untenanted");
+        assert_eq!(compile(&v).unwrap().audit_sink.unwrap().untenanted_path.as_deref(), Some("/fhir/untenanted"));
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub enum Effect<'a> {
     Fetch(Fetch<'a>),
     /// Send a request again (with these headers; it has no body) through `cluster`; the answer comes back as [`FetchTarget::Resend`] of this request.
     Resend(Resend<'a>),
+    /// Offer this BALP AuditEvent (JSON) of `tenant` to the audit sink's bounded queue (`audit_sink`): no
+    /// host call, no wait; a full queue drops it and counts it. `time_ms`: when the request was decided.
+    SinkEvent { tenant: Option<&'a str>, event: &'a str, time_ms: u64 },
 }
 
 /// A safe request sent again with a new upstream token (its `Debug` does not show the token).
@@ -93,10 +96,12 @@ pub enum FetchTarget {
     UpstreamToken { slot: u32, fetch: u32 },
     /// The answer to a request sent again ([`Effect::Resend`]) by the request with this context id.
     Resend(u32),
+    /// A batch of AuditEvents posted to the audit sink, by its number ([`crate::audit_sink`]).
+    AuditSink(u32),
 }
 
-/// An outgoing request: a GET, or a token request's POST (whose `authorization` and `body` may hold a
-/// client secret: its `Debug` shows neither).
+/// An outgoing request: a GET, or a POST (a token request's form, whose `authorization` and `body` may hold
+/// a client secret, or a batch of AuditEvents: its `Debug` shows neither).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Fetch<'a> {
     pub target: FetchTarget,
@@ -112,8 +117,14 @@ pub struct Fetch<'a> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Post<'a> {
     pub authorization: Option<&'a str>,
+    /// The body.
     pub form: &'a str,
+    /// Its `content-type`.
+    pub content_type: &'a str,
 }
+
+/// The `content-type` of a form.
+pub const FORM: &str = "application/x-www-form-urlencoded";
 
 impl std::fmt::Debug for Fetch<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,7 +150,7 @@ impl<'a> Fetch<'a> {
             ("accept", "application/json"),
         ];
         if let Some(post) = &self.post {
-            headers.push(("content-type", "application/x-www-form-urlencoded"));
+            headers.push(("content-type", post.content_type));
             if let Some(authorization) = post.authorization {
                 headers.push(("authorization", authorization));
             }
@@ -224,6 +235,41 @@ pub enum Metric<'a> {
     /// A paging request was refused: its cursor is not valid here, expired or another's, or it used a raw
     /// `_getpages`.
     CursorRefused,
+    /// A batch of AuditEvents was posted to the audit sink (a first attempt).
+    AuditSinkBatches,
+    /// A batch was posted again after a failed attempt.
+    AuditSinkRetries,
+    /// An AuditEvent the audit sink's server took.
+    AuditSinkDelivered,
+    /// An AuditEvent that was not delivered, and why.
+    AuditSinkDropped(SinkDrop),
+    /// An AuditEvent without a tenant, not sent (no `audit_sink.untenanted_uri`).
+    AuditSinkUntenantedSkipped,
+}
+
+/// Why an AuditEvent was not delivered (`audit_sink.dropped.<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkDrop {
+    /// The queue held `queue_size` events.
+    QueueFull,
+    /// The server refused its batch (a 4xx other than 429), or its entry in the batch-response.
+    Rejected,
+    /// Every attempt failed (5xx, 429, timeout, connection failure).
+    RetriesExhausted,
+    /// (Dynamic module) every shard of the workers' inbox was locked at that instant.
+    Contended,
+}
+
+impl SinkDrop {
+    /// The stat's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::QueueFull => "audit_sink.dropped.queue_full",
+            Self::Rejected => "audit_sink.dropped.rejected",
+            Self::RetriesExhausted => "audit_sink.dropped.retries_exhausted",
+            Self::Contended => "audit_sink.dropped.contended",
+        }
+    }
 }
 
 /// A per-tenant refusal counted on its own (`tenant.<id>.<name>`), beyond `tenant.<id>.forbidden`.
@@ -301,7 +347,7 @@ impl TokenEvent {
 }
 
 /// The fixed counters, in the order a shell defines them.
-pub const COUNTERS: [Metric<'static>; 18] = [
+pub const COUNTERS: [Metric<'static>; 26] = [
     Metric::Allowed,
     Metric::Public,
     Metric::ForbiddenByPolicy,
@@ -320,6 +366,14 @@ pub const COUNTERS: [Metric<'static>; 18] = [
     Metric::ResponsesWithheldForbidden,
     Metric::ResponsesWithheldUnchecked,
     Metric::CursorRefused,
+    Metric::AuditSinkBatches,
+    Metric::AuditSinkRetries,
+    Metric::AuditSinkDelivered,
+    Metric::AuditSinkDropped(SinkDrop::QueueFull),
+    Metric::AuditSinkDropped(SinkDrop::Rejected),
+    Metric::AuditSinkDropped(SinkDrop::RetriesExhausted),
+    Metric::AuditSinkDropped(SinkDrop::Contended),
+    Metric::AuditSinkUntenantedSkipped,
 ];
 
 /// Where a shell keeps a counter's id: [`COUNTERS`] position, [`Rejection::ALL`] position, or a
@@ -356,6 +410,14 @@ impl<'a> Metric<'a> {
             Self::ResponsesWithheldForbidden => CounterSlot::Fixed(15),
             Self::ResponsesWithheldUnchecked => CounterSlot::Fixed(16),
             Self::CursorRefused => CounterSlot::Fixed(17),
+            Self::AuditSinkBatches => CounterSlot::Fixed(18),
+            Self::AuditSinkRetries => CounterSlot::Fixed(19),
+            Self::AuditSinkDelivered => CounterSlot::Fixed(20),
+            Self::AuditSinkDropped(SinkDrop::QueueFull) => CounterSlot::Fixed(21),
+            Self::AuditSinkDropped(SinkDrop::Rejected) => CounterSlot::Fixed(22),
+            Self::AuditSinkDropped(SinkDrop::RetriesExhausted) => CounterSlot::Fixed(23),
+            Self::AuditSinkDropped(SinkDrop::Contended) => CounterSlot::Fixed(24),
+            Self::AuditSinkUntenantedSkipped => CounterSlot::Fixed(25),
             Self::Rejected(r) => CounterSlot::Rejected(r.index()),
             Self::TenantAllowed(tenant) => CounterSlot::Tenant { tenant, allowed: true },
             Self::TenantForbidden(tenant) => CounterSlot::Tenant { tenant, allowed: false },
@@ -396,6 +458,11 @@ impl Metric<'_> {
             Self::ResponsesWithheldForbidden => "responses.withheld.forbidden_type",
             Self::ResponsesWithheldUnchecked => "responses.withheld.unchecked",
             Self::CursorRefused => "requests.cursor_refused",
+            Self::AuditSinkBatches => "audit_sink.batches",
+            Self::AuditSinkRetries => "audit_sink.retries",
+            Self::AuditSinkDelivered => "audit_sink.delivered",
+            Self::AuditSinkDropped(reason) => reason.name(),
+            Self::AuditSinkUntenantedSkipped => "audit_sink.untenanted_skipped",
         }
     }
 }

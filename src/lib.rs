@@ -12,6 +12,7 @@
 //! against a fake host.
 
 pub mod audit;
+pub mod audit_sink;
 pub mod balp;
 pub mod bearer;
 pub mod cache;

@@ -16,7 +16,7 @@ use crate::crypto::{CheckLog, SignatureCheck};
 use crate::cursor::{self, CursorError, Mint, PagingRequest};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
 use crate::effect::{
-    Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TenantRefusal, TokenEvent,
+    Effect, Effects, Fetch, FetchTarget, Flow, Level, Metric, Post, Reply, Resend, TenantRefusal, TokenEvent, FORM,
 };
 use crate::fhir::{Policy, Refusal};
 use crate::identity::Identity;
@@ -254,7 +254,7 @@ pub struct Stream {
     headers_gone: bool,
     /// The paging links of its answer become cursors continuing this search.
     mint: Option<Box<Mint>>,
-    /// The client's IP address, for the BALP AuditEvent (`audit_event` only: see
+    /// The client's IP address, for the BALP AuditEvent (`audit_event`, `audit_sink`: see
     /// [`Router::wants_client_address`]).
     client_address: Option<Box<str>>,
 }
@@ -563,9 +563,10 @@ impl Router {
     }
 
     /// Whether the shell should read the client's address ([`Stream::set_client_address`]) before the
-    /// request's headers go in: only for `audit_event` (one more host call).
+    /// request's headers go in: only where AuditEvents are built, `audit_event` or `audit_sink` (one more
+    /// host call; BALP requires the client's network address).
     pub fn wants_client_address(&self) -> bool {
-        self.config.audit_event
+        self.config.audit_event || self.config.audit_sink.is_some()
     }
 
     /// The request's headers arrived (`pairs`: every header, as the host has them).
@@ -1490,7 +1491,7 @@ fn route(
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
     if let Some(search_form) = inspect {
-        let pending = (config.audit_log || config.audit_event).then(|| PendingAudit {
+        let pending = (config.audit_log || config.audit_event || config.audit_sink.is_some()).then(|| PendingAudit {
             request: audit.request.to_owned_request(),
             identity: identity.clone(),
             cluster: tenant.cluster.clone(),
@@ -1550,7 +1551,11 @@ pub(crate) fn token_fetch(slot_id: u32, slot: &TokenSlot, now_ms: u64, out: &mut
                 authority: &client.authority,
                 path: &client.path,
                 timeout_ms: client.timeout_ms,
-                post: Some(Post { authorization: request.authorization.as_deref(), form: &request.body }),
+                post: Some(Post {
+                    authorization: request.authorization.as_deref(),
+                    form: &request.body,
+                    content_type: FORM,
+                }),
             }));
         }
         Err(e) => {
@@ -1793,7 +1798,7 @@ struct Audit<'a> {
     now_ms: u64,
     /// How long checking the token and deciding took (`span_tags` only).
     verify_ns: Option<u64>,
-    /// The client's IP address (`audit_event` only).
+    /// The client's IP address (`audit_event`, `audit_sink`).
     client_address: Option<&'a str>,
 }
 
@@ -1810,9 +1815,10 @@ impl Audit<'_> {
         self.write_line(outcome, &detail, out);
     }
 
-    /// The BALP AuditEvent ([`crate::balp`]) as filter state for the access log (`audit_event`).
+    /// The BALP AuditEvent ([`crate::balp`]) as filter state for the access log (`audit_event`), and
+    /// offered to the audit sink's queue (`audit_sink`).
     fn audit_event(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {
-        if !self.config.audit_event {
+        if !self.config.audit_event && self.config.audit_sink.is_none() {
             return;
         }
         let request = self.request;
@@ -1829,7 +1835,12 @@ impl Audit<'_> {
             client_address: self.client_address,
         }
         .to_json();
-        out.push(Effect::FilterState(crate::balp::FILTER_STATE, &event));
+        if self.config.audit_event {
+            out.push(Effect::FilterState(crate::balp::FILTER_STATE, &event));
+        }
+        if self.config.audit_sink.is_some() {
+            out.push(Effect::SinkEvent { tenant: detail.tenant, event: &event, time_ms: self.now_ms });
+        }
     }
 
     /// The decision as filter state and dynamic metadata ([`crate::metadata`], `decision_metadata`) and as

@@ -158,8 +158,9 @@ impl Router {
             FetchTarget::UpstreamToken { slot, fetch } => {
                 return self.on_token_result(slot, fetch, result, now_ms, body, out);
             }
-            // A request's own answer: the shell hands it to `Router::on_resend_response`.
-            FetchTarget::Resend(_) => return Fetched::default(),
+            // A request's own answer: the shell hands it to `Router::on_resend_response`; a batch's answer
+            // goes to the shell's audit sink (`crate::audit_sink::Sink::on_result`).
+            FetchTarget::Resend(_) | FetchTarget::AuditSink(_) => return Fetched::default(),
         };
         let fetched = result.read(limit, false, body).and_then(|(status, body)| match status {
             "200" => Ok(body),
@@ -179,7 +180,9 @@ impl Router {
                 let installed = self.install_registry(fetched, now_ms, env, out);
                 Fetched { installed, waiting_for: None, wake: Vec::new(), token: None }
             }
-            FetchTarget::UpstreamToken { .. } | FetchTarget::Resend(_) => Fetched::default(),
+            FetchTarget::UpstreamToken { .. } | FetchTarget::Resend(_) | FetchTarget::AuditSink(_) => {
+                Fetched::default()
+            }
         }
     }
 

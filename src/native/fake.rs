@@ -168,6 +168,8 @@ pub struct State {
     /// Counter and gauge values by name (`name{label}` for a labelled one).
     pub metrics: RefCell<HashMap<String, i64>>,
     next_callout: Cell<u64>,
+    /// The body of every config-level callout, in order.
+    pub callout_bodies: RefCell<Vec<Vec<u8>>>,
     /// Streams whose scheduler was committed, in order (delivered by [`FakeEnvoy::run_scheduled`]).
     committed: RefCell<Vec<usize>>,
     pub fail_config_scheduler: Cell<bool>,
@@ -211,6 +213,7 @@ impl Default for FakeEnvoy {
             metric_names: RefCell::default(),
             metrics: RefCell::default(),
             next_callout: Cell::new(0),
+            callout_bodies: RefCell::default(),
             committed: RefCell::default(),
             fail_config_scheduler: Cell::new(false),
             fail_ticker: Cell::new(false),
@@ -840,6 +843,7 @@ impl Envoy for FakeEnvoy {
     ) -> Result<u64, u32> {
         let _fake = in_fake();
         self.record(None, format!("config_http_callout {cluster} {headers:?} {} {timeout_ms}", body.len()));
+        self.0.callout_bodies.borrow_mut().push(body.to_vec());
         if let Some(status) = self.0.callout_error.get() {
             return Err(status);
         }

@@ -18,6 +18,7 @@ mod fake;
 #[cfg(all(feature = "bench-floor", not(test)))]
 pub mod floor;
 pub mod host;
+pub mod inbox;
 #[cfg(test)]
 mod metadata_tests;
 pub mod module;

@@ -40,6 +40,7 @@ use super::counts::TenantCounts;
 use super::crypto::Ring;
 use super::envoy::Envoy;
 use super::host::{now_ms, MetricIds};
+use super::inbox::{Inbox, Offered};
 use super::relay::ConfigStats;
 use super::upkeep::{park, unpark, want_token, Awaited, Main, Parked, Published, Quiet, SendPtr, Upkeep};
 
@@ -79,6 +80,8 @@ pub struct FilterConfig<E: Envoy> {
     quota_counts: TenantCounts,
     published: Published,
     parked: Mutex<Parked>,
+    /// The workers' AuditEvents for the main thread's audit sink (`audit_sink`).
+    audit_inbox: Option<Inbox>,
 }
 
 // What every worker reads or locks at the same time must be `Send + Sync`: checked here by the compiler,
@@ -94,6 +97,7 @@ const _: () = {
     shared_across_workers::<TenantCounts>();
     shared_across_workers::<Published>();
     shared_across_workers::<Mutex<Parked>>();
+    shared_across_workers::<Inbox>();
     shared_across_workers::<crate::quota::ProcessStore>();
 };
 
@@ -108,6 +112,7 @@ impl<E: Envoy> FilterConfig<E> {
             quota_counts: &self.quota_counts,
             batch_tenants: self.stats.direct(),
             deferred,
+            inbox: self.audit_inbox.as_ref(),
         }
     }
 
@@ -121,6 +126,7 @@ impl<E: Envoy> FilterConfig<E> {
             published: &self.published,
             tenant_counts: &self.tenant_counts,
             quota_counts: &self.quota_counts,
+            inbox: self.audit_inbox.as_ref(),
         }
     }
 
@@ -301,6 +307,8 @@ struct Apply<'a, E> {
     /// cannot publish them: there they go to Envoy at once, as a registry tenant's do).
     batch_tenants: bool,
     deferred: &'a mut Deferred,
+    /// Where a request's AuditEvent goes for the main thread's audit sink.
+    inbox: Option<&'a Inbox>,
 }
 
 fn count(env: &impl Envoy, filter: FilterEnvoyPtr, counter: Option<(usize, Option<&str>)>) {
@@ -396,6 +404,12 @@ impl<E: Envoy> Effects for Apply<'_, E> {
             Effect::ReplaceResponseBody(body) => replace_response_body(env, filter, body),
             // Envoy may complete the stream inside a continue: made once the core has returned.
             Effect::ResumeRequest => self.deferred.resume = true,
+            // Into the bounded inbox: one atomic update and a free shard's lock, never a wait.
+            Effect::SinkEvent { tenant, event, time_ms } => {
+                if let Some(Offered::Counted(metric)) = self.inbox.map(|i| i.offer(tenant, event, time_ms)) {
+                    count(env, filter, self.metrics.counter(metric));
+                }
+            }
             // Fetches are the main thread's (see `upkeep`): a worker asks it for a tenant's token instead
             // (see `token_followup`).
             Effect::Fetch(_) => {}
@@ -712,6 +726,7 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
         let tenant_counts = TenantCounts::new(compiled.tenants.ids());
         let quota_counts = TenantCounts::new(compiled.tenants.ids());
         let ticks = compiled.fetches() || !compiled.tenants.is_empty();
+        let audit_inbox = compiled.audit_sink.as_ref().map(|s| Inbox::new(s.queue_size, s.untenanted_path.is_some()));
         let upkeep = match ticks.then(|| Upkeep::start(env, main, envoy_config)).transpose() {
             Ok(upkeep) => upkeep,
             Err(why) => {
@@ -748,6 +763,7 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
             quota_counts,
             published: Published::default(),
             parked,
+            audit_inbox,
         };
         Box::into_raw(Box::new(filter_config)) as ConfigModulePtr
     })

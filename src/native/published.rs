@@ -134,7 +134,10 @@ impl Published {
                 }
             }
             // A discovery document installs nothing: the key-set fetch it sends does.
-            FetchTarget::Discovery(_) | FetchTarget::UpstreamToken { .. } | FetchTarget::Resend(_) => {}
+            FetchTarget::Discovery(_)
+            | FetchTarget::UpstreamToken { .. }
+            | FetchTarget::Resend(_)
+            | FetchTarget::AuditSink(_) => {}
         }
     }
 

@@ -1045,3 +1045,67 @@ fn a_held_bundle_ended_by_trailers_is_judged_and_a_refused_one_never_goes_on() {
     assert!(audit_line(&calls)["outcome"] == "allowed", "{}", dump(&calls));
     envoy.destroy(s);
 }
+
+// ---- audit_sink: the workers' AuditEvents, batched and posted by the main thread ----
+
+#[test]
+fn audit_events_go_from_the_workers_through_the_inbox_to_per_tenant_batches_on_the_main_thread() {
+    let mut p = plugin();
+    p["audit_log"] = json!(false);
+    p["tenants"][crate::testkeys::TENANT_B] = json!({"cluster": "tenant_b"});
+    p["audit_sink"] = json!({
+        "cluster": "audit", "uri": "http://audit.example/fhir/{tenant}", "batch_size": 2, "queue_size": 3,
+        "attempts": 2, "backoff_ms": 100
+    });
+    let envoy = configured(&p);
+    let a = bearer(&testkeys::claims_now());
+    let mut claims_b = testkeys::claims_now();
+    claims_b["scope"] = json!(crate::testkeys::TENANT_B);
+    let b = bearer(&claims_b);
+    for (worker, auth) in [(0, &a), (1, &b), (0, &a), (1, &b)] {
+        let s = envoy.new_stream(worker);
+        assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", auth), true), HEADERS_CONTINUE);
+        envoy.complete(s);
+    }
+    let calls = envoy.take_calls();
+    assert!(!calls.iter().any(|c| c.contains("callout")), "nothing sent from a worker: {}", dump(&calls));
+    // Queue 3: the fourth is dropped on its worker, and counted there.
+    assert!(calls.contains(&"increment_counter fhir_tenant_router.audit_sink.dropped.queue_full 1".to_string()));
+    envoy.tick();
+    let calls = envoy.take_calls();
+    let sent: Vec<&String> = calls.iter().filter(|c| c.starts_with("config_http_callout audit")).collect();
+    assert_eq!(sent.len(), 1, "A's batch is full, B's event waits: {}", dump(&calls));
+    assert!(sent[0].contains(&format!("(\":path\", \"/fhir/{TENANT_A}\")")), "{}", sent[0]);
+    assert!(sent[0].contains("(\"content-type\", \"application/fhir+json\")"), "{}", sent[0]);
+    let body: Value = serde_json::from_slice(envoy.0.callout_bodies.borrow().last().unwrap()).unwrap();
+    let orgs: Vec<&Value> = body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"]["agent"][2]["who"]["identifier"]["value"])
+        .collect();
+    assert_eq!(orgs, [TENANT_A, TENANT_A], "{body}");
+    // A 500: sent again after the backoff; then delivered, which gives the room back to the workers.
+    envoy.config_callout_done(1, "500", b"");
+    envoy.set_now_ms(T0_MS + 100);
+    envoy.tick();
+    assert_eq!(envoy.take_calls().iter().filter(|c| c.starts_with("config_http_callout audit")).count(), 1);
+    envoy.config_callout_done(2, "200", b"");
+    assert_eq!(envoy.metric("audit_sink.delivered"), 2);
+    assert_eq!(envoy.metric("audit_sink.retries"), 1);
+    for _ in 0..2 {
+        let s = envoy.new_stream(0);
+        assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &a), true), HEADERS_CONTINUE);
+        envoy.complete(s);
+    }
+    assert_eq!(envoy.metric("audit_sink.dropped.queue_full"), 1, "room again for two");
+    // A callout that cannot start: the batch fails at once and, its attempts spent, is dropped and counted.
+    envoy.0.callout_error.set(Some(1));
+    envoy.set_now_ms(T0_MS + 1_100);
+    envoy.tick();
+    envoy.set_now_ms(T0_MS + 1_200);
+    envoy.tick();
+    assert!(envoy.metric("audit_sink.dropped.retries_exhausted") >= 1);
+    let calls = envoy.take_calls();
+    assert!(!calls.iter().filter(|c| c.starts_with("log")).any(|c| c.contains("resourceType")), "{}", dump(&calls));
+}

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use crate::audit_sink::{Sink, MAX_RESPONSE_BYTES};
 use crate::effect::{Effect, Effects, FetchTarget, Level, Metric};
 use crate::router::Router;
 use crate::upkeep::{FetchResult, TICK_MS};
@@ -20,6 +21,7 @@ use super::abi::{ConfigEnvoyPtr, SchedulerPtr};
 use super::counts::TenantCounts;
 use super::envoy::Envoy;
 use super::host::{now_ms, MetricIds};
+use super::inbox::Inbox;
 use super::relay::ConfigStats;
 
 use super::published::{answer_wishes, lock_parked, token_answered as hand_on};
@@ -70,6 +72,8 @@ pub struct Main<'a, E> {
     pub tenant_counts: &'a TenantCounts,
     /// The configured tenants' quota counts (allowed, limited).
     pub quota_counts: &'a TenantCounts,
+    /// The workers' AuditEvents for the audit sink.
+    pub inbox: Option<&'a Inbox>,
 }
 
 /// The main thread's part: its own router (schedules, the one log line and count per fetch), the callouts
@@ -78,6 +82,8 @@ pub struct Upkeep<E: Envoy> {
     env: E,
     router: Router,
     calls: HashMap<u64, FetchTarget>,
+    /// The audit sink (`audit_sink`): the workers' events, batched and posted from here.
+    sink: Option<Sink>,
     scheduler: SendPtr,
     stop: Arc<AtomicBool>,
     ticker: Option<JoinHandle<()>>,
@@ -97,6 +103,7 @@ impl<E: Envoy> Upkeep<E> {
         match env.start_ticker(scheduler, TICK_MS, Arc::clone(&stop)) {
             Ok(ticker) => Ok(Self {
                 env: env.clone(),
+                sink: router.config.audit_sink.clone().map(Sink::new),
                 router,
                 calls: HashMap::new(),
                 scheduler: SendPtr(scheduler),
@@ -161,6 +168,31 @@ impl<E: Envoy> Upkeep<E> {
         for answer in lost {
             token_answered(main, answer);
         }
+        // The workers' AuditEvents into the sink, and its batches that are due.
+        if let (Some(audit), Some(inbox)) = (self.sink.as_mut(), main.inbox) {
+            inbox.drain(|q| audit.accept(q.tenant.as_deref(), q.event, q.time_ms));
+            inbox.release(audit.on_tick(now, &mut sink).0);
+        }
+        let fetches = std::mem::take(&mut sink.fetches);
+        self.send(main, fetches);
+    }
+
+    /// An audit batch's answer (`status` `None`: none came, or it was not sent): the room of the events it
+    /// ended goes back to the workers; a next batch it starts is sent.
+    fn sink_answer(&mut self, main: &Main<'_, E>, batch: u32, status: Option<&str>, body: &[u8]) {
+        let Some(audit) = self.sink.as_mut() else { return };
+        let mut sink = MainSink {
+            env: main.env,
+            envoy_config: main.envoy_config.0,
+            metrics: main.metrics,
+            stats: main.stats,
+            fetches: Vec::new(),
+        };
+        let body = if body.len() <= MAX_RESPONSE_BYTES { body } else { &[] };
+        let released = audit.on_result(batch, status, body, now_ms(), &mut sink);
+        if let Some(inbox) = main.inbox {
+            inbox.release(released.0);
+        }
         let fetches = std::mem::take(&mut sink.fetches);
         self.send(main, fetches);
     }
@@ -181,6 +213,11 @@ impl<E: Envoy> Upkeep<E> {
                 Ok(id) => {
                     self.calls.insert(id, fetch.target);
                 }
+                Err(_) if matches!(fetch.target, FetchTarget::AuditSink(_)) => {
+                    if let FetchTarget::AuditSink(batch) = fetch.target {
+                        self.sink_answer(main, batch, None, &[]);
+                    }
+                }
                 Err(status) => {
                     let why = format!("could not be sent through cluster {} (callout status {status})", fetch.cluster);
                     self.answer(main, fetch.target, FetchResult::NotSent(&why), Vec::new());
@@ -192,6 +229,9 @@ impl<E: Envoy> Upkeep<E> {
     /// A callout's answer (`status`: its `:status`, `None` when it failed).
     pub fn called_back(&mut self, main: &Main<'_, E>, id: u64, status: Option<&str>, body: Vec<u8>) {
         let Some(target) = self.calls.remove(&id) else { return };
+        if let FetchTarget::AuditSink(batch) = target {
+            return self.sink_answer(main, batch, status, &body);
+        }
         let result = FetchResult::Answer { status, body_size: body.len() };
         self.answer(main, target, result, body);
     }

@@ -4,7 +4,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::effect::{Effect, Effects, FetchTarget};
+use crate::audit_sink::Sink;
+use crate::effect::{Effect, Effects, FetchTarget, Metric, SinkDrop};
 
 use super::host::Host;
 use super::metrics::Metrics;
@@ -19,11 +20,13 @@ pub struct Apply<'s, H> {
     pub unsent: Vec<(FetchTarget, String)>,
     /// The size of the buffered response body a replacement replaces (from the body callback).
     pub response_body_size: usize,
+    /// This VM's audit sink (`audit_sink`), where the request path's AuditEvents are queued.
+    pub sink: Option<&'s RefCell<Sink>>,
 }
 
 impl<'s, H: Host> Apply<'s, H> {
     pub fn new(host: &'s H, metrics: &'s Metrics, calls: &'s RefCell<HashMap<u32, FetchTarget>>) -> Self {
-        Self { host, metrics, calls, unsent: Vec::new(), response_body_size: 0 }
+        Self { host, metrics, calls, unsent: Vec::new(), response_body_size: 0, sink: None }
     }
 }
 
@@ -63,6 +66,16 @@ impl<H: Host> Effects for Apply<'_, H> {
                     self.unsent.push((FetchTarget::Resend(resend.context_id), why));
                 }
             },
+            // Into the bounded queue: no host call (counts are flushed on the tick), no wait.
+            Effect::SinkEvent { tenant, event, time_ms } => {
+                let Some(sink) = self.sink else { return };
+                match sink.try_borrow_mut() {
+                    Ok(mut sink) => sink.offer(tenant, event, time_ms, self),
+                    // The sink is busy with its own work further up this VM's stack (never on the request
+                    // path): the event is dropped and counted, never waited for.
+                    Err(_) => self.metrics.count(host, Metric::AuditSinkDropped(SinkDrop::Contended)),
+                }
+            }
             Effect::Fetch(fetch) => {
                 // A call made from a request's context is answered to that context, which hands the answer
                 // to the shared handler (`Shared::fetch_ended`); one whose request went away is never

@@ -46,6 +46,7 @@ impl<H: Host + Clone + 'static> Root<H> {
             }
         };
         let metrics = Metrics::define(host);
+        let sink = config.audit_sink.clone().map(|c| RefCell::new(crate::audit_sink::Sink::new(c)));
         let calls = RefCell::new(HashMap::new());
         let signatures = Signatures::new(config.signature_verifier, HostCrypto(host.clone()));
         let router = {
@@ -65,13 +66,15 @@ impl<H: Host + Clone + 'static> Root<H> {
             metrics,
             calls,
             parked: RefCell::new(HashMap::new()),
+            sink,
         }));
         // Ticks drive the fetch schedules and flush the stats.
         host.set_tick_period_ms(TICK_MS);
         true
     }
 
-    /// A timer tick: stats flushed, then the core's upkeep (gauges, cache sweep, fetches that are due).
+    /// A timer tick: stats flushed, then the core's upkeep (gauges, cache sweep, fetches that are due) and
+    /// the audit sink's batches.
     pub fn on_tick(&mut self) {
         let Some(shared) = self.shared.clone() else { return };
         shared.metrics.flush(&shared.host);
@@ -85,6 +88,7 @@ impl<H: Host + Clone + 'static> Root<H> {
             apply.unsent
         };
         shared.unsent(unsent);
+        shared.sink_tick(now);
         let overdue = shared.router.borrow_mut().overdue_holds(now, &mut shared.apply());
         for context_id in overdue {
             if shared.host.set_effective_context(context_id) {

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use crate::audit_sink::{Sink, MAX_RESPONSE_BYTES};
 use crate::crypto::Signatures;
 use crate::effect::FetchTarget;
 use crate::router::{Router, Stream, MAX_BUNDLE_BYTES};
@@ -25,12 +26,39 @@ pub struct Shared<H> {
     /// Requests parked until a key set arrives, by context id, and woken ones not yet taken back by their
     /// context: the root context cannot reach an HTTP context, so a parked stream is kept here meanwhile.
     pub parked: RefCell<HashMap<u32, Stream>>,
+    /// This VM's audit sink (`audit_sink`): its requests' AuditEvents, batched and posted from its ticks.
+    pub sink: Option<RefCell<Sink>>,
 }
 
 impl<H: Host> Shared<H> {
     /// An effect interpreter over this VM's host.
     pub fn apply(&self) -> Apply<'_, H> {
-        Apply::new(&self.host, &self.metrics, &self.calls)
+        let mut apply = Apply::new(&self.host, &self.metrics, &self.calls);
+        apply.sink = self.sink.as_ref();
+        apply
+    }
+
+    /// The audit sink's tick: batches due are posted (one that cannot be sent ends at once, as failed).
+    pub fn sink_tick(&self, now: u64) {
+        let Some(sink) = &self.sink else { return };
+        let unsent = {
+            let mut apply = self.apply();
+            sink.borrow_mut().on_tick(now, &mut apply);
+            apply.unsent
+        };
+        self.unsent(unsent);
+    }
+
+    /// The answer to an audit batch (`status` `None`: none came, or it was not sent).
+    fn sink_result(&self, batch: u32, status: Option<&str>, body: &[u8]) {
+        let Some(sink) = &self.sink else { return };
+        let now = self.host.now_ms();
+        let unsent = {
+            let mut apply = self.apply();
+            sink.borrow_mut().on_result(batch, status, body, now, &mut apply);
+            apply.unsent
+        };
+        self.unsent(unsent);
     }
 
     /// The answer to a fetch (`body_size`: its body's length), delivered to the root context or to the
@@ -38,6 +66,17 @@ impl<H: Host> Shared<H> {
     pub fn on_http_call_response(&self, token: u32, body_size: usize) {
         let Some(target) = self.calls.borrow_mut().remove(&token) else { return };
         let status = self.host.call_response_status();
+        if let FetchTarget::AuditSink(batch) = target {
+            // The body is read only to check a 2xx batch-response's entries.
+            let ok = status.as_deref().is_some_and(|s| s.starts_with('2'));
+            let body = if ok && body_size <= MAX_RESPONSE_BYTES {
+                self.host.call_response_body(body_size)
+            } else {
+                Vec::new()
+            };
+            self.sink_result(batch, status.as_deref(), &body);
+            return;
+        }
         if let FetchTarget::Resend(context_id) = target {
             let headers = self.host.call_response_headers();
             let body = self.host.call_response_body(body_size);
@@ -61,6 +100,10 @@ impl<H: Host> Shared<H> {
     /// A fetch ended: the core installs what came, and the requests that waited for it are woken. A fetch
     /// the core starts meanwhile that cannot be sent ends at once, the same way.
     pub fn fetch_ended(&self, target: FetchTarget, result: FetchResult<'_>, body_size: usize) {
+        if let FetchTarget::AuditSink(batch) = target {
+            self.sink_result(batch, None, &[]);
+            return;
+        }
         if let FetchTarget::Resend(context_id) = target {
             let why = match &result {
                 FetchResult::NotSent(why) => why,

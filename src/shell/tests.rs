@@ -2196,3 +2196,144 @@ fn attack_an_override_header_spelled_with_underscores_is_judged_too() {
         assert_eq!(flow, Flow::Stop, "{name}: a DELETE the server may honour went on: {:#?}", states_of(&calls));
     }
 }
+
+// ---- audit_sink: BALP AuditEvents posted per tenant, in batches, from the tick ----
+
+fn sink_plugin() -> Value {
+    let mut p = plugin();
+    p["audit_sink"] = json!({
+        "cluster": "audit", "uri": "http://audit.example/fhir/{tenant}", "batch_size": 2, "queue_size": 3,
+        "attempts": 2, "backoff_ms": 100
+    });
+    p
+}
+
+/// The audit batches dispatched among `calls`: (path, entries).
+fn audit_batches(calls: &[String]) -> Vec<(String, Vec<Value>)> {
+    calls
+        .iter()
+        .filter_map(|c| c.strip_prefix("dispatch audit "))
+        .map(|c| {
+            let path = c.split("(\":path\", \"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+            assert!(c.contains("(\":method\", \"POST\")") && c.contains("(\":authority\", \"audit.example\")"), "{c}");
+            assert!(c.contains("(\"content-type\", \"application/fhir+json\")"), "{c}");
+            let body: Value = serde_json::from_str(c.split(" body=").nth(1).unwrap()).unwrap();
+            assert_eq!(body["type"], "batch");
+            (path, body["entry"].as_array().unwrap().clone())
+        })
+        .collect()
+}
+
+#[test]
+fn audit_events_are_queued_without_a_host_call_and_posted_per_tenant_from_the_tick() {
+    let (host, mut root) = configured(&sink_plugin());
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let a = bearer(&testkeys::claims_now());
+    let mut claims_b = testkeys::claims_now();
+    claims_b["scope"] = json!(TENANT_B);
+    let b = bearer(&claims_b);
+    for (id, auth) in [(1, Some(&a)), (2, Some(&b)), (3, Some(&a)), (4, Some(&b)), (5, None)] {
+        send(&host, &root, id, &get("/Patient", auth.map(String::as_str)), true);
+    }
+    let calls = host.take_calls();
+    assert!(!calls.iter().any(|c| c.starts_with("dispatch")), "nothing sent on the request path: {calls:?}");
+    root.on_tick();
+    // Queue 3: the fourth is dropped and counted; the 401 has no tenant (and no untenanted_uri): skipped.
+    assert_eq!(host.metric("audit_sink.dropped.queue_full"), 1);
+    assert_eq!(host.metric("audit_sink.untenanted_skipped"), 1);
+    let batches = audit_batches(&host.take_calls());
+    assert_eq!(batches.len(), 1, "tenant A's batch is full; B's one event waits for the flush interval");
+    assert_eq!(batches[0].0, format!("/fhir/{TENANT_A}"));
+    assert_eq!(batches[0].1.len(), 2);
+    for entry in &batches[0].1 {
+        assert_eq!(entry["request"], json!({"method": "POST", "url": "AuditEvent"}));
+        assert_eq!(entry["resource"]["resourceType"], "AuditEvent");
+        let org = entry["resource"]["agent"][2]["who"]["identifier"]["value"].clone();
+        assert_eq!(org, TENANT_A, "only tenant A's events: {entry}");
+    }
+    // A 503: sent again after its backoff, then delivered.
+    *host.0.call_status.borrow_mut() = Some("503".into());
+    root.on_http_call_response(1, 0);
+    host.0.now_ms.set(T0_MS + 100);
+    root.on_tick();
+    let again = audit_batches(&host.take_calls());
+    assert_eq!(again.iter().map(|b| b.0.clone()).collect::<Vec<_>>(), [format!("/fhir/{TENANT_A}")]);
+    *host.0.call_status.borrow_mut() = Some("200".into());
+    *host.0.call_body.borrow_mut() = br#"{"resourceType":"Bundle","type":"batch-response","entry":[
+        {"response":{"status":"201 Created"}},{"response":{"status":"201 Created"}}]}"#
+        .to_vec();
+    root.on_http_call_response(2, host.0.call_body.borrow().len());
+    // B's event, once old enough.
+    host.0.now_ms.set(T0_MS + 1_000);
+    root.on_tick();
+    let b_batch = audit_batches(&host.take_calls());
+    assert_eq!(
+        b_batch.iter().map(|b| (b.0.clone(), b.1.len())).collect::<Vec<_>>(),
+        [(format!("/fhir/{TENANT_B}"), 1)]
+    );
+    root.on_tick();
+    assert_eq!(host.metric("audit_sink.delivered"), 2);
+    assert_eq!((host.metric("audit_sink.batches"), host.metric("audit_sink.retries")), (2, 1));
+}
+
+#[test]
+fn an_audit_batch_that_cannot_be_sent_fails_at_once_and_is_dropped_and_counted_after_its_attempts() {
+    let (host, mut root) = configured(&sink_plugin());
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    *host.0.dispatch_error.borrow_mut() = Some("BadArgument".into());
+    send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    host.0.now_ms.set(T0_MS + 1_000);
+    root.on_tick();
+    host.0.now_ms.set(T0_MS + 1_100);
+    root.on_tick();
+    root.on_tick();
+    assert_eq!(host.metric("audit_sink.dropped.retries_exhausted"), 1);
+    let calls = host.take_calls();
+    let warn = calls.iter().find(|c| c.contains("audit sink")).unwrap();
+    assert!(warn.starts_with("log Warn") && warn.contains("1 AuditEvent(s) of tenant"), "{warn}");
+    assert!(!calls.iter().filter(|c| c.starts_with("log")).any(|c| c.contains("resourceType")), "{calls:?}");
+}
+
+#[test]
+fn the_audit_sink_adds_no_host_call_to_a_request_but_the_clients_address() {
+    let calls_of = |plugin: &Value| {
+        let (host, root) = configured(plugin);
+        *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+        let mut all = Vec::new();
+        for (id, auth) in [(1, Some(bearer(&testkeys::claims_now()))), (2, None)] {
+            send(&host, &root, id, &get("/Patient", auth.as_deref()), true);
+            all.extend(host.take_calls());
+        }
+        all
+    };
+    let without = calls_of(&plugin());
+    let with = calls_of(&sink_plugin());
+    assert!(!without.is_empty());
+    // The client's address is read once per request (BALP requires `agent[client].network`), as with
+    // `audit_event`; the event itself goes into the VM's queue: no host call, nothing else changes.
+    let reads = with.iter().filter(|c| *c == "get_property source.address").count();
+    assert_eq!(reads, 2, "one address read per request: {with:#?}");
+    let with: Vec<String> = with.into_iter().filter(|c| c != "get_property source.address").collect();
+    assert_eq!(with, without, "the event goes into the VM's queue: no host call, nothing else changes");
+}
+
+#[test]
+fn a_sink_that_cannot_be_posted_to_costs_one_post_a_tick_never_a_recursion_through_the_queue() {
+    let mut p = sink_plugin();
+    p["audit_sink"]["batch_size"] = json!(1);
+    p["audit_sink"]["queue_size"] = json!(1000);
+    p["audit_sink"]["attempts"] = json!(1);
+    let (host, mut root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    *host.0.dispatch_error.borrow_mut() = Some("BadArgument".into());
+    let auth = bearer(&testkeys::claims_now());
+    for id in 1..=300 {
+        send(&host, &root, id, &get("/Patient", Some(&auth)), true);
+    }
+    host.take_calls();
+    root.on_tick();
+    let posts = host.take_calls().iter().filter(|c| c.starts_with("dispatch audit")).count();
+    assert_eq!(posts, 1, "the next batch waits for the next tick");
+    root.on_tick();
+    assert_eq!(host.metric("audit_sink.dropped.retries_exhausted"), 1);
+}

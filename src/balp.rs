@@ -5,7 +5,7 @@
 //!
 //! What the profile asks and what is written:
 //! - `type` `rest`, `subtype` the `restful-interaction` code, `action` C/R/U/D/E, `recorded`, `outcome`
-//!   (`0` forwarded; `4` refused: 400/401/403/429; `8` unavailable: 503) with `outcomeDesc` the status and
+//!   (`0` forwarded; `4` refused: 400/401/403/406/429; `8` failed: 502/503) with `outcomeDesc` the status and
 //!   the refusal's reason.
 //! - `agent` client (the verified token's `client_id` under its issuer), server (the tenant's cluster, or
 //!   this proxy when it answered itself), in DICOM's roles (110153 Source, 110152 Destination: the server
@@ -92,6 +92,10 @@ fn status(outcome: Outcome, reason: Option<&str>) -> Option<u32> {
     Some(match reason {
         "quota_rate" | "quota_in_flight" => 429,
         "quota_too_costly" => 400,
+        // An answer withheld by the answer check (the client got this instead of it).
+        "answer_withheld" => 403,
+        "answer_unreadable_format" => 406,
+        "answer_unchecked" => 502,
         _ if outcome == Outcome::Forbidden => 403,
         _ => 400,
     })
@@ -263,7 +267,7 @@ impl Event<'_> {
         match status {
             None => out.push_str(r#"0","#),
             Some(s) => {
-                out.push_str(if s == 503 { r#"8","outcomeDesc":"# } else { r#"4","outcomeDesc":"# });
+                out.push_str(if s >= 500 { r#"8","outcomeDesc":"# } else { r#"4","outcomeDesc":"# });
                 push_str(&mut out, &format!("{s} {}", self.reason.unwrap_or_default()));
                 out.push(',');
             }

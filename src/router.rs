@@ -257,6 +257,22 @@ pub struct Stream {
     /// The client's IP address, for the BALP AuditEvent (`audit_event`, `audit_sink`: see
     /// [`Router::wants_client_address`]).
     client_address: Option<Box<str>>,
+    /// An allowed request's BALP AuditEvent, held until its answer is checked: a withheld answer is not a
+    /// success (the issue-27 attack's finding 5). Written at the verdict, else when the stream ends.
+    deferred_event: Option<Box<DeferredEvent>>,
+}
+
+/// What an AuditEvent written after the answer's check says of its request (owned: the request is gone).
+#[derive(Clone, Debug)]
+struct DeferredEvent {
+    time_ms: u64,
+    method: String,
+    path: String,
+    tenant: String,
+    client_id: Option<String>,
+    issuer: Option<String>,
+    cluster: Option<String>,
+    client_address: Option<Box<str>>,
 }
 
 /// The check a narrowed request's answer must pass before it reaches the client.
@@ -765,9 +781,11 @@ impl Router {
             let checkable = !encoded && content_type.as_deref().is_some_and(response_check::is_json_media_type);
             if !checkable {
                 if check.raw_ok && !encoded {
+                    self.finish_event(stream, None, out);
                     return Flow::Continue;
                 }
                 withhold(check, &Verdict::Unreadable(Unreadable::Format), false, out);
+                self.finish_event(stream, Some(&Verdict::Unreadable(Unreadable::Format)), out);
                 return Flow::Stop;
             }
             stream.checking = true;
@@ -777,6 +795,8 @@ impl Router {
             }
             return self.hold_answer(stream);
         }
+        // Not held for the check (no body, a HEAD, a raw Binary): it goes on as it is.
+        self.finish_event(stream, None, out);
         if !edits {
             return Flow::Continue;
         }
@@ -797,6 +817,33 @@ impl Router {
             return self.hold_answer(stream);
         }
         Flow::Continue
+    }
+
+    /// Writes an allowed request's AuditEvent held for its answer's check (`deferred_event`), once: a
+    /// success if the answer went on (`withheld` none), else the refusal the client got instead (403 for
+    /// types it may not read, 406 for a format that cannot be checked, 502 for an answer that could not).
+    fn finish_event(&self, stream: &mut Stream, withheld: Option<&Verdict>, out: &mut dyn Effects) {
+        let Some(d) = stream.deferred_event.take() else { return };
+        let (outcome, reason) = match withheld {
+            None | Some(Verdict::Clean) => (Outcome::Allowed, None),
+            Some(Verdict::Forbidden(_)) => (Outcome::Forbidden, Some("answer_withheld")),
+            Some(Verdict::Unreadable(Unreadable::Format)) => (Outcome::Forbidden, Some("answer_unreadable_format")),
+            Some(Verdict::Unreadable(_)) => (Outcome::Rejected, Some("answer_unchecked")),
+        };
+        let event = crate::balp::Event {
+            time_ms: d.time_ms,
+            method: &d.method,
+            path: &d.path,
+            outcome,
+            reason,
+            tenant: Some(&d.tenant),
+            client_id: d.client_id.as_deref(),
+            issuer: d.issuer.as_deref(),
+            cluster: d.cluster.as_deref(),
+            client_address: d.client_address.as_deref(),
+        }
+        .to_json();
+        emit_event(&self.config, &event, Some(&d.tenant), d.time_ms, out);
     }
 
     /// How an answer that must be checked or edited whole is held: headers too by default; with
@@ -836,9 +883,11 @@ impl Router {
                 // Headers already sent: the local reply cannot change the status, and Envoy resets the stream
                 // instead (a local reply after the response headers went); the held body never leaves.
                 withhold(check, &verdict, stream.headers_gone, out);
+                self.finish_event(stream, Some(&verdict), out);
                 return Flow::Stop;
             }
         }
+        self.finish_event(stream, None, out);
         if let Some(new) = self.finished_body(stream, &body).filter(|_| stream.editing_response) {
             out.push(Effect::ReplaceResponseBody(&new));
         }
@@ -855,6 +904,7 @@ impl Router {
         }
         if let Some(check) = stream.check.as_deref().filter(|_| stream.checking) {
             withhold(check, &Verdict::Unreadable(Unreadable::Format), stream.headers_gone, out);
+            self.finish_event(stream, Some(&Verdict::Unreadable(Unreadable::Format)), out);
             return Flow::Stop;
         }
         Flow::Continue
@@ -994,9 +1044,11 @@ impl Router {
             };
             if verdict != Verdict::Clean {
                 withhold(check, &verdict, false, out);
+                self.finish_event(stream, Some(&verdict), out);
                 return;
             }
         }
+        self.finish_event(stream, None, out);
         let json = headers.iter().any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().contains("json"));
         let edited = if json { self.finished_body(stream, body) } else { None };
         let headers: Vec<(&str, &str)> = copied.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -1269,7 +1321,12 @@ impl Router {
             let client_address = stream.client_address.as_deref();
             let audit =
                 Audit { config: &self.config, request: &pending.request, now_ms, verify_ns: None, client_address };
-            audit.audit_event(outcome, &detail, out);
+            if allowed && stream.check.is_some() && audit.builds_events() {
+                // Written once its answer is checked (`finish_event`).
+                stream.deferred_event = Some(audit.deferred(&detail));
+            } else {
+                audit.audit_event(outcome, &detail, out);
+            }
             audit.write_line(outcome, &detail, out);
         }
         if allowed {
@@ -1356,6 +1413,17 @@ fn answer_check(tenant: &Tenant, identity: &Identity, request: &HttpRequest<'_>)
             && readable.allows("Binary")
     });
     Some(Box::new(AnswerCheck { readable, tenant: tenant.id.clone(), raw_ok }))
+}
+
+/// A built AuditEvent: filter state for the access log (`audit_event`), and offered to the sink's queue
+/// (`audit_sink`).
+fn emit_event(config: &Config, event: &str, tenant: Option<&str>, time_ms: u64, out: &mut dyn Effects) {
+    if config.audit_event {
+        out.push(Effect::FilterState(crate::balp::FILTER_STATE, event));
+    }
+    if config.audit_sink.is_some() {
+        out.push(Effect::SinkEvent { tenant, event, time_ms });
+    }
 }
 
 /// 406 for a narrowed request whose `_format` asks for what the answer check cannot read (XML, Turtle):
@@ -1532,7 +1600,13 @@ fn route(
             credential: tenant.credential_kind(),
             ..Detail::default()
         };
-        audit.record(Outcome::Allowed, detail, out);
+        if stream.check.is_some() && audit.builds_events() {
+            // Its AuditEvent says how it ended once its answer is checked (`finish_event`).
+            stream.deferred_event = Some(audit.deferred(&detail));
+            audit.record_with(Outcome::Allowed, detail, false, out);
+        } else {
+            audit.record(Outcome::Allowed, detail, out);
+        }
     }
     Flow::Continue
 }
@@ -1804,6 +1878,11 @@ struct Audit<'a> {
 
 impl Audit<'_> {
     fn record(&self, outcome: Outcome, detail: Detail<'_>, out: &mut dyn Effects) {
+        self.record_with(outcome, detail, true, out);
+    }
+
+    /// As [`Audit::record`]; `event`: false when the AuditEvent waits for the answer's check.
+    fn record_with(&self, outcome: Outcome, detail: Detail<'_>, event: bool, out: &mut dyn Effects) {
         // `decision_metadata` sets the access log's two keys too (each key once: see `metadata`).
         if self.config.decision_metadata || self.config.span_tags {
             self.decision(Some(outcome), &detail, out);
@@ -1811,8 +1890,29 @@ impl Audit<'_> {
         if !self.config.decision_metadata && self.config.access_log_filter_state {
             filter_state(detail.tenant, detail.identity, out);
         }
-        self.audit_event(outcome, &detail, out);
+        if event {
+            self.audit_event(outcome, &detail, out);
+        }
         self.write_line(outcome, &detail, out);
+    }
+
+    /// Whether AuditEvents are built (`audit_event`, `audit_sink`).
+    fn builds_events(&self) -> bool {
+        self.config.audit_event || self.config.audit_sink.is_some()
+    }
+
+    /// An allowed request's AuditEvent, to be written once its answer is checked.
+    fn deferred(&self, detail: &Detail<'_>) -> Box<DeferredEvent> {
+        Box::new(DeferredEvent {
+            time_ms: self.now_ms,
+            method: self.request.method.to_string(),
+            path: self.request.path.to_string(),
+            tenant: detail.tenant.unwrap_or_default().to_string(),
+            client_id: detail.identity.and_then(Identity::client_id).map(str::to_string),
+            issuer: detail.identity.and_then(|i| issuer_of(self.config, i)).map(str::to_string),
+            cluster: detail.cluster.map(str::to_string),
+            client_address: self.client_address.map(Into::into),
+        })
     }
 
     /// The BALP AuditEvent ([`crate::balp`]) as filter state for the access log (`audit_event`), and
@@ -1835,12 +1935,7 @@ impl Audit<'_> {
             client_address: self.client_address,
         }
         .to_json();
-        if self.config.audit_event {
-            out.push(Effect::FilterState(crate::balp::FILTER_STATE, &event));
-        }
-        if self.config.audit_sink.is_some() {
-            out.push(Effect::SinkEvent { tenant: detail.tenant, event: &event, time_ms: self.now_ms });
-        }
+        emit_event(self.config, &event, detail.tenant, self.now_ms, out);
     }
 
     /// The decision as filter state and dynamic metadata ([`crate::metadata`], `decision_metadata`) and as

@@ -2110,7 +2110,6 @@ fn attack_held_query_values_never_reach_the_balp_query() {
 /// `outcome`) when the answer is known for requests whose answer is checked, or name the withholding in a key
 /// of its own (`withheld`), documented.
 #[test]
-#[ignore = "finding 5"]
 fn attack_a_withheld_answer_is_not_recorded_as_a_successful_query() {
     let mut p = plugin();
     p["audit_event"] = json!(true);
@@ -2140,6 +2139,44 @@ fn attack_a_withheld_answer_is_not_recorded_as_a_successful_query() {
         events.iter().all(|e| e["outcome"] != json!("0")),
         "the access log's AuditEvent says the withheld query succeeded: {events:#?}"
     );
+    // Fixed: the event waits for the verdict and says what the client got instead.
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["outcome"], json!("4"));
+    assert_eq!(events[0]["outcomeDesc"], json!("403 answer_withheld"));
+}
+
+/// The AuditEvent of a narrowed request whose answer passes the check is written once, as a success, when
+/// the answer is through (not at the request).
+#[test]
+fn a_checked_answer_that_passes_writes_one_successful_event_after_the_check() {
+    let mut p = plugin();
+    p["audit_event"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    let mut claims = testkeys::claims_now();
+    claims["scope"] = json!(format!("{TENANT_A} system/Patient.rs"));
+    let (mut f, flow) = send(&host, &root, 1, &get("/Patient?name=x", Some(&bearer(&claims))), true);
+    assert_eq!(flow, Flow::Continue);
+    let event_calls = |calls: &[String]| {
+        calls
+            .iter()
+            .filter_map(|c| c.strip_prefix("set_filter_state fhir_tenant_router.audit_event="))
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert!(event_calls(&host.take_calls()).is_empty(), "no event before the answer is checked");
+    host.0.response_headers.borrow_mut().insert(":status".into(), "200".into());
+    host.0.response_headers.borrow_mut().insert("content-type".into(), "application/fhir+json".into());
+    f.on_response_headers(false);
+    let body = json!({"resourceType": "Bundle", "type": "searchset",
+                      "entry": [{"resource": {"resourceType": "Patient", "id": "p1"}}]})
+    .to_string();
+    *host.0.response_body.borrow_mut() = body.clone().into_bytes();
+    f.on_response_body(body.len(), true);
+    f.on_done();
+    let events = event_calls(&host.take_calls());
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["outcome"], json!("0"));
 }
 
 /// Held: a request parked for a key-set refetch sets nothing while it waits (Envoy's RBAC has not run: the

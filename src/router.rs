@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::audit::{Outcome, Record};
 use crate::cache::TokenCache;
-use crate::config::{Config, JwksSource};
+use crate::config::{AuditLog, Config, JwksSource, AUDIT_LINE_FILTER_STATE};
 use crate::crypto::{CheckLog, SignatureCheck};
 use crate::cursor::{self, CursorError, Mint, PagingRequest};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
@@ -1463,7 +1463,7 @@ fn route(
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
     if let Some(search_form) = inspect {
-        let pending = (config.audit_log || config.audit_event).then(|| PendingAudit {
+        let pending = (config.audit_log.on() || config.audit_event).then(|| PendingAudit {
             request: audit.request.to_owned_request(),
             identity: identity.clone(),
             cluster: tenant.cluster.clone(),
@@ -1822,7 +1822,8 @@ impl Audit<'_> {
     }
 
     fn write_line(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {
-        if !self.config.audit_log {
+        let audit_log = self.config.audit_log;
+        if !audit_log.on() {
             return;
         }
         let line = Record {
@@ -1837,6 +1838,11 @@ impl Audit<'_> {
             credential: detail.credential,
         }
         .to_line();
-        out.push(Effect::Log(Level::Info, &line));
+        if audit_log == AuditLog::FilterState {
+            // The same line, for Envoy's access log to write (one host call, no log call).
+            out.push(Effect::FilterState(AUDIT_LINE_FILTER_STATE, &line));
+        } else {
+            out.push(Effect::Log(Level::Info, &line));
+        }
     }
 }

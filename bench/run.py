@@ -1679,8 +1679,8 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         P("| variant | µs/request | over passthrough | CPU µs/req | CPU over passthrough |")
         P("|---|---:|---:|---:|---:|")
         for name in ["passthrough", "wasm-noop"] + [f"{k}-{a}" for a in b.args.algs
-                                                    for k in ("native-cache", "ours-cache", "native-nocache",
-                                                              "ours-nocache")]:
+                                                    for k in ("native-cache", "wasm-floor", "ours-cache",
+                                                              "native-nocache", "ours-nocache")]:
             if name in us:
                 P(f"| {V[name].label} | {us[name]:.1f} | {us[name] - base:+.1f} | {cpu[name]:.1f} | "
                   f"{cpu[name] - cpu_base:+.1f} |")

@@ -27,9 +27,10 @@ E2E_ENVOY_139 ?= $(addprefix tests/e2e/,test_example_routes.py test_tenant_routi
   test_jwks_rotation.py test_stats.py)
 # The dynamic module's pass on each older Envoy (1.39, 1.38; ~2.5 min each): the same core, plus the module's own
 # file (ABI check and log line, one fetch per process, rotation) and what reaches Envoy's main-thread paths
-# and its stats differently there: upstream OAuth tokens, quotas, SMART scopes and their per-tenant counters.
+# and its stats differently there: upstream OAuth tokens, quotas, SMART scopes and their per-tenant counters; and
+# the ABI callbacks of span_tags (active span, span tags) and of the BALP AuditEvent's client address.
 E2E_DM_OLDER ?= $(E2E_ENVOY_139) $(addprefix tests/e2e/,test_dynamic_module.py test_upstream_auth.py test_quota.py \
-  test_smart_scopes.py test_rbac_example.py)
+  test_smart_scopes.py test_rbac_example.py test_tracing.py test_balp_audit_events.py)
 IDP_DEPS  := tests/idp/node_modules/.installed
 FHIR_DEPS := tests/fhir/node_modules/.installed
 ORACLE_DEPS := tests/oracle/node_modules/.installed

@@ -10,9 +10,11 @@
 //! - `agent` client (the verified token's `client_id` under its issuer), server (the tenant's cluster, or
 //!   this proxy when it answered itself), in DICOM's roles (110153 Source, 110152 Destination: the server
 //!   is the source of a read, the client of the rest), and the tenant as the organization that receives
-//!   the information (ParticipationType IRCP, the requestor). Not `agent[client].network` (BALP requires
-//!   it): the filter does not read the client's address; the access log's `%DOWNSTREAM_REMOTE_ADDRESS%`
-//!   next to the event has it.
+//!   the information (ParticipationType IRCP, the requestor). The client's `network` (BALP requires it:
+//!   `agent:client.network` 1..1 in every RESTful profile) is the downstream peer's IP address without its
+//!   port, `type` `2` (R4 network-type "IP Address"), as BALP's examples write it
+//!   (`2001:0db8:85a3:0000:0000:8a2e:0370:7334`, IP Address); Envoy's peer, which is a proxy in front of it
+//!   when there is one.
 //! - `meta.profile`: the BALP profile (Create, Read, Update, Delete, Query) of a forwarded request; a
 //!   refused one follows the pattern without claiming it (the profiles are of successful interactions).
 //! - `source.observer`: this proxy (security-source-type 4, Application Server).
@@ -46,6 +48,39 @@ pub struct Event<'a> {
     pub client_id: Option<&'a str>,
     pub issuer: Option<&'a str>,
     pub cluster: Option<&'a str>,
+    /// The downstream peer's IP address ([`ip_of`]).
+    pub client_address: Option<&'a str>,
+}
+
+/// The IP address of a peer address as Envoy writes it (`127.0.0.1:50102`, `[::1]:50102`, or a bare IP):
+/// `None` for anything else (a pipe, an internal listener), which then has no `network`. Only its shape is
+/// checked (Envoy writes addresses canonically): IPv4 is four numbers up to 255, IPv6 hex digits and two to
+/// seven colons (and dots, for an embedded IPv4). No `std::net` parser: it would add kilobytes to the wasm module.
+pub fn ip_of(address: &str) -> Option<String> {
+    let v4 = |s: &str| {
+        let parts: Vec<&str> = s.split('.').collect();
+        parts.len() == 4
+            && parts.iter().all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+            && parts.iter().all(|p| p.parse::<u16>().is_ok_and(|n| n <= 255))
+    };
+    let v6 = |s: &str| {
+        s.matches(':').count() >= 2
+            && s.len() <= 45
+            && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && s.matches(':').count() <= 7
+    };
+    let port = |p: &str| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    let ip = if let Some(rest) = address.strip_prefix('[') {
+        let (ip, tail) = rest.split_once(']')?;
+        tail.strip_prefix(':').filter(|p| port(p))?;
+        v6(ip).then_some(ip)?
+    } else if v4(address) || v6(address) {
+        address
+    } else {
+        let (ip, p) = address.rsplit_once(':')?;
+        (port(p) && v4(ip)).then_some(ip)?
+    };
+    Some(ip.to_ascii_lowercase())
 }
 
 /// The HTTP status of a refusal, by its reason (the filter's own answers).
@@ -173,6 +208,11 @@ impl Event<'_> {
             }
             (None, _) => out.push_str(r#"{"display":"unauthenticated client"}"#),
         }
+        if let Some(address) = self.client_address {
+            out.push_str(r#","network":{"address":"#);
+            push_str(&mut out, address);
+            out.push_str(r#","type":"2"}"#);
+        }
         out.push_str(r#","requestor":false},{"type":{"coding":["#);
         out.push_str(server_role);
         out.push_str(r#"]},"who":"#);
@@ -268,6 +308,7 @@ mod tests {
             client_id: Some("patients-app-a"),
             issuer: Some("https://idp.example"),
             cluster: Some("tenant_a"),
+            client_address: Some("127.0.0.1"),
         };
         serde_json::from_str(&e.to_json()).unwrap()
     }
@@ -290,6 +331,34 @@ mod tests {
             assert_eq!(v["outcome"], "0");
             let want = profile.map(|p| json!([format!("{PROFILE_BASE}{p}")]));
             assert_eq!(v["meta"]["profile"], want.unwrap_or(Value::Null), "{v}");
+        }
+    }
+
+    #[test]
+    fn the_client_agent_has_the_peer_ip_without_its_port_as_an_ip_address() {
+        let v = event("GET", "/Patient/p1", Outcome::Allowed, None);
+        assert_eq!(v["agent"][0]["network"], json!({"address": "127.0.0.1", "type": "2"}), "{v}");
+        assert_eq!(v["agent"][1]["network"], Value::Null, "the server's is not written: {v}");
+        assert_eq!(ip_of("127.0.0.1:50102").as_deref(), Some("127.0.0.1"));
+        assert_eq!(ip_of("[::1]:50102").as_deref(), Some("::1"));
+        assert_eq!(ip_of("[2001:db8::7]:443").as_deref(), Some("2001:db8::7"));
+        assert_eq!(ip_of("10.1.2.3").as_deref(), Some("10.1.2.3"));
+        assert_eq!(ip_of("::ffff:10.0.0.1").as_deref(), Some("::ffff:10.0.0.1"));
+        for other in [
+            "/tmp/envoy.sock",
+            "envoy://internal_client_address/",
+            "",
+            "127.0.0.1:",
+            "host:80",
+            "1.2.3:80",
+            "1.2.3.256:80",
+            "[::1]",
+            "[::1]:x",
+            "[g::1]:80",
+            "1.2.3.4:123456",
+            "\"1.2.3.4\":80",
+        ] {
+            assert_eq!(ip_of(other), None, "{other}");
         }
     }
 
@@ -341,6 +410,7 @@ mod role_tests {
             client_id: Some("app\"\n\\"),
             issuer: Some("https://idp\""),
             cluster: Some("c\""),
+            client_address: Some("::1"),
         };
         let v: Value = serde_json::from_str(&e.to_json()).unwrap();
         assert_eq!(v["agent"][0]["who"]["identifier"]["value"], "app\"\n\\");
@@ -359,6 +429,7 @@ mod role_tests {
                 client_id: None,
                 issuer: None,
                 cluster: Some("c"),
+                client_address: None,
             };
             serde_json::from_str::<Value>(&e.to_json()).unwrap()
         };
@@ -381,6 +452,18 @@ mod properties {
 
     proptest::proptest! {
         #[test]
+        fn a_peer_address_gives_its_ip_or_nothing(ip in "[0-9a-f.:]{0,20}", port in "[0-9]{0,6}", v6 in proptest::bool::ANY) {
+            let address = if v6 { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") };
+            if let Some(found) = ip_of(&address) {
+                // What it gives is the address's IP part, or the whole of an unbracketed IPv6 address
+                // (`::` then reads as one), and reads as an IP.
+                proptest::prop_assert!(found == ip || (!v6 && found == address), "{} from {}", found, address);
+                proptest::prop_assert!(found.parse::<std::net::IpAddr>().is_ok() || found.matches(':').count() >= 2);
+            }
+            let _ = ip_of(&ip);
+        }
+
+        #[test]
         fn any_request_gives_valid_json_without_its_query_values(
             method in "(GET|POST|PUT|DELETE|HEAD|[A-Za-z\"\\\\]{0,8})",
             path in "/[A-Za-z0-9/_$*%\"\\\\\u{80}-\u{10ffff}]{0,30}",
@@ -402,6 +485,7 @@ mod properties {
                 client_id: client.as_deref(),
                 issuer: Some("https://idp"),
                 cluster: Some("c"),
+                client_address: Some("10.0.0.7"),
             };
             let text = e.to_json();
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|err| {

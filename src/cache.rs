@@ -87,7 +87,9 @@ impl Verified {
             names.client.iter().find_map(|name| claims.payload.get(name.as_str())).and_then(serde_json::Value::as_str);
         let scopes = Scopes::from_claim_mapped(claims.payload.get(names.scopes.as_str()), &names.scope_map);
         let tenant_claim = if fixed_tenant { None } else { claims.payload.get(names.tenant.as_str()) };
-        let identity = Identity::new(tenant_claim, client_id, claims.str("sub"), claims.str("jti")).with_scopes(scopes);
+        let identity = Identity::new(tenant_claim, client_id, claims.str("sub"), claims.str("jti"))
+            .with_scopes(scopes)
+            .with_provider(provider);
         Self { exp: claims.exp, key: claims.key, provider, identity }
     }
 }

@@ -41,6 +41,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub decision_metadata: Option<bool>,
     #[serde(default)]
+    pub span_tags: Option<bool>,
+    #[serde(default)]
     pub audit_event: Option<bool>,
     #[serde(default)]
     pub tenant_claim: Option<String>,
@@ -516,6 +518,9 @@ pub struct Config {
     /// The decision (tenant, client, issuer, scopes, interaction, resource type, outcome) as filter state
     /// in both builds and, in the dynamic module, dynamic metadata: for Envoy's RBAC, access log, tracing.
     pub decision_metadata: bool,
+    /// The decision (and the time the token check took) as tags of the request's trace span: set on the
+    /// active span by the dynamic module, as filter state for Envoy's tracing `custom_tags` by the wasm build.
+    pub span_tags: bool,
     /// An IHE BALP AuditEvent per request, as filter state for Envoy's access log.
     pub audit_event: bool,
     pub metadata_cluster: String,
@@ -1295,6 +1300,7 @@ impl RawConfig {
             audit_log,
             access_log_filter_state: self.access_log_filter_state.unwrap_or(false),
             decision_metadata: self.decision_metadata.unwrap_or(false),
+            span_tags: self.span_tags.unwrap_or(false),
             audit_event: self.audit_event.unwrap_or(false),
             metadata_cluster: self.metadata_cluster,
             route_header,

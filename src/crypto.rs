@@ -19,6 +19,12 @@ pub trait SignatureCheck {
     fn drain(&self) -> CheckLog {
         CheckLog::default()
     }
+
+    /// A clock for the verify time (`span_tags`), in nanoseconds from any fixed point; read only when that
+    /// option is on (it may be a host call). `None`: no clock, no verify time.
+    fn now_ns(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Signature checks done by a [`Signatures`] since it was last drained.
@@ -47,6 +53,11 @@ pub enum HostVerdict {
 /// `SubjectPublicKeyInfo`, and the signature in DER (ECDSA) or raw (RSA PKCS#1 v1.5) form.
 pub trait HostVerify {
     fn verify(&self, hash: &str, spki_der: &[u8], signature: &[u8], input: &[u8]) -> HostVerdict;
+
+    /// The host's clock in nanoseconds, for [`SignatureCheck::now_ns`].
+    fn now_ns(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The policy for checking signatures with a host: the host where it can (RSA PKCS#1 v1.5 and ECDSA), pure
@@ -129,6 +140,10 @@ impl<H: HostVerify> SignatureCheck for Signatures<H> {
 
     fn drain(&self) -> CheckLog {
         self.log.take()
+    }
+
+    fn now_ns(&self) -> Option<u64> {
+        self.host.now_ns()
     }
 }
 

@@ -677,6 +677,52 @@ mod tests {
     }
 
     #[test]
+    fn the_identity_names_the_provider_that_verified_it_on_a_miss_and_on_a_cache_hit() {
+        let v = json!({
+            "providers": [
+                {"issuer": "http://other-idp", "audiences": [testkeys::AUDIENCE],
+                 "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()},
+                {"issuer": testkeys::ISSUER, "audiences": [testkeys::AUDIENCE],
+                 "jwks": serde_json::from_str::<serde_json::Value>(&testkeys::public_jwks()).unwrap()}
+            ],
+            "tenants": { TENANT_A: {"cluster": "tenant_a"} },
+            "metadata_cluster": "fhir_metadata"
+        });
+        let c = Config::from_json(v.to_string().as_bytes()).unwrap();
+        let k = keys();
+        struct Both<'a>(&'a KeySet);
+        impl KeyLookup for Both<'_> {
+            fn key_set(&self, _: usize) -> Option<&KeySet> {
+                Some(self.0)
+            }
+        }
+        let mut cache = TokenCache::new(10);
+        for (claims, provider) in [
+            (testkeys::claims_now(), 1),
+            (
+                {
+                    let mut other = testkeys::claims_now();
+                    other["iss"] = json!("http://other-idp");
+                    other
+                },
+                0,
+            ),
+        ] {
+            let auth = bearer(&claims);
+            let req = Request { method: "GET", path: "/Patient", authorization: Some(&auth), ..Request::default() };
+            for (round, cached_expected) in [(0, false), (1, true)] {
+                let known = Known { config: &c, tenants: Some(&c.tenants), keys: &Both(&k), signatures: &PureRust };
+                match decide(&known, &req, &mut cache, NOW) {
+                    Decision::Route { identity, cached, .. } => {
+                        assert_eq!((identity.provider(), cached), (provider, cached_expected), "round {round}")
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_tenant_with_allowed_clients_refuses_other_clients_even_from_the_cache() {
         let mut v = json!({
             "provider": {

@@ -29,6 +29,11 @@ pub enum Effect<'a> {
     /// Dynamic metadata: these string entries under this namespace, in one call (the dynamic module; a
     /// proxy-wasm host cannot set dynamic metadata, and the wasm shell drops it).
     DynamicMetadata(&'a str, &'a [(&'a str, &'a str)]),
+    /// Tags of the request's trace span (`span_tags`), by full name (`fhir_tenant_router.tenant`): the
+    /// dynamic module sets them on Envoy's active span (none when tracing is off); proxy-wasm has no span,
+    /// so the wasm shell sets each as filter state of that name (`wasm.` in front, as every property it
+    /// sets), which Envoy's tracing `custom_tags` read.
+    SpanTags(&'a [(&'a str, &'a str)]),
     /// Add one to a counter.
     Count(Metric<'a>),
     /// Set a gauge.

@@ -44,6 +44,8 @@ pub struct Identity {
     present: u8,
     /// What the token's SMART scopes grant (parsed once, when the token is verified).
     scopes: Scopes,
+    /// The index of the provider whose keys verified the token (`Config::providers`).
+    provider: u32,
 }
 
 /// Identity claims longer than this are cut (they go into log lines).
@@ -99,7 +101,19 @@ impl Identity {
                 *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
             }
         }
-        Self { text: Arc::from(text), ends, present, scopes: Scopes::default() }
+        Self { text: Arc::from(text), ends, present, scopes: Scopes::default(), provider: 0 }
+    }
+
+    /// Verified by the provider at `index` (`Config::providers`).
+    pub fn with_provider(mut self, index: usize) -> Self {
+        self.provider = u32::try_from(index).unwrap_or(u32::MAX);
+        self
+    }
+
+    /// The index of the provider that verified the token (`Config::providers`): its configured issuer is the
+    /// token's, without reading the token again.
+    pub fn provider(&self) -> usize {
+        self.provider as usize
     }
 
     /// With what the token's SMART scopes grant.

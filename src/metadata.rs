@@ -35,6 +35,16 @@ pub const REASON: &str = "wasm.fhir_tenant_router.reason";
 /// Every key, in the order they are set.
 pub const KEYS: [&str; 8] = [TENANT, CLIENT_ID, ISSUER, SCOPES, INTERACTION, RESOURCE_TYPE, OUTCOME, REASON];
 
+/// The span tag (`span_tags` only) of the nanoseconds the filter took to check the token and decide: the
+/// other span tags are the keys above without the `wasm.` (`fhir_tenant_router.tenant`).
+pub const VERIFY_NS: &str = "wasm.fhir_tenant_router.verify_ns";
+
+/// The span tag of a filter-state name (`fhir_tenant_router.tenant`): the wasm shell sets it as filter
+/// state, to which the proxy-wasm host adds the `wasm.` back.
+pub fn tag(name: &str) -> &str {
+    name.strip_prefix("wasm.").unwrap_or(name)
+}
+
 /// The dynamic-metadata key of a filter-state name (`tenant` for `wasm.fhir_tenant_router.tenant`).
 pub fn short(name: &str) -> &str {
     name.strip_prefix(FILTER_STATE_PREFIX).unwrap_or(name)
@@ -105,6 +115,33 @@ impl Decision<'_> {
             out.push(Effect::DynamicMetadata(NAMESPACE, entries));
         }
     }
+
+    /// The keys that have a value, and the verify time when it was measured, as span tags: one effect.
+    pub fn push_span_tags(&self, verify_ns: Option<&str>, out: &mut dyn Effects) {
+        let values = [
+            self.tenant,
+            self.client_id,
+            self.issuer,
+            self.scopes,
+            self.interaction,
+            self.resource_type,
+            self.outcome,
+            self.reason,
+            verify_ns,
+        ];
+        let mut tags = [("", ""); 9];
+        let mut n = 0;
+        for (name, value) in KEYS.iter().chain([&VERIFY_NS]).zip(values) {
+            let Some(value) = value else { continue };
+            if let Some(slot) = tags.get_mut(n) {
+                *slot = (tag(name), value);
+                n += 1;
+            }
+        }
+        if let Some(tags) = tags.get(..n).filter(|t| !t.is_empty()) {
+            out.push(Effect::SpanTags(tags));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +185,23 @@ mod tests {
         let mut none = Recorded::default();
         Decision::default().push(&mut none);
         assert!(none.0.is_empty(), "no empty batch: {:?}", none.0);
+    }
+
+    #[test]
+    fn span_tags_are_the_keys_with_a_value_without_the_wasm_prefix_plus_the_verify_time() {
+        let mut out = Recorded::default();
+        let d =
+            Decision { tenant: Some("t1"), client_id: Some("app"), outcome: Some("allowed"), ..Decision::default() };
+        d.push_span_tags(Some("8400"), &mut out);
+        assert_eq!(
+            out.0,
+            [
+                r#"SpanTags([("fhir_tenant_router.tenant", "t1"), ("fhir_tenant_router.client_id", "app"), ("fhir_tenant_router.outcome", "allowed"), ("fhir_tenant_router.verify_ns", "8400")])"#
+            ]
+        );
+        let mut none = Recorded::default();
+        Decision::default().push_span_tags(None, &mut none);
+        assert!(none.0.is_empty(), "no empty tag set: {:?}", none.0);
     }
 
     #[test]

@@ -254,6 +254,9 @@ pub struct Stream {
     headers_gone: bool,
     /// The paging links of its answer become cursors continuing this search.
     mint: Option<Box<Mint>>,
+    /// The client's IP address, for the BALP AuditEvent (`audit_event` only: see
+    /// [`Router::wants_client_address`]).
+    client_address: Option<Box<str>>,
 }
 
 /// The check a narrowed request's answer must pass before it reaches the client.
@@ -312,6 +315,12 @@ impl Stream {
     /// The host's id of this request.
     pub fn context_id(&self) -> u32 {
         self.context_id
+    }
+
+    /// The downstream peer's address as the host gives it (`ip:port`): its IP goes into the request's BALP
+    /// AuditEvent. Read by the shell only where [`Router::wants_client_address`].
+    pub fn set_client_address(&mut self, address: Option<&str>) {
+        self.client_address = address.and_then(crate::balp::ip_of).map(String::into_boxed_str);
     }
 
     /// Whether the request is parked, waiting for a key set or an upstream token.
@@ -551,6 +560,12 @@ impl Router {
             }
         }
         request
+    }
+
+    /// Whether the shell should read the client's address ([`Stream::set_client_address`]) before the
+    /// request's headers go in: only for `audit_event` (one more host call).
+    pub fn wants_client_address(&self) -> bool {
+        self.config.audit_event
     }
 
     /// The request's headers arrived (`pairs`: every header, as the host has them).
@@ -1036,10 +1051,14 @@ impl Router {
             _ => None,
         };
         let judged = continued.as_ref().unwrap_or(request);
+        // The verify time is a span tag: the clock is read only for `span_tags`.
+        let started = if config.span_tags { signatures.now_ns() } else { None };
         let decision = decide(&known, &judged.as_request(), cache, now_s);
+        let verify_ns = started.and_then(|start| Some(signatures.now_ns()?.saturating_sub(start)));
         count_checks(signatures.drain(), out);
         stream.phase = Phase::Decided;
-        let audit = Audit { config, request, now_ms };
+        let client_address = stream.client_address.clone();
+        let audit = Audit { config, request, now_ms, verify_ns, client_address: client_address.as_deref() };
         match decision {
             Decision::Public { cluster, patch } => pass_public(&audit, stream, cluster, patch, out),
             Decision::SmartConfiguration { body } => {
@@ -1225,10 +1244,16 @@ impl Router {
         if allowed {
             out.push(Effect::Count(Metric::TenantAllowed(&tenant)));
         }
-        if self.config.decision_metadata {
+        if self.config.decision_metadata || self.config.span_tags {
             let outcome = refused.map_or(Outcome::Allowed, |(outcome, _)| outcome);
             let reason = refused.map(|(_, reason)| reason);
-            crate::metadata::Decision { outcome: Some(outcome.name()), reason, ..Default::default() }.push(out);
+            let decision = crate::metadata::Decision { outcome: Some(outcome.name()), reason, ..Default::default() };
+            if self.config.decision_metadata {
+                decision.push(out);
+            }
+            if self.config.span_tags {
+                decision.push_span_tags(None, out);
+            }
         }
         if let Some(pending) = audit {
             let detail = Detail {
@@ -1240,7 +1265,9 @@ impl Router {
                 credential: allowed.then_some(pending.credential).flatten(),
             };
             let outcome = refused.map_or(Outcome::Allowed, |(outcome, _)| outcome);
-            let audit = Audit { config: &self.config, request: &pending.request, now_ms };
+            let client_address = stream.client_address.as_deref();
+            let audit =
+                Audit { config: &self.config, request: &pending.request, now_ms, verify_ns: None, client_address };
             audit.audit_event(outcome, &detail, out);
             audit.write_line(outcome, &detail, out);
         }
@@ -1469,11 +1496,12 @@ fn route(
             cluster: tenant.cluster.clone(),
             credential: tenant.credential_kind(),
         });
-        if config.decision_metadata {
+        if config.decision_metadata || config.span_tags {
             // Who and what now; the outcome once the body is judged (`judge_bundle`).
             let detail = Detail { tenant: Some(&tenant.id), identity: Some(identity), ..Detail::default() };
             audit.decision(None, &detail, out);
-        } else if config.access_log_filter_state {
+        }
+        if !config.decision_metadata && config.access_log_filter_state {
             filter_state(Some(&tenant.id), Some(identity), out);
         }
         let scopes = identity.scopes();
@@ -1740,19 +1768,10 @@ fn filter_state(tenant: Option<&str>, identity: Option<&Identity>, out: &mut dyn
     }
 }
 
-/// The configured issuer of a verified token: the only provider's, else the one its `iss` picked (read
-/// again from the token: only with `decision_metadata` and several providers).
-fn issuer_of<'c>(config: &'c Config, authorization: Option<&str>) -> Option<&'c str> {
-    let index = match config.providers.len() {
-        1 => 0,
-        _ => match crate::bearer::extract_bearer(authorization) {
-            crate::bearer::Credentials::Bearer(token) => {
-                crate::verify::peek_issuer(token).and_then(|iss| config.provider_index(&iss))?
-            }
-            _ => return None,
-        },
-    };
-    config.providers.get(index).map(|p| p.provider.issuer.as_str())
+/// The configured issuer of a verified token: that of the provider whose keys verified it (kept with its
+/// identity, so the token is not read again).
+fn issuer_of<'c>(config: &'c Config, identity: &Identity) -> Option<&'c str> {
+    config.providers.get(identity.provider()).map(|p| p.provider.issuer.as_str())
 }
 
 /// Writes what the configuration asks for about one decided request: the filter state the access log
@@ -1761,14 +1780,19 @@ struct Audit<'a> {
     config: &'a Config,
     request: &'a HttpRequest<'a>,
     now_ms: u64,
+    /// How long checking the token and deciding took (`span_tags` only).
+    verify_ns: Option<u64>,
+    /// The client's IP address (`audit_event` only).
+    client_address: Option<&'a str>,
 }
 
 impl Audit<'_> {
     fn record(&self, outcome: Outcome, detail: Detail<'_>, out: &mut dyn Effects) {
         // `decision_metadata` sets the access log's two keys too (each key once: see `metadata`).
-        if self.config.decision_metadata {
+        if self.config.decision_metadata || self.config.span_tags {
             self.decision(Some(outcome), &detail, out);
-        } else if self.config.access_log_filter_state {
+        }
+        if !self.config.decision_metadata && self.config.access_log_filter_state {
             filter_state(detail.tenant, detail.identity, out);
         }
         self.audit_event(outcome, &detail, out);
@@ -1789,15 +1813,17 @@ impl Audit<'_> {
             reason: detail.reason,
             tenant: detail.tenant,
             client_id: detail.identity.and_then(Identity::client_id),
-            issuer: detail.identity.and_then(|_| issuer_of(self.config, request.authorization.as_deref())),
+            issuer: detail.identity.and_then(|i| issuer_of(self.config, i)),
             cluster: detail.cluster,
+            client_address: self.client_address,
         }
         .to_json();
         out.push(Effect::FilterState(crate::balp::FILTER_STATE, &event));
     }
 
-    /// The decision as filter state and dynamic metadata ([`crate::metadata`]): who asked (from the
-    /// verified token only), what for, and `outcome` once it is known.
+    /// The decision as filter state and dynamic metadata ([`crate::metadata`], `decision_metadata`) and as
+    /// span tags (`span_tags`): who asked (from the verified token only), what for, and `outcome` once it is
+    /// known.
     fn decision(&self, outcome: Option<Outcome>, detail: &Detail<'_>, out: &mut dyn Effects) {
         use crate::decision::{override_method, query_method_override};
         let request = self.request;
@@ -1808,17 +1834,23 @@ impl Audit<'_> {
         let interaction = crate::metadata::interaction(&request.method, &request.path, named);
         let identity = detail.identity;
         let scopes = identity.and_then(|i| i.scopes().granted());
-        crate::metadata::Decision {
+        let decision = crate::metadata::Decision {
             tenant: detail.tenant,
             client_id: identity.and_then(Identity::client_id),
-            issuer: identity.and_then(|_| issuer_of(self.config, request.authorization.as_deref())),
+            issuer: identity.and_then(|i| issuer_of(self.config, i)),
             scopes: scopes.as_deref(),
             interaction: interaction.as_deref(),
             resource_type: crate::metadata::resource_type(&request.method, &request.path),
             outcome: outcome.map(Outcome::name),
             reason: detail.reason,
+        };
+        if self.config.decision_metadata {
+            decision.push(out);
         }
-        .push(out);
+        if self.config.span_tags {
+            let verify_ns = self.verify_ns.map(|ns| ns.to_string());
+            decision.push_span_tags(verify_ns.as_deref(), out);
+        }
     }
 
     fn write_line(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {
@@ -1843,6 +1875,34 @@ impl Audit<'_> {
             out.push(Effect::FilterState(AUDIT_LINE_FILTER_STATE, &line));
         } else {
             out.push(Effect::Log(Level::Info, &line));
+        }
+    }
+}
+
+#[cfg(test)]
+mod issuer_tests {
+    use serde_json::json;
+
+    use super::answer_tests::{plugin, router_with, send};
+    use crate::testkeys::{self, TENANT_A};
+
+    /// The `issuer` key of the decision is the configured issuer of the provider whose keys verified the
+    /// token, carried with its identity (a cache hit included), not read from the token again.
+    #[test]
+    fn the_decisions_issuer_is_the_verifying_providers_on_a_miss_and_on_a_hit() {
+        let mut p = plugin();
+        let ours = p.as_object_mut().unwrap().remove("provider").unwrap();
+        let mut other = ours.clone();
+        other["issuer"] = json!("https://other-idp.example");
+        p["providers"] = json!([other, ours]);
+        p["decision_metadata"] = json!(true);
+        let mut router = router_with(&p);
+        let auth = format!("Bearer {}", testkeys::sign_rs256(&testkeys::claims_now()));
+        let issuer = format!(r#"FilterState("wasm.fhir_tenant_router.issuer", "{}")"#, testkeys::ISSUER);
+        for _ in 0..2 {
+            let (_, _, effects) = send(&mut router, "GET", "/Patient", &auth);
+            assert!(effects.contains(&issuer), "{effects:#?}");
+            assert!(effects.iter().any(|e| e.contains(TENANT_A)), "{effects:#?}");
         }
     }
 }

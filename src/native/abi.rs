@@ -144,6 +144,14 @@ pub const TRAILERS_STOP_ITERATION: u32 = 1;
 pub const CALLOUT_SUCCESS: u32 = 0;
 /// `envoy_dynamic_module_type_metrics_result`.
 pub const METRICS_SUCCESS: u32 = 0;
+/// `envoy_dynamic_module_type_attribute_id_SourceAddress` (`source.address`: the downstream peer's
+/// `ip:port`): the 25th entry of `envoy_dynamic_module_type_attribute_id` in the abi.h of every supported
+/// Envoy (the enum only grows at its end), and inside the range each of the 1.38.3, 1.39.0 and 1.40.0
+/// binaries' `get_attribute_string` dispatches on.
+pub const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
+
+/// An Envoy-owned trace span (`envoy_dynamic_module_type_span_envoy_ptr`).
+pub type SpanEnvoyPtr = *mut c_void;
 
 // The callbacks: linked against Envoy, so only in the `.so` (the unit tests drive the shell through
 // `super::envoy::Envoy` and a fake instead). `super::envoy::Abi` is their only caller.
@@ -263,6 +271,19 @@ extern "C" {
         timeout_milliseconds: u64,
     ) -> u32;
     pub fn envoy_dynamic_module_callback_http_filter_get_worker_index(filter: FilterEnvoyPtr) -> u32;
+
+    /// The stream's active trace span, or null when Envoy has none for it (tracing off: Envoy's
+    /// `NullSpan`). The same in Envoy 1.38, 1.39 and 1.40 (abi.h, "Tracing callbacks").
+    pub fn envoy_dynamic_module_callback_http_get_active_span(filter: FilterEnvoyPtr) -> SpanEnvoyPtr;
+    /// Sets a tag on `span` (`Tracing::Span::setTag`, which copies both strings); a null span is ignored.
+    pub fn envoy_dynamic_module_callback_http_span_set_tag(span: SpanEnvoyPtr, key: ModuleBuffer, value: ModuleBuffer);
+    /// A string attribute of the stream (`attribute_id`: `envoy_dynamic_module_type_attribute_id`) into
+    /// `result`: Envoy's memory, valid during the hook. `false`: not available.
+    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        filter: FilterEnvoyPtr,
+        attribute_id: u32,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
 
     pub fn envoy_dynamic_module_callback_http_filter_set_gauge(
         filter: FilterEnvoyPtr,

@@ -42,6 +42,10 @@ impl SignatureCheck for Ring {
     fn drain(&self) -> CheckLog {
         CheckLog { host: self.checks.take(), pure_rust: 0, note: None }
     }
+
+    fn now_ns(&self) -> Option<u64> {
+        Some(super::host::now_ns())
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,10 @@ pub trait Envoy: Clone {
     fn send_response(&self, filter: FilterEnvoyPtr, status: u32, headers: &[(&str, &str)], body: &[u8]);
     fn clear_route_cache(&self, filter: FilterEnvoyPtr);
     fn set_filter_state(&self, filter: FilterEnvoyPtr, key: &str, value: &str);
+    /// Sets `tags` on the stream's active trace span (`span_tags`); none when Envoy traces nothing for it.
+    fn span_tags(&self, filter: FilterEnvoyPtr, tags: &[(&str, &str)]);
+    /// The downstream peer's address (`source.address`, `ip:port`), copied.
+    fn source_address(&self, filter: FilterEnvoyPtr) -> Option<String>;
     /// Whether this Envoy sets several dynamic-metadata entries in one call (1.39 and later; not 1.38).
     fn dynamic_metadata_batch(&self) -> bool;
     /// Sets string entries of the stream's dynamic metadata under `namespace`, in one call. Only where
@@ -238,6 +242,48 @@ mod real {
                     buffer(value.as_bytes()),
                 )
             };
+        }
+
+        fn span_tags(&self, filter: FilterEnvoyPtr, tags: &[(&str, &str)]) {
+            // SAFETY: ABI: live stream; the answer is the stream's own active span (owned by Envoy's stream,
+            // alive as long as it is) or null when tracing is off (abi.h "Tracing callbacks"; Envoy 1.38,
+            // 1.39 and 1.40 alike). No hook of the stream runs inside it.
+            let span = unsafe { envoy_dynamic_module_callback_http_get_active_span(filter) };
+            if span.is_null() {
+                return;
+            }
+            for (key, value) in tags {
+                // SAFETY: ABI: `span` is the live stream's active span, got just above in this hook and used
+                // only here; both buffers are valid for the call, and `setTag` copies them.
+                unsafe {
+                    envoy_dynamic_module_callback_http_span_set_tag(
+                        span,
+                        buffer(key.as_bytes()),
+                        buffer(value.as_bytes()),
+                    )
+                };
+            }
+        }
+
+        fn source_address(&self, filter: FilterEnvoyPtr) -> Option<String> {
+            let mut out = EnvoyBuffer { ptr: std::ptr::null(), length: 0 };
+            // SAFETY: ABI: live stream; `out` is a valid place for one buffer, which Envoy fills with a view
+            // of the peer address's string (its memory, valid during the hook), copied below before anything
+            // else is called. Three arguments in Envoy 1.38, 1.39 and 1.40 (abi.h; each binary's function
+            // reads the result pointer from the third argument register).
+            let found = unsafe {
+                envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                    filter,
+                    ATTRIBUTE_SOURCE_ADDRESS,
+                    &mut out,
+                )
+            };
+            if !found || out.ptr.is_null() {
+                return None;
+            }
+            // SAFETY: Envoy answered `out.length` bytes at `out.ptr`, valid during the hook; copied at once.
+            let bytes = unsafe { std::slice::from_raw_parts(out.ptr, out.length) };
+            std::str::from_utf8(bytes).ok().map(str::to_string)
         }
 
         fn dynamic_metadata_batch(&self) -> bool {

@@ -190,6 +190,10 @@ pub struct State {
     /// `config_set_gauge`; `set_dynamic_metadata_string_batch`). The module must not call them there (the real
     /// one would find no such symbol); the fake panics if it does.
     pub no_config_metrics: Cell<bool>,
+    /// Envoy traces nothing (its active span is a `NullSpan`: `get_active_span` answers null).
+    pub no_tracing: Cell<bool>,
+    /// The downstream peer's address (`source.address`).
+    pub source_address: RefCell<Option<String>>,
 }
 
 /// The fake Envoy (cheap to clone: every clone shares one [`State`]).
@@ -216,6 +220,8 @@ impl Default for FakeEnvoy {
             callout_answers_inline: Cell::new(false),
             local_reply_encoded_through_module: Cell::new(false),
             no_config_metrics: Cell::new(false),
+            no_tracing: Cell::new(false),
+            source_address: RefCell::new(Some("127.0.0.1:50102".into())),
         }))
     }
 }
@@ -589,6 +595,23 @@ impl Envoy for FakeEnvoy {
             // Envoy keeps the first value and reports a bug (ReadOnly state written twice).
             self.0.calls.borrow_mut().push(format!("!! set_filter_state twice {key}"));
         }
+    }
+
+    fn span_tags(&self, filter: FilterEnvoyPtr, tags: &[(&str, &str)]) {
+        let _fake = in_fake();
+        let tracing = !self.0.no_tracing.get();
+        self.record(Some(filter), format!("get_active_span{}", if tracing { "" } else { " (none)" }));
+        if tracing {
+            for (key, value) in tags {
+                self.record(Some(filter), format!("span_set_tag {key}={value}"));
+            }
+        }
+    }
+
+    fn source_address(&self, filter: FilterEnvoyPtr) -> Option<String> {
+        let _fake = in_fake();
+        self.record(Some(filter), "get_attribute_string source.address".into());
+        self.0.source_address.borrow().clone()
     }
 
     fn dynamic_metadata_batch(&self) -> bool {

@@ -27,6 +27,27 @@ pub(crate) fn now_ms() -> u64 {
     TEST_NOW_MS.with(std::cell::Cell::get)
 }
 
+/// A monotonic clock in nanoseconds since the first read (the verify time of `span_tags`).
+#[cfg(not(test))]
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(std::time::Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+thread_local! {
+    static TEST_NOW_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The unit tests' nanosecond clock: each read is 2,500 ns after the one before.
+#[cfg(test)]
+pub(crate) fn now_ns() -> u64 {
+    TEST_NOW_NS.with(|c| {
+        c.set(c.get() + 2500);
+        c.get()
+    })
+}
+
 /// The stats this config defined in `config_new` (ids by position; `None`: the host refused one).
 pub struct MetricIds {
     counters: Vec<Option<usize>>,

@@ -175,7 +175,32 @@ fn the_audit_event_is_set_once_per_request_a_held_bundle_at_its_verdict() {
     let calls = envoy.take_calls();
     let event: Value = serde_json::from_str(&envoy.filter_state(s, key).expect("an event")).unwrap();
     assert_eq!((event["subtype"][0]["code"].as_str(), event["outcome"].as_str()), (Some("batch"), Some("0")));
+    assert_eq!(event["agent"][0]["network"], json!({"address": "127.0.0.1", "type": "2"}), "{event}");
     assert!(violations(&[first, calls].concat()).is_empty());
+}
+
+#[test]
+fn the_audit_event_names_the_clients_ip_read_once_from_envoy_and_only_with_the_option() {
+    let mut p = plugin(false);
+    p["audit_event"] = json!(true);
+    let envoy = configured(&p);
+    *envoy.0.source_address.borrow_mut() = Some("[2001:db8::7]:50102".into());
+    let (s, _, calls) = send(&envoy, "GET", "/Patient/1", &testkeys::claims_now(), true);
+    let reads = calls.iter().filter(|c| *c == "get_attribute_string source.address").count();
+    assert_eq!(reads, 1, "{calls:#?}");
+    let event: Value =
+        serde_json::from_str(&envoy.filter_state(s, "wasm.fhir_tenant_router.audit_event").expect("an event")).unwrap();
+    assert_eq!(event["agent"][0]["network"], json!({"address": "2001:db8::7", "type": "2"}), "{event}");
+    // An address that is no IP (a pipe): no network, still an event.
+    *envoy.0.source_address.borrow_mut() = Some("/tmp/envoy.sock".into());
+    let (s, _, _) = send(&envoy, "GET", "/Patient/1", &testkeys::claims_now(), true);
+    let event: Value =
+        serde_json::from_str(&envoy.filter_state(s, "wasm.fhir_tenant_router.audit_event").expect("an event")).unwrap();
+    assert_eq!(event["agent"][0]["network"], Value::Null, "{event}");
+    // Without the option: Envoy is not asked.
+    let envoy = configured(&plugin(true));
+    let (_, _, calls) = send(&envoy, "GET", "/Patient/1", &testkeys::claims_now(), true);
+    assert!(!calls.iter().any(|c| c.contains("source.address")), "{calls:#?}");
 }
 
 #[test]
@@ -197,5 +222,104 @@ fn envoy_1_38_has_no_batch_setter_and_gets_one_metadata_call_per_key() {
     for (key, value) in [("tenant", TENANT_A), ("interaction", "read"), ("outcome", "allowed")] {
         assert_eq!(envoy.dynamic_metadata(s, NS, key).as_deref(), Some(value), "{key}: {calls:#?}");
     }
+    assert!(violations(&calls).is_empty(), "{calls:#?}");
+}
+
+// ---- span_tags: the decision on Envoy's active trace span ----
+
+fn tag_calls(calls: &[String]) -> Vec<&str> {
+    calls
+        .iter()
+        .filter(|c| c.starts_with("get_active_span") || c.starts_with("span_set_tag "))
+        .map(String::as_str)
+        .collect()
+}
+
+#[test]
+fn span_tags_tag_the_active_span_with_the_decision_and_the_verify_time_and_set_no_state() {
+    let mut p = plugin(false);
+    p["span_tags"] = json!(true);
+    p["access_log_filter_state"] = json!(false);
+    let envoy = configured(&p);
+    let (s, status, calls) = send(&envoy, "GET", "/Patient/1?name=Zzyzx", &testkeys::claims_now(), true);
+    assert_eq!(status, HEADERS_CONTINUE, "{calls:#?}");
+    let tenant = format!("span_set_tag fhir_tenant_router.tenant={TENANT_A}");
+    let issuer = format!("span_set_tag fhir_tenant_router.issuer={}", testkeys::ISSUER);
+    assert_eq!(
+        tag_calls(&calls),
+        [
+            "get_active_span",
+            &tenant,
+            "span_set_tag fhir_tenant_router.client_id=patients-app-a",
+            &issuer,
+            "span_set_tag fhir_tenant_router.interaction=read",
+            "span_set_tag fhir_tenant_router.resource_type=Patient",
+            "span_set_tag fhir_tenant_router.outcome=allowed",
+            // The fake's clock moves 2,500 ns a read: the clock was read once before the check and once after.
+            "span_set_tag fhir_tenant_router.verify_ns=2500",
+        ],
+        "{calls:#?}"
+    );
+    // Tags only: no filter state, no dynamic metadata, nothing of the query, the id or the token.
+    assert!(!calls.iter().any(|c| c.starts_with("set_filter_state") || c.starts_with("set_dynamic")), "{calls:#?}");
+    assert_eq!(state(&envoy, s, "tenant"), None);
+    assert!(!calls.iter().any(|c| c.contains("Zzyzx") || c.contains("Patient/1") || c.contains("eyJ")), "{calls:#?}");
+    // Refused: the outcome and its reason.
+    let s = envoy.new_stream(0);
+    envoy.request_headers(s, &[(":method", "GET"), (":path", "/Patient"), (":authority", "fhir.example")], true);
+    let calls = envoy.take_calls();
+    assert_eq!(
+        tag_calls(&calls),
+        [
+            "get_active_span",
+            "span_set_tag fhir_tenant_router.interaction=search",
+            "span_set_tag fhir_tenant_router.resource_type=Patient",
+            "span_set_tag fhir_tenant_router.outcome=rejected",
+            "span_set_tag fhir_tenant_router.reason=missing_token",
+            "span_set_tag fhir_tenant_router.verify_ns=2500",
+        ],
+        "{calls:#?}"
+    );
+    assert!(violations(&calls).is_empty(), "{calls:#?}");
+}
+
+#[test]
+fn span_tags_without_tracing_cost_one_call_and_off_cost_none() {
+    let mut p = plugin(false);
+    p["span_tags"] = json!(true);
+    let envoy = configured(&p);
+    envoy.0.no_tracing.set(true);
+    let (_, _, calls) = send(&envoy, "GET", "/Patient/1", &testkeys::claims_now(), true);
+    assert_eq!(tag_calls(&calls), ["get_active_span (none)"], "{calls:#?}");
+    let envoy = configured(&plugin(true));
+    let (_, _, calls) = send(&envoy, "GET", "/Patient/1", &testkeys::claims_now(), true);
+    assert!(tag_calls(&calls).is_empty(), "decision_metadata alone tags no span: {calls:#?}");
+}
+
+#[test]
+fn a_held_bundle_is_tagged_when_its_headers_are_decided_and_gets_its_outcome_at_the_verdict() {
+    let mut p = plugin(false);
+    p["span_tags"] = json!(true);
+    p["access_log_filter_state"] = json!(false);
+    let envoy = configured(&p);
+    let (s, _, calls) = send(&envoy, "POST", "/", &testkeys::claims_now(), false);
+    let tags = tag_calls(&calls);
+    assert!(tags.contains(&"span_set_tag fhir_tenant_router.interaction=batch"), "{calls:#?}");
+    assert!(tags.iter().any(|t| t.starts_with("span_set_tag fhir_tenant_router.verify_ns=")), "{calls:#?}");
+    assert!(!tags.iter().any(|t| t.contains(".outcome=")), "no outcome before the verdict: {calls:#?}");
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "DELETE", "url": "Patient/1"}}
+    ]});
+    envoy.request_body(s, bundle.to_string().as_bytes());
+    let calls = envoy.take_calls();
+    assert_eq!(
+        tag_calls(&calls),
+        [
+            "get_active_span",
+            "span_set_tag fhir_tenant_router.outcome=forbidden",
+            "span_set_tag fhir_tenant_router.reason=allowlist"
+        ],
+        "{calls:#?}"
+    );
     assert!(violations(&calls).is_empty(), "{calls:#?}");
 }

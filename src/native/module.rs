@@ -375,6 +375,7 @@ impl<E: Envoy> Effects for Apply<'_, E> {
                     env.set_dynamic_metadata_entry(filter, namespace, key, value);
                 }
             }
+            Effect::SpanTags(tags) => env.span_tags(filter, tags),
             // A worker's token request is the main thread's to send and count (see `upkeep`).
             Effect::Count(Metric::UpstreamToken(_, TokenEvent::Fetch)) => {}
             Effect::Count(metric) => {
@@ -842,6 +843,9 @@ pub(crate) unsafe fn request_headers<E: Envoy>(
                     return HEADERS_STOP_ITERATION;
                 };
                 let state = &mut *state;
+                if worker.router.wants_client_address() {
+                    state.stream.set_client_address(env.source_address(filter).as_deref());
+                }
                 let mut apply = cfg.apply(env, filter, deferred);
                 let flow = worker.router.on_request_headers(
                     &mut state.stream,

@@ -40,6 +40,13 @@ impl<H: Host> Effects for Apply<'_, H> {
             // Envoy's proxy-wasm host has no way to set dynamic metadata (no ABI call, no foreign function):
             // the wasm build's decision is its filter state.
             Effect::DynamicMetadata(..) => {}
+            // Nor a span: each tag is filter state of its name (`wasm.fhir_tenant_router.tenant`), which the
+            // tracing `custom_tags` of Envoy's connection manager read (`%FILTER_STATE(...:PLAIN)%`).
+            Effect::SpanTags(tags) => {
+                for (name, value) in tags {
+                    host.set_filter_state(name, value);
+                }
+            }
             Effect::Count(metric) => self.metrics.count(host, metric),
             Effect::Gauge(gauge, value) => self.metrics.set(host, gauge, value),
             Effect::Log(level, line) => host.log(level, line),

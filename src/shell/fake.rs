@@ -14,6 +14,11 @@ use super::host::{ForeignCall, Host, MetricKind, SharedWrite};
 #[derive(Default)]
 pub struct State {
     pub now_ms: Cell<u64>,
+    /// The nanosecond clock: each read is 1,500 ns after the one before.
+    pub now_ns: Cell<u64>,
+    /// The downstream peer's address (`source.address`; `None` until a test sets it: then the fake says
+    /// `127.0.0.1:50102`).
+    pub source_address: RefCell<Option<String>>,
     pub plugin_configuration: RefCell<Vec<u8>>,
     pub env: RefCell<HashMap<String, String>>,
     pub request_headers: RefCell<Vec<(String, Vec<u8>)>>,
@@ -78,6 +83,17 @@ fn prefix(body: &[u8], n: usize) -> Vec<u8> {
 impl Host for FakeHost {
     fn now_ms(&self) -> u64 {
         self.0.now_ms.get()
+    }
+
+    fn source_address(&self) -> Option<String> {
+        self.record("get_property source.address".into());
+        Some(self.0.source_address.borrow().clone().unwrap_or_else(|| "127.0.0.1:50102".into()))
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.record("now_ns".into());
+        self.0.now_ns.set(self.0.now_ns.get() + 1500);
+        self.0.now_ns.get()
     }
 
     fn log(&self, level: Level, message: &str) {

@@ -74,6 +74,9 @@ impl<H: Host> Filter<H> {
         // A malformed map reads as no headers at all: the request is then refused for want of a token.
         let pairs = Pairs::new(&raw).into_iter().flatten();
         let now = host.now_ms();
+        if shared.router.borrow().wants_client_address() {
+            stream.set_client_address(host.source_address().as_deref());
+        }
         let mut apply = shared.apply();
         let flow = shared.router.borrow_mut().on_request_headers(
             stream,

@@ -36,6 +36,10 @@ pub enum SharedWrite {
 pub trait Host {
     /// The host's clock, milliseconds since the epoch.
     fn now_ms(&self) -> u64;
+    /// The host's clock, nanoseconds since the epoch (the verify time of `span_tags`).
+    fn now_ns(&self) -> u64;
+    /// The downstream peer's address (`source.address`, `ip:port`) of the current request.
+    fn source_address(&self) -> Option<String>;
     fn log(&self, level: Level, message: &str);
     /// The plugin configuration (empty when there is none).
     fn plugin_configuration(&self) -> Vec<u8>;

@@ -19,4 +19,8 @@ impl<H: Host> HostVerify for HostCrypto<H> {
             ForeignCall::Failed => HostVerdict::Failed,
         }
     }
+
+    fn now_ns(&self) -> Option<u64> {
+        Some(self.0.now_ns())
+    }
 }

@@ -84,6 +84,13 @@ impl Host for ProxyWasmHost {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
+    fn now_ns(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+
     fn log(&self, level: Level, message: &str) {
         let level = match level {
             Level::Debug => LogLevel::Debug,
@@ -148,6 +155,12 @@ impl Host for ProxyWasmHost {
 
     fn resume_request(&self) {
         let _ = hostcalls::resume_http_request();
+    }
+
+    fn source_address(&self) -> Option<String> {
+        // Envoy's `source.address` attribute: the downstream peer's address as a string (`ip:port`).
+        let bytes = hostcalls::get_property(vec!["source", "address"]).ok().flatten()?;
+        String::from_utf8(bytes).ok()
     }
 
     fn set_effective_context(&self, context_id: u32) -> bool {

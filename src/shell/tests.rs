@@ -1861,6 +1861,63 @@ fn decision_metadata_sets_the_same_filter_state_names_as_the_dynamic_module_and_
     );
 }
 
+#[test]
+fn span_tags_are_filter_state_for_the_tracers_custom_tags_with_the_verify_time_from_the_host_clock() {
+    let mut p = plugin();
+    p["span_tags"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    send(&host, &root, 1, &get("/Patient?name=Zzyzx", Some(&bearer(&testkeys::claims_now()))), true);
+    let calls = host.take_calls();
+    let states: Vec<&String> = calls.iter().filter(|c| c.starts_with("set_filter_state ") || *c == "now_ns").collect();
+    // The clock read before and after the check (1,500 ns apart in the fake); then the tags, as the filter
+    // state `wasm.fhir_tenant_router.<key>` a `%FILTER_STATE(...:PLAIN)%` custom tag reads.
+    assert_eq!(
+        states,
+        [
+            "now_ns",
+            "now_ns",
+            &format!("set_filter_state fhir_tenant_router.tenant={TENANT_A}"),
+            "set_filter_state fhir_tenant_router.client_id=patients-app-a",
+            &format!("set_filter_state fhir_tenant_router.issuer={}", testkeys::ISSUER),
+            "set_filter_state fhir_tenant_router.interaction=search",
+            "set_filter_state fhir_tenant_router.resource_type=Patient",
+            "set_filter_state fhir_tenant_router.outcome=allowed",
+            "set_filter_state fhir_tenant_router.verify_ns=1500",
+        ],
+        "{calls:#?}"
+    );
+    assert!(!calls.iter().any(|c| c.contains("Zzyzx")), "{calls:#?}");
+    // Without the option: no clock read, no tag.
+    let (host, root) = configured(&plugin());
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    send(&host, &root, 1, &get("/Patient", Some(&bearer(&testkeys::claims_now()))), true);
+    let calls = host.take_calls();
+    assert!(!calls.iter().any(|c| c == "now_ns" || c.contains("verify_ns")), "{calls:#?}");
+}
+
+#[test]
+fn the_audit_event_names_the_clients_ip_from_one_property_read_only_with_the_option() {
+    let mut p = plugin();
+    p["audit_event"] = json!(true);
+    let (host, root) = configured(&p);
+    *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+    *host.0.source_address.borrow_mut() = Some("10.1.2.3:40000".into());
+    send(&host, &root, 1, &get("/Patient/1", Some(&bearer(&testkeys::claims_now()))), true);
+    let calls = host.take_calls();
+    assert_eq!(calls.iter().filter(|c| *c == "get_property source.address").count(), 1, "{calls:#?}");
+    let event = calls
+        .iter()
+        .find_map(|c| c.strip_prefix("set_filter_state fhir_tenant_router.audit_event="))
+        .expect("an event");
+    let event: Value = serde_json::from_str(event).unwrap();
+    assert_eq!(event["agent"][0]["network"], json!({"address": "10.1.2.3", "type": "2"}), "{event}");
+    assert!(!event.to_string().contains("40000"), "no port: {event}");
+    let (host, root) = configured(&plugin());
+    send(&host, &root, 1, &get("/Patient/1", Some(&bearer(&testkeys::claims_now()))), true);
+    assert!(!host.take_calls().iter().any(|c| c.contains("source.address")));
+}
+
 // ---- issue 26: what a cache hit asks of the host, with the filter's defaults ----
 
 #[test]

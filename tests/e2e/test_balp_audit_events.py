@@ -8,22 +8,25 @@ build under test (--build wasm / dynamic-module): the shipped envoy/envoy.yaml w
   StructureDefinition-IHE.BasicAudit.Read-definitions.html): type `rest`, a subtype from the profile's value
   set, its action, outcome 0, one client and one server agent in the DICOM roles the profile fixes (for Read the
   client is 110152 Destination and the server 110153 Source; for Create/Update/Delete/Query the reverse), each
-  with `who`, no `media`, and for Query an entity of object-role 24 with a base64 `query`;
+  with `who`, no `media`, the client with its `network` (`agent:client.network` 1..1: an address, type 2 "IP
+  Address", as the profile's examples write it: a bare IP), and for Query an entity of object-role 24 with a
+  base64 `query`;
 - for PHI: no query value, no resource id, no token.
 
-Not checked, because the filter does not fill it (documented in docs/operations.md): BALP's
-agent[client].network.
+Every event's client network address is the test client's, 127.0.0.1. Refusals: 401 and 403 in the session,
+429 (a tenant's quota) and 503 (keys not fetchable) in their own test, with outcome 4 and 8.
 """
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import subprocess
 
 import pytest
 
 from conftest import Stack, stop_envoy, wait_for_jwks
-from harness import REPO, SHIPPED_CONFIG, TENANT_A, load_yaml, node_bin, wait_until
+from harness import REPO, SHIPPED_CONFIG, TENANT_A, free_port, load_yaml, node_bin, wait_until
 from tokens import Minter
 
 PREFIX = "balp "
@@ -48,10 +51,14 @@ def _config() -> dict:
     return cfg
 
 
+QUOTA_T = "balp-quota"  # one request, then (almost) no refill: the second is refused 429
+
+
 @pytest.fixture(scope="module")
 def balp(start_envoy, idp, upstreams) -> Stack:
     def plugin(doc):
         doc["audit_event"] = True
+        doc["tenants"][QUOTA_T] = {"cluster": "tenant_a", "quota": {"rate_per_s": 0.001, "burst": 1}}
 
     env = start_envoy("envoy-balp", {"idp": idp.port, **upstreams.cluster_ports()}, base=_config(), plugin=plugin)
     minter = Minter(idp.issuer)
@@ -78,6 +85,17 @@ def r4_validate(resources: list[dict]) -> list[dict]:
                           cwd=REPO / "tests" / "fhir")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
+
+
+def _ip_network(network: dict | None) -> bool:
+    """An R4 network of type 2 (IP Address) whose address is a bare IP (no port), as BALP's examples write it."""
+    if not network or network.get("type") != "2":
+        return False
+    try:
+        ipaddress.ip_address(network.get("address", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def balp_problems(event: dict) -> list[str]:
@@ -107,6 +125,8 @@ def balp_problems(event: dict) -> list[str]:
                 problems.append(f"{what} agent without who")
             elif "media" in matching[0]:
                 problems.append(f"{what} agent with media")
+            elif what == "client" and not _ip_network(matching[0].get("network")):
+                problems.append("client agent without an IP network address")
         if len(event.get("agent", [])) < 2:
             problems.append("fewer than 2 agents")
         if name == "Query":
@@ -142,6 +162,8 @@ def test_a_patients_app_session_produces_valid_balp_events(balp):
     assert subtypes == ["capabilities", "search", "read", "vread", "search", "create", "search", "batch"], subtypes
     assert [e["outcome"] for e in events] == ["0", "0", "0", "0", "0", "4", "4", "0"], events
     assert events[5]["outcomeDesc"] == "403 allowlist" and events[6]["outcomeDesc"] == "401 missing_token"
+    # The client's address: this test's, without its port, in every event (refusals included).
+    assert [e["agent"][0].get("network") for e in events] == [{"address": "127.0.0.1", "type": "2"}] * len(events)
     claimed = [(e.get("meta") or {}).get("profile") for e in events]
     query, read = [BALP + "Query"], [BALP + "Read"]
     assert claimed == [None, query, read, read, query, None, None, None], claimed
@@ -180,12 +202,16 @@ def test_the_checks_fail_on_a_broken_event():
             "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read"}],
             "action": "R", "recorded": "2026-01-01T00:00:00.000Z", "outcome": "0",
             "agent": [{"type": {"coding": [{"system": DCM, "code": "110152"}]}, "who": {"display": "c"},
-                       "requestor": False},
+                       "network": {"address": "10.0.0.7", "type": "2"}, "requestor": False},
                       {"type": {"coding": [{"system": DCM, "code": "110153"}]}, "who": {"display": "s"},
                        "requestor": False}],
             "source": {"observer": {"display": "fhir-tenant-router"}},
             "entity": [{"what": {"type": "Patient"}}]}
     assert balp_problems(good) == []
+    for network in (None, {"address": "127.0.0.1:50102", "type": "2"}, {"address": "127.0.0.1", "type": "1"}):
+        broken = json.loads(json.dumps(good))
+        broken["agent"][0]["network"] = network
+        assert balp_problems(broken), f"client network {network}"
     swapped = json.loads(json.dumps(good))
     swapped["agent"][0]["type"]["coding"][0]["code"] = "110153"
     assert balp_problems(swapped), "client and server in the wrong roles"
@@ -194,3 +220,34 @@ def test_the_checks_fail_on_a_broken_event():
     no_source = {k: v for k, v in good.items() if k != "source"}
     bad_time = {**good, "recorded": "yesterday"}
     assert [r["ok"] for r in r4_validate([good, no_source, bad_time])] == [True, False, False]
+
+
+def test_quota_and_unavailable_refusals_have_outcomes_4_and_8(balp, start_envoy, upstreams):
+    """429 (the tenant's quota spent) is outcome 4, 503 (the IdP's keys not fetchable) is outcome 8; both name
+    the status and the reason in outcomeDesc, claim no profile (BALP's are of successful interactions), pass
+    the checks and R4 validation, and name the client's address."""
+    token = balp.minter.token(QUOTA_T)
+    assert balp.get("/Patient/p1", token).status == 200
+    r = balp.get("/Patient/p1", token)
+    assert r.status == 429, r
+    allowed, limited = events_since_mark(balp, 2, last="429 quota_rate")
+    assert (allowed["outcome"], limited["outcome"], limited["outcomeDesc"]) == ("0", "4", "429 quota_rate"), limited
+    # An Envoy whose IdP never answers: no keys, every token is refused 503.
+    idp_port = free_port()  # nothing listens here
+    down = start_envoy("envoy-balp-idp-down", {"idp": idp_port, **upstreams.cluster_ports()}, base=_config(),
+                       plugin=lambda doc: doc.update(audit_event=True))
+    stack = Stack(down, upstreams, Minter(f"http://127.0.0.1:{idp_port}"))
+    r = stack.get("/Patient/p1", stack.minter.token(TENANT_A))
+    assert r.status == 503, r
+    (unavailable,) = events_since_mark(stack, 1, last="503 jwks_unavailable")
+    assert (unavailable["outcome"], unavailable["outcomeDesc"]) == ("8", "503 jwks_unavailable"), unavailable
+    stop_envoy(down)
+    for e in (limited, unavailable):
+        assert (e.get("meta") or {}).get("profile") is None, e
+        assert balp_problems(e) == [], e
+        assert e["agent"][0]["network"] == {"address": "127.0.0.1", "type": "2"}, e
+    assert [r["ok"] for r in r4_validate([limited, unavailable])] == [True, True]
+    assert limited["agent"][0]["who"]["identifier"]["value"] == "patients-app-a", limited
+    assert unavailable["agent"][0]["who"] == {"display": "unauthenticated client"}, unavailable
+    assert {"type": "Organization", "identifier": {"system": "urn:fhir-tenant-router:tenant", "value": QUOTA_T}} \
+        in [a["who"] for a in limited["agent"]], limited

@@ -142,6 +142,7 @@ lint: ## rustfmt and clippy (the core denies unwrap, expect, panic and unchecked
 	cargo clippy --lib --no-default-features --features dynamic-module -- -D warnings
 	cargo clippy --lib --no-default-features --features panic-probe -- -D warnings
 	cargo clippy --lib --no-default-features --features bench-floor -- -D warnings
+	cargo clippy --lib --target wasm32-wasip1 --release --no-default-features --features bench-floor-wasm -- -D warnings
 
 SEARCH_PARAMS := src/search_params.rs
 
@@ -190,7 +191,7 @@ fuzz: ## fuzz every parser of untrusted input: 1.9M deterministic generated inpu
 	@echo "==> fuzz-runner (fuzz/): token, JWKS, config, tenant, decide, reach, bearer, host protobuf, DER, token response, response check, cursors, discovery documents"
 	cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --bin fuzz-runner
 
-bench: build build-so deps ## benchmark: ours (wasm and dynamic module) vs native jwt_authn and same-job native configs (~14 min; installs wrk); writes BENCHMARKS.md
+bench: build build-so deps ## benchmark: ours (wasm and dynamic module) vs native jwt_authn and same-job native configs (~24 min: 47 variants x 5 rounds; installs wrk); writes BENCHMARKS.md
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 SOAK_BUILDS ?= wasm dynamic-module

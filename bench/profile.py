@@ -37,7 +37,7 @@ def top(report: str, n: int) -> list[tuple[float, str]]:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default=r"^(passthrough|native-cache|peer-claim|dm-cache-audit|dm-floor|"
+    p.add_argument("--only", default=r"^(passthrough|native-cache|peer-claim|dm-cache-audit|dm-floor|wasm-floor|"
                                       r"ours-cache-audit|wasm-noop)(-RS256)?$")
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--so", type=Path, default=None, help="the dynamic module to load (default: make build-so's)")

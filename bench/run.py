@@ -8,7 +8,7 @@ Envoy processes with identical configuration differ by up to ±10 % (memory layo
 connections) drives one variant at a time; the variants are alternated round by round (the starting
 variant rotates) so that machine drift spreads over all of them, and the medians over rounds are reported.
 
-    .venv/bin/python bench/run.py            # full run (about 7 minutes), writes BENCHMARKS.md
+    .venv/bin/python bench/run.py            # full run (about 24 minutes, 47 variants), writes BENCHMARKS.md
     .venv/bin/python bench/run.py --quick    # smoke run (about 2 minutes), also writes BENCHMARKS.md, marked QUICK
 
 A run is INVALID (exit 1, nothing written) if any request got a non-2xx answer or a socket error, or if the
@@ -309,9 +309,11 @@ class Envoy:
     """One Envoy process; listeners and admin on ephemeral ports (port 0), read back from the admin API.
     `ports` holds every listener's port in configuration order; `port` is the first (most configs have one)."""
 
-    def __init__(self, name: str, cfg: dict, workdir: Path, wasm: bool, env: dict[str, str] | None = None):
+    def __init__(self, name: str, cfg: dict, workdir: Path, wasm: bool, env: dict[str, str] | None = None,
+                 args: list[str] | None = None):
         self.name, self.workdir, self.wasm = name, workdir, wasm
         self.env = dict(os.environ, **env) if env else None
+        self.args = args or []
         self.listener_names = [lst.get("name", "") for lst in cfg.get("static_resources", {}).get("listeners", [])]
         self.config_path = workdir / f"{name}.json"
         self.config_path.write_text(json.dumps(cfg), encoding="utf-8")
@@ -325,7 +327,7 @@ class Envoy:
     def start(self, timeout: float = 180) -> "Envoy":
         self.proc = spawn([envoy_bin(), "-c", str(self.config_path), "--concurrency", "1",
                            "--disable-hot-restart", "--admin-address-path", str(self.admin_path),
-                           "-l", "warning"], self.log_path, env=self.env)
+                           "-l", "warning", *self.args], self.log_path, env=self.env)
         return self
 
     def wait_ready(self, timeout: float = 180) -> "Envoy":
@@ -573,6 +575,12 @@ NOOP_WASM = NOOP_DIR / "target" / "wasm32-wasip1" / "release" / "noop_filter.was
 
 FLOOR_SO = REPO / "target" / "bench-floor" / "dynamic-module" / SO.name
 FLOOR_ENV = "FHIR_TENANT_ROUTER_BENCH_FLOOR_TENANT"
+FLOOR_WASM = REPO / "target" / "bench-floor-wasm" / "wasm32-wasip1" / "release" / "fhir_tenant_router.wasm"
+FILE_ACCESS_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+# The access-log formats of the audit variants: the audit line as filter state (`audit_log: "filter_state"`)
+# and the BALP AuditEvent (`audit_event: true`), each written by Envoy's file access log (docs/operations.md).
+AUDIT_LINE_FORMAT = "%FILTER_STATE(wasm.fhir_tenant_router.audit_line:PLAIN)%\n"
+BALP_FORMAT = "%FILTER_STATE(wasm.fhir_tenant_router.audit_event:PLAIN)%\n"
 
 
 def build_floor_so() -> Path:
@@ -585,6 +593,19 @@ def build_floor_so() -> Path:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
         raise BenchError(f"cargo build of the bench-floor module failed ({r.returncode}):\n{tail}")
     return FLOOR_SO
+
+
+def build_floor_wasm() -> Path:
+    """The wasm floor (cargo feature bench-floor-wasm, src/shell/floor.rs): our .wasm's request-headers callback
+    doing only what routing by header needs of Envoy, through V8's host calls, without the core."""
+    r = subprocess.run(["cargo", "build", "--quiet", "--lib", "--release", "--target", "wasm32-wasip1",
+                        "--no-default-features", "--features", "bench-floor-wasm",
+                        "--target-dir", str(REPO / "target" / "bench-floor-wasm")],
+                       cwd=REPO, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0 or not FLOOR_WASM.is_file():
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise BenchError(f"cargo build of the bench-floor-wasm module failed ({r.returncode}):\n{tail}")
+    return FLOOR_WASM
 
 
 def build_noop_filter() -> Path:
@@ -754,6 +775,12 @@ class Server:
     more_tenants: tuple[int, ...] = ()
     module: Path | None = None  # kind "ours": another build (--baseline) instead of the module under test
     audit: bool = False         # kind "ours"/"dm": the audit line on (its default) instead of off
+    plugin_extra: dict = field(default_factory=dict)   # kind "ours"/"dm": more plugin fields (audit_event, ...)
+    # A file access log in the work dir with this text format (e.g. the filter state an option sets), "": none.
+    access_log: str = ""
+    # The filter's log component at info (`wasm`, `dynamic_modules`), as Envoy runs by default (`-l info`): its
+    # audit line is then written. At the bench's `-l warning` Envoy drops an info line after the call.
+    log_info: bool = False
 
 
 @dataclass
@@ -791,9 +818,24 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
         if baseline:
             v.append(Variant(f"baseline-cache-{a}", "baseline-cache-t10", a, "fixed",
                              f"baseline module, cache, 10 tenants, {a}", f"native-cache-{a}"))
+        if i == 0:   # alg-independent (no signature is checked): the first alg only, to keep the run short
+            v.append(Variant(f"wasm-floor-{a}", "wasm-floor", a, "fixed",
+                             f"wasm floor: header edits + clear_route_cache only, no core (bench build), {a}",
+                             f"native-cache-{a}"))
         v += [
             Variant(f"ours-cache-audit-{a}", "ours-cache-audit", a, "fixed",
                     f"ours, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
+        ]
+        if i == 0:   # the audit deliveries: alg-independent, the first alg only
+            v += [
+                Variant(f"ours-audit-fs-{a}", "ours-audit-fs", a, "fixed",
+                        f"ours, cache, the audit line as filter state, written by a file access log, {a}",
+                        f"native-cache-{a}"),
+                Variant(f"ours-balp-{a}", "ours-balp", a, "fixed",
+                        f"ours, defaults + BALP AuditEvent (audit_event) written by a file access log, {a}",
+                        f"native-cache-{a}"),
+            ]
+        v += [
             # The wasm filter is configured with allow_on_headers_stop_iteration: true, as the shipped configs are
             # (without it Envoy never delivered the held answer's body: the 2026-12-06 hang in the notes).
             Variant(f"ours-narrowed-{a}", "ours-cache-audit", a, "narrowed",
@@ -810,6 +852,17 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
                     f"native-cache-{a}"),
             Variant(f"dm-cache-audit-{a}", "dm-cache-audit", a, "fixed",
                     f"dynamic module, cache, 10 tenants, audit line on (the default), {a}", f"native-cache-{a}"),
+        ]
+        if i == 0:
+            v += [
+                Variant(f"dm-audit-fs-{a}", "dm-audit-fs", a, "fixed",
+                        f"dynamic module, cache, the audit line as filter state, written by a file access log, {a}",
+                        f"native-cache-{a}"),
+                Variant(f"dm-balp-{a}", "dm-balp", a, "fixed",
+                        f"dynamic module, defaults + BALP AuditEvent (audit_event) written by a file access log, {a}",
+                        f"native-cache-{a}"),
+            ]
+        v += [
             Variant(f"dm-narrowed-{a}", "dm-cache-audit", a, "narrowed",
                     f"dynamic module, defaults, narrowed token (SMART scopes: its JSON answer checked), {a}",
                     f"native-cache-{a}"),
@@ -925,8 +978,9 @@ class Bench:
         if s.kind == "dm":
             plugin = ours_plugin(self.public_jwks, s.tenants, CACHE_ENTRIES if s.cache else 0)
             plugin["audit_log"] = s.audit
-            return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}},
-                                 [dm_filter(plugin, s.module or self.so)])
+            plugin.update(s.plugin_extra)
+            cfg = tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, [dm_filter(plugin, s.module or self.so)])
+            return self.with_access_log(cfg, s)
         entries = (CACHE_ENTRIES if s.cache else 0) if self.cache_field else None
         if s.more_tenants:
             # one filter per listener, distinct names, same vm_config (explicit vm_id): one VM per worker
@@ -935,13 +989,31 @@ class Bench:
             return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, filters[0], filters[1:])
         plugin = ours_plugin(self.public_jwks, s.tenants, entries)
         plugin["audit_log"] = s.audit
-        return tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, [ours_filter(plugin, module=s.module)])
+        plugin.update(s.plugin_extra)
+        filt = ours_filter(plugin, module=s.module)
+        if s.name == "wasm-floor":   # the floor's tenant, in the VM's environment (src/shell/floor.rs)
+            filt["typed_config"]["config"]["vm_config"]["environment_variables"] = {
+                "key_values": {FLOOR_ENV: tenant_id(FIXED_TENANT_INDEX)}}
+        cfg = tested_config(up, {"route": {"cluster_header": ROUTE_HEADER}}, [filt])
+        return self.with_access_log(cfg, s)
+
+    def with_access_log(self, cfg: dict, s: Server) -> dict:
+        """`cfg` with a file access log of `s.access_log`'s format on every listener (none if it is "")."""
+        if s.access_log:
+            path = self.workdir / f"{s.name}.access.log"
+            for lst in cfg["static_resources"]["listeners"]:
+                hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+                hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+                    "@type": FILE_ACCESS_LOG, "path": str(path),
+                    "log_format": {"text_format_source": {"inline_string": s.access_log}}}}]
+        return cfg
 
     def start_servers(self, specs: list[Server]) -> None:
         for s in specs:
             env = {FLOOR_ENV: tenant_id(FIXED_TENANT_INDEX)} if s.name == "dm-floor" else None
+            args = ["--component-log-level", "wasm:info,dynamic_modules:info"] if s.log_info else None
             s.envoy = Envoy(s.name, self.server_config(s), self.workdir, wasm=s.kind in ("ours", "noop"),
-                            env=env).start()
+                            env=env, args=args).start()
             self.servers[s.name] = s
         for s in specs:   # started together, waited for together: big configs load in parallel
             s.envoy.wait_ready().pin(self.pinning.tested)
@@ -984,9 +1056,17 @@ class Bench:
             raise BenchError(f"{SO} is missing: make build-so")
         self.so = self.workdir / "libfhir_tenant_router.so"
         self.so.write_bytes(SO.read_bytes())
-        specs += [Server("ours-cache-audit", "ours", True, 10, audit=True),
+        fs_line = {"audit_log": "filter_state"}
+        specs += [Server("ours-cache-audit", "ours", True, 10, audit=True, log_info=True),
+                  Server("ours-audit-fs", "ours", True, 10, plugin_extra=fs_line, access_log=AUDIT_LINE_FORMAT),
+                  Server("ours-balp", "ours", True, 10, audit=True, log_info=True, plugin_extra={"audit_event": True},
+                         access_log=BALP_FORMAT),
                   Server("peer-claim", "peer-claim", True), Server("peer-lua", "peer-lua", True),
-                  Server("dm-cache", "dm", True, 10), Server("dm-cache-audit", "dm", True, 10, audit=True),
+                  Server("dm-cache", "dm", True, 10),
+                  Server("dm-cache-audit", "dm", True, 10, audit=True, log_info=True),
+                  Server("dm-audit-fs", "dm", True, 10, plugin_extra=fs_line, access_log=AUDIT_LINE_FORMAT),
+                  Server("dm-balp", "dm", True, 10, audit=True, log_info=True, plugin_extra={"audit_event": True},
+                         access_log=BALP_FORMAT),
                   Server("dm-nocache", "dm", False, 10),
                   Server("dm-distinct", "dm", True, 10)]
         if any(v.server == "dm-floor" for v in self.variants):
@@ -994,6 +1074,11 @@ class Bench:
             floor.parent.mkdir()
             floor.write_bytes(build_floor_so().read_bytes())
             specs.append(Server("dm-floor", "dm", True, 10, module=floor))
+        if any(v.server == "wasm-floor" for v in self.variants):
+            floor_wasm = self.workdir / "floor" / "fhir_tenant_router_floor.wasm"
+            floor_wasm.parent.mkdir(exist_ok=True)
+            floor_wasm.write_bytes(build_floor_wasm().read_bytes())
+            specs.append(Server("wasm-floor", "ours", True, 10, module=floor_wasm))
         if self.args.baseline_so is not None:
             if not self.args.baseline_so.is_file():
                 raise BenchError(f"--baseline-so {self.args.baseline_so}: no such module")
@@ -1255,6 +1340,11 @@ def paired_cpu(a: Variant, b: Variant) -> float:
     return statistics.median(y.cpu_us_per_req / x.cpu_us_per_req for x, y in zip(a.results, b.results))
 
 
+def cpu_us(v: Variant) -> float:
+    """A variant's median CPU µs per request."""
+    return v.median("cpu_us_per_req")
+
+
 def cpu_info(text: str) -> str:
     """The informational line under a req/s target (indented under its PASS/FAIL line)."""
     return f"      {text} (CPU time per request, informational)"
@@ -1489,6 +1579,25 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         audit = V[f"ours-cache-audit-{alg}"]
         note(f"      {alg}: ours with the audit line on (its default) / off req/s = "
              f"{audit.median('rps') / oc.median('rps'):.3f}  [paired per round: {paired(audit, oc):.3f}] (informational)")
+        if f"wasm-floor-{alg}" in V:
+            wf, noop = V[f"wasm-floor-{alg}"], V["wasm-noop"]
+            note(f"      {alg}: wasm floor (header edits + clear_route_cache through V8, no core) / wasm filter doing "
+                 f"nothing req/s = {wf.median('rps') / noop.median('rps'):.3f}, CPU µs/req {cpu_us(wf):.1f} vs "
+                 f"{cpu_us(noop):.1f}; ours (audit off) on top of the floor: {cpu_us(oc) - cpu_us(wf):+.1f} CPU µs/req "
+                 "(informational)")
+        for build, line, on in (("ours", "ours-cache-audit", "ours"), ("dynamic module", "dm-cache-audit", "dm")):
+            fs, balp, logged = V.get(f"{on}-audit-fs-{alg}"), V.get(f"{on}-balp-{alg}"), V[f"{line}-{alg}"]
+            if fs:
+                note(f"      {alg}: {build}, the audit line through the access log (audit_log: \"filter_state\" + a "
+                     f"file access log) / in Envoy's log (the default, written at info) req/s = "
+                     f"{fs.median('rps') / logged.median('rps'):.3f}  [paired per round: {paired(fs, logged):.3f}]; "
+                     f"CPU µs/req {cpu_us(fs):.1f} vs {cpu_us(logged):.1f} ({cpu_us(fs) - cpu_us(logged):+.1f}) "
+                     "(informational)")
+            if balp:
+                note(f"      {alg}: {build}, BALP AuditEvent on (audit_event + a file access log) / off, the "
+                     f"defaults otherwise, req/s = {balp.median('rps') / logged.median('rps'):.3f}  "
+                     f"[paired per round: {paired(balp, logged):.3f}]; CPU µs/req {cpu_us(balp):.1f} vs "
+                     f"{cpu_us(logged):.1f} ({cpu_us(balp) - cpu_us(logged):+.1f}) (informational)")
     a0 = a.algs[0]
     base = V[f"ours-cache-{a0}"].median("rps")
     for t in b.tenant_scale:
@@ -1570,8 +1679,8 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         P("| variant | µs/request | over passthrough | CPU µs/req | CPU over passthrough |")
         P("|---|---:|---:|---:|---:|")
         for name in ["passthrough", "wasm-noop"] + [f"{k}-{a}" for a in b.args.algs
-                                                    for k in ("native-cache", "ours-cache", "native-nocache",
-                                                              "ours-nocache")]:
+                                                    for k in ("native-cache", "wasm-floor", "ours-cache",
+                                                              "native-nocache", "ours-nocache")]:
             if name in us:
                 P(f"| {V[name].label} | {us[name]:.1f} | {us[name] - base:+.1f} | {cpu[name]:.1f} | "
                   f"{cpu[name] - cpu_base:+.1f} |")

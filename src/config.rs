@@ -32,8 +32,10 @@ pub struct RawConfig {
     pub tenant_registry: Option<RawRegistry>,
     #[serde(default)]
     pub dynamic_forward_proxy_cluster: Option<String>,
+    /// `true`, `false`, `"log"` or `"filter_state"` (read as a JSON value: an untagged enum would pull serde's
+    /// buffering of unknown content into the module, 8 KB of wasm).
     #[serde(default)]
-    pub audit_log: Option<bool>,
+    pub audit_log: Option<serde_json::Value>,
     #[serde(default)]
     pub access_log_filter_state: Option<bool>,
     #[serde(default)]
@@ -250,6 +252,41 @@ pub struct RawDiscovery {
     pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
     #[serde(default)]
     pub capabilities: Option<Vec<String>>,
+}
+
+/// Where the audit line goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuditLog {
+    /// No audit line.
+    Off,
+    /// One line per request in Envoy's log, at info level (`true`, `"log"`: the default).
+    #[default]
+    Log,
+    /// The same line as one filter state value, [`AUDIT_LINE_FILTER_STATE`], for Envoy's access log to
+    /// write (`"filter_state"`): no log call per request, and it reaches the access log's sinks.
+    FilterState,
+}
+
+impl AuditLog {
+    /// Whether an audit line is written at all.
+    pub fn on(self) -> bool {
+        self != Self::Off
+    }
+}
+
+/// The filter state key of the audit line with `audit_log: "filter_state"` (the same in both builds;
+/// `%FILTER_STATE(wasm.fhir_tenant_router.audit_line:PLAIN)%` writes it).
+pub const AUDIT_LINE_FILTER_STATE: &str = "wasm.fhir_tenant_router.audit_line";
+
+fn compile_audit_log(raw: Option<&serde_json::Value>) -> Result<AuditLog, ConfigError> {
+    use serde_json::Value;
+    match raw {
+        None | Some(Value::Null | Value::Bool(true)) => Ok(AuditLog::Log),
+        Some(Value::Bool(false)) => Ok(AuditLog::Off),
+        Some(Value::String(name)) if name == "log" => Ok(AuditLog::Log),
+        Some(Value::String(name)) if name == "filter_state" => Ok(AuditLog::FilterState),
+        Some(_) => Err(ConfigError::new("audit_log", "must be true, false, \"log\" or \"filter_state\"")),
+    }
 }
 
 /// Which signature implementation checks tokens.
@@ -502,8 +539,8 @@ pub struct Config {
     pub registry: Option<Registry>,
     /// The cluster for tenants given by `url` (Envoy's dynamic forward proxy).
     pub dynamic_forward_proxy_cluster: Option<String>,
-    /// One JSON audit line per request in Envoy's log.
-    pub audit_log: bool,
+    /// One JSON audit line per request: in Envoy's log, as filter state, or none.
+    pub audit_log: AuditLog,
     /// Tenant and client id as filter state for Envoy's access log (two host calls a request: opt-in).
     pub access_log_filter_state: bool,
     /// The decision (tenant, client, issuer, scopes, interaction, resource type, outcome) as filter state
@@ -1351,6 +1388,7 @@ impl RawConfig {
         }
         let paging = self.paging_cursors.map(|raw| compile_paging(&raw, env, public_base_url.is_some())).transpose()?;
         let audit_sink = self.audit_sink.map(compile_audit_sink).transpose()?;
+        let audit_log = compile_audit_log(self.audit_log.as_ref())?;
         let token_cache_entries = self.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
         if token_cache_entries > 1_000_000 {
             return Err(ConfigError::new("token_cache_entries", "must be at most 1000000 (0 disables the cache)"));
@@ -1362,7 +1400,7 @@ impl RawConfig {
             tenant_claim: claim,
             registry,
             dynamic_forward_proxy_cluster: self.dynamic_forward_proxy_cluster,
-            audit_log: self.audit_log.unwrap_or(true),
+            audit_log,
             access_log_filter_state: self.access_log_filter_state.unwrap_or(false),
             decision_metadata: self.decision_metadata.unwrap_or(false),
             span_tags: self.span_tags.unwrap_or(false),
@@ -2106,10 +2144,22 @@ pub(crate) mod tests {
 
     #[test]
     fn audit_log_is_on_by_default() {
-        assert!(compile(&example()).unwrap().audit_log);
+        assert_eq!(compile(&example()).unwrap().audit_log, AuditLog::Log);
         let mut v = example();
-        v["audit_log"] = json!(false);
-        assert!(!compile(&v).unwrap().audit_log);
+        for (value, want) in [
+            (json!(false), AuditLog::Off),
+            (json!(true), AuditLog::Log),
+            (json!("log"), AuditLog::Log),
+            (json!("filter_state"), AuditLog::FilterState),
+        ] {
+            v["audit_log"] = value.clone();
+            assert_eq!(compile(&v).unwrap().audit_log, want, "{value}");
+        }
+        for bad in [json!("file"), json!("FILTER_STATE"), json!(1), json!({"to": "log"})] {
+            v["audit_log"] = bad.clone();
+            let e = compile(&v).unwrap_err().to_string();
+            assert!(e.contains("audit_log"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::audit::{Outcome, Record};
 use crate::cache::TokenCache;
-use crate::config::{Config, JwksSource};
+use crate::config::{AuditLog, Config, JwksSource, AUDIT_LINE_FILTER_STATE};
 use crate::crypto::{CheckLog, SignatureCheck};
 use crate::cursor::{self, CursorError, Mint, PagingRequest};
 use crate::decision::{decide, Decision, KeyLookup, Known, Request};
@@ -1559,12 +1559,13 @@ fn route(
     out.push(Effect::Count(Metric::Allowed));
     route_to(config, &tenant.cluster, out);
     if let Some(search_form) = inspect {
-        let pending = (config.audit_log || config.audit_event || config.audit_sink.is_some()).then(|| PendingAudit {
-            request: audit.request.to_owned_request(),
-            identity: identity.clone(),
-            cluster: tenant.cluster.clone(),
-            credential: tenant.credential_kind(),
-        });
+        let pending =
+            (config.audit_log.on() || config.audit_event || config.audit_sink.is_some()).then(|| PendingAudit {
+                request: audit.request.to_owned_request(),
+                identity: identity.clone(),
+                cluster: tenant.cluster.clone(),
+                credential: tenant.credential_kind(),
+            });
         if config.decision_metadata || config.span_tags {
             // Who and what now; the outcome once the body is judged (`judge_bundle`).
             let detail = Detail { tenant: Some(&tenant.id), identity: Some(identity), ..Detail::default() };
@@ -1974,7 +1975,8 @@ impl Audit<'_> {
     }
 
     fn write_line(&self, outcome: Outcome, detail: &Detail<'_>, out: &mut dyn Effects) {
-        if !self.config.audit_log {
+        let audit_log = self.config.audit_log;
+        if !audit_log.on() {
             return;
         }
         let line = Record {
@@ -1989,7 +1991,12 @@ impl Audit<'_> {
             credential: detail.credential,
         }
         .to_line();
-        out.push(Effect::Log(Level::Info, &line));
+        if audit_log == AuditLog::FilterState {
+            // The same line, for Envoy's access log to write (one host call, no log call).
+            out.push(Effect::FilterState(AUDIT_LINE_FILTER_STATE, &line));
+        } else {
+            out.push(Effect::Log(Level::Info, &line));
+        }
     }
 }
 

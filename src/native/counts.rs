@@ -5,12 +5,67 @@
 //! (every 500 ms) hands each tenant's count to Envoy in one labelled increment, as the wasm build hands its
 //! counts over. Tenants that come from a registry are not known when the config is created and are counted
 //! through Envoy directly.
+//!
+//! The unlabelled counters (`requests.allowed`, `cache.hits`, `requests.rejected.<reason>`, …) go the same
+//! way ([`UnlabelledCounts`]): Envoy's increment is cheaper there (no name to build), but it is still a call
+//! into Envoy per counter per request (two on every cache hit); an atomic add here and one increment per
+//! counter that moved on the tick take them off the request path.
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::effect::{CounterSlot, COUNTERS};
+use crate::rejection::Rejection;
 use crate::tenant::FxHasher;
+
+/// Counts of the unlabelled counters ([`COUNTERS`], then [`Rejection::ALL`]), shared by every worker of a
+/// config, since the last drain.
+pub struct UnlabelledCounts {
+    counts: Vec<AtomicU64>,
+}
+
+impl Default for UnlabelledCounts {
+    fn default() -> Self {
+        Self { counts: (0..COUNTERS.len() + Rejection::ALL.len()).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl UnlabelledCounts {
+    /// Where an unlabelled counter's count is kept (`None`: a labelled one).
+    pub fn index(slot: CounterSlot<'_>) -> Option<usize> {
+        match slot {
+            CounterSlot::Fixed(i) => Some(i),
+            CounterSlot::Rejected(i) => Some(COUNTERS.len() + i),
+            _ => None,
+        }
+    }
+
+    /// The slot kept at `index` (the inverse of [`UnlabelledCounts::index`]).
+    pub fn slot(index: usize) -> CounterSlot<'static> {
+        match index.checked_sub(COUNTERS.len()) {
+            None => CounterSlot::Fixed(index),
+            Some(i) => CounterSlot::Rejected(i),
+        }
+    }
+
+    /// Counts one of `slot`; `false` if it is not an unlabelled counter (count it another way).
+    pub fn add(&self, slot: CounterSlot<'_>) -> bool {
+        let Some(counter) = Self::index(slot).and_then(|i| self.counts.get(i)) else { return false };
+        counter.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Takes every count since the last drain: `f(slot, n)` for each that is not zero.
+    pub fn drain(&self, mut f: impl FnMut(CounterSlot<'static>, u64)) {
+        for (i, counter) in self.counts.iter().enumerate() {
+            let n = counter.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                f(Self::slot(i), n);
+            }
+        }
+    }
+}
 
 /// Counts of the configured tenants, shared by every worker of a config.
 #[derive(Default)]
@@ -59,6 +114,32 @@ impl TenantCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::effect::Metric;
+
+    #[test]
+    fn unlabelled_counts_are_kept_by_slot_until_drained_and_labelled_ones_are_refused() {
+        let c = UnlabelledCounts::default();
+        let last_rejection = Rejection::ALL[Rejection::ALL.len() - 1];
+        for m in [Metric::CacheHits, Metric::Allowed, Metric::CacheHits, Metric::Rejected(last_rejection)] {
+            assert!(c.add(m.slot()));
+        }
+        assert!(!c.add(Metric::TenantAllowed("t").slot()));
+        let mut out = Vec::new();
+        c.drain(|slot, n| out.push((slot, n)));
+        assert_eq!(
+            out,
+            [(Metric::Allowed.slot(), 1), (Metric::CacheHits.slot(), 2), (Metric::Rejected(last_rejection).slot(), 1)]
+        );
+        c.drain(|_, _| panic!("a drain takes the counts"));
+        for (i, m) in COUNTERS.iter().enumerate() {
+            assert_eq!(UnlabelledCounts::index(m.slot()), Some(i));
+            assert_eq!(UnlabelledCounts::slot(i), m.slot());
+        }
+        for r in Rejection::ALL {
+            let i = UnlabelledCounts::index(Metric::Rejected(r).slot());
+            assert_eq!(i.map(UnlabelledCounts::slot), Some(Metric::Rejected(r).slot()));
+        }
+    }
 
     fn drained(c: &TenantCounts) -> Vec<(String, bool, u64)> {
         let mut out = Vec::new();

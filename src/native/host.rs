@@ -123,6 +123,15 @@ impl MetricIds {
         }
     }
 
+    /// An unlabelled counter's id, by its slot (see `counts::UnlabelledCounts`).
+    pub(crate) fn unlabelled(&self, slot: CounterSlot<'_>) -> Option<usize> {
+        match slot {
+            CounterSlot::Fixed(i) => self.counters.get(i).copied().flatten(),
+            CounterSlot::Rejected(i) => self.rejected.get(i).copied().flatten(),
+            _ => None,
+        }
+    }
+
     /// A gauge's id.
     pub(crate) fn gauge(&self, gauge: Gauge) -> Option<usize> {
         self.gauges.get(gauge.index()).copied().flatten()

@@ -36,7 +36,7 @@ use crate::effect::{CounterSlot, Effect, Effects, Flow, Gauge, Level, Metric, To
 use crate::router::{Router, Stream};
 
 use super::abi::*;
-use super::counts::TenantCounts;
+use super::counts::{TenantCounts, UnlabelledCounts};
 use super::crypto::Ring;
 use super::envoy::Envoy;
 use super::host::{now_ms, MetricIds};
@@ -78,6 +78,11 @@ pub struct FilterConfig<E: Envoy> {
     tenant_counts: TenantCounts,
     /// The configured tenants' quota counts (allowed, limited), handed to Envoy on the main thread's tick.
     quota_counts: TenantCounts,
+    /// The unlabelled counters' counts, handed to Envoy on the main thread's tick.
+    unlabelled: UnlabelledCounts,
+    /// Whether the workers keep the unlabelled counts for the tick: the main thread ticks and publishes
+    /// them itself (not on Envoy 1.38, and not without a tick: there they go to Envoy with each request).
+    batch_unlabelled: bool,
     published: Published,
     parked: Mutex<Parked>,
     /// The workers' AuditEvents for the main thread's audit sink (`audit_sink`).
@@ -95,6 +100,7 @@ const _: () = {
     shared_across_workers::<MetricIds>();
     shared_across_workers::<ConfigStats>();
     shared_across_workers::<TenantCounts>();
+    shared_across_workers::<UnlabelledCounts>();
     shared_across_workers::<Published>();
     shared_across_workers::<Mutex<Parked>>();
     shared_across_workers::<Inbox>();
@@ -111,6 +117,7 @@ impl<E: Envoy> FilterConfig<E> {
             tenant_counts: &self.tenant_counts,
             quota_counts: &self.quota_counts,
             batch_tenants: self.stats.direct(),
+            unlabelled: self.batch_unlabelled.then_some(&self.unlabelled),
             deferred,
             inbox: self.audit_inbox.as_ref(),
         }
@@ -127,6 +134,7 @@ impl<E: Envoy> FilterConfig<E> {
             tenant_counts: &self.tenant_counts,
             quota_counts: &self.quota_counts,
             inbox: self.audit_inbox.as_ref(),
+            unlabelled: &self.unlabelled,
         }
     }
 
@@ -306,6 +314,8 @@ struct Apply<'a, E> {
     /// The configured tenants' counts wait for the main thread's tick (not on Envoy 1.38, whose main thread
     /// cannot publish them: there they go to Envoy at once, as a registry tenant's do).
     batch_tenants: bool,
+    /// Where the unlabelled counts wait for the tick (`None`: they go to Envoy at once).
+    unlabelled: Option<&'a UnlabelledCounts>,
     deferred: &'a mut Deferred,
     /// Where a request's AuditEvent goes for the main thread's audit sink.
     inbox: Option<&'a Inbox>,
@@ -389,6 +399,8 @@ impl<E: Envoy> Effects for Apply<'_, E> {
                     {
                         return
                     }
+                    // An unlabelled one (`requests.allowed`, `cache.hits`, a refusal's reason) too.
+                    slot if self.unlabelled.is_some_and(|counts| counts.add(slot)) => return,
                     _ => {}
                 }
                 count(env, filter, self.metrics.counter(metric))
@@ -745,6 +757,7 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
         let upkeep = upkeep.map(Mutex::new);
         let slots = (0..MAX_WORKERS).map(|_| Slot(RefCell::new(None))).collect();
         let stats = ConfigStats::new(env.config_metrics());
+        let batch_unlabelled = stats.direct() && upkeep.is_some();
         if !stats.direct() {
             env.log(
                 Level::Info,
@@ -761,6 +774,8 @@ pub(crate) fn config_new<E: Envoy>(env: &E, envoy_config: ConfigEnvoyPtr, bytes:
             upkeep,
             tenant_counts,
             quota_counts,
+            unlabelled: UnlabelledCounts::default(),
+            batch_unlabelled,
             published: Published::default(),
             parked,
             audit_inbox,

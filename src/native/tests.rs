@@ -114,12 +114,9 @@ fn a_base_path_tenants_audit_line_names_the_requests_own_interaction_and_type() 
         shown(&calls),
         [
             "get_headers request",
-            "increment_counter fhir_tenant_router.signature.host 1",
-            "increment_counter fhir_tenant_router.cache.misses 1",
             "remove_request_header authorization",
             "set_request_header :path: /api/FHIR/R4/Patient/1",
             &format!("set_request_header {TENANT}: {TENANT_A}"),
-            "increment_counter fhir_tenant_router.requests.allowed 1",
             &format!("set_request_header {ROUTE}: tenant_a"),
             "clear_route_cache",
             "log Info <audit>",
@@ -147,12 +144,9 @@ fn a_batch_bundles_audit_line_is_written_from_the_request_as_it_came() {
         shown(&first),
         [
             "get_headers request",
-            "increment_counter fhir_tenant_router.signature.host 1",
-            "increment_counter fhir_tenant_router.cache.misses 1",
             "remove_request_header authorization",
             "set_request_header :path: /api/",
             &format!("set_request_header {TENANT}: {TENANT_A}"),
-            "increment_counter fhir_tenant_router.requests.allowed 1",
             &format!("set_request_header {ROUTE}: tenant_a"),
             "clear_route_cache",
         ],
@@ -203,7 +197,6 @@ fn an_unknown_kid_refused_after_the_refetch_ends_the_stream_only_after_the_hook(
     assert_eq!(
         shown(&calls),
         [
-            "increment_counter fhir_tenant_router.requests.rejected.unknown_kid 1",
             "log Info <audit>",
             &format!("send_response 401 {headers:?} {body}"),
             "re-entered stream_complete (inside scheduled)",
@@ -227,11 +220,8 @@ fn a_woken_request_answered_locally_downstream_ends_the_stream_only_after_the_ho
     assert_eq!(
         shown(&calls),
         [
-            "increment_counter fhir_tenant_router.signature.host 1",
-            "increment_counter fhir_tenant_router.cache.misses 1",
             "remove_request_header authorization",
             &format!("set_request_header {TENANT}: {TENANT_A}"),
-            "increment_counter fhir_tenant_router.requests.allowed 1",
             &format!("set_request_header {ROUTE}: tenant_a"),
             "clear_route_cache",
             "log Info <audit>",
@@ -299,6 +289,11 @@ fn a_panic_inside_the_upkeep_lock_is_recovered_said_and_counted_and_the_work_goe
              counts); its lock was recovered and the work goes on",
             "config_increment_counter fhir_tenant_router.upkeep.recovered 1",
             &counted,
+            // The unlabelled counts come after the tenants' (the panic above was before them: both requests').
+            "config_increment_counter fhir_tenant_router.requests.allowed 2",
+            "config_increment_counter fhir_tenant_router.signature.host 1",
+            "config_increment_counter fhir_tenant_router.cache.hits 1",
+            "config_increment_counter fhir_tenant_router.cache.misses 1",
         ],
         "{}",
         dump(&calls)
@@ -324,8 +319,6 @@ fn a_panicking_hook_is_answered_503_and_its_stream_completes_after_the_hook() {
         calls,
         [
             "get_headers request",
-            "increment_counter fhir_tenant_router.signature.host 1",
-            "increment_counter fhir_tenant_router.cache.misses 1",
             "remove_request_header authorization",
             "log Error fhir_tenant_router: the request_headers hook panicked; the request was answered 503",
             "increment_counter fhir_tenant_router.panics 1",
@@ -462,10 +455,8 @@ fn a_request_waits_for_its_upstream_token_is_sent_again_after_a_401_and_gets_the
     assert_eq!(
         calls,
         [
-            "increment_counter fhir_tenant_router.cache.hits 1",
             "set_request_header authorization: Bearer upstream-token-1",
             &format!("set_request_header {TENANT}: {TENANT_A}"),
-            "increment_counter fhir_tenant_router.requests.allowed 1",
             &format!("set_request_header {ROUTE}: tenant_a"),
             "clear_route_cache",
             "continue_decoding",
@@ -943,31 +934,72 @@ fn a_cache_hit_with_the_defaults_makes_these_calls_into_envoy_and_no_more() {
         per_request.push(envoy.take_calls());
     }
     // A cache hit (the third request: the first filled the cache) with the defaults (the audit line on): one
-    // header-map read, three header edits, the route-cache clear, the audit line and two counter increments
-    // (Envoy's unlabelled counters: an atomic add each; the per-tenant ones go through `counts` and the tick);
-    // nothing on the response or at the end. The floor (`floor.rs`) makes the same edits and nothing else.
+    // header-map read, three header edits, the route-cache clear and the audit line; no counter call (the
+    // unlabelled counters, `cache.hits` and `requests.allowed`, and the per-tenant ones wait in `counts` for
+    // the main thread's tick); nothing on the response or at the end. The floor (`floor.rs`) makes the same
+    // edits and nothing else.
     let calls = &per_request[2];
-    assert_eq!(calls.len(), 8, "{}", dump(calls));
-    let edits: Vec<&str> = calls
-        .iter()
-        .map(String::as_str)
-        .filter(|c| !c.starts_with("increment_counter") && !c.starts_with("log"))
-        .collect();
     let tenant = format!("set_request_header x-fhir-tenant-id: {TENANT_A}");
     assert_eq!(
-        edits,
+        shown(calls),
         [
             "get_headers request",
             "remove_request_header authorization",
             tenant.as_str(),
             "set_request_header x-fhir-tenant-router-cluster: tenant_a",
             "clear_route_cache",
+            "log Info <audit>",
         ],
         "{}",
         dump(calls)
     );
-    assert_eq!(calls.iter().filter(|c| c.starts_with("increment_counter")).count(), 2, "{}", dump(calls));
-    assert!(calls.last().is_some_and(|c| c.starts_with("log Info {\"audit\"")), "{}", dump(calls));
+    // The tick hands the three requests' counts to Envoy: one increment per counter that moved.
+    envoy.tick();
+    let counted: Vec<String> =
+        envoy.take_calls().into_iter().filter(|c| c.starts_with("config_increment_counter")).collect();
+    let tenant_allowed = format!("config_increment_counter fhir_tenant_router.tenant.allowed{{{TENANT_A}}} 3");
+    let mut want = vec![
+        tenant_allowed.as_str(),
+        "config_increment_counter fhir_tenant_router.requests.allowed 3",
+        "config_increment_counter fhir_tenant_router.signature.host 1",
+        "config_increment_counter fhir_tenant_router.cache.hits 2",
+        "config_increment_counter fhir_tenant_router.cache.misses 1",
+    ];
+    let mut got: Vec<&str> = counted.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    for (name, n) in [("requests.allowed", 3), ("cache.hits", 2), ("cache.misses", 1), ("signature.host", 1)] {
+        assert_eq!(envoy.metric(name), n, "{name}");
+    }
+}
+
+/// `audit_log: "filter_state"`: a cache hit sets the audit line, the same bytes as the log line, as one filter
+/// state value instead of the log call.
+#[test]
+fn a_cache_hit_with_the_audit_line_as_filter_state_sets_it_instead_of_logging_it() {
+    let auth = bearer(&testkeys::claims_now());
+    let mut hits = Vec::new();
+    for delivery in [json!(true), json!("filter_state")] {
+        let mut p = plugin();
+        p["audit_log"] = delivery;
+        let envoy = configured(&p);
+        for _ in 0..2 {
+            let s = envoy.new_stream(0);
+            assert_eq!(envoy.request_headers(s, &request("GET", "/Patient", &auth), true), HEADERS_CONTINUE);
+            envoy.complete(s);
+            envoy.destroy(s);
+            hits.push(envoy.take_calls());
+        }
+    }
+    let (logged, stated) = (&hits[1], &hits[3]);
+    let line = logged.last().and_then(|c| c.strip_prefix("log Info ")).unwrap_or_default();
+    assert!(line.starts_with("{\"audit\""), "{}", dump(logged));
+    let state = format!("set_filter_state wasm.fhir_tenant_router.audit_line={line}");
+    let mut want: Vec<String> = logged[..logged.len() - 1].to_vec();
+    want.push(state);
+    assert_eq!(stated, &want, "{}", dump(stated));
+    assert!(!stated.iter().any(|c| c.starts_with("log")), "{}", dump(stated));
 }
 
 /// With `hold_bundle_headers: false` a narrowed answer's headers go on and only its body is held; a refused

@@ -18,7 +18,7 @@ use crate::upkeep::{FetchResult, TICK_MS};
 use crate::upstream_auth::TokenAnswer;
 
 use super::abi::{ConfigEnvoyPtr, SchedulerPtr};
-use super::counts::TenantCounts;
+use super::counts::{TenantCounts, UnlabelledCounts};
 use super::envoy::Envoy;
 use super::host::{now_ms, MetricIds};
 use super::inbox::Inbox;
@@ -74,6 +74,8 @@ pub struct Main<'a, E> {
     pub quota_counts: &'a TenantCounts,
     /// The workers' AuditEvents for the audit sink.
     pub inbox: Option<&'a Inbox>,
+    /// The workers' unlabelled counts (`requests.allowed`, `cache.hits`, …).
+    pub unlabelled: &'a UnlabelledCounts,
 }
 
 /// The main thread's part: its own router (schedules, the one log line and count per fetch), the callouts
@@ -122,7 +124,7 @@ impl<E: Envoy> Upkeep<E> {
         self.scheduler
     }
 
-    /// A tick on the main thread: hands the configured tenants' counts to Envoy, refetches the parked
+    /// A tick on the main thread: hands the configured tenants' counts and the unlabelled ones to Envoy, refetches the parked
     /// requests asked for, then the fetches that are due.
     pub fn tick(&mut self, main: &Main<'_, E>) {
         let now = now_ms();
@@ -135,6 +137,11 @@ impl<E: Envoy> Upkeep<E> {
             }
         });
         hand_over(main, main.quota_counts, |tenant, allowed| Metric::TenantQuota(tenant, allowed));
+        main.unlabelled.drain(|slot, n| {
+            if let Some(id) = main.metrics.unlabelled(slot) {
+                main.stats.count(main.env, envoy_config, id, None, n);
+            }
+        });
         let ((wanted, tokens), recovered) = {
             let mut parked = lock_parked(main.parked);
             (parked.take(), u64::from(parked.take_recovered()))

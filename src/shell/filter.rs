@@ -56,6 +56,16 @@ impl<H: Host> Filter<H> {
         Some(f(&self.shared, stream))
     }
 
+    /// The bench floor's headers for `tenant` (cargo feature `bench-floor-wasm`, see `floor`): the tenant
+    /// header's name, the route header's name and the tenant's cluster.
+    #[cfg(feature = "bench-floor-wasm")]
+    pub fn floor_route(&self, tenant: &str) -> (String, String, String) {
+        let router = self.shared.router.borrow();
+        let config = &router.config;
+        let cluster = config.tenants.get(tenant).map_or(String::new(), |t| t.cluster.clone());
+        (config.tenant_header.clone(), config.route_header.clone(), cluster)
+    }
+
     pub fn on_request_headers(&mut self, end_of_stream: bool) -> Flow {
         let shared = Rc::clone(&self.shared);
         let Some(stream) = self.stream.as_mut() else { return Flow::Continue };

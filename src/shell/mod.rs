@@ -10,6 +10,8 @@
 
 pub mod apply;
 pub mod filter;
+#[cfg(all(target_arch = "wasm32", feature = "bench-floor-wasm"))]
+pub mod floor;
 pub mod host;
 pub mod host_crypto;
 pub mod metrics;

@@ -301,6 +301,10 @@ impl Context for FilterAdapter {
 
 impl HttpContext for FilterAdapter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        #[cfg(feature = "bench-floor-wasm")]
+        if let Some(action) = super::floor::request_headers(&self.0) {
+            return action;
+        }
         action(self.0.on_request_headers(end_of_stream))
     }
 

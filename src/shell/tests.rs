@@ -584,6 +584,37 @@ fn the_audit_line_and_filter_state_are_written_only_when_configured() {
     assert_eq!((line["outcome"].as_str(), line["tenant"].as_str()), (Some("allowed"), Some(TENANT_A)));
 }
 
+/// `audit_log: "filter_state"`: the same line, byte for byte, as one filter state value for Envoy's access
+/// log, and no log call; a refused request's too.
+#[test]
+fn audit_log_filter_state_sets_the_same_line_as_filter_state_and_logs_nothing() {
+    let auth = bearer(&testkeys::claims_now());
+    let mut lines = Vec::new();
+    for delivery in [json!(true), json!("filter_state")] {
+        let mut p = plugin();
+        p["audit_log"] = delivery.clone();
+        let (host, root) = configured(&p);
+        *host.0.verify_signature.borrow_mut() = Some(vec![0x08, 0x01]);
+        send(&host, &root, 1, &get("/Patient?name=x", Some(&auth)), true);
+        send(&host, &root, 2, &get("/Patient", None), true);
+        let calls = host.take_calls();
+        let logged: Vec<&str> = calls.iter().filter_map(|c| c.strip_prefix("log Info {\"audit\"")).collect();
+        let states: Vec<&str> =
+            calls.iter().filter_map(|c| c.strip_prefix("set_filter_state fhir_tenant_router.audit_line=")).collect();
+        if delivery == json!(true) {
+            assert_eq!((logged.len(), states.len()), (2, 0), "{calls:#?}");
+            lines.push(calls.iter().filter_map(|c| c.strip_prefix("log Info ")).map(String::from).collect::<Vec<_>>());
+        } else {
+            assert_eq!((logged.len(), states.len()), (0, 2), "{calls:#?}");
+            assert!(!calls.iter().any(|c| c.starts_with("log ")), "{calls:#?}");
+            lines.push(states.iter().map(|s| s.to_string()).collect());
+        }
+    }
+    assert_eq!(lines[0], lines[1]);
+    let refused: Value = serde_json::from_str(&lines[1][1]).unwrap();
+    assert_eq!(refused["outcome"], "rejected");
+}
+
 // ---- Bundles judged on their body ----
 
 fn post_base(auth: &str) -> Vec<(&'static str, String)> {

@@ -304,6 +304,76 @@ def test_audit_log_false_turns_the_audit_off(start_envoy, idp, upstreams):
     stop_envoy(env)
 
 
+AUDIT_LINE_STATE = "wasm.fhir_tenant_router.audit_line"
+
+
+@pytest.fixture(scope="module")
+def audited_by_access_log(start_envoy, idp, upstreams, workdir):
+    """`audit_log: "filter_state"`, and Envoy's file access log writing that filter state (docs/operations.md's
+    block): the audit line reaches the file through Envoy's own access logger, not through a log call."""
+    cfg = load_yaml(SHIPPED_CONFIG)
+    path = workdir / "access-audit-line.log"
+    access_logs(cfg)[:] = [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": FILE_LOGGER, "path": str(path),
+        "log_format": {"text_format_source": {"inline_string": f"%FILTER_STATE({AUDIT_LINE_STATE}:PLAIN)%\n"}}}}]
+
+    def plugin(doc):
+        doc["audit_log"] = "filter_state"
+    env = start_envoy("envoy-audit-filter-state", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg,
+                      plugin=plugin)
+    minter = Minter(idp.issuer)
+    wait_for_jwks(env, minter, upstreams)
+    yield env, path
+    stop_envoy(env)
+
+
+def test_audit_log_filter_state_writes_the_same_line_through_envoys_file_access_log(audited, audited_by_access_log):
+    """The same requests (the same tokens) to an Envoy with the log line (the default) and to one with
+    `audit_log: "filter_state"`: each request's line in the access log file is the log line, field for field
+    and in the same order (the time aside), and Envoy's own log carries no audit line."""
+    env, path = audited_by_access_log
+    minter = audited.minter
+    expired = int(time.time()) - 3600
+    cases = [  # (method, path, token, body, status)
+        ("GET", "/Patient?family=Zzyzx-Access-Log&birthdate=1902-03-04", minter.token(TENANT_A), None, 200),
+        ("POST", "/Patient", minter.token(TENANT_A), b'{"resourceType":"Patient"}', 403),
+        ("GET", "/Observation/obs-1", minter.token(TENANT_B, client_id="patients-app-b", sub="patients-app-b"), None,
+         200),
+        ("GET", "/Patient?family=Zzyzx-Expired", minter.token(TENANT_A, exp=expired), None, 401),
+    ]
+    for target in (audited.env, env):
+        for method, req_path, token, body, status in cases:
+            headers = {**bearer(token), **({"content-type": "application/fhir+json"} if body else {})}
+            assert target.request(method, req_path, headers, body).status == status
+    # A refused credential's line names no token (no jti): the expired one is matched by its reason.
+    jtis = [claims_of(token)["jti"] for _, _, token, _, status in cases if status != 401]
+
+    def by_jti(records: list[dict]) -> dict[str, dict]:
+        found = {r["jti"]: r for r in records if r.get("jti") in jtis}
+        expired = [r for r in records if r.get("reason") == "expired"]
+        return {**found, "expired": expired[-1]} if expired else found
+
+    logged = {jti: audited.record(jti) for jti in jtis}
+    logged["expired"] = by_jti(audit_records(audited.env.log()))["expired"]
+    text = lambda: path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""  # noqa: E731
+    written = wait_until(lambda: (lambda r: r if len(r) == len(cases) else None)(by_jti(audit_records(text()))),
+                         ACCESS_LOG_FLUSH_S, "the four audit lines in the access log file",
+                         on_timeout=lambda: "\n" + text()[-3000:])
+    jtis.append("expired")
+    for jti in jtis:
+        want = [(k, v) for k, v in logged[jti].items() if k != "time"]
+        got = [(k, v) for k, v in written[jti].items() if k != "time"]
+        assert got == want, f"\nlog line:   {logged[jti]}\naccess log: {written[jti]}"
+        assert_time_is_now_in_utc(written[jti]["time"])
+    assert [written[j]["outcome"] for j in jtis] == ["allowed", "forbidden", "allowed", "rejected"]
+    # One line per request, each a whole line of the file; none in Envoy's log, and no query value anywhere.
+    lines = [line for line in text().splitlines() if AUDIT_START in line]
+    assert all(line.startswith(AUDIT_START) for line in lines), lines
+    assert sum(1 for line in lines if any(j in line for j in jtis[:-1])) == len(jtis) - 1
+    assert AUDIT_START not in env.log(), "the filter_state delivery logged an audit line too"
+    assert_absent(env.log() + text(), "Zzyzx-Access-Log", "1902-03-04", "Zzyzx-Expired")
+
+
 # ------------------------------------------- refusals after the token was verified (issue 24, item 3)
 
 T_UPSTREAM_AUTH = "e0000000-0000-4000-8000-00000000000a"   # its token endpoint is down: 503

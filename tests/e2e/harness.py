@@ -279,7 +279,13 @@ def write_config(cfg: dict, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------- binaries
 
 def envoy_bin() -> str:
-    candidates = [os.environ.get("ENVOY_BIN"), str(REPO / ".venv" / "bin" / "envoy"), shutil.which("envoy")]
+    asked = os.environ.get("ENVOY_BIN")
+    if asked:
+        # An Envoy asked for by name is that one or none: a run meant for 1.38 must not pass on another Envoy.
+        if os.path.isfile(asked) and os.access(asked, os.X_OK):
+            return asked
+        raise HarnessError(f"$ENVOY_BIN={asked} is not an executable file (make deps creates the .venv-envoy13x venvs)")
+    candidates = [str(REPO / ".venv" / "bin" / "envoy"), shutil.which("envoy")]
     for c in candidates:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c

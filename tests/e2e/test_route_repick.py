@@ -20,7 +20,7 @@ import pytest
 
 from checks import assert_served_only_by, assert_wasm_vm_never_crashed
 from harness import (
-    ROUTE_HEADER, SHIPPED_CONFIG, TENANT_A, TENANT_B, TENANT_HEADER, WASM_FILTER, DM_FILTER, Envoy, bearer,
+    DM_FILTER, ROUTE_HEADER, SHIPPED_CONFIG, TENANT_A, TENANT_B, TENANT_HEADER, WASM_FILTER, WASM_PATH, Envoy,
     free_port, http_request, render_config, wait_until,
 )
 
@@ -155,3 +155,12 @@ def test_a_cache_hit_makes_no_clear_route_cache_call_and_still_lands_on_its_tena
         *["proxy_remove_header_map_value"] * 2, *["proxy_replace_header_map_value"] * 5,
         "proxy_set_property", "proxy_set_property", "proxy_log",
     ], calls
+
+
+@pytest.mark.wasm_only("the Proxy-Wasm ABI the module declares")
+def test_the_module_declares_proxy_wasm_abi_0_2_1_whose_header_edits_make_envoy_repick_the_route():
+    """The shell leaves `clear_route_cache` out because Envoy re-picks the route on a header edit of a module of
+    ABI 0.2.1 or older; for a newer ABI it would not (envoy 1.33 changelog). An SDK upgrade that changes the
+    declared ABI must fail here, not misroute."""
+    exports = set(re.findall(rb"proxy_abi_version_\d+_\d+_\d+", WASM_PATH.read_bytes()))
+    assert exports == {b"proxy_abi_version_0_2_1"}, exports

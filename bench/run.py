@@ -1215,7 +1215,8 @@ class Bench:
                 v.results.append(res)
                 v.filter_deltas.append(dict(deltas, requests=res.requests))
             log(f"--- round {rnd + 1}/{a.rounds}: " + ", ".join(
-                f"{v.name} {v.results[-1].rps:,.0f}" for v in self.variants))
+                f"{v.name} {v.results[-1].rps:,.0f} ({v.results[-1].cpu_us_per_req:.1f} CPU µs)"
+                for v in self.variants))
         self.rss = {name: rss_bytes(s.envoy.pid) for name, s in self.servers.items() if s.envoy is not None}
 
     def measure_memory(self) -> None:
@@ -1691,8 +1692,9 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
         P("")
         P("A wasm filter that does nothing already costs the `wasm-noop` line: Envoy enters the V8 VM for every "
           "request and response callback. What ours adds on a cache hit beyond that is its host calls (one "
-          "header-map read; setting the route and tenant headers; removing `Authorization`; "
-          "`clear_route_cache`; the clock; the access-log filter state is off, as in the default configuration) "
+          "header-map read; setting the route and tenant headers; removing `Authorization` (Envoy re-picks the "
+          "route on those edits: no `clear_route_cache` call); the clock; the access-log filter state is off, as "
+          "in the default configuration) "
           "and the per-request work inside the VM (keyed hash of the token, cache and tenant lookups).")
         P("")
     lines += memory_section(m)

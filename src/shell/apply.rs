@@ -22,11 +22,18 @@ pub struct Apply<'s, H> {
     pub response_body_size: usize,
     /// This VM's audit sink (`audit_sink`), where the request path's AuditEvents are queued.
     pub sink: Option<&'s RefCell<Sink>>,
+    /// A request header was edited by this callback: Envoy has cleared the route cache itself.
+    edited: bool,
 }
 
 impl<'s, H: Host> Apply<'s, H> {
     pub fn new(host: &'s H, metrics: &'s Metrics, calls: &'s RefCell<HashMap<u32, FetchTarget>>) -> Self {
-        Self { host, metrics, calls, unsent: Vec::new(), response_body_size: 0, sink: None }
+        Self { host, metrics, calls, unsent: Vec::new(), response_body_size: 0, sink: None, edited: false }
+    }
+
+    fn request_header(&mut self, name: &str, value: Option<&str>) {
+        self.edited = true;
+        self.host.set_request_header(name, value);
     }
 }
 
@@ -34,8 +41,11 @@ impl<H: Host> Effects for Apply<'_, H> {
     fn push(&mut self, effect: Effect<'_>) {
         let host = self.host;
         match effect {
-            Effect::SetRequestHeader(name, value) => host.set_request_header(name, Some(value)),
-            Effect::RemoveRequestHeader(name) => host.set_request_header(name, None),
+            Effect::SetRequestHeader(name, value) => self.request_header(name, Some(value)),
+            Effect::RemoveRequestHeader(name) => self.request_header(name, None),
+            // Envoy's wasm host clears the route cache on every request-header edit (`onHeadersModified`,
+            // for modules of ABI 0.2.1 like ours), so after one the foreign call would clear it again.
+            Effect::ClearRouteCache if self.edited => {}
             Effect::ClearRouteCache => host.clear_route_cache(),
             Effect::Reply(reply) => host.send_reply(reply.status, reply.headers, reply.body),
             // proxy_set_property(k) stores filter state `wasm.k`: the core's names already carry the `wasm.`.

@@ -122,10 +122,17 @@ impl Host for FakeHost {
         serialize(&headers.iter().map(|(n, v)| (n.as_bytes(), v.as_slice())).collect::<Vec<_>>())
     }
 
+    /// Envoy's `replaceHeaderMapValue` (`setCopy`: every entry of the name removed, one added at the end)
+    /// and `removeHeaderMapValue` (every entry removed), on the map later reads see.
     fn set_request_header(&self, name: &str, value: Option<&str>) {
         match value {
             Some(v) => self.record(format!("set_request_header {name}: {v}")),
             None => self.record(format!("remove_request_header {name}")),
+        }
+        let mut headers = self.0.request_headers.borrow_mut();
+        headers.retain(|(n, _)| n != name);
+        if let Some(v) = value {
+            headers.push((name.to_string(), v.as_bytes().to_vec()));
         }
     }
 

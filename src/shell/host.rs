@@ -51,7 +51,8 @@ pub trait Host {
 
     /// The request headers, serialized as the proxy-wasm ABI hands them over (see [`crate::headers`]).
     fn request_header_pairs(&self) -> Vec<u8>;
-    /// Sets (`Some`) or removes (`None`) a request header.
+    /// Sets (`Some`) or removes (`None`) a request header. Envoy (its wasm host, for a module of ABI 0.2.1
+    /// such as ours) clears the route cache on every request-header edit: see [`Host::clear_route_cache`].
     fn set_request_header(&self, name: &str, value: Option<&str>);
     /// Up to `max` bytes of the buffered request body.
     fn request_body(&self, max: usize) -> Vec<u8>;
@@ -67,7 +68,10 @@ pub trait Host {
     fn resume_request(&self);
     /// Makes `context_id` the context later calls act on; `false` when it is gone.
     fn set_effective_context(&self, context_id: u32) -> bool;
-    /// Envoy's `clear_route_cache` foreign function.
+    /// Envoy's `clear_route_cache` foreign function (Envoy 1.33+). Redundant after a request-header edit of
+    /// this callback: Envoy's `Context::onHeadersModified` already cleared the route cache (it stops doing so
+    /// only for modules of an ABI newer than 0.2.1; ours is 0.2.1), so [`super::apply::Apply`] calls it only
+    /// where no edit was made.
     fn clear_route_cache(&self);
     fn set_filter_state(&self, key: &str, value: &str);
 

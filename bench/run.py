@@ -820,7 +820,7 @@ def build_variants(algs: list[str], tenant_scale: list[int], baseline: bool = Fa
                              f"baseline module, cache, 10 tenants, {a}", f"native-cache-{a}"))
         if i == 0:   # alg-independent (no signature is checked): the first alg only, to keep the run short
             v.append(Variant(f"wasm-floor-{a}", "wasm-floor", a, "fixed",
-                             f"wasm floor: header edits + clear_route_cache only, no core (bench build), {a}",
+                             f"wasm floor: header edits only (each re-picks the route), no core (bench build), {a}",
                              f"native-cache-{a}"))
         v += [
             Variant(f"ours-cache-audit-{a}", "ours-cache-audit", a, "fixed",
@@ -1582,7 +1582,7 @@ def report(b: Bench, mode: str, started: float) -> tuple[str, list[tuple[bool, s
              f"{audit.median('rps') / oc.median('rps'):.3f}  [paired per round: {paired(audit, oc):.3f}] (informational)")
         if f"wasm-floor-{alg}" in V:
             wf, noop = V[f"wasm-floor-{alg}"], V["wasm-noop"]
-            note(f"      {alg}: wasm floor (header edits + clear_route_cache through V8, no core) / wasm filter doing "
+            note(f"      {alg}: wasm floor (header edits through V8, no core) / wasm filter doing "
                  f"nothing req/s = {wf.median('rps') / noop.median('rps'):.3f}, CPU µs/req {cpu_us(wf):.1f} vs "
                  f"{cpu_us(noop):.1f}; ours (audit off) on top of the floor: {cpu_us(oc) - cpu_us(wf):+.1f} CPU µs/req "
                  "(informational)")

@@ -66,20 +66,41 @@ pub(crate) fn push_rfc3339(out: &mut String, time_ms: u64) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     // `days` is at most u64::MAX / 86.4e6, so the year is positive and far from i64's limits.
-    push_digits(out, u64::try_from(year).unwrap_or(0), 4);
-    out.push('-');
-    push_digits(out, u64::try_from(month).unwrap_or(0), 2);
-    out.push('-');
-    push_digits(out, u64::try_from(day).unwrap_or(0), 2);
-    out.push('T');
-    push_digits(out, rem / 3600, 2);
-    out.push(':');
-    push_digits(out, rem % 3600 / 60, 2);
-    out.push(':');
-    push_digits(out, rem % 60, 2);
-    out.push('.');
-    push_digits(out, time_ms % 1000, 3);
-    out.push('Z');
+    let year = u64::try_from(year).unwrap_or(0);
+    let (month, day) = (u64::try_from(month).unwrap_or(0), u64::try_from(day).unwrap_or(0));
+    if year > 9999 {
+        push_digits(out, year, 4);
+        out.push('-');
+        push_digits(out, month, 2);
+        out.push('-');
+        push_digits(out, day, 2);
+        out.push('T');
+        push_digits(out, rem / 3600, 2);
+        out.push(':');
+        push_digits(out, rem % 3600 / 60, 2);
+        out.push(':');
+        push_digits(out, rem % 60, 2);
+        out.push('.');
+        push_digits(out, time_ms % 1000, 3);
+        out.push('Z');
+        return;
+    }
+    // A four-digit year (until 9999): the digits go into a fixed template, copied in one piece.
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    for (at, width, n) in
+        [(0, 4, year), (5, 2, month), (8, 2, day), (11, 2, rem / 3600), (14, 2, rem % 3600 / 60), (17, 2, rem % 60)]
+            .into_iter()
+            .chain([(20, 3, time_ms % 1000)])
+    {
+        let mut n = n;
+        for d in text.iter_mut().skip(at).take(width).rev() {
+            // `n % 10` is below 10: the cast keeps it.
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    }
+    // Only ASCII digits were written into the ASCII template.
+    out.push_str(std::str::from_utf8(&text).unwrap_or_default());
 }
 
 /// Appends `n` in decimal, zero-padded to at least `width` digits (`{n:0width$}`).

@@ -140,14 +140,13 @@ static ESCAPE: [u8; 256] = {
 };
 
 /// Appends `value` as a JSON string (RFC 8259 escaping), or `null`. Runs of bytes that need no escape (all
-/// but `"`, `\` and the controls below U+0020) are copied at once.
+/// but `"`, `\` and the controls below U+0020) are copied at once. The callers size `out` for their line.
 pub(crate) fn push_json(out: &mut String, value: Option<&str>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let Some(value) = value else {
         out.push_str("null");
         return;
     };
-    out.reserve(value.len() + 2);
     out.push('"');
     let mut start = 0;
     for (i, &b) in value.as_bytes().iter().enumerate() {

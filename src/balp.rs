@@ -26,7 +26,7 @@
 
 use base64::Engine as _;
 
-use crate::audit::{rfc3339, Outcome};
+use crate::audit::Outcome;
 use crate::fhir::{classify, Interaction};
 
 /// The profiles' canonical base.
@@ -262,7 +262,7 @@ impl Event<'_> {
         out.push_str(r#""}],"action":""#);
         out.push_str(action);
         out.push_str(r#"","recorded":""#);
-        out.push_str(&rfc3339(self.time_ms));
+        crate::audit::push_rfc3339(&mut out, self.time_ms);
         out.push_str(r#"","outcome":""#);
         match status {
             None => out.push_str(r#"0","#),

@@ -12,23 +12,45 @@ pub enum Credentials<'a> {
     Bearer(&'a str),
 }
 
-/// Extracts the bearer token from an `Authorization` header value.
-pub fn extract_bearer(header: Option<&str>) -> Credentials<'_> {
-    let Some(value) = header else {
-        return Credentials::Missing;
-    };
+/// The token of a `Bearer` header as presented: the scheme is checked, the token's characters not yet.
+/// [`Presented::checked`] checks them; a token equal byte for byte to one that passed that check once (a
+/// verified-token cache hit: only checked tokens are verified and cached) needs no second scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Presented<'a>(&'a str);
+
+impl<'a> Presented<'a> {
+    /// The token if it is a `b64token` (RFC 6750 §2.1).
+    pub fn checked(self) -> Option<&'a str> {
+        is_b64token(self.0).then_some(self.0)
+    }
+
+    /// The bytes as presented, unchecked: only for finding a token that was checked before (a lookup by
+    /// equality, which cannot turn an unchecked token into a checked one).
+    pub fn unchecked(self) -> &'a str {
+        self.0
+    }
+}
+
+/// The `Bearer` token of an `Authorization` header value, its characters not yet checked; `None` without a
+/// header or with credentials of another scheme ([`Credentials::Missing`]).
+pub fn presented_bearer(header: Option<&str>) -> Option<Presented<'_>> {
+    let value = header?;
     let (scheme, rest) = match value.split_once(' ') {
         Some((scheme, rest)) => (scheme, rest),
         None => (value, ""),
     };
     if !scheme.eq_ignore_ascii_case("Bearer") {
-        return Credentials::Missing;
+        return None;
     }
-    let token = rest.trim_start_matches(' ');
-    if is_b64token(token) {
-        Credentials::Bearer(token)
-    } else {
-        Credentials::Malformed
+    Some(Presented(rest.trim_start_matches(' ')))
+}
+
+/// Extracts the bearer token from an `Authorization` header value.
+pub fn extract_bearer(header: Option<&str>) -> Credentials<'_> {
+    match presented_bearer(header).map(Presented::checked) {
+        None => Credentials::Missing,
+        Some(None) => Credentials::Malformed,
+        Some(Some(token)) => Credentials::Bearer(token),
     }
 }
 
@@ -55,6 +77,49 @@ static B64TOKEN: [bool; 256] = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `extract_bearer` as it was before it was split in two (the reference).
+    fn extract_bearer_before(header: Option<&str>) -> Credentials<'_> {
+        let Some(value) = header else {
+            return Credentials::Missing;
+        };
+        let (scheme, rest) = match value.split_once(' ') {
+            Some((scheme, rest)) => (scheme, rest),
+            None => (value, ""),
+        };
+        if !scheme.eq_ignore_ascii_case("Bearer") {
+            return Credentials::Missing;
+        }
+        let token = rest.trim_start_matches(' ');
+        let body = token.trim_end_matches('=');
+        if !body.is_empty() && body.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b)) {
+            Credentials::Bearer(token)
+        } else {
+            Credentials::Malformed
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_split_extraction_accepts_exactly_what_the_whole_one_did(
+            header in proptest::option::of(proptest::prop_oneof![
+                r"(Bearer|bearer|BeArEr|Basic|Bearerx|)( {0,3})[A-Za-z0-9._~+/= \t\-]{0,12}",
+                "(Bearer|bearer) {1,2}.{0,12}",
+                ".{0,20}",
+            ])
+        ) {
+            let h = header.as_deref();
+            proptest::prop_assert_eq!(extract_bearer(h), extract_bearer_before(h));
+            let presented = presented_bearer(h);
+            proptest::prop_assert_eq!(presented.is_none(), extract_bearer_before(h) == Credentials::Missing);
+            if let Some(p) = presented {
+                // What a cache is looked up with is the token the checked path would have returned.
+                if let Credentials::Bearer(t) = extract_bearer_before(h) {
+                    proptest::prop_assert_eq!(p.unchecked(), t);
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_b64token_table_is_the_grammar() {

@@ -1,6 +1,6 @@
 //! One request in, one decision out: public document, route to a tenant, or refuse (and why).
 
-use crate::bearer::{extract_bearer, Credentials};
+use crate::bearer::presented_bearer;
 
 use crate::cache::{TokenCache, Verified};
 use crate::config::Config;
@@ -105,12 +105,13 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
     if request.duplicate_authorization {
         return Decision::Reject(Rejection::MalformedCredentials);
     }
-    let token = match extract_bearer(request.authorization) {
-        Credentials::Missing => return Decision::Reject(Rejection::MissingToken),
-        Credentials::Malformed => return Decision::Reject(Rejection::MalformedCredentials),
-        Credentials::Bearer(token) => token,
+    let Some(presented) = presented_bearer(request.authorization) else {
+        return Decision::Reject(Rejection::MissingToken);
     };
-    let key = (!cache.is_disabled()).then(|| cache.key(token));
+    // The cache is looked up with the token as presented: a hit is byte for byte a token that passed the
+    // `b64token` check before it was verified and cached (only the miss path below caches, and only a checked
+    // token), so its characters are not scanned again. A miss checks them before anything else reads it.
+    let key = (!cache.is_disabled()).then(|| cache.key(presented.unchecked()));
     // A hit is used in place (no copy of its claims); a miss is verified, then cached. The tenant is read as
     // the provider that verified the token says: its fixed tenant, else its tenant claim and prefixes.
     let resolve = |provider: usize, identity: &Identity| -> Result<&'c Tenant, Rejection> {
@@ -128,6 +129,9 @@ pub fn decide<'c>(known: &Known<'c, '_>, request: &Request<'_>, cache: &mut Toke
     let (resolved, provider, identity, from_cache) = match key.as_ref().and_then(|k| cache.get(k, now)) {
         Some(hit) => (resolve(hit.provider, &hit.identity), hit.provider, hit.identity.clone(), true),
         None => {
+            let Some(token) = presented.checked() else {
+                return Decision::Reject(Rejection::MalformedCredentials);
+            };
             let provider = if config.providers.len() == 1 {
                 0
             } else {
@@ -437,6 +441,39 @@ mod tests {
             assert_eq!(decide_cached(&mut cache, "/Patient", &auth, NOW, &sigs), Ok("tenant_a".into()));
         }
         assert_eq!(sigs.0.get(), 1);
+    }
+
+    #[test]
+    fn a_malformed_copy_of_a_cached_token_is_refused_not_served_from_the_cache() {
+        // A hit skips the `b64token` scan: it must be the very token that passed it. Anything else (the cached
+        // token with a character outside the grammar, a space, a trailing byte) misses and is refused as
+        // malformed, never verified.
+        let mut cache = TokenCache::new(10);
+        let sigs = Counting::default();
+        let auth = bearer(&testkeys::claims_now());
+        assert_eq!(decide_cached(&mut cache, "/Patient", &auth, NOW, &sigs), Ok("tenant_a".into()));
+        assert_eq!(decide_cached(&mut cache, "/Patient", &auth, NOW, &sigs), Ok("tenant_a".into()), "a hit");
+        let token = auth.strip_prefix("Bearer ").unwrap();
+        let (head, tail) = token.split_at(10);
+        for bad in [
+            format!("{auth} "),
+            format!("{auth}\t"),
+            format!("{auth}=a"),
+            format!("Bearer {head} {tail}"),
+            format!("Bearer {head}\u{e9}{tail}"),
+            format!("Bearer {head}!{tail}"),
+            format!("Bearer {token}\0"),
+        ] {
+            assert_eq!(
+                decide_cached(&mut cache, "/Patient", &bad, NOW, &sigs),
+                Err(Rejection::MalformedCredentials),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(sigs.0.get(), 1, "none of them was verified");
+        assert_eq!(cache.len(), 1);
+        assert_eq!(decide_cached(&mut cache, "/Patient", "Bearer ", NOW, &sigs), Err(Rejection::MalformedCredentials));
+        assert_eq!(decide_cached(&mut cache, "/Patient", "Basic abc", NOW, &sigs), Err(Rejection::MissingToken));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
-use fhir_tenant_router::bearer::{extract_bearer, Credentials};
+use fhir_tenant_router::bearer::{extract_bearer, presented_bearer, Credentials};
 use fhir_tenant_router::config::Provider;
 use fhir_tenant_router::crypto::PureRust;
 use fhir_tenant_router::der::ecdsa_raw_to_der;
@@ -161,6 +161,14 @@ fn is_b64token_char(b: u8) -> bool {
 /// Extracts the bearer token and checks it against RFC 6750 §2.1.
 pub fn bearer(header: Option<&str>) {
     let result = extract_bearer(header);
+    // The two halves the decision uses (the cache is looked up before the characters are checked): a header
+    // is a Bearer one exactly when it is not missing, and what is looked up is the token extracted.
+    let presented = presented_bearer(header);
+    assert_eq!(presented.is_none(), result == Credentials::Missing, "{header:?}");
+    assert_eq!(presented.and_then(|p| p.checked()), if let Credentials::Bearer(t) = result { Some(t) } else { None });
+    if let (Some(p), Credentials::Bearer(t)) = (presented, result) {
+        assert_eq!(p.unchecked(), t, "{header:?}");
+    }
     let Some(h) = header else {
         assert_eq!(result, Credentials::Missing);
         return;

@@ -303,6 +303,22 @@ struct Scratch {
     deferred: Deferred,
 }
 
+impl Scratch {
+    /// No buffers yet (a constant: the thread-local starts from it without a lazy initialisation).
+    const EMPTY: Scratch = Scratch {
+        views: Vec::new(),
+        headers: HeaderCopy { bytes: Vec::new(), spans: Vec::new() },
+        deferred: Deferred {
+            reply: None,
+            reply_text: String::new(),
+            reply_headers: Vec::new(),
+            reply_body: Vec::new(),
+            resume: false,
+            resends: Vec::new(),
+        },
+    };
+}
+
 /// Applies the core's effects to one stream through the ABI: at once, but for the re-entrant ones
 /// (deferred).
 struct Apply<'a, E> {
@@ -632,8 +648,24 @@ impl<E: Envoy> Effects for LogsOnly<'_, E> {
 
 thread_local! {
     /// A worker's reusable buffers (taken during a hook, put back after; a hook that finds them taken,
-    /// re-entered, starts from empty ones).
-    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+    /// re-entered, starts from empty ones). Borrowed only inside the helpers below, never across a call to
+    /// Envoy or the core.
+    static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch::EMPTY) };
+}
+
+/// Takes the worker's buffers for a hook (empty ones for a hook that finds them taken).
+fn take_scratch() -> Scratch {
+    SCRATCH
+        .with(|cell| cell.try_borrow_mut().map_or(Scratch::EMPTY, |mut s| std::mem::replace(&mut *s, Scratch::EMPTY)))
+}
+
+/// Puts a hook's buffers back for the worker's next hook.
+fn put_scratch(scratch: Scratch) {
+    SCRATCH.with(|cell| {
+        if let Ok(mut s) = cell.try_borrow_mut() {
+            *s = scratch;
+        }
+    });
 }
 
 #[cfg(test)]
@@ -845,7 +877,7 @@ pub(crate) unsafe fn request_headers<E: Envoy>(
             }
             // Envoy 1.38: the main thread's stats since the last request (one atomic load elsewhere).
             cfg.stats.relay(env, filter);
-            let mut scratch = SCRATCH.take();
+            let mut scratch = take_scratch();
             // Everything the core reads of the headers is copied before any effect changes the map.
             env.headers(filter, REQUEST_HEADER, &mut scratch.views);
             scratch.headers.fill(&scratch.views);
@@ -854,7 +886,7 @@ pub(crate) unsafe fn request_headers<E: Envoy>(
                 let (Some(mut worker), Ok(mut state)) =
                     (deciding_worker(cfg, object.slot), object.state.try_borrow_mut())
                 else {
-                    SCRATCH.set(scratch);
+                    put_scratch(scratch);
                     unavailable(env, filter, PANIC_OUTCOME.as_bytes());
                     return HEADERS_STOP_ITERATION;
                 };
@@ -881,7 +913,7 @@ pub(crate) unsafe fn request_headers<E: Envoy>(
             };
             let resend_failed = deferred.apply(env, filter, &object.destroyed);
             token_followup(env, cfg, object, filter, resend_failed, deferred);
-            SCRATCH.set(scratch);
+            put_scratch(scratch);
             headers_status(flow)
         })
     };
@@ -904,12 +936,9 @@ fn with_core<E: Envoy, T>(
         // Envoy destroyed the stream inside an earlier part of this hook: nothing more is done for it.
         return None;
     }
-    let mut deferred = SCRATCH.with(|cell| {
-        let mut scratch = cell.take();
-        let deferred = std::mem::take(&mut scratch.deferred);
-        cell.set(scratch);
-        deferred
-    });
+    // Only the deferred-effect buffers, taken in place (the rest stays for the worker's next hook).
+    let mut deferred =
+        SCRATCH.with(|cell| cell.try_borrow_mut().map(|mut s| std::mem::take(&mut s.deferred)).unwrap_or_default());
     let out = {
         let worker = if deciding { deciding_worker(cfg, object.slot) } else { worker(cfg, object.slot) };
         let (Some(mut worker), Ok(mut state)) = (worker, object.state.try_borrow_mut()) else { return None };
@@ -923,9 +952,9 @@ fn with_core<E: Envoy, T>(
 /// Puts a hook's deferred-effect buffers back for the worker's next hook.
 fn done_with(deferred: Deferred) {
     SCRATCH.with(|cell| {
-        let mut scratch = cell.take();
-        scratch.deferred = deferred;
-        cell.set(scratch);
+        if let Ok(mut s) = cell.try_borrow_mut() {
+            s.deferred = deferred;
+        }
     });
 }
 

@@ -10,7 +10,8 @@ Paths: a request parked for a key-set refetch and resumed from the fetch answer 
 effective-context switch), several at once; a request parked for its tenant's upstream token and resumed from
 the answer to another request's context; a body held and decided in the body callback (POST `_search`, a
 batch Bundle); the route header duplicated, in another case, with `_` for `-`, over HTTP/1.1 and HTTP/2.
-Run with `ENVOY_BIN=.venv-envoy139/bin/envoy` for 1.39."""
+Also: Envoy's Lua filter reading the route before ours and after it. Run with
+`ENVOY_BIN=.venv-envoy139/bin/envoy` for 1.39 (passes there too, and with `--build dynamic-module`)."""
 from __future__ import annotations
 
 import json
@@ -279,6 +280,46 @@ def test_attack_a_bundle_resumed_from_the_root_tick_with_no_edit_there_keeps_the
     req = assert_served_only_by(upstreams, resp, "tenant-a", TENANT_A, method="POST", path="/")
     assert req.body == body
     assert "set allow_on_headers_stop_iteration: true" in env.log(), "the request was not held: not this path"
+    _no_envoy_bug(env)
+    assert_wasm_vm_never_crashed(env)
+
+
+LUA_READS_THE_ROUTE = """
+function envoy_on_request(handle)
+  -- The route's metadata: Envoy hands over the route cached for the stream (picked anew if cleared).
+  handle:headers():add("x-lua-saw-route-metadata", tostring(handle:metadata():get("k") ~= nil))
+end
+"""
+
+
+@pytest.fixture(scope="module")
+def route_readers(start_envoy, idp, upstreams):
+    """The shipped config with Envoy's Lua filter before ours and after it, each reading the stream's route
+    (its metadata) before the router does."""
+    cfg = load_yaml(SHIPPED_CONFIG)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    lua = {"name": "envoy.filters.http.lua", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": LUA_READS_THE_ROUTE}}}
+    filters = hcm["http_filters"]
+    hcm["http_filters"] = [dict(lua, name="lua-before"), *filters[:-1], dict(lua, name="lua-after"), filters[-1]]
+    env = start_envoy("envoy-attack-repick-route-readers", {"idp": idp.port, **upstreams.cluster_ports()}, base=cfg)
+    minter = Minter(idp.issuer)
+    wait_for_jwks(env, minter, upstreams)
+    yield env, minter
+    stop_envoy(env)
+
+
+def test_attack_a_filter_that_reads_the_route_before_ours_or_after_it_does_not_pin_the_clients_route(
+        route_readers, upstreams):
+    """Held: a filter before ours that reads the route (picked from the client's header) and one after ours
+    that reads it before the router: the route is still the token's tenant's."""
+    env, minter = route_readers
+    for spoofed in ["tenant_b", "fhir_metadata"]:
+        upstreams.clear()
+        resp = env.request("GET", "/Patient", {**bearer(minter.token(TENANT_A)), ROUTE_HEADER: spoofed})
+        req = assert_served_only_by(upstreams, resp, "tenant-a", TENANT_A)
+        assert req.headers.get("x-lua-saw-route-metadata") == ["false", "false"], req.headers
     _no_envoy_bug(env)
     assert_wasm_vm_never_crashed(env)
 

@@ -10,7 +10,8 @@ Paths: a request parked for a key-set refetch and resumed from the fetch answer 
 effective-context switch), several at once; a request parked for its tenant's upstream token and resumed from
 the answer to another request's context; a body held and decided in the body callback (POST `_search`, a
 batch Bundle); the route header duplicated, in another case, with `_` for `-`, over HTTP/1.1 and HTTP/2.
-Also: Envoy's Lua filter reading the route before ours and after it. Run with
+Also: Envoy's Lua filter reading the route before ours and after it; an internal redirect (302) from a
+tenant's server followed by Envoy. Run with
 `ENVOY_BIN=.venv-envoy139/bin/envoy` for 1.39 (passes there too, and with `--build dynamic-module`)."""
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from checks import assert_served_only_by, assert_wasm_vm_never_crashed
 from conftest import stop_envoy, wait_for_jwks
 from harness import (
-    KEYS_FILE, SHIPPED_CONFIG, load_yaml, wasm_plugin_config, ROUTE_HEADER, TENANT_A, TENANT_B, TENANT_HEADER, Idp, bearer, free_port, http_request, wait_until,
+    KEYS_FILE, SHIPPED_CONFIG, Envoy, load_yaml, render_config, wasm_plugin_config, ROUTE_HEADER, TENANT_A, TENANT_B, TENANT_HEADER, Idp, bearer, free_port, http_request, wait_until,
 )
 from test_route_repick import raw_request
 from test_trailers_end_a_held_body import h2_post
@@ -324,7 +325,67 @@ def test_attack_a_filter_that_reads_the_route_before_ours_or_after_it_does_not_p
     assert_wasm_vm_never_crashed(env)
 
 
-def test_no_request_in_this_module_crashed_the_wasm_vm_or_hit_an_envoy_bug(stack, rotating, upstream_authed):
+def _redirector(port: int, location: str) -> dict:
+    """A listener of the same Envoy standing in for tenant A's server: it answers every request 302 to
+    `location` (Envoy's own route redirect)."""
+    return {"name": "redirector", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                         "HttpConnectionManager",
+                "stat_prefix": "redirector",
+                "route_config": {"virtual_hosts": [{"name": "r", "domains": ["*"], "routes": [{
+                    "match": {"prefix": "/"},
+                    "redirect": {"path_redirect": location, "response_code": "FOUND"}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}
+
+
+@pytest.mark.parametrize("location", ["/Patient?redirected=1", "/metadata"])
+def test_attack_an_internal_redirect_from_a_tenants_server_never_reaches_another_tenant(
+        workdir, wasm, idp, upstreams, location):
+    """Held: the tenant route follows a 302 inside Envoy (`internal_redirect_policy`): the new stream carries
+    the first pass's headers (the filter's route header naming tenant A, no `authorization`), Envoy picks its
+    route from them and our filter runs again. A redirect to a FHIR path is refused (no token), one to
+    /metadata goes to the metadata server; tenant B's server sees nothing either way."""
+    redirector, port, admin = free_port(), free_port(), free_port()
+    cfg = render_config(SHIPPED_CONFIG, listener_port=port, admin_port=admin, wasm_path=wasm,
+                        cluster_ports={"idp": idp.port, **upstreams.cluster_ports(), "tenant_a": redirector})
+    cfg["static_resources"]["listeners"].append(_redirector(redirector, location))
+    routes = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"]["virtual_hosts"][0]["routes"]
+    for route in routes:
+        route["route"]["internal_redirect_policy"] = {"max_internal_redirects": 3}
+    name = f"envoy-attack-repick-redirect-{location.strip('/').split('?')[0]}"
+    env = Envoy(cfg, workdir, name, port, admin).start()
+    try:
+        minter = Minter(idp.issuer)
+        wait_for_jwks(env, minter, upstreams)
+        stat = "cluster.tenant_a.upstream_rq_total"
+        before = env.stats(rf"^{stat}$").get(stat, 0)
+        upstreams.clear()
+        resp = env.request("GET", "/Patient", {**bearer(minter.token(TENANT_A)), ROUTE_HEADER: "tenant_b"})
+        # The redirect was followed inside Envoy (tenant A's "server" answered once, the client saw no 302).
+        assert env.stats(rf"^{stat}$").get(stat, 0) == before + 1
+        assert resp.status != 302, resp
+        hits = upstreams.hits()
+        assert "tenant-b" not in hits, hits
+        if location == "/metadata":
+            assert resp.status == 200, resp
+            assert list(hits) == ["metadata"], hits
+            (req,) = hits["metadata"]
+            assert TENANT_HEADER not in req.headers and "authorization" not in req.headers, req.headers
+        else:
+            assert resp.status == 401, resp
+            assert hits == {}, hits
+        _no_envoy_bug(env)
+        assert_wasm_vm_never_crashed(env)
+    finally:
+        env.stop()
+
+
+def test_no_request_in_this_module_crashed_the_wasm_vm_or_hit_an_envoy_bug(
+        stack, rotating, upstream_authed):
     assert http_request(stack.envoy.admin_port, "GET", "/ready").status == 200
     for env in (stack.envoy, rotating[0], upstream_authed[0]):
         _no_envoy_bug(env)

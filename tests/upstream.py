@@ -160,9 +160,22 @@ class RecordingUpstream:
             protocol_version = "HTTP/1.1"
             server_version = "fhir-demo-upstream"
 
+            def _chunked(self) -> bytes:
+                """A chunked body (RFC 9112 7.1: Envoy sends one so when the client's request had no length,
+                an HTTP/2 request ended by trailers for one), its trailer section read and dropped."""
+                body = b""
+                while size := int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return body
+
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if not length and "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+                    body = self._chunked()
                 headers: dict[str, list[str]] = {}
                 for k, v in self.headers.items():
                     headers.setdefault(k.lower(), []).append(v)

@@ -2472,3 +2472,37 @@ fn a_sink_that_cannot_be_posted_to_costs_one_post_a_tick_never_a_recursion_throu
     root.on_tick();
     assert_eq!(host.metric("audit_sink.dropped.retries_exhausted"), 1);
 }
+
+/// The skip rule of [`super::apply::Apply`] (c550f3f), held by the attack on it: a route-cache clear is
+/// dropped only after a request-header edit of the same callback (Envoy's `onHeadersModified` cleared the
+/// cache then, for our ABI 0.2.1); one that no edit of that callback backs (a path the core may add that
+/// re-picks the route after something else than a header edit) still makes the foreign call, and a new
+/// callback's interpreter starts with no edit. The fake host records each call as Envoy would receive it.
+#[test]
+fn attack_held_a_route_cache_clear_with_no_request_header_edit_in_its_callback_still_makes_the_call() {
+    use crate::effect::{Effect, Effects};
+    let host = FakeHost::default();
+    let metrics = super::metrics::Metrics::define(&host);
+    let calls = std::cell::RefCell::new(std::collections::HashMap::new());
+    host.take_calls();
+    let mut apply = super::apply::Apply::new(&host, &metrics, &calls);
+    apply.push(Effect::FilterState("wasm.fhir_tenant_router.tenant", TENANT_A));
+    apply.push(Effect::ClearRouteCache);
+    assert_eq!(
+        host.take_calls(),
+        ["set_filter_state fhir_tenant_router.tenant=".to_string() + TENANT_A, "clear_route_cache".into()]
+    );
+    apply.push(Effect::SetRequestHeader(ROUTE, "tenant_a"));
+    apply.push(Effect::ClearRouteCache);
+    assert_eq!(host.take_calls(), [format!("set_request_header {ROUTE}: tenant_a")]);
+    // The next callback (a body, a wake in another stream's context) has an interpreter of its own.
+    let mut next = super::apply::Apply::new(&host, &metrics, &calls);
+    next.push(Effect::ClearRouteCache);
+    assert_eq!(host.take_calls(), ["clear_route_cache"]);
+    // The shell counts a removal as an edit too. Not shown on Envoy here (the core's only clear, `route_to`,
+    // follows a set of the route header): a path that removed a header and then cleared would rest on
+    // Envoy's `removeHeaderMapValue` calling `onHeadersModified` as its setters do.
+    next.push(Effect::RemoveRequestHeader(ROUTE));
+    next.push(Effect::ClearRouteCache);
+    assert_eq!(host.take_calls(), [format!("remove_request_header {ROUTE}")]);
+}

@@ -5,8 +5,10 @@ Envoy's connection manager picks the request's route when its headers arrive, be
 `cluster_header`, the cluster's name is read from the header then). A filter that edits a routing header must
 make Envoy pick again. The wasm build makes no `clear_route_cache` call for it: Envoy's wasm host clears the
 route cache on every request-header edit (`Context::onHeadersModified`, for modules of Proxy-Wasm ABI 0.2.1
-such as ours; since Envoy 1.33 only newer ABIs opt out), and the build writes its edits back in one
-`proxy_set_header_map_pairs`, which Envoy applies as "remove every header, then add each pair in order".
+such as ours; since Envoy 1.33 only newer ABIs opt out), and the build makes its edits one by one
+(`proxy_remove_header_map_value`, `proxy_replace_header_map_value`: the last test traces them; one
+`proxy_set_header_map_pairs` was measured and not kept). test_attack_route_repick.py tries the other paths
+(requests woken from another context, bodies and trailers judged later, header spellings).
 
 The first test is the oracle for the others: with Envoy's own Lua filter as the editor (no code of ours), an
 edit of the route header without a route-cache clear leaves the route Envoy picked from the client's header,

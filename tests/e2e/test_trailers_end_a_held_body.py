@@ -23,8 +23,10 @@ READ = json.dumps({"resourceType": "Bundle", "type": "batch",
                    "entry": [{"request": {"method": "GET", "url": "Patient?name=x"}}]}).encode()
 
 
-def h2_post(port: int, headers: dict[str, str], body: bytes, trailers: bool) -> int | None:
-    """POST / over h2c (prior knowledge), its body ended by a trailers frame or by the DATA frame: the status."""
+def h2_post(port: int, headers: dict[str, str], body: bytes, trailers: bool,
+            trailer: tuple[str, str] = ("x-trailer", "1")) -> int | None:
+    """POST / over h2c (prior knowledge), its body ended by a trailers frame (`trailer`) or by the DATA frame:
+    the status."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         c = h2.connection.H2Connection()
         c.initiate_connection()
@@ -32,7 +34,7 @@ def h2_post(port: int, headers: dict[str, str], body: bytes, trailers: bool) -> 
                            (":scheme", "http"), *headers.items()])
         c.send_data(1, body, end_stream=not trailers)
         if trailers:
-            c.send_headers(1, [("x-trailer", "1")], end_stream=True)
+            c.send_headers(1, [trailer], end_stream=True)
         s.sendall(c.data_to_send())
         status = None
         while chunk := s.recv(65536):

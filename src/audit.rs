@@ -50,12 +50,11 @@ pub fn rfc3339(time_ms: u64) -> String {
     out
 }
 
-/// Appends [`rfc3339`]'s text, digit by digit (no `format!` on the per-request path).
-pub(crate) fn push_rfc3339(out: &mut String, time_ms: u64) {
+/// The civil date (year, month, day) and the second of that day of `time_ms` milliseconds since the epoch
+/// (Howard Hinnant's `civil_from_days`).
+fn civil(time_ms: u64) -> (i64, i64, i64, u64) {
     let secs = time_ms / 1000;
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -64,7 +63,12 @@ pub(crate) fn push_rfc3339(out: &mut String, time_ms: u64) {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day, secs % 86_400)
+}
+
+/// Appends [`rfc3339`]'s text, digit by digit (no `format!` on the per-request path).
+pub(crate) fn push_rfc3339(out: &mut String, time_ms: u64) {
+    let (year, month, day, rem) = civil(time_ms);
     // `days` is at most u64::MAX / 86.4e6, so the year is positive and far from i64's limits.
     let year = u64::try_from(year).unwrap_or(0);
     let (month, day) = (u64::try_from(month).unwrap_or(0), u64::try_from(day).unwrap_or(0));
@@ -260,18 +264,7 @@ mod tests {
 
     /// The timestamp as it was written before `push_rfc3339` (one `format!`): the reference for the new one.
     fn rfc3339_by_format(time_ms: u64) -> String {
-        let secs = time_ms / 1000;
-        let days = i64::try_from(secs / 86_400).unwrap_or(0);
-        let rem = secs % 86_400;
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
+        let (year, month, day, rem) = civil(time_ms);
         format!(
             "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
             rem / 3600,

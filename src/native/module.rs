@@ -296,7 +296,6 @@ impl HeaderCopy {
 }
 
 /// A worker's reusable buffers for one hook (taken from the thread during the hook, put back after).
-#[derive(Default)]
 struct Scratch {
     views: Vec<EnvoyHeader>,
     headers: HeaderCopy,
